@@ -1,0 +1,231 @@
+"""Nested dataclass configs and the strict dict <-> dataclass conversion they share.
+
+Configs are plain dataclasses so they are readable, typed and JSON-round-trippable. `from_dict` is
+strict (unknown keys and wrong types raise) because a typo in a config should fail loudly, not train
+the wrong model for an hour.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+TASK_TYPES = ("classification", "multilabel", "regression", "itm", "contrastive")
+
+
+class ConfigError(ValueError):
+    """A config has an unknown key, a wrong type or an impossible value."""
+
+
+@dataclass
+class ImagePreprocess:
+    """How an image encoder wants its input: read from the encoder's own config, never hard-coded."""
+
+    size: tuple[int, int] = (224, 224)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bicubic"
+    crop_pct: float = 1.0  # resize shorter side to size/crop_pct, then center-crop to size
+
+
+@dataclass
+class TextEncoderConfig:
+    """A BERT-family encoder through `transformers.AutoModel`: hub name, local dir, or "tiny"."""
+
+    name: str = "tiny"
+    pretrained: bool = True  # load weights; False builds the architecture from its config only
+    max_length: int = 128
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ImageEncoderConfig:
+    """A ViT through timm (`backend="timm"`) or transformers `AutoModel` (`backend="hf"`: ViT, DINOv2)."""
+
+    backend: str = "timm"
+    name: str = "tiny"
+    pretrained: bool = True
+    checkpoint_path: str | None = None  # timm: a local weights file instead of the hub
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FusionConfig:
+    strategy: str = "cross_attention"
+    dim: int = 256  # common width both encoders are projected to
+    depth: int = 2
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.1
+
+
+@dataclass
+class TaskConfig:
+    """One head. `classification`/`multilabel` need `num_classes`; `itm`/`contrastive` need no labels."""
+
+    name: str
+    type: str = "classification"
+    num_classes: int = 3
+    weight: float = 1.0
+    class_names: list[str] | None = None
+
+
+@dataclass
+class ModelConfig:
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    tasks: list[TaskConfig] = field(default_factory=lambda: [TaskConfig("sentiment")])
+    loss_weighting: str = "static"  # "static" | "uncertainty" (Kendall et al., 2018)
+    freeze: str = "none"  # "none" | "encoders" | "top_k"
+    trainable_layers: int = 0  # with freeze="top_k": encoder layers left trainable, from the top
+
+    def validate(self) -> ModelConfig:
+        names = [t.name for t in self.tasks]
+        if not names:
+            raise ConfigError("a model needs at least one task")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"task names must be unique, got {names}")
+        for t in self.tasks:
+            if t.type not in TASK_TYPES:
+                raise ConfigError(f"task {t.name!r}: unknown type {t.type!r}; expected one of {TASK_TYPES}")
+            if t.type in ("classification", "multilabel") and t.num_classes < 2 - (t.type == "multilabel"):
+                raise ConfigError(f"task {t.name!r}: num_classes={t.num_classes} is too small")
+            if t.class_names is not None and len(t.class_names) != t.num_classes:
+                raise ConfigError(f"task {t.name!r}: {len(t.class_names)} class_names for {t.num_classes} classes")
+        if self.loss_weighting not in ("static", "uncertainty"):
+            raise ConfigError(f"loss_weighting must be 'static' or 'uncertainty', got {self.loss_weighting!r}")
+        if self.freeze not in ("none", "encoders", "top_k"):
+            raise ConfigError(f"freeze must be 'none', 'encoders' or 'top_k', got {self.freeze!r}")
+        if self.image.backend not in ("timm", "hf"):
+            raise ConfigError(f"image.backend must be 'timm' or 'hf', got {self.image.backend!r}")
+        if self.fusion.dim % self.fusion.num_heads:
+            raise ConfigError(f"fusion.dim={self.fusion.dim} is not divisible by num_heads={self.fusion.num_heads}")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def to_dict(cfg: Any) -> Any:
+    """A JSON-safe copy of a (nested) dataclass config; tuples become lists."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} does not fit {tp}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        out = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where or cls.__name__}: unknown key(s) {unknown}; known keys are {sorted(fields)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line override value: JSON where it parses (numbers, bools, lists), else a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        lowered = text.lower()
+        if lowered in ("true", "false"):
+            return lowered == "true"
+        if lowered in ("none", "null"):
+            return None
+        return text
+
+
+def merge(cfg: T, overrides: dict[str, Any]) -> T:
+    """A new config with `overrides` applied. Keys may be dotted (`"fusion.strategy"`) or nested dicts."""
+    data = to_dict(cfg)
+    for key, value in overrides.items():
+        node = data
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"override {key!r}: {'.'.join(parts[: i + 1])!r} is not a config section")
+            node = node[part]
+        last = parts[-1]
+        if isinstance(value, dict) and isinstance(node.get(last), dict) and last not in ("config_overrides", "model_kwargs"):
+            node[last] = {**node[last], **value}
+        else:
+            node[last] = value
+    out = from_dict(type(cfg), data)
+    return out.validate() if hasattr(out, "validate") else out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON config file into a dict (YAML is a superset of JSON)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data

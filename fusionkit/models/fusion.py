@@ -1,0 +1,173 @@
+"""Fusion strategies: one class each, registered by name, all behind one interface.
+
+Every strategy takes the projected token sequences of both modalities (same width `dim`) and returns
+`views`: [B, V, dim]. V is 1 for strategies that build one joint vector; late fusion returns one view
+per modality and the task heads average their per-view logits. Task heads never need to know which
+strategy produced their input, so a benchmark can swap strategies by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..config import FusionConfig
+from ..layers import CoAttentionLayer, Mlp, TransformerBlock
+
+FUSION_REGISTRY: dict[str, type[FusionStrategy]] = {}
+
+
+def register_fusion(name: str) -> Callable[[type[FusionStrategy]], type[FusionStrategy]]:
+    def wrap(cls: type[FusionStrategy]) -> type[FusionStrategy]:
+        if name in FUSION_REGISTRY:
+            raise ValueError(f"fusion strategy {name!r} is already registered")
+        cls.name = name
+        FUSION_REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def list_fusions() -> list[str]:
+    return list(FUSION_REGISTRY)
+
+
+def create_fusion(cfg: FusionConfig) -> FusionStrategy:
+    if cfg.strategy not in FUSION_REGISTRY:
+        raise ValueError(f"unknown fusion strategy {cfg.strategy!r}; registered: {list_fusions()}")
+    return FUSION_REGISTRY[cfg.strategy](cfg)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the sequence of [B, S, D], counting only positions where `mask` [B, S] is True."""
+    if mask is None:
+        return x.mean(dim=1)
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+
+class FusionStrategy(nn.Module):
+    """Base class. `uses_text`/`uses_image` let the model skip an encoder a strategy ignores."""
+
+    name: str = ""
+    num_views: int = 1
+    uses_text: bool = True
+    uses_image: bool = True
+
+    def __init__(self, cfg: FusionConfig) -> None:
+        super().__init__()
+        self.dim = cfg.dim
+
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """text [B, T, dim], text_mask bool [B, T] (True = real token), image [B, P, dim] -> [B, V, dim]."""
+        raise NotImplementedError
+
+
+@register_fusion("cross_attention")
+class CrossAttentionFusion(FusionStrategy):
+    """The reference: N bidirectional co-attention layers, then both pooled streams merged by a linear layer."""
+
+    def __init__(self, cfg: FusionConfig) -> None:
+        super().__init__(cfg)
+        self.layers = nn.ModuleList(
+            CoAttentionLayer(cfg.dim, cfg.num_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth)
+        )
+        self.norm_text = nn.LayerNorm(cfg.dim)
+        self.norm_image = nn.LayerNorm(cfg.dim)
+        self.merge = nn.Linear(2 * cfg.dim, cfg.dim)
+
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            text, image = layer(text, text_mask, image)
+        pooled = torch.cat([masked_mean(self.norm_text(text), text_mask), self.norm_image(image).mean(1)], dim=-1)
+        return self.merge(pooled).unsqueeze(1)
+
+
+@register_fusion("merged_attention")
+class MergedAttentionFusion(FusionStrategy):
+    """Single stream: both sequences concatenated, tagged with a modality embedding, then self-attention."""
+
+    def __init__(self, cfg: FusionConfig) -> None:
+        super().__init__(cfg)
+        self.modality = nn.Parameter(torch.zeros(2, cfg.dim))
+        nn.init.trunc_normal_(self.modality, std=0.02)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(cfg.dim, cfg.num_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth)
+        )
+        self.norm = nn.LayerNorm(cfg.dim)
+
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([text + self.modality[0], image + self.modality[1]], dim=1)
+        image_mask = torch.ones(image.shape[:2], dtype=torch.bool, device=image.device)
+        mask = torch.cat([text_mask, image_mask], dim=1)
+        for block in self.blocks:
+            x = block(x, mask)
+        return masked_mean(self.norm(x), mask).unsqueeze(1)
+
+
+class _PooledFusion(FusionStrategy):
+    """Strategies that fuse the two mean-pooled sequences (no token-level interaction)."""
+
+    def pool(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return masked_mean(text, text_mask), image.mean(1)
+
+
+@register_fusion("concat")
+class ConcatFusion(_PooledFusion):
+    """Pooled text and image vectors concatenated, then an MLP."""
+
+    def __init__(self, cfg: FusionConfig) -> None:
+        super().__init__(cfg)
+        self.norm = nn.LayerNorm(2 * cfg.dim)
+        self.mlp = Mlp(2 * cfg.dim, int(cfg.dim * cfg.mlp_ratio), cfg.dim, drop=cfg.dropout)
+
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm(torch.cat(self.pool(text, text_mask, image), dim=-1))).unsqueeze(1)
+
+
+@register_fusion("gated")
+class GatedFusion(_PooledFusion):
+    """Gated multimodal unit (Arevalo et al., 2017): a learned gate mixes tanh-projected modalities."""
+
+    def __init__(self, cfg: FusionConfig) -> None:
+        super().__init__(cfg)
+        self.text_proj = nn.Linear(cfg.dim, cfg.dim)
+        self.image_proj = nn.Linear(cfg.dim, cfg.dim)
+        self.gate = nn.Linear(2 * cfg.dim, cfg.dim)
+
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        t, v = self.pool(text, text_mask, image)
+        z = torch.sigmoid(self.gate(torch.cat([t, v], dim=-1)))
+        return (z * torch.tanh(self.text_proj(t)) + (1 - z) * torch.tanh(self.image_proj(v))).unsqueeze(1)
+
+
+@register_fusion("late")
+class LateFusion(_PooledFusion):
+    """One view per modality; each task head scores both and averages the logits."""
+
+    num_views = 2
+
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        return torch.stack(self.pool(text, text_mask, image), dim=1)
+
+
+@register_fusion("text_only")
+class TextOnlyFusion(FusionStrategy):
+    """Unimodal baseline: the pooled text features alone."""
+
+    uses_image = False
+
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
+        return masked_mean(text, text_mask).unsqueeze(1)
+
+
+@register_fusion("image_only")
+class ImageOnlyFusion(FusionStrategy):
+    """Unimodal baseline: the pooled image features alone."""
+
+    uses_text = False
+
+    def forward(self, text: torch.Tensor | None, text_mask: torch.Tensor | None, image: torch.Tensor) -> torch.Tensor:
+        return image.mean(1).unsqueeze(1)

@@ -1,0 +1,242 @@
+"""The one in-memory dataset type every reader returns, its fingerprint, and seeded stratified splits."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from fusionkit.data.errors import DataError
+
+log = logging.getLogger("fusionkit.data")
+
+TASK_TYPES = ("classification", "multilabel", "regression")
+SPLITS = ("train", "val", "test")
+
+# Raw captions are cut to this many characters when read: a BERT-family encoder sees at most 512
+# tokens (~3k characters), so a megabyte "caption" is only a memory hazard.
+MAX_TEXT_CHARS = 20_000
+FALLBACK_ENCODINGS = ("gb18030",)  # MVSA: 1,061 captions were re-encoded to GB18030 upstream
+
+
+def decode_text(raw: bytes, *, source: str, encodings: Sequence[str] = FALLBACK_ENCODINGS) -> tuple[str, str]:
+    """Decode UTF-8, else each fallback encoding in turn; returns (text, encoding used)."""
+    for enc in ("utf-8-sig", *encodings):
+        try:
+            return raw.decode(enc), enc
+        except UnicodeDecodeError:
+            continue
+    raise DataError(
+        f"caption bytes are neither UTF-8 nor {'/'.join(encodings)}", source=source, hint="re-encode the file as UTF-8"
+    )
+
+
+def clean_text(text: str, *, source: str, item: str | None, allow_empty: bool) -> tuple[str, bool]:
+    """Strip, reject empty captions (unless allowed) and cap the length; returns (text, was_truncated)."""
+    text = text.strip()
+    if not text and not allow_empty:
+        raise DataError(
+            "caption is empty", source=source, item=item, hint="pass allow_empty_text=True to keep image-only items"
+        )
+    if len(text) > MAX_TEXT_CHARS:
+        return text[:MAX_TEXT_CHARS], True
+    return text, False
+
+
+@dataclass
+class Example:
+    """One image-caption pair. `image` is a path, encoded bytes or a PIL image; labels may be None."""
+
+    id: str
+    text: str
+    image: str | bytes | Image.Image
+    labels: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)  # e.g. raw per-annotator labels
+
+
+class MultimodalDataset(Sequence[Example]):
+    """A list of `Example`s plus the label schema.
+
+    `label_names[task]` lists class names (classification: label is an int index; multilabel: a list
+    of indices; regression: empty list, label is a float). `splits` holds predefined id lists.
+    """
+
+    def __init__(
+        self,
+        examples: Iterable[Example],
+        label_names: Mapping[str, Sequence[str]],
+        task_types: Mapping[str, str] | None = None,
+        *,
+        splits: Mapping[str, Sequence[str]] | None = None,
+        name: str = "dataset",
+        fingerprint: str | None = None,
+        skip_report: Path | None = None,
+    ) -> None:
+        self.examples = list(examples)
+        self.label_names = {k: list(v) for k, v in label_names.items()}
+        self.task_types = {t: (task_types or {}).get(t, "classification") for t in self.label_names}
+        for t, kind in self.task_types.items():
+            if kind not in TASK_TYPES:
+                raise ValueError(f"task {t!r}: unknown type {kind!r}; expected one of {TASK_TYPES}")
+        self.splits = {k: list(v) for k, v in splits.items()} if splits else None
+        self.name = name
+        self.skip_report = skip_report
+        self._fingerprint = fingerprint
+        self._index = {ex.id: i for i, ex in enumerate(self.examples)}
+        if len(self._index) != len(self.examples):
+            dup = next(ex.id for i, ex in enumerate(self.examples) if self._index[ex.id] != i)
+            raise DataError(f"duplicate id {dup!r}", source=name, hint="ids must be unique")
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Example:  # type: ignore[override]
+        return self.examples[i]
+
+    def __iter__(self) -> Iterator[Example]:
+        return iter(self.examples)
+
+    def __repr__(self) -> str:
+        return f"MultimodalDataset({self.name!r}, n={len(self)}, tasks={list(self.label_names)})"
+
+    @property
+    def ids(self) -> list[str]:
+        return [ex.id for ex in self.examples]
+
+    def index_of(self, id_: str) -> int:
+        return self._index[id_]
+
+    def subset(self, indices_or_ids: Iterable[int | str], name: str | None = None) -> MultimodalDataset:
+        """Items by position (ints) or by id (strs), in the order given."""
+        picked = []
+        for k in indices_or_ids:
+            if isinstance(k, str):
+                if k not in self._index:
+                    raise KeyError(f"{self.name}: no item with id {k!r}")
+                k = self._index[k]
+            picked.append(self.examples[int(k)])
+        return MultimodalDataset(picked, self.label_names, self.task_types, name=name or f"{self.name}[subset]")
+
+    def label_counts(self, task: str) -> dict[str, int]:
+        """Class name -> count (None labels counted as "<missing>"); for data cards and sanity checks."""
+        names = self.label_names[task]
+        counts: dict[str, int] = {n: 0 for n in names}
+        for ex in self.examples:
+            v = ex.labels.get(task)
+            key = "<missing>" if v is None else names[v]
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    @property
+    def fingerprint(self) -> str:
+        """Content hash: ids, texts, labels, image identity (path + size + mtime, or the bytes)."""
+        if self._fingerprint is None:
+            h = hashlib.sha1()
+            h.update(json.dumps([self.label_names, self.task_types], sort_keys=True).encode())
+            for ex in self.examples:
+                h.update(json.dumps([ex.id, ex.text, ex.labels], sort_keys=True, default=str).encode())
+                img = ex.image
+                if isinstance(img, bytes):
+                    h.update(hashlib.sha1(img).digest())
+                elif isinstance(img, Image.Image):
+                    h.update(hashlib.sha1(img.tobytes()).digest() + str((img.mode, img.size)).encode())
+                else:
+                    try:
+                        st = os.stat(img)
+                        h.update(f"{img}|{st.st_size}|{st.st_mtime_ns}".encode())
+                    except OSError:
+                        h.update(f"{img}|missing".encode())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def to_hf(self) -> Any:
+        """A `datasets.Dataset` with an `Image` feature and `ClassLabel` columns (None = missing)."""
+        import datasets as hf
+
+        features: dict[str, Any] = {"id": hf.Value("string"), "text": hf.Value("string"), "image": hf.Image()}
+        for t, kind in self.task_types.items():
+            if kind == "classification":
+                features[t] = hf.ClassLabel(names=self.label_names[t])
+            elif kind == "multilabel":
+                features[t] = hf.Sequence(hf.ClassLabel(names=self.label_names[t]))
+            else:
+                features[t] = hf.Value("float32")
+
+        def image_value(img: str | bytes | Image.Image) -> Any:
+            return {"bytes": img, "path": None} if isinstance(img, bytes) else img
+
+        columns: dict[str, list[Any]] = {
+            "id": self.ids,
+            "text": [ex.text for ex in self.examples],
+            "image": [image_value(ex.image) for ex in self.examples],
+        }
+        for t in self.task_types:
+            columns[t] = [ex.labels.get(t) for ex in self.examples]
+        return hf.Dataset.from_dict(columns, features=hf.Features(features))
+
+
+def _stratified_split(labels: list[Any], ratios: Sequence[float], seed: int) -> list[list[int]]:
+    """Per class, shuffle and cut by `ratios` with largest-remainder rounding, so every split gets its share."""
+    rng = np.random.default_rng(seed)
+    by_class: dict[Any, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    parts: list[list[int]] = [[] for _ in ratios]
+    total = float(sum(ratios))
+    for y in sorted(by_class, key=lambda v: (v is None, str(v))):
+        idx = np.array(by_class[y])
+        rng.shuffle(idx)
+        exact = np.array(ratios) / total * len(idx)
+        counts = np.floor(exact).astype(int)
+        for j in np.argsort(-(exact - counts), kind="stable")[: len(idx) - counts.sum()]:
+            counts[j] += 1
+        for part, chunk in zip(parts, np.split(idx, np.cumsum(counts)[:-1])):
+            part.extend(chunk.tolist())
+    return [sorted(p) for p in parts]
+
+
+def split_dataset(
+    ds: MultimodalDataset,
+    ratios: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    path: str | Path | None = None,
+) -> dict[str, MultimodalDataset]:
+    """train/val/test: the dataset's own splits if it has them, else a seeded split stratified on the
+    first classification task. With `path`, an existing file is reused (so every run and strategy sees
+    the same split) and a new split is written there.
+    """
+    if len(ratios) != 3 or any(r < 0 for r in ratios) or sum(ratios) <= 0:
+        raise ValueError(f"ratios must be three non-negative numbers, got {ratios}")
+    path = Path(path) if path is not None else None
+    if path is not None and path.is_file():
+        saved = json.loads(path.read_text())
+        ids = {k: saved[k] for k in SPLITS}
+        known = set(ds.ids)
+        unknown = [i for k in SPLITS for i in ids[k] if i not in known]
+        if unknown:
+            raise DataError(
+                f"split file names {len(unknown)} ids not in the dataset (e.g. {unknown[:3]})",
+                source=str(path),
+                hint="the dataset changed: delete the file to make a new split",
+            )
+        log.info("reusing split from %s", path)
+    elif ds.splits is not None:
+        ids = {k: ds.splits.get(k, []) for k in SPLITS}
+    else:
+        task = next((t for t, k in ds.task_types.items() if k == "classification"), None)
+        labels = [ex.labels.get(task) if task else None for ex in ds]
+        parts = _stratified_split(labels, ratios, seed)
+        ids = {k: [ds[i].id for i in part] for k, part in zip(SPLITS, parts)}
+    if path is not None and not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"dataset": ds.name, "seed": seed, "ratios": list(ratios), **ids}
+        path.write_text(json.dumps(payload, indent=1))
+    return {k: ds.subset(v, name=f"{ds.name}[{k}]") for k, v in ids.items()}

@@ -99,15 +99,21 @@ class ModelConfig:
             if t.type in ("classification", "multilabel") and t.num_classes < 2 - (t.type == "multilabel"):
                 raise ConfigError(f"task {t.name!r}: num_classes={t.num_classes} is too small")
             if t.class_names is not None and len(t.class_names) != t.num_classes:
-                raise ConfigError(f"task {t.name!r}: {len(t.class_names)} class_names for {t.num_classes} classes")
+                raise ConfigError(
+                    f"task {t.name!r}: {len(t.class_names)} class_names for {t.num_classes} classes"
+                )
         if self.loss_weighting not in ("static", "uncertainty"):
-            raise ConfigError(f"loss_weighting must be 'static' or 'uncertainty', got {self.loss_weighting!r}")
+            raise ConfigError(
+                f"loss_weighting must be 'static' or 'uncertainty', got {self.loss_weighting!r}"
+            )
         if self.freeze not in ("none", "encoders", "top_k"):
             raise ConfigError(f"freeze must be 'none', 'encoders' or 'top_k', got {self.freeze!r}")
         if self.image.backend not in ("timm", "hf"):
             raise ConfigError(f"image.backend must be 'timm' or 'hf', got {self.image.backend!r}")
         if self.fusion.dim % self.fusion.num_heads:
-            raise ConfigError(f"fusion.dim={self.fusion.dim} is not divisible by num_heads={self.fusion.num_heads}")
+            raise ConfigError(
+                f"fusion.dim={self.fusion.dim} is not divisible by num_heads={self.fusion.num_heads}"
+            )
         return self
 
 
@@ -210,7 +216,11 @@ def merge(cfg: T, overrides: dict[str, Any]) -> T:
                 raise ConfigError(f"override {key!r}: {'.'.join(parts[: i + 1])!r} is not a config section")
             node = node[part]
         last = parts[-1]
-        if isinstance(value, dict) and isinstance(node.get(last), dict) and last not in ("config_overrides", "model_kwargs"):
+        if (
+            isinstance(value, dict)
+            and isinstance(node.get(last), dict)
+            and last not in ("config_overrides", "model_kwargs")
+        ):
             node[last] = {**node[last], **value}
         else:
             node[last] = value

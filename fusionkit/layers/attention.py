@@ -75,7 +75,9 @@ class Attention(nn.Module):
                 raise ValueError("self-attention takes no context; build Attention(cross=True) for that")
             q, k, v = self._heads(self.qkv(x), 3)
         if key_mask is not None and key_mask.shape != k.shape[::2]:
-            raise ValueError(f"key_mask shape {tuple(key_mask.shape)} does not match keys [B, S_kv]={tuple(k.shape[::2])}")
+            raise ValueError(
+                f"key_mask shape {tuple(key_mask.shape)} does not match keys [B, S_kv]={tuple(k.shape[::2])}"
+            )
         if use_sdpa:
             mask = None if key_mask is None else key_mask[:, None, None, :]
             drop = self.attn_drop if self.training else 0.0

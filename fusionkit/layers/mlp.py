@@ -7,7 +7,9 @@ from torch import nn
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int | None = None, out_dim: int | None = None, drop: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, hidden_dim: int | None = None, out_dim: int | None = None, drop: float = 0.0
+    ) -> None:
         super().__init__()
         hidden_dim = hidden_dim or 4 * dim
         self.fc1 = nn.Linear(dim, hidden_dim)

@@ -7,7 +7,20 @@ from .fusion_model import FusionModel, model_inputs
 from .heads import ContrastiveHead, MultiTaskLoss, TaskHead
 
 __all__ = [
-    "FUSION_REGISTRY", "PRESETS", "ContrastiveHead", "FusionModel", "FusionStrategy", "ImageEncoder",
-    "MultiTaskLoss", "TaskHead", "TextEncoder", "create_fusion", "create_model", "get_config",
-    "list_fusions", "list_presets", "model_inputs", "register_fusion",
+    "FUSION_REGISTRY",
+    "PRESETS",
+    "ContrastiveHead",
+    "FusionModel",
+    "FusionStrategy",
+    "ImageEncoder",
+    "MultiTaskLoss",
+    "TaskHead",
+    "TextEncoder",
+    "create_fusion",
+    "create_model",
+    "get_config",
+    "list_fusions",
+    "list_presets",
+    "model_inputs",
+    "register_fusion",
 ]

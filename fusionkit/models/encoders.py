@@ -28,12 +28,21 @@ def drop_unused_heads(model: nn.Module) -> nn.Module:
     return model
 
 
-def encoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The backbone's stack of transformer layers: the longest ModuleList (BERT/ViT/DINOv2 `encoder.layer`, timm `blocks`)."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    if not lists:
+def encoder_layers(model: nn.Module) -> nn.Module:
+    """The backbone's stack of transformer layers (BERT/ViT/DINOv2 `encoder.layer`, timm `blocks`).
+
+    Falls back to the longest ModuleList/Sequential for architectures with other names.
+    """
+    for path in ("encoder.layer", "blocks", "encoder.layers", "layers"):
+        module: nn.Module | None = model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, nn.ModuleList | nn.Sequential) and len(module) > 0:
+            return module
+    stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList | nn.Sequential)]
+    if not stacks:
         raise ValueError(f"{type(model).__name__} has no layer list; cannot choose top-k layers")
-    return max(lists, key=len)
+    return max(stacks, key=len)
 
 
 _FINAL_NORMS = ("norm", "layernorm", "fc_norm", "final_layer_norm", "ln_post")
@@ -71,7 +80,10 @@ class TextEncoder(nn.Module):
             model = AutoModel.from_config(AutoConfig.from_pretrained(saved_dir))
             return cls(model, AutoTokenizer.from_pretrained(saved_dir))
         if cfg.name == "tiny":
-            return cls(AutoModel.from_config(tiny_bert_config(**cfg.config_overrides)), tiny_tokenizer(cfg.max_length))
+            return cls(
+                AutoModel.from_config(tiny_bert_config(**cfg.config_overrides)),
+                tiny_tokenizer(cfg.max_length),
+            )
         tokenizer = AutoTokenizer.from_pretrained(cfg.name)
         if cfg.pretrained:
             model = AutoModel.from_pretrained(cfg.name, dtype=torch.float32, **cfg.config_overrides)
@@ -109,7 +121,9 @@ def _hf_image_preprocess(name_or_dir: str | Path, model: nn.Module) -> ImagePrep
     resize = hw(getattr(proc, "size", None)) or (224, 224)
     crop = hw(getattr(proc, "crop_size", None)) if getattr(proc, "do_center_crop", False) else None
     size = crop or resize
-    interp = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(int(getattr(proc, "resample", 3) or 3), "bicubic")
+    interp = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(
+        int(getattr(proc, "resample", 3) or 3), "bicubic"
+    )
     return ImagePreprocess(
         size=size,
         mean=tuple(float(x) for x in proc.image_mean),  # type: ignore[arg-type]
@@ -156,7 +170,8 @@ class ImageEncoder(nn.Module):
             pretrained = cfg.pretrained and saved_dir is None
             if name == "tiny":
                 name, kwargs, pretrained = TINY_VIT_BASE, {**TINY_VIT_KWARGS, **kwargs}, False
-            if pretrained and cfg.checkpoint_path:
+            if cfg.checkpoint_path and saved_dir is None:  # a local weights file implies loading it
+                pretrained = True
                 if not Path(cfg.checkpoint_path).is_file():
                     raise FileNotFoundError(f"image.checkpoint_path {cfg.checkpoint_path} does not exist")
                 kwargs["pretrained_cfg_overlay"] = dict(file=str(cfg.checkpoint_path))

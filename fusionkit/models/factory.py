@@ -17,7 +17,9 @@ from ..config import (
 )
 from .fusion_model import FusionModel
 
-SENTIMENT = TaskConfig("sentiment", "classification", num_classes=3, class_names=["positive", "neutral", "negative"])
+SENTIMENT = TaskConfig(
+    "sentiment", "classification", num_classes=3, class_names=["positive", "neutral", "negative"]
+)
 
 PRESETS: dict[str, ModelConfig] = {
     # Random tiny encoders built offline: the embedded default for `fusionkit train` and the tests.
@@ -64,7 +66,9 @@ def get_config(name_or_config: str | ModelConfig | dict[str, Any] = "tiny", **ov
     return merge(cfg, overrides) if overrides else cfg.validate()
 
 
-def create_model(name_or_config: str | ModelConfig | dict[str, Any] = "tiny", **overrides: Any) -> FusionModel:
+def create_model(
+    name_or_config: str | ModelConfig | dict[str, Any] = "tiny", **overrides: Any
+) -> FusionModel:
     """Build a `FusionModel`, e.g. `create_model("tiny", fusion={"strategy": "gated"})`.
 
     Overrides may also use dotted keys: `create_model("tiny", **{"fusion.strategy": "gated"})`.

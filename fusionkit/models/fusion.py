@@ -81,7 +81,9 @@ class CrossAttentionFusion(FusionStrategy):
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
             text, image = layer(text, text_mask, image)
-        pooled = torch.cat([masked_mean(self.norm_text(text), text_mask), self.norm_image(image).mean(1)], dim=-1)
+        pooled = torch.cat(
+            [masked_mean(self.norm_text(text), text_mask), self.norm_image(image).mean(1)], dim=-1
+        )
         return self.merge(pooled).unsqueeze(1)
 
 
@@ -110,7 +112,9 @@ class MergedAttentionFusion(FusionStrategy):
 class _PooledFusion(FusionStrategy):
     """Strategies that fuse the two mean-pooled sequences (no token-level interaction)."""
 
-    def pool(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def pool(
+        self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return masked_mean(text, text_mask), image.mean(1)
 
 
@@ -159,7 +163,9 @@ class TextOnlyFusion(FusionStrategy):
 
     uses_image = False
 
-    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor | None
+    ) -> torch.Tensor:
         return masked_mean(text, text_mask).unsqueeze(1)
 
 
@@ -169,5 +175,7 @@ class ImageOnlyFusion(FusionStrategy):
 
     uses_text = False
 
-    def forward(self, text: torch.Tensor | None, text_mask: torch.Tensor | None, image: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, text: torch.Tensor | None, text_mask: torch.Tensor | None, image: torch.Tensor
+    ) -> torch.Tensor:
         return image.mean(1).unsqueeze(1)

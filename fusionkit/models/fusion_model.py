@@ -59,7 +59,9 @@ class FusionModel(nn.Module):
             if task.type == "contrastive":
                 self.heads[task.name] = ContrastiveHead()
             else:
-                self.heads[task.name] = TaskHead(dim, head_out_dim(task), self.fusion.num_views, config.fusion.dropout)
+                self.heads[task.name] = TaskHead(
+                    dim, head_out_dim(task), self.fusion.num_views, config.fusion.dropout
+                )
         self.criterion = MultiTaskLoss(config.tasks, config.loss_weighting)
         self.set_trainable(config.freeze, config.trainable_layers)
 
@@ -112,7 +114,9 @@ class FusionModel(nn.Module):
 
     @property
     def encoders_frozen(self) -> bool:
-        return not any(p.requires_grad for enc in (self.text_encoder, self.image_encoder) for p in enc.parameters())
+        return not any(
+            p.requires_grad for enc in (self.text_encoder, self.image_encoder) for p in enc.parameters()
+        )
 
     def train(self, mode: bool = True) -> FusionModel:
         """Fully frozen encoders stay in eval mode: their features then match the frozen-feature cache."""
@@ -137,7 +141,9 @@ class FusionModel(nn.Module):
     def _check_image(self, pixel_values: torch.Tensor) -> None:
         h, w = self.image_preprocess.size
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"pixel_values must be [batch, 3, {h}, {w}], got shape {tuple(pixel_values.shape)}")
+            raise ValueError(
+                f"pixel_values must be [batch, 3, {h}, {w}], got shape {tuple(pixel_values.shape)}"
+            )
         if not pixel_values.is_floating_point():
             raise ValueError(
                 "pixel_values must be normalized floats; uint8 images go through fusionkit.data.ImageTransform first"
@@ -156,7 +162,9 @@ class FusionModel(nn.Module):
             attention_mask = self._check_text(input_ids, attention_mask)
             text_features = self.text_encoder(input_ids, attention_mask)
         elif attention_mask is None:
-            attention_mask = torch.ones(text_features.shape[:2], dtype=torch.long, device=text_features.device)
+            attention_mask = torch.ones(
+                text_features.shape[:2], dtype=torch.long, device=text_features.device
+            )
         return self.text_proj(text_features), attention_mask.bool()
 
     def image_tokens(
@@ -183,7 +191,9 @@ class FusionModel(nn.Module):
         emb = self.image_tokens(pixel_values).mean(1)
         return F.normalize(emb, dim=-1) if normalize else emb
 
-    def _fuse(self, text: torch.Tensor | None, mask: torch.Tensor | None, image: torch.Tensor | None) -> torch.Tensor:
+    def _fuse(
+        self, text: torch.Tensor | None, mask: torch.Tensor | None, image: torch.Tensor | None
+    ) -> torch.Tensor:
         if text is not None and image is not None and text.shape[0] != image.shape[0]:
             raise ValueError(f"text batch size {text.shape[0]} != image batch size {image.shape[0]}")
         return self.fusion(text, mask, image)
@@ -219,14 +229,18 @@ class FusionModel(nn.Module):
         image_features: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Per-task outputs: `{task: logits}`. ITM gives [B, 2] (true pair, shuffled pair); contrastive [B, B]."""
-        views, text, mask, image = self._views(input_ids, attention_mask, pixel_values, text_features, image_features)
+        views, text, mask, image = self._views(
+            input_ids, attention_mask, pixel_values, text_features, image_features
+        )
         out: dict[str, torch.Tensor] = {}
         for task in self.config.tasks:
             head = self.heads[task.name]
             if task.type == "contrastive":
                 out[task.name] = head(masked_mean(text, mask), image.mean(1))
             elif task.type == "itm":
-                out[task.name] = torch.cat([head(views), head(self._fuse(text, mask, _shuffle_pairs(image)))], dim=1)
+                out[task.name] = torch.cat(
+                    [head(views), head(self._fuse(text, mask, _shuffle_pairs(image)))], dim=1
+                )
             else:
                 out[task.name] = head(views)
         return out
@@ -292,12 +306,17 @@ class FusionModel(nn.Module):
         try:
             state = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt") from e
+            raise ValueError(
+                f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt"
+            ) from e
         own = self.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
-        wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-                 for k, v in own.items() if k in state and state[k].shape != v.shape]
+        wrong = [
+            f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+            for k, v in own.items()
+            if k in state and state[k].shape != v.shape
+        ]
         if missing or unexpected or wrong:
             raise ValueError(
                 f"{path} does not match this model's config: {len(missing)} missing keys {missing[:5]}, "

@@ -35,7 +35,8 @@ class TaskHead(nn.Module):
     def __init__(self, dim: int, out_dim: int, num_views: int = 1, dropout: float = 0.0) -> None:
         super().__init__()
         self.views = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(dim), nn.Dropout(dropout), nn.Linear(dim, out_dim)) for _ in range(num_views)
+            nn.Sequential(nn.LayerNorm(dim), nn.Dropout(dropout), nn.Linear(dim, out_dim))
+            for _ in range(num_views)
         )
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
@@ -57,7 +58,9 @@ class ContrastiveHead(nn.Module):
         return scale * F.normalize(text_emb, dim=-1) @ F.normalize(image_emb, dim=-1).T
 
 
-def _masked(loss_fn, output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+def _masked(
+    loss_fn, output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor | None:
     if mask is not None:
         if not bool(mask.any()):
             return None
@@ -65,7 +68,9 @@ def _masked(loss_fn, output: torch.Tensor, target: torch.Tensor, mask: torch.Ten
     return loss_fn(output, target)
 
 
-def task_loss(task: TaskConfig, output: torch.Tensor, target: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
+def task_loss(
+    task: TaskConfig, output: torch.Tensor, target: torch.Tensor | None, mask: torch.Tensor | None
+) -> torch.Tensor | None:
     """One task's mean loss over its labelled examples; None when nothing in the batch can be scored."""
     if task.type == "contrastive":
         if output.shape[0] < 2:

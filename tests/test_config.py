@@ -1,0 +1,50 @@
+import json
+
+import pytest
+
+from fusionkit.config import ConfigError, FusionConfig, ModelConfig, from_dict, merge, parse_value, to_dict
+from fusionkit.models import get_config, list_presets
+
+
+def test_round_trip_through_json():
+    cfg = get_config("tiny", fusion={"strategy": "gated"})
+    again = from_dict(ModelConfig, json.loads(json.dumps(to_dict(cfg))))
+    assert again == cfg
+
+
+def test_unknown_key_and_wrong_type_are_named():
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['depht'\]"):
+        from_dict(FusionConfig, {"depht": 2})
+    with pytest.raises(ConfigError, match="fusion.dim: expected int, got str"):
+        from_dict(ModelConfig, {"fusion": {"dim": "wide"}})
+    with pytest.raises(ConfigError, match="expected int, got bool"):
+        from_dict(FusionConfig, {"depth": True})
+
+
+def test_dotted_and_nested_overrides():
+    cfg = get_config("tiny")
+    out = merge(cfg, {"fusion.depth": 3, "text": {"max_length": 32}})
+    assert out.fusion.depth == 3 and out.text.max_length == 32
+    assert out.fusion.dim == cfg.fusion.dim and cfg.fusion.depth != 3  # original untouched
+    with pytest.raises(ConfigError, match="not a config section"):
+        merge(cfg, {"fusion.strategy.x": 1})
+
+
+def test_validation_catches_impossible_values():
+    with pytest.raises(ConfigError, match="unknown type"):
+        get_config("tiny", tasks=[{"name": "x", "type": "ranking"}])
+    with pytest.raises(ConfigError, match="unique"):
+        get_config("tiny", tasks=[{"name": "x"}, {"name": "x"}])
+    with pytest.raises(ConfigError, match="divisible"):
+        get_config("tiny", fusion={"dim": 30, "num_heads": 4})
+    with pytest.raises(ConfigError, match="unknown model preset"):
+        get_config("huge")
+    assert "tiny" in list_presets()
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("3", 3), ("0.5", 0.5), ("true", True), ("gated", "gated"), ("[1, 2]", [1, 2]), ("None", None)],
+)
+def test_parse_value(text, value):
+    assert parse_value(text) == value

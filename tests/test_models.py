@@ -1,0 +1,164 @@
+import pytest
+import torch
+
+from fusionkit.config import ConfigError
+from fusionkit.models import FusionModel, create_model, list_fusions
+
+TASKS = [
+    {"name": "sentiment", "type": "classification", "num_classes": 3},
+    {"name": "tags", "type": "multilabel", "num_classes": 4},
+    {"name": "score", "type": "regression", "num_classes": 1},
+    {"name": "itm", "type": "itm"},
+    {"name": "align", "type": "contrastive"},
+]
+
+
+def tiny_batch(model, captions=("what a lovely sunny day", "stormy and cold, awful", "ok")):
+    tok = model.tokenizer(list(captions), padding=True, return_tensors="pt")
+    h, w = model.image_preprocess.size
+    return {
+        "input_ids": tok["input_ids"],
+        "attention_mask": tok["attention_mask"],
+        "pixel_values": torch.randn(len(captions), 3, h, w),
+    }
+
+
+def labels_for(b):
+    return (
+        {"sentiment": torch.tensor([0, 2, 1]), "tags": torch.rand(b, 4).round(), "score": torch.randn(b, 1)},
+        {"sentiment": torch.tensor([True, True, False])},
+    )
+
+
+@pytest.mark.parametrize("strategy", list_fusions())
+def test_every_strategy_shapes_finite_and_gradients(strategy):
+    model = create_model("tiny", fusion={"strategy": strategy}, tasks=TASKS)
+    batch = tiny_batch(model)
+    out = model(**batch)
+    assert set(out) == {t["name"] for t in TASKS}
+    assert out["sentiment"].shape == (3, 3)
+    assert out["tags"].shape == (3, 4)
+    assert out["score"].shape == (3, 1)
+    assert out["itm"].shape == (3, 2)
+    assert out["align"].shape == (3, 3)
+    assert all(torch.isfinite(v).all() for v in out.values())
+    losses = model.loss(out, *labels_for(3))
+    assert set(losses) == {"loss", "sentiment", "tags", "score", "itm", "align"}
+    losses["loss"].backward()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable
+    missing = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())
+    ]
+    assert missing == []
+    joint = model.encode(**batch, normalize=True)
+    assert joint.shape == (3, model.config.fusion.dim)
+    torch.testing.assert_close(joint.norm(dim=-1), torch.ones(3))
+
+
+@pytest.mark.parametrize("strategy", ["text_only", "image_only"])
+def test_unimodal_baselines_freeze_the_unused_encoder(strategy):
+    model = create_model("tiny", fusion={"strategy": strategy})
+    unused = model.image_encoder if strategy == "text_only" else model.text_encoder
+    assert not any(p.requires_grad for p in unused.parameters())
+    batch = tiny_batch(model)
+    if strategy == "text_only":
+        batch.pop("pixel_values")  # needs no image at all
+    else:
+        batch.pop("input_ids")
+    model.loss(model(**batch), {"sentiment": torch.tensor([0, 1, 2])})["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_changing_padded_token_ids_does_not_change_output():
+    model = create_model("tiny", fusion={"strategy": "cross_attention"}).eval()
+    batch = tiny_batch(model)
+    pad = batch["attention_mask"] == 0
+    assert pad.any()
+    other = dict(batch, input_ids=batch["input_ids"].masked_fill(pad, 77))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch)["sentiment"], model(**other)["sentiment"])
+        torch.testing.assert_close(model.encode(**batch), model.encode(**other))
+
+
+def test_late_fusion_averages_per_modality_heads():
+    model = create_model("tiny", fusion={"strategy": "late"}).eval()
+    batch = tiny_batch(model)
+    with torch.no_grad():
+        views = model._views(**batch)[0]
+        head = model.heads["sentiment"]
+        expected = (head.views[0](views[:, 0]) + head.views[1](views[:, 1])) / 2
+        torch.testing.assert_close(model(**batch)["sentiment"], expected)
+
+
+def test_precomputed_features_give_the_same_outputs():
+    model = create_model("tiny").eval()
+    batch = tiny_batch(model)
+    with torch.no_grad():
+        feats = {
+            "text_features": model.text_encoder(batch["input_ids"], batch["attention_mask"]),
+            "attention_mask": batch["attention_mask"],
+            "image_features": model.image_encoder(batch["pixel_values"]),
+        }
+        torch.testing.assert_close(model(**batch)["sentiment"], model(**feats)["sentiment"])
+
+
+def test_bad_inputs_give_clear_errors():
+    model = create_model("tiny")
+    batch = tiny_batch(model)
+    with pytest.raises(ValueError, match=r"text batch size 3 != image batch size 2"):
+        model(**dict(batch, pixel_values=batch["pixel_values"][:2]))
+    with pytest.raises(ValueError, match=r"input_ids must be \[batch, seq_len\]"):
+        model(**dict(batch, input_ids=batch["input_ids"][0]))
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        model(**dict(batch, attention_mask=batch["attention_mask"][:, :2]))
+    with pytest.raises(ValueError, match=r"pixel_values must be \[batch, 3, 32, 32\]"):
+        model(**dict(batch, pixel_values=torch.randn(3, 1, 32, 32)))
+    with pytest.raises(ValueError, match="ImageTransform"):
+        model(**dict(batch, pixel_values=torch.zeros(3, 3, 32, 32, dtype=torch.uint8)))
+    with pytest.raises(ValueError, match="image input missing"):
+        model(input_ids=batch["input_ids"])
+    with pytest.raises(ValueError, match="unknown fusion strategy 'sum'.*registered"):
+        create_model("tiny", fusion={"strategy": "sum"})
+    with pytest.raises(ConfigError, match="unknown type"):
+        create_model("tiny", tasks=[{"name": "x", "type": "segmentation"}])
+    with pytest.raises(ValueError, match="no task in this batch has a label"):
+        model.loss(
+            model(**batch),
+            {"sentiment": torch.zeros(3, dtype=torch.long)},
+            {"sentiment": torch.zeros(3, dtype=torch.bool)},
+        )
+
+
+def test_freezing_policies():
+    model = create_model("tiny", freeze="encoders")
+    assert model.encoders_frozen
+    assert all(p.requires_grad for p in model.fusion.parameters())
+    model.train()
+    assert not model.text_encoder.training and model.fusion.training  # frozen encoders stay in eval mode
+
+    model.set_trainable("top_k", 1)
+    text_layers = model.text_encoder.model.encoder.layer
+    assert all(p.requires_grad for p in text_layers[-1].parameters())
+    assert not any(p.requires_grad for p in text_layers[0].parameters())
+    assert not any(p.requires_grad for p in model.text_encoder.model.embeddings.parameters())
+    image_blocks = model.image_encoder.model.blocks
+    assert all(p.requires_grad for p in image_blocks[-1].parameters())
+    assert not any(p.requires_grad for p in image_blocks[0].parameters())
+    assert all(p.requires_grad for p in model.image_encoder.model.norm.parameters())
+
+    model.set_trainable("none")
+    assert all(p.requires_grad for n, p in model.named_parameters() if not n.endswith("mask_token"))
+    with pytest.raises(ConfigError):
+        model.set_trainable("some")
+
+
+def test_num_parameters_counts_trainable_subset():
+    model = create_model("tiny", freeze="encoders")
+    assert 0 < model.num_parameters(trainable_only=True) < model.num_parameters()
+
+
+def test_model_type_is_public():
+    assert isinstance(create_model("tiny"), FusionModel)

@@ -1,0 +1,161 @@
+import json
+import pickle
+
+import pytest
+import torch
+
+from fusionkit.config import ConfigError
+from fusionkit.models import FusionModel, create_model
+from fusionkit.models.tiny import tiny_bert_config, tiny_tokenizer
+
+from .test_models import TASKS, tiny_batch
+
+
+@pytest.mark.parametrize("strategy", ["cross_attention", "late"])
+def test_round_trip_is_exact(tmp_path, strategy):
+    model = create_model(
+        "tiny", fusion={"strategy": strategy}, tasks=TASKS[:1] + TASKS[3:4], loss_weighting="uncertainty"
+    ).eval()
+    with torch.no_grad():
+        model.criterion.log_vars.add_(0.3)
+    model.save_pretrained(tmp_path / "m")
+    assert {p.name for p in (tmp_path / "m").iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "text_encoder",
+    }
+    loaded = FusionModel.from_pretrained(tmp_path / "m").eval()
+    assert loaded.config == model.config
+    assert loaded.image_preprocess == model.image_preprocess
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    batch = tiny_batch(model)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a = model(**batch)
+        torch.manual_seed(1)
+        b = loaded(**batch)
+    for task in a:
+        assert torch.equal(a[task], b[task])
+    # the tokenizer travels with the model
+    assert loaded.tokenizer("a lovely day")["input_ids"] == model.tokenizer("a lovely day")["input_ids"]
+
+
+def _save_tiny_hf_encoders(root):
+    """What a user gets from the hub, made offline: tiny random BERT and ViT saved with save_pretrained."""
+    from transformers import BertModel, ViTConfig, ViTImageProcessor, ViTModel
+
+    BertModel(tiny_bert_config()).save_pretrained(root / "bert")
+    tiny_tokenizer().save_pretrained(root / "bert")
+    vit_cfg = ViTConfig(
+        image_size=48,
+        patch_size=16,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    ViTModel(vit_cfg).save_pretrained(root / "vit")
+    ViTImageProcessor(
+        size={"height": 48, "width": 48}, image_mean=[0.1, 0.2, 0.3], image_std=[0.9, 0.8, 0.7]
+    ).save_pretrained(root / "vit")
+
+
+def test_loads_hf_encoders_from_a_local_directory(tmp_path):
+    _save_tiny_hf_encoders(tmp_path)
+    from transformers import BertModel
+
+    reference = BertModel.from_pretrained(tmp_path / "bert")
+    model = create_model(
+        "tiny",
+        text={"name": str(tmp_path / "bert"), "pretrained": True},
+        image={"backend": "hf", "name": str(tmp_path / "vit"), "pretrained": True},
+    )
+    # pretrained weights really were loaded, and preprocessing comes from the processor config
+    torch.testing.assert_close(
+        model.text_encoder.model.embeddings.word_embeddings.weight,
+        reference.embeddings.word_embeddings.weight,
+    )
+    pre = model.image_preprocess
+    assert pre.size == (48, 48) and pre.mean == (0.1, 0.2, 0.3) and pre.std == (0.9, 0.8, 0.7)
+    assert model.image_encoder.width == 32
+    batch = tiny_batch(model)
+    out = model(**batch)
+    assert out["sentiment"].shape == (3, 3)
+    # and the whole model survives a round trip without the original folders
+    model.eval().save_pretrained(tmp_path / "fused")
+    for sub in ("bert", "vit"):
+        for f in (tmp_path / sub).iterdir():
+            f.unlink()
+    loaded = FusionModel.from_pretrained(tmp_path / "fused").eval()
+    assert loaded.image_preprocess == pre
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(**batch), loaded.encode(**batch), rtol=0, atol=0)
+
+
+def test_timm_encoder_from_a_local_checkpoint_file(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from fusionkit.models.tiny import TINY_VIT_BASE, TINY_VIT_KWARGS
+
+    source = timm.create_model(TINY_VIT_BASE, pretrained=False, num_classes=0, **TINY_VIT_KWARGS)
+    save_file(source.state_dict(), str(tmp_path / "vit.safetensors"))
+    model = create_model(
+        "tiny",
+        image={
+            "name": TINY_VIT_BASE,
+            "pretrained": True,
+            "checkpoint_path": str(tmp_path / "vit.safetensors"),
+            "model_kwargs": TINY_VIT_KWARGS,
+        },
+    )
+    torch.testing.assert_close(
+        model.image_encoder.model.patch_embed.proj.weight, source.patch_embed.proj.weight
+    )
+    with pytest.raises(FileNotFoundError, match="checkpoint_path"):
+        create_model(
+            "tiny",
+            image={
+                "name": TINY_VIT_BASE,
+                "checkpoint_path": str(tmp_path / "nope.pth"),
+                "model_kwargs": TINY_VIT_KWARGS,
+            },
+        )
+
+
+def test_checkpoint_from_another_config_is_refused(tmp_path):
+    create_model("tiny", fusion={"dim": 32}).save_pretrained(tmp_path / "a")
+    model = create_model("tiny")
+    with pytest.raises(ValueError, match="does not match this model's config.*shape mismatches"):
+        model.load_weights(tmp_path / "a" / "model.safetensors")
+    create_model("tiny", fusion={"strategy": "gated"}).save_pretrained(tmp_path / "b")
+    with pytest.raises(ValueError, match="missing keys"):
+        model.load_weights(tmp_path / "b" / "model.safetensors")
+
+
+def test_corrupt_or_foreign_files_are_refused(tmp_path):
+    model = create_model("tiny")
+    model.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        FusionModel.from_pretrained(tmp_path / "m")
+    # a pickle that would run code is never unpickled: safetensors refuses it as a format error
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    weights.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        FusionModel.from_pretrained(tmp_path / "m")
+    assert not marker.exists()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model": {"fusion": {"depht": 1}}}))
+    with pytest.raises(ConfigError, match="depht"):
+        FusionModel.from_pretrained(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match="holds no fusionkit model"):
+        FusionModel.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        FusionModel.from_pretrained(tmp_path / "missing")

@@ -162,3 +162,19 @@ def test_num_parameters_counts_trainable_subset():
 
 def test_model_type_is_public():
     assert isinstance(create_model("tiny"), FusionModel)
+
+
+def test_image_grid_pools_patches_and_keeps_cls():
+    from fusionkit.models.fusion_model import pool_patch_grid
+
+    tokens = torch.randn(2, 1 + 16 * 16, 8)
+    pooled = pool_patch_grid(tokens, 4)
+    assert pooled.shape == (2, 1 + 16, 8)
+    assert torch.equal(pooled[:, 0], tokens[:, 0])
+    first_cell = tokens[:, 1:].reshape(2, 16, 16, 8)[:, :4, :4].mean(dim=(1, 2))
+    torch.testing.assert_close(pooled[:, 1], first_cell)
+    assert pool_patch_grid(tokens, 0) is tokens
+    with pytest.raises(ValueError, match="square patch grid"):
+        pool_patch_grid(torch.randn(1, 30, 8), 2)
+    model = create_model("tiny", fusion={"image_grid": 2})  # tiny ViT: 4x4 patches + CLS -> 2x2 + CLS
+    assert model.image_tokens(torch.randn(2, 3, 32, 32)).shape[1] == 5

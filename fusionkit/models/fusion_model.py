@@ -14,6 +14,7 @@ trainer's frozen-encoder feature cache trains many fusion strategies on one enco
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -176,7 +177,7 @@ class FusionModel(nn.Module):
                 raise ValueError("image input missing: pass pixel_values or image_features")
             self._check_image(pixel_values)
             image_features = self.image_encoder(pixel_values)
-        return self.image_proj(image_features)
+        return self.image_proj(pool_patch_grid(image_features, self.config.fusion.image_grid))
 
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, normalize: bool = False
@@ -327,6 +328,22 @@ class FusionModel(nn.Module):
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def pool_patch_grid(tokens: torch.Tensor, grid: int) -> torch.Tensor:
+    """Average-pool the square patch grid of [B, prefix + h*w, D] tokens to grid x grid; prefix tokens (CLS) kept."""
+    if grid <= 0:
+        return tokens
+    n = tokens.shape[1]
+    side = math.isqrt(n)
+    if n - side * side > 8:  # beyond CLS + a few register tokens: not a square patch grid
+        raise ValueError(f"image_grid needs a square patch grid, got {n} image tokens")
+    if side <= grid:
+        return tokens
+    prefix, patches = tokens[:, : n - side * side], tokens[:, n - side * side :]
+    b, _, d = patches.shape
+    pooled = F.adaptive_avg_pool2d(patches.transpose(1, 2).reshape(b, d, side, side), grid)
+    return torch.cat([prefix, pooled.flatten(2).transpose(1, 2)], dim=1)
 
 
 def _shuffle_pairs(image: torch.Tensor) -> torch.Tensor:

@@ -175,6 +175,6 @@ def test_image_grid_pools_patches_and_keeps_cls():
     torch.testing.assert_close(pooled[:, 1], first_cell)
     assert pool_patch_grid(tokens, 0) is tokens
     with pytest.raises(ValueError, match="square patch grid"):
-        pool_patch_grid(torch.randn(1, 30, 8), 2)
+        pool_patch_grid(torch.randn(1, 45, 8), 2)
     model = create_model("tiny", fusion={"image_grid": 2})  # tiny ViT: 4x4 patches + CLS -> 2x2 + CLS
     assert model.image_tokens(torch.randn(2, 3, 32, 32)).shape[1] == 5

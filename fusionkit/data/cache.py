@@ -43,7 +43,13 @@ def _tokenizer_identity(tokenizer: Any) -> str:
 
 
 def cache_key(ds: MultimodalDataset, tokenizer: Any, preprocess: ImagePreprocess, max_length: int) -> str:
-    payload = [CACHE_VERSION, ds.fingerprint, _tokenizer_identity(tokenizer), max_length, dataclasses.asdict(preprocess)]
+    payload = [
+        CACHE_VERSION,
+        ds.fingerprint,
+        _tokenizer_identity(tokenizer),
+        max_length,
+        dataclasses.asdict(preprocess),
+    ]
     return hashlib.sha1(json.dumps(payload, default=list).encode()).hexdigest()[:16]
 
 
@@ -139,7 +145,9 @@ def build_cache(
         with tqdm(total=n, desc=f"decoding images ({workers} procs)", unit="img", disable=n < 256) as bar:
             if workers > 1:
                 with ProcessPoolExecutor(workers) as pool:
-                    futures = [pool.submit(_decode_chunk, pixels_path, s, c, image_preprocess) for s, c in chunks]
+                    futures = [
+                        pool.submit(_decode_chunk, pixels_path, s, c, image_preprocess) for s, c in chunks
+                    ]
                     for f, (_, c) in zip(futures, chunks):
                         failures += f.result()
                         bar.update(len(c))
@@ -155,7 +163,9 @@ def build_cache(
         token_lists: list[list[int]] = []
         texts = [ex.text for ex in ds]
         for s in tqdm(range(0, n, 1024), desc="tokenizing", disable=n < 4096):
-            enc = tokenizer(texts[s : s + 1024], truncation=True, max_length=max_length, return_attention_mask=False)
+            enc = tokenizer(
+                texts[s : s + 1024], truncation=True, max_length=max_length, return_attention_mask=False
+            )
             token_lists += enc["input_ids"]
         lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=n)
         np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))

@@ -89,7 +89,9 @@ class ImageTransform(nn.Module):
         self.interpolation = "bicubic" if preprocess.interpolation == "bicubic" else "bilinear"
         self.augment, self.scale, self.ratio, self.flip_p = train, scale, ratio, flip_p
         self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("inv_std", 1 / (torch.tensor(preprocess.std).view(1, 3, 1, 1) * 255), persistent=False)
+        self.register_buffer(
+            "inv_std", 1 / (torch.tensor(preprocess.std).view(1, 3, 1, 1) * 255), persistent=False
+        )
 
     def _random_crop_flip(self, x: torch.Tensor) -> torch.Tensor:
         b, dev = x.shape[0], x.device

@@ -35,7 +35,9 @@ def decode_text(raw: bytes, *, source: str, encodings: Sequence[str] = FALLBACK_
         except UnicodeDecodeError:
             continue
     raise DataError(
-        f"caption bytes are neither UTF-8 nor {'/'.join(encodings)}", source=source, hint="re-encode the file as UTF-8"
+        f"caption bytes are neither UTF-8 nor {'/'.join(encodings)}",
+        source=source,
+        hint="re-encode the file as UTF-8",
     )
 
 
@@ -44,7 +46,10 @@ def clean_text(text: str, *, source: str, item: str | None, allow_empty: bool) -
     text = text.strip()
     if not text and not allow_empty:
         raise DataError(
-            "caption is empty", source=source, item=item, hint="pass allow_empty_text=True to keep image-only items"
+            "caption is empty",
+            source=source,
+            item=item,
+            hint="pass allow_empty_text=True to keep image-only items",
         )
     if len(text) > MAX_TEXT_CHARS:
         return text[:MAX_TEXT_CHARS], True
@@ -123,7 +128,9 @@ class MultimodalDataset(Sequence[Example]):
                     raise KeyError(f"{self.name}: no item with id {k!r}")
                 k = self._index[k]
             picked.append(self.examples[int(k)])
-        return MultimodalDataset(picked, self.label_names, self.task_types, name=name or f"{self.name}[subset]")
+        return MultimodalDataset(
+            picked, self.label_names, self.task_types, name=name or f"{self.name}[subset]"
+        )
 
     def label_counts(self, task: str) -> dict[str, int]:
         """Class name -> count (None labels counted as "<missing>"); for data cards and sanity checks."""

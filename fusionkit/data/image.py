@@ -45,7 +45,9 @@ def _open(src: ImageSource) -> Image.Image:
         return Image.open(io.BytesIO(src))
     path = Path(src)
     if not path.is_file():
-        raise DataError("image file not found", source=str(path), hint="check the path or use on_error='skip'")
+        raise DataError(
+            "image file not found", source=str(path), hint="check the path or use on_error='skip'"
+        )
     if path.stat().st_size == 0:
         raise DataError("image file is empty (0 bytes)", source=str(path), hint="re-download it")
     return Image.open(path)
@@ -124,7 +126,9 @@ def preprocess_image(src: ImageSource, preprocess: ImagePreprocess, **load_kw: o
         try:
             resample = _RESAMPLE[preprocess.interpolation]
         except KeyError:
-            raise ValueError(f"unknown interpolation {preprocess.interpolation!r}; use one of {list(_RESAMPLE)}") from None
+            raise ValueError(
+                f"unknown interpolation {preprocess.interpolation!r}; use one of {list(_RESAMPLE)}"
+            ) from None
         im = im.resize((rw, rh), resample, reducing_gap=3.0)
     top, left = (rh - th) // 2, (rw - tw) // 2
     im = im.crop((left, top, left + tw, top + th))

@@ -27,7 +27,9 @@ def _finish(
     kept = []
     for ex in examples:
         if ex.id in seen:
-            skips(DataError(f"duplicate id {ex.id!r}", source=skips.what, item=ex.id, hint="ids must be unique"))
+            skips(
+                DataError(f"duplicate id {ex.id!r}", source=skips.what, item=ex.id, hint="ids must be unique")
+            )
             continue
         seen.add(ex.id)
         kept.append(ex)
@@ -124,13 +126,16 @@ def read_mvsa(
                         f"expected {annotators} 'text,image' annotation(s), found {len(fields) - 1}",
                         source=where,
                         item=item,
-                        hint=f"is this MVSA-{'Multiple' if annotators == 1 else 'Single'}? set variant=",
+                        hint=f"if this is MVSA-{'Multiple' if annotators == 1 else 'Single'}, pass variant="
+                        f"{'multiple' if annotators == 1 else 'single'!r}",
                     )
                 pairs = [tuple(p.strip().lower() for p in f.split(",")) for f in fields[1:]]
                 for p in pairs:
                     if len(p) != 2 or any(v not in SENTIMENT for v in p):
                         raise DataError(
-                            f"unknown label value {','.join(p)!r}; expected two of {SENTIMENT}", source=where, item=item
+                            f"unknown label value {','.join(p)!r}; expected two of {SENTIMENT}",
+                            source=where,
+                            item=item,
                         )
             except DataError as e:
                 skips(e)
@@ -141,7 +146,9 @@ def read_mvsa(
             if merged is None and not keep_conflicts:
                 conflicts += 1
                 continue
-            label = {t: None if v is None else SENTIMENT.index(v) for t, v in zip(tasks, (merged, text_l, image_l))}
+            label = {
+                t: None if v is None else SENTIMENT.index(v) for t, v in zip(tasks, (merged, text_l, image_l))
+            }
             ex = make(item, label, {"annotations": [",".join(p) for p in pairs]})
             if ex is not None:
                 examples.append(ex)
@@ -166,16 +173,28 @@ def read_mvsa(
                 item = str(row["id"])
                 raw = row.get("emotion_label")
                 if raw is not None and raw not in (0, 1, 2):
-                    skips(DataError(f"unknown emotion_label {raw!r}; expected 0, 1 or 2", source=f"{path}[{n}]", item=item))
+                    skips(
+                        DataError(
+                            f"unknown emotion_label {raw!r}; expected 0, 1 or 2",
+                            source=f"{path}[{n}]",
+                            item=item,
+                        )
+                    )
                     continue
                 ex = make(item, {"sentiment": raw}, {})
                 if ex is not None:
                     examples.append(ex)
                     splits[split].append(item)
     else:
-        raise FileNotFoundError(f"{root} has neither labelResultAll.txt nor splits/train.json: not an MVSA folder")
+        raise FileNotFoundError(
+            f"{root} has neither labelResultAll.txt nor splits/train.json: not an MVSA folder"
+        )
     if encodings.get("gb18030"):
-        log.info("read_mvsa(%s): %d captions were GB18030, not UTF-8, and were decoded as such", root, encodings["gb18030"])
+        log.info(
+            "read_mvsa(%s): %d captions were GB18030, not UTF-8, and were decoded as such",
+            root,
+            encodings["gb18030"],
+        )
     examples, report = _finish(examples, skips, report_path, total, truncated)
     if splits is not None:
         kept = {ex.id for ex in examples}
@@ -183,9 +202,7 @@ def read_mvsa(
         for k, v in splits.items():  # an id in two splits would leak: keep its first split only
             splits[k] = [i for i in v if i in kept and not (i in seen or seen.add(i))]  # type: ignore[func-returns-value]
     label_names = {t: list(SENTIMENT) for t in tasks}
-    return MultimodalDataset(
-        examples, label_names, splits=splits, name=f"mvsa-{variant}", skip_report=report
-    )
+    return MultimodalDataset(examples, label_names, splits=splits, name=f"mvsa-{variant}", skip_report=report)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -259,6 +276,9 @@ def read_table(
     suffix = path.suffix.lower()
     rows: list[tuple[str, Any]] = []
     if suffix == ".csv":
+        # csv's default 128 KiB field limit would reject a whole file for one huge caption; captions
+        # are capped to MAX_TEXT_CHARS below instead. (The limit is process-wide; we only raise it.)
+        csv.field_size_limit(max(csv.field_size_limit(), 1 << 26))
         reader = csv.DictReader(io.StringIO(text, newline=""))
         rows = [(f"{path}:{n + 2}", row) for n, row in enumerate(reader)]
         columns = reader.fieldnames or []
@@ -277,7 +297,10 @@ def read_table(
     missing = [c for c in required if c not in columns]
     if missing and rows:
         raise DataError(f"missing column(s) {missing}; found {columns}", source=str(path))
-    kinds = {c: (task_types or {}).get(c, "regression" if s == "regression" else "classification") for c, s in specs.items()}
+    kinds = {
+        c: (task_types or {}).get(c, "regression" if s == "regression" else "classification")
+        for c, s in specs.items()
+    }
     label_names: dict[str, list[str]] = {}
     for c, spec in specs.items():
         if kinds[c] == "regression":
@@ -288,7 +311,9 @@ def read_table(
             values: set[str] = set()
             for _, r in rows:
                 v = r.get(c)
-                vs = v if isinstance(v, list) else str(v).split("|") if kinds[c] == "multilabel" and v else [v]
+                vs = (
+                    v if isinstance(v, list) else str(v).split("|") if kinds[c] == "multilabel" and v else [v]
+                )
                 values.update(str(x).strip() for x in vs if x is not None and str(x).strip())
             label_names[c] = sorted(values)
 
@@ -300,7 +325,9 @@ def read_table(
             caption = row.get(text_column)
             caption = "" if caption is None else str(caption)
             if any("\udc80" <= ch <= "\udcff" for ch in caption):
-                raise DataError("caption is not valid UTF-8", source=where, item=item, hint="re-encode the file as UTF-8")
+                raise DataError(
+                    "caption is not valid UTF-8", source=where, item=item, hint="re-encode the file as UTF-8"
+                )
             caption, cut = clean_text(caption, source=where, item=item, allow_empty=allow_empty_text)
             image_ref = str(row.get(image_column) or "")
             image = (path.parent / image_ref).resolve() if image_ref else None
@@ -359,7 +386,9 @@ def from_hf(
     else:
         ds, offsets = dataset_or_path, {}
     if image_column not in ds.column_names or text_column not in ds.column_names:
-        raise DataError(f"needs columns {text_column!r} and {image_column!r}; found {ds.column_names}", source=name)
+        raise DataError(
+            f"needs columns {text_column!r} and {image_column!r}; found {ds.column_names}", source=name
+        )
     ds = ds.cast_column(image_column, hf.Image(decode=False))
     if label_columns is None:
         label_columns = [c for c in ds.column_names if c not in (text_column, image_column, id_column)]
@@ -370,7 +399,9 @@ def from_hf(
         inner = getattr(feat, "feature", None)
         if isinstance(feat, hf.ClassLabel):
             kinds[c], label_names[c] = "classification", list(feat.names)
-        elif isinstance(inner, hf.ClassLabel) or (isinstance(feat, list) and isinstance(feat[0], hf.ClassLabel)):
+        elif isinstance(inner, hf.ClassLabel) or (
+            isinstance(feat, list) and isinstance(feat[0], hf.ClassLabel)
+        ):
             kinds[c], label_names[c] = "multilabel", list((inner or feat[0]).names)
         elif isinstance(feat, hf.Value) and feat.dtype.startswith("float"):
             kinds[c], label_names[c] = "regression", []
@@ -382,11 +413,15 @@ def from_hf(
     truncated = 0
     ids_by_row: list[str | None] = []
     for n, row in enumerate(ds):
-        item = str(row[id_column]) if id_column and id_column in row and row[id_column] is not None else str(n)
+        item = (
+            str(row[id_column]) if id_column and id_column in row and row[id_column] is not None else str(n)
+        )
         where = f"{name}[{n}]"
         ids_by_row.append(None)
         try:
-            caption, cut = clean_text(row[text_column] or "", source=where, item=item, allow_empty=allow_empty_text)
+            caption, cut = clean_text(
+                row[text_column] or "", source=where, item=item, allow_empty=allow_empty_text
+            )
             img = row[image_column]
             image = (img or {}).get("bytes") or (img or {}).get("path")
             if not image:
@@ -406,7 +441,9 @@ def from_hf(
     examples, report = _finish(examples, skips, report_path, len(ds), truncated)
     if offsets:
         kept = {ex.id for ex in examples}
-        splits = {k: [i for i in ids_by_row[a:b] if i is not None and i in kept] for k, (a, b) in offsets.items()}
+        splits = {
+            k: [i for i in ids_by_row[a:b] if i is not None and i in kept] for k, (a, b) in offsets.items()
+        }
     return MultimodalDataset(examples, label_names, kinds, splits=splits, name=name, skip_report=report)
 
 

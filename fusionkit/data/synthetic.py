@@ -36,13 +36,27 @@ _ADJ = {
     -1: ["awful", "terrible", "horrible", "boring", "miserable", "bad", "ugly", "sad"],
 }
 _NOUNS = ["day", "weekend", "trip", "view", "morning", "evening", "beach", "park", "city", "street"]
-_TAILS = ["", "today", "with friends", "with the family", "at the beach", "in the city", "this morning", "again"]
+_TAILS = [
+    "",
+    "today",
+    "with friends",
+    "with the family",
+    "at the beach",
+    "in the city",
+    "this morning",
+    "again",
+]
 _SKY = {1: (90, 170, 250), 0: (150, 150, 150), -1: (30, 32, 55)}
 _GROUND = {1: (80, 190, 70), 0: (120, 125, 115), -1: (25, 35, 30)}
 
 
 def _caption(polarity: int, rng: np.random.Generator) -> str:
-    words = [rng.choice(_OPENERS[polarity]), rng.choice(_ADJ[polarity]), rng.choice(_NOUNS), rng.choice(_TAILS)]
+    words = [
+        rng.choice(_OPENERS[polarity]),
+        rng.choice(_ADJ[polarity]),
+        rng.choice(_NOUNS),
+        rng.choice(_TAILS),
+    ]
     return " ".join(w for w in words if w)
 
 
@@ -57,7 +71,11 @@ def _scene(sincerity: int, size: int, rng: np.random.Generator) -> Image.Image:
     horizon = int(size * rng.uniform(0.5, 0.75))
     draw.rectangle([0, horizon, size, size], fill=_jitter(_GROUND[sincerity], rng))
     for _ in range(rng.integers(1, 4)):  # nuisance objects (houses, trees) of any colour
-        x, w, h = int(rng.integers(0, size)), int(rng.integers(size // 10, size // 4)), int(rng.integers(size // 10, size // 3))
+        x, w, h = (
+            int(rng.integers(0, size)),
+            int(rng.integers(size // 10, size // 4)),
+            int(rng.integers(size // 10, size // 3)),
+        )
         draw.rectangle([x, horizon - h, x + w, horizon], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
     s = size / 64
     if sincerity == 1:
@@ -72,7 +90,11 @@ def _scene(sincerity: int, size: int, rng: np.random.Generator) -> Image.Image:
             x, y = rng.uniform(0, size), rng.uniform(0, horizon)
             draw.line([x, y, x - 2 * s, y + 6 * s], fill=(110, 120, 150), width=1)
         x = rng.uniform(10, 54) * s
-        draw.line([x, 0, x + 4 * s, 10 * s, x - 2 * s, 14 * s, x + 3 * s, 26 * s], fill=(235, 235, 255), width=max(1, int(s)))
+        draw.line(
+            [x, 0, x + 4 * s, 10 * s, x - 2 * s, 14 * s, x + 3 * s, 26 * s],
+            fill=(235, 235, 255),
+            width=max(1, int(s)),
+        )
     return im
 
 

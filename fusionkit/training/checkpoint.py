@@ -1,0 +1,97 @@
+"""Crash-safe checkpoints and the RNG state that makes a resumed run bitwise equal to an uninterrupted one.
+
+Layout in a run dir::
+
+    checkpoints/step-00000120/   model (safetensors + config.json) + trainer_state.pt
+    last -> checkpoints/step-00000120     (symlink, swapped atomically)
+    best -> checkpoints/step-00000100
+
+A checkpoint is written into a temp dir and renamed into place; the `last`/`best` links are then
+replaced with `os.replace`. A crash at any moment leaves the previous checkpoint complete and linked.
+Training state holds only tensors, numbers and strings, so it loads with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATE_NAME = "trainer_state.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch (+ CUDA) RNG states as tensors and lists: weights_only-loadable."""
+    version, py_state, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()  # noqa: NPY002
+    state: dict[str, Any] = {
+        "python": [version, list(py_state), gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))  # noqa: NPY002
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _link(run_dir: Path, name: str, target: Path) -> None:
+    """Point `run_dir/name` at `target` atomically (a relative symlink, replaced with os.replace)."""
+    tmp = run_dir / f".{name}.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(target, run_dir), tmp)
+    os.replace(tmp, run_dir / name)
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, model: Any, state: dict[str, Any], *, best: bool = False, keep: int = 2
+) -> Path:
+    """Write model + training state for optimizer step `step`, repoint `last` (and `best`), prune old ones."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root))
+    try:
+        model.save_pretrained(tmp)
+        torch.save(state, tmp / STATE_NAME)
+        if final.exists():  # re-saving the same step (epoch end right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _link(run_dir, "last", final)
+    if best:
+        _link(run_dir, "best", final)
+    _prune(run_dir, keep)
+    return final
+
+
+def _prune(run_dir: Path, keep: int) -> None:
+    linked = {(run_dir / n).resolve() for n in ("last", "best") if (run_dir / n).exists()}
+    steps = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir())
+    for old in steps[: max(0, len(steps) - keep)]:
+        if old.resolve() not in linked:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(checkpoint_dir: Path) -> dict[str, Any]:
+    path = Path(checkpoint_dir) / STATE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: nothing to resume from")
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,121 @@
+"""`TrainConfig`: everything a training run needs, as nested dataclasses on top of `fusionkit.config`.
+
+A run is fully described by its resolved `TrainConfig` (saved as `config.yaml` in the run dir), so
+`fusionkit train <run>/config.yaml` reproduces it. Files and CLI overrides go through the same strict
+`merge`, so a typo fails before any data is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, ModelConfig, load_config_file, merge, to_dict
+from ..models import get_config
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# dict-typed config fields: a nested mapping there is a value, not a section to merge into
+_DICT_VALUES = ("config_overrides", "model_kwargs")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic:2000"  # anything `fusionkit.data.load_dataset` accepts
+    split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split_file: str | None = None  # reuse this split (written there if missing); default <run>/split.json
+    cache_dir: str | None = None  # tokenized/resized cache; default ~/.cache/fusionkit
+    max_length: int | None = None  # default: model.text.max_length
+    num_workers: int = 0
+    num_proc: int = 1
+    on_error: str = "raise"  # "raise" | "skip" bad items
+    augment: bool = True  # train-time image augmentation (not applied with the feature cache)
+    feature_cache: bool = True  # frozen encoders: train on cached encoder features
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 10
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    batch_size: int = 32  # global batch per forward pass (split across ranks under DDP)
+    eval_batch_size: int = 128
+    accumulation_steps: int = 1
+    lr: float = 1e-3  # fusion + heads
+    encoder_lr_scale: float = 0.1  # pretrained encoders train at lr * this
+    weight_decay: float = 0.01  # matrices only; biases, norms, embeddings' scales get none
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs"
+    name: str | None = None  # run dir = output_dir/name; default: a timestamp
+    seed: int = 0
+    deterministic: bool = True
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
+    precision: str = "auto"  # auto: bf16 autocast on CUDA where supported, else fp32
+    checkpoint_every: int = 100  # optimizer steps between mid-epoch checkpoints; 0 = epoch ends only
+    keep_checkpoints: int = 2  # besides the best one
+    metric: str | None = None  # early-stopping metric, e.g. "val/sentiment/macro_f1"; default: first task's
+    patience: int | None = None  # epochs without improvement before stopping; None = never stop early
+    log_every: int = 10
+    progress: bool = True
+    plots: bool = True
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"  # model preset that `model` overrides are applied to
+    model: ModelConfig = field(default_factory=lambda: get_config("tiny"))
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> TrainConfig:
+        self.model.validate()
+        checks = [
+            (self.run.precision in PRECISIONS, f"run.precision must be one of {PRECISIONS}"),
+            (self.data.on_error in ("raise", "skip"), "data.on_error must be 'raise' or 'skip'"),
+            (self.optim.batch_size > 0 and self.optim.eval_batch_size > 0, "batch sizes must be positive"),
+            (self.optim.accumulation_steps > 0, "optim.accumulation_steps must be positive"),
+            (
+                self.optim.epochs > 0 or (self.optim.max_steps or 0) > 0,
+                "optim.epochs or max_steps must be > 0",
+            ),
+            (0 <= self.optim.warmup_ratio < 1, "optim.warmup_ratio must be in [0, 1)"),
+            (self.optim.lr > 0, "optim.lr must be positive"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+        return self
+
+
+def _flatten(data: dict[str, Any], base: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested file sections -> dotted keys, so `model: {fusion: {depth: 2}}` keeps the preset's other fields."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and key not in _DICT_VALUES:
+            out.update(_flatten(value, base[key], f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def build_config(
+    source: str | Path | dict[str, Any] | None = None, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """A validated `TrainConfig` from a YAML/JSON file or dict, then dotted `overrides` (CLI `--a.b v`)."""
+    data = load_config_file(source) if isinstance(source, str | Path) else dict(source or {})
+    overrides = dict(overrides or {})
+    preset = overrides.pop("preset", data.pop("preset", "tiny"))
+    if not isinstance(preset, str):
+        raise ConfigError(f"preset: expected a preset name, got {preset!r}")
+    base = TrainConfig(preset=preset, model=get_config(preset))
+    flat = _flatten(data, to_dict(base))
+    flat.update(_flatten(overrides, to_dict(base)))
+    return merge(base, flat)

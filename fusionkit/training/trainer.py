@@ -1,0 +1,583 @@
+"""The `Trainer`: data -> model -> AdamW + warmup/cosine -> per-epoch eval, checkpoints, early stopping.
+
+Design points that matter for users:
+
+* Resumable to the bit (on CPU): the data order of epoch e comes from a generator seeded with
+  (seed, e), a checkpoint stores the position inside the epoch and every RNG state, and evaluation
+  runs under `fork_rng`, so `--resume` replays exactly what an uninterrupted run would do.
+* Crash-safe: checkpoints are written to a temp dir and swapped in (see `checkpoint.py`); a NaN loss,
+  SIGTERM or Ctrl-C never leaves a half-written checkpoint behind.
+* Frozen encoders train on cached features (see `feature_cache.py`).
+* Distributed: launched with `torchrun`, it uses torch DDP; `optim.batch_size` stays the global batch.
+* Autocast lives here only: bf16 on CUDA where supported, fp16 + GradScaler on request, fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from ..config import ConfigError, to_dict
+from ..data import Collator, ImageTransform, build_cache, load_dataset, move_batch, split_dataset
+from ..models import FusionModel, create_model, model_inputs
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .feature_cache import FeatureCollator, build_features
+from .metrics import DEFAULT_METRIC, higher_is_better, predictions, task_metrics
+from .optim import build_optimizer, build_scheduler
+from .report import plot_confusion, plot_curves, write_jsonl, write_predictions
+
+log = logging.getLogger("fusionkit.training")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf; the message names the epoch, step and batch ids."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGTERM/SIGINT arrived: the current step was finished and a checkpoint saved."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+# ---------------------------------------------------------------------------------------- setup
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 (user code and libraries may use the global generator)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """None = fp32. CPU is always fp32: bf16 matmul there is orders of magnitude slower."""
+    if device.type != "cuda":
+        if precision in ("bf16", "fp16"):
+            log.warning("precision=%s ignored on %s: training in fp32", precision, device)
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def _init_distributed() -> tuple[int, int]:
+    """(rank, world size); joins the process group `torchrun` describes in the environment."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def check_writable(directory: Path) -> None:
+    """Fail before any work if the run dir cannot be written (read-only mount, wrong owner, full disk)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(
+            f"output directory {directory} is not writable ({e.strerror or e}); set run.output_dir"
+        ) from e
+
+
+class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches of one epoch in an order seeded by (seed, epoch), starting at batch `start`.
+
+    The seed per epoch is what makes mid-epoch resume exact. Each global batch is split across
+    ranks, so a DDP run with world size W sees the same examples per step as one process would.
+    """
+
+    def __init__(
+        self, n: int, batch_size: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1
+    ) -> None:
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.rank, self.world = rank, world
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def num_batches(self) -> int:
+        full, rest = divmod(self.n, self.batch_size)
+        return full + (rest >= self.world)  # a tail smaller than the world size would leave a rank idle
+
+    def __len__(self) -> int:
+        return self.num_batches() - self.start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            order = torch.randperm(
+                self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            )
+        else:
+            order = torch.arange(self.n)
+        for b in range(self.start, self.num_batches()):
+            batch = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield batch.tensor_split(self.world)[self.rank].tolist()
+
+
+# ---------------------------------------------------------------------------------------- inference
+
+
+@torch.inference_mode()
+def run_inference(
+    model: FusionModel,
+    loader: torch.utils.data.DataLoader,
+    transform: torch.nn.Module | None = None,
+    amp: torch.dtype | None = None,
+    desc: str = "eval",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Outputs for a whole split: `{"ids", "outputs": {task: cpu tensor}, "labels", "label_mask", "loss"}`.
+
+    Contrastive outputs are [B, B] per batch, so they are reduced to per-example R@1 hits here.
+    """
+    was_training = model.training
+    model.eval()
+    device = model.device
+    ids: list[str] = []
+    outs: dict[str, list[torch.Tensor]] = {t: [] for t in model.tasks}
+    labels: dict[str, list[torch.Tensor]] = {}
+    masks: dict[str, list[torch.Tensor]] = {}
+    loss_sum, loss_n = 0.0, 0
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
+            batch = move_batch(batch, device, transform)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                out = model(**model_inputs(batch))
+            ids += batch["ids"]
+            for name, task in model.tasks.items():
+                o = out[name].float()
+                if task.type == "contrastive":
+                    o = o.argmax(-1) == torch.arange(len(o), device=o.device)
+                outs[name].append(o.cpu())
+            for name in batch.get("labels", {}):
+                labels.setdefault(name, []).append(batch["labels"][name].cpu())
+                masks.setdefault(name, []).append(batch["label_mask"][name].cpu())
+            with contextlib.suppress(ValueError):  # a batch with no labelled task has no loss
+                loss_sum += float(
+                    model.loss(out, batch.get("labels"), batch.get("label_mask"))["loss"]
+                ) * len(batch["ids"])
+                loss_n += len(batch["ids"])
+    model.train(was_training)
+    return {
+        "ids": ids,
+        "outputs": {k: torch.cat(v) for k, v in outs.items() if v},
+        "labels": {k: torch.cat(v) for k, v in labels.items()},
+        "label_mask": {k: torch.cat(v) for k, v in masks.items()},
+        "loss": loss_sum / loss_n if loss_n else None,
+    }
+
+
+def evaluation_metrics(
+    model: FusionModel, result: dict[str, Any], prefix: str
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Flat scalar metrics (`"val/sentiment/macro_f1"`) and the details (per-class reports, confusion matrices)."""
+    flat: dict[str, float] = {}
+    details: dict[str, Any] = {}
+    if result["loss"] is not None:
+        flat[f"{prefix}/loss"] = result["loss"]
+    for name, task in model.tasks.items():
+        if name not in result["outputs"]:
+            continue
+        labels, mask = result["labels"].get(name), result["label_mask"].get(name)
+        m = task_metrics(task, result["outputs"][name], labels, mask)
+        if "report" in m:
+            from sklearn.metrics import confusion_matrix
+
+            pred, _ = predictions(task, result["outputs"][name][mask])
+            details[name] = {
+                "report": m.pop("report"),
+                "confusion": confusion_matrix(
+                    labels[mask].numpy(), pred, labels=range(task.num_classes)
+                ).tolist(),
+            }
+        flat.update({f"{prefix}/{name}/{k}": v for k, v in m.items()})
+    return flat, details
+
+
+def prediction_rows(model: FusionModel, result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per example: id, predicted label per task, and class probabilities."""
+    rows: list[dict[str, Any]] = [{"id": i} for i in result["ids"]]
+    for name, task in model.tasks.items():
+        if task.type not in ("classification", "multilabel", "regression"):
+            continue
+        pred, scores = predictions(task, result["outputs"][name])
+        names = task.class_names or [str(c) for c in range(task.num_classes)]
+        for row, p, s in zip(rows, pred, scores):
+            if task.type == "classification":
+                row[name] = names[int(p)]
+                row[f"{name}_prob"] = {c: round(float(v), 6) for c, v in zip(names, s)}
+            elif task.type == "multilabel":
+                row[name] = [c for c, on in zip(names, p) if on]
+                row[f"{name}_prob"] = {c: round(float(v), 6) for c, v in zip(names, s)}
+            else:
+                row[name] = [float(v) for v in p] if len(p) > 1 else float(p[0])
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """`Trainer(cfg).fit()` trains, evaluates and writes a run dir; `resume=True` continues its `last/`."""
+
+    def __init__(self, config: TrainConfig, model: FusionModel | None = None, resume: bool = False) -> None:
+        self.cfg = cfg = config.validate()
+        self.rank, self.world = _init_distributed()
+        self.is_main = self.rank == 0
+        self.device = resolve_device(cfg.run.device)
+        seed_everything(cfg.run.seed, cfg.run.deterministic)
+        if cfg.run.name is None:
+            if resume:
+                raise ConfigError("--resume needs the run's name (run.name) or its directory")
+            cfg.run.name = time.strftime("%Y%m%d-%H%M%S")
+        self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        self.resume = resume
+        if resume and not (self.run_dir / "last").exists():
+            raise FileNotFoundError(f"nothing to resume: {self.run_dir}/last does not exist")
+        if self.is_main:
+            check_writable(self.run_dir)
+        self.model = (model or create_model(cfg.model)).to(self.device)
+        self.amp = autocast_dtype(self.device, cfg.run.precision)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)
+        self.progress = cfg.run.progress and self.is_main
+        self._build_data()
+
+        self.ddp: torch.nn.Module = self.model
+        if self.world > 1:
+            self.ddp = DistributedDataParallel(
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None
+            )
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        accum = cfg.optim.accumulation_steps
+        self.steps_per_epoch = math.ceil(self.train_sampler.num_batches() / accum)
+        self.total_steps = cfg.optim.max_steps or cfg.optim.epochs * self.steps_per_epoch
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
+        first = cfg.model.tasks[0]
+        self.metric = cfg.run.metric or f"val/{first.name}/{DEFAULT_METRIC[first.type]}"
+        # progress state: everything `--resume` needs besides model/optimizer/RNG
+        self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
+        self.best: float | None = None
+        self.bad_epochs = 0
+        self.history: list[dict[str, Any]] = []
+        self._stop_signal: int | None = None
+
+    # ------------------------------------------------------------------ data
+    def _build_data(self) -> None:
+        cfg, model = self.cfg, self.model
+        ds = load_dataset(cfg.data.dataset)
+        for task in cfg.model.tasks:
+            names = ds.label_names.get(task.name)
+            if names is not None and task.type == "classification" and len(names) != task.num_classes:
+                raise ConfigError(
+                    f"task {task.name!r} has num_classes={task.num_classes} but the dataset has {len(names)} "
+                    f"classes {names}; set model.tasks accordingly"
+                )
+        split_path = Path(cfg.data.split_file) if cfg.data.split_file else self.run_dir / "split.json"
+        with self._main_first():
+            parts = split_dataset(
+                ds, cfg.data.split_ratios, cfg.run.seed, split_path if self.is_main else None
+            )
+        if cfg.data.split_file and self.is_main and split_path.is_file():
+            (self.run_dir / "split.json").write_text(split_path.read_text())
+        cache_dir = Path(
+            cfg.data.cache_dir or os.environ.get("FUSIONKIT_CACHE", "~/.cache/fusionkit")
+        ).expanduser()
+        max_length = cfg.data.max_length or cfg.model.text.max_length
+        self.use_features = cfg.data.feature_cache and model.encoders_frozen
+        self.datasets: dict[str, Any] = {}
+        with self._main_first():
+            for split, part in parts.items():
+                if len(part) == 0:
+                    continue
+                data = build_cache(part, model.tokenizer, model.image_preprocess, cache_dir, max_length,
+                                   cfg.data.num_proc, cfg.data.on_error)  # fmt: skip
+                if self.use_features:
+                    data = build_features(model, data, cache_dir, cfg.optim.eval_batch_size, self.progress)
+                self.datasets[split] = data
+        if "train" not in self.datasets:
+            raise ValueError(f"dataset {cfg.data.dataset!r} has no training examples")
+        train = self.datasets["train"]
+        if self.use_features:
+            self.collate: Any = FeatureCollator(train.label_names, train.task_types)
+            self.train_transform = self.eval_transform = None
+        else:
+            self.collate = Collator(model.tokenizer.pad_token_id, train.label_names, train.task_types)
+            preprocess = model.image_preprocess
+            self.train_transform = ImageTransform(preprocess, train=cfg.data.augment).to(self.device)
+            self.eval_transform = ImageTransform(preprocess, train=False).to(self.device)
+        self.train_sampler = EpochBatchSampler(
+            len(train), cfg.optim.batch_size, cfg.run.seed, shuffle=True, rank=self.rank, world=self.world
+        )
+        self.train_loader = self._loader(train, self.train_sampler)
+
+    def _loader(self, data: Any, sampler: torch.utils.data.Sampler) -> torch.utils.data.DataLoader:
+        # An explicit generator keeps DataLoader from drawing from the global RNG (which resume restores).
+        return torch.utils.data.DataLoader(
+            data, batch_sampler=sampler, collate_fn=self.collate, num_workers=self.cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda", generator=torch.Generator(),
+        )  # fmt: skip
+
+    def eval_loader(self, split: str) -> torch.utils.data.DataLoader:
+        """Each rank evaluates the whole split (no all-gather needed); only rank 0 writes."""
+        data = self.datasets[split]
+        return self._loader(
+            data, EpochBatchSampler(len(data), self.cfg.optim.eval_batch_size, 0, shuffle=False)
+        )
+
+    @contextlib.contextmanager
+    def _main_first(self) -> Iterator[None]:
+        """Rank 0 builds shared caches first; the other ranks then find them."""
+        if self.world > 1 and not self.is_main:
+            dist.barrier()
+        yield
+        if self.world > 1 and self.is_main:
+            dist.barrier()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "batch_in_epoch": self.batch_in_epoch,
+            "best": self.best,
+            "bad_epochs": self.bad_epochs,
+            "history": self.history,
+        }
+
+    def _save(self, best: bool = False) -> None:
+        if self.is_main:
+            ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.state_dict(), best=best,
+                                 keep=self.cfg.run.keep_checkpoints)  # fmt: skip
+            write_jsonl(self.run_dir / "metrics.jsonl", self.history)
+
+    def _load(self) -> None:
+        last = (self.run_dir / "last").resolve()
+        self.model.load_weights(last / "model.safetensors")
+        state = ckpt.load_state(last)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"])
+        self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
+        self.best, self.bad_epochs, self.history = state["best"], state["bad_epochs"], state["history"]
+        log.info("resumed from %s (epoch %d, step %d)", last, self.epoch, self.step)
+
+    # ------------------------------------------------------------------ training
+    @contextlib.contextmanager
+    def _graceful_stop(self) -> Iterator[None]:
+        """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and stops. A second one stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _write_config(self) -> None:
+        resolved = to_dict(self.cfg)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        (self.run_dir / "config.json").write_text(json.dumps(resolved, indent=2))
+
+    def fit(self) -> dict[str, Any]:
+        """Train to the end (or early stop), then evaluate the best checkpoint; returns the summary."""
+        if self.resume:
+            self._load()
+        elif self.is_main:
+            self._write_config()
+        start = time.perf_counter()
+        log.info("run dir %s: %d train examples, %d steps, %s", self.run_dir, len(self.datasets["train"]),
+                 self.total_steps, "cached encoder features" if self.use_features else "end to end")  # fmt: skip
+        with self._graceful_stop():
+            while self.epoch < self.epochs and self.step < self.total_steps and not self._early_stopped():
+                self._train_epoch()
+                self._end_epoch()  # also when max_steps ended the epoch early: the final eval + checkpoint
+        return self._finish(time.perf_counter() - start)
+
+    def _early_stopped(self) -> bool:
+        return self.cfg.run.patience is not None and self.bad_epochs >= self.cfg.run.patience
+
+    def _train_epoch(self) -> None:
+        cfg, model = self.cfg, self.model
+        accum = cfg.optim.accumulation_steps
+        self.train_sampler.set_epoch(self.epoch, self.batch_in_epoch)
+        n_batches = self.train_sampler.num_batches()
+        model.train()
+        running, running_n = torch.zeros((), device=self.device), 0
+        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.epochs}", disable=not self.progress)
+        for batch in bar:
+            batch = move_batch(batch, self.device, self.train_transform)
+            self.batch_in_epoch += 1
+            boundary = self.batch_in_epoch % accum == 0 or self.batch_in_epoch == n_batches
+            sync = contextlib.nullcontext() if boundary or self.world == 1 else self.ddp.no_sync()
+            with sync:
+                with torch.autocast(
+                    self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None
+                ):
+                    out = self.ddp(**model_inputs(batch))
+                    loss = model.loss(out, batch["labels"], batch["label_mask"])["loss"]
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"loss is {loss.item()} at epoch {self.epoch + 1}, step {self.step + 1} "
+                        f"(batch {self.batch_in_epoch} of the epoch); batch ids: {batch['ids']}. The last good "
+                        f"checkpoint is {(self.run_dir / 'last').resolve() if (self.run_dir / 'last').exists() else 'none'}; "
+                        "lower optim.lr or check these examples."
+                    )
+                self.scaler.scale(loss / accum).backward()
+            running += loss.detach()
+            running_n += 1
+            if not boundary:
+                continue
+            self._optimizer_step()
+            if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:
+                avg = float(running / running_n)
+                running.zero_()
+                running_n = 0
+                self.history.append({"step": self.step, "epoch": self.epoch + 1, "train/loss": avg,
+                                     "lr": self.scheduler.get_last_lr()[-1]})  # fmt: skip
+                bar.set_postfix(loss=f"{avg:.4f}")
+            epoch_done = self.batch_in_epoch == n_batches
+            if self._stop_signal is not None:
+                self._save()
+                name = signal.Signals(self._stop_signal).name
+                raise TrainingInterrupted(
+                    f"{name}: stopped after step {self.step}; checkpoint saved in {self.run_dir}/last. "
+                    f"Continue with: fusionkit train --resume {self.run_dir}",
+                    self._stop_signal,
+                )
+            if self.step >= self.total_steps:
+                break
+            if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0 and not epoch_done:
+                self._save()
+        bar.close()
+
+    def _optimizer_step(self) -> None:
+        if self.cfg.optim.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+
+    def _end_epoch(self) -> None:
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        entry: dict[str, Any] = {"step": self.step, "epoch": self.epoch, "epoch_end": True}
+        improved = False
+        if "val" in self.datasets:
+            flat, _ = evaluation_metrics(self.model, self._infer("val"), "val")
+            entry.update(flat)
+            value = flat.get(self.metric)
+            if value is None:
+                raise ConfigError(f"run.metric {self.metric!r} is not among the val metrics {sorted(flat)}")
+            better = higher_is_better(self.metric)
+            improved = self.best is None or (value > self.best if better else value < self.best)
+            if improved:
+                self.best, self.bad_epochs = value, 0
+            else:
+                self.bad_epochs += 1
+            if self.progress:
+                tqdm.write(f"epoch {self.epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in flat.items()))
+        else:
+            improved = True  # no val split: the latest model is the best we know
+        self.history.append(entry)
+        self._save(best=improved)
+
+    def _infer(self, split: str) -> dict[str, Any]:
+        return run_inference(
+            self.model, self.eval_loader(split), self.eval_transform, self.amp, split, self.progress
+        )
+
+    def _finish(self, seconds: float) -> dict[str, Any]:
+        """Reload the best checkpoint, evaluate it on val and test, write predictions, plots and summary.json."""
+        best_dir = (self.run_dir / "best").resolve()
+        if (best_dir / "model.safetensors").is_file():
+            self.model.load_weights(best_dir / "model.safetensors")
+        summary: dict[str, Any] = {
+            "run_dir": str(self.run_dir),
+            "best_checkpoint": str(best_dir),
+            "metric": self.metric,
+            "best": self.best,
+            "epochs": self.epoch,
+            "steps": self.step,
+            "train_seconds": round(seconds, 2),
+            "trainable_parameters": self.model.num_parameters(trainable_only=True),
+            "feature_cache": self.use_features,
+        }
+        for split in ("val", "test"):
+            if split not in self.datasets:
+                continue
+            result = self._infer(split)
+            flat, details = evaluation_metrics(self.model, result, split)
+            summary[split] = {**flat, "details": details}
+            if self.is_main:
+                write_predictions(
+                    self.run_dir / f"predictions_{split}.csv", prediction_rows(self.model, result)
+                )
+                if self.cfg.run.plots:
+                    for name, d in details.items():
+                        names = self.model.tasks[name].class_names or [
+                            str(i) for i in range(len(d["confusion"]))
+                        ]
+                        plot_confusion(np.array(d["confusion"]), names, self.run_dir / f"confusion_{split}_{name}.png",
+                                       f"{name} ({split}, best checkpoint)")  # fmt: skip
+        if self.is_main:
+            if self.cfg.run.plots and self.history:
+                plot_curves(self.history, self.run_dir / "curves.png")
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Train from a config; the one-call entry point behind `fusionkit train`."""
+    return Trainer(config, resume=resume).fit()

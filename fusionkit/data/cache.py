@@ -38,7 +38,9 @@ _CHUNK = 64  # images per worker task: big enough to amortize IPC, small enough 
 def _tokenizer_identity(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # the whole fast-tokenizer definition: vocab, normalizer, special tokens
-        return hashlib.sha1(backend.to_str().encode()).hexdigest()
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None), spec.pop("padding", None)  # call-time state, changed by any call
+        return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()
     return f"{type(tokenizer).__name__}|{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer)}"
 
 

@@ -26,7 +26,7 @@ class DataError(ValueError):
         self.problem, self.source, self.item, self.hint = problem, source, item, hint
         where = ", ".join(p for p in (source, f"item {item}" if item is not None else None) if p)
         msg = f"{where}: {problem}" if where else problem
-        super().__init__(f"{msg}. {hint}" if hint else msg)
+        super().__init__(f"{msg}. {hint[:1].upper()}{hint[1:]}" if hint else msg)
 
 
 def check_policy(on_error: str) -> OnError:

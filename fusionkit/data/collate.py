@@ -88,9 +88,11 @@ class ImageTransform(nn.Module):
         self.size = tuple(preprocess.size)
         self.interpolation = "bicubic" if preprocess.interpolation == "bicubic" else "bilinear"
         self.augment, self.scale, self.ratio, self.flip_p = train, scale, ratio, flip_p
-        self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1) * 255, persistent=False)
+        # (x / 255 - mean) / std == x * scale + shift: one fused pass over the batch.
+        norm_scale = 1 / (torch.tensor(preprocess.std).view(1, 3, 1, 1) * 255)
+        self.register_buffer("norm_scale", norm_scale, persistent=False)
         self.register_buffer(
-            "inv_std", 1 / (torch.tensor(preprocess.std).view(1, 3, 1, 1) * 255), persistent=False
+            "norm_shift", -torch.tensor(preprocess.mean).view(1, 3, 1, 1) * 255 * norm_scale, persistent=False
         )
 
     def _random_crop_flip(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,7 +122,7 @@ class ImageTransform(nn.Module):
         elif tuple(x.shape[-2:]) != self.size:
             x = F.interpolate(x, size=self.size, mode=self.interpolation, antialias=True, align_corners=False)
             x = x.clamp_(0, 255)
-        return (x - self.mean) * self.inv_std
+        return torch.addcmul(self.norm_shift, x, self.norm_scale)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, train={self.augment}"

@@ -202,6 +202,17 @@ def run_inference(
     }
 
 
+def inference_loader(
+    model: FusionModel, data: Any, batch_size: int = 128
+) -> tuple[torch.utils.data.DataLoader, ImageTransform]:
+    """An in-order loader over a `CachedDataset` and the eval image transform, for `run_inference`."""
+    collate = Collator(model.tokenizer.pad_token_id, data.label_names, data.task_types)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=batch_size, collate_fn=collate, pin_memory=model.device.type == "cuda"
+    )
+    return loader, ImageTransform(model.image_preprocess, train=False).to(model.device)
+
+
 def evaluation_metrics(
     model: FusionModel, result: dict[str, Any], prefix: str
 ) -> tuple[dict[str, float], dict[str, Any]]:

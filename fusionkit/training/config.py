@@ -35,12 +35,12 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    epochs: int = 10
+    epochs: int = 4  # the default run (tiny + synthetic) reaches ~98% val accuracy by epoch 3
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
     batch_size: int = 32  # global batch per forward pass (split across ranks under DDP)
     eval_batch_size: int = 128
     accumulation_steps: int = 1
-    lr: float = 1e-3  # fusion + heads
+    lr: float = 2e-3  # fusion + heads
     encoder_lr_scale: float = 0.1  # pretrained encoders train at lr * this
     weight_decay: float = 0.01  # matrices only; biases, norms, embeddings' scales get none
     betas: tuple[float, float] = (0.9, 0.999)

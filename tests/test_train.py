@@ -1,0 +1,170 @@
+"""Trainer: config errors, optimizer groups, exact resume (exception and SIGTERM), NaN stop, feature cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusionkit.config import ConfigError
+from fusionkit.models import create_model
+from fusionkit.training.config import build_config
+from fusionkit.training.optim import param_groups
+from fusionkit.training.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
+
+
+def tiny_config(tmp_path: Path, name: str = "run", **overrides):
+    base = {
+        "data.dataset": "synthetic:100",
+        "data.cache_dir": str(tmp_path / "cache"),
+        "optim.epochs": 2,
+        "optim.batch_size": 16,
+        "run.output_dir": str(tmp_path / "runs"),
+        "run.name": name,
+        "run.checkpoint_every": 2,
+        "run.progress": False,
+        "run.plots": False,
+    }
+    return build_config(None, {**base, **overrides})
+
+
+def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_config_errors_and_nested_merge(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown key"):
+        build_config(None, {"optim.lrr": 1.0})
+    with pytest.raises(ConfigError, match="expected int"):
+        build_config(None, {"optim.epochs": "ten"})
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  fusion:\n    strategy: gated\noptim:\n  lr: 0.01\n")
+    cfg = build_config(path, {"model.fusion.depth": 3})
+    assert (cfg.model.fusion.strategy, cfg.model.fusion.depth, cfg.optim.lr) == ("gated", 3, 0.01)
+    assert cfg.model.fusion.dim == 64  # the tiny preset's value survives a partial `fusion:` section
+    path.write_text("data:\n  datasett: x\n")
+    with pytest.raises(ConfigError, match="datasett"):
+        build_config(path)
+
+
+def test_param_groups_decay_and_encoder_lr() -> None:
+    model = create_model("tiny")
+    cfg = build_config(None, {"optim.lr": 1e-3, "optim.encoder_lr_scale": 0.1}).optim
+    groups = {g["name"]: g for g in param_groups(model, cfg)}
+    assert set(groups) == {"encoder/decay", "encoder/no_decay", "fusion/decay", "fusion/no_decay"}
+    assert groups["encoder/decay"]["lr"] == pytest.approx(1e-4) and groups["fusion/decay"]["lr"] == 1e-3
+    for name, g in groups.items():
+        assert all((p.ndim >= 2) == name.endswith("/decay") for p in g["params"])
+        assert g["weight_decay"] == (cfg.weight_decay if name.endswith("/decay") else 0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {
+        names[id(p)] for p in groups["fusion/no_decay"]["params"] + groups["encoder/no_decay"]["params"]
+    }
+    assert any(n.endswith("bias") for n in no_decay) and any("norm" in n.lower() for n in no_decay)
+    n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    assert sum(len(g["params"]) for g in groups.values()) == n_trainable
+
+
+def test_train_writes_run_dir(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, **{"run.plots": True, "optim.epochs": 1})
+    summary = Trainer(cfg).fit()
+    run = Path(summary["run_dir"])
+    for name in ("config.yaml", "split.json", "metrics.jsonl", "summary.json", "curves.png",
+                 "confusion_val_sentiment.png", "predictions_test.csv", "best/model.safetensors",
+                 "last/trainer_state.pt"):  # fmt: skip
+        assert (run / name).exists(), name
+    assert 0.0 <= summary["val"]["val/sentiment/macro_f1"] <= 1.0
+    assert "report" in summary["val"]["details"]["sentiment"]
+    state = torch.load(run / "last" / "trainer_state.pt", weights_only=True)  # no pickled objects
+    assert state["epoch"] == 1 and state["batch_in_epoch"] == 0
+
+
+@pytest.mark.parametrize("how", ["exception", "sigterm"])
+def test_interrupted_run_resumes_bitwise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    reference = Trainer(tiny_config(tmp_path, "reference"))
+    ref_summary = reference.fit()
+    assert reference.step == 10  # 80 train examples / 16 = 5 steps per epoch, 2 epochs
+
+    original = Trainer._optimizer_step
+
+    def interrupt_at_step_3(self: Trainer) -> None:
+        original(self)
+        if self.step == 3:  # mid-epoch 1, one step after the step-2 checkpoint
+            if how == "exception":
+                raise RuntimeError("simulated crash")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", interrupt_at_step_3)
+    expected = RuntimeError if how == "exception" else TrainingInterrupted
+    with pytest.raises(expected):
+        Trainer(tiny_config(tmp_path, "interrupted")).fit()
+    run = tmp_path / "runs" / "interrupted"
+    assert (run / "last").resolve().name == ("step-00000002" if how == "exception" else "step-00000003")
+    monkeypatch.setattr(Trainer, "_optimizer_step", original)
+
+    resumed = Trainer(tiny_config(tmp_path, "interrupted"), resume=True)
+    summary = resumed.fit()
+    ref_w, res_w = weights(reference), weights(resumed)
+    assert all(torch.equal(ref_w[k], res_w[k]) for k in ref_w)
+    assert summary["val"] == ref_summary["val"] and summary["best"] == ref_summary["best"]
+    ref_log = (tmp_path / "runs" / "reference" / "metrics.jsonl").read_text()
+    assert (run / "metrics.jsonl").read_text() == ref_log
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = Trainer(tiny_config(tmp_path))
+    original = trainer.model.loss
+
+    def poisoned(outputs, labels=None, label_mask=None):
+        losses = original(outputs, labels, label_mask)
+        if trainer.step == 3:
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(trainer.model, "loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 4.*batch ids: \['syn-") as info:
+        trainer.fit()
+    assert "step-00000002" in str(info.value)
+    last = (tmp_path / "runs" / "run" / "last").resolve()
+    assert last.name == "step-00000002"
+    assert torch.load(last / "trainer_state.pt", weights_only=True)["step"] == 2
+
+
+def test_unwritable_output_dir_fails_up_front(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError, match="not writable"):
+        Trainer(tiny_config(tmp_path, **{"run.output_dir": str(blocker)}))
+
+
+def test_resume_without_checkpoint_is_clear(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        Trainer(tiny_config(tmp_path), resume=True)
+
+
+def test_feature_cache_is_shared_across_trainers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    frozen = {"model.freeze": "encoders", "optim.epochs": 1}
+    first = Trainer(tiny_config(tmp_path, "a", **frozen))
+    assert first.use_features
+    first.fit()
+    features = sorted(p.name for p in (tmp_path / "cache").glob("features-*"))
+    assert len(features) == 3  # train, val, test
+
+    def never(*args, **kwargs):
+        raise AssertionError("encoder called although its features are cached")
+
+    # Another fusion strategy (and seed-equal encoders): same cache, no encoder pass.
+    second = Trainer(tiny_config(tmp_path, "b", **frozen, **{"model.fusion.strategy": "concat"}))
+    monkeypatch.setattr(second.model.text_encoder, "forward", never)
+    monkeypatch.setattr(second.model.image_encoder, "forward", never)
+    summary = second.fit()
+    assert summary["feature_cache"] and 0.0 <= summary["val"]["val/sentiment/accuracy"] <= 1.0
+    assert sorted(p.name for p in (tmp_path / "cache").glob("features-*")) == features
+    assert (
+        json.loads((tmp_path / "runs" / "b" / "config.json").read_text())["model"]["fusion"]["strategy"]
+        == "concat"
+    )

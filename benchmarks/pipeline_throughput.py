@@ -169,6 +169,7 @@ def main() -> None:
             "cores": len(os.sched_getaffinity(0)),
             "python": platform.python_version(),
             "torch": torch.__version__,
+            "load_average_1min_at_end": round(os.getloadavg()[0], 2),  # >cores: shared machine, noisy
         },
         "cache_build_s": round(build_s, 2),
         "cache_hit_s": round(hit_s, 3),
@@ -187,7 +188,9 @@ def main() -> None:
 
 `{result["command"]}`
 
-Machine: {m["cpu"]}, {m["cores"]} cores, {m["platform"]}, Python {m["python"]}, torch {m["torch"]}; device `{result["device"]}`.
+Machine: {m["cpu"]}, {m["cores"]} cores, {m["platform"]}, Python {m["python"]}, torch {m["torch"]}; device `{result["device"]}`;
+1-minute load average at the end {m["load_average_1min_at_end"]} (above the core count means other work shared
+the CPU: absolute figures are noisy, the ratio compares the two pipelines in the same run).
 Data: {result["data"]}; {pre.size[0]}x{pre.size[1]} images, batch {args.batch_size}, {args.workers} DataLoader workers.
 
 | pipeline | samples/s | tokens per batch |

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from pathlib import Path
@@ -119,7 +120,8 @@ def preprocess_image(src: ImageSource, preprocess: ImagePreprocess, **load_kw: o
     Returns uint8 [3, H, W]: the encoder's exact input size, so nothing is resized again per epoch.
     """
     th, tw = preprocess.size
-    im = load_image(src, draft_size=(tw, th), **load_kw)  # type: ignore[arg-type]
+    side = math.ceil(max(th, tw) / preprocess.crop_pct)  # square: EXIF rotation may swap the axes
+    im = load_image(src, draft_size=(side, side), **load_kw)  # type: ignore[arg-type]
     scale = max(th / im.height, tw / im.width) / preprocess.crop_pct
     rh, rw = max(th, round(im.height * scale)), max(tw, round(im.width * scale))
     if (rw, rh) != im.size:

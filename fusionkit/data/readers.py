@@ -114,8 +114,8 @@ def read_mvsa(
         conflicts = 0
         lines = label_file.read_text(encoding="utf-8").splitlines()
         annotators = 1 if variant == "single" else 3
-        for lineno, line in enumerate(lines[1:], start=2):  # line 1 is the header "ID\ttext,image"
-            if not line.strip():
+        for lineno, line in enumerate(lines, start=1):
+            if not line.strip() or (lineno == 1 and line.upper().startswith("ID")):  # header "ID\ttext,image"
                 continue
             where = f"{label_file}:{lineno}"
             fields = line.split("\t")

@@ -180,6 +180,9 @@ def test_table_non_utf8_caption_and_duplicates(tmp_path: Path) -> None:
     assert ds.ids == ["a"] and ds[0].text == "ok"
     problems = [json.loads(x)["problem"] for x in (d / "r.jsonl").read_text().splitlines()]
     assert problems == ["caption is not valid UTF-8", "duplicate id 'a'"]
+    (d / "dup.csv").write_text("id,text,image\na,one,img/0.jpg\na,two,img/1.jpg\n")
+    with pytest.raises(DataError, match="duplicate id 'a'"):
+        read_table(d / "dup.csv")
 
 
 def test_megabyte_caption_is_capped(tmp_path: Path) -> None:

@@ -77,7 +77,7 @@ def test_mvsa_multiple_protocol(tmp_path: Path) -> None:
         read_mvsa(root, "single")
 
 
-def test_mvsa_bad_rows_raise_and_skip(tmp_path: Path) -> None:
+def test_mvsa_bad_rows_raise_and_skip(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     root = _mvsa_raw(
         tmp_path / "mvsa", {"1": "positive,positive", "2": "postive,neutral", "3": "neutral,neutral"}
     )
@@ -92,6 +92,7 @@ def test_mvsa_bad_rows_raise_and_skip(tmp_path: Path) -> None:
     skipped = [json.loads(line) for line in report.read_text().splitlines()]
     assert [s["item"] for s in skipped] == ["2", "3"]
     assert "image file not found" in skipped[1]["problem"] and ds.skip_report == report
+    assert f"skipped 2 of 3 items; see {report}" in caplog.text
 
 
 def test_mvsa_clmlf_layout(tmp_path: Path) -> None:

@@ -143,9 +143,10 @@ def read_mvsa(
             text_l = _majority([p[0] for p in pairs])
             image_l = _majority([p[1] for p in pairs])
             merged = _combine(text_l, image_l) if text_l and image_l else None
-            if merged is None and not keep_conflicts:
+            if merged is None:
                 conflicts += 1
-                continue
+                if not keep_conflicts:
+                    continue
             label = {
                 t: None if v is None else SENTIMENT.index(v) for t, v in zip(tasks, (merged, text_l, image_l))
             }

@@ -1,0 +1,69 @@
+"""`fusionkit train/eval/predict/embed` run in-process on a tiny synthetic budget."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fusionkit.cli import main
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("cli")
+    argv = ["train", "--data.dataset", "synthetic:80", "--data.cache_dir", str(tmp / "cache"),
+            "--optim.epochs", "1", "--optim.batch_size=16", "--run.output_dir", str(tmp / "runs"),
+            "--run.name", "cli", "--run.progress", "false", "--run.plots", "false"]  # fmt: skip
+    assert main(argv) == 0
+    return tmp / "runs" / "cli"
+
+
+def test_train_summary(run_dir: Path) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    n_train = len(json.loads((run_dir / "split.json").read_text())["train"])
+    assert summary["steps"] == -(-n_train // 16) and "val/sentiment/accuracy" in summary["val"]
+    assert (run_dir / "last").resolve().name == f"step-{summary['steps']:08d}"
+
+
+def test_eval_predict_embed(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cache = ["--cache-dir", str(run_dir.parent.parent / "cache")]
+    out = tmp_path / "metrics.json"
+    assert main(["eval", str(run_dir), "--output", str(out), *cache]) == 0
+    metrics = json.loads(out.read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (
+        metrics["val/sentiment/accuracy"] == summary["val"]["val/sentiment/accuracy"]
+    )  # same split, same model
+
+    preds = tmp_path / "preds.csv"
+    assert main(["predict", str(run_dir), "--output", str(preds), *cache]) == 0
+    rows = list(csv.DictReader(preds.open()))
+    split = json.loads((run_dir / "split.json").read_text())
+    assert [r["id"] for r in rows] == split["test"]
+    assert {r["sentiment"] for r in rows} <= {"positive", "neutral", "negative"}
+    probs = np.array(
+        [[float(r[f"sentiment_prob_{c}"]) for c in ("positive", "neutral", "negative")] for r in rows]
+    )
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
+
+    vecs = tmp_path / "vecs.npy"
+    assert main(["embed", str(run_dir / "best"), "--data", "synthetic:20", "--output", str(vecs)]) == 0
+    v = np.load(vecs)
+    assert v.shape == (20, 64) and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert json.loads(vecs.with_suffix(".ids.json").read_text())[0] == "syn-000000"
+
+
+def test_bad_input_gives_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--optim.lrr", "1"]) == 2
+    assert "unknown key(s) ['lrr']" in capsys.readouterr().err
+    assert main(["train", "--optim.epochs", "many"]) == 2
+    assert "expected int" in capsys.readouterr().err
+    assert (
+        main(["train", "--data.dataset", str(tmp_path / "missing"), "--run.output_dir", str(tmp_path)]) == 1
+    )
+    assert "not found" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nothing")]) == 1

@@ -1,0 +1,83 @@
+"""`fusionkit.embed`: input kinds, streaming, and identical vectors after save/reload."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fusionkit import embed as embed_module
+from fusionkit.data import make_synthetic
+from fusionkit.models import FusionModel, create_model
+
+embed = embed_module.embed
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    ds = make_synthetic(12, image_size=32)
+    return ds, [ex.text for ex in ds], [ex.image for ex in ds]
+
+
+def test_saved_and_reloaded_model_gives_same_vectors(tmp_path: Path, pairs) -> None:
+    _, texts, images = pairs
+    model = create_model("tiny")
+    before = embed(model, texts, images, batch_size=5)
+    model.save_pretrained(tmp_path / "m")
+    after = embed(FusionModel.from_pretrained(tmp_path / "m"), texts, images, batch_size=5)
+    assert before.shape == (12, 64) and before.dtype == np.float32
+    np.testing.assert_array_equal(before, after)
+    np.testing.assert_allclose(np.linalg.norm(before, axis=1), 1.0, atol=1e-5)
+
+
+def test_input_kinds_and_batching(tmp_path: Path, pairs) -> None:
+    ds, texts, images = pairs
+    model = create_model("tiny")
+    joint = embed(model, texts, images, batch_size=64)
+    np.testing.assert_allclose(
+        embed(model, iter(texts), (im for im in images), batch_size=5), joint, atol=1e-5
+    )
+    np.testing.assert_allclose(embed(model, ds.to_hf(), batch_size=5), joint, atol=1e-5)
+    paths = []
+    for i, im in enumerate(images):
+        paths.append(tmp_path / f"{i}.png")
+        im.save(paths[-1])
+    np.testing.assert_allclose(embed(model, texts, [str(p) for p in paths]), joint, atol=1e-5)
+    text_only, image_only = embed(model, texts=texts), embed(model, images=images)
+    assert text_only.shape == image_only.shape == (12, 64)
+    assert not np.allclose(text_only, joint) and not np.allclose(image_only, joint)
+    raw = embed(model, texts, images, normalize=False)
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0)
+
+
+def test_bad_inputs(pairs) -> None:
+    _, texts, images = pairs
+    model = create_model("tiny")
+    with pytest.raises(ValueError, match="different lengths"):
+        embed(model, texts, images[:-1])
+    with pytest.raises(ValueError, match="needs texts"):
+        embed(model)
+    with pytest.raises(TypeError, match="single string"):
+        embed(model, "one caption")
+
+
+def test_streams_without_materializing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A generator is consumed one batch at a time: never more than a batch ahead of the model."""
+    model = create_model("tiny")
+    ds = make_synthetic(4, image_size=32)
+    produced, seen = [0], []
+    original = model.encode
+
+    def images():
+        for i in range(40):
+            produced[0] += 1
+            yield ds[i % 4].image
+
+    def spy(**kw):
+        seen.append(produced[0])
+        return original(**kw)
+
+    monkeypatch.setattr(model, "encode", spy)
+    out = embed(model, (ds[i % 4].text for i in range(40)), images(), batch_size=8)
+    assert out.shape == (40, 64) and seen == [8, 16, 24, 32, 40]

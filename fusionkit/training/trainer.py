@@ -311,7 +311,7 @@ class Trainer:
     # ------------------------------------------------------------------ data
     def _build_data(self) -> None:
         cfg, model = self.cfg, self.model
-        ds = load_dataset(cfg.data.dataset)
+        ds = load_dataset(cfg.data.dataset, **self._dataset_kwargs())
         for task in cfg.model.tasks:
             names = ds.label_names.get(task.name)
             if names is not None and task.type == "classification" and len(names) != task.num_classes:
@@ -356,6 +356,23 @@ class Trainer:
             len(train), cfg.optim.batch_size, cfg.run.seed, shuffle=True, rank=self.rank, world=self.world
         )
         self.train_loader = self._loader(train, self.train_sampler)
+
+    def _dataset_kwargs(self) -> dict[str, Any]:
+        """Reader options: `data.on_error`, and for a CSV/JSONL table one label column per labelled task."""
+        spec = str(self.cfg.data.dataset)
+        if spec == "synthetic" or spec.startswith("synthetic:"):
+            return {}
+        kw: dict[str, Any] = {"on_error": self.cfg.data.on_error}
+        if Path(spec).expanduser().is_file():
+            tasks = [
+                t for t in self.cfg.model.tasks if t.type in ("classification", "multilabel", "regression")
+            ]
+            kw["label_columns"] = {
+                t.name: "regression" if t.type == "regression" else t.class_names for t in tasks
+            }
+            kw["task_types"] = {t.name: t.type for t in tasks}
+            kw["report_path"] = self.run_dir / "skipped_rows.jsonl"
+        return kw
 
     def _loader(self, data: Any, sampler: torch.utils.data.Sampler) -> torch.utils.data.DataLoader:
         # An explicit generator keeps DataLoader from drawing from the global RNG (which resume restores).

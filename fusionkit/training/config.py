@@ -35,7 +35,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    epochs: int = 4  # the default run (tiny + synthetic) reaches ~98% val accuracy by epoch 3
+    epochs: int = 8  # the default run (tiny + synthetic) reaches 94-98% val accuracy across seeds
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
     batch_size: int = 32  # global batch per forward pass (split across ranks under DDP)
     eval_batch_size: int = 128

@@ -1,0 +1,50 @@
+"""`fusionkit.embed` streams: peak RSS must not grow with the number of pairs (beyond the returned array).
+
+Each size runs in a fresh interpreter fed by a generator of small PIL images and captions, so
+nothing is materialised up front; the peak RSS (ru_maxrss) of the two runs is compared. The returned
+[N, dim] float32 array necessarily grows with N, so it is allowed for, plus a fixed margin.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.reliability_utils import peak_rss_mib, record
+
+MARGIN_MIB = 48
+
+CODE = """
+import numpy as np
+from PIL import Image
+from fusionkit.embed import embed
+from fusionkit.models import create_model
+N = {n}
+model = create_model("tiny")
+def images():
+    for i in range(N):
+        yield Image.new("RGB", (48 + i % 17, 40 + i % 13), ((i * 37) % 256, (i * 91) % 256, (i * 13) % 256))
+texts = (f"what a lovely day number {{i}} at the beach" for i in range(N))
+vectors = embed(model, texts, images(), batch_size=256)
+assert vectors.shape == (N, model.config.fusion.dim) and np.isfinite(vectors).all()
+print("DIM", vectors.shape[1])
+"""
+
+
+def _check(small: int, large: int) -> None:
+    peaks = {n: peak_rss_mib(CODE.format(n=n)) for n in (small, large)}
+    dim = 64  # the tiny preset's fusion.dim
+    result_mib = (large - small) * dim * 4 / 2**20 * 2  # the output list + its concatenation
+    growth = peaks[large] - peaks[small]
+    record(f"load/embed_{small}_vs_{large}", pairs=[small, large],
+           peak_rss_mib={str(k): round(v, 1) for k, v in peaks.items()},
+           growth_mib=round(growth, 1), allowed_mib=round(result_mib + MARGIN_MIB, 1))  # fmt: skip
+    assert growth < result_mib + MARGIN_MIB, peaks
+
+
+def test_embed_memory_does_not_grow_with_pairs() -> None:
+    _check(2_000, 20_000)
+
+
+@pytest.mark.slow
+def test_embed_100k_pairs_bounded_memory() -> None:
+    _check(10_000, 100_000)

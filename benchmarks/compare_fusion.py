@@ -20,6 +20,7 @@ import argparse
 import csv
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -46,13 +47,14 @@ def setup(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str, st
         if not split_file.is_file():  # hold out 10% of CLMLF train for selection; report on CLMLF dev
             parts = split_dataset(ds)
             inner = split_dataset(parts["train"], ratios=(0.9, 0.1, 0.0), seed=0)
-            fit, held = inner["train"].ids, inner["val"].ids
-            if args.quick:
-                fit, held = fit[:400], held[:100]
+            fit, held, test = inner["train"].ids, inner["val"].ids, parts["val"].ids
+            if args.quick:  # a seeded sample (the files are ordered by label, so never a prefix)
+                rng = random.Random(0)
+                fit, held, test = rng.sample(fit, 400), rng.sample(held, 100), rng.sample(test, 150)
             split_file.write_text(json.dumps({
                 "dataset": ds.name, "protocol": "fit/select on CLMLF train (90/10, stratified, seed 0); report on CLMLF dev",
                 "train": fit, "val": held,
-                "test": [ex.id for ex in parts["val"]][: 150 if args.quick else None],
+                "test": test,
             }, indent=1))  # fmt: skip
         overrides = {
             "preset": "minilm-dinov2-small",
@@ -65,7 +67,7 @@ def setup(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str, st
             "model.fusion.image_grid": 4,
             "model.fusion.dropout": 0.1,
         }
-        return overrides, "MVSA-Single (CLMLF split; scores on dev)", "MiniLM-L6 (text) + DINOv2-S/14 (image)"
+        return overrides, "MVSA-Single (CLMLF split)", "MiniLM-L6 (text) + DINOv2-S/14 (image)"
     dataset = args.dataset or f"synthetic:{600 if args.quick else 3000}"
     split_dataset(load_dataset(dataset), path=split_file)
     return {"preset": "tiny", "data.dataset": dataset}, dataset, "tiny random BERT + tiny random ViT"

@@ -26,6 +26,7 @@ def tiny_config(tmp_path: Path, name: str = "run", **overrides):
         "run.output_dir": str(tmp_path / "runs"),
         "run.name": name,
         "run.checkpoint_every": 2,
+        "run.log_every": 3,  # log lines that span a checkpoint: their loss average must survive a resume
         "run.progress": False,
         "run.plots": False,
     }

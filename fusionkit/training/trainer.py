@@ -307,6 +307,8 @@ class Trainer:
         self.bad_epochs = 0
         self.history: list[dict[str, Any]] = []
         self._stop_signal: int | None = None
+        # train loss summed since the last log line: part of the state, so logs match across a resume
+        self.running_loss, self.running_n = torch.zeros((), device=self.device), 0
 
     # ------------------------------------------------------------------ data
     def _build_data(self) -> None:
@@ -410,6 +412,8 @@ class Trainer:
             "best": self.best,
             "bad_epochs": self.bad_epochs,
             "history": self.history,
+            "running_loss": float(self.running_loss),
+            "running_n": self.running_n,
         }
 
     def _save(self, best: bool = False) -> None:
@@ -428,6 +432,8 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
         self.best, self.bad_epochs, self.history = state["best"], state["bad_epochs"], state["history"]
+        self.running_loss.fill_(state["running_loss"])
+        self.running_n = state["running_n"]
         log.info("resumed from %s (epoch %d, step %d)", last, self.epoch, self.step)
 
     # ------------------------------------------------------------------ training
@@ -479,7 +485,6 @@ class Trainer:
         self.train_sampler.set_epoch(self.epoch, self.batch_in_epoch)
         n_batches = self.train_sampler.num_batches()
         model.train()
-        running, running_n = torch.zeros((), device=self.device), 0
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.epochs}", disable=not self.progress)
         for batch in bar:
             batch = move_batch(batch, self.device, self.train_transform)
@@ -500,15 +505,15 @@ class Trainer:
                         "lower optim.lr or check these examples."
                     )
                 self.scaler.scale(loss / accum).backward()
-            running += loss.detach()
-            running_n += 1
+            self.running_loss += loss.detach()
+            self.running_n += 1
             if not boundary:
                 continue
             self._optimizer_step()
             if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:
-                avg = float(running / running_n)
-                running.zero_()
-                running_n = 0
+                avg = float(self.running_loss) / self.running_n
+                self.running_loss.zero_()
+                self.running_n = 0
                 self.history.append({"step": self.step, "epoch": self.epoch + 1, "train/loss": avg,
                                      "lr": self.scheduler.get_last_lr()[-1]})  # fmt: skip
                 bar.set_postfix(loss=f"{avg:.4f}")

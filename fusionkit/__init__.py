@@ -1,8 +1,9 @@
 """fusionkit: multimodal text-image fusion models.
 
-    import fusionkit
-    model = fusionkit.create_model("tiny", fusion={"strategy": "gated"})
-    outputs = model(input_ids=..., attention_mask=..., pixel_values=...)   # {task: logits}
+import fusionkit
+model = fusionkit.create_model("tiny", fusion={"strategy": "gated"})
+outputs = model(input_ids=..., attention_mask=..., pixel_values=...)   # {task: logits}
+vectors = fusionkit.embed(model, texts=[...], images=[...])           # [N, dim] numpy
 """
 
 __version__ = "0.1.0"
@@ -16,6 +17,17 @@ from .config import (  # noqa: E402
     TaskConfig,
     TextEncoderConfig,
 )
+from .data import (  # noqa: E402
+    Collator,
+    DataError,
+    ImageTransform,
+    MultimodalDataset,
+    build_cache,
+    load_dataset,
+    make_synthetic,
+    split_dataset,
+)
+from .embed import embed  # noqa: E402
 from .models import (  # noqa: E402
     FusionModel,
     FusionStrategy,
@@ -26,22 +38,36 @@ from .models import (  # noqa: E402
     list_presets,
     register_fusion,
 )
+from .training import TrainConfig, Trainer, build_config, train  # noqa: E402
 
 __all__ = [
+    "Collator",
     "ConfigError",
+    "DataError",
     "FusionConfig",
     "FusionModel",
     "FusionStrategy",
     "ImageEncoderConfig",
     "ImagePreprocess",
+    "ImageTransform",
     "ModelConfig",
     "MultiTaskLoss",
+    "MultimodalDataset",
     "TaskConfig",
     "TextEncoderConfig",
+    "TrainConfig",
+    "Trainer",
     "__version__",
+    "build_cache",
+    "build_config",
     "create_model",
+    "embed",
     "get_config",
     "list_fusions",
     "list_presets",
+    "load_dataset",
+    "make_synthetic",
     "register_fusion",
+    "split_dataset",
+    "train",
 ]

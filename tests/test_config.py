@@ -48,3 +48,11 @@ def test_validation_catches_impossible_values():
 )
 def test_parse_value(text, value):
     assert parse_value(text) == value
+
+
+def test_public_api_is_exported():
+    import fusionkit
+
+    assert not [n for n in fusionkit.__all__ if not hasattr(fusionkit, n)]
+    for name in ("create_model", "FusionModel", "embed", "Trainer", "load_dataset", "Collator"):
+        assert name in fusionkit.__all__

@@ -15,6 +15,14 @@ def _minilm_dir() -> str:
     return os.path.join(os.path.dirname(mod.__file__), "model")
 
 
+def test_hub_name_resolves_to_the_installed_offline_copy():
+    from fusionkit.models.encoders import resolve_source
+
+    local = _minilm_dir()
+    assert resolve_source("sentence-transformers/all-MiniLM-L6-v2") == local
+    assert resolve_source("bert-base-uncased") == "bert-base-uncased"
+
+
 def test_minilm_and_dinov2_small_load_like_hub_names(shared_dir):
     dino = shared_dir / "weights" / "dinov2-small"
     if not dino.is_dir():

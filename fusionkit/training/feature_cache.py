@@ -78,29 +78,25 @@ class FeatureDataset(torch.utils.data.Dataset):
 
 
 class FeatureCollator:
-    """Pads text features like `Collator` pads token ids, and reuses it for the mask and the labels."""
+    """Pads text features to the longest caption in the batch, with the mask and labels `Collator` makes."""
 
     def __init__(self, label_names: Mapping[str, Sequence[str]], task_types: Mapping[str, str]) -> None:
         self.collator = Collator(0, label_names, task_types)
 
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        # The token-id collator only needs each caption's length and a stackable image tensor.
-        stub = [
-            {
-                **it,
-                "input_ids": torch.zeros(len(it["text_features"]), dtype=torch.long),
-                "pixel_values": it["image_features"],
-            }
-            for it in items
-        ]
-        batch = self.collator(stub)
-        text = torch.zeros(len(items), batch["input_ids"].shape[1], items[0]["text_features"].shape[-1])
-        for row, it in enumerate(items):
-            text[row, : len(it["text_features"])] = it["text_features"]
-        del batch["input_ids"]
-        batch["image_features"] = batch.pop("pixel_values")
-        batch["text_features"] = text
-        return batch
+        lengths = [len(it["text_features"]) for it in items]
+        text = torch.zeros(len(items), max(lengths), items[0]["text_features"].shape[-1])
+        mask = torch.zeros(len(items), max(lengths), dtype=torch.long)
+        for row, (it, n) in enumerate(zip(items, lengths)):
+            text[row, :n] = it["text_features"]
+            mask[row, :n] = 1
+        return {
+            "ids": [str(it["id"]) for it in items],
+            "text_features": text,
+            "attention_mask": mask,
+            "image_features": torch.stack([it["image_features"] for it in items]),
+            **self.collator.collate_labels(items),
+        }
 
 
 @torch.inference_mode()

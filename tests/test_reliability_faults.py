@@ -146,6 +146,7 @@ def test_disk_full_during_checkpoint_keeps_previous(tmp_path: Path, monkeypatch:
     with pytest.raises(OSError) as info:
         trainer.fit()
     assert info.value.errno == errno.ENOSPC and "No space left on device" in str(info.value)
+    assert "step-00000002 is intact" in str(info.value)  # says what survived
     run = tmp_path / "runs" / "run"
     assert (run / "last").resolve().name == "step-00000002"
     assert not list((run / "checkpoints").glob(".tmp-*"))  # the partial write was cleaned up

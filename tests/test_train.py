@@ -169,3 +169,16 @@ def test_feature_cache_is_shared_across_trainers(tmp_path: Path, monkeypatch: py
         json.loads((tmp_path / "runs" / "b" / "config.json").read_text())["model"]["fusion"]["strategy"]
         == "concat"
     )
+
+
+def test_resaving_a_step_never_unlinks_last(tmp_path):
+    """Saving the same step twice (epoch end after a periodic save) keeps `last` valid at every moment."""
+    from fusionkit.models import create_model
+    from fusionkit.training import checkpoint as ckpt
+
+    model = create_model("tiny")
+    first = ckpt.save_checkpoint(tmp_path, 3, model, {"step": 3})
+    second = ckpt.save_checkpoint(tmp_path, 3, model, {"step": 3, "again": True})
+    assert first != second and first.exists()  # the first is only pruned later, never replaced in place
+    assert (tmp_path / "last").resolve() == second
+    assert ckpt.load_state(tmp_path / "last")["again"] is True

@@ -64,19 +64,32 @@ def save_checkpoint(
     """Write model + training state for optimizer step `step`, repoint `last` (and `best`), prune old ones."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
+    final, n = root / f"step-{step:08d}", 1
+    while final.exists():  # the same step saved again (epoch end right after a periodic save): a new
+        final, n = root / f"step-{step:08d}-{n}", n + 1  # name, so `last` never points at a deleted dir
     for stale in root.glob(".tmp-step-*"):  # left by a run killed mid-write; never linked, safe to drop
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root))
     try:
-        model.save_pretrained(tmp)
-        torch.save(state, tmp / STATE_NAME)
-        if final.exists():  # re-saving the same step (epoch end right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root))
+        try:
+            model.save_pretrained(tmp)
+            torch.save(state, tmp / STATE_NAME)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    except OSError as e:
+        previous = (run_dir / "last").resolve() if (run_dir / "last").exists() else None
+        raise OSError(
+            e.errno,
+            f"could not write the checkpoint for step {step} under {root} ({e.strerror or e}); "
+            + (
+                f"the previous checkpoint {previous} is intact"
+                if previous
+                else "no earlier checkpoint exists"
+            )
+            + ". Free space or choose another run.output_dir, then resume.",
+        ) from e
     _link(run_dir, "last", final)
     if best:
         _link(run_dir, "best", final)

@@ -140,7 +140,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     lo = min(100 * r[m] - 100 * r[f"{m}_std"] for r in rows for m in METRICS)
     ax.set_ylim(max(0, lo - 5), 100)
     ax.set_title(title, fontsize=10)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper right", ncol=3, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -141,6 +141,8 @@ def bench_scenario(
     device: torch.device,
     peak: float,
     workdir: Path,
+    steps: int,
+    batch_size: int,
 ) -> dict[str, Any]:
     print(f"\n== {name}: {len(ds)} examples", flush=True)
     torch.manual_seed(0)
@@ -150,7 +152,7 @@ def bench_scenario(
     task = next(iter(ds.label_names))
     workers = args.workers
     loader_kw = dict(
-        batch_size=args.batch_size,
+        batch_size=batch_size,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
@@ -164,7 +166,8 @@ def bench_scenario(
     row: dict[str, Any] = {
         "scenario": name,
         "examples": len(ds),
-        "batch_size": args.batch_size,
+        "batch_size": batch_size,
+        "steps": steps,
         "cache_build_s": round(cache_seconds, 2),
         "trainable_params": model.num_parameters(True),
     }
@@ -178,7 +181,7 @@ def bench_scenario(
         results = {}
         for label, batches in (("naive", naive), ("fusionkit", fast)):
             model.load_state_dict(init)
-            results[label] = run_steps(model, batches, args.steps, args.warmup, train, device)
+            results[label] = run_steps(model, batches, steps, args.warmup, train, device)
             print(
                 f"  {mode:5s} {label:9s} {results[label].rate:8.1f} samples/s "
                 f"({results[label].tokens / results[label].batches:.0f} text positions/batch)",
@@ -198,9 +201,12 @@ def bench_scenario(
     return row
 
 
-def scenarios(args: argparse.Namespace) -> list[tuple[str, Any, MultimodalDataset]]:
+def scenarios(args: argparse.Namespace) -> list[tuple[str, Any, MultimodalDataset, int, int]]:
+    """(name, model config, data, timed steps, batch size) per scenario."""
     n = 256 if args.quick else args.examples
-    out = [("tiny model, synthetic data", "tiny", load_dataset(f"synthetic:{n}"))]
+    out = [
+        ("tiny model, synthetic data", "tiny", load_dataset(f"synthetic:{n}"), args.steps, args.batch_size)
+    ]
     minilm = minilm_dir()
     dino, mvsa = SHARED / "weights" / "dinov2-small", SHARED / "data" / "mvsa-single"
     if minilm and dino.is_dir() and mvsa.is_dir() and not args.tiny_only:
@@ -213,7 +219,10 @@ def scenarios(args: argparse.Namespace) -> list[tuple[str, Any, MultimodalDatase
         )
         real = load_dataset(str(mvsa))
         real = real.subset(range(min(len(real), 64 if args.quick else args.real_examples)))
-        out.append(("MiniLM-L6 + DINOv2-S/14 fine-tuned, MVSA-Single", cfg, real))
+        steps, batch = (
+            (args.steps, args.batch_size) if args.quick else (args.real_steps, args.real_batch_size)
+        )
+        out.append(("MiniLM-L6 + DINOv2-S/14 fine-tuned, MVSA-Single", cfg, real, steps, batch))
     else:
         print("real encoders or MVSA-Single not found: running the tiny scenario only", file=sys.stderr)
     return out
@@ -242,7 +251,7 @@ def write_report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
         for mode in ("train", "embed"):
             m = r[mode]
             lines.append(
-                f"| {r['scenario']} | {mode} | {m['naive_per_s']:.1f} | {m['fusionkit_per_s']:.1f} | "
+                f"| {r['scenario']} (batch {r['batch_size']}, {r['steps']} timed steps) | {mode} | {m['naive_per_s']:.1f} | {m['fusionkit_per_s']:.1f} | "
                 f"**{m['speedup']:.2f}x** | {m['naive_tokens_per_batch']:.0f} -> {m['fusionkit_tokens_per_batch']:.0f} | "
                 f"{m['model_gflops_per_sample']:.3f} | {100 * m['fraction_of_peak']:.1f}% | {r['cache_build_s']:.1f} |"
             )
@@ -264,7 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--examples", type=int, default=2000)
-    p.add_argument("--real-examples", type=int, default=800)
+    p.add_argument("--real-examples", type=int, default=256)
+    p.add_argument(
+        "--real-steps", type=int, default=4, help="timed steps with the real encoders (slow on CPU)"
+    )
+    p.add_argument("--real-batch-size", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if args.quick:
@@ -274,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine()}\nmatmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, cfg, ds in scenarios(args):
-            rows.append(bench_scenario(name, cfg, ds, args, device, peak, Path(tmp)))
+        for name, cfg, ds, steps, batch_size in scenarios(args):
+            rows.append(bench_scenario(name, cfg, ds, args, device, peak, Path(tmp), steps, batch_size))
     meta = {
         "machine": machine(),
         "peak_gflops": peak / 1e9,

@@ -27,7 +27,7 @@ from .data import (  # noqa: E402
     make_synthetic,
     split_dataset,
 )
-from .embed import embed  # noqa: E402
+from .embedding import embed  # noqa: E402
 from .models import (  # noqa: E402
     FusionModel,
     FusionStrategy,

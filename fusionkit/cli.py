@@ -162,7 +162,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _embed(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .embed import embed
+    from .embedding import embed
     from .models import FusionModel
     from .training.trainer import resolve_device
 

@@ -7,11 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusionkit import embed as embed_module
+from fusionkit import embed
 from fusionkit.data import make_synthetic
 from fusionkit.models import FusionModel, create_model
-
-embed = embed_module.embed
 
 
 @pytest.fixture(scope="module")

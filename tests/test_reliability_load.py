@@ -16,7 +16,7 @@ MARGIN_MIB = 48
 CODE = """
 import numpy as np
 from PIL import Image
-from fusionkit.embed import embed
+from fusionkit.embedding import embed
 from fusionkit.models import create_model
 N = {n}
 model = create_model("tiny")

@@ -101,9 +101,13 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _split(args: argparse.Namespace, model: Any) -> Any:
-    """The requested split of the dataset (as saved in the run dir when there is one), as a data cache."""
+def _split(args: argparse.Namespace, model: Any, with_labels: bool = False) -> Any:
+    """The requested split of the dataset (as saved in the run dir when there is one), as a data cache.
+
+    `with_labels`: read the model's task labels from a CSV/JSONL table too (eval needs them; predict
+    and embed also work on unlabeled tables)."""
     from .data import build_cache, load_dataset, split_dataset
+    from .training.trainer import dataset_kwargs
 
     ckpt = Path(args.checkpoint)
     run_config = next((d / "config.json" for d in (ckpt, ckpt.parent) if (d / "split.json").is_file()), None)
@@ -112,7 +116,7 @@ def _split(args: argparse.Namespace, model: Any) -> Any:
         spec = json.loads(run_config.read_text())["data"]["dataset"]
     if spec is None:
         raise ConfigError("--data is required when the checkpoint is not inside a run dir")
-    ds = load_dataset(spec)
+    ds = load_dataset(spec, **(dataset_kwargs(spec, model.config.tasks) if with_labels else {}))
     if args.split != "all":
         split_file = args.split_file or (
             run_config.parent / "split.json" if run_config and not args.data else None
@@ -132,7 +136,7 @@ def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from .training.trainer import inference_loader, resolve_device, run_inference
 
     model = FusionModel.from_pretrained(args.checkpoint, map_location=resolve_device(args.device))
-    _, data = _split(args, model)
+    _, data = _split(args, model, with_labels=args.command == "eval")
     loader, transform = inference_loader(model, data, args.batch_size)
     return model, run_inference(model, loader, transform, desc=args.split)
 

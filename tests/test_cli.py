@@ -67,3 +67,23 @@ def test_bad_input_gives_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixt
     )
     assert "not found" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "nothing")]) == 1
+
+
+def test_eval_on_a_csv_reads_its_labels(run_dir: Path, tmp_path: Path) -> None:
+    """A CSV dataset: `eval` reads the label column named after the model's task (as `train` does)."""
+    from fusionkit.data import make_synthetic
+
+    ds = make_synthetic(24, seed=3, image_size=32)
+    names = ds.label_names["sentiment"]
+    with open(tmp_path / "pairs.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "text", "image", "sentiment"])
+        for ex in ds:
+            ex.image.save(tmp_path / f"{ex.id}.png")
+            writer.writerow([ex.id, ex.text, f"{ex.id}.png", names[ex.labels["sentiment"]]])
+    out = tmp_path / "metrics.json"
+    argv = ["eval", str(run_dir), "--data", str(tmp_path / "pairs.csv"), "--split", "all"]
+    assert main([*argv, "--output", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    metrics = json.loads(out.read_text())
+    assert 0.0 <= metrics["all/sentiment/accuracy"] <= 1.0
+    assert sum(map(sum, metrics["details"]["sentiment"]["confusion"])) == 24  # every row was scored

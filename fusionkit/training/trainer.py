@@ -23,7 +23,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, to_dict
+from ..config import ConfigError, TaskConfig, to_dict
 from ..data import Collator, ImageTransform, build_cache, load_dataset, move_batch, split_dataset
 from ..models import FusionModel, create_model, model_inputs
 from . import checkpoint as ckpt
@@ -260,6 +260,26 @@ def prediction_rows(model: FusionModel, result: dict[str, Any]) -> list[dict[str
     return rows
 
 
+def dataset_kwargs(
+    spec: str, tasks: Sequence[TaskConfig], on_error: str = "raise", report_path: Path | None = None
+) -> dict[str, Any]:
+    """Reader options for `load_dataset(spec)`: `on_error`, and for a CSV/JSONL table one label column
+    per labelled task (named as the task), so training and `fusionkit eval` read the same labels."""
+    spec = str(spec)
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        return {}
+    kw: dict[str, Any] = {"on_error": on_error}
+    if Path(spec).expanduser().is_file():
+        labelled = [t for t in tasks if t.type in ("classification", "multilabel", "regression")]
+        kw["label_columns"] = {
+            t.name: "regression" if t.type == "regression" else t.class_names for t in labelled
+        }
+        kw["task_types"] = {t.name: t.type for t in labelled}
+        if report_path is not None:
+            kw["report_path"] = report_path
+    return kw
+
+
 # ---------------------------------------------------------------------------------------- trainer
 
 
@@ -313,7 +333,12 @@ class Trainer:
     # ------------------------------------------------------------------ data
     def _build_data(self) -> None:
         cfg, model = self.cfg, self.model
-        ds = load_dataset(cfg.data.dataset, **self._dataset_kwargs())
+        ds = load_dataset(
+            cfg.data.dataset,
+            **dataset_kwargs(
+                cfg.data.dataset, cfg.model.tasks, cfg.data.on_error, self.run_dir / "skipped_rows.jsonl"
+            ),
+        )
         for task in cfg.model.tasks:
             names = ds.label_names.get(task.name)
             if names is not None and task.type == "classification" and len(names) != task.num_classes:
@@ -358,23 +383,6 @@ class Trainer:
             len(train), cfg.optim.batch_size, cfg.run.seed, shuffle=True, rank=self.rank, world=self.world
         )
         self.train_loader = self._loader(train, self.train_sampler)
-
-    def _dataset_kwargs(self) -> dict[str, Any]:
-        """Reader options: `data.on_error`, and for a CSV/JSONL table one label column per labelled task."""
-        spec = str(self.cfg.data.dataset)
-        if spec == "synthetic" or spec.startswith("synthetic:"):
-            return {}
-        kw: dict[str, Any] = {"on_error": self.cfg.data.on_error}
-        if Path(spec).expanduser().is_file():
-            tasks = [
-                t for t in self.cfg.model.tasks if t.type in ("classification", "multilabel", "regression")
-            ]
-            kw["label_columns"] = {
-                t.name: "regression" if t.type == "regression" else t.class_names for t in tasks
-            }
-            kw["task_types"] = {t.name: t.type for t in tasks}
-            kw["report_path"] = self.run_dir / "skipped_rows.jsonl"
-        return kw
 
     def _loader(self, data: Any, sampler: torch.utils.data.Sampler) -> torch.utils.data.DataLoader:
         # An explicit generator keeps DataLoader from drawing from the global RNG (which resume restores).

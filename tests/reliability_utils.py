@@ -270,10 +270,15 @@ def make_corpus(root: Path, n_good: int = 60, copies: int = 2) -> tuple[Path, di
 
 
 def peak_rss_mib(code: str, timeout: float = 600) -> float:
-    """Run `code` in a fresh interpreter; its peak resident set size in MiB (ru_maxrss of the child)."""
+    """Run `code` in a fresh interpreter; its peak resident set size in MiB (VmHWM of the child).
+
+    `code` may reset the peak after its set-up (`open("/proc/self/clear_refs", "w").write("5")`), so
+    the figure is the high-water mark of the work itself, not of importing torch.
+    """
     wrapper = (
         code
-        + "\nimport resource, sys\nprint('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        + "\nkb = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]"
+        + "\nprint('PEAK_KB', kb)\n"
     )
     out = subprocess.run(
         [PYTHON, "-c", wrapper], cwd=REPO, env=_env(None), text=True, capture_output=True, timeout=timeout

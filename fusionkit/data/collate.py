@@ -19,6 +19,13 @@ from fusionkit.config import ImagePreprocess
 Batch = dict[str, Any]
 
 
+def pad_right(seqs: Sequence[torch.Tensor], value: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad [len, ...] tensors to the longest (dynamic padding): (padded [B, T, ...], attention mask long [B, T])."""
+    padded = torch.nn.utils.rnn.pad_sequence(list(seqs), batch_first=True, padding_value=value)
+    lengths = torch.tensor([len(x) for x in seqs])
+    return padded, (torch.arange(padded.shape[1]) < lengths[:, None]).long()
+
+
 class Collator:
     """List of `CachedDataset` items -> batch dict, padding captions to the longest in the batch.
 
@@ -39,12 +46,7 @@ class Collator:
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> Batch:
         if not items:
             raise ValueError("cannot collate an empty batch")
-        lengths = [len(it["input_ids"]) for it in items]
-        input_ids = torch.full((len(items), max(lengths)), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, (it, n) in enumerate(zip(items, lengths)):
-            input_ids[row, :n] = it["input_ids"]
-            attention_mask[row, :n] = 1
+        input_ids, attention_mask = pad_right([it["input_ids"] for it in items], self.pad_token_id)
         return {
             "ids": [str(it["id"]) for it in items],
             "input_ids": input_ids,

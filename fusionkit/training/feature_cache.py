@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..config import to_dict
 from ..data import CachedDataset, Collator, ImageTransform, move_batch
+from ..data.collate import pad_right
 
 log = logging.getLogger("fusionkit.training")
 
@@ -84,12 +85,7 @@ class FeatureCollator:
         self.collator = Collator(0, label_names, task_types)
 
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        lengths = [len(it["text_features"]) for it in items]
-        text = torch.zeros(len(items), max(lengths), items[0]["text_features"].shape[-1])
-        mask = torch.zeros(len(items), max(lengths), dtype=torch.long)
-        for row, (it, n) in enumerate(zip(items, lengths)):
-            text[row, :n] = it["text_features"]
-            mask[row, :n] = 1
+        text, mask = pad_right([it["text_features"] for it in items])
         return {
             "ids": [str(it["id"]) for it in items],
             "text_features": text,

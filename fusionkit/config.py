@@ -67,6 +67,9 @@ class FusionConfig:
     # Average-pool the image patch grid to image_grid x image_grid tokens before fusion (0 = keep all).
     # DINOv2-S at 224 px gives 16x16 patches; a 4x4 grid cuts fusion cost ~10x on CPU for little accuracy.
     image_grid: int = 0
+    # Training only: this fraction of the complete pairs loses its caption (half of them) or its image
+    # (the other half) each step, so the model also learns to predict from either side alone.
+    modality_dropout: float = 0.0
 
 
 @dataclass

@@ -58,8 +58,13 @@ class CoAttentionLayer(nn.Module):
         self.image = CrossAttentionBlock(dim, num_heads, mlp_ratio, drop)
 
     def forward(
-        self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor
+        self,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        image: torch.Tensor,
+        image_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        new_text = self.text(text, image, mask=text_mask)
-        new_image = self.image(image, text, context_mask=text_mask)
+        """Masks are bool [B, S], True = a real token; `image_mask` None = every image token is real."""
+        new_text = self.text(text, image, mask=text_mask, context_mask=image_mask)
+        new_image = self.image(image, text, mask=image_mask, context_mask=text_mask)
         return new_text, new_image

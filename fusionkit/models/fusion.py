@@ -4,6 +4,12 @@ Every strategy takes the projected token sequences of both modalities (same widt
 `views`: [B, V, dim]. V is 1 for strategies that build one joint vector; late fusion returns one view
 per modality and the task heads average their per-view logits. Task heads never need to know which
 strategy produced their input, so a benchmark can swap strategies by name.
+
+Missing modalities: the model replaces an absent caption or image by a learned placeholder token
+before fusion and passes masks that leave only that token visible in absent rows, so attention never
+sees the dummy encoder input and no attention row is fully masked. Pooled strategies then fuse the
+placeholder vector. Late fusion has one view per modality: `view_mask` tells the heads which views
+come from a present modality, so an example's logits average over its present views only.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..config import FusionConfig
+from ..config import ConfigError, FusionConfig
 from ..layers import CoAttentionLayer, Mlp, TransformerBlock
 
 FUSION_REGISTRY: dict[str, type[FusionStrategy]] = {}
@@ -37,7 +43,23 @@ def list_fusions() -> list[str]:
 def create_fusion(cfg: FusionConfig) -> FusionStrategy:
     if cfg.strategy not in FUSION_REGISTRY:
         raise ValueError(f"unknown fusion strategy {cfg.strategy!r}; registered: {list_fusions()}")
+    if not 0.0 <= cfg.modality_dropout <= 1.0:
+        raise ConfigError(f"model.fusion.modality_dropout must be in [0, 1], got {cfg.modality_dropout}")
     return FUSION_REGISTRY[cfg.strategy](cfg)
+
+
+def drop_modalities(
+    text_present: torch.Tensor, image_present: torch.Tensor, rate: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Modality dropout: a `rate` fraction of the complete rows loses its text (half) or its image (half).
+
+    Never both, and rows already missing a side are left alone. One uniform draw per row from torch's
+    RNG (checkpointed by the trainer, so a resumed run drops the same rows).
+    """
+    u = torch.rand(text_present.shape, device=text_present.device)
+    drop = text_present & image_present & (u < rate)
+    drop_text = drop & (u < rate / 2)
+    return text_present & ~drop_text, image_present & ~(drop & ~drop_text)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -49,7 +71,11 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 class FusionStrategy(nn.Module):
-    """Base class. `uses_text`/`uses_image` let the model skip an encoder a strategy ignores."""
+    """Base class. `uses_text`/`uses_image` let the model skip an encoder a strategy ignores.
+
+    `forward(text, text_mask, image, image_mask)`: text [B, T, dim], text_mask bool [B, T] (True = real
+    token), image [B, P, dim], image_mask bool [B, P] or None (all real) -> views [B, V, dim].
+    """
 
     name: str = ""
     num_views: int = 1
@@ -60,9 +86,18 @@ class FusionStrategy(nn.Module):
         super().__init__()
         self.dim = cfg.dim
 
-    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """text [B, T, dim], text_mask bool [B, T] (True = real token), image [B, P, dim] -> [B, V, dim]."""
+    def forward(
+        self,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        image: torch.Tensor,
+        image_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         raise NotImplementedError
+
+    def view_mask(self, text_present: torch.Tensor, image_present: torch.Tensor) -> torch.Tensor | None:
+        """bool [B, V]: views built from a present modality. None: every view is valid (a fused vector)."""
+        return None
 
 
 @register_fusion("cross_attention")
@@ -78,11 +113,18 @@ class CrossAttentionFusion(FusionStrategy):
         self.norm_image = nn.LayerNorm(cfg.dim)
         self.merge = nn.Linear(2 * cfg.dim, cfg.dim)
 
-    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        image: torch.Tensor,
+        image_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         for layer in self.layers:
-            text, image = layer(text, text_mask, image)
+            text, image = layer(text, text_mask, image, image_mask)
         pooled = torch.cat(
-            [masked_mean(self.norm_text(text), text_mask), self.norm_image(image).mean(1)], dim=-1
+            [masked_mean(self.norm_text(text), text_mask), masked_mean(self.norm_image(image), image_mask)],
+            dim=-1,
         )
         return self.merge(pooled).unsqueeze(1)
 
@@ -100,9 +142,16 @@ class MergedAttentionFusion(FusionStrategy):
         )
         self.norm = nn.LayerNorm(cfg.dim)
 
-    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        image: torch.Tensor,
+        image_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         x = torch.cat([text + self.modality[0], image + self.modality[1]], dim=1)
-        image_mask = torch.ones(image.shape[:2], dtype=torch.bool, device=image.device)
+        if image_mask is None:
+            image_mask = torch.ones(image.shape[:2], dtype=torch.bool, device=image.device)
         mask = torch.cat([text_mask, image_mask], dim=1)
         for block in self.blocks:
             x = block(x, mask)
@@ -113,9 +162,13 @@ class _PooledFusion(FusionStrategy):
     """Strategies that fuse the two mean-pooled sequences (no token-level interaction)."""
 
     def pool(
-        self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor
+        self,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        image: torch.Tensor,
+        image_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return masked_mean(text, text_mask), image.mean(1)
+        return masked_mean(text, text_mask), masked_mean(image, image_mask)
 
 
 @register_fusion("concat")
@@ -127,8 +180,15 @@ class ConcatFusion(_PooledFusion):
         self.norm = nn.LayerNorm(2 * cfg.dim)
         self.mlp = Mlp(2 * cfg.dim, int(cfg.dim * cfg.mlp_ratio), cfg.dim, drop=cfg.dropout)
 
-    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.norm(torch.cat(self.pool(text, text_mask, image), dim=-1))).unsqueeze(1)
+    def forward(
+        self,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        image: torch.Tensor,
+        image_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        pooled = torch.cat(self.pool(text, text_mask, image, image_mask), dim=-1)
+        return self.mlp(self.norm(pooled)).unsqueeze(1)
 
 
 @register_fusion("gated")
@@ -141,20 +201,35 @@ class GatedFusion(_PooledFusion):
         self.image_proj = nn.Linear(cfg.dim, cfg.dim)
         self.gate = nn.Linear(2 * cfg.dim, cfg.dim)
 
-    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        t, v = self.pool(text, text_mask, image)
+    def forward(
+        self,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        image: torch.Tensor,
+        image_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        t, v = self.pool(text, text_mask, image, image_mask)
         z = torch.sigmoid(self.gate(torch.cat([t, v], dim=-1)))
         return (z * torch.tanh(self.text_proj(t)) + (1 - z) * torch.tanh(self.image_proj(v))).unsqueeze(1)
 
 
 @register_fusion("late")
 class LateFusion(_PooledFusion):
-    """One view per modality; each task head scores both and averages the logits."""
+    """One view per modality; each task head scores the present views and averages their logits."""
 
     num_views = 2
 
-    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        return torch.stack(self.pool(text, text_mask, image), dim=1)
+    def forward(
+        self,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        image: torch.Tensor,
+        image_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return torch.stack(self.pool(text, text_mask, image, image_mask), dim=1)
+
+    def view_mask(self, text_present: torch.Tensor, image_present: torch.Tensor) -> torch.Tensor:
+        return torch.stack([text_present, image_present], dim=1)
 
 
 @register_fusion("text_only")
@@ -164,7 +239,11 @@ class TextOnlyFusion(FusionStrategy):
     uses_image = False
 
     def forward(
-        self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor | None
+        self,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        image: torch.Tensor | None,
+        image_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return masked_mean(text, text_mask).unsqueeze(1)
 
@@ -176,6 +255,10 @@ class ImageOnlyFusion(FusionStrategy):
     uses_text = False
 
     def forward(
-        self, text: torch.Tensor | None, text_mask: torch.Tensor | None, image: torch.Tensor
+        self,
+        text: torch.Tensor | None,
+        text_mask: torch.Tensor | None,
+        image: torch.Tensor,
+        image_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return image.mean(1).unsqueeze(1)
+        return masked_mean(image, image_mask).unsqueeze(1)

@@ -54,11 +54,17 @@ def test_mvsa_single_protocol(tmp_path: Path) -> None:
     }
     ds = read_mvsa(_mvsa_raw(tmp_path / "mvsa", rows), "single")
     assert ds.ids == ["1", "2", "3", "5"]
-    assert [ex.labels["sentiment"] for ex in ds] == [0, 2, 0, 1]
-    assert ds[1].labels == {"sentiment": 2, "text_sentiment": 1, "image_sentiment": 2}
-    assert set(ds.label_names) == {"sentiment", "text_sentiment", "image_sentiment"}
+    assert [ex.labels["sentiment"] for ex in ds] == ["positive", "negative", "positive", "neutral"]
+    assert ds[1].labels == {"sentiment": "negative", "text_sentiment": "neutral", "image_sentiment": "negative"}
+    assert ds.label_names == dict.fromkeys(
+        ["sentiment", "text_sentiment", "image_sentiment"], ["positive", "neutral", "negative"]
+    )
     kept = read_mvsa(tmp_path / "mvsa", "single", keep_conflicts=True)
-    assert kept[kept.index_of("4")].labels == {"sentiment": None, "text_sentiment": 0, "image_sentiment": 2}
+    assert kept[kept.index_of("4")].labels == {
+        "sentiment": None,
+        "text_sentiment": "positive",
+        "image_sentiment": "negative",
+    }
 
 
 def test_mvsa_multiple_protocol(tmp_path: Path) -> None:
@@ -71,7 +77,7 @@ def test_mvsa_multiple_protocol(tmp_path: Path) -> None:
     root = _mvsa_raw(tmp_path / "mvsa", rows, header="ID\ttext,image\ttext,image\ttext,image")
     ds = read_mvsa(root, "multiple")
     assert ds.ids == ["1", "2"]
-    assert [ex.labels["sentiment"] for ex in ds] == [0, 2]
+    assert [ex.labels["sentiment"] for ex in ds] == ["positive", "negative"]
     assert ds[0].meta["annotations"] == ["positive,neutral", "positive,positive", "neutral,positive"]
     with pytest.raises(DataError, match="expected 1 'text,image'"):
         read_mvsa(root, "single")
@@ -112,6 +118,7 @@ def test_mvsa_clmlf_layout(tmp_path: Path) -> None:
     parts = split_dataset(ds, seed=123)  # predefined splits win over ratios/seed
     assert [p.ids for p in parts.values()] == [["0", "1", "2"], ["3"], ["4", "5"]]
     assert ds[0].text == "text 0"  # the .txt file is the source, not the JSON's text
+    assert [ex.labels["sentiment"] for ex in parts["train"]] == ["positive", "neutral", "negative"]
     assert [ex.labels["sentiment"] for ex in parts["test"]] == [None, None]
 
 
@@ -135,27 +142,29 @@ def _table_dir(tmp_path: Path) -> Path:
 def test_read_csv_and_jsonl(tmp_path: Path) -> None:
     d = _table_dir(tmp_path)
     (d / "t.csv").write_text("id,text,image,mood,score\na,hello,img/0.jpg,happy,0.5\nb,bye,img/1.jpg,,1\n")
-    ds = read_table(d / "t.csv", label_columns={"mood": ["sad", "happy"], "score": "regression"})
-    assert ds.ids == ["a", "b"] and ds.task_types == {"mood": "classification", "score": "regression"}
-    assert ds[0].labels == {"mood": 1, "score": 0.5} and ds[1].labels["mood"] is None
+    ds = read_table(d / "t.csv", label_columns=["mood", "score"])
+    assert ds.ids == ["a", "b"] and ds.task_types == {} and ds.label_names == {"mood": [], "score": []}
+    assert ds[0].labels == {"mood": "happy", "score": "0.5"} and ds[1].labels == {"mood": None, "score": "1"}
     assert ds[0].image == str((d / "img" / "0.jpg").resolve())
+    assert read_table(d / "t.csv", label_columns="mood")[0].labels == {"mood": "happy"}
     rows = [
         {"text": "x", "image": "img/2.jpg", "tags": ["sky", "sea"]},
         {"text": "y", "image": "img/3.jpg", "tags": []},
     ]
     (d / "t.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    ds = read_table(d / "t.jsonl", label_columns=["tags"], task_types={"tags": "multilabel"})
-    assert (
-        ds.label_names == {"tags": ["sea", "sky"]} and ds[0].labels["tags"] == [0, 1] and ds.ids == ["1", "2"]
-    )
+    ds = read_table(d / "t.jsonl")  # label_columns=None: every column but text/image/id
+    assert ds.label_names == {"tags": []} and ds.ids == ["1", "2"]
+    assert [ex.labels["tags"] for ex in ds] == [["sky", "sea"], []]  # raw, order kept
     hf = ds.to_hf()
     assert len(hf) == 2 and hf.features["image"].__class__.__name__ == "Image"
+    assert hf["tags"] == [["sky", "sea"], []]
 
 
 BAD_ROWS = {
     "missing image": ("x", "img/nope.jpg", "pos", "image file not found"),
     "empty caption": ("   ", "img/0.jpg", "pos", "caption is empty"),
-    "unknown label": ("x", "img/0.jpg", "meh", "unknown label value 'meh'"),
+    "image is a folder": ("x", "img", "pos", "is not a file"),
+    "extra field": ("x", "img/0.jpg", "pos,oops", "row has 4 fields but the header has 3"),
 }
 
 
@@ -164,7 +173,7 @@ def test_table_bad_rows(tmp_path: Path, case: str) -> None:
     d = _table_dir(tmp_path)
     text, image, label, message = BAD_ROWS[case]
     (d / "t.csv").write_text(f"text,image,y\nfine,img/1.jpg,pos\n{text},{image},{label}\n")
-    kw = {"label_columns": {"y": ["pos", "neg"]}}
+    kw = {"label_columns": ["y"]}
     with pytest.raises(DataError, match=message) as e:
         read_table(d / "t.csv", **kw)
     assert "t.csv:3" in str(e.value)  # names the file and row
@@ -203,6 +212,7 @@ def test_from_hf_and_saved_dir(tmp_path: Path) -> None:
     back = load_dataset(str(tmp_path / "hf"))
     assert back.ids == ds.ids and back.label_names == {"sentiment": ["positive", "neutral", "negative"]}
     assert [ex.labels["sentiment"] for ex in back] == [ex.labels["sentiment"] for ex in ds]
+    assert {ex.labels["sentiment"] for ex in back} <= {"positive", "neutral", "negative"}  # names, not ints
     assert isinstance(back[0].image, bytes)  # kept encoded: decoded once, by the cache
     assert back.splits == {"train": ds.ids[:8], "val": ds.ids[8:]}
     single = from_hf(saved["train"])
@@ -224,8 +234,8 @@ def test_split_stratified_deterministic_and_reused(tmp_path: Path) -> None:
     assert {k: v.ids for k, v in a.items()} == {k: v.ids for k, v in b.items()}
     assert [len(v) for v in a.values()] == [240, 30, 30]
     assert sorted(sum((v.ids for v in a.values()), [])) == sorted(ds.ids)
-    full = np.bincount([ex.labels["sentiment"] for ex in ds], minlength=3) / len(ds)
-    val = np.bincount([ex.labels["sentiment"] for ex in a["val"]], minlength=3) / 30
+    full = np.array(list(ds.label_counts("sentiment").values())) / len(ds)
+    val = np.array(list(a["val"].label_counts("sentiment").values())) / 30
     assert np.abs(full - val).max() < 0.04  # stratified: class shares preserved
     assert split_dataset(ds, seed=2)["val"].ids != a["val"].ids
     path = tmp_path / "split.json"
@@ -259,7 +269,7 @@ def test_synthetic_label_needs_both_modalities() -> None:
     vocab = tiny_vocab()
     assert all(w in vocab for ex in ds for w in ex.text.split())  # tokenizes into whole words
     y = np.array([ex.labels["sentiment"] for ex in ds])
-    assert np.bincount(y).min() > 250  # balanced classes
+    assert min(ds.label_counts("sentiment").values()) > 250  # balanced classes
     text = CountVectorizer().fit_transform([ex.text for ex in ds]).toarray()
     image = np.stack(
         [np.asarray(ex.image.resize((2, 2), Image.Resampling.BOX), dtype=np.float32).ravel() for ex in ds]

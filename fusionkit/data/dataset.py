@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +14,10 @@ import numpy as np
 from PIL import Image
 
 from fusionkit.data.errors import DataError
+from fusionkit.data.image import image_digest
 
 log = logging.getLogger("fusionkit.data")
 
-TASK_TYPES = ("classification", "multilabel", "regression")
 SPLITS = ("train", "val", "test")
 
 # Raw captions are cut to this many characters when read: a BERT-family encoder sees at most 512
@@ -41,28 +40,28 @@ def decode_text(raw: bytes, *, source: str, encodings: Sequence[str] = FALLBACK_
     )
 
 
-def clean_text(text: str, *, source: str, item: str | None, allow_empty: bool) -> tuple[str, bool]:
-    """Strip, reject empty captions (unless allowed) and cap the length; returns (text, was_truncated)."""
+def clean_text(text: str) -> tuple[str, bool]:
+    """Strip and cap the length; returns (text, was_truncated). An empty result is the caller's call."""
     text = text.strip()
-    if not text and not allow_empty:
-        raise DataError(
-            "caption is empty",
-            source=source,
-            item=item,
-            hint="pass allow_empty_text=True to keep image-only items",
-        )
     if len(text) > MAX_TEXT_CHARS:
         return text[:MAX_TEXT_CHARS], True
     return text, False
 
 
+ImageSource = str | bytes | Image.Image  # a file path, encoded bytes or a decoded image
+
+
 @dataclass
 class Example:
-    """One image-caption pair. `image` is a path, encoded bytes or a PIL image; labels may be None."""
+    """One image-caption pair; `text` / `image` None = that modality is missing (kept on purpose).
+
+    `labels` maps a column (raw, from a reader) or a task (after `fusionkit.tasks.bind_labels`) to
+    its label; None = no label.
+    """
 
     id: str
-    text: str
-    image: str | bytes | Image.Image
+    text: str | None
+    image: ImageSource | None
     labels: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)  # e.g. raw per-annotator labels
 
@@ -70,8 +69,12 @@ class Example:
 class MultimodalDataset(Sequence[Example]):
     """A list of `Example`s plus the label schema.
 
-    `label_names[task]` lists class names (classification: label is an int index; multilabel: a list
-    of indices; regression: empty list, label is a float). `splits` holds predefined id lists.
+    As read (raw): labels are keyed by source column with the source's values, `label_names[column]`
+    lists the class names the source declares, in order (HF ClassLabel, MVSA), else [], and
+    `task_types` is empty. Once bound to tasks (`fusionkit.tasks.bind_labels`): keyed by task name,
+    `task_types[task]` is its type and labels are encoded (classification: an index into
+    `label_names[task]`; multilabel: a list of indices; regression: a float). `splits` holds
+    predefined id lists.
     """
 
     def __init__(
@@ -87,10 +90,11 @@ class MultimodalDataset(Sequence[Example]):
     ) -> None:
         self.examples = list(examples)
         self.label_names = {k: list(v) for k, v in label_names.items()}
-        self.task_types = {t: (task_types or {}).get(t, "classification") for t in self.label_names}
+        # Types are the tasks' business (fusionkit.tasks validates them); a raw dataset has none.
+        self.task_types = dict(task_types or {})
         for t, kind in self.task_types.items():
-            if kind not in TASK_TYPES:
-                raise ValueError(f"task {t!r}: unknown type {kind!r}; expected one of {TASK_TYPES}")
+            if not isinstance(kind, str) or not kind:
+                raise ValueError(f"task {t!r}: type must be a task type name, got {kind!r}")
         self.splits = {k: list(v) for k, v in splits.items()} if splits else None
         self.name = name
         self.skip_report = skip_report
@@ -133,49 +137,58 @@ class MultimodalDataset(Sequence[Example]):
         )
 
     def label_counts(self, task: str) -> dict[str, int]:
-        """Class name -> count (None labels counted as "<missing>"); for data cards and sanity checks."""
-        names = self.label_names[task]
+        """Class name (or raw value) -> count, None as "<missing>"; a list counts each of its values.
+
+        Declared class names come first (zero counts included). Works on raw and bound datasets alike.
+        """
+        names = self.label_names.get(task, [])
+        encoded = self.task_types.get(task) in ("classification", "multilabel")
+
+        def key(v: Any) -> str:
+            if encoded and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(names):
+                return names[v]
+            return str(v)
+
         counts: dict[str, int] = {n: 0 for n in names}
         for ex in self.examples:
             v = ex.labels.get(task)
-            key = "<missing>" if v is None else names[v]
-            counts[key] = counts.get(key, 0) + 1
+            for k in ["<missing>"] if v is None else [key(x) for x in v] if isinstance(v, list) else [key(v)]:
+                counts[k] = counts.get(k, 0) + 1
         return counts
 
     @property
     def fingerprint(self) -> str:
-        """Content hash: ids, texts, labels, image identity (path + size + mtime, or the bytes)."""
+        """Content hash: schema, ids, texts, labels and image CONTENT (see `image_digest`), so a file
+        replaced under the same name, size and mtime changes it; a moved dataset keeps it."""
         if self._fingerprint is None:
-            h = hashlib.sha1()
+            h = hashlib.sha256()
             h.update(json.dumps([self.label_names, self.task_types], sort_keys=True).encode())
             for ex in self.examples:
                 h.update(json.dumps([ex.id, ex.text, ex.labels], sort_keys=True, default=str).encode())
-                img = ex.image
-                if isinstance(img, bytes):
-                    h.update(hashlib.sha1(img).digest())
-                elif isinstance(img, Image.Image):
-                    h.update(hashlib.sha1(img.tobytes()).digest() + str((img.mode, img.size)).encode())
-                else:
-                    try:
-                        st = os.stat(img)
-                        h.update(f"{img}|{st.st_size}|{st.st_mtime_ns}".encode())
-                    except OSError:
-                        h.update(f"{img}|missing".encode())
+                h.update(image_digest(ex.image))
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
     def to_hf(self) -> Any:
-        """A `datasets.Dataset` with an `Image` feature and `ClassLabel` columns (None = missing)."""
+        """A `datasets.Dataset` with an `Image` feature; declared class names become `ClassLabel`s.
+
+        A label column with class names (raw strings, or bound indices) is a `ClassLabel` (a list: a
+        sequence of them); a regression task is float32; other raw columns keep their inferred type.
+        """
         import datasets as hf
 
         features: dict[str, Any] = {"id": hf.Value("string"), "text": hf.Value("string"), "image": hf.Image()}
-        for t, kind in self.task_types.items():
-            if kind == "classification":
-                features[t] = hf.ClassLabel(names=self.label_names[t])
-            elif kind == "multilabel":
-                features[t] = hf.Sequence(hf.ClassLabel(names=self.label_names[t]))
-            else:
+        for t in self.label_names:
+            kind, names = self.task_types.get(t), self.label_names[t]
+            values = [ex.labels.get(t) for ex in self.examples]
+            if kind == "regression":
                 features[t] = hf.Value("float32")
+            elif names and (kind == "multilabel" or any(isinstance(v, list) for v in values)):
+                features[t] = hf.Sequence(hf.ClassLabel(names=names))
+            elif names:
+                features[t] = hf.ClassLabel(names=names)
+            else:
+                features[t] = hf.Features.from_arrow_schema(hf.Dataset.from_dict({t: values}).data.schema)[t]
 
         def image_value(img: str | bytes | Image.Image) -> Any:
             return {"bytes": img, "path": None} if isinstance(img, bytes) else img
@@ -185,7 +198,7 @@ class MultimodalDataset(Sequence[Example]):
             "text": [ex.text for ex in self.examples],
             "image": [image_value(ex.image) for ex in self.examples],
         }
-        for t in self.task_types:
+        for t in self.label_names:
             columns[t] = [ex.labels.get(t) for ex in self.examples]
         return hf.Dataset.from_dict(columns, features=hf.Features(features))
 
@@ -210,15 +223,33 @@ def _stratified_split(labels: list[Any], ratios: Sequence[float], seed: int) -> 
     return [sorted(p) for p in parts]
 
 
+def _strata(ds: MultimodalDataset) -> list[Any]:
+    """Per example, the class to stratify on: the first classification task's index, or on a raw
+    dataset the index of the value in the first column with declared class names (the same split)."""
+    task = next((t for t, k in ds.task_types.items() if k == "classification"), None)
+    if task is not None:
+        return [ex.labels.get(task) for ex in ds]
+    column = next((c for c, names in ds.label_names.items() if names and not ds.task_types), None)
+    if column is None:
+        return [None] * len(ds)
+    index = {name: i for i, name in enumerate(ds.label_names[column])}
+    return [index.get(v) if isinstance(v, str) else None for v in (ex.labels.get(column) for ex in ds)]
+
+
 def split_dataset(
     ds: MultimodalDataset,
     ratios: Sequence[float] = (0.8, 0.1, 0.1),
     seed: int = 0,
     path: str | Path | None = None,
+    *,
+    allow_new_rows: bool = False,
 ) -> dict[str, MultimodalDataset]:
     """train/val/test: the dataset's own splits if it has them, else a seeded split stratified on the
     first classification task. With `path`, an existing file is reused (so every run and strategy sees
     the same split) and a new split is written there.
+
+    A reused file must cover the dataset: ids it names that the dataset lacks are an error, and so are
+    rows it does not name (the data grew) unless `allow_new_rows`, which puts them in train and warns.
     """
     if len(ratios) != 3 or any(r < 0 for r in ratios) or sum(ratios) <= 0:
         raise ValueError(f"ratios must be three non-negative numbers, got {ratios}")
@@ -234,13 +265,24 @@ def split_dataset(
                 source=str(path),
                 hint="the dataset changed: delete the file to make a new split",
             )
+        named = {i for k in SPLITS for i in ids[k]}
+        new = [i for i in ds.ids if i not in named]
+        if new and not allow_new_rows:
+            raise DataError(
+                f"{len(new)} rows of the dataset are in no split of this file (e.g. {new[:3]}): "
+                "rows were added since the split was made",
+                source=str(path),
+                hint="delete the file (or pass a new split file, data.split_file) to make a new split, "
+                "or pass allow_new_rows=True to put the new rows in train",
+            )
+        if new:
+            log.warning("%s: %d new rows are in no split; adding them to train", path, len(new))
+            ids["train"] = [*ids["train"], *new]
         log.info("reusing split from %s", path)
     elif ds.splits is not None:
         ids = {k: ds.splits.get(k, []) for k in SPLITS}
     else:
-        task = next((t for t, k in ds.task_types.items() if k == "classification"), None)
-        labels = [ex.labels.get(task) if task else None for ex in ds]
-        parts = _stratified_split(labels, ratios, seed)
+        parts = _stratified_split(_strata(ds), ratios, seed)
         ids = {k: [ds[i].id for i in part] for k, part in zip(SPLITS, parts)}
     if path is not None and not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)

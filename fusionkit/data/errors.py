@@ -46,6 +46,10 @@ class SkipLog:
     def __call__(self, err: DataError) -> None:
         if self.on_error == "raise":
             raise err
+        self.record(err)
+
+    def record(self, err: DataError) -> None:
+        """Report a skip the user asked for (e.g. `missing_text="skip"`), whatever `on_error` says."""
         self.skipped.append({"item": err.item, "source": err.source, "problem": err.problem})
 
     def finish(self, report_path: str | Path | None, total: int) -> Path | None:

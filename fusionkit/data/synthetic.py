@@ -17,9 +17,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fusionkit.data.dataset import Example, MultimodalDataset
-from fusionkit.data.readers import SENTIMENT
+from fusionkit.data.sources.mvsa import SENTIMENT
 
-# (caption polarity, scene sincerity) -> label index; balanced by sampling the label first.
+# label -> its (caption polarity, scene sincerity) cells; balanced by sampling the label first.
 _CELLS: dict[str, list[tuple[int, int]]] = {
     "positive": [(1, 1), (-1, -1)],
     "negative": [(1, -1), (-1, 1)],
@@ -101,7 +101,11 @@ def _scene(sincerity: int, size: int, rng: np.random.Generator) -> Image.Image:
 def make_synthetic(
     n: int = 2000, seed: int = 0, image_size: int = 64, label_noise: float = 0.05
 ) -> MultimodalDataset:
-    """`n` generated (caption, scene) pairs; item i depends only on (seed, i), so smaller n is a prefix."""
+    """`n` generated (caption, scene) pairs; item i depends only on (seed, i), so smaller n is a prefix.
+
+    Labels are raw class names in column "sentiment", declared in `SENTIMENT` order, so binding them
+    to a classification task gives indices 0 = positive, 1 = neutral, 2 = negative.
+    """
     if n < 1:
         raise ValueError(f"n must be positive, got {n}")
     examples = []
@@ -117,11 +121,11 @@ def make_synthetic(
                 id=f"syn-{i:06d}",
                 text=_caption(polarity, rng),
                 image=_scene(sincerity, image_size, rng),
-                labels={"sentiment": y},
+                labels={"sentiment": SENTIMENT[y]},
                 meta={"caption_polarity": polarity, "scene_sincerity": sincerity, "clean_label": label},
             )
         )
-    key = f"synthetic|v1|{n}|{seed}|{image_size}|{label_noise}"
+    key = f"synthetic|v2|{n}|{seed}|{image_size}|{label_noise}"  # v2: labels are raw class names
     return MultimodalDataset(
         examples,
         {"sentiment": list(SENTIMENT)},

@@ -1,0 +1,319 @@
+"""What every reader shares: the options, turning one raw row into an `Example`, and finishing a read.
+
+A reader only knows its format (how to get rows, their locations and the columns). Everything that
+must behave the same for every source lives here: ids, captions and images that may be missing
+(`missing_text` / `missing_image`), raw label values, duplicate ids and the skip report.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import stat
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image
+
+from fusionkit.data.dataset import Example, ImageSource, clean_text
+from fusionkit.data.errors import DataError, OnError, SkipLog, check_policy
+
+log = logging.getLogger("fusionkit.data")
+
+MissingPolicy = Literal["error", "skip", "keep"]
+MISSING_POLICIES = ("error", "skip", "keep")
+# The config key that controls each reader option, named in errors so users know what to set.
+CONFIG_KEYS = {
+    "text_column": "data.text_column",
+    "image_column": "data.image_column",
+    "id_column": "data.id_column",
+    "label_columns": "model.tasks[].column",
+}
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """The keyword arguments every source accepts (`load_dataset(spec, **options)`).
+
+    - `text_column`, `image_column`, `id_column`: column names (an absent or empty id cell: the row
+      number becomes the id). Ignored by MVSA and synthetic data, whose layout is fixed.
+    - `label_columns`: columns kept as raw labels; None = every column except text/image/id.
+    - `on_error`: "raise" on the first bad row, or "skip" it and write it to the report.
+    - `missing_text` / `missing_image`: a row without caption / image is an "error", is "skip"ped
+      (and reported), or is kept ("keep": `Example.text` / `Example.image` is None).
+    - `report_path`: where skipped rows are listed (JSONL); default a temp file named in the log.
+    - `image_root`: folder that relative image paths of a DataFrame / HF dataset are relative to
+      (default: the working directory; a table file's own folder for CSV/JSONL/Parquet).
+    """
+
+    text_column: str = "text"
+    image_column: str = "image"
+    id_column: str | None = "id"
+    label_columns: tuple[str, ...] | None = None
+    on_error: OnError = "raise"
+    missing_text: MissingPolicy = "error"
+    missing_image: MissingPolicy = "error"
+    report_path: str | Path | None = None
+    image_root: str | Path | None = None
+
+    @classmethod
+    def from_kwargs(cls, kw: Mapping[str, Any]) -> ReadOptions:
+        """Validate reader keyword arguments; unknown or retired keywords get an error saying why."""
+        kw = dict(kw)
+        if kw.pop("allow_empty_text", False):  # the retired keyword meant exactly this
+            kw.setdefault("missing_text", "keep")
+        if "task_types" in kw:
+            raise TypeError(
+                "readers no longer take task_types: labels are read raw and a task's type comes from "
+                "model.tasks (fusionkit.tasks.bind_labels)"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kw) - known)
+        if unknown:
+            raise TypeError(f"unknown reader option(s) {unknown}; expected some of {sorted(known)}")
+        labels = kw.get("label_columns")
+        if isinstance(labels, Mapping):
+            raise TypeError(
+                "label_columns takes column names, not a mapping to class names: readers keep labels "
+                "raw; class names and types belong to model.tasks (class_names, type)"
+            )
+        if labels is not None:
+            kw["label_columns"] = (labels,) if isinstance(labels, str) else tuple(labels)
+        opts = cls(**kw)
+        check_policy(opts.on_error)
+        for key in ("missing_text", "missing_image"):
+            if getattr(opts, key) not in MISSING_POLICIES:
+                raise ValueError(f"{key} must be one of {MISSING_POLICIES}, got {getattr(opts, key)!r}")
+        return opts
+
+    def label_columns_of(self, columns: Sequence[str], source: str) -> list[str]:
+        """The label columns to read: the requested ones (each must exist) or all but text/image/id."""
+        if self.label_columns is None:
+            fixed = (self.text_column, self.image_column, self.id_column)
+            return [c for c in columns if c not in fixed]
+        for c in self.label_columns:
+            require_column(c, "label_columns", columns, source)
+        return list(self.label_columns)
+
+
+def require_column(column: str, option: str, columns: Sequence[str], source: str) -> None:
+    """A missing column is a clear error listing the columns found and the config key to set."""
+    if column not in columns:
+        raise DataError(
+            f"no column {column!r} ({CONFIG_KEYS[option]}); found columns {list(columns)}",
+            source=source,
+            hint=f"set {CONFIG_KEYS[option]} to one of the columns found",
+        )
+
+
+# ------------------------------------------------------------------------------------------------ cells
+
+
+def _is_na_object(value: Any) -> bool:
+    pd = sys.modules.get("pandas")  # only a loaded pandas can have made pd.NA / pd.NaT
+    return pd is not None and (value is pd.NA or value is pd.NaT)
+
+
+def raw_value(value: Any) -> Any:
+    """A cell as a plain Python value; None when missing (None, NaN, pd.NA, empty or "nan" string).
+
+    Strings are stripped. Everything else is left as the source gave it (numpy scalars and arrays
+    become Python numbers and lists): `inf` stays `inf` and `Positive` stays `Positive`, because
+    judging label values is the task's job (`fusionkit.tasks`), which rejects a non-finite target.
+    """
+    if value is None or _is_na_object(value):
+        return None
+    if hasattr(value, "tolist") and not isinstance(value, str | bytes):  # numpy scalar or array
+        value = value.tolist()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, str):
+        value = value.strip()
+        return None if not value or value.lower().lstrip("+-") == "nan" else value
+    return value
+
+
+def row_id(value: Any, row_number: int) -> str:
+    """The id cell as a string; only a missing or empty one becomes the row number (an id 0 stays "0")."""
+    value = raw_value(value)
+    if value is None:
+        return str(row_number)
+    if isinstance(value, float) and value.is_integer():  # an int column with gaps reads as floats
+        return str(int(value))
+    return str(value)
+
+
+# ------------------------------------------------------------------------------------------------ rows
+
+
+class _SkipRow(Exception):
+    """A row dropped by a `missing_*="skip"` policy: reported, never raised."""
+
+    def __init__(self, err: DataError) -> None:
+        self.err = err
+
+
+_MISSING_HINTS = {
+    "text": ("missing_text", "keep image-only rows"),
+    "image": ("missing_image", "keep text-only rows"),
+}
+
+
+class RowReader:
+    """Turns raw rows into `Example`s under one set of options; collects skips for the report."""
+
+    def __init__(self, options: ReadOptions, what: str, image_root: str | Path | None = None) -> None:
+        self.opts = options
+        self.skips = SkipLog(options.on_error, what)
+        root = options.image_root if options.image_root is not None else image_root
+        self.image_root = Path(root) if root is not None else Path.cwd()
+        self.truncated = 0
+
+    def example(
+        self,
+        row: Mapping[str, Any],
+        *,
+        where: str,
+        row_number: int,
+        label_columns: Iterable[str],
+        meta: dict[str, Any] | None = None,
+        no_text: str = "caption is empty",
+    ) -> Example | None:
+        """One row -> an Example, or None when the row was skipped (and recorded).
+
+        `no_text` is the problem reported when the caption is missing (MVSA: its file is)."""
+        o = self.opts
+        item = row_id(row.get(o.id_column), row_number) if o.id_column else str(row_number)
+        try:
+            text = self.text(row.get(o.text_column), where=where, item=item, no_text=no_text)
+            image = self.image(row.get(o.image_column), where=where, item=item)
+        except _SkipRow as s:
+            self.skips.record(s.err)
+            return None
+        except DataError as e:
+            self.skips(e)
+            return None
+        labels = {c: raw_value(row.get(c)) for c in label_columns}
+        return Example(item, text, image, labels, meta or {})
+
+    def missing(self, modality: str, problem: str, *, where: str, item: str) -> None:
+        """Apply missing_text / missing_image: returns (keep), raises _SkipRow (skip) or DataError (error)."""
+        key, keep_what = _MISSING_HINTS[modality]
+        policy = getattr(self.opts, key)
+        if policy == "keep":
+            return
+        hint = f"set data.{key}=keep to {keep_what}, or data.{key}=skip to drop them"
+        err = DataError(problem, source=where, item=item, hint=hint)
+        if policy == "skip":
+            raise _SkipRow(err)
+        raise err
+
+    def text(self, value: Any, *, where: str, item: str, no_text: str = "caption is empty") -> str | None:
+        """A caption cell -> stripped, length-capped text; None (missing, kept) per missing_text."""
+        value = None if value is None or _is_na_object(value) else value
+        if isinstance(value, float) and math.isnan(value):
+            value = None
+        if value is not None and not isinstance(value, str):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise DataError(f"caption must be text, got {type(value).__name__}", source=where, item=item)
+            value = str(value)
+        if value is not None and any("\udc80" <= ch <= "\udcff" for ch in value):
+            raise DataError(
+                "caption is not valid UTF-8", source=where, item=item, hint="re-encode the file as UTF-8"
+            )
+        text, cut = clean_text(value or "")
+        if not text:
+            self.missing("text", no_text, where=where, item=item)
+            return None
+        self.truncated += cut
+        return text
+
+    def image(self, value: Any, *, where: str, item: str) -> ImageSource | None:
+        """An image cell (path, bytes, PIL image, HF {"bytes", "path"}) -> an image source, or None."""
+        if isinstance(value, Mapping):  # HF Image(decode=False) and its Parquet export
+            value = value.get("bytes") or value.get("path")
+        if isinstance(value, Image.Image):
+            return value
+        if isinstance(value, bytes | bytearray | memoryview):
+            if len(value):
+                return bytes(value)
+            value = None
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        value = raw_value(value)
+        if value is None:
+            self.missing("image", "no image (empty cell)", where=where, item=item)
+            return None
+        if not isinstance(value, str):
+            raise DataError(
+                f"image cell must be a path, bytes or a PIL image, got {type(value).__name__}",
+                source=where,
+                item=item,
+            )
+        path = resolve_image_path(value, self.image_root, where=where, item=item)
+        if path is None:
+            self.missing("image", f"image file not found: {value!r}", where=where, item=item)
+        return path
+
+    def finish(self, examples: list[Example], total: int) -> tuple[list[Example], Path | None]:
+        """Drop duplicate ids (first wins; an error under "raise"), log truncations, write the report."""
+        seen: set[str] = set()
+        kept = []
+        for ex in examples:
+            if ex.id in seen:
+                self.skips(
+                    DataError(
+                        f"duplicate id {ex.id!r}",
+                        source=self.skips.what,
+                        item=ex.id,
+                        hint="ids must be unique",
+                    )
+                )
+                continue
+            seen.add(ex.id)
+            kept.append(ex)
+        if self.truncated:
+            log.warning("%s: %d captions longer than the cap were truncated", self.skips.what, self.truncated)
+        return kept, self.skips.finish(self.opts.report_path, total)
+
+
+def resolve_image_path(ref: str, root: Path, *, where: str, item: str) -> str | None:
+    """An image path (relative to `root`) -> its absolute path; None if there is no such file.
+
+    Every other problem with the path (NUL byte, symlink loop, a folder, no permission) is a
+    `DataError` for this row, so `on_error="skip"` can skip it like any bad row.
+    """
+    if "\x00" in ref:
+        raise DataError(f"image path {ref!r} contains a NUL byte", source=where, item=item)
+    path = root / ref
+    try:
+        st = os.stat(path)
+        resolved = path.resolve()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, RuntimeError) as e:  # RuntimeError: pathlib's symlink loop before Python 3.13
+        loop = isinstance(e, RuntimeError) or e.errno == errno.ELOOP
+        reason = "is a symlink loop" if loop else f"cannot be read ({getattr(e, 'strerror', e)})"
+        raise DataError(f"image path {ref!r} {reason}", source=where, item=item) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"image path {ref!r} is not a file", source=where, item=item)
+    return str(resolved)
+
+
+def prune_splits(splits: Mapping[str, Sequence[str]], examples: Sequence[Example]) -> dict[str, list[str]]:
+    """Predefined splits restricted to the examples kept; an id in two splits stays in its first only."""
+    kept = {ex.id for ex in examples}
+    seen: set[str] = set()
+    out: dict[str, list[str]] = {}
+    for k, ids in splits.items():
+        out[k] = []
+        for i in ids:
+            if i in kept and i not in seen:
+                seen.add(i)
+                out[k].append(i)
+    return out

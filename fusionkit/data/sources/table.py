@@ -1,0 +1,169 @@
+"""Tables: CSV, JSON Lines, Parquet files and in-memory pandas DataFrames, one row per pair."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from fusionkit.data.dataset import MultimodalDataset
+from fusionkit.data.errors import DataError
+from fusionkit.data.sources.registry import register_source
+from fusionkit.data.sources.rows import ReadOptions, RowReader, require_column
+
+TABLE_SUFFIXES = {
+    ".csv": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+
+Row = tuple[str, int, Mapping[str, Any] | DataError]  # (location, row number, cells or the row's error)
+
+
+def _csv_rows(path: Path, text: str) -> tuple[list[str], Iterator[Row]]:
+    """Header and records; a record names its physical lines (captions may span lines)."""
+    # csv's default 128 KiB field limit would reject a whole file for one huge caption; captions
+    # are capped to MAX_TEXT_CHARS instead. (The limit is process-wide; we only raise it.)
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 26))
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = [h.strip() for h in next(reader)]
+    except StopIteration:
+        return [], iter(())
+    dup = sorted({h for h in header if header.count(h) > 1})
+    if dup:
+        raise DataError(f"column(s) {dup} appear more than once in the header", source=f"{path}:1")
+
+    def rows() -> Iterator[Row]:
+        n, last = 0, reader.line_num
+        for cells in reader:
+            first, last = last + 1, reader.line_num
+            where = f"{path}:{first}" if first == last else f"{path}:{first}-{last}"
+            if not cells:  # a blank line
+                continue
+            n += 1
+            if len(cells) > len(header):
+                yield (
+                    where,
+                    n,
+                    DataError(
+                        f"row has {len(cells)} fields but the header has {len(header)}",
+                        source=where,
+                        hint="quote fields that contain the delimiter (a comma in a caption)",
+                    ),
+                )
+            else:
+                yield where, n, dict(zip(header, cells))
+
+    return header, rows()
+
+
+def _jsonl_rows(path: Path, text: str) -> tuple[list[str], list[Row]]:
+    """One JSON object per line. Lines are split on "\\n" only (JSON Lines), so U+2028 or U+0085 in
+    a caption stays inside its record; a line that is not an object is an error for that row."""
+    rows: list[Row] = []
+    columns: dict[str, None] = {}
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip(" \t\r"):
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            rows.append((where, len(rows) + 1, DataError(f"invalid JSON ({e.msg})", source=where)))
+            continue
+        if not isinstance(value, dict):
+            err = DataError(f"line is a JSON {type(value).__name__}, not an object", source=where)
+            rows.append((where, len(rows) + 1, err))
+            continue
+        columns.update(dict.fromkeys(value))
+        rows.append((where, len(rows) + 1, value))
+    return list(columns), rows
+
+
+def _frame_rows(df: Any, name: str) -> tuple[list[str], Iterator[Row]]:
+    columns = [str(c) for c in df.columns]
+    if len(set(columns)) != len(columns):
+        raise DataError(f"duplicate column names in {columns}", source=name)
+    records = df.to_dict("records")
+    return columns, ((f"{name}[{n}]", n, {str(k): v for k, v in r.items()}) for n, r in enumerate(records))
+
+
+def _read_rows(
+    columns: list[str],
+    rows: Iterator[Row] | list[Row],
+    opts: ReadOptions,
+    rr: RowReader,
+    name: str,
+    source: str,
+) -> MultimodalDataset:
+    """Shared by every table: check the columns, turn each row into an Example, finish.
+
+    No columns at all (an empty file, or JSONL lines that are all errors) means nothing to check."""
+    label_columns: list[str] = []
+    if columns:
+        require_column(opts.text_column, "text_column", columns, source)
+        require_column(opts.image_column, "image_column", columns, source)
+        label_columns = opts.label_columns_of(columns, source)
+    examples, total = [], 0
+    for where, n, row in rows:
+        total += 1
+        if isinstance(row, DataError):
+            rr.skips(row)
+            continue
+        ex = rr.example(row, where=where, row_number=n, label_columns=label_columns)
+        if ex is not None:
+            examples.append(ex)
+    examples, report = rr.finish(examples, total)
+    return MultimodalDataset(examples, {c: [] for c in label_columns}, name=name, skip_report=report)
+
+
+def _is_dataframe(obj: Any) -> bool:
+    pd = sys.modules.get("pandas")
+    return pd is not None and isinstance(obj, pd.DataFrame)
+
+
+def _is_table_file(obj: Any) -> bool:
+    return isinstance(obj, Path) and obj.is_file() and obj.suffix.lower() in TABLE_SUFFIXES
+
+
+@register_source("table", lambda obj: _is_dataframe(obj) or _is_table_file(obj))
+def read_table(source: str | Path | Any, **options: Any) -> MultimodalDataset:
+    """A CSV, JSONL or Parquet file, or a pandas DataFrame: one row per image-caption pair.
+
+    Options: see `ReadOptions`. Image paths are relative to the file's folder (a DataFrame: to
+    `image_root`, default the working directory); an image cell may also hold bytes, a PIL image or
+    an HF `{"bytes", "path"}` dict. Labels are kept raw: CSV cells as stripped strings, JSON/Parquet/
+    DataFrame values as given; an empty, None or NaN cell is a missing label.
+    Locations in errors: `file:line` (CSV: the physical lines of the record), `name[row]` (0-based)
+    for Parquet and DataFrames. A missing id becomes the row number (1-based in CSV/JSONL).
+    """
+    opts = ReadOptions.from_kwargs(options)
+    if _is_dataframe(source):
+        rr = RowReader(opts, "read_table(DataFrame)")
+        columns, rows = _frame_rows(source, "DataFrame")
+        return _read_rows(columns, rows, opts, rr, "dataframe", "DataFrame")
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"table {path} does not exist")
+    fmt = TABLE_SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(
+            f"{path}: unsupported table format {path.suffix!r}; use one of {sorted(TABLE_SUFFIXES)}"
+        )
+    rr = RowReader(opts, f"read_table({path})", image_root=path.parent)
+    if fmt == "parquet":
+        import pandas as pd
+
+        columns, rows = _frame_rows(pd.read_parquet(path), str(path))
+    else:
+        # surrogateescape keeps undecodable bytes visible per row instead of failing the whole file.
+        text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+        columns, rows = _csv_rows(path, text) if fmt == "csv" else _jsonl_rows(path, text)
+    return _read_rows(columns, rows, opts, rr, path.stem, str(path))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -52,22 +53,34 @@ def _parser() -> argparse.ArgumentParser:
         epilog=f"example: {EXAMPLE}",
     )
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    t.add_argument("--accept-changes", action="store_true",
+                   help="let --resume go on although the config or data changed (recorded in resume_log.jsonl)")
 
     def data_args(sp: argparse.ArgumentParser, split: str) -> None:
         sp.add_argument("checkpoint", help="model dir or run dir (uses its best/ checkpoint)")
-        sp.add_argument("--data", help="dataset spec (default: the one in the run's config)")
-        sp.add_argument("--split", default=split, help="train | val | test | all")
+        sp.add_argument("--data", help="a dataset (default: the run's own); all its rows unless --split is given")
+        sp.add_argument("--split", help=f"train | val | test | all (default: {split} of the run's data; "
+                        "all rows of --data)")  # fmt: skip
         sp.add_argument("--split-file", help="split JSON (default: the run dir's split.json)")
         sp.add_argument("--batch-size", type=int, default=128)
-        sp.add_argument("--cache-dir", help="data cache dir (default ~/.cache/fusionkit)")
+        sp.add_argument("--cache-dir", help="data cache dir (default: data.cache_dir, $FUSIONKIT_CACHE, ~/.cache/fusionkit)")
         sp.add_argument("--device", default="auto")
+        for col in ("text", "image", "id"):
+            sp.add_argument(f"--{col}-column", help=f"column of the {col}s in --data (default: the run's data.{col}_column)")
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint on a split")
+    e = sub.add_parser("eval", help="evaluate a checkpoint on a split or a labelled file")
     data_args(e, "val")
     e.add_argument("--output", help="also write the metrics JSON here")
-    pr = sub.add_parser("predict", help="write predictions (id, label, probabilities) for a split")
+    pr = sub.add_parser(
+        "predict",
+        help="predict labels: one raw pair (--text/--image), every row of a file (--data), or a split",
+        epilog='examples: fusionkit predict RUN --text "what a day" --image photo.jpg | '
+        "fusionkit predict RUN --data new.csv --output preds.csv | fusionkit predict RUN --split test --output p.csv",
+    )
     data_args(pr, "test")
-    pr.add_argument("--output", required=True, help=".csv or .jsonl")
+    pr.add_argument("--text", help="one caption to predict (with --image, or alone)")
+    pr.add_argument("--image", help="one image file to predict (with --text, or alone)")
+    pr.add_argument("--output", help=".csv or .jsonl (required unless --text/--image)")
     em = sub.add_parser("embed", help="joint (or text/image) vectors for a dataset or CSV")
     data_args(em, "all")
     em.add_argument("--output", required=True, help=".npy or .parquet")
@@ -90,7 +103,9 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         cfg.run.output_dir, cfg.run.name = str(run_dir.parent), run_dir.name
     else:
         cfg = build_config(config, overrides)
-    summary = train(cfg, resume=bool(args.resume))
+    if args.accept_changes and not args.resume:
+        raise ConfigError("--accept-changes only applies to --resume RUN_DIR")
+    summary = train(cfg, resume=bool(args.resume), accept_changes=args.accept_changes)
     print(f"\nrun dir: {summary['run_dir']}")
     print(f"best checkpoint: {summary['best_checkpoint']} ({summary['metric']} = {summary['best']})")
     for split in ("val", "test"):
@@ -101,34 +116,63 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _split(args: argparse.Namespace, model: Any, with_labels: bool = False) -> Any:
-    """The requested split of the dataset (as saved in the run dir when there is one), as a data cache.
+def _run_data_config(args: argparse.Namespace) -> tuple[Any, Path | None]:
+    """The run's `data` config (columns, policies, dataset) when the checkpoint is in a run dir, and that dir."""
+    import dataclasses
 
-    `with_labels`: read the model's task labels from a CSV/JSONL table too (eval needs them; predict
-    and embed also work on unlabeled tables)."""
-    from .data import build_cache, load_dataset, split_dataset
-    from .training.trainer import dataset_kwargs
+    from .config import from_dict
+    from .training.config import DataConfig
 
     ckpt = Path(args.checkpoint)
-    run_config = next((d / "config.json" for d in (ckpt, ckpt.parent) if (d / "split.json").is_file()), None)
-    spec = args.data
-    if spec is None and run_config is not None:
-        spec = json.loads(run_config.read_text())["data"]["dataset"]
-    if spec is None:
+    run_dir = next((d for d in (ckpt, ckpt.parent) if (d / "config.json").is_file() and (d / "split.json").is_file()),
+                   None)  # fmt: skip
+    data = DataConfig()
+    if run_dir is not None:
+        saved = json.loads((run_dir / "config.json").read_text()).get("data", {})
+        known = {f.name for f in dataclasses.fields(DataConfig)}
+        data = from_dict(DataConfig, {k: v for k, v in saved.items() if k in known}, "data")
+    changes = {f"{c}_column": getattr(args, f"{c}_column") for c in ("text", "image", "id")}
+    data = dataclasses.replace(data, **{k: v for k, v in changes.items() if v is not None})
+    if args.cache_dir:
+        data = dataclasses.replace(data, cache_dir=args.cache_dir)
+    return data, run_dir
+
+
+def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, build: bool = True) -> Any:
+    """(dataset, data cache) of what the command reads: the run's own data and split (default), or
+    every row of `--data` (a `--split` of it uses the run's split.json or `--split-file`).
+
+    `with_labels`: read and bind the model's label columns (eval); predict and embed need none, and
+    keep rows that lack a caption or an image (the model predicts from the side that is there)."""
+    import dataclasses
+
+    from .data import build_cache, load_dataset, split_dataset
+    from .tasks import bind_labels
+    from .training.trainer import cache_root, reader_kwargs
+
+    data, run_dir = _run_data_config(args)
+    if args.data is None and run_dir is None:
         raise ConfigError("--data is required when the checkpoint is not inside a run dir")
-    ds = load_dataset(spec, **(dataset_kwargs(spec, model.config.tasks) if with_labels else {}))
-    if args.split != "all":
-        split_file = args.split_file or (
-            run_config.parent / "split.json" if run_config and not args.data else None
-        )
+    source = args.data or data.dataset
+    split = args.split or ("all" if args.data else {"eval": "val"}.get(args.command, "test"))
+    if not with_labels:
+        data = dataclasses.replace(data, missing_text="keep", missing_image="keep")
+    kw = reader_kwargs(data, model.config.tasks, labels=with_labels, source=source)
+    ds, _ = bind_labels(load_dataset(source, **kw), model.config.tasks, require_columns=with_labels)
+    if split != "all":
+        split_file = Path(args.split_file) if args.split_file else (run_dir / "split.json" if run_dir else None)
+        if split_file is None or not split_file.is_file():
+            raise ConfigError(f"--split {split} needs the run's split.json or --split-file; use --split all for every row")
         parts = split_dataset(ds, path=split_file)
-        if args.split not in parts:
-            raise ConfigError(f"unknown split {args.split!r}; use train, val, test or all")
-        ds = parts[args.split]
-    cache_dir = Path(args.cache_dir or "~/.cache/fusionkit").expanduser()
-    return ds, build_cache(
-        ds, model.tokenizer, model.image_preprocess, cache_dir, model.config.text.max_length
-    )
+        if split not in parts:
+            raise ConfigError(f"unknown split {split!r}; use train, val, test or all")
+        ds = parts[split]
+    args.split = split
+    if not build:
+        return ds, None
+    cache = build_cache(ds, model.tokenizer, model.image_preprocess, cache_root(data), model.config.text.max_length,
+                        on_error=data.on_error)  # fmt: skip
+    return ds, cache
 
 
 def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
@@ -142,10 +186,10 @@ def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .training.trainer import evaluation_metrics
+    from .training.metrics import evaluation_metrics
 
     model, result = _inference(args)
-    flat, details = evaluation_metrics(model, result, args.split)
+    flat, details = evaluation_metrics(model.tasks, result, args.split)
     text = json.dumps({**flat, "details": details}, indent=2)
     print(text)
     if args.output:
@@ -154,11 +198,23 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from .training.metrics import prediction_rows
     from .training.report import write_predictions
-    from .training.trainer import prediction_rows
 
+    if args.text is not None or args.image is not None:
+        if args.data or args.output:
+            raise ConfigError("--text/--image predict one pair; --data/--output predict a file: not both")
+        from .models import FusionModel
+        from .training.trainer import resolve_device
+
+        model = FusionModel.from_pretrained(args.checkpoint, map_location=resolve_device(args.device))
+        [row] = model.predict(texts=[args.text], images=[args.image])
+        print(json.dumps(row, indent=2, ensure_ascii=False))
+        return 0
+    if not args.output:
+        raise ConfigError("predict needs --output FILE (.csv/.jsonl), or --text/--image for one pair")
     model, result = _inference(args)
-    path = write_predictions(Path(args.output), prediction_rows(model, result))
+    path = write_predictions(Path(args.output), prediction_rows(model.tasks, result))
     print(f"wrote {len(result['ids'])} predictions to {path}")
     return 0
 
@@ -171,11 +227,7 @@ def _embed(args: argparse.Namespace) -> int:
     from .training.trainer import resolve_device
 
     model = FusionModel.from_pretrained(args.checkpoint, map_location=resolve_device(args.device))
-    ds, _ = _split(args, model) if args.data is None or args.split != "all" else (None, None)
-    if ds is None:
-        from .data import load_dataset
-
-        ds = load_dataset(args.data)
+    ds, _ = _split(args, model, build=False)  # embed streams the raw pairs itself
     texts = (ex.text for ex in ds) if args.modality != "image" else None
     images = (ex.image for ex in ds) if args.modality != "text" else None
     vectors = embed(model, texts, images, batch_size=args.batch_size)
@@ -193,6 +245,53 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
+OUTPUT_SUFFIXES = {"predict": (".csv", ".jsonl"), "embed": (".npy", ".parquet")}
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """Before any work: refuse an `--output` that would overwrite an input (the data, the model, a run's
+    own results) or be written under another name than the one given; create its folder."""
+    from .training.rundir import RunDir
+
+    if not getattr(args, "output", None):
+        return
+    out = Path(args.output).expanduser()
+    allowed = OUTPUT_SUFFIXES.get(args.command)
+    if allowed and out.suffix.lower() not in allowed:
+        raise ConfigError(f"--output {out}: {args.command} writes {' or '.join(allowed)} files; "
+                          f"name the output e.g. {out.with_suffix(allowed[0]).name}")  # fmt: skip
+    if out.is_dir():
+        raise ConfigError(f"--output {out} is a directory; give a file name")
+    data, run_dir = _run_data_config(args)
+    inputs = [Path(args.data or data.dataset).expanduser()]
+    if run_dir is None:  # a bare model dir; a run dir's checkpoints are covered by RunDir.owns
+        inputs.append(Path(args.checkpoint).expanduser())
+    written = [out] + ([out.with_suffix(".ids.json")] if args.command == "embed" and out.suffix == ".npy" else [])
+    for target in written:
+        for src in inputs:
+            if src.exists() and (_same_file(target, src) or (src.is_dir() and _inside(target, src))):
+                raise ConfigError(f"--output {out} would overwrite the input {src}; write somewhere else")
+        if run_dir is not None and RunDir(run_dir).owns(target):
+            raise ConfigError(f"--output {out} would overwrite {target.name} of the run in {run_dir}; "
+                              "write somewhere else")  # fmt: skip
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot create the folder of --output {out}: {e.strerror or e}") from e
+    if not os.access(out.parent, os.W_OK):
+        raise OSError(f"cannot write --output {out}: its folder {out.parent} is not writable")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fusionkit` command; returns the exit status."""
     from .data import DataError
@@ -205,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args, extra)
         if extra:
             raise ConfigError(f"unexpected arguments {extra}")
+        _check_output(args)
         return {"eval": _eval, "predict": _predict, "embed": _embed}[args.command](args)
     except TrainingInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-TASK_TYPES = ("classification", "multilabel", "regression", "itm", "contrastive")
+MISSING_POLICIES = ("error", "skip", "keep")
 
 
 class ConfigError(ValueError):
@@ -74,13 +74,26 @@ class FusionConfig:
 
 @dataclass
 class TaskConfig:
-    """One head. `classification`/`multilabel` need `num_classes`; `itm`/`contrastive` need no labels."""
+    """One task: its head, loss, label schema and metrics come from the task type (`fusionkit.tasks`).
+
+    `column` is the data column holding its labels (default: the task name). Class names come from the
+    config, the data, or both reconciled by name; `num_classes` is then filled in (None = not known yet).
+    `params` holds options of a particular task type (see its class in `fusionkit/tasks/`).
+    """
 
     name: str
     type: str = "classification"
-    num_classes: int = 3
+    num_classes: int | None = None
     weight: float = 1.0
     class_names: list[str] | None = None
+    column: str | None = None
+    label_smoothing: float = 0.0  # classification: soften one-hot targets (Szegedy et al., 2016)
+    class_weights: str | list[float] | None = None  # classification: "balanced" (from train labels) or a list
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label_column(self) -> str:
+        return self.column or self.name
 
 
 @dataclass
@@ -99,15 +112,10 @@ class ModelConfig:
             raise ConfigError("a model needs at least one task")
         if len(set(names)) != len(names):
             raise ConfigError(f"task names must be unique, got {names}")
+        from .tasks import get_task_class  # tasks validate their own options
+
         for t in self.tasks:
-            if t.type not in TASK_TYPES:
-                raise ConfigError(f"task {t.name!r}: unknown type {t.type!r}; expected one of {TASK_TYPES}")
-            if t.type in ("classification", "multilabel") and t.num_classes < 2 - (t.type == "multilabel"):
-                raise ConfigError(f"task {t.name!r}: num_classes={t.num_classes} is too small")
-            if t.class_names is not None and len(t.class_names) != t.num_classes:
-                raise ConfigError(
-                    f"task {t.name!r}: {len(t.class_names)} class_names for {t.num_classes} classes"
-                )
+            get_task_class(t.type).validate_config(t)
         if self.loss_weighting not in ("static", "uncertainty"):
             raise ConfigError(
                 f"loss_weighting must be 'static' or 'uncertainty', got {self.loss_weighting!r}"
@@ -116,6 +124,19 @@ class ModelConfig:
             raise ConfigError(f"freeze must be 'none', 'encoders' or 'top_k', got {self.freeze!r}")
         if self.image.backend not in ("timm", "hf"):
             raise ConfigError(f"image.backend must be 'timm' or 'hf', got {self.image.backend!r}")
+        f = self.fusion
+        for ok, what in (
+            (f.dim > 0, f"fusion.dim must be positive, got {f.dim}"),
+            (f.num_heads > 0, f"fusion.num_heads must be positive, got {f.num_heads}"),
+            (f.depth >= 1, f"fusion.depth must be at least 1, got {f.depth}"),
+            (f.mlp_ratio > 0, f"fusion.mlp_ratio must be positive, got {f.mlp_ratio}"),
+            (0 <= f.dropout < 1, f"fusion.dropout must be in [0, 1), got {f.dropout}"),
+            (f.image_grid >= 0, f"fusion.image_grid must be >= 0 (0 = keep all patches), got {f.image_grid}"),
+            (self.text.max_length > 0, f"text.max_length must be positive, got {self.text.max_length}"),
+            (self.trainable_layers >= 0, f"trainable_layers must be >= 0, got {self.trainable_layers}"),
+        ):
+            if not ok:
+                raise ConfigError(what)
         if self.fusion.dim % self.fusion.num_heads:
             raise ConfigError(
                 f"fusion.dim={self.fusion.dim} is not divisible by num_heads={self.fusion.num_heads}"
@@ -171,6 +192,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         return dict(value)
+    if tp is str and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # `--run.name 2024`: a name that looks like a number is still a name
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float, str, bool):

@@ -26,51 +26,68 @@ def pad_right(seqs: Sequence[torch.Tensor], value: float = 0) -> tuple[torch.Ten
     return padded, (torch.arange(padded.shape[1]) < lengths[:, None]).long()
 
 
+def schema_tasks(label_names: Mapping[str, Sequence[str]], task_types: Mapping[str, str] | None = None) -> list[Any]:
+    """Task objects for a bound dataset's schema (`label_names`, `task_types`), e.g. a cache's."""
+    from fusionkit.config import TaskConfig
+    from fusionkit.tasks import create_task
+
+    out = []
+    for name, names in label_names.items():
+        kind = (task_types or {}).get(name, "classification")
+        cfg = TaskConfig(name, kind, class_names=list(names) or None, num_classes=len(names) or None)
+        out.append(create_task(cfg))
+    return out
+
+
 class Collator:
     """List of `CachedDataset` items -> batch dict, padding captions to the longest in the batch.
 
-    Labels: classification -> long [B] (missing: 0), multilabel -> float multi-hot [B, C],
-    regression -> float [B] (missing: 0.0); `label_mask[task]` (bool [B]) is False where missing.
+    `tasks`: the model's tasks (objects or configs), or a bound dataset's `label_names` mapping (with
+    `task_types`). Each task collates its own labels: `labels[task]` and `label_mask[task]` (bool [B],
+    False where the label is missing). `text_present` / `image_present` (bool [B]) mark the rows
+    that have a caption / an image.
     """
 
     def __init__(
         self,
         pad_token_id: int,
-        label_names: Mapping[str, Sequence[str]] | None = None,
+        tasks: Sequence[Any] | Mapping[str, Sequence[str]] | None = None,
         task_types: Mapping[str, str] | None = None,
     ) -> None:
+        from fusionkit.config import TaskConfig
+        from fusionkit.tasks import create_task
+
         self.pad_token_id = pad_token_id
-        self.label_names = {k: list(v) for k, v in (label_names or {}).items()}
-        self.task_types = {t: (task_types or {}).get(t, "classification") for t in self.label_names}
+        if isinstance(tasks, Mapping):
+            tasks = schema_tasks(tasks, task_types)
+        objs = [create_task(t) if isinstance(t, TaskConfig) else t for t in tasks or []]
+        self.tasks = [t for t in objs if t.needs_labels]
 
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> Batch:
         if not items:
             raise ValueError("cannot collate an empty batch")
         input_ids, attention_mask = pad_right([it["input_ids"] for it in items], self.pad_token_id)
         return {
-            "ids": [str(it["id"]) for it in items],
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "pixel_values": torch.stack([it["pixel_values"] for it in items]),
+            **self.collate_common(items),
+        }
+
+    def collate_common(self, items: Sequence[Mapping[str, Any]]) -> Batch:
+        """ids, labels, label masks and modality presence: what every batch carries besides its inputs."""
+        return {
+            "ids": [str(it["id"]) for it in items],
+            "text_present": torch.tensor([bool(it.get("has_text", True)) for it in items]),
+            "image_present": torch.tensor([bool(it.get("has_image", True)) for it in items]),
             **self.collate_labels(items),
         }
 
     def collate_labels(self, items: Sequence[Mapping[str, Any]]) -> Batch:
         """`{"labels": {task: tensor}, "label_mask": {task: bool [B]}}` for the items' label dicts."""
-        tasks = self.task_types or dict.fromkeys(items[0]["labels"], "classification")
         labels, label_mask = {}, {}
-        for task, kind in tasks.items():
-            values = [it["labels"].get(task) for it in items]
-            label_mask[task] = torch.tensor([v is not None for v in values], dtype=torch.bool)
-            if kind == "multilabel":
-                hot = torch.zeros(len(items), len(self.label_names[task]))
-                for row, v in enumerate(values):
-                    hot[row, list(v or [])] = 1.0
-                labels[task] = hot
-            elif kind == "regression":
-                labels[task] = torch.tensor([0.0 if v is None else float(v) for v in values])
-            else:
-                labels[task] = torch.tensor([0 if v is None else int(v) for v in values], dtype=torch.long)
+        for task in self.tasks:
+            labels[task.name], label_mask[task.name] = task.collate([it["labels"].get(task.name) for it in items])
         return {"labels": labels, "label_mask": label_mask}
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +26,22 @@ from torch import nn
 
 from .. import __version__
 from ..config import ConfigError, ImagePreprocess, ModelConfig, from_dict, to_dict
+from ..tasks import FusionContext, Task
 from .encoders import ImageEncoder, TextEncoder, drop_unused_heads, set_top_layers_trainable
-from .fusion import create_fusion, masked_mean
-from .heads import LABEL_FREE_TASKS, ContrastiveHead, MultiTaskLoss, TaskHead, head_out_dim
+from .fusion import create_fusion, drop_modalities, masked_mean
+from .heads import MultiTaskLoss
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "text_features", "image_features")
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "pixel_values",
+    "text_features",
+    "image_features",
+    "text_present",
+    "image_present",
+)
 
 
 def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -54,16 +63,15 @@ class FusionModel(nn.Module):
         dim = config.fusion.dim
         self.text_proj = nn.Linear(self.text_encoder.width, dim)
         self.image_proj = nn.Linear(self.image_encoder.width, dim)
+        # Learned stand-ins, in the projected space, for a caption or an image a row does not have.
+        self.text_placeholder = nn.Parameter(nn.init.trunc_normal_(torch.empty(dim), std=0.02))
+        self.image_placeholder = nn.Parameter(nn.init.trunc_normal_(torch.empty(dim), std=0.02))
         self.fusion = create_fusion(config.fusion)
-        self.heads = nn.ModuleDict()
-        for task in config.tasks:
-            if task.type == "contrastive":
-                self.heads[task.name] = ContrastiveHead()
-            else:
-                self.heads[task.name] = TaskHead(
-                    dim, head_out_dim(task), self.fusion.num_views, config.fusion.dropout
-                )
         self.criterion = MultiTaskLoss(config.tasks, config.loss_weighting)
+        self.heads = nn.ModuleDict(
+            {name: task.build_head(dim, self.fusion.num_views, config.fusion.dropout)
+             for name, task in self.tasks.items()}  # fmt: skip
+        )
         self.set_trainable(config.freeze, config.trainable_layers)
 
     # ------------------------------------------------------------------ properties
@@ -80,16 +88,22 @@ class FusionModel(nn.Module):
         return next(self.parameters()).device
 
     @property
-    def tasks(self) -> dict[str, Any]:
-        return {t.name: t for t in self.config.tasks}
+    def tasks(self) -> dict[str, Task]:
+        """Task objects by name (`fusionkit.tasks`): schema, loss, metrics and predictions of each."""
+        return self.criterion.tasks
+
+    @property
+    def class_names(self) -> dict[str, list[str]]:
+        """Class names per classification-like task, in the order of the logits."""
+        return {name: list(t.class_names) for name, t in self.tasks.items() if t.class_names}
 
     @property
     def needs_text(self) -> bool:
-        return self.fusion.uses_text or any(t.type in LABEL_FREE_TASKS for t in self.config.tasks)
+        return self.fusion.uses_text or any(not t.needs_labels for t in self.tasks.values())
 
     @property
     def needs_image(self) -> bool:
-        return self.fusion.uses_image or any(t.type in LABEL_FREE_TASKS for t in self.config.tasks)
+        return self.fusion.uses_image or any(not t.needs_labels for t in self.tasks.values())
 
     # ------------------------------------------------------------------ freezing
     def set_trainable(self, freeze: str = "none", trainable_layers: int = 0) -> None:
@@ -107,9 +121,11 @@ class FusionModel(nn.Module):
         if not self.needs_text:
             self.text_encoder.requires_grad_(False)
             self.text_proj.requires_grad_(False)
+            self.text_placeholder.requires_grad_(False)
         if not self.needs_image:
             self.image_encoder.requires_grad_(False)
             self.image_proj.requires_grad_(False)
+            self.image_placeholder.requires_grad_(False)
         self.config.freeze, self.config.trainable_layers = freeze, trainable_layers
         self.train(self.training)
 
@@ -193,16 +209,19 @@ class FusionModel(nn.Module):
         return F.normalize(emb, dim=-1) if normalize else emb
 
     def _fuse(
-        self, text: torch.Tensor | None, mask: torch.Tensor | None, image: torch.Tensor | None
+        self,
+        text: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        image: torch.Tensor | None,
+        image_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if text is not None and image is not None and text.shape[0] != image.shape[0]:
-            raise ValueError(f"text batch size {text.shape[0]} != image batch size {image.shape[0]}")
-        return self.fusion(text, mask, image)
+        _check_same_batch(text, image)
+        return self.fusion(text, mask, image, image_mask)
 
     def encode(self, normalize: bool = False, **inputs: torch.Tensor) -> torch.Tensor:
-        """Joint embedding [B, dim] of image-text pairs (the mean of the fusion's views)."""
-        views = self._views(**inputs)[0]
-        emb = views.mean(1)
+        """Joint embedding [B, dim] of image-text pairs: the mean of the fusion's (present) views."""
+        ctx = self._views(**inputs)
+        emb = masked_mean(ctx.views, ctx.view_mask)
         return F.normalize(emb, dim=-1) if normalize else emb
 
     def _views(
@@ -212,13 +231,44 @@ class FusionModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         text_features: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        text = mask = image = None
-        if self.needs_text:
+        text_present: torch.Tensor | None = None,
+        image_present: torch.Tensor | None = None,
+    ) -> FusionContext:
+        """Encode both sides, swap in the placeholders for absent ones (+ modality dropout), then fuse."""
+        batch, device = _batch_size(
+            input_ids, text_features, pixel_values, image_features, text_present, image_present
+        )
+        complete = text_present is None and image_present is None
+        text_present = _presence(text_present, batch, device, "text_present")
+        image_present = _presence(image_present, batch, device, "image_present")
+        rate = self.config.fusion.modality_dropout
+        if self.training and rate > 0 and self.fusion.uses_text and self.fusion.uses_image:
+            text_present, image_present = drop_modalities(text_present, image_present, rate)
+            complete = False
+        any_text = any_image = all_text = all_image = True
+        if not complete:  # one host sync decides which encoders run at all and whether masks are needed
+            flags = [text_present.any(), image_present.any(), text_present.all(), image_present.all()]
+            any_text, any_image, all_text, all_image = torch.stack(flags).tolist()
+        text = mask = image = image_mask = None
+        if self.needs_text and any_text:
             text, mask = self.text_tokens(input_ids, attention_mask, text_features)
-        if self.needs_image:
+        if self.needs_image and any_image:
             image = self.image_tokens(pixel_values, image_features)
-        return self._fuse(text, mask, image), text, mask, image
+        _check_same_batch(text, image)
+        if self.needs_text:
+            text, mask = _fill_absent(text, mask, text_present, self.text_placeholder, all_text)
+        if self.needs_image:
+            image, image_mask = _fill_absent(image, None, image_present, self.image_placeholder, all_image)
+        everything = all_text and all_image
+        return FusionContext(
+            self._fuse(text, mask, image, image_mask),
+            text,
+            mask,
+            image,
+            self._fuse,
+            paired=None if everything else text_present & image_present,
+            view_mask=None if everything else self.fusion.view_mask(text_present, image_present),
+        )
 
     # ------------------------------------------------------------------ forward / loss
     def forward(
@@ -228,23 +278,24 @@ class FusionModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         text_features: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
+        text_present: torch.Tensor | None = None,
+        image_present: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Per-task outputs: `{task: logits}`. ITM gives [B, 2] (true pair, shuffled pair); contrastive [B, B]."""
-        views, text, mask, image = self._views(
-            input_ids, attention_mask, pixel_values, text_features, image_features
+        """Per-task outputs: `{task: logits}`. ITM gives [B, 2] (true pair, shuffled pair); contrastive [B, B].
+
+        `text_present` / `image_present` (bool [B], None = all) mark the rows that have a caption / an
+        image; an absent side is replaced by a learned placeholder, and its dummy input is ignored.
+        """
+        ctx = self._views(
+            input_ids,
+            attention_mask,
+            pixel_values,
+            text_features,
+            image_features,
+            text_present,
+            image_present,
         )
-        out: dict[str, torch.Tensor] = {}
-        for task in self.config.tasks:
-            head = self.heads[task.name]
-            if task.type == "contrastive":
-                out[task.name] = head(masked_mean(text, mask), image.mean(1))
-            elif task.type == "itm":
-                out[task.name] = torch.cat(
-                    [head(views), head(self._fuse(text, mask, _shuffle_pairs(image)))], dim=1
-                )
-            else:
-                out[task.name] = head(views)
-        return out
+        return {name: task.forward(self.heads[name], ctx) for name, task in self.tasks.items()}
 
     def loss(
         self,
@@ -254,6 +305,46 @@ class FusionModel(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """`{"loss": weighted total, task: task loss}`; unlabeled examples are masked out per task."""
         return self.criterion(outputs, labels, label_mask)
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        texts: Sequence[str | None] | None = None,
+        images: Sequence[Any] | None = None,
+        batch_size: int = 64,
+    ) -> list[dict[str, Any]]:
+        """Predictions for raw pairs: per example and task, the label name(s) and class probabilities
+        (regression: the value). Captions are strings, images paths / PIL images / bytes; either list may
+        be left out or hold None entries (a missing caption or image).
+
+            model.predict(texts=["what a day"], images=["photo.jpg"])
+            # [{"sentiment": "positive", "sentiment_prob": {"positive": 0.91, ...}}]
+        """
+        from ..processor import FusionProcessor
+
+        if texts is None and images is None:
+            raise ValueError("predict() needs texts, images or both")
+        n = len(texts) if texts is not None else len(images)  # type: ignore[arg-type]
+        texts = list(texts) if texts is not None else [None] * n
+        images = list(images) if images is not None else [None] * n
+        processor = FusionProcessor.from_model(self)
+        was_training = self.training
+        self.eval()
+        rows: list[dict[str, Any]] = []
+        try:
+            for s in range(0, n, batch_size):
+                inputs = processor(texts=texts[s : s + batch_size], images=images[s : s + batch_size],
+                                   device=self.device)  # fmt: skip
+                out = self(**model_inputs(inputs))
+                batch_rows: list[dict[str, Any]] = [{} for _ in range(len(inputs["input_ids"]))]
+                for name, task in self.tasks.items():
+                    if task.needs_labels:
+                        for row, pred in zip(batch_rows, task.predict(out[name].float().cpu())):
+                            row.update(pred)
+                rows += batch_rows
+        finally:
+            self.train(was_training)
+        return rows
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -269,6 +360,7 @@ class FusionModel(nn.Module):
         save_file(state, str(tmp), metadata={"format": "pt", "fusionkit": __version__})
         tmp.replace(directory / WEIGHTS_NAME)
         meta = {
+            "model_type": "fusionkit",  # AutoConfig/AutoModel load this folder once fusionkit.hf is imported
             "fusionkit_version": __version__,
             "model": to_dict(self.config),
             "image_preprocess": to_dict(self.image_preprocess),
@@ -278,21 +370,28 @@ class FusionModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> FusionModel:
-        """Rebuild from `save_pretrained` output (or a run directory holding one) without any download."""
-        directory = _find_checkpoint_dir(Path(directory))
+        """Rebuild from `save_pretrained` output, a run directory holding one, or a hub id ("org/name")."""
+        from ..hub import resolve_pretrained_dir
+
+        directory = _find_checkpoint_dir(resolve_pretrained_dir(directory))
         meta = json.loads((directory / CONFIG_NAME).read_text())
         if "model" not in meta:
             raise ConfigError(f"{directory / CONFIG_NAME} is not a fusionkit model config (no 'model' key)")
         config = from_dict(ModelConfig, meta["model"]).validate()
-        text = TextEncoder.from_config(config.text, saved_dir=directory / "text_encoder")
-        image = ImageEncoder.from_config(
-            config.image, saved_dir=directory / "image_encoder" if config.image.backend == "hf" else None
-        )
-        if "image_preprocess" in meta:
-            image.preprocess = from_dict(ImagePreprocess, meta["image_preprocess"])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = cls(config, text, image)
+
+        def build() -> FusionModel:
+            text = TextEncoder.from_config(config.text, saved_dir=directory / "text_encoder")
+            image = ImageEncoder.from_config(
+                config.image, saved_dir=directory / "image_encoder" if config.image.backend == "hf" else None
+            )
+            if "image_preprocess" in meta:
+                image.preprocess = from_dict(ImagePreprocess, meta["image_preprocess"])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return cls(config, text, image)
+
+        check_saved_shapes(directory / WEIGHTS_NAME, build)  # before allocating: configs may be tampered
+        model = build()
         model.load_weights(directory / WEIGHTS_NAME)
         return model.to(map_location)
 
@@ -346,18 +445,90 @@ def pool_patch_grid(tokens: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat([prefix, pooled.flatten(2).transpose(1, 2)], dim=1)
 
 
-def _shuffle_pairs(image: torch.Tensor) -> torch.Tensor:
-    """Pair every text with another example's image: roll by a random non-zero offset (no fixed points)."""
-    b = image.shape[0]
-    if b < 2:
-        return image
-    shift = int(torch.randint(1, b, (1,)))
-    return image.roll(shift, dims=0)
+def _batch_size(*inputs: Any) -> tuple[int, torch.device]:
+    for x in inputs:
+        if isinstance(x, torch.Tensor):
+            return x.shape[0], x.device
+    raise ValueError("no model input: pass input_ids/text_features and/or pixel_values/image_features")
+
+
+def _check_same_batch(text: torch.Tensor | None, image: torch.Tensor | None) -> None:
+    if text is not None and image is not None and text.shape[0] != image.shape[0]:
+        raise ValueError(f"text batch size {text.shape[0]} != image batch size {image.shape[0]}")
+
+
+def _presence(flags: Any, batch: int, device: torch.device, name: str) -> torch.Tensor:
+    """bool [B] on the inputs' device; None means every row has that modality."""
+    if flags is None:
+        return torch.ones(batch, dtype=torch.bool, device=device)
+    flags = torch.as_tensor(flags, device=device).bool()
+    if flags.shape != (batch,):
+        raise ValueError(f"{name} must be a bool vector of the batch size [{batch}], got {tuple(flags.shape)}")
+    return flags
+
+
+def _fill_absent(
+    tokens: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    present: torch.Tensor,
+    placeholder: torch.Tensor,
+    all_present: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Absent rows hold the placeholder at every position and show only the first (no empty attention row).
+
+    `tokens` None: no row has this modality (its encoder did not run), so one placeholder token each.
+    The `where` also runs on complete batches: the placeholder is then in every step's graph (a zero
+    gradient), as distributed training wants of every trainable parameter.
+    """
+    if tokens is None:
+        b = present.shape[0]
+        return placeholder.expand(b, 1, -1), torch.ones(b, 1, dtype=torch.bool, device=present.device)
+    tokens = torch.where(present[:, None, None], tokens, placeholder.to(tokens.dtype))
+    if all_present:
+        return tokens, mask
+    first = torch.arange(tokens.shape[1], device=tokens.device) == 0
+    if mask is None:
+        return tokens, present[:, None] | first
+    return tokens, torch.where(present[:, None], mask, first)
+
+
+def check_saved_shapes(weights: Path, build: Callable[[], nn.Module]) -> None:
+    """Refuse a checkpoint whose configs do not describe its weights, before any memory is allocated.
+
+    `build` runs on the meta device (shapes only, no storage) and every tensor shape is compared with
+    the safetensors header, so a tampered `config.json` (`fusion.dim = 2**20`) fails in milliseconds
+    instead of asking for terabytes."""
+    from safetensors import SafetensorError, safe_open
+
+    if not weights.is_file():
+        raise FileNotFoundError(f"weights file {weights} does not exist")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{weights} is not a readable safetensors file ({e}); it may be truncated or corrupt") from e
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build().state_dict().items()}
+    problems = [f"{k}: config gives {expected[k]}, weights hold {saved[k]}"
+                for k in expected if k in saved and expected[k] != saved[k]]  # fmt: skip
+    problems += [f"missing from the weights: {k}" for k in sorted(set(expected) - set(saved))]
+    problems += [f"not in the model: {k}" for k in sorted(set(saved) - set(expected))]
+    if problems:
+        raise ValueError(
+            f"the configs in {weights.parent} do not match {weights.name} ({len(problems)} tensors differ, e.g. "
+            + "; ".join(problems[:4]) + "); the config was edited or belongs to another checkpoint"
+        )
 
 
 def _find_checkpoint_dir(directory: Path) -> Path:
-    """Accept a model directory, or a run directory with the model in `best/` or `last/`."""
+    """Accept a model directory, a `last`/`best` pointer, or a run directory with the model in `best` or `last`."""
+    from ..training.rundir import follow_pointer
+
+    if directory.is_file():  # a run dir's `best`/`last` pointer file
+        directory = follow_pointer(directory)
     for candidate in (directory, directory / "best", directory / "model", directory / "last"):
+        if candidate.is_file():
+            candidate = follow_pointer(candidate)
         if (candidate / CONFIG_NAME).is_file() and (candidate / WEIGHTS_NAME).is_file():
             return candidate
     if not directory.exists():

@@ -1,10 +1,10 @@
 """Task heads and the multi-task loss.
 
 A head maps the fusion's views [B, V, dim] to per-task outputs, averaging over views (late fusion).
-The loss turns `{task: output}` plus labels and per-task label masks into `{"loss": total, task: loss}`;
-an example whose label for a task is missing contributes nothing to that task's loss, and a task with
-no labelled example in the batch contributes nothing at all (so unlabeled pairs can still train the
-label-free matching and contrastive tasks).
+Each task's own loss lives on its class in `fusionkit.tasks`; `MultiTaskLoss` weights and sums them
+into `{"loss": total, task: loss}`. An example whose label for a task is missing contributes nothing
+to that task's loss, and a task with no labelled example in the batch contributes nothing at all (so
+unlabelled pairs can train the label-free matching and contrastive tasks beside labelled ones).
 """
 
 from __future__ import annotations
@@ -17,16 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TaskConfig
-
-LABEL_FREE_TASKS = ("itm", "contrastive")
-
-
-def head_out_dim(task: TaskConfig) -> int:
-    if task.type in ("classification", "multilabel", "regression"):
-        return task.num_classes
-    if task.type == "itm":
-        return 1
-    raise ValueError(f"task {task.name!r} of type {task.type!r} has no linear head")
+from .fusion import masked_mean
 
 
 class TaskHead(nn.Module):
@@ -39,10 +30,12 @@ class TaskHead(nn.Module):
             for _ in range(num_views)
         )
 
-    def forward(self, views: torch.Tensor) -> torch.Tensor:
+    def forward(self, views: torch.Tensor, view_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """views [B, V, dim]; view_mask bool [B, V] (None = all): average the logits of present views only."""
         if views.shape[1] != len(self.views):
             raise ValueError(f"head built for {len(self.views)} view(s), got {views.shape[1]}")
-        return torch.stack([head(views[:, i]) for i, head in enumerate(self.views)], dim=0).mean(0)
+        logits = torch.stack([head(views[:, i]) for i, head in enumerate(self.views)], dim=1)
+        return masked_mean(logits, view_mask)
 
 
 class ContrastiveHead(nn.Module):
@@ -58,42 +51,6 @@ class ContrastiveHead(nn.Module):
         return scale * F.normalize(text_emb, dim=-1) @ F.normalize(image_emb, dim=-1).T
 
 
-def _masked(
-    loss_fn, output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None
-) -> torch.Tensor | None:
-    if mask is not None:
-        if not bool(mask.any()):
-            return None
-        output, target = output[mask], target[mask]
-    return loss_fn(output, target)
-
-
-def task_loss(
-    task: TaskConfig, output: torch.Tensor, target: torch.Tensor | None, mask: torch.Tensor | None
-) -> torch.Tensor | None:
-    """One task's mean loss over its labelled examples; None when nothing in the batch can be scored."""
-    if task.type == "contrastive":
-        if output.shape[0] < 2:
-            return None
-        idx = torch.arange(output.shape[0], device=output.device)
-        return 0.5 * (F.cross_entropy(output, idx) + F.cross_entropy(output.T, idx))
-    if task.type == "itm":
-        if output.shape[0] < 2:  # no other pair in the batch to make a negative from
-            return None
-        target = torch.zeros_like(output)
-        target[:, 0] = 1.0  # column 0: the true pair; column 1: the same text with another image
-        return F.binary_cross_entropy_with_logits(output, target)
-    if target is None:
-        raise KeyError(f"task {task.name!r} needs labels but the batch has none for it")
-    if task.type == "classification":
-        return _masked(F.cross_entropy, output, target.long(), mask)
-    if task.type == "multilabel":
-        return _masked(F.binary_cross_entropy_with_logits, output, target.float(), mask)
-    if task.type == "regression":
-        return _masked(F.mse_loss, output, target.float().reshape(output.shape), mask)
-    raise ValueError(f"unknown task type {task.type!r}")
-
-
 class MultiTaskLoss(nn.Module):
     """Weighted sum of task losses: static weights, or learned uncertainty weighting (Kendall et al., 2018).
 
@@ -102,8 +59,10 @@ class MultiTaskLoss(nn.Module):
     """
 
     def __init__(self, tasks: list[TaskConfig], weighting: str = "static") -> None:
+        from ..tasks import create_task
+
         super().__init__()
-        self.tasks = {t.name: t for t in tasks}
+        self.tasks = {t.name: create_task(t) for t in tasks}
         self.weighting = weighting
         if weighting == "uncertainty":
             self.log_vars = nn.Parameter(torch.zeros(len(tasks)))
@@ -112,11 +71,17 @@ class MultiTaskLoss(nn.Module):
 
     def task_weights(self) -> dict[str, float]:
         if self.weighting == "static":
-            return {name: t.weight for name, t in self.tasks.items()}
+            return {name: t.cfg.weight for name, t in self.tasks.items()}
         return {name: float(torch.exp(-s)) for name, s in zip(self.tasks, self.log_vars.detach())}
 
-    def combine(self, losses: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
-        """Combine already-computed per-task losses (None = no labelled example) into the total."""
+    def combine(
+        self, losses: Mapping[str, torch.Tensor | None], anchor: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Combine already-computed per-task losses (None = no labelled example) into the total.
+
+        A batch in which no task can be scored gets a zero loss tied to `anchor` (an output of the
+        model), so backward still runs and every process of a distributed run takes the same steps.
+        """
         out: dict[str, torch.Tensor] = {}
         total: torch.Tensor | None = None
         for i, (name, task) in enumerate(self.tasks.items()):
@@ -125,15 +90,14 @@ class MultiTaskLoss(nn.Module):
                 continue
             out[name] = loss.detach()
             if self.weighting == "static":
-                term = task.weight * loss
+                term = task.cfg.weight * loss
             else:
                 term = torch.exp(-self.log_vars[i]) * loss + self.log_vars[i]
             total = term if total is None else total + term
         if total is None:
-            raise ValueError(
-                f"no task in this batch has a label (tasks: {list(self.tasks)}); add a label-free task "
-                "('itm' or 'contrastive') to train on unlabeled pairs"
-            )
+            total = anchor.sum() * 0.0 if anchor is not None else torch.zeros(())
+            if self.weighting == "uncertainty":
+                total = total + self.log_vars.sum() * 0.0
         out["loss"] = total
         return out
 
@@ -145,7 +109,8 @@ class MultiTaskLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         labels, label_mask = labels or {}, label_mask or {}
         losses = {
-            name: task_loss(task, outputs[name], labels.get(name), label_mask.get(name))
+            name: task.loss(outputs[name], labels.get(name), label_mask.get(name))
             for name, task in self.tasks.items()
         }
-        return self.combine(losses)
+        anchor = next((o for o in outputs.values() if o.requires_grad), next(iter(outputs.values()), None))
+        return self.combine(losses, anchor)

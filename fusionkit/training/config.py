@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, ModelConfig, load_config_file, merge, to_dict
+from ..config import MISSING_POLICIES, ConfigError, ModelConfig, load_config_file, merge, to_dict
 from ..models import get_config
+from .rundir import NAME_EXISTS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # dict-typed config fields: a nested mapping there is a value, not a section to merge into
@@ -24,8 +25,12 @@ class DataConfig:
     dataset: str = "synthetic:2000"  # anything `fusionkit.data.load_dataset` accepts
     split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
     split_file: str | None = None  # reuse this split (written there if missing); default <run>/split.json
-    cache_dir: str | None = None  # tokenized/resized cache; default ~/.cache/fusionkit
-    max_length: int | None = None  # default: model.text.max_length
+    text_column: str = "text"  # table / HF dataset columns; task label columns are model.tasks[].column
+    image_column: str = "image"
+    id_column: str | None = "id"  # None or absent column: row numbers become ids
+    missing_text: str = "error"  # empty caption: "error" | "skip" the row | "keep" it image-only
+    missing_image: str = "error"  # no image / file not found: "error" | "skip" | "keep" it text-only
+    cache_dir: str | None = None  # tokenized/resized cache; default $FUSIONKIT_CACHE or ~/.cache/fusionkit
     num_workers: int = 0
     num_proc: int = 1
     on_error: str = "raise"  # "raise" | "skip" bad items
@@ -54,6 +59,7 @@ class OptimConfig:
 class RunConfig:
     output_dir: str = "runs"
     name: str | None = None  # run dir = output_dir/name; default: a timestamp
+    name_exists: str = "error"  # fresh run whose dir holds a run: "error" | "increment" (name-1, name-2, ...)
     seed: int = 0
     deterministic: bool = True
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
@@ -80,6 +86,8 @@ class TrainConfig:
         checks = [
             (self.run.precision in PRECISIONS, f"run.precision must be one of {PRECISIONS}"),
             (self.data.on_error in ("raise", "skip"), "data.on_error must be 'raise' or 'skip'"),
+            (self.data.missing_text in MISSING_POLICIES, f"data.missing_text must be one of {MISSING_POLICIES}"),
+            (self.data.missing_image in MISSING_POLICIES, f"data.missing_image must be one of {MISSING_POLICIES}"),
             (self.optim.batch_size > 0 and self.optim.eval_batch_size > 0, "batch sizes must be positive"),
             (self.optim.accumulation_steps > 0, "optim.accumulation_steps must be positive"),
             (
@@ -88,11 +96,47 @@ class TrainConfig:
             ),
             (0 <= self.optim.warmup_ratio < 1, "optim.warmup_ratio must be in [0, 1)"),
             (self.optim.lr > 0, "optim.lr must be positive"),
+            (self.optim.max_steps is None or self.optim.max_steps > 0, "optim.max_steps must be positive or null"),
+            (self.optim.epochs >= 0, "optim.epochs must be >= 0"),
+            (self.run.patience is None or self.run.patience > 0, "run.patience must be positive or null (never stop)"),
+            (self.run.log_every > 0, "run.log_every must be positive"),
+            (self.run.checkpoint_every >= 0, "run.checkpoint_every must be >= 0 (0 = epoch ends only)"),
+            (self.run.keep_checkpoints >= 1, "run.keep_checkpoints must be at least 1"),
+            (self.run.name_exists in NAME_EXISTS, f"run.name_exists must be one of {NAME_EXISTS}"),
+            (self.run.name is None or _plain_name(self.run.name), "run.name must be a plain folder name (no / or ..)"),
+            (self.data.num_workers >= 0 and self.data.num_proc >= 1, "data.num_workers >= 0, num_proc >= 1"),
+            (
+                len(self.data.split_ratios) == 3 and all(r >= 0 for r in self.data.split_ratios)
+                and sum(self.data.split_ratios) > 0,
+                "data.split_ratios must be three non-negative numbers (train, val, test)",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
         return self
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+
+
+def check_max_length(model: Any, max_length: int | None = None) -> None:
+    """Fail at start if `max_length` exceeds the text encoder's position embeddings (it would crash mid-run).
+
+    RoBERTa-family models offset positions by padding_idx + 1, so they hold two fewer tokens."""
+    max_length = max_length or model.config.text.max_length
+    hf_config = getattr(getattr(model.text_encoder, "model", None), "config", None)
+    positions = getattr(hf_config, "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return  # an encoder without learned absolute positions (rotary, relative): no limit to check
+    if "roberta" in str(getattr(hf_config, "model_type", "")) or hf_config.model_type == "camembert":
+        positions -= (hf_config.pad_token_id or 0) + 1
+    if max_length > positions:
+        raise ConfigError(
+            f"model.text.max_length={max_length} exceeds the text encoder's {positions} position embeddings "
+            f"({model.config.text.name}); set model.text.max_length <= {positions}"
+        )
 
 
 def _flatten(data: dict[str, Any], base: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -15,6 +15,7 @@ Design points that matter for users:
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -23,26 +24,27 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, TaskConfig, to_dict
+from ..config import ConfigError, to_dict
 from ..data import Collator, ImageTransform, build_cache, load_dataset, move_batch, split_dataset
 from ..models import FusionModel, create_model, model_inputs
+from ..tasks import bind_labels, create_task, fit_train_statistics
 from . import checkpoint as ckpt
-from .config import TrainConfig
+from .config import DataConfig, TrainConfig, build_config, check_max_length
 from .feature_cache import FeatureCollator, build_features
-from .metrics import DEFAULT_METRIC, higher_is_better, predictions, task_metrics
+from .metrics import check_metric, default_metric, evaluation_metrics, higher_is_better, prediction_rows
 from .optim import build_optimizer, build_scheduler
 from .report import plot_confusion, plot_curves, write_jsonl, write_predictions
+from .rundir import OPERATIONAL_KEYS, RunDir, RunDirError, config_changes, data_changes, data_fingerprint
 
 log = logging.getLogger("fusionkit.training")
 
@@ -180,17 +182,13 @@ def run_inference(
                 out = model(**model_inputs(batch))
             ids += batch["ids"]
             for name, task in model.tasks.items():
-                o = out[name].float()
-                if task.type == "contrastive":
-                    o = o.argmax(-1) == torch.arange(len(o), device=o.device)
-                outs[name].append(o.cpu())
+                outs[name].append(task.eval_output(out[name].float()).cpu())
             for name in batch.get("labels", {}):
                 labels.setdefault(name, []).append(batch["labels"][name].cpu())
                 masks.setdefault(name, []).append(batch["label_mask"][name].cpu())
-            with contextlib.suppress(ValueError):  # a batch with no labelled task has no loss
-                loss_sum += float(
-                    model.loss(out, batch.get("labels"), batch.get("label_mask"))["loss"]
-                ) * len(batch["ids"])
+            losses = model.loss(out, batch.get("labels"), batch.get("label_mask"))
+            if len(losses) > 1:  # some task could be scored on this batch
+                loss_sum += float(losses["loss"]) * len(batch["ids"])
                 loss_n += len(batch["ids"])
     model.train(was_training)
     return {
@@ -206,78 +204,44 @@ def inference_loader(
     model: FusionModel, data: Any, batch_size: int = 128
 ) -> tuple[torch.utils.data.DataLoader, ImageTransform]:
     """An in-order loader over a `CachedDataset` and the eval image transform, for `run_inference`."""
-    collate = Collator(model.tokenizer.pad_token_id, data.label_names, data.task_types)
+    collate = Collator(model.tokenizer.pad_token_id, list(model.tasks.values()))
     loader = torch.utils.data.DataLoader(
         data, batch_size=batch_size, collate_fn=collate, pin_memory=model.device.type == "cuda"
     )
     return loader, ImageTransform(model.image_preprocess, train=False).to(model.device)
 
 
-def evaluation_metrics(
-    model: FusionModel, result: dict[str, Any], prefix: str
-) -> tuple[dict[str, float], dict[str, Any]]:
-    """Flat scalar metrics (`"val/sentiment/macro_f1"`) and the details (per-class reports, confusion matrices)."""
-    flat: dict[str, float] = {}
-    details: dict[str, Any] = {}
-    if result["loss"] is not None:
-        flat[f"{prefix}/loss"] = result["loss"]
-    for name, task in model.tasks.items():
-        if name not in result["outputs"]:
-            continue
-        labels, mask = result["labels"].get(name), result["label_mask"].get(name)
-        m = task_metrics(task, result["outputs"][name], labels, mask)
-        if "report" in m:
-            from sklearn.metrics import confusion_matrix
-
-            pred, _ = predictions(task, result["outputs"][name][mask])
-            details[name] = {
-                "report": m.pop("report"),
-                "confusion": confusion_matrix(
-                    labels[mask].numpy(), pred, labels=range(task.num_classes)
-                ).tolist(),
-            }
-        flat.update({f"{prefix}/{name}/{k}": v for k, v in m.items()})
-    return flat, details
-
-
-def prediction_rows(model: FusionModel, result: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per example: id, predicted label per task, and class probabilities."""
-    rows: list[dict[str, Any]] = [{"id": i} for i in result["ids"]]
-    for name, task in model.tasks.items():
-        if task.type not in ("classification", "multilabel", "regression"):
-            continue
-        pred, scores = predictions(task, result["outputs"][name])
-        names = task.class_names or [str(c) for c in range(task.num_classes)]
-        for row, p, s in zip(rows, pred, scores):
-            if task.type == "classification":
-                row[name] = names[int(p)]
-                row[f"{name}_prob"] = {c: round(float(v), 6) for c, v in zip(names, s)}
-            elif task.type == "multilabel":
-                row[name] = [c for c, on in zip(names, p) if on]
-                row[f"{name}_prob"] = {c: round(float(v), 6) for c, v in zip(names, s)}
-            else:
-                row[name] = [float(v) for v in p] if len(p) > 1 else float(p[0])
-    return rows
-
-
-def dataset_kwargs(
-    spec: str, tasks: Sequence[TaskConfig], on_error: str = "raise", report_path: Path | None = None
+def reader_kwargs(
+    data: DataConfig,
+    tasks: Any = (),
+    *,
+    report_path: Path | None = None,
+    labels: bool = True,
+    source: Any = None,
 ) -> dict[str, Any]:
-    """Reader options for `load_dataset(spec)`: `on_error`, and for a CSV/JSONL table one label column
-    per labelled task (named as the task), so training and `fusionkit eval` read the same labels."""
-    spec = str(spec)
-    if spec == "synthetic" or spec.startswith("synthetic:"):
+    """`load_dataset` options from the data config: columns, missing-modality and bad-row policies, and
+    the label column of every labelled task (`labels=False`: none, for prediction on new rows)."""
+    source = data.dataset if source is None else source
+    if isinstance(source, str) and (source == "synthetic" or source.startswith("synthetic:")):
         return {}
-    kw: dict[str, Any] = {"on_error": on_error}
-    if Path(spec).expanduser().is_file():
-        labelled = [t for t in tasks if t.type in ("classification", "multilabel", "regression")]
-        kw["label_columns"] = {
-            t.name: "regression" if t.type == "regression" else t.class_names for t in labelled
-        }
-        kw["task_types"] = {t.name: t.type for t in labelled}
-        if report_path is not None:
-            kw["report_path"] = report_path
+    columns = [t.column for t in map(create_task, tasks) if t.needs_labels] if labels else []
+    kw: dict[str, Any] = {
+        "text_column": data.text_column,
+        "image_column": data.image_column,
+        "id_column": data.id_column,
+        "label_columns": list(dict.fromkeys(columns)),
+        "on_error": data.on_error,
+        "missing_text": data.missing_text,
+        "missing_image": data.missing_image,
+    }
+    if report_path is not None:
+        kw["report_path"] = report_path
     return kw
+
+
+def cache_root(data: DataConfig) -> Path:
+    """`data.cache_dir`, else $FUSIONKIT_CACHE, else ~/.cache/fusionkit: the one rule every command uses."""
+    return Path(data.cache_dir or os.environ.get("FUSIONKIT_CACHE") or "~/.cache/fusionkit").expanduser()
 
 
 # ---------------------------------------------------------------------------------------- trainer
@@ -286,27 +250,32 @@ def dataset_kwargs(
 class Trainer:
     """`Trainer(cfg).fit()` trains, evaluates and writes a run dir; `resume=True` continues its `last/`."""
 
-    def __init__(self, config: TrainConfig, model: FusionModel | None = None, resume: bool = False) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        model: FusionModel | None = None,
+        resume: bool = False,
+        accept_changes: bool = False,
+        data: Any = None,
+    ) -> None:
+        """`data`: an in-memory DataFrame, `datasets.Dataset`/`DatasetDict` or `MultimodalDataset` to
+        train on instead of `config.data.dataset` (columns are still named by `config.data`)."""
         self.cfg = cfg = config.validate()
         self.rank, self.world = _init_distributed()
         self.is_main = self.rank == 0
         self.device = resolve_device(cfg.run.device)
         seed_everything(cfg.run.seed, cfg.run.deterministic)
-        if cfg.run.name is None:
-            if resume:
-                raise ConfigError("--resume needs the run's name (run.name) or its directory")
-            cfg.run.name = time.strftime("%Y%m%d-%H%M%S")
-        self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
-        self.resume = resume
-        if resume and not (self.run_dir / "last").exists():
-            raise FileNotFoundError(f"nothing to resume: {self.run_dir}/last does not exist")
-        if self.is_main:
-            check_writable(self.run_dir)
+        self.resume, self.accept_changes = resume, accept_changes
+        self.run = self._open_run_dir()  # locked by rank 0 until fit ends; refuses before any work
+        self.run_dir = self.run.path
+        self.progress = cfg.run.progress and self.is_main
+        # Cheap checks first: read the table, bind labels to tasks, split -- before any model or cache.
+        parts = self._read_data(data, model)
         self.model = (model or create_model(cfg.model)).to(self.device)
+        check_max_length(self.model, cfg.model.text.max_length)
         self.amp = autocast_dtype(self.device, cfg.run.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)
-        self.progress = cfg.run.progress and self.is_main
-        self._build_data()
+        self._build_data(parts)
 
         self.ddp: torch.nn.Module = self.model
         if self.world > 1:
@@ -319,8 +288,6 @@ class Trainer:
         self.total_steps = cfg.optim.max_steps or cfg.optim.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
-        first = cfg.model.tasks[0]
-        self.metric = cfg.run.metric or f"val/{first.name}/{DEFAULT_METRIC[first.type]}"
         # progress state: everything `--resume` needs besides model/optimizer/RNG
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.best: float | None = None
@@ -331,21 +298,26 @@ class Trainer:
         self.running_loss, self.running_n = torch.zeros((), device=self.device), 0
 
     # ------------------------------------------------------------------ data
-    def _build_data(self) -> None:
-        cfg, model = self.cfg, self.model
-        ds = load_dataset(
-            cfg.data.dataset,
-            **dataset_kwargs(
-                cfg.data.dataset, cfg.model.tasks, cfg.data.on_error, self.run_dir / "skipped_rows.jsonl"
-            ),
-        )
-        for task in cfg.model.tasks:
-            names = ds.label_names.get(task.name)
-            if names is not None and task.type == "classification" and len(names) != task.num_classes:
-                raise ConfigError(
-                    f"task {task.name!r} has num_classes={task.num_classes} but the dataset has {len(names)} "
-                    f"classes {names}; set model.tasks accordingly"
-                )
+    def _read_data(self, data: Any, model: FusionModel | None) -> dict[str, Any]:
+        """Read the dataset, bind its labels to the tasks (class names reconciled by name), check
+        `run.metric`, split, and fit train-split statistics: everything before the first expensive step."""
+        cfg = self.cfg
+        if model is not None:  # a given model's tasks (and class names) are the schema
+            cfg.model = copy.deepcopy(model.config)
+        source = cfg.data.dataset if data is None else data
+        kw = reader_kwargs(cfg.data, cfg.model.tasks, report_path=self.run_dir / "skipped_rows.jsonl",
+                           source=source)  # fmt: skip
+        ds, cfg.model.tasks = bind_labels(load_dataset(source, **kw), cfg.model.tasks)
+        if model is not None:
+            for t in cfg.model.tasks:
+                if (t.num_classes or 0) != (model.tasks[t.name].num_classes or 0):
+                    raise ConfigError(
+                        f"task {t.name!r}: the data has {t.num_classes} classes {t.class_names} but the given "
+                        f"model's head has {model.tasks[t.name].num_classes}; set its class_names"
+                    )
+        tasks = {t.name: create_task(t) for t in cfg.model.tasks}
+        self.metric = cfg.run.metric or default_metric(tasks)
+        check_metric(self.metric, tasks)
         split_path = Path(cfg.data.split_file) if cfg.data.split_file else self.run_dir / "split.json"
         with self._main_first():
             parts = split_dataset(
@@ -353,10 +325,15 @@ class Trainer:
             )
         if cfg.data.split_file and self.is_main and split_path.is_file():
             (self.run_dir / "split.json").write_text(split_path.read_text())
-        cache_dir = Path(
-            cfg.data.cache_dir or os.environ.get("FUSIONKIT_CACHE", "~/.cache/fusionkit")
-        ).expanduser()
-        max_length = cfg.data.max_length or cfg.model.text.max_length
+        if "train" in parts and model is None:
+            cfg.model.tasks = fit_train_statistics(cfg.model.tasks, parts["train"])
+        cfg.model.validate()
+        return parts
+
+    def _build_data(self, parts: dict[str, Any]) -> None:
+        cfg, model = self.cfg, self.model
+        cache_dir = cache_root(cfg.data)
+        max_length = cfg.model.text.max_length
         self.use_features = cfg.data.feature_cache and model.encoders_frozen
         self.datasets: dict[str, Any] = {}
         with self._main_first():
@@ -372,10 +349,10 @@ class Trainer:
             raise ValueError(f"dataset {cfg.data.dataset!r} has no training examples")
         train = self.datasets["train"]
         if self.use_features:
-            self.collate: Any = FeatureCollator(train.label_names, train.task_types)
+            self.collate: Any = FeatureCollator(list(model.tasks.values()))
             self.train_transform = self.eval_transform = None
         else:
-            self.collate = Collator(model.tokenizer.pad_token_id, train.label_names, train.task_types)
+            self.collate = Collator(model.tokenizer.pad_token_id, list(model.tasks.values()))
             preprocess = model.image_preprocess
             self.train_transform = ImageTransform(preprocess, train=cfg.data.augment).to(self.device)
             self.eval_transform = ImageTransform(preprocess, train=False).to(self.device)
@@ -407,6 +384,44 @@ class Trainer:
         if self.world > 1 and self.is_main:
             dist.barrier()
 
+    # ------------------------------------------------------------------ run dir
+    def _open_run_dir(self) -> RunDir:
+        """Rank 0 creates (or opens to resume) and locks the run dir; the other ranks learn its name.
+
+        A resume compares the config with the saved one here, before any work: changes that alter
+        what is learned are refused unless `accept_changes` (see `rundir.OPERATIONAL_KEYS`)."""
+        cfg, run = self.cfg, None
+        if self.resume and cfg.run.name is None:
+            raise ConfigError("--resume needs the run's name (run.name) or its directory")
+        if self.is_main:
+            if self.resume:
+                run = RunDir.open_for_resume(Path(cfg.run.output_dir) / cfg.run.name)
+            else:
+                run = RunDir.create(cfg.run.output_dir, cfg.run.name, cfg.run.name_exists)
+        if self.world > 1:
+            name = [run.path.name if run else None]
+            dist.broadcast_object_list(name, src=0)
+            run = run or RunDir(Path(cfg.run.output_dir) / name[0])
+        assert run is not None
+        cfg.run.name = run.path.name
+        try:
+            if self.is_main:
+                check_writable(run.path)
+            self.config_changes: dict[str, list[Any]] = {}
+            if self.resume:
+                self.config_changes = config_changes(run.read_config() or {}, to_dict(cfg))
+                guarded = {k: v for k, v in self.config_changes.items() if k not in OPERATIONAL_KEYS}
+                if guarded and not self.accept_changes:
+                    listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in guarded.items())
+                    raise RunDirError(
+                        f"resuming {run.path} with a changed config: {listed}. Resume with the saved config, "
+                        "or pass --accept-changes to train on with these values (recorded in resume_log.jsonl)"
+                    )
+        except BaseException:
+            run.unlock()
+            raise
+        return run
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -431,11 +446,20 @@ class Trainer:
             write_jsonl(self.run_dir / "metrics.jsonl", self.history)
 
     def _load(self) -> None:
-        last = (self.run_dir / "last").resolve()
+        last = self.run.last
+        if last is None:
+            raise FileNotFoundError(f"nothing to resume: {self.run_dir} has no `last` checkpoint")
         self.model.load_weights(last / "model.safetensors")
         state = ckpt.load_state(last)
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        base_lrs = list(self.scheduler.base_lrs)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if any(k.startswith("optim.") for k in self.config_changes):  # accepted: train with the new values
+            for group, values, base, factor in zip(self.optimizer.param_groups, configured, base_lrs,
+                                                   self.scheduler.lr_lambdas, strict=True):  # fmt: skip
+                group.update(values, initial_lr=base, lr=base * factor(self.scheduler.last_epoch))
+            self.scheduler.base_lrs = base_lrs
         self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
@@ -465,24 +489,43 @@ class Trainer:
                 signal.signal(s, h)
 
     def _write_config(self) -> None:
-        resolved = to_dict(self.cfg)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        (self.run_dir / "config.json").write_text(json.dumps(resolved, indent=2))
+        """Record the config and data this run uses; on resume first refuse unaccepted data changes."""
+        fingerprint = data_fingerprint(self.datasets)
+        changed: list[str] = []
+        if self.resume:
+            saved = self.run.read_data_fingerprint()
+            changed = data_changes(saved, fingerprint) if saved is not None else []
+            if changed and not self.accept_changes:
+                raise RunDirError(
+                    f"the data of {self.run_dir} changed since its last checkpoint: " + "; ".join(changed)
+                    + ". Resume with the original data, or pass --accept-changes (recorded in resume_log.jsonl)"
+                )
+        if not self.is_main:
+            return
+        if self.resume:
+            self.run.log_resume({"from_step": self.step, "config_changes": self.config_changes,
+                                 "data_changes": changed})  # fmt: skip
+        self.run.write_config(to_dict(self.cfg))
+        self.run.write_data_fingerprint(fingerprint)
 
     def fit(self) -> dict[str, Any]:
         """Train to the end (or early stop), then evaluate the best checkpoint; returns the summary."""
-        if self.resume:
-            self._load()
-        elif self.is_main:
+        if self.is_main:
+            self.run.lock()  # a no-op unless fit() runs a second time
+        try:
+            if self.resume:
+                self._load()
             self._write_config()
-        start = time.perf_counter()
-        log.info("run dir %s: %d train examples, %d steps, %s", self.run_dir, len(self.datasets["train"]),
-                 self.total_steps, "cached encoder features" if self.use_features else "end to end")  # fmt: skip
-        with self._graceful_stop():
-            while self.epoch < self.epochs and self.step < self.total_steps and not self._early_stopped():
-                self._train_epoch()
-                self._end_epoch()  # also when max_steps ended the epoch early: the final eval + checkpoint
-        return self._finish(time.perf_counter() - start)
+            start = time.perf_counter()
+            log.info("run dir %s: %d train examples, %d steps, %s", self.run_dir, len(self.datasets["train"]),
+                     self.total_steps, "cached encoder features" if self.use_features else "end to end")  # fmt: skip
+            with self._graceful_stop():
+                while self.epoch < self.epochs and self.step < self.total_steps and not self._early_stopped():
+                    self._train_epoch()
+                    self._end_epoch()  # also when max_steps ended the epoch early: the final eval + checkpoint
+            return self._finish(time.perf_counter() - start)
+        finally:
+            self.run.unlock()
 
     def _early_stopped(self) -> bool:
         return self.cfg.run.patience is not None and self.bad_epochs >= self.cfg.run.patience
@@ -509,7 +552,7 @@ class Trainer:
                     raise NonFiniteLossError(
                         f"loss is {loss.item()} at epoch {self.epoch + 1}, step {self.step + 1} "
                         f"(batch {self.batch_in_epoch} of the epoch); batch ids: {batch['ids']}. The last good "
-                        f"checkpoint is {(self.run_dir / 'last').resolve() if (self.run_dir / 'last').exists() else 'none'}; "
+                        f"checkpoint is {self.run.last or 'none'}; "
                         "lower optim.lr or check these examples."
                     )
                 self.scaler.scale(loss / accum).backward()
@@ -556,16 +599,19 @@ class Trainer:
         entry: dict[str, Any] = {"step": self.step, "epoch": self.epoch, "epoch_end": True}
         improved = False
         if "val" in self.datasets:
-            flat, _ = evaluation_metrics(self.model, self._infer("val"), "val")
+            flat, _ = evaluation_metrics(self.model.tasks, self._infer("val"), "val")
             entry.update(flat)
             value = flat.get(self.metric)
-            if value is None:
-                raise ConfigError(f"run.metric {self.metric!r} is not among the val metrics {sorted(flat)}")
             better = higher_is_better(self.metric)
-            improved = self.best is None or (value > self.best if better else value < self.best)
-            if improved:
-                self.best, self.bad_epochs = value, 0
+            if value is None:  # e.g. no labelled val row for that task: the latest model is the best we know
+                log.warning("%s could not be computed on val (no labelled rows?): keeping the latest checkpoint",
+                            self.metric)  # fmt: skip
+                improved = True
             else:
+                improved = self.best is None or (value > self.best if better else value < self.best)
+            if value is not None and improved:
+                self.best, self.bad_epochs = value, 0
+            elif value is not None:
                 self.bad_epochs += 1
             if self.progress:
                 tqdm.write(f"epoch {self.epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in flat.items()))
@@ -581,7 +627,7 @@ class Trainer:
 
     def _finish(self, seconds: float) -> dict[str, Any]:
         """Reload the best checkpoint, evaluate it on val and test, write predictions, plots and summary.json."""
-        best_dir = (self.run_dir / "best").resolve()
+        best_dir = self.run.best or self.run_dir / "best"
         if (best_dir / "model.safetensors").is_file():
             self.model.load_weights(best_dir / "model.safetensors")
         summary: dict[str, Any] = {
@@ -599,19 +645,18 @@ class Trainer:
             if split not in self.datasets:
                 continue
             result = self._infer(split)
-            flat, details = evaluation_metrics(self.model, result, split)
+            flat, details = evaluation_metrics(self.model.tasks, result, split)
             summary[split] = {**flat, "details": details}
             if self.is_main:
                 write_predictions(
-                    self.run_dir / f"predictions_{split}.csv", prediction_rows(self.model, result)
+                    self.run_dir / f"predictions_{split}.csv", prediction_rows(self.model.tasks, result)
                 )
                 if self.cfg.run.plots:
                     for name, d in details.items():
-                        names = self.model.tasks[name].class_names or [
-                            str(i) for i in range(len(d["confusion"]))
-                        ]
-                        plot_confusion(np.array(d["confusion"]), names, self.run_dir / f"confusion_{split}_{name}.png",
-                                       f"{name} ({split}, best checkpoint)")  # fmt: skip
+                        if "confusion" in d:
+                            plot_confusion(np.array(d["confusion"]), d["class_names"],
+                                           self.run_dir / f"confusion_{split}_{name}.png",
+                                           f"{name} ({split}, best checkpoint)")  # fmt: skip
         if self.is_main:
             if self.cfg.run.plots and self.history:
                 plot_curves(self.history, self.run_dir / "curves.png")
@@ -619,6 +664,19 @@ class Trainer:
         return summary
 
 
-def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Train from a config; the one-call entry point behind `fusionkit train`."""
-    return Trainer(config, resume=resume).fit()
+def train(
+    config: TrainConfig | dict[str, Any] | str | Path | None = None,
+    resume: bool = False,
+    accept_changes: bool = False,
+    data: Any = None,
+) -> dict[str, Any]:
+    """Train from a config (a `TrainConfig`, a dict, a YAML/JSON path); the entry point behind `fusionkit train`.
+
+    `data`: train on an in-memory pandas DataFrame, `datasets.Dataset`/`DatasetDict` or
+    `MultimodalDataset` instead of `config.data.dataset`.
+
+    `accept_changes`: let a resume go on with a config or data that differ from the saved run
+    (recorded in the run dir's resume_log.jsonl); without it such a resume is refused."""
+    if not isinstance(config, TrainConfig):
+        config = build_config(config)
+    return Trainer(config, resume=resume, accept_changes=accept_changes, data=data).fit()

@@ -1,0 +1,104 @@
+"""Label-free alignment tasks on image-caption pairs: image-text matching and contrastive (InfoNCE).
+
+Neither needs a label column, so unlabelled pairs train them beside labelled ones. Only rows that have
+both a caption and an image can be matched; the rest are left out of these losses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.fusion import masked_mean
+from .base import FusionContext, Task, register_task
+
+
+def _paired(x: torch.Tensor, ctx: FusionContext) -> torch.Tensor:
+    return x if ctx.paired is None else x[ctx.paired]
+
+
+def shuffle_pairs(image: torch.Tensor) -> torch.Tensor:
+    """Pair every text with another example's image: roll by a random non-zero offset (no fixed points)."""
+    b = image.shape[0]
+    if b < 2:
+        return image
+    shift = int(torch.randint(1, b, (1,)))
+    return image.roll(shift, dims=0)
+
+
+@register_task("itm")
+class ImageTextMatchingTask(Task):
+    """Binary: does this caption belong to this image? Negatives are in-batch derangements.
+
+    Output [B, 2]: column 0 scores the true pair, column 1 the caption with another example's image.
+    """
+
+    needs_labels = False
+    default_metric = "accuracy"
+    metric_names = ("accuracy",)
+
+    def build_head(self, dim: int, num_views: int, dropout: float) -> nn.Module:
+        from ..models.heads import TaskHead
+
+        return TaskHead(dim, 1, num_views, dropout)
+
+    def forward(self, head: nn.Module, ctx: FusionContext) -> torch.Tensor:
+        text, mask, image = ctx.text, ctx.text_mask, ctx.image
+        if ctx.paired is not None:
+            text, mask, image = text[ctx.paired], mask[ctx.paired], image[ctx.paired]
+        return torch.cat(
+            [head(_paired(ctx.views, ctx)), head(ctx.fuse(text, mask, shuffle_pairs(image)))], dim=1
+        )
+
+    def loss(self, output: torch.Tensor, target: Any, mask: Any) -> Any:
+        if output.shape[0] < 2:  # no other pair in the batch to make a negative from
+            return None
+        target = torch.zeros_like(output)
+        target[:, 0] = 1.0
+        return F.binary_cross_entropy_with_logits(output, target)
+
+    def eval_output(self, output: torch.Tensor) -> torch.Tensor:
+        return (output.float().sigmoid() > 0.5) == torch.tensor(
+            [True, False], device=output.device
+        )  # correct decisions [B, 2]
+
+    def metrics(
+        self, outputs: torch.Tensor, labels: Any, mask: Any
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        return ({"accuracy": float(outputs.float().mean())} if len(outputs) else {}), {}
+
+
+@register_task("contrastive")
+class ContrastiveTask(Task):
+    """CLIP-style InfoNCE between pooled text and image embeddings; makes the two spaces comparable."""
+
+    needs_labels = False
+    default_metric = "r@1"
+    metric_names = ("r@1",)
+
+    def build_head(self, dim: int, num_views: int, dropout: float) -> nn.Module:
+        from ..models.heads import ContrastiveHead
+
+        return ContrastiveHead()
+
+    def forward(self, head: nn.Module, ctx: FusionContext) -> torch.Tensor:
+        text = _paired(masked_mean(ctx.text, ctx.text_mask), ctx)
+        return head(text, _paired(ctx.image.mean(1), ctx))
+
+    def loss(self, output: torch.Tensor, target: Any, mask: Any) -> Any:
+        if output.shape[0] < 2:
+            return None
+        idx = torch.arange(output.shape[0], device=output.device)
+        return 0.5 * (F.cross_entropy(output, idx) + F.cross_entropy(output.T, idx))
+
+    def eval_output(self, output: torch.Tensor) -> torch.Tensor:
+        """Per-example text->image R@1 hit within the batch ([B, B] logits are batch-shaped)."""
+        return (output.argmax(-1) == torch.arange(len(output), device=output.device)).float()
+
+    def metrics(
+        self, outputs: torch.Tensor, labels: Any, mask: Any
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        return ({"r@1": float(outputs.float().mean())} if len(outputs) else {}), {}

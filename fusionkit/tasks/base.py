@@ -1,0 +1,173 @@
+"""The `Task` base class and its registry: one class per task type owns everything about that task.
+
+A task knows its label schema (source column, class names in order, or float targets), how raw labels
+from any reader are parsed and collated, its head, its loss, its predictions (label names +
+probabilities), its metrics and the metric early stopping watches by default. Adding a task type is
+one new file with one `@register_task` class; nothing else in the package tests a task's type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, TaskConfig
+from ..data.errors import DataError
+
+TASK_REGISTRY: dict[str, type[Task]] = {}
+
+
+def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
+    def wrap(cls: type[Task]) -> type[Task]:
+        if name in TASK_REGISTRY:
+            raise ValueError(f"task type {name!r} is already registered")
+        cls.type = name
+        TASK_REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def list_tasks() -> list[str]:
+    return list(TASK_REGISTRY)
+
+
+def get_task_class(type_name: str) -> type[Task]:
+    if type_name not in TASK_REGISTRY:
+        raise ConfigError(f"unknown task type {type_name!r}; registered: {list_tasks()}")
+    return TASK_REGISTRY[type_name]
+
+
+def create_task(cfg: TaskConfig) -> Task:
+    return get_task_class(cfg.type)(cfg)
+
+
+@dataclass
+class FusionContext:
+    """What a task's `forward` may read: the fusion's views and the projected token sequences.
+
+    `fuse(text, text_mask, image)` re-runs the fusion (image-text matching scores shuffled pairs).
+    `paired` (bool [B] or None = all) marks rows that have both modalities: only they can be matched.
+    """
+
+    views: torch.Tensor
+    text: torch.Tensor | None
+    text_mask: torch.Tensor | None
+    image: torch.Tensor | None
+    fuse: Callable[..., torch.Tensor]
+    paired: torch.Tensor | None = None
+    # bool [B, V]: views built from a present modality (late fusion); heads average those only. None = all.
+    view_mask: torch.Tensor | None = None
+
+
+def is_missing(value: Any) -> bool:
+    """Empty cell, None or NaN: no label for this task on this row."""
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip() or value.strip().lower() in ("nan", "none", "null")
+    if isinstance(value, float):
+        return math.isnan(value)
+    return False
+
+
+class Task:
+    """Base class. Subclasses set `needs_labels`, `default_metric` and override what their type does."""
+
+    type: ClassVar[str] = ""
+    needs_labels: ClassVar[bool] = True
+    default_metric: ClassVar[str] = "loss"
+    metric_names: ClassVar[tuple[str, ...]] = ()
+    lower_is_better: ClassVar[tuple[str, ...]] = ("loss",)
+
+    def __init__(self, cfg: TaskConfig) -> None:
+        self.cfg = cfg
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, column={self.column!r})"
+
+    # ------------------------------------------------------------------ config and schema
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def column(self) -> str:
+        return self.cfg.label_column
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.cfg.class_names
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.cfg.num_classes
+
+    @classmethod
+    def validate_config(cls, cfg: TaskConfig) -> None:
+        """Raise `ConfigError` for impossible options; called by `ModelConfig.validate`."""
+        if not cfg.name or not isinstance(cfg.name, str):
+            raise ConfigError(f"task name must be a non-empty string, got {cfg.name!r}")
+        if not math.isfinite(cfg.weight) or cfg.weight < 0:
+            raise ConfigError(f"task {cfg.name!r}: weight must be a finite number >= 0, got {cfg.weight}")
+
+    def resolve_schema(self, values: Sequence[Any], declared: Sequence[str], where: str) -> TaskConfig:
+        """The task config completed from the data (class names etc.); label-free tasks need nothing."""
+        return self.cfg
+
+    def encode(self, value: Any, where: str, item: str) -> Any:
+        """A raw label (any reader) -> the stored label (index, list of indices, float) or None if missing."""
+        return None
+
+    def collate(self, values: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Stored labels of a batch -> (target tensor, bool mask [B] of labelled rows); None: no labels."""
+        return None
+
+    def fit_train_statistics(self, values: Sequence[Any]) -> TaskConfig:
+        """Options computed from the training labels (e.g. balanced class weights); default: none."""
+        return self.cfg
+
+    # ------------------------------------------------------------------ model
+    def build_head(self, dim: int, num_views: int, dropout: float) -> nn.Module:
+        raise NotImplementedError
+
+    def forward(self, head: nn.Module, ctx: FusionContext) -> torch.Tensor:
+        return head(ctx.views, ctx.view_mask)
+
+    def loss(
+        self, output: torch.Tensor, target: torch.Tensor | None, mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Mean loss over the labelled rows; None when nothing in the batch can be scored."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ evaluation and prediction
+    def eval_output(self, output: torch.Tensor) -> torch.Tensor:
+        """What evaluation keeps per example (per-row scores; batch-shaped outputs are reduced here)."""
+        return output.float()
+
+    def metrics(
+        self, outputs: torch.Tensor, labels: torch.Tensor | None, mask: torch.Tensor | None
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        """(flat scalar metrics, details such as per-class reports and confusion matrices)."""
+        return {}, {}
+
+    def predict(self, outputs: torch.Tensor) -> list[dict[str, Any]]:
+        """Per example `{task: label(s) or value, f"{task}_prob": {class: p}}`; empty for label-free tasks."""
+        return [{} for _ in range(len(outputs))]
+
+    def higher_is_better(self, metric: str) -> bool:
+        return metric not in self.lower_is_better
+
+
+def replace(cfg: TaskConfig, **changes: Any) -> TaskConfig:
+    return dataclasses.replace(cfg, **changes)
+
+
+def label_error(problem: str, where: str, item: str, hint: str = "") -> DataError:
+    return DataError(problem, source=where, item=item, hint=hint)

@@ -1,0 +1,248 @@
+"""Single-label classification: class names reconciled by name, cross-entropy, accuracy and F1."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ConfigError, TaskConfig
+from .base import Task, is_missing, label_error, register_task, replace
+
+log = logging.getLogger("fusionkit.tasks")
+
+
+def label_string(value: Any, where: str, item: str) -> str:
+    """A raw class label as a name: strings stripped, integral numbers without '.0'; inf/NaN refused."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise label_error(f"label {value!r} is not a class", where, item, "fix or empty the cell")
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, str):
+        s = value.strip()
+        if s.lower() in ("inf", "-inf", "+inf", "infinity", "-infinity"):
+            raise label_error(f"label {value!r} is not a class", where, item, "fix or empty the cell")
+        return s
+    raise label_error(f"label {value!r} ({type(value).__name__}) is not a class name", where, item)
+
+
+def _sort_key(name: str) -> tuple[int, float, str]:
+    try:
+        return (0, float(name), name)  # "2" before "10"
+    except ValueError:
+        return (1, 0.0, name)
+
+
+def reconcile_class_names(
+    task: str, observed: set[str], configured: Sequence[str] | None, declared: Sequence[str], where: str
+) -> list[str]:
+    """Class names in order, matched BY NAME (never by position or count) between config and data.
+
+    Order: the config's `class_names` if given, else the names the source declares (HF `ClassLabel`,
+    MVSA), else the sorted distinct values. Every observed value must be one of them.
+    """
+    names = list(configured or declared or sorted(observed, key=_sort_key))
+    origin = (
+        "model.tasks[].class_names" if configured else ("the data's declared classes" if declared else "")
+    )
+    if configured and declared and not set(declared) <= set(configured):
+        extra = sorted(set(declared) - set(configured))
+        raise ConfigError(
+            f"task {task!r}: the data ({where}) declares classes {list(declared)} but the config has "
+            f"class_names {list(configured)}; {extra} are not in the config. Add them to class_names or "
+            "relabel the data"
+        )
+    unknown = sorted(observed - set(names), key=_sort_key)
+    if unknown:
+        raise ConfigError(
+            f"task {task!r}: labels {unknown[:10]} in {where} are not among the classes {names} "
+            f"({origin}). Class names are matched by name: fix the data or list every class in "
+            "model.tasks[].class_names"
+        )
+    if not configured:  # a class list taken from the data: spelling variants are almost always a mistake
+        folded: dict[str, list[str]] = {}
+        for n in names:
+            folded.setdefault(n.casefold(), []).append(n)
+        clashes = [v for v in folded.values() if len(v) > 1]
+        if clashes:
+            raise ConfigError(
+                f"task {task!r}: labels in {where} differ only in case or spelling: {clashes}. Fix the "
+                "data, or if they are really different classes list them in model.tasks[].class_names"
+            )
+    return names
+
+
+@register_task("classification")
+class ClassificationTask(Task):
+    """One class per example: softmax head, cross-entropy (optional label smoothing and class weights)."""
+
+    default_metric = "macro_f1"
+    metric_names = ("accuracy", "macro_f1", "weighted_f1")
+
+    @classmethod
+    def validate_config(cls, cfg: TaskConfig) -> None:
+        super().validate_config(cfg)
+        names, n = cfg.class_names, cfg.num_classes
+        if names is not None:
+            if len(set(names)) != len(names) or not all(isinstance(c, str) and c for c in names):
+                raise ConfigError(
+                    f"task {cfg.name!r}: class_names must be distinct non-empty strings, got {names}"
+                )
+            if n is not None and n != len(names):
+                raise ConfigError(f"task {cfg.name!r}: {len(names)} class_names for num_classes={n}")
+        if n is not None and n < cls.min_classes():
+            raise ConfigError(
+                f"task {cfg.name!r}: num_classes={n} is too small (at least {cls.min_classes()})"
+            )
+        if not 0.0 <= cfg.label_smoothing < 1.0:
+            raise ConfigError(
+                f"task {cfg.name!r}: label_smoothing must be in [0, 1), got {cfg.label_smoothing}"
+            )
+        cw = cfg.class_weights
+        if isinstance(cw, str) and cw != "balanced":
+            raise ConfigError(f"task {cfg.name!r}: class_weights must be 'balanced' or a list, got {cw!r}")
+        if isinstance(cw, list):
+            if (n or (len(names) if names else None)) not in (None, len(cw)):
+                raise ConfigError(f"task {cfg.name!r}: {len(cw)} class_weights for {n or len(names)} classes")
+            if any(not math.isfinite(w) or w < 0 for w in cw):
+                raise ConfigError(f"task {cfg.name!r}: class_weights must be finite and >= 0, got {cw}")
+
+    @staticmethod
+    def min_classes() -> int:
+        return 2
+
+    def _out_dim(self) -> int:
+        if self.cfg.num_classes is None:
+            raise ConfigError(
+                f"task {self.name!r} does not know its classes yet: set model.tasks[].class_names (or "
+                "num_classes), or train on data so they are read from the label column"
+            )
+        return self.cfg.num_classes
+
+    @property
+    def names(self) -> list[str]:
+        return self.cfg.class_names or [str(i) for i in range(self._out_dim())]
+
+    # ------------------------------------------------------------------ schema
+    def observed(self, values: Sequence[Any], where: str) -> set[str]:
+        return {label_string(v, where, "?") for v in values if not is_missing(v)}
+
+    def resolve_schema(self, values: Sequence[Any], declared: Sequence[str], where: str) -> TaskConfig:
+        names = reconcile_class_names(self.name, self.observed(values, where), self.cfg.class_names,
+                                      declared, where)  # fmt: skip
+        if (
+            self.cfg.num_classes is not None
+            and self.cfg.class_names is None
+            and len(names) > self.cfg.num_classes
+        ):
+            raise ConfigError(
+                f"task {self.name!r}: num_classes={self.cfg.num_classes} but the data has {len(names)} "
+                f"classes {names}; set model.tasks[].class_names"
+            )
+        if (
+            self.cfg.num_classes is not None
+            and self.cfg.class_names is None
+            and len(names) < self.cfg.num_classes
+        ):
+            names = names + [str(i) for i in range(len(names), self.cfg.num_classes)]
+        if len(names) < self.min_classes():
+            raise ConfigError(
+                f"task {self.name!r}: the column {self.column!r} has {len(names)} class(es) {names} in {where}; "
+                f"a {self.type} task needs at least {self.min_classes()}"
+            )
+        return replace(self.cfg, class_names=names, num_classes=len(names))
+
+    def encode(self, value: Any, where: str, item: str) -> Any:
+        if is_missing(value):
+            return None
+        name = label_string(value, where, item)
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise label_error(f"unknown label {name!r} for task {self.name!r}; classes are {self.names}",
+                              where, item) from None  # fmt: skip
+
+    def collate(self, values: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = torch.tensor([v is not None for v in values], dtype=torch.bool)
+        return torch.tensor([0 if v is None else int(v) for v in values], dtype=torch.long), mask
+
+    def fit_train_statistics(self, values: Sequence[Any]) -> TaskConfig:
+        if self.cfg.class_weights != "balanced":
+            return self.cfg
+        counts = Counter(v for v in values if v is not None)
+        n, k = sum(counts.values()), self._out_dim()
+        # sklearn's "balanced": n / (k * count); a class absent from train gets weight 0 (it has no loss anyway)
+        weights = [round(n / (k * counts[c]), 6) if counts[c] else 0.0 for c in range(k)]
+        log.info("task %s: balanced class weights %s", self.name, dict(zip(self.names, weights)))
+        return replace(self.cfg, class_weights=weights)
+
+    # ------------------------------------------------------------------ model
+    def build_head(self, dim: int, num_views: int, dropout: float) -> nn.Module:
+        from ..models.heads import TaskHead
+
+        return TaskHead(dim, self._out_dim(), num_views, dropout)
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor | None, mask: torch.Tensor | None) -> Any:
+        if target is None:
+            return None
+        if mask is not None:
+            if not bool(mask.any()):
+                return None
+            output, target = output[mask], target[mask]
+        weight = self.cfg.class_weights
+        w = (
+            torch.tensor(weight, dtype=output.dtype, device=output.device)
+            if isinstance(weight, list)
+            else None
+        )
+        return F.cross_entropy(output, target.long(), weight=w, label_smoothing=self.cfg.label_smoothing)
+
+    # ------------------------------------------------------------------ evaluation and prediction
+    def probabilities(self, outputs: torch.Tensor) -> torch.Tensor:
+        return outputs.float().softmax(-1)
+
+    def metrics(
+        self, outputs: torch.Tensor, labels: Any, mask: Any
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+
+        if labels is None or mask is None or not bool(mask.any()):
+            return {}, {}
+        pred = self.probabilities(outputs[mask]).argmax(-1).numpy()
+        y = labels[mask].numpy()
+        ids = list(range(len(self.names)))
+        flat = {
+            "accuracy": float(accuracy_score(y, pred)),
+            "macro_f1": float(f1_score(y, pred, average="macro", labels=ids, zero_division=0)),
+            "weighted_f1": float(f1_score(y, pred, average="weighted", labels=ids, zero_division=0)),
+        }
+        details = {
+            "class_names": self.names,
+            "report": classification_report(
+                y, pred, labels=ids, target_names=self.names, output_dict=True, zero_division=0
+            ),  # fmt: skip
+            "confusion": confusion_matrix(y, pred, labels=ids).tolist(),
+        }
+        return flat, details
+
+    def predict(self, outputs: torch.Tensor) -> list[dict[str, Any]]:
+        probs = self.probabilities(outputs).numpy()
+        names = self.names
+        return [
+            {
+                self.name: names[int(p.argmax())],
+                f"{self.name}_prob": {c: round(float(v), 6) for c, v in zip(names, p)},
+            }
+            for p in probs
+        ]

@@ -1,0 +1,93 @@
+"""Multi-label classification: any subset of the classes per example; sigmoid heads, micro/macro F1."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..config import TaskConfig
+from .base import is_missing, label_error, register_task
+from .classification import ClassificationTask, label_string
+
+
+def label_list(value: Any, where: str, item: str) -> list[str]:
+    """A cell of names: a list (JSON, HF), or a '|'-joined string ("cat|dog")."""
+    values = value if isinstance(value, list | tuple) else str(value).split("|")
+    return [label_string(v, where, item) for v in values if not is_missing(v)]
+
+
+@register_task("multilabel")
+class MultilabelTask(ClassificationTask):
+    default_metric = "micro_f1"
+    metric_names = ("micro_f1", "macro_f1")
+
+    @classmethod
+    def validate_config(cls, cfg: TaskConfig) -> None:
+        super().validate_config(cfg)
+
+    @staticmethod
+    def min_classes() -> int:
+        return 1
+
+    def observed(self, values: Sequence[Any], where: str) -> set[str]:
+        return {n for v in values if not is_missing(v) for n in label_list(v, where, "?")}
+
+    def encode(self, value: Any, where: str, item: str) -> Any:
+        if value is None or (isinstance(value, str | float) and is_missing(value)):
+            return None
+        out = set()
+        for name in label_list(value, where, item):
+            if name not in self.names:
+                raise label_error(f"unknown label {name!r} for task {self.name!r}; classes are {self.names}",
+                                  where, item)  # fmt: skip
+            out.add(self.names.index(name))
+        return sorted(out)
+
+    def collate(self, values: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = torch.tensor([v is not None for v in values], dtype=torch.bool)
+        hot = torch.zeros(len(values), len(self.names))
+        for row, v in enumerate(values):
+            hot[row, list(v or [])] = 1.0
+        return hot, mask
+
+    def fit_train_statistics(self, values: Sequence[Any]) -> TaskConfig:
+        return self.cfg
+
+    def loss(self, output: torch.Tensor, target: Any, mask: Any) -> Any:
+        if target is None:
+            return None
+        if mask is not None:
+            if not bool(mask.any()):
+                return None
+            output, target = output[mask], target[mask]
+        return F.binary_cross_entropy_with_logits(output, target.float())
+
+    def probabilities(self, outputs: torch.Tensor) -> torch.Tensor:
+        return outputs.float().sigmoid()
+
+    def metrics(
+        self, outputs: torch.Tensor, labels: Any, mask: Any
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        from sklearn.metrics import f1_score
+
+        if labels is None or mask is None or not bool(mask.any()):
+            return {}, {}
+        pred = (self.probabilities(outputs[mask]) > 0.5).long().numpy()
+        y = labels[mask].numpy().astype(int)
+        return {
+            "micro_f1": float(f1_score(y, pred, average="micro", zero_division=0)),
+            "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+        }, {}
+
+    def predict(self, outputs: torch.Tensor) -> list[dict[str, Any]]:
+        probs = self.probabilities(outputs).numpy()
+        return [
+            {
+                self.name: [c for c, v in zip(self.names, p) if v > 0.5],
+                f"{self.name}_prob": {c: round(float(v), 6) for c, v in zip(self.names, p)},
+            }  # fmt: skip
+            for p in probs
+        ]

@@ -1,0 +1,88 @@
+"""Regression: float targets (one or `num_classes` per example), MSE loss, MSE/MAE metrics."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ConfigError, TaskConfig
+from .base import Task, is_missing, label_error, register_task, replace
+
+
+@register_task("regression")
+class RegressionTask(Task):
+    default_metric = "mse"
+    metric_names = ("mse", "mae")
+    lower_is_better = ("loss", "mse", "mae")
+
+    @classmethod
+    def validate_config(cls, cfg: TaskConfig) -> None:
+        super().validate_config(cfg)
+        if cfg.num_classes is not None and cfg.num_classes < 1:
+            raise ConfigError(f"task {cfg.name!r}: num_classes (targets) must be >= 1, got {cfg.num_classes}")
+
+    @property
+    def num_targets(self) -> int:
+        return self.cfg.num_classes or 1
+
+    def resolve_schema(self, values: Sequence[Any], declared: Sequence[str], where: str) -> TaskConfig:
+        return replace(self.cfg, class_names=None, num_classes=self.num_targets)
+
+    def encode(self, value: Any, where: str, item: str) -> Any:
+        if is_missing(value):
+            return None
+        values = value if isinstance(value, list | tuple) else [value]
+        try:
+            out = [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise label_error(
+                f"target {value!r} of task {self.name!r} is not a number", where, item
+            ) from None
+        if any(math.isnan(v) for v in out):
+            return None
+        if any(math.isinf(v) for v in out):
+            raise label_error(f"target {value!r} of task {self.name!r} is infinite", where, item,
+                              "fix the value or empty the cell (a missing target)")  # fmt: skip
+        if len(out) != self.num_targets:
+            raise label_error(
+                f"{len(out)} target(s) where task {self.name!r} has {self.num_targets}", where, item
+            )
+        return out[0] if self.num_targets == 1 else out
+
+    def collate(self, values: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = torch.tensor([v is not None for v in values], dtype=torch.bool)
+        rows = [
+            [0.0] * self.num_targets if v is None else ([v] if self.num_targets == 1 else v) for v in values
+        ]
+        return torch.tensor(rows, dtype=torch.float32), mask
+
+    def build_head(self, dim: int, num_views: int, dropout: float) -> nn.Module:
+        from ..models.heads import TaskHead
+
+        return TaskHead(dim, self.num_targets, num_views, dropout)
+
+    def loss(self, output: torch.Tensor, target: Any, mask: Any) -> Any:
+        if target is None:
+            return None
+        target = target.float().reshape(output.shape)
+        if mask is not None:
+            if not bool(mask.any()):
+                return None
+            output, target = output[mask], target[mask]
+        return F.mse_loss(output, target)
+
+    def metrics(
+        self, outputs: torch.Tensor, labels: Any, mask: Any
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        if labels is None or mask is None or not bool(mask.any()):
+            return {}, {}
+        pred, y = outputs[mask].float(), labels[mask].float().reshape(outputs[mask].shape)
+        return {"mse": float(((pred - y) ** 2).mean()), "mae": float((pred - y).abs().mean())}, {}
+
+    def predict(self, outputs: torch.Tensor) -> list[dict[str, Any]]:
+        return [{self.name: float(o[0]) if len(o) == 1 else [float(v) for v in o]} for o in outputs.float()]

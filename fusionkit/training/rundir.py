@@ -1,0 +1,343 @@
+"""`RunDir`: one training run's directory, its layout, its lock and its pointers to the last/best checkpoint.
+
+Layout::
+
+    run.lock                     flock'ed by the one live writer (holds its pid while it runs)
+    config.yaml, config.json     the resolved config actually used (rewritten when a resume accepts changes)
+    data_fingerprint.json        per split: the data's fingerprint; per task: the label schema
+    resume_log.jsonl             one line per resume: from which step, what changed and was accepted
+    split.json, metrics.jsonl, summary.json, predictions_*.csv, *.png, skipped_rows.jsonl
+    checkpoints/step-00000120/   model (safetensors + config.json) + trainer_state.pt
+    last, best                   small text files naming a checkpoint: "checkpoints/step-00000120"
+
+Promises: a fresh run never writes into a directory that holds anything (it refuses, or with
+`run.name_exists="increment"` takes `name-1`, `name-2`, ... and says so); a second live writer is
+refused while the first holds the lock (a lock left by a killed process is taken over with a
+warning, since `flock` dies with its holder); pointers are plain files, so a run dir copied by zip,
+cloud sync or `cp -rL` still resumes. Run dirs from older versions (`last`/`best` symlinks) are read.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("fusionkit.training")
+
+LOCK = "run.lock"
+POINTERS = ("last", "best")
+CHECKPOINTS = "checkpoints"
+NAME_EXISTS = ("error", "increment")
+RUN_FILES = frozenset({
+    LOCK, *POINTERS, CHECKPOINTS, "config.yaml", "config.json", "data_fingerprint.json", "resume_log.jsonl",
+    "split.json", "metrics.jsonl", "summary.json", "skipped_rows.jsonl", "curves.png",
+})  # fmt: skip
+RUN_FILE_PREFIXES = ("predictions_", "confusion_")
+# Config keys a resume may change without asking: where and how the run executes, not what it learns.
+OPERATIONAL_KEYS = frozenset({
+    "run.output_dir", "run.name", "run.name_exists", "run.device", "run.progress", "run.plots",
+    "run.log_every", "run.checkpoint_every", "run.keep_checkpoints",
+    "data.num_workers", "data.num_proc", "data.cache_dir", "optim.eval_batch_size",
+})  # fmt: skip
+
+
+class RunDirError(ValueError):
+    """A run dir cannot be used as asked: it holds another run, another process writes it, or it changed."""
+
+
+class RunDir:
+    """Paths of one run, its writer lock and its `last`/`best` pointers. `RunDir(path)` only names it;
+    `create` / `open_for_resume` also take the lock."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+        self._finalizer: weakref.finalize | None = None
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    def file(self, name: str) -> Path:
+        """`config.json`, `split.json`, `summary.json`, ...: every file of the run lives directly in it."""
+        return self.path / name
+
+    # ------------------------------------------------------------------ creating / opening
+    @classmethod
+    def create(cls, output_dir: str | Path, name: str | None, name_exists: str = "error") -> RunDir:
+        """A new, empty, locked run dir `output_dir/name` (default name: a timestamp).
+
+        If that dir already holds something, `name_exists="error"` refuses and says what to do;
+        `"increment"` takes the first free `name-1`, `name-2`, ... (a default timestamp name always does).
+        """
+        if name_exists not in NAME_EXISTS:
+            raise RunDirError(f"run.name_exists must be one of {NAME_EXISTS}, got {name_exists!r}")
+        base = name or time.strftime("%Y%m%d-%H%M%S")
+        increment = name is None or name_exists == "increment"
+        for n in range(10_000):
+            run = cls(Path(output_dir) / (base if n == 0 else f"{base}-{n}"))
+            if run.holds_run() and not increment:
+                raise RunDirError(
+                    f"{run.path} already holds a run ({', '.join(run.contents()[:5])}); fusionkit never writes "
+                    f"a new run into it. Continue it with `fusionkit train --resume {run.path}`, choose "
+                    "another run.name, or set run.name_exists=increment to get a fresh numbered dir"
+                )
+            if run.holds_run():
+                continue
+            try:
+                run.lock()
+            except RunDirError:  # a live run is starting there right now
+                if not increment:
+                    raise
+                continue
+            if run.holds_run():  # filled between the check and the lock by a run that has finished since
+                run.unlock()
+                if not increment:
+                    raise RunDirError(f"{run.path} was filled by another run while this one started")
+                continue
+            if n and name is not None:
+                log.warning("run dir %s already holds a run; writing this one to %s", run.path.parent / base,
+                            run.path)  # fmt: skip
+            return run
+        raise RunDirError(f"no free run dir name {base}-N under {output_dir}")
+
+    @classmethod
+    def open_for_resume(cls, path: str | Path) -> RunDir:
+        """The existing run at `path`, locked, with a `last` checkpoint to continue from."""
+        run = cls(path)
+        if not run.path.is_dir():
+            raise FileNotFoundError(f"nothing to resume: {run.path} does not exist")
+        if run.last is None:
+            raise FileNotFoundError(f"nothing to resume: {run.path} has no checkpoint (no `last` pointer)")
+        run.lock()
+        return run
+
+    def contents(self) -> list[str]:
+        """Names in the dir, except the lock file."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir() if p.name != LOCK)
+
+    def owns(self, path: str | Path) -> bool:
+        """True for a file this run wrote or will write (config, split, results, pointers, checkpoints)."""
+        path, root = Path(path).resolve(), self.path.resolve()
+        if not path.is_relative_to(root) or path == root:
+            return False
+        first = path.relative_to(root).parts[0]
+        return first in RUN_FILES or first.startswith(RUN_FILE_PREFIXES)
+
+    def holds_run(self) -> bool:
+        """True if the dir exists and holds anything besides a lock file (results are never overwritten)."""
+        return bool(self.contents())
+
+    # ------------------------------------------------------------------ lock
+    def lock(self) -> None:
+        """Become the one writer of this dir (`flock` on `run.lock`, released when the process dies)."""
+        if self._lock_fd is not None:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirError(
+                f"{self.path} is being written by another live training (pid/host: {holder}); wait for it "
+                "to finish, or choose another run.name"
+            ) from None
+        previous = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        if previous:
+            log.warning("%s: taking over the lock left by %s, which ended without releasing it (killed?)",
+                        self.path, previous)  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}@{socket.gethostname()}\n".encode(), 0)
+        self._lock_fd = fd
+        self._finalizer = weakref.finalize(self, _release, fd)
+
+    def unlock(self) -> None:
+        """Release the lock; the lock file stays (unlinking it would race with a waiting writer), emptied."""
+        if self._finalizer is not None:
+            self._finalizer()
+        self._lock_fd = self._finalizer = None
+
+    @property
+    def locked(self) -> bool:
+        return self._lock_fd is not None
+
+    # ------------------------------------------------------------------ pointers
+    def pointer(self, name: str) -> Path | None:
+        """The checkpoint dir `last`/`best` names, or None if there is none yet."""
+        path = self.path / name
+        if not (path.exists() or path.is_symlink()):
+            return None
+        return follow_pointer(path)
+
+    @property
+    def last(self) -> Path | None:
+        return self.pointer("last")
+
+    @property
+    def best(self) -> Path | None:
+        return self.pointer("best")
+
+    def set_pointer(self, name: str, checkpoint: Path) -> None:
+        """Point `name` at `checkpoint` atomically: write a temp file, fsync, `os.replace`."""
+        if name not in POINTERS:
+            raise ValueError(f"unknown pointer {name!r}; expected one of {POINTERS}")
+        path = self.path / name
+        if path.is_dir() and not path.is_symlink():  # an old symlink copied as a folder (cp -rL, zip)
+            _retire_copied_pointer(path, self.checkpoints)
+        tmp = self.path / f".{name}.tmp"
+        with open(tmp, "w") as f:
+            f.write(Path(os.path.relpath(checkpoint, self.path)).as_posix() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------ config and data fingerprint
+    def write_config(self, resolved: Mapping[str, Any]) -> None:
+        """config.yaml + config.json: the values this run actually uses (atomic writes)."""
+        import yaml
+
+        _write_atomic(self.file("config.yaml"), yaml.safe_dump(dict(resolved), sort_keys=False))
+        _write_atomic(self.file("config.json"), json.dumps(resolved, indent=2))
+
+    def read_config(self) -> dict[str, Any] | None:
+        path = self.file("config.json")
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def write_data_fingerprint(self, fingerprint: Mapping[str, Any]) -> None:
+        _write_atomic(self.file("data_fingerprint.json"), json.dumps(fingerprint, indent=2))
+
+    def read_data_fingerprint(self) -> dict[str, Any] | None:
+        path = self.file("data_fingerprint.json")
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def log_resume(self, entry: Mapping[str, Any]) -> None:
+        """Append one line to resume_log.jsonl: what a resume started from and what it accepted."""
+        with open(self.file("resume_log.jsonl"), "a") as f:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}, default=str) + "\n")
+
+
+def _release(fd: int) -> None:
+    os.ftruncate(fd, 0)  # an empty lock file tells the next writer this run ended cleanly
+    os.close(fd)  # closing drops the flock
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def follow_pointer(path: str | Path) -> Path:
+    """The checkpoint dir that `path` stands for: a pointer file's target, a symlink's target, or the dir.
+
+    A pointer names a dir inside its run dir; anything else (absolute, `..`, missing) is refused.
+    """
+    path = Path(path)
+    if path.is_symlink() or path.is_dir():
+        return path.resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.stat().st_size > 4096:
+        raise ValueError(f"{path} is not a checkpoint pointer (too large)")
+    target = path.read_text().strip()
+    rel = Path(target)
+    if not target or rel.is_absolute() or ".." in rel.parts:
+        raise ValueError(f"{path} names {target!r}; a pointer must name a checkpoint inside its run dir")
+    checkpoint = path.parent / rel
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"{path} names {target!r}, which does not exist in {path.parent}")
+    return checkpoint
+
+
+def _retire_copied_pointer(path: Path, checkpoints: Path) -> None:
+    """A `last`/`best` folder (an old symlink turned into a copy) is moved under checkpoints/, never deleted."""
+    checkpoints.mkdir(exist_ok=True)
+    dest, n = checkpoints / f"copied-{path.name}", 1
+    while dest.exists():
+        dest, n = checkpoints / f"copied-{path.name}-{n}", n + 1
+    shutil.move(str(path), dest)
+    log.warning("%s was a copied folder (old symlink layout); kept it as %s", path, dest)
+
+
+# ---------------------------------------------------------------------------------------- resume checks
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dict -> {"optim.lr": 0.002, ...}."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping) and value and key not in ("config_overrides", "model_kwargs"):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """{dotted key: [saved value, current value]} for every key that differs (or exists on one side only)."""
+    a, b = flatten(saved), flatten(current)
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def split_fingerprint(data: Any) -> str:
+    """Content hash of one split: its own `fingerprint` where it has one (the cache's meta records the
+    source data's), else a hash of its ids and labels."""
+    own = getattr(data, "fingerprint", None)
+    if isinstance(own, str):
+        return own
+    meta = Path(data.path) / "meta.json" if hasattr(data, "path") else None
+    if meta is not None and meta.is_file():
+        recorded = json.loads(meta.read_text()).get("fingerprint")
+        if isinstance(recorded, str):
+            return recorded
+    ids = list(getattr(data, "ids", []))
+    labels = getattr(data, "labels", None)
+    return hashlib.sha1(json.dumps([ids, labels], default=str).encode()).hexdigest()
+
+
+def data_fingerprint(datasets: Mapping[str, Any]) -> dict[str, Any]:
+    """What a resume must find unchanged: the label schema per task, size and content hash per split."""
+    first = next(iter(datasets.values()))
+    return {
+        "label_schema": {
+            task: {"type": first.task_types.get(task), "classes": list(names)}
+            for task, names in first.label_names.items()
+        },
+        "splits": {s: {"n": len(d), "fingerprint": split_fingerprint(d)} for s, d in datasets.items()},
+    }
+
+
+def data_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Readable differences between two `data_fingerprint`s ("label schema of task 'x': ... -> ...")."""
+    out = []
+    old_schema, new_schema = saved.get("label_schema", {}), current.get("label_schema", {})
+    for task in sorted(set(old_schema) | set(new_schema)):
+        if old_schema.get(task) != new_schema.get(task):
+            out.append(f"label schema of task {task!r}: {old_schema.get(task)} -> {new_schema.get(task)}")
+    old_splits, new_splits = saved.get("splits", {}), current.get("splits", {})
+    for split in sorted(set(old_splits) | set(new_splits)):
+        a, b = old_splits.get(split), new_splits.get(split)
+        if a is None or b is None:
+            out.append(f"split {split!r}: {'added' if a is None else 'gone'}")
+        elif a != b:
+            size = f"{a['n']} -> {b['n']} examples" if a["n"] != b["n"] else f"{a['n']} examples"
+            out.append(f"split {split!r}: content changed ({size})")
+    return out

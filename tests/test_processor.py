@@ -1,0 +1,95 @@
+"""`FusionProcessor`: raw captions/images -> model inputs, missing entries, save/load, training parity."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fusionkit import FusionProcessor, ImageTransform, create_model, make_synthetic
+from fusionkit.data import preprocess_image
+from fusionkit.models.fusion_model import model_inputs
+
+
+@pytest.fixture(scope="module")
+def model():
+    return create_model("tiny").eval()
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    ds = make_synthetic(6, image_size=48)
+    return [ex.text for ex in ds], [ex.image for ex in ds]
+
+
+def test_outputs_match_the_training_path(model, pairs) -> None:
+    texts, images = pairs
+    proc = FusionProcessor.from_model(model)
+    out = proc(texts=texts, images=images)
+    assert set(out) == {"input_ids", "attention_mask", "text_present", "pixel_values", "image_present"}
+    tok = model.tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    assert torch.equal(out["input_ids"], tok["input_ids"])
+    assert torch.equal(out["attention_mask"], tok["attention_mask"])
+    uint8 = torch.from_numpy(np.stack([preprocess_image(im, model.image_preprocess) for im in images]))
+    expected = ImageTransform(model.image_preprocess, train=False)(uint8)
+    assert out["pixel_values"].dtype == torch.float32 and out["pixel_values"].shape == (6, 3, 32, 32)
+    torch.testing.assert_close(out["pixel_values"], expected)
+    assert out["text_present"].all() and out["image_present"].all()
+
+
+def test_paths_bytes_and_pil_give_the_same_pixels(model, pairs, tmp_path: Path) -> None:
+    _, images = pairs
+    path = tmp_path / "a.png"
+    images[0].save(path)
+    buf = io.BytesIO()
+    images[0].save(buf, format="PNG")
+    proc = FusionProcessor.from_model(model)
+    px = proc(images=[images[0], str(path), path, buf.getvalue()])["pixel_values"]
+    for i in range(1, 4):
+        assert torch.equal(px[0], px[i])
+
+
+def test_missing_entries_follow_the_batch_contract(model, pairs) -> None:
+    texts, images = pairs
+    proc = FusionProcessor.from_model(model)
+    out = proc(texts=[texts[0], None, texts[2]], images=[None, images[1], images[2]])
+    assert out["text_present"].tolist() == [True, False, True]
+    assert out["image_present"].tolist() == [False, True, True]
+    empty = model.tokenizer([""], return_tensors="pt")["input_ids"][0]
+    assert torch.equal(out["input_ids"][1, : len(empty)], empty)  # a missing caption is tokenized ""
+    zeros = ImageTransform(model.image_preprocess)(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    torch.testing.assert_close(out["pixel_values"][:1], zeros)  # a missing image is zeros
+    logits = model(**model_inputs(out))["sentiment"]
+    assert logits.shape == (3, 3) and torch.isfinite(logits).all()
+
+
+def test_save_and_load_beside_the_model(model, pairs, tmp_path: Path) -> None:
+    texts, images = pairs
+    proc = FusionProcessor.from_model(model)
+    model.save_pretrained(tmp_path / "m")  # a model folder needs no extra processor files
+    proc.save_pretrained(tmp_path / "p")
+    expected = proc(texts=texts, images=images)
+    for source in (tmp_path / "m", tmp_path / "p"):
+        loaded = FusionProcessor.from_pretrained(source)
+        assert loaded.max_length == 64 and loaded.image_preprocess == model.image_preprocess
+        got = loaded(texts=texts, images=images)
+        for key, value in expected.items():
+            assert torch.equal(got[key], value), key
+
+
+def test_bad_inputs_are_clear_errors(model, pairs, tmp_path: Path) -> None:
+    texts, images = pairs
+    proc = FusionProcessor.from_model(model)
+    with pytest.raises(ValueError, match="2 texts but 3 images"):
+        proc(texts=texts[:2], images=images[:3])
+    with pytest.raises(ValueError, match="needs texts, images or both"):
+        proc()
+    with pytest.raises(TypeError, match="not a single one"):
+        proc(texts="one caption")
+    with pytest.raises(TypeError, match=r"texts\[1\] is a int"):
+        proc(texts=["ok", 3])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        FusionProcessor.from_pretrained(tmp_path / "nowhere")

@@ -38,6 +38,7 @@ from .models import (  # noqa: E402
     list_presets,
     register_fusion,
 )
+from .processor import FusionProcessor  # noqa: E402
 from .training import TrainConfig, Trainer, build_config, train  # noqa: E402
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "DataError",
     "FusionConfig",
     "FusionModel",
+    "FusionProcessor",
     "FusionStrategy",
     "ImageEncoderConfig",
     "ImagePreprocess",

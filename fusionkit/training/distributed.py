@@ -1,0 +1,139 @@
+"""What training, evaluation and embedding need from `torch.distributed`, each a no-op in one process.
+
+* `init_distributed(device)` joins the process group that `torchrun` / `accelerate launch` describe in
+  the environment, after selecting the CUDA device (NCCL collectives and barriers can hang without it).
+* `gather_features(x)` returns every rank's rows, gradients flowing back to the rank that owns them, so
+  a contrastive loss over a global batch of N sees N-1 negatives however many processes share it.
+* `any_rank(flag)` and `broadcast_object(obj)` make stop decisions once for all ranks: a NaN on one
+  rank stops every rank (instead of hanging the others in the next all-reduce), and early stopping is
+  decided on rank 0 and followed everywhere.
+* `all_gather_object(obj)` collects one picklable object per rank: RNG states for a checkpoint,
+  evaluation shards for the metrics.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
+def init_distributed(device: torch.device | str = "cpu", timeout_s: float = 1800) -> tuple[int, int]:
+    """Join the group the launcher describes (WORLD_SIZE > 1) and return (rank, world size).
+
+    On CUDA the process's device is set first and bound to the group, so barriers and NCCL
+    collectives run on the right GPU; CPU runs use gloo.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        device = torch.device(device)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", timeout=timeout, device_id=device)
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
+    return rank_and_world()
+
+
+def barrier() -> None:
+    """Wait for every rank (on the process's own GPU under NCCL)."""
+    if not is_distributed():
+        return
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def _row_counts(x: torch.Tensor) -> list[int]:
+    n = torch.tensor([x.shape[0]], device=x.device)
+    counts = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, n)
+    return [int(c) for c in counts]
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather along dim 0 (ranks may hold different row counts); backward sums every rank's
+    gradient for a row and hands it to the rank that owns the row."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        counts = _row_counts(x)
+        padded = x.new_zeros((max(counts), *x.shape[1:]))
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded)
+        rank = dist.get_rank()
+        ctx.start, ctx.stop = sum(counts[:rank]), sum(counts[: rank + 1])
+        return torch.cat([p[:n] for p, n in zip(parts, counts)])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.start : ctx.stop]
+
+
+def gather_features(x: torch.Tensor) -> torch.Tensor:
+    """Rows of `x` from every rank, in rank order ([sum of local rows, ...]); `x` itself when not distributed.
+
+    Gradients flow to each rank's own rows, summed over the ranks that used them (open_clip's
+    `gather_with_grad`). So when every rank computes the same global loss from gathered features,
+    DDP's gradient average equals the gradient one process would get for the whole batch. With
+    autograd off (evaluation) `x` is returned as is: ranks then score their own batches, and may hold
+    different numbers of them, so a collective there could hang.
+    """
+    if not is_distributed() or not torch.is_grad_enabled():
+        return x
+    return _GatherRows.apply(x)
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when `flag` is True on at least one (decide a stop once, for all)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """`obj` as rank `src` has it, on every rank (e.g. rank 0's early-stopping decision)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """One picklable object per rank, in rank order (`[obj]` in one process)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def first_error(message: str | None, device: torch.device | str = "cpu") -> str | None:
+    """On every rank: the first rank's error message ("rank 1: ...") when any rank has one, else None.
+
+    Costs one small all-reduce when all is well; the messages are gathered only when something failed.
+    """
+    if not is_distributed():
+        return message
+    if not any_rank(message is not None, device):
+        return None
+    return next(f"rank {r}: {m}" for r, m in enumerate(all_gather_object(message)) if m is not None)

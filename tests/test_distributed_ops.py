@@ -1,0 +1,89 @@
+"""`fusionkit.training.distributed` with two CPU processes (gloo): gathered contrastive negatives give the
+single-process gradient, and stop decisions reach every rank."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from fusionkit.training import distributed as D
+
+ROWS = (5, 3)  # uneven local batches, as a tail batch split over two ranks can be
+
+
+def _clip_loss(text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    logits = F.normalize(text, dim=-1) @ F.normalize(image, dim=-1).T / 0.07
+    idx = torch.arange(len(logits))
+    return 0.5 * (F.cross_entropy(logits, idx) + F.cross_entropy(logits.T, idx))
+
+
+def _problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return (
+        torch.randn(sum(ROWS), 6, generator=g),
+        torch.randn(sum(ROWS), 6, generator=g),
+        torch.randn(6, 4, generator=g),
+    )
+
+
+def _loss_and_grad(
+    text_in: torch.Tensor, image_in: torch.Tensor, w: torch.Tensor
+) -> tuple[float, torch.Tensor]:
+    """Encode with shared weights, gather, contrastive loss; the gradient averaged over ranks as DDP does."""
+    w = w.clone().requires_grad_(True)
+    loss = _clip_loss(D.gather_features(text_in @ w), D.gather_features(image_in @ w))
+    loss.backward()
+    grad = w.grad
+    if D.is_distributed():
+        dist.all_reduce(grad)
+        grad /= dist.get_world_size()
+    return float(loss.detach()), grad
+
+
+def _worker(rank: int, port: int, expected_loss: float, expected_grad: torch.Tensor) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    assert D.init_distributed("cpu") == (rank, 2)
+    try:
+        text, image, w = _problem()
+        rows = slice(sum(ROWS[:rank]), sum(ROWS[: rank + 1]))
+        loss, grad = _loss_and_grad(text[rows], image[rows], w)
+        with torch.no_grad():  # evaluation: each rank keeps its own rows (no collective that could hang)
+            assert D.gather_features(text[rows]).shape[0] == ROWS[rank]
+        torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+        assert D.any_rank(rank == 1) and not D.any_rank(False)
+        assert D.first_error("loss is nan" if rank == 1 else None) == "rank 1: loss is nan"
+        assert D.first_error(None) is None
+        assert D.broadcast_object({"stop": rank == 0}) == {"stop": True}  # rank 0 decides for all
+        assert D.all_gather_object(rank * 10) == [0, 10]
+        D.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(120)
+def test_gathered_contrastive_gradient_matches_one_process() -> None:
+    expected = _loss_and_grad(*_problem())  # one process, the whole batch
+    mp.spawn(_worker, args=(_free_port(), *expected), nprocs=2, join=True)
+
+
+def test_single_process_is_a_no_op() -> None:
+    x = torch.randn(3, 2, requires_grad=True)
+    assert D.gather_features(x) is x
+    assert D.rank_and_world() == (0, 1)
+    assert D.any_rank(True) and D.first_error("boom") == "boom" and D.broadcast_object(7) == 7
+    assert D.all_gather_object("a") == ["a"]

@@ -1,21 +1,22 @@
 """Tokenize and decode once: a memory-mapped on-disk cache of token ids and encoder-sized uint8 images.
 
-Layout of one cache folder (`<cache_dir>/<name>-<key>/`): `tokens.npy` (int32, all captions
-concatenated), `offsets.npy` (int64, N+1), `pixels.npy` (uint8 [N, 3, H, W]) and `meta.json` (ids,
-labels, schema, key). The key hashes the dataset fingerprint, the tokenizer's full definition,
-`max_length` and the image preprocessing, so any change rebuilds and nothing stale is read. The
-folder is written under a temporary name and renamed when complete, so an interrupted build is
-never mistaken for a cache hit.
+One `fusionkit.store` folder per (dataset, tokenizer, max_length, preprocessing) at
+`<cache_dir>/<name>-<key>/`: ragged `tokens` (int32, one row per caption), `pixels` (uint8
+[N, 3, H, W]), `has_text` / `has_image` (bool [N]) and `meta.json` (ids, labels as opaque JSON, schema,
+key, the rows skipped and why). The key hashes the dataset fingerprint (which covers image bytes, so a
+file replaced under the same name, size and mtime is seen), the tokenizer's full definition,
+`max_length` and the preprocessing: any change rebuilds and nothing stale is read. The store is
+published atomically, so an interrupted or concurrent build is never mistaken for a cache hit.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import os
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,13 @@ from tqdm.auto import tqdm
 
 from fusionkit.config import ImagePreprocess
 from fusionkit.data.dataset import MultimodalDataset
-from fusionkit.data.errors import DataError, OnError, SkipLog, check_policy
+from fusionkit.data.errors import DataError, OnError, check_policy
 from fusionkit.data.image import ImageSource, preprocess_image
+from fusionkit.store import Store, StoreWriter, is_built, open_or_build
 
 log = logging.getLogger("fusionkit.data")
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: one store, presence flags, skip list replayed, content fingerprint
 _CHUNK = 64  # images per worker task: big enough to amortize IPC, small enough for a smooth progress bar
 
 
@@ -56,12 +58,15 @@ def cache_key(ds: MultimodalDataset, tokenizer: Any, preprocess: ImagePreprocess
 
 
 def _decode_chunk(
-    pixels_path: str, start: int, images: list[ImageSource], preprocess: ImagePreprocess
+    pixels_path: str, start: int, images: list[ImageSource | None], preprocess: ImagePreprocess
 ) -> list[tuple[int, DataError]]:
-    """Worker: decode images[start:...] straight into the memory-mapped pixel array; return failures."""
+    """Worker: decode images[start:...] straight into the memory-mapped pixel array; return failures.
+    Missing images (None) stay zeros and are never decoded."""
     pixels = np.load(pixels_path, mmap_mode="r+")
     failures = []
     for i, src in enumerate(images, start=start):
+        if src is None:
+            continue
         try:
             pixels[i] = preprocess_image(src, preprocess)
         except DataError as e:
@@ -71,22 +76,27 @@ def _decode_chunk(
 
 
 class CachedDataset(torch.utils.data.Dataset):
-    """Items `{"id", "input_ids": long [T], "pixel_values": uint8 [3,H,W], "labels": {task: value|None}}`."""
+    """Items `{"id", "input_ids": long [T], "pixel_values": uint8 [3,H,W], "labels": {task: value|None},
+    "has_text": bool, "has_image": bool}` (a missing caption is tokenized as "", a missing image is zeros).
+    """
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        meta = json.loads((self.path / "meta.json").read_text())
+        store = Store(path)
+        self.path = store.path
+        meta = store.meta
         self.label_names: dict[str, list[str]] = meta["label_names"]
         self.task_types: dict[str, str] = meta["task_types"]
         self.image_size: tuple[int, int] = tuple(meta["image_size"])  # type: ignore[assignment]
         report = self.path / "skipped.jsonl"
         self.skip_report = report if report.is_file() else None
+        self.skipped: list[dict[str, Any]] = meta["skipped"]  # rows left out, with the error of each
         self._rows = np.asarray(meta["rows"], dtype=np.int64)  # rows of the arrays that decoded fine
         self._ids: list[str] = meta["ids"]
-        self._labels: list[dict[str, Any]] = meta["labels"]
-        self._tokens = np.load(self.path / "tokens.npy", mmap_mode="r")
-        self._offsets = np.load(self.path / "offsets.npy")
-        self._pixels = np.load(self.path / "pixels.npy", mmap_mode="r")
+        self._labels: list[Any] = meta["labels"]  # opaque JSON per row
+        self._tokens = store.ragged("tokens")
+        self._pixels = store.array("pixels")
+        self._has_text = store.array("has_text")
+        self._has_image = store.array("has_image")
 
     @property
     def ids(self) -> list[str]:
@@ -97,16 +107,103 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         r = int(self._rows[i])
-        a, b = self._offsets[r], self._offsets[r + 1]
         return {
             "id": self._ids[r],
-            "input_ids": torch.from_numpy(self._tokens[a:b].astype(np.int64)),
+            "input_ids": torch.from_numpy(self._tokens[r].astype(np.int64)),
             "pixel_values": torch.from_numpy(np.array(self._pixels[r])),  # copy: the memmap is read-only
             "labels": self._labels[r],
+            "has_text": bool(self._has_text[r]),
+            "has_image": bool(self._has_image[r]),
         }
 
     def __repr__(self) -> str:
         return f"CachedDataset(n={len(self)}, image_size={self.image_size}, path={str(self.path)!r})"
+
+
+def _decode_images(
+    ds: MultimodalDataset, out: StoreWriter, preprocess: ImagePreprocess, num_proc: int | None
+) -> list[tuple[int, DataError]]:
+    """Decode every present image into `pixels`, in parallel; returns (row, error) of those that failed."""
+    n = len(ds)
+    h, w = preprocess.size
+    out.array("pixels", (n, 3, h, w), np.uint8).flush()
+    pixels_path = str(out.path / "pixels.npy")
+    images = [ex.image for ex in ds]
+    chunks = [(s, images[s : s + _CHUNK]) for s in range(0, n, _CHUNK)]
+    workers = max(1, min(num_proc or len(os.sched_getaffinity(0)), len(chunks)))
+    failures: list[tuple[int, DataError]] = []
+    with tqdm(total=n, desc=f"decoding images ({workers} procs)", unit="img", disable=n < 256) as bar:
+        if workers > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                futures = [pool.submit(_decode_chunk, pixels_path, s, c, preprocess) for s, c in chunks]
+                for f, (_, c) in zip(futures, chunks):
+                    failures += f.result()
+                    bar.update(len(c))
+        else:
+            for s, c in chunks:
+                failures += _decode_chunk(pixels_path, s, c, preprocess)
+                bar.update(len(c))
+    return sorted(failures, key=lambda f: f[0])
+
+
+def _tokenize(ds: MultimodalDataset, out: StoreWriter, tokenizer: Any, max_length: int) -> None:
+    """Token ids of every caption (a missing one as ""), appended row by row to the ragged `tokens`."""
+    tokens = out.ragged("tokens", np.int32)
+    texts = ["" if ex.text is None else ex.text for ex in ds]
+    for s in tqdm(range(0, len(texts), 1024), desc="tokenizing", disable=len(texts) < 4096):
+        enc = tokenizer(
+            texts[s : s + 1024], truncation=True, max_length=max_length, return_attention_mask=False
+        )
+        for ids in enc["input_ids"]:
+            tokens.append(ids)
+
+
+def _build(
+    ds: MultimodalDataset,
+    tokenizer: Any,
+    preprocess: ImagePreprocess,
+    max_length: int,
+    num_proc: int | None,
+    policy: OnError,
+    key: str,
+    out: StoreWriter,
+) -> dict[str, Any]:
+    """Fill a store folder; under "raise" the first bad image aborts the build (nothing is published)."""
+    n = len(ds)
+    # Images first: forking workers after the Rust tokenizer has run its threads would disable them.
+    failures = _decode_images(ds, out, preprocess, num_proc)
+    skipped = [
+        {"row": i, "item": ds[i].id, "source": e.source, "problem": e.problem, "hint": e.hint}
+        for i, e in failures
+    ]
+    if skipped and policy == "raise":
+        raise _error(skipped[0])
+    _tokenize(ds, out, tokenizer, max_length)
+    out.array("has_text", (n,), np.bool_)[:] = [ex.text is not None for ex in ds]
+    out.array("has_image", (n,), np.bool_)[:] = [ex.image is not None for ex in ds]
+    if skipped:
+        with (out.path / "skipped.jsonl").open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps({k: r[k] for k in ("item", "source", "problem")}) + "\n" for r in skipped)
+    bad = {r["row"] for r in skipped}
+    return {
+        "version": CACHE_VERSION,
+        "key": key,
+        "dataset": ds.name,
+        "fingerprint": ds.fingerprint,
+        "max_length": max_length,
+        "image_size": list(preprocess.size),
+        "preprocess": dataclasses.asdict(preprocess),
+        "label_names": ds.label_names,
+        "task_types": ds.task_types,
+        "ids": ds.ids,
+        "labels": [ex.labels for ex in ds],
+        "rows": [i for i in range(n) if i not in bad],
+        "skipped": skipped,
+    }
+
+
+def _error(row: dict[str, Any]) -> DataError:
+    return DataError(row["problem"], source=row["source"], item=row["item"], hint=row["hint"])
 
 
 def build_cache(
@@ -121,78 +218,21 @@ def build_cache(
     """Return the cache for this (dataset, tokenizer, preprocessing), building it only if absent.
 
     Images that fail to decode raise `DataError` or, with `on_error="skip"`, are left out of the
-    returned dataset and listed in `<cache folder>/skipped.jsonl`.
+    returned dataset and listed in `<cache folder>/skipped.jsonl`. The policy is not part of the key: a
+    cache built under "skip" serves a later "raise" run by raising the error of its first bad row.
     """
     policy = check_policy(on_error)
     key = cache_key(ds, tokenizer, image_preprocess, max_length)
-    final = Path(cache_dir) / f"{ds.name.replace('/', '_')}-{key}"
-    if (final / "meta.json").is_file():
-        log.info("cache hit: %s", final)
-        return CachedDataset(final)
-    if not getattr(tokenizer, "is_fast", False):
+    path = Path(cache_dir) / f"{ds.name.replace('/', '_')}-{key}"
+    if is_built(path):
+        log.info("cache hit: %s", path)
+    elif not getattr(tokenizer, "is_fast", False):
         log.warning("%s is not a fast tokenizer: building the cache will be slow", type(tokenizer).__name__)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        n = len(ds)
-        h, w = image_preprocess.size
-        pixels_path = str(tmp / "pixels.npy")
-        np.lib.format.open_memmap(pixels_path, mode="w+", dtype=np.uint8, shape=(n, 3, h, w)).flush()
-        # Images first: forking workers after the Rust tokenizer has run its threads would disable them.
-        images = [ex.image for ex in ds]
-        chunks = [(s, images[s : s + _CHUNK]) for s in range(0, n, _CHUNK)]
-        workers = min(num_proc or len(os.sched_getaffinity(0)), len(chunks))
-        failures: list[tuple[int, DataError]] = []
-        with tqdm(total=n, desc=f"decoding images ({workers} procs)", unit="img", disable=n < 256) as bar:
-            if workers > 1:
-                with ProcessPoolExecutor(workers) as pool:
-                    futures = [
-                        pool.submit(_decode_chunk, pixels_path, s, c, image_preprocess) for s, c in chunks
-                    ]
-                    for f, (_, c) in zip(futures, chunks):
-                        failures += f.result()
-                        bar.update(len(c))
-            else:
-                for s, c in chunks:
-                    failures += _decode_chunk(pixels_path, s, c, image_preprocess)
-                    bar.update(len(c))
-        skips = SkipLog(policy, f"build_cache({ds.name})")
-        for i, err in sorted(failures, key=lambda f: f[0]):
-            skips(DataError(err.problem, source=err.source, item=ds[i].id, hint=err.hint))
-        bad = {i for i, _ in failures}
-
-        token_lists: list[list[int]] = []
-        texts = [ex.text for ex in ds]
-        for s in tqdm(range(0, n, 1024), desc="tokenizing", disable=n < 4096):
-            enc = tokenizer(
-                texts[s : s + 1024], truncation=True, max_length=max_length, return_attention_mask=False
-            )
-            token_lists += enc["input_ids"]
-        lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=n)
-        np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
-        np.save(tmp / "tokens.npy", np.fromiter((t for ts in token_lists for t in ts), dtype=np.int32))
-
-        meta = {
-            "version": CACHE_VERSION,
-            "key": key,
-            "dataset": ds.name,
-            "fingerprint": ds.fingerprint,
-            "max_length": max_length,
-            "image_size": [h, w],
-            "preprocess": dataclasses.asdict(image_preprocess),
-            "label_names": ds.label_names,
-            "task_types": ds.task_types,
-            "ids": ds.ids,
-            "labels": [ex.labels for ex in ds],
-            "rows": [i for i in range(n) if i not in bad],
-            "skipped": len(bad),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    skips.finish(final / "skipped.jsonl", n)
-    log.info("built cache %s (%d items, %d skipped)", final, n - len(bad), len(bad))
-    return CachedDataset(final)
+    build = functools.partial(_build, ds, tokenizer, image_preprocess, max_length, num_proc, policy, key)
+    data = CachedDataset(open_or_build(path, build).path)
+    if data.skipped:
+        if policy == "raise":
+            raise _error(data.skipped[0])
+        log.warning("build_cache(%s): skipped %d of %d items; see %s",
+                    ds.name, len(data.skipped), len(ds), data.skip_report)  # fmt: skip
+    return data

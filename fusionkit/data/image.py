@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import math
 import os
@@ -16,9 +18,18 @@ from fusionkit.data.errors import DataError
 
 ImageSource = str | os.PathLike | bytes | Image.Image
 
-# 40 MP: far above any photo in a social-media dataset (MVSA's are <= 600 px), far below the ~1 GB
-# a decompression bomb would allocate. PIL's own global limit is not touched.
+# The only formats a dataset file may be decoded as, passed to `Image.open(formats=...)`: all decoded in
+# process by Pillow's bundled libraries. Anything else (EPS/PS would run Ghostscript on the file; exotic
+# decoders are rarely fuzzed) is "not an image" however it is named. JPEG includes MPO (phone photos).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+# Limits read from the header, before any pixel is decoded. 40 MP: far above any photo in a social-media
+# dataset (MVSA's are <= 600 px), far below the ~1 GB a decompression bomb would allocate. Side and aspect
+# bound the shapes a pixel count lets through (a 2,000,000 x 1 strip is 2 MP); a 32:1 image center-cropped
+# to a square keeps 3% of itself, so nothing a model can use is refused. PIL's global limit is not touched.
 MAX_IMAGE_PIXELS = 40_000_000
+MAX_IMAGE_SIDE = 16_384
+MAX_ASPECT_RATIO = 32.0
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -37,13 +48,23 @@ def _describe(src: ImageSource) -> str:
     return str(src)
 
 
+@functools.cache
+def _formats() -> tuple[str, ...]:
+    """`IMAGE_FORMATS` this Pillow build can open (WEBP needs libwebp): `Image.open` rejects unknown names."""
+    Image.init()
+    return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
+
+
 def _open(src: ImageSource) -> Image.Image:
-    if isinstance(src, Image.Image):
+    if isinstance(src, Image.Image):  # e.g. lazily opened by a HF dataset: never load a foreign format
+        if src.format is not None and src.format not in (*_formats(), "MPO"):
+            raise DataError(f"{src.format} images are not decoded", source=_describe(src),
+                            hint=f"convert it to one of {', '.join(_formats())}")  # fmt: skip
         return src
     if isinstance(src, bytes):
         if not src:
             raise DataError("image data is empty (0 bytes)", source=_describe(src))
-        return Image.open(io.BytesIO(src))
+        return Image.open(io.BytesIO(src), formats=_formats())
     path = Path(src)
     if not path.is_file():
         raise DataError(
@@ -51,7 +72,54 @@ def _open(src: ImageSource) -> Image.Image:
         )
     if path.stat().st_size == 0:
         raise DataError("image file is empty (0 bytes)", source=str(path), hint="re-download it")
-    return Image.open(path)
+    return Image.open(path, formats=_formats())
+
+
+def _check_shape(im: Image.Image, max_pixels: int, where: str) -> None:
+    """Refuse, from the header alone, shapes whose decode or resize would cost more than any photo."""
+    w, h = im.size
+    if w < 1 or h < 1:
+        raise DataError(f"image has an empty size {w}x{h}", source=where, hint="replace or remove it")
+    if w * h > max_pixels:
+        raise DataError(
+            f"image is {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,} (decompression bomb?)",
+            source=where,
+            hint="raise max_pixels if the image is genuine",
+        )
+    if max(w, h) > MAX_IMAGE_SIDE or max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise DataError(
+            f"image is {w}x{h}: a side above {MAX_IMAGE_SIDE:,} px or an aspect ratio above "
+            f"{MAX_ASPECT_RATIO:g}:1 (a strip, not a picture)",
+            source=where,
+            hint="crop or resize it, or leave it out",
+        )
+
+
+def image_digest(src: ImageSource | None) -> bytes:
+    """Content hash of an image source, for cache keys: a file's BYTES, not its name, size or mtime
+    (`cp -p`, `rsync -a`, `tar -x` keep those across a replacement). Moving a dataset keeps its keys."""
+    if src is None:
+        return b"<no image>"
+    if isinstance(src, bytes):
+        return hashlib.sha256(src).digest()
+    if isinstance(src, Image.Image):
+        return hashlib.sha256(f"{src.mode}|{src.size}|".encode() + src.tobytes()).digest()
+    try:
+        st = os.stat(src)
+    except (OSError, ValueError):  # missing, or a NUL in the path: the build reports it per item
+        return b"<missing>"
+    return _file_digest(os.fspath(src), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def _file_digest(path: str, *stat: int) -> bytes:
+    """Memoized per process by inode and ctime as well: ctime is set by the kernel on every change and no
+    copy tool can restore it, so an unchanged stat means unchanged bytes (splits re-fingerprint subsets)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").digest()  # SHA-NI: ~2x blake2b here
+    except OSError:
+        return b"<unreadable>"
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -83,55 +151,62 @@ def load_image(
 ) -> Image.Image:
     """Open a path / bytes / PIL image as an upright 8-bit RGB image, or raise `DataError` saying why.
 
-    The pixel limit is checked on the header, before decoding, so a decompression bomb fails fast.
-    `draft_size` (W, H) lets the JPEG decoder downscale by DCT scaling (several times faster for
-    big photos); the result is still at least that size.
+    Only `IMAGE_FORMATS` are decoded, and the size limits are checked on the header, before decoding,
+    so a decompression bomb or a 2,000,000 x 1 strip fails fast. Any exception of a decoder (corrupt
+    files raise OSError, struct.error, EOFError, NotImplementedError, ...) becomes a `DataError`: one bad
+    file is one bad item. `MemoryError` and `KeyboardInterrupt` propagate. `draft_size` (W, H) lets the
+    JPEG decoder downscale by DCT scaling (several times faster for big photos); the result is still at
+    least that size.
     """
     where = _describe(src)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = _open(src)
-            if im.width * im.height > max_pixels:
-                raise DataError(
-                    f"image is {im.width}x{im.height} = {im.width * im.height:,} pixels, above the "
-                    f"limit of {max_pixels:,} (decompression bomb?)",
-                    source=where,
-                    hint="raise max_pixels if the image is genuine",
-                )
-            if draft_size is not None and im.format == "JPEG":
+            _check_shape(im, max_pixels, where)
+            if draft_size is not None and im.format in ("JPEG", "MPO"):
                 im.draft("RGB", draft_size)
             im.load()
             im = ImageOps.exif_transpose(im)
             return _to_rgb(im)
-    except DataError:
+    except (DataError, MemoryError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DataError(f"decompression bomb: {e}", source=where) from None
     except UnidentifiedImageError:
-        raise DataError("not an image file PIL can read", source=where, hint="replace or remove it") from None
+        raise DataError(
+            f"not an image file in a decoded format ({', '.join(_formats())})",
+            source=where,
+            hint="convert or remove it",
+        ) from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated / corrupt data
         raise DataError(f"corrupt or truncated image ({e})", source=where, hint="re-download it") from None
+    except Exception as e:  # a decoder's own failure on hostile bytes: still one bad item
+        raise DataError(
+            f"corrupt image: the decoder failed with {type(e).__name__}: {e}",
+            source=where,
+            hint="re-download it",
+        ) from None
 
 
 def preprocess_image(src: ImageSource, preprocess: ImagePreprocess, **load_kw: object) -> np.ndarray:
-    """Decode, resize so the target fits at `size / crop_pct` (aspect kept) and center-crop.
+    """Decode, scale so the target fits at `size / crop_pct` (aspect kept) and center-crop.
 
-    Returns uint8 [3, H, W]: the encoder's exact input size, so nothing is resized again per epoch.
+    Scaling and cropping are one `resize(box=...)` of the crop region, so the work is the output's size
+    whatever the input's shape. Returns uint8 [3, H, W]: the encoder's exact input size, so nothing is
+    resized again per epoch.
     """
+    try:
+        resample = _RESAMPLE[preprocess.interpolation]
+    except KeyError:
+        raise ValueError(
+            f"unknown interpolation {preprocess.interpolation!r}; use one of {list(_RESAMPLE)}"
+        ) from None
     th, tw = preprocess.size
     side = math.ceil(max(th, tw) / preprocess.crop_pct)  # square: EXIF rotation may swap the axes
     im = load_image(src, draft_size=(side, side), **load_kw)  # type: ignore[arg-type]
-    scale = max(th / im.height, tw / im.width) / preprocess.crop_pct
-    rh, rw = max(th, round(im.height * scale)), max(tw, round(im.width * scale))
-    if (rw, rh) != im.size:
-        try:
-            resample = _RESAMPLE[preprocess.interpolation]
-        except KeyError:
-            raise ValueError(
-                f"unknown interpolation {preprocess.interpolation!r}; use one of {list(_RESAMPLE)}"
-            ) from None
-        im = im.resize((rw, rh), resample, reducing_gap=3.0)
-    top, left = (rh - th) // 2, (rw - tw) // 2
-    im = im.crop((left, top, left + tw, top + th))
+    scale = max(th / im.height, tw / im.width) / preprocess.crop_pct  # output px per source px
+    bw, bh = tw / scale, th / scale  # the crop, in source pixels
+    left, top = (im.width - bw) / 2, (im.height - bh) / 2
+    im = im.resize((tw, th), resample, box=(left, top, left + bw, top + bh), reducing_gap=3.0)
     return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))

@@ -7,8 +7,9 @@ the data cache they were computed from -- not by the fusion config, so one cache
 strategy. The price: no train-time image augmentation, since each image is encoded exactly once
 (features of the un-augmented image). Use unfrozen encoders or `data.feature_cache: false` to augment.
 
-Layout of `<cache_dir>/features-<key>/`: `text.npy` (float16 [sum of caption lengths, Wt], captions
-concatenated), `offsets.npy` (int64 [N+1]), `image.npy` (float16 [N, P, Wi]) and `meta.json`.
+Layout: one `fusionkit.store` folder `<cache_dir>/features-<data cache>-<key>/` with ragged `text`
+(float16, one [caption length, Wt] row per item), `image` (float16 [N, P, Wi]), `has_text` / `has_image`
+(bool [N]) and `meta.json`. Encoders run only on the sides an item has; a missing side is zeros.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,11 @@ from tqdm.auto import tqdm
 from ..config import to_dict
 from ..data import CachedDataset, Collator, ImageTransform, move_batch
 from ..data.collate import pad_right
+from ..store import Store, StoreWriter, is_built, open_or_build
 
 log = logging.getLogger("fusionkit.training")
 
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2  # 2: one store, presence flags
 
 
 def encoder_key(model: Any) -> str:
@@ -52,91 +52,111 @@ def encoder_key(model: Any) -> str:
 
 
 class FeatureDataset(torch.utils.data.Dataset):
-    """Items `{"id", "text_features" [T, Wt], "image_features" [P, Wi], "labels"}` read from the memmaps."""
+    """Items `{"id", "text_features" [T, Wt], "image_features" [P, Wi], "labels", "has_text", "has_image"}`
+    read from the memmaps; a missing side's features are zeros (the encoder never ran on it)."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        meta = json.loads((self.path / "meta.json").read_text())
+        store = Store(path)
+        self.path = store.path
+        meta = store.meta
         self.ids: list[str] = meta["ids"]
-        self.labels: list[dict[str, Any]] = meta["labels"]
+        self.labels: list[Any] = meta["labels"]  # opaque JSON per row
         self.label_names: dict[str, list[str]] = meta["label_names"]
         self.task_types: dict[str, str] = meta["task_types"]
-        self._text = np.load(self.path / "text.npy", mmap_mode="r")
-        self._offsets = np.load(self.path / "offsets.npy")
-        self._image = np.load(self.path / "image.npy", mmap_mode="r")
+        self._text = store.ragged("text")
+        self._image = store.array("image")
+        self._has_text = store.array("has_text")
+        self._has_image = store.array("has_image")
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        a, b = self._offsets[i], self._offsets[i + 1]
         return {
             "id": self.ids[i],
-            "text_features": torch.from_numpy(self._text[a:b].astype(np.float32)),
+            "text_features": torch.from_numpy(self._text[i].astype(np.float32)),
             "image_features": torch.from_numpy(self._image[i].astype(np.float32)),
             "labels": self.labels[i],
+            "has_text": bool(self._has_text[i]),
+            "has_image": bool(self._has_image[i]),
         }
 
 
 class FeatureCollator:
-    """Pads text features to the longest caption in the batch, with the mask and labels `Collator` makes."""
+    """Pads text features to the longest caption in the batch; ids, labels and presence as `Collator` makes."""
 
-    def __init__(self, label_names: Mapping[str, Sequence[str]], task_types: Mapping[str, str]) -> None:
-        self.collator = Collator(0, label_names, task_types)
+    def __init__(
+        self, tasks: Sequence[Any] | Mapping[str, Sequence[str]], task_types: Mapping[str, str] | None = None
+    ) -> None:
+        self.collator = Collator(0, tasks, task_types)  # `tasks` as `Collator` takes them
 
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         text, mask = pad_right([it["text_features"] for it in items])
         return {
-            "ids": [str(it["id"]) for it in items],
             "text_features": text,
             "attention_mask": mask,
             "image_features": torch.stack([it["image_features"] for it in items]),
-            **self.collator.collate_labels(items),
+            **self.collator.collate_common(items),
         }
 
 
+def _on_present(encoder: Any, present: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor | None:
+    """`encoder` run on the rows marked present only, scattered into zeros [B, ...]; None if none is."""
+    if not bool(present.any()):
+        return None
+    out = encoder(*(x[present] for x in inputs))
+    full = out.new_zeros((len(present), *out.shape[1:]))
+    full[present] = out
+    return full
+
+
 @torch.inference_mode()
-def _extract(
-    model: Any, data: CachedDataset, tmp: Path, batch_size: int, progress: bool
-) -> list[dict[str, Any]]:
-    """Write text/offsets/image arrays into `tmp`; returns the items' raw labels, in order."""
+def _extract(model: Any, data: CachedDataset, out: StoreWriter, batch_size: int, progress: bool) -> list[Any]:
+    """Fill the `text` (ragged), `image`, `has_text`, `has_image` arrays; returns the items' labels, in order."""
     device = model.device
     transform = ImageTransform(model.image_preprocess, train=False).to(device)
     collator = Collator(model.tokenizer.pad_token_id, data.label_names, data.task_types)
-    labels: list[dict[str, Any]] = []
+    items_labels: list[Any] = []
 
     def collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        labels.extend(it["labels"] for it in items)
+        items_labels.extend(it["labels"] for it in items)
         return collator(items)
 
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=collate)
+    n = len(data)
+    text_out = out.ragged("text", np.float16, (model.text_encoder.width,))
+    has_text, has_image = out.array("has_text", (n,), np.bool_), out.array("has_image", (n,), np.bool_)
+    image_out: np.ndarray | None = None
     encoders = (model.text_encoder, model.image_encoder)
     modes = [m.training for m in encoders]
     for m in encoders:
         m.eval()
-    n, text_chunks, lengths, image = len(data), [], [], None
     try:
         row = 0
         for batch in tqdm(loader, desc=f"encoding {data.path.name}", unit="batch", disable=not progress):
             batch = move_batch(batch, device, transform)
-            text = model.text_encoder(batch["input_ids"], batch["attention_mask"]).half().cpu()
-            img = model.image_encoder(batch["pixel_values"]).half().cpu().numpy()
-            if image is None:  # image features have a fixed shape: stream them straight to disk
-                image = np.lib.format.open_memmap(
-                    tmp / "image.npy", mode="w+", dtype=np.float16, shape=(n, *img.shape[1:])
-                )
-            image[row : row + len(img)] = img
-            row += len(img)
-            for t, m in zip(text, batch["attention_mask"].sum(1).tolist()):
-                text_chunks.append(t[:m].numpy())
-                lengths.append(m)
+            tp, ip, mask = batch["text_present"], batch["image_present"], batch["attention_mask"]
+            text = _on_present(model.text_encoder, tp, batch["input_ids"], mask)
+            img = _on_present(model.image_encoder, ip, batch["pixel_values"])
+            if img is not None:
+                if image_out is None:  # fixed shape: stream straight to disk (rows before stay zeros)
+                    image_out = out.array("image", (n, *img.shape[1:]), np.float16)
+                image_out[row : row + len(img)] = img.half().cpu().numpy()
+            text = mask.new_zeros((*mask.shape, *text_out.row_shape)) if text is None else text
+            for t, m in zip(text.half().cpu(), mask.sum(1).tolist()):
+                text_out.append(t[:m].numpy())
+            has_text[row : row + len(tp)] = tp.cpu().numpy()
+            has_image[row : row + len(ip)] = ip.cpu().numpy()
+            row += len(tp)
+        if image_out is None:  # no image at all: learn the feature shape from one blank image
+            h, w = model.image_preprocess.size
+            shape = model.image_encoder(torch.zeros(1, 3, h, w, device=device)).shape[1:]
+            image_out = out.array("image", (n, *shape), np.float16)
     finally:
         for m, mode in zip(encoders, modes):
             m.train(mode)
-    image.flush()
-    np.save(tmp / "text.npy", np.concatenate(text_chunks))
-    np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-    return labels
+    image_out.flush()
+    return items_labels
 
 
 def build_features(
@@ -145,27 +165,19 @@ def build_features(
     """The feature cache for (these encoders, this data cache), computed only if absent."""
     encoders = encoder_key(model)
     key = hashlib.sha1(f"{encoders}|{data.path.name}".encode()).hexdigest()[:16]
-    final = Path(cache_dir) / f"features-{data.path.name}-{key}"
-    if (final / "meta.json").is_file():
-        log.info("feature cache hit: %s", final)
-        return FeatureDataset(final)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        labels = _extract(model, data, tmp, batch_size, progress)
-        meta = {
+
+    def build(out: StoreWriter) -> dict[str, Any]:
+        return {
             "version": FEATURES_VERSION,
             "data": data.path.name,
             "encoders": encoders,
             "ids": data.ids,
-            "labels": labels,
+            "labels": _extract(model, data, out, batch_size, progress),
             "label_names": data.label_names,
             "task_types": data.task_types,
         }
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return FeatureDataset(final)
+
+    path = Path(cache_dir) / f"features-{data.path.name}-{key}"
+    if is_built(path):
+        log.info("feature cache hit: %s", path)
+    return FeatureDataset(open_or_build(path, build).path)

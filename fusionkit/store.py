@@ -1,0 +1,205 @@
+"""One on-disk store for everything computed once and read many times (the token/pixel cache, the
+frozen-feature cache): named arrays in a folder with a `meta.json`, published by an atomic rename.
+
+- Fixed-shape arrays (`pixels` [N, 3, H, W]) are `.npy` files written in place through a memmap.
+- Ragged arrays (`tokens`: one int row per item, `text` features: one [L, W] block per item) are one
+  `.npy` of the rows concatenated plus `<name>.offsets.npy` (int64 [N+1]); rows are appended as they are
+  produced, so nothing is held in memory.
+- `open_or_build(path, build)` returns the store at `path`, building it only if absent. The build writes
+  into a private temp folder and renames it onto `path` when complete (`meta.json` is written last), so
+  a reader never sees half a store. An advisory lock per path makes a second process building the same
+  store wait and then use the first one's; if the lock is unavailable (some network filesystems), both
+  build and the loser of the rename discards its copy. Temp folders of builds that died (SIGKILL, power
+  loss) are found by their lock being free and removed by the next build in the same folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import secrets
+import shutil
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent builds still end with one winner
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("fusionkit")
+
+META = "meta.json"
+_HEADER = 128  # bytes reserved for a ragged array's .npy header, rewritten with the real shape at close
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """A version 1.0 `.npy` header of exactly `_HEADER` bytes (so it can be written before the shape is known)."""
+    desc = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    text = repr(desc).ljust(_HEADER - 11) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1")
+
+
+class RaggedWriter:
+    """Appends rows of shape [len, *row_shape] to `<name>.npy`; `close()` writes the header and offsets."""
+
+    def __init__(self, folder: Path, name: str, dtype: Any, row_shape: tuple[int, ...] = ()) -> None:
+        self.folder, self.name = folder, name
+        self.dtype, self.row_shape = np.dtype(dtype), tuple(row_shape)
+        self.lengths: list[int] = []
+        self._f = (folder / f"{name}.npy").open("wb")
+        self._f.write(b"\0" * _HEADER)
+
+    def append(self, row: Any) -> None:
+        row = np.ascontiguousarray(row, dtype=self.dtype)
+        if row.shape[1:] != self.row_shape:
+            raise ValueError(f"{self.name}: row shape {row.shape} does not match [len, *{self.row_shape}]")
+        self._f.write(row.tobytes())
+        self.lengths.append(len(row))
+
+    def close(self) -> None:
+        self._f.seek(0)
+        self._f.write(_npy_header(self.dtype, (sum(self.lengths), *self.row_shape)))
+        self._f.close()
+        offsets = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)]).astype(np.int64)
+        np.save(self.folder / f"{self.name}.offsets.npy", offsets)
+
+
+class StoreWriter:
+    """What a build function gets: a temp folder to fill with arrays and files."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._ragged: list[RaggedWriter] = []
+
+    def array(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.memmap:
+        """A zero-filled fixed-shape array on disk, writable in place (also from forked workers)."""
+        return np.lib.format.open_memmap(self.path / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+
+    def ragged(self, name: str, dtype: Any, row_shape: tuple[int, ...] = ()) -> RaggedWriter:
+        """A ragged array filled row by row with `.append`; closed by `open_or_build`."""
+        w = RaggedWriter(self.path, name, dtype, row_shape)
+        self._ragged.append(w)
+        return w
+
+    def _close(self) -> None:
+        for w in self._ragged:
+            w.close()
+
+
+class Ragged:
+    """Read side of a ragged array: `r[i]` is row i (a view into the memmap), `len(r)` the number of rows."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.values = np.load(folder / f"{name}.npy", mmap_mode="r")
+        self.offsets = np.load(folder / f"{name}.offsets.npy")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.values[self.offsets[i] : self.offsets[i + 1]]
+
+
+class Store:
+    """A completed store folder: `meta`, `array(name)` (read-only memmap), `ragged(name)`."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.meta: dict[str, Any] = json.loads((self.path / META).read_text())
+
+    def array(self, name: str) -> np.ndarray:
+        return np.load(self.path / f"{name}.npy", mmap_mode="r")
+
+    def ragged(self, name: str) -> Ragged:
+        return Ragged(self.path, name)
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r})"
+
+
+def is_built(path: str | Path) -> bool:
+    return (Path(path) / META).is_file()
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[bool]:
+    """Hold an exclusive advisory lock on `folder` itself (no lock file is left behind); blocks while
+    another process builds there. Yields False where directory locks are unsupported."""
+    if fcntl is None:
+        yield False
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process building in %s", folder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # ENOLCK, EBADF on some network filesystems
+            log.debug("no lock on %s (%s): building unlocked", folder, e)
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Remove the temp folders in `folder` left by builds that died (SIGKILL, power loss). Call it only
+    while holding the folder's lock: every live build holds it, so no temp folder is then in use."""
+    removed = []
+    for tmp in folder.glob(".*.tmp-*"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    if removed:
+        log.warning("removed %d temp folder(s) of interrupted builds in %s", len(removed), folder)
+    return removed
+
+
+def open_or_build(path: str | Path, build: Callable[[StoreWriter], dict[str, Any]]) -> Store:
+    """The store at `path`; if absent, `build(writer)` fills a temp folder and returns the meta dict,
+    then the folder is published atomically. Safe when several processes build the same path at once.
+    `build` must not itself build a store in the same parent folder (it would wait for its own lock).
+    """
+    final = Path(path)
+    if is_built(final):
+        return Store(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(final.parent) as locked:
+        if is_built(final):  # another process built it while we waited for the lock
+            log.info("using the store another process just built: %s", final)
+            return Store(final)
+        if locked:
+            remove_stale_temps(final.parent)
+        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        try:
+            writer = StoreWriter(tmp)
+            meta = build(writer)
+            writer._close()
+            (tmp / META).write_text(json.dumps(meta))
+            _publish(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return Store(final)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename `tmp` onto `final`; if another builder got there first, keep theirs and drop ours."""
+    try:
+        os.rename(tmp, final)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not is_built(final):
+            raise
+        log.info("another process published %s first: using it", final)
+        shutil.rmtree(tmp, ignore_errors=True)

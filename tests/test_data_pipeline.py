@@ -200,8 +200,15 @@ def test_collator_pads_to_longest_and_masks_labels() -> None:
 
 
 def test_dataloader_end_to_end(tmp_path: Path) -> None:
+    from fusionkit.config import TaskConfig
+    from fusionkit.tasks import bind_labels
+
     tok = tiny_tokenizer()
-    cached = build_cache(make_synthetic(10, image_size=24), tok, PRE, tmp_path, num_proc=1)
+    raw = make_synthetic(10, image_size=24)  # raw class names; binding encodes them in declared order
+    ds, _ = bind_labels(raw, [TaskConfig("sentiment")])
+    names = raw.label_names["sentiment"]
+    assert [names[ex.labels["sentiment"]] for ex in ds] == [ex.labels["sentiment"] for ex in raw]
+    cached = build_cache(ds, tok, PRE, tmp_path, num_proc=1)
     loader = torch.utils.data.DataLoader(
         cached, batch_size=4, collate_fn=Collator(tok.pad_token_id, cached.label_names)
     )

@@ -55,7 +55,11 @@ def test_mvsa_single_protocol(tmp_path: Path) -> None:
     ds = read_mvsa(_mvsa_raw(tmp_path / "mvsa", rows), "single")
     assert ds.ids == ["1", "2", "3", "5"]
     assert [ex.labels["sentiment"] for ex in ds] == ["positive", "negative", "positive", "neutral"]
-    assert ds[1].labels == {"sentiment": "negative", "text_sentiment": "neutral", "image_sentiment": "negative"}
+    assert ds[1].labels == {
+        "sentiment": "negative",
+        "text_sentiment": "neutral",
+        "image_sentiment": "negative",
+    }
     assert ds.label_names == dict.fromkeys(
         ["sentiment", "text_sentiment", "image_sentiment"], ["positive", "neutral", "negative"]
     )

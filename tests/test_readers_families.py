@@ -1,0 +1,561 @@
+"""Reader defect families (issue 10) and the same options for every source (issues 9, 12).
+
+Each family is tested across the sources it can reach, with hypothesis where the input is open-ended
+(captions, ids, cells). Sources: CSV, JSONL, Parquet, pandas DataFrame, `datasets.Dataset` (in
+memory) and a `DatasetDict` saved to disk; all read with custom column names and string labels.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from fusionkit.data import (
+    MAX_TEXT_CHARS,
+    DataError,
+    MultimodalDataset,
+    load_dataset,
+    read_mvsa,
+    split_dataset,
+)
+from fusionkit.data.sources import SOURCES, ReadOptions
+
+SETTINGS = dict(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+COLUMNS = dict(id_column="id", text_column="caption", image_column="photo")
+KINDS = ["csv", "jsonl", "parquet", "dataframe", "hf", "hf-disk"]
+ROWS = [
+    {"id": "t1", "caption": "what a day", "photo": "img/0.jpg", "mood": "positive"},
+    {"id": "0", "caption": "so tired", "photo": "img/1.jpg", "mood": "Negative"},
+    {"id": "t3", "caption": "a street", "photo": "img/2.jpg", "mood": None},
+]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with img/0..3.jpg, shared by the tests of this module (tables are written per test)."""
+    d = tmp_path_factory.mktemp("family")
+    (d / "img").mkdir()
+    for i in range(4):
+        Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(d / "img" / f"{i}.jpg")
+    return d
+
+
+def _write(kind: str, rows: list[dict[str, Any]], d: Path, name: str = "t") -> tuple[Any, dict[str, Any]]:
+    """`rows` as the given source kind: (what to pass to load_dataset, extra options)."""
+    columns = list(dict.fromkeys(k for r in rows for k in r)) or ["id", "caption", "photo"]
+    if kind == "csv":
+        path = d / f"{name}.csv"
+        with path.open("w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, columns, lineterminator="\n")
+            w.writeheader()
+            w.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
+        return path, {}
+    if kind == "jsonl":
+        path = d / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        return path, {}
+    frame = pd.DataFrame(rows, columns=columns, dtype=object)
+    if kind == "parquet":
+        frame.to_parquet(d / f"{name}.parquet")
+        return d / f"{name}.parquet", {}
+    if kind == "dataframe":
+        return frame, {"image_root": d}
+    import datasets as hf
+
+    ds = hf.Dataset.from_list(rows)
+    if kind == "hf":
+        return ds, {"image_root": d}
+    hf.DatasetDict({"train": ds}).save_to_disk(d / f"{name}-hf")
+    return str(d / f"{name}-hf"), {"image_root": d}
+
+
+def _where(kind: str, row: int, name: str = "t") -> str:
+    """How an error names 0-based data row `row` in each source."""
+    return {
+        "csv": f"{name}.csv:{row + 2}",
+        "jsonl": f"{name}.jsonl:{row + 1}",
+        "parquet": f"{name}.parquet[{row}]",
+        "dataframe": f"DataFrame[{row}]",
+        "hf": f"hf-dataset[{row}]",
+        "hf-disk": f"{name}-hf[{row}]",
+    }[kind]
+
+
+def _read(kind: str, rows: list[dict[str, Any]], d: Path, **kw: Any) -> MultimodalDataset:
+    obj, extra = _write(kind, rows, d)
+    return load_dataset(obj, **COLUMNS, **extra, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ sources
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_source_reads_custom_columns_with_raw_string_labels(kind: str, folder: Path) -> None:
+    ds = _read(kind, ROWS, folder)
+    assert ds.ids == ["t1", "0", "t3"]
+    assert [ex.text for ex in ds] == ["what a day", "so tired", "a street"]
+    assert [ex.labels for ex in ds] == [{"mood": "positive"}, {"mood": "Negative"}, {"mood": None}]
+    assert ds[1].image == str((folder / "img" / "1.jpg").resolve())  # relative to the file / image_root
+    assert ds.label_names == {"mood": []} and ds.task_types == {}
+    assert ds.label_counts("mood") == {"positive": 1, "Negative": 1, "<missing>": 1}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("option", ["text_column", "image_column", "label_columns"])
+def test_missing_column_names_the_columns_found_and_the_config_key(
+    kind: str, option: str, folder: Path
+) -> None:
+    key = {"text_column": "data.text_column", "image_column": "data.image_column"}.get(option)
+    obj, extra = _write(kind, ROWS, folder)
+    kw = {**COLUMNS, **extra, option: "nope" if option != "label_columns" else ["mood", "nope"]}
+    with pytest.raises(DataError, match="no column 'nope'") as e:
+        load_dataset(obj, **kw)
+    assert "'caption'" in str(e.value) and "'mood'" in str(e.value)  # lists what it found
+    assert (key or "model.tasks[].column") in str(e.value)
+
+
+def test_load_dataset_dispatch(folder: Path) -> None:
+    ds = load_dataset("synthetic:3")
+    assert load_dataset(ds, text_column="whatever") is ds  # returned unchanged
+    assert set(SOURCES) >= {"table", "hf", "mvsa", "synthetic"}
+    (folder / "x.txt").write_text("hello")
+    with pytest.raises(ValueError, match="not a .csv/.jsonl/.parquet table"):
+        load_dataset(folder / "x.txt")
+    with pytest.raises(TypeError, match="cannot read a int"):
+        load_dataset(3)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_dataset(folder / "nowhere.csv")
+    assert load_dataset("synthetic:4", label_columns=["sentiment"], on_error="skip").ids == ds.ids + [
+        "syn-000003"
+    ]
+    with pytest.raises(DataError, match="no column 'mood'"):
+        load_dataset("synthetic:4", label_columns=["mood"])
+
+
+def test_reader_options_are_checked(folder: Path) -> None:
+    path, _ = _write("csv", [{**ROWS[0], "caption": ""}], folder)
+    assert load_dataset(path, **COLUMNS, allow_empty_text=True)[0].text is None  # old keyword = keep
+    with pytest.raises(TypeError, match="task_types"):
+        load_dataset(path, task_types={"mood": "classification"})
+    with pytest.raises(TypeError, match="not a mapping to class names"):
+        load_dataset(path, label_columns={"mood": ["a", "b"]})
+    with pytest.raises(TypeError, match="unknown reader option"):
+        load_dataset(path, text_colum="caption")
+    with pytest.raises(ValueError, match="missing_image must be one of"):
+        load_dataset(path, missing_image="drop")
+    assert ReadOptions.from_kwargs({"label_columns": "mood"}).label_columns == ("mood",)
+
+
+# ------------------------------------------------------------------------------------------------ missing
+
+
+MISSING = {  # modality -> cell values that mean "missing" in a source that can hold them
+    "text": ["", "   ", None],
+    "image": ["", None, "img/gone.jpg"],
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("modality", ["text", "image"])
+def test_missing_modality_error_skip_keep(kind: str, modality: str, folder: Path, tmp_path: Path) -> None:
+    column, key = ("caption", "missing_text") if modality == "text" else ("photo", "missing_image")
+    values = MISSING[modality]
+    rows = [ROWS[0], *({**ROWS[1], "id": f"m{i}", column: v} for i, v in enumerate(values))]
+    with pytest.raises(DataError) as e:
+        _read(kind, rows, folder)
+    assert _where(kind, 1) in str(e.value) and "item m0" in str(e.value)
+    assert f"data.{key}=keep" in str(e.value)
+    report = tmp_path / "skipped.jsonl"
+    skipped = _read(kind, rows, folder, report_path=report, **{key: "skip"})  # on_error stays "raise"
+    assert skipped.ids == ["t1"] and skipped.skip_report == report
+    assert [json.loads(line)["item"] for line in report.read_text().splitlines()] == ["m0", "m1", "m2"]
+    kept = _read(kind, rows, folder, **{key: "keep"})
+    assert kept.ids == ["t1", "m0", "m1", "m2"]
+    assert [getattr(ex, modality) is None for ex in kept] == [False, True, True, True]
+    other = "image" if modality == "text" else "text"
+    assert all(getattr(ex, other) is not None for ex in kept)
+
+
+def test_missing_text_error_under_on_error_skip_is_reported(folder: Path, tmp_path: Path) -> None:
+    rows = [ROWS[0], {**ROWS[1], "caption": ""}]
+    ds = _read("csv", rows, folder, on_error="skip", report_path=tmp_path / "r.jsonl")
+    assert ds.ids == ["t1"] and "caption is empty" in (tmp_path / "r.jsonl").read_text()
+
+
+def test_nan_caption_and_image_in_a_dataframe_are_missing(folder: Path) -> None:
+    frame = pd.DataFrame({"text": ["hi", math.nan, "yo"], "image": ["img/0.jpg", "img/1.jpg", math.nan]})
+    ds = load_dataset(frame, image_root=folder, missing_text="keep", missing_image="keep")
+    assert [ex.text for ex in ds] == ["hi", None, "yo"] and ds[2].image is None and ds.ids == ["0", "1", "2"]
+
+
+def test_mvsa_missing_caption_file_and_image_follow_the_policies(tmp_path: Path) -> None:
+    root = _mvsa(tmp_path, {"1": "positive,positive", "2": "neutral,neutral", "3": "negative,negative"})
+    (root / "data" / "2.txt").unlink()
+    (root / "data" / "3.jpg").unlink()
+    with pytest.raises(DataError, match=r"caption file 2.txt not found.*data.missing_text=keep"):
+        read_mvsa(root)
+    ds = read_mvsa(root, missing_text="keep", missing_image="keep")
+    assert [(ex.text, ex.image is None) for ex in ds] == [
+        ("caption 1", False),
+        (None, False),
+        ("caption 3", True),
+    ]
+    assert read_mvsa(root, missing_text="skip", missing_image="skip").ids == ["1"]
+
+
+# ------------------------------------------------------------------------------------------------ text
+
+
+captions = st.text(max_size=60) | st.sampled_from(["a\u2028b", "x\u2029y", "p\u0085q", "\u2028", "\r\n x"])
+
+
+@settings(**SETTINGS)
+@given(texts=st.lists(captions, min_size=1, max_size=5), kind=st.sampled_from(["csv", "jsonl", "parquet"]))
+def test_any_unicode_caption_round_trips(texts: list[str], kind: str, folder: Path) -> None:
+    """JSON Lines splits on "\\n" only: U+2028/U+2029/U+0085 inside a caption stay in its record."""
+    rows = [{"id": f"r{i}", "caption": t, "photo": "img/0.jpg"} for i, t in enumerate(texts)]
+    ds = _read(kind, rows, folder, missing_text="keep")
+    assert ds.ids == [r["id"] for r in rows]
+    assert [ex.text for ex in ds] == [t.strip()[:MAX_TEXT_CHARS] or None for t in texts]
+
+
+def test_undecodable_bytes_are_a_row_error(folder: Path, tmp_path: Path) -> None:
+    path = folder / "bytes.jsonl"
+    path.write_bytes(b'{"text": "ok", "image": "img/0.jpg"}\n{"text": "caf\xe9", "image": "img/1.jpg"}\n')
+    with pytest.raises(DataError, match=r"bytes.jsonl:2.*not valid UTF-8"):
+        load_dataset(path)
+    assert load_dataset(path, on_error="skip", report_path=tmp_path / "r.jsonl").ids == ["1"]
+
+
+# ------------------------------------------------------------------------------------------------ ids
+
+plain_ids = st.text(
+    st.characters(codec="utf-8", exclude_categories=["Cs", "Cc", "Z"]), min_size=1, max_size=8
+)
+ids = st.lists(
+    st.integers(0, 10**6) | plain_ids.filter(lambda s: s.lower().lstrip("+-") != "nan"),
+    min_size=1,
+    max_size=6,
+    unique_by=str,
+)
+
+
+@settings(**SETTINGS)
+@given(values=ids, kind=st.sampled_from(["csv", "jsonl", "dataframe"]))
+def test_ids_are_kept_as_given(values: list[Any], kind: str, folder: Path) -> None:
+    """An id 0 (int or "0") stays "0"; only a missing or empty id is replaced by the row number."""
+    rows = [{"id": v, "caption": "hi", "photo": "img/0.jpg"} for v in values]
+    assert _read(kind, rows, folder).ids == [str(v) for v in values]
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl", "dataframe", "hf"])
+def test_missing_ids_become_row_numbers(kind: str, folder: Path) -> None:
+    rows = [
+        {"id": 0, "caption": "a", "photo": "img/0.jpg"},
+        {"id": None, "caption": "b", "photo": "img/1.jpg"},
+    ]
+    if kind == "hf":
+        rows = [{**r, "id": None if r["id"] is None else str(r["id"])} for r in rows]
+    first = "1" if kind in ("csv", "jsonl") else "0"  # 1-based record number in files, 0-based in memory
+    got = _read(kind, [*rows, {"caption": "c", "photo": "img/2.jpg"}], folder).ids
+    assert got[0] == "0" and got[1] == str(int(first) + 1) and got[2] == str(int(first) + 2)
+
+
+def test_float_ids_from_an_int_column_with_gaps(folder: Path) -> None:
+    frame = pd.DataFrame({"id": [7, None, 9], "text": ["a", "b", "c"], "image": ["img/0.jpg"] * 3})
+    assert frame["id"].dtype.kind == "f"  # pandas made the ints floats
+    assert load_dataset(frame, image_root=folder).ids == ["7", "1", "9"]
+
+
+# ------------------------------------------------------------------------------------------------ cells
+
+
+cells = (
+    st.none()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.integers(-(2**40), 2**40)
+    | st.booleans()
+    | st.text(max_size=6)
+    | st.sampled_from(["nan", "NaN", " -nan ", "inf", "-Infinity", " Positive ", "positive", "a|b"])
+    | st.lists(st.text(max_size=3), max_size=3)
+)
+
+
+def _expected(v: Any) -> Any:
+    """The contract for a raw label: missing (None, NaN, empty, "nan") -> None; strings stripped."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    if isinstance(v, str):
+        s = v.strip()
+        return None if not s or s.lower().lstrip("+-") == "nan" else s
+    return v
+
+
+@settings(**SETTINGS)
+@given(values=st.lists(cells, min_size=1, max_size=6), kind=st.sampled_from(["jsonl", "dataframe", "csv"]))
+def test_label_cells_are_raw_and_nan_is_missing(values: list[Any], kind: str, folder: Path) -> None:
+    """NaN cells are missing labels; inf, case and '|' stay raw (the task binder judges them)."""
+    if kind == "csv":  # a CSV cell is text
+        values = [v if isinstance(v, str) else "" if v is None else str(v) for v in values]
+    rows = [{"id": f"r{i}", "caption": "hi", "photo": "img/0.jpg", "y": v} for i, v in enumerate(values)]
+    ds = _read(kind, rows, folder)
+    got = [ex.labels["y"] for ex in ds]
+    want = [_expected(v) for v in values]
+    assert [type(g) for g in got] == [type(w) for w in want]
+    assert json.dumps(got) == json.dumps(want)  # equal, with inf == inf
+
+
+def test_jsonl_nan_and_infinity_literals(folder: Path) -> None:
+    path = folder / "lit.jsonl"
+    path.write_text(
+        '{"text": "a", "image": "img/0.jpg", "y": NaN}\n{"text": "b", "image": "img/1.jpg", "y": Infinity}\n'
+    )
+    assert [ex.labels["y"] for ex in load_dataset(path)] == [None, math.inf]
+
+
+# ------------------------------------------------------------------------------------------------ rows
+
+
+@pytest.mark.parametrize("line", ["[1, 2]", "null", "3", '"text"', "true", "{not json"])
+def test_jsonl_line_that_is_not_an_object_is_a_row_error(line: str, folder: Path, tmp_path: Path) -> None:
+    path = folder / "lines.jsonl"
+    ok = json.dumps({"text": "fine", "image": "img/0.jpg"})
+    path.write_text(f"{ok}\n{line}\n{ok.replace('0.jpg', '1.jpg')}\n")
+    with pytest.raises(DataError, match="lines.jsonl:2"):
+        load_dataset(path)
+    ds = load_dataset(path, on_error="skip", report_path=tmp_path / "r.jsonl")
+    assert ds.ids == ["1", "3"] and "lines.jsonl:2" in (tmp_path / "r.jsonl").read_text()
+    only_bad = folder / "bad.jsonl"
+    only_bad.write_text(f"{line}\n")
+    assert len(load_dataset(only_bad, on_error="skip", report_path=tmp_path / "r2.jsonl")) == 0
+
+
+@settings(**SETTINGS)
+@given(
+    texts=st.lists(st.text(alphabet="ab ,\n\"'", max_size=12), max_size=5),
+    extra=st.integers(1, 3),
+)
+def test_csv_errors_name_the_physical_line_after_multiline_captions(
+    texts: list[str], extra: int, folder: Path
+) -> None:
+    """A row with more fields than the header is an error (never cut), at the line it starts on."""
+    texts = [t if t.strip() else "x" for t in texts]
+    rows = [{"id": f"r{i}", "caption": t, "photo": "img/0.jpg"} for i, t in enumerate(texts)]
+    path, _ = _write("csv", rows, folder, name="lines")
+    line = 2 + sum(t.count("\n") + 1 for t in texts)
+    with path.open("a") as f:
+        f.write("bad,caption,img/1.jpg" + ",more" * extra + "\n")
+    with pytest.raises(DataError, match=f"lines.csv:{line}: row has {3 + extra} fields but the header has 3"):
+        load_dataset(path, **COLUMNS)
+    assert load_dataset(path, **COLUMNS, on_error="skip").ids == [r["id"] for r in rows]
+
+
+def test_csv_multiline_record_error_names_its_lines(folder: Path) -> None:
+    path = folder / "ml.csv"
+    path.write_text('id,text,image\na,"one\ntwo",img/0.jpg\nb,"three\nfour\nfive",img/gone.jpg\n')
+    with pytest.raises(DataError, match="ml.csv:4-6, item b: image file not found"):
+        load_dataset(path)
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl", "dataframe"])
+@pytest.mark.parametrize("bad", ["nul", "loop", "loop-inside", "folder"])
+def test_bad_image_paths_are_row_errors(kind: str, bad: str, folder: Path, tmp_path: Path) -> None:
+    loop = folder / "loop"
+    if not loop.is_symlink():
+        os.symlink("loop", loop)  # a symlink to itself
+    ref = {"nul": "img/0.jpg\x00.png", "loop": "loop", "loop-inside": "loop/x.jpg", "folder": "img"}[bad]
+    problem = {
+        "nul": "NUL byte",
+        "loop": "symlink loop",
+        "loop-inside": "symlink loop",
+        "folder": "not a file",
+    }
+    rows = [ROWS[0], {**ROWS[1], "photo": ref}, ROWS[2]]
+    with pytest.raises(DataError, match=problem[bad]) as e:
+        _read(kind, rows, folder, missing_image="keep")  # a bad path is not a missing image
+    assert _where(kind, 1) in str(e.value)
+    ds = _read(kind, rows, folder, on_error="skip", report_path=tmp_path / "r.jsonl")
+    assert ds.ids == ["t1", "t3"] and problem[bad] in (tmp_path / "r.jsonl").read_text()
+
+
+def test_image_cells_may_hold_bytes_pil_or_hf_dicts(folder: Path) -> None:
+    raw = (folder / "img" / "0.jpg").read_bytes()
+    im = Image.new("RGB", (4, 4))
+    frame = pd.DataFrame(
+        {
+            "text": ["a", "b", "c", "d"],
+            "image": [raw, im, {"bytes": None, "path": "img/1.jpg"}, {"bytes": b""}],
+        }
+    )
+    ds = load_dataset(frame, image_root=folder, missing_image="keep")
+    assert ds[0].image == raw and ds[1].image is im and ds[3].image is None
+    assert ds[2].image == str((folder / "img" / "1.jpg").resolve())
+    with pytest.raises(DataError, match="image cell must be a path, bytes or a PIL image, got int"):
+        load_dataset(pd.DataFrame({"text": ["a"], "image": [3]}))
+    with pytest.raises(DataError, match="caption must be text, got list"):
+        load_dataset(pd.DataFrame({"text": [["a"]], "image": ["img/0.jpg"]}), image_root=folder)
+
+
+# ------------------------------------------------------------------------------------------------ HF
+
+
+def test_hf_classlabel_names_are_declared_and_ints_become_names(folder: Path) -> None:
+    import datasets as hf
+
+    features = hf.Features(
+        {
+            "caption": hf.Value("string"),
+            "photo": hf.Image(),
+            "mood": hf.ClassLabel(names=["negative", "neutral", "positive"]),
+            "tags": hf.Sequence(hf.ClassLabel(names=["sky", "sea"])),
+            "score": hf.Value("float32"),
+        }
+    )
+    data = {
+        "caption": ["a", "b", "c"],
+        "photo": [str(folder / "img" / f"{i}.jpg") for i in range(3)],
+        "mood": [2, 0, -1],
+        "tags": [[1, 0], [], [0]],
+        "score": [0.5, None, float("nan")],
+    }
+    ds = load_dataset(
+        hf.Dataset.from_dict(data, features=features), text_column="caption", image_column="photo"
+    )
+    assert ds.label_names == {
+        "mood": ["negative", "neutral", "positive"],
+        "tags": ["sky", "sea"],
+        "score": [],
+    }
+    assert [ex.labels for ex in ds] == [
+        {"mood": "positive", "tags": ["sea", "sky"], "score": 0.5},
+        {"mood": "negative", "tags": [], "score": None},
+        {"mood": None, "tags": ["sky"], "score": None},
+    ]
+    assert isinstance(ds[0].image, bytes | str) and ds.ids == ["0", "1", "2"]
+    back = load_dataset(ds.to_hf())  # declared names survive a round trip
+    assert back.label_names["mood"] == ["negative", "neutral", "positive"]
+    assert [ex.labels["mood"] for ex in back] == ["positive", "negative", None]
+
+
+def test_hf_datasetdict_splits_drop_skipped_and_duplicate_rows(folder: Path) -> None:
+    import datasets as hf
+
+    def part(ids: list[str], photos: list[str]) -> Any:
+        return hf.Dataset.from_dict({"id": ids, "text": ["x"] * len(ids), "image": photos})
+
+    ok = str(folder / "img" / "0.jpg")
+    dd = hf.DatasetDict(
+        {"train": part(["a", "b"], [ok, "gone.jpg"]), "validation": part(["a", "c"], [ok, ok])}
+    )
+    ds = load_dataset(dd, on_error="skip", missing_image="skip")
+    assert ds.ids == ["a", "c"] and ds.splits == {"train": ["a"], "val": ["c"]}
+
+
+# ------------------------------------------------------------------------------------------------ MVSA
+
+
+def _mvsa(tmp_path: Path, rows: dict[str, str], raw: bytes | None = None) -> Path:
+    root = tmp_path / "mvsa"
+    (root / "data").mkdir(parents=True)
+    for item in rows:
+        Image.new("RGB", (8, 8)).save(root / "data" / f"{item}.jpg")
+        (root / "data" / f"{item}.txt").write_text(f"caption {item}", encoding="utf-8")
+    text = "\n".join(["ID\ttext,image", *(f"{k}\t{v}" for k, v in rows.items())]) + "\n"
+    (root / "labelResultAll.txt").write_bytes(raw if raw is not None else text.encode())
+    return root
+
+
+@pytest.mark.parametrize("bom", [False, True])
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r\n\r\n"])
+def test_mvsa_label_file_with_bom_and_crlf(bom: bool, newline: str, tmp_path: Path) -> None:
+    rows = {"1": "positive,positive", "2": "neutral,negative"}
+    text = newline.join(["ID\ttext,image", *(f"{k}\t{v}" for k, v in rows.items())]) + newline
+    raw = ("\ufeff" if bom else "").encode() + text.encode()
+    ds = read_mvsa(_mvsa(tmp_path, rows, raw))
+    assert ds.ids == ["1", "2"] and [ex.labels["sentiment"] for ex in ds] == ["positive", "negative"]
+    assert ds.label_names["sentiment"] == ["positive", "neutral", "negative"]
+    assert read_mvsa(tmp_path / "mvsa", label_columns=["sentiment"]).label_names == {
+        "sentiment": ["positive", "neutral", "negative"]
+    }
+
+
+@pytest.mark.parametrize(
+    "row,problem",
+    [
+        ({"text": "no id", "emotion_label": 0}, 'row has no "id"'),
+        ({"id": "", "emotion_label": 0}, 'row has no "id"'),
+        ([1, 2], "not an object"),
+        ({"id": "2", "emotion_label": True}, "unknown emotion_label True"),
+        ({"id": "2", "emotion_label": 5}, "unknown emotion_label 5"),
+        ({"id": "../../etc/passwd", "emotion_label": 0}, "is not a file name"),
+    ],
+)
+def test_clmlf_bad_split_rows_are_row_errors(row: Any, problem: str, tmp_path: Path) -> None:
+    root = tmp_path / "mvsa"
+    (root / "data").mkdir(parents=True)
+    (root / "splits").mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(root / "data" / f"{i}.jpg")
+        (root / "data" / f"{i}.txt").write_text(f"text {i}")
+    rows = [{"id": 0, "emotion_label": 2}, row, {"id": "1", "emotion_label": 1}]
+    (root / "splits" / "train.json").write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=problem) as e:
+        read_mvsa(root)
+    assert "train.json[1]" in str(e.value)
+    ds = read_mvsa(root, on_error="skip", report_path=tmp_path / "r.jsonl")
+    assert ds.ids == ["0", "1"] and [ex.labels["sentiment"] for ex in ds] == ["negative", "neutral"]
+    assert ds.splits == {"train": ["0", "1"], "val": [], "test": []}
+
+
+# ------------------------------------------------------------------------------------------------ splits
+
+
+def test_reused_split_file_refuses_rows_it_does_not_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ds = load_dataset("synthetic:40")
+    path = tmp_path / "split.json"
+    first = split_dataset(ds.subset(range(30)), path=path)
+    grown = load_dataset("synthetic:40")
+    with pytest.raises(DataError, match="10 rows of the dataset are in no split") as e:
+        split_dataset(grown, path=path)
+    assert "delete the file" in str(e.value).lower() and "allow_new_rows=True" in str(e.value)
+    with caplog.at_level(logging.WARNING, logger="fusionkit.data"):
+        parts = split_dataset(grown, path=path, allow_new_rows=True)
+    assert "10 new rows" in caplog.text
+    assert parts["train"].ids == first["train"].ids + grown.ids[30:]
+    assert parts["val"].ids == first["val"].ids and parts["test"].ids == first["test"].ids
+
+
+def test_raw_split_matches_the_split_of_bound_indices() -> None:
+    """Stratifying on raw declared names gives the same split as on their indices (binding later)."""
+    raw = load_dataset("synthetic:90")
+    names = raw.label_names["sentiment"]
+    examples = [type(ex)(ex.id, ex.text, ex.image, {"s": names.index(ex.labels["sentiment"])}) for ex in raw]
+    bound = MultimodalDataset(examples, {"s": names}, {"s": "classification"})
+    a, b = split_dataset(raw, seed=3), split_dataset(bound, seed=3)
+    assert {k: v.ids for k, v in a.items()} == {k: v.ids for k, v in b.items()}
+
+
+def test_label_counts_on_raw_values() -> None:
+    from fusionkit.data import Example
+
+    exs = [Example(str(i), "t", "p", {"y": v}) for i, v in enumerate(["b", None, ["a", "b"], 3, "b"])]
+    assert MultimodalDataset(exs, {"y": ["a", "b", "c"]}).label_counts("y") == {
+        "a": 1,
+        "b": 3,
+        "c": 0,
+        "<missing>": 1,
+        "3": 1,
+    }

@@ -16,7 +16,7 @@ from fusionkit.data.collate import Collator, ImageTransform, move_batch
 from fusionkit.data.dataset import MAX_TEXT_CHARS, Example, MultimodalDataset, split_dataset
 from fusionkit.data.errors import DataError
 from fusionkit.data.image import MAX_IMAGE_PIXELS, load_image, preprocess_image
-from fusionkit.data.readers import SENTIMENT, from_hf, load_dataset, read_mvsa, read_table
+from fusionkit.data.sources import SENTIMENT, ReadOptions, from_hf, load_dataset, read_mvsa, read_table
 from fusionkit.data.synthetic import make_synthetic
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "Example",
     "ImageTransform",
     "MultimodalDataset",
+    "ReadOptions",
     "build_cache",
     "from_hf",
     "load_dataset",

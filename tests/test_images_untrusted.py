@@ -1,0 +1,231 @@
+"""Image files as a hostile or careless user hands them over: foreign formats under image names, strip
+shapes that pass a pixel count, decoders failing in their own ways. Each is one bad item, reported or
+raised with its name; nothing runs an external program; nothing but the interpreter's own failures
+(MemoryError, KeyboardInterrupt) gets past `on_error="skip"`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import EpsImagePlugin, Image, ImageFile
+
+import fusionkit.data.image as image_mod
+from fusionkit.config import ImagePreprocess
+from fusionkit.data import DataError, Example, MultimodalDataset, build_cache, load_image, preprocess_image
+from fusionkit.models.tiny import tiny_tokenizer
+
+PRE = ImagePreprocess(size=(16, 16))
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n"
+
+
+def _encode(im: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def no_ghostscript(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Records every attempt to hand a file to Ghostscript (the test then asserts there was none)."""
+    calls: list[object] = []
+
+    def ghostscript(*args: object, **kwargs: object) -> None:
+        calls.append(args)
+        raise AssertionError("Ghostscript was invoked on a dataset file")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    return calls
+
+
+# ------------------------------------------------------------------------------------------------ formats
+
+
+@pytest.mark.parametrize("header", [EPS, b"%!PS-Adobe-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"])
+def test_postscript_named_jpg_is_refused_without_ghostscript(
+    tmp_path: Path, header: bytes, no_ghostscript: list[object]
+) -> None:
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(header)
+    with pytest.raises(DataError, match="not an image file in a decoded format") as e:
+        load_image(path)
+    assert str(path) in str(e.value) and no_ghostscript == []
+    with pytest.raises(DataError):
+        load_image(header)  # the same as bytes (HF datasets, parquet)
+    assert no_ghostscript == []
+
+
+def test_binary_eps_and_lazily_opened_pil_eps_are_refused(
+    tmp_path: Path, no_ghostscript: list[object]
+) -> None:
+    # DOS EPS: a binary header pointing at the PostScript section
+    binary = (
+        b"\xc5\xd0\xd3\xc6" + struct.pack("<6I", 32, len(EPS), 0, 0, 0, 0) + b"\xff\xff" + b"\0" * 2 + EPS
+    )
+    (tmp_path / "b.png").write_bytes(binary)
+    with pytest.raises(DataError):
+        load_image(tmp_path / "b.png")
+    # A PIL image opened elsewhere without an allow-list (e.g. by a dataset library) is not loaded either.
+    (tmp_path / "a.eps").write_bytes(EPS)
+    lazy = Image.open(tmp_path / "a.eps")
+    assert lazy.format == "EPS"
+    with pytest.raises(DataError, match="EPS images are not decoded"):
+        load_image(lazy)
+    assert no_ghostscript == []
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "PCX", "TGA", "SGI", "PPM", "DDS", "QOI", "XBM"])
+def test_formats_outside_the_allow_list_are_one_bad_item(fmt: str) -> None:
+    im = Image.new("1" if fmt == "XBM" else "RGB", (8, 8))
+    with pytest.raises(DataError, match="not an image file in a decoded format"):
+        load_image(_encode(im, fmt))
+
+
+@pytest.mark.parametrize("fmt", image_mod.IMAGE_FORMATS)
+def test_allowed_formats_decode(fmt: str) -> None:
+    im = Image.new("RGB", (20, 12), (200, 30, 40))
+    out = load_image(_encode(im, fmt))
+    assert out.size == (20, 12) and out.mode == "RGB"
+    assert abs(int(np.asarray(out)[6, 10, 0]) - 200) < 8
+
+
+# ------------------------------------------------------------------------------------------------ shapes
+
+
+@pytest.fixture
+def decode_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Records the size of every image whose pixel data starts being decoded."""
+    calls: list[tuple[int, int]] = []
+    load = ImageFile.ImageFile.load
+
+    def recording_load(self: ImageFile.ImageFile) -> object:
+        calls.append(self.size)
+        return load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", recording_load)
+    return calls
+
+
+@pytest.mark.parametrize("size", [(2_000_000, 1), (1, 2_000_000)])
+def test_strip_image_fails_before_decoding_and_allocates_little(
+    size: tuple[int, int], decode_calls: list[tuple[int, int]]
+) -> None:
+    data = _encode(Image.new("L", size), "PNG", optimize=True)
+    assert len(data) < 4_000  # 2 MP that compress to about 2 KB
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match="aspect ratio"):
+            preprocess_image(data, ImagePreprocess(size=(224, 224)))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, f"{peak:,} bytes allocated to refuse a 2 KB file"
+    assert decode_calls == []  # refused from the header: no pixel was decoded
+
+
+@pytest.mark.parametrize(
+    "size,ok",
+    [((20_000, 1_000), False), ((3_000, 90), False), ((640, 20), True), ((20, 640), True), ((1, 1), True)],
+)
+def test_side_and_aspect_limits(size: tuple[int, int], ok: bool) -> None:
+    data = _encode(Image.new("RGB", size), "PNG")
+    if ok:
+        assert preprocess_image(data, PRE).shape == (3, 16, 16)
+    else:
+        with pytest.raises(DataError, match="aspect ratio"):
+            load_image(data)
+
+
+def test_extreme_allowed_aspect_resizes_only_the_crop() -> None:
+    """The resize works on the center crop, so its output (not a 32:1 strip scaled up) is all it makes."""
+    im = Image.new("RGB", (3_200, 100), (0, 0, 255))
+    im.paste((255, 0, 0), (1_550, 0, 1_650, 100))  # the centre square is red, the rest blue
+    out = preprocess_image(im, ImagePreprocess(size=(64, 64), crop_pct=1.0))
+    assert out.shape == (3, 64, 64) and out[0].min() > 200 and out[2].max() < 60
+
+
+# ------------------------------------------------------------------------------------------------ decoders
+
+
+DECODER_FAILURES = [
+    NotImplementedError("unsupported DDS variant"),
+    struct.error("unpack requires a buffer of 4 bytes"),
+    EOFError("no more images"),
+    IndexError("tuple index out of range"),
+    ZeroDivisionError("division by zero"),
+    RuntimeError("decoder state"),
+]
+
+
+def _mixed_dataset(tmp_path: Path) -> MultimodalDataset:
+    good = [tmp_path / f"good{i}.png" for i in range(2)]
+    for i, p in enumerate(good):
+        Image.new("RGB", (20, 20), (i * 90, 10, 10)).save(p)
+    (tmp_path / "hostile.png").write_bytes(b"\x89PNG\r\n\x1a\n-hostile")  # patched to fail below
+    rows = [("a", good[0]), ("hostile", tmp_path / "hostile.png"), ("b", good[1])]
+    return MultimodalDataset([Example(i, "text", str(p), {}) for i, p in rows], {}, name="mixed")
+
+
+def _fail_on_hostile(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> None:
+    real_open = image_mod._open
+
+    def hostile_open(src: object) -> Image.Image:
+        if str(src).endswith("hostile.png"):
+            raise exc
+        return real_open(src)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(image_mod, "_open", hostile_open)
+
+
+@pytest.mark.parametrize("exc", DECODER_FAILURES, ids=lambda e: type(e).__name__)
+def test_any_decoder_exception_is_one_reported_item(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exc: Exception
+) -> None:
+    ds = _mixed_dataset(tmp_path)
+    _fail_on_hostile(monkeypatch, exc)
+    tok = tiny_tokenizer()
+    with pytest.raises(DataError, match=f"item hostile: corrupt image.*{type(exc).__name__}"):
+        build_cache(ds, tok, PRE, tmp_path / "cache", num_proc=1)
+    cached = build_cache(ds, tok, PRE, tmp_path / "cache", num_proc=1, on_error="skip")
+    assert cached.ids == ["a", "b"]
+    report = [json.loads(line) for line in cached.skip_report.read_text().splitlines()]
+    assert [r["item"] for r in report] == ["hostile"] and type(exc).__name__ in report[0]["problem"]
+
+
+@pytest.mark.parametrize("exc", [MemoryError(), KeyboardInterrupt()], ids=lambda e: type(e).__name__)
+def test_interpreter_failures_are_not_swallowed_by_skip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exc: BaseException
+) -> None:
+    ds = _mixed_dataset(tmp_path)
+    _fail_on_hostile(monkeypatch, exc)
+    with pytest.raises(type(exc)):
+        build_cache(ds, tiny_tokenizer(), PRE, tmp_path / "cache", num_proc=1, on_error="skip")
+    assert list((tmp_path / "cache").iterdir()) == []  # and the interrupted build left nothing
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about the corrupt metadata it skips
+@pytest.mark.parametrize("fmt", image_mod.IMAGE_FORMATS)
+def test_corrupted_bytes_decode_or_raise_data_error(fmt: str) -> None:
+    """Byte flips and truncations of a valid file in every allowed format: a picture or a DataError."""
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8))
+    clean = np.frombuffer(_encode(im, fmt), dtype=np.uint8)
+    outcomes = {"decoded": 0, "refused": 0}
+    for trial in range(60):
+        data = clean.copy()
+        flips = rng.integers(0, len(data), size=1 + trial % 8)
+        data[flips] = rng.integers(0, 256, size=len(flips), dtype=np.uint8)
+        if trial % 3 == 0:
+            data = data[: rng.integers(1, len(data))]
+        try:
+            preprocess_image(data.tobytes(), PRE)
+            outcomes["decoded"] += 1
+        except DataError:
+            outcomes["refused"] += 1
+    assert sum(outcomes.values()) == 60 and outcomes["refused"] > 0

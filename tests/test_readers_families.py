@@ -559,3 +559,53 @@ def test_label_counts_on_raw_values() -> None:
         "<missing>": 1,
         "3": 1,
     }
+
+
+# ------------------------------------------------------------------------------------------------ Windows
+
+
+@settings(**SETTINGS)
+@given(
+    texts=st.lists(st.text(alphabet="ab ,\n\"'", max_size=12).filter(str.strip), max_size=4),
+    bom=st.booleans(),
+    newline=st.sampled_from(["\n", "\r\n"]),
+)
+def test_csv_from_windows_editors(texts: list[str], bom: bool, newline: str, folder: Path) -> None:
+    """Excel's "CSV UTF-8" (BOM, CRLF, spaces after commas in the header) reads like any CSV."""
+    path = folder / "win.csv"
+    with path.open("w", newline="", encoding="utf-8-sig" if bom else "utf-8") as f:
+        f.write("id, caption, photo, mood" + newline)
+        w = csv.writer(f, lineterminator=newline)
+        w.writerows([f"r{i}", t, "img/0.jpg", "Positive"] for i, t in enumerate(texts))
+        f.write("bad,x,img/0.jpg,Positive,extra" + newline)
+    line = 2 + sum(t.count("\n") + 1 for t in texts)
+    with pytest.raises(DataError, match=f"win.csv:{line}: row has 5 fields"):
+        load_dataset(path, **COLUMNS)
+    ds = load_dataset(path, **COLUMNS, on_error="skip")
+    assert ds.ids == [f"r{i}" for i in range(len(texts))]
+    assert [ex.text for ex in ds] == [t.strip() for t in texts]
+    assert all(ex.labels == {"mood": "Positive"} for ex in ds)
+
+
+def test_parquet_with_hf_image_structs(folder: Path) -> None:
+    raw = (folder / "img" / "0.jpg").read_bytes()
+    images = [
+        {"bytes": raw, "path": None},
+        {"bytes": None, "path": "img/1.jpg"},
+        {"bytes": None, "path": None},
+    ]
+    pd.DataFrame({"text": ["a", "b", "c"], "image": images}).to_parquet(folder / "s.parquet")
+    ds = load_dataset(folder / "s.parquet", missing_image="keep")
+    assert (
+        ds[0].image == raw
+        and ds[1].image == str((folder / "img" / "1.jpg").resolve())
+        and ds[2].image is None
+    )
+
+
+def test_mvsa_layout_fixes_columns_and_image_folder(tmp_path: Path) -> None:
+    root = _mvsa(tmp_path, {"1": "positive,positive"})
+    ds = read_mvsa(root, text_column="caption", image_column="photo", image_root=tmp_path / "elsewhere")
+    assert ds[0].text == "caption 1" and ds[0].image == str((root / "data" / "1.jpg").resolve())
+    with pytest.raises(DataError, match=r"no column 'mood' \(model.tasks\[\].column\)"):
+        read_mvsa(root, label_columns=["mood"])

@@ -182,11 +182,15 @@ def read_mvsa(
     data_cards/mvsa_*.md), `text_sentiment` and `image_sentiment`. Pairs whose text and image labels
     conflict are dropped (counted in the log) unless `keep_conflicts`, which keeps them with
     `sentiment=None`. CLMLF layout (`splits/{train,dev,test}.json`): its splits; test labels are None.
-    `options`: see `ReadOptions` (the column names are fixed by the layout and not used).
+    `options`: see `ReadOptions` (column names and `image_root` are fixed by the layout and not used).
     """
     root = Path(root)
     opts = dataclasses.replace(
-        ReadOptions.from_kwargs(options), text_column="text", image_column="image", id_column="id"
+        ReadOptions.from_kwargs(options),
+        text_column="text",
+        image_column="image",
+        id_column="id",
+        image_root=None,
     )
     if variant not in ("single", "multiple"):
         raise ValueError(f"variant must be 'single' or 'multiple', got {variant!r}")

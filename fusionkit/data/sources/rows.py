@@ -215,8 +215,9 @@ class RowReader:
 
     def text(self, value: Any, *, where: str, item: str, no_text: str = "caption is empty") -> str | None:
         """A caption cell -> stripped, length-capped text; None (missing, kept) per missing_text."""
-        value = None if value is None or _is_na_object(value) else value
-        if isinstance(value, float) and math.isnan(value):
+        if hasattr(value, "tolist") and not isinstance(value, str | bytes):  # numpy scalar or array
+            value = value.tolist()
+        if value is None or _is_na_object(value) or (isinstance(value, float) and math.isnan(value)):
             value = None
         if value is not None and not isinstance(value, str):
             if isinstance(value, bool) or not isinstance(value, int | float):

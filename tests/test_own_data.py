@@ -1,0 +1,239 @@
+"""A user's own data end to end: their column names and label strings through train, eval, predict and embed.
+
+Every test goes through public entry points (`fusionkit.cli.main`, `fusionkit.train`, `model.predict`)
+on files written the way users write them: `id,caption,photo,mood`, string labels, empty cells.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import fusionkit
+from fusionkit.cli import main
+from fusionkit.config import ConfigError
+from fusionkit.tasks import bind_labels
+
+MOODS = {"happy": (250, 200, 0), "sad": (0, 0, 200), "meh": (128, 128, 128)}
+WORDS = {"happy": "great sunny day", "sad": "awful rainy mess", "meh": "ordinary tuesday"}
+FAST = ["--optim.max_steps", "4", "--optim.batch_size", "16", "--run.progress", "false", "--run.plots", "false"]
+
+
+def write_table(folder: Path, n: int = 64, *, label_every: int = 1, name: str = "tweets.csv") -> Path:
+    """`id,caption,photo,mood` with string moods; every `label_every`-th row labelled, others empty."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        mood = list(MOODS)[i % 3]
+        img = folder / f"img{i}.png"
+        if not img.exists():
+            noise = np.random.default_rng(i).integers(0, 30, (24, 32, 3), dtype=np.uint8)
+            Image.fromarray(np.full((24, 32, 3), MOODS[mood], np.uint8) + noise).save(img)
+        rows.append({"id": f"t{i}", "caption": f"{WORDS[mood]} #{i}", "photo": img.name,
+                     "mood": mood if i % label_every == 0 else ""})  # fmt: skip
+    path = folder / name
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def train_args(table: Path, out: Path, name: str, *extra: str) -> list[str]:
+    return ["train", "--data.dataset", str(table), "--data.text_column", "caption",
+            "--data.image_column", "photo", "--model.tasks", '[{"name": "mood"}]',
+            "--run.output_dir", str(out), "--run.name", name, "--data.cache_dir", str(out / "cache"),
+            *FAST, *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("own")
+    table = write_table(root / "data")
+    assert main(train_args(table, root / "runs", "r1")) == 0
+    return root, table
+
+
+def test_trained_model_keeps_label_strings_everywhere(trained_run: tuple[Path, Path]) -> None:
+    root, _ = trained_run
+    run = root / "runs" / "r1"
+    model = fusionkit.FusionModel.from_pretrained(run)
+    assert model.class_names == {"mood": ["happy", "meh", "sad"]}  # sorted distinct strings of the data
+    rows = list(csv.DictReader((run / "predictions_test.csv").open()))
+    assert rows and {r["mood"] for r in rows} <= set(MOODS)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test"]["details"]["mood"]["class_names"] == ["happy", "meh", "sad"]
+    assert set(summary["test"]["details"]["mood"]["report"]) >= set(MOODS)
+
+
+def test_predict_every_row_of_a_new_file_without_labels(trained_run: tuple[Path, Path], tmp_path: Path) -> None:
+    root, table = trained_run
+    new = tmp_path / "new.csv"
+    with table.open() as src, new.open("w", newline="") as dst:  # the same rows, no label column
+        reader = csv.DictReader(src)
+        w = csv.DictWriter(dst, fieldnames=["id", "caption", "photo"])
+        w.writeheader()
+        for r in reader:
+            w.writerow({"id": r["id"], "caption": r["caption"], "photo": str(table.parent / r["photo"])})
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(root / "runs" / "r1"), "--data", str(new), "--output", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["id"] for r in rows] == [f"t{i}" for i in range(64)]  # every row, no split applied
+    assert {r["mood"] for r in rows} <= set(MOODS)
+    probs = [sum(float(r[f"mood_prob_{c}"]) for c in MOODS) for r in rows]
+    assert np.allclose(probs, 1.0, atol=1e-4)
+
+
+def test_predict_one_raw_pair_and_one_modality(trained_run: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
+    root, table = trained_run
+    run = str(root / "runs" / "r1")
+    assert main(["predict", run, "--text", "great sunny day", "--image", str(table.parent / "img0.png")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mood"] in MOODS and set(out["mood_prob"]) == set(MOODS)
+    assert main(["predict", run, "--text", "awful rainy mess"]) == 0  # caption alone
+    assert json.loads(capsys.readouterr().out)["mood"] in MOODS
+    model = fusionkit.FusionModel.from_pretrained(run)
+    preds = model.predict(texts=["great sunny day", None], images=[None, str(table.parent / "img1.png")])
+    assert len(preds) == 2 and all(p["mood"] in MOODS for p in preds)
+
+
+def test_eval_uses_the_runs_split_and_other_files_whole(trained_run: tuple[Path, Path], tmp_path: Path) -> None:
+    root, table = trained_run
+    run = root / "runs" / "r1"
+    split = json.loads((run / "split.json").read_text())
+    out = tmp_path / "m.json"
+    assert main(["eval", str(run), "--split", "test", "--output", str(out)]) == 0
+    report = json.loads(out.read_text())["details"]["mood"]["report"]
+    assert report["macro avg"]["support"] == len(split["test"])  # the run's test rows, not others
+    # the same file named explicitly with --split test: still the run's split.json
+    assert main(["eval", str(run), "--data", str(table), "--split", "test", "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["details"]["mood"]["report"]["macro avg"]["support"] == len(split["test"])
+    # another file: all of its rows
+    other = write_table(tmp_path / "other", n=12)
+    args = ["eval", str(run), "--data", str(other), "--text-column", "caption", "--image-column", "photo"]
+    assert main([*args, "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["details"]["mood"]["report"]["macro avg"]["support"] == 12
+
+
+def test_embed_with_own_columns_returns_ids(trained_run: tuple[Path, Path], tmp_path: Path) -> None:
+    root, table = trained_run
+    out = tmp_path / "vecs.npy"
+    assert main(["embed", str(root / "runs" / "r1"), "--data", str(table), "--output", str(out)]) == 0
+    vectors = np.load(out)
+    assert vectors.shape[0] == 64 and np.isfinite(vectors).all()
+
+
+def test_wrong_metric_and_column_fail_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    table = write_table(tmp_path / "data", n=12)
+    assert main(train_args(table, tmp_path / "runs", "bad", "--run.metric", "val/mood/f1_macro")) == 2
+    assert "val/mood/macro_f1" in capsys.readouterr().err  # the message lists the valid names
+    assert main(train_args(table, tmp_path / "runs", "bad2", "--model.tasks", '[{"name": "sentiment"}]')) != 0
+    err = capsys.readouterr().err
+    assert "'sentiment'" in err and "mood" in err and "model.tasks[].column" in err
+    assert not (tmp_path / "runs" / "cache").exists()  # nothing was cached: it failed before that step
+
+
+def _raw(labels: list[object], declared: list[str] | None = None) -> fusionkit.MultimodalDataset:
+    examples = [fusionkit.data.Example(str(i), "x", b"", {"y": v}) for i, v in enumerate(labels)]
+    return fusionkit.MultimodalDataset(examples, {"y": declared or []})
+
+
+def test_class_order_reconciled_by_name_not_position() -> None:
+    task = fusionkit.TaskConfig("y", class_names=["positive", "neutral", "negative"])
+    # HF ClassLabel order negative/neutral/positive: rows keep their meaning under the config's order
+    ds, [cfg] = bind_labels(_raw(["negative", "positive", "neutral"], ["negative", "neutral", "positive"]), [task])
+    assert cfg.class_names == ["positive", "neutral", "negative"]
+    assert [ex.labels["y"] for ex in ds] == [2, 0, 1]
+    # a data class the config does not know is an error naming both lists, never a silent remap
+    with pytest.raises(ConfigError, match="happy.*positive"):
+        bind_labels(_raw(["happy", "positive"]), [task])
+    # declared order is used when the config has none; data strings sorted otherwise
+    _, [cfg] = bind_labels(_raw(["b", "a"], ["b", "a", "c"]), [fusionkit.TaskConfig("y")])
+    assert cfg.class_names == ["b", "a", "c"]
+    _, [cfg] = bind_labels(_raw(["10", "2", "1"]), [fusionkit.TaskConfig("y")])
+    assert cfg.class_names == ["1", "2", "10"]
+    # case variants are a clear error unless the config lists them as distinct classes
+    with pytest.raises(ConfigError, match="case"):
+        bind_labels(_raw(["Positive", "positive", "negative"]), [fusionkit.TaskConfig("y")])
+    ok = fusionkit.TaskConfig("y", class_names=["Positive", "positive", "negative"])
+    assert bind_labels(_raw(["Positive", "positive"]), [ok])[1][0].num_classes == 3
+
+
+def test_missing_labels_are_missing_for_their_task_only() -> None:
+    tasks = [fusionkit.TaskConfig("y"), fusionkit.TaskConfig("z", "regression", column="score")]
+    examples = [
+        fusionkit.data.Example("a", "x", b"", {"y": "p", "score": "1.5"}),
+        fusionkit.data.Example("b", "x", b"", {"y": None, "score": 2}),
+        fusionkit.data.Example("c", "x", b"", {"y": float("nan"), "score": ""}),
+        fusionkit.data.Example("d", "x", b"", {"y": "q", "score": float("nan")}),
+    ]
+    ds, cfgs = bind_labels(fusionkit.MultimodalDataset(examples, {}), tasks)
+    assert [ex.labels for ex in ds] == [
+        {"y": 0, "z": 1.5}, {"y": None, "z": 2.0}, {"y": None, "z": None}, {"y": 1, "z": None}
+    ]
+    assert cfgs[0].class_names == ["p", "q"]  # "nan" is not a class
+    bad = [fusionkit.data.Example("e", "x", b"", {"y": "p", "score": "inf"})]
+    with pytest.raises(fusionkit.DataError, match="item e.*infinite"):
+        bind_labels(fusionkit.MultimodalDataset(bad, {}), [cfgs[0], tasks[1]])
+
+
+def test_a_label_seen_only_in_test_is_a_class(tmp_path: Path) -> None:
+    table = write_table(tmp_path / "data", n=30)
+    rows = list(csv.DictReader(table.open()))
+    rows[-1]["mood"] = "furious"  # one row only: lands in one split
+    with table.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    assert main(train_args(table, tmp_path / "runs", "r")) == 0
+    model = fusionkit.FusionModel.from_pretrained(tmp_path / "runs" / "r")
+    assert model.class_names["mood"] == ["furious", "happy", "meh", "sad"]
+
+
+def test_sparse_and_unlabelled_rows_train_with_itm(tmp_path: Path) -> None:
+    table = write_table(tmp_path / "data", n=48, label_every=8)  # 1 row in 8 labelled
+    tasks = '[{"name": "mood"}, {"name": "match", "type": "itm", "weight": 0.5}]'
+    assert main(train_args(table, tmp_path / "runs", "sparse", "--model.tasks", tasks)) == 0
+    history = [json.loads(x) for x in (tmp_path / "runs" / "sparse" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(h["train/loss"]) for h in history if "train/loss" in h)
+    unlabelled = write_table(tmp_path / "u", n=32, label_every=10**6)  # only row 0 labelled
+    rows = list(csv.DictReader(unlabelled.open()))
+    with unlabelled.open("w", newline="") as f:  # no label column at all
+        w = csv.DictWriter(f, fieldnames=["id", "caption", "photo"])
+        w.writeheader()
+        w.writerows({k: r[k] for k in ("id", "caption", "photo")} for r in rows)
+    args = train_args(unlabelled, tmp_path / "runs", "itm", "--model.tasks", '[{"name": "match", "type": "itm"}]')
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "runs" / "itm" / "summary.json").read_text())
+    assert "val/match/accuracy" in summary["val"]
+
+
+def test_dataframe_and_in_memory_dataset_through_python_api(tmp_path: Path) -> None:
+    pd = pytest.importorskip("pandas")
+    hf = pytest.importorskip("datasets")
+    table = write_table(tmp_path / "data", n=36)
+    frame = pd.read_csv(table)
+    frame["photo"] = [str(table.parent / p) for p in frame["photo"]]
+    cfg = {"data": {"text_column": "caption", "image_column": "photo", "cache_dir": str(tmp_path / "c")},
+           "model": {"tasks": [{"name": "mood"}]},
+           "optim": {"max_steps": 4, "batch_size": 12},
+           "run": {"output_dir": str(tmp_path / "runs"), "progress": False, "plots": False}}  # fmt: skip
+    summary = fusionkit.train({**cfg, "run": {**cfg["run"], "name": "df"}}, data=frame)
+    assert fusionkit.FusionModel.from_pretrained(summary["run_dir"]).class_names["mood"] == ["happy", "meh", "sad"]
+    names = ["sad", "meh", "happy"]  # ClassLabel order differs from the sorted one: kept, matched by name
+    ds = hf.Dataset.from_dict(
+        {"caption": list(frame["caption"]), "photo": list(frame["photo"]),
+         "mood": [names.index(m) for m in frame["mood"]]},  # fmt: skip
+        features=hf.Features({"caption": hf.Value("string"), "photo": hf.Image(),
+                              "mood": hf.ClassLabel(names=names)}),  # fmt: skip
+    )
+    summary = fusionkit.train({**cfg, "run": {**cfg["run"], "name": "hf"}}, data=ds)
+    model = fusionkit.FusionModel.from_pretrained(summary["run_dir"])
+    assert model.class_names["mood"] == names
+    preds = model.predict(texts=["great sunny day"] * 2, images=[str(table.parent / "img0.png")] * 2)
+    assert preds[0]["mood"] in names

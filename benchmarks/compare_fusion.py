@@ -12,6 +12,10 @@ its dev split, which no run ever trains or selects on.
 
     python benchmarks/compare_fusion.py             # full run, writes benchmarks/results/compare_fusion*
     python benchmarks/compare_fusion.py --quick     # minutes: 1 epoch, 2 seeds, small data
+
+Every trained model is also scored with the caption removed from every test example and with the
+image removed from every example (presence flags on the cached features: the model's placeholder
+stands in), so the report shows how each strategy degrades when one modality is missing.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +41,8 @@ from fusionkit.training.config import build_config
 from fusionkit.training.trainer import Trainer, run_inference
 
 METRICS = ("accuracy", "macro_f1", "weighted_f1")
+# test-time modality conditions: (column name, caption kept, image kept)
+CONDITIONS = (("acc_complete", True, True), ("acc_no_text", False, True), ("acc_no_image", True, False))
 
 
 def setup(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str, str]:
@@ -90,6 +97,8 @@ def train_one(
         "run.plots": False,
         "run.checkpoint_every": 0,
     }
+    if args.modality_dropout:
+        overrides["model.fusion.modality_dropout"] = args.modality_dropout
     if args.finetune:
         overrides["model.freeze"] = "top_k"
         overrides["model.trainable_layers"] = 2
@@ -103,6 +112,7 @@ def train_one(
     pairs_per_s = len(trainer.datasets[split]) / (time.perf_counter() - t0)
     return {
         **{m: summary[split].get(f"{split}/sentiment/{m}") for m in METRICS},
+        **missing_modality_accuracy(trainer, split),
         "train_seconds": summary["train_seconds"],
         "trainable_params": summary["trainable_parameters"],
         "pairs_per_s": pairs_per_s,
@@ -111,13 +121,36 @@ def train_one(
     }
 
 
+def with_presence(batches: Iterable[dict[str, Any]], text: bool, image: bool) -> Iterator[dict[str, Any]]:
+    """The same batches with the caption and/or the image marked absent in every example."""
+    for batch in batches:
+        n = len(batch["ids"])
+        yield {
+            **batch,
+            "text_present": batch.get("text_present", torch.ones(n, dtype=torch.bool)) & text,
+            "image_present": batch.get("image_present", torch.ones(n, dtype=torch.bool)) & image,
+        }
+
+
+def missing_modality_accuracy(trainer: Trainer, split: str) -> dict[str, float]:
+    """Sentiment accuracy on `split` with all pairs complete, with every caption and every image removed."""
+    out = {}
+    for key, text, image in CONDITIONS:
+        batches = with_presence(trainer.eval_loader(split), text, image)
+        r = run_inference(trainer.model, batches, trainer.eval_transform, trainer.amp, split, progress=False)
+        mask = r["label_mask"]["sentiment"]
+        hits = r["outputs"]["sentiment"].argmax(-1)[mask] == r["labels"]["sentiment"][mask]
+        out[key] = float(hits.float().mean())
+    return out
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def aggregate(label: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     row: dict[str, Any] = {"name": label, "seeds": len(runs)}
-    for key in (*METRICS, "train_seconds", "pairs_per_s"):
+    for key in (*METRICS, *(c[0] for c in CONDITIONS), "train_seconds", "pairs_per_s"):
         row[key], row[f"{key}_std"] = mean_std([r[key] for r in runs])
     row["trainable_params"] = runs[0]["trainable_params"]
     return row
@@ -156,6 +189,17 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
         cells = " | ".join(f"{100 * r[m]:.2f} ± {100 * r[f'{m}_std']:.2f}" for m in METRICS)
         out.append(f"| {r['name']} | {cells} | {r['trainable_params']:,} | {r['train_seconds']:.1f} ± "
                    f"{r['train_seconds_std']:.1f} | {r['pairs_per_s']:.0f} |")  # fmt: skip
+    return out
+
+
+def missing_table(rows: list[dict[str, Any]]) -> list[str]:
+    out = [
+        "| strategy | accuracy, complete pairs | no caption (image only) | no image (caption only) |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = " | ".join(f"{100 * r[k]:.2f} ± {100 * r[f'{k}_std']:.2f}" for k, _, _ in CONDITIONS)
+        out.append(f"| {r['name']} | {cells} |")
     return out
 
 
@@ -202,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         "--finetune", action="store_true", help="also train the top 2 encoder layers (no feature cache)"
     )
     p.add_argument("--no-multitask", action="store_true", help="skip the sentiment vs sentiment+ITM variant")
+    p.add_argument(
+        "--modality-dropout", type=float, default=0.0, help="train with model.fusion.modality_dropout"
+    )
     p.add_argument(
         "--quick", action="store_true", help="smoke run: 1 epoch, 2 seeds, small data, no files written"
     )
@@ -262,6 +309,13 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Inference pairs/s time fusion + heads on cached encoder features (the encoders cost the same for "
         "every strategy); training time is per run on the same features.",
+        "",
+        "## Missing modalities at test time",
+        "",
+        f"Accuracy on the {split_name} when every example loses its caption or its image (the model's "
+        f"learned placeholder stands in; trained with modality dropout {args.modality_dropout}).",
+        "",
+        *missing_table(list(rows.values())),
     ]
     if multitask:
         lines += [

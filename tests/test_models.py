@@ -87,7 +87,7 @@ def test_late_fusion_averages_per_modality_heads():
     model = create_model("tiny", fusion={"strategy": "late"}).eval()
     batch = tiny_batch(model)
     with torch.no_grad():
-        views = model._views(**batch)[0]
+        views = model._views(**batch).views
         head = model.heads["sentiment"]
         expected = (head.views[0](views[:, 0]) + head.views[1](views[:, 1])) / 2
         torch.testing.assert_close(model(**batch)["sentiment"], expected)

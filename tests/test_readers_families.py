@@ -109,6 +109,7 @@ def test_every_source_reads_custom_columns_with_raw_string_labels(kind: str, fol
     assert ds[1].image == str((folder / "img" / "1.jpg").resolve())  # relative to the file / image_root
     assert ds.label_names == {"mood": []} and ds.task_types == {}
     assert ds.label_counts("mood") == {"positive": 1, "Negative": 1, "<missing>": 1}
+    assert ds[1].meta["source"].endswith(_where(kind, 1))  # for label errors the tasks find later
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -184,7 +184,8 @@ class RowReader:
         meta: dict[str, Any] | None = None,
         no_text: str = "caption is empty",
     ) -> Example | None:
-        """One row -> an Example, or None when the row was skipped (and recorded).
+        """One row -> an Example (its location in `meta["source"]`, for label errors found later by
+        the tasks), or None when the row was skipped (and recorded).
 
         `no_text` is the problem reported when the caption is missing (MVSA: its file is)."""
         o = self.opts
@@ -199,7 +200,7 @@ class RowReader:
             self.skips(e)
             return None
         labels = {c: raw_value(row.get(c)) for c in label_columns}
-        return Example(item, text, image, labels, meta or {})
+        return Example(item, text, image, labels, {**(meta or {}), "source": where})
 
     def missing(self, modality: str, problem: str, *, where: str, item: str) -> None:
         """Apply missing_text / missing_image: returns (keep), raises _SkipRow (skip) or DataError (error)."""

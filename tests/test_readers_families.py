@@ -88,7 +88,7 @@ def _where(kind: str, row: int, name: str = "t") -> str:
         "parquet": f"{name}.parquet[{row}]",
         "dataframe": f"DataFrame[{row}]",
         "hf": f"hf-dataset[{row}]",
-        "hf-disk": f"{name}-hf[{row}]",
+        "hf-disk": f"{name}-hf/train[{row}]",
     }[kind]
 
 
@@ -610,3 +610,20 @@ def test_mvsa_layout_fixes_columns_and_image_folder(tmp_path: Path) -> None:
     assert ds[0].text == "caption 1" and ds[0].image == str((root / "data" / "1.jpg").resolve())
     with pytest.raises(DataError, match=r"no column 'mood' \(model.tasks\[\].column\)"):
         read_mvsa(root, label_columns=["mood"])
+
+
+def test_hf_test_split_without_labels(folder: Path) -> None:
+    import datasets as hf
+
+    photo = str(folder / "img" / "0.jpg")
+    train = hf.Dataset.from_dict(
+        {"text": ["a", "b"], "image": [photo] * 2, "mood": [1, 0]},
+        features=hf.Features(
+            {"text": hf.Value("string"), "image": hf.Image(), "mood": hf.ClassLabel(names=["sad", "happy"])}
+        ),
+    )
+    test = hf.Dataset.from_dict({"text": ["c"], "image": [photo]}).cast_column("image", hf.Image())
+    ds = load_dataset(hf.DatasetDict({"train": train, "test": test}))
+    assert ds.ids == ["0", "1", "2"] and ds.splits == {"train": ["0", "1"], "test": ["2"]}
+    assert [ex.labels["mood"] for ex in ds] == ["happy", "sad", None]
+    assert ds.label_names == {"mood": ["sad", "happy"]} and ds[2].meta["source"] == "hf-dataset/test[0]"

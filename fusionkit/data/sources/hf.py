@@ -44,8 +44,10 @@ def from_hf(dataset_or_path: Any, **options: Any) -> MultimodalDataset:
     The image column may be an `Image` feature (kept encoded: decoding happens once, in the cache) or
     paths, relative to `image_root` (default: the working directory). Labels are kept raw, except
     that `ClassLabel` ints become their names (-1: missing) and the names are declared in order in
-    `label_names`. A `DatasetDict`'s train/validation/test become the dataset's predefined splits.
-    Options: see `ReadOptions`; locations in errors are `name[row]` (0-based, over all splits).
+    `label_names`. A `DatasetDict`'s train/validation/test become the dataset's predefined splits; a
+    split without a label column (an unlabelled test split) has None labels there.
+    Options: see `ReadOptions`. Locations in errors: `name[row]`, or `name/split[row]` (0-based); a
+    missing id becomes the row number counted over all splits.
     """
     import datasets as hf
 
@@ -56,37 +58,36 @@ def from_hf(dataset_or_path: Any, **options: Any) -> MultimodalDataset:
             raise FileNotFoundError(f"dataset folder {dataset_or_path} does not exist")
         name = Path(dataset_or_path).name
         dataset_or_path = hf.load_from_disk(str(dataset_or_path))
-    offsets: dict[str, tuple[int, int]] = {}
-    if isinstance(dataset_or_path, hf.DatasetDict):
-        parts = {SPLIT_ALIASES.get(k, k): v for k, v in dataset_or_path.items()}
-        ds = hf.concatenate_datasets(list(parts.values()))
-        start = 0
-        for k, v in parts.items():
-            offsets[k] = (start, start + len(v))
-            start += len(v)
-    else:
-        ds = dataset_or_path
-    columns = list(ds.column_names)
-    require_column(opts.text_column, "text_column", columns, name)
-    require_column(opts.image_column, "image_column", columns, name)
+    is_dict = isinstance(dataset_or_path, hf.DatasetDict)
+    parts = (
+        {SPLIT_ALIASES.get(k, k): v for k, v in dataset_or_path.items()} if is_dict else {"": dataset_or_path}
+    )
+    for split, part in parts.items():
+        where = f"{name}/{split}" if split else name
+        require_column(opts.text_column, "text_column", part.column_names, where)
+        require_column(opts.image_column, "image_column", part.column_names, where)
+    columns = list(dict.fromkeys(c for part in parts.values() for c in part.column_names))
     label_columns = opts.label_columns_of(columns, name)
-    if isinstance(ds.features[opts.image_column], hf.Image):
-        ds = ds.cast_column(opts.image_column, hf.Image(decode=False))
-    declared = {c: _class_names(ds.features[c]) for c in label_columns}
+    declared: dict[str, list[str] | None] = dict.fromkeys(label_columns)
     rr = RowReader(opts, f"from_hf({name})")
-    examples, ids_by_row = [], []
-    for n, row in enumerate(ds):
-        for c, names in declared.items():
-            if names is not None:
-                row[c] = _decode_class(row[c], names)
-        ex = rr.example(row, where=f"{name}[{n}]", row_number=n, label_columns=label_columns)
-        ids_by_row.append(None if ex is None else ex.id)
-        if ex is not None:
-            examples.append(ex)
-    examples, report = rr.finish(examples, len(ds))
-    splits = None
-    if offsets:
-        by_part = {k: [i for i in ids_by_row[a:b] if i is not None] for k, (a, b) in offsets.items()}
-        splits = prune_splits(by_part, examples)
+    examples, ids, n = [], {k: [] for k in parts}, 0
+    for split, part in parts.items():  # split by split: a test split may lack the label columns
+        if isinstance(part.features[opts.image_column], hf.Image):
+            part = part.cast_column(opts.image_column, hf.Image(decode=False))
+        names_of = {c: _class_names(part.features[c]) for c in label_columns if c in part.features}
+        for c, names in names_of.items():
+            declared[c] = declared[c] or names
+        for i, row in enumerate(part):
+            for c, names in names_of.items():
+                if names is not None:
+                    row[c] = _decode_class(row[c], names)
+            where = f"{name}/{split}[{i}]" if split else f"{name}[{i}]"
+            ex = rr.example(row, where=where, row_number=n, label_columns=label_columns)
+            n += 1
+            if ex is not None:
+                examples.append(ex)
+                ids[split].append(ex.id)
+    examples, report = rr.finish(examples, n)
+    splits = prune_splits(ids, examples) if is_dict else None
     label_names = {c: names or [] for c, names in declared.items()}
     return MultimodalDataset(examples, label_names, splits=splits, name=name, skip_report=report)

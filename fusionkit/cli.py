@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, parse_value
+from .precision import PRECISIONS
 
 EXAMPLE = "fusionkit train configs/tiny_synthetic.yaml --optim.epochs 3 --model.fusion.strategy gated"
 
@@ -83,8 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", help=".csv or .jsonl (required unless --text/--image)")
     em = sub.add_parser("embed", help="joint (or text/image) vectors for a dataset or CSV")
     data_args(em, "all")
-    em.add_argument("--output", required=True, help=".npy or .parquet")
+    em.add_argument("--output", required=True, help=".npy, .parquet, or DIR/ for resumable Parquet shards")
     em.add_argument("--modality", choices=("joint", "text", "image"), default="joint")
+    em.add_argument("--shard-size", type=int, help="rows per shard when --output is a directory (default 10000)")
+    em.add_argument("--precision", choices=PRECISIONS, default="auto",
+                    help="auto: bf16 on GPUs and CPUs with bf16 units, else fp32")  # fmt: skip
     return p
 
 
@@ -224,13 +228,25 @@ def _embed(args: argparse.Namespace) -> int:
 
     from .embedding import embed
     from .models import FusionModel
+    from .precision import choose_precision
     from .training.trainer import resolve_device
 
+    if not _sharded_embed(args) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("under torchrun / accelerate launch, give --output DIR/ to write one set of shards")
     model = FusionModel.from_pretrained(args.checkpoint, map_location=resolve_device(args.device))
     ds, _ = _split(args, model, build=False)  # embed streams the raw pairs itself
+    if _sharded_embed(args):
+        from .embed_shards import embed_to_shards
+
+        manifest = embed_to_shards(model, ds, args.output, shard_size=args.shard_size or 10_000,
+                                   batch_size=args.batch_size, modality=args.modality, precision=args.precision,
+                                   source=f"{args.data or args.checkpoint} split={args.split}")  # fmt: skip
+        print(f"{manifest['rows']} vectors in {len(manifest['shards'])} shards in {args.output}")
+        return 0
     texts = (ex.text for ex in ds) if args.modality != "image" else None
     images = (ex.image for ex in ds) if args.modality != "text" else None
-    vectors = embed(model, texts, images, batch_size=args.batch_size)
+    with choose_precision(args.precision, model.device).autocast(model.device.type):
+        vectors = embed(model, texts, images, batch_size=args.batch_size)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".parquet":
@@ -248,6 +264,12 @@ def _embed(args: argparse.Namespace) -> int:
 OUTPUT_SUFFIXES = {"predict": (".csv", ".jsonl"), "embed": (".npy", ".parquet")}
 
 
+def _sharded_embed(args: argparse.Namespace) -> bool:
+    """`fusionkit embed --output DIR/` (or --shard-size): a resumable directory of Parquet shards."""
+    out = args.output
+    return args.command == "embed" and (args.shard_size is not None or out.endswith(("/", os.sep)) or Path(out).is_dir())
+
+
 def _check_output(args: argparse.Namespace) -> None:
     """Before any work: refuse an `--output` that would overwrite an input (the data, the model, a run's
     own results) or be written under another name than the one given; create its folder."""
@@ -256,11 +278,12 @@ def _check_output(args: argparse.Namespace) -> None:
     if not getattr(args, "output", None):
         return
     out = Path(args.output).expanduser()
-    allowed = OUTPUT_SUFFIXES.get(args.command)
+    sharded = _sharded_embed(args)
+    allowed = None if sharded else OUTPUT_SUFFIXES.get(args.command)
     if allowed and out.suffix.lower() not in allowed:
         raise ConfigError(f"--output {out}: {args.command} writes {' or '.join(allowed)} files; "
                           f"name the output e.g. {out.with_suffix(allowed[0]).name}")  # fmt: skip
-    if out.is_dir():
+    if out.is_dir() and not sharded:
         raise ConfigError(f"--output {out} is a directory; give a file name")
     data, run_dir = _run_data_config(args)
     inputs = [Path(args.data or data.dataset).expanduser()]

@@ -1,0 +1,234 @@
+"""Embed a dataset of any size into Parquet shards, across processes, resumable after a kill.
+
+    torchrun --nproc_per_node 8 -m fusionkit embed RUN/best --data pairs.csv --output vecs/ --shard-size 50000
+
+The input is cut into shards of `shard_size` consecutive rows; shard k goes to rank k % world_size,
+which embeds it (`fusionkit.embed`, batch by batch) and writes `shard-0000k.parquet` (columns `id`,
+`embedding`) through a temp file and a rename, so a shard file on disk is always complete. A killed
+run started again with the same settings skips the shards already on disk, on any number of
+processes: a shard's rows and batches do not depend on who embeds it, so the result equals a
+one-process run. `manifest.json` records the settings from the start and, once every shard is
+written, `complete: true`, the shard list and the row count. Memory holds one shard of inputs and
+vectors per process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import ConfigError
+from .embedding import embed
+from .models import FusionModel
+from .precision import choose_precision
+from .training import distributed as D
+
+log = logging.getLogger("fusionkit.embed")
+
+MANIFEST = "manifest.json"
+MODALITIES = ("joint", "text", "image")
+Row = tuple[str, Any, Any]  # id, text, image
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}.parquet"
+
+
+def model_fingerprint(model: FusionModel) -> str:
+    """A hash of the weights: resuming into a directory another model started is refused."""
+    h = hashlib.blake2b(digest_size=12)
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _row(item: Any, index: int) -> Row:
+    """(id, text, image) from an `Example` or a dict row (HF datasets; its row number when it has no id)."""
+    if isinstance(item, Mapping):
+        return str(item.get("id", index)), item.get("text"), item.get("image")
+    return str(item.id), item.text, item.image
+
+
+def _own_shards(
+    data: Any, size: int, rank: int, world: int, done: set[int]
+) -> Iterator[tuple[int, list[Row]]]:
+    """(k, rows) for the shards this rank embeds. Indexable data (a `MultimodalDataset`, an HF
+    `Dataset`) is read at the shard's rows only; a stream is read through, skipping other shards."""
+    if hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+        n = len(data)
+        for k in range(rank, -(-n // size), world):
+            if k not in done:
+                yield k, [_row(data[i], i) for i in range(k * size, min(n, (k + 1) * size))]
+        return
+    it, k = iter(data), 0
+    while chunk := list(islice(it, size)):
+        if k % world == rank and k not in done:
+            yield k, [_row(x, k * size + i) for i, x in enumerate(chunk)]
+        k += 1
+
+
+def _write_shard(path: Path, ids: list[str], vectors: np.ndarray) -> None:
+    """Parquet `id` (string) + `embedding` (fixed-size float32 list), written to a temp file and renamed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
+    table = pa.table({"id": pa.array(ids, pa.string()),
+                      "embedding": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])})  # fmt: skip
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _start(out: Path, settings: dict[str, Any], rank: int) -> dict[str, Any]:
+    """Rank 0 creates the manifest (or checks it); every rank gets it back, or the same error."""
+    error = None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / MANIFEST
+        if path.is_file():
+            manifest = json.loads(path.read_text())
+            changed = {k: (manifest.get(k), v) for k, v in settings.items() if manifest.get(k) != v}
+            if changed:
+                error = (
+                    f"{out} holds an embedding made with other settings "
+                    + ", ".join(f"{k}={was!r} (now {now!r})" for k, (was, now) in changed.items())
+                    + "; resume with the same settings or write to a new directory"
+                )
+        else:
+            manifest = {"format": "fusionkit-embeddings", "version": 1, **settings, "complete": False}
+            _write_json(path, manifest)
+        for stale in out.glob(".shard-*.tmp-*"):  # left by a killed run; never renamed into place
+            stale.unlink(missing_ok=True)
+    error = D.broadcast_object(error)
+    if error:
+        raise ConfigError(error)
+    D.barrier()
+    return json.loads((out / MANIFEST).read_text())
+
+
+def _finish(out: Path, manifest: dict[str, Any], expected_rows: int | None) -> dict[str, Any]:
+    """Rank 0 checks the shards form rows 0..N-1 with no gap and marks the manifest complete."""
+    import pyarrow.parquet as pq
+
+    size = manifest["shard_size"]
+    files = sorted(out.glob("shard-*.parquet"))
+    shards = [{"file": f.name, "rows": pq.read_metadata(f).num_rows} for f in files]
+    for k, s in enumerate(shards):
+        last = k == len(shards) - 1
+        if s["file"] != shard_name(k) or (s["rows"] != size and not last):
+            raise RuntimeError(f"{out}: shard {shard_name(k)} is missing or short ({s}); rerun to fill it in")
+    rows = sum(s["rows"] for s in shards)
+    if expected_rows is not None and rows != expected_rows:
+        raise RuntimeError(f"{out}: shards hold {rows} rows but the input has {expected_rows}")
+    manifest.update(complete=True, rows=rows, shards=shards)
+    _write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def embed_to_shards(
+    model: FusionModel,
+    data: Iterable[Any],
+    output_dir: str | Path,
+    *,
+    shard_size: int = 10_000,
+    batch_size: int = 64,
+    modality: str = "joint",
+    normalize: bool = True,
+    precision: str = "auto",
+    source: str | None = None,
+    progress: bool = True,
+    on_shard: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Embed `data` (`Example`s or dict rows with id/text/image) into `output_dir`; returns the manifest.
+
+    Launched under `torchrun` / `accelerate launch`, every process runs this with the same arguments
+    and embeds its share of the shards. `source` (e.g. the dataset path) is recorded and checked on
+    resume, like the other settings and the model's weights. `on_shard(k, rows)` is called after
+    shard k is on disk. `precision` as in `fusionkit.precision.choose_precision`.
+    """
+    if shard_size < 1:
+        raise ConfigError(f"shard_size must be positive, got {shard_size}")
+    if modality not in MODALITIES:
+        raise ConfigError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    out = Path(output_dir)
+    own_group = not D.is_distributed()
+    rank, world = D.init_distributed(model.device)
+    own_group = own_group and world > 1
+    try:
+        chosen = choose_precision(precision, model.device)
+        settings = {"shard_size": shard_size, "batch_size": batch_size, "modality": modality,
+                    "normalize": normalize, "precision": chosen.name, "source": source,
+                    "model": model_fingerprint(model)}  # fmt: skip
+        manifest = _start(out, settings, rank)
+        if manifest["complete"]:
+            log.info("%s is complete (%d rows); nothing to do", out, manifest["rows"])
+            return manifest
+        if rank == 0:
+            log.info("embedding into %s on %d process(es), %s", out, world, chosen.reason)
+        done = {int(f.stem.partition("-")[2]) for f in out.glob("shard-*.parquet")}
+        start, rows = time.perf_counter(), 0
+        bar = tqdm(desc="embed", unit="rows", disable=not (progress and rank == 0))
+        for k, shard in _own_shards(data, shard_size, rank, world, done):
+            ids, texts, images = zip(*shard)
+            with chosen.autocast(model.device.type):
+                vectors = embed(model, texts if modality != "image" else None,
+                                images if modality != "text" else None, batch_size=batch_size,
+                                normalize=normalize)  # fmt: skip
+            _write_shard(out / shard_name(k), list(ids), vectors)
+            rows += len(ids)
+            bar.update(len(ids))
+            if on_shard is not None:
+                on_shard(k, len(ids))
+        bar.close()
+        log.info("rank %d: %d rows in %.1fs (%d shards were already done)",
+                 rank, rows, time.perf_counter() - start, len(done))  # fmt: skip
+        D.barrier()
+        if rank == 0:
+            expected = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+            manifest = _finish(out, manifest, expected)
+        D.barrier()
+        return json.loads((out / MANIFEST).read_text())
+    finally:
+        if own_group:
+            torch.distributed.destroy_process_group()
+
+
+def read_embeddings(output_dir: str | Path) -> tuple[list[str], np.ndarray]:
+    """(ids, vectors [N, dim]) of a complete sharded embedding, in input order."""
+    import pyarrow.parquet as pq
+
+    out = Path(output_dir)
+    path = out / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{out} has no {MANIFEST}: not a fusionkit sharded embedding")
+    manifest = json.loads(path.read_text())
+    if not manifest.get("complete"):
+        raise RuntimeError(f"the embedding in {out} is not complete; run the same command again to finish it")
+    ids: list[str] = []
+    parts: list[np.ndarray] = []
+    for shard in manifest["shards"]:
+        table = pq.read_table(out / shard["file"])
+        ids += table.column("id").to_pylist()
+        emb = table.column("embedding").combine_chunks()
+        parts.append(emb.values.to_numpy().reshape(len(emb), emb.type.list_size))
+    dim = parts[0].shape[1] if parts else 0
+    return ids, np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)

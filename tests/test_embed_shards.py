@@ -1,0 +1,153 @@
+"""Sharded, resumable embedding: Parquet shards + manifest; a run killed midway resumes without redoing
+finished shards, and two processes (torchrun, gloo) write the same vectors as one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fusionkit import embed
+from fusionkit.cli import main
+from fusionkit.config import ConfigError
+from fusionkit.data import make_synthetic
+from fusionkit.embed_shards import embed_to_shards, read_embeddings
+from fusionkit.models import FusionModel, create_model
+
+N, SHARD = 14, 4  # 4 shards, the last one short
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    create_model("tiny").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(model_dir: Path) -> FusionModel:
+    return FusionModel.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_synthetic(N, image_size=32)
+
+
+def shards(model: FusionModel, data, out: Path, **kw) -> dict:
+    return embed_to_shards(
+        model, data, out, shard_size=SHARD, batch_size=SHARD, precision="fp32", progress=False, **kw
+    )
+
+
+def test_shards_hold_ids_and_vectors_in_input_order(tmp_path: Path, model: FusionModel, data) -> None:
+    manifest = shards(model, data, tmp_path / "out")
+    assert manifest["complete"] and manifest["rows"] == N
+    assert [s["rows"] for s in manifest["shards"]] == [SHARD] * 3 + [2]
+    ids, vectors = read_embeddings(tmp_path / "out")
+    assert ids == data.ids
+    texts, images = [ex.text for ex in data], [ex.image for ex in data]
+    np.testing.assert_allclose(vectors, embed(model, texts, images, batch_size=5), atol=1e-5)
+    # a stream (no len, no indexing) gives the same shards
+    shards(model, (ex for ex in data), tmp_path / "stream")
+    np.testing.assert_array_equal(read_embeddings(tmp_path / "stream")[1], vectors)
+
+
+def test_interrupted_run_resumes_without_redoing_finished_shards(
+    tmp_path: Path, model: FusionModel, data
+) -> None:
+    out = tmp_path / "out"
+
+    def crash_after_two(k: int, rows: int) -> None:
+        if k == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        shards(model, data, out, on_shard=crash_after_two)
+    with pytest.raises(RuntimeError, match="not complete"):
+        read_embeddings(out)
+    before = {f.name: f.stat().st_mtime_ns for f in out.glob("shard-*.parquet")}
+    assert sorted(before) == ["shard-00000.parquet", "shard-00001.parquet"]
+    redone: list[int] = []
+    shards(model, data, out, on_shard=lambda k, rows: redone.append(k))
+    assert redone == [2, 3]
+    assert all(out.joinpath(name).stat().st_mtime_ns == t for name, t in before.items())
+    shards(model, data, tmp_path / "fresh")
+    np.testing.assert_array_equal(read_embeddings(out)[1], read_embeddings(tmp_path / "fresh")[1])
+
+
+def test_resume_with_other_settings_is_refused(tmp_path: Path, model: FusionModel, data) -> None:
+    shards(model, data, tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"shard_size=4 \(now 5\)"):
+        embed_to_shards(model, data, tmp_path / "out", shard_size=5, batch_size=SHARD, precision="fp32")
+    other = create_model("tiny", fusion={"strategy": "gated"})
+    with pytest.raises(ConfigError, match="model="):
+        shards(other, data, tmp_path / "out")
+
+
+def test_cli_writes_shards_to_a_directory(tmp_path: Path, model_dir: Path, model: FusionModel) -> None:
+    out = tmp_path / "vecs"
+    argv = ["embed", str(model_dir), "--data", "synthetic:6", "--output", f"{out}/", "--shard-size", "4",
+            "--precision", "fp32", "--batch-size", "4"]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads((out / "manifest.json").read_text())["rows"] == 6
+    ids, vectors = read_embeddings(out)
+    ds = make_synthetic(6)
+    assert ids == ds.ids
+    expected = embed(model, [ex.text for ex in ds], [ex.image for ex in ds], batch_size=4)
+    np.testing.assert_allclose(vectors, expected, atol=1e-5)
+    assert main(argv) == 0  # complete: nothing to redo
+
+
+WORKER = """
+import os, signal, sys
+from fusionkit.data import make_synthetic
+from fusionkit.embed_shards import embed_to_shards
+from fusionkit.models import FusionModel
+
+model_dir, out, n, shard, kill_after = sys.argv[1:6]
+model = FusionModel.from_pretrained(model_dir)
+written = []
+
+def on_shard(k, rows):
+    written.append(k)
+    if int(os.environ["RANK"]) == 1 and len(written) == int(kill_after):
+        os.kill(os.getpid(), signal.SIGKILL)  # a real kill, midway through this rank's shards
+
+embed_to_shards(model, make_synthetic(int(n), image_size=32), out, shard_size=int(shard), batch_size=int(shard),
+                precision="fp32", progress=False, on_shard=on_shard)
+"""
+
+
+@pytest.mark.timeout(240)
+def test_two_process_embed_killed_midway_resumes_to_the_one_process_result(
+    tmp_path: Path, model_dir: Path, model: FusionModel, data
+) -> None:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    out = tmp_path / "out"
+
+    def torchrun(kill_after: int) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(script), str(model_dir), str(out), str(N), str(SHARD), str(kill_after)]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+
+    killed = torchrun(kill_after=1)  # rank 1 dies after its first shard (shard 1)
+    assert killed.returncode != 0, killed.stderr[-2000:]
+    assert not json.loads((out / "manifest.json").read_text())["complete"]
+    before = {f.name: f.stat().st_mtime_ns for f in out.glob("shard-*.parquet")}
+    assert "shard-00001.parquet" in before and "shard-00003.parquet" not in before
+    resumed = torchrun(kill_after=0)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert all(out.joinpath(name).stat().st_mtime_ns == t for name, t in before.items())  # not recomputed
+    ids, vectors = read_embeddings(out)
+    shards(model, data, tmp_path / "single")
+    single_ids, single = read_embeddings(tmp_path / "single")
+    assert ids == single_ids == data.ids
+    np.testing.assert_allclose(vectors, single, rtol=0, atol=1e-6)

@@ -206,7 +206,7 @@ def preprocess_image(src: ImageSource, preprocess: ImagePreprocess, **load_kw: o
     side = math.ceil(max(th, tw) / preprocess.crop_pct)  # square: EXIF rotation may swap the axes
     im = load_image(src, draft_size=(side, side), **load_kw)  # type: ignore[arg-type]
     scale = max(th / im.height, tw / im.width) / preprocess.crop_pct  # output px per source px
-    bw, bh = tw / scale, th / scale  # the crop, in source pixels
+    bw, bh = min(im.width, tw / scale), min(im.height, th / scale)  # the crop in source pixels (min: fp)
     left, top = (im.width - bw) / 2, (im.height - bh) / 2
     im = im.resize((tw, th), resample, box=(left, top, left + bw, top + bh), reducing_gap=3.0)
     return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))

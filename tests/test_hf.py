@@ -1,0 +1,186 @@
+"""Hugging Face native: Auto* round trips, hub ids through snapshot_download, push_to_hub, the HF Trainer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("accelerate")  # the HF Trainer needs it
+
+import fusionkit.hf as fhf  # noqa: E402  (registers the Auto classes)
+from fusionkit import FusionModel, FusionProcessor, create_model, make_synthetic  # noqa: E402
+from fusionkit.models.fusion_model import model_inputs  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("hf") / "model"
+    create_model("tiny").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def batch(saved: Path) -> dict[str, torch.Tensor]:
+    ds = make_synthetic(5, image_size=32)
+    return FusionProcessor.from_pretrained(saved)(
+        texts=[ex.text for ex in ds][:4] + [None], images=[None] + [ex.image for ex in ds][1:]
+    )
+
+
+def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**model_inputs(batch))
+    return (out.logits if hasattr(out, "logits") else out)["sentiment"]
+
+
+def test_auto_classes_round_trip(saved: Path, batch, tmp_path: Path) -> None:
+    from transformers import AutoConfig, AutoModel, AutoProcessor
+
+    config = AutoConfig.from_pretrained(saved)
+    assert isinstance(config, fhf.FusionkitConfig) and config.model_config().fusion.dim == 64
+    model = AutoModel.from_pretrained(saved)
+    assert isinstance(model, fhf.FusionkitModel) and not model.training
+    assert isinstance(AutoProcessor.from_pretrained(saved), FusionProcessor)
+    reference = _logits(FusionModel.from_pretrained(saved).eval(), batch)
+    torch.testing.assert_close(_logits(model, batch), reference)
+
+    model.save_pretrained(tmp_path / "again")  # HF save -> same folder format, safetensors only
+    files = sorted(p.name for p in (tmp_path / "again").iterdir())
+    assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["model_type"] == "fusionkit"
+    for reload in (AutoModel.from_pretrained(tmp_path / "again"), FusionModel.from_pretrained(tmp_path / "again")):
+        torch.testing.assert_close(_logits(reload.eval(), batch), reference)
+    assert isinstance(AutoModel.from_config(config), fhf.FusionkitModel)  # random weights, same architecture
+
+
+def test_hub_ids_go_through_snapshot_download(saved: Path, batch, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    calls: list[dict] = []
+
+    def fake_download(repo_id: str, **kwargs) -> str:
+        calls.append({"repo_id": repo_id, **kwargs})
+        return str(saved)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    reference = _logits(FusionModel.from_pretrained(saved).eval(), batch)
+    torch.testing.assert_close(_logits(FusionModel.from_pretrained("someorg/tiny-fusion").eval(), batch), reference)
+    loaded = fhf.FusionkitModel.from_pretrained("someorg/tiny-fusion", revision="v1")
+    torch.testing.assert_close(_logits(loaded, batch), reference)
+    assert isinstance(FusionProcessor.from_pretrained("someorg/tiny-fusion"), FusionProcessor)
+    assert [c["repo_id"] for c in calls] == ["someorg/tiny-fusion"] * 3
+    assert all("*.bin" not in c["allow_patterns"] for c in calls)  # no pickled weights fetched
+    assert calls[1]["revision"] == "v1"
+
+
+def test_auto_classes_load_a_hub_id_from_the_hub_cache(saved: Path, batch, tmp_path: Path) -> None:
+    """The real huggingface_hub code path, served from a pre-filled cache (no network here)."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModel, AutoProcessor
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someorg--tiny-fusion"
+    shutil.copytree(saved, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    hub = dict(cache_dir=str(tmp_path / "hub"), local_files_only=True)
+    assert isinstance(AutoConfig.from_pretrained("someorg/tiny-fusion", **hub), fhf.FusionkitConfig)
+    assert isinstance(AutoProcessor.from_pretrained("someorg/tiny-fusion", **hub), FusionProcessor)
+    model = AutoModel.from_pretrained("someorg/tiny-fusion", **hub)
+    torch.testing.assert_close(_logits(model, batch), _logits(FusionModel.from_pretrained(saved).eval(), batch))
+
+
+def test_unreachable_hub_id_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    def offline(repo_id: str, **kwargs) -> str:
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(FileNotFoundError, match="not a local folder.*no network"):
+        FusionModel.from_pretrained("someorg/missing")
+
+
+def test_push_to_hub_uploads_a_loadable_folder(saved: Path, batch, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoModel
+
+    uploaded: dict[str, set[str]] = {}
+
+    class FakeApi:
+        def create_repo(self, repo_id: str, **kwargs):
+            return type("Repo", (), {"repo_id": repo_id})()
+
+    def fake_upload(self, working_dir, repo_id, **kwargs):
+        folder = Path(working_dir)
+        uploaded[repo_id] = {p.name for p in folder.iterdir()}
+        reloaded = AutoModel.from_pretrained(folder)
+        torch.testing.assert_close(_logits(reloaded, batch), _logits(model, batch))
+
+    import transformers.utils.hub as hub_utils
+
+    monkeypatch.setattr(hub_utils, "hf_api", lambda: FakeApi(), raising=False)
+    monkeypatch.setattr(hub_utils, "create_and_tag_model_card", lambda *a, **k: _Card(), raising=False)
+    monkeypatch.setattr(fhf.FusionkitModel, "_upload_modified_files", fake_upload)
+    model = AutoModel.from_pretrained(saved)
+    model.push_to_hub("someorg/pushed")
+    assert {"config.json", "model.safetensors", "text_encoder"} <= uploaded["someorg/pushed"]
+
+
+class _Card:
+    def save(self, path: str) -> None:
+        Path(path).write_text("# model card\n")
+
+
+def test_labels_give_a_loss_hf_style_and_fusionkit_style(saved: Path, batch) -> None:
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(saved)
+    inputs = model_inputs(batch)
+    out = model(**inputs, labels=torch.tensor([0, 1, 2, -100, 1]))
+    per_task = model(
+        **inputs,
+        labels={"sentiment": torch.tensor([0, 1, 2, 0, 1])},
+        label_mask={"sentiment": torch.tensor([True, True, True, False, True])},
+    )
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss, per_task.loss)
+    assert model(**inputs).loss is None
+    uint8 = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)  # fusionkit cache batches: normalized inside
+    assert model(**{**inputs, "pixel_values": uint8}).logits["sentiment"].shape == (5, 3)
+
+
+def test_hf_trainer_trains_it_unchanged(saved: Path, tmp_path: Path) -> None:
+    from transformers import AutoModel, Trainer, TrainingArguments, default_data_collator
+
+    model = AutoModel.from_pretrained(saved)
+    classes = model.fusion_model.class_names["sentiment"]
+    ds = make_synthetic(32, image_size=32, seed=1)
+    inputs = FusionProcessor.from_pretrained(saved)(
+        texts=[ex.text for ex in ds], images=[ex.image for ex in ds]
+    )
+    labels = torch.tensor([classes.index(ex.labels["sentiment"]) for ex in ds])
+    rows = [{**{k: v[i] for k, v in inputs.items()}, "labels": labels[i]} for i in range(len(ds))]
+
+    def data_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            return float(model(**inputs, labels=labels).loss)
+
+    before = data_loss()
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=16,
+        per_device_train_batch_size=16,
+        learning_rate=3e-3,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    Trainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator).train()
+    after = data_loss()
+    assert after < 0.7 * before, (before, after)

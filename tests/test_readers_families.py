@@ -31,7 +31,12 @@ from fusionkit.data import (
 )
 from fusionkit.data.sources import SOURCES, ReadOptions
 
-SETTINGS = dict(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+SETTINGS = dict(
+    max_examples=int(os.environ.get("FUSIONKIT_FUZZ_EXAMPLES", "40")),
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=list(HealthCheck),
+)
 COLUMNS = dict(id_column="id", text_column="caption", image_column="photo")
 KINDS = ["csv", "jsonl", "parquet", "dataframe", "hf", "hf-disk"]
 ROWS = [
@@ -57,7 +62,7 @@ def _write(kind: str, rows: list[dict[str, Any]], d: Path, name: str = "t") -> t
     if kind == "csv":
         path = d / f"{name}.csv"
         with path.open("w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, columns, lineterminator="\n")
+            w = csv.DictWriter(f, columns)  # "\r\n" ends: a caption's lone "\r" or "\n" gets quoted
             w.writeheader()
             w.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
         return path, {}
@@ -627,3 +632,35 @@ def test_hf_test_split_without_labels(folder: Path) -> None:
     assert ds.ids == ["0", "1", "2"] and ds.splits == {"train": ["0", "1"], "test": ["2"]}
     assert [ex.labels["mood"] for ex in ds] == ["happy", "sad", None]
     assert ds.label_names == {"mood": ["sad", "happy"]} and ds[2].meta["source"] == "hf-dataset/test[0]"
+
+
+json_cells = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=3), inner, max_size=2),
+    max_leaves=4,
+)
+any_row = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": json_cells,
+        "caption": json_cells,
+        "photo": json_cells | st.sampled_from(["img/0.jpg", "img/1.jpg", "img", "/", "x" * 300, "a\x00b"]),
+        "mood": json_cells,
+    },
+)
+
+
+@settings(**SETTINGS)
+@given(rows=st.lists(any_row, min_size=1, max_size=6), kind=st.sampled_from(["jsonl", "dataframe"]))
+def test_any_row_is_kept_or_reported_under_skip(rows: list[dict[str, Any]], kind: str, folder: Path) -> None:
+    """Under on_error="skip" nothing escapes as an exception: every row is kept or in the report."""
+    rows = [{"caption": "x", "photo": "img/0.jpg", **r} for r in rows[:1]] + rows[1:]  # columns exist
+    report = folder / f"any-{kind}.jsonl"
+    report.unlink(missing_ok=True)
+    ds = _read(
+        kind, rows, folder, on_error="skip", missing_text="keep", missing_image="keep", report_path=report
+    )
+    reported = report.read_text().splitlines() if report.exists() else []
+    assert len(ds) + len(reported) == len(rows)
+    assert len(set(ds.ids)) == len(ds)
+    assert all(ex.text is None or isinstance(ex.text, str) for ex in ds)

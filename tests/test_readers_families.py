@@ -664,3 +664,20 @@ def test_any_row_is_kept_or_reported_under_skip(rows: list[dict[str, Any]], kind
     assert len(ds) + len(reported) == len(rows)
     assert len(set(ds.ids)) == len(ds)
     assert all(ex.text is None or isinstance(ex.text, str) for ex in ds)
+
+
+def test_table_shapes(folder: Path) -> None:
+    """Duplicate header names are an error; a short CSV row has empty trailing cells; JSONL tolerates
+    CRLF and blank lines and still names the right line."""
+    dup = folder / "dup.csv"
+    dup.write_text("id,text,image,text\na,b,img/0.jpg,c\n")
+    with pytest.raises(DataError, match=r"dup.csv:1: column\(s\) \['text'\] appear more than once"):
+        load_dataset(dup)
+    short = folder / "short.csv"
+    short.write_text("id,text,image,mood\na,hi,img/0.jpg\n")
+    assert load_dataset(short)[0].labels == {"mood": None}
+    lines = folder / "crlf.jsonl"
+    ok = json.dumps({"text": "a", "image": "img/0.jpg"})
+    lines.write_bytes(f"{ok}\r\n\r\n  \r\n{ok.replace('0.jpg', 'gone.jpg')}\r\n".encode())
+    with pytest.raises(DataError, match="crlf.jsonl:4, item 2: image file not found"):
+        load_dataset(lines)

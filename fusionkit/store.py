@@ -6,11 +6,12 @@ frozen-feature cache): named arrays in a folder with a `meta.json`, published by
   `.npy` of the rows concatenated plus `<name>.offsets.npy` (int64 [N+1]); rows are appended as they are
   produced, so nothing is held in memory.
 - `open_or_build(path, build)` returns the store at `path`, building it only if absent. The build writes
-  into a private temp folder and renames it onto `path` when complete (`meta.json` is written last), so
-  a reader never sees half a store. An advisory lock per path makes a second process building the same
-  store wait and then use the first one's; if the lock is unavailable (some network filesystems), both
-  build and the loser of the rename discards its copy. Temp folders of builds that died (SIGKILL, power
-  loss) are found by their lock being free and removed by the next build in the same folder.
+  into a private temp folder, syncs it to disk and renames it onto `path` (`meta.json` last), so a
+  reader never sees half a store, even after a crash. An advisory lock on the parent folder makes a
+  second process building there wait, then use the first one's store; where locks are unavailable
+  (some network filesystems), both build and the loser of the rename discards its copy. Temp folders
+  of builds that died (SIGKILL, power loss) are removed by the next build in the same folder: a live
+  build always holds the lock.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ except ImportError:  # Windows: no advisory locks; concurrent builds still end w
 log = logging.getLogger("fusionkit")
 
 META = "meta.json"
+_TMP = ".tmp-store-"  # temp folder infix: only folders named so are ever swept
 _HEADER = 128  # bytes reserved for a ragged array's .npy header, rewritten with the real shape at close
 
 
@@ -156,7 +158,7 @@ def remove_stale_temps(folder: Path) -> list[Path]:
     """Remove the temp folders in `folder` left by builds that died (SIGKILL, power loss). Call it only
     while holding the folder's lock: every live build holds it, so no temp folder is then in use."""
     removed = []
-    for tmp in folder.glob(".*.tmp-*"):
+    for tmp in folder.glob(f".*{_TMP}*"):
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
@@ -180,18 +182,41 @@ def open_or_build(path: str | Path, build: Callable[[StoreWriter], dict[str, Any
             return Store(final)
         if locked:
             remove_stale_temps(final.parent)
-        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp = final.parent / f".{final.name}{_TMP}{os.getpid()}-{secrets.token_hex(4)}"
         tmp.mkdir()
         try:
             writer = StoreWriter(tmp)
             meta = build(writer)
             writer._close()
             (tmp / META).write_text(json.dumps(meta))
+            _sync(tmp)
             _publish(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return Store(final)
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():  # Windows cannot open a folder; there is nothing to sync then
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():  # some filesystems refuse fsync on a folder (EINVAL)
+            raise
+    finally:
+        os.close(fd)
+
+
+def _sync(folder: Path) -> None:
+    """fsync every file, then the folder: a rename may reach the disk before the data it names."""
+    for f in [*folder.iterdir(), folder]:
+        _fsync(f)
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -203,3 +228,5 @@ def _publish(tmp: Path, final: Path) -> None:
             raise
         log.info("another process published %s first: using it", final)
         shutil.rmtree(tmp, ignore_errors=True)
+        return
+    _fsync(final.parent)  # the rename itself

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import shutil
 import signal
 import time
@@ -220,6 +221,8 @@ def test_cache_items_carry_presence_and_missing_sides_are_never_decoded(
     ]
     assert len(decoded) == 2 and int(items["no-image"]["pixel_values"].abs().sum()) == 0
     assert items["no-text"]["input_ids"].tolist() == tok("")["input_ids"]
+    clone = pickle.loads(pickle.dumps(data))  # as spawned DataLoader workers get it: the path, reopened
+    assert len(pickle.dumps(data)) < 1_000 and clone[2]["has_image"] is False
     batch = Collator(tok.pad_token_id, {})(list(items.values()))
     assert batch["text_present"].tolist() == [True, False, True]
     assert batch["image_present"].tolist() == [True, True, False]

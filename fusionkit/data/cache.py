@@ -98,6 +98,10 @@ class CachedDataset(torch.utils.data.Dataset):
         self._has_text = store.array("has_text")
         self._has_image = store.array("has_image")
 
+    def __reduce__(self) -> tuple[Any, tuple[Path]]:
+        """Pickle as the path (spawned DataLoader workers reopen the memmaps instead of copying them)."""
+        return type(self), (self.path,)
+
     @property
     def ids(self) -> list[str]:
         return [self._ids[r] for r in self._rows]

@@ -31,8 +31,14 @@ def test_dotted_and_nested_overrides():
 
 
 def test_validation_catches_impossible_values():
-    with pytest.raises(ConfigError, match="unknown type"):
+    with pytest.raises(ConfigError, match="unknown task type 'ranking'"):
         get_config("tiny", tasks=[{"name": "x", "type": "ranking"}])
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        get_config("tiny", tasks=[{"name": "x", "label_smoothing": 1.5}])
+    with pytest.raises(ConfigError, match="class_names"):
+        get_config("tiny", tasks=[{"name": "x", "class_names": ["a", "a"]}])
+    with pytest.raises(ConfigError, match="class_weights"):
+        get_config("tiny", tasks=[{"name": "x", "class_names": ["a", "b"], "class_weights": [1.0]}])
     with pytest.raises(ConfigError, match="unique"):
         get_config("tiny", tasks=[{"name": "x"}, {"name": "x"}])
     with pytest.raises(ConfigError, match="divisible"):

@@ -4,9 +4,13 @@ import torch
 
 from fusionkit.config import TaskConfig
 from fusionkit.models import MultiTaskLoss
-from fusionkit.models.heads import task_loss
+from fusionkit.tasks import create_task
 
 CLS = TaskConfig("a", "classification", num_classes=3)
+
+
+def task_loss(cfg, output, target, mask):
+    return create_task(cfg).loss(output, target, mask)
 
 
 def test_uncertainty_weighting_learns_log_task_losses():
@@ -64,3 +68,29 @@ def test_label_free_tasks():
     assert float(task_loss(clip, diag, None, None)) < 1e-3
     assert float(task_loss(clip, diag.flip(0), None, None)) > 5
     assert task_loss(clip, torch.zeros(1, 1), None, None) is None
+
+
+def test_label_smoothing_and_class_weights_change_the_classification_loss():
+    logits, labels = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 0, 0])
+    plain = task_loss(CLS, logits, labels, None)
+    smooth = task_loss(TaskConfig("a", num_classes=3, label_smoothing=0.2), logits, labels, None)
+    torch.testing.assert_close(smooth, torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.2))
+    assert not torch.allclose(plain, smooth)
+    # "balanced" weights come from the training labels: n / (k * count)
+    cfg = create_task(TaskConfig("a", num_classes=3, class_weights="balanced")).fit_train_statistics(
+        [0, 0, 0, 0, 1, 2]
+    )
+    assert cfg.class_weights == [0.5, 2.0, 2.0]
+    weighted = task_loss(cfg, logits, labels, None)
+    torch.testing.assert_close(
+        weighted, torch.nn.functional.cross_entropy(logits, labels, weight=torch.tensor([0.5, 2.0, 2.0]))
+    )
+
+
+def test_a_batch_with_no_scorable_task_gives_a_zero_loss_that_backpropagates():
+    criterion = MultiTaskLoss([CLS])
+    logits = torch.randn(4, 3, requires_grad=True)
+    out = criterion({"a": logits}, {"a": torch.zeros(4, dtype=torch.long)}, {"a": torch.zeros(4, dtype=torch.bool)})
+    assert float(out["loss"].detach()) == 0.0 and set(out) == {"loss"}
+    out["loss"].backward()
+    assert logits.grad is not None and float(logits.grad.abs().sum()) == 0.0

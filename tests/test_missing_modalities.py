@@ -78,17 +78,23 @@ def test_complete_rows_do_not_depend_on_incomplete_rows_in_the_batch(strategy):
 
 
 @pytest.mark.parametrize("strategy", ["cross_attention", "merged_attention", "late"])
-def test_a_batch_without_captions_skips_the_text_encoder(strategy):
-    """Image-only rows: the same output alone (encoder skipped) as among rows that have captions."""
+def test_a_batch_without_one_side_skips_its_encoder(strategy):
+    """One-sided rows give the same output alone (encoder skipped) as among complete rows."""
     model = create_model("tiny", fusion={"strategy": strategy}).eval()
     batch = ragged_batch(model)
     calls = []
-    model.text_encoder.register_forward_hook(lambda *_: calls.append(1))
+    model.text_encoder.register_forward_hook(lambda *_: calls.append("text"))
+    model.image_encoder.register_forward_hook(lambda *_: calls.append("image"))
+    absent = torch.tensor([False])
     with torch.no_grad():
-        alone = model(pixel_values=batch["pixel_values"][[1]], text_present=torch.tensor([False]))
-        assert calls == []
-        mixed = model(**batch)["sentiment"][[1]]
-    torch.testing.assert_close(alone["sentiment"], mixed, rtol=1e-5, atol=1e-5)
+        image_only = model(pixel_values=batch["pixel_values"][[1]], text_present=absent)["sentiment"]
+        text_only = model(
+            input_ids=batch["input_ids"][[2]], attention_mask=batch["attention_mask"][[2]], image_present=absent
+        )["sentiment"]
+        assert calls == ["image", "text"]
+        mixed = model(**batch)["sentiment"]
+    torch.testing.assert_close(image_only, mixed[[1]], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(text_only, mixed[[2]], rtol=1e-5, atol=1e-5)
 
 
 def test_late_fusion_scores_the_present_view_alone():

@@ -9,6 +9,11 @@ Data flow (shapes for batch B):
 
 Encoder outputs can be passed in directly (`text_features=`, `image_features=`), which is how the
 trainer's frozen-encoder feature cache trains many fusion strategies on one encoder pass.
+
+A row may lack its caption or its image (`text_present=` / `image_present=`, bool [B]): the projected
+tokens of the absent side are replaced by a learned placeholder before fusion (the dummy encoder
+input of that row has no influence), and a batch lacking one side entirely skips that encoder.
+`model.fusion.modality_dropout` hides one side of some complete pairs during training.
 """
 
 from __future__ import annotations
@@ -175,7 +180,10 @@ class FusionModel(nn.Module):
         """Projected text tokens [B, T, dim] and their boolean mask [B, T]."""
         if text_features is None:
             if input_ids is None:
-                raise ValueError("text input missing: pass input_ids (+ attention_mask) or text_features")
+                raise ValueError(
+                    "text input missing: pass input_ids (+ attention_mask) or text_features, "
+                    "or text_present=False for rows without a caption"
+                )
             attention_mask = self._check_text(input_ids, attention_mask)
             text_features = self.text_encoder(input_ids, attention_mask)
         elif attention_mask is None:
@@ -190,7 +198,10 @@ class FusionModel(nn.Module):
         """Projected image tokens [B, P, dim]."""
         if image_features is None:
             if pixel_values is None:
-                raise ValueError("image input missing: pass pixel_values or image_features")
+                raise ValueError(
+                    "image input missing: pass pixel_values or image_features, "
+                    "or image_present=False for rows without an image"
+                )
             self._check_image(pixel_values)
             image_features = self.image_encoder(pixel_values)
         return self.image_proj(pool_patch_grid(image_features, self.config.fusion.image_grid))
@@ -224,6 +235,26 @@ class FusionModel(nn.Module):
         emb = masked_mean(ctx.views, ctx.view_mask)
         return F.normalize(emb, dim=-1) if normalize else emb
 
+    def _presence(
+        self, text_present: Any, image_present: Any, batch: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+        """Presence flags [B] after modality dropout, and [any text, any image, all text, all image].
+
+        Those four decide which encoders run at all and whether masks are needed: one host sync,
+        none when the caller passes no flags and no dropout applies (all present).
+        """
+        complete = text_present is None and image_present is None
+        text_present = _as_flags(text_present, batch, device, "text_present")
+        image_present = _as_flags(image_present, batch, device, "image_present")
+        rate = self.config.fusion.modality_dropout
+        if self.training and rate > 0 and self.fusion.uses_text and self.fusion.uses_image:
+            text_present, image_present = drop_modalities(text_present, image_present, rate)
+            complete = False
+        if complete:
+            return text_present, image_present, [True] * 4
+        flags = [text_present.any(), image_present.any(), text_present.all(), image_present.all()]
+        return text_present, image_present, torch.stack(flags).tolist()
+
     def _views(
         self,
         input_ids: torch.Tensor | None = None,
@@ -238,17 +269,9 @@ class FusionModel(nn.Module):
         batch, device = _batch_size(
             input_ids, text_features, pixel_values, image_features, text_present, image_present
         )
-        complete = text_present is None and image_present is None
-        text_present = _presence(text_present, batch, device, "text_present")
-        image_present = _presence(image_present, batch, device, "image_present")
-        rate = self.config.fusion.modality_dropout
-        if self.training and rate > 0 and self.fusion.uses_text and self.fusion.uses_image:
-            text_present, image_present = drop_modalities(text_present, image_present, rate)
-            complete = False
-        any_text = any_image = all_text = all_image = True
-        if not complete:  # one host sync decides which encoders run at all and whether masks are needed
-            flags = [text_present.any(), image_present.any(), text_present.all(), image_present.all()]
-            any_text, any_image, all_text, all_image = torch.stack(flags).tolist()
+        text_present, image_present, (any_text, any_image, all_text, all_image) = self._presence(
+            text_present, image_present, batch, device
+        )
         text = mask = image = image_mask = None
         if self.needs_text and any_text:
             text, mask = self.text_tokens(input_ids, attention_mask, text_features)
@@ -457,7 +480,7 @@ def _check_same_batch(text: torch.Tensor | None, image: torch.Tensor | None) -> 
         raise ValueError(f"text batch size {text.shape[0]} != image batch size {image.shape[0]}")
 
 
-def _presence(flags: Any, batch: int, device: torch.device, name: str) -> torch.Tensor:
+def _as_flags(flags: Any, batch: int, device: torch.device, name: str) -> torch.Tensor:
     """bool [B] on the inputs' device; None means every row has that modality."""
     if flags is None:
         return torch.ones(batch, dtype=torch.bool, device=device)

@@ -147,9 +147,12 @@ def wait_for(predicate: Callable[[], bool], timeout: float, poll: float = 0.005)
 
 
 def run_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Weights of a checkpoint dir, or of the one a run's `last`/`best` pointer names."""
     from safetensors.torch import load_file
 
-    return load_file(str(path / "model.safetensors"))
+    from fusionkit.training.rundir import follow_pointer
+
+    return load_file(str(follow_pointer(path) / "model.safetensors"))
 
 
 def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -161,15 +164,16 @@ def check_checkpoints(run: Path) -> int:
     resolve to one. Returns how many were checked."""
     from fusionkit.models import FusionModel
     from fusionkit.training.checkpoint import load_state
+    from fusionkit.training.rundir import follow_pointer
 
     steps = sorted((run / "checkpoints").glob("step-*"))
     for d in steps:
         FusionModel.from_pretrained(d)
         state = load_state(d)
         assert state["step"] == int(d.name.split("-")[1]), d
-    for link in ("last", "best"):
-        if (run / link).is_symlink():
-            assert (run / link).resolve() in [s.resolve() for s in steps], link
+    for pointer in ("last", "best"):
+        if (run / pointer).exists():
+            assert follow_pointer(run / pointer).resolve() in [s.resolve() for s in steps], pointer
     return len(steps)
 
 

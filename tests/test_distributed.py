@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from fusionkit.training.config import build_config
+from fusionkit.training.rundir import follow_pointer
 from fusionkit.training.trainer import Trainer
 
 
@@ -50,9 +51,9 @@ def test_two_process_ddp_matches_single_process(tmp_path: Path) -> None:
     assert single.world == 1
     single.fit()
     mp.spawn(_worker, args=(str(tmp_path), _free_port()), nprocs=2, join=True)
-    a = load_file(tmp_path / "runs" / "single" / "last" / "model.safetensors")
-    b = load_file(tmp_path / "runs" / "ddp" / "last" / "model.safetensors")
-    assert (tmp_path / "runs" / "ddp" / "last").resolve().name == "step-00000003"
+    a = load_file(follow_pointer(tmp_path / "runs" / "single" / "last") / "model.safetensors")
+    b = load_file(follow_pointer(tmp_path / "runs" / "ddp" / "last") / "model.safetensors")
+    assert follow_pointer(tmp_path / "runs" / "ddp" / "last").name == "step-00000003"
     init = Trainer(config(tmp_path, "init")).model.state_dict()  # same seed: the starting weights
     moved = [k for k in a if not torch.equal(a[k], init[k])]
     assert moved, "training did not change the weights"

@@ -20,6 +20,7 @@ from fusionkit.models import FusionModel
 from fusionkit.training import checkpoint as ckpt
 from fusionkit.training import trainer as trainer_mod
 from fusionkit.training.config import build_config
+from fusionkit.training.rundir import follow_pointer
 from fusionkit.training.trainer import NonFiniteLossError, Trainer
 from tests.reliability_utils import check_checkpoints, record
 
@@ -51,7 +52,7 @@ def finished_run(tmp_path: Path) -> Path:
 
 def test_pickle_payloads_in_a_run_dir_are_refused_without_running(finished_run: Path) -> None:
     MARKER.unlink(missing_ok=True)
-    last = finished_run / "last"
+    last = follow_pointer(finished_run / "last")
     torch.save({"step": Payload()}, last / ckpt.STATE_NAME)  # a real torch pickle, code on load
     with pytest.raises(pickle.UnpicklingError, match="weights_only"):
         Trainer(config(finished_run.parents[1], "run"), resume=True).fit()
@@ -89,7 +90,7 @@ def test_injected_nan_batch_stops_naming_the_batch_and_keeps_last_checkpoint(
     msg = str(info.value)
     assert "step 5" in msg and "batch 5 of the epoch" in msg and str(poisoned) in msg
     run = tmp_path / "runs" / "run"
-    assert (run / "last").resolve().name == "step-00000004" and "step-00000004" in msg
+    assert follow_pointer(run / "last").name == "step-00000004" and "step-00000004" in msg
     assert check_checkpoints(run) == 2  # step 2 and step 4, both load
     record("numerical/nan_batch", poisoned_batch=5, batch_ids_named=len(poisoned), last_good="step-00000004")
 
@@ -148,7 +149,7 @@ def test_disk_full_during_checkpoint_keeps_previous(tmp_path: Path, monkeypatch:
     assert info.value.errno == errno.ENOSPC and "No space left on device" in str(info.value)
     assert "step-00000002 is intact" in str(info.value)  # says what survived
     run = tmp_path / "runs" / "run"
-    assert (run / "last").resolve().name == "step-00000002"
+    assert follow_pointer(run / "last").name == "step-00000002"
     assert not list((run / "checkpoints").glob(".tmp-*"))  # the partial write was cleaned up
     assert check_checkpoints(run) == 1
     record("resource/disk_full_checkpoint", error=str(info.value)[:120], previous_intact="step-00000002")

@@ -12,6 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from fusionkit.cli import main
+from fusionkit.training.rundir import follow_pointer
 
 
 @pytest.mark.slow
@@ -27,16 +28,16 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
                             stderr=subprocess.DEVNULL)  # fmt: skip
     last = tmp_path / "runs" / "killed" / "last"
     deadline = time.time() + 120
-    while not (last.exists() and last.resolve().name >= "step-00000009") and proc.poll() is None:
+    while not (last.exists() and follow_pointer(last).name >= "step-00000009") and proc.poll() is None:
         assert time.time() < deadline, "training made no checkpoint in time"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    if last.resolve().name >= "step-00000060":
+    if follow_pointer(last).name >= "step-00000060":
         pytest.skip("the run finished before it could be killed")
     assert main(["train", "--resume", str(tmp_path / "runs" / "killed")]) == 0
-    ref = load_file(tmp_path / "runs" / "reference" / "last" / "model.safetensors")
-    got = load_file(last / "model.safetensors")
+    ref = load_file(follow_pointer(tmp_path / "runs" / "reference" / "last") / "model.safetensors")
+    got = load_file(follow_pointer(last) / "model.safetensors")
     assert all((ref[k] == got[k]).all() for k in ref)
     metrics = [(tmp_path / "runs" / n / "metrics.jsonl").read_text() for n in ("reference", "killed")]
     assert metrics[0] == metrics[1]

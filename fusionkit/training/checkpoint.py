@@ -3,11 +3,12 @@
 Layout in a run dir::
 
     checkpoints/step-00000120/   model (safetensors + config.json) + trainer_state.pt
-    last -> checkpoints/step-00000120     (symlink, swapped atomically)
-    best -> checkpoints/step-00000100
+    last                         text file "checkpoints/step-00000120" (replaced atomically)
+    best                         text file "checkpoints/step-00000100"
 
-A checkpoint is written into a temp dir and renamed into place; the `last`/`best` links are then
-replaced with `os.replace`. A crash at any moment leaves the previous checkpoint complete and linked.
+A checkpoint is written into a temp dir and renamed into place; the `last`/`best` pointers (see
+`rundir.py`) are then replaced with `os.replace`. A crash at any moment leaves the previous checkpoint
+complete and pointed to.
 Training state holds only tensors, numbers and strings, so it loads with `torch.load(weights_only=True)`.
 """
 
@@ -22,6 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .rundir import RunDir, follow_pointer
 
 STATE_NAME = "trainer_state.pt"
 
@@ -50,19 +53,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _link(run_dir: Path, name: str, target: Path) -> None:
-    """Point `run_dir/name` at `target` atomically (a relative symlink, replaced with os.replace)."""
-    tmp = run_dir / f".{name}.tmp"
-    tmp.unlink(missing_ok=True)
-    os.symlink(os.path.relpath(target, run_dir), tmp)
-    os.replace(tmp, run_dir / name)
-
-
 def save_checkpoint(
     run_dir: Path, step: int, model: Any, state: dict[str, Any], *, best: bool = False, keep: int = 2
 ) -> Path:
     """Write model + training state for optimizer step `step`, repoint `last` (and `best`), prune old ones."""
-    root = run_dir / "checkpoints"
+    run = RunDir(run_dir)
+    root = run.checkpoints
     root.mkdir(parents=True, exist_ok=True)
     final, n = root / f"step-{step:08d}", 1
     while final.exists():  # the same step saved again (epoch end right after a periodic save): a new
@@ -79,7 +75,7 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     except OSError as e:
-        previous = (run_dir / "last").resolve() if (run_dir / "last").exists() else None
+        previous = run.last
         raise OSError(
             e.errno,
             f"could not write the checkpoint for step {step} under {root} ({e.strerror or e}); "
@@ -90,23 +86,24 @@ def save_checkpoint(
             )
             + ". Free space or choose another run.output_dir, then resume.",
         ) from e
-    _link(run_dir, "last", final)
+    run.set_pointer("last", final)
     if best:
-        _link(run_dir, "best", final)
-    _prune(run_dir, keep)
+        run.set_pointer("best", final)
+    _prune(run, keep)
     return final
 
 
-def _prune(run_dir: Path, keep: int) -> None:
-    linked = {(run_dir / n).resolve() for n in ("last", "best") if (run_dir / n).exists()}
-    steps = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir())
+def _prune(run: RunDir, keep: int) -> None:
+    linked = {p.resolve() for p in (run.last, run.best) if p is not None}
+    steps = sorted(p for p in run.checkpoints.glob("step-*") if p.is_dir())
     for old in steps[: max(0, len(steps) - keep)]:
         if old.resolve() not in linked:
             shutil.rmtree(old, ignore_errors=True)
 
 
 def load_state(checkpoint_dir: Path) -> dict[str, Any]:
-    path = Path(checkpoint_dir) / STATE_NAME
+    """Training state of a checkpoint dir (or of the one a `last`/`best` pointer names)."""
+    path = follow_pointer(checkpoint_dir) / STATE_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: nothing to resume from")
     return torch.load(path, map_location="cpu", weights_only=True)

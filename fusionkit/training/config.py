@@ -88,7 +88,11 @@ class TrainConfig:
             (self.data.on_error in ("raise", "skip"), "data.on_error must be 'raise' or 'skip'"),
             (self.data.missing_text in MISSING_POLICIES, f"data.missing_text must be one of {MISSING_POLICIES}"),
             (self.data.missing_image in MISSING_POLICIES, f"data.missing_image must be one of {MISSING_POLICIES}"),
-            (self.optim.batch_size > 0 and self.optim.eval_batch_size > 0, "batch sizes must be positive"),
+            (
+                self.optim.batch_size > 0 and self.optim.eval_batch_size > 0,
+                f"optim.batch_size and optim.eval_batch_size must be positive, got {self.optim.batch_size} "
+                f"and {self.optim.eval_batch_size}",
+            ),
             (self.optim.accumulation_steps > 0, "optim.accumulation_steps must be positive"),
             (
                 self.optim.epochs > 0 or (self.optim.max_steps or 0) > 0,
@@ -104,7 +108,8 @@ class TrainConfig:
             (self.run.keep_checkpoints >= 1, "run.keep_checkpoints must be at least 1"),
             (self.run.name_exists in NAME_EXISTS, f"run.name_exists must be one of {NAME_EXISTS}"),
             (self.run.name is None or _plain_name(self.run.name), "run.name must be a plain folder name (no / or ..)"),
-            (self.data.num_workers >= 0 and self.data.num_proc >= 1, "data.num_workers >= 0, num_proc >= 1"),
+            (self.data.num_workers >= 0, "data.num_workers must be >= 0"),
+            (self.data.num_proc >= 1, "data.num_proc must be at least 1"),
             (
                 len(self.data.split_ratios) == 3 and all(r >= 0 for r in self.data.split_ratios)
                 and sum(self.data.split_ratios) > 0,

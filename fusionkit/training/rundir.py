@@ -91,10 +91,13 @@ class RunDir:
         for n in range(10_000):
             run = cls(Path(output_dir) / (base if n == 0 else f"{base}-{n}"))
             if run.holds_run() and not increment:
+                started = not {"last", CHECKPOINTS, "summary.json"} & set(run.contents())
                 raise RunDirError(
                     f"{run.path} already holds a run ({', '.join(run.contents()[:5])}); fusionkit never writes "
-                    f"a new run into it. Continue it with `fusionkit train --resume {run.path}`, choose "
-                    "another run.name, or set run.name_exists=increment to get a fresh numbered dir"
+                    "a new run into it. "
+                    + (f"Continue it with `fusionkit train --resume {run.path}`, choose " if not started else
+                       "It stopped before its first checkpoint: delete the dir if you do not need it, or choose ")
+                    + "another run.name, or set run.name_exists=increment to get a fresh numbered dir"
                 )
             if run.holds_run():
                 continue
@@ -149,8 +152,13 @@ class RunDir:
         """Become the one writer of this dir (`flock` on `run.lock`, released when the process dies)."""
         if self._lock_fd is not None:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OSError(
+                e.errno, f"run dir {self.path} is not writable ({e.strerror or e}); set run.output_dir"
+            ) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

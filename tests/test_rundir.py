@@ -1,0 +1,308 @@
+"""Run dirs never lose a user's results: no overwrite, one live writer, copy-proof pointers, checked resumes.
+
+One tiny run on a CSV dataset is trained once per module; every test works on a copy of it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fusionkit.cli import main
+from fusionkit.config import ConfigError, parse_value
+from fusionkit.models import FusionModel
+from fusionkit.training import Trainer, build_config, train
+from fusionkit.training.checkpoint import load_state
+from fusionkit.training.rundir import RunDir, RunDirError, follow_pointer
+
+CLASSES = ["negative", "neutral", "positive"]
+
+
+def _write_csv(folder: Path, flip: bool = False) -> Path:
+    """24 synthetic pairs as a CSV + PNG files; `flip` relabels the first rows (same ids, texts, images)."""
+    from fusionkit.data import make_synthetic
+
+    ds = make_synthetic(24, seed=3, image_size=32)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "pairs.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "text", "image", "sentiment"])
+        for i, ex in enumerate(ds):
+            label = ex.labels["sentiment"]
+            name = CLASSES[label] if isinstance(label, int) else label
+            if flip and i < 6:
+                name = CLASSES[(CLASSES.index(name) + 1) % 3]
+            if not (folder / f"{ex.id}.png").exists():
+                ex.image.save(folder / f"{ex.id}.png")
+            writer.writerow([ex.id, ex.text, f"{ex.id}.png", name])
+    return path
+
+
+def _overrides(root: Path, data: Path, name: str = "run") -> dict[str, Any]:
+    return {
+        "data.dataset": str(data), "data.cache_dir": str(root / "cache"), "data.split_ratios": [0.5, 0.25, 0.25],
+        "optim.epochs": 2, "optim.batch_size": 4, "run.checkpoint_every": 2, "run.output_dir": str(root / "runs"),
+        "run.name": name, "run.progress": False, "run.plots": False,
+        "model.tasks": [{"name": "sentiment", "class_names": CLASSES}],
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(root, run dir) of one finished 2-epoch run on data/pairs.csv."""
+    root = tmp_path_factory.mktemp("rundir")
+    data = _write_csv(root / "data")
+    train(build_config(None, _overrides(root, data)))
+    return root, root / "runs" / "run"
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "run.lock"}  # fmt: skip
+
+
+def _copy(base: tuple[Path, Path], tmp_path: Path, name: str = "copy") -> Path:
+    """The base run copied with symlinks turned into files/folders (zip, cloud sync, `cp -rL`)."""
+    run = tmp_path / "runs" / name
+    shutil.copytree(base[1], run, symlinks=False)
+    return run
+
+
+def _resume_config(run: Path, **changes: Any) -> Any:
+    """What `fusionkit train --resume RUN --a.b X` builds: the saved config plus the overrides."""
+    cfg = build_config(run / "config.yaml", changes)
+    cfg.run.output_dir, cfg.run.name = str(run.parent), run.name
+    return cfg
+
+
+# ------------------------------------------------------------------------------ never overwrite
+
+
+def test_pointers_are_files_naming_a_checkpoint(base: tuple[Path, Path]) -> None:
+    run = RunDir(base[1])
+    for pointer in ("last", "best"):
+        assert (run.path / pointer).is_file() and not (run.path / pointer).is_symlink()
+        assert (run.path / pointer).read_text().startswith("checkpoints/step-")
+    assert load_state(run.last)["step"] == json.loads((run.path / "summary.json").read_text())["steps"]
+    assert FusionModel.from_pretrained(run.path / "best").config.tasks[0].name == "sentiment"  # pointer accepted
+
+
+def test_same_name_again_is_refused_and_the_first_run_is_intact(base: tuple[Path, Path], tmp_path: Path) -> None:
+    root, first = base
+    before = _digest(first)
+    with pytest.raises(RunDirError, match="already holds a run.*--resume"):
+        train(build_config(None, _overrides(root, root / "data" / "pairs.csv")))
+    assert main(["train", "--run.output_dir", str(root / "runs"), "--run.name", "run", "--data.dataset",
+                 str(root / "data" / "pairs.csv")]) == 1  # fmt: skip
+    assert _digest(first) == before
+
+
+def test_a_live_writer_keeps_a_second_one_out(base: tuple[Path, Path], tmp_path: Path) -> None:
+    """A second process is refused while the first holds the lock; once it is SIGKILLed the lock is taken."""
+    run = _copy(base, tmp_path)
+    code = f"from fusionkit.training.rundir import RunDir; r = RunDir({str(run)!r}); r.lock(); print('ok', flush=True); " \
+           "import time; time.sleep(60)"  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ok"
+        with pytest.raises(RunDirError, match=f"another live training.*{holder.pid}"):
+            Trainer(_resume_config(run), resume=True)
+        with pytest.raises(RunDirError, match="another live training"):
+            RunDir(run).lock()
+    finally:
+        holder.kill()
+        holder.wait()
+    second = RunDir(run)
+    second.lock()  # the dead holder's flock is gone with it
+    assert (run / "run.lock").read_text().startswith(f"{os.getpid()}@")
+    second.unlock()
+
+
+def test_default_names_and_increment_never_reuse_a_dir(tmp_path: Path) -> None:
+    a = RunDir.create(tmp_path, "exp", "increment")
+    (a.path / "summary.json").write_text("{}")
+    b = RunDir.create(tmp_path, "exp", "increment")  # `a` still holds its lock and has content
+    assert (a.path.name, b.path.name) == ("exp", "exp-1")
+    c = RunDir.create(tmp_path, None)
+    d = RunDir.create(tmp_path, None)  # same second: a timestamp twice still gives two dirs
+    assert c.path != d.path
+    for r in (a, b, c, d):
+        r.unlock()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    contents=st.lists(st.sampled_from(["summary.json", "checkpoints", "notes.txt", "last", "run.lock"]), max_size=3),
+    locked=st.booleans(),
+    policy=st.sampled_from(["error", "increment"]),
+)
+def test_create_never_takes_a_dir_with_content_or_a_writer(
+    tmp_path_factory: pytest.TempPathFactory, contents: list[str], locked: bool, policy: str
+) -> None:
+    """Whatever the dir holds (files, folders, a stale or live lock), `create` returns an empty dir of its own."""
+    root = tmp_path_factory.mktemp("states")
+    existing = root / "exp"
+    existing.mkdir()
+    for name in contents:
+        (existing / name).mkdir(exist_ok=True) if name == "checkpoints" else (existing / name).write_text("x")
+    holder = RunDir(existing)
+    if locked:
+        holder.lock()
+    before = _digest(existing)
+    taken = bool(set(contents) - {"run.lock"}) or locked
+    try:
+        if taken and policy == "error":
+            with pytest.raises(RunDirError):
+                RunDir.create(root, "exp", policy)
+        else:
+            run = RunDir.create(root, "exp", policy)
+            assert run.locked and run.contents() == []
+            assert run.path.name == ("exp-1" if taken else "exp")
+            run.unlock()
+    finally:
+        holder.unlock()
+    assert _digest(existing) == before
+
+
+# ------------------------------------------------------------------------------ copies and resumes
+
+
+def _tamper_last(run: Path) -> None:
+    """Point `last` back at the epoch-1 checkpoint, so a resume has an epoch left to train."""
+    steps = sorted((run / "checkpoints").glob("step-*"))
+    (run / "last").write_text(f"checkpoints/{steps[0].name}\n")
+
+
+def test_copied_run_dir_resumes_through_a_full_epoch(base: tuple[Path, Path], tmp_path: Path) -> None:
+    run = _copy(base, tmp_path)
+    _tamper_last(run)
+    start = load_state(run / "last")["step"]
+    summary = train(_resume_config(run), resume=True)
+    assert summary["steps"] > start and RunDir(run).last.name.startswith(f"step-{summary['steps']:08d}")
+    log = [json.loads(line) for line in (run / "resume_log.jsonl").read_text().splitlines()]
+    assert log[-1]["from_step"] == start and log[-1]["config_changes"]["run.output_dir"][1] == str(run.parent)
+
+
+def test_old_symlink_layout_is_still_read(base: tuple[Path, Path], tmp_path: Path) -> None:
+    run = _copy(base, tmp_path)
+    target = RunDir(run).last.name
+    (run / "last").unlink()
+    (run / "last").symlink_to(Path("checkpoints") / target)
+    assert RunDir(run).last.name == target and follow_pointer(run / "last").name == target
+    shutil.rmtree(run / "best") if (run / "best").is_dir() else (run / "best").unlink()
+    shutil.copytree(run / "checkpoints" / target, run / "best")  # an old symlink copied as a folder
+    RunDir(run).set_pointer("best", run / "checkpoints" / target)  # kept under checkpoints/, never deleted
+    assert (run / "best").is_file() and (run / "checkpoints" / "copied-best" / "model.safetensors").is_file()
+
+
+def test_resume_with_changed_labels_is_refused(base: tuple[Path, Path], tmp_path: Path) -> None:
+    root, _ = base
+    run = _copy(base, tmp_path)
+    before = _digest(run)
+    _write_csv(root / "data", flip=True)
+    try:
+        with pytest.raises(RunDirError, match="data of .* changed.*split 'train': content changed"):
+            Trainer(_resume_config(run), resume=True).fit()
+    finally:
+        _write_csv(root / "data")
+    after = _digest(run)
+    assert {k: v for k, v in after.items() if k != "skipped_rows.jsonl"} == {
+        k: v for k, v in before.items() if k != "skipped_rows.jsonl"
+    }
+
+
+def test_resume_with_a_new_lr_is_refused_then_accepted_and_recorded(
+    base: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _copy(base, tmp_path)
+    _tamper_last(run)
+    assert main(["train", "--resume", str(run), "--optim.lr", "0.0005"]) == 1
+    assert "optim.lr: 0.002 -> 0.0005" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--optim.lr", "0.0005", "--accept-changes"]) == 0
+    assert json.loads((run / "config.json").read_text())["optim"]["lr"] == 0.0005
+    assert "lr: 0.0005" in (run / "config.yaml").read_text()
+    entry = json.loads((run / "resume_log.jsonl").read_text().splitlines()[-1])
+    assert entry["config_changes"]["optim.lr"] == [0.002, 0.0005]
+    groups = load_state(run / "last")["optimizer"]["param_groups"]
+    assert {g["initial_lr"] for g in groups if g["name"].startswith("fusion")} == {0.0005}  # trained with it
+
+
+# ------------------------------------------------------------------------------ tampered and impossible configs
+
+
+def test_tampered_config_is_refused_before_allocating(base: tuple[Path, Path], tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    shutil.copytree(RunDir(base[1]).best, model_dir)
+    meta = json.loads((model_dir / "config.json").read_text())
+    meta["model"]["fusion"]["dim"] = 2**20
+    (model_dir / "config.json").write_text(json.dumps(meta))
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="do not match model.safetensors"):
+        FusionModel.from_pretrained(model_dir)
+    assert time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [("model.fusion.num_heads", 0), ("model.fusion.dim", 0), ("model.fusion.depth", 0), ("run.patience", 0),
+     ("optim.batch_size", 0), ("optim.eval_batch_size", -1), ("model.text.max_length", 0),
+     ("model.fusion.dropout", 1.5), ("run.keep_checkpoints", 0), ("run.name", "../elsewhere"),
+     ("run.name_exists", "overwrite"), ("optim.max_steps", 0)],
+)  # fmt: skip
+def test_impossible_values_are_config_errors(key: str, value: Any) -> None:
+    with pytest.raises(ConfigError, match=key.split(".")[-1]):
+        build_config(None, {key: value})
+
+
+def test_max_length_beyond_the_encoders_positions_fails_at_start(tmp_path: Path) -> None:
+    cfg = build_config(None, {"model.text.max_length": 4096, "run.output_dir": str(tmp_path), "run.name": "x"})
+    with pytest.raises(ConfigError, match="max_length=4096 exceeds .* 512 position"):
+        Trainer(cfg)
+    assert RunDir(tmp_path / "x").last is None  # refused before any training
+    with pytest.raises(RunDirError, match="stopped before its first checkpoint: delete the dir"):
+        Trainer(cfg)
+
+
+def test_numeric_run_name() -> None:
+    assert build_config(None, {"run.name": parse_value("2024")}).run.name == "2024"
+
+
+# ------------------------------------------------------------------------------ CLI output paths
+
+
+def test_output_never_overwrites_the_input_and_is_checked_before_work(
+    base: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    root, run = base
+    data = root / "data" / "pairs.csv"
+    before = data.read_bytes()
+    common = [str(run), "--data", str(data), "--cache-dir", str(root / "cache")]
+    link = tmp_path / "alias.csv"
+    link.symlink_to(data)
+    for command, out in [("eval", data), ("predict", data), ("eval", link),
+                         ("predict", run / "predictions_test.csv"), ("eval", run / "summary.json")]:  # fmt: skip
+        assert main([command, *common, "--output", str(out)]) == 2, (command, out)
+        assert "would overwrite" in capsys.readouterr().err
+    assert data.read_bytes() == before
+    caplog.set_level(logging.INFO)
+    assert main(["embed", *common, "--output", str(tmp_path / "x.csv")]) == 2
+    assert ".npy or .parquet" in capsys.readouterr().err
+    assert not list(tmp_path.glob("x.csv*"))
+    assert not any("cache" in r.getMessage() for r in caplog.records)  # refused before reading any data
+    out = tmp_path / "new" / "folder" / "preds.csv"
+    assert main(["predict", *common, "--output", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 25

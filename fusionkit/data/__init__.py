@@ -1,8 +1,10 @@
-"""Data layer: readers -> `MultimodalDataset` -> `build_cache` -> `CachedDataset` -> `Collator` -> `move_batch`.
+"""Data layer: sources -> `MultimodalDataset` (raw labels) -> `fusionkit.tasks.bind_labels` (encoded) ->
+`build_cache` -> `CachedDataset` -> `Collator` -> `move_batch`.
 
 Typical use::
 
-    ds = load_dataset("synthetic:2000")
+    raw = load_dataset("photos.csv", text_column="caption", image_column="photo")  # any source
+    ds, tasks = bind_labels(raw, model_config.tasks)
     parts = split_dataset(ds, path="runs/split.json")
     train = build_cache(parts["train"], tokenizer, preprocess, "cache/")
     loader = DataLoader(train, batch_size=32, shuffle=True, collate_fn=Collator(tokenizer.pad_token_id,

@@ -188,7 +188,7 @@ class MultimodalDataset(Sequence[Example]):
             elif names:
                 features[t] = hf.ClassLabel(names=names)
             else:
-                features[t] = hf.Features.from_arrow_schema(hf.Dataset.from_dict({t: values}).data.schema)[t]
+                features[t] = hf.Dataset.from_dict({t: values}).features[t]  # as HF infers it
 
         def image_value(img: str | bytes | Image.Image) -> Any:
             return {"bytes": img, "path": None} if isinstance(img, bytes) else img

@@ -11,7 +11,7 @@ frozen-feature cache): named arrays in a folder with a `meta.json`, published by
   second process building there wait, then use the first one's store; where locks are unavailable
   (some network filesystems), both build and the loser of the rename discards its copy. Temp folders
   of builds that died (SIGKILL, power loss) are removed by the next build in the same folder: a live
-  build always holds the lock.
+  build always holds the lock (without locks: those older than `UNLOCKED_STALE_S`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import os
 import secrets
 import shutil
 import struct
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ log = logging.getLogger("fusionkit")
 
 META = "meta.json"
 _TMP = ".tmp-store-"  # temp folder infix: only folders named so are ever swept
+UNLOCKED_STALE_S = 2 * 86400  # where locks are unsupported, a temp folder this old is a dead build's
 _HEADER = 128  # bytes reserved for a ragged array's .npy header, rewritten with the real shape at close
 
 
@@ -154,14 +156,16 @@ def _locked(folder: Path) -> Iterator[bool]:
         os.close(fd)  # releases the lock
 
 
-def remove_stale_temps(folder: Path) -> list[Path]:
-    """Remove the temp folders in `folder` left by builds that died (SIGKILL, power loss). Call it only
-    while holding the folder's lock: every live build holds it, so no temp folder is then in use."""
-    removed = []
+def remove_stale_temps(folder: Path, older_than_s: float = 0.0) -> list[Path]:
+    """Remove the temp folders in `folder` left by builds that died (SIGKILL, power loss). Holding the
+    folder's lock, every temp is such a leftover (a live build holds the lock); without locks, only
+    those untouched for `older_than_s` seconds are."""
+    removed, now = [], time.time()
     for tmp in folder.glob(f".*{_TMP}*"):
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-            removed.append(tmp)
+        with contextlib.suppress(FileNotFoundError):  # another unlocked process got there first
+            if tmp.is_dir() and now - tmp.stat().st_mtime >= older_than_s:
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp)
     if removed:
         log.warning("removed %d temp folder(s) of interrupted builds in %s", len(removed), folder)
     return removed
@@ -180,8 +184,7 @@ def open_or_build(path: str | Path, build: Callable[[StoreWriter], dict[str, Any
         if is_built(final):  # another process built it while we waited for the lock
             log.info("using the store another process just built: %s", final)
             return Store(final)
-        if locked:
-            remove_stale_temps(final.parent)
+        remove_stale_temps(final.parent, 0.0 if locked else UNLOCKED_STALE_S)
         tmp = final.parent / f".{final.name}{_TMP}{os.getpid()}-{secrets.token_hex(4)}"
         tmp.mkdir()
         try:

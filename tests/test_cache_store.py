@@ -138,6 +138,17 @@ def test_sigkilled_build_leaves_a_temp_that_the_next_build_removes(tmp_path: Pat
     assert _hidden(tmp_path) == [] and open_or_build(tmp_path / "a", _fill).meta["rows"] == 5
 
 
+def test_without_locks_only_old_temps_are_swept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_mod, "fcntl", None)  # no way to tell a live build from a dead one but age
+    old, fresh = tmp_path / ".x.tmp-store-1-aa", tmp_path / ".y.tmp-store-2-bb"
+    for d in (old, fresh):
+        d.mkdir()
+    ancient = time.time() - store_mod.UNLOCKED_STALE_S - 60
+    os.utime(old, (ancient, ancient))
+    open_or_build(tmp_path / "s", _fill)
+    assert _hidden(tmp_path) == [fresh.name]
+
+
 # ------------------------------------------------------------------------------------------------ cache keys
 
 

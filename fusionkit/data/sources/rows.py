@@ -95,7 +95,7 @@ class ReadOptions:
         """The label columns to read: the requested ones (each must exist) or all but text/image/id."""
         if self.label_columns is None:
             fixed = (self.text_column, self.image_column, self.id_column)
-            return [c for c in columns if c not in fixed]
+            return [c for c in columns if c not in fixed and c]  # "": a trailing delimiter in a header
         for c in self.label_columns:
             require_column(c, "label_columns", columns, source)
         return list(self.label_columns)

@@ -674,7 +674,7 @@ def test_table_shapes(folder: Path) -> None:
     with pytest.raises(DataError, match=r"dup.csv:1: column\(s\) \['text'\] appear more than once"):
         load_dataset(dup)
     short = folder / "short.csv"
-    short.write_text("id,text,image,mood,\na,hi,img/0.jpg\n")  # a trailing comma names no column
+    short.write_text("id,text,image,mood,,\na,hi,img/0.jpg\n")  # trailing commas name no column
     assert load_dataset(short)[0].labels == {"mood": None}
     lines = folder / "crlf.jsonl"
     ok = json.dumps({"text": "a", "image": "img/0.jpg"})

@@ -36,7 +36,7 @@ def _csv_rows(path: Path, text: str) -> tuple[list[str], Iterator[Row]]:
         header = [h.strip() for h in next(reader)]
     except StopIteration:
         return [], iter(())
-    dup = sorted({h for h in header if header.count(h) > 1})
+    dup = sorted({h for h in header if h and header.count(h) > 1})  # "" x2: trailing empty columns
     if dup:
         raise DataError(f"column(s) {dup} appear more than once in the header", source=f"{path}:1")
 

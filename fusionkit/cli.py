@@ -50,9 +50,12 @@ def _parser() -> argparse.ArgumentParser:
         "train",
         usage="fusionkit train [CONFIG] [--resume RUN_DIR] [--section.key VALUE ...]",
         help="train a model",
-        description="CONFIG: a YAML/JSON config (default: the tiny preset on the synthetic dataset).",
+        description="CONFIG: a YAML/JSON config (default: the tiny preset on the synthetic dataset). Every "
+        "config key can be set as --section.key VALUE; --print-config lists them all with their values.",
         epilog=f"example: {EXAMPLE}",
     )
+    t.add_argument("--print-config", action="store_true",
+                   help="print every config key with its resolved value (as YAML) and exit")  # fmt: skip
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     t.add_argument("--accept-changes", action="store_true",
                    help="let --resume go on although the config or data changed (recorded in resume_log.jsonl)")
@@ -93,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
+    from .config import load_config_file
     from .training.config import build_config
     from .training.trainer import train
 
@@ -103,10 +107,17 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         run_dir = Path(args.resume)
         if config:
             raise ConfigError("give either a config or --resume RUN_DIR, not both")
-        cfg = build_config(run_dir / "config.yaml", overrides)
+        cfg = build_config(load_config_file(run_dir / "config.yaml"), overrides)  # paths as the run used them
         cfg.run.output_dir, cfg.run.name = str(run_dir.parent), run_dir.name
     else:
         cfg = build_config(config, overrides)
+    if args.print_config:
+        import yaml
+
+        from .config import to_dict
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
     if args.accept_changes and not args.resume:
         raise ConfigError("--accept-changes only applies to --resume RUN_DIR")
     summary = train(cfg, resume=bool(args.resume), accept_changes=args.accept_changes)

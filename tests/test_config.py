@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +75,26 @@ def test_example_configs_are_valid():
     for path in configs:
         cfg = build_config(path)  # strict: an unknown key or wrong type would raise
         assert cfg.model.tasks and cfg.optim.epochs > 0, path
+
+
+def test_paths_in_a_config_file_resolve_relative_to_the_file(tmp_path, monkeypatch, capsys):
+    from fusionkit.cli import main
+    from fusionkit.training import build_config
+
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    table = tmp_path / "data" / "t.csv"
+    table.write_text("id,text,image\n")
+    (tmp_path / "cfg" / "c.yaml").write_text(
+        "data:\n  dataset: ../data/t.csv\n  split_file: split.json\n"
+        "model:\n  text:\n    name: org/some-hub-model\n"
+    )
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cfg = build_config("../cfg/c.yaml")
+    assert Path(cfg.data.dataset).resolve() == table.resolve()
+    assert Path(cfg.data.split_file).resolve() == (tmp_path / "cfg" / "split.json").resolve()
+    assert cfg.model.text.name == "org/some-hub-model"  # a hub id is not a path
+    assert main(["train", "../cfg/c.yaml", "--print-config", "--optim.lr", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "lr: 0.5" in printed and "text_column: text" in printed and str(table.resolve()) in printed

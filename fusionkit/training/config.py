@@ -7,6 +7,7 @@ A run is fully described by its resolved `TrainConfig` (saved as `config.yaml` i
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,5 +167,34 @@ def build_config(
         raise ConfigError(f"preset: expected a preset name, got {preset!r}")
     base = TrainConfig(preset=preset, model=get_config(preset))
     flat = _flatten(data, to_dict(base))
+    if isinstance(source, str | Path):
+        flat = resolve_paths(flat, Path(source).resolve().parent)
     flat.update(_flatten(overrides, to_dict(base)))
     return merge(base, flat)
+
+
+# Keys whose relative paths in a config file mean "relative to that file" (outputs stay cwd-relative).
+PATH_KEYS = ("data.dataset", "data.split_file", "data.cache_dir", "model.text.name", "model.image.name",
+             "model.image.checkpoint_path")  # fmt: skip
+
+
+def resolve_paths(flat: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Relative paths in a config file resolve against the file's folder, so it runs from any directory.
+
+    Encoder names resolve only where that folder exists (else they are hub ids such as
+    `facebook/dinov2-small`); a data path that exists only relative to the working directory is kept
+    (configs written before this rule).
+    """
+    out = dict(flat)
+    for key in PATH_KEYS:
+        value = out.get(key)
+        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            continue
+        if value == "synthetic" or value.startswith(("synthetic:", "~")):
+            continue
+        candidate = Path(os.path.normpath(base / value))
+        if candidate.exists():
+            out[key] = str(candidate)
+        elif not key.startswith("model.") and not Path(value).exists():
+            out[key] = str(candidate)  # to be created there (split file, cache), or named in the error
+    return out

@@ -69,6 +69,7 @@ class FusionConfig:
     image_grid: int = 0
     # Training only: this fraction of the complete pairs loses its caption (half of them) or its image
     # (the other half) each step, so the model also learns to predict from either side alone.
+    # Applies to strategies that read both sides (not to the text_only / image_only baselines).
     modality_dropout: float = 0.0
 
 

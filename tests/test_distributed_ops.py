@@ -64,6 +64,11 @@ def _worker(rank: int, port: int, expected_loss: float, expected_grad: torch.Ten
         assert D.first_error(None) is None
         assert D.broadcast_object({"stop": rank == 0}) == {"stop": True}  # rank 0 decides for all
         assert D.all_gather_object(rank * 10) == [0, 10]
+        part = {"ids": [f"r{rank}"] * (rank + 1), "outputs": {"t": torch.full((rank + 1, 2), float(rank))},
+                "labels": {}, "label_mask": {}, "loss": 1.0 + rank, "loss_n": rank + 1}  # fmt: skip
+        merged = D.gather_inference(part)
+        assert merged["ids"] == ["r0", "r1", "r1"] and merged["outputs"]["t"][:, 0].tolist() == [0, 1, 1]
+        assert merged["loss"] == pytest.approx((1.0 * 1 + 2.0 * 2) / 3) and merged["loss_n"] == 3
         D.barrier()
     finally:
         dist.destroy_process_group()
@@ -87,3 +92,9 @@ def test_single_process_is_a_no_op() -> None:
     assert D.rank_and_world() == (0, 1)
     assert D.any_rank(True) and D.first_error("boom") == "boom" and D.broadcast_object(7) == 7
     assert D.all_gather_object("a") == ["a"]
+
+
+@pytest.mark.parametrize(("n", "world"), [(10, 2), (10, 3), (3, 2), (2, 4)])
+def test_sharded_batches_are_whole_in_order_batches(n: int, world: int) -> None:
+    shards = [list(D.ShardedBatchSampler(n, 3, rank, world)) for rank in range(world)]
+    assert [b for s in shards for b in s] == [list(range(i, min(n, i + 3))) for i in range(0, n, 3)]

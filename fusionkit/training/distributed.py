@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -137,3 +138,51 @@ def first_error(message: str | None, device: torch.device | str = "cpu") -> str 
     if not any_rank(message is not None, device):
         return None
     return next(f"rank {r}: {m}" for r, m in enumerate(all_gather_object(message)) if m is not None)
+
+
+class ShardedBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """In-order batches of `batch_size` over `n` items, whole batches split into contiguous runs per rank.
+
+    Every batch is the one a single process would see (a contrastive task's in-batch retrieval scores
+    the same), and concatenating the ranks' outputs in rank order restores the data order.
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1) -> None:
+        n_batches = -(-n // batch_size)
+        per, extra = divmod(n_batches, world)
+        first = rank * per + min(rank, extra)
+        self.batches = range(first, first + per + (rank < extra))
+        self.n, self.batch_size = n, batch_size
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in self.batches:
+            yield list(range(b * self.batch_size, min(self.n, (b + 1) * self.batch_size)))
+
+
+def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    names = dict.fromkeys(k for p in parts for k in p)
+    return {k: torch.cat([p[k] for p in parts if k in p]) for k in names}
+
+
+def gather_inference(result: dict[str, Any]) -> dict[str, Any]:
+    """Merge the ranks' `run_inference` results (from `ShardedBatchSampler` shards) into the whole split's.
+
+    Every rank gets the merged result, so metrics, early stopping and best-checkpoint choices agree.
+    The loss is the example-weighted mean (`loss_n` examples scored per rank; all ids when absent).
+    """
+    if not is_distributed():
+        return result
+    parts = all_gather_object(result)
+    weights = [p.get("loss_n", len(p["ids"])) if p["loss"] is not None else 0 for p in parts]
+    total = sum(weights)
+    merged = {
+        "ids": [i for p in parts for i in p["ids"]],
+        **{key: _cat([p[key] for p in parts]) for key in ("outputs", "labels", "label_mask")},
+        "loss": sum(p["loss"] * w for p, w in zip(parts, weights) if w) / total if total else None,
+    }
+    if "loss_n" in result:
+        merged["loss_n"] = total
+    return merged

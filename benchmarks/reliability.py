@@ -1,4 +1,4 @@
-"""Run the reliability suite (tests/test_reliability_*.py) and write benchmarks/results/reliability.{md,json}.
+"""Run the reliability suite (tests/test_reliability_*.py, test_readers_families.py); write results/reliability.*.
 
 Each test appends its figures to the JSON-lines file named by $FUSIONKIT_RELIABILITY_JSON (see
 tests/reliability_utils.py `record`); pytest's own exit status and per-test outcomes come from its
@@ -34,7 +34,8 @@ def run_suite(slow: bool, fuzz_examples: int) -> tuple[list[dict], list[dict], f
             os.environ, FUSIONKIT_RELIABILITY_JSON=str(figures), FUSIONKIT_FUZZ_EXAMPLES=str(fuzz_examples)
         )
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-               "-m", "" if slow else "not slow", *sorted(map(str, (REPO / "tests").glob("test_reliability_*.py")))]  # fmt: skip
+               "-m", "" if slow else "not slow", *sorted(map(str, (REPO / "tests").glob("test_reliability_*.py"))),
+               str(REPO / "tests" / "test_readers_families.py")]  # fmt: skip
         start = time.perf_counter()
         rc = subprocess.run(cmd, cwd=REPO, env=env).returncode
         seconds = time.perf_counter() - start
@@ -83,7 +84,10 @@ def write_report(cases: list[dict], tests: list[dict], seconds: float, rc: int, 
         ),
         "broken rows tried": sum(c["figures"].get("broken_rows_tried", 0) for c in cases),
         "fuzz examples run": sum(
-            c["figures"].get("examples", 0) for c in cases if c["case"].startswith("fuzz/")
+            c["figures"].get("examples", 0) for c in cases if c["case"].startswith(("fuzz/", "readers/"))
+        ),
+        "reader rows tried / reported / kept under skip": "/".join(
+            str(sum(c["figures"].get(k, 0) for c in cases)) for k in ("rows_tried", "rows_reported", "rows_kept")
         ),
     }
     for c in cases:

@@ -30,6 +30,7 @@ from fusionkit.data import (
     split_dataset,
 )
 from fusionkit.data.sources import SOURCES, ReadOptions
+from tests.reliability_utils import record
 
 SETTINGS = dict(
     max_examples=int(os.environ.get("FUSIONKIT_FUZZ_EXAMPLES", "40")),
@@ -44,6 +45,22 @@ ROWS = [
     {"id": "0", "caption": "so tired", "photo": "img/1.jpg", "mood": "Negative"},
     {"id": "t3", "caption": "a street", "photo": "img/2.jpg", "mood": None},
 ]
+
+
+_tally: dict[str, dict[str, int]] = {}  # family -> figures, for benchmarks/reliability.py
+
+
+def _count(family: str, **figures: int) -> None:
+    t = _tally.setdefault(family, {})
+    for k, v in figures.items():
+        t[k] = t.get(k, 0) + v
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _record_families() -> Any:
+    yield
+    for family, figures in sorted(_tally.items()):
+        record(f"readers/{family}", **figures)
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +251,7 @@ def test_any_unicode_caption_round_trips(texts: list[str], kind: str, folder: Pa
     ds = _read(kind, rows, folder, missing_text="keep")
     assert ds.ids == [r["id"] for r in rows]
     assert [ex.text for ex in ds] == [t.strip()[:MAX_TEXT_CHARS] or None for t in texts]
+    _count("unicode_captions", examples=1, captions=len(texts))
 
 
 def test_undecodable_bytes_are_a_row_error(folder: Path, tmp_path: Path) -> None:
@@ -263,6 +281,7 @@ def test_ids_are_kept_as_given(values: list[Any], kind: str, folder: Path) -> No
     """An id 0 (int or "0") stays "0"; only a missing or empty id is replaced by the row number."""
     rows = [{"id": v, "caption": "hi", "photo": "img/0.jpg"} for v in values]
     assert _read(kind, rows, folder).ids == [str(v) for v in values]
+    _count("ids", examples=1, ids=len(values))
 
 
 @pytest.mark.parametrize("kind", ["csv", "jsonl", "dataframe", "hf"])
@@ -320,6 +339,7 @@ def test_label_cells_are_raw_and_nan_is_missing(values: list[Any], kind: str, fo
     want = [_expected(v) for v in values]
     assert [type(g) for g in got] == [type(w) for w in want]
     assert json.dumps(got) == json.dumps(want)  # equal, with inf == inf
+    _count("label_cells", examples=1, cells=len(values), missing=want.count(None))
 
 
 def test_jsonl_nan_and_infinity_literals(folder: Path) -> None:
@@ -365,6 +385,7 @@ def test_csv_errors_name_the_physical_line_after_multiline_captions(
     with pytest.raises(DataError, match=f"lines.csv:{line}: row has {3 + extra} fields but the header has 3"):
         load_dataset(path, **COLUMNS)
     assert load_dataset(path, **COLUMNS, on_error="skip").ids == [r["id"] for r in rows]
+    _count("csv_lines", examples=1, multiline_captions=sum("\n" in t for t in texts))
 
 
 def test_csv_multiline_record_error_names_its_lines(folder: Path) -> None:
@@ -663,6 +684,7 @@ def test_any_row_is_kept_or_reported_under_skip(rows: list[dict[str, Any]], kind
     reported = report.read_text().splitlines() if report.exists() else []
     assert len(ds) + len(reported) == len(rows)
     assert len(set(ds.ids)) == len(ds)
+    _count("any_row_skip", examples=1, rows_tried=len(rows), rows_reported=len(reported), rows_kept=len(ds))
     assert all(ex.text is None or isinstance(ex.text, str) for ex in ds)
 
 

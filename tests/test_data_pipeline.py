@@ -186,7 +186,7 @@ def test_collator_pads_to_longest_and_masks_labels() -> None:
         _item(3, {"sentiment": 2, "tags": [0, 2], "score": 0.5}),
         _item(5, {"sentiment": None, "tags": None, "score": None}),
     ]
-    batch = Collator(pad_token_id=0, label_names=names, task_types=kinds)(items)
+    batch = Collator(pad_token_id=0, tasks=names, task_types=kinds)(items)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 0, 0], [1, 2, 3, 4, 5]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert batch["pixel_values"].dtype == torch.uint8 and batch["pixel_values"].shape == (2, 3, 4, 4)

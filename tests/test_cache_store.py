@@ -268,3 +268,15 @@ def test_feature_cache_carries_presence_and_encodes_only_present_sides(tmp_path:
         and batch["image_features"].dtype == torch.float32
     )
     assert batch["image_present"].tolist() == [True, True, False]
+    # No image in the whole split, and (batch_size=1) a batch without any caption: zeros of the right shape.
+    blind = MultimodalDataset(
+        [Example("t", "words", None, {}), Example("none", None, None, {})], {}, name="blind"
+    )
+    pre = model.image_preprocess
+    blind_feats = build_features(
+        model, build_cache(blind, model.tokenizer, pre, tmp_path / "cache"), tmp_path, 1
+    )
+    assert blind_feats[0]["image_features"].shape == items[0]["image_features"].shape
+    assert (
+        blind_feats[1]["text_features"].abs().sum() == 0 and blind_feats[0]["text_features"].abs().sum() > 0
+    )

@@ -119,7 +119,7 @@ def _extract(model: Any, data: CachedDataset, out: StoreWriter, batch_size: int,
     """Fill the `text` (ragged), `image`, `has_text`, `has_image` arrays; returns the items' labels, in order."""
     device = model.device
     transform = ImageTransform(model.image_preprocess, train=False).to(device)
-    collator = Collator(model.tokenizer.pad_token_id, data.label_names, data.task_types)
+    collator = Collator(model.tokenizer.pad_token_id)  # inputs and presence; labels are copied as they are
     items_labels: list[Any] = []
 
     def collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

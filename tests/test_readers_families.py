@@ -565,6 +565,15 @@ def test_reused_split_file_refuses_rows_it_does_not_name(
     assert parts["val"].ids == first["val"].ids and parts["test"].ids == first["test"].ids
 
 
+@pytest.mark.parametrize(
+    "content", ["{not json", "[]", '{"train": [1], "val": [], "test": []}', '{"train": []}']
+)
+def test_a_broken_split_file_is_a_clear_error(content: str, tmp_path: Path) -> None:
+    (tmp_path / "split.json").write_text(content)
+    with pytest.raises(DataError, match="split.json.*(not a split file|lists of string ids).*[Dd]elete it"):
+        split_dataset(load_dataset("synthetic:5"), path=tmp_path / "split.json")
+
+
 def test_raw_split_matches_the_split_of_bound_indices() -> None:
     """Stratifying on raw declared names gives the same split as on their indices (binding later)."""
     raw = load_dataset("synthetic:90")

@@ -236,6 +236,26 @@ def _strata(ds: MultimodalDataset) -> list[Any]:
     return [index.get(v) if isinstance(v, str) else None for v in (ex.labels.get(column) for ex in ds)]
 
 
+def _read_split_file(path: Path) -> dict[str, list[str]]:
+    """A split file's id lists; anything else (not JSON, a missing split, non-string ids) is an error."""
+    try:
+        saved = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(
+            f"not a split file ({e})", source=str(path), hint="delete it to make a new split"
+        ) from None
+    ok = isinstance(saved, dict) and all(
+        isinstance(saved.get(k), list) and all(isinstance(i, str) for i in saved[k]) for k in SPLITS
+    )
+    if not ok:
+        raise DataError(
+            f"a split file holds {list(SPLITS)} as lists of string ids",
+            source=str(path),
+            hint="delete it to make a new split",
+        )
+    return {k: saved[k] for k in SPLITS}
+
+
 def split_dataset(
     ds: MultimodalDataset,
     ratios: Sequence[float] = (0.8, 0.1, 0.1),
@@ -255,8 +275,7 @@ def split_dataset(
         raise ValueError(f"ratios must be three non-negative numbers, got {ratios}")
     path = Path(path) if path is not None else None
     if path is not None and path.is_file():
-        saved = json.loads(path.read_text())
-        ids = {k: saved[k] for k in SPLITS}
+        ids = _read_split_file(path)
         known = set(ds.ids)
         unknown = [i for k in SPLITS for i in ids[k] if i not in known]
         if unknown:

@@ -239,7 +239,6 @@ def _embed(args: argparse.Namespace) -> int:
 
     from .embedding import embed
     from .models import FusionModel
-    from .precision import choose_precision
     from .training.trainer import resolve_device
 
     if not _sharded_embed(args) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -256,8 +255,7 @@ def _embed(args: argparse.Namespace) -> int:
         return 0
     texts = (ex.text for ex in ds) if args.modality != "image" else None
     images = (ex.image for ex in ds) if args.modality != "text" else None
-    with choose_precision(args.precision, model.device).autocast(model.device.type):
-        vectors = embed(model, texts, images, batch_size=args.batch_size)
+    vectors = embed(model, texts, images, batch_size=args.batch_size, precision=args.precision)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".parquet":

@@ -192,7 +192,7 @@ def embed_to_shards(
             with chosen.autocast(model.device.type):
                 vectors = embed(model, texts if modality != "image" else None,
                                 images if modality != "text" else None, batch_size=batch_size,
-                                normalize=normalize)  # fmt: skip
+                                normalize=normalize, precision=chosen.name, progress=False)  # fmt: skip
             _write_shard(out / shard_name(k), list(ids), vectors)
             rows += len(ids)
             bar.update(len(ids))

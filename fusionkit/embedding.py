@@ -1,24 +1,35 @@
 """`embed(model, texts, images)`: joint (or single-modality) vectors for any number of pairs, streamed.
 
 Inputs are consumed lazily, one batch at a time, so memory stays bounded whatever the number of
-pairs: lists, generators and `datasets.Dataset`s (its `text` / `image` columns) all work. Images may be
-PIL images, paths or encoded bytes; they go through the same decode + resize + crop as the training
-cache, so vectors match what the model saw in training.
+pairs: lists, generators, a `MultimodalDataset` and a `datasets.Dataset` (its `text` / `image` / `id`
+columns) all work. Images may be PIL images, paths or encoded bytes, and either side may hold
+`None` (a missing caption or image); they go through `FusionProcessor`, the same decode + resize +
+crop as the training cache, so vectors match what the model saw in training.
+
+    vectors = embed(model, texts, images)                                   # [N, dim] joint
+    vecs, ids = embed(model, dataset, return_ids=True)                      # ids beside the rows
+    out = embed(model, texts, images, modalities=("joint", "text", "image"))  # dict, one encoder pass
+
+Which vectors are comparable: "text" and "image" vectors share a space only for a model trained with
+a contrastive (or ITM) task; otherwise compare joint with joint, text with text, image with image.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from .data import ImageTransform, preprocess_image
 from .models import FusionModel
+from .models.fusion import masked_mean
+from .processor import FusionProcessor
 
+MODALITIES = ("joint", "text", "image")
+PRESENCE = {"text": "text_present", "image": "image_present"}
 _MISSING = object()
 
 
@@ -26,81 +37,175 @@ def _is_hf_dataset(x: Any) -> bool:
     return type(x).__module__.startswith("datasets") and hasattr(x, "column_names")
 
 
+def _is_fusionkit_dataset(x: Any) -> bool:
+    from .data import MultimodalDataset
+
+    return isinstance(x, MultimodalDataset)
+
+
 def _column(x: Any, name: str) -> Iterable[Any]:
     return (row[name] for row in x) if _is_hf_dataset(x) else x
 
 
-def _batches(
-    texts: Iterable[Any] | None, images: Iterable[Any] | None, size: int
-) -> Iterator[tuple[list, list]]:
-    """Zip the two streams (either may be None) into lists of `size`, checking they have equal length."""
-    streams = [iter(s) if s is not None else itertools.repeat(None) for s in (texts, images)]
-    pairs = (
-        zip(*streams)
-        if texts is None or images is None
-        else itertools.zip_longest(*streams, fillvalue=_MISSING)
-    )
-    while chunk := list(itertools.islice(pairs, size)):
-        if any(v is _MISSING for pair in chunk for v in pair):
-            raise ValueError("texts and images have different lengths")
-        t, i = zip(*chunk)
-        yield list(t), list(i)
+def _unpack_dataset(
+    texts: Any, images: Any, ids: Iterable[Any] | None
+) -> tuple[Iterable[Any] | None, Iterable[Any] | None, Iterable[Any] | None]:
+    """A dataset passed as `texts` (or `images`) supplies its text / image / id columns."""
+    if _is_fusionkit_dataset(texts):
+        ds = texts
+        return (
+            (ex.text for ex in ds),
+            (images if images is not None else (ex.image for ex in ds)),
+            (ids if ids is not None else ds.ids),
+        )
+    if _is_hf_dataset(texts):
+        ds = texts
+        cols = ds.column_names
+        if images is None and "image" in cols:
+            images = _column(ds, "image")
+        if ids is None and "id" in cols:
+            ids = _column(ds, "id")
+        return (_column(ds, "text") if "text" in cols else None), images, ids
+    if _is_hf_dataset(images):
+        return texts, _column(images, "image"), ids
+    return texts, images, ids
+
+
+def _batches(streams: Sequence[Iterable[Any] | None], size: int) -> Iterator[list[list[Any] | None]]:
+    """Zip the streams (None ones stay None) into lists of `size`, checking they have equal length."""
+    live = [iter(s) for s in streams if s is not None]
+    rows = itertools.zip_longest(*live, fillvalue=_MISSING)
+    while chunk := list(itertools.islice(rows, size)):
+        if any(v is _MISSING for row in chunk for v in row):
+            raise ValueError("texts, images and ids have different lengths")
+        columns = iter(list(c) for c in zip(*chunk))
+        yield [next(columns) if s is not None else None for s in streams]
+
+
+def _resolve_modalities(
+    modalities: str | Sequence[str] | None, has_text: bool, has_image: bool
+) -> tuple[str, ...]:
+    if modalities is None:
+        return ("joint",) if has_text and has_image else ("text",) if has_text else ("image",)
+    mods = (modalities,) if isinstance(modalities, str) else tuple(modalities)
+    unknown = [m for m in mods if m not in MODALITIES]
+    if unknown or not mods:
+        raise ValueError(f"modalities must be some of {MODALITIES}, got {modalities!r}")
+    if ("joint" in mods or "text" in mods) and not has_text:
+        raise ValueError(f"modalities {mods} need texts")
+    if ("joint" in mods or "image" in mods) and not has_image:
+        raise ValueError(f"modalities {mods} need images")
+    return mods
+
+
+def _vectors(
+    model: FusionModel, inputs: dict[str, torch.Tensor], mods: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
+    """Unnormalized vectors per modality; several modalities share one pass of each encoder."""
+    if mods == ("joint",):
+        from .models.fusion_model import model_inputs
+
+        return {"joint": model.encode(**model_inputs(inputs))}
+    if mods == ("text",):
+        return {"text": model.encode_text(inputs["input_ids"], inputs["attention_mask"])}
+    if mods == ("image",):
+        return {"image": model.encode_image(inputs["pixel_values"])}
+    mask = inputs["attention_mask"]
+    text_features = model.text_encoder(inputs["input_ids"], mask)
+    image_features = model.image_encoder(inputs["pixel_values"])
+    out: dict[str, torch.Tensor] = {}
+    if "joint" in mods:
+        out["joint"] = model.encode(
+            text_features=text_features,
+            attention_mask=mask,
+            image_features=image_features,
+            text_present=inputs["text_present"],
+            image_present=inputs["image_present"],
+        )
+    if "text" in mods:
+        out["text"] = masked_mean(*model.text_tokens(text_features=text_features, attention_mask=mask))
+    if "image" in mods:
+        out["image"] = model.image_tokens(image_features=image_features).mean(1)
+    return out
 
 
 def embed(
     model: FusionModel,
-    texts: Iterable[str] | Any | None = None,
+    texts: Iterable[str | None] | Any | None = None,
     images: Iterable[Any] | None = None,
     batch_size: int = 64,
     normalize: bool = True,
     device: str | torch.device | None = None,
-) -> np.ndarray:
+    *,
+    modalities: str | Sequence[str] | None = None,
+    ids: Iterable[Any] | None = None,
+    return_ids: bool = False,
+    precision: str = "auto",
+    progress: bool | None = None,
+    compile: bool = False,
+) -> Any:
     """Vectors [N, dim] (float32): joint for pairs, text-only or image-only when one side is given.
 
-    `texts` may be a `datasets.Dataset`: its `text` column is used, and its `image` column too when
-    `images` is not given and the dataset has one. `device` moves the model there first.
+    `texts` may be a `MultimodalDataset` or a `datasets.Dataset`: its text, image and id columns are
+    used. `modalities` ("joint", "text", "image" or several) returns a dict of arrays, computed from one
+    pass of each encoder; a row without a caption (image) gets NaN as its text (image) vector.
+    `return_ids=True` (or passing `ids`) returns `(vectors, ids)`, ids as strings (row numbers when
+    none are known). `precision`: "auto" (bf16 autocast where the CPU/GPU runs it natively), "fp32"
+    or "bf16". `progress`: a tqdm bar (None: only on a terminal). `compile`: `torch.compile` the
+    model's encoders in place (pays off from a few thousand pairs). `device` moves the model first.
     """
-    if _is_hf_dataset(texts):
-        ds = texts
-        texts = _column(ds, "text") if "text" in ds.column_names else None
-        if images is None and "image" in ds.column_names:
-            images = _column(ds, "image")
-    elif _is_hf_dataset(images):
-        images = _column(images, "image")
-    if texts is None and images is None:
-        raise ValueError("embed() needs texts, images or both")
+    from tqdm.auto import tqdm
+
+    from .precision import choose_precision
+
     if isinstance(texts, str):
         raise TypeError("texts must be a list of strings, not a single string")
+    want_ids = return_ids or ids is not None
+    texts, images, ids = _unpack_dataset(texts, images, ids)
+    if texts is None and images is None:
+        raise ValueError("embed() needs texts, images or both")
+    mods = _resolve_modalities(modalities, texts is not None, images is not None)
+    if want_ids and ids is None:
+        ids = itertools.count()
     if device is not None:
         model.to(device)
     dev = model.device
-    transform = ImageTransform(model.image_preprocess, train=False).to(dev)
-    max_length = model.config.text.max_length
+    processor = FusionProcessor.from_model(model)
+    autocast = choose_precision(precision, dev).autocast(dev.type)
+    total = next((len(s) for s in (texts, images) if hasattr(s, "__len__")), None)  # type: ignore[arg-type]
     was_training = model.training
     model.eval()
-    out: list[np.ndarray] = []
+    runner = _compiled(model) if compile else model
+    out: dict[str, list[np.ndarray]] = {m: [] for m in mods}
+    out_ids: list[str] = []
+    bar = tqdm(total=total, desc="embed", unit="pair", disable=None if progress is None else not progress)
     try:
-        with torch.inference_mode(), ThreadPoolExecutor(4) as pool:  # PIL decoding releases the GIL
-            for text_batch, image_batch in _batches(texts, images, batch_size):
-                inputs: dict[str, torch.Tensor] = {}
-                if texts is not None:
-                    tok = model.tokenizer(text_batch, padding=True, truncation=True, max_length=max_length,
-                                          return_tensors="pt")  # fmt: skip
-                    inputs["input_ids"] = tok["input_ids"].to(dev, non_blocking=True)
-                    inputs["attention_mask"] = tok["attention_mask"].to(dev, non_blocking=True)
-                if images is not None:
-                    pixels = pool.map(lambda im: preprocess_image(im, model.image_preprocess), image_batch)
-                    uint8 = torch.from_numpy(np.stack(list(pixels)))
-                    inputs["pixel_values"] = transform(uint8.to(dev, non_blocking=True))
-                if images is None:
-                    vec = model.encode_text(
-                        inputs["input_ids"], inputs["attention_mask"], normalize=normalize
-                    )
-                elif texts is None:
-                    vec = model.encode_image(inputs["pixel_values"], normalize=normalize)
-                else:
-                    vec = model.encode(normalize=normalize, **inputs)
-                out.append(vec.float().cpu().numpy())
+        with torch.inference_mode(), autocast:
+            for text_batch, image_batch, id_batch in _batches(
+                (texts, images, ids if want_ids else None), batch_size
+            ):
+                inputs = processor(texts=text_batch, images=image_batch, device=dev)
+                for name, vec in _vectors(runner, inputs, mods).items():
+                    vec = F.normalize(vec.float(), dim=-1) if normalize else vec.float()
+                    if name in PRESENCE:  # no caption (image): no text (image) vector
+                        vec = vec.masked_fill(~inputs[PRESENCE[name]][:, None], float("nan"))
+                    out[name].append(vec.cpu().numpy())
+                if id_batch is not None:
+                    out_ids += [str(i) for i in id_batch]
+                bar.update(len(text_batch if text_batch is not None else image_batch))  # type: ignore[arg-type]
     finally:
+        bar.close()
         model.train(was_training)
-    return np.concatenate(out) if out else np.zeros((0, model.config.fusion.dim), dtype=np.float32)
+    dim = model.config.fusion.dim
+    arrays = {m: np.concatenate(v) if v else np.zeros((0, dim), dtype=np.float32) for m, v in out.items()}
+    result: Any = arrays if modalities is not None and not isinstance(modalities, str) else arrays[mods[0]]
+    return (result, out_ids) if want_ids else result
+
+
+def _compiled(model: FusionModel) -> FusionModel:
+    """The model with its two encoders compiled (dynamic batch and sequence length), cached on it."""
+    if not getattr(model, "_fusionkit_compiled", False):
+        for encoder in (model.text_encoder, model.image_encoder):
+            encoder.forward = torch.compile(encoder.forward, dynamic=True)  # type: ignore[method-assign]
+        model._fusionkit_compiled = True  # type: ignore[attr-defined]
+    return model

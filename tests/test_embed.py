@@ -79,3 +79,30 @@ def test_streams_without_materializing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(model, "encode", spy)
     out = embed(model, (ds[i % 4].text for i in range(40)), images(), batch_size=8)
     assert out.shape == (40, 64) and seen == [8, 16, 24, 32, 40]
+
+
+def test_several_modalities_from_one_pass_ids_and_missing_entries(pairs) -> None:
+    ds, texts, images = pairs
+    model = create_model("tiny")
+    fp32 = dict(batch_size=5, precision="fp32")
+    out, ids = embed(model, ds, modalities=("joint", "text", "image"), return_ids=True, **fp32)
+    assert ids == list(ds.ids) and set(out) == {"joint", "text", "image"}
+    np.testing.assert_allclose(out["joint"], embed(model, texts, images, **fp32), atol=1e-5)
+    np.testing.assert_allclose(out["text"], embed(model, texts, **fp32), atol=1e-5)
+    np.testing.assert_allclose(out["image"], embed(model, images=images, **fp32), atol=1e-5)
+    vecs, given = embed(model, texts[:3], images[:3], ids=["a", "b", 7], **fp32)
+    assert given == ["a", "b", "7"] and vecs.shape == (3, 64)
+    gaps = embed(model, [texts[0], None], [None, images[1]], modalities=("joint", "text", "image"), **fp32)
+    assert np.isfinite(gaps["joint"]).all()  # the model's placeholders stand in for the missing side
+    assert np.isnan(gaps["text"][1]).all() and np.isnan(gaps["image"][0]).all()
+    assert np.isfinite(gaps["text"][0]).all() and np.isfinite(gaps["image"][1]).all()
+    with pytest.raises(ValueError, match="need images"):
+        embed(model, texts, modalities="image")
+    with pytest.raises(ValueError, match="different lengths"):
+        embed(model, texts, ids=["x"])
+
+
+def test_progress_bar(pairs, capsys: pytest.CaptureFixture[str]) -> None:
+    _, texts, images = pairs
+    embed(create_model("tiny"), texts, images, batch_size=5, progress=True)
+    assert "12/12" in capsys.readouterr().err

@@ -52,7 +52,7 @@ def test_shards_hold_ids_and_vectors_in_input_order(tmp_path: Path, model: Fusio
     ids, vectors = read_embeddings(tmp_path / "out")
     assert ids == data.ids
     texts, images = [ex.text for ex in data], [ex.image for ex in data]
-    np.testing.assert_allclose(vectors, embed(model, texts, images, batch_size=5), atol=1e-5)
+    np.testing.assert_allclose(vectors, embed(model, texts, images, batch_size=5, precision="fp32"), atol=1e-5)
     # a stream (no len, no indexing) gives the same shards
     shards(model, (ex for ex in data), tmp_path / "stream")
     np.testing.assert_array_equal(read_embeddings(tmp_path / "stream")[1], vectors)
@@ -99,7 +99,7 @@ def test_cli_writes_shards_to_a_directory(tmp_path: Path, model_dir: Path, model
     ids, vectors = read_embeddings(out)
     ds = make_synthetic(6)
     assert ids == ds.ids
-    expected = embed(model, [ex.text for ex in ds], [ex.image for ex in ds], batch_size=4)
+    expected = embed(model, [ex.text for ex in ds], [ex.image for ex in ds], batch_size=4, precision="fp32")
     np.testing.assert_allclose(vectors, expected, atol=1e-5)
     assert main(argv) == 0  # complete: nothing to redo
 

@@ -566,11 +566,19 @@ def test_reused_split_file_refuses_rows_it_does_not_name(
 
 
 @pytest.mark.parametrize(
-    "content", ["{not json", "[]", '{"train": [1], "val": [], "test": []}', '{"train": []}']
+    "content",
+    [
+        "{not json",
+        "[]",
+        '{"train": [1], "val": [], "test": []}',
+        '{"train": []}',
+        '{"train": ["syn-000001"], "val": ["syn-000001"], "test": []}',
+    ],
 )
 def test_a_broken_split_file_is_a_clear_error(content: str, tmp_path: Path) -> None:
     (tmp_path / "split.json").write_text(content)
-    with pytest.raises(DataError, match="split.json.*(not a split file|lists of string ids).*[Dd]elete it"):
+    problems = "not a split file|lists of string ids|more than once"
+    with pytest.raises(DataError, match=f"split.json.*({problems}).*[Dd]elete it"):
         split_dataset(load_dataset("synthetic:5"), path=tmp_path / "split.json")
 
 

@@ -253,6 +253,11 @@ def _read_split_file(path: Path) -> dict[str, list[str]]:
             source=str(path),
             hint="delete it to make a new split",
         )
+    named = [i for k in SPLITS for i in saved[k]]
+    if len(set(named)) != len(named):
+        twice = sorted({i for i in named if named.count(i) > 1})[:3]
+        raise DataError(f"ids named more than once (e.g. {twice}): splits would leak", source=str(path),
+                        hint="delete it to make a new split")  # fmt: skip
     return {k: saved[k] for k in SPLITS}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,11 +254,13 @@ def _read_split_file(path: Path) -> dict[str, list[str]]:
             source=str(path),
             hint="delete it to make a new split",
         )
-    named = [i for k in SPLITS for i in saved[k]]
-    if len(set(named)) != len(named):
-        twice = sorted({i for i in named if named.count(i) > 1})[:3]
-        raise DataError(f"ids named more than once (e.g. {twice}): splits would leak", source=str(path),
-                        hint="delete it to make a new split")  # fmt: skip
+    twice = sorted(i for i, n in Counter(i for k in SPLITS for i in saved[k]).items() if n > 1)
+    if twice:
+        raise DataError(
+            f"{len(twice)} ids named more than once (e.g. {twice[:3]}): the splits would leak",
+            source=str(path),
+            hint="delete it to make a new split",
+        )
     return {k: saved[k] for k in SPLITS}
 
 

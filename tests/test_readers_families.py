@@ -720,3 +720,10 @@ def test_table_shapes(folder: Path) -> None:
     lines.write_bytes(f"{ok}\r\n\r\n  \r\n{ok.replace('0.jpg', 'gone.jpg')}\r\n".encode())
     with pytest.raises(DataError, match="crlf.jsonl:4, item 2: image file not found"):
         load_dataset(lines)
+
+
+def test_clmlf_split_file_that_is_not_json(tmp_path: Path) -> None:
+    (tmp_path / "mvsa" / "splits").mkdir(parents=True)
+    (tmp_path / "mvsa" / "splits" / "train.json").write_text('[{"id": "1"')
+    with pytest.raises(DataError, match="train.json: not a JSON split file"):
+        read_mvsa(tmp_path / "mvsa")

@@ -143,7 +143,10 @@ def _read_clmlf(root: Path, pairs: _Pairs) -> tuple[int, dict[str, list[str]]]:
     total = 0
     for split, fname in (("train", "train.json"), ("val", "dev.json"), ("test", "test.json")):
         path = root / "splits" / fname
-        rows = json.loads(path.read_bytes().decode("utf-8-sig")) if path.is_file() else []
+        try:
+            rows = json.loads(path.read_bytes().decode("utf-8-sig")) if path.is_file() else []
+        except (ValueError, UnicodeDecodeError) as e:  # the whole file is unreadable: nothing to skip to
+            raise DataError(f"not a JSON split file ({e})", source=str(path)) from None
         if not isinstance(rows, list):
             raise DataError(f"expected a JSON list of rows, got a {type(rows).__name__}", source=str(path))
         splits[split] = []

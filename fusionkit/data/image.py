@@ -205,8 +205,13 @@ def preprocess_image(src: ImageSource, preprocess: ImagePreprocess, **load_kw: o
     th, tw = preprocess.size
     side = math.ceil(max(th, tw) / preprocess.crop_pct)  # square: EXIF rotation may swap the axes
     im = load_image(src, draft_size=(side, side), **load_kw)  # type: ignore[arg-type]
-    scale = max(th / im.height, tw / im.width) / preprocess.crop_pct  # output px per source px
-    bw, bh = min(im.width, tw / scale), min(im.height, th / scale)  # the crop in source pixels (min: fp)
-    left, top = (im.width - bw) / 2, (im.height - bh) / 2
-    im = im.resize((tw, th), resample, box=(left, top, left + bw, top + bh), reducing_gap=3.0)
+    scale = max(th / im.height, tw / im.width) / preprocess.crop_pct
+    rh, rw = max(th, round(im.height * scale)), max(tw, round(im.width * scale))  # the whole image, scaled
+    top, left = (rh - th) // 2, (rw - tw) // 2  # the crop, in scaled pixels
+    if (rw, rh) == im.size:
+        im = im.crop((left, top, left + tw, top + th))
+    else:  # the same pixels as resizing the whole image then cropping, computed for the crop only
+        sx, sy = rw / im.width, rh / im.height
+        box = (left / sx, top / sy, min(im.width, (left + tw) / sx), min(im.height, (top + th) / sy))
+        im = im.resize((tw, th), resample, box=box, reducing_gap=3.0)
     return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))

@@ -727,3 +727,9 @@ def test_clmlf_split_file_that_is_not_json(tmp_path: Path) -> None:
     (tmp_path / "mvsa" / "splits" / "train.json").write_text('[{"id": "1"')
     with pytest.raises(DataError, match="train.json: not a JSON split file"):
         read_mvsa(tmp_path / "mvsa")
+
+
+def test_corrupt_parquet_is_a_data_error(tmp_path: Path) -> None:
+    (tmp_path / "t.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="t.parquet: not a readable Parquet file"):
+        load_dataset(tmp_path / "t.parquet")

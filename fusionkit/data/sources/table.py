@@ -161,7 +161,11 @@ def read_table(source: str | Path | Any, **options: Any) -> MultimodalDataset:
     if fmt == "parquet":
         import pandas as pd
 
-        columns, rows = _frame_rows(pd.read_parquet(path), str(path))
+        try:
+            frame = pd.read_parquet(path)
+        except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"not a readable Parquet file ({e})", source=str(path)) from None
+        columns, rows = _frame_rows(frame, str(path))
     else:
         # surrogateescape keeps undecodable bytes visible per row instead of failing the whole file.
         text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")

@@ -77,6 +77,7 @@ def test_binary_eps_and_lazily_opened_pil_eps_are_refused(
     assert lazy.format == "EPS"
     with pytest.raises(DataError, match="EPS images are not decoded"):
         load_image(lazy)
+    assert MultimodalDataset([Example("e", "t", lazy, {})], {}).fingerprint  # a cache key never loads it
     assert no_ghostscript == []
 
 

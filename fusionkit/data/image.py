@@ -102,8 +102,14 @@ def image_digest(src: ImageSource | None) -> bytes:
         return b"<no image>"
     if isinstance(src, bytes):
         return hashlib.sha256(src).digest()
-    if isinstance(src, Image.Image):
-        return hashlib.sha256(f"{src.mode}|{src.size}|".encode() + src.tobytes()).digest()
+    if isinstance(src, Image.Image):  # maybe lazily opened: the same guards as decoding before tobytes()
+        try:
+            _check_shape(_open(src), MAX_IMAGE_PIXELS, _describe(src))
+            return hashlib.sha256(f"{src.mode}|{src.size}|".encode() + src.tobytes()).digest()
+        except MemoryError:
+            raise
+        except Exception:  # refused or undecodable: the build reports it per item
+            return b"<bad image>"
     try:
         st = os.stat(src)
     except (OSError, ValueError):  # missing, or a NUL in the path: the build reports it per item

@@ -733,3 +733,13 @@ def test_corrupt_parquet_is_a_data_error(tmp_path: Path) -> None:
     (tmp_path / "t.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(DataError, match="t.parquet: not a readable Parquet file"):
         load_dataset(tmp_path / "t.parquet")
+
+
+def test_duplicate_id_names_both_rows(folder: Path) -> None:
+    path = folder / "dup-ids.csv"
+    path.write_text("id,text,image\na,one,img/0.jpg\nb,two,img/1.jpg\na,three,img/2.jpg\n")
+    with pytest.raises(
+        DataError, match=r"dup-ids.csv:4, item a: duplicate id 'a'. .*first appears at .*dup-ids.csv:2"
+    ):
+        load_dataset(path)
+    assert [ex.text for ex in load_dataset(path, on_error="skip")] == ["one", "two"]

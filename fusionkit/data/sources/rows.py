@@ -264,20 +264,15 @@ class RowReader:
 
     def finish(self, examples: list[Example], total: int) -> tuple[list[Example], Path | None]:
         """Drop duplicate ids (first wins; an error under "raise"), log truncations, write the report."""
-        seen: set[str] = set()
+        first: dict[str, str] = {}  # id -> where it first appeared
         kept = []
         for ex in examples:
-            if ex.id in seen:
-                self.skips(
-                    DataError(
-                        f"duplicate id {ex.id!r}",
-                        source=self.skips.what,
-                        item=ex.id,
-                        hint="ids must be unique",
-                    )
-                )
+            where = ex.meta["source"]
+            if ex.id in first:
+                hint = f"ids must be unique; {ex.id!r} first appears at {first[ex.id]}"
+                self.skips(DataError(f"duplicate id {ex.id!r}", source=where, item=ex.id, hint=hint))
                 continue
-            seen.add(ex.id)
+            first[ex.id] = where
             kept.append(ex)
         if self.truncated:
             log.warning("%s: %d captions longer than the cap were truncated", self.skips.what, self.truncated)

@@ -153,7 +153,7 @@ def test_load_dataset_dispatch(folder: Path) -> None:
     assert load_dataset(ds, text_column="whatever") is ds  # returned unchanged
     assert set(SOURCES) >= {"table", "hf", "mvsa", "synthetic"}
     (folder / "x.txt").write_text("hello")
-    with pytest.raises(ValueError, match="not a .csv/.jsonl/.parquet table"):
+    with pytest.raises(ValueError, match="not a .csv/.tsv/.jsonl/.parquet table"):
         load_dataset(folder / "x.txt")
     with pytest.raises(TypeError, match="cannot read a int"):
         load_dataset(3)
@@ -743,3 +743,15 @@ def test_duplicate_id_names_both_rows(folder: Path) -> None:
     ):
         load_dataset(path)
     assert [ex.text for ex in load_dataset(path, on_error="skip")] == ["one", "two"]
+
+
+def test_tsv_reads_like_csv(folder: Path) -> None:
+    path = folder / "t.tsv"
+    path.write_text(
+        'id\tcaption\tphoto\tmood\nt1\thi, there\timg/0.jpg\tpositive\nt2\t"two\nlines"\timg/1.jpg\t\n'
+    )
+    ds = load_dataset(path, **COLUMNS)
+    assert [ex.text for ex in ds] == ["hi, there", "two\nlines"] and [ex.labels["mood"] for ex in ds] == [
+        "positive",
+        None,
+    ]

@@ -37,7 +37,7 @@ def register_source(name: str, accepts: Callable[[Any], bool]) -> Callable[[Read
 def load_dataset(spec: Any, **options: Any) -> MultimodalDataset:
     """Any supported data as a `MultimodalDataset` with raw labels.
 
-    `spec`: "synthetic" / "synthetic:N"; a path (str or Path) to a .csv/.jsonl/.parquet file, an MVSA folder or a
+    `spec`: "synthetic" / "synthetic:N"; a path (str or Path) to a .csv/.tsv/.jsonl/.parquet file, an MVSA folder or a
     Hugging Face `save_to_disk` folder; a pandas DataFrame; a `datasets.Dataset` / `DatasetDict`;
     or a `MultimodalDataset`, returned unchanged (the options are then not used). `options` are the
     same for every source: see `fusionkit.data.sources.ReadOptions`.
@@ -56,7 +56,7 @@ def load_dataset(spec: Any, **options: Any) -> MultimodalDataset:
         spec, source = path, _find(path)
         if source is None:
             raise ValueError(
-                f"{path}: not a .csv/.jsonl/.parquet table, an MVSA folder or a saved Hugging Face dataset"
+                f"{path}: not a .csv/.tsv/.jsonl/.parquet table, an MVSA folder or a saved Hugging Face dataset"
             )
     if source is None:
         raise TypeError(

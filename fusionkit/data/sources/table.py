@@ -17,6 +17,7 @@ from fusionkit.data.sources.rows import ReadOptions, RowReader, require_column
 
 TABLE_SUFFIXES = {
     ".csv": "csv",
+    ".tsv": "tsv",
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
     ".parquet": "parquet",
@@ -26,12 +27,12 @@ TABLE_SUFFIXES = {
 Row = tuple[str, int, Mapping[str, Any] | DataError]  # (location, row number, cells or the row's error)
 
 
-def _csv_rows(path: Path, text: str) -> tuple[list[str], Iterator[Row]]:
+def _csv_rows(path: Path, text: str, delimiter: str = ",") -> tuple[list[str], Iterator[Row]]:
     """Header and records; a record names its physical lines (captions may span lines)."""
     # csv's default 128 KiB field limit would reject a whole file for one huge caption; captions
     # are capped to MAX_TEXT_CHARS instead. (The limit is process-wide; we only raise it.)
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 26))
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = [h.strip() for h in next(reader)]
     except StopIteration:
@@ -55,7 +56,7 @@ def _csv_rows(path: Path, text: str) -> tuple[list[str], Iterator[Row]]:
                     DataError(
                         f"row has {len(cells)} fields but the header has {len(header)}",
                         source=where,
-                        hint="quote fields that contain the delimiter (a comma in a caption)",
+                        hint=f"quote fields that contain the delimiter {delimiter!r} (e.g. in a caption)",
                     ),
                 )
             else:
@@ -135,7 +136,7 @@ def _is_table_file(obj: Any) -> bool:
 
 @register_source("table", lambda obj: _is_dataframe(obj) or _is_table_file(obj))
 def read_table(source: str | Path | Any, **options: Any) -> MultimodalDataset:
-    """A CSV, JSONL or Parquet file, or a pandas DataFrame: one row per image-caption pair.
+    """A CSV, TSV, JSONL or Parquet file, or a pandas DataFrame: one row per image-caption pair.
 
     Options: see `ReadOptions`. Image paths are relative to the file's folder (a DataFrame: to
     `image_root`, default the working directory); an image cell may also hold bytes, a PIL image or
@@ -169,5 +170,8 @@ def read_table(source: str | Path | Any, **options: Any) -> MultimodalDataset:
     else:
         # surrogateescape keeps undecodable bytes visible per row instead of failing the whole file.
         text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
-        columns, rows = _csv_rows(path, text) if fmt == "csv" else _jsonl_rows(path, text)
+        if fmt == "jsonl":
+            columns, rows = _jsonl_rows(path, text)
+        else:
+            columns, rows = _csv_rows(path, text, "\t" if fmt == "tsv" else ",")
     return _read_rows(columns, rows, opts, rr, path.stem, str(path))

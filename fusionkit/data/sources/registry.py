@@ -37,10 +37,10 @@ def register_source(name: str, accepts: Callable[[Any], bool]) -> Callable[[Read
 def load_dataset(spec: Any, **options: Any) -> MultimodalDataset:
     """Any supported data as a `MultimodalDataset` with raw labels.
 
-    `spec`: "synthetic" / "synthetic:N"; a path (str or Path) to a .csv/.tsv/.jsonl/.parquet file, an MVSA folder or a
-    Hugging Face `save_to_disk` folder; a pandas DataFrame; a `datasets.Dataset` / `DatasetDict`;
-    or a `MultimodalDataset`, returned unchanged (the options are then not used). `options` are the
-    same for every source: see `fusionkit.data.sources.ReadOptions`.
+    `spec`: "synthetic" / "synthetic:N"; a path (str or Path) to a .csv/.tsv/.jsonl/.parquet file,
+    an MVSA folder or a Hugging Face `save_to_disk` folder; a pandas DataFrame; a `datasets.Dataset`
+    / `DatasetDict`; or a `MultimodalDataset`, returned unchanged (the options are then not used).
+    `options` are the same for every source: see `fusionkit.data.sources.ReadOptions`.
     """
     from fusionkit.data import sources  # noqa: F401  (registers the built-in sources)
 

@@ -755,3 +755,46 @@ def test_tsv_reads_like_csv(folder: Path) -> None:
         "positive",
         None,
     ]
+
+
+@settings(**SETTINGS)
+@given(text=st.text(max_size=40), bom=st.booleans(), gb=st.booleans())
+def test_mvsa_caption_files_round_trip(
+    text: str, bom: bool, gb: bool, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A caption file in UTF-8 (with or without BOM) or GB18030 reads back as its stripped text."""
+    root = _mvsa(tmp_path_factory.mktemp("cap"), {"1": "positive,positive"})
+    try:
+        raw = text.encode("gb18030") if gb else ("\ufeff" if bom else "").encode() + text.encode()
+    except UnicodeEncodeError:
+        return
+    (root / "data" / "1.txt").write_bytes(raw)
+    try:
+        ds = read_mvsa(root, missing_text="keep")
+    except DataError as e:  # GB18030 bytes may be invalid UTF-8 *and* ambiguous: only this error is allowed
+        assert gb and "neither UTF-8 nor gb18030" in str(e)
+        return
+    decoded = raw.decode("utf-8-sig") if not gb or _is_utf8(raw) else raw.decode("gb18030")
+    assert ds[0].text == (decoded.strip()[:MAX_TEXT_CHARS] or None)
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_huge_caption_is_capped_in_every_source(kind: str, folder: Path) -> None:
+    rows = [{"id": "big", "caption": "word " * 10_000, "photo": "img/0.jpg"}]
+    assert len(_read(kind, rows, folder)[0].text) == MAX_TEXT_CHARS
+
+
+def test_ids_are_stripped(folder: Path) -> None:
+    rows = [
+        {"id": " 7 ", "caption": "a", "photo": "img/0.jpg"},
+        {"id": "\t", "caption": "b", "photo": "img/1.jpg"},
+    ]
+    assert _read("csv", rows, folder).ids == ["7", "2"]

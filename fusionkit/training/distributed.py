@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from ..config import ConfigError
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # run.report_to: Accelerate's experiment trackers
 
 
 def is_distributed() -> bool:
@@ -110,6 +115,15 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     return bool(t.item())
 
 
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The mean of `t` across ranks (e.g. the logged train loss of the global batch)."""
+    if not is_distributed():
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """`obj` as rank `src` has it, on every rank (e.g. rank 0's early-stopping decision)."""
     if not is_distributed():
@@ -186,3 +200,30 @@ def gather_inference(result: dict[str, Any]) -> dict[str, Any]:
     if "loss_n" in result:
         merged["loss_n"] = total
     return merged
+
+
+def make_accelerator(device: torch.device, report_to: Sequence[str], logging_dir: Path) -> Any:
+    """An `accelerate.Accelerator` where one is needed (several processes or experiment trackers), else None.
+
+    Accelerate wraps the model in DDP (`prepare_model`) and runs the trackers; precision stays with
+    `fusionkit.precision` (mixed_precision="no" here), so the dtype chosen and logged is the one used.
+    One process with no trackers runs plain PyTorch and does not need Accelerate installed.
+    """
+    if not is_distributed() and not report_to:
+        return None
+    try:
+        import accelerate
+        import accelerate.utils as accelerate_utils
+    except ImportError as e:
+        raise ImportError(
+            "several processes and run.report_to train through Accelerate: pip install 'fusionkit[distributed]'"
+        ) from e
+    for name in report_to:
+        if name not in TRACKERS:
+            raise ConfigError(f"run.report_to: unknown tracker {name!r}; use any of {TRACKERS}")
+        if not getattr(accelerate_utils, f"is_{name}_available")():
+            raise ConfigError(
+                f"run.report_to {name!r}: the {name} package is not installed (pip install {name})"
+            )
+    return accelerate.Accelerator(cpu=device.type == "cpu", mixed_precision="no",
+                                  log_with=list(report_to) or None, project_dir=str(logging_dir))  # fmt: skip

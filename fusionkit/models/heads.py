@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import TaskConfig
+from ..config import ConfigError, TaskConfig
 from .fusion import masked_mean
 
 
@@ -63,6 +63,13 @@ class MultiTaskLoss(nn.Module):
 
         super().__init__()
         self.tasks = {t.name: create_task(t) for t in tasks}
+        for task in self.tasks.values():  # a task borrowing another's labels (supcon) needs a labelled one
+            source = self.tasks.get(task.label_source)
+            if task.label_source != task.name and (source is None or not source.needs_labels):
+                raise ConfigError(
+                    f"task {task.name!r} takes its labels from task {task.label_source!r}, which is not a "
+                    f"labelled task of this model; labelled tasks: {[n for n, t in self.tasks.items() if t.needs_labels]}"
+                )
         self.weighting = weighting
         if weighting == "uncertainty":
             self.log_vars = nn.Parameter(torch.zeros(len(tasks)))
@@ -109,7 +116,7 @@ class MultiTaskLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         labels, label_mask = labels or {}, label_mask or {}
         losses = {
-            name: task.loss(outputs[name], labels.get(name), label_mask.get(name))
+            name: task.loss(outputs[name], labels.get(task.label_source), label_mask.get(task.label_source))
             for name, task in self.tasks.items()
         }
         anchor = next((o for o in outputs.values() if o.requires_grad), next(iter(outputs.values()), None))

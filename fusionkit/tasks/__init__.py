@@ -9,6 +9,7 @@ metrics, predictions) then works on task names and encoded labels.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, TaskConfig
@@ -25,6 +26,7 @@ from .base import (
 from .classification import ClassificationTask
 from .multilabel import MultilabelTask
 from .regression import RegressionTask
+from .supcon import SupConTask
 
 __all__ = [
     "TASK_REGISTRY",
@@ -34,6 +36,7 @@ __all__ = [
     "ImageTextMatchingTask",
     "MultilabelTask",
     "RegressionTask",
+    "SupConTask",
     "Task",
     "bind_labels",
     "create_task",
@@ -51,18 +54,40 @@ def _columns(ds: Any) -> list[str]:
     return list(seen)
 
 
+def _row_source(ex: Any, default: str) -> str:
+    return ex.meta.get("source", default) if isinstance(ex.meta, dict) else default
+
+
 def bind_labels(
-    ds: Any, tasks: Sequence[TaskConfig], *, require_columns: bool = True
+    ds: Any,
+    tasks: Sequence[TaskConfig],
+    *,
+    require_columns: bool = True,
+    on_error: str = "raise",
+    report_path: str | Path | None = None,
 ) -> tuple[Any, list[TaskConfig]]:
     """(dataset with labels keyed by task name and encoded, task configs completed from the data).
 
     `require_columns=False` (prediction on new, unlabelled rows) treats an absent label column as
     all-missing instead of an error; class names must then come from the config (a saved model).
+    A row whose label cannot be encoded (outside a configured class list, not a number, infinite)
+    raises a `DataError` naming its file:row, or under `on_error="skip"` is left out and reported.
     """
     from ..data.dataset import Example, MultimodalDataset
+    from ..data.errors import DataError, SkipLog, check_policy
 
     columns = _columns(ds)
     where = getattr(ds, "name", "the data")
+    skips = SkipLog(check_policy(on_error), f"labels of {where}")
+    bad: set[str] = set()
+
+    def try_encode(task: Task, ex: Any) -> Any:
+        try:
+            return task.encode(ex.labels.get(task.column), _row_source(ex, where), ex.id)
+        except DataError as e:
+            skips(e)  # raises under "raise"
+            bad.add(ex.id)
+            return None
     resolved: list[TaskConfig] = []
     objects: list[Task] = []
     for cfg in tasks:
@@ -79,7 +104,10 @@ def bind_labels(
                     f"task {cfg.name!r} reads its labels from column {task.column!r}, which {where} does not "
                     f"have; its label columns are {columns}{hint}"
                 )
-            values = [ex.labels.get(task.column) for ex in ds] if present else []
+            if present and cfg.class_names:  # a fixed class list: a label outside it is a bad row
+                for ex in ds:
+                    try_encode(task, ex)
+            values = [ex.labels.get(task.column) for ex in ds if ex.id not in bad] if present else []
             cfg = task.resolve_schema(values, ds.label_names.get(task.column) or [], where)
             task = create_task(cfg)
         resolved.append(cfg)
@@ -87,9 +115,10 @@ def bind_labels(
     labelled = [t for t in objects if t.needs_labels]
     examples = []
     for ex in ds:
-        src = ex.meta.get("source", where) if isinstance(ex.meta, dict) else where
-        labels = {t.name: t.encode(ex.labels.get(t.column), src, ex.id) for t in labelled}
-        examples.append(Example(ex.id, ex.text, ex.image, labels, ex.meta))
+        labels = {t.name: try_encode(t, ex) for t in labelled} if ex.id not in bad else {}
+        if ex.id not in bad:
+            examples.append(Example(ex.id, ex.text, ex.image, labels, ex.meta))
+    skips.finish(report_path, len(ds))
     bound = MultimodalDataset(
         examples,
         {t.name: list(t.class_names or []) for t in labelled},

@@ -102,6 +102,11 @@ class Task:
         return self.cfg.label_column
 
     @property
+    def label_source(self) -> str:
+        """The task whose collated labels `loss` receives: its own; auxiliary tasks (supcon) borrow another's."""
+        return self.name
+
+    @property
     def class_names(self) -> list[str] | None:
         return self.cfg.class_names
 

@@ -257,6 +257,7 @@ def test_feature_cache_carries_presence_and_encodes_only_present_sides(tmp_path:
     feats = build_features(model, data, tmp_path / "cache", batch_size=8, progress=False)
     assert seen == {"text": [2], "image": [2]}  # one batch; the missing side of a row never encoded
     assert isinstance(feats, FeatureDataset) and feats.ids == data.ids
+    assert feats.fingerprint == data.fingerprint == _ragged_dataset(tmp_path).fingerprint
     items = [feats[i] for i in range(len(feats))]
     assert [(it["has_text"], it["has_image"]) for it in items] == [(True, True), (False, True), (True, False)]
     assert items[1]["text_features"].abs().sum() == 0 and items[2]["image_features"].abs().sum() == 0

@@ -87,6 +87,7 @@ class CachedDataset(torch.utils.data.Dataset):
         self.label_names: dict[str, list[str]] = meta["label_names"]
         self.task_types: dict[str, str] = meta["task_types"]
         self.image_size: tuple[int, int] = tuple(meta["image_size"])  # type: ignore[assignment]
+        self.fingerprint: str = meta["fingerprint"]  # of the dataset it was built from (run dirs record it)
         report = self.path / "skipped.jsonl"
         self.skip_report = report if report.is_file() else None
         self.skipped: list[dict[str, Any]] = meta["skipped"]  # rows left out, with the error of each

@@ -63,6 +63,7 @@ class FeatureDataset(torch.utils.data.Dataset):
         self.labels: list[Any] = meta["labels"]  # opaque JSON per row
         self.label_names: dict[str, list[str]] = meta["label_names"]
         self.task_types: dict[str, str] = meta["task_types"]
+        self.fingerprint: str | None = meta.get("fingerprint")  # of the data the features were computed from
         self._text = store.ragged("text")
         self._image = store.array("image")
         self._has_text = store.array("has_text")
@@ -174,6 +175,7 @@ def build_features(
         return {
             "version": FEATURES_VERSION,
             "data": data.path.name,
+            "fingerprint": data.fingerprint,
             "encoders": encoders,
             "ids": data.ids,
             "labels": _extract(model, data, out, batch_size, progress),

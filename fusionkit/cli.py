@@ -1,4 +1,4 @@
-"""`fusionkit train | eval | predict | embed`.
+"""`fusionkit train | eval | predict | embed | export`.
 
 `fusionkit train` with no arguments trains the tiny preset on the built-in synthetic dataset (about
 two minutes on 2 CPU cores). Any config key can be overridden as `--section.key value`, e.g.
@@ -92,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument("--shard-size", type=int, help="rows per shard when --output is a directory (default 10000)")
     em.add_argument("--precision", choices=PRECISIONS, default="auto",
                     help="auto: bf16 on GPUs and CPUs with bf16 units, else fp32")  # fmt: skip
+    ex = sub.add_parser("export", help="ONNX graphs of a model (fp32, optionally int8), checked against PyTorch")
+    ex.add_argument("checkpoint", help="model dir, run dir (uses its best/ checkpoint) or hub id")
+    ex.add_argument("--format", choices=("onnx",), default="onnx")
+    ex.add_argument("--int8", action="store_true", help="also write int8 (dynamic quantization) graphs")
+    ex.add_argument("--output", required=True, help="directory for the .onnx files, export.json and the processor")
+    ex.add_argument("--parts", default="model,encode,encode_text,encode_image",
+                    help="comma-separated graphs to export (default: all four)")  # fmt: skip
     return p
 
 
@@ -324,6 +331,29 @@ def _inside(path: Path, folder: Path) -> bool:
     return path.resolve().is_relative_to(folder.resolve())
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import PARTS, export_onnx, missing_export_packages
+    from .models import FusionModel
+
+    if missing_export_packages():
+        raise ConfigError(f"export needs {missing_export_packages()}: pip install 'fusionkit[export]'")
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise ConfigError(f"--parts {args.parts!r}: choose from {','.join(PARTS)}")
+    out, ckpt = Path(args.output).expanduser().resolve(), Path(args.checkpoint).expanduser().resolve()
+    if ckpt.exists() and (out == ckpt or ckpt in out.parents or out in ckpt.parents):
+        raise ConfigError(f"--output {args.output} overlaps the model at {args.checkpoint}; write somewhere else")
+    model = FusionModel.from_pretrained(args.checkpoint)
+    report = export_onnx(model, out, parts=parts, int8=args.int8)
+    for kinds in report["parts"].values():
+        for kind, entry in kinds.items():
+            d = entry["parity"]
+            print(f"{out / entry['file']}: max |diff| vs PyTorch {d['max_abs_diff']:.2e}, "
+                  f"min cosine {d['min_cosine']:.5f} ({kind})")  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fusionkit` command; returns the exit status."""
     from .data import DataError
@@ -336,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args, extra)
         if extra:
             raise ConfigError(f"unexpected arguments {extra}")
+        if args.command == "export":
+            return _export(args)
         _check_output(args)
         return {"eval": _eval, "predict": _predict, "embed": _embed}[args.command](args)
     except TrainingInterrupted as e:

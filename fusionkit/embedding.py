@@ -175,7 +175,10 @@ def embed(
     total = next((len(s) for s in (texts, images) if hasattr(s, "__len__")), None)  # type: ignore[arg-type]
     was_training = model.training
     model.eval()
-    runner = _compiled(model) if compile else model
+    if compile:
+        from .export import compile_model
+
+        compile_model(model)
     out: dict[str, list[np.ndarray]] = {m: [] for m in mods}
     out_ids: list[str] = []
     bar = tqdm(total=total, desc="embed", unit="pair", disable=None if progress is None else not progress)
@@ -185,7 +188,7 @@ def embed(
                 (texts, images, ids if want_ids else None), batch_size
             ):
                 inputs = processor(texts=text_batch, images=image_batch, device=dev)
-                for name, vec in _vectors(runner, inputs, mods).items():
+                for name, vec in _vectors(model, inputs, mods).items():
                     vec = F.normalize(vec.float(), dim=-1) if normalize else vec.float()
                     if name in PRESENCE:  # no caption (image): no text (image) vector
                         vec = vec.masked_fill(~inputs[PRESENCE[name]][:, None], float("nan"))
@@ -201,11 +204,3 @@ def embed(
     result: Any = arrays if modalities is not None and not isinstance(modalities, str) else arrays[mods[0]]
     return (result, out_ids) if want_ids else result
 
-
-def _compiled(model: FusionModel) -> FusionModel:
-    """The model with its two encoders compiled (dynamic batch and sequence length), cached on it."""
-    if not getattr(model, "_fusionkit_compiled", False):
-        for encoder in (model.text_encoder, model.image_encoder):
-            encoder.forward = torch.compile(encoder.forward, dynamic=True)  # type: ignore[method-assign]
-        model._fusionkit_compiled = True  # type: ignore[attr-defined]
-    return model

@@ -1,0 +1,280 @@
+"""Deployment: ONNX export (fp32 / int8) with a parity check, int8 dynamic quantization, torch.compile.
+
+    from fusionkit.export import export_onnx, OnnxModel, quantize_dynamic
+    report = export_onnx(model, "export/")                  # model.onnx, encode*.onnx + processor files
+    session = OnnxModel("export/encode.onnx")
+    vectors = session(**processor(texts, images))["vectors"]
+    int8_model = quantize_dynamic(model)                    # nn.Linear -> int8 weights, PyTorch CPU
+
+Graphs (each with dynamic batch and, for text, sequence axes; the image size is fixed by the encoder):
+- `model.onnx`: input_ids, attention_mask, pixel_values -> one `logits_<task>` per labelled task
+  (ITM/contrastive outputs compare a batch with itself and are left out);
+- `encode.onnx` (joint), `encode_text.onnx`, `encode_image.onnx` -> `vectors` [B, dim].
+The graphs take complete pairs: rows with a missing caption or image need the PyTorch model, which
+swaps in its learned placeholders with data-dependent control flow that ONNX graphs do not carry.
+
+Exporter: `torch.onnx.export(dynamo=True)` (torch.export + onnxscript). The legacy TorchScript
+tracer bakes the example's sequence length into the attention masks of transformers 5 models and
+gives wrong outputs for other lengths, so it is not used. `pip install fusionkit[export]`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .models import FusionModel
+
+log = logging.getLogger("fusionkit.export")
+
+PARTS = ("model", "encode", "encode_text", "encode_image")
+_TEXT_INPUTS = ("input_ids", "attention_mask")
+# Parity tolerances against the PyTorch fp32 model, measured on random tiny models and on
+# MiniLM-L6 + DINOv2-S (benchmarks/inference.py): fp32 graphs agree to ~1e-6; int8 weights move
+# normalized embeddings by up to a few 1e-2, so int8 is held to a cosine similarity instead.
+FP32_ATOL = 1e-4
+INT8_MIN_COSINE = 0.98
+
+
+def missing_export_packages() -> list[str]:
+    """The packages of the `export` extra that are not installed."""
+    import importlib.util
+
+    return [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+
+
+def _require_onnx() -> None:
+    if missing := missing_export_packages():
+        raise ImportError(f"ONNX export needs {missing}: pip install 'fusionkit[export]'")
+
+
+class _Part(nn.Module):
+    """One exportable entry point of a `FusionModel` with positional tensor inputs."""
+
+    def __init__(self, model: FusionModel, part: str, normalize: bool) -> None:
+        super().__init__()
+        self.model, self.part, self.normalize = model, part, normalize
+        self.tasks = [name for name, task in model.tasks.items() if getattr(task, "needs_labels", True)]
+
+    @property
+    def input_names(self) -> list[str]:
+        return {
+            "model": [*_TEXT_INPUTS, "pixel_values"],
+            "encode": [*_TEXT_INPUTS, "pixel_values"],
+            "encode_text": list(_TEXT_INPUTS),
+            "encode_image": ["pixel_values"],
+        }[self.part]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [f"logits_{t}" for t in self.tasks] if self.part == "model" else ["vectors"]
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        kw = dict(zip(self.input_names, inputs))
+        if self.part == "model":
+            out = self.model(**kw)
+            return tuple(out[t] for t in self.tasks)
+        if self.part == "encode":
+            return (self.model.encode(normalize=self.normalize, **kw),)
+        if self.part == "encode_text":
+            return (self.model.encode_text(kw["input_ids"], kw["attention_mask"], normalize=self.normalize),)
+        return (self.model.encode_image(kw["pixel_values"], normalize=self.normalize),)
+
+
+def example_inputs(
+    model: FusionModel, batch: int = 2, seq: int = 8, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Random valid inputs (token ids in the vocabulary, ragged attention masks, normalized-scale pixels)."""
+    g = torch.Generator().manual_seed(seed)
+    seq = min(seq, model.config.text.max_length)
+    vocab = int(getattr(model.text_encoder.model.config, "vocab_size", 100))
+    ids = torch.randint(5, vocab, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    for row in range(1, batch):  # ragged lengths: padding must be handled by the graph, not baked in
+        mask[row, max(1, seq - 2 * row) :] = 0
+    h, w = model.image_preprocess.size
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values": torch.randn(batch, 3, h, w, generator=g),
+    }
+
+
+def _dynamic_shapes(names: Sequence[str]) -> dict[str, dict[int, Any]]:
+    from torch.export import Dim
+
+    batch, seq = Dim("batch", min=1, max=4096), Dim("sequence", min=1, max=8192)
+    return {n: ({0: batch, 1: seq} if n in _TEXT_INPUTS else {0: batch}) for n in names}
+
+
+def export_part(model: FusionModel, part: str, path: str | Path, normalize: bool = True) -> Path:
+    """Export one entry point (`PARTS`) of an eval-mode copy-free model to `path` (.onnx)."""
+    _require_onnx()
+    if part not in PARTS:
+        raise ValueError(f"unknown part {part!r}; choose from {PARTS}")
+    wrapper = _Part(model, part, normalize).eval()
+    if part == "model" and not wrapper.tasks:
+        raise ValueError("the model has no labelled task to export logits for; export the encode parts")
+    inputs = example_inputs(model)
+    args = tuple(inputs[n] for n in wrapper.input_names)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            wrapper,
+            args,
+            dynamo=True,
+            input_names=wrapper.input_names,
+            output_names=wrapper.output_names,
+            dynamic_shapes=(tuple(_dynamic_shapes(wrapper.input_names).values()),),  # forward(*inputs)
+            optimize=True,
+            verbose=False,
+        )
+    program.save(str(path))
+    return path
+
+
+def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
+    """int8 dynamic quantization of an ONNX graph's MatMul/Gemm weights (activations quantized per batch)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    return Path(dst)
+
+
+class OnnxModel:
+    """An ONNX Runtime session that takes the processor's tensors and returns `{output name: array}`."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, **inputs: Any) -> dict[str, np.ndarray]:
+        missing = [n for n in self.input_names if n not in inputs]
+        if missing:
+            raise ValueError(f"{self.path.name} needs inputs {self.input_names}; missing {missing}")
+        feed = {n: _numpy(inputs[n]) for n in self.input_names}
+        return dict(zip(self.output_names, self.session.run(None, feed)))
+
+
+def _numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def parity(
+    model: FusionModel, onnx_model: OnnxModel, part: str, normalize: bool = True, seed: int = 1
+) -> dict[str, float]:
+    """Max abs difference and min cosine of `onnx_model` vs PyTorch on inputs of new batch/sequence sizes."""
+    wrapper = _Part(model, part, normalize).eval()
+    inputs = example_inputs(model, batch=3, seq=13, seed=seed)
+    with torch.no_grad():
+        expected = [t.float().numpy() for t in wrapper(*(inputs[n] for n in wrapper.input_names))]
+    got = onnx_model(**inputs)
+    diffs, cosines = [], []
+    for name, ref in zip(wrapper.output_names, expected):
+        out = got[name].astype(np.float32)
+        diffs.append(float(np.abs(out - ref).max()))
+        a, b = out.reshape(len(out), -1), ref.reshape(len(ref), -1)
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+        cosines.append(float(cos.min()))
+    return {"max_abs_diff": max(diffs), "min_cosine": min(cosines)}
+
+
+def export_onnx(
+    model: FusionModel,
+    output_dir: str | Path,
+    parts: Sequence[str] = PARTS,
+    int8: bool = False,
+    normalize: bool = True,
+    check: bool = True,
+) -> dict[str, Any]:
+    """Export `parts` to `output_dir/<part>.onnx` (+ `<part>.int8.onnx`), save the processor beside them,
+    check parity against PyTorch and write `export.json` (files, inputs, outputs, measured parity).
+
+    Raises if an fp32 graph differs from PyTorch by more than `FP32_ATOL` (or an int8 graph's
+    cosine falls under `INT8_MIN_COSINE`): a broken export fails here, not in production.
+    """
+    from .processor import FusionProcessor
+
+    _require_onnx()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    report: dict[str, Any] = {"normalize": normalize, "parts": {}}
+    try:
+        for part in parts:
+            files = {"fp32": export_part(model, part, out / f"{part}.onnx", normalize)}
+            if int8:
+                files["int8"] = quantize_onnx(files["fp32"], out / f"{part}.int8.onnx")
+            entry: dict[str, Any] = {}
+            for kind, path in files.items():
+                session = OnnxModel(path)
+                entry[kind] = {
+                    "file": path.name,
+                    "inputs": session.input_names,
+                    "outputs": session.output_names,
+                }
+                if check:
+                    entry[kind]["parity"] = result = parity(model, session, part, normalize)
+                    _check(part, kind, result)
+            report["parts"][part] = entry
+            log.info("exported %s: %s", part, entry)
+    finally:
+        model.train(was_training)
+    FusionProcessor.from_model(model).save_pretrained(out)
+    (out / "export.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _check(part: str, kind: str, result: Mapping[str, float]) -> None:
+    if kind == "fp32" and result["max_abs_diff"] > FP32_ATOL:
+        raise ValueError(f"{part}.onnx differs from PyTorch by {result['max_abs_diff']:.2e} > {FP32_ATOL}")
+    if kind == "int8" and result["min_cosine"] < INT8_MIN_COSINE:
+        raise ValueError(
+            f"{part}.int8.onnx cosine to PyTorch {result['min_cosine']:.4f} < {INT8_MIN_COSINE}"
+        )
+
+
+def quantize_dynamic(model: FusionModel) -> FusionModel:
+    """A copy of `model` with every `nn.Linear` in int8 (weights static, activations per batch), for CPU.
+
+    Uses `torch.ao.quantization.quantize_dynamic` (deprecated in favour of torchao, still shipped);
+    the copy is for inference only.
+    """
+    import copy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8
+        )
+    return quantized
+
+
+def compile_model(model: FusionModel, dynamic: bool = True) -> FusionModel:
+    """Compile the two encoders (most of the compute) in place with `torch.compile`; returns the model.
+
+    `dynamic=True`: one graph for every batch size and sequence length (no recompiling per batch).
+    """
+    for encoder in (model.text_encoder, model.image_encoder):
+        if not getattr(encoder, "_fusionkit_compiled", False):
+            encoder.forward = torch.compile(encoder.forward, dynamic=dynamic)  # type: ignore[method-assign]
+            encoder._fusionkit_compiled = True  # type: ignore[attr-defined]
+    return model

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 import tracemalloc
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import EpsImagePlugin, Image, ImageFile
 
+import fusionkit.data.cache as cache_mod
 import fusionkit.data.image as image_mod
 from fusionkit.config import ImagePreprocess
 from fusionkit.data import DataError, Example, MultimodalDataset, build_cache, load_image, preprocess_image
@@ -210,6 +212,22 @@ def test_interpreter_failures_are_not_swallowed_by_skip(
     with pytest.raises(type(exc)):
         build_cache(ds, tiny_tokenizer(), PRE, tmp_path / "cache", num_proc=1, on_error="skip")
     assert list((tmp_path / "cache").iterdir()) == []  # and the interrupted build left nothing
+
+
+def test_decoder_crashing_its_process_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = cache_mod.preprocess_image
+    monkeypatch.setattr(  # forked workers inherit the patch: item 100 kills its process like a segfault
+        cache_mod,
+        "preprocess_image",
+        lambda src, pre: os._exit(139) if src.size == (9, 9) else real(src, pre),
+    )
+    images = [Image.new("RGB", (9, 9) if i == 100 else (8, 8)) for i in range(130)]
+    ds = MultimodalDataset([Example(f"i{i}", "t", im, {}) for i, im in enumerate(images)], {}, name="crash")
+    with pytest.raises(RuntimeError, match="crashed a worker process at or after row (0|64)"):
+        build_cache(ds, tiny_tokenizer(), PRE, tmp_path / "cache", num_proc=2, on_error="skip")
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about the corrupt metadata it skips

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -141,8 +142,15 @@ def _decode_images(
         if workers > 1:
             with ProcessPoolExecutor(workers) as pool:
                 futures = [pool.submit(_decode_chunk, pixels_path, s, c, preprocess) for s, c in chunks]
-                for f, (_, c) in zip(futures, chunks):
-                    failures += f.result()
+                for f, (s, c) in zip(futures, chunks):
+                    try:
+                        failures += f.result()
+                    except BrokenProcessPool:  # a decoder took its process down (segfault, OOM kill)
+                        raise RuntimeError(
+                            f"an image decoder crashed a worker process at or after row {s} (item "
+                            f"{ds[s].id!r}); run with num_proc=1 under `python -X faulthandler` to find "
+                            "the file, then remove it"
+                        ) from None
                     bar.update(len(c))
         else:
             for s, c in chunks:

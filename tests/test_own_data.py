@@ -149,9 +149,15 @@ def test_class_order_reconciled_by_name_not_position() -> None:
     ds, [cfg] = bind_labels(_raw(["negative", "positive", "neutral"], ["negative", "neutral", "positive"]), [task])
     assert cfg.class_names == ["positive", "neutral", "negative"]
     assert [ex.labels["y"] for ex in ds] == [2, 0, 1]
-    # a data class the config does not know is an error naming both lists, never a silent remap
-    with pytest.raises(ConfigError, match="happy.*positive"):
+    # a data class the config does not know is an error naming the row and the classes, never a remap;
+    # under on_error="skip" that row is left out and reported
+    with pytest.raises(fusionkit.DataError, match="item 0.*happy.*positive"):
         bind_labels(_raw(["happy", "positive"]), [task])
+    kept, _ = bind_labels(_raw(["happy", "positive"]), [task], on_error="skip")
+    assert [ex.id for ex in kept] == ["1"] and kept[0].labels["y"] == 0
+    # the source declares classes the config lacks: a schema error listing both
+    with pytest.raises(ConfigError, match="declares classes.*class_names"):
+        bind_labels(_raw(["positive"], ["positive", "happy"]), [task])
     # declared order is used when the config has none; data strings sorted otherwise
     _, [cfg] = bind_labels(_raw(["b", "a"], ["b", "a", "c"]), [fusionkit.TaskConfig("y")])
     assert cfg.class_names == ["b", "a", "c"]

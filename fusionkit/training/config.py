@@ -32,6 +32,7 @@ class DataConfig:
     missing_text: str = "error"  # empty caption: "error" | "skip" the row | "keep" it image-only
     missing_image: str = "error"  # no image / file not found: "error" | "skip" | "keep" it text-only
     cache_dir: str | None = None  # tokenized/resized cache; default $FUSIONKIT_CACHE or ~/.cache/fusionkit
+    allow_new_rows: bool = False  # a reused split file missing some rows: error (default), or put them in train
     num_workers: int = 0
     num_proc: int = 1
     on_error: str = "raise"  # "raise" | "skip" bad items
@@ -54,6 +55,8 @@ class OptimConfig:
     warmup_ratio: float = 0.05
     min_lr_ratio: float = 0.0
     grad_clip: float | None = 1.0
+    # Evaluate, checkpoint and serve an exponential moving average of the weights (e.g. 0.999); None = off
+    ema_decay: float | None = None
 
 
 @dataclass
@@ -95,6 +98,10 @@ class TrainConfig:
                 f"and {self.optim.eval_batch_size}",
             ),
             (self.optim.accumulation_steps > 0, "optim.accumulation_steps must be positive"),
+            (
+                self.optim.ema_decay is None or 0 < self.optim.ema_decay < 1,
+                f"optim.ema_decay must be in (0, 1) or null (no EMA), got {self.optim.ema_decay}",
+            ),
             (
                 self.optim.epochs > 0 or (self.optim.max_steps or 0) > 0,
                 "optim.epochs or max_steps must be > 0",

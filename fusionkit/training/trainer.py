@@ -24,7 +24,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from ..models import FusionModel, create_model, model_inputs
 from ..tasks import bind_labels, create_task, fit_train_statistics
 from . import checkpoint as ckpt
 from .config import DataConfig, TrainConfig, build_config, check_max_length
+from .ema import ModelEMA, ema_applied
 from .feature_cache import FeatureCollator, build_features
 from .metrics import check_metric, default_metric, evaluation_metrics, higher_is_better, prediction_rows
 from .optim import build_optimizer, build_scheduler
@@ -283,6 +284,7 @@ class Trainer:
                 self.model, device_ids=[self.device] if self.device.type == "cuda" else None
             )
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.ema = ModelEMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None  # see ema.py
         accum = cfg.optim.accumulation_steps
         self.steps_per_epoch = math.ceil(self.train_sampler.num_batches() / accum)
         self.total_steps = cfg.optim.max_steps or cfg.optim.epochs * self.steps_per_epoch
@@ -294,6 +296,8 @@ class Trainer:
         self.bad_epochs = 0
         self.history: list[dict[str, Any]] = []
         self._stop_signal: int | None = None
+        # called with each epoch's history entry (val metrics) after its checkpoint, e.g. to prune a tuning trial
+        self.epoch_callbacks: list[Callable[[dict[str, Any]], None]] = []
         # train loss summed since the last log line: part of the state, so logs match across a resume
         self.running_loss, self.running_n = torch.zeros((), device=self.device), 0
 
@@ -307,7 +311,8 @@ class Trainer:
         source = cfg.data.dataset if data is None else data
         kw = reader_kwargs(cfg.data, cfg.model.tasks, report_path=self.run_dir / "skipped_rows.jsonl",
                            source=source)  # fmt: skip
-        ds, cfg.model.tasks = bind_labels(load_dataset(source, **kw), cfg.model.tasks)
+        ds, cfg.model.tasks = bind_labels(load_dataset(source, **kw), cfg.model.tasks, on_error=cfg.data.on_error,
+                                          report_path=self.run_dir / "skipped_labels.jsonl")  # fmt: skip
         if model is not None:
             for t in cfg.model.tasks:
                 if (t.num_classes or 0) != (model.tasks[t.name].num_classes or 0):
@@ -320,9 +325,8 @@ class Trainer:
         check_metric(self.metric, tasks)
         split_path = Path(cfg.data.split_file) if cfg.data.split_file else self.run_dir / "split.json"
         with self._main_first():
-            parts = split_dataset(
-                ds, cfg.data.split_ratios, cfg.run.seed, split_path if self.is_main else None
-            )
+            parts = split_dataset(ds, cfg.data.split_ratios, cfg.run.seed, split_path if self.is_main else None,
+                                  allow_new_rows=cfg.data.allow_new_rows)  # fmt: skip
         if cfg.data.split_file and self.is_main and split_path.is_file():
             (self.run_dir / "split.json").write_text(split_path.read_text())
         if "train" in parts and model is None:
@@ -437,12 +441,14 @@ class Trainer:
             "history": self.history,
             "running_loss": float(self.running_loss),
             "running_n": self.running_n,
+            **({"ema": self.ema.state_dict()} if self.ema else {}),  # the raw weights; the model file holds the EMA
         }
 
     def _save(self, best: bool = False) -> None:
         if self.is_main:
-            ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.state_dict(), best=best,
-                                 keep=self.cfg.run.keep_checkpoints)  # fmt: skip
+            with ema_applied(self.ema, self.model):  # the model file gets the EMA weights, the state the raw ones
+                ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.state_dict(), best=best,
+                                     keep=self.cfg.run.keep_checkpoints)  # fmt: skip
             write_jsonl(self.run_dir / "metrics.jsonl", self.history)
 
     def _load(self) -> None:
@@ -466,6 +472,8 @@ class Trainer:
         self.best, self.bad_epochs, self.history = state["best"], state["bad_epochs"], state["history"]
         self.running_loss.fill_(state["running_loss"])
         self.running_n = state["running_n"]
+        if self.ema is not None:
+            self.ema.load_state_dict(state.get("ema"), self.model)
         log.info("resumed from %s (epoch %d, step %d)", last, self.epoch, self.step)
 
     # ------------------------------------------------------------------ training
@@ -592,6 +600,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.model)
 
     def _end_epoch(self) -> None:
         self.epoch += 1
@@ -599,7 +609,8 @@ class Trainer:
         entry: dict[str, Any] = {"step": self.step, "epoch": self.epoch, "epoch_end": True}
         improved = False
         if "val" in self.datasets:
-            flat, _ = evaluation_metrics(self.model.tasks, self._infer("val"), "val")
+            with ema_applied(self.ema, self.model):
+                flat, _ = evaluation_metrics(self.model.tasks, self._infer("val"), "val")
             entry.update(flat)
             value = flat.get(self.metric)
             better = higher_is_better(self.metric)
@@ -619,6 +630,8 @@ class Trainer:
             improved = True  # no val split: the latest model is the best we know
         self.history.append(entry)
         self._save(best=improved)
+        for callback in self.epoch_callbacks:
+            callback(entry)
 
     def _infer(self, split: str) -> dict[str, Any]:
         return run_inference(

@@ -69,20 +69,25 @@ def bench_embed(device: torch.device, n: int, tmp: Path) -> dict[str, Any]:
 
 
 SCALING_WORKER = """
-import sys, time, torch
+import json, sys, time, torch
 from fusionkit.data import make_synthetic
 from fusionkit.embed_shards import embed_to_shards
 from fusionkit.models import create_model
+from fusionkit.training import distributed as D
 out, n = sys.argv[1], int(sys.argv[2])
 torch.manual_seed(0)
-model = create_model("tiny")
-embed_to_shards(model, make_synthetic(n, image_size=64), out, shard_size=256, batch_size=64,
-                precision="fp32", progress=False)
+model, data = create_model("tiny"), make_synthetic(n, image_size=64)
+rank, world = D.init_distributed("cpu")
+D.barrier()
+start = time.perf_counter()
+embed_to_shards(model, data, out, shard_size=256, batch_size=64, precision="fp32", progress=False)
+if rank == 0:
+    print(json.dumps({"seconds": time.perf_counter() - start}))
 """
 
 
 def bench_scaling(n: int, tmp: Path, worlds: tuple[int, ...]) -> dict[str, Any]:
-    """Wall time of the whole launch (start-up included) and of the work alone for 1..N CPU processes."""
+    """Rows/s of the sharded embed itself (start-up and data generation excluded) on 1..N CPU processes."""
     script = tmp / "scaling.py"
     script.write_text(SCALING_WORKER)
     cores = os.cpu_count() or 1
@@ -91,9 +96,9 @@ def bench_scaling(n: int, tmp: Path, worlds: tuple[int, ...]) -> dict[str, Any]:
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // world))}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
                str(script), str(tmp / f"scale-{world}"), str(n)]  # fmt: skip
-        start = time.perf_counter()
-        subprocess.run(cmd, env=env, check=True, capture_output=True)
-        out[f"{world}_processes_s"] = round(time.perf_counter() - start, 2)
+        done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+        seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+        out[f"{world}_processes_rows_per_s"] = round(n / seconds, 1)
     return out
 
 

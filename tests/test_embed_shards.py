@@ -52,7 +52,9 @@ def test_shards_hold_ids_and_vectors_in_input_order(tmp_path: Path, model: Fusio
     ids, vectors = read_embeddings(tmp_path / "out")
     assert ids == data.ids
     texts, images = [ex.text for ex in data], [ex.image for ex in data]
-    np.testing.assert_allclose(vectors, embed(model, texts, images, batch_size=5, precision="fp32"), atol=1e-5)
+    np.testing.assert_allclose(
+        vectors, embed(model, texts, images, batch_size=5, precision="fp32"), atol=1e-5
+    )
     # a stream (no len, no indexing) gives the same shards
     shards(model, (ex for ex in data), tmp_path / "stream")
     np.testing.assert_array_equal(read_embeddings(tmp_path / "stream")[1], vectors)
@@ -93,7 +95,7 @@ def test_resume_with_other_settings_is_refused(tmp_path: Path, model: FusionMode
 def test_cli_writes_shards_to_a_directory(tmp_path: Path, model_dir: Path, model: FusionModel) -> None:
     out = tmp_path / "vecs"
     argv = ["embed", str(model_dir), "--data", "synthetic:6", "--output", f"{out}/", "--shard-size", "4",
-            "--precision", "fp32", "--batch-size", "4"]  # fmt: skip
+            "--precision", "fp32", "--batch-size", "4", "--device", "cpu"]  # fmt: skip
     assert main(argv) == 0
     assert json.loads((out / "manifest.json").read_text())["rows"] == 6
     ids, vectors = read_embeddings(out)

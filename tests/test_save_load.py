@@ -159,3 +159,28 @@ def test_corrupt_or_foreign_files_are_refused(tmp_path):
         FusionModel.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         FusionModel.from_pretrained(tmp_path / "missing")
+
+
+def test_a_checkpoint_without_the_missing_modality_placeholders_still_loads(tmp_path):
+    """fusionkit 0.1 checkpoints predate the placeholders: they load, with a warning, and predict the same."""
+    import warnings
+
+    from safetensors.torch import load_file, save_file
+
+    import fusionkit
+
+    model = fusionkit.create_model("tiny")
+    model.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    del state["text_placeholder"], state["image_placeholder"]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = fusionkit.FusionModel.from_pretrained(tmp_path)
+    assert any("predates missing-modality" in str(w.message) for w in caught)
+    for k, v in state.items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    state["fusion.extra"] = torch.zeros(1)  # anything else missing or extra is still refused
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="not in the model: fusion.extra"):
+        fusionkit.FusionModel.from_pretrained(tmp_path)

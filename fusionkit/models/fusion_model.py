@@ -38,6 +38,8 @@ from .heads import MultiTaskLoss
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# Parameters a fusionkit 0.1 checkpoint lacks (the missing-modality placeholders): loaded with a warning.
+ADDED_SINCE_0_1 = frozenset({"text_placeholder", "image_placeholder"})
 MODEL_INPUTS = (
     "input_ids",
     "attention_mask",
@@ -433,6 +435,10 @@ class FusionModel(nn.Module):
                 f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt"
             ) from e
         own = self.state_dict()
+        if (set(own) - set(state)) and (set(own) - set(state)) <= ADDED_SINCE_0_1:
+            warnings.warn(f"{path} predates missing-modality support: its placeholders start untrained",
+                          stacklevel=2)  # fmt: skip
+            state = {**{k: own[k] for k in ADDED_SINCE_0_1}, **state}
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         wrong = [
@@ -530,11 +536,17 @@ def check_saved_shapes(weights: Path, build: Callable[[], nn.Module]) -> None:
             saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{weights} is not a readable safetensors file ({e}); it may be truncated or corrupt") from e
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in build().state_dict().items()}
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in build().state_dict().items()}
+    except (NotImplementedError, RuntimeError) as e:  # an encoder whose __init__ reads tensor values
+        if "meta" not in str(e):
+            raise
+        warnings.warn(f"cannot check {weights.parent}'s configs before loading ({e})", stacklevel=3)
+        return
     problems = [f"{k}: config gives {expected[k]}, weights hold {saved[k]}"
                 for k in expected if k in saved and expected[k] != saved[k]]  # fmt: skip
-    problems += [f"missing from the weights: {k}" for k in sorted(set(expected) - set(saved))]
+    problems += [f"missing from the weights: {k}" for k in sorted(set(expected) - set(saved) - ADDED_SINCE_0_1)]
     problems += [f"not in the model: {k}" for k in sorted(set(saved) - set(expected))]
     if problems:
         raise ValueError(

@@ -2,6 +2,7 @@
 
 * `record(case, **figures)` appends one JSON line to the file named by `$FUSIONKIT_RELIABILITY_JSON`
   (a no-op otherwise), so `benchmarks/reliability.py` can turn a pytest run into a report.
+  `tally(case, **counts)` is the same for counts that many tests add to: the report sums them per case.
 * `train(...)` / `start_train(...)` run the real `fusionkit train` in a subprocess. `fault` injects a
   SIGKILL at a precise point inside that process (see `_FAULTS`): a real kill, but at a known place.
 * `make_corpus(...)` writes a CSV dataset whose bad rows are broken in every way the data layer knows.
@@ -29,13 +30,20 @@ PYTHON = sys.executable
 RECORD_ENV = "FUSIONKIT_RELIABILITY_JSON"
 
 
-def record(case: str, outcome: str = "pass", **figures: Any) -> None:
+def record(case: str, outcome: str = "pass", _sum: bool = False, **figures: Any) -> None:
     """Append `{"case", "outcome", "figures"}` to $FUSIONKIT_RELIABILITY_JSON (if set)."""
     path = os.environ.get(RECORD_ENV)
     if not path:
         return
+    entry = {"case": case, "outcome": outcome, "figures": figures, **({"sum": True} if _sum else {})}
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"case": case, "outcome": outcome, "figures": figures}, default=str) + "\n")
+        f.write(json.dumps(entry, default=str) + "\n")
+
+
+def tally(case: str, **counts: int) -> None:
+    """Add `counts` to `case`: the report sums every tally of a case (one line per call, so a crash
+    mid-run loses nothing already counted). E.g. `tally("rundir/never_overwritten", attempts=2, intact=2)`."""
+    record(case, _sum=True, **counts)
 
 
 # ------------------------------------------------------------------------------------ training runs

@@ -39,6 +39,7 @@ from .models import (  # noqa: E402
     register_fusion,
 )
 from .processor import FusionProcessor  # noqa: E402
+from .tasks import Task, bind_labels, list_tasks, register_task  # noqa: E402
 from .training import TrainConfig, Trainer, build_config, train  # noqa: E402
 
 __all__ = [
@@ -55,11 +56,13 @@ __all__ = [
     "ModelConfig",
     "MultiTaskLoss",
     "MultimodalDataset",
+    "Task",
     "TaskConfig",
     "TextEncoderConfig",
     "TrainConfig",
     "Trainer",
     "__version__",
+    "bind_labels",
     "build_cache",
     "build_config",
     "create_model",
@@ -67,9 +70,11 @@ __all__ = [
     "get_config",
     "list_fusions",
     "list_presets",
+    "list_tasks",
     "load_dataset",
     "make_synthetic",
     "register_fusion",
+    "register_task",
     "split_dataset",
     "train",
 ]

@@ -28,6 +28,7 @@ from fusionkit.models.tiny import tiny_tokenizer
 from fusionkit.store import StoreWriter, open_or_build
 from fusionkit.training import FeatureDataset, build_features
 from fusionkit.training.feature_cache import FeatureCollator
+from tests.reliability_utils import tally
 
 PRE = ImagePreprocess(size=(16, 16))
 CTX = mp.get_context("fork")  # the children only run numpy and the store module
@@ -204,6 +205,8 @@ def test_cache_built_with_skip_still_raises_for_a_raise_run(
         build_cache(ds, tok, PRE, tmp_path / "cache", num_proc=1)
     assert str(replayed.value) == str(from_build.value) and "item r2" in str(replayed.value)
     assert build_cache(ds, tok, PRE, tmp_path / "cache", on_error="skip").path == skipped.path
+    tally("cache/skip_replayed_under_raise", rows_tried=4, rows_reported=len(skipped.skipped),
+          rows_kept=len(skipped.ids))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ presence

@@ -22,6 +22,7 @@ import fusionkit.data.image as image_mod
 from fusionkit.config import ImagePreprocess
 from fusionkit.data import DataError, Example, MultimodalDataset, build_cache, load_image, preprocess_image
 from fusionkit.models.tiny import tiny_tokenizer
+from tests.reliability_utils import tally
 
 PRE = ImagePreprocess(size=(16, 16))
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n"
@@ -201,6 +202,7 @@ def test_any_decoder_exception_is_one_reported_item(
     assert cached.ids == ["a", "b"]
     report = [json.loads(line) for line in cached.skip_report.read_text().splitlines()]
     assert [r["item"] for r in report] == ["hostile"] and type(exc).__name__ in report[0]["problem"]
+    tally("images/decoder_errors", rows_tried=3, rows_reported=len(report), rows_kept=len(cached.ids))
 
 
 @pytest.mark.parametrize("exc", [MemoryError(), KeyboardInterrupt()], ids=lambda e: type(e).__name__)
@@ -250,3 +252,4 @@ def test_corrupted_bytes_decode_or_raise_data_error(fmt: str) -> None:
         except DataError:
             outcomes["refused"] += 1
     assert sum(outcomes.values()) == 60 and outcomes["refused"] > 0
+    tally("images/corrupted_bytes", files=60, **outcomes)

@@ -71,6 +71,8 @@ def test_skip_trains_and_reports_exactly_the_broken_rows(tmp_path: Path) -> None
     assert len(caption) == MAX_TEXT_CHARS
     record("corpus/skip", rows=len(good) + len(broken), broken_rows_tried=len(broken),
            kinds=len(BROKEN_KINDS), skipped=len(reported), accepted_by_design=sorted(accepted),
+           unknown_labels_tried=sum(k == "unknown_label" for k in broken.values()),
+           unknown_labels_reported=sum(broken[r] == "unknown_label" for r in reported),
            good_rows_kept=len(good & kept), good_rows_dropped=len(good - kept), train_steps=summary["steps"])  # fmt: skip
 
 

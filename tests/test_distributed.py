@@ -1,7 +1,14 @@
-"""Two CPU processes (gloo, torch DDP) end with the same weights as one process with the same global batch."""
+"""Two CPU processes (gloo, DDP through Accelerate) train like one process with the same global batch.
+
+One run covers a classification task and a contrastive task (negatives gathered over both ranks),
+sharded evaluation (its metrics equal one process's), a `data.split_file` that differs from the
+seeded split (both ranks must read it), and every rank's RNG state in the checkpoint. A NaN loss on
+one rank stops both ranks with the same error instead of hanging the other in an all-reduce.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -12,29 +19,60 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from fusionkit.data import load_dataset, split_dataset
+from fusionkit.training import checkpoint as ckpt
 from fusionkit.training.config import build_config
 from fusionkit.training.rundir import follow_pointer
-from fusionkit.training.trainer import Trainer
+from fusionkit.training.trainer import NonFiniteLossError, Trainer
+
+TASKS = [{"name": "sentiment", "type": "classification"}, {"name": "align", "type": "contrastive"}]
 
 
 def config(tmp: Path, name: str):
     return build_config(None, {
         "data.dataset": "synthetic:80", "data.cache_dir": str(tmp / "cache"),
+        "data.split_file": str(tmp / "split.json"),
         "data.augment": False,  # random draws (augmentation, dropout) differ per rank: switch them off
         "model.text.config_overrides": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
-        "optim.batch_size": 16, "optim.max_steps": 3, "run.output_dir": str(tmp / "runs"),
-        "run.name": name, "run.progress": False, "run.plots": False, "run.device": "cpu",
+        "model.tasks": TASKS, "optim.batch_size": 16, "optim.eval_batch_size": 4, "optim.max_steps": 4,
+        "run.precision": "fp32", "run.output_dir": str(tmp / "runs"), "run.name": name, "run.progress": False,
+        "run.plots": False, "run.device": "cpu", "run.checkpoint_every": 0,
     })  # fmt: skip
 
 
-def _worker(rank: int, tmp: str, port: int) -> None:
+def _join(rank: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2")  # fmt: skip
+                      WORLD_SIZE="2", OMP_NUM_THREADS="1")  # fmt: skip
     torch.set_num_threads(1)
+
+
+def _train_worker(rank: int, tmp: str, port: int) -> None:
+    _join(rank, port)
     try:
         trainer = Trainer(config(Path(tmp), "ddp"))
         assert trainer.world == 2 and len(next(iter(trainer.train_sampler))) == 8  # half the global batch
         trainer.fit()
+    finally:
+        dist.destroy_process_group()
+
+
+def _nan_worker(rank: int, tmp: str, port: int) -> None:
+    _join(rank, port)
+    try:
+        trainer = Trainer(config(Path(tmp), "nan"))
+        loss = trainer.model.loss
+
+        def poisoned(*args, **kwargs):
+            out = loss(*args, **kwargs)
+            if rank == 1 and trainer.step == 2:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+        trainer.model.loss = poisoned
+        try:
+            trainer.fit()
+        except NonFiniteLossError as e:
+            Path(tmp, f"error-{rank}.txt").write_text(str(e))
     finally:
         dist.destroy_process_group()
 
@@ -45,17 +83,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.timeout(120)
-def test_two_process_ddp_matches_single_process(tmp_path: Path) -> None:
+def _epoch_end_metrics(run: Path) -> dict[str, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return next(r for r in rows if r.get("epoch_end"))
+
+
+@pytest.fixture
+def split_file(tmp_path: Path) -> Path:
+    """A saved split that is not the one run.seed would draw: a rank that ignored it would train on other rows."""
+    path = tmp_path / "split.json"
+    split_dataset(load_dataset("synthetic:80"), (0.8, 0.1, 0.1), seed=123, path=path)
+    return path
+
+
+@pytest.mark.timeout(300)
+def test_two_processes_train_and_evaluate_like_one(tmp_path: Path, split_file: Path) -> None:
     single = Trainer(config(tmp_path, "single"))
     assert single.world == 1
     single.fit()
-    mp.spawn(_worker, args=(str(tmp_path), _free_port()), nprocs=2, join=True)
-    a = load_file(follow_pointer(tmp_path / "runs" / "single" / "last") / "model.safetensors")
-    b = load_file(follow_pointer(tmp_path / "runs" / "ddp" / "last") / "model.safetensors")
-    assert follow_pointer(tmp_path / "runs" / "ddp" / "last").name == "step-00000003"
+    mp.spawn(_train_worker, args=(str(tmp_path), _free_port()), nprocs=2, join=True)
+    runs = tmp_path / "runs"
+    a = load_file(follow_pointer(runs / "single" / "last") / "model.safetensors")
+    b = load_file(follow_pointer(runs / "ddp" / "last") / "model.safetensors")
     init = Trainer(config(tmp_path, "init")).model.state_dict()  # same seed: the starting weights
-    moved = [k for k in a if not torch.equal(a[k], init[k])]
-    assert moved, "training did not change the weights"
+    assert [k for k in a if not torch.equal(a[k], init[k])], "training did not change the weights"
+    assert not torch.equal(a["heads.align.logit_scale"], init["heads.align.logit_scale"])
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(b[k], a[k], rtol=2e-4, atol=1e-6, msg=k)
+    # sharded evaluation (2 val batches, one per rank) gives one process's metrics
+    one, two = _epoch_end_metrics(runs / "single"), _epoch_end_metrics(runs / "ddp")
+    assert sorted(one) == sorted(two) and "val/align/r@1" in one and "val/sentiment/accuracy" in one
+    for key, value in one.items():
+        assert two[key] == pytest.approx(value, rel=2e-4, abs=1e-6), key
+    assert json.loads((runs / "ddp" / "split.json").read_text()) == json.loads(split_file.read_text())
+    state = ckpt.load_state(follow_pointer(runs / "ddp" / "last"))
+    assert len(state["rng_per_rank"]) == 2  # each rank resumes its own random stream
+
+
+@pytest.mark.timeout(180)
+def test_nan_on_one_rank_stops_every_rank(tmp_path: Path, split_file: Path) -> None:
+    mp.spawn(_nan_worker, args=(str(tmp_path), _free_port()), nprocs=2, join=True)
+    errors = [(tmp_path / f"error-{r}.txt").read_text() for r in (0, 1)]
+    assert errors[0] == errors[1]
+    assert errors[0].startswith("rank 1: loss is nan at epoch 1, step 3")

@@ -85,8 +85,12 @@ class ContrastiveTask(Task):
         return ContrastiveHead()
 
     def forward(self, head: nn.Module, ctx: FusionContext) -> torch.Tensor:
-        text = _paired(masked_mean(ctx.text, ctx.text_mask), ctx)
-        return head(text, _paired(ctx.image.mean(1), ctx))
+        """[N, N] logits over the pairs of every process when training (the global batch's negatives,
+        gathered as open_clip does); [B, B] per batch in evaluation."""
+        from ..training.distributed import gather_features  # lazy: training imports the tasks
+
+        text = gather_features(_paired(masked_mean(ctx.text, ctx.text_mask), ctx))
+        return head(text, gather_features(_paired(ctx.image.mean(1), ctx)))
 
     def loss(self, output: torch.Tensor, target: Any, mask: Any) -> Any:
         if output.shape[0] < 2:

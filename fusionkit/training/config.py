@@ -14,9 +14,10 @@ from typing import Any
 
 from ..config import MISSING_POLICIES, ConfigError, ModelConfig, load_config_file, merge, to_dict
 from ..models import get_config
+from ..precision import PRECISIONS
+from .distributed import TRACKERS
 from .rundir import NAME_EXISTS
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # dict-typed config fields: a nested mapping there is a value, not a section to merge into
 _DICT_VALUES = ("config_overrides", "model_kwargs")
 
@@ -67,7 +68,7 @@ class RunConfig:
     seed: int = 0
     deterministic: bool = True
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
-    precision: str = "auto"  # auto: bf16 autocast on CUDA where supported, else fp32
+    precision: str = "auto"  # auto: bf16 on GPUs and CPUs with bf16 units, else fp32 (fusionkit.precision)
     checkpoint_every: int = 100  # optimizer steps between mid-epoch checkpoints; 0 = epoch ends only
     keep_checkpoints: int = 2  # besides the best one
     metric: str | None = None  # early-stopping metric, e.g. "val/sentiment/macro_f1"; default: first task's
@@ -75,6 +76,7 @@ class RunConfig:
     log_every: int = 10
     progress: bool = True
     plots: bool = True
+    report_to: list[str] = field(default_factory=list)  # trackers via Accelerate: tensorboard, wandb, mlflow
 
 
 @dataclass
@@ -89,6 +91,7 @@ class TrainConfig:
         self.model.validate()
         checks = [
             (self.run.precision in PRECISIONS, f"run.precision must be one of {PRECISIONS}"),
+            (set(self.run.report_to) <= set(TRACKERS), f"run.report_to: use any of {TRACKERS}"),
             (self.data.on_error in ("raise", "skip"), "data.on_error must be 'raise' or 'skip'"),
             (self.data.missing_text in MISSING_POLICIES, f"data.missing_text must be one of {MISSING_POLICIES}"),
             (self.data.missing_image in MISSING_POLICIES, f"data.missing_image must be one of {MISSING_POLICIES}"),

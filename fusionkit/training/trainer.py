@@ -8,8 +8,12 @@ Design points that matter for users:
 * Crash-safe: checkpoints are written to a temp dir and swapped in (see `checkpoint.py`); a NaN loss,
   SIGTERM or Ctrl-C never leaves a half-written checkpoint behind.
 * Frozen encoders train on cached features (see `feature_cache.py`).
-* Distributed: launched with `torchrun`, it uses torch DDP; `optim.batch_size` stays the global batch.
-* Autocast lives here only: bf16 on CUDA where supported, fp16 + GradScaler on request, fp32 on CPU.
+* Distributed: launched with `torchrun` or `accelerate launch`, Accelerate wraps the model in DDP;
+  `optim.batch_size` stays the global batch. Evaluation is sharded across ranks and gathered, a NaN,
+  a SIGTERM or early stopping stops every rank at once, and checkpoints hold every rank's RNG state
+  (see `distributed.py`).
+* Precision (`fusionkit.precision`): bf16 autocast on GPUs and CPUs with bf16 units, fp32 elsewhere,
+  fp16 + GradScaler on request on CUDA; the choice and its reason are logged.
 """
 
 from __future__ import annotations
@@ -30,15 +34,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, to_dict
 from ..data import Collator, ImageTransform, build_cache, load_dataset, move_batch, split_dataset
 from ..models import FusionModel, create_model, model_inputs
+from ..precision import choose_precision
 from ..tasks import bind_labels, create_task, fit_train_statistics
 from . import checkpoint as ckpt
+from . import distributed as D
 from .config import DataConfig, TrainConfig, build_config, check_max_length
 from .ema import ModelEMA, ema_applied
 from .feature_cache import FeatureCollator, build_features
@@ -81,26 +85,6 @@ def resolve_device(name: str = "auto") -> torch.device:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
     return torch.device(name)
-
-
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """None = fp32. CPU is always fp32: bf16 matmul there is orders of magnitude slower."""
-    if device.type != "cuda":
-        if precision in ("bf16", "fp16"):
-            log.warning("precision=%s ignored on %s: training in fp32", precision, device)
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
-
-def _init_distributed() -> tuple[int, int]:
-    """(rank, world size); joins the process group `torchrun` describes in the environment."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def check_writable(directory: Path) -> None:
@@ -198,6 +182,7 @@ def run_inference(
         "labels": {k: torch.cat(v) for k, v in labels.items()},
         "label_mask": {k: torch.cat(v) for k, v in masks.items()},
         "loss": loss_sum / loss_n if loss_n else None,
+        "loss_n": loss_n,  # examples the loss averages over (to merge ranks' shards)
     }
 
 
@@ -262,9 +247,9 @@ class Trainer:
         """`data`: an in-memory DataFrame, `datasets.Dataset`/`DatasetDict` or `MultimodalDataset` to
         train on instead of `config.data.dataset` (columns are still named by `config.data`)."""
         self.cfg = cfg = config.validate()
-        self.rank, self.world = _init_distributed()
-        self.is_main = self.rank == 0
         self.device = resolve_device(cfg.run.device)
+        self.rank, self.world = D.init_distributed(self.device)  # sets the CUDA device before collectives
+        self.is_main = self.rank == 0
         seed_everything(cfg.run.seed, cfg.run.deterministic)
         self.resume, self.accept_changes = resume, accept_changes
         self.run = self._open_run_dir()  # locked by rank 0 until fit ends; refuses before any work
@@ -274,15 +259,18 @@ class Trainer:
         parts = self._read_data(data, model)
         self.model = (model or create_model(cfg.model)).to(self.device)
         check_max_length(self.model, cfg.model.text.max_length)
-        self.amp = autocast_dtype(self.device, cfg.run.precision)
+        self.precision = choose_precision(cfg.run.precision, self.device)
+        self.amp = self.precision.dtype
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)
+        if self.is_main:
+            log.info("precision %s", self.precision.reason)
         self._build_data(parts)
 
+        # Accelerate where it is needed (several processes, experiment trackers): DDP and the trackers
+        self.accelerator = D.make_accelerator(self.device, cfg.run.report_to, self.run_dir)
         self.ddp: torch.nn.Module = self.model
-        if self.world > 1:
-            self.ddp = DistributedDataParallel(
-                self.model, device_ids=[self.device] if self.device.type == "cuda" else None
-            )
+        if self.accelerator is not None and self.world > 1:
+            self.ddp = self.accelerator.prepare_model(self.model, device_placement=False)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.ema = ModelEMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None  # see ema.py
         accum = cfg.optim.accumulation_steps
@@ -325,7 +313,8 @@ class Trainer:
         check_metric(self.metric, tasks)
         split_path = Path(cfg.data.split_file) if cfg.data.split_file else self.run_dir / "split.json"
         with self._main_first():
-            parts = split_dataset(ds, cfg.data.split_ratios, cfg.run.seed, split_path if self.is_main else None,
+            # rank 0 first (it writes a new split), then every rank reads that same file
+            parts = split_dataset(ds, cfg.data.split_ratios, cfg.run.seed, split_path,
                                   allow_new_rows=cfg.data.allow_new_rows)  # fmt: skip
         if cfg.data.split_file and self.is_main and split_path.is_file():
             (self.run_dir / "split.json").write_text(split_path.read_text())
@@ -373,20 +362,19 @@ class Trainer:
         )  # fmt: skip
 
     def eval_loader(self, split: str) -> torch.utils.data.DataLoader:
-        """Each rank evaluates the whole split (no all-gather needed); only rank 0 writes."""
+        """This rank's share of a split: whole batches in order (`distributed.ShardedBatchSampler`)."""
         data = self.datasets[split]
-        return self._loader(
-            data, EpochBatchSampler(len(data), self.cfg.optim.eval_batch_size, 0, shuffle=False)
-        )
+        sampler = D.ShardedBatchSampler(len(data), self.cfg.optim.eval_batch_size, self.rank, self.world)
+        return self._loader(data, sampler)
 
     @contextlib.contextmanager
     def _main_first(self) -> Iterator[None]:
         """Rank 0 builds shared caches first; the other ranks then find them."""
-        if self.world > 1 and not self.is_main:
-            dist.barrier()
+        if not self.is_main:
+            D.barrier()
         yield
-        if self.world > 1 and self.is_main:
-            dist.barrier()
+        if self.is_main:
+            D.barrier()
 
     # ------------------------------------------------------------------ run dir
     def _open_run_dir(self) -> RunDir:
@@ -403,9 +391,8 @@ class Trainer:
             else:
                 run = RunDir.create(cfg.run.output_dir, cfg.run.name, cfg.run.name_exists)
         if self.world > 1:
-            name = [run.path.name if run else None]
-            dist.broadcast_object_list(name, src=0)
-            run = run or RunDir(Path(cfg.run.output_dir) / name[0])
+            name = D.broadcast_object(run.path.name if run else None)
+            run = run or RunDir(Path(cfg.run.output_dir) / name)
         assert run is not None
         cfg.run.name = run.path.name
         try:
@@ -441,13 +428,16 @@ class Trainer:
             "history": self.history,
             "running_loss": float(self.running_loss),
             "running_n": self.running_n,
+            "precision": self.precision.name,
             **({"ema": self.ema.state_dict()} if self.ema else {}),  # the raw weights; the model file holds the EMA
         }
 
     def _save(self, best: bool = False) -> None:
+        rngs = D.all_gather_object(ckpt.rng_state())  # every rank's random stream, so each resumes its own
         if self.is_main:
+            state = {**self.state_dict(), **({"rng_per_rank": rngs} if self.world > 1 else {})}
             with ema_applied(self.ema, self.model):  # the model file gets the EMA weights, the state the raw ones
-                ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.state_dict(), best=best,
+                ckpt.save_checkpoint(self.run_dir, self.step, self.model, state, best=best,
                                      keep=self.cfg.run.keep_checkpoints)  # fmt: skip
             write_jsonl(self.run_dir / "metrics.jsonl", self.history)
 
@@ -467,7 +457,15 @@ class Trainer:
                 group.update(values, initial_lr=base, lr=base * factor(self.scheduler.last_epoch))
             self.scheduler.base_lrs = base_lrs
         self.scaler.load_state_dict(state["scaler"])
-        ckpt.set_rng_state(state["rng"])
+        ranks = state.get("rng_per_rank")
+        if ranks is not None and len(ranks) != self.world:
+            log.warning("the checkpoint was saved by %d processes, this run has %d: every rank resumes rank 0's "
+                        "random stream", len(ranks), self.world)  # fmt: skip
+        own = ranks is not None and len(ranks) == self.world
+        ckpt.set_rng_state(ranks[self.rank] if own else state["rng"])
+        if state.get("precision", self.precision.name) != self.precision.name:
+            log.warning("the run trained in %s and resumes in %s (%s); set run.precision to keep it exact",
+                        state["precision"], self.precision.name, self.precision.reason)  # fmt: skip
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
         self.best, self.bad_epochs, self.history = state["best"], state["bad_epochs"], state["history"]
         self.running_loss.fill_(state["running_loss"])
@@ -524,6 +522,8 @@ class Trainer:
             if self.resume:
                 self._load()
             self._write_config()
+            if self.cfg.run.report_to:
+                self.accelerator.init_trackers(self.run_dir.name, config=_scalar_config(to_dict(self.cfg)))
             start = time.perf_counter()
             log.info("run dir %s: %d train examples, %d steps, %s", self.run_dir, len(self.datasets["train"]),
                      self.total_steps, "cached encoder features" if self.use_features else "end to end")  # fmt: skip
@@ -556,13 +556,16 @@ class Trainer:
                 ):
                     out = self.ddp(**model_inputs(batch))
                     loss = model.loss(out, batch["labels"], batch["label_mask"])["loss"]
+                error = None
                 if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
+                    error = (
                         f"loss is {loss.item()} at epoch {self.epoch + 1}, step {self.step + 1} "
                         f"(batch {self.batch_in_epoch} of the epoch); batch ids: {batch['ids']}. The last good "
-                        f"checkpoint is {self.run.last or 'none'}; "
-                        "lower optim.lr or check these examples."
+                        f"checkpoint is {self.run.last or 'none'}; lower optim.lr or check these examples."
                     )
+                error = D.first_error(error, self.device)  # one rank's NaN stops every rank (none hangs)
+                if error is not None:
+                    raise NonFiniteLossError(error)
                 self.scaler.scale(loss / accum).backward()
             self.running_loss += loss.detach()
             self.running_n += 1
@@ -570,13 +573,15 @@ class Trainer:
                 continue
             self._optimizer_step()
             if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:
-                avg = float(self.running_loss) / self.running_n
+                avg = float(D.mean_over_ranks(self.running_loss)) / self.running_n  # the global batch's loss
                 self.running_loss.zero_()
                 self.running_n = 0
-                self.history.append({"step": self.step, "epoch": self.epoch + 1, "train/loss": avg,
-                                     "lr": self.scheduler.get_last_lr()[-1]})  # fmt: skip
+                self._log({"step": self.step, "epoch": self.epoch + 1, "train/loss": avg,
+                           "lr": self.scheduler.get_last_lr()[-1]})  # fmt: skip
                 bar.set_postfix(loss=f"{avg:.4f}")
             epoch_done = self.batch_in_epoch == n_batches
+            if D.any_rank(self._stop_signal is not None, self.device) and self._stop_signal is None:
+                self._stop_signal = signal.SIGTERM  # another rank was told to stop: all stop at this step
             if self._stop_signal is not None:
                 self._save()
                 name = signal.Signals(self._stop_signal).name
@@ -628,15 +633,25 @@ class Trainer:
                 tqdm.write(f"epoch {self.epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in flat.items()))
         else:
             improved = True  # no val split: the latest model is the best we know
-        self.history.append(entry)
+        # ranks computed the same gathered metrics; rank 0's decision is still the one every rank follows
+        self.best, self.bad_epochs, improved = D.broadcast_object((self.best, self.bad_epochs, improved))
+        self._log(entry)
         self._save(best=improved)
         for callback in self.epoch_callbacks:
             callback(entry)
 
     def _infer(self, split: str) -> dict[str, Any]:
-        return run_inference(
-            self.model, self.eval_loader(split), self.eval_transform, self.amp, split, self.progress
-        )
+        """The whole split's outputs on every rank: each rank runs its shard, then they are gathered."""
+        result = run_inference(self.model, self.eval_loader(split), self.eval_transform, self.amp, split,
+                               self.progress)  # fmt: skip
+        return D.gather_inference(result)
+
+    def _log(self, entry: dict[str, Any]) -> None:
+        """metrics.jsonl always (written with each checkpoint); run.report_to's trackers too."""
+        self.history.append(entry)
+        if self.accelerator is not None and self.accelerator.trackers:
+            numbers = {k: v for k, v in entry.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            self.accelerator.log(numbers, step=entry["step"])
 
     def _finish(self, seconds: float) -> dict[str, Any]:
         """Reload the best checkpoint, evaluate it on val and test, write predictions, plots and summary.json."""
@@ -674,7 +689,20 @@ class Trainer:
             if self.cfg.run.plots and self.history:
                 plot_curves(self.history, self.run_dir / "curves.png")
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        for tracker in self.accelerator.trackers if self.accelerator is not None else []:
+            tracker.finish()  # not Accelerator.end_training: that would also end the process group
         return summary
+
+
+def _scalar_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The config as flat `section.key: value` scalars, as trackers' hyperparameter tables want it."""
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        if isinstance(v, dict) and k not in ("config_overrides", "model_kwargs", "params"):
+            out.update(_scalar_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, int | float | str | bool) else json.dumps(v)
+    return out
 
 
 def train(

@@ -244,16 +244,37 @@ def test_resume_with_a_new_lr_is_refused_then_accepted_and_recorded(
 # ------------------------------------------------------------------------------ tampered and impossible configs
 
 
-def test_tampered_config_is_refused_before_allocating(base: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "file,keys,value",
+    [("config.json", ["model", "fusion", "dim"], 2**20), ("config.json", ["model", "fusion", "depth"], 10**6),
+     ("config.json", ["model", "tasks", 0, "num_classes"], 10**9), ("text_encoder/config.json", ["hidden_size"], 2**16)],
+)  # fmt: skip
+def test_tampered_config_is_refused_before_allocating(
+    base: tuple[Path, Path], tmp_path: Path, file: str, keys: list[Any], value: int
+) -> None:
+    """A config edited to describe a huge model fails in seconds, not after asking for terabytes."""
     model_dir = tmp_path / "model"
     shutil.copytree(RunDir(base[1]).best, model_dir)
-    meta = json.loads((model_dir / "config.json").read_text())
-    meta["model"]["fusion"]["dim"] = 2**20
-    (model_dir / "config.json").write_text(json.dumps(meta))
+    meta = json.loads((model_dir / file).read_text())
+    node = meta
+    for k in keys[:-1]:
+        node = node[k]
+    node[keys[-1]] = value
+    (model_dir / file).write_text(json.dumps(meta))
     start = time.perf_counter()
-    with pytest.raises(ValueError, match="do not match model.safetensors"):
+    with pytest.raises(ValueError, match="do not match model.safetensors|far larger than model.safetensors|num_classes|class"):
         FusionModel.from_pretrained(model_dir)
     assert time.perf_counter() - start < 10
+
+
+def test_a_model_that_cannot_be_built_on_meta_is_loaded_unchecked(base: tuple[Path, Path]) -> None:
+    from fusionkit.models.fusion_model import check_saved_shapes
+
+    def build() -> Any:
+        raise NotImplementedError("Cannot copy out of meta tensor")
+
+    with pytest.warns(UserWarning, match="cannot check"):
+        check_saved_shapes(RunDir(base[1]).best / "model.safetensors", build)
 
 
 @pytest.mark.parametrize(

@@ -521,6 +521,36 @@ def _fill_absent(
     return tokens, torch.where(present[:, None], mask, first)
 
 
+class _TooLarge(ValueError):
+    """A config describes a model far larger than its weights file."""
+
+
+class _CreationBudget(torch.overrides.TorchFunctionMode):
+    """Stops a meta-device build that creates far more tensors or elements than the weights file holds
+    (a config claiming `depth = 10**6` would otherwise spend hours building empty layers)."""
+
+    FACTORIES = frozenset({torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn,
+                           torch.randint, torch.tensor, torch.empty_strided, torch.arange, torch.eye})  # fmt: skip
+
+    def __init__(self, saved: Mapping[str, tuple[int, ...]], weights: Path) -> None:
+        super().__init__()
+        self.weights = weights
+        self.tensors_left = 4 * len(saved) + 10_000
+        self.elements_left = 4 * sum(math.prod(s) for s in saved.values()) + 100_000_000
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func in self.FACTORIES and isinstance(out, torch.Tensor):
+            self.tensors_left -= 1
+            self.elements_left -= out.numel()
+            if self.tensors_left < 0 or self.elements_left < 0:
+                raise _TooLarge(
+                    f"the configs in {self.weights.parent} describe a model far larger than {self.weights.name} "
+                    "(meta build stopped); the config was edited or belongs to another checkpoint"
+                )
+        return out
+
+
 def check_saved_shapes(weights: Path, build: Callable[[], nn.Module]) -> None:
     """Refuse a checkpoint whose configs do not describe its weights, before any memory is allocated.
 
@@ -537,7 +567,7 @@ def check_saved_shapes(weights: Path, build: Callable[[], nn.Module]) -> None:
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{weights} is not a readable safetensors file ({e}); it may be truncated or corrupt") from e
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _CreationBudget(saved, weights):
             expected = {k: tuple(v.shape) for k, v in build().state_dict().items()}
     except (NotImplementedError, RuntimeError) as e:  # an encoder whose __init__ reads tensor values
         if "meta" not in str(e):

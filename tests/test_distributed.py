@@ -8,6 +8,7 @@ one rank stops both ranks with the same error instead of hanging the other in an
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -19,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from fusionkit.config import ConfigError
 from fusionkit.data import load_dataset, split_dataset
 from fusionkit.training import checkpoint as ckpt
 from fusionkit.training.config import build_config
@@ -126,3 +128,14 @@ def test_nan_on_one_rank_stops_every_rank(tmp_path: Path, split_file: Path) -> N
     errors = [(tmp_path / f"error-{r}.txt").read_text() for r in (0, 1)]
     assert errors[0] == errors[1]
     assert errors[0].startswith("rank 1: loss is nan at epoch 1, step 3")
+
+
+def test_report_to_names_known_installed_trackers(tmp_path: Path, split_file: Path) -> None:
+    with pytest.raises(ConfigError, match=r"run.report_to: use any of \('tensorboard', 'wandb', 'mlflow'\)"):
+        build_config(None, {"run.report_to": ["tensorbored"]}).validate()
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    cfg = config(tmp_path, "tb")
+    cfg.run.report_to = ["tensorboard"]
+    with pytest.raises(ConfigError, match=r"pip install tensorboard"):
+        Trainer(cfg)

@@ -254,6 +254,8 @@ class Trainer:
         self.resume, self.accept_changes = resume, accept_changes
         self.run = self._open_run_dir()  # locked by rank 0 until fit ends; refuses before any work
         self.run_dir = self.run.path
+        # Accelerate where it is needed (several processes, experiment trackers): DDP and the trackers
+        self.accelerator = D.make_accelerator(self.device, cfg.run.report_to, self.run_dir)
         self.progress = cfg.run.progress and self.is_main
         # Cheap checks first: read the table, bind labels to tasks, split -- before any model or cache.
         parts = self._read_data(data, model)
@@ -266,8 +268,6 @@ class Trainer:
             log.info("precision %s", self.precision.reason)
         self._build_data(parts)
 
-        # Accelerate where it is needed (several processes, experiment trackers): DDP and the trackers
-        self.accelerator = D.make_accelerator(self.device, cfg.run.report_to, self.run_dir)
         self.ddp: torch.nn.Module = self.model
         if self.accelerator is not None and self.world > 1:
             self.ddp = self.accelerator.prepare_model(self.model, device_placement=False)

@@ -111,7 +111,9 @@ def test_same_name_again_is_refused_and_the_first_run_is_intact(base: tuple[Path
     assert _digest(first) == before
 
 
-def test_a_live_writer_keeps_a_second_one_out(base: tuple[Path, Path], tmp_path: Path) -> None:
+def test_a_live_writer_keeps_a_second_one_out(
+    base: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A second process is refused while the first holds the lock; once it is SIGKILLed the lock is taken."""
     run = _copy(base, tmp_path)
     code = f"from fusionkit.training.rundir import RunDir; r = RunDir({str(run)!r}); r.lock(); print('ok', flush=True); " \
@@ -123,11 +125,15 @@ def test_a_live_writer_keeps_a_second_one_out(base: tuple[Path, Path], tmp_path:
             Trainer(_resume_config(run), resume=True)
         with pytest.raises(RunDirError, match="another live training"):
             RunDir(run).lock()
+        with pytest.raises(RunDirError, match=f"being written by another live training.*{holder.pid}"):
+            train(_resume_config(run))  # a fresh run with the same name
     finally:
         holder.kill()
         holder.wait()
     second = RunDir(run)
-    second.lock()  # the dead holder's flock is gone with it
+    with caplog.at_level(logging.WARNING, "fusionkit.training"):
+        second.lock()  # the dead holder's flock is gone with it
+    assert f"taking over the lock left by {holder.pid}@" in caplog.text
     assert (run / "run.lock").read_text().startswith(f"{os.getpid()}@")
     second.unlock()
 

@@ -91,6 +91,10 @@ class RunDir:
         for n in range(10_000):
             run = cls(Path(output_dir) / (base if n == 0 else f"{base}-{n}"))
             if run.holds_run() and not increment:
+                live = run.live_writer()
+                if live is not None:
+                    raise RunDirError(f"{run.path} is being written by another live training ({live}); wait "
+                                      "for it to finish, or choose another run.name")  # fmt: skip
                 started = not {"last", CHECKPOINTS, "summary.json"} & set(run.contents())
                 raise RunDirError(
                     f"{run.path} already holds a run ({', '.join(run.contents()[:5])}); fusionkit never writes "
@@ -182,6 +186,21 @@ class RunDir:
         if self._finalizer is not None:
             self._finalizer()
         self._lock_fd = self._finalizer = None
+
+    def live_writer(self) -> str | None:
+        """The pid@host of the live process holding the lock, or None; the lock file is not changed."""
+        try:
+            fd = os.open(self.path / LOCK, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        except BlockingIOError:
+            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown pid"
+        finally:
+            os.close(fd)
 
     @property
     def locked(self) -> bool:

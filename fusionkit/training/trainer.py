@@ -451,7 +451,7 @@ class Trainer:
         base_lrs = list(self.scheduler.base_lrs)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if any(k.startswith("optim.") for k in self.config_changes):  # accepted: train with the new values
+        if any(k.startswith("optim.") and k not in OPERATIONAL_KEYS for k in self.config_changes):  # accepted
             for group, values, base, factor in zip(self.optimizer.param_groups, configured, base_lrs,
                                                    self.scheduler.lr_lambdas, strict=True):  # fmt: skip
                 group.update(values, initial_lr=base, lr=base * factor(self.scheduler.last_epoch))

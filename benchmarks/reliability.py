@@ -184,13 +184,14 @@ def totals_of(cases: list[dict], tests: list[dict]) -> dict[str, object]:
         totals[f"worst accepted image, `{f['image']}` ({f['pixels']:,} px): peak RSS"] = (
             f"{f['peak_rss_bytes'] / 2**20:.0f} MiB ({f['bytes_per_pixel'][f['image']]} B/px)"
         )
-    run_figures = {
-        "rundir/never_overwritten": "existing run dirs a new run or a refused resume left byte-identical",
-        "rundir/outputs_refused": "--output paths refused before any work (their target left intact)",
-    }
-    for case, label in run_figures.items():
-        if case in by:
-            totals[label] = f"{by[case].get('intact', 0)} of {by[case].get('tried', 0)}"
+    if "rundir/never_overwritten" in by:  # an existing run: same name again, any dir state, a refused resume
+        f = by["rundir/never_overwritten"]
+        totals["existing run dirs left byte-identical by a new run or a refused resume"] = (
+            f"{f.get('intact', 0)} of {f.get('tried', 0)}"
+        )
+    if "rundir/outputs_refused" in by:
+        refused = by["rundir/outputs_refused"]["refused"]
+        totals["`--output` paths refused before any work (the input data, a run's files)"] = refused
     for c in cases:
         if c["case"].startswith("load/"):
             for n, mib in c["figures"]["peak_rss_mib"].items():

@@ -118,23 +118,35 @@ def _sum(cases: list[dict], prefixes: tuple[str, ...], *keys: str) -> list[int]:
     return [sum(c["figures"].get(k, 0) for c in cases if c["case"].startswith(prefixes)) for k in keys]
 
 
-def family_rows(cases: list[dict], tests: list[dict]) -> list[str]:
-    """One line per family: its tests, the generated examples and the rows tried / reported / kept."""
+def family_figures(cases: list[dict], tests: list[dict]) -> dict[str, dict]:
+    """Per family: tests (passed, skipped, all, seconds), generated examples, rows tried/reported/kept."""
+    out = {}
+    for family, (_, prefixes) in FAMILIES.items():
+        mine = [t for t in tests if _family(t["test"]) == family]
+        tried, reported, kept = _sum(cases, prefixes, "rows_tried", "rows_reported", "rows_kept")
+        out[family] = {
+            "tests_passed": sum(t["outcome"] == "passed" for t in mine),
+            "tests_skipped": sum(t["outcome"].startswith("skipped") for t in mine),
+            "tests": len(mine),
+            "seconds": round(sum(t["seconds"] for t in mine), 1),
+            "generated_examples": sum(_sum(cases, prefixes, "examples", "files")),
+            "rows_tried": tried,
+            "rows_reported": reported,
+            "rows_kept": kept,
+        }
+    return out
+
+
+def family_rows(families: dict[str, dict]) -> list[str]:
     head = (
         "| family | tests passed | seconds | generated examples | rows tried / reported / kept under skip |"
     )
     rows = [head, "|---|---|---|---|---|"]
-    for family, (_, prefixes) in FAMILIES.items():
-        mine = [t for t in tests if _family(t["test"]) == family]
-        passed = sum(t["outcome"] == "passed" for t in mine)
-        skipped = sum(t["outcome"].startswith("skipped") for t in mine)
-        examples = _sum(cases, prefixes, "examples", "files")
-        rows_ = _sum(cases, prefixes, "rows_tried", "rows_reported", "rows_kept")
-        rows.append(
-            f"| {family} | {passed}/{len(mine)}{f' ({skipped} skipped)' if skipped else ''} | "
-            f"{sum(t['seconds'] for t in mine):.0f} | {sum(examples) or '-'} | "
-            f"{' / '.join(map(str, rows_)) if rows_[0] else '-'} |"
-        )
+    for family, f in families.items():
+        skipped = f" ({f['tests_skipped']} skipped)" if f["tests_skipped"] else ""
+        rows_ = f"{f['rows_tried']} / {f['rows_reported']} / {f['rows_kept']}" if f["rows_tried"] else "-"
+        rows.append(f"| {family} | {f['tests_passed']}/{f['tests']}{skipped} | {f['seconds']:.0f} | "
+                    f"{f['generated_examples'] or '-'} | {rows_} |")  # fmt: skip
     return rows
 
 
@@ -164,10 +176,11 @@ def totals_of(cases: list[dict], tests: list[dict]) -> dict[str, object]:
         ),
         "fuzz examples run": _sum(cases, ("fuzz/", "readers/"), "examples")[0],
     }  # fmt: skip
-    for family, (_, prefixes) in FAMILIES.items():
-        tried, reported, kept = _sum(cases, prefixes, "rows_tried", "rows_reported", "rows_kept")
-        if tried:
-            totals[f"{family}: rows tried / reported / kept under skip"] = f"{tried} / {reported} / {kept}"
+    if "corpus/skip" in by:
+        f = by["corpus/skip"]
+        totals["good rows kept (corrupt corpus, on_error=skip)"] = (
+            f"{f['good_rows_kept']} of {f['good_rows_kept'] + f['good_rows_dropped']}"
+        )
     if "images/corrupted_bytes" in by:
         f = by["images/corrupted_bytes"]
         totals["corrupted image files tried (decoded / refused)"] = (
@@ -200,6 +213,7 @@ def totals_of(cases: list[dict], tests: list[dict]) -> dict[str, object]:
 
 
 def write_report(cases: list[dict], tests: list[dict], seconds: float, rc: int, slow: bool) -> None:
+    families = family_figures(cases, tests)
     machine = (f"{_cpu()} ({platform.machine()}, {os.cpu_count()} CPUs), Python {platform.python_version()}, "
                f"torch {torch.__version__}")  # fmt: skip
     lines = [
@@ -212,7 +226,7 @@ def write_report(cases: list[dict], tests: list[dict], seconds: float, rc: int, 
         "",
         "## Families",
         "",
-        *family_rows(cases, tests),
+        *family_rows(families),
     ]
     totals = totals_of(cases, tests)
     lines += ["", "## Totals", ""] + [f"- {k}: {v}" for k, v in totals.items()]
@@ -220,6 +234,7 @@ def write_report(cases: list[dict], tests: list[dict], seconds: float, rc: int, 
     if images:
         lines += ["", "## What the worst images cost (`preprocess_image`, case by case, fresh interpreter)",
                   "", *images, "", "Peak RSS is the high-water mark above what was resident before the case; "
+                  "0.0 means no growth at the kernel's 4 KiB page resolution; "
                   "tracemalloc sees numpy's buffers but not Pillow's."]  # fmt: skip
     lines += ["", "## Cases and figures", "", "| case | figures |", "|---|---|"]
     for c in sorted(cases, key=lambda c: c["case"]):
@@ -230,7 +245,7 @@ def write_report(cases: list[dict], tests: list[dict], seconds: float, rc: int, 
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "reliability.md").write_text("\n".join(lines) + "\n")
     payload = {"slow": slow, "exit_status": rc, "seconds": round(seconds, 1), "machine": machine,
-               "totals": totals, "cases": cases, "tests": tests}  # fmt: skip
+               "totals": totals, "families": families, "cases": cases, "tests": tests}  # fmt: skip
     (RESULTS / "reliability.json").write_text(json.dumps(payload, indent=1) + "\n")
 
 

@@ -41,12 +41,10 @@ FAMILIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 
 def suite_files() -> list[str]:
-    return [
-        str(REPO / "tests" / f)
-        for files, _ in FAMILIES.values()
-        for f in files
-        if (REPO / "tests" / f).exists()
-    ]
+    """The files of `FAMILIES`, then any other tests/test_reliability_*.py (reported as family "other")."""
+    named = [REPO / "tests" / f for files, _ in FAMILIES.values() for f in files]
+    others = sorted(set((REPO / "tests").glob("test_reliability_*.py")) - set(named))
+    return [str(p) for p in [*named, *others] if p.exists()]
 
 
 def merge_tallies(lines: list[dict]) -> list[dict]:
@@ -121,8 +119,10 @@ def _sum(cases: list[dict], prefixes: tuple[str, ...], *keys: str) -> list[int]:
 def family_figures(cases: list[dict], tests: list[dict]) -> dict[str, dict]:
     """Per family: tests (passed, skipped, all, seconds), generated examples, rows tried/reported/kept."""
     out = {}
-    for family, (_, prefixes) in FAMILIES.items():
+    for family, (_, prefixes) in {**FAMILIES, "other": ((), ())}.items():
         mine = [t for t in tests if _family(t["test"]) == family]
+        if family == "other" and not mine:
+            continue
         tried, reported, kept = _sum(cases, prefixes, "rows_tried", "rows_reported", "rows_kept")
         out[family] = {
             "tests_passed": sum(t["outcome"] == "passed" for t in mine),

@@ -204,3 +204,24 @@ def embed(
     result: Any = arrays if modalities is not None and not isinstance(modalities, str) else arrays[mods[0]]
     return (result, out_ids) if want_ids else result
 
+
+
+def retrieval_recall(
+    text_vectors: np.ndarray, image_vectors: np.ndarray, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """Text->image and image->text recall@k over a set of pairs (row i's caption matches row i's image).
+
+    The vectors are compared by cosine similarity; recall@k at chance is k / N (also returned), so a
+    model whose text and image spaces are unrelated (no contrastive/ITM training) scores about that.
+    """
+    t = text_vectors / np.linalg.norm(text_vectors, axis=1, keepdims=True)
+    i = image_vectors / np.linalg.norm(image_vectors, axis=1, keepdims=True)
+    if t.shape != i.shape:
+        raise ValueError(f"text vectors {t.shape} and image vectors {i.shape} must be paired row by row")
+    sim = t @ i.T
+    diag = np.diag(sim)
+    ranks = {"t2i": (sim > diag[:, None]).sum(1), "i2t": (sim > diag[None, :]).sum(0)}
+    n = len(diag)
+    out = {f"{d}_r@{k}": float(np.mean(r < k)) for d, r in ranks.items() for k in ks}
+    out.update({f"chance_r@{k}": min(1.0, k / n) for k in ks})
+    return out

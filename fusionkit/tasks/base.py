@@ -170,6 +170,15 @@ class Task:
         return metric not in self.lower_is_better
 
 
+def labelled_rows(
+    output: torch.Tensor, target: torch.Tensor | None, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(output, target) restricted to the rows that have a label; None when the batch has none."""
+    if target is None or (mask is not None and not bool(mask.any())):
+        return None
+    return (output[mask], target[mask]) if mask is not None else (output, target)
+
+
 def replace(cfg: TaskConfig, **changes: Any) -> TaskConfig:
     return dataclasses.replace(cfg, **changes)
 

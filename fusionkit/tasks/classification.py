@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, TaskConfig
-from .base import Task, is_missing, label_error, register_task, replace
+from .base import Task, is_missing, label_error, labelled_rows, register_task, replace
 
 log = logging.getLogger("fusionkit.tasks")
 
@@ -194,12 +194,10 @@ class ClassificationTask(Task):
         return TaskHead(dim, self._out_dim(), num_views, dropout)
 
     def loss(self, output: torch.Tensor, target: torch.Tensor | None, mask: torch.Tensor | None) -> Any:
-        if target is None:
+        rows = labelled_rows(output, target, mask)
+        if rows is None:
             return None
-        if mask is not None:
-            if not bool(mask.any()):
-                return None
-            output, target = output[mask], target[mask]
+        output, target = rows
         weight = self.cfg.class_weights
         w = (
             torch.tensor(weight, dtype=output.dtype, device=output.device)

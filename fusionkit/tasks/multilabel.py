@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TaskConfig
-from .base import is_missing, label_error, register_task
+from .base import is_missing, label_error, labelled_rows, register_task
 from .classification import ClassificationTask, label_string
 
 
@@ -57,13 +57,8 @@ class MultilabelTask(ClassificationTask):
         return self.cfg
 
     def loss(self, output: torch.Tensor, target: Any, mask: Any) -> Any:
-        if target is None:
-            return None
-        if mask is not None:
-            if not bool(mask.any()):
-                return None
-            output, target = output[mask], target[mask]
-        return F.binary_cross_entropy_with_logits(output, target.float())
+        rows = labelled_rows(output, target, mask)
+        return None if rows is None else F.binary_cross_entropy_with_logits(rows[0], rows[1].float())
 
     def probabilities(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs.float().sigmoid()

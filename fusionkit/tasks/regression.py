@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, TaskConfig
-from .base import Task, is_missing, label_error, register_task, replace
+from .base import Task, is_missing, label_error, labelled_rows, register_task, replace
 
 
 @register_task("regression")
@@ -67,14 +67,8 @@ class RegressionTask(Task):
         return TaskHead(dim, self.num_targets, num_views, dropout)
 
     def loss(self, output: torch.Tensor, target: Any, mask: Any) -> Any:
-        if target is None:
-            return None
-        target = target.float().reshape(output.shape)
-        if mask is not None:
-            if not bool(mask.any()):
-                return None
-            output, target = output[mask], target[mask]
-        return F.mse_loss(output, target)
+        rows = labelled_rows(output, None if target is None else target.float().reshape(output.shape), mask)
+        return None if rows is None else F.mse_loss(*rows)
 
     def metrics(
         self, outputs: torch.Tensor, labels: Any, mask: Any

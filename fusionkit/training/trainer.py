@@ -429,7 +429,7 @@ class Trainer:
             "running_loss": float(self.running_loss),
             "running_n": self.running_n,
             "precision": self.precision.name,
-            **({"ema": self.ema.state_dict()} if self.ema else {}),  # the raw weights; the model file holds the EMA
+            **({"ema": self.ema.state_dict(self.model)} if self.ema else {}),  # the raw weights; the model file holds the EMA
         }
 
     def _save(self, best: bool = False) -> None:

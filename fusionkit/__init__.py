@@ -78,3 +78,15 @@ __all__ = [
     "split_dataset",
     "train",
 ]
+
+_HF_NAMES = ("FusionkitConfig", "FusionkitModel")
+
+
+def __getattr__(name: str) -> object:
+    """`fusionkit.FusionkitModel` / `FusionkitConfig` (fusionkit.hf) import on first use: transformers'
+    model classes take seconds to import, which `import fusionkit` should not pay."""
+    if name in _HF_NAMES:
+        from . import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'fusionkit' has no attribute {name!r}")

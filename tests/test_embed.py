@@ -106,3 +106,15 @@ def test_progress_bar(pairs, capsys: pytest.CaptureFixture[str]) -> None:
     _, texts, images = pairs
     embed(create_model("tiny"), texts, images, batch_size=5, progress=True)
     assert "12/12" in capsys.readouterr().err
+
+
+def test_retrieval_recall_counts_the_matching_row() -> None:
+    from fusionkit.embedding import retrieval_recall
+
+    vectors = np.random.default_rng(0).normal(size=(20, 8))
+    same = retrieval_recall(vectors, vectors + 1e-3)
+    assert same["t2i_r@1"] == same["i2t_r@1"] == 1.0 and same["chance_r@1"] == 0.05
+    swapped = retrieval_recall(vectors, vectors[::-1])  # no row keeps its own image
+    assert swapped["t2i_r@1"] == swapped["i2t_r@1"] == 0.0 and swapped["t2i_r@10"] < 1.0
+    with pytest.raises(ValueError, match="paired row by row"):
+        retrieval_recall(vectors, vectors[:5])

@@ -51,9 +51,15 @@ def test_auto_classes_round_trip(saved: Path, batch, tmp_path: Path) -> None:
     files = sorted(p.name for p in (tmp_path / "again").iterdir())
     assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
     assert json.loads((tmp_path / "again" / "config.json").read_text())["model_type"] == "fusionkit"
-    for reload in (AutoModel.from_pretrained(tmp_path / "again"), FusionModel.from_pretrained(tmp_path / "again")):
+    for reload in (
+        AutoModel.from_pretrained(tmp_path / "again"),
+        FusionModel.from_pretrained(tmp_path / "again"),
+    ):
         torch.testing.assert_close(_logits(reload.eval(), batch), reference)
     assert isinstance(AutoModel.from_config(config), fhf.FusionkitModel)  # random weights, same architecture
+    import fusionkit
+
+    assert fusionkit.FusionkitModel is fhf.FusionkitModel and fusionkit.FusionkitConfig is fhf.FusionkitConfig
 
 
 def test_hub_ids_go_through_snapshot_download(saved: Path, batch, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,7 +73,9 @@ def test_hub_ids_go_through_snapshot_download(saved: Path, batch, monkeypatch: p
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
     reference = _logits(FusionModel.from_pretrained(saved).eval(), batch)
-    torch.testing.assert_close(_logits(FusionModel.from_pretrained("someorg/tiny-fusion").eval(), batch), reference)
+    torch.testing.assert_close(
+        _logits(FusionModel.from_pretrained("someorg/tiny-fusion").eval(), batch), reference
+    )
     loaded = fhf.FusionkitModel.from_pretrained("someorg/tiny-fusion", revision="v1")
     torch.testing.assert_close(_logits(loaded, batch), reference)
     assert isinstance(FusionProcessor.from_pretrained("someorg/tiny-fusion"), FusionProcessor)
@@ -91,7 +99,9 @@ def test_auto_classes_load_a_hub_id_from_the_hub_cache(saved: Path, batch, tmp_p
     assert isinstance(AutoConfig.from_pretrained("someorg/tiny-fusion", **hub), fhf.FusionkitConfig)
     assert isinstance(AutoProcessor.from_pretrained("someorg/tiny-fusion", **hub), FusionProcessor)
     model = AutoModel.from_pretrained("someorg/tiny-fusion", **hub)
-    torch.testing.assert_close(_logits(model, batch), _logits(FusionModel.from_pretrained(saved).eval(), batch))
+    torch.testing.assert_close(
+        _logits(model, batch), _logits(FusionModel.from_pretrained(saved).eval(), batch)
+    )
 
 
 def test_unreachable_hub_id_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -149,7 +159,9 @@ def test_labels_give_a_loss_hf_style_and_fusionkit_style(saved: Path, batch) -> 
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     torch.testing.assert_close(out.loss, per_task.loss)
     assert model(**inputs).loss is None
-    uint8 = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)  # fusionkit cache batches: normalized inside
+    uint8 = torch.randint(
+        0, 256, (5, 3, 32, 32), dtype=torch.uint8
+    )  # fusionkit cache batches: normalized inside
     assert model(**{**inputs, "pixel_values": uint8}).logits["sentiment"].shape == (5, 3)
 
 

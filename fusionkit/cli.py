@@ -92,6 +92,18 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument("--shard-size", type=int, help="rows per shard when --output is a directory (default 10000)")
     em.add_argument("--precision", choices=PRECISIONS, default="auto",
                     help="auto: bf16 on GPUs and CPUs with bf16 units, else fp32")  # fmt: skip
+    tu = sub.add_parser(
+        "tune",
+        usage="fusionkit tune CONFIG --trials N [--space SPACE.yaml] [--output-dir DIR] [--section.key VALUE ...]",
+        help="search hyperparameters with Optuna (each trial a training run; bad trials pruned)",
+        description="Trials train CONFIG (+ overrides) with values drawn from SPACE (default: lr, weight decay, "
+        "dropout, modality dropout, fusion dim/depth, label smoothing, class weights); the tune dir gets "
+        "trials.csv, trials.md, history.png and best.yaml. Needs `pip install 'fusionkit[tune]'`.",
+    )
+    tu.add_argument("--trials", type=int, required=True, help="number of trials")
+    tu.add_argument("--space", help="search space YAML: {config.key: {type: float|int|categorical, ...}}")
+    tu.add_argument("--output-dir", help="tune dir (default: run.output_dir/tune-<run.name>)")
+    tu.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
     ex = sub.add_parser("export", help="ONNX graphs of a model (fp32, optionally int8), checked against PyTorch")
     ex.add_argument("checkpoint", help="model dir, run dir (uses its best/ checkpoint) or hub id")
     ex.add_argument("--format", choices=("onnx",), default="onnx")
@@ -100,6 +112,23 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--parts", default="model,encode,encode_text,encode_image",
                     help="comma-separated graphs to export (default: all four)")  # fmt: skip
     return p
+
+
+def _tune(args: argparse.Namespace, extra: list[str]) -> int:
+    from .training.config import build_config
+    from .tune import tune
+
+    try:
+        import optuna  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"fusionkit tune needs optuna ({e}): pip install 'fusionkit[tune]'") from None
+    if not extra or extra[0].startswith("--"):
+        raise ConfigError("fusionkit tune needs a CONFIG file first: fusionkit tune CONFIG --trials N")
+    config = extra.pop(0)
+    result = tune(build_config(config, _overrides(extra)), args.trials, args.space, args.output_dir, seed=args.seed)
+    print(json.dumps(result, indent=2))
+    print(f"best config: {Path(result['output_dir']) / 'best.yaml'}")
+    return 0
 
 
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
@@ -364,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args, extra)
+        if args.command == "tune":
+            return _tune(args, extra)
         if extra:
             raise ConfigError(f"unexpected arguments {extra}")
         if args.command == "export":

@@ -1,0 +1,245 @@
+"""`fusionkit tune CONFIG --trials N [--space space.yaml]`: Optuna search over config keys.
+
+Each trial is an ordinary training run (its own run dir under `<tune dir>/trials/`) with the sampled
+values applied as config overrides; with frozen encoders every trial reuses the same feature cache,
+so a trial costs only the fusion + heads training. Trials report their per-epoch validation metric
+(the run's `run.metric`) through `Trainer.epoch_callbacks`, and Optuna's `MedianPruner` stops those
+that trail the median of earlier trials at the same epoch.
+
+A search space is a YAML mapping from config keys to distributions; a task's option is addressed
+as `model.tasks.<task name>.<option>`:
+
+    optim.lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}
+    model.fusion.depth: {type: int, low: 1, high: 3}
+    model.fusion.dim: {type: categorical, choices: [64, 128, 256]}
+    model.tasks.sentiment.class_weights: {type: categorical, choices: [null, balanced]}
+
+The tune dir receives `trials.csv`, `trials.md` (sorted by value), `history.png` (optimization
+history) and `best.yaml` (the best trial's full config, to train with `fusionkit train best.yaml`).
+Needs `pip install 'fusionkit[tune]'` (optuna).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, from_dict, load_config_file, merge, to_dict
+
+log = logging.getLogger("fusionkit.tune")
+
+DISTRIBUTIONS = ("float", "int", "categorical")
+TASK_PREFIX = "model.tasks."
+
+
+def default_space(task: str) -> dict[str, dict[str, Any]]:
+    """What matters most with frozen encoders (see benchmarks/results/mvsa_single_recipe.md)."""
+    return {
+        "optim.lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
+        "optim.weight_decay": {"type": "float", "low": 1e-3, "high": 0.2, "log": True},
+        "model.fusion.dropout": {"type": "float", "low": 0.0, "high": 0.4},
+        "model.fusion.modality_dropout": {"type": "float", "low": 0.0, "high": 0.4},
+        "model.fusion.dim": {"type": "categorical", "choices": [64, 128, 256]},
+        "model.fusion.depth": {"type": "int", "low": 1, "high": 3},
+        f"{TASK_PREFIX}{task}.label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
+        f"{TASK_PREFIX}{task}.class_weights": {"type": "categorical", "choices": [None, "balanced"]},
+    }
+
+
+def load_space(source: str | Path | Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """A search space from a YAML file or a mapping, checked: every entry a known distribution."""
+    where = str(source) if isinstance(source, str | Path) else "the search space"
+    space = load_config_file(source) if isinstance(source, str | Path) else dict(source)
+    if not space:
+        raise ConfigError(f"{where} declares no parameters")
+    for key, spec in space.items():
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        if kind not in DISTRIBUTIONS:
+            raise ConfigError(f"{where}: {key!r} needs type: one of {DISTRIBUTIONS}, got {spec!r}")
+        need = ("choices",) if kind == "categorical" else ("low", "high")
+        missing = [k for k in need if k not in spec]
+        if missing:
+            raise ConfigError(f"{where}: {key!r} ({kind}) needs {missing}")
+        if kind == "categorical" and (not isinstance(spec["choices"], list) or not spec["choices"]):
+            raise ConfigError(f"{where}: {key!r}: choices must be a non-empty list")
+        if kind != "categorical" and not spec["low"] < spec["high"]:
+            raise ConfigError(f"{where}: {key!r}: low must be < high, got {spec['low']} and {spec['high']}")
+    return space
+
+
+def suggest(trial: Any, space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """One value per key, drawn by the trial's sampler."""
+    out: dict[str, Any] = {}
+    for key, spec in space.items():
+        if spec["type"] == "float":
+            out[key] = trial.suggest_float(
+                key, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log"))
+            )
+        elif spec["type"] == "int":
+            out[key] = trial.suggest_int(key, int(spec["low"]), int(spec["high"]), log=bool(spec.get("log")))
+        else:
+            out[key] = trial.suggest_categorical(key, list(spec["choices"]))
+    return out
+
+
+def apply_params(config: Any, params: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Any:
+    """The `TrainConfig` with `params` set: plain dotted keys, and `model.tasks.<name>.<option>`."""
+    from .training.config import TrainConfig
+
+    data = to_dict(config)
+    plain = dict(overrides or {})
+    for key, value in params.items():
+        if not key.startswith(TASK_PREFIX):
+            plain[key] = value
+            continue
+        name, _, option = key[len(TASK_PREFIX) :].rpartition(".")
+        task = next((t for t in data["model"]["tasks"] if t["name"] == name), None)
+        if task is None or option not in task:
+            names = [t["name"] for t in data["model"]["tasks"]]
+            raise ConfigError(
+                f"search space key {key!r}: no task {name!r} with option {option!r} (tasks: {names})"
+            )
+        task[option] = value
+    return merge(from_dict(TrainConfig, data), plain)
+
+
+def tune(
+    config: Any,
+    trials: int,
+    space: str | Path | Mapping[str, Any] | None = None,
+    output_dir: str | Path | None = None,
+    data: Any = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run `trials` Optuna trials of `config` (a `TrainConfig`, dict or file); returns the best trial's summary.
+
+    `data`: an in-memory dataset every trial trains on (as `Trainer(data=...)`)."""
+    import optuna
+
+    from .tasks import create_task
+    from .training.config import TrainConfig, build_config
+    from .training.metrics import default_metric, higher_is_better
+    from .training.trainer import Trainer
+
+    cfg: TrainConfig = config if isinstance(config, TrainConfig) else build_config(config)
+    if trials < 1:
+        raise ConfigError(f"--trials must be at least 1, got {trials}")
+    first = next((t.name for t in cfg.model.tasks if t.type == "classification"), cfg.model.tasks[0].name)
+    space = load_space(space) if space is not None else default_space(first)
+    out = Path(output_dir or Path(cfg.run.output_dir) / f"tune-{cfg.run.name or 'run'}")
+    out.mkdir(parents=True, exist_ok=True)
+    metric = cfg.run.metric or default_metric({t.name: create_task(t) for t in cfg.model.tasks})
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest(trial, space)
+        run = {"run.output_dir": str(out / "trials"), "run.name": f"trial-{trial.number:03d}",
+               "run.name_exists": "increment", "run.progress": False, "run.plots": False}  # fmt: skip
+        trainer = Trainer(apply_params(cfg, params, run), data=data)
+        trial.set_user_attr("run_dir", str(trainer.run_dir))
+
+        def report(entry: dict[str, Any]) -> None:
+            value = entry.get(metric)
+            if value is None:
+                return
+            trial.report(float(value), entry["epoch"])
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"{metric}={value:.4f} at epoch {entry['epoch']}: below the median")
+
+        trainer.epoch_callbacks.append(report)
+        summary = trainer.fit()
+        if summary["best"] is None:
+            raise ConfigError(f"trial {trial.number}: {metric} was never computed (no labelled val rows?)")
+        return float(summary["best"])
+
+    study = optuna.create_study(
+        direction="maximize" if higher_is_better(metric) else "minimize",
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=min(5, max(1, trials // 4)), n_warmup_steps=1),
+    )
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(objective, n_trials=trials, catch=(FloatingPointError,))
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise RuntimeError(f"no tuning trial completed; see the run dirs under {out / 'trials'}")
+    best = study.best_trial
+    best_cfg = apply_params(cfg, best.params, {"run.name": None})
+    write_results(study, out, metric, space)
+    import yaml
+
+    (out / "best.yaml").write_text(
+        f"# fusionkit tune: best of {len(study.trials)} trials, {metric} = {best.value:.4f} (trial {best.number})\n"
+        + yaml.safe_dump(to_dict(best_cfg), sort_keys=False)
+    )
+    return {"best_value": best.value, "best_params": best.params, "best_trial": best.number,
+            "metric": metric, "trials": len(study.trials), "pruned": sum(t.state.name == "PRUNED" for t in study.trials),
+            "output_dir": str(out)}  # fmt: skip
+
+
+def write_results(study: Any, out: Path, metric: str, space: Mapping[str, Any]) -> None:
+    """trials.csv (every trial), trials.md (completed ones sorted, best first) and history.png."""
+    keys = list(space)
+    rows = []
+    for t in study.trials:
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
+        rows.append({"trial": t.number, "state": t.state.name, "value": t.value,
+                     "epochs": max(t.intermediate_values, default=None), "seconds": seconds,
+                     **{k: t.params.get(k) for k in keys}, "run_dir": t.user_attrs.get("run_dir")})  # fmt: skip
+    with open(out / "trials.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    done = sorted((r for r in rows if r["value"] is not None), key=lambda r: r["value"],
+                  reverse=study.direction.name == "MAXIMIZE")  # fmt: skip
+    lines = [f"| trial | {metric} | epochs | seconds | " + " | ".join(keys) + " |",
+             "|---|---|---|---|" + "---|" * len(keys)]  # fmt: skip
+    for r in done:
+        cells = " | ".join(_cell(r[k]) for k in keys)
+        lines.append(
+            f"| {r['trial']} | {r['value']:.4f} | {r['epochs']} | {r['seconds'] or 0:.0f} | {cells} |"
+        )
+    pruned = sum(r["state"] == "PRUNED" for r in rows)
+    (out / "trials.md").write_text(
+        f"# Tuning: {len(rows)} trials ({pruned} pruned), best first\n\n" + "\n".join(lines) + "\n"
+    )
+    plot_history(rows, out / "history.png", metric, study.direction.name == "MAXIMIZE")
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return json.dumps(v) if v is None or not isinstance(v, str) else v
+
+
+def plot_history(rows: list[dict[str, Any]], path: Path, metric: str, maximize: bool) -> None:
+    """Each trial's best value (pruned ones at their last report) and the best so far."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    done = [(r["trial"], r["value"]) for r in rows if r["value"] is not None]
+    if done:
+        xs, ys = zip(*done)
+        ax.scatter(xs, ys, label="completed trial", zorder=3)
+        best, running = [], -math.inf if maximize else math.inf
+        for y in ys:
+            running = max(running, y) if maximize else min(running, y)
+            best.append(running)
+        ax.step(xs, best, where="post", color="C1", label="best so far")
+    pruned = [r["trial"] for r in rows if r["state"] == "PRUNED"]
+    for x in pruned:
+        ax.axvline(x, color="0.8", lw=0.8, zorder=1)
+    ax.set_xlabel(f"trial ({len(pruned)} pruned: grey lines)")
+    ax.set_ylabel(metric)
+    ax.set_title("fusionkit tune: optimization history")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,76 @@
+"""`fusionkit tune`: tiny Optuna searches on synthetic data write their table, plot and best config."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("optuna")
+
+from fusionkit.cli import main  # noqa: E402
+from fusionkit.config import ConfigError  # noqa: E402
+from fusionkit.training.config import build_config  # noqa: E402
+from fusionkit.tune import apply_params, load_space  # noqa: E402
+
+
+def write_config(tmp_path: Path) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(
+        yaml.safe_dump({
+            "data": {"dataset": "synthetic:96", "cache_dir": str(tmp_path / "cache")},
+            "model": {"freeze": "encoders"},
+            "optim": {"epochs": 2, "batch_size": 16},
+            "run": {"output_dir": str(tmp_path / "runs"), "name": "base", "checkpoint_every": 0},
+        })
+    )  # fmt: skip
+    return path
+
+
+def test_cli_tune_writes_table_plot_and_best_config(tmp_path: Path) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        yaml.safe_dump({
+            "optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+            "model.fusion.depth": {"type": "int", "low": 1, "high": 2},
+            "model.tasks.sentiment.class_weights": {"type": "categorical", "choices": [None, "balanced"]},
+        })
+    )  # fmt: skip
+    out = tmp_path / "tune"
+    argv = [
+        "tune",
+        str(write_config(tmp_path)),
+        "--trials",
+        "3",
+        "--space",
+        str(space),
+        "--output-dir",
+        str(out),
+    ]
+    assert main(argv) == 0
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert len(rows) == 3 and {r["state"] for r in rows} <= {"COMPLETE", "PRUNED"}
+    assert len({r["optim.lr"] for r in rows}) == 3  # the sampler drew different values
+    assert (out / "history.png").stat().st_size > 1000
+    assert "| trial |" in (out / "trials.md").read_text()
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    best_row = max((r for r in rows if r["value"]), key=lambda r: float(r["value"]))
+    assert best["optim"]["lr"] == pytest.approx(float(best_row["optim.lr"]))
+    assert best["model"]["fusion"]["depth"] == int(best_row["model.fusion.depth"])
+    # every trial was a normal run dir, and the best config trains as it is
+    assert all(Path(r["run_dir"]).is_dir() for r in rows)
+    assert build_config(out / "best.yaml").optim.lr == best["optim"]["lr"]
+
+
+def test_task_options_and_bad_spaces() -> None:
+    cfg = build_config(None, {})
+    tuned = apply_params(cfg, {"model.tasks.sentiment.label_smoothing": 0.1, "optim.lr": 1e-3})
+    assert tuned.model.tasks[0].label_smoothing == 0.1 and tuned.optim.lr == 1e-3
+    with pytest.raises(ConfigError, match="no task 'mood'"):
+        apply_params(cfg, {"model.tasks.mood.label_smoothing": 0.1})
+    with pytest.raises(ConfigError, match="needs type"):
+        load_space({"optim.lr": {"low": 1, "high": 2}})
+    with pytest.raises(ConfigError, match="low must be < high"):
+        load_space({"optim.lr": {"type": "float", "low": 2, "high": 1}})

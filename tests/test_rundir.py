@@ -333,3 +333,11 @@ def test_output_never_overwrites_the_input_and_is_checked_before_work(
     out = tmp_path / "new" / "folder" / "preds.csv"
     assert main(["predict", *common, "--output", str(out)]) == 0
     assert len(out.read_text().splitlines()) == 25
+
+
+def test_a_lock_held_by_this_process_says_so(tmp_path: Path) -> None:
+    first = RunDir.create(tmp_path, "exp")
+    with pytest.raises(RunDirError, match="the holder is this process"):
+        RunDir(first.path).lock()
+    first.unlock()
+    RunDir(first.path).lock()  # released: free again

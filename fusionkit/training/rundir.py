@@ -94,7 +94,7 @@ class RunDir:
                 live = run.live_writer()
                 if live is not None:
                     raise RunDirError(f"{run.path} is being written by another live training ({live}); wait "
-                                      "for it to finish, or choose another run.name")  # fmt: skip
+                                      f"for it to finish, or choose another run.name{_own_hint(live)}")  # fmt: skip
                 started = not {"last", CHECKPOINTS, "summary.json"} & set(run.contents())
                 raise RunDirError(
                     f"{run.path} already holds a run ({', '.join(run.contents()[:5])}); fusionkit never writes "
@@ -170,7 +170,7 @@ class RunDir:
             os.close(fd)
             raise RunDirError(
                 f"{self.path} is being written by another live training (pid/host: {holder}); wait for it "
-                "to finish, or choose another run.name"
+                f"to finish, or choose another run.name{_own_hint(holder)}"
             ) from None
         previous = os.pread(fd, 200, 0).decode(errors="replace").strip()
         if previous:
@@ -259,6 +259,12 @@ class RunDir:
         """Append one line to resume_log.jsonl: what a resume started from and what it accepted."""
         with open(self.file("resume_log.jsonl"), "a") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}, default=str) + "\n")
+
+
+def _own_hint(holder: str) -> str:
+    if holder.startswith(f"{os.getpid()}@"):
+        return " (the holder is this process: an earlier Trainer that failed or was never fit; delete it)"
+    return ""
 
 
 def _release(fd: int) -> None:

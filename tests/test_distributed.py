@@ -37,6 +37,9 @@ def config(tmp: Path, name: str):
         "data.augment": False,  # random draws (augmentation, dropout) differ per rank: switch them off
         "model.text.config_overrides": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
         "model.tasks": TASKS, "optim.batch_size": 16, "optim.eval_batch_size": 4, "optim.max_steps": 4,
+        # BERT's key bias has a zero gradient in exact arithmetic (softmax ignores a shift): float noise
+        # of ~1e-11 that Adam's default eps (1e-8) would turn into steps of random sign
+        "optim.eps": 1e-6,
         "run.precision": "fp32", "run.output_dir": str(tmp / "runs"), "run.name": name, "run.progress": False,
         "run.plots": False, "run.device": "cpu", "run.checkpoint_every": 0,
     })  # fmt: skip

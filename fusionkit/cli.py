@@ -287,7 +287,8 @@ def _embed(args: argparse.Namespace) -> int:
         manifest = embed_to_shards(model, ds, args.output, shard_size=args.shard_size or 10_000,
                                    batch_size=args.batch_size, modality=args.modality, precision=args.precision,
                                    source=f"{args.data or args.checkpoint} split={args.split}")  # fmt: skip
-        print(f"{manifest['rows']} vectors in {len(manifest['shards'])} shards in {args.output}")
+        if os.environ.get("RANK", "0") == "0":  # one line for the whole launch
+            print(f"{manifest['rows']} vectors in {len(manifest['shards'])} shards in {args.output}")
         return 0
     texts = (ex.text for ex in ds) if args.modality != "image" else None
     images = (ex.image for ex in ds) if args.modality != "text" else None

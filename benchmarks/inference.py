@@ -26,6 +26,7 @@ import copy
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -253,6 +254,23 @@ def main(argv: list[str] | None = None) -> int:
         ("fusionkit torch.compile (fp32)", "fp32", lambda: fusionkit_variant(_compiled(model), "fp32")),
     ]
     export_dir = Path(tempfile.mkdtemp(prefix="fusionkit-onnx-"))
+    try:
+        return run(args, model, pairs, variants, export_dir, meta, bf16_flag, skip)
+    finally:
+        shutil.rmtree(export_dir, ignore_errors=True)
+
+
+def run(
+    args: argparse.Namespace,
+    model: FusionModel,
+    pairs: Pairs,
+    variants: list[tuple[str, str, Callable[[], tuple[Callable, Callable]]]],
+    export_dir: Path,
+    meta: dict[str, Any],
+    bf16_flag: str | None,
+    skip: set[str],
+) -> int:
+    bs = args.batch_size
     if "onnx" not in skip:
         from fusionkit.export import export_onnx
 

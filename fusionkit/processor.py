@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .config import ConfigError, ImagePreprocess, from_dict, to_dict
 from .data.collate import ImageTransform
@@ -158,7 +159,7 @@ class FusionProcessor:
         """
         if texts is None and images is None:
             raise ValueError("FusionProcessor needs texts, images or both")
-        if isinstance(texts, str) or isinstance(images, str | bytes | Path):
+        if isinstance(texts, str) or isinstance(images, str | bytes | Path | Image.Image):
             raise TypeError("pass a list of captions / images, not a single one")
         if texts is not None and images is not None and len(texts) != len(images):
             raise ValueError(f"got {len(texts)} texts but {len(images)} images; pairs need equal counts")

@@ -89,6 +89,8 @@ def test_bad_inputs_are_clear_errors(model, pairs, tmp_path: Path) -> None:
         proc()
     with pytest.raises(TypeError, match="not a single one"):
         proc(texts="one caption")
+    with pytest.raises(TypeError, match="not a single one"):
+        proc(images=images[0])
     with pytest.raises(TypeError, match=r"texts\[1\] is a int"):
         proc(texts=["ok", 3])
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -27,6 +27,7 @@ from fusionkit.models import FusionModel
 from fusionkit.training import Trainer, build_config, train
 from fusionkit.training.checkpoint import load_state
 from fusionkit.training.rundir import RunDir, RunDirError, follow_pointer
+from tests.reliability_utils import tally
 
 CLASSES = ["negative", "neutral", "positive"]
 
@@ -104,11 +105,13 @@ def test_pointers_are_files_naming_a_checkpoint(base: tuple[Path, Path]) -> None
 def test_same_name_again_is_refused_and_the_first_run_is_intact(base: tuple[Path, Path], tmp_path: Path) -> None:
     root, first = base
     before = _digest(first)
+    tally("rundir/never_overwritten", tried=2)
     with pytest.raises(RunDirError, match="already holds a run.*--resume"):
         train(build_config(None, _overrides(root, root / "data" / "pairs.csv")))
     assert main(["train", "--run.output_dir", str(root / "runs"), "--run.name", "run", "--data.dataset",
                  str(root / "data" / "pairs.csv")]) == 1  # fmt: skip
     assert _digest(first) == before
+    tally("rundir/never_overwritten", intact=2)
 
 
 def test_a_live_writer_keeps_a_second_one_out(
@@ -170,6 +173,7 @@ def test_create_never_takes_a_dir_with_content_or_a_writer(
         holder.lock()
     before = _digest(existing)
     taken = bool(set(contents) - {"run.lock"}) or locked
+    tally("rundir/never_overwritten", tried=int(taken))
     try:
         if taken and policy == "error":
             with pytest.raises(RunDirError):
@@ -182,6 +186,7 @@ def test_create_never_takes_a_dir_with_content_or_a_writer(
     finally:
         holder.unlock()
     assert _digest(existing) == before
+    tally("rundir/never_overwritten", intact=int(taken))
 
 
 # ------------------------------------------------------------------------------ copies and resumes
@@ -219,6 +224,7 @@ def test_resume_with_changed_labels_is_refused(base: tuple[Path, Path], tmp_path
     root, _ = base
     run = _copy(base, tmp_path)
     before = _digest(run)
+    tally("rundir/never_overwritten", tried=1)
     _write_csv(root / "data", flip=True)
     try:
         with pytest.raises(RunDirError, match="data of .* changed.*split 'train': content changed"):
@@ -229,6 +235,7 @@ def test_resume_with_changed_labels_is_refused(base: tuple[Path, Path], tmp_path
     assert {k: v for k, v in after.items() if k != "skipped_rows.jsonl"} == {
         k: v for k, v in before.items() if k != "skipped_rows.jsonl"
     }
+    tally("rundir/never_overwritten", intact=1)
 
 
 def test_resume_with_a_new_lr_is_refused_then_accepted_and_recorded(
@@ -299,8 +306,8 @@ def test_max_length_beyond_the_encoders_positions_fails_at_start(tmp_path: Path)
     cfg = build_config(None, {"model.text.max_length": 4096, "run.output_dir": str(tmp_path), "run.name": "x"})
     with pytest.raises(ConfigError, match="max_length=4096 exceeds .* 512 position"):
         Trainer(cfg)
-    assert RunDir(tmp_path / "x").last is None  # refused before any training
-    with pytest.raises(RunDirError, match="stopped before its first checkpoint: delete the dir"):
+    assert not (tmp_path / "x").exists()  # refused before any training; the half-made dir is gone
+    with pytest.raises(ConfigError, match="max_length=4096"):  # so the same name fails the same way
         Trainer(cfg)
 
 
@@ -325,11 +332,13 @@ def test_output_never_overwrites_the_input_and_is_checked_before_work(
         assert main([command, *common, "--output", str(out)]) == 2, (command, out)
         assert "would overwrite" in capsys.readouterr().err
     assert data.read_bytes() == before
+    tally("rundir/outputs_refused", refused=5)
     caplog.set_level(logging.INFO)
     assert main(["embed", *common, "--output", str(tmp_path / "x.csv")]) == 2
     assert ".npy or .parquet" in capsys.readouterr().err
     assert not list(tmp_path.glob("x.csv*"))
     assert not any("cache" in r.getMessage() for r in caplog.records)  # refused before reading any data
+    tally("rundir/outputs_refused", refused=1)
     out = tmp_path / "new" / "folder" / "preds.csv"
     assert main(["predict", *common, "--output", str(out)]) == 0
     assert len(out.read_text().splitlines()) == 25

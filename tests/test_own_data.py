@@ -136,6 +136,8 @@ def test_wrong_metric_and_column_fail_before_any_work(tmp_path: Path, capsys: py
     err = capsys.readouterr().err
     assert "'sentiment'" in err and "mood" in err and "model.tasks[].column" in err
     assert not (tmp_path / "runs" / "cache").exists()  # nothing was cached: it failed before that step
+    assert not (tmp_path / "runs" / "bad").exists()  # no half-made run dir blocks the corrected command
+    assert main(train_args(table, tmp_path / "runs", "bad")) == 0
 
 
 def _raw(labels: list[object], declared: list[str] | None = None) -> fusionkit.MultimodalDataset:

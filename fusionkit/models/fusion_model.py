@@ -406,9 +406,8 @@ class FusionModel(nn.Module):
 
         def build() -> FusionModel:
             text = TextEncoder.from_config(config.text, saved_dir=directory / "text_encoder")
-            image = ImageEncoder.from_config(
-                config.image, saved_dir=directory / "image_encoder" if config.image.backend == "hf" else None
-            )
+            # timm rebuilds from its name alone; a saved_dir still tells it not to fetch pretrained weights
+            image = ImageEncoder.from_config(config.image, saved_dir=directory / "image_encoder")
             if "image_preprocess" in meta:
                 image.preprocess = from_dict(ImagePreprocess, meta["image_preprocess"])
             with warnings.catch_warnings():

@@ -49,6 +49,7 @@ from .feature_cache import FeatureCollator, build_features
 from .metrics import check_metric, default_metric, evaluation_metrics, higher_is_better, prediction_rows
 from .optim import build_optimizer, build_scheduler
 from .report import plot_confusion, plot_curves, write_jsonl, write_predictions
+from .rundir import LOCK as RUN_LOCK
 from .rundir import OPERATIONAL_KEYS, RunDir, RunDirError, config_changes, data_changes, data_fingerprint
 
 log = logging.getLogger("fusionkit.training")
@@ -254,6 +255,15 @@ class Trainer:
         self.resume, self.accept_changes = resume, accept_changes
         self.run = self._open_run_dir()  # locked by rank 0 until fit ends; refuses before any work
         self.run_dir = self.run.path
+        try:
+            self._setup(model, data)
+        except BaseException:
+            self._abandon_run()
+            raise
+
+    def _setup(self, model: FusionModel | None, data: Any) -> None:
+        """Everything after the run dir is locked: data, model, precision, optimizer, progress state."""
+        cfg = self.cfg
         # Accelerate where it is needed (several processes, experiment trackers): DDP and the trackers
         self.accelerator = D.make_accelerator(self.device, cfg.run.report_to, self.run_dir)
         self.progress = cfg.run.progress and self.is_main
@@ -288,6 +298,19 @@ class Trainer:
         self.epoch_callbacks: list[Callable[[dict[str, Any]], None]] = []
         # train loss summed since the last log line: part of the state, so logs match across a resume
         self.running_loss, self.running_n = torch.zeros((), device=self.device), 0
+
+    def _abandon_run(self) -> None:
+        """Set-up failed (bad data, a wrong metric...): release the lock; a fresh run dir that holds no
+        checkpoint yet is removed, so the corrected command can run under the same name."""
+        if not self.is_main:
+            return
+        self.run.unlock()
+        if self.resume or self.run.checkpoints.exists():
+            return
+        for name in ("split.json", "skipped_rows.jsonl", "skipped_labels.jsonl", RUN_LOCK):
+            self.run.file(name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # anything else in it (the user's): the folder stays
+            self.run.path.rmdir()
 
     # ------------------------------------------------------------------ data
     def _read_data(self, data: Any, model: FusionModel | None) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 One run covers a classification task and a contrastive task (negatives gathered over both ranks),
 sharded evaluation (its metrics equal one process's), a `data.split_file` that differs from the
-seeded split (both ranks must read it), and every rank's RNG state in the checkpoint. A NaN loss on
-one rank stops both ranks with the same error instead of hanging the other in an all-reduce.
+seeded split (both ranks must read it), and every rank's RNG state in the checkpoint. A SIGKILL of
+one rank, then `resume`, ends bitwise where the uninterrupted 2-process run does (slow). A NaN loss
+on one rank stops both ranks with the same error instead of hanging the other in an all-reduce.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -21,13 +23,15 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from fusionkit.config import ConfigError
-from fusionkit.data import load_dataset, split_dataset
+from fusionkit.data import load_dataset
 from fusionkit.training import checkpoint as ckpt
 from fusionkit.training.config import build_config
 from fusionkit.training.rundir import follow_pointer
 from fusionkit.training.trainer import NonFiniteLossError, Trainer
 
-TASKS = [{"name": "sentiment", "type": "classification"}, {"name": "align", "type": "contrastive"}]
+SENTIMENT = {"name": "sentiment", "type": "classification", "num_classes": 3,
+             "class_names": ["positive", "neutral", "negative"]}  # fmt: skip
+TASKS = [SENTIMENT, {"name": "align", "type": "contrastive"}]
 
 
 def config(tmp: Path, name: str):
@@ -36,13 +40,25 @@ def config(tmp: Path, name: str):
         "data.split_file": str(tmp / "split.json"),
         "data.augment": False,  # random draws (augmentation, dropout) differ per rank: switch them off
         "model.text.config_overrides": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
-        "model.tasks": TASKS, "optim.batch_size": 16, "optim.eval_batch_size": 4, "optim.max_steps": 4,
+        "model.tasks": TASKS, "optim.batch_size": 16, "optim.eval_batch_size": 4, "optim.max_steps": 6,
         # BERT's key bias has a zero gradient in exact arithmetic (softmax ignores a shift): float noise
         # of ~1e-11 that Adam's default eps (1e-8) would turn into steps of random sign
         "optim.eps": 1e-6,
         "run.precision": "fp32", "run.output_dir": str(tmp / "runs"), "run.name": name, "run.progress": False,
-        "run.plots": False, "run.device": "cpu", "run.checkpoint_every": 0,
+        "run.plots": False, "run.device": "cpu", "run.checkpoint_every": 2,
     })  # fmt: skip
+
+
+def write_split(tmp: Path) -> Path:
+    """A saved split that is not the one run.seed would draw (a rank that ignored it would train on other
+    rows), with 64 train rows: 4 whole batches, so one and two processes see the same global batches."""
+    ids = load_dataset("synthetic:80").ids
+    order = torch.randperm(80, generator=torch.Generator().manual_seed(123)).tolist()
+    split = {name: [ids[i] for i in order[a:b]] for name, a, b in (("train", 0, 64), ("val", 64, 72),
+                                                                   ("test", 72, 80))}  # fmt: skip
+    path = tmp / "split.json"
+    path.write_text(json.dumps(split))
+    return path
 
 
 def _join(rank: int, port: int) -> None:
@@ -51,14 +67,28 @@ def _join(rank: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
-def _train_worker(rank: int, tmp: str, port: int) -> None:
+def _train_worker(rank: int, tmp: str, port: int, name: str, kill_at: int, resume: bool) -> None:
+    """Train run `name` on 2 processes; rank 1 is SIGKILLed right after optimizer step `kill_at` (0: never)."""
     _join(rank, port)
     try:
-        trainer = Trainer(config(Path(tmp), "ddp"))
+        trainer = Trainer(config(Path(tmp), name), resume=resume)
         assert trainer.world == 2 and len(next(iter(trainer.train_sampler))) == 8  # half the global batch
+        step = trainer._optimizer_step
+
+        def step_then_die() -> None:
+            step()
+            if rank == 1 and trainer.step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        trainer._optimizer_step = step_then_die
         trainer.fit()
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def two_processes(tmp: Path, name: str, kill_at: int = 0, resume: bool = False) -> None:
+    mp.spawn(_train_worker, args=(str(tmp), _free_port(), name, kill_at, resume), nprocs=2, join=True)
 
 
 def _nan_worker(rank: int, tmp: str, port: int) -> None:
@@ -88,56 +118,75 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _epoch_end_metrics(run: Path) -> dict[str, float]:
+def _epoch_ends(run: Path) -> list[dict[str, float]]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return next(r for r in rows if r.get("epoch_end"))
+    return [r for r in rows if r.get("epoch_end")]
 
 
-@pytest.fixture
-def split_file(tmp_path: Path) -> Path:
-    """A saved split that is not the one run.seed would draw: a rank that ignored it would train on other rows."""
-    path = tmp_path / "split.json"
-    split_dataset(load_dataset("synthetic:80"), (0.8, 0.1, 0.1), seed=123, path=path)
-    return path
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(follow_pointer(run / "last") / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same 6 steps (2 epochs, a checkpoint every 2 steps) in one process ("single") and in two ("ddp")."""
+    tmp = tmp_path_factory.mktemp("distributed")
+    write_split(tmp)
+    single = Trainer(config(tmp, "single"))
+    assert single.world == 1
+    single.fit()
+    two_processes(tmp, "ddp")
+    return tmp
 
 
 @pytest.mark.timeout(300)
-def test_two_processes_train_and_evaluate_like_one(tmp_path: Path, split_file: Path) -> None:
-    single = Trainer(config(tmp_path, "single"))
-    assert single.world == 1
-    single.fit()
-    mp.spawn(_train_worker, args=(str(tmp_path), _free_port()), nprocs=2, join=True)
-    runs = tmp_path / "runs"
-    a = load_file(follow_pointer(runs / "single" / "last") / "model.safetensors")
-    b = load_file(follow_pointer(runs / "ddp" / "last") / "model.safetensors")
-    init = Trainer(config(tmp_path, "init")).model.state_dict()  # same seed: the starting weights
+def test_two_processes_train_and_evaluate_like_one(runs: Path) -> None:
+    a, b = _weights(runs / "runs" / "single"), _weights(runs / "runs" / "ddp")
+    init = Trainer(config(runs, "init")).model.state_dict()  # same seed: the starting weights
     assert [k for k in a if not torch.equal(a[k], init[k])], "training did not change the weights"
     assert not torch.equal(a["heads.align.logit_scale"], init["heads.align.logit_scale"])
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=2e-4, atol=1e-6, msg=k)
     # sharded evaluation (2 val batches, one per rank) gives one process's metrics
-    one, two = _epoch_end_metrics(runs / "single"), _epoch_end_metrics(runs / "ddp")
-    assert sorted(one) == sorted(two) and "val/align/r@1" in one and "val/sentiment/accuracy" in one
-    for key, value in one.items():
-        assert two[key] == pytest.approx(value, rel=2e-4, abs=1e-6), key
-    assert json.loads((runs / "ddp" / "split.json").read_text()) == json.loads(split_file.read_text())
-    state = ckpt.load_state(follow_pointer(runs / "ddp" / "last"))
+    one, two = _epoch_ends(runs / "runs" / "single"), _epoch_ends(runs / "runs" / "ddp")
+    assert len(one) == len(two) == 2 and "val/align/r@1" in one[0] and "val/sentiment/accuracy" in one[0]
+    for x, y in zip(one, two):
+        assert sorted(x) == sorted(y)
+        for key, value in x.items():
+            assert y[key] == pytest.approx(value, rel=2e-4, abs=1e-6), key
+    split = json.loads((runs / "split.json").read_text())
+    assert json.loads((runs / "runs" / "ddp" / "split.json").read_text()) == split
+    state = ckpt.load_state(follow_pointer(runs / "runs" / "ddp" / "last"))
     assert len(state["rng_per_rank"]) == 2  # each rank resumes its own random stream
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_sigkill_of_one_rank_then_resume_matches_uninterrupted(runs: Path) -> None:
+    with pytest.raises(mp.ProcessExitedException):  # rank 1 killed after step 3; rank 0 is torn down
+        two_processes(runs, "killed", kill_at=3)
+    assert follow_pointer(runs / "runs" / "killed" / "last").name == "step-00000002"
+    two_processes(runs, "killed", resume=True)
+    a, b = _weights(runs / "runs" / "ddp"), _weights(runs / "runs" / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _epoch_ends(runs / "runs" / "killed") == _epoch_ends(runs / "runs" / "ddp")
+
+
 @pytest.mark.timeout(180)
-def test_nan_on_one_rank_stops_every_rank(tmp_path: Path, split_file: Path) -> None:
+def test_nan_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
+    write_split(tmp_path)
     mp.spawn(_nan_worker, args=(str(tmp_path), _free_port()), nprocs=2, join=True)
     errors = [(tmp_path / f"error-{r}.txt").read_text() for r in (0, 1)]
     assert errors[0] == errors[1]
     assert errors[0].startswith("rank 1: loss is nan at epoch 1, step 3")
 
 
-def test_report_to_names_known_installed_trackers(tmp_path: Path, split_file: Path) -> None:
+def test_report_to_names_known_installed_trackers(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"run.report_to: use any of \('tensorboard', 'wandb', 'mlflow'\)"):
         build_config(None, {"run.report_to": ["tensorbored"]}).validate()
     if importlib.util.find_spec("tensorboard") is not None:
         pytest.skip("tensorboard is installed here")
+    write_split(tmp_path)
     cfg = config(tmp_path, "tb")
     cfg.run.report_to = ["tensorboard"]
     with pytest.raises(ConfigError, match=r"pip install tensorboard"):

@@ -7,8 +7,11 @@
 * `any_rank(flag)` and `broadcast_object(obj)` make stop decisions once for all ranks: a NaN on one
   rank stops every rank (instead of hanging the others in the next all-reduce), and early stopping is
   decided on rank 0 and followed everywhere.
-* `all_gather_object(obj)` collects one picklable object per rank: RNG states for a checkpoint,
-  evaluation shards for the metrics.
+* `all_gather_object(obj)` collects one picklable object per rank: RNG states for a checkpoint.
+* `ShardedBatchSampler` + `gather_inference`: each rank scores whole evaluation batches, every rank
+  gets the whole split's outputs back (so metrics and decisions agree).
+* `make_accelerator(...)`: Hugging Face Accelerate for what it does well, wrapping the model in DDP and
+  running experiment trackers; created only when there are several processes or trackers.
 """
 
 from __future__ import annotations

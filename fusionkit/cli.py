@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--batch-size", type=int, default=128)
         sp.add_argument("--cache-dir", help="data cache dir (default: data.cache_dir, $FUSIONKIT_CACHE, ~/.cache/fusionkit)")
         sp.add_argument("--device", default="auto")
+        sp.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="auto (as training): bf16 on GPUs and CPUs with bf16 units, else fp32")  # fmt: skip
         for col in ("text", "image", "id"):
             sp.add_argument(f"--{col}-column", help=f"column of the {col}s in --data (default: the run's data.{col}_column)")
 
@@ -90,8 +92,6 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument("--output", required=True, help=".npy, .parquet, or DIR/ for resumable Parquet shards")
     em.add_argument("--modality", choices=("joint", "text", "image"), default="joint")
     em.add_argument("--shard-size", type=int, help="rows per shard when --output is a directory (default 10000)")
-    em.add_argument("--precision", choices=PRECISIONS, default="auto",
-                    help="auto: bf16 on GPUs and CPUs with bf16 units, else fp32")  # fmt: skip
     tu = sub.add_parser(
         "tune",
         usage="fusionkit tune CONFIG --trials N [--space SPACE.yaml] [--output-dir DIR] [--section.key VALUE ...]",
@@ -228,12 +228,14 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
 
 def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from .models import FusionModel
+    from .precision import choose_precision
     from .training.trainer import inference_loader, resolve_device, run_inference
 
     model = FusionModel.from_pretrained(args.checkpoint, map_location=resolve_device(args.device))
     _, data = _split(args, model, with_labels=args.command == "eval")
     loader, transform = inference_loader(model, data, args.batch_size)
-    return model, run_inference(model, loader, transform, desc=args.split)
+    amp = choose_precision(args.precision, model.device).dtype  # what training's evaluation used here
+    return model, run_inference(model, loader, transform, amp, desc=args.split)
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ from .data import (  # noqa: E402
     make_synthetic,
     split_dataset,
 )
+from .embed_shards import embed_to_shards, read_embeddings  # noqa: E402
 from .embedding import embed  # noqa: E402
 from .models import (  # noqa: E402
     FusionModel,
@@ -67,6 +68,7 @@ __all__ = [
     "build_config",
     "create_model",
     "embed",
+    "embed_to_shards",
     "get_config",
     "list_fusions",
     "list_presets",
@@ -74,6 +76,7 @@ __all__ = [
     "load_dataset",
     "make_synthetic",
     "register_fusion",
+    "read_embeddings",
     "register_task",
     "split_dataset",
     "train",

@@ -245,3 +245,17 @@ def test_dataframe_and_in_memory_dataset_through_python_api(tmp_path: Path) -> N
     assert model.class_names["mood"] == names
     preds = model.predict(texts=["great sunny day"] * 2, images=[str(table.parent / "img0.png")] * 2)
     assert preds[0]["mood"] in names
+
+
+def test_python_api_resume_keeps_the_class_names_the_data_gave(tmp_path: Path) -> None:
+    table = write_table(tmp_path / "data", n=24)
+    cfg = {"data": {"dataset": str(table), "text_column": "caption", "image_column": "photo",
+                    "cache_dir": str(tmp_path / "c")},
+           "model": {"tasks": [{"name": "mood", "class_weights": "balanced"}]},
+           "optim": {"max_steps": 2, "batch_size": 8},
+           "run": {"output_dir": str(tmp_path / "runs"), "name": "r", "progress": False, "plots": False}}  # fmt: skip
+    first = fusionkit.train(cfg)
+    again = fusionkit.train(cfg, resume=True)  # the same config: not refused as "changed"
+    assert again["steps"] == first["steps"] == 2
+    saved = fusionkit.FusionModel.from_pretrained(tmp_path / "runs" / "r").config.tasks[0]
+    assert saved.class_names == ["happy", "meh", "sad"] and isinstance(saved.class_weights, list)

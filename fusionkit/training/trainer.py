@@ -198,6 +198,24 @@ def inference_loader(
     return loader, ImageTransform(model.image_preprocess, train=False).to(model.device)
 
 
+def _adopt_data_derived(cfg: TrainConfig, saved: dict[str, Any]) -> None:
+    """A resumed run keeps the task schema its data gave it (class names, counts, balanced weights):
+    a config that leaves them to the data is the same config, not a change."""
+    from ..config import TaskConfig, from_dict
+
+    saved_tasks = {t.get("name"): t for t in saved.get("model", {}).get("tasks", []) if isinstance(t, dict)}
+    for i, task in enumerate(cfg.model.tasks):
+        old = saved_tasks.get(task.name)
+        if old is None or task.class_names is not None or task.num_classes is not None:
+            continue
+        old = from_dict(TaskConfig, old, f"model.tasks[{i}]")
+        same = (task.class_weights == old.class_weights or task.class_weights == "balanced") and all(
+            getattr(task, f) == getattr(old, f) for f in ("type", "column", "weight", "label_smoothing", "params")
+        )
+        if same:
+            cfg.model.tasks[i] = old
+
+
 def reader_kwargs(
     data: DataConfig,
     tasks: Any = (),
@@ -423,7 +441,9 @@ class Trainer:
                 check_writable(run.path)
             self.config_changes: dict[str, list[Any]] = {}
             if self.resume:
-                self.config_changes = config_changes(run.read_config() or {}, to_dict(cfg))
+                saved = run.read_config() or {}
+                _adopt_data_derived(cfg, saved)
+                self.config_changes = config_changes(saved, to_dict(cfg))
                 guarded = {k: v for k, v in self.config_changes.items() if k not in OPERATIONAL_KEYS}
                 if guarded and not self.accept_changes:
                     listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in guarded.items())

@@ -8,11 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("accelerate")  # the HF Trainer needs it
-
-import fusionkit.hf as fhf  # noqa: E402  (registers the Auto classes)
-from fusionkit import FusionModel, FusionProcessor, create_model, make_synthetic  # noqa: E402
-from fusionkit.models.fusion_model import model_inputs  # noqa: E402
+import fusionkit.hf as fhf  # (registers the Auto classes)
+from fusionkit import FusionModel, FusionProcessor, create_model, make_synthetic
+from fusionkit.models.fusion_model import model_inputs
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +42,8 @@ def test_auto_classes_round_trip(saved: Path, batch, tmp_path: Path) -> None:
     model = AutoModel.from_pretrained(saved)
     assert isinstance(model, fhf.FusionkitModel) and not model.training
     assert isinstance(AutoProcessor.from_pretrained(saved), FusionProcessor)
+    FusionProcessor.from_pretrained(saved).save_pretrained(tmp_path / "processor")  # a processor on its own
+    assert isinstance(AutoProcessor.from_pretrained(tmp_path / "processor"), FusionProcessor)
     reference = _logits(FusionModel.from_pretrained(saved).eval(), batch)
     torch.testing.assert_close(_logits(model, batch), reference)
 
@@ -166,6 +166,7 @@ def test_labels_give_a_loss_hf_style_and_fusionkit_style(saved: Path, batch) -> 
 
 
 def test_hf_trainer_trains_it_unchanged(saved: Path, tmp_path: Path) -> None:
+    pytest.importorskip("accelerate")  # the HF Trainer needs it
     from transformers import AutoModel, Trainer, TrainingArguments, default_data_collator
 
     model = AutoModel.from_pretrained(saved)

@@ -58,7 +58,9 @@ class FusionkitConfig(PretrainedConfig):
 
     def model_config(self) -> ModelConfig:
         if self.model is None:
-            raise ConfigError("this FusionkitConfig holds no fusionkit model config (its 'model' key is empty)")
+            raise ConfigError(
+                "this FusionkitConfig holds no fusionkit model config (its 'model' key is empty)"
+            )
         return from_dict(ModelConfig, self.model).validate()
 
 
@@ -108,15 +110,18 @@ class FusionkitModel(PreTrainedModel):
         text_present: torch.Tensor | None = None,
         image_present: torch.Tensor | None = None,
         labels: Mapping[str, torch.Tensor] | torch.Tensor | None = None,
-        label_mask: Mapping[str, torch.Tensor] | None = None,
         return_dict: bool | None = None,
-        **kwargs: Any,  # ids, num_items_in_batch, ... from HF/fusionkit collators: not model inputs
+        **kwargs: Any,
     ) -> FusionkitOutput | tuple:
         """`FusionModel.forward` plus the loss when `labels` are given.
 
-        `labels`: fusionkit's `{task: tensor}` (+ `label_mask`), or a plain tensor for a single-task
-        model (HF style; -100 marks a missing label). uint8 `pixel_values` are normalized first.
+        `labels`: fusionkit's `{task: tensor}` (+ `label_mask={task: bool}` from `kwargs`), or a plain
+        tensor for a single-task model (HF style; -100 marks a missing label). uint8 `pixel_values`
+        are normalized first. Other `kwargs` (ids, num_items_in_batch, ...) are collator extras.
+        `label_mask` is not a named parameter because the HF Trainer takes every forward parameter
+        whose name contains "label" for a label column, and would then skip the loss without it.
         """
+        label_mask = kwargs.get("label_mask")
         if pixel_values is not None and not pixel_values.is_floating_point():
             pixel_values = self.image_transform.to(pixel_values.device)(pixel_values)
         batch = dict(
@@ -155,9 +160,7 @@ class FusionkitModel(PreTrainedModel):
         return {task: labels.clamp_min(0) if not labels.is_floating_point() else labels}, {task: mask}
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(
-        self, save_directory: str | Path, push_to_hub: bool = False, **kwargs: Any
-    ) -> None:
+    def save_pretrained(self, save_directory: str | Path, push_to_hub: bool = False, **kwargs: Any) -> None:
         """Write the `FusionModel` folder (safetensors only) with an HF `config.json` (model_type fusionkit).
 
         `push_to_hub=True` uploads it too (`repo_id` defaults to the folder name), as transformers does.
@@ -178,8 +181,11 @@ class FusionkitModel(PreTrainedModel):
         """Load a saved folder, a run dir (its best/ model) or a hub id; `device_map`/`map_location` pick
         the device. Other keywords go to the hub download (`revision`, `token`, `cache_dir`, ...)."""
         if model_args:
-            raise TypeError(f"FusionkitModel.from_pretrained takes no positional model args, got {model_args}")
-        kwargs.pop("config", None)  # AutoModel passes the loaded config; the folder's config.json is the truth
+            raise TypeError(
+                f"FusionkitModel.from_pretrained takes no positional model args, got {model_args}"
+            )
+        # AutoModel passes the config it loaded; the folder's config.json is read again with the weights.
+        kwargs.pop("config", None)
         device = kwargs.pop("map_location", None) or kwargs.pop("device_map", None) or "cpu"
         directory = _find_checkpoint_dir(resolve_pretrained_dir(pretrained_model_name_or_path, **kwargs))
         model = cls.from_fusion_model(FusionModel.from_pretrained(directory, map_location=device))

@@ -194,6 +194,10 @@ def test_hf_trainer_trains_it_unchanged(saved: Path, tmp_path: Path) -> None:
         use_cpu=True,
         disable_tqdm=True,
     )
-    Trainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator).train()
+    trainer = Trainer(
+        model=model, args=args, train_dataset=rows, eval_dataset=rows, data_collator=default_data_collator
+    )
+    trainer.train()
     after = data_loss()
     assert after < 0.7 * before, (before, after)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(after, rel=1e-4)  # labels found, loss reported

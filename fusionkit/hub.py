@@ -16,8 +16,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def is_hub_id(name: str | Path) -> bool:
-    """`org/name` that is not an existing local path (a relative `runs/x` that exists stays local)."""
-    return isinstance(name, str) and bool(_HUB_ID.match(name)) and not Path(name).exists()
+    """`org/name` that is not a local path: neither it nor its `org` part exists here, so a mistyped
+    `runs/mvsa` (with a `runs/` folder) is a quick "does not exist", not a hub download attempt."""
+    return isinstance(name, str) and bool(_HUB_ID.match(name)) and not Path(name).parent.exists()
 
 
 def resolve_pretrained_dir(name_or_path: str | Path, **hub_kwargs: Any) -> Path:

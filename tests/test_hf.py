@@ -104,7 +104,7 @@ def test_auto_classes_load_a_hub_id_from_the_hub_cache(saved: Path, batch, tmp_p
     )
 
 
-def test_unreachable_hub_id_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreachable_hub_id_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import huggingface_hub
 
     def offline(repo_id: str, **kwargs) -> str:
@@ -113,6 +113,10 @@ def test_unreachable_hub_id_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(FileNotFoundError, match="not a local folder.*no network"):
         FusionModel.from_pretrained("someorg/missing")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()  # a mistyped local run dir is not sent to the hub
+    with pytest.raises(FileNotFoundError, match="runs/typo does not exist"):
+        FusionModel.from_pretrained("runs/typo")
 
 
 def test_push_to_hub_uploads_a_loadable_folder(saved: Path, batch, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -184,3 +184,28 @@ def test_a_checkpoint_without_the_missing_modality_placeholders_still_loads(tmp_
     save_file(state, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="not in the model: fusion.extra"):
         fusionkit.FusionModel.from_pretrained(tmp_path)
+
+
+def test_checkpoints_of_frozen_encoders_share_one_weights_file(tmp_path):
+    """A run with frozen encoders writes their weights once; each checkpoint holds the trainable rest."""
+    import shutil
+
+    import fusionkit
+
+    model = fusionkit.create_model("tiny", freeze="encoders")
+    shared = tmp_path / "run" / "frozen_encoders.safetensors"
+    a = model.save_pretrained(tmp_path / "run" / "a", frozen_weights=shared)
+    with torch.no_grad():
+        model.heads["sentiment"].views[0][-1].bias.add_(1.0)  # training moves only the trainable part
+    b = model.save_pretrained(tmp_path / "run" / "b", frozen_weights=shared)
+    frozen = sum(p.numel() for n, p in model.named_parameters() if not p.requires_grad)
+    assert frozen > 0 and shared.is_file()
+    assert (b / "model.safetensors").stat().st_size < shared.stat().st_size  # the big part is stored once
+    loaded = fusionkit.FusionModel.from_pretrained(b)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert not torch.equal(fusionkit.FusionModel.from_pretrained(a).heads["sentiment"].views[0][-1].bias,
+                           loaded.heads["sentiment"].views[0][-1].bias)  # fmt: skip
+    shutil.copytree(b, tmp_path / "alone")  # one checkpoint without its run: a clear error, not random weights
+    with pytest.raises(FileNotFoundError, match="frozen encoder weights.*whole run directory"):
+        fusionkit.FusionModel.from_pretrained(tmp_path / "alone")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -372,8 +373,13 @@ class FusionModel(nn.Module):
         return rows
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write config.json, model.safetensors and the encoders' own configs + tokenizer (no pickle)."""
+    def save_pretrained(self, directory: str | Path, *, frozen_weights: str | Path | None = None) -> Path:
+        """Write config.json, model.safetensors and the encoders' own configs + tokenizer (no pickle).
+
+        `frozen_weights`: a file shared by a run's checkpoints. The frozen encoders' weights (never
+        changed by training) are written there once and this folder's model.safetensors names it,
+        so a checkpoint costs only the trainable weights (a MiniLM + DINOv2 run: 224 MB each before).
+        """
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -381,8 +387,18 @@ class FusionModel(nn.Module):
         self.text_encoder.save(directory / "text_encoder")
         self.image_encoder.save(directory / "image_encoder")
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        metadata = {"format": "pt", "fusionkit": __version__}
+        frozen = self._frozen_encoder_keys() if frozen_weights is not None else set()
+        if frozen:
+            shared = Path(frozen_weights)  # type: ignore[arg-type]
+            if not shared.is_file() or _saved_keys(shared) != frozen:
+                part = shared.with_name(shared.name + f".tmp-{os.getpid()}")
+                save_file({k: state[k] for k in sorted(frozen)}, str(part), metadata={"format": "pt"})
+                part.replace(shared)
+            state = {k: v for k, v in state.items() if k not in frozen}
+            metadata[FROZEN_WEIGHTS_KEY] = os.path.relpath(shared, directory)
         tmp = directory / (WEIGHTS_NAME + ".tmp")
-        save_file(state, str(tmp), metadata={"format": "pt", "fusionkit": __version__})
+        save_file(state, str(tmp), metadata=metadata)
         tmp.replace(directory / WEIGHTS_NAME)
         meta = {
             "model_type": "fusionkit",  # AutoConfig/AutoModel load this folder once fusionkit.hf is imported
@@ -419,20 +435,14 @@ class FusionModel(nn.Module):
         model.load_weights(directory / WEIGHTS_NAME)
         return model.to(map_location)
 
+    def _frozen_encoder_keys(self) -> set[str]:
+        return {f"{prefix}.{k}" for prefix in ("text_encoder", "image_encoder")
+                for k, p in getattr(self, prefix).named_parameters() if not p.requires_grad}  # fmt: skip
+
     def load_weights(self, path: str | Path) -> None:
         """Load a safetensors state dict, failing with the mismatching keys/shapes if it is from another config."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"weights file {path} does not exist")
-        try:
-            state = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(
-                f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt"
-            ) from e
+        state = _read_weights(path)
         own = self.state_dict()
         if (set(own) - set(state)) and (set(own) - set(state)) <= ADDED_SINCE_0_1:
             warnings.warn(f"{path} predates missing-modality support: its placeholders start untrained",
@@ -550,6 +560,51 @@ class _CreationBudget(torch.overrides.TorchFunctionMode):
         return out
 
 
+FROZEN_WEIGHTS_KEY = "fusionkit_frozen_weights"  # metadata: the shared file holding the frozen encoders
+
+
+def _saved_keys(path: Path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return set(f.keys())
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """model.safetensors, and the run's shared frozen-encoder file it names (if any)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shared = (f.metadata() or {}).get(FROZEN_WEIGHTS_KEY)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt") from e
+    if shared is None:
+        return [path]
+    other = (path.parent / shared).resolve()
+    if not other.is_file():
+        raise FileNotFoundError(
+            f"{path} keeps its frozen encoder weights in {other}, written once per run, which is missing. "
+            "Copy the whole run directory, or save a standalone model with FusionModel.save_pretrained"
+        )
+    return [path, other]
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    state: dict[str, torch.Tensor] = {}
+    for file in _weight_files(path):
+        try:
+            state.update(load_file(str(file)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{file} is not a readable safetensors file ({e}); it may be truncated or corrupt") from e
+    return state
+
+
 def check_saved_shapes(weights: Path, build: Callable[[], nn.Module]) -> None:
     """Refuse a checkpoint whose configs do not describe its weights, before any memory is allocated.
 
@@ -560,9 +615,12 @@ def check_saved_shapes(weights: Path, build: Callable[[], nn.Module]) -> None:
 
     if not weights.is_file():
         raise FileNotFoundError(f"weights file {weights} does not exist")
+    files = _weight_files(weights)
     try:
-        with safe_open(str(weights), framework="pt") as f:
-            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        saved = {}
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                saved.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{weights} is not a readable safetensors file ({e}); it may be truncated or corrupt") from e
     try:

@@ -27,6 +27,7 @@ import torch
 from .rundir import RunDir, follow_pointer
 
 STATE_NAME = "trainer_state.pt"
+FROZEN_WEIGHTS = "frozen_encoders.safetensors"
 
 
 def rng_state() -> dict[str, Any]:
@@ -68,7 +69,7 @@ def save_checkpoint(
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root))
         try:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, frozen_weights=run_dir / FROZEN_WEIGHTS)  # frozen encoders: once per run
             torch.save(state, tmp / STATE_NAME)
             os.replace(tmp, final)
         except BaseException:

@@ -1,10 +1,11 @@
 """Which dtype to train and infer in: bf16 where the hardware multiplies bf16 natively, fp32 elsewhere.
 
-bf16 autocast pays off only where matmuls run natively in bf16: GPUs with bf16 tensor cores (Ampere
-and later), and CPUs with Intel AMX (`amx_bf16`), AVX512-BF16 (`avx512_bf16`: Cooper Lake, Sapphire
-Rapids, AMD Zen 4 and later) or Arm's BF16 extension (`bf16`). There a ViT-S forward runs about 2-3x
-faster than fp32 with outputs at cosine 0.9999; on an AVX2-only CPU PyTorch emulates bf16 and the same
-forward is hundreds of times slower.
+bf16 autocast pays off only where matmuls run natively in bf16 at a rate that beats the casts: GPUs
+with bf16 tensor cores (Ampere and later), CPUs with Intel AMX (`amx_bf16`: DINOv2-S forward 3.1x
+faster than fp32, cosine 0.9999) and Arm's BF16 extension (`bf16`). AVX512-BF16 alone (`avx512_bf16`,
+AMD Zen 4) runs a bare bf16 matmul ~2.7x faster, but measured end to end here (MiniLM-L6 + DINOv2-S
+embed: 0.97x; the tiny training job: 0.7x) autocast loses what the matmuls gain, so "auto" keeps fp32
+there and `run.precision: bf16` opts in. On an AVX2-only CPU bf16 is emulated: hundreds of times slower.
 
 The choice comes from the CPU's flags, not from a timing probe: a probe on a busy machine is noisy,
 and a run must not switch precision between its start and its resume. `run.precision` overrides it.
@@ -28,6 +29,8 @@ from .config import ConfigError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # CPU flags that mean bf16 matmuls run in hardware: x86 AMX, x86 AVX512-BF16, Arm v8.6 BF16.
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
+# ...and those where "auto" picks bf16 (fast enough end to end; see the module docstring).
+CPU_AUTO_BF16_FLAGS = ("amx_bf16", "bf16")
 CPUINFO = Path("/proc/cpuinfo")  # module-level so tests can point it at a fake file
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -80,8 +83,11 @@ def _cpu(requested: str) -> Precision:
     flag = cpu_bf16_flag()
     native = f"CPU has {flag}" if flag else "CPU has no bf16 units (" + "/".join(CPU_BF16_FLAGS[:2]) + ")"
     if requested == "auto":
-        if flag:
+        if flag in CPU_AUTO_BF16_FLAGS:
             return Precision("bf16", f"bf16: {native}")
+        if flag:
+            return Precision("fp32", f"fp32: {native} but no AMX, where bf16 autocast measured no faster end "
+                             "to end; set run.precision=bf16 to use it")  # fmt: skip
         return Precision("fp32", f"fp32: {native}; emulated bf16 would be far slower")
     if requested == "bf16":
         slow = "" if flag else ", expect it to be much slower than fp32"

@@ -64,8 +64,9 @@ for name, (mode, size, fmt) in json.loads(sys.argv[1]).items():
     seconds = time.perf_counter() - start
     traced = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
+    peak = status("VmHWM") - before
     print("CASE", json.dumps({"name": name, "file_bytes": len(data), "outcome": outcome, "seconds": seconds,
-                              "peak_rss_bytes": status("VmHWM") - before, "traced_bytes": traced}), flush=True)
+                              "peak_rss_bytes": peak, "traced_bytes": traced}), flush=True)
 """
 
 

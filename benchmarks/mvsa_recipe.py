@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
     if args.mode == "report":
-        return report(work / "ablation.jsonl", RESULTS / "mvsa_single_recipe")
+        return report([work / "ablation.jsonl", work / "extra.jsonl"], RESULTS / "mvsa_single_recipe")
     if args.mode == "predict":
         return predict_test(
             Path(args.run), work, args.cache_dir, RESULTS / "mvsa_single_test_predictions.csv"
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
         recipe = load_config_file(args.recipe)
         extra = {"model.tasks": recipe["model"]["tasks"], **flat(recipe, ("optim", "model.fusion"))}
-        run_rows([("tuned recipe (configs/mvsa_single_best.yaml)", extra)], base, data, args.seeds,
+        run_rows([("recipe (configs/mvsa_single_best.yaml)", extra)], base, data, args.seeds,
                  work / "ablation.jsonl")  # fmt: skip
     return 0
 
@@ -230,10 +230,10 @@ def predict_test(run: Path, work: Path, cache_dir: str, out: Path) -> int:
     return 0
 
 
-def aggregate(log: Path) -> list[dict[str, Any]]:
-    """Rows of the ablation log (in first-seen order), mean and std over their seeds."""
+def aggregate(logs: list[Path]) -> list[dict[str, Any]]:
+    """Rows of the run logs (in first-seen order), mean and std over their seeds."""
     runs: dict[str, list[dict[str, Any]]] = {}
-    for line in log.read_text().splitlines():
+    for line in (ln for log in logs if log.is_file() for ln in log.read_text().splitlines()):
         r = json.loads(line)
         runs.setdefault(r["row"], []).append(r)
     out = []
@@ -245,9 +245,9 @@ def aggregate(log: Path) -> list[dict[str, Any]]:
     return out
 
 
-def report(log: Path, out: Path) -> int:
-    """The ablation table (markdown + CSV) and its plot from the runs logged so far."""
-    rows = aggregate(log)
+def report(logs: list[Path], out: Path) -> int:
+    """The ablation table (printed as markdown, written as CSV) and its plot from the runs logged so far."""
+    rows = aggregate(logs)
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -258,7 +258,6 @@ def report(log: Path, out: Path) -> int:
         cells = " | ".join(f"{100 * r[m]:.2f} ± {100 * r[f'{m}_std']:.2f}" for m in METRICS)
         lines.append(f"| {r['row']} | {r['seeds']} | {cells} | {100 * r['select_weighted_f1']:.2f} | "
                      f"{r['train_seconds']:.0f} ± {r['train_seconds_std']:.0f} | {r['wall_seconds']:.0f} |")  # fmt: skip
-    out.with_suffix(".table.md").write_text("\n".join(lines) + "\n")
     plot(rows, out.with_suffix(".png"))
     print("\n".join(lines))
     return 0
@@ -280,7 +279,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xticks(list(xs), [r["row"] for r in rows], rotation=18, ha="right", fontsize=8)
     ax.set_ylim(45, 80)
     ax.set_ylabel("% on CLMLF dev (mean ± std, 3 seeds)")
-    ax.set_title("MVSA-Single, frozen MiniLM-L6 + DINOv2-S features: cumulative ingredients", fontsize=10)
+    ax.set_title("MVSA-Single, frozen MiniLM-L6 + DINOv2-S features: late-fusion ablation (cumulative), then variants", fontsize=10)
     ax.legend(fontsize=8, ncol=5, loc="lower right")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

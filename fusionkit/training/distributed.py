@@ -214,13 +214,9 @@ def make_accelerator(device: torch.device, report_to: Sequence[str], logging_dir
     """
     if not is_distributed() and not report_to:
         return None
-    try:
-        import accelerate
-        import accelerate.utils as accelerate_utils
-    except ImportError as e:
-        raise ImportError(
-            "several processes and run.report_to train through Accelerate: pip install 'fusionkit[distributed]'"
-        ) from e
+    import accelerate  # a core dependency: several processes and run.report_to train through it
+    import accelerate.utils as accelerate_utils
+
     for name in report_to:
         if name not in TRACKERS:
             raise ConfigError(f"run.report_to: unknown tracker {name!r}; use any of {TRACKERS}")

@@ -133,11 +133,17 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode == "RGB":
         return im
     if im.mode.startswith("I") or im.mode == "F":
-        arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        if im.mode == "F" and arr.max() <= 1.0:
+        arr = np.asarray(im)  # the native integer/float32 pixels: no float64 copy of a 40 MP image
+        peak = float(arr.max()) if arr.size else 0.0
+        top = 65535.0 if im.mode.startswith("I;16") or peak > 255 else 255.0
+        if im.mode == "F" and peak <= 1.0:
             top = 1.0
-        grey = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        grey = np.empty(arr.shape, dtype=np.uint8)
+        for r in range(0, arr.shape[0], 512):  # float32 blocks bound the scratch memory
+            block = arr[r : r + 512].astype(np.float32)
+            block *= 255.0 / top
+            block += 0.5
+            grey[r : r + 512] = np.clip(block, 0, 255, out=block)
         return Image.fromarray(grey, "L").convert("RGB")
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")

@@ -132,6 +132,7 @@ class ModelConfig:
             (f.depth >= 1, f"fusion.depth must be at least 1, got {f.depth}"),
             (f.mlp_ratio > 0, f"fusion.mlp_ratio must be positive, got {f.mlp_ratio}"),
             (0 <= f.dropout < 1, f"fusion.dropout must be in [0, 1), got {f.dropout}"),
+            (0 <= f.modality_dropout <= 1, f"model.fusion.modality_dropout must be in [0, 1], got {f.modality_dropout}"),
             (f.image_grid >= 0, f"fusion.image_grid must be >= 0 (0 = keep all patches), got {f.image_grid}"),
             (self.text.max_length > 0, f"text.max_length must be positive, got {self.text.max_length}"),
             (self.trainable_layers >= 0, f"trainable_layers must be >= 0, got {self.trainable_layers}"),

@@ -14,26 +14,15 @@ come from a present modality, so an example's logits average over its present vi
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
-from ..config import ConfigError, FusionConfig
+from ..config import FusionConfig
 from ..layers import CoAttentionLayer, Mlp, TransformerBlock
+from ..registry import Registry
 
-FUSION_REGISTRY: dict[str, type[FusionStrategy]] = {}
-
-
-def register_fusion(name: str) -> Callable[[type[FusionStrategy]], type[FusionStrategy]]:
-    def wrap(cls: type[FusionStrategy]) -> type[FusionStrategy]:
-        if name in FUSION_REGISTRY:
-            raise ValueError(f"fusion strategy {name!r} is already registered")
-        cls.name = name
-        FUSION_REGISTRY[name] = cls
-        return cls
-
-    return wrap
+FUSION_REGISTRY: Registry[type[FusionStrategy]] = Registry("fusion strategy", "name")
+register_fusion = FUSION_REGISTRY.register
 
 
 def list_fusions() -> list[str]:
@@ -41,11 +30,7 @@ def list_fusions() -> list[str]:
 
 
 def create_fusion(cfg: FusionConfig) -> FusionStrategy:
-    if cfg.strategy not in FUSION_REGISTRY:
-        raise ValueError(f"unknown fusion strategy {cfg.strategy!r}; registered: {list_fusions()}")
-    if not 0.0 <= cfg.modality_dropout <= 1.0:
-        raise ConfigError(f"model.fusion.modality_dropout must be in [0, 1], got {cfg.modality_dropout}")
-    return FUSION_REGISTRY[cfg.strategy](cfg)
+    return FUSION_REGISTRY.get_class(cfg.strategy)(cfg)
 
 
 def drop_modalities(

@@ -19,19 +19,10 @@ from torch import nn
 
 from ..config import ConfigError, TaskConfig
 from ..data.errors import DataError
+from ..registry import Registry
 
-TASK_REGISTRY: dict[str, type[Task]] = {}
-
-
-def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
-    def wrap(cls: type[Task]) -> type[Task]:
-        if name in TASK_REGISTRY:
-            raise ValueError(f"task type {name!r} is already registered")
-        cls.type = name
-        TASK_REGISTRY[name] = cls
-        return cls
-
-    return wrap
+TASK_REGISTRY: Registry[type[Task]] = Registry("task type", "type")
+register_task = TASK_REGISTRY.register
 
 
 def list_tasks() -> list[str]:
@@ -39,9 +30,7 @@ def list_tasks() -> list[str]:
 
 
 def get_task_class(type_name: str) -> type[Task]:
-    if type_name not in TASK_REGISTRY:
-        raise ConfigError(f"unknown task type {type_name!r}; registered: {list_tasks()}")
-    return TASK_REGISTRY[type_name]
+    return TASK_REGISTRY.get_class(type_name)
 
 
 def create_task(cfg: TaskConfig) -> Task:

@@ -98,7 +98,7 @@ def test_largest_accepted_image_costs_a_bounded_number_of_bytes_per_pixel(
     worst = max(accepted, key=lambda k: accepted[k]["peak_rss_bytes"])
     per_pixel = {k: round(v["peak_rss_bytes"] / pixels, 1) for k, v in accepted.items()}
     assert measured["40mp_rgb_jpeg"]["peak_rss_bytes"] < 64 << 20  # DCT-scaled decode: a fraction of 40 MP
-    assert per_pixel[worst] <= 16, per_pixel  # 16-bit grey: native pixels + float32 blocks (~9 B/pixel)
+    assert per_pixel[worst] <= 20, per_pixel  # RGBA composite ~16 B/pixel; 16-bit grey ~9 (float32 blocks)
     for name, m in measured.items():
         record(f"images/allocation/{name}", result=m["outcome"], file_bytes=m["file_bytes"],
                peak_rss_bytes=m["peak_rss_bytes"], traced_bytes=m["traced_bytes"],

@@ -13,7 +13,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,8 @@ from fusionkit.training import checkpoint as ckpt
 from fusionkit.training.config import build_config
 from fusionkit.training.rundir import follow_pointer
 from fusionkit.training.trainer import NonFiniteLossError, Trainer
+
+from .reliability_utils import free_port
 
 SENTIMENT = {"name": "sentiment", "type": "classification", "num_classes": 3,
              "class_names": ["positive", "neutral", "negative"]}  # fmt: skip
@@ -88,7 +89,7 @@ def _train_worker(rank: int, tmp: str, port: int, name: str, kill_at: int, resum
 
 
 def two_processes(tmp: Path, name: str, kill_at: int = 0, resume: bool = False) -> None:
-    mp.spawn(_train_worker, args=(str(tmp), _free_port(), name, kill_at, resume), nprocs=2, join=True)
+    mp.spawn(_train_worker, args=(str(tmp), free_port(), name, kill_at, resume), nprocs=2, join=True)
 
 
 def _nan_worker(rank: int, tmp: str, port: int) -> None:
@@ -110,12 +111,6 @@ def _nan_worker(rank: int, tmp: str, port: int) -> None:
             Path(tmp, f"error-{rank}.txt").write_text(str(e))
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _epoch_ends(run: Path) -> list[dict[str, float]]:
@@ -175,7 +170,7 @@ def test_sigkill_of_one_rank_then_resume_matches_uninterrupted(runs: Path) -> No
 @pytest.mark.timeout(180)
 def test_nan_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
     write_split(tmp_path)
-    mp.spawn(_nan_worker, args=(str(tmp_path), _free_port()), nprocs=2, join=True)
+    mp.spawn(_nan_worker, args=(str(tmp_path), free_port()), nprocs=2, join=True)
     errors = [(tmp_path / f"error-{r}.txt").read_text() for r in (0, 1)]
     assert errors[0] == errors[1]
     assert errors[0].startswith("rank 1: loss is nan at epoch 1, step 3")

@@ -4,7 +4,6 @@ single-process gradient, and stop decisions reach every rank."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from fusionkit.training import distributed as D
+
+from .reliability_utils import free_port
 
 ROWS = (5, 3)  # uneven local batches, as a tail batch split over two ranks can be
 
@@ -74,16 +75,10 @@ def _worker(rank: int, port: int, expected_loss: float, expected_grad: torch.Ten
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(120)
 def test_gathered_contrastive_gradient_matches_one_process() -> None:
     expected = _loss_and_grad(*_problem())  # one process, the whole batch
-    mp.spawn(_worker, args=(_free_port(), *expected), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), *expected), nprocs=2, join=True)
 
 
 def test_single_process_is_a_no_op() -> None:

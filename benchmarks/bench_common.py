@@ -92,3 +92,12 @@ class NaiveDataset(Dataset):
             "pixel_values": self.transform(load_image(ex.image)),
             "label": torch.tensor(-1 if label is None else int(label)),
         }
+
+
+def bind_sentiment(ds: MultimodalDataset, tasks: Any = None) -> MultimodalDataset:
+    """Readers return raw label strings; caches and collators take labels bound to tasks (indices)."""
+    from fusionkit.config import TaskConfig
+    from fusionkit.data.sources.mvsa import SENTIMENT
+    from fusionkit.tasks import bind_labels
+
+    return bind_labels(ds, tasks or [TaskConfig("sentiment", class_names=list(SENTIMENT))])[0]

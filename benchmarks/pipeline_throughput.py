@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_common import NAIVE_MAX_LENGTH, RESULTS, SHARED, NaiveDataset, cpu_model, minilm_dir
+from bench_common import (
+    NAIVE_MAX_LENGTH,
+    RESULTS,
+    SHARED,
+    NaiveDataset,
+    bind_sentiment,
+    cpu_model,
+    minilm_dir,
+)
 from torch.utils.data import DataLoader
 
 from fusionkit.config import ImagePreprocess
@@ -49,6 +57,7 @@ def pick_data(n: int) -> tuple[MultimodalDataset, Any, str]:
         source = f"MVSA-Single ({mvsa}), first {len(ds)} items"
     else:
         ds, source = make_synthetic(n, image_size=256), f"synthetic, {n} items (256 px PNG-free PIL images)"
+    ds = bind_sentiment(ds)
     if minilm_dir():
         from transformers import AutoTokenizer
 

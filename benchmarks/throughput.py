@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_common import RESULTS, SHARED, NaiveDataset, machine, minilm_dir
+from bench_common import RESULTS, SHARED, NaiveDataset, bind_sentiment, machine, minilm_dir
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -148,6 +148,7 @@ def bench_scenario(
     batch_size: int,
 ) -> dict[str, Any]:
     print(f"\n== {name}: {len(ds)} examples", flush=True)
+    ds = bind_sentiment(ds, fusionkit.get_config(model_cfg).tasks)
     torch.manual_seed(0)
     model = create_model(model_cfg).to(device)
     init = {k: v.clone() for k, v in model.state_dict().items()}

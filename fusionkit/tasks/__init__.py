@@ -88,6 +88,7 @@ def bind_labels(
             skips(e)  # raises under "raise"
             bad.add(ex.id)
             return None
+
     resolved: list[TaskConfig] = []
     objects: list[Task] = []
     for cfg in tasks:

@@ -43,6 +43,7 @@ class TextEncoderConfig:
     pretrained: bool = True  # load weights; False builds the architecture from its config only
     max_length: int = 128
     config_overrides: dict[str, Any] = field(default_factory=dict)
+    trainable_layers: int | None = None  # freeze="top_k": this encoder's own k (None = model.trainable_layers)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class ImageEncoderConfig:
     pretrained: bool = True
     checkpoint_path: str | None = None  # timm: a local weights file instead of the hub
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    trainable_layers: int | None = None  # freeze="top_k": this encoder's own k (None = model.trainable_layers)
 
 
 @dataclass
@@ -105,7 +107,9 @@ class ModelConfig:
     tasks: list[TaskConfig] = field(default_factory=lambda: [TaskConfig("sentiment")])
     loss_weighting: str = "static"  # "static" | "uncertainty" (Kendall et al., 2018)
     freeze: str = "none"  # "none" | "encoders" | "top_k"
-    trainable_layers: int = 0  # with freeze="top_k": encoder layers left trainable, from the top
+    # freeze="top_k": encoder blocks left trainable, from the top (text/image.trainable_layers override it).
+    # With the feature cache, the hidden states entering those blocks are computed once and cached.
+    trainable_layers: int = 0
 
     def validate(self) -> ModelConfig:
         names = [t.name for t in self.tasks]
@@ -136,6 +140,10 @@ class ModelConfig:
             (f.image_grid >= 0, f"fusion.image_grid must be >= 0 (0 = keep all patches), got {f.image_grid}"),
             (self.text.max_length > 0, f"text.max_length must be positive, got {self.text.max_length}"),
             (self.trainable_layers >= 0, f"trainable_layers must be >= 0, got {self.trainable_layers}"),
+            ((self.text.trainable_layers or 0) >= 0,
+             f"model.text.trainable_layers must be >= 0, got {self.text.trainable_layers}"),
+            ((self.image.trainable_layers or 0) >= 0,
+             f"model.image.trainable_layers must be >= 0, got {self.image.trainable_layers}"),
         ):
             if not ok:
                 raise ConfigError(what)

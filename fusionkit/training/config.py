@@ -50,6 +50,9 @@ class OptimConfig:
     accumulation_steps: int = 1
     lr: float = 2e-3  # fusion + heads
     encoder_lr_scale: float = 0.1  # pretrained encoders train at lr * this
+    # Layer-wise lr decay (BEiT, timm `layer_decay`): encoder block i (0-based) of L trains at
+    # lr * encoder_lr_scale * layer_decay ** (L - 1 - i); None = one rate for the whole encoder
+    layer_decay: float | None = None
     weight_decay: float = 0.01  # matrices only; biases, norms, embeddings' scales get none
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -112,6 +115,10 @@ class TrainConfig:
             ),
             (0 <= self.optim.warmup_ratio < 1, "optim.warmup_ratio must be in [0, 1)"),
             (self.optim.lr > 0, "optim.lr must be positive"),
+            (
+                self.optim.layer_decay is None or 0 < self.optim.layer_decay <= 1,
+                f"optim.layer_decay must be in (0, 1] or null (no decay), got {self.optim.layer_decay}",
+            ),
             (self.optim.max_steps is None or self.optim.max_steps > 0, "optim.max_steps must be positive or null"),
             (self.optim.epochs >= 0, "optim.epochs must be >= 0"),
             (self.run.patience is None or self.run.patience > 0, "run.patience must be positive or null (never stop)"),

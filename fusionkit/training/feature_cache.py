@@ -7,6 +7,11 @@ the data cache they were computed from -- not by the fusion config, so one cache
 strategy. The price: no train-time image augmentation, since each image is encoded exactly once
 (features of the un-augmented image). Use unfrozen encoders or `data.feature_cache: false` to augment.
 
+With `model.freeze: top_k` the cache holds the hidden states ENTERING the trainable top blocks of each
+encoder (`FusionModel.feature_splits`), and the model runs those blocks on them: fine-tuning the top
+of the encoders then costs only the top blocks per step. The key then covers only the frozen bottom's
+weights, so a resumed run (whose top blocks have moved) finds the same cache.
+
 Layout: one `fusionkit.store` folder `<cache_dir>/features-<data cache>-<key>/` with ragged `text`
 (float16, one [caption length, Wt] row per item), `image` (float16 [N, P, Wi]), `has_text` / `has_image`
 (bool [N]) and `meta.json`. Encoders run only on the sides an item has; a missing side is zeros.
@@ -36,19 +41,31 @@ FEATURES_VERSION = 2  # 2: one store, presence flags
 
 
 def encoder_key(model: Any) -> str:
-    """Encoder identity: configs, preprocessing and a hash of the weights (random-init encoders differ by seed)."""
+    """Encoder identity: configs, preprocessing, where the cache splits each encoder, and a hash of the
+    weights that produce the cached tensors (random-init encoders differ by seed)."""
     h = hashlib.sha1()
     cfg = model.config
-    h.update(
-        json.dumps(
-            [FEATURES_VERSION, to_dict(cfg.text), to_dict(cfg.image), to_dict(model.image_preprocess)]
-        ).encode()
-    )
-    for module in (model.text_encoder, model.image_encoder):
+    splits = _splits(model)
+    encoders = (model.text_encoder, model.image_encoder)
+    # Where the split is set (trainable_layers) is not part of the key; where it is, below, is.
+    configs = [{k: v for k, v in to_dict(c).items() if k != "trainable_layers"} for c in (cfg.text, cfg.image)]
+    parts: list[Any] = [FEATURES_VERSION, *configs, to_dict(model.image_preprocess)]
+    if any(s < e.depth for s, e in zip(splits, encoders)):  # full-depth caches keep their old keys
+        parts.append(list(splits))
+    h.update(json.dumps(parts).encode())
+    for module, split in zip(encoders, splits):
+        ids = module.layer_ids()
         for name, t in sorted(module.state_dict().items()):
+            if split < module.depth and ids.get(name, 0) > split:
+                continue  # a trainable top block or the final norm: not part of the cached tensors
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _splits(model: Any) -> tuple[int, int]:
+    """Where the cached hidden states enter each encoder (its depth: the cache holds its outputs)."""
+    return model.feature_splits or (model.text_encoder.depth, model.image_encoder.depth)
 
 
 class FeatureDataset(torch.utils.data.Dataset):
@@ -105,11 +122,14 @@ class FeatureCollator:
         }
 
 
-def _on_present(encoder: Any, present: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor | None:
-    """`encoder` run on the rows marked present only, scattered into zeros [B, ...]; None if none is."""
+def _on_present(
+    encoder: Any, split: int, present: torch.Tensor, *inputs: torch.Tensor
+) -> torch.Tensor | None:
+    """The hidden state entering `encoder.blocks[split]` (its output at its depth), computed on the rows
+    marked present only and scattered into zeros [B, ...]; None if no row is present."""
     if not bool(present.any()):
         return None
-    out = encoder(*(x[present] for x in inputs))
+    out = encoder.hidden_before(split, *(x[present] for x in inputs))
     full = out.new_zeros((len(present), *out.shape[1:]))
     full[present] = out
     return full
@@ -132,6 +152,7 @@ def _extract(model: Any, data: CachedDataset, out: StoreWriter, batch_size: int,
     text_out = out.ragged("text", np.float16, (model.text_encoder.width,))
     has_text, has_image = out.array("has_text", (n,), np.bool_), out.array("has_image", (n,), np.bool_)
     image_out: np.ndarray | None = None
+    text_split, image_split = _splits(model)
     encoders = (model.text_encoder, model.image_encoder)
     modes = [m.training for m in encoders]
     for m in encoders:
@@ -141,8 +162,10 @@ def _extract(model: Any, data: CachedDataset, out: StoreWriter, batch_size: int,
         for batch in tqdm(loader, desc=f"encoding {data.path.name}", unit="batch", disable=not progress):
             batch = move_batch(batch, device, transform)
             tp, ip, mask = batch["text_present"], batch["image_present"], batch["attention_mask"]
-            text = _on_present(model.text_encoder, tp, batch["input_ids"], mask)
-            img = _on_present(model.image_encoder, ip, batch["pixel_values"])
+            text = _on_present(model.text_encoder, text_split, tp, batch["input_ids"], mask)
+            img = _on_present(model.image_encoder, image_split, ip, batch["pixel_values"])
+            if row == 0:
+                _check_split(model, batch, text, img)
             if img is not None:
                 if image_out is None:  # fixed shape: stream straight to disk (rows before stay zeros)
                     image_out = out.array("image", (n, *img.shape[1:]), np.float16)
@@ -155,13 +178,40 @@ def _extract(model: Any, data: CachedDataset, out: StoreWriter, batch_size: int,
             row += len(tp)
         if image_out is None:  # no image at all: learn the feature shape from one blank image
             h, w = model.image_preprocess.size
-            shape = model.image_encoder(torch.zeros(1, 3, h, w, device=device)).shape[1:]
+            shape = model.image_encoder.hidden_before(image_split, torch.zeros(1, 3, h, w, device=device)).shape[1:]
             image_out = out.array("image", (n, *shape), np.float16)
     finally:
         for m, mode in zip(encoders, modes):
             m.train(mode)
     image_out.flush()
     return items_labels
+
+
+def _check_split(model: Any, batch: dict[str, Any], text: torch.Tensor | None, image: torch.Tensor | None) -> None:
+    """Check on the first batch that running the top blocks on the cached hidden states reproduces the
+    encoder's own forward, so an architecture the adapters do not know fails here, not silently."""
+    text_split, image_split = _splits(model)
+    checks = []
+    if text is not None and text_split < model.text_encoder.depth:
+        tp, mask = batch["text_present"], batch["attention_mask"]
+        ref = model.text_encoder(batch["input_ids"][tp], mask[tp])
+        got = model.text_encoder.forward_from(text[tp], text_split, mask[tp])
+        keep = mask[tp].bool()
+        checks.append(("text", ref[keep], got[keep]))
+    if image is not None and image_split < model.image_encoder.depth:
+        ip = batch["image_present"]
+        ref = model.image_encoder(batch["pixel_values"][ip])
+        checks.append(("image", ref, model.image_encoder.forward_from(image[ip], image_split)))
+    for side, ref, got in checks:
+        err = float((ref - got).abs().max()) / max(1e-6, float(ref.abs().max()))
+        if err > 1e-3:
+            from ..config import ConfigError
+
+            raise ConfigError(
+                f"model.trainable_layers: the {side} encoder's top blocks run on cached hidden states do not "
+                f"reproduce its forward (relative error {err:.2g}); this architecture needs an adapter. "
+                "Set data.feature_cache: false to fine-tune its top blocks end to end."
+            )
 
 
 def build_features(

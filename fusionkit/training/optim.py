@@ -11,25 +11,38 @@ from .config import OptimConfig
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Four groups: {encoder, rest} x {decay, no decay}.
+    """AdamW groups: {fusion + heads, each encoder layer group} x {decay, no decay}.
 
-    Weight decay only on matrices (ndim >= 2): decaying biases and norm scales only hurts. Encoders
-    are pretrained, so they get `lr * encoder_lr_scale` to avoid wiping out what they know.
+    Weight decay only on matrices (ndim >= 2) that the encoder does not exempt (position embeddings,
+    class tokens: its `no_weight_decay`): decaying biases and norm scales only hurts. Encoders are
+    pretrained, so they get `lr * encoder_lr_scale`; with `layer_decay` each block below the top one
+    gets another factor of it (the top block and the final norm get none, the embeddings `depth` of them),
+    so the general lower layers move least (BEiT, timm `param_groups_layer_decay`).
     """
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    groups: dict[tuple[bool, int, bool], list[nn.Parameter]] = {}
+    encoders = {n: getattr(model, n, None) for n in ("text_encoder", "image_encoder")}
+    schema = {n: (e.no_weight_decay(), e.layer_ids(), e.depth) for n, e in encoders.items() if hasattr(e, "depth")}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        key = (name.split(".")[0] in ("text_encoder", "image_encoder"), p.ndim >= 2)
-        groups.setdefault(key, []).append(p)
+        top, _, sub = name.partition(".")
+        below_top, decay = 0, p.ndim >= 2
+        if top in schema:
+            no_decay, ids, depth = schema[top]
+            decay = decay and sub not in no_decay
+            if cfg.layer_decay is not None:
+                below_top = max(0, depth - ids.get(sub, 0))
+        groups.setdefault((top in schema, below_top, decay), []).append(p)
     out = []
-    for (is_encoder, decay), params in sorted(groups.items()):
+    for (is_encoder, below_top, decay), params in sorted(groups.items()):
+        scale = cfg.encoder_lr_scale * (cfg.layer_decay or 1.0) ** below_top if is_encoder else 1.0
+        name = "encoder" + (f"/-{below_top}" if cfg.layer_decay is not None else "") if is_encoder else "fusion"
         out.append(
             {
                 "params": params,
-                "lr": cfg.lr * (cfg.encoder_lr_scale if is_encoder else 1.0),
+                "lr": cfg.lr * scale,
                 "weight_decay": cfg.weight_decay if decay else 0.0,
-                "name": f"{'encoder' if is_encoder else 'fusion'}/{'decay' if decay else 'no_decay'}",
+                "name": f"{name}/{'decay' if decay else 'no_decay'}",
             }
         )
     return out

@@ -370,7 +370,8 @@ class Trainer:
         cfg, model = self.cfg, self.model
         cache_dir = cache_root(cfg.data)
         max_length = cfg.model.text.max_length
-        self.use_features = cfg.data.feature_cache and model.encoders_frozen
+        # Frozen encoders, or frozen bottoms under freeze=top_k: train on their cached outputs.
+        self.use_features = cfg.data.feature_cache and model.feature_splits is not None
         self.datasets: dict[str, Any] = {}
         with self._main_first():
             for split, part in parts.items():

@@ -1,6 +1,7 @@
 """Two CPU processes (gloo, DDP through Accelerate) train like one process with the same global batch.
 
-One run covers a classification task and a contrastive task (negatives gathered over both ranks),
+One run covers a classification task, a contrastive task and an image-text matching task (their
+negatives drawn from the global batch, over both ranks),
 sharded evaluation (its metrics equal one process's), a `data.split_file` that differs from the
 seeded split (both ranks must read it), and every rank's RNG state in the checkpoint. A SIGKILL of
 one rank, then `resume`, ends bitwise where the uninterrupted 2-process run does (slow). A NaN loss
@@ -32,7 +33,8 @@ from .reliability_utils import free_port
 
 SENTIMENT = {"name": "sentiment", "type": "classification", "num_classes": 3,
              "class_names": ["positive", "neutral", "negative"]}  # fmt: skip
-TASKS = [SENTIMENT, {"name": "align", "type": "contrastive"}]
+# contrastive and ITM negatives come from the global batch: both must match one process
+TASKS = [SENTIMENT, {"name": "align", "type": "contrastive"}, {"name": "match", "type": "itm", "weight": 0.5}]
 
 
 def config(tmp: Path, name: str):
@@ -140,11 +142,13 @@ def test_two_processes_train_and_evaluate_like_one(runs: Path) -> None:
     init = Trainer(config(runs, "init")).model.state_dict()  # same seed: the starting weights
     assert [k for k in a if not torch.equal(a[k], init[k])], "training did not change the weights"
     assert not torch.equal(a["heads.align.logit_scale"], init["heads.align.logit_scale"])
+    assert [k for k in a if k.startswith("heads.match.") and not torch.equal(a[k], init[k])]
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=2e-4, atol=1e-6, msg=k)
     # sharded evaluation (2 val batches, one per rank) gives one process's metrics
     one, two = _epoch_ends(runs / "runs" / "single"), _epoch_ends(runs / "runs" / "ddp")
     assert len(one) == len(two) == 2 and "val/align/r@1" in one[0] and "val/sentiment/accuracy" in one[0]
+    assert "val/match/accuracy" in one[0]
     for x, y in zip(one, two):
         assert sorted(x) == sorted(y)
         for key, value in x.items():

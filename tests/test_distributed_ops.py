@@ -1,5 +1,6 @@
 """`fusionkit.training.distributed` with two CPU processes (gloo): gathered contrastive negatives give the
-single-process gradient, and stop decisions reach every rank."""
+single-process gradient, image-text matching draws the single-process derangement of the global batch,
+and stop decisions reach every rank."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from fusionkit.tasks.alignment import shuffled_global_images
 from fusionkit.training import distributed as D
 
 from .reliability_utils import free_port
@@ -47,7 +49,14 @@ def _loss_and_grad(
     return float(loss.detach()), grad
 
 
-def _worker(rank: int, port: int, expected_loss: float, expected_grad: torch.Tensor) -> None:
+def _itm_negatives(image: torch.Tensor, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return shuffled_global_images(image)
+
+
+def _worker(
+    rank: int, port: int, expected_loss: float, expected_grad: torch.Tensor, negatives: torch.Tensor
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)
     assert D.init_distributed("cpu") == (rank, 2)
@@ -59,6 +68,8 @@ def _worker(rank: int, port: int, expected_loss: float, expected_grad: torch.Ten
             assert D.gather_features(text[rows]).shape[0] == ROWS[rank]
         torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+        # each rank seeded differently: rank 0's draw is the one all use, so rows match one process's
+        assert torch.equal(_itm_negatives(image[rows], seed=rank), negatives[rows])
 
         assert D.any_rank(rank == 1) and not D.any_rank(False)
         assert D.first_error("loss is nan" if rank == 1 else None) == "rank 1: loss is nan"
@@ -78,7 +89,9 @@ def _worker(rank: int, port: int, expected_loss: float, expected_grad: torch.Ten
 @pytest.mark.timeout(120)
 def test_gathered_contrastive_gradient_matches_one_process() -> None:
     expected = _loss_and_grad(*_problem())  # one process, the whole batch
-    mp.spawn(_worker, args=(free_port(), *expected), nprocs=2, join=True)
+    negatives = _itm_negatives(_problem()[1], seed=0)
+    assert not (negatives == _problem()[1]).all(-1).any()  # every row got another example's image
+    mp.spawn(_worker, args=(free_port(), *expected, negatives), nprocs=2, join=True)
 
 
 def test_single_process_is_a_no_op() -> None:

@@ -20,18 +20,27 @@ def _paired(x: torch.Tensor, ctx: FusionContext) -> torch.Tensor:
     return x if ctx.paired is None else x[ctx.paired]
 
 
-def shuffle_pairs(image: torch.Tensor) -> torch.Tensor:
-    """Pair every text with another example's image: roll by a random non-zero offset (no fixed points)."""
-    b = image.shape[0]
-    if b < 2:
-        return image
-    shift = int(torch.randint(1, b, (1,)))
-    return image.roll(shift, dims=0)
+def shuffled_global_images(image: torch.Tensor) -> torch.Tensor | None:
+    """For each local row, another example's image from the global batch; None when it has no other pair.
+
+    The global batch (every rank's rows while training in several processes) is rolled by one random
+    non-zero offset that all ranks agree on (no fixed points), and each rank keeps its own rows of the
+    result: exactly the rows one process holding the whole batch computes, from the same random stream.
+    """
+    from ..training.distributed import gather_rows, shared_randint  # lazy: training imports the tasks
+
+    images, first = gather_rows(image)  # gradients flow back to the rank that owns each image
+    n = images.shape[0]
+    if n < 2:
+        return None
+    shift = shared_randint(1, n, image.device)
+    rows = torch.arange(first, first + image.shape[0], device=image.device)
+    return images[(rows - shift) % n]
 
 
 @register_task("itm")
 class ImageTextMatchingTask(Task):
-    """Binary: does this caption belong to this image? Negatives are in-batch derangements.
+    """Binary: does this caption belong to this image? Negatives are derangements of the (global) batch.
 
     Output [B, 2]: column 0 scores the true pair, column 1 the caption with another example's image.
     """
@@ -46,15 +55,25 @@ class ImageTextMatchingTask(Task):
         return TaskHead(dim, 1, num_views, dropout)
 
     def forward(self, head: nn.Module, ctx: FusionContext) -> torch.Tensor:
+        from ..training.distributed import gathering
+
         text, mask, image = ctx.text, ctx.text_mask, ctx.image
         if ctx.paired is not None:
             text, mask, image = text[ctx.paired], mask[ctx.paired], image[ctx.paired]
-        return torch.cat(
-            [head(_paired(ctx.views, ctx)), head(ctx.fuse(text, mask, shuffle_pairs(image)))], dim=1
-        )
+        positive = head(_paired(ctx.views, ctx))  # before the draw below: the random stream's order of old
+        negatives = shuffled_global_images(image)
+        negative = head(ctx.fuse(text, mask, image if negatives is None else negatives))
+        output = torch.cat([positive, negative], dim=1)
+        if negatives is None and gathering():  # no other pair in the global batch: nothing to learn here,
+            return output[:0]  # and every rank knows it (`loss` then gives each a zero)
+        return output
 
     def loss(self, output: torch.Tensor, target: Any, mask: Any) -> Any:
-        if output.shape[0] < 2:  # no other pair in the batch to make a negative from
+        from ..training.distributed import gathering
+
+        if gathering() and output.shape[0] == 0:  # this rank holds no pair: a zero that still runs backward,
+            return output.sum()  # whose all-reduce of the gathered images every rank joins
+        if output.shape[0] < 2 and not gathering():  # no other pair in the batch to make a negative from
             return None
         target = torch.zeros_like(output)
         target[:, 0] = 1.0

@@ -3,7 +3,8 @@
 * `init_distributed(device)` joins the process group that `torchrun` / `accelerate launch` describe in
   the environment, after selecting the CUDA device (NCCL collectives and barriers can hang without it).
 * `gather_features(x)` returns every rank's rows, gradients flowing back to the rank that owns them, so
-  a contrastive loss over a global batch of N sees N-1 negatives however many processes share it.
+  a contrastive loss over a global batch of N sees N-1 negatives however many processes share it;
+  `gather_rows` and `shared_randint` let image-text matching draw one derangement of the global batch.
 * `any_rank(flag)` and `broadcast_object(obj)` make stop decisions once for all ranks: a NaN on one
   rank stops every rank (instead of hanging the others in the next all-reduce), and early stopping is
   decided on rank 0 and followed everywhere.
@@ -78,8 +79,7 @@ class _GatherRows(torch.autograd.Function):
     gradient for a row and hands it to the rank that owns the row."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        counts = _row_counts(x)
+    def forward(ctx: Any, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         padded = x.new_zeros((max(counts), *x.shape[1:]))
         padded[: x.shape[0]] = x
         parts = [torch.empty_like(padded) for _ in counts]
@@ -89,10 +89,27 @@ class _GatherRows(torch.autograd.Function):
         return torch.cat([p[:n] for p, n in zip(parts, counts)])
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)
-        return grad[ctx.start : ctx.stop]
+        return grad[ctx.start : ctx.stop], None
+
+
+def gathering() -> bool:
+    """True where tasks see the global batch: several processes and autograd on (training).
+
+    In evaluation ranks score their own batches, and may hold different numbers of them, so a
+    collective there could hang: tasks then work on the local batch, as one process would.
+    """
+    return is_distributed() and torch.is_grad_enabled()
+
+
+def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`gather_features(x)` and where this rank's rows start in it (`(x, 0)` when not `gathering()`)."""
+    if not gathering():
+        return x, 0
+    counts = _row_counts(x)
+    return _GatherRows.apply(x, counts), sum(counts[: dist.get_rank()])
 
 
 def gather_features(x: torch.Tensor) -> torch.Tensor:
@@ -101,12 +118,22 @@ def gather_features(x: torch.Tensor) -> torch.Tensor:
     Gradients flow to each rank's own rows, summed over the ranks that used them (open_clip's
     `gather_with_grad`). So when every rank computes the same global loss from gathered features,
     DDP's gradient average equals the gradient one process would get for the whole batch. With
-    autograd off (evaluation) `x` is returned as is: ranks then score their own batches, and may hold
-    different numbers of them, so a collective there could hang.
+    autograd off (evaluation) `x` is returned as is (see `gathering`).
     """
-    if not is_distributed() or not torch.is_grad_enabled():
-        return x
-    return _GatherRows.apply(x)
+    return gather_rows(x)[0]
+
+
+def shared_randint(low: int, high: int, device: torch.device | str = "cpu") -> int:
+    """`torch.randint(low, high)` drawn on every rank, rank 0's value used by all while `gathering()`.
+
+    Each rank advances its own generator exactly as one process would, so a single-process run (and its
+    bitwise resume) is unchanged, and ranks agree on a random choice about the global batch.
+    """
+    value = torch.randint(low, high, (1,))
+    if gathering():
+        value = value.to(device)
+        dist.broadcast(value, src=0)
+    return int(value)
 
 
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:

@@ -106,6 +106,15 @@ EXTRA: list[tuple[str, dict[str, Any]]] = [
         {"model.tasks": [SMOOTHED, {**SUPCON, "params": {**SUPCON["params"], "views": "cross"}}]},
     ),
 ]
+# Partial fine-tuning (`partial` mode), on the cross-attention row: the top encoder blocks train on the
+# cached hidden states that enter them (model.freeze top_k), with layer-wise lr decay.
+CROSS = {"model.fusion.strategy": "cross_attention"}
+TOP_TEXT = {"model.freeze": "top_k", "model.text.trainable_layers": 2, "model.image.trainable_layers": 0,
+            "optim.encoder_lr_scale": 0.05, "optim.layer_decay": 0.8}  # fmt: skip
+PARTIAL: list[tuple[str, dict[str, Any]]] = [
+    ("cross_attention + top-2 MiniLM blocks (lr x0.05, layer decay 0.8)", {**CROSS, **TOP_TEXT}),
+    ("+ top-1 DINOv2 block", {**CROSS, **TOP_TEXT, "model.image.trainable_layers": 1}),
+]
 # The common settings of every row (README's: dim 128, 4x4 image grid), selected on held-out train
 COMMON = {
     "model.fusion.strategy": "late",
@@ -157,7 +166,7 @@ def run_rows(rows: list[tuple[str, dict[str, Any]]], base: dict[str, Any], data:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", choices=("warm", "ablation", "extra", "tune", "final", "report", "predict"))
+    p.add_argument("mode", choices=("warm", "ablation", "extra", "partial", "tune", "final", "report", "predict"))
     p.add_argument("run", nargs="?", help="predict: the run dir whose best model predicts CLMLF test")
     p.add_argument("--cache-dir", default=os.environ.get("FUSIONKIT_CACHE", "/work/.fkcache"))
     p.add_argument("--work-dir", default="runs/mvsa_recipe")
@@ -172,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
     if args.mode == "report":
-        return report([work / "ablation.jsonl", work / "extra.jsonl"], RESULTS / "mvsa_single_recipe")
+        return report([work / f"{n}.jsonl" for n in ("ablation", "extra", "partial")], RESULTS / "mvsa_single_recipe")
     if args.mode == "predict":
         return predict_test(
             Path(args.run), work, args.cache_dir, RESULTS / "mvsa_single_test_predictions.csv"
@@ -191,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         run_rows(rows, base, data, args.seeds, work / "ablation.jsonl")
     elif args.mode == "extra":
         run_rows(EXTRA, base, data, args.seeds, work / "extra.jsonl")
+    elif args.mode == "partial":
+        rows = [PARTIAL[i] for i in args.rows] if args.rows else PARTIAL
+        run_rows(rows, base, data, args.seeds, work / "partial.jsonl")
     elif args.mode == "tune":
         from fusionkit.tune import tune
 

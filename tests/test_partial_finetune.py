@@ -1,0 +1,158 @@
+"""Fine-tuning the top encoder blocks on cached hidden states (model.freeze top_k + the feature cache).
+
+The encoders split at any block: the hidden state entering block s plus the blocks from s reproduce
+the encoder's forward exactly, for BERT-family text encoders and timm / HF (ViT, DINOv2) image ones.
+The trainer caches the frozen bottom once and trains the top on it, which must match end-to-end top-k
+training; the cache key covers the frozen bottom only (a resumed run finds it); layer-wise lr decay
+scales each block's rate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusionkit.config import ImageEncoderConfig
+from fusionkit.models import create_model
+from fusionkit.models.encoders import ImageEncoder
+from fusionkit.training.config import build_config
+from fusionkit.training.feature_cache import encoder_key
+from fusionkit.training.optim import param_groups
+from fusionkit.training.trainer import Trainer
+
+
+def _hf_vision(kind: str, tmp_path: Path) -> ImageEncoder:
+    from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+
+    cls, config = {"dinov2": (Dinov2Model, Dinov2Config), "vit": (ViTModel, ViTConfig)}[kind]
+    small = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                 image_size=28, patch_size=14)  # fmt: skip
+    cls(config(**small)).save_pretrained(tmp_path / kind)
+    return ImageEncoder.from_config(ImageEncoderConfig(backend="hf", name=str(tmp_path / kind)))
+
+
+@pytest.mark.parametrize("kind", ["text", "timm", "dinov2", "vit"])
+def test_split_at_any_block_reproduces_the_forward(kind: str, tmp_path: Path) -> None:
+    model = create_model("tiny")
+    if kind == "text":
+        encoder = model.text_encoder.eval()
+        ids = torch.randint(5, 100, (3, 9))
+        mask = torch.ones_like(ids)
+        mask[1, 4:] = 0  # a padded caption: the top blocks must get the same attention mask
+        inputs, kw = (ids, mask), {"attention_mask": mask}
+    else:
+        encoder = (model.image_encoder if kind == "timm" else _hf_vision(kind, tmp_path)).eval()
+        inputs, kw = (torch.randn(2, 3, *encoder.preprocess.size),), {}
+    full = encoder(*inputs)
+    keep = mask.bool() if kind == "text" else torch.ones(full.shape[:2], dtype=torch.bool)
+    assert encoder.depth >= 2
+    calls: list[int] = []
+    hooks = [b.register_forward_hook(lambda *_, i=i: calls.append(i)) for i, b in enumerate(encoder.blocks)]
+    for start in range(encoder.depth + 1):
+        calls.clear()
+        hidden = encoder.hidden_before(start, *inputs)
+        assert calls == list(range(start)) or start == encoder.depth  # the blocks above never ran
+        out = encoder.forward_from(hidden, start, **kw)
+        torch.testing.assert_close(out[keep], full[keep], rtol=1e-5, atol=1e-5)
+    for h in hooks:
+        h.remove()
+
+
+def _cfg(tmp_path: Path, name: str, **overrides):
+    base = {
+        "data.dataset": "synthetic:96",
+        "data.cache_dir": str(tmp_path / "cache"),
+        "data.augment": False,
+        "model.freeze": "top_k",
+        "model.trainable_layers": 1,
+        "model.fusion.dropout": 0.0,
+        "optim.epochs": 2,
+        "optim.batch_size": 16,
+        "optim.encoder_lr_scale": 1.0,
+        "run.output_dir": str(tmp_path / "runs"),
+        "run.name": name,
+        "run.checkpoint_every": 0,
+        "run.progress": False,
+        "run.plots": False,
+    }
+    return build_config(None, {**base, **overrides})
+
+
+def test_top_blocks_train_on_cached_hidden_states_like_end_to_end(tmp_path: Path) -> None:
+    cached = Trainer(_cfg(tmp_path, "cached"))
+    direct = Trainer(_cfg(tmp_path, "direct", **{"data.feature_cache": False}))
+    assert cached.use_features and not direct.use_features
+    before = {k: v.clone() for k, v in cached.model.state_dict().items()}
+    s_cached, s_direct = cached.fit(), direct.fit()
+    # float16 hidden states in the cache: close to, not bitwise, the end-to-end run
+    for key in ("val/loss", "val/sentiment/accuracy"):
+        assert s_cached["val"][key] == pytest.approx(s_direct["val"][key], rel=2e-2, abs=2e-2), key
+    after = cached.model.state_dict()
+    text = cached.model.text_encoder
+    top, bottom = len(text.blocks) - 1, 0
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith(f"text_encoder.model.encoder.layer.{top}.") for k in moved)
+    assert not any(k.startswith(f"text_encoder.model.encoder.layer.{bottom}.") for k in moved)
+    assert not any(k.startswith("text_encoder.model.embeddings.") for k in moved)
+    stores = sorted(p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith("features-"))
+    assert len(stores) == 3  # train / val / test hidden states, built once
+    # the cache key ignores the trained top blocks, so resuming this run finds the same stores
+    resumed = Trainer(_cfg(tmp_path, "cached", **{"optim.epochs": 3}), resume=True, accept_changes=True)
+    resumed.fit()
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith("features-")) == stores
+
+
+def test_cache_key_follows_the_frozen_bottom_only() -> None:
+    model = create_model("tiny", freeze="top_k", trainable_layers=1)
+    key = encoder_key(model)
+    with torch.no_grad():
+        next(model.text_encoder.blocks[-1].parameters()).add_(1.0)  # trainable top block
+        assert encoder_key(model) == key
+        next(model.image_encoder.blocks[0].parameters()).add_(1.0)  # frozen bottom block
+        assert encoder_key(model) != key
+    frozen = create_model("tiny", freeze="encoders")
+    deeper = create_model("tiny", freeze="top_k", trainable_layers=2)
+    assert len({encoder_key(frozen), encoder_key(deeper), encoder_key(create_model("tiny", freeze="top_k",
+                                                                                   trainable_layers=1))}) == 3
+
+
+def test_layer_decay_scales_each_block_and_spares_position_embeddings() -> None:
+    model = create_model("tiny")  # freeze none: every block and the embeddings train
+    cfg = build_config(None, {"optim.lr": 1.0, "optim.encoder_lr_scale": 0.5, "optim.layer_decay": 0.5}).optim
+    lr_of = {}
+    for g in param_groups(model, cfg):
+        for p in g["params"]:
+            lr_of[id(p)] = (g["lr"], g["weight_decay"])
+    text = model.text_encoder
+    depth = text.depth
+    for i, block in enumerate(text.blocks):
+        for p in block.parameters():
+            assert lr_of[id(p)][0] == pytest.approx(0.5 * 0.5 ** (depth - 1 - i))
+    for p in text.model.embeddings.parameters():
+        assert lr_of[id(p)][0] == pytest.approx(0.5 * 0.5**depth)
+    for p in model.fusion.parameters():
+        assert lr_of[id(p)][0] == 1.0
+    assert lr_of[id(model.image_encoder.model.pos_embed)][1] == 0.0  # a 3-d tensor, but never decayed
+    without = build_config(None, {"optim.lr": 1.0, "optim.encoder_lr_scale": 0.5}).optim
+    assert {g["lr"] for g in param_groups(model, without)} == {1.0, 0.5}
+
+
+def test_rows_without_a_caption_stay_finite_through_the_trainable_top() -> None:
+    model = create_model("tiny", freeze="top_k", trainable_layers=1).train()
+    split_t, split_i = model.feature_splits
+    ids = torch.randint(5, 100, (4, 7))
+    mask = torch.ones_like(ids)
+    mask[2:] = 0  # rows 2 and 3 have no caption: all-masked, zero hidden states, as the cache stores them
+    hidden = model.text_encoder.hidden_before(split_t, ids, mask).detach()
+    hidden[2:] = 0
+    image = model.image_encoder.hidden_before(split_i, torch.randn(4, 3, *model.image_preprocess.size)).detach()
+    present = torch.tensor([True, True, False, False])
+    out = model(text_features=hidden, attention_mask=mask, image_features=image, text_present=present)
+    loss = model.loss(out, {"sentiment": torch.tensor([0, 1, 2, 0])})["loss"]
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.text_encoder.blocks[-1].parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)

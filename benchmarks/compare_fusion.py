@@ -12,6 +12,7 @@ its dev split, which no run ever trains or selects on.
 
     python benchmarks/compare_fusion.py             # full run, writes benchmarks/results/compare_fusion*
     python benchmarks/compare_fusion.py --quick     # minutes: 1 epoch, 2 seeds, small data
+    python benchmarks/compare_fusion.py --trainable-layers 2 0   # + top 2 text blocks fine-tuned (cached)
 
 Every trained model is also scored with the caption removed from every test example and with the
 image removed from every example (presence flags on the cached features: the model's placeholder
@@ -87,7 +88,7 @@ def train_one(
         **base,
         **extra,
         "data.split_file": str(work / "split.json"),
-        "data.cache_dir": str(work / "cache"),
+        "data.cache_dir": args.cache_dir or str(work / "cache"),
         "optim.epochs": args.epochs,
         "optim.lr": args.lr,
         "optim.batch_size": args.batch_size,
@@ -99,10 +100,11 @@ def train_one(
     }
     if args.modality_dropout:
         overrides["model.fusion.modality_dropout"] = args.modality_dropout
-    if args.finetune:
-        overrides["model.freeze"] = "top_k"
-        overrides["model.trainable_layers"] = 2
-        overrides["data.feature_cache"] = False
+    if args.trainable_layers:  # the top blocks train on the cached hidden states entering them
+        text_k, image_k = args.trainable_layers
+        overrides.update({"model.freeze": "top_k", "model.text.trainable_layers": text_k,
+                          "model.image.trainable_layers": image_k, "optim.encoder_lr_scale": 0.05,
+                          "optim.layer_decay": 0.8})  # fmt: skip
     trainer = Trainer(build_config(None, overrides))
     summary = trainer.fit()
     split = "test" if "test" in trainer.datasets else "val"
@@ -232,6 +234,13 @@ def verdict(rows: dict[str, dict[str, Any]]) -> str:
     return text
 
 
+def partial_note(layers: list[int] | None) -> str:
+    if not layers:
+        return "frozen, features cached once and shared by all runs"
+    return (f"top {layers[0]} text / {layers[1]} image blocks fine-tuned on the cached hidden states entering "
+            "them (shared by all runs), encoder lr x0.05, layer decay 0.8")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
@@ -243,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument(
-        "--finetune", action="store_true", help="also train the top 2 encoder layers (no feature cache)"
+        "--trainable-layers", type=int, nargs=2, metavar=("TEXT", "IMAGE"),
+        help="partial fine-tuning: also train the top TEXT / IMAGE encoder blocks, on cached hidden states "
+        "(encoder lr x0.05, layer decay 0.8); results go to compare_fusion_partial.*",
     )
     p.add_argument("--no-multitask", action="store_true", help="skip the sentiment vs sentiment+ITM variant")
     p.add_argument(
@@ -253,23 +264,25 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="smoke run: 1 epoch, 2 seeds, small data, no files written"
     )
     p.add_argument("--work-dir", default="runs/compare_fusion")
+    p.add_argument("--cache-dir", default=os.environ.get("FUSIONKIT_CACHE"), help="default: WORK_DIR/cache")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.seeds = 1, 2
     torch.set_num_threads(os.cpu_count() or 1)
-    work = Path(args.work_dir) / ("quick" if args.quick else "full")
+    work = Path(args.work_dir) / ("quick" if args.quick else "full")  # split + caches shared by both modes
     work.mkdir(parents=True, exist_ok=True)
     base, dataset, encoders = setup(args, work)
     print(f"dataset: {dataset}\nencoders: {encoders}\nmachine: {machine()}", flush=True)
 
     started = time.time()
+    tag = "-top{}{}".format(*args.trainable_layers) if args.trainable_layers else ""  # run dir names per mode
     rows: dict[str, dict[str, Any]] = {}
     for strategy in args.strategies:
         runs = []
         for seed in range(args.seeds):
             r = train_one(
-                base, {"model.fusion.strategy": strategy, "run.seed": seed}, args, work, f"{strategy}-s{seed}"
+                base, {"model.fusion.strategy": strategy, "run.seed": seed}, args, work, f"{strategy}{tag}-s{seed}"
             )
             print(f"  {strategy:17s} seed {seed}: acc {r['accuracy']:.4f} macro-F1 {r['macro_f1']:.4f} "
                   f"weighted-F1 {r['weighted_f1']:.4f} ({r['train_seconds']:.0f}s)", flush=True)  # fmt: skip
@@ -285,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(args.seeds):
             extra = {"model.fusion.strategy": ref, "run.seed": seed,
                      "model.tasks": [sentiment, {"name": "itm", "type": "itm", "weight": 0.5}]}  # fmt: skip
-            runs.append(train_one(base, extra, args, work, f"{ref}-itm-s{seed}"))
+            runs.append(train_one(base, extra, args, work, f"{ref}-itm{tag}-s{seed}"))
         multitask = [
             dict(rows[ref], name=f"{ref}: sentiment"),
             aggregate(f"{ref}: sentiment + ITM (w=0.5)", runs),
@@ -296,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Fusion strategies compared",
         "",
         f"- dataset: {dataset}; scores on the {split_name}; the same saved split for every run",
-        f"- encoders: {encoders}; {'top 2 layers fine-tuned' if args.finetune else 'frozen, features cached once and shared by all runs'}",
+        f"- encoders: {encoders}; {partial_note(args.trainable_layers)}",
         f"- budget: {args.epochs} epochs, lr {args.lr} (warmup + cosine), batch {args.batch_size}, best epoch chosen on val; "
         f"{args.seeds} seeds (0..{args.seeds - 1}) per strategy",
         f"- machine: {machine()}",
@@ -327,16 +340,16 @@ def main(argv: list[str] | None = None) -> int:
     report = "\n".join(lines) + "\n"
     print(report)
     if not args.quick:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "compare_fusion.md").write_text(report)
+        out = Path(args.out) / ("compare_fusion_partial" if args.trainable_layers else "compare_fusion")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text(report)
         all_rows = list(rows.values()) + multitask
-        with open(out / "compare_fusion.csv", "w", newline="") as f:
+        with open(out.with_suffix(".csv"), "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(all_rows[0]))
             writer.writeheader()
             writer.writerows(all_rows)
-        plot(list(rows.values()), out / "compare_fusion.png", f"{dataset}; {encoders}; {args.seeds} seeds")
-        print(f"wrote {out}/compare_fusion.md, .csv, .png")
+        plot(list(rows.values()), out.with_suffix(".png"), f"{dataset}; {encoders}; {args.seeds} seeds")
+        print(f"wrote {out}.md, .csv, .png")
     return 0
 
 

@@ -166,7 +166,8 @@ def run_rows(rows: list[tuple[str, dict[str, Any]]], base: dict[str, Any], data:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", choices=("warm", "ablation", "extra", "partial", "tune", "final", "report", "predict"))
+    p.add_argument("mode", choices=("warm", "ablation", "extra", "partial", "ensemble", "tune", "final", "report",
+                                    "predict"))  # fmt: skip
     p.add_argument("run", nargs="?", help="predict: the run dir whose best model predicts CLMLF test")
     p.add_argument("--cache-dir", default=os.environ.get("FUSIONKIT_CACHE", "/work/.fkcache"))
     p.add_argument("--work-dir", default="runs/mvsa_recipe")
@@ -181,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
     if args.mode == "report":
-        return report([work / f"{n}.jsonl" for n in ("ablation", "extra", "partial")], RESULTS / "mvsa_single_recipe")
+        logs = [work / f"{n}.jsonl" for n in ("ablation", "extra", "partial", "ensemble")]
+        return report(logs, RESULTS / "mvsa_single_recipe")
+    if args.mode == "ensemble":
+        return ensemble([work / f"{n}.jsonl" for n in ("extra", "partial")], work / "ensemble.jsonl")
     if args.mode == "predict":
         return predict_test(
             Path(args.run), work, args.cache_dir, RESULTS / "mvsa_single_test_predictions.csv"
@@ -239,6 +243,41 @@ def predict_test(run: Path, work: Path, cache_dir: str, out: Path) -> int:
         writer.writerow(["id", "label"])
         writer.writerows((r["id"], r["sentiment"]) for r in rows)
     print(f"wrote {len(rows)} predictions to {out}")
+    return 0
+
+
+def ensemble(logs: list[Path], out: Path) -> int:
+    """Each row's seeds as one model: class probabilities averaged over its seed runs (no new training),
+    scored on the held-out part of train (selection) and on CLMLF dev. Appends one line per row to `out`."""
+    import numpy as np
+    from sklearn.metrics import accuracy_score, f1_score
+
+    data = selection_view()
+    gold = {ex.id: ex.labels["sentiment"] for ex in data}
+    names = SENTIMENT["class_names"]
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for line in (ln for log in logs if log.is_file() for ln in log.read_text().splitlines()):
+        r = json.loads(line)
+        runs.setdefault(r["row"], []).append(r)
+    with out.open("w") as f:
+        for label, rs in runs.items():
+            if len(rs) < 2:
+                continue
+            scores: dict[str, float] = {}
+            for split, prefix in (("test", ""), ("val", "select_")):
+                tables = [list(csv.DictReader(open(Path(r["run_dir"]) / f"predictions_{split}.csv"))) for r in rs]
+                ids = [row["id"] for row in tables[0]]
+                probs = np.mean([[[float(row[f"sentiment_prob_{c}"]) for c in names] for row in t] for t in tables], 0)
+                pred = [names[i] for i in probs.argmax(1)]
+                true = [gold[i] for i in ids]
+                scores[f"{prefix}accuracy"] = accuracy_score(true, pred)
+                scores[f"{prefix}macro_f1"] = f1_score(true, pred, average="macro")
+                scores[f"{prefix}weighted_f1"] = f1_score(true, pred, average="weighted")
+            entry = {"row": f"{label}: {len(rs)}-seed ensemble", "seed": 0, **scores,
+                     "train_seconds": sum(r["train_seconds"] for r in rs),
+                     "wall_seconds": sum(r["wall_seconds"] for r in rs)}  # fmt: skip
+            f.write(json.dumps(entry) + "\n")
+            print(f"{entry['row']}: " + " ".join(f"{m} {100 * scores[m]:.2f}" for m in METRICS), flush=True)
     return 0
 
 

@@ -13,10 +13,15 @@
   gets the whole split's outputs back (so metrics and decisions agree).
 * `make_accelerator(...)`: Hugging Face Accelerate for what it does well, wrapping the model in DDP and
   running experiment trackers; created only when there are several processes or trackers.
+* `launch_engine(cfg)` + `shard_model(...)`: an Accelerate config with FSDP on (`accelerate launch
+  --config_file ...`) shards the model with FSDP2 through Accelerate's plugin instead of DDP;
+  `gathered_weights` / `loading_whole_weights` / `full_optimizer_state` / `load_optimizer_state` keep
+  checkpoints single whole files. A DeepSpeed config is refused before any work.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from collections.abc import Iterator, Sequence
@@ -253,3 +258,167 @@ def make_accelerator(device: torch.device, report_to: Sequence[str], logging_dir
             )
     return accelerate.Accelerator(cpu=device.type == "cpu", mixed_precision="no",
                                   log_with=list(report_to) or None, project_dir=str(logging_dir))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------- FSDP
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
+
+
+def launch_engine(cfg: Any, world: int) -> str:
+    """`"fsdp"` when the Accelerate config the run was launched with turns FSDP on (and there are several
+    processes to shard over), else `"ddp"` (one process: plain PyTorch).
+
+    Refused before any work: DeepSpeed, and what FSDP does not run with (see the messages).
+    """
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        raise ConfigError(
+            "this run was launched with an Accelerate DeepSpeed config (distributed_type: DEEPSPEED); fusionkit "
+            "does not train with DeepSpeed yet. To shard encoders too large for one GPU use FSDP "
+            "(distributed_type: FSDP, fsdp_version: 2; see configs/accelerate_fsdp.yaml), else plain DDP "
+            "(torchrun, or accelerate launch without that config)"
+        )
+    if not _env_flag("ACCELERATE_USE_FSDP") or world < 2:
+        return "ddp"
+    refused = {
+        "optim.ema_decay (EMA of sharded weights)": cfg.optim.ema_decay,
+        "run.precision fp16 (its GradScaler does not unscale sharded gradients; use bf16)": (
+            cfg.run.precision == "fp16"
+        ),
+        "run.compile": cfg.run.compile,
+        # a rank whose batch lost a whole modality would skip that encoder's all-gathers: a hang
+        "model.fusion.modality_dropout > 0": cfg.model.fusion.modality_dropout > 0,
+    }
+    on = [name for name, value in refused.items() if value]
+    if on:
+        raise ConfigError(f"FSDP (the Accelerate config's distributed_type) does not run with {'; '.join(on)}: "
+                          "turn these off, or train with DDP (launch without the FSDP config)")  # fmt: skip
+    return "fsdp"
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard_model(accelerator: Any, model: torch.nn.Module) -> torch.nn.Module:
+    """Shard `model` in place with FSDP2 as Accelerate's plugin configures it (the launcher's fsdp_* settings).
+
+    Each transformer layer becomes its own unit: the classes named by fsdp_transformer_layer_cls_to_wrap,
+    else the layer classes the Hugging Face encoders declare (`_no_split_modules`). Accelerate 1.15 turns
+    FSDP on for accelerators only (on CPU it hands back DDP without a word), so on CPU the plugin is
+    built here from the same settings; PyTorch's FSDP2 itself runs on gloo.
+    """
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is None:
+        plugin = accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise ConfigError(f"the Accelerate config asks for fsdp_version {plugin.fsdp_version}; fusionkit shards "
+                          "with FSDP2: set fsdp_version: 2")  # fmt: skip
+    if plugin.transformer_cls_names_to_wrap is None:
+        present = {type(m).__name__ for m in model.modules()}
+        declared = {n for m in model.modules() for n in getattr(m, "_no_split_modules", None) or ()}
+        plugin.transformer_cls_names_to_wrap = sorted(declared & present)
+    # FSDP2 shards no 0-d parameter (a contrastive head's temperature): their modules stay whole on every
+    # rank, and their gradients are averaged over ranks as DDP would
+    scalar_owners = [m for m in model.modules() if any(p.ndim == 0 for p in m.parameters(recurse=False))]
+    plugin.ignored_modules = [*(plugin.ignored_modules or []), *scalar_owners]
+    for module in scalar_owners:
+        for param in module.parameters():
+            if param.requires_grad:
+                param.register_hook(_average_over_ranks)
+    return fsdp2_prepare_model(accelerator, model)
+
+
+def _average_over_ranks(grad: torch.Tensor) -> torch.Tensor:
+    grad = grad.clone()
+    dist.all_reduce(grad)
+    return grad / dist.get_world_size()
+
+
+def _resharded(model: torch.nn.Module) -> bool:
+    """True for an FSDP model, after putting its parameters back into shards: the root unit keeps
+    them whole after a forward that no backward followed (evaluation)."""
+    if not is_sharded(model):
+        return False
+    model.reshard()  # type: ignore[operator]
+    return True
+
+
+def _state_dict_options(**kwargs: bool) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+@contextlib.contextmanager
+def gathered_weights(model: torch.nn.Module) -> Iterator[None]:
+    """Inside: `model.state_dict()` is the whole model on rank 0 (CPU tensors), so `save_pretrained` writes
+    one ordinary safetensors file. Under FSDP every rank must enter: the shards are gathered on entry.
+    A no-op for an unsharded model."""
+    if not _resharded(model):
+        yield
+        return
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    whole = get_model_state_dict(model, options=_state_dict_options(cpu_offload=True))
+    model.state_dict = lambda *args, **kwargs: whole  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del model.state_dict
+
+
+@contextlib.contextmanager
+def loading_whole_weights(model: torch.nn.Module) -> Iterator[None]:
+    """Inside: `model.load_state_dict(whole)` keeps each rank's shard of a whole state dict (every rank
+    reads the file), so `load_weights` reads a checkpoint written through `gathered_weights`.
+    A no-op for an unsharded model."""
+    if not _resharded(model):
+        yield
+        return
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    def load(state: dict[str, torch.Tensor], strict: bool = True, assign: bool = False) -> Any:
+        own = torch.nn.Module.state_dict(model)
+        shards = {
+            k: distribute_tensor(v.to(own[k].device, own[k].dtype), own[k].device_mesh, own[k].placements,
+                                 src_data_rank=None)  # every rank holds the whole tensor: no communication
+            if isinstance(own.get(k), DTensor) else v
+            for k, v in state.items()
+        }  # fmt: skip
+        return torch.nn.Module.load_state_dict(model, shards, strict=strict)
+
+    model.load_state_dict = load  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del model.load_state_dict
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+    """Under FSDP: the optimizer's whole state (keyed by parameter name) on rank 0, gathered from every
+    rank, which must all call this; None for an unsharded model (its `optimizer.state_dict()` is whole)."""
+    if not _resharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_state_dict_options(cpu_offload=True))
+
+
+def load_optimizer_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Load a saved optimizer state: each rank keeps its shard of a whole one under FSDP."""
+    if not _resharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=_state_dict_options())

@@ -8,8 +8,9 @@ Design points that matter for users:
 * Crash-safe: checkpoints are written to a temp dir and swapped in (see `checkpoint.py`); a NaN loss,
   SIGTERM or Ctrl-C never leaves a half-written checkpoint behind.
 * Frozen encoders train on cached features (see `feature_cache.py`).
-* Distributed: launched with `torchrun` or `accelerate launch`, Accelerate wraps the model in DDP;
-  `optim.batch_size` stays the global batch. Evaluation is sharded across ranks and gathered, a NaN,
+* Distributed: launched with `torchrun` or `accelerate launch`, Accelerate wraps the model in DDP, or
+  shards it with FSDP2 when the launch's Accelerate config turns FSDP on (checkpoints stay whole
+  files); `optim.batch_size` stays the global batch. Evaluation is sharded across ranks and gathered, a NaN,
   a SIGTERM or early stopping stops every rank at once, and checkpoints hold every rank's RNG state
   (see `distributed.py`).
 * Precision (`fusionkit.precision`): bf16 autocast on GPUs and CPUs with bf16 units, fp32 elsewhere,
@@ -284,6 +285,7 @@ class Trainer:
         cfg = self.cfg
         # Accelerate where it is needed (several processes, experiment trackers): DDP and the trackers
         self.accelerator = D.make_accelerator(self.device, cfg.run.report_to, self.run_dir)
+        self.fsdp = D.launch_engine(cfg, self.world) == "fsdp"  # refuses DeepSpeed, and what FSDP cannot run
         self.progress = cfg.run.progress and self.is_main
         # Cheap checks first: read the table, bind labels to tasks, split -- before any model or cache.
         parts = self._read_data(data, model)
@@ -297,7 +299,9 @@ class Trainer:
         self._build_data(parts)
 
         self.ddp: torch.nn.Module = self.model
-        if self.accelerator is not None and self.world > 1:
+        if self.fsdp:  # sharded in place: self.model is the FSDP module (see distributed.shard_model)
+            self.ddp = self.model = D.shard_model(self.accelerator, self.model)
+        elif self.accelerator is not None and self.world > 1:
             self.ddp = self.accelerator.prepare_model(self.model, device_placement=False)
         if cfg.run.compile:  # the training forward only: evaluation and checkpoints use the plain module
             self.ddp = torch.compile(self.ddp, dynamic=True)
@@ -406,9 +410,13 @@ class Trainer:
         )  # fmt: skip
 
     def eval_loader(self, split: str) -> torch.utils.data.DataLoader:
-        """This rank's share of a split: whole batches in order (`distributed.ShardedBatchSampler`)."""
+        """This rank's share of a split: whole batches in order (`distributed.ShardedBatchSampler`).
+
+        Under FSDP every forward is a collective, so every rank runs every batch (ranks could hold
+        different numbers of them otherwise)."""
         data = self.datasets[split]
-        sampler = D.ShardedBatchSampler(len(data), self.cfg.optim.eval_batch_size, self.rank, self.world)
+        rank, world = (0, 1) if self.fsdp else (self.rank, self.world)
+        sampler = D.ShardedBatchSampler(len(data), self.cfg.optim.eval_batch_size, rank, world)
         return self._loader(data, sampler)
 
     @contextlib.contextmanager
@@ -480,8 +488,13 @@ class Trainer:
 
     def _save(self, best: bool = False) -> None:
         rngs = D.all_gather_object(ckpt.rng_state())  # every rank's random stream, so each resumes its own
-        if self.is_main:
+        optimizer = D.full_optimizer_state(self.model, self.optimizer)  # FSDP: gathered (None: not sharded)
+        with D.gathered_weights(self.model):  # FSDP: the whole model on rank 0, written as one file
+            if not self.is_main:
+                return
             state = {**self.state_dict(), **({"rng_per_rank": rngs} if self.world > 1 else {})}
+            if optimizer is not None:
+                state["optimizer"] = optimizer
             with ema_applied(self.ema, self.model):  # the model file gets the EMA weights, the state the raw ones
                 ckpt.save_checkpoint(self.run_dir, self.step, self.model, state, best=best,
                                      keep=self.cfg.run.keep_checkpoints)  # fmt: skip
@@ -491,11 +504,12 @@ class Trainer:
         last = self.run.last
         if last is None:
             raise FileNotFoundError(f"nothing to resume: {self.run_dir} has no `last` checkpoint")
-        self.model.load_weights(last / "model.safetensors")
+        with D.loading_whole_weights(self.model):  # FSDP: each rank keeps its shard of the whole file
+            self.model.load_weights(last / "model.safetensors")
         state = ckpt.load_state(last)
         configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         base_lrs = list(self.scheduler.base_lrs)
-        self.optimizer.load_state_dict(state["optimizer"])
+        D.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if any(k.startswith("optim.") and k not in OPERATIONAL_KEYS for k in self.config_changes):  # accepted
             for group, values, base, factor in zip(self.optimizer.param_groups, configured, base_lrs,
@@ -595,7 +609,8 @@ class Trainer:
             batch = move_batch(batch, self.device, self.train_transform)
             self.batch_in_epoch += 1
             boundary = self.batch_in_epoch % accum == 0 or self.batch_in_epoch == n_batches
-            sync = contextlib.nullcontext() if boundary or self.world == 1 else self.ddp.no_sync()
+            # FSDP reduce-scatters every micro-batch's gradients (correct; DDP's no_sync saves the traffic)
+            sync = contextlib.nullcontext() if boundary or self.world == 1 or self.fsdp else self.ddp.no_sync()
             with sync:
                 with torch.autocast(
                     self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None
@@ -690,7 +705,7 @@ class Trainer:
         """The whole split's outputs on every rank: each rank runs its shard, then they are gathered."""
         result = run_inference(self.model, self.eval_loader(split), self.eval_transform, self.amp, split,
                                self.progress)  # fmt: skip
-        return D.gather_inference(result)
+        return result if self.fsdp else D.gather_inference(result)
 
     def _log(self, entry: dict[str, Any]) -> None:
         """metrics.jsonl always (written with each checkpoint); run.report_to's trackers too."""
@@ -703,7 +718,8 @@ class Trainer:
         """Reload the best checkpoint, evaluate it on val and test, write predictions, plots and summary.json."""
         best_dir = self.run.best or self.run_dir / "best"
         if (best_dir / "model.safetensors").is_file():
-            self.model.load_weights(best_dir / "model.safetensors")
+            with D.loading_whole_weights(self.model):
+                self.model.load_weights(best_dir / "model.safetensors")
         summary: dict[str, Any] = {
             "run_dir": str(self.run_dir),
             "best_checkpoint": str(best_dir),

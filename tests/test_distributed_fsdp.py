@@ -1,0 +1,127 @@
+"""FSDP through an Accelerate config (`accelerate launch --config_file ...` sets ACCELERATE_USE_FSDP and
+the FSDP_* variables): two CPU processes (gloo, PyTorch's FSDP2) train like one process with the same
+global batch, write whole single-file checkpoints that `FusionModel.from_pretrained` loads, keep the
+frozen encoder layers in one shared file, and resume. A DeepSpeed config and what FSDP does not run
+with are refused before any work.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors import safe_open
+
+from fusionkit import FusionModel
+from fusionkit.config import ConfigError
+from fusionkit.training.checkpoint import FROZEN_WEIGHTS
+from fusionkit.training.rundir import follow_pointer
+from fusionkit.training.trainer import Trainer
+
+from .reliability_utils import free_port
+from .test_distributed import _epoch_ends, _join, _weights, config, write_split
+
+# What `accelerate launch --config_file configs/accelerate_fsdp.yaml` exports (accelerate.utils.launch),
+# with each encoder block its own FSDP unit (BERT's layers and timm's ViT blocks)
+FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+            "FSDP_TRANSFORMER_CLS_TO_WRAP": "BertLayer,Block", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"}  # fmt: skip
+
+
+def fsdp_config(tmp: Path, name: str):
+    """The distributed test's run, end to end with each encoder's lower block frozen (top_k: 1)."""
+    cfg = config(tmp, name)
+    cfg.model.freeze, cfg.model.trainable_layers = "top_k", 1
+    cfg.data.feature_cache = False
+    return cfg
+
+
+def _worker(rank: int, tmp: str, port: int, name: str, kill_at: int, resume: bool) -> None:
+    """Train `name` sharded over 2 processes; rank 1 is SIGKILLed after optimizer step `kill_at` (0: never)."""
+    _join(rank, port)
+    os.environ.update(FSDP_ENV)
+    try:
+        trainer = Trainer(fsdp_config(Path(tmp), name), resume=resume)
+        assert trainer.fsdp and type(trainer.model).__name__ == "FSDPFusionModel"
+        step = trainer._optimizer_step
+
+        def step_then_die() -> None:
+            step()
+            if rank == 1 and trainer.step == kill_at:
+                os.kill(os.getpid(), 9)
+
+        trainer._optimizer_step = step_then_die
+        trainer.fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def sharded(tmp: Path, name: str, kill_at: int = 0, resume: bool = False) -> None:
+    mp.spawn(_worker, args=(str(tmp), free_port(), name, kill_at, resume), nprocs=2, join=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("fsdp")
+    write_split(tmp)
+    Trainer(fsdp_config(tmp, "single")).fit()
+    sharded(tmp, "fsdp")
+    return tmp
+
+
+@pytest.mark.timeout(300)
+def test_fsdp_trains_like_one_process_and_saves_whole_loadable_checkpoints(runs: Path) -> None:
+    single, fsdp = runs / "runs" / "single", runs / "runs" / "fsdp"
+    a, b = _weights(single), _weights(fsdp)
+    assert sorted(a) == sorted(b)  # the trainable weights, whole: nothing sharded, nothing missing
+    init = Trainer(fsdp_config(runs, "init")).model.state_dict()
+    assert [k for k in a if not torch.equal(a[k], init[k])], "training did not change the weights"
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=2e-4, atol=1e-6, msg=k)
+    for x, y in zip(_epoch_ends(single), _epoch_ends(fsdp), strict=True):  # every rank evaluated everything
+        assert sorted(x) == sorted(y)
+        for key, value in x.items():
+            assert y[key] == pytest.approx(value, rel=2e-4, abs=1e-6), key
+    # frozen layers once per run, beside the checkpoints; the public loader rebuilds the whole model
+    with safe_open(fsdp / FROZEN_WEIGHTS, "pt") as f:
+        frozen = set(f.keys())
+    assert frozen and not frozen & set(b) and all(k in init for k in frozen)
+    model = FusionModel.from_pretrained(follow_pointer(fsdp / "last"))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, init[k] if k in frozen else b[k], rtol=0, atol=0, msg=k)
+    # the optimizer state is whole too (keyed by parameter name), so any world size can read it
+    state = torch.load(follow_pointer(fsdp / "last") / "trainer_state.pt", weights_only=True)
+    assert set(state["optimizer"]["state"]) == {k for k in a if k not in frozen}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_fsdp_sigkill_then_resume_matches_uninterrupted(runs: Path) -> None:
+    with pytest.raises(mp.ProcessExitedException):
+        sharded(runs, "killed", kill_at=3)
+    assert follow_pointer(runs / "runs" / "killed" / "last").name == "step-00000002"
+    sharded(runs, "killed", resume=True)
+    a, b = _weights(runs / "runs" / "fsdp"), _weights(runs / "runs" / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _epoch_ends(runs / "runs" / "killed") == _epoch_ends(runs / "runs" / "fsdp")
+
+
+def test_deepspeed_and_what_fsdp_cannot_run_are_refused(tmp_path: Path, monkeypatch) -> None:
+    write_split(tmp_path)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match=r"DeepSpeed config .* not train with DeepSpeed yet\. .* use FSDP"):
+        Trainer(config(tmp_path, "deepspeed"))
+    assert not (tmp_path / "runs" / "deepspeed").exists()  # refused before any work
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    Trainer(config(tmp_path, "one"))  # one process: nothing to shard, plain PyTorch
+    from fusionkit.training.distributed import launch_engine
+
+    cfg = config(tmp_path, "ema")
+    cfg.optim.ema_decay, cfg.run.compile = 0.99, True
+    with pytest.raises(ConfigError, match=r"FSDP .* does not run with optim.ema_decay .*; run.compile: turn"):
+        launch_engine(cfg, world=2)

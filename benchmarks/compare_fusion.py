@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import random
 import statistics
@@ -36,7 +35,7 @@ from typing import Any
 import torch
 from bench_common import RESULTS, SHARED, machine, minilm_dir
 
-from fusionkit.data import load_dataset, split_dataset
+from fusionkit.data import MultimodalDataset, load_dataset, split_dataset
 from fusionkit.models import list_fusions
 from fusionkit.training.config import build_config
 from fusionkit.training.trainer import Trainer, run_inference
@@ -46,27 +45,23 @@ METRICS = ("accuracy", "macro_f1", "weighted_f1")
 CONDITIONS = (("acc_complete", True, True), ("acc_no_text", False, True), ("acc_no_image", True, False))
 
 
-def setup(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str, str]:
-    """Base config overrides, a description of dataset + encoders, and the split file every run shares."""
+def setup(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str, str, Any]:
+    """Base config overrides, a description of dataset + encoders, and the data every run shares.
+
+    MVSA: `mvsa_recipe.selection_view()` (fit on 90% of CLMLF train, select on 10%, score CLMLF dev), so
+    the feature caches of both benchmarks are the same files. Otherwise: one saved split file."""
     mvsa, dino, minilm = SHARED / "data" / "mvsa-single", SHARED / "weights" / "dinov2-small", minilm_dir()
-    split_file = work / "split.json"
     if args.dataset is None and mvsa.is_dir() and dino.is_dir() and minilm:
-        ds = load_dataset(str(mvsa))
-        if not split_file.is_file():  # hold out 10% of CLMLF train for selection; report on CLMLF dev
-            parts = split_dataset(ds)
-            inner = split_dataset(parts["train"], ratios=(0.9, 0.1, 0.0), seed=0)
-            fit, held, test = inner["train"].ids, inner["val"].ids, parts["val"].ids
-            if args.quick:  # a seeded sample (the files are ordered by label, so never a prefix)
-                rng = random.Random(0)
-                fit, held, test = rng.sample(fit, 400), rng.sample(held, 100), rng.sample(test, 150)
-            split_file.write_text(json.dumps({
-                "dataset": ds.name, "protocol": "fit/select on CLMLF train (90/10, stratified, seed 0); report on CLMLF dev",
-                "train": fit, "val": held,
-                "test": test,
-            }, indent=1))  # fmt: skip
+        from mvsa_recipe import selection_view
+
+        data = selection_view()
+        if args.quick:  # a seeded sample (the files are ordered by label, so never a prefix)
+            rng = random.Random(0)
+            splits = {k: rng.sample(v, n) for (k, v), n in zip(data.splits.items(), (400, 100, 150))}
+            data = MultimodalDataset(data.subset([i for v in splits.values() for i in v]), data.label_names,
+                                     splits=splits, name="mvsa-single[quick]")  # fmt: skip
         overrides = {
             "preset": "minilm-dinov2-small",
-            "data.dataset": str(mvsa),
             "model.text.name": minilm,
             "model.image.name": str(dino),
             "model.fusion.dim": 128,
@@ -75,19 +70,20 @@ def setup(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str, st
             "model.fusion.image_grid": 4,
             "model.fusion.dropout": 0.1,
         }
-        return overrides, "MVSA-Single (CLMLF split)", "MiniLM-L6 (text) + DINOv2-S/14 (image)"
+        return overrides, "MVSA-Single (CLMLF split)", "MiniLM-L6 (text) + DINOv2-S/14 (image)", data
     dataset = args.dataset or f"synthetic:{600 if args.quick else 3000}"
+    split_file = work / "split.json"
     split_dataset(load_dataset(dataset), path=split_file)
-    return {"preset": "tiny", "data.dataset": dataset}, dataset, "tiny random BERT + tiny random ViT"
+    base = {"preset": "tiny", "data.dataset": dataset, "data.split_file": str(split_file)}
+    return base, dataset, "tiny random BERT + tiny random ViT", None
 
 
 def train_one(
-    base: dict[str, Any], extra: dict[str, Any], args: argparse.Namespace, work: Path, name: str
+    base: dict[str, Any], extra: dict[str, Any], args: argparse.Namespace, work: Path, name: str, data: Any
 ) -> dict[str, Any]:
     overrides = {
         **base,
         **extra,
-        "data.split_file": str(work / "split.json"),
         "data.cache_dir": args.cache_dir or str(work / "cache"),
         "optim.epochs": args.epochs,
         "optim.lr": args.lr,
@@ -105,7 +101,7 @@ def train_one(
         overrides.update({"model.freeze": "top_k", "model.text.trainable_layers": text_k,
                           "model.image.trainable_layers": image_k, "optim.encoder_lr_scale": 0.05,
                           "optim.layer_decay": 0.8})  # fmt: skip
-    trainer = Trainer(build_config(None, overrides))
+    trainer = Trainer(build_config(None, overrides), data=data)
     summary = trainer.fit()
     split = "test" if "test" in trainer.datasets else "val"
     loader = trainer.eval_loader(split)
@@ -272,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     work = Path(args.work_dir) / ("quick" if args.quick else "full")  # split + caches shared by both modes
     work.mkdir(parents=True, exist_ok=True)
-    base, dataset, encoders = setup(args, work)
+    base, dataset, encoders, data = setup(args, work)
     print(f"dataset: {dataset}\nencoders: {encoders}\nmachine: {machine()}", flush=True)
 
     started = time.time()
@@ -281,9 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     for strategy in args.strategies:
         runs = []
         for seed in range(args.seeds):
-            r = train_one(
-                base, {"model.fusion.strategy": strategy, "run.seed": seed}, args, work, f"{strategy}{tag}-s{seed}"
-            )
+            extra = {"model.fusion.strategy": strategy, "run.seed": seed}
+            r = train_one(base, extra, args, work, f"{strategy}{tag}-s{seed}", data)
             print(f"  {strategy:17s} seed {seed}: acc {r['accuracy']:.4f} macro-F1 {r['macro_f1']:.4f} "
                   f"weighted-F1 {r['weighted_f1']:.4f} ({r['train_seconds']:.0f}s)", flush=True)  # fmt: skip
             runs.append(r)
@@ -298,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(args.seeds):
             extra = {"model.fusion.strategy": ref, "run.seed": seed,
                      "model.tasks": [sentiment, {"name": "itm", "type": "itm", "weight": 0.5}]}  # fmt: skip
-            runs.append(train_one(base, extra, args, work, f"{ref}-itm{tag}-s{seed}"))
+            runs.append(train_one(base, extra, args, work, f"{ref}-itm{tag}-s{seed}", data))
         multitask = [
             dict(rows[ref], name=f"{ref}: sentiment"),
             aggregate(f"{ref}: sentiment + ITM (w=0.5)", runs),

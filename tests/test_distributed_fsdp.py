@@ -2,12 +2,15 @@
 the FSDP_* variables): two CPU processes (gloo, PyTorch's FSDP2) train like one process with the same
 global batch, write whole single-file checkpoints that `FusionModel.from_pretrained` loads, keep the
 frozen encoder layers in one shared file, and resume. A DeepSpeed config and what FSDP does not run
-with are refused before any work.
+with are refused before any work. The documented command, `accelerate launch` with
+configs/accelerate_fsdp.yaml, starts two processes on CPU and trains sharded.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,6 +113,27 @@ def test_fsdp_sigkill_then_resume_matches_uninterrupted(runs: Path) -> None:
     assert _epoch_ends(runs / "runs" / "killed") == _epoch_ends(runs / "runs" / "fsdp")
 
 
+@pytest.mark.timeout(240)
+def test_accelerate_launch_with_the_example_fsdp_config(tmp_path: Path) -> None:
+    config_file = Path(__file__).parents[1] / "configs" / "accelerate_fsdp.yaml"
+    runs = tmp_path / "runs"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+               "--fsdp_transformer_layer_cls_to_wrap", "BertLayer,Block",  # timm's ViT blocks named too
+               "-m", "fusionkit", "train", "--data.dataset", "synthetic:40", "--data.cache_dir", str(tmp_path / "c"),
+               "--optim.batch_size", "8", "--optim.max_steps", "2", "--run.output_dir", str(runs),
+               "--run.name", "cli", "--run.progress", "false", "--run.plots", "false", "--run.device", "cpu"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=220, env={**env, "OMP_NUM_THREADS": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "units sharded over 2 processes; layers wrapped: BertLayer, Block" in done.stderr, done.stderr[
+        -3000:
+    ]
+    # from_pretrained checks every key and shape against the config: a whole, single-file checkpoint
+    assert FusionModel.from_pretrained(runs / "cli").predict(texts=["a day"], images=[None])[0]["sentiment"]
+
+
 def test_deepspeed_and_what_fsdp_cannot_run_are_refused(tmp_path: Path, monkeypatch) -> None:
     write_split(tmp_path)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
@@ -121,7 +145,16 @@ def test_deepspeed_and_what_fsdp_cannot_run_are_refused(tmp_path: Path, monkeypa
     Trainer(config(tmp_path, "one"))  # one process: nothing to shard, plain PyTorch
     from fusionkit.training.distributed import launch_engine
 
+    with pytest.raises(
+        ConfigError, match=r"fsdp_version 1; fusionkit shards with FSDP2: set fsdp_version: 2"
+    ):
+        launch_engine(config(tmp_path, "v1"), world=2)  # no FSDP_VERSION: Accelerate's default, FSDP1
+    for name, value in FSDP_ENV.items():
+        monkeypatch.setenv(name, value)
+    assert launch_engine(config(tmp_path, "ok"), world=2) == "fsdp"
     cfg = config(tmp_path, "ema")
-    cfg.optim.ema_decay, cfg.run.compile = 0.99, True
-    with pytest.raises(ConfigError, match=r"FSDP .* does not run with optim.ema_decay .*; run.compile: turn"):
+    cfg.optim.ema_decay, cfg.run.compile, cfg.data.missing_image = 0.99, True, "keep"
+    with pytest.raises(
+        ConfigError, match=r"does not run with optim.ema_decay .*; run.compile; data.missing_t"
+    ):
         launch_engine(cfg, world=2)

@@ -12,7 +12,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from fusionkit.config import TaskConfig
+from fusionkit.tasks import create_task
 from fusionkit.tasks.alignment import shuffled_global_images
+from fusionkit.tasks.base import FusionContext
 from fusionkit.training import distributed as D
 
 from .reliability_utils import free_port
@@ -49,13 +52,49 @@ def _loss_and_grad(
     return float(loss.detach()), grad
 
 
+PAIRED = torch.tensor([True, True, False, True, True, False, False, False])  # rank 1's rows: no pair at all
+
+
+def _itm_loss_and_grad(
+    text: torch.Tensor, image: torch.Tensor, paired: torch.Tensor, w: torch.Tensor, seed: int
+) -> tuple[float, torch.Tensor]:
+    """The ITM task on a toy fusion (one shared linear map): the global batch's loss (the mean over ranks
+    of each rank's share) and the gradient averaged over ranks as DDP does."""
+    torch.manual_seed(seed)
+    w = w.clone().requires_grad_(True)
+
+    def fuse(t: torch.Tensor, m: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        return (t.mean(1, keepdim=True) + i.mean(1, keepdim=True)) @ w
+
+    mask = torch.ones(text.shape[:2], dtype=torch.bool)
+    ctx = FusionContext(fuse(text, mask, image), text, mask, image, fuse, paired=paired)
+    task = create_task(TaskConfig("match", "itm"))
+    loss = task.loss(task.forward(lambda views: views.sum(-1), ctx), None, None)
+    loss.backward()
+    grad = w.grad
+    if D.is_distributed():
+        dist.all_reduce(grad)
+        grad /= dist.get_world_size()
+    return float(D.mean_over_ranks(loss.detach())), grad
+
+
+def _itm_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    text, image, w = _problem()
+    return text.view(-1, 2, 3), image.view(-1, 2, 3), PAIRED, w[:3]
+
+
 def _itm_negatives(image: torch.Tensor, seed: int) -> torch.Tensor:
     torch.manual_seed(seed)
     return shuffled_global_images(image)
 
 
 def _worker(
-    rank: int, port: int, expected_loss: float, expected_grad: torch.Tensor, negatives: torch.Tensor
+    rank: int,
+    port: int,
+    expected_loss: float,
+    expected_grad: torch.Tensor,
+    negatives: torch.Tensor,
+    itm: tuple[float, torch.Tensor],
 ) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)
@@ -70,6 +109,11 @@ def _worker(
         torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
         # each rank seeded differently: rank 0's draw is the one all use, so rows match one process's
         assert torch.equal(_itm_negatives(image[rows], seed=rank), negatives[rows])
+        # uneven pairs (rank 1 holds none): the global batch's ITM loss and gradient, no rank left hanging
+        itm_text, itm_image, paired, itm_w = _itm_problem()
+        loss, grad = _itm_loss_and_grad(itm_text[rows], itm_image[rows], paired[rows], itm_w, seed=rank)
+        torch.testing.assert_close(loss, itm[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grad, itm[1], rtol=1e-5, atol=1e-6)
 
         assert D.any_rank(rank == 1) and not D.any_rank(False)
         assert D.first_error("loss is nan" if rank == 1 else None) == "rank 1: loss is nan"
@@ -91,7 +135,9 @@ def test_gathered_contrastive_gradient_matches_one_process() -> None:
     expected = _loss_and_grad(*_problem())  # one process, the whole batch
     negatives = _itm_negatives(_problem()[1], seed=0)
     assert not (negatives == _problem()[1]).all(-1).any()  # every row got another example's image
-    mp.spawn(_worker, args=(free_port(), *expected, negatives), nprocs=2, join=True)
+    itm = _itm_loss_and_grad(*_itm_problem(), seed=0)
+    assert itm[1].abs().sum() > 0
+    mp.spawn(_worker, args=(free_port(), *expected, negatives, itm), nprocs=2, join=True)
 
 
 def test_single_process_is_a_no_op() -> None:

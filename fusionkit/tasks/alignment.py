@@ -62,21 +62,28 @@ class ImageTextMatchingTask(Task):
             text, mask, image = text[ctx.paired], mask[ctx.paired], image[ctx.paired]
         positive = head(_paired(ctx.views, ctx))  # before the draw below: the random stream's order of old
         negatives = shuffled_global_images(image)
-        negative = head(ctx.fuse(text, mask, image if negatives is None else negatives))
+        if image.shape[0] == 0:  # no pair here (attention takes no empty batch); tied to the gathered
+            negative = positive if negatives is None else positive + negatives.sum() * 0  # images' backward
+        else:
+            negative = head(ctx.fuse(text, mask, image if negatives is None else negatives))
         output = torch.cat([positive, negative], dim=1)
         if negatives is None and gathering():  # no other pair in the global batch: nothing to learn here,
             return output[:0]  # and every rank knows it (`loss` then gives each a zero)
         return output
 
     def loss(self, output: torch.Tensor, target: Any, mask: Any) -> Any:
-        from ..training.distributed import gathering
+        from ..training.distributed import gathering, rank_and_world, rows_over_ranks
 
-        if gathering() and output.shape[0] == 0:  # this rank holds no pair: a zero that still runs backward,
-            return output.sum()  # whose all-reduce of the gathered images every rank joins
-        if output.shape[0] < 2 and not gathering():  # no other pair in the batch to make a negative from
-            return None
         target = torch.zeros_like(output)
         target[:, 0] = 1.0
+        if gathering():  # this rank's share of the global batch's mean loss, however the pairs are split
+            total = rows_over_ranks(output)
+            if not total:  # no negative anywhere in the global batch: a zero whose backward still runs
+                return output.sum()
+            bce = F.binary_cross_entropy_with_logits(output, target, reduction="sum")
+            return bce * rank_and_world()[1] / (2 * total)  # DDP averages the ranks' gradients
+        if output.shape[0] < 2:  # no other pair in the batch to make a negative from
+            return None
         return F.binary_cross_entropy_with_logits(output, target)
 
     def eval_output(self, output: torch.Tensor) -> torch.Tensor:

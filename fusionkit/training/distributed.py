@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -32,6 +33,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+
+log = logging.getLogger("fusionkit.training")
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")  # run.report_to: Accelerate's experiment trackers
 
@@ -126,6 +129,11 @@ def gather_features(x: torch.Tensor) -> torch.Tensor:
     autograd off (evaluation) `x` is returned as is (see `gathering`).
     """
     return gather_rows(x)[0]
+
+
+def rows_over_ranks(x: torch.Tensor) -> int:
+    """Rows of `x` summed over the ranks while `gathering()`, else `len(x)`."""
+    return sum(_row_counts(x)) if gathering() else x.shape[0]
 
 
 def shared_randint(low: int, high: int, device: torch.device | str = "cpu") -> int:
@@ -282,14 +290,21 @@ def launch_engine(cfg: Any, world: int) -> str:
         )
     if not _env_flag("ACCELERATE_USE_FSDP") or world < 2:
         return "ddp"
+    if os.environ.get("FSDP_VERSION", "1") != "2":  # Accelerate's default is FSDP1
+        raise ConfigError(f"the Accelerate config asks for fsdp_version {os.environ.get('FSDP_VERSION', '1')}; "
+                          "fusionkit shards with FSDP2: set fsdp_version: 2 (see configs/accelerate_fsdp.yaml)")  # fmt: skip
     refused = {
         "optim.ema_decay (EMA of sharded weights)": cfg.optim.ema_decay,
         "run.precision fp16 (its GradScaler does not unscale sharded gradients; use bf16)": (
             cfg.run.precision == "fp16"
         ),
         "run.compile": cfg.run.compile,
-        # a rank whose batch lost a whole modality would skip that encoder's all-gathers: a hang
+        # a rank whose batch lacks a whole modality skips that encoder, and with it the encoder's
+        # all-gathers that the other ranks wait in: a hang
         "model.fusion.modality_dropout > 0": cfg.model.fusion.modality_dropout > 0,
+        "data.missing_text / data.missing_image 'keep'": "keep" in (cfg.data.missing_text, cfg.data.missing_image),
+        "fsdp_activation_checkpointing (not wired yet)": _env_flag("FSDP_ACTIVATION_CHECKPOINTING"),
+        "fsdp_offload_params (not tested yet)": _env_flag("FSDP_OFFLOAD_PARAMS"),
     }
     on = [name for name, value in refused.items() if value]
     if on:
@@ -318,9 +333,6 @@ def shard_model(accelerator: Any, model: torch.nn.Module) -> torch.nn.Module:
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
     if plugin is None:
         plugin = accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
-    if plugin.fsdp_version != 2:
-        raise ConfigError(f"the Accelerate config asks for fsdp_version {plugin.fsdp_version}; fusionkit shards "
-                          "with FSDP2: set fsdp_version: 2")  # fmt: skip
     if plugin.transformer_cls_names_to_wrap is None:
         present = {type(m).__name__ for m in model.modules()}
         declared = {n for m in model.modules() for n in getattr(m, "_no_split_modules", None) or ()}
@@ -333,7 +345,12 @@ def shard_model(accelerator: Any, model: torch.nn.Module) -> torch.nn.Module:
         for param in module.parameters():
             if param.requires_grad:
                 param.register_hook(_average_over_ranks)
-    return fsdp2_prepare_model(accelerator, model)
+    model = fsdp2_prepare_model(accelerator, model)
+    if dist.get_rank() == 0:
+        units = sum(is_sharded(m) for m in model.modules())
+        log.info("FSDP2 (Accelerate config): %d units sharded over %d processes; layers wrapped: %s", units,
+                 dist.get_world_size(), ", ".join(plugin.transformer_cls_names_to_wrap) or "none")  # fmt: skip
+    return model
 
 
 def _average_over_ranks(grad: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,7 @@ class TextEncoderConfig:
     max_length: int = 128
     config_overrides: dict[str, Any] = field(default_factory=dict)
     trainable_layers: int | None = None  # freeze="top_k": this encoder's own k (None = model.trainable_layers)
+    pool_layers: int = 1  # output = mean of the last n blocks' outputs (each through the final norm)
 
 
 @dataclass
@@ -56,6 +57,7 @@ class ImageEncoderConfig:
     checkpoint_path: str | None = None  # timm: a local weights file instead of the hub
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     trainable_layers: int | None = None  # freeze="top_k": this encoder's own k (None = model.trainable_layers)
+    pool_layers: int = 1  # output = mean of the last n blocks' outputs (each through the final norm)
 
 
 @dataclass
@@ -144,6 +146,8 @@ class ModelConfig:
              f"model.text.trainable_layers must be >= 0, got {self.text.trainable_layers}"),
             ((self.image.trainable_layers or 0) >= 0,
              f"model.image.trainable_layers must be >= 0, got {self.image.trainable_layers}"),
+            (self.text.pool_layers >= 1, f"model.text.pool_layers must be >= 1, got {self.text.pool_layers}"),
+            (self.image.pool_layers >= 1, f"model.image.pool_layers must be >= 1, got {self.image.pool_layers}"),
         ):
             if not ok:
                 raise ConfigError(what)

@@ -156,3 +156,21 @@ def test_rows_without_a_caption_stay_finite_through_the_trainable_top() -> None:
     grads = [p.grad for p in model.text_encoder.blocks[-1].parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_pooling_the_last_layers_matches_the_backbone_hidden_states() -> None:
+    from fusionkit.config import ConfigError
+
+    model = create_model("tiny", text={"pool_layers": 2}, image={"pool_layers": 2}).eval()
+    text, image = model.text_encoder, model.image_encoder
+    ids = torch.randint(5, 100, (2, 6))
+    mask = torch.ones_like(ids)
+    states = text.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(text(ids, mask), (states[-1] + states[-2]) / 2)
+    assert not torch.allclose(text(ids, mask), states[-1])
+    torch.testing.assert_close(text.forward_from(text.hidden_before(0, ids, mask), 0, mask), text(ids, mask))
+    pixels = torch.randn(2, 3, *model.image_preprocess.size)
+    torch.testing.assert_close(image.forward_from(image.hidden_before(0, pixels), 0), image(pixels))
+    # pooling a layer below the trainable top cannot run on the cached hidden states entering that top
+    with pytest.raises(ConfigError, match="pool_layers=2"):
+        text.forward_from(text.hidden_before(text.depth - 1, ids, mask), text.depth - 1, mask)

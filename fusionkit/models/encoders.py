@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ImageEncoderConfig, ImagePreprocess, TextEncoderConfig
+from ..config import ConfigError, ImageEncoderConfig, ImagePreprocess, TextEncoderConfig
 from .tiny import TINY_VIT_BASE, TINY_VIT_KWARGS, tiny_bert_config, tiny_tokenizer
 
 
@@ -60,6 +60,9 @@ class Encoder(nn.Module):
     """
 
     model: nn.Module
+    # Output = mean of the last `pool_layers` blocks' outputs (each through the final norm): lower layers
+    # carry more surface/syntax, which frozen features of a small encoder otherwise lose.
+    pool_layers: int = 1
 
     @property
     def blocks(self) -> nn.ModuleList | nn.Sequential:
@@ -73,8 +76,53 @@ class Encoder(nn.Module):
         """The norm after the last block (None when each block ends with its own, as in BERT)."""
         return None
 
-    def run_blocks(self, hidden: torch.Tensor, start: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    @classmethod
+    def from_config(cls, cfg: Any, saved_dir: str | Path | None = None) -> Any:
+        """Build from `cfg` (weights from its hub name or folder); with `saved_dir` (a fusionkit
+        checkpoint) rebuild the architecture only."""
+        encoder = cls.build(cfg, saved_dir)
+        encoder.pool_layers = cfg.pool_layers
+        return encoder
+
+    @classmethod
+    def build(cls, cfg: Any, saved_dir: str | Path | None = None) -> Any:
         raise NotImplementedError
+
+    def backbone(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The backbone's own forward: token features after the last block and the final norm."""
+        raise NotImplementedError
+
+    def run_blocks(
+        self, hidden: torch.Tensor, start: int, attention_mask: torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        """The outputs of `blocks[start:]`, each, from the hidden state entering `blocks[start]`."""
+        raise NotImplementedError
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.pool_layers <= 1:
+            return self.backbone(*inputs)
+        outs: list[torch.Tensor] = []
+
+        def keep(module: nn.Module, args: tuple, out: Any) -> None:
+            outs.append(out[0] if isinstance(out, tuple) else out)
+
+        handles = [b.register_forward_hook(keep) for b in list(self.blocks)[-self.pool_layers :]]
+        try:
+            self.backbone(*inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        return self._pool(outs)
+
+    def _pool(self, outs: list[torch.Tensor]) -> torch.Tensor:
+        norm = self.final_norm()
+        if len(outs) < self.pool_layers:
+            raise ConfigError(
+                f"pool_layers={self.pool_layers} reaches below the {len(outs)} trainable top blocks run on cached "
+                "hidden states: train at least that many blocks, or pool fewer layers"
+            )
+        outs = [norm(o) if norm is not None else o for o in outs[-self.pool_layers :]]
+        return outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)
 
     def forward_from(
         self, hidden: torch.Tensor, start: int, attention_mask: torch.Tensor | None = None
@@ -82,9 +130,7 @@ class Encoder(nn.Module):
         """The encoder's output from the hidden state entering `blocks[start]` (identity at `depth`)."""
         if start >= self.depth:
             return hidden
-        out = self.run_blocks(hidden, start, attention_mask)
-        norm = self.final_norm()
-        return norm(out) if norm is not None else out
+        return self._pool(self.run_blocks(hidden, start, attention_mask))
 
     def hidden_before(self, start: int, *inputs: torch.Tensor) -> torch.Tensor:
         """The hidden state entering `blocks[start]`; the blocks above it are not run."""
@@ -178,8 +224,7 @@ class TextEncoder(Encoder):
         self.width: int = model.config.hidden_size
 
     @classmethod
-    def from_config(cls, cfg: TextEncoderConfig, saved_dir: str | Path | None = None) -> TextEncoder:
-        """Build from `cfg`. With `saved_dir` (a fusionkit checkpoint) rebuild the architecture only."""
+    def build(cls, cfg: TextEncoderConfig, saved_dir: str | Path | None = None) -> TextEncoder:
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         if saved_dir is not None:
@@ -202,13 +247,15 @@ class TextEncoder(Encoder):
         self.model.config.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def backbone(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def final_norm(self) -> nn.Module | None:
         return _hf_final_norm(self.model)
 
-    def run_blocks(self, hidden: torch.Tensor, start: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def run_blocks(
+        self, hidden: torch.Tensor, start: int, attention_mask: torch.Tensor | None
+    ) -> list[torch.Tensor]:
         from transformers.masking_utils import create_bidirectional_mask
 
         if attention_mask is None:
@@ -229,11 +276,13 @@ def _hf_final_norm(model: nn.Module) -> nn.Module | None:
 
 def _run_hf_layers(
     blocks: nn.ModuleList | nn.Sequential, hidden: torch.Tensor, start: int, mask: torch.Tensor | None
-) -> torch.Tensor:
+) -> list[torch.Tensor]:
+    outs = []
     for layer in list(blocks)[start:]:
         out = layer(hidden, mask)
         hidden = out[0] if isinstance(out, tuple) else out
-    return hidden
+        outs.append(hidden)
+    return outs
 
 
 def _hf_image_preprocess(name_or_dir: str | Path, model: nn.Module) -> ImagePreprocess:
@@ -298,8 +347,7 @@ class ImageEncoder(Encoder):
         self.width: int = model.num_features if backend == "timm" else model.config.hidden_size
 
     @classmethod
-    def from_config(cls, cfg: ImageEncoderConfig, saved_dir: str | Path | None = None) -> ImageEncoder:
-        """Build from `cfg`; with `saved_dir` (a fusionkit checkpoint) rebuild the architecture only."""
+    def build(cls, cfg: ImageEncoderConfig, saved_dir: str | Path | None = None) -> ImageEncoder:
         if cfg.backend == "timm":
             import timm
 
@@ -329,7 +377,7 @@ class ImageEncoder(Encoder):
         if self.backend == "hf":
             self.model.config.save_pretrained(directory)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def backbone(self, pixel_values: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if self.backend == "timm":
             return self.model.forward_features(pixel_values)
         return self.model(pixel_values=pixel_values).last_hidden_state
@@ -340,9 +388,13 @@ class ImageEncoder(Encoder):
             return norm if isinstance(norm, nn.Module) and not isinstance(norm, nn.Identity) else None
         return _hf_final_norm(self.model)
 
-    def run_blocks(self, hidden: torch.Tensor, start: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def run_blocks(
+        self, hidden: torch.Tensor, start: int, attention_mask: torch.Tensor | None
+    ) -> list[torch.Tensor]:
         if self.backend == "timm":
+            outs = []
             for block in list(self.blocks)[start:]:
                 hidden = block(hidden)
-            return hidden
+                outs.append(hidden)
+            return outs
         return _run_hf_layers(self.blocks, hidden, start, None)

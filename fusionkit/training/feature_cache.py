@@ -47,8 +47,12 @@ def encoder_key(model: Any) -> str:
     cfg = model.config
     splits = _splits(model)
     encoders = (model.text_encoder, model.image_encoder)
-    # Where the split is set (trainable_layers) is not part of the key; where it is, below, is.
-    configs = [{k: v for k, v in to_dict(c).items() if k != "trainable_layers"} for c in (cfg.text, cfg.image)]
+    # Where the split is set (trainable_layers) is not part of the key; where it is, below, is. Options
+    # added since version 2 enter the key only when set, so existing caches keep their keys.
+    configs = [
+        {k: v for k, v in to_dict(c).items() if k != "trainable_layers" and not (k == "pool_layers" and v == 1)}
+        for c in (cfg.text, cfg.image)
+    ]
     parts: list[Any] = [FEATURES_VERSION, *configs, to_dict(model.image_preprocess)]
     if any(s < e.depth for s, e in zip(splits, encoders)):  # full-depth caches keep their old keys
         parts.append(list(splits))

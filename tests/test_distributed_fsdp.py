@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 from fusionkit import FusionModel
 from fusionkit.config import ConfigError
+from fusionkit.training import distributed as D
 from fusionkit.training.checkpoint import FROZEN_WEIGHTS
 from fusionkit.training.rundir import follow_pointer
 from fusionkit.training.trainer import Trainer
@@ -137,24 +138,28 @@ def test_accelerate_launch_with_the_example_fsdp_config(tmp_path: Path) -> None:
 def test_deepspeed_and_what_fsdp_cannot_run_are_refused(tmp_path: Path, monkeypatch) -> None:
     write_split(tmp_path)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+
+    def accelerator(*args: object) -> None:  # on a GPU, Accelerate would import deepspeed first and fail
+        raise AssertionError("the Accelerator was created before the DeepSpeed check")
+
+    monkeypatch.setattr(D, "make_accelerator", accelerator)
     with pytest.raises(ConfigError, match=r"DeepSpeed config .* not train with DeepSpeed yet\. .* use FSDP"):
         Trainer(config(tmp_path, "deepspeed"))
     assert not (tmp_path / "runs" / "deepspeed").exists()  # refused before any work
-    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.undo()
+
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     Trainer(config(tmp_path, "one"))  # one process: nothing to shard, plain PyTorch
-    from fusionkit.training.distributed import launch_engine
-
     with pytest.raises(
         ConfigError, match=r"fsdp_version 1; fusionkit shards with FSDP2: set fsdp_version: 2"
     ):
-        launch_engine(config(tmp_path, "v1"), world=2)  # no FSDP_VERSION: Accelerate's default, FSDP1
+        D.launch_engine(config(tmp_path, "v1"), world=2)  # no FSDP_VERSION: Accelerate's default, FSDP1
     for name, value in FSDP_ENV.items():
         monkeypatch.setenv(name, value)
-    assert launch_engine(config(tmp_path, "ok"), world=2) == "fsdp"
+    assert D.launch_engine(config(tmp_path, "ok"), world=2) == "fsdp"
     cfg = config(tmp_path, "ema")
     cfg.optim.ema_decay, cfg.run.compile, cfg.data.missing_image = 0.99, True, "keep"
     with pytest.raises(
         ConfigError, match=r"does not run with optim.ema_decay .*; run.compile; data.missing_t"
     ):
-        launch_engine(cfg, world=2)
+        D.launch_engine(cfg, world=2)

@@ -283,9 +283,9 @@ class Trainer:
     def _setup(self, model: FusionModel | None, data: Any) -> None:
         """Everything after the run dir is locked: data, model, precision, optimizer, progress state."""
         cfg = self.cfg
-        # Accelerate where it is needed (several processes, experiment trackers): DDP and the trackers
-        self.accelerator = D.make_accelerator(self.device, cfg.run.report_to, self.run_dir)
         self.fsdp = D.launch_engine(cfg, self.world) == "fsdp"  # refuses DeepSpeed, and what FSDP cannot run
+        # Accelerate where it is needed (several processes, experiment trackers): DDP/FSDP and the trackers
+        self.accelerator = D.make_accelerator(self.device, cfg.run.report_to, self.run_dir)
         self.progress = cfg.run.progress and self.is_main
         # Cheap checks first: read the table, bind labels to tasks, split -- before any model or cache.
         parts = self._read_data(data, model)

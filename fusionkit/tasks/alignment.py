@@ -24,18 +24,12 @@ def shuffled_global_images(image: torch.Tensor) -> torch.Tensor | None:
     """For each local row, another example's image from the global batch; None when it has no other pair.
 
     The global batch (every rank's rows while training in several processes) is rolled by one random
-    non-zero offset that all ranks agree on (no fixed points), and each rank keeps its own rows of the
+    non-zero offset that all ranks agree on (no fixed points), and each rank gets its own rows of the
     result: exactly the rows one process holding the whole batch computes, from the same random stream.
     """
-    from ..training.distributed import gather_rows, shared_randint  # lazy: training imports the tasks
+    from ..training.distributed import roll_global_rows  # lazy: training imports the tasks
 
-    images, first = gather_rows(image)  # gradients flow back to the rank that owns each image
-    n = images.shape[0]
-    if n < 2:
-        return None
-    shift = shared_randint(1, n, image.device)
-    rows = torch.arange(first, first + image.shape[0], device=image.device)
-    return images[(rows - shift) % n]
+    return roll_global_rows(image)
 
 
 @register_task("itm")

@@ -4,7 +4,8 @@
   the environment, after selecting the CUDA device (NCCL collectives and barriers can hang without it).
 * `gather_features(x)` returns every rank's rows, gradients flowing back to the rank that owns them, so
   a contrastive loss over a global batch of N sees N-1 negatives however many processes share it;
-  `gather_rows` and `shared_randint` let image-text matching draw one derangement of the global batch.
+  `roll_global_rows` gives image-text matching one derangement of the global batch, sending each rank
+  only the rows it needs.
 * `any_rank(flag)` and `broadcast_object(obj)` make stop decisions once for all ranks: a NaN on one
   rank stops every rank (instead of hanging the others in the next all-reduce), and early stopping is
   decided on rank 0 and followed everywhere.
@@ -112,14 +113,6 @@ def gathering() -> bool:
     return is_distributed() and torch.is_grad_enabled()
 
 
-def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """`gather_features(x)` and where this rank's rows start in it (`(x, 0)` when not `gathering()`)."""
-    if not gathering():
-        return x, 0
-    counts = _row_counts(x)
-    return _GatherRows.apply(x, counts), sum(counts[: dist.get_rank()])
-
-
 def gather_features(x: torch.Tensor) -> torch.Tensor:
     """Rows of `x` from every rank, in rank order ([sum of local rows, ...]); `x` itself when not distributed.
 
@@ -128,12 +121,60 @@ def gather_features(x: torch.Tensor) -> torch.Tensor:
     DDP's gradient average equals the gradient one process would get for the whole batch. With
     autograd off (evaluation) `x` is returned as is (see `gathering`).
     """
-    return gather_rows(x)[0]
+    return _GatherRows.apply(x, _row_counts(x)) if gathering() else x
 
 
 def rows_over_ranks(x: torch.Tensor) -> int:
     """Rows of `x` summed over the ranks while `gathering()`, else `len(x)`."""
     return sum(_row_counts(x)) if gathering() else x.shape[0]
+
+
+class _ExchangeRows(torch.autograd.Function):
+    """All-to-all along dim 0: the first `send[0]` rows to rank 0, the next `send[1]` to rank 1, ...;
+    the result holds `recv[r]` rows from each rank r in rank order. Backward sends gradients back."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
+        ctx.send, ctx.recv = send, recv
+        out = x.new_empty((sum(recv), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv, send)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        out = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
+        dist.all_to_all_single(out, grad.contiguous(), ctx.send, ctx.recv)
+        return out, None, None
+
+
+def roll_global_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """This rank's rows of the global batch rolled by one random non-zero offset; None below 2 rows.
+
+    The global batch is every rank's `x` in rank order while `gathering()`, else `x`. The offset is
+    `torch.randint(1, n)` as one process draws it, rank 0's draw on every rank (`shared_randint`).
+    Only the rows a rank needs cross the wire (an all-to-all of its own row count, not an all-gather
+    of the global batch), and gradients go back to the rank that owns each row.
+    """
+    counts = _row_counts(x) if gathering() else [x.shape[0]]
+    n = sum(counts)
+    if n < 2:
+        return None
+    shift = shared_randint(1, n, x.device)
+    source = (torch.arange(n, device=x.device) - shift) % n  # global row j reads row source[j]
+    if not gathering():
+        return x[source]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ends = torch.tensor(counts, device=x.device).cumsum(0)
+    start, stop = int(ends[rank]) - counts[rank], int(ends[rank])
+    owner = torch.bucketize(torch.arange(n, device=x.device), ends, right=True)  # the rank holding row j
+    mine = (source >= start) & (source < stop)  # rows read from this rank, grouped by the reader's rank
+    send = torch.bincount(owner[mine], minlength=world).tolist()
+    wanted_from = owner[source[start:stop]]  # the rank that holds each row this rank reads
+    arrival = torch.sort(wanted_from, stable=True).indices  # rows arrive grouped by sender, in order
+    received = _ExchangeRows.apply(
+        x[source[mine] - start], send, torch.bincount(wanted_from, minlength=world).tolist()
+    )
+    return received[torch.argsort(arrival)]
 
 
 def shared_randint(low: int, high: int, device: torch.device | str = "cpu") -> int:
@@ -302,7 +343,8 @@ def launch_engine(cfg: Any, world: int) -> str:
         # a rank whose batch lacks a whole modality skips that encoder, and with it the encoder's
         # all-gathers that the other ranks wait in: a hang
         "model.fusion.modality_dropout > 0": cfg.model.fusion.modality_dropout > 0,
-        "data.missing_text / data.missing_image 'keep'": "keep" in (cfg.data.missing_text, cfg.data.missing_image),
+        "data.missing_text / data.missing_image 'keep'": "keep"
+        in (cfg.data.missing_text, cfg.data.missing_image),
         "fsdp_activation_checkpointing (not wired yet)": _env_flag("FSDP_ACTIVATION_CHECKPOINTING"),
         "fsdp_offload_params (not tested yet)": _env_flag("FSDP_OFFLOAD_PARAMS"),
     }

@@ -5,6 +5,7 @@ and stop decisions reach every rank."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -152,3 +153,38 @@ def test_single_process_is_a_no_op() -> None:
 def test_sharded_batches_are_whole_in_order_batches(n: int, world: int) -> None:
     shards = [list(D.ShardedBatchSampler(n, 3, rank, world)) for rank in range(world)]
     assert [b for s in shards for b in s] == [list(range(i, min(n, i + 3))) for i in range(0, n, 3)]
+
+
+THREE = (4, 0, 3)  # the middle rank holds no row: rolls wrap across the other two
+SEEDS = range(4)
+
+
+def _rolls(rows: slice, seed_of: Callable[[int], int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`roll_global_rows` of `rows` of a fixed batch and the gradient of a weighted sum, one per seed."""
+    full, weights = torch.randn(2, sum(THREE), 5, generator=torch.Generator().manual_seed(1))
+    out = []
+    for seed in SEEDS:
+        torch.manual_seed(seed_of(seed))
+        x = full[rows].clone().requires_grad_(True)
+        rolled = D.roll_global_rows(x)
+        (rolled * weights[rows]).sum().backward()
+        out.append((rolled.detach(), x.grad))
+    return out
+
+
+def _roll_worker(rank: int, port: int, expected: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="3")
+    torch.set_num_threads(1)
+    D.init_distributed("cpu")
+    try:
+        rows = slice(sum(THREE[:rank]), sum(THREE[: rank + 1]))
+        for (rolled, grad), (one, one_grad) in zip(_rolls(rows, lambda s: s + rank), expected, strict=True):
+            assert torch.equal(rolled, one[rows]) and torch.equal(grad, one_grad[rows])  # rank 0's draw used
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_rolled_global_rows_over_three_ranks_match_one_process() -> None:
+    expected = _rolls(slice(None), lambda s: s)  # one process, the whole batch
+    mp.spawn(_roll_worker, args=(free_port(), expected), nprocs=3, join=True)

@@ -120,6 +120,8 @@ TOP_TEXT = {"model.freeze": "top_k", "model.text.trainable_layers": 2, "model.im
 PARTIAL: list[tuple[str, dict[str, Any]]] = [
     ("cross_attention + top-2 MiniLM blocks (lr x0.05, layer decay 0.8, 4 epochs)", {**CROSS, **TOP_TEXT}),
     ("+ top-1 DINOv2 block", {**CROSS, **TOP_TEXT, "model.image.trainable_layers": 1}),
+    ("top-2 MiniLM blocks + balanced class weights + label smoothing 0.1", {**CROSS, **TOP_TEXT,
+                                                                            "model.tasks": [SMOOTHED]}),
 ]
 # The common settings of every row (README's: dim 128, 4x4 image grid), selected on held-out train
 COMMON = {

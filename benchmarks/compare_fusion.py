@@ -259,13 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--quick", action="store_true", help="smoke run: 1 epoch, 2 seeds, small data, no files written"
     )
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads (1 on a busy machine)")
     p.add_argument("--work-dir", default="runs/compare_fusion")
     p.add_argument("--cache-dir", default=os.environ.get("FUSIONKIT_CACHE"), help="default: WORK_DIR/cache")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.seeds = 1, 2
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     work = Path(args.work_dir) / ("quick" if args.quick else "full")  # split + caches shared by both modes
     work.mkdir(parents=True, exist_ok=True)
     base, dataset, encoders, data = setup(args, work)

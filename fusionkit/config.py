@@ -129,8 +129,10 @@ class ModelConfig:
             )
         if self.freeze not in ("none", "encoders", "top_k"):
             raise ConfigError(f"freeze must be 'none', 'encoders' or 'top_k', got {self.freeze!r}")
-        if self.image.backend not in ("timm", "hf"):
-            raise ConfigError(f"image.backend must be 'timm' or 'hf', got {self.image.backend!r}")
+        from .models.encoders import IMAGE_BACKENDS  # one adapter per backend
+
+        if self.image.backend not in IMAGE_BACKENDS:
+            raise ConfigError(f"image.backend must be one of {list(IMAGE_BACKENDS)}, got {self.image.backend!r}")
         f = self.fusion
         for ok, what in (
             (f.dim > 0, f"fusion.dim must be positive, got {f.dim}"),
@@ -210,6 +212,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return str(value)  # `--run.name 2024`: a name that looks like a number is still a name
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
             raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
@@ -278,7 +285,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    text = path.read_text()
+    data = (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data

@@ -98,3 +98,17 @@ def test_paths_in_a_config_file_resolve_relative_to_the_file(tmp_path, monkeypat
     assert main(["train", "../cfg/c.yaml", "--print-config", "--optim.lr", "0.5"]) == 0
     printed = capsys.readouterr().out
     assert "lr: 0.5" in printed and "text_column: text" in printed and str(table.resolve()) in printed
+
+
+def test_exponent_floats_read_from_yaml_and_json(tmp_path):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; a config file must still give the float."""
+    from fusionkit.training import build_config
+
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: 1e-4\n  ema_decay: 9.99e-1\n")
+    cfg = build_config(tmp_path / "c.yaml")
+    assert (cfg.optim.lr, cfg.optim.ema_decay) == (1e-4, 0.999)
+    (tmp_path / "c.json").write_text(json.dumps({"optim": {"lr": 1e-05}}))
+    assert build_config(tmp_path / "c.json").optim.lr == 1e-05
+    (tmp_path / "bad.yaml").write_text("optim:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match="optim.lr"):
+        build_config(tmp_path / "bad.yaml")

@@ -1,5 +1,5 @@
 """FSDP through an Accelerate config: the documented `accelerate launch --config_file
-configs/accelerate_fsdp.yaml -m fusionkit train ...` (which sets ACCELERATE_USE_FSDP and the FSDP_*
+configs/accelerate/fsdp.yaml -m fusionkit train ...` (which sets ACCELERATE_USE_FSDP and the FSDP_*
 variables) starts two CPU processes (gloo, PyTorch's FSDP2) that train like one process with the same
 global batch, write whole single-file checkpoints that `FusionModel.from_pretrained` loads, and keep
 the frozen encoder layers in one shared file; a sharded run resumes after a SIGKILL (slow). A DeepSpeed
@@ -30,7 +30,7 @@ from fusionkit.training.trainer import Trainer
 from .reliability_utils import free_port
 from .test_distributed import _epoch_ends, _join, _weights, config, write_split
 
-# What `accelerate launch --config_file configs/accelerate_fsdp.yaml` exports (accelerate.utils.launch),
+# What `accelerate launch --config_file configs/accelerate/fsdp.yaml` exports (accelerate.utils.launch),
 # with each encoder block its own FSDP unit (BERT's layers and timm's ViT blocks)
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
             "FSDP_TRANSFORMER_CLS_TO_WRAP": "BertLayer,Block", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"}  # fmt: skip
@@ -76,7 +76,7 @@ def launch(tmp: Path, name: str) -> str:
     path.write_text(
         yaml.safe_dump(to_dict(fsdp_config(tmp, name)))
     )  # (json's 1e-06 would read back as a str)
-    config_file = Path(__file__).parents[1] / "configs" / "accelerate_fsdp.yaml"
+    config_file = Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp.yaml"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
                "--fsdp_transformer_layer_cls_to_wrap", "BertLayer,Block", "-m", "fusionkit", "train", str(path)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}

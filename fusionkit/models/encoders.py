@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, ImageEncoderConfig, ImagePreprocess, TextEncoderConfig
+from ..registry import Registry
 from .tiny import TINY_VIT_BASE, TINY_VIT_KWARGS, tiny_bert_config, tiny_tokenizer
 
 
@@ -336,33 +337,73 @@ def _timm_image_preprocess(model: nn.Module) -> ImagePreprocess:
     )
 
 
-class ImageEncoder(Encoder):
-    """A ViT through timm or transformers `AutoModel`; outputs patch-token features [B, N, width]."""
+IMAGE_BACKENDS: Registry[type[ImageEncoder]] = Registry("image backend", "backend")
 
-    def __init__(self, model: nn.Module, backend: str, preprocess: ImagePreprocess) -> None:
+
+class ImageEncoder(Encoder):
+    """A ViT-family image encoder; outputs patch-token features [B, N, width].
+
+    One adapter per backend (`model.image.backend`), registered in `IMAGE_BACKENDS`: `timm` and `hf`
+    (transformers `AutoModel`: ViT, DINOv2). `ImageEncoder.from_config` builds the configured one.
+    """
+
+    backend: str
+
+    def __init__(self, model: nn.Module, preprocess: ImagePreprocess, width: int) -> None:
         super().__init__()
         self.model = drop_unused_heads(model)
-        self.backend = backend
         self.preprocess = preprocess
-        self.width: int = model.num_features if backend == "timm" else model.config.hidden_size
+        self.width = width
 
     @classmethod
     def build(cls, cfg: ImageEncoderConfig, saved_dir: str | Path | None = None) -> ImageEncoder:
-        if cfg.backend == "timm":
-            import timm
+        if cls is ImageEncoder:
+            return IMAGE_BACKENDS.get_class(cfg.backend).build(cfg, saved_dir)
+        raise NotImplementedError
 
-            name, kwargs = cfg.name, dict(cfg.model_kwargs)
-            pretrained = cfg.pretrained and saved_dir is None
-            if name == "tiny":
-                name, kwargs, pretrained = TINY_VIT_BASE, {**TINY_VIT_KWARGS, **kwargs}, False
-            if cfg.checkpoint_path and saved_dir is None:  # a local weights file implies loading it
-                pretrained = True
-                if not Path(cfg.checkpoint_path).is_file():
-                    raise FileNotFoundError(f"image.checkpoint_path {cfg.checkpoint_path} does not exist")
-                kwargs["pretrained_cfg_overlay"] = dict(file=str(cfg.checkpoint_path))
-            model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
-            return cls(model, "timm", _timm_image_preprocess(model))
+    def save(self, directory: str | Path) -> None:
+        """Everything needed to rebuild the architecture offline (timm needs only its name)."""
 
+
+@IMAGE_BACKENDS.register("timm")
+class TimmImageEncoder(ImageEncoder):
+    @classmethod
+    def build(cls, cfg: ImageEncoderConfig, saved_dir: str | Path | None = None) -> ImageEncoder:
+        import timm
+
+        name, kwargs = cfg.name, dict(cfg.model_kwargs)
+        pretrained = cfg.pretrained and saved_dir is None
+        if name == "tiny":
+            name, kwargs, pretrained = TINY_VIT_BASE, {**TINY_VIT_KWARGS, **kwargs}, False
+        if cfg.checkpoint_path and saved_dir is None:  # a local weights file implies loading it
+            pretrained = True
+            if not Path(cfg.checkpoint_path).is_file():
+                raise FileNotFoundError(f"image.checkpoint_path {cfg.checkpoint_path} does not exist")
+            kwargs["pretrained_cfg_overlay"] = dict(file=str(cfg.checkpoint_path))
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+        return cls(model, _timm_image_preprocess(model), model.num_features)
+
+    def backbone(self, pixel_values: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.model.forward_features(pixel_values)
+
+    def final_norm(self) -> nn.Module | None:
+        norm = getattr(self.model, "norm", None)
+        return norm if isinstance(norm, nn.Module) and not isinstance(norm, nn.Identity) else None
+
+    def run_blocks(
+        self, hidden: torch.Tensor, start: int, attention_mask: torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        outs = []
+        for block in list(self.blocks)[start:]:
+            hidden = block(hidden)
+            outs.append(hidden)
+        return outs
+
+
+@IMAGE_BACKENDS.register("hf")
+class HFImageEncoder(ImageEncoder):
+    @classmethod
+    def build(cls, cfg: ImageEncoderConfig, saved_dir: str | Path | None = None) -> ImageEncoder:
         from transformers import AutoConfig, AutoModel
 
         source = saved_dir if saved_dir is not None else cfg.name
@@ -370,31 +411,18 @@ class ImageEncoder(Encoder):
             model = AutoModel.from_pretrained(source, dtype=torch.float32, **cfg.model_kwargs)
         else:
             model = AutoModel.from_config(AutoConfig.from_pretrained(source, **cfg.model_kwargs))
-        return cls(model, "hf", _hf_image_preprocess(source, model))
+        return cls(model, _hf_image_preprocess(source, model), model.config.hidden_size)
 
     def save(self, directory: str | Path) -> None:
-        """Everything needed to rebuild the architecture offline (timm needs only its name)."""
-        if self.backend == "hf":
-            self.model.config.save_pretrained(directory)
+        self.model.config.save_pretrained(directory)
 
     def backbone(self, pixel_values: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if self.backend == "timm":
-            return self.model.forward_features(pixel_values)
         return self.model(pixel_values=pixel_values).last_hidden_state
 
     def final_norm(self) -> nn.Module | None:
-        if self.backend == "timm":
-            norm = getattr(self.model, "norm", None)
-            return norm if isinstance(norm, nn.Module) and not isinstance(norm, nn.Identity) else None
         return _hf_final_norm(self.model)
 
     def run_blocks(
         self, hidden: torch.Tensor, start: int, attention_mask: torch.Tensor | None
     ) -> list[torch.Tensor]:
-        if self.backend == "timm":
-            outs = []
-            for block in list(self.blocks)[start:]:
-                hidden = block(hidden)
-                outs.append(hidden)
-            return outs
         return _run_hf_layers(self.blocks, hidden, start, None)

@@ -326,14 +326,14 @@ def launch_engine(cfg: Any, world: int) -> str:
         raise ConfigError(
             "this run was launched with an Accelerate DeepSpeed config (distributed_type: DEEPSPEED); fusionkit "
             "does not train with DeepSpeed yet. To shard encoders too large for one GPU use FSDP "
-            "(distributed_type: FSDP, fsdp_version: 2; see configs/accelerate_fsdp.yaml), else plain DDP "
+            "(distributed_type: FSDP, fsdp_version: 2; see configs/accelerate/fsdp.yaml), else plain DDP "
             "(torchrun, or accelerate launch without that config)"
         )
     if not _env_flag("ACCELERATE_USE_FSDP") or world < 2:
         return "ddp"
     if os.environ.get("FSDP_VERSION", "1") != "2":  # Accelerate's default is FSDP1
         raise ConfigError(f"the Accelerate config asks for fsdp_version {os.environ.get('FSDP_VERSION', '1')}; "
-                          "fusionkit shards with FSDP2: set fsdp_version: 2 (see configs/accelerate_fsdp.yaml)")  # fmt: skip
+                          "fusionkit shards with FSDP2: set fsdp_version: 2 (see configs/accelerate/fsdp.yaml)")  # fmt: skip
     refused = {
         "optim.ema_decay (EMA of sharded weights)": cfg.optim.ema_decay,
         "run.precision fp16 (its GradScaler does not unscale sharded gradients; use bf16)": (

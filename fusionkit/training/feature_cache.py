@@ -151,7 +151,9 @@ def _extract(model: Any, data: CachedDataset, out: StoreWriter, batch_size: int,
         items_labels.extend(it["labels"] for it in items)
         return collator(items)
 
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=collate)
+    # its own generator: a cache miss must not draw from the global RNG (a run's random stream, hence its
+    # dropout and ITM negatives, would depend on whether the cache was already there)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=collate, generator=torch.Generator())
     n = len(data)
     text_out = out.ragged("text", np.float16, (model.text_encoder.width,))
     has_text, has_image = out.array("has_text", (n,), np.bool_), out.array("has_image", (n,), np.bool_)

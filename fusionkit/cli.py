@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on a split or a labelled file")
     data_args(e, "val")
+    ensemble_help = ("more model or run dirs (e.g. other seeds) whose outputs are averaged with CHECKPOINT's "
+                     "(class probabilities); data and split come from CHECKPOINT")  # fmt: skip
+    e.add_argument("--ensemble", nargs="+", default=[], metavar="CHECKPOINT", help=ensemble_help)
     e.add_argument("--output", help="also write the metrics JSON here")
     pr = sub.add_parser(
         "predict",
@@ -84,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         "fusionkit predict RUN --data new.csv --output preds.csv | fusionkit predict RUN --split test --output p.csv",
     )
     data_args(pr, "test")
+    pr.add_argument("--ensemble", nargs="+", default=[], metavar="CHECKPOINT", help=ensemble_help)
     pr.add_argument("--text", help="one caption to predict (with --image, or alone)")
     pr.add_argument("--image", help="one image file to predict (with --text, or alone)")
     pr.add_argument("--output", help=".csv or .jsonl (required unless --text/--image)")
@@ -281,11 +285,25 @@ def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from .precision import choose_precision
     from .training.trainer import inference_loader, resolve_device, run_inference
 
-    model = FusionModel.from_pretrained(args.checkpoint, map_location=resolve_device(args.device))
-    _, data = _split(args, model, with_labels=args.command == "eval")
-    loader, transform = inference_loader(model, data, args.batch_size)
-    amp = choose_precision(args.precision, model.device).dtype  # what training's evaluation used here
-    return model, run_inference(model, loader, transform, amp, desc=args.split)
+    results, first = [], None
+    for checkpoint in [args.checkpoint, *args.ensemble]:
+        model = FusionModel.from_pretrained(checkpoint, map_location=resolve_device(args.device))
+        if first is None:
+            first = model
+        elif model.class_names != first.class_names or list(model.tasks) != list(first.tasks):
+            raise ConfigError(f"--ensemble: {checkpoint} has other tasks or classes than {args.checkpoint} "
+                              f"({model.class_names} vs {first.class_names}); ensemble models of one task set")  # fmt: skip
+        _, data = _split(args, model, with_labels=args.command == "eval")  # the same rows for every model
+        loader, transform = inference_loader(model, data, args.batch_size)
+        amp = choose_precision(args.precision, model.device).dtype  # what training's evaluation used here
+        results.append(run_inference(model, loader, transform, amp, desc=args.split))
+    assert first is not None
+    result = results[0]
+    if len(results) > 1:  # one prediction from several models: each task averages its outputs
+        result["outputs"] = {name: task.combine([r["outputs"][name] for r in results])
+                             for name, task in first.tasks.items()}  # fmt: skip
+        result["loss"] = None  # each model's loss is its own; the ensemble has none
+    return first, result
 
 
 def _eval(args: argparse.Namespace) -> int:

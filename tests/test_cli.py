@@ -87,3 +87,40 @@ def test_eval_on_a_csv_reads_its_labels(run_dir: Path, tmp_path: Path) -> None:
     metrics = json.loads(out.read_text())
     assert 0.0 <= metrics["all/sentiment/accuracy"] <= 1.0
     assert sum(map(sum, metrics["details"]["sentiment"]["confusion"])) == 24  # every row was scored
+
+
+def test_predict_and_eval_an_ensemble_of_seeds(run_dir: Path, tmp_path: Path) -> None:
+    """`--ensemble` averages the class probabilities of several runs (e.g. seeds) over the same rows."""
+    cache = ["--cache-dir", str(run_dir.parent.parent / "cache")]
+    other_argv = ["train", "--data.dataset", "synthetic:80", "--data.cache_dir", cache[1], "--optim.epochs", "1",
+                  "--optim.batch_size=16", "--run.output_dir", str(tmp_path), "--run.name", "seed1",
+                  "--run.seed", "1", "--data.split_file", str(run_dir / "split.json"),
+                  "--run.progress", "false", "--run.plots", "false"]  # fmt: skip
+    assert main(other_argv) == 0
+    other = tmp_path / "seed1"
+    names = ("positive", "neutral", "negative")
+
+    def probs(path: Path) -> tuple[list[str], np.ndarray, list[str]]:
+        rows = list(csv.DictReader(path.open()))
+        p = np.array([[float(r[f"sentiment_prob_{c}"]) for c in names] for r in rows])
+        return [r["id"] for r in rows], p, [r["sentiment"] for r in rows]
+
+    outs = {}
+    for key, argv in {"a": [str(run_dir)], "b": [str(other)], "ab": [str(run_dir), "--ensemble", str(other)]}.items():
+        outs[key] = tmp_path / f"{key}.csv"
+        assert main(["predict", *argv, "--output", str(outs[key]), *cache]) == 0
+    ids_a, pa, _ = probs(outs["a"])
+    ids_b, pb, _ = probs(outs["b"])
+    ids_ab, pab, labels = probs(outs["ab"])
+    assert ids_a == ids_b == ids_ab
+    assert not np.allclose(pa, pb, atol=1e-3)  # two seeds really differ
+    np.testing.assert_allclose(pab, (pa + pb) / 2, atol=2e-6)
+    assert labels == [names[i] for i in pab.argmax(1)]
+    # one model twice is that model
+    same = tmp_path / "same.json"
+    alone = tmp_path / "alone.json"
+    assert main(["eval", str(run_dir), "--ensemble", str(run_dir), "--output", str(same), *cache]) == 0
+    assert main(["eval", str(run_dir), "--output", str(alone), *cache]) == 0
+    m_same, m_alone = json.loads(same.read_text()), json.loads(alone.read_text())
+    assert m_same["val/sentiment/accuracy"] == m_alone["val/sentiment/accuracy"]
+    assert "val/loss" in m_alone and "val/loss" not in m_same

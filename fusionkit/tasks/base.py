@@ -151,6 +151,12 @@ class Task:
         """(flat scalar metrics, details such as per-class reports and confusion matrices)."""
         return {}, {}
 
+    def combine(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One evaluation output from several models' (an ensemble, e.g. seeds): their mean.
+
+        Tasks with probabilities average those instead and return outputs that give the mean back."""
+        return torch.stack(list(outputs)).mean(0)
+
     def predict(self, outputs: torch.Tensor) -> list[dict[str, Any]]:
         """Per example `{task: label(s) or value, f"{task}_prob": {class: p}}`; empty for label-free tasks."""
         return [{} for _ in range(len(outputs))]

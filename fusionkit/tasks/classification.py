@@ -210,6 +210,10 @@ class ClassificationTask(Task):
     def probabilities(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs.float().softmax(-1)
 
+    def combine(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Log of the mean class probabilities (their softmax is that mean)."""
+        return torch.stack([self.probabilities(o) for o in outputs]).mean(0).clamp_min(1e-12).log()
+
     def metrics(
         self, outputs: torch.Tensor, labels: Any, mask: Any
     ) -> tuple[dict[str, float], dict[str, Any]]:

@@ -63,6 +63,10 @@ class MultilabelTask(ClassificationTask):
     def probabilities(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs.float().sigmoid()
 
+    def combine(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Logits of the mean per-class probabilities (their sigmoid is that mean)."""
+        return torch.stack([self.probabilities(o) for o in outputs]).mean(0).clamp(1e-7, 1 - 1e-7).logit()
+
     def metrics(
         self, outputs: torch.Tensor, labels: Any, mask: Any
     ) -> tuple[dict[str, float], dict[str, Any]]:

@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, nargs="*", help="ablation rows to run (default: all)")
     p.add_argument("--recipe", default=str(RECIPE))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ensemble", nargs="*", default=[], help="predict: more run dirs averaged with RUN (seeds)")
     args = p.parse_args(argv)
     # One intra-op thread: on a 2-core machine shared with other jobs, two OpenMP threads spin-wait on each
     # other and run fusion + heads ~4x slower (210 vs 46 ms per step measured here).
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         return ensemble([work / f"{n}.jsonl" for n in ("extra", "partial")], work / "ensemble.jsonl")
     if args.mode == "predict":
         return predict_test(
-            Path(args.run), work, args.cache_dir, RESULTS / "mvsa_single_test_predictions.csv"
+            Path(args.run), work, args.cache_dir, RESULTS / "mvsa_single_test_predictions.csv", args.ensemble
         )
     data = selection_view()
     work.mkdir(parents=True, exist_ok=True)
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def predict_test(run: Path, work: Path, cache_dir: str, out: Path) -> int:
+def predict_test(run: Path, work: Path, cache_dir: str, out: Path, ensemble: list[str] = ()) -> int:
     """`fusionkit predict RUN --split test` over the CLMLF split (its 450 unlabelled test pairs) -> `id,label`."""
     from fusionkit.cli import main as cli
 
@@ -240,6 +241,8 @@ def predict_test(run: Path, work: Path, cache_dir: str, out: Path) -> int:
     full = work / "test_predictions_full.csv"
     argv = ["predict", str(run), "--data", str(MVSA), "--split", "test", "--split-file", str(split_file),
             "--output", str(full), "--cache-dir", cache_dir]  # fmt: skip
+    if ensemble:
+        argv += ["--ensemble", *ensemble]
     print("fusionkit " + " ".join(argv), flush=True)
     if cli(argv) != 0:
         return 1

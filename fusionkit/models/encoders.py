@@ -56,13 +56,13 @@ class Encoder(nn.Module):
     A backbone is `embeddings -> blocks[0..depth) -> final norm`. `hidden_before(start, ...)` returns the
     hidden state entering `blocks[start]` (the final output when `start == depth`) and `forward_from(h,
     start)` runs the rest, so the frozen bottom can be computed once and cached while the top `depth -
-    start` blocks train (`model.trainable_layers`). `layer_id` / `no_weight_decay` give the optimizer the
+    start` blocks train (`model.trainable_layers`). `layer_ids` / `no_weight_decay` give the optimizer the
     layer groups for layer-wise learning-rate decay, as timm's `group_matcher` / `no_weight_decay` do.
     """
 
     model: nn.Module
-    # Output = mean of the last `pool_layers` blocks' outputs (each through the final norm): lower layers
-    # carry more surface/syntax, which frozen features of a small encoder otherwise lose.
+    # Output = mean of the last `pool_layers` blocks' outputs (each through the final norm), for tasks whose
+    # signal sits partly in lower layers (on MVSA-Single it hurt: benchmarks/results/mvsa_single_recipe.md).
     pool_layers: int = 1
 
     @property

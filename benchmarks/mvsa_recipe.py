@@ -341,7 +341,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xticks(list(xs), [r["row"] for r in rows], rotation=18, ha="right", fontsize=8)
     ax.set_ylim(45, 80)
     ax.set_ylabel("% on CLMLF dev (mean ± std, 3 seeds)")
-    ax.set_title("MVSA-Single, frozen MiniLM-L6 + DINOv2-S features: late-fusion ablation (cumulative), then variants", fontsize=10)
+    ax.set_title("MVSA-Single, MiniLM-L6 + DINOv2-S: late-fusion ablation (cumulative), then variants "
+                 "(frozen, top blocks fine-tuned, seed ensembles)", fontsize=10)
     ax.legend(fontsize=8, ncol=5, loc="lower right")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

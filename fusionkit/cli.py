@@ -482,3 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, NonFiniteLossError, FileNotFoundError, OSError, ValueError) as e:
         print(f"fusionkit {args.command}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
+
+
+if __name__ == "__main__":  # `python -m fusionkit.cli ...` (what some launchers are given) is the command too
+    sys.exit(main())

@@ -124,3 +124,13 @@ def test_predict_and_eval_an_ensemble_of_seeds(run_dir: Path, tmp_path: Path) ->
     m_same, m_alone = json.loads(same.read_text()), json.loads(alone.read_text())
     assert m_same["val/sentiment/accuracy"] == m_alone["val/sentiment/accuracy"]
     assert "val/loss" in m_alone and "val/loss" not in m_same
+
+
+@pytest.mark.parametrize("module", ["fusionkit", "fusionkit.cli"])
+def test_python_dash_m_runs_the_command(module: str) -> None:
+    """Launchers are handed `-m fusionkit` or `-m fusionkit.cli`; neither may exit silently doing nothing."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", module, "train", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--resume" in done.stdout

@@ -134,3 +134,15 @@ def test_python_dash_m_runs_the_command(module: str) -> None:
 
     done = subprocess.run([sys.executable, "-m", module, "train", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--resume" in done.stdout
+
+
+def test_an_ensemble_of_models_with_other_classes_is_refused(run_dir: Path, tmp_path: Path, capsys) -> None:
+    cache = ["--cache-dir", str(run_dir.parent.parent / "cache")]
+    argv = ["train", "--data.dataset", "synthetic:80", "--data.cache_dir", cache[1], "--optim.epochs", "1",
+            "--run.output_dir", str(tmp_path), "--run.name", "reordered", "--run.progress", "false",
+            "--run.plots", "false", "--model.tasks",
+            '[{"name": "sentiment", "class_names": ["negative", "neutral", "positive"]}]']  # fmt: skip
+    assert main(argv) == 0
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(run_dir), "--ensemble", str(tmp_path / "reordered"), "--output", str(out), *cache]) == 2
+    assert "other tasks or classes" in capsys.readouterr().err and not out.exists()

@@ -25,7 +25,7 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,13 @@ DISTRIBUTIONS = ("float", "int", "categorical")
 TASK_PREFIX = "model.tasks."
 
 
-def default_space(task: str) -> dict[str, dict[str, Any]]:
-    """What matters most with frozen encoders (see benchmarks/results/mvsa_single_recipe.md)."""
+def default_space(tasks: Sequence[Any] = ()) -> dict[str, dict[str, Any]]:
+    """What matters most with frozen encoders (see benchmarks/results/mvsa_single_recipe.md), plus the
+    options each task type declares (`Task.search_space`: label smoothing, class weights, ...)."""
+    from .tasks import get_task_class
+
+    own = {f"{TASK_PREFIX}{t.name}.{key}": dict(spec) for t in tasks
+           for key, spec in get_task_class(t.type).search_space.items()}  # fmt: skip
     return {
         "optim.lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
         "optim.weight_decay": {"type": "float", "low": 1e-3, "high": 0.2, "log": True},
@@ -46,8 +51,7 @@ def default_space(task: str) -> dict[str, dict[str, Any]]:
         "model.fusion.modality_dropout": {"type": "float", "low": 0.0, "high": 0.4},
         "model.fusion.dim": {"type": "categorical", "choices": [64, 128, 256]},
         "model.fusion.depth": {"type": "int", "low": 1, "high": 3},
-        f"{TASK_PREFIX}{task}.label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
-        f"{TASK_PREFIX}{task}.class_weights": {"type": "categorical", "choices": [None, "balanced"]},
+        **own,
     }
 
 
@@ -129,8 +133,7 @@ def tune(
     cfg: TrainConfig = config if isinstance(config, TrainConfig) else build_config(config)
     if trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {trials}")
-    first = next((t.name for t in cfg.model.tasks if t.type == "classification"), cfg.model.tasks[0].name)
-    space = load_space(space) if space is not None else default_space(first)
+    space = load_space(space) if space is not None else default_space(cfg.model.tasks)
     out = Path(output_dir or Path(cfg.run.output_dir) / f"tune-{cfg.run.name or 'run'}")
     out.mkdir(parents=True, exist_ok=True)
     metric = cfg.run.metric or default_metric({t.name: create_task(t) for t in cfg.model.tasks})

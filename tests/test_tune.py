@@ -74,3 +74,14 @@ def test_task_options_and_bad_spaces() -> None:
         load_space({"optim.lr": {"low": 1, "high": 2}})
     with pytest.raises(ConfigError, match="low must be < high"):
         load_space({"optim.lr": {"type": "float", "low": 2, "high": 1}})
+
+
+def test_default_space_takes_each_task_types_own_options() -> None:
+    from fusionkit.config import TaskConfig
+    from fusionkit.tune import default_space
+
+    space = default_space([TaskConfig("mood"), TaskConfig("score", type="regression"), TaskConfig("topic")])
+    assert {"model.tasks.mood.label_smoothing", "model.tasks.mood.class_weights",
+            "model.tasks.topic.label_smoothing"} <= set(space)  # fmt: skip
+    assert not any(k.startswith("model.tasks.score.") for k in space)  # regression declares none
+    assert "optim.lr" in space

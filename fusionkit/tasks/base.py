@@ -74,6 +74,8 @@ class Task:
     default_metric: ClassVar[str] = "loss"
     metric_names: ClassVar[tuple[str, ...]] = ()
     lower_is_better: ClassVar[tuple[str, ...]] = ("loss",)
+    # `fusionkit tune`'s default space for this task's own options (TaskConfig field -> distribution)
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, cfg: TaskConfig) -> None:
         self.cfg = cfg

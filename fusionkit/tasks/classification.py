@@ -89,6 +89,10 @@ class ClassificationTask(Task):
 
     default_metric = "macro_f1"
     metric_names = ("accuracy", "macro_f1", "weighted_f1")
+    search_space = {
+        "label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
+        "class_weights": {"type": "categorical", "choices": [None, "balanced"]},
+    }
 
     @classmethod
     def validate_config(cls, cfg: TaskConfig) -> None:

@@ -70,12 +70,9 @@ def _join(rank: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
-def _train_worker(rank: int, tmp: str, port: int, name: str, kill_at: int, resume: bool) -> None:
-    """Train run `name` on 2 processes; rank 1 is SIGKILLed right after optimizer step `kill_at` (0: never)."""
-    _join(rank, port)
+def fit_killing_rank_1(trainer: Trainer, rank: int, kill_at: int) -> None:
+    """`trainer.fit()`; rank 1 is SIGKILLed right after optimizer step `kill_at` (0: never). Leaves the group."""
     try:
-        trainer = Trainer(config(Path(tmp), name), resume=resume)
-        assert trainer.world == 2 and len(next(iter(trainer.train_sampler))) == 8  # half the global batch
         step = trainer._optimizer_step
 
         def step_then_die() -> None:
@@ -88,6 +85,14 @@ def _train_worker(rank: int, tmp: str, port: int, name: str, kill_at: int, resum
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _train_worker(rank: int, tmp: str, port: int, name: str, kill_at: int, resume: bool) -> None:
+    """Train run `name` on 2 processes (DDP); see `fit_killing_rank_1`."""
+    _join(rank, port)
+    trainer = Trainer(config(Path(tmp), name), resume=resume)
+    assert trainer.world == 2 and len(next(iter(trainer.train_sampler))) == 8  # half the global batch
+    fit_killing_rank_1(trainer, rank, kill_at)
 
 
 def two_processes(tmp: Path, name: str, kill_at: int = 0, resume: bool = False) -> None:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 from safetensors import safe_open
@@ -28,7 +27,7 @@ from fusionkit.training.rundir import follow_pointer
 from fusionkit.training.trainer import Trainer
 
 from .reliability_utils import free_port
-from .test_distributed import _epoch_ends, _join, _weights, config, write_split
+from .test_distributed import _epoch_ends, _join, _weights, config, fit_killing_rank_1, write_split
 
 # What `accelerate launch --config_file configs/accelerate/fsdp.yaml` exports (accelerate.utils.launch),
 # with each encoder block its own FSDP unit (BERT's layers and timm's ViT blocks)
@@ -45,24 +44,12 @@ def fsdp_config(tmp: Path, name: str):
 
 
 def _worker(rank: int, tmp: str, port: int, name: str, kill_at: int, resume: bool) -> None:
-    """Train `name` sharded over 2 processes; rank 1 is SIGKILLed after optimizer step `kill_at` (0: never)."""
+    """Train `name` sharded over 2 processes; see `fit_killing_rank_1`."""
     _join(rank, port)
     os.environ.update(FSDP_ENV)
-    try:
-        trainer = Trainer(fsdp_config(Path(tmp), name), resume=resume)
-        assert trainer.fsdp and type(trainer.model).__name__ == "FSDPFusionModel"
-        step = trainer._optimizer_step
-
-        def step_then_die() -> None:
-            step()
-            if rank == 1 and trainer.step == kill_at:
-                os.kill(os.getpid(), 9)
-
-        trainer._optimizer_step = step_then_die
-        trainer.fit()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    trainer = Trainer(fsdp_config(Path(tmp), name), resume=resume)
+    assert trainer.fsdp and type(trainer.model).__name__ == "FSDPFusionModel"
+    fit_killing_rank_1(trainer, rank, kill_at)
 
 
 def sharded(tmp: Path, name: str, kill_at: int = 0, resume: bool = False) -> None:

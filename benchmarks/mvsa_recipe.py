@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", default="runs/mvsa_recipe")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--trials", type=int, default=12)
-    p.add_argument("--rows", type=int, nargs="*", help="ablation rows to run (default: all)")
+    p.add_argument("--rows", type=int, nargs="*", help="ablation / extra / partial rows to run (default: all)")
     p.add_argument("--recipe", default=str(RECIPE))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ensemble", nargs="*", default=[], help="predict: more run dirs averaged with RUN (seeds)")
@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = [ABLATION[i] for i in args.rows] if args.rows else ABLATION
         run_rows(rows, base, data, args.seeds, work / "ablation.jsonl")
     elif args.mode == "extra":
-        run_rows(EXTRA, base, data, args.seeds, work / "extra.jsonl")
+        rows = [EXTRA[i] for i in args.rows] if args.rows else EXTRA
+        run_rows(rows, base, data, args.seeds, work / "extra.jsonl")
     elif args.mode == "partial":
         rows = [PARTIAL[i] for i in args.rows] if args.rows else PARTIAL
         run_rows(rows, base, data, args.seeds, work / "partial.jsonl")

@@ -111,6 +111,10 @@ class Ragged:
     def __getitem__(self, i: int) -> np.ndarray:
         return self.values[self.offsets[i] : self.offsets[i + 1]]
 
+    def lengths(self) -> np.ndarray:
+        """Every row's length, without reading the rows."""
+        return np.diff(self.offsets)
+
 
 class Store:
     """A completed store folder: `meta`, `array(name)` (read-only memmap), `ragged(name)`."""

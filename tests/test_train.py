@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -88,9 +89,12 @@ def test_train_writes_run_dir(tmp_path: Path) -> None:
     assert state["epoch"] == 1 and state["batch_in_epoch"] == 0
 
 
-@pytest.mark.parametrize("how", ["exception", "sigterm"])
-def test_interrupted_run_resumes_bitwise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
-    reference = Trainer(tiny_config(tmp_path, "reference"))
+@pytest.mark.parametrize("how, grouped", [("exception", False), ("sigterm", False), ("exception", True)])
+def test_interrupted_run_resumes_bitwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str, grouped: bool
+) -> None:
+    config = functools.partial(tiny_config, **{"data.group_by_length": grouped})
+    reference = Trainer(config(tmp_path, "reference"))
     ref_summary = reference.fit()
     assert reference.step == 10  # 80 train examples / 16 = 5 steps per epoch, 2 epochs
 
@@ -106,12 +110,12 @@ def test_interrupted_run_resumes_bitwise(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(Trainer, "_optimizer_step", interrupt_at_step_3)
     expected = RuntimeError if how == "exception" else TrainingInterrupted
     with pytest.raises(expected):
-        Trainer(tiny_config(tmp_path, "interrupted")).fit()
+        Trainer(config(tmp_path, "interrupted")).fit()
     run = tmp_path / "runs" / "interrupted"
     assert follow_pointer(run / "last").name == ("step-00000002" if how == "exception" else "step-00000003")
     monkeypatch.setattr(Trainer, "_optimizer_step", original)
 
-    resumed = Trainer(tiny_config(tmp_path, "interrupted"), resume=True)
+    resumed = Trainer(config(tmp_path, "interrupted"), resume=True)
     summary = resumed.fit()
     ref_w, res_w = weights(reference), weights(resumed)
     assert all(torch.equal(ref_w[k], res_w[k]) for k in ref_w)

@@ -111,6 +111,10 @@ class CachedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._rows)
 
+    def text_lengths(self) -> np.ndarray:
+        """Tokens per caption, per item (`data.group_by_length` batches similar lengths together)."""
+        return self._tokens.lengths()[self._rows]
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         r = int(self._rows[i])
         return {

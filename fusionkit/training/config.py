@@ -39,6 +39,9 @@ class DataConfig:
     on_error: str = "raise"  # "raise" | "skip" bad items
     augment: bool = True  # train-time image augmentation (not applied with the feature cache)
     feature_cache: bool = True  # frozen encoders: train on cached encoder features
+    # Train on batches of captions of similar length (HF Trainer's `group_by_length`): less padding, so
+    # fewer text positions per step where the text side runs (fine-tuned or top_k text blocks, cross-attention)
+    group_by_length: bool = False
 
 
 @dataclass

@@ -97,6 +97,10 @@ class FeatureDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def text_lengths(self) -> np.ndarray:
+        """Cached text positions per item (`data.group_by_length` batches similar lengths together)."""
+        return self._text.lengths()
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         return {
             "id": self.ids[i],

@@ -29,7 +29,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,13 +107,22 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     The seed per epoch is what makes mid-epoch resume exact. Each global batch is split across
     ranks, so a DDP run with world size W sees the same examples per step as one process would.
+
+    With `lengths` (one per item), each shuffled run of `group * batch_size` items is sorted by
+    length before it is cut into batches, and the full batches are then shuffled: batches of
+    similar length, hence little padding, in a random order (HF's `LengthGroupedSampler`).
     """
 
     def __init__(
-        self, n: int, batch_size: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1
-    ) -> None:
+        self, n: int, batch_size: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1,
+        lengths: Sequence[int] | None = None, group: int = 50,
+    ) -> None:  # fmt: skip
+        if lengths is not None and len(lengths) != n:
+            raise ValueError(f"{len(lengths)} lengths for {n} items")
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
         self.rank, self.world = rank, world
+        self.lengths = None if lengths is None else torch.as_tensor(np.asarray(lengths), dtype=torch.long)
+        self.group = group
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -128,14 +137,24 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         if self.shuffle:
-            order = torch.randperm(
-                self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            )
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g)
+            if self.lengths is not None:
+                order = self._grouped(order, g)
         else:
             order = torch.arange(self.n)
         for b in range(self.start, self.num_batches()):
             batch = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield batch.tensor_split(self.world)[self.rank].tolist()
+
+    def _grouped(self, order: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        assert self.lengths is not None
+        bs = self.batch_size
+        chunks = order.split(bs * self.group)
+        order = torch.cat([c[torch.sort(self.lengths[c], descending=True, stable=True).indices] for c in chunks])
+        full = self.n // bs  # the tail batch (if any) stays last, as without grouping
+        batches = order[: full * bs].view(full, bs)[torch.randperm(full, generator=g)]
+        return torch.cat([batches.reshape(-1), order[full * bs :]])
 
 
 # ---------------------------------------------------------------------------------------- inference
@@ -398,8 +417,9 @@ class Trainer:
             self.train_transform = ImageTransform(preprocess, train=cfg.data.augment).to(self.device)
             self.eval_transform = ImageTransform(preprocess, train=False).to(self.device)
         self.train_sampler = EpochBatchSampler(
-            len(train), cfg.optim.batch_size, cfg.run.seed, shuffle=True, rank=self.rank, world=self.world
-        )
+            len(train), cfg.optim.batch_size, cfg.run.seed, shuffle=True, rank=self.rank, world=self.world,
+            lengths=train.text_lengths() if cfg.data.group_by_length else None,
+        )  # fmt: skip
         self.train_loader = self._loader(train, self.train_sampler)
 
     def _loader(self, data: Any, sampler: torch.utils.data.Sampler) -> torch.utils.data.DataLoader:

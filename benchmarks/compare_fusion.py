@@ -14,6 +14,9 @@ its dev split, which no run ever trains or selects on.
     python benchmarks/compare_fusion.py --quick     # minutes: 1 epoch, 2 seeds, small data
     python benchmarks/compare_fusion.py --trainable-layers 2 0   # + top 2 text blocks fine-tuned (cached)
 
+Each finished run is appended to WORK_DIR/results.jsonl with its settings; started again with the same
+arguments, the comparison skips the runs already there (an interrupted comparison continues).
+
 Every trained model is also scored with the caption removed from every test example and with the
 image removed from every example (presence flags on the cached features: the model's placeholder
 stands in), so the report shows how each strategy degrades when one modality is missing.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import random
 import statistics
@@ -81,6 +85,23 @@ def setup(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str, st
 def train_one(
     base: dict[str, Any], extra: dict[str, Any], args: argparse.Namespace, work: Path, name: str, data: Any
 ) -> dict[str, Any]:
+    """Train (or find in WORK/results.jsonl, trained before with the same settings) one run and score it."""
+    log = work / "results.jsonl"
+    settings = json.dumps({**base, **extra, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+                           "modality_dropout": args.modality_dropout}, sort_keys=True)  # fmt: skip
+    for line in log.read_text().splitlines() if log.is_file() else ():
+        done = json.loads(line)
+        if done["name"] == name and done["settings"] == settings:
+            return done["result"]
+    result = _train_and_score(base, extra, args, work, name, data)
+    with log.open("a") as f:
+        f.write(json.dumps({"name": name, "settings": settings, "result": result}) + "\n")
+    return result
+
+
+def _train_and_score(
+    base: dict[str, Any], extra: dict[str, Any], args: argparse.Namespace, work: Path, name: str, data: Any
+) -> dict[str, Any]:
     overrides = {
         **base,
         **extra,
@@ -90,6 +111,7 @@ def train_one(
         "optim.batch_size": args.batch_size,
         "run.output_dir": str(work / "runs"),
         "run.name": name,
+        "run.name_exists": "increment",  # a run interrupted before it was logged starts again beside it
         "run.progress": False,
         "run.plots": False,
         "run.checkpoint_every": 0,
@@ -265,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         help="partial fine-tuning: also train the top TEXT / IMAGE encoder blocks, on cached hidden states "
         "(encoder lr x0.05, layer decay 0.8); results go to compare_fusion_partial.*",
     )
+    p.add_argument(
+        "--group-by-length", action="store_true", help="batches of similar caption length (data.group_by_length)"
+    )
     p.add_argument("--no-multitask", action="store_true", help="skip the sentiment vs sentiment+ITM variant")
     p.add_argument(
         "--modality-dropout", type=float, default=0.0, help="train with model.fusion.modality_dropout"
@@ -295,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
                    "optim.layer_decay": 0.8}  # fmt: skip
         modes = [("", f"-top{text_k}{image_k}", partial), (" (frozen)", "-frozen", {"model.freeze": "encoders"})]
     base = {**base, **modes[0][2]}
+    if args.group_by_length:
+        base["data.group_by_length"] = True
     rows: dict[str, dict[str, Any]] = {}
     for suffix, tag, mode in modes:
         for strategy in args.strategies:
@@ -329,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- dataset: {dataset}; scores on the {split_name}; the same saved split for every run",
         f"- encoders: {encoders}; {partial_note(args.trainable_layers)}",
         f"- budget: {args.epochs} epochs, lr {args.lr} (warmup + cosine), batch {args.batch_size}, best epoch chosen on val; "
-        f"{args.seeds} seeds (0..{args.seeds - 1}) per strategy",
+        f"{args.seeds} seeds (0..{args.seeds - 1}) per strategy"
+        + ("; batches grouped by caption length" if args.group_by_length else ""),
         f"- machine: {machine()}",
         f"- command: `python benchmarks/compare_fusion.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
         f" ({(time.time() - started) / 60:.1f} min)",

@@ -161,7 +161,7 @@ def test_feature_cache_is_shared_across_trainers(tmp_path: Path, monkeypatch: py
     assert first.use_features
     first.fit()
     features = sorted(p.name for p in (tmp_path / "cache").glob("features-*"))
-    assert len(features) == 3  # train, val, test
+    assert len(features) == 6  # (train, val, test) x (text, image): one store per encoder
 
     def never(*args, **kwargs):
         raise AssertionError("encoder called although its features are cached")
@@ -177,6 +177,21 @@ def test_feature_cache_is_shared_across_trainers(tmp_path: Path, monkeypatch: py
         json.loads((tmp_path / "runs" / "b" / "config.json").read_text())["model"]["fusion"]["strategy"]
         == "concat"
     )
+
+
+def test_changing_the_text_side_reuses_the_image_features(tmp_path: Path) -> None:
+    """The image pass is the expensive one: another text split (or text encoder) must not redo it."""
+
+    def stores(side: str) -> dict[str, float]:
+        return {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob(f"features-*-{side}-*")}
+
+    Trainer(tiny_config(tmp_path, "frozen", **{"model.freeze": "encoders", "optim.epochs": 1})).fit()
+    image, text = stores("image"), stores("text")
+    top = {"model.freeze": "top_k", "model.text.trainable_layers": 1, "model.image.trainable_layers": 0}
+    summary = Trainer(tiny_config(tmp_path, "top", **top, **{"optim.epochs": 1})).fit()
+    assert summary["feature_cache"]
+    assert stores("image") == image and len(image) == 3  # the same stores, not rebuilt
+    assert len(stores("text")) == 6 and set(text) < set(stores("text"))  # the text hidden states at the new split
 
 
 def test_resaving_a_step_never_unlinks_last(tmp_path):

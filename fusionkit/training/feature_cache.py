@@ -12,9 +12,12 @@ encoder (`FusionModel.feature_splits`), and the model runs those blocks on them:
 of the encoders then costs only the top blocks per step. The key then covers only the frozen bottom's
 weights, so a resumed run (whose top blocks have moved) finds the same cache.
 
-Layout: one `fusionkit.store` folder `<cache_dir>/features-<data cache>-<key>/` with ragged `text`
-(float16, one [caption length, Wt] row per item), `image` (float16 [N, P, Wi]), `has_text` / `has_image`
-(bool [N]) and `meta.json`. Encoders run only on the sides an item has; a missing side is zeros.
+Layout: one `fusionkit.store` folder per encoder, `<cache_dir>/features-<data cache>-<side>-<key>/`, each
+keyed by that encoder alone, so a change on one side (another text encoder, another text split) reuses
+the other side's features: the image pass is the expensive one. The text store holds `text` (float16,
+ragged: one [caption length, Wt] row per item) and `has_text`; the image store `image` (float16
+[N, P, Wi]) and `has_image` (bool [N]); both hold `meta.json`. Encoders run only on the items that have
+their side; a missing side is zeros.
 """
 
 from __future__ import annotations
@@ -37,34 +40,32 @@ from ..store import Store, StoreWriter, is_built, open_or_build
 
 log = logging.getLogger("fusionkit.training")
 
-FEATURES_VERSION = 2  # 2: one store, presence flags
+FEATURES_VERSION = 3  # 2: one store, presence flags; 3: one store per encoder
+SIDES = ("text", "image")
+
+
+def side_key(model: Any, side: str) -> str:
+    """One encoder's identity: its config (and the image preprocessing), where the cache splits it, and a
+    hash of the weights that produce the cached tensors (random-init encoders differ by seed). Where the
+    split is set (`trainable_layers`) is not part of it; where it is, is."""
+    encoder, cfg = (model.text_encoder, model.config.text) if side == "text" else (model.image_encoder, model.config.image)
+    split = _splits(model)[SIDES.index(side)]
+    h = hashlib.sha1()
+    parts: list[Any] = [FEATURES_VERSION, side, {k: v for k, v in to_dict(cfg).items() if k != "trainable_layers"}]
+    parts += [split, to_dict(model.image_preprocess) if side == "image" else None]
+    h.update(json.dumps(parts).encode())
+    ids = encoder.layer_ids()
+    for name, t in sorted(encoder.state_dict().items()):
+        if split < encoder.depth and ids.get(name, 0) > split:
+            continue  # a trainable top block or the final norm: not part of the cached tensors
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def encoder_key(model: Any) -> str:
-    """Encoder identity: configs, preprocessing, where the cache splits each encoder, and a hash of the
-    weights that produce the cached tensors (random-init encoders differ by seed)."""
-    h = hashlib.sha1()
-    cfg = model.config
-    splits = _splits(model)
-    encoders = (model.text_encoder, model.image_encoder)
-    # Where the split is set (trainable_layers) is not part of the key; where it is, below, is. Options
-    # added since version 2 enter the key only when set, so existing caches keep their keys.
-    configs = [
-        {k: v for k, v in to_dict(c).items() if k != "trainable_layers" and not (k == "pool_layers" and v == 1)}
-        for c in (cfg.text, cfg.image)
-    ]
-    parts: list[Any] = [FEATURES_VERSION, *configs, to_dict(model.image_preprocess)]
-    if any(s < e.depth for s, e in zip(splits, encoders)):  # full-depth caches keep their old keys
-        parts.append(list(splits))
-    h.update(json.dumps(parts).encode())
-    for module, split in zip(encoders, splits):
-        ids = module.layer_ids()
-        for name, t in sorted(module.state_dict().items()):
-            if split < module.depth and ids.get(name, 0) > split:
-                continue  # a trainable top block or the final norm: not part of the cached tensors
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    """Both encoders' identity in one string (`side_key` of each)."""
+    return hashlib.sha1("|".join(side_key(model, side) for side in SIDES).encode()).hexdigest()[:16]
 
 
 def _splits(model: Any) -> tuple[int, int]:
@@ -76,23 +77,25 @@ class FeatureDataset(torch.utils.data.Dataset):
     """Items `{"id", "text_features" [T, Wt], "image_features" [P, Wi], "labels", "has_text", "has_image"}`
     read from the memmaps; a missing side's features are zeros (the encoder never ran on it)."""
 
-    def __init__(self, path: str | Path) -> None:
-        store = Store(path)
-        self.path = store.path
-        meta = store.meta
+    def __init__(self, text: str | Path, image: str | Path) -> None:
+        text_store, image_store = Store(text), Store(image)
+        self.paths = (text_store.path, image_store.path)
+        meta = text_store.meta
         self.ids: list[str] = meta["ids"]
+        if image_store.meta["ids"] != self.ids:
+            raise ValueError(f"feature stores {text} and {image} hold different items; delete them to rebuild")
         self.labels: list[Any] = meta["labels"]  # opaque JSON per row
         self.label_names: dict[str, list[str]] = meta["label_names"]
         self.task_types: dict[str, str] = meta["task_types"]
         self.fingerprint: str | None = meta.get("fingerprint")  # of the data the features were computed from
-        self._text = store.ragged("text")
-        self._image = store.array("image")
-        self._has_text = store.array("has_text")
-        self._has_image = store.array("has_image")
+        self._text = text_store.ragged("text")
+        self._has_text = text_store.array("has_text")
+        self._image = image_store.array("image")
+        self._has_image = image_store.array("has_image")
 
-    def __reduce__(self) -> tuple[Any, tuple[Path]]:
-        """Pickle as the path (spawned DataLoader workers reopen the memmaps instead of copying them)."""
-        return type(self), (self.path,)
+    def __reduce__(self) -> tuple[Any, tuple[Path, Path]]:
+        """Pickle as the paths (spawned DataLoader workers reopen the memmaps instead of copying them)."""
+        return type(self), self.paths
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -144,10 +147,13 @@ def _on_present(
 
 
 @torch.inference_mode()
-def _extract(model: Any, data: CachedDataset, out: StoreWriter, batch_size: int, progress: bool) -> list[Any]:
-    """Fill the `text` (ragged), `image`, `has_text`, `has_image` arrays; returns the items' labels, in order."""
+def _extract(
+    model: Any, side: str, data: CachedDataset, out: StoreWriter, batch_size: int, progress: bool
+) -> list[Any]:
+    """Fill `side`'s store (`text` ragged + `has_text`, or `image` + `has_image`); returns the items' labels."""
     device = model.device
-    transform = ImageTransform(model.image_preprocess, train=False).to(device)
+    encoder, split = (model.text_encoder, model.image_encoder)[SIDES.index(side)], _splits(model)[SIDES.index(side)]
+    transform = ImageTransform(model.image_preprocess, train=False).to(device) if side == "image" else None
     collator = Collator(model.tokenizer.pad_token_id)  # inputs and presence; labels are copied as they are
     items_labels: list[Any] = []
 
@@ -159,91 +165,87 @@ def _extract(model: Any, data: CachedDataset, out: StoreWriter, batch_size: int,
     # dropout and ITM negatives, would depend on whether the cache was already there)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=collate, generator=torch.Generator())
     n = len(data)
-    text_out = out.ragged("text", np.float16, (model.text_encoder.width,))
-    has_text, has_image = out.array("has_text", (n,), np.bool_), out.array("has_image", (n,), np.bool_)
+    present_out = out.array(f"has_{side}", (n,), np.bool_)
+    text_out = out.ragged("text", np.float16, (encoder.width,)) if side == "text" else None
     image_out: np.ndarray | None = None
-    text_split, image_split = _splits(model)
-    encoders = (model.text_encoder, model.image_encoder)
-    modes = [m.training for m in encoders]
-    for m in encoders:
-        m.eval()
+    mode = encoder.training
+    encoder.eval()
     try:
         row = 0
-        for batch in tqdm(loader, desc=f"encoding {data.path.name}", unit="batch", disable=not progress):
+        for batch in tqdm(loader, desc=f"encoding {side} {data.path.name}", unit="batch", disable=not progress):
             batch = move_batch(batch, device, transform)
-            tp, ip, mask = batch["text_present"], batch["image_present"], batch["attention_mask"]
-            text = _on_present(model.text_encoder, text_split, tp, batch["input_ids"], mask)
-            img = _on_present(model.image_encoder, image_split, ip, batch["pixel_values"])
-            if row == 0:
-                _check_split(model, batch, text, img)
-            if img is not None:
+            present, mask = batch[f"{side}_present"], batch["attention_mask"]
+            inputs = (batch["input_ids"], mask) if side == "text" else (batch["pixel_values"],)
+            feats = _on_present(encoder, split, present, *inputs)
+            if row == 0 and feats is not None:
+                _check_split(encoder, split, side, feats[present], *(x[present] for x in inputs))
+            if text_out is not None:
+                feats = mask.new_zeros((*mask.shape, *text_out.row_shape)) if feats is None else feats
+                for t, m in zip(feats.half().cpu(), mask.sum(1).tolist()):
+                    text_out.append(t[:m].numpy())
+            elif feats is not None:
                 if image_out is None:  # fixed shape: stream straight to disk (rows before stay zeros)
-                    image_out = out.array("image", (n, *img.shape[1:]), np.float16)
-                image_out[row : row + len(img)] = img.half().cpu().numpy()
-            text = mask.new_zeros((*mask.shape, *text_out.row_shape)) if text is None else text
-            for t, m in zip(text.half().cpu(), mask.sum(1).tolist()):
-                text_out.append(t[:m].numpy())
-            has_text[row : row + len(tp)] = tp.cpu().numpy()
-            has_image[row : row + len(ip)] = ip.cpu().numpy()
-            row += len(tp)
-        if image_out is None:  # no image at all: learn the feature shape from one blank image
+                    image_out = out.array("image", (n, *feats.shape[1:]), np.float16)
+                image_out[row : row + len(feats)] = feats.half().cpu().numpy()
+            present_out[row : row + len(present)] = present.cpu().numpy()
+            row += len(present)
+        if side == "image" and image_out is None:  # no image at all: the feature shape from one blank image
             h, w = model.image_preprocess.size
-            shape = model.image_encoder.hidden_before(image_split, torch.zeros(1, 3, h, w, device=device)).shape[1:]
+            shape = encoder.hidden_before(split, torch.zeros(1, 3, h, w, device=device)).shape[1:]
             image_out = out.array("image", (n, *shape), np.float16)
     finally:
-        for m, mode in zip(encoders, modes):
-            m.train(mode)
-    image_out.flush()
+        encoder.train(mode)
+    if image_out is not None:
+        image_out.flush()
     return items_labels
 
 
-def _check_split(model: Any, batch: dict[str, Any], text: torch.Tensor | None, image: torch.Tensor | None) -> None:
+def _check_split(encoder: Any, split: int, side: str, feats: torch.Tensor, *inputs: torch.Tensor) -> None:
     """Check on the first batch that running the top blocks on the cached hidden states reproduces the
     encoder's own forward, so an architecture the adapters do not know fails here, not silently."""
-    text_split, image_split = _splits(model)
-    checks = []
-    if text is not None and text_split < model.text_encoder.depth:
-        tp, mask = batch["text_present"], batch["attention_mask"]
-        ref = model.text_encoder(batch["input_ids"][tp], mask[tp])
-        got = model.text_encoder.forward_from(text[tp], text_split, mask[tp])
-        keep = mask[tp].bool()
-        checks.append(("text", ref[keep], got[keep]))
-    if image is not None and image_split < model.image_encoder.depth:
-        ip = batch["image_present"]
-        ref = model.image_encoder(batch["pixel_values"][ip])
-        checks.append(("image", ref, model.image_encoder.forward_from(image[ip], image_split)))
-    for side, ref, got in checks:
-        err = float((ref - got).abs().max()) / max(1e-6, float(ref.abs().max()))
-        if err > 1e-3:
-            from ..config import ConfigError
+    if split >= encoder.depth:
+        return
+    ref = encoder(*inputs)
+    got = encoder.forward_from(feats, split, *inputs[1:])
+    if side == "text":
+        keep = inputs[1].bool()
+        ref, got = ref[keep], got[keep]
+    err = float((ref - got).abs().max()) / max(1e-6, float(ref.abs().max()))
+    if err > 1e-3:
+        from ..config import ConfigError
 
-            raise ConfigError(
-                f"model.trainable_layers: the {side} encoder's top blocks run on cached hidden states do not "
-                f"reproduce its forward (relative error {err:.2g}); this architecture needs an adapter. "
-                "Set data.feature_cache: false to fine-tune its top blocks end to end."
-            )
+        raise ConfigError(
+            f"model.trainable_layers: the {side} encoder's top blocks run on cached hidden states do not "
+            f"reproduce its forward (relative error {err:.2g}); this architecture needs an adapter. "
+            "Set data.feature_cache: false to fine-tune its top blocks end to end."
+        )
 
 
 def build_features(
     model: Any, data: CachedDataset, cache_dir: str | Path, batch_size: int = 64, progress: bool = True
 ) -> FeatureDataset:
-    """The feature cache for (these encoders, this data cache), computed only if absent."""
-    encoders = encoder_key(model)
-    key = hashlib.sha1(f"{encoders}|{data.path.name}".encode()).hexdigest()[:16]
+    """The feature cache for (these encoders, this data cache): one store per encoder, each computed only if
+    absent, so changing one encoder (or where it is split) leaves the other's features in place."""
+    paths = []
+    for side in SIDES:
+        encoder = side_key(model, side)
+        key = hashlib.sha1(f"{encoder}|{data.path.name}".encode()).hexdigest()[:16]
 
-    def build(out: StoreWriter) -> dict[str, Any]:
-        return {
-            "version": FEATURES_VERSION,
-            "data": data.path.name,
-            "fingerprint": data.fingerprint,
-            "encoders": encoders,
-            "ids": data.ids,
-            "labels": _extract(model, data, out, batch_size, progress),
-            "label_names": data.label_names,
-            "task_types": data.task_types,
-        }
+        def build(out: StoreWriter, side: str = side, encoder: str = encoder) -> dict[str, Any]:
+            return {
+                "version": FEATURES_VERSION,
+                "side": side,
+                "data": data.path.name,
+                "fingerprint": data.fingerprint,
+                "encoder": encoder,
+                "ids": data.ids,
+                "labels": _extract(model, side, data, out, batch_size, progress),
+                "label_names": data.label_names,
+                "task_types": data.task_types,
+            }
 
-    path = Path(cache_dir) / f"features-{data.path.name}-{key}"
-    if is_built(path):
-        log.info("feature cache hit: %s", path)
-    return FeatureDataset(open_or_build(path, build).path)
+        path = Path(cache_dir) / f"features-{data.path.name}-{side}-{key}"
+        if is_built(path):
+            log.info("feature cache hit: %s", path)
+        paths.append(open_or_build(path, build).path)
+    return FeatureDataset(*paths)

@@ -123,6 +123,16 @@ PARTIAL: list[tuple[str, dict[str, Any]]] = [
     ("top-2 MiniLM blocks + balanced class weights + label smoothing 0.1", {**CROSS, **TOP_TEXT,
                                                                             "model.tasks": [SMOOTHED]}),
 ]
+# Ensembles across rows (`ensemble` mode): (rows, seeds 0..n-1 of each). Models trained differently (frozen
+# vs top blocks fine-tuned) disagree more than seeds of one setting, which is what averaging needs.
+FROZEN_CROSS, TOP2, TOP_IMAGE = EXTRA[0][0], PARTIAL[0][0], PARTIAL[1][0]
+MIXED: dict[str, tuple[list[str], int]] = {
+    f"{FROZEN_CROSS}: seeds 0-2": ([FROZEN_CROSS], 3),
+    f"{TOP2}: seeds 0-2": ([TOP2], 3),
+    "ensemble: frozen + top-2 MiniLM, seeds 0-2 of each": ([FROZEN_CROSS, TOP2], 3),
+    "ensemble: frozen + top-2 MiniLM + top-1 DINOv2, seeds 0-2 of each": ([FROZEN_CROSS, TOP2, TOP_IMAGE], 3),
+    "ensemble: frozen + top-2 MiniLM, seeds 0-4 of each": ([FROZEN_CROSS, TOP2], 5),
+}
 # The common settings of every row (README's: dim 128, 4x4 image grid), selected on held-out train
 COMMON = {
     "model.fusion.strategy": "late",
@@ -259,8 +269,9 @@ def predict_test(run: Path, work: Path, cache_dir: str, out: Path, ensemble: lis
 
 
 def ensemble(logs: list[Path], out: Path) -> int:
-    """Each row's seeds as one model: class probabilities averaged over its seed runs (no new training),
-    scored on the held-out part of train (selection) and on CLMLF dev. Appends one line per row to `out`."""
+    """Each row's seeds as one model, and the `MIXED` combinations of rows: class probabilities averaged
+    over the runs (no new training), scored on the held-out part of train (selection) and on CLMLF dev.
+    Writes one line per ensemble to `out`."""
     import numpy as np
     from sklearn.metrics import accuracy_score, f1_score
 
@@ -271,10 +282,13 @@ def ensemble(logs: list[Path], out: Path) -> int:
     for line in (ln for log in logs if log.is_file() for ln in log.read_text().splitlines()):
         r = json.loads(line)
         runs.setdefault(r["row"], []).append(r)
+    groups = {f"{label}: {len(rs)}-seed ensemble": rs for label, rs in runs.items() if len(rs) > 1}
+    for label, (rows, seeds) in MIXED.items():
+        members = [r for row in rows for r in runs.get(row, []) if r["seed"] < seeds]
+        if len(members) == len(rows) * seeds:  # every seed of every row trained
+            groups[f"{label} ({len(members)} models)"] = members
     with out.open("w") as f:
-        for label, rs in runs.items():
-            if len(rs) < 2:
-                continue
+        for label, rs in groups.items():
             scores: dict[str, float] = {}
             for split, prefix in (("test", ""), ("val", "select_")):
                 tables = [list(csv.DictReader(open(Path(r["run_dir"]) / f"predictions_{split}.csv"))) for r in rs]
@@ -285,7 +299,7 @@ def ensemble(logs: list[Path], out: Path) -> int:
                 scores[f"{prefix}accuracy"] = accuracy_score(true, pred)
                 scores[f"{prefix}macro_f1"] = f1_score(true, pred, average="macro")
                 scores[f"{prefix}weighted_f1"] = f1_score(true, pred, average="weighted")
-            entry = {"row": f"{label}: {len(rs)}-seed ensemble", "seed": 0, **scores,
+            entry = {"row": label, "seed": 0, **scores,
                      "train_seconds": sum(r["train_seconds"] for r in rs),
                      "wall_seconds": sum(r["wall_seconds"] for r in rs)}  # fmt: skip
             f.write(json.dumps(entry) + "\n")

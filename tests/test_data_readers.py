@@ -13,6 +13,8 @@ from PIL import Image
 from fusionkit.data import (
     MAX_TEXT_CHARS,
     DataError,
+    Example,
+    MultimodalDataset,
     from_hf,
     load_dataset,
     make_synthetic,
@@ -284,3 +286,23 @@ def test_synthetic_label_needs_both_modalities() -> None:
 
     assert acc(text) < 0.62 and acc(image) < 0.62
     assert acc(np.hstack([text, image])) > 0.85
+
+
+def test_to_hf_gives_each_bound_task_its_column_type(tmp_path: Path) -> None:
+    from fusionkit.config import TaskConfig
+    from fusionkit.tasks import bind_labels
+
+    rows = [("sunny day", "positive", "sky|sea", "0.5"), ("rain", "negative", "", "1"), ("fog", None, "sky", None)]
+    ds = MultimodalDataset(
+        [Example(str(i), t, str(_jpg(tmp_path / f"{i}.jpg")), {"mood": m, "tags": g, "score": s})
+         for i, (t, m, g, s) in enumerate(rows)], {}
+    )  # fmt: skip
+    tasks = [TaskConfig("mood", class_names=["positive", "negative"]), TaskConfig("tags", "multilabel"),
+             TaskConfig("score", "regression")]  # fmt: skip
+    bound, _ = bind_labels(ds, tasks)
+    features = bound.to_hf().features
+    assert features["mood"].names == ["positive", "negative"]
+    assert features["tags"].feature.names == ["sea", "sky"] and features["score"].dtype == "float32"
+    back = load_dataset(bound.to_hf())
+    assert back.label_names["mood"] == ["positive", "negative"]
+    assert [ex.labels["mood"] for ex in back] == ["positive", "negative", None]

@@ -173,23 +173,23 @@ class MultimodalDataset(Sequence[Example]):
     def to_hf(self) -> Any:
         """A `datasets.Dataset` with an `Image` feature; declared class names become `ClassLabel`s.
 
-        A label column with class names (raw strings, or bound indices) is a `ClassLabel` (a list: a
-        sequence of them); a regression task is float32; other raw columns keep their inferred type.
+        Each bound task's type gives its column's feature (`Task.hf_feature`: classification a
+        `ClassLabel`, multilabel a sequence of them, regression float32). A column read with class names
+        but not bound to a task is a `ClassLabel` (a list: a sequence of them); others keep HF's type.
         """
         import datasets as hf
+
+        from ..tasks import TASK_REGISTRY
 
         features: dict[str, Any] = {"id": hf.Value("string"), "text": hf.Value("string"), "image": hf.Image()}
         for t in self.label_names:
             kind, names = self.task_types.get(t), self.label_names[t]
             values = [ex.labels.get(t) for ex in self.examples]
-            if kind == "regression":
-                features[t] = hf.Value("float32")
-            elif names and (kind == "multilabel" or any(isinstance(v, list) for v in values)):
-                features[t] = hf.Sequence(hf.ClassLabel(names=names))
-            elif names:
-                features[t] = hf.ClassLabel(names=names)
-            else:
-                features[t] = hf.Dataset.from_dict({t: values}).features[t]  # as HF infers it
+            feature = TASK_REGISTRY[kind].hf_feature(names) if kind in TASK_REGISTRY else None
+            if feature is None and names:
+                lists = any(isinstance(v, list) for v in values)
+                feature = hf.Sequence(hf.ClassLabel(names=names)) if lists else hf.ClassLabel(names=names)
+            features[t] = feature or hf.Dataset.from_dict({t: values}).features[t]  # as HF infers it
 
         def image_value(img: str | bytes | Image.Image) -> Any:
             return {"bytes": img, "path": None} if isinstance(img, bytes) else img

@@ -80,6 +80,11 @@ class Task:
     def __init__(self, cfg: TaskConfig) -> None:
         self.cfg = cfg
 
+    @classmethod
+    def hf_feature(cls, class_names: Sequence[str]) -> Any:
+        """The `datasets` feature of this task's label column (`MultimodalDataset.to_hf`); None: as HF infers it."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, column={self.column!r})"
 

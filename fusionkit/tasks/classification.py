@@ -95,6 +95,12 @@ class ClassificationTask(Task):
     }
 
     @classmethod
+    def hf_feature(cls, class_names: Sequence[str]) -> Any:
+        import datasets as hf
+
+        return hf.ClassLabel(names=list(class_names)) if class_names else None
+
+    @classmethod
     def validate_config(cls, cfg: TaskConfig) -> None:
         super().validate_config(cfg)
         names, n = cfg.class_names, cfg.num_classes

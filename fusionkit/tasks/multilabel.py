@@ -25,6 +25,12 @@ class MultilabelTask(ClassificationTask):
     metric_names = ("micro_f1", "macro_f1")
 
     @classmethod
+    def hf_feature(cls, class_names: Sequence[str]) -> Any:
+        import datasets as hf
+
+        return hf.Sequence(hf.ClassLabel(names=list(class_names))) if class_names else None
+
+    @classmethod
     def validate_config(cls, cfg: TaskConfig) -> None:
         super().validate_config(cfg)
 

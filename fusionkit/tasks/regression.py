@@ -21,6 +21,12 @@ class RegressionTask(Task):
     lower_is_better = ("loss", "mse", "mae")
 
     @classmethod
+    def hf_feature(cls, class_names: Sequence[str]) -> Any:
+        import datasets as hf
+
+        return hf.Value("float32")
+
+    @classmethod
     def validate_config(cls, cfg: TaskConfig) -> None:
         super().validate_config(cfg)
         if cfg.num_classes is not None and cfg.num_classes < 1:

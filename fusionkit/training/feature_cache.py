@@ -159,7 +159,10 @@ def _extract(
 
     def collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         items_labels.extend(it["labels"] for it in items)
-        return collator(items)
+        batch = collator(items)
+        if side == "text":
+            del batch["pixel_values"]  # not copied to the device for nothing
+        return batch
 
     # its own generator: a cache miss must not draw from the global RNG (a run's random stream, hence its
     # dropout and ITM negatives, would depend on whether the cache was already there)

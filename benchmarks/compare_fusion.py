@@ -92,7 +92,7 @@ def train_one(
     for line in log.read_text().splitlines() if log.is_file() else ():
         done = json.loads(line)
         if done["name"] == name and done["settings"] == settings:
-            return done["result"]
+            return {**done["result"], "reused": True}
     result = _train_and_score(base, extra, args, work, name, data)
     with log.open("a") as f:
         f.write(json.dumps({"name": name, "settings": settings, "result": result}) + "\n")
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     base, dataset, encoders, data = setup(args, work)
     print(f"dataset: {dataset}\nencoders: {encoders}\nmachine: {machine()}", flush=True)
 
-    started = time.time()
+    started, reused, total = time.time(), 0, 0
     # (row suffix, run-dir tag, overrides): partial fine-tuning runs its frozen baseline beside it
     modes: list[tuple[str, str, dict[str, Any]]] = [("", "", {})]
     if args.trainable_layers:  # the top blocks train on the cached hidden states entering them
@@ -332,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {strategy + suffix:26s} seed {seed}: acc {r['accuracy']:.4f} macro-F1 {r['macro_f1']:.4f} "
                       f"weighted-F1 {r['weighted_f1']:.4f} ({r['train_seconds']:.0f}s)", flush=True)  # fmt: skip
                 runs.append(r)
+                reused, total = reused + bool(r.get("reused")), total + 1
             rows[strategy + suffix] = aggregate(strategy + suffix, runs)
 
     multitask: list[dict[str, Any]] = []
@@ -360,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
         + ("; batches grouped by caption length" if args.group_by_length else ""),
         f"- machine: {machine()}",
         f"- command: `python benchmarks/compare_fusion.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
-        f" ({(time.time() - started) / 60:.1f} min)",
+        f" ({(time.time() - started) / 60:.1f} min"
+        + (f"; {reused} of {total} runs read back from {work / 'results.jsonl'}, trained by earlier invocations"
+           if reused else "") + ")",  # fmt: skip
         "",
         *table(list(rows.values())),
         "",

@@ -215,8 +215,9 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     print(f"best checkpoint: {summary['best_checkpoint']} ({summary['metric']} = {summary['best']})")
     for split in ("val", "test"):
         if split in summary:
-            print(f"{split}: " + ", ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in summary[split].items()
-                                        if isinstance(v, float)))  # fmt: skip
+            scores = [f"{k.split('/', 1)[1]}={v:.4f}" for k, v in summary[split].items() if isinstance(v, float)]
+            # a split without labels (e.g. a benchmark's withheld test set) has predictions but no scores
+            print(f"{split}: " + (", ".join(scores) or f"no labels to score; predictions in predictions_{split}.csv"))
     print(f"train time: {summary['train_seconds']:.1f}s; details in summary.json, metrics.jsonl, *.png")
     return 0
 

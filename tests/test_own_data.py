@@ -259,3 +259,17 @@ def test_python_api_resume_keeps_the_class_names_the_data_gave(tmp_path: Path) -
     assert again["steps"] == first["steps"] == 2
     saved = fusionkit.FusionModel.from_pretrained(tmp_path / "runs" / "r").config.tasks[0]
     assert saved.class_names == ["happy", "meh", "sad"] and isinstance(saved.class_weights, list)
+
+
+def test_an_unlabelled_test_split_is_predicted_and_said_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A withheld test set (labels kept elsewhere, like MVSA-Single's): predictions, no made-up scores."""
+    table = write_table(tmp_path / "data", label_every=2)  # odd rows have no mood
+    ids = [f"t{i}" for i in range(64)]
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ids[:40:2] + ids[41::2], "val": ids[40::2], "test": ids[1:40:2]}))
+    assert main(train_args(table, tmp_path / "runs", "withheld", "--data.split_file", str(split))) == 0
+    out = capsys.readouterr().out
+    assert "val: loss=" in out and "mood/accuracy=" in out  # the labelled split is scored
+    assert "test: no labels to score; predictions in predictions_test.csv" in out
+    rows = list(csv.DictReader((tmp_path / "runs" / "withheld" / "predictions_test.csv").open()))
+    assert [r["id"] for r in rows] == ids[1:40:2] and {r["mood"] for r in rows} <= set(MOODS)

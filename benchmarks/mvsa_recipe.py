@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         return end_to_end(Path(args.recipe), args.seeds, work / "endtoend", RESULTS / "mvsa_single_recipe_time.json")
     if args.mode == "predict":
         return predict_test(
-            Path(args.run), work, args.cache_dir, RESULTS / "mvsa_single_test_predictions.csv", args.ensemble
+            Path(args.run), work, args.cache_dir, RESULTS / "mvsa_single_test_predictions_cpu.csv", args.ensemble
         )
     data = selection_view()
     work.mkdir(parents=True, exist_ok=True)

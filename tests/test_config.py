@@ -5,6 +5,7 @@ import pytest
 
 from fusionkit.config import ConfigError, FusionConfig, ModelConfig, from_dict, merge, parse_value, to_dict
 from fusionkit.models import get_config, list_presets
+from fusionkit.training import build_config
 
 
 def test_round_trip_through_json():
@@ -112,3 +113,26 @@ def test_exponent_floats_read_from_yaml_and_json(tmp_path):
     (tmp_path / "bad.yaml").write_text("optim:\n  lr: fast\n")
     with pytest.raises(ConfigError, match="optim.lr"):
         build_config(tmp_path / "bad.yaml")
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_configs_validate(path: Path) -> None:
+    """Every config under configs/ builds (keys, strategies, tasks, optimizer settings all checked)."""
+    cfg = build_config(path)
+    assert cfg.model.tasks, f"{path.name} declares no task"
+
+
+def test_gpu_recipe_is_the_cpu_recipe_with_the_encoders_fine_tuned() -> None:
+    """The GPU recipe must not drift from the CPU one it is reported against: same encoders, fusion and
+    task; only what full fine-tuning changes (freeze, feature cache, epochs, encoder learning rates)."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    cpu, gpu = build_config(root / "mvsa_single_best.yaml"), build_config(root / "mvsa_single_gpu.yaml")
+    for part in ("text", "image", "fusion"):
+        assert to_dict(getattr(gpu.model, part)) == to_dict(getattr(cpu.model, part)), part
+    assert [to_dict(t) for t in gpu.model.tasks] == [to_dict(t) for t in cpu.model.tasks]
+    assert (cpu.model.freeze, cpu.data.feature_cache) == ("encoders", True)
+    assert (gpu.model.freeze, gpu.data.feature_cache, gpu.data.augment) == ("none", False, True)
+    assert gpu.optim.layer_decay is not None and gpu.optim.encoder_lr_scale < cpu.optim.encoder_lr_scale

@@ -287,7 +287,8 @@ def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from .training.trainer import inference_loader, resolve_device, run_inference
 
     results, first = [], None
-    for checkpoint in [args.checkpoint, *args.ensemble]:
+    members = [args.checkpoint, *args.ensemble]
+    for checkpoint in members:
         model = FusionModel.from_pretrained(checkpoint, map_location=resolve_device(args.device))
         if first is None:
             first = model
@@ -295,7 +296,10 @@ def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
             raise ConfigError(f"--ensemble: {checkpoint} has other tasks or classes than {args.checkpoint} "
                               f"({model.class_names} vs {first.class_names}); ensemble models of one task set")  # fmt: skip
         _, data = _split(args, model, with_labels=args.command == "eval")  # the same rows for every model
-        loader, transform = inference_loader(model, data, args.batch_size)
+        if len(members) > 1 and model.feature_splits is not None:
+            loader, transform = _feature_loader(model, data, args.batch_size), None
+        else:
+            loader, transform = inference_loader(model, data, args.batch_size)
         amp = choose_precision(args.precision, model.device).dtype  # what training's evaluation used here
         results.append(run_inference(model, loader, transform, amp, desc=args.split))
     assert first is not None
@@ -305,6 +309,19 @@ def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
                              for name, task in first.tasks.items()}  # fmt: skip
         result["loss"] = None  # each model's loss is its own; the ensemble has none
     return first, result
+
+
+def _feature_loader(model: Any, data: Any, batch_size: int) -> Any:
+    """An ensemble member with frozen encoders (or frozen bottoms) reads their outputs from the feature cache,
+    keyed by the encoders' weights: members that share encoders (seeds of a frozen recipe) run them once,
+    and the stores a training run built for the same rows are reused, as its own evaluation read them."""
+    import torch
+
+    from .training.feature_cache import FeatureCollator, build_features
+
+    features = build_features(model, data, data.path.parent, batch_size)
+    collate = FeatureCollator(list(model.tasks.values()))
+    return torch.utils.data.DataLoader(features, batch_size=batch_size, collate_fn=collate)
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -146,3 +146,44 @@ def test_an_ensemble_of_models_with_other_classes_is_refused(run_dir: Path, tmp_
     out = tmp_path / "p.csv"
     assert main(["predict", str(run_dir), "--ensemble", str(tmp_path / "reordered"), "--output", str(out), *cache]) == 2
     assert "other tasks or classes" in capsys.readouterr().err and not out.exists()
+
+
+def test_an_ensemble_of_frozen_encoder_runs_encodes_each_pair_once(tmp_path: Path) -> None:
+    """Members whose frozen encoders are the same weights share one encoder pass, kept in the feature cache
+    (a second prediction runs no encoder), and the ensemble still averages the members' probabilities."""
+    cache = tmp_path / "cache"
+    common = ["--data.dataset", "synthetic:64", "--data.cache_dir", str(cache), "--model.freeze", "encoders",
+              "--optim.epochs", "1", "--optim.batch_size=16", "--run.output_dir", str(tmp_path / "runs"),
+              "--run.progress", "false", "--run.plots", "false"]  # fmt: skip
+    # Same seed: the same random tiny encoders; two fusion strategies on top of them.
+    for name, strategy in (("concat", "concat"), ("gated", "gated")):
+        assert main(["train", *common, "--run.name", name, "--model.fusion.strategy", strategy]) == 0
+    runs = tmp_path / "runs"
+    table = tmp_path / "new.csv"  # rows no training run saw: their features are not cached yet
+    table.write_text("id,text,image\n" + "".join(f"n{i},caption number {i},\n" for i in range(6)))
+
+    def stores() -> dict[str, float]:
+        return {p.name: p.stat().st_mtime_ns for p in cache.glob("features-*")}
+
+    before = stores()
+    names = ("positive", "neutral", "negative")
+    probs = {}
+    for key, argv in {"ens": [str(runs / "concat"), "--ensemble", str(runs / "gated")],
+                      "concat": [str(runs / "concat")], "gated": [str(runs / "gated")]}.items():  # fmt: skip
+        out = tmp_path / f"{key}.csv"
+        assert main(["predict", *argv, "--data", str(table), "--output", str(out), "--cache-dir", str(cache)]) == 0
+        rows = list(csv.DictReader(out.open()))
+        assert [r["id"] for r in rows] == [f"n{i}" for i in range(6)]
+        probs[key] = np.array([[float(r[f"sentiment_prob_{c}"]) for c in names] for r in rows])
+        if key == "ens":
+            added = set(stores()) - set(before)
+            assert len(added) == 2, added  # one text + one image store for both members, not one pair each
+            after_first = stores()
+    assert not np.allclose(probs["concat"], probs["gated"], atol=1e-3)
+    # float16 features against the single models' full-precision encoders
+    np.testing.assert_allclose(probs["ens"], (probs["concat"] + probs["gated"]) / 2, atol=5e-3)
+    out = tmp_path / "again.csv"
+    argv = ["predict", str(runs / "gated"), "--ensemble", str(runs / "concat"), "--data", str(table),
+            "--output", str(out), "--cache-dir", str(cache)]  # fmt: skip
+    assert main(argv) == 0
+    assert stores() == after_first  # nothing re-encoded or rewritten

@@ -12,7 +12,13 @@ re-encoded as JPEG, with a preprocessor config that takes them as they are (no s
 
     python benchmarks/gpu_full_finetune.py pack .gpu                       # here: .gpu/p1 .gpu/p2 .gpu/p3
     cp -r .gpu/pN/. /tmp/fk/                                              # there, one part per call
-    FUSIONKIT_SHARED=/tmp/fk python benchmarks/gpu_full_finetune.py train --rows 0 --out $OUT
+    export FUSIONKIT_SHARED=/tmp/fk PYTHONPATH=$PWD                      # there, in the last call:
+    python benchmarks/gpu_full_finetune.py train --rows 2 --seed-ids 0 --work-dir /tmp/fkw/a --out $OUT &
+    python benchmarks/gpu_full_finetune.py train --rows 2 --seed-ids 1 2 --work-dir /tmp/fkw/b --out $OUT; wait
+    python benchmarks/gpu_full_finetune.py finish --work-dir /tmp/fkw/a/2 --out $OUT   # ensembles + test CSV
+
+Several processes share one GPU well here (each run is small); the exact commands of the two calls
+behind benchmarks/results/mvsa_single_gpu_full_finetune.json are in mvsa_single_recipe.md.
 """
 
 from __future__ import annotations

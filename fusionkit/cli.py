@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint on a split or a labelled file")
     data_args(e, "val")
     ensemble_help = ("more model or run dirs (e.g. other seeds) whose outputs are averaged with CHECKPOINT's "
-                     "(class probabilities); data and split come from CHECKPOINT")  # fmt: skip
+                     "(class probabilities); data and split come from CHECKPOINT; frozen encoders that members "
+                     "share run once, through the feature cache in --cache-dir")  # fmt: skip
     e.add_argument("--ensemble", nargs="+", default=[], metavar="CHECKPOINT", help=ensemble_help)
     e.add_argument("--output", help="also write the metrics JSON here")
     pr = sub.add_parser(

@@ -107,6 +107,10 @@ EXTRA: list[tuple[str, dict[str, Any]]] = [
         {"model.tasks": [SMOOTHED, {**SUPCON, "params": {**SUPCON["params"], "views": "cross"}}]},
     ),
     (
+        "cross_attention + logit adjustment (tau 1, train prior)",
+        {"model.fusion.strategy": "cross_attention", "model.tasks": [{**SENTIMENT, "logit_adjustment": 1.0}]},
+    ),
+    (
         "cross_attention + mean of the last 4 layers of each encoder (frozen)",
         {"model.fusion.strategy": "cross_attention", "model.text.pool_layers": 4, "model.image.pool_layers": 4},
     ),

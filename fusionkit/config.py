@@ -94,6 +94,10 @@ class TaskConfig:
     column: str | None = None
     label_smoothing: float = 0.0  # classification: soften one-hot targets (Szegedy et al., 2016)
     class_weights: str | list[float] | None = None  # classification: "balanced" (from train labels) or a list
+    # classification: logit adjustment (Menon et al., 2021): the loss sees logits + tau * log(class prior) and
+    # predictions the raw logits, so a rare class (MVSA's neutral) is not under-predicted; tau = this value
+    logit_adjustment: float = 0.0
+    class_prior: list[float] | None = None  # for logit_adjustment; None = the train split's label frequencies
     params: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -87,6 +87,40 @@ def test_label_smoothing_and_class_weights_change_the_classification_loss():
     )
 
 
+def test_logit_adjustment_trains_on_prior_shifted_logits_from_the_train_labels():
+    """Menon et al. (2021): the loss sees logits + tau * log(prior); the prior is the train label frequency."""
+    logits, labels = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 0, 0])
+    cfg = create_task(TaskConfig("a", num_classes=3, logit_adjustment=1.5)).fit_train_statistics([0, 0, 0, 0, 1, 2])
+    assert cfg.class_prior == [0.666667, 0.166667, 0.166667]
+    shifted = logits + 1.5 * torch.tensor(cfg.class_prior).log()
+    torch.testing.assert_close(task_loss(cfg, logits, labels, None), torch.nn.functional.cross_entropy(shifted, labels))
+    # a class missing from train counts once (finite log-prior); a given prior is kept
+    absent = create_task(TaskConfig("a", num_classes=3, logit_adjustment=1.0)).fit_train_statistics([0, 0, 1])
+    assert absent.class_prior == [0.666667, 0.333333, 0.333333]
+    given = TaskConfig("a", num_classes=3, logit_adjustment=1.0, class_prior=[0.5, 0.25, 0.25])
+    assert create_task(given).fit_train_statistics([0, 0, 1]).class_prior == [0.5, 0.25, 0.25]
+    # off by default: no prior is fitted and the loss is plain cross-entropy
+    assert create_task(CLS).fit_train_statistics([0, 0, 1]).class_prior is None
+
+
+def test_logit_adjustment_options_are_checked():
+    import pytest
+
+    from fusionkit.config import ConfigError
+    from fusionkit.models import get_config
+
+    bad = [
+        {"logit_adjustment": -1.0},
+        {"logit_adjustment": 1.0, "class_prior": [0.5, 0.5]},  # 2 priors for 3 classes
+        {"logit_adjustment": 1.0, "class_prior": [0.5, 0.5, 0.0]},
+        {"type": "multilabel", "logit_adjustment": 1.0},
+    ]
+    for extra in bad:
+        with pytest.raises(ConfigError, match="logit_adjustment|class_prior"):
+            get_config("tiny", tasks=[{"name": "a", "num_classes": 3, **extra}])
+    get_config("tiny", tasks=[{"name": "a", "num_classes": 3, "logit_adjustment": 1.0, "class_prior": [0.5, 0.3, 0.2]}])
+
+
 def test_a_batch_with_no_scorable_task_gives_a_zero_loss_that_backpropagates():
     criterion = MultiTaskLoss([CLS])
     logits = torch.randn(4, 3, requires_grad=True)

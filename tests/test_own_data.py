@@ -261,6 +261,25 @@ def test_python_api_resume_keeps_the_class_names_the_data_gave(tmp_path: Path) -
     assert saved.class_names == ["happy", "meh", "sad"] and isinstance(saved.class_weights, list)
 
 
+def test_logit_adjustment_prior_is_fitted_saved_and_kept_on_resume(tmp_path: Path) -> None:
+    """The prior comes from the train split's labels, is saved with the model, and a resumed run keeps it."""
+    table = write_table(tmp_path / "data", n=24)
+    cfg = {"data": {"dataset": str(table), "text_column": "caption", "image_column": "photo",
+                    "cache_dir": str(tmp_path / "c")},
+           "model": {"tasks": [{"name": "mood", "logit_adjustment": 1.0}]},
+           "optim": {"max_steps": 2, "batch_size": 8},
+           "run": {"output_dir": str(tmp_path / "runs"), "name": "la", "progress": False, "plots": False}}  # fmt: skip
+    first = fusionkit.train(cfg)
+    again = fusionkit.train(cfg, resume=True)  # the fitted prior is not a config change
+    assert again["steps"] == first["steps"] == 2
+    run = tmp_path / "runs" / "la"
+    train_ids = set(json.loads((run / "split.json").read_text())["train"])
+    moods = [r["mood"] for r in csv.DictReader(table.open()) if r["id"] in train_ids]
+    saved = fusionkit.FusionModel.from_pretrained(run).config.tasks[0]
+    expected = [round(moods.count(c) / len(moods), 6) for c in saved.class_names]
+    assert saved.logit_adjustment == 1.0 and saved.class_prior == expected
+
+
 def test_an_unlabelled_test_split_is_predicted_and_said_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A withheld test set (labels kept elsewhere, like MVSA-Single's): predictions, no made-up scores."""
     table = write_table(tmp_path / "data", label_every=2)  # odd rows have no mood

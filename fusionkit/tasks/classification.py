@@ -119,6 +119,16 @@ class ClassificationTask(Task):
             raise ConfigError(
                 f"task {cfg.name!r}: label_smoothing must be in [0, 1), got {cfg.label_smoothing}"
             )
+        if not (math.isfinite(cfg.logit_adjustment) and cfg.logit_adjustment >= 0):
+            raise ConfigError(
+                f"task {cfg.name!r}: logit_adjustment must be a finite number >= 0, got {cfg.logit_adjustment}"
+            )
+        prior = cfg.class_prior
+        if prior is not None:
+            k = n or (len(names) if names else None)
+            if k not in (None, len(prior)) or any(not math.isfinite(p) or p <= 0 for p in prior):
+                raise ConfigError(f"task {cfg.name!r}: class_prior must be {k or 'one'} positive numbers "
+                                  f"(one per class), got {prior}")  # fmt: skip
         cw = cfg.class_weights
         if isinstance(cw, str) and cw != "balanced":
             raise ConfigError(f"task {cfg.name!r}: class_weights must be 'balanced' or a list, got {cw!r}")
@@ -188,14 +198,20 @@ class ClassificationTask(Task):
         return torch.tensor([0 if v is None else int(v) for v in values], dtype=torch.long), mask
 
     def fit_train_statistics(self, values: Sequence[Any]) -> TaskConfig:
-        if self.cfg.class_weights != "balanced":
-            return self.cfg
+        cfg = self.cfg
         counts = Counter(v for v in values if v is not None)
         n, k = sum(counts.values()), self._out_dim()
-        # sklearn's "balanced": n / (k * count); a class absent from train gets weight 0 (it has no loss anyway)
-        weights = [round(n / (k * counts[c]), 6) if counts[c] else 0.0 for c in range(k)]
-        log.info("task %s: balanced class weights %s", self.name, dict(zip(self.names, weights)))
-        return replace(self.cfg, class_weights=weights)
+        if cfg.class_weights == "balanced":
+            # sklearn's "balanced": n / (k * count); a class absent from train gets weight 0 (it has no loss anyway)
+            weights = [round(n / (k * counts[c]), 6) if counts[c] else 0.0 for c in range(k)]
+            log.info("task %s: balanced class weights %s", self.name, dict(zip(self.names, weights)))
+            cfg = replace(cfg, class_weights=weights)
+        if cfg.logit_adjustment and cfg.class_prior is None:
+            # label frequencies; a class absent from train counts as one example, so its log-prior is finite
+            prior = [round(max(counts[c], 1) / max(n, 1), 6) for c in range(k)]
+            log.info("task %s: class prior for logit adjustment %s", self.name, dict(zip(self.names, prior)))
+            cfg = replace(cfg, class_prior=prior)
+        return cfg
 
     # ------------------------------------------------------------------ model
     def build_head(self, dim: int, num_views: int, dropout: float) -> nn.Module:
@@ -214,6 +230,9 @@ class ClassificationTask(Task):
             if isinstance(weight, list)
             else None
         )
+        if self.cfg.logit_adjustment and self.cfg.class_prior is not None:
+            log_prior = torch.tensor(self.cfg.class_prior, dtype=output.dtype, device=output.device).log()
+            output = output + self.cfg.logit_adjustment * log_prior  # in the loss only: predictions stay raw
         return F.cross_entropy(output, target.long(), weight=w, label_smoothing=self.cfg.label_smoothing)
 
     # ------------------------------------------------------------------ evaluation and prediction

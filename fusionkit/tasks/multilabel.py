@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..config import TaskConfig
+from ..config import ConfigError, TaskConfig
 from .base import is_missing, label_error, labelled_rows, register_task
 from .classification import ClassificationTask, label_string
 
@@ -33,6 +33,8 @@ class MultilabelTask(ClassificationTask):
     @classmethod
     def validate_config(cls, cfg: TaskConfig) -> None:
         super().validate_config(cfg)
+        if cfg.logit_adjustment:
+            raise ConfigError(f"task {cfg.name!r}: logit_adjustment is for single-label classification")
 
     @staticmethod
     def min_classes() -> int:

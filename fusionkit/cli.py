@@ -223,6 +223,30 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _run_dir_of(checkpoint: str | Path) -> Path | None:
+    """The run dir holding a checkpoint (the run dir itself, `RUN/best`, `RUN/checkpoints/step-N`), if any."""
+    ckpt = Path(checkpoint)
+    return next((d for d in (ckpt, ckpt.parent, ckpt.parent.parent)
+                 if (d / "config.json").is_file() and (d / "split.json").is_file()), None)  # fmt: skip
+
+
+def _check_unseen(checkpoint: str, ids: list[str], split: str, first: str) -> None:
+    """An ensemble member must not have trained on the rows of the split it is scored or predicted on: seeds
+    trained on different splits would each have seen rows the others hold out, and inflate the result."""
+    run_dir = _run_dir_of(checkpoint)
+    if run_dir is None:
+        return  # a bare model folder: its training rows are unknown
+    seen = set(json.loads((run_dir / "split.json").read_text()).get("train", []))
+    overlap = [i for i in ids if i in seen]
+    if overlap:
+        raise ConfigError(
+            f"--ensemble: {checkpoint} was trained on {len(overlap)} of the {len(ids)} {split} rows used here "
+            f"(e.g. {overlap[:3]}): its run made another split than {first}'s. Ensemble runs trained on one "
+            f"split: the same data.split_seed (the default keeps it apart from run.seed), or --data.split_file "
+            f"{_run_dir_of(first) or first}/split.json"
+        )
+
+
 def _run_data_config(args: argparse.Namespace) -> tuple[Any, Path | None]:
     """The run's `data` config (columns, policies, dataset) when the checkpoint is in a run dir, and that dir."""
     import dataclasses
@@ -230,9 +254,7 @@ def _run_data_config(args: argparse.Namespace) -> tuple[Any, Path | None]:
     from .config import from_dict
     from .training.config import DataConfig
 
-    ckpt = Path(args.checkpoint)
-    run_dir = next((d for d in (ckpt, ckpt.parent) if (d / "config.json").is_file() and (d / "split.json").is_file()),
-                   None)  # fmt: skip
+    run_dir = _run_dir_of(args.checkpoint)
     data = DataConfig()
     if run_dir is not None:
         saved = json.loads((run_dir / "config.json").read_text()).get("data", {})
@@ -296,7 +318,9 @@ def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         elif model.class_names != first.class_names or list(model.tasks) != list(first.tasks):
             raise ConfigError(f"--ensemble: {checkpoint} has other tasks or classes than {args.checkpoint} "
                               f"({model.class_names} vs {first.class_names}); ensemble models of one task set")  # fmt: skip
-        _, data = _split(args, model, with_labels=args.command == "eval")  # the same rows for every model
+        ds, data = _split(args, model, with_labels=args.command == "eval")  # the same rows for every model
+        if len(members) > 1 and args.split != "all":
+            _check_unseen(checkpoint, ds.ids, args.split, args.checkpoint)
         if len(members) > 1 and model.feature_splits is not None:
             loader, transform = _feature_loader(model, data, args.batch_size), None
         else:

@@ -94,7 +94,7 @@ def test_predict_and_eval_an_ensemble_of_seeds(run_dir: Path, tmp_path: Path) ->
     cache = ["--cache-dir", str(run_dir.parent.parent / "cache")]
     other_argv = ["train", "--data.dataset", "synthetic:80", "--data.cache_dir", cache[1], "--optim.epochs", "1",
                   "--optim.batch_size=16", "--run.output_dir", str(tmp_path), "--run.name", "seed1",
-                  "--run.seed", "1", "--data.split_file", str(run_dir / "split.json"),
+                  "--run.seed", "1",
                   "--run.progress", "false", "--run.plots", "false"]  # fmt: skip
     assert main(other_argv) == 0
     other = tmp_path / "seed1"
@@ -124,6 +124,36 @@ def test_predict_and_eval_an_ensemble_of_seeds(run_dir: Path, tmp_path: Path) ->
     m_same, m_alone = json.loads(same.read_text()), json.loads(alone.read_text())
     assert m_same["val/sentiment/accuracy"] == m_alone["val/sentiment/accuracy"]
     assert "val/loss" in m_alone and "val/loss" not in m_same
+
+
+def test_seeds_share_a_split_and_an_ensemble_never_scores_rows_a_member_trained_on(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another run.seed keeps the split (so seeds can be ensembled); a member that trained on the scored
+    rows (another data.split_seed) is refused, naming it and how to fix it, before anything is written."""
+    cache = ["--cache-dir", str(run_dir.parent.parent / "cache")]
+    common = ["train", "--data.dataset", "synthetic:80", "--data.cache_dir", cache[1], "--optim.epochs", "1",
+              "--run.output_dir", str(tmp_path), "--run.progress", "false", "--run.plots", "false"]  # fmt: skip
+    assert main([*common, "--run.name", "seed2", "--run.seed", "2"]) == 0
+    assert main([*common, "--run.name", "resplit", "--data.split_seed", "5"]) == 0
+    split = json.loads((run_dir / "split.json").read_text())
+    assert json.loads((tmp_path / "seed2" / "split.json").read_text()) == split
+    resplit = json.loads((tmp_path / "resplit" / "split.json").read_text())
+    leaked = set(resplit["train"]) & set(split["val"])
+    assert leaked  # the other split trained on some of this run's val rows
+    out = tmp_path / "m.json"
+    assert main(["eval", str(run_dir), "--ensemble", str(tmp_path / "seed2"), "--output", str(out), *cache]) == 0
+    capsys.readouterr()
+    argv = ["eval", str(run_dir), "--ensemble", str(tmp_path / "seed2"), str(tmp_path / "resplit" / "best")]
+    out.unlink()
+    assert main([*argv, "--output", str(out), *cache]) == 2
+    err = capsys.readouterr().err
+    assert f"was trained on {len(leaked)} of the {len(split['val'])} val rows" in err and "resplit" in err
+    assert "data.split_file" in err and not out.exists()
+    # `--split all` of another file is the user's choice of rows: not checked
+    preds = tmp_path / "p.csv"
+    argv = ["predict", str(run_dir), "--ensemble", str(tmp_path / "resplit"), "--data", "synthetic:12", "--output"]
+    assert main([*argv, str(preds), *cache]) == 0 and len(list(csv.DictReader(preds.open()))) == 12
 
 
 @pytest.mark.parametrize("module", ["fusionkit", "fusionkit.cli"])

@@ -254,6 +254,23 @@ def test_resume_with_a_new_lr_is_refused_then_accepted_and_recorded(
     assert {g["initial_lr"] for g in groups if g["name"].startswith("fusion")} == {0.0005}  # trained with it
 
 
+def test_a_run_written_before_a_config_key_existed_resumes(base: tuple[Path, Path], tmp_path: Path) -> None:
+    """Keys added to the config since a run was saved take their defaults: not a change that blocks resume."""
+    import yaml
+
+    run = _copy(base, tmp_path)
+    _tamper_last(run)
+    for name, load, dump in (("config.json", json.loads, json.dumps), ("config.yaml", yaml.safe_load, yaml.safe_dump)):
+        saved = load((run / name).read_text())
+        del saved["data"]["split_seed"], saved["model"]["tasks"][0]["logit_adjustment"]  # newer than the run
+        (run / name).write_text(dump(saved))
+    assert main(["train", "--resume", str(run)]) == 0
+    entry = json.loads((run / "resume_log.jsonl").read_text().splitlines()[-1])
+    assert not any(k.startswith(("data.split_seed", "model.tasks")) for k in entry["config_changes"])
+    # a real change is still refused
+    assert main(["train", "--resume", str(run), "--data.split_seed", "3"]) == 1
+
+
 # ------------------------------------------------------------------------------ tampered and impossible configs
 
 

@@ -26,6 +26,9 @@ _DICT_VALUES = ("config_overrides", "model_kwargs")
 class DataConfig:
     dataset: str = "synthetic:2000"  # anything `fusionkit.data.load_dataset` accepts
     split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    # Seeds a new split; apart from run.seed so that the seeds of one recipe train on one split (an
+    # ensemble of them is then scored on rows none of them saw) and reuse its caches.
+    split_seed: int = 0
     split_file: str | None = None  # reuse this split (written there if missing); default <run>/split.json
     text_column: str = "text"  # table / HF dataset columns; task label columns are model.tasks[].column
     image_column: str = "image"

@@ -218,6 +218,15 @@ def inference_loader(
     return loader, ImageTransform(model.image_preprocess, train=False).to(model.device)
 
 
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the defaults of keys it lacks (an older fusionkit wrote it), so that a key added
+    since is not a change on resume; as saved if this version cannot read it (the comparison names why)."""
+    try:
+        return to_dict(build_config(saved))
+    except (ConfigError, TypeError, ValueError):
+        return saved
+
+
 def _adopt_data_derived(cfg: TrainConfig, saved: dict[str, Any]) -> None:
     """A resumed run keeps the task schema its data gave it (class names, counts, balanced weights):
     a config that leaves them to the data is the same config, not a change."""
@@ -383,7 +392,7 @@ class Trainer:
         split_path = Path(cfg.data.split_file) if cfg.data.split_file else self.run_dir / "split.json"
         with self._main_first():
             # rank 0 first (it writes a new split), then every rank reads that same file
-            parts = split_dataset(ds, cfg.data.split_ratios, cfg.run.seed, split_path,
+            parts = split_dataset(ds, cfg.data.split_ratios, cfg.data.split_seed, split_path,
                                   allow_new_rows=cfg.data.allow_new_rows)  # fmt: skip
         if cfg.data.split_file and self.is_main and split_path.is_file():
             (self.run_dir / "split.json").write_text(split_path.read_text())
@@ -475,7 +484,7 @@ class Trainer:
                 check_writable(run.path)
             self.config_changes: dict[str, list[Any]] = {}
             if self.resume:
-                saved = run.read_config() or {}
+                saved = _with_defaults(run.read_config() or {})
                 _adopt_data_derived(cfg, saved)
                 self.config_changes = config_changes(saved, to_dict(cfg))
                 guarded = {k: v for k, v in self.config_changes.items() if k not in OPERATIONAL_KEYS}

@@ -174,3 +174,28 @@ def test_image_grid_pools_patches_and_keeps_cls():
         pool_patch_grid(torch.randn(1, 45, 8), 2)
     model = create_model("tiny", fusion={"image_grid": 2})  # tiny ViT: 4x4 patches + CLS -> 2x2 + CLS
     assert model.image_tokens(torch.randn(2, 3, 32, 32)).shape[1] == 5
+
+
+def test_a_config_naming_saved_encoders_loads_their_weights(tmp_path) -> None:
+    """On the default (tiny) preset, naming real encoders loads them; only `pretrained: false` builds them random."""
+    from transformers import BertConfig, BertModel, ViTConfig, ViTImageProcessor, ViTModel
+
+    from fusionkit.models.tiny import tiny_tokenizer
+    from fusionkit.training import build_config
+
+    bert = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=32))  # fmt: skip
+    bert.save_pretrained(tmp_path / "bert")
+    tiny_tokenizer(32).save_pretrained(tmp_path / "bert")
+    vit = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64), add_pooling_layer=False)  # fmt: skip
+    vit.save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
+    names = {"text": {"name": str(tmp_path / "bert"), "max_length": 32},
+             "image": {"backend": "hf", "name": str(tmp_path / "vit")}}  # fmt: skip
+    for pretrained in (None, False):
+        sides = {k: {**v, "pretrained": pretrained} if pretrained is not None else v for k, v in names.items()}
+        model = create_model(build_config({"model": sides}).model)
+        for got, want in ((model.text_encoder.model, bert), (model.image_encoder.model, vit)):
+            same = all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), want.state_dict().values()))
+            assert same is (pretrained is None), (type(want).__name__, pretrained)

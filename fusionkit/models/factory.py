@@ -22,10 +22,12 @@ SENTIMENT = TaskConfig(
 )
 
 PRESETS: dict[str, ModelConfig] = {
-    # Random tiny encoders built offline: the embedded default for `fusionkit train` and the tests.
+    # Random tiny encoders built offline: the embedded default for `fusionkit train` and the tests. The
+    # name "tiny" is what makes them random; `pretrained` keeps its default, so a config on this preset
+    # that names real encoders (`model.text.name: bert-base-uncased`) loads their weights.
     "tiny": ModelConfig(
-        text=TextEncoderConfig("tiny", pretrained=False, max_length=64),
-        image=ImageEncoderConfig("timm", "tiny", pretrained=False),
+        text=TextEncoderConfig("tiny", max_length=64),
+        image=ImageEncoderConfig("timm", "tiny"),
         fusion=FusionConfig(dim=64, depth=1, num_heads=2, mlp_ratio=2.0, dropout=0.0),
         tasks=[SENTIMENT],
     ),

@@ -103,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
         help="search hyperparameters with Optuna (each trial a training run; bad trials pruned)",
         description="Trials train CONFIG (+ overrides) with values drawn from SPACE (default: lr, weight decay, "
         "dropout, modality dropout, fusion dim/depth, label smoothing, class weights); the tune dir gets "
-        "trials.csv, trials.md, history.png and best.yaml. Needs `pip install 'fusionkit[tune]'`.",
+        "trials.csv, trials.md, history.png and best.yaml, and keeps the study (study.jsonl): tuning the "
+        "same CONFIG and SPACE there again adds N trials. Needs `pip install 'fusionkit[tune]'`.",
     )
     tu.add_argument("--trials", type=int, required=True, help="number of trials")
     tu.add_argument("--space", help="search space YAML: {config.key: {type: float|int|categorical, ...}}")

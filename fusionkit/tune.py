@@ -16,6 +16,9 @@ as `model.tasks.<task name>.<option>`:
 
 The tune dir receives `trials.csv`, `trials.md` (sorted by value), `history.png` (optimization
 history) and `best.yaml` (the best trial's full config, to train with `fusionkit train best.yaml`).
+The study itself is kept there (`study.jsonl`, Optuna's journal storage): running `tune` again on the
+same dir adds trials to it (after an interruption, or to search longer) and rewrites those files from
+every trial; a dir that holds a study of another config or space is refused, so nothing is lost.
 Needs `pip install 'fusionkit[tune]'` (optuna).
 """
 
@@ -159,12 +162,10 @@ def tune(
             raise ConfigError(f"trial {trial.number}: {metric} was never computed (no labelled val rows?)")
         return float(summary["best"])
 
-    study = optuna.create_study(
-        direction="maximize" if higher_is_better(metric) else "minimize",
-        sampler=optuna.samplers.TPESampler(seed=seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=min(5, max(1, trials // 4)), n_warmup_steps=1),
-    )
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_study(out, cfg, space, metric)
+    # reseeded past the trials already there, so a continued study does not redraw their values
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
+    study.pruner = optuna.pruners.MedianPruner(n_startup_trials=min(5, max(1, trials // 4)), n_warmup_steps=1)
     study.optimize(objective, n_trials=trials, catch=(FloatingPointError,))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
@@ -181,6 +182,40 @@ def tune(
     return {"best_value": best.value, "best_params": best.params, "best_trial": best.number,
             "metric": metric, "trials": len(study.trials), "pruned": sum(t.state.name == "PRUNED" for t in study.trials),
             "output_dir": str(out)}  # fmt: skip
+
+
+def open_study(out: Path, cfg: Any, space: Mapping[str, Any], metric: str) -> Any:
+    """The tune dir's study (`study.jsonl`), created or continued; one of another config or space is refused."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from .training.metrics import higher_is_better
+    from .training.rundir import OPERATIONAL_KEYS, config_changes
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    identity = json.loads(json.dumps({"config": to_dict(cfg), "space": space, "metric": metric}))  # as stored
+    journal = out / "study.jsonl"
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    if journal.is_file() and journal.stat().st_size:  # loading only reads it
+        study = optuna.load_study(study_name="fusionkit-tune", storage=storage)
+    else:
+        study = optuna.create_study(storage=storage, study_name="fusionkit-tune",
+                                    direction="maximize" if higher_is_better(metric) else "minimize")  # fmt: skip
+    saved = study.user_attrs.get("identity")
+    if saved is None:
+        study.set_user_attr("identity", identity)
+        return study
+    changes = {k: v for k, v in config_changes(saved, identity).items()
+               if k.removeprefix("config.") not in OPERATIONAL_KEYS}  # fmt: skip
+    if changes:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:5])
+        raise ConfigError(
+            f"{out} holds a tuning study ({len(study.trials)} trials) of another config or search space ({listed}); "
+            "pass --output-dir NEW_DIR for a new study, or the same config and space to add trials to it"
+        )
+    log.info("continuing the study in %s: %d trials so far", out, len(study.trials))
+    return study
 
 
 def write_results(study: Any, out: Path, metric: str, space: Mapping[str, Any]) -> None:

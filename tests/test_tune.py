@@ -85,3 +85,28 @@ def test_default_space_takes_each_task_types_own_options() -> None:
             "model.tasks.topic.label_smoothing"} <= set(space)  # fmt: skip
     assert not any(k.startswith("model.tasks.score.") for k in space)  # regression declares none
     assert "optim.lr" in space
+
+
+def test_tuning_again_in_the_same_dir_adds_trials_and_never_loses_any(tmp_path: Path, capsys) -> None:
+    """A second `tune` on the same dir continues the study (new values, trials numbered on); one with another
+    config or space is refused before any trial, and the first study's files are untouched."""
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}))
+    out = tmp_path / "tune"
+    argv = ["tune", str(write_config(tmp_path)), "--space", str(space), "--output-dir", str(out), "--trials"]
+    assert main([*argv, "2"]) == 0
+    first = list(csv.DictReader((out / "trials.csv").open()))
+    assert main([*argv, "2"]) == 0
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert [r["trial"] for r in rows] == ["0", "1", "2", "3"] and rows[:2] == first
+    assert len({r["optim.lr"] for r in rows}) == 4  # the continued sampler drew new values
+    assert len({r["run_dir"] for r in rows}) == 4 and all(Path(r["run_dir"]).is_dir() for r in rows)
+    assert "best of 4 trials" in (out / "best.yaml").read_text()
+    kept = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main([*argv, "1", "--optim.epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a tuning study (4 trials)" in err and "optim.epochs" in err and "--output-dir" in err
+    space.write_text(yaml.safe_dump({"optim.weight_decay": {"type": "float", "low": 1e-3, "high": 0.1}}))
+    assert main([*argv, "1"]) == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == kept

@@ -114,6 +114,10 @@ EXTRA: list[tuple[str, dict[str, Any]]] = [
         "cross_attention + mean of the last 4 layers of each encoder (frozen)",
         {"model.fusion.strategy": "cross_attention", "model.text.pool_layers": 4, "model.image.pool_layers": 4},
     ),
+    ("cross_attention + balanced class weights + label smoothing 0.1",
+     {"model.fusion.strategy": "cross_attention", "model.tasks": [SMOOTHED]}),
+    ("cross_attention + balanced class weights + label smoothing 0.1 + supcon (joint)",
+     {"model.fusion.strategy": "cross_attention", "model.tasks": [SMOOTHED, SUPCON]}),
 ]
 # Partial fine-tuning (`partial` mode), on the cross-attention row: the top encoder blocks train on the
 # cached hidden states that enter them (model.freeze top_k), with layer-wise lr decay.

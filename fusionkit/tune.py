@@ -199,6 +199,9 @@ def open_study(out: Path, cfg: Any, space: Mapping[str, Any], metric: str) -> An
     storage = JournalStorage(JournalFileBackend(str(journal)))
     if journal.is_file() and journal.stat().st_size:  # loading only reads it
         study = optuna.load_study(study_name="fusionkit-tune", storage=storage)
+    elif (out / "trials.csv").is_file():
+        raise ConfigError(f"{out} holds the results of a study that cannot be continued (no study.jsonl: an older "
+                          "fusionkit wrote it); pass --output-dir NEW_DIR so they are not overwritten")  # fmt: skip
     else:
         study = optuna.create_study(storage=storage, study_name="fusionkit-tune",
                                     direction="maximize" if higher_is_better(metric) else "minimize")  # fmt: skip

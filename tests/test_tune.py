@@ -110,3 +110,6 @@ def test_tuning_again_in_the_same_dir_adds_trials_and_never_loses_any(tmp_path: 
     space.write_text(yaml.safe_dump({"optim.weight_decay": {"type": "float", "low": 1e-3, "high": 0.1}}))
     assert main([*argv, "1"]) == 2
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == kept
+    (out / "study.jsonl").unlink()  # a tune dir written before studies were kept
+    assert main([*argv, "1"]) == 2 and "cannot be continued" in capsys.readouterr().err
+    assert (out / "trials.csv").read_bytes() == kept["trials.csv"]

@@ -137,6 +137,9 @@ class ModelConfig:
 
         if self.image.backend not in IMAGE_BACKENDS:
             raise ConfigError(f"image.backend must be one of {list(IMAGE_BACKENDS)}, got {self.image.backend!r}")
+        from .models.fusion import FUSION_REGISTRY
+
+        FUSION_REGISTRY.get_class(self.fusion.strategy)  # "unknown fusion strategy ...; registered: [...]"
         f = self.fusion
         for ok, what in (
             (f.dim > 0, f"fusion.dim must be positive, got {f.dim}"),

@@ -79,6 +79,18 @@ def load_space(source: str | Path | Mapping[str, Any]) -> dict[str, dict[str, An
     return space
 
 
+def check_space(config: Any, space: Mapping[str, Mapping[str, Any]]) -> None:
+    """Every value a trial can draw at the edges (low and high, each choice) makes a valid config: a bad
+    key or value stops the search before the first trial instead of failing one trial at a time."""
+    for key, spec in space.items():
+        values = spec["choices"] if spec["type"] == "categorical" else [spec["low"], spec["high"]]
+        for value in values:
+            try:
+                apply_params(config, {key: value})
+            except ConfigError as e:
+                raise ConfigError(f"search space {key!r}: the value {value!r} gives an invalid config: {e}") from None
+
+
 def suggest(trial: Any, space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """One value per key, drawn by the trial's sampler."""
     out: dict[str, Any] = {}
@@ -137,6 +149,7 @@ def tune(
     if trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {trials}")
     space = load_space(space) if space is not None else default_space(cfg.model.tasks)
+    check_space(cfg, space)
     out = Path(output_dir or Path(cfg.run.output_dir) / f"tune-{cfg.run.name or 'run'}")
     out.mkdir(parents=True, exist_ok=True)
     metric = cfg.run.metric or default_metric({t.name: create_task(t) for t in cfg.model.tasks})

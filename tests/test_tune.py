@@ -113,3 +113,20 @@ def test_tuning_again_in_the_same_dir_adds_trials_and_never_loses_any(tmp_path: 
     (out / "study.jsonl").unlink()  # a tune dir written before studies were kept
     assert main([*argv, "1"]) == 2 and "cannot be continued" in capsys.readouterr().err
     assert (out / "trials.csv").read_bytes() == kept["trials.csv"]
+
+
+@pytest.mark.parametrize(
+    "entry,named",
+    [({"optim.lrr": {"type": "float", "low": 1e-3, "high": 1e-2}}, "unknown key(s) ['lrr']"),
+     ({"model.fusion.strategy": {"type": "categorical", "choices": ["late", "crossattn"]}}, "'crossattn'"),
+     ({"optim.warmup_ratio": {"type": "float", "low": 0.0, "high": 1.5}}, "warmup_ratio must be in [0, 1)")],
+)  # fmt: skip
+def test_a_bad_space_stops_before_the_first_trial(tmp_path: Path, capsys, entry: dict, named: str) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(entry))
+    out = tmp_path / "tune"
+    argv = ["tune", str(write_config(tmp_path)), "--space", str(space), "--output-dir", str(out), "--trials", "2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"search space {next(iter(entry))!r}" in err and named in err
+    assert not (out / "trials").exists() and not (out / "study.jsonl").exists()

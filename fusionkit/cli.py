@@ -297,6 +297,9 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
         if split not in parts:
             raise ConfigError(f"unknown split {split!r}; use train, val, test or all")
         ds = parts[split]
+        if len(ds) == 0:
+            raise ConfigError(f"the {split} split of {split_file} is empty: pass --split with another one, or "
+                              "--data FILE (every row of it, or --split of it)")  # fmt: skip
     args.split = split
     if not build:
         return ds, None

@@ -217,3 +217,16 @@ def test_an_ensemble_of_frozen_encoder_runs_encodes_each_pair_once(tmp_path: Pat
             "--output", str(out), "--cache-dir", str(cache)]  # fmt: skip
     assert main(argv) == 0
     assert stores() == after_first  # nothing re-encoded or rewritten
+
+
+def test_an_empty_split_is_a_clear_error_not_an_empty_file(tmp_path: Path, capsys) -> None:
+    argv = ["train", "--data.dataset", "synthetic:40", "--data.cache_dir", str(tmp_path / "cache"),
+            "--data.split_ratios", "[0.8, 0.2, 0]", "--optim.epochs", "1", "--run.output_dir", str(tmp_path),
+            "--run.name", "notest", "--run.progress", "false", "--run.plots", "false"]  # fmt: skip
+    assert main(argv) == 0
+    out = tmp_path / "p.csv"
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "notest"), "--output", str(out)]) == 2
+    assert "test split of" in capsys.readouterr().err and not out.exists()
+    assert main(["predict", str(tmp_path / "notest"), "--split", "val", "--output", str(out)]) == 0
+    assert len(list(csv.DictReader(out.open()))) == 8

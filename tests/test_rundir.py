@@ -328,6 +328,19 @@ def test_max_length_beyond_the_encoders_positions_fails_at_start(tmp_path: Path)
         Trainer(cfg)
 
 
+@pytest.mark.parametrize(
+    "overrides,message",
+    [({"model.freeze": "top_k", "model.trainable_layers": 9}, r"model.trainable_layers=9 exceeds the text encoder"),
+     ({"model.freeze": "top_k", "model.image.trainable_layers": 5}, r"model.image.trainable_layers=5 exceeds"),
+     ({"model.text.pool_layers": 3}, r"model.text.pool_layers=3 exceeds the text encoder \(tiny\)'s 2 blocks")],
+)  # fmt: skip
+def test_more_blocks_than_an_encoder_has_fails_at_start(tmp_path: Path, overrides: dict, message: str) -> None:
+    cfg = build_config(None, {**overrides, "run.output_dir": str(tmp_path), "run.name": "x"})
+    with pytest.raises(ConfigError, match=message):
+        Trainer(cfg)
+    assert not (tmp_path / "x").exists()
+
+
 def test_numeric_run_name() -> None:
     assert build_config(None, {"run.name": parse_value("2024")}).run.name == "2024"
 

@@ -151,6 +151,23 @@ def _plain_name(name: str) -> bool:
     return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
 
 
+def check_encoder_depths(model: Any) -> None:
+    """Fail at start if a block count in the config exceeds an encoder's blocks, instead of silently
+    training (or pooling) fewer than asked."""
+    cfg = model.config
+    for side, encoder, own in (("text", model.text_encoder, cfg.text), ("image", model.image_encoder, cfg.image)):
+        depth, name = encoder.depth, f"the {side} encoder ({own.name})"
+        if own.pool_layers > depth:
+            raise ConfigError(f"model.{side}.pool_layers={own.pool_layers} exceeds {name}'s {depth} blocks")
+        key, k = (f"model.{side}.trainable_layers", own.trainable_layers) if own.trainable_layers is not None else (
+            "model.trainable_layers", cfg.trainable_layers)  # fmt: skip
+        if cfg.freeze == "top_k" and k > depth:
+            raise ConfigError(
+                f"{key}={k} exceeds {name}'s {depth} blocks: set model.{side}.trainable_layers to at most "
+                f"{depth} (each encoder has its own key), or freeze: none to train it whole"
+            )
+
+
 def check_max_length(model: Any, max_length: int | None = None) -> None:
     """Fail at start if `max_length` exceeds the text encoder's position embeddings (it would crash mid-run).
 

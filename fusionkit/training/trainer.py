@@ -44,7 +44,7 @@ from ..precision import choose_precision
 from ..tasks import bind_labels, create_task, fit_train_statistics
 from . import checkpoint as ckpt
 from . import distributed as D
-from .config import DataConfig, TrainConfig, build_config, check_max_length
+from .config import DataConfig, TrainConfig, build_config, check_encoder_depths, check_max_length
 from .ema import ModelEMA, ema_applied
 from .feature_cache import FeatureCollator, build_features
 from .metrics import check_metric, default_metric, evaluation_metrics, higher_is_better, prediction_rows
@@ -322,6 +322,7 @@ class Trainer:
         parts = self._read_data(data, model)
         self.model = (model or create_model(cfg.model)).to(self.device)
         check_max_length(self.model, cfg.model.text.max_length)
+        check_encoder_depths(self.model)
         self.precision = choose_precision(cfg.run.precision, self.device)
         self.amp = self.precision.dtype
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)

@@ -70,13 +70,14 @@ if name:
     from fusionkit.training import trainer as T
     from fusionkit.models import FusionModel
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+    def on_step(callback):  # every Trainer the CLI makes calls `callback` after each optimizer step
+        orig_init = T.Trainer.__init__
+        def _init(self, *a, **k):
+            orig_init(self, *a, **k)
+            self.step_callbacks.append(callback)
+        T.Trainer.__init__ = _init
     if name == "step":  # right after optimizer step n (mid-epoch, no checkpoint at that step)
-        orig_step = T.Trainer._optimizer_step
-        def _step(self):
-            orig_step(self)
-            if self.step == n:
-                die()
-        T.Trainer._optimizer_step = _step
+        on_step(lambda t: die() if t.step == n else None)
     elif name == "ckpt_write":  # the n-th checkpoint: model written into its temp dir, state not yet
         orig_save = FusionModel.save_pretrained
         calls = [0]
@@ -102,11 +103,7 @@ if name:
         T.run_inference = _inf
     elif name == "sleep":  # slow each step down so an outside signal lands mid-run
         import time
-        orig_step2 = T.Trainer._optimizer_step
-        def _slow(self):
-            orig_step2(self)
-            time.sleep(n / 1000)
-        T.Trainer._optimizer_step = _slow
+        on_step(lambda t: time.sleep(n / 1000))
     else:
         raise SystemExit(f"unknown FK_FAULT {name!r}")
 from fusionkit.cli import main

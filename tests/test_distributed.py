@@ -73,14 +73,12 @@ def _join(rank: int, port: int) -> None:
 def fit_killing_rank_1(trainer: Trainer, rank: int, kill_at: int) -> None:
     """`trainer.fit()`; rank 1 is SIGKILLed right after optimizer step `kill_at` (0: never). Leaves the group."""
     try:
-        step = trainer._optimizer_step
 
-        def step_then_die() -> None:
-            step()
-            if rank == 1 and trainer.step == kill_at:
+        def die_at_step(t: Trainer) -> None:
+            if rank == 1 and t.step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        trainer._optimizer_step = step_then_die
+        trainer.step_callbacks.append(die_at_step)
         trainer.fit()
     finally:
         if dist.is_initialized():

@@ -352,6 +352,9 @@ class Trainer:
         self._stop_signal: int | None = None
         # called with each epoch's history entry (val metrics) after its checkpoint, e.g. to prune a tuning trial
         self.epoch_callbacks: list[Callable[[dict[str, Any]], None]] = []
+        # called with the trainer after each optimizer step (`trainer.step` counts them), before its logging
+        # and checkpointing: custom logging, or the fault-injection tests' kill points
+        self.step_callbacks: list[Callable[[Trainer], None]] = []
         # train loss summed since the last log line: part of the state, so logs match across a resume
         self.running_loss, self.running_n = torch.zeros((), device=self.device), 0
 
@@ -666,6 +669,8 @@ class Trainer:
             if not boundary:
                 continue
             self._optimizer_step()
+            for callback in self.step_callbacks:
+                callback(self)
             if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:
                 avg = float(D.mean_over_ranks(self.running_loss)) / self.running_n  # the global batch's loss
                 self.running_loss.zero_()

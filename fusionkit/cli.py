@@ -311,7 +311,7 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
 def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from .models import FusionModel
     from .precision import choose_precision
-    from .training.trainer import inference_loader, resolve_device, run_inference
+    from .training.inference import inference_loader, resolve_device, run_inference
 
     results, first = [], None
     members = [args.checkpoint, *args.ensemble]
@@ -373,7 +373,7 @@ def _predict(args: argparse.Namespace) -> int:
         if args.data or args.output:
             raise ConfigError("--text/--image predict one pair; --data/--output predict a file: not both")
         from .models import FusionModel
-        from .training.trainer import resolve_device
+        from .training.inference import resolve_device
 
         model = FusionModel.from_pretrained(args.checkpoint, map_location=resolve_device(args.device))
         [row] = model.predict(texts=[args.text], images=[args.image])
@@ -392,7 +392,7 @@ def _embed(args: argparse.Namespace) -> int:
 
     from .embedding import embed
     from .models import FusionModel
-    from .training.trainer import resolve_device
+    from .training.inference import resolve_device
 
     if not _sharded_embed(args) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("under torchrun / accelerate launch, give --output DIR/ to write one set of shards")

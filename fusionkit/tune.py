@@ -142,7 +142,7 @@ def tune(
 
     from .tasks import create_task
     from .training.config import TrainConfig, build_config
-    from .training.metrics import default_metric, higher_is_better
+    from .training.metrics import default_metric
     from .training.trainer import Trainer
 
     cfg: TrainConfig = config if isinstance(config, TrainConfig) else build_config(config)

@@ -2,7 +2,8 @@
 
 from .config import DataConfig, OptimConfig, RunConfig, TrainConfig, build_config
 from .feature_cache import FeatureDataset, build_features
-from .trainer import NonFiniteLossError, Trainer, TrainingInterrupted, run_inference, train
+from .inference import run_inference
+from .trainer import NonFiniteLossError, Trainer, TrainingInterrupted, train
 
 __all__ = [
     "DataConfig",

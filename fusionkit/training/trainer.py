@@ -47,6 +47,7 @@ from . import distributed as D
 from .config import DataConfig, TrainConfig, build_config, check_encoder_depths, check_max_length
 from .ema import ModelEMA, ema_applied
 from .feature_cache import FeatureCollator, build_features
+from .inference import inference_loader, resolve_device, run_inference  # noqa: F401 (re-exported)
 from .metrics import check_metric, default_metric, evaluation_metrics, higher_is_better, prediction_rows
 from .optim import build_optimizer, build_scheduler
 from .report import plot_confusion, plot_curves, write_jsonl, write_predictions
@@ -79,14 +80,6 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    return torch.device(name)
 
 
 def check_writable(directory: Path) -> None:
@@ -155,67 +148,6 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
         full = self.n // bs  # the tail batch (if any) stays last, as without grouping
         batches = order[: full * bs].view(full, bs)[torch.randperm(full, generator=g)]
         return torch.cat([batches.reshape(-1), order[full * bs :]])
-
-
-# ---------------------------------------------------------------------------------------- inference
-
-
-@torch.inference_mode()
-def run_inference(
-    model: FusionModel,
-    loader: torch.utils.data.DataLoader,
-    transform: torch.nn.Module | None = None,
-    amp: torch.dtype | None = None,
-    desc: str = "eval",
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Outputs for a whole split: `{"ids", "outputs": {task: cpu tensor}, "labels", "label_mask", "loss"}`.
-
-    Contrastive outputs are [B, B] per batch, so they are reduced to per-example R@1 hits here.
-    """
-    was_training = model.training
-    model.eval()
-    device = model.device
-    ids: list[str] = []
-    outs: dict[str, list[torch.Tensor]] = {t: [] for t in model.tasks}
-    labels: dict[str, list[torch.Tensor]] = {}
-    masks: dict[str, list[torch.Tensor]] = {}
-    loss_sum, loss_n = 0.0, 0
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
-            batch = move_batch(batch, device, transform)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                out = model(**model_inputs(batch))
-            ids += batch["ids"]
-            for name, task in model.tasks.items():
-                outs[name].append(task.eval_output(out[name].float()).cpu())
-            for name in batch.get("labels", {}):
-                labels.setdefault(name, []).append(batch["labels"][name].cpu())
-                masks.setdefault(name, []).append(batch["label_mask"][name].cpu())
-            losses = model.loss(out, batch.get("labels"), batch.get("label_mask"))
-            if len(losses) > 1:  # some task could be scored on this batch
-                loss_sum += float(losses["loss"]) * len(batch["ids"])
-                loss_n += len(batch["ids"])
-    model.train(was_training)
-    return {
-        "ids": ids,
-        "outputs": {k: torch.cat(v) for k, v in outs.items() if v},
-        "labels": {k: torch.cat(v) for k, v in labels.items()},
-        "label_mask": {k: torch.cat(v) for k, v in masks.items()},
-        "loss": loss_sum / loss_n if loss_n else None,
-        "loss_n": loss_n,  # examples the loss averages over (to merge ranks' shards)
-    }
-
-
-def inference_loader(
-    model: FusionModel, data: Any, batch_size: int = 128
-) -> tuple[torch.utils.data.DataLoader, ImageTransform]:
-    """An in-order loader over a `CachedDataset` and the eval image transform, for `run_inference`."""
-    collate = Collator(model.tokenizer.pad_token_id, list(model.tasks.values()))
-    loader = torch.utils.data.DataLoader(
-        data, batch_size=batch_size, collate_fn=collate, pin_memory=model.device.type == "cuda"
-    )
-    return loader, ImageTransform(model.image_preprocess, train=False).to(model.device)
 
 
 def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:

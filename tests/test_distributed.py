@@ -53,7 +53,7 @@ def config(tmp: Path, name: str):
 
 
 def write_split(tmp: Path) -> Path:
-    """A saved split that is not the one run.seed would draw (a rank that ignored it would train on other
+    """A saved split that is not the one data.split_seed would draw (a rank that ignored it would train on other
     rows), with 64 train rows: 4 whole batches, so one and two processes see the same global batches."""
     ids = load_dataset("synthetic:80").ids
     order = torch.randperm(80, generator=torch.Generator().manual_seed(123)).tolist()

@@ -19,6 +19,8 @@ from typing import Any
 from .config import ConfigError, parse_value
 from .precision import PRECISIONS
 
+log = logging.getLogger("fusionkit")
+
 EXAMPLE = "fusionkit train configs/tiny_synthetic.yaml --optim.epochs 3 --model.fusion.strategy gated"
 
 
@@ -285,10 +287,15 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
         raise ConfigError("--data is required when the checkpoint is not inside a run dir")
     source = args.data or data.dataset
     split = args.split or ("all" if args.data else {"eval": "val"}.get(args.command, "test"))
-    if not with_labels:
+    trained_keep = data.missing_image == "keep"
+    if not with_labels:  # a row without a caption or an image is predicted from the side it has ...
         data = dataclasses.replace(data, missing_text="keep", missing_image="keep")
     kw = reader_kwargs(data, model.config.tasks, labels=with_labels, source=source)
+    if kw and not with_labels and not trained_keep:
+        kw["missing_image_file"] = "error"  # ... but an image path that names no file is a mistake, not that
     ds, _ = bind_labels(load_dataset(source, **kw), model.config.tasks, require_columns=with_labels)
+    if not with_labels:
+        _warn_one_sided(ds, model, source)
     if split != "all":
         split_file = Path(args.split_file) if args.split_file else (run_dir / "split.json" if run_dir else None)
         if split_file is None or not split_file.is_file():
@@ -306,6 +313,17 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
     cache = build_cache(ds, model.tokenizer, model.image_preprocess, cache_root(data), model.config.text.max_length,
                         on_error=data.on_error)  # fmt: skip
     return ds, cache
+
+
+def _warn_one_sided(ds: Any, model: Any, source: Any) -> None:
+    """Say so when rows lack a caption or an image and the model never learned to predict without one."""
+    if model.config.fusion.modality_dropout > 0:
+        return
+    for side, absent in (("caption", sum(ex.text is None for ex in ds)), ("image", sum(ex.image is None for ex in ds))):
+        if absent:
+            log.warning("%d of %d rows of %s have no %s: they are predicted from the other side alone, which "
+                        "this model was not trained for (model.fusion.modality_dropout 0)", absent, len(ds),
+                        source, side)  # fmt: skip
 
 
 def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:

@@ -230,3 +230,25 @@ def test_an_empty_split_is_a_clear_error_not_an_empty_file(tmp_path: Path, capsy
     assert "test split of" in capsys.readouterr().err and not out.exists()
     assert main(["predict", str(tmp_path / "notest"), "--split", "val", "--output", str(out)]) == 0
     assert len(list(csv.DictReader(out.open()))) == 8
+
+
+def test_predict_keeps_an_empty_image_cell_but_refuses_a_broken_path(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A typo in an image path must not silently turn a row into a caption-only prediction."""
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "a.png")
+    table = tmp_path / "new.csv"
+    table.write_text("id,text,image\nr0,a red square,a.png\nr1,another one,a_typo.png\n")
+    out = tmp_path / "p.csv"
+    cache = ["--cache-dir", str(run_dir.parent.parent / "cache")]
+    assert main(["predict", str(run_dir), "--data", str(table), "--output", str(out), *cache]) == 1  # a data error
+    err = capsys.readouterr().err
+    assert "new.csv:3, item r1: image file not found: 'a_typo.png'" in err and "empty the cell" in err
+    assert not out.exists()
+    table.write_text("id,text,image\nr0,a red square,a.png\nr1,another one,\n")
+    with caplog.at_level("WARNING"):
+        assert main(["predict", str(run_dir), "--data", str(table), "--output", str(out), *cache]) == 0
+    assert [r["id"] for r in csv.DictReader(out.open())] == ["r0", "r1"]
+    assert "1 of 2 rows of" in caplog.text and "have no image" in caplog.text and "modality_dropout 0" in caplog.text

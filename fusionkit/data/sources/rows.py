@@ -46,6 +46,8 @@ class ReadOptions:
     - `on_error`: "raise" on the first bad row, or "skip" it and write it to the report.
     - `missing_text` / `missing_image`: a row without caption / image is an "error", is "skip"ped
       (and reported), or is kept ("keep": `Example.text` / `Example.image` is None).
+    - `missing_image_file`: the policy for an image path that names no file, when it differs from
+      `missing_image` (prediction keeps rows with an empty image cell, but a broken path is an error).
     - `report_path`: where skipped rows are listed (JSONL); default a temp file named in the log.
     - `image_root`: folder that relative image paths of a DataFrame / HF dataset are relative to
       (default: the working directory; a table file's own folder for CSV/JSONL/Parquet).
@@ -58,6 +60,7 @@ class ReadOptions:
     on_error: OnError = "raise"
     missing_text: MissingPolicy = "error"
     missing_image: MissingPolicy = "error"
+    missing_image_file: MissingPolicy | None = None
     report_path: str | Path | None = None
     image_root: str | Path | None = None
 
@@ -86,8 +89,8 @@ class ReadOptions:
             kw["label_columns"] = (labels,) if isinstance(labels, str) else tuple(labels)
         opts = cls(**kw)
         check_policy(opts.on_error)
-        for key in ("missing_text", "missing_image"):
-            if getattr(opts, key) not in MISSING_POLICIES:
+        for key in ("missing_text", "missing_image", "missing_image_file"):
+            if getattr(opts, key) not in MISSING_POLICIES and (key != "missing_image_file" or opts.missing_image_file):
                 raise ValueError(f"{key} must be one of {MISSING_POLICIES}, got {getattr(opts, key)!r}")
         return opts
 
@@ -202,13 +205,15 @@ class RowReader:
         labels = {c: raw_value(row.get(c)) for c in label_columns}
         return Example(item, text, image, labels, {**(meta or {}), "source": where})
 
-    def missing(self, modality: str, problem: str, *, where: str, item: str) -> None:
-        """Apply missing_text / missing_image: returns (keep), raises _SkipRow (skip) or DataError (error)."""
+    def missing(
+        self, modality: str, problem: str, *, where: str, item: str, policy: str | None = None, hint: str = ""
+    ) -> None:
+        """Apply missing_text / missing_image (or `policy`): returns (keep), raises _SkipRow (skip) or DataError."""
         key, keep_what = _MISSING_HINTS[modality]
-        policy = getattr(self.opts, key)
+        policy = policy or getattr(self.opts, key)
         if policy == "keep":
             return
-        hint = f"set data.{key}=keep to {keep_what}, or data.{key}=skip to drop them"
+        hint = hint or f"set data.{key}=keep to {keep_what}, or data.{key}=skip to drop them"
         err = DataError(problem, source=where, item=item, hint=hint)
         if policy == "skip":
             raise _SkipRow(err)
@@ -259,7 +264,9 @@ class RowReader:
             )
         path = resolve_image_path(value, self.image_root, where=where, item=item)
         if path is None:
-            self.missing("image", f"image file not found: {value!r}", where=where, item=item)
+            own = self.opts.missing_image_file  # prediction: an empty cell is kept, a broken path is not
+            hint = "fix the path, or empty the cell to predict that row from its caption alone" if own else ""
+            self.missing("image", f"image file not found: {value!r}", where=where, item=item, policy=own, hint=hint)
         return path
 
     def finish(self, examples: list[Example], total: int) -> tuple[list[Example], Path | None]:

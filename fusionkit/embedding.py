@@ -165,8 +165,6 @@ def embed(
     if texts is None and images is None:
         raise ValueError("embed() needs texts, images or both")
     mods = _resolve_modalities(modalities, texts is not None, images is not None)
-    if want_ids and ids is None:
-        ids = itertools.count()
     if device is not None:
         model.to(device)
     dev = model.device
@@ -185,7 +183,7 @@ def embed(
     try:
         with torch.inference_mode(), autocast:
             for text_batch, image_batch, id_batch in _batches(
-                (texts, images, ids if want_ids else None), batch_size
+                (texts, images, ids), batch_size
             ):
                 inputs = processor(texts=text_batch, images=image_batch, device=dev)
                 for name, vec in _vectors(model, inputs, mods).items():
@@ -193,9 +191,10 @@ def embed(
                     if name in PRESENCE:  # no caption (image): no text (image) vector
                         vec = vec.masked_fill(~inputs[PRESENCE[name]][:, None], float("nan"))
                     out[name].append(vec.cpu().numpy())
-                if id_batch is not None:
-                    out_ids += [str(i) for i in id_batch]
-                bar.update(len(text_batch if text_batch is not None else image_batch))  # type: ignore[arg-type]
+                n = len(text_batch if text_batch is not None else image_batch)  # type: ignore[arg-type]
+                if want_ids:  # the given ids, else row numbers
+                    out_ids += [str(i) for i in id_batch] if id_batch is not None else [str(len(out_ids) + i) for i in range(n)]
+                bar.update(n)
     finally:
         bar.close()
         model.train(was_training)

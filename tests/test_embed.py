@@ -92,6 +92,8 @@ def test_several_modalities_from_one_pass_ids_and_missing_entries(pairs) -> None
     np.testing.assert_allclose(out["image"], embed(model, images=images, **fp32), atol=1e-5)
     vecs, given = embed(model, texts[:3], images[:3], ids=["a", "b", 7], **fp32)
     assert given == ["a", "b", "7"] and vecs.shape == (3, 64)
+    vecs, numbered = embed(model, texts, images, return_ids=True, **fp32)  # lists have no ids: row numbers
+    assert numbered == [str(i) for i in range(len(texts))] and vecs.shape == (len(texts), 64)
     gaps = embed(model, [texts[0], None], [None, images[1]], modalities=("joint", "text", "image"), **fp32)
     assert np.isfinite(gaps["joint"]).all()  # the model's placeholders stand in for the missing side
     assert np.isnan(gaps["text"][1]).all() and np.isnan(gaps["image"][0]).all()

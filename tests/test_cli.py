@@ -252,3 +252,24 @@ def test_predict_keeps_an_empty_image_cell_but_refuses_a_broken_path(
         assert main(["predict", str(run_dir), "--data", str(table), "--output", str(out), *cache]) == 0
     assert [r["id"] for r in csv.DictReader(out.open())] == ["r0", "r1"]
     assert "1 of 2 rows of" in caplog.text and "have no image" in caplog.text and "modality_dropout 0" in caplog.text
+
+
+def test_rows_added_to_train_by_allow_new_rows_are_in_the_runs_split(run_dir: Path, tmp_path: Path, capsys) -> None:
+    """The run's split.json lists what it trained on, so the ensemble check sees rows allow_new_rows added."""
+    split = json.loads((run_dir / "split.json").read_text())
+    common = ["train", "--data.dataset", "synthetic:88", "--data.cache_dir", str(run_dir.parent.parent / "cache"),
+              "--optim.epochs", "1", "--run.output_dir", str(tmp_path), "--run.progress", "false",
+              "--run.plots", "false"]  # fmt: skip
+    assert main([*common, "--run.name", "grown", "--data.split_file", str(run_dir / "split.json"),
+                 "--data.allow_new_rows", "true"]) == 0  # fmt: skip
+    new = [f"syn-{i:06d}" for i in range(80, 88)]
+    grown = json.loads((tmp_path / "grown" / "split.json").read_text())
+    assert grown["train"] == [*split["train"], *new] and grown["val"] == split["val"]
+    assert json.loads((run_dir / "split.json").read_text()) == split  # the reused file itself is not touched
+    other = tmp_path / "new_in_val.json"
+    other.write_text(json.dumps({**split, "val": [*split["val"], *new]}))
+    assert main([*common, "--run.name", "newval", "--data.split_file", str(other)]) == 0
+    capsys.readouterr()
+    argv = ["eval", str(tmp_path / "newval"), "--ensemble", str(tmp_path / "grown"), "--cache-dir", common[4]]
+    assert main(argv) == 2
+    assert "was trained on 8 of the" in capsys.readouterr().err

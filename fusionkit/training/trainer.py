@@ -331,7 +331,9 @@ class Trainer:
             parts = split_dataset(ds, cfg.data.split_ratios, cfg.data.split_seed, split_path,
                                   allow_new_rows=cfg.data.allow_new_rows)  # fmt: skip
         if cfg.data.split_file and self.is_main and split_path.is_file():
-            (self.run_dir / "split.json").write_text(split_path.read_text())
+            # the split this run trained on: the file's, plus any rows allow_new_rows put in train
+            own = {**json.loads(split_path.read_text()), **{k: part.ids for k, part in parts.items()}}
+            (self.run_dir / "split.json").write_text(json.dumps(own, indent=1))
         if "train" in parts and model is None:
             cfg.model.tasks = fit_train_statistics(cfg.model.tasks, parts["train"])
         cfg.model.validate()

@@ -280,12 +280,16 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
 
     from .data import build_cache, load_dataset, split_dataset
     from .tasks import bind_labels
-    from .training.trainer import cache_root, reader_kwargs
+    from .training.trainer import IN_MEMORY, cache_root, reader_kwargs
 
     data, run_dir = _run_data_config(args)
     if args.data is None and run_dir is None:
         raise ConfigError("--data is required when the checkpoint is not inside a run dir")
     source = args.data or data.dataset
+    if str(source).startswith(IN_MEMORY):
+        raise ConfigError(f"{args.checkpoint} was trained on an in-memory dataset ({source[len(IN_MEMORY):]}), "
+                          "which it cannot read again: pass --data FILE with those rows (and --split NAME to use "
+                          "the run's split.json on them)")  # fmt: skip
     split = args.split or ("all" if args.data else {"eval": "val"}.get(args.command, "test"))
     trained_keep = data.missing_image == "keep"
     if not with_labels:  # a row without a caption or an image is predicted from the side it has ...

@@ -233,6 +233,10 @@ def test_dataframe_and_in_memory_dataset_through_python_api(tmp_path: Path) -> N
            "run": {"output_dir": str(tmp_path / "runs"), "progress": False, "plots": False}}  # fmt: skip
     summary = fusionkit.train({**cfg, "run": {**cfg["run"], "name": "df"}}, data=frame)
     assert fusionkit.FusionModel.from_pretrained(summary["run_dir"]).class_names["mood"] == ["happy", "meh", "sad"]
+    # the run says what it trained on; eval without --data says to pass it (no other dataset is read)
+    assert json.loads((Path(summary["run_dir"]) / "config.json").read_text())["data"]["dataset"] == "in-memory:DataFrame"
+    assert main(["eval", summary["run_dir"]]) == 2
+    assert main(["eval", summary["run_dir"], "--data", str(table), "--split", "val"]) == 0
     names = ["sad", "meh", "happy"]  # ClassLabel order differs from the sorted one: kept, matched by name
     ds = hf.Dataset.from_dict(
         {"caption": list(frame["caption"]), "photo": list(frame["photo"]),

@@ -56,6 +56,9 @@ from .rundir import OPERATIONAL_KEYS, RunDir, RunDirError, config_changes, data_
 
 log = logging.getLogger("fusionkit.training")
 
+# data.dataset as saved by a run that trained on a DataFrame / datasets.Dataset / MultimodalDataset
+IN_MEMORY = "in-memory:"
+
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/inf; the message names the epoch, step and batch ids."""
@@ -230,6 +233,8 @@ class Trainer:
         """`data`: an in-memory DataFrame, `datasets.Dataset`/`DatasetDict` or `MultimodalDataset` to
         train on instead of `config.data.dataset` (columns are still named by `config.data`)."""
         self.cfg = cfg = config.validate()
+        if data is not None:  # what the saved config says it trained on: not data.dataset's value
+            cfg.data.dataset = str(data) if isinstance(data, str | Path) else f"{IN_MEMORY}{type(data).__name__}"
         self.device = resolve_device(cfg.run.device)
         self.rank, self.world = D.init_distributed(self.device)  # sets the CUDA device before collectives
         self.is_main = self.rank == 0
@@ -311,6 +316,9 @@ class Trainer:
         if model is not None:  # a given model's tasks (and class names) are the schema
             cfg.model = copy.deepcopy(model.config)
         source = cfg.data.dataset if data is None else data
+        if isinstance(source, str) and source.startswith(IN_MEMORY):
+            raise ConfigError(f"data.dataset is {source!r}: this run trained on an in-memory dataset; pass it again "
+                              "(Trainer(cfg, data=..., resume=True)), or set data.dataset to a file")  # fmt: skip
         kw = reader_kwargs(cfg.data, cfg.model.tasks, report_path=self.run_dir / "skipped_rows.jsonl",
                            source=source)  # fmt: skip
         ds, cfg.model.tasks = bind_labels(load_dataset(source, **kw), cfg.model.tasks, on_error=cfg.data.on_error,

@@ -296,3 +296,17 @@ def test_an_unlabelled_test_split_is_predicted_and_said_so(tmp_path: Path, capsy
     assert "test: no labels to score; predictions in predictions_test.csv" in out
     rows = list(csv.DictReader((tmp_path / "runs" / "withheld" / "predictions_test.csv").open()))
     assert [r["id"] for r in rows] == ids[1:40:2] and {r["mood"] for r in rows} <= set(MOODS)
+
+
+def test_a_relative_dataset_on_the_command_line_is_found_from_another_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = write_table(tmp_path / "data", n=24)
+    monkeypatch.chdir(tmp_path / "data")
+    argv = train_args(Path("tweets.csv"), tmp_path / "runs", "rel")
+    assert main(argv) == 0
+    saved = json.loads((tmp_path / "runs" / "rel" / "config.json").read_text())["data"]["dataset"]
+    assert saved == str(table)
+    monkeypatch.chdir(tmp_path)  # another directory, later
+    assert main(["eval", str(tmp_path / "runs" / "rel"), "--output", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["val/mood/accuracy"] >= 0

@@ -210,7 +210,9 @@ def build_config(
     flat = _flatten(data, to_dict(base))
     if isinstance(source, str | Path):
         flat = resolve_paths(flat, Path(source).resolve().parent)
-    flat.update(_flatten(overrides, to_dict(base)))
+    # relative paths given on the command line (or as overrides) are the working directory's: stored
+    # absolute, so `fusionkit eval RUN` finds the data from any directory later
+    flat.update(resolve_paths(_flatten(overrides, to_dict(base)), Path.cwd()))
     return merge(base, flat)
 
 

@@ -308,6 +308,8 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
         if split not in parts:
             raise ConfigError(f"unknown split {split!r}; use train, val, test or all")
         ds = parts[split]
+        if with_labels and args.data is None and run_dir is not None:
+            _check_same_rows(run_dir, split, ds, source)
         if len(ds) == 0:
             raise ConfigError(f"the {split} split of {split_file} is empty: pass --split with another one, or "
                               "--data FILE (every row of it, or --split of it)")  # fmt: skip
@@ -317,6 +319,23 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
     cache = build_cache(ds, model.tokenizer, model.image_preprocess, cache_root(data), model.config.text.max_length,
                         on_error=data.on_error)  # fmt: skip
     return ds, cache
+
+
+def _check_same_rows(run_dir: Path, split: str, ds: Any, source: Any) -> None:
+    """Scoring a run's own split must score the rows it held out: refuse if their content changed since."""
+    from .data import DataError
+
+    path = run_dir / "data_fingerprint.json"
+    saved = json.loads(path.read_text()).get("splits", {}).get(split) if path.is_file() else None
+    if saved is None or saved.get("fingerprint") == ds.fingerprint:
+        return
+    raise DataError(
+        f"the {split} split of {run_dir} ({saved.get('n')} rows when it trained, {len(ds)} now) changed content: "
+        "these are not the rows the run held out (without an id column rows are named by their position, so "
+        "reordering or editing the file moves them)",
+        source=str(source),
+        hint="restore the data the run trained on, or score a file deliberately with --data FILE --split all",
+    )
 
 
 def _warn_one_sided(ds: Any, model: Any, source: Any) -> None:

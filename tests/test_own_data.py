@@ -310,3 +310,29 @@ def test_a_relative_dataset_on_the_command_line_is_found_from_another_directory(
     monkeypatch.chdir(tmp_path)  # another directory, later
     assert main(["eval", str(tmp_path / "runs" / "rel"), "--output", str(tmp_path / "m.json")]) == 0
     assert json.loads((tmp_path / "m.json").read_text())["val/mood/accuracy"] >= 0
+
+
+def test_eval_of_the_runs_split_refuses_rows_that_changed_since_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Without an id column rows are named by position: a reordered file must not be scored as the held-out rows."""
+    table = write_table(tmp_path / "data", n=30)
+    rows = list(csv.DictReader(table.open()))
+    noid = tmp_path / "data" / "noid.csv"
+
+    def write(rs: list[dict[str, str]]) -> None:
+        with noid.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["caption", "photo", "mood"])
+            w.writeheader()
+            w.writerows({k: r[k] for k in ("caption", "photo", "mood")} for r in rs)
+
+    write(rows)
+    assert main(train_args(noid, tmp_path / "runs", "noid")) == 0
+    run = str(tmp_path / "runs" / "noid")
+    assert main(["eval", run, "--split", "test"]) == 0  # unchanged: scored
+    write(rows[::-1])
+    capsys.readouterr()
+    assert main(["eval", run, "--split", "test"]) == 1
+    err = capsys.readouterr().err
+    assert "the test split of" in err and "changed content" in err and "--data FILE --split all" in err
+    assert main(["eval", run, "--data", str(noid), "--split", "all"]) == 0  # a deliberate choice of rows

@@ -399,6 +399,9 @@ def _eval(args: argparse.Namespace) -> int:
 
     model, result = _inference(args)
     flat, details = evaluation_metrics(model.tasks, result, args.split)
+    if not details:
+        raise ConfigError(f"no labelled rows to score in {args.split!r} ({len(result['ids'])} rows, none with a "
+                          f"label for tasks {list(model.tasks)}); `fusionkit predict` writes their predictions")  # fmt: skip
     text = json.dumps({**flat, "details": details}, indent=2)
     print(text)
     if args.output:

@@ -336,3 +336,18 @@ def test_eval_of_the_runs_split_refuses_rows_that_changed_since_training(
     err = capsys.readouterr().err
     assert "the test split of" in err and "changed content" in err and "--data FILE --split all" in err
     assert main(["eval", run, "--data", str(noid), "--split", "all"]) == 0  # a deliberate choice of rows
+
+
+def test_eval_of_rows_without_labels_says_so(trained_run: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    root, table = trained_run
+    rows = list(csv.DictReader(table.open()))
+    blank = tmp_path / "blank.csv"
+    with blank.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows({**r, "mood": "", "photo": str(table.parent / r["photo"])} for r in rows[:6])
+    out = tmp_path / "m.json"
+    capsys.readouterr()
+    argv = ["eval", str(root / "runs" / "r1"), "--data", str(blank), "--split", "all", "--output", str(out)]
+    assert main(argv) == 2
+    assert "no labelled rows to score" in capsys.readouterr().err and not out.exists()

@@ -493,7 +493,8 @@ def _check_output(args: argparse.Namespace) -> None:
     if out.is_dir() and not sharded:
         raise ConfigError(f"--output {out} is a directory; give a file name")
     data, run_dir = _run_data_config(args)
-    inputs = [Path(args.data or data.dataset).expanduser()]
+    # the file read now, and the run's own training data (it is needed again to evaluate the run)
+    inputs = [Path(p).expanduser() for p in dict.fromkeys((args.data, data.dataset)) if p]
     if run_dir is None:  # a bare model dir; a run dir's checkpoints are covered by RunDir.owns
         inputs.append(Path(args.checkpoint).expanduser())
     written = [out] + ([out.with_suffix(".ids.json")] if args.command == "embed" and out.suffix == ".npy" else [])

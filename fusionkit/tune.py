@@ -166,7 +166,7 @@ def tune(
             if value is None:
                 return
             trial.report(float(value), entry["epoch"])
-            if trial.should_prune():
+            if entry["epoch"] < trainer.epochs and trial.should_prune():  # a finished trial is complete
                 raise optuna.TrialPruned(f"{metric}={value:.4f} at epoch {entry['epoch']}: below the median")
 
         trainer.epoch_callbacks.append(report)

@@ -361,6 +361,10 @@ def test_output_never_overwrites_the_input_and_is_checked_before_work(
                          ("predict", run / "predictions_test.csv"), ("eval", run / "summary.json")]:  # fmt: skip
         assert main([command, *common, "--output", str(out)]) == 2, (command, out)
         assert "would overwrite" in capsys.readouterr().err
+    other = tmp_path / "other.csv"  # predicting another file onto the run's own training data
+    shutil.copy(data, other)
+    assert main(["predict", str(run), "--data", str(other), "--output", str(data), "--cache-dir", common[-1]]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
     assert data.read_bytes() == before
     tally("rundir/outputs_refused", refused=5)
     caplog.set_level(logging.INFO)
@@ -380,3 +384,13 @@ def test_a_lock_held_by_this_process_says_so(tmp_path: Path) -> None:
         RunDir(first.path).lock()
     first.unlock()
     RunDir(first.path).lock()  # released: free again
+
+
+def test_ratios_that_leave_a_split_empty_are_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = build_config(None, {"data.dataset": "synthetic:40", "data.split_ratios": [0.98, 0.01, 0.01],
+                              "data.cache_dir": str(tmp_path / "c"), "optim.max_steps": 1, "run.progress": False,
+                              "run.plots": False, "run.output_dir": str(tmp_path), "run.name": "r"})  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="fusionkit.training"):
+        train(cfg)
+    assert "the val split is empty" in caplog.text and "no epoch is selected" in caplog.text
+    assert "the test split is empty" in caplog.text

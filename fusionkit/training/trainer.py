@@ -342,6 +342,11 @@ class Trainer:
             # the split this run trained on: the file's, plus any rows allow_new_rows put in train
             own = {**json.loads(split_path.read_text()), **{k: part.ids for k, part in parts.items()}}
             (self.run_dir / "split.json").write_text(json.dumps(own, indent=1))
+        for name, ratio in zip(("val", "test"), cfg.data.split_ratios[1:], strict=True):
+            if ratio > 0 and name in parts and len(parts[name]) == 0 and self.is_main:
+                log.warning("the %s split is empty (data.split_ratios %s of %d rows)%s", name,
+                            list(cfg.data.split_ratios), len(ds),
+                            ": no epoch is selected, the last one is kept" if name == "val" else "")  # fmt: skip
         if "train" in parts and model is None:
             cfg.model.tasks = fit_train_statistics(cfg.model.tasks, parts["train"])
         cfg.model.validate()

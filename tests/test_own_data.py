@@ -87,6 +87,10 @@ def test_predict_every_row_of_a_new_file_without_labels(trained_run: tuple[Path,
     assert {r["mood"] for r in rows} <= set(MOODS)
     probs = [sum(float(r[f"mood_prob_{c}"]) for c in MOODS) for r in rows]
     assert np.allclose(probs, 1.0, atol=1e-4)
+    captions = tmp_path / "captions.csv"  # no image column at all: captions alone are predicted
+    captions.write_text("id,caption\nc1,great sunny day\nc2,awful rainy mess\n")
+    assert main(["predict", str(root / "runs" / "r1"), "--data", str(captions), "--output", str(out)]) == 0
+    assert [r["id"] for r in csv.DictReader(out.open())] == ["c1", "c2"]
 
 
 def test_predict_one_raw_pair_and_one_modality(trained_run: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:

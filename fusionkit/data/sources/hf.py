@@ -8,7 +8,7 @@ from typing import Any
 
 from fusionkit.data.dataset import MultimodalDataset
 from fusionkit.data.sources.registry import register_source
-from fusionkit.data.sources.rows import ReadOptions, RowReader, prune_splits, require_column
+from fusionkit.data.sources.rows import ReadOptions, RowReader, prune_splits, require_sides
 
 SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val"}
 
@@ -64,8 +64,7 @@ def from_hf(dataset_or_path: Any, **options: Any) -> MultimodalDataset:
     )
     for split, part in parts.items():
         where = f"{name}/{split}" if split else name
-        require_column(opts.text_column, "text_column", part.column_names, where)
-        require_column(opts.image_column, "image_column", part.column_names, where)
+        require_sides(opts, part.column_names, where)
     columns = list(dict.fromkeys(c for part in parts.values() for c in part.column_names))
     label_columns = opts.label_columns_of(columns, name)
     declared: dict[str, list[str] | None] = dict.fromkeys(label_columns)

@@ -104,6 +104,18 @@ class ReadOptions:
         return list(self.label_columns)
 
 
+def require_sides(opts: ReadOptions, columns: Sequence[str], source: str) -> None:
+    """The caption and image columns must exist, except a side whose rows may lack it (`missing_*: keep`,
+    as prediction reads): a captions-only file is then read as rows without images, and said so."""
+    for column, option, policy in (("text_column", "text_column", opts.missing_text),
+                                   ("image_column", "image_column", opts.missing_image)):  # fmt: skip
+        name = getattr(opts, column)
+        if name in columns or policy != "keep":
+            require_column(name, option, columns, source)
+        else:
+            log.warning("%s: no column %r (%s): every row is read without it", source, name, CONFIG_KEYS[option])
+
+
 def require_column(column: str, option: str, columns: Sequence[str], source: str) -> None:
     """A missing column is a clear error listing the columns found and the config key to set."""
     if column not in columns:

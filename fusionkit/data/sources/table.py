@@ -13,7 +13,7 @@ from typing import Any
 from fusionkit.data.dataset import MultimodalDataset
 from fusionkit.data.errors import DataError
 from fusionkit.data.sources.registry import register_source
-from fusionkit.data.sources.rows import ReadOptions, RowReader, require_column
+from fusionkit.data.sources.rows import ReadOptions, RowReader, require_sides
 
 TABLE_SUFFIXES = {
     ".csv": "csv",
@@ -109,8 +109,7 @@ def _read_rows(
     No columns at all (an empty file, or JSONL lines that are all errors) means nothing to check."""
     label_columns: list[str] = []
     if columns:
-        require_column(opts.text_column, "text_column", columns, source)
-        require_column(opts.image_column, "image_column", columns, source)
+        require_sides(opts, columns, source)
         label_columns = opts.label_columns_of(columns, source)
     examples, total = [], 0
     for where, n, row in rows:

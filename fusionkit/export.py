@@ -214,6 +214,8 @@ def export_onnx(
 
     _require_onnx()
     out = Path(output_dir)
+    if (out / "export.json").exists():  # an earlier export: its graphs are never overwritten or mixed with ours
+        raise FileExistsError(f"{out} already holds an export (export.json); export to a new folder")
     out.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()

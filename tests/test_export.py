@@ -95,6 +95,9 @@ def test_cli_exports_fp32_and_int8_that_match(tmp_path: Path, model, batch, caps
     assert "min cosine" in capsys.readouterr().out
     _onnx_vs_torch(model, batch, out, ["encode"])
     assert main(["export", str(tmp_path / "m"), "--output", str(out), "--parts", "bogus"]) == 2
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["export", str(tmp_path / "m"), "--output", str(out), "--parts", "model"]) == 1  # an earlier export
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert (
         main(["export", str(tmp_path / "m"), "--output", str(tmp_path / "m" / "x")]) == 2
     )  # inside the model

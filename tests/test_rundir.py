@@ -311,7 +311,7 @@ def test_a_model_that_cannot_be_built_on_meta_is_loaded_unchecked(base: tuple[Pa
     "key,value",
     [("model.fusion.num_heads", 0), ("model.fusion.dim", 0), ("model.fusion.depth", 0), ("run.patience", 0),
      ("optim.batch_size", 0), ("optim.eval_batch_size", -1), ("model.text.max_length", 0),
-     ("model.fusion.dropout", 1.5), ("run.keep_checkpoints", 0), ("run.name", "../elsewhere"),
+     ("model.fusion.dropout", 1.5), ("run.keep_checkpoints", 0), ("run.name", "../elsewhere"), ("run.name", ""),
      ("run.name_exists", "overwrite"), ("optim.max_steps", 0)],
 )  # fmt: skip
 def test_impossible_values_are_config_errors(key: str, value: Any) -> None:

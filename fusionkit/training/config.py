@@ -132,7 +132,9 @@ class TrainConfig:
             (self.run.checkpoint_every >= 0, "run.checkpoint_every must be >= 0 (0 = epoch ends only)"),
             (self.run.keep_checkpoints >= 1, "run.keep_checkpoints must be at least 1"),
             (self.run.name_exists in NAME_EXISTS, f"run.name_exists must be one of {NAME_EXISTS}"),
-            (self.run.name is None or _plain_name(self.run.name), "run.name must be a plain folder name (no / or ..)"),
+            (self.run.name is None or _plain_name(self.run.name),
+             f"run.name must be a plain folder name (no / or ..), got {self.run.name!r}; leave it out for an "
+             "automatic one"),
             (self.data.num_workers >= 0, "data.num_workers must be >= 0"),
             (self.data.num_proc >= 1, "data.num_proc must be at least 1"),
             (

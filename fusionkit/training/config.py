@@ -210,10 +210,9 @@ def build_config(
         raise ConfigError(f"preset: expected a preset name, got {preset!r}")
     base = TrainConfig(preset=preset, model=get_config(preset))
     flat = _flatten(data, to_dict(base))
-    if isinstance(source, str | Path):
-        flat = resolve_paths(flat, Path(source).resolve().parent)
-    # relative paths given on the command line (or as overrides) are the working directory's: stored
-    # absolute, so `fusionkit eval RUN` finds the data from any directory later
+    # relative paths: a file's are relative to it; a dict's and the overrides' (command line) to the working
+    # directory. All are stored absolute, so `fusionkit eval RUN` finds the data from any directory later.
+    flat = resolve_paths(flat, Path(source).resolve().parent if isinstance(source, str | Path) else Path.cwd())
     flat.update(resolve_paths(_flatten(overrides, to_dict(base)), Path.cwd()))
     return merge(base, flat)
 
@@ -224,7 +223,8 @@ PATH_KEYS = ("data.dataset", "data.split_file", "data.cache_dir", "model.text.na
 
 
 def resolve_paths(flat: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Relative paths in a config file resolve against the file's folder, so it runs from any directory.
+    """Relative paths resolve against `base` (a config file's folder, or the working directory for a dict
+    and the command line), so a config runs, and a run is evaluated, from any directory.
 
     Encoder names resolve only where that folder exists (else they are hub ids such as
     `facebook/dinov2-small`); a data path that exists only relative to the working directory is kept

@@ -121,6 +121,11 @@ class TrainConfig:
             ),
             (0 <= self.optim.warmup_ratio < 1, "optim.warmup_ratio must be in [0, 1)"),
             (self.optim.lr > 0, "optim.lr must be positive"),
+            (self.optim.encoder_lr_scale >= 0, f"optim.encoder_lr_scale must be >= 0, got {self.optim.encoder_lr_scale}"),
+            (self.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.optim.weight_decay}"),
+            (0 <= self.optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.optim.min_lr_ratio}"),
+            (self.optim.grad_clip is None or self.optim.grad_clip >= 0,
+             f"optim.grad_clip must be >= 0 or null (0 and null: no clipping), got {self.optim.grad_clip}"),
             (
                 self.optim.layer_decay is None or 0 < self.optim.layer_decay <= 1,
                 f"optim.layer_decay must be in (0, 1] or null (no decay), got {self.optim.layer_decay}",

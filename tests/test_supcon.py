@@ -97,6 +97,23 @@ def test_labels_from_must_name_a_labelled_task() -> None:
         MultiTaskLoss([SENTIMENT, TaskConfig("s", "supcon", params={"labels_from": "mood"})])
 
 
+def test_labels_from_must_name_a_classification_task() -> None:
+    score = TaskConfig("score", "regression")
+    with pytest.raises(ConfigError, match="'s' takes its labels from task 'score' \\(regression\\).*classification"):
+        MultiTaskLoss([score, TaskConfig("s", "supcon", params={"labels_from": "score"})])
+
+
+def test_listed_first_it_does_not_become_the_selection_metric(tmp_path: Path) -> None:
+    """supcon reports no metric: the default run.metric is the first task that reports one."""
+    aux = {"name": "aux", "type": "supcon", "params": {"labels_from": "sentiment"}}
+    cfg = build_config(None, {
+        "data.dataset": "synthetic:48", "data.cache_dir": str(tmp_path / "cache"), "optim.max_steps": 1,
+        "model.tasks": [aux, {"name": "sentiment"}], "run.output_dir": str(tmp_path), "run.name": "r",
+        "run.progress": False, "run.plots": False,
+    })  # fmt: skip
+    assert Trainer(cfg).metric == "val/sentiment/macro_f1"
+
+
 @pytest.mark.parametrize("views", ["joint", "cross"])
 def test_trains_on_synthetic_data_without_a_label_column(tmp_path: Path, views: str) -> None:
     sentiment = {"name": "sentiment", "type": "classification"}

@@ -70,6 +70,9 @@ class MultiTaskLoss(nn.Module):
                     f"task {task.name!r} takes its labels from task {task.label_source!r}, which is not a "
                     f"labelled task of this model; labelled tasks: {[n for n, t in self.tasks.items() if t.needs_labels]}"
                 )
+            if source is not task and task.label_source_types and source.cfg.type not in task.label_source_types:
+                raise ConfigError(f"task {task.name!r} takes its labels from task {task.label_source!r} "
+                                  f"({source.cfg.type}), but needs a {' or '.join(task.label_source_types)} task")  # fmt: skip
         self.weighting = weighting
         if weighting == "uncertainty":
             self.log_vars = nn.Parameter(torch.zeros(len(tasks)))

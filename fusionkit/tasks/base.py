@@ -97,6 +97,9 @@ class Task:
     def column(self) -> str:
         return self.cfg.label_column
 
+    # task types whose labels this task can borrow through `label_source` (empty: it uses its own)
+    label_source_types: ClassVar[tuple[str, ...]] = ()
+
     @property
     def label_source(self) -> str:
         """The task whose collated labels `loss` receives: its own; auxiliary tasks (supcon) borrow another's."""

@@ -89,6 +89,7 @@ class SupConTask(Task):
 
     needs_labels = False
     metric_names: ClassVar[tuple[str, ...]] = ()
+    label_source_types: ClassVar[tuple[str, ...]] = ("classification",)  # one class index per row
 
     @classmethod
     def validate_config(cls, cfg: TaskConfig) -> None:

@@ -21,9 +21,12 @@ def higher_is_better(metric: str) -> bool:
 
 
 def default_metric(tasks: Mapping[str, Task]) -> str:
-    """The metric early stopping watches unless `run.metric` says otherwise: the first task's default."""
-    name, task = next(iter(tasks.items()))
-    return f"val/{name}/{task.default_metric}"
+    """The metric early stopping watches unless `run.metric` says otherwise: the default of the first task
+    that reports it (an auxiliary loss such as supcon reports no metric of its own), else `val/loss`."""
+    for name, task in tasks.items():
+        if task.default_metric in task.metric_names:
+            return f"val/{name}/{task.default_metric}"
+    return "val/loss"
 
 
 def check_metric(metric: str, tasks: Mapping[str, Task]) -> None:

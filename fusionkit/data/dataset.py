@@ -225,16 +225,18 @@ def _stratified_split(labels: list[Any], ratios: Sequence[float], seed: int) -> 
 
 
 def _strata(ds: MultimodalDataset) -> list[Any]:
-    """Per example, the class to stratify on: the first classification task's index, or on a raw
-    dataset the index of the value in the first column with declared class names (the same split)."""
+    """Per example, the class NAME to stratify on (first classification task, or on a raw dataset the first
+    column with declared class names): the split then does not depend on the order classes are listed in."""
     task = next((t for t, k in ds.task_types.items() if k == "classification"), None)
     if task is not None:
-        return [ex.labels.get(task) for ex in ds]
+        names = ds.label_names.get(task) or []
+        index = [ex.labels.get(task) for ex in ds]
+        return [names[i] if isinstance(i, int) and 0 <= i < len(names) else i for i in index]
     column = next((c for c, names in ds.label_names.items() if names and not ds.task_types), None)
     if column is None:
         return [None] * len(ds)
-    index = {name: i for i, name in enumerate(ds.label_names[column])}
-    return [index.get(v) if isinstance(v, str) else None for v in (ex.labels.get(column) for ex in ds)]
+    known = set(ds.label_names[column])
+    return [v if isinstance(v, str) and v in known else None for v in (ex.labels.get(column) for ex in ds)]
 
 
 def _read_split_file(path: Path) -> dict[str, list[str]]:

@@ -298,7 +298,7 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
     if kw and not with_labels and not trained_keep:
         kw["missing_image_file"] = "error"  # ... but an image path that names no file is a mistake, not that
     ds, _ = bind_labels(load_dataset(source, **kw), model.config.tasks, require_columns=with_labels)
-    if not with_labels:
+    if args.command == "predict":
         _warn_one_sided(ds, model, source)
     if split != "all":
         split_file = Path(args.split_file) if args.split_file else (run_dir / "split.json" if run_dir else None)
@@ -360,7 +360,9 @@ def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         model = FusionModel.from_pretrained(checkpoint, map_location=resolve_device(args.device))
         if first is None:
             first = model
-        elif model.class_names != first.class_names or list(model.tasks) != list(first.tasks):
+        elif set(model.tasks) != set(first.tasks) or any(
+            sorted(names) != sorted(first.class_names.get(t, [])) for t, names in model.class_names.items()
+        ):
             raise ConfigError(f"--ensemble: {checkpoint} has other tasks or classes than {args.checkpoint} "
                               f"({model.class_names} vs {first.class_names}); ensemble models of one task set")  # fmt: skip
         ds, data = _split(args, model, with_labels=args.command == "eval")  # the same rows for every model
@@ -371,7 +373,11 @@ def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         else:
             loader, transform = inference_loader(model, data, args.batch_size)
         amp = choose_precision(args.precision, model.device).dtype  # what training's evaluation used here
-        results.append(run_inference(model, loader, transform, amp, desc=args.split))
+        result = run_inference(model, loader, transform, amp, desc=args.split)
+        for name, names in model.class_names.items():  # classes matched by name: columns in the first's order
+            if names != first.class_names[name]:
+                result["outputs"][name] = result["outputs"][name][..., [names.index(c) for c in first.class_names[name]]]
+        results.append(result)
     assert first is not None
     result = results[0]
     if len(results) > 1:  # one prediction from several models: each task averages its outputs

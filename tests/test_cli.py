@@ -166,15 +166,30 @@ def test_python_dash_m_runs_the_command(module: str) -> None:
     assert done.returncode == 0 and "--resume" in done.stdout
 
 
-def test_an_ensemble_of_models_with_other_classes_is_refused(run_dir: Path, tmp_path: Path, capsys) -> None:
+def test_an_ensemble_matches_classes_by_name_and_refuses_other_classes(run_dir: Path, tmp_path: Path, capsys) -> None:
+    """A member whose classes are listed in another order is averaged class by class (by name); a member
+    with other classes is refused."""
     cache = ["--cache-dir", str(run_dir.parent.parent / "cache")]
-    argv = ["train", "--data.dataset", "synthetic:80", "--data.cache_dir", cache[1], "--optim.epochs", "1",
-            "--run.output_dir", str(tmp_path), "--run.name", "reordered", "--run.progress", "false",
-            "--run.plots", "false", "--model.tasks",
-            '[{"name": "sentiment", "class_names": ["negative", "neutral", "positive"]}]']  # fmt: skip
-    assert main(argv) == 0
+    names = ["positive", "neutral", "negative"]  # the first member's order (the synthetic data's)
+
+    def member(name: str, classes: list[str]) -> Path:
+        argv = ["train", "--data.dataset", "synthetic:80", "--data.cache_dir", cache[1], "--optim.epochs", "1",
+                "--run.output_dir", str(tmp_path), "--run.name", name, "--run.progress", "false", "--run.plots",
+                "false", "--model.tasks", json.dumps([{"name": "sentiment", "class_names": classes}])]  # fmt: skip
+        assert main(argv) == 0
+        return tmp_path / name
+
+    def probs(argv: list[str], out: Path) -> np.ndarray:
+        assert main(["predict", *argv, "--output", str(out), *cache]) == 0
+        return np.array([[float(r[f"sentiment_prob_{c}"]) for c in names] for r in csv.DictReader(out.open())])
+
+    reordered = member("reordered", ["negative", "neutral", "positive"])
+    alone, other = probs([str(run_dir)], tmp_path / "a.csv"), probs([str(reordered)], tmp_path / "b.csv")
+    both = probs([str(run_dir), "--ensemble", str(reordered)], tmp_path / "ab.csv")
+    np.testing.assert_allclose(both, (alone + other) / 2, atol=2e-6)
+    more = member("more", [*names, "angry"])
     out = tmp_path / "p.csv"
-    assert main(["predict", str(run_dir), "--ensemble", str(tmp_path / "reordered"), "--output", str(out), *cache]) == 2
+    assert main(["predict", str(run_dir), "--ensemble", str(more), "--output", str(out), *cache]) == 2
     assert "other tasks or classes" in capsys.readouterr().err and not out.exists()
 
 

@@ -34,6 +34,7 @@ MVSA = SHARED / "data" / "mvsa-single"
 METRICS = ("accuracy", "macro_f1", "weighted_f1")
 RECIPE = ROOT / "configs" / "mvsa_single_best.yaml"
 BASE = ROOT / "configs" / "mvsa_minilm_dinov2.yaml"
+HELD_OUT = Path(__file__).with_name("mvsa_single_held_out.json")  # the selection rows of every reported figure
 
 SENTIMENT = {
     "name": "sentiment",
@@ -42,14 +43,22 @@ SENTIMENT = {
 }
 
 
-def selection_view(held_out: float = 0.1, seed: int = 0) -> MultimodalDataset:
+def selection_view(held_out: float | None = None, seed: int = 0) -> MultimodalDataset:
     """CLMLF train + dev as one dataset with splits train (fit) / val (select) / test (CLMLF dev, scored only).
 
+    The held-out 10% of CLMLF train is the saved one (`HELD_OUT`), so every figure in the results uses the
+    same rows whatever the splitting code does; `held_out=FRACTION` draws a new one (seeded).
     The CLMLF test rows (unlabelled) are left out: nothing here predicts them."""
     ds = load_dataset(str(MVSA))
     assert ds.splits is not None, f"{MVSA} has no CLMLF splits"
-    inner = split_dataset(ds.subset(ds.splits["train"]), ratios=(1 - held_out, held_out, 0.0), seed=seed)
-    splits = {"train": inner["train"].ids, "val": inner["val"].ids, "test": list(ds.splits["val"])}
+    train = list(ds.splits["train"])
+    if held_out is None:
+        select = json.loads(HELD_OUT.read_text())["held_out"]
+        inner = {"train": [i for i in train if i not in set(select)], "val": select}
+    else:
+        parts = split_dataset(ds.subset(train), ratios=(1 - held_out, held_out, 0.0), seed=seed)
+        inner = {"train": parts["train"].ids, "val": parts["val"].ids}
+    splits = {"train": inner["train"], "val": inner["val"], "test": list(ds.splits["val"])}
     rows = ds.subset([*splits["train"], *splits["val"], *splits["test"]])
     return MultimodalDataset(rows, ds.label_names, splits=splits, name="mvsa-single[select]")
 

@@ -107,9 +107,8 @@ class ReadOptions:
 def require_sides(opts: ReadOptions, columns: Sequence[str], source: str) -> None:
     """The caption and image columns must exist, except a side whose rows may lack it (`missing_*: keep`,
     as prediction reads): a captions-only file is then read as rows without images, and said so."""
-    for column, option, policy in (("text_column", "text_column", opts.missing_text),
-                                   ("image_column", "image_column", opts.missing_image)):  # fmt: skip
-        name = getattr(opts, column)
+    for option, policy in (("text_column", opts.missing_text), ("image_column", opts.missing_image)):
+        name = getattr(opts, option)
         if name in columns or policy != "keep":
             require_column(name, option, columns, source)
         else:

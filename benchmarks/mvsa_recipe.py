@@ -35,6 +35,7 @@ METRICS = ("accuracy", "macro_f1", "weighted_f1")
 RECIPE = ROOT / "configs" / "mvsa_single_best.yaml"
 BASE = ROOT / "configs" / "mvsa_minilm_dinov2.yaml"
 HELD_OUT = Path(__file__).with_name("mvsa_single_held_out.json")  # the selection rows of every reported figure
+FOLDS = Path(__file__).with_name("mvsa_single_folds.json")  # 10 stratified folds of CLMLF train (k-fold runs)
 
 SENTIMENT = {
     "name": "sentiment",
@@ -43,18 +44,20 @@ SENTIMENT = {
 }
 
 
-def selection_view(held_out: float | None = None, seed: int = 0) -> MultimodalDataset:
+def selection_view(held_out: float | None = None, seed: int = 0, fold: int | None = None) -> MultimodalDataset:
     """CLMLF train + dev as one dataset with splits train (fit) / val (select) / test (CLMLF dev, scored only).
 
     The held-out 10% of CLMLF train is the saved one (`HELD_OUT`), so every figure in the results uses the
-    same rows whatever the splitting code does; `held_out=FRACTION` draws a new one (seeded).
+    same rows whatever the splitting code does; `held_out=FRACTION` draws a new one (seeded), and
+    `fold=K` holds out the K-th of the 10 saved folds (`FOLDS`) instead.
     The CLMLF test rows (unlabelled) are left out: nothing here predicts them."""
     ds = load_dataset(str(MVSA))
     assert ds.splits is not None, f"{MVSA} has no CLMLF splits"
     train = list(ds.splits["train"])
     if held_out is None:
-        select = json.loads(HELD_OUT.read_text())["held_out"]
-        inner = {"train": [i for i in train if i not in set(select)], "val": select}
+        select = json.loads((HELD_OUT if fold is None else FOLDS).read_text())
+        select = select["held_out"] if fold is None else select["folds"][fold]
+        inner = {"train": [i for i in train if i not in frozenset(select)], "val": select}
     else:
         parts = split_dataset(ds.subset(train), ratios=(1 - held_out, held_out, 0.0), seed=seed)
         inner = {"train": parts["train"].ids, "val": parts["val"].ids}
@@ -326,16 +329,32 @@ def predict_test(run: Path, work: Path, cache_dir: str, out: Path, ensemble: lis
     return 0
 
 
+def averaged(files: list[Path]) -> dict[str, str]:
+    """id -> the class of highest probability averaged over the runs' prediction files (one model: its own)."""
+    import numpy as np
+
+    names = SENTIMENT["class_names"]
+    tables = [list(csv.DictReader(f.open())) for f in files]
+    ids = [row["id"] for row in tables[0]]
+    assert all([row["id"] for row in t] == ids for t in tables), "the prediction files list other rows"
+    probs = np.mean([[[float(row[f"sentiment_prob_{c}"]) for c in names] for row in t] for t in tables], 0)
+    return {i: names[k] for i, k in zip(ids, probs.argmax(1))}
+
+
+def scored(pred: dict[str, str], gold: dict[str, str]) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    true, got = [gold[i] for i in pred], list(pred.values())
+    return {"accuracy": accuracy_score(true, got), "macro_f1": f1_score(true, got, average="macro"),
+            "weighted_f1": f1_score(true, got, average="weighted")}  # fmt: skip
+
+
 def ensemble(logs: list[Path], out: Path, mixed: dict[str, tuple[list[str], int]] | None = None) -> int:
     """Each row's seeds as one model, and the `MIXED` combinations of rows: class probabilities averaged
     over the runs (no new training), scored on the held-out part of train (selection) and on CLMLF dev.
     Writes one line per ensemble to `out`."""
-    import numpy as np
-    from sklearn.metrics import accuracy_score, f1_score
-
     data = selection_view()
     gold = {ex.id: ex.labels["sentiment"] for ex in data}
-    names = SENTIMENT["class_names"]
     runs: dict[str, list[dict[str, Any]]] = {}
     for line in (ln for log in logs if log.is_file() for ln in log.read_text().splitlines()):
         r = json.loads(line)
@@ -349,14 +368,8 @@ def ensemble(logs: list[Path], out: Path, mixed: dict[str, tuple[list[str], int]
         for label, rs in groups.items():
             scores: dict[str, float] = {}
             for split, prefix in (("test", ""), ("val", "select_")):
-                tables = [list(csv.DictReader(open(Path(r["run_dir"]) / f"predictions_{split}.csv"))) for r in rs]
-                ids = [row["id"] for row in tables[0]]
-                probs = np.mean([[[float(row[f"sentiment_prob_{c}"]) for c in names] for row in t] for t in tables], 0)
-                pred = [names[i] for i in probs.argmax(1)]
-                true = [gold[i] for i in ids]
-                scores[f"{prefix}accuracy"] = accuracy_score(true, pred)
-                scores[f"{prefix}macro_f1"] = f1_score(true, pred, average="macro")
-                scores[f"{prefix}weighted_f1"] = f1_score(true, pred, average="weighted")
+                pred = averaged([Path(r["run_dir"]) / f"predictions_{split}.csv" for r in rs])
+                scores.update({prefix + m: v for m, v in scored(pred, gold).items()})
             entry = {"row": label, "seed": 0, **scores,
                      "train_seconds": sum(r["train_seconds"] for r in rs),
                      "wall_seconds": sum(r["wall_seconds"] for r in rs)}  # fmt: skip

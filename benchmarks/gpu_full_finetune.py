@@ -28,8 +28,10 @@ weighted-F1 is at least the mean held-out weighted-F1 of the single models behin
     python benchmarks/gpu_full_finetune.py train --rows 3 --folds 0 5 --work-dir /tmp/fkw/p0 --out $OUT &  # ...
     python benchmarks/gpu_full_finetune.py kfold --work-dir /tmp/fkw/p0/3 --out $OUT
 
-Several processes share one GPU well here (each run is small); the exact commands of the two calls
-behind benchmarks/results/mvsa_single_gpu_full_finetune.json are in mvsa_single_recipe.md.
+Several processes share one GPU well here (each run is small), with few CPU threads each (`--threads`,
+default 3): five processes at torch's default of one thread per core ran 7x slower on an H200's 16-core
+host, about 150 s per epoch instead of 23 (mvsa_single_recipe.md, "GPU: k-fold attempt"). The exact
+commands behind benchmarks/results/mvsa_single_gpu_full_finetune.json are in mvsa_single_recipe.md.
 """
 
 from __future__ import annotations
@@ -235,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, help="instead of the rows' epochs")
     p.add_argument("--deadline", type=float, default=float("inf"), help="train: seconds; no run starts past it")
     p.add_argument("--limit", type=int, default=0, help="train on this many rows per split (smoke test)")
+    p.add_argument("--threads", type=int, default=3, help="train: intra-op CPU threads per process (0: torch's)")
     args = p.parse_args(argv)
     out, work = Path(args.out), Path(args.work_dir)
     if args.mode == "pack":
@@ -242,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     if args.mode == "train":
+        if args.threads:  # several processes at torch's default (a thread per core each) thrash the host: 10x slower
+            import torch
+
+            torch.set_num_threads(args.threads)
         seeds = args.seed_ids if args.seed_ids is not None else list(range(args.seeds))
         return train(args.rows, seeds, out, work / "-".join(map(str, args.rows)), args.limit, args.epochs, args.deadline,
                      args.folds)  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import functools
 import json
 import os
@@ -161,7 +162,7 @@ def test_feature_cache_is_shared_across_trainers(tmp_path: Path, monkeypatch: py
     assert first.use_features
     first.fit()
     features = sorted(p.name for p in (tmp_path / "cache").glob("features-*"))
-    assert len(features) == 6  # (train, val, test) x (text, image): one store per encoder
+    assert len(features) == 2  # one store per encoder, for all splits' rows together
 
     def never(*args, **kwargs):
         raise AssertionError("encoder called although its features are cached")
@@ -179,6 +180,29 @@ def test_feature_cache_is_shared_across_trainers(tmp_path: Path, monkeypatch: py
     )
 
 
+def test_another_split_of_the_same_rows_reuses_the_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seeds of splits, other ratios, k folds: one cache for the rows, each split a view of it."""
+    frozen = {"model.freeze": "encoders", "optim.epochs": 1}
+    first = Trainer(tiny_config(tmp_path, "a", **frozen))
+    first.fit()
+    stores = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
+
+    def never(*args, **kwargs):
+        raise AssertionError("encoder called although the rows' features are cached")
+
+    other = {"data.split_seed": 7, "data.split_ratios": [0.6, 0.3, 0.1]}
+    second = Trainer(tiny_config(tmp_path, "b", **frozen, **other))
+    monkeypatch.setattr(second.model.text_encoder, "forward", never)
+    monkeypatch.setattr(second.model.image_encoder, "forward", never)
+    summary = second.fit()
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()} == stores
+    split_a, split_b = (json.loads((tmp_path / "runs" / r / "split.json").read_text()) for r in "ab")
+    assert split_a["train"] != split_b["train"] and len(split_b["val"]) > len(split_a["val"])
+    # each split is scored on its own rows: the val predictions list exactly the new val split
+    rows = list(csv.DictReader((tmp_path / "runs" / "b" / "predictions_val.csv").open()))
+    assert sorted(r["id"] for r in rows) == sorted(split_b["val"]) and summary["feature_cache"]
+
+
 def test_changing_the_text_side_reuses_the_image_features(tmp_path: Path) -> None:
     """The image pass is the expensive one: another text split (or text encoder) must not redo it."""
 
@@ -190,8 +214,8 @@ def test_changing_the_text_side_reuses_the_image_features(tmp_path: Path) -> Non
     top = {"model.freeze": "top_k", "model.text.trainable_layers": 1, "model.image.trainable_layers": 0}
     summary = Trainer(tiny_config(tmp_path, "top", **top, **{"optim.epochs": 1})).fit()
     assert summary["feature_cache"]
-    assert stores("image") == image and len(image) == 3  # the same stores, not rebuilt
-    assert len(stores("text")) == 6 and set(text) < set(stores("text"))  # the text hidden states at the new split
+    assert stores("image") == image and len(image) == 1  # the same store, not rebuilt
+    assert len(stores("text")) == 2 and set(text) < set(stores("text"))  # the text hidden states at the new split
 
 
 def test_resaving_a_step_never_unlinks_last(tmp_path):

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -128,6 +129,37 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return f"CachedDataset(n={len(self)}, image_size={self.image_size}, path={str(self.path)!r})"
+
+
+class SplitView(torch.utils.data.Dataset):
+    """One split's rows of a cache built for all splits together (a `CachedDataset` or a feature cache).
+
+    Caching the splits' union instead of each split makes every re-split of the same rows (another
+    `split_seed`, other ratios, k folds) find the one cache: the encoders never run twice on a row.
+    Rows the cache skipped (undecodable images under `on_error: skip`) are left out, as a split's own
+    cache leaves them out. `fingerprint` is the split's (run dirs record it per split)."""
+
+    def __init__(self, base: Any, ids: Sequence[str], fingerprint: str) -> None:
+        position = {id_: k for k, id_ in enumerate(base.ids)}
+        self.base = base
+        self._pos = np.asarray([position[i] for i in ids if i in position], dtype=np.int64)
+        self.ids: list[str] = [i for i in ids if i in position]
+        self.fingerprint = fingerprint
+        self.label_names: dict[str, list[str]] = base.label_names
+        self.task_types: dict[str, str] = base.task_types
+        self.skip_report: Path | None = getattr(base, "skip_report", None)  # the rows the cache left out, all splits'
+
+    def __len__(self) -> int:
+        return len(self._pos)
+
+    def text_lengths(self) -> np.ndarray:
+        return self.base.text_lengths()[self._pos]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.base[int(self._pos[i])]
+
+    def __repr__(self) -> str:
+        return f"SplitView(n={len(self)}, of={self.base!r})"
 
 
 def _decode_images(

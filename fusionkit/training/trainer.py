@@ -39,6 +39,8 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError, to_dict
 from ..data import Collator, ImageTransform, build_cache, load_dataset, move_batch, split_dataset
+from ..data.cache import SplitView
+from ..data.dataset import MultimodalDataset
 from ..models import FusionModel, create_model, model_inputs
 from ..precision import choose_precision
 from ..tasks import bind_labels, create_task, fit_train_statistics
@@ -256,7 +258,7 @@ class Trainer:
         self.accelerator = D.make_accelerator(self.device, cfg.run.report_to, self.run_dir)
         self.progress = cfg.run.progress and self.is_main
         # Cheap checks first: read the table, bind labels to tasks, split -- before any model or cache.
-        parts = self._read_data(data, model)
+        source, parts = self._read_data(data, model)
         self.model = (model or create_model(cfg.model)).to(self.device)
         check_max_length(self.model, cfg.model.text.max_length)
         check_encoder_depths(self.model)
@@ -265,7 +267,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)
         if self.is_main:
             log.info("precision %s", self.precision.reason)
-        self._build_data(parts)
+        self._build_data(source, parts)
 
         self.ddp: torch.nn.Module = self.model
         if self.fsdp:  # sharded in place: self.model is the FSDP module (see distributed.shard_model)
@@ -309,9 +311,10 @@ class Trainer:
             self.run.path.rmdir()
 
     # ------------------------------------------------------------------ data
-    def _read_data(self, data: Any, model: FusionModel | None) -> dict[str, Any]:
+    def _read_data(self, data: Any, model: FusionModel | None) -> tuple[MultimodalDataset, dict[str, Any]]:
         """Read the dataset, bind its labels to the tasks (class names reconciled by name), check
-        `run.metric`, split, and fit train-split statistics: everything before the first expensive step."""
+        `run.metric`, split, and fit train-split statistics: everything before the first expensive step.
+        Returns the bound dataset and its splits."""
         cfg = self.cfg
         if model is not None:  # a given model's tasks (and class names) are the schema
             cfg.model = copy.deepcopy(model.config)
@@ -350,24 +353,26 @@ class Trainer:
         if "train" in parts and model is None:
             cfg.model.tasks = fit_train_statistics(cfg.model.tasks, parts["train"])
         cfg.model.validate()
-        return parts
+        return ds, parts
 
-    def _build_data(self, parts: dict[str, Any]) -> None:
+    def _build_data(self, source: MultimodalDataset, parts: dict[str, Any]) -> None:
         cfg, model = self.cfg, self.model
         cache_dir = cache_root(cfg.data)
         max_length = cfg.model.text.max_length
         # Frozen encoders, or frozen bottoms under freeze=top_k: train on their cached outputs.
         self.use_features = cfg.data.feature_cache and model.feature_splits is not None
-        self.datasets: dict[str, Any] = {}
+        # One cache for the rows of all splits (in the dataset's order), each split a view of it: another
+        # split of the same rows (split_seed, ratios, a fold) finds it, and the encoders never rerun.
+        used = {i for part in parts.values() for i in part.ids}
+        pool = source.subset([i for i in source.ids if i in used], name=source.name)
         with self._main_first():
-            for split, part in parts.items():
-                if len(part) == 0:
-                    continue
-                data = build_cache(part, model.tokenizer, model.image_preprocess, cache_dir, max_length,
-                                   cfg.data.num_proc, cfg.data.on_error)  # fmt: skip
-                if self.use_features:
-                    data = build_features(model, data, cache_dir, cfg.optim.eval_batch_size, self.progress)
-                self.datasets[split] = data
+            data = build_cache(pool, model.tokenizer, model.image_preprocess, cache_dir, max_length,
+                               cfg.data.num_proc, cfg.data.on_error)  # fmt: skip
+            if self.use_features:
+                data = build_features(model, data, cache_dir, cfg.optim.eval_batch_size, self.progress)
+        self.datasets: dict[str, Any] = {
+            split: SplitView(data, part.ids, part.fingerprint) for split, part in parts.items() if len(part)
+        }
         if "train" not in self.datasets:
             raise ValueError(f"dataset {cfg.data.dataset!r} has no training examples")
         train = self.datasets["train"]

@@ -48,16 +48,13 @@ from typing import Any
 
 from bench_common import ROOT, SHARED, machine, minilm_dir
 from mvsa_recipe import (
-    METRICS,
     MVSA,
     SENTIMENT,
     SMOOTHED,
-    averaged,
     base_overrides,
     ensemble,
-    mean_std,
+    kfold_summary,
     predict_test,
-    scored,
     selection_view,
     train_one,
 )
@@ -202,16 +199,10 @@ def kfold(out: Path, work: Path) -> int:
     """Each row's k-fold runs: out-of-fold scores over CLMLF train (every row scored by the one model that did
     not fit it: 10x the rows of one held-out part), the fold models' ensemble on CLMLF dev, and its
     predictions of CLMLF test (`test_predictions_<row>.csv`)."""
-    gold = {ex.id: ex.labels["sentiment"] for ex in selection_view()}
     runs: list[dict[str, Any]] = []
     for log in sorted(out.glob("row*-kfold.jsonl")):
         rs = [json.loads(line) for line in log.read_text().splitlines()]
-        oof = {i: c for r in rs for i, c in averaged([Path(r["run_dir"]) / "predictions_val.csv"]).items()}
-        dev = averaged([Path(r["run_dir"]) / "predictions_test.csv" for r in rs])
-        entry = {"row": rs[0]["row"], "folds": [r["fold"] for r in rs], "out_of_fold_rows": len(oof),
-                 "out_of_fold": scored(oof, gold), "dev_ensemble": scored(dev, gold),
-                 "dev_per_model_mean_std": {m: mean_std([100 * r[m] for r in rs]) for m in METRICS},
-                 "train_seconds": [r["train_seconds"] for r in rs], "machine": machine()}  # fmt: skip
+        entry = kfold_summary(rs)
         with (out / "kfold.jsonl").open("a") as f:
             f.write(json.dumps(entry) + "\n")
         print(json.dumps(entry), flush=True)

@@ -62,7 +62,7 @@ def selection_view(held_out: float | None = None, seed: int = 0, fold: int | Non
         parts = split_dataset(ds.subset(train), ratios=(1 - held_out, held_out, 0.0), seed=seed)
         inner = {"train": parts["train"].ids, "val": parts["val"].ids}
     splits = {"train": inner["train"], "val": inner["val"], "test": list(ds.splits["val"])}
-    rows = ds.subset([*splits["train"], *splits["val"], *splits["test"]])
+    rows = ds.subset([i for i in ds.ids if i not in frozenset(ds.splits["test"])])  # one order for every view
     return MultimodalDataset(rows, ds.label_names, splits=splits, name="mvsa-single[select]")
 
 
@@ -206,7 +206,7 @@ def run_rows(rows: list[tuple[str, dict[str, Any]]], base: dict[str, Any], data:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("mode", choices=("warm", "ablation", "extra", "partial", "ensemble", "tune", "final", "report",
-                                    "predict", "endtoend"))  # fmt: skip
+                                    "predict", "endtoend", "kfold"))  # fmt: skip
     p.add_argument("run", nargs="?", help="predict: the run dir whose best model predicts CLMLF test")
     p.add_argument("--cache-dir", default=os.environ.get("FUSIONKIT_CACHE", "/work/.fkcache"))
     p.add_argument("--work-dir", default="runs/mvsa_recipe")
@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=12)
     p.add_argument("--rows", type=int, nargs="*", help="ablation / extra / partial rows to run (default: all)")
     p.add_argument("--recipe", default=str(RECIPE))
+    p.add_argument("--folds", type=int, nargs="*", help="kfold: train these folds (default: all 10), then score")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ensemble", nargs="*", default=[], help="predict: more run dirs averaged with RUN (seeds)")
     args = p.parse_args(argv)
@@ -255,13 +256,41 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = build_config(BASE, {**base, **COMMON, **ABLATION[-1][1], "run.name": "tune"})
         print(json.dumps(tune(cfg, args.trials, SPACE, work / "tune", data=data), indent=1))
+    elif args.mode == "kfold":
+        return kfold(recipe_overrides(args.recipe), base, args.folds, work / "kfold.jsonl")
     else:  # final: the recipe file's settings, trained once on the same features (seed 0)
-        from fusionkit.config import load_config_file
-
-        recipe = load_config_file(args.recipe)
-        extra = {"model.tasks": recipe["model"]["tasks"], **flat(recipe, ("optim", "model.fusion"))}
-        run_rows([("recipe (configs/mvsa_single_best.yaml)", extra)], base, data, args.seeds,
+        run_rows([("recipe (configs/mvsa_single_best.yaml)", recipe_overrides(args.recipe))], base, data, args.seeds,
                  work / "ablation.jsonl")  # fmt: skip
+    return 0
+
+
+def recipe_overrides(path: str) -> dict[str, Any]:
+    """The recipe file's task and training settings, as overrides of `BASE` (the same encoders and features)."""
+    from fusionkit.config import load_config_file
+
+    recipe = load_config_file(path)
+    return {"model.tasks": recipe["model"]["tasks"], **flat(recipe, ("optim", "model.fusion"))}
+
+
+def kfold(extra: dict[str, Any], base: dict[str, Any], folds: list[int] | None, log: Path) -> int:
+    """The recipe once per fold of `FOLDS` (fold K held out, seed K; folds already in `log` are skipped, so two
+    processes can share the folds), then, once all 10 are in, `kfold_summary` -> `<log>_summary.jsonl`."""
+    label = "frozen recipe, 10 folds"
+    for k in range(10) if folds is None else folds:
+        done = {json.loads(line)["fold"] for line in log.read_text().splitlines()} if log.is_file() else set()
+        if k in done:
+            continue
+        r = train_one(BASE, {**base, **extra, "run.seed": k, "run.name": f"fold{k}", "run.name_exists": "increment"},
+                      selection_view(fold=k))  # fmt: skip
+        with log.open("a") as f:
+            f.write(json.dumps({"row": label, "seed": k, "fold": k, **r}) + "\n")
+        print(f"fold {k}: " + " ".join(f"{m} {r[m]:.4f}" for m in METRICS) + f" ({r['wall_seconds']:.0f}s)", flush=True)
+    runs = [json.loads(line) for line in log.read_text().splitlines()]
+    if sorted(r["fold"] for r in runs) == list(range(10)):
+        summary = kfold_summary(sorted(runs, key=lambda r: r["fold"]))
+        with log.with_name(log.stem + "_summary.jsonl").open("a") as f:
+            f.write(json.dumps(summary) + "\n")
+        print(json.dumps(summary, indent=1), flush=True)
     return 0
 
 
@@ -347,6 +376,18 @@ def scored(pred: dict[str, str], gold: dict[str, str]) -> dict[str, float]:
     true, got = [gold[i] for i in pred], list(pred.values())
     return {"accuracy": accuracy_score(true, got), "macro_f1": f1_score(true, got, average="macro"),
             "weighted_f1": f1_score(true, got, average="weighted")}  # fmt: skip
+
+
+def kfold_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row's k-fold runs: out-of-fold scores over CLMLF train (each train row scored by the one model
+    that did not fit it), the fold models' ensemble on CLMLF dev, and the per-model dev mean and std."""
+    gold = {ex.id: ex.labels["sentiment"] for ex in selection_view()}
+    oof = {i: c for r in runs for i, c in averaged([Path(r["run_dir"]) / "predictions_val.csv"]).items()}
+    dev = averaged([Path(r["run_dir"]) / "predictions_test.csv" for r in runs])
+    return {"row": runs[0]["row"], "folds": [r["fold"] for r in runs], "out_of_fold_rows": len(oof),
+            "out_of_fold": scored(oof, gold), "dev_ensemble": scored(dev, gold),
+            "dev_per_model_mean_std": {m: mean_std([100 * r[m] for r in runs]) for m in METRICS},
+            "train_seconds": [r["train_seconds"] for r in runs], "machine": machine()}  # fmt: skip
 
 
 def ensemble(logs: list[Path], out: Path, mixed: dict[str, tuple[list[str], int]] | None = None) -> int:

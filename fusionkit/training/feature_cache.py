@@ -1,4 +1,4 @@
-"""Frozen-encoder feature cache: run the encoders once per split, then train fusion + heads on their output.
+"""Frozen-encoder feature cache: run the encoders once per row, then train fusion + heads on their output.
 
 With frozen encoders every epoch (and every fusion strategy, and every seed) would recompute the
 same token features. Here they are computed once, under `inference_mode` in eval mode, and stored as

@@ -277,9 +277,12 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
     `with_labels`: read and bind the model's label columns (eval); predict and embed need none, and
     keep rows that lack a caption or an image (the model predicts from the side that is there)."""
     import dataclasses
+    import functools
 
     from .data import build_cache, load_dataset, split_dataset
+    from .data.cache import SplitView
     from .tasks import bind_labels
+    from .training.feature_cache import build_features
     from .training.trainer import IN_MEMORY, cache_root, reader_kwargs
 
     data, run_dir = _run_data_config(args)
@@ -291,6 +294,7 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
                           "which it cannot read again: pass --data FILE with those rows (and --split NAME to use "
                           "the run's split.json on them)")  # fmt: skip
     split = args.split or ("all" if args.data else {"eval": "val"}.get(args.command, "test"))
+    pool = None  # the rows of all splits, which training cached together
     trained_keep = data.missing_image == "keep"
     if not with_labels:  # a row without a caption or an image is predicted from the side it has ...
         data = dataclasses.replace(data, missing_text="keep", missing_image="keep")
@@ -307,6 +311,8 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
         parts = split_dataset(ds, path=split_file)
         if split not in parts:
             raise ConfigError(f"unknown split {split!r}; use train, val, test or all")
+        used = {i for part in parts.values() for i in part.ids}
+        pool = ds.subset([i for i in ds.ids if i in used], name=ds.name)
         ds = parts[split]
         if with_labels and args.data is None and run_dir is not None:
             _check_same_rows(run_dir, split, ds, source)
@@ -316,9 +322,16 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
     args.split = split
     if not build:
         return ds, None
-    cache = build_cache(ds, model.tokenizer, model.image_preprocess, cache_root(data), model.config.text.max_length,
-                        on_error=data.on_error)  # fmt: skip
-    return ds, cache
+    cache = functools.partial(build_cache, tokenizer=model.tokenizer, image_preprocess=model.image_preprocess,
+                              cache_dir=cache_root(data), max_length=model.config.text.max_length,
+                              on_error=data.on_error)  # fmt: skip
+    whole = None if pool is None else cache(pool, only_if_built=True)
+    if whole is not None and (not args.ensemble or model.feature_splits is None or build_features(
+            model, whole, whole.path.parent, only_if_built=True) is not None):  # fmt: skip
+        # the split as a view of what training cached; an ensemble member with frozen encoders reads its
+        # features from the stores its training built, else (below) its encoders run on this split alone
+        return ds, SplitView(whole, ds.ids, ds.fingerprint)
+    return ds, cache(ds)
 
 
 def _check_same_rows(run_dir: Path, split: str, ds: Any, source: Any) -> None:
@@ -393,9 +406,14 @@ def _feature_loader(model: Any, data: Any, batch_size: int) -> Any:
     and the stores a training run built for the same rows are reused, as its own evaluation read them."""
     import torch
 
+    from .data.cache import SplitView
     from .training.feature_cache import FeatureCollator, build_features
 
-    features = build_features(model, data, data.path.parent, batch_size)
+    if isinstance(data, SplitView):  # of training's cache of all splits, whose features `_split` found built
+        features: Any = SplitView(build_features(model, data.base, data.base.path.parent, batch_size), data.ids,
+                                  data.fingerprint)  # fmt: skip
+    else:
+        features = build_features(model, data, data.path.parent, batch_size)
     collate = FeatureCollator(list(model.tasks.values()))
     return torch.utils.data.DataLoader(features, batch_size=batch_size, collate_fn=collate)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -232,6 +233,39 @@ def test_an_ensemble_of_frozen_encoder_runs_encodes_each_pair_once(tmp_path: Pat
             "--output", str(out), "--cache-dir", str(cache)]  # fmt: skip
     assert main(argv) == 0
     assert stores() == after_first  # nothing re-encoded or rewritten
+
+
+def test_scoring_a_runs_own_split_reads_the_caches_training_built(tmp_path: Path) -> None:
+    """Training caches the rows of all splits together; `eval`/`predict` of one of its splits (an ensemble
+    of its seeds too) reads that cache, scores exactly the split's rows, and builds nothing new. A member
+    whose frozen encoders differ (another seed's random encoders) runs them on the split alone."""
+    cache = tmp_path / "cache"
+    common = ["--data.dataset", "synthetic:48", "--data.cache_dir", str(cache), "--model.freeze", "encoders",
+              "--optim.epochs", "1", "--optim.batch_size=16", "--run.output_dir", str(tmp_path / "runs"),
+              "--run.progress", "false", "--run.plots", "false"]  # fmt: skip
+    runs = tmp_path / "runs"
+    assert main(["train", *common, "--run.name", "a", "--model.fusion.strategy", "concat"]) == 0
+    assert main(["train", *common, "--run.name", "b", "--model.fusion.strategy", "gated"]) == 0
+    built = sorted(p.name for p in cache.iterdir())
+    val = json.loads((runs / "a" / "split.json").read_text())["val"]
+    out = tmp_path / "ens.json"
+    assert main(["eval", str(runs / "a"), "--ensemble", str(runs / "b"), "--output", str(out)]) == 0
+    assert sorted(p.name for p in cache.iterdir()) == built  # no cache of the val split alone, no new features
+    pred = tmp_path / "test.csv"
+    assert main(["predict", str(runs / "a"), "--output", str(pred)]) == 0
+    test = json.loads((runs / "a" / "split.json").read_text())["test"]
+    assert sorted(r["id"] for r in csv.DictReader(pred.open())) == sorted(test)
+    assert sorted(p.name for p in cache.iterdir()) == built
+    # another seed: other random frozen encoders; with their features of all rows deleted, they run again,
+    # on the val rows alone, and score the same rows
+    assert main(["train", *common, "--run.name", "c", "--run.seed", "1"]) == 0
+    for store in set(cache.iterdir()) - {cache / name for name in built}:
+        shutil.rmtree(store)
+    built = sorted(p.name for p in cache.iterdir())
+    assert main(["predict", str(runs / "a"), "--ensemble", str(runs / "c"), "--split", "val", "--output", str(pred)]) == 0
+    assert sorted(r["id"] for r in csv.DictReader(pred.open())) == sorted(val)
+    added = sorted(set(p.name for p in cache.iterdir()) - set(built))
+    assert added and all("[val]" in name for name in added), added  # the split's own data cache and features
 
 
 def test_an_empty_split_is_a_clear_error_not_an_empty_file(tmp_path: Path, capsys) -> None:

@@ -263,8 +263,10 @@ def build_cache(
     max_length: int = 128,
     num_proc: int | None = None,
     on_error: OnError = "raise",
-) -> CachedDataset:
-    """Return the cache for this (dataset, tokenizer, preprocessing), building it only if absent.
+    only_if_built: bool = False,
+) -> CachedDataset | None:
+    """Return the cache for this (dataset, tokenizer, preprocessing), building it only if absent
+    (`only_if_built`: None instead of building).
 
     Images that fail to decode raise `DataError` or, with `on_error="skip"`, are left out of the
     returned dataset and listed in `<cache folder>/skipped.jsonl`. The policy is not part of the key: a
@@ -275,6 +277,8 @@ def build_cache(
     path = Path(cache_dir) / f"{ds.name.replace('/', '_')}-{key}"
     if is_built(path):
         log.info("cache hit: %s", path)
+    elif only_if_built:
+        return None
     elif not getattr(tokenizer, "is_fast", False):
         log.warning("%s is not a fast tokenizer: building the cache will be slow", type(tokenizer).__name__)
     build = functools.partial(_build, ds, tokenizer, image_preprocess, max_length, num_proc, policy, key)

@@ -225,10 +225,12 @@ def _check_split(encoder: Any, split: int, side: str, feats: torch.Tensor, *inpu
 
 
 def build_features(
-    model: Any, data: CachedDataset, cache_dir: str | Path, batch_size: int = 64, progress: bool = True
-) -> FeatureDataset:
+    model: Any, data: CachedDataset, cache_dir: str | Path, batch_size: int = 64, progress: bool = True,
+    only_if_built: bool = False,
+) -> FeatureDataset | None:
     """The feature cache for (these encoders, this data cache): one store per encoder, each computed only if
-    absent, so changing one encoder (or where it is split) leaves the other's features in place."""
+    absent, so changing one encoder (or where it is split) leaves the other's features in place.
+    `only_if_built`: None unless both stores are there."""
     paths = []
     for side in SIDES:
         encoder = side_key(model, side)
@@ -250,5 +252,7 @@ def build_features(
         path = Path(cache_dir) / f"features-{data.path.name}-{side}-{key}"
         if is_built(path):
             log.info("feature cache hit: %s", path)
+        elif only_if_built:
+            return None
         paths.append(open_or_build(path, build).path)
     return FeatureDataset(*paths)

@@ -136,3 +136,21 @@ def test_gpu_recipe_is_the_cpu_recipe_with_the_encoders_fine_tuned() -> None:
     assert (cpu.model.freeze, cpu.data.feature_cache) == ("encoders", True)
     assert (gpu.model.freeze, gpu.data.feature_cache, gpu.data.augment) == ("none", False, True)
     assert gpu.optim.layer_decay is not None and gpu.optim.encoder_lr_scale < cpu.optim.encoder_lr_scale
+
+
+def test_a_setting_the_run_will_not_read_is_said_at_start(tmp_path, caplog) -> None:
+    """optim.layer_decay under freeze: encoders (a recipe moved from top_k) trains nothing differently: say so."""
+    import logging
+
+    from fusionkit.training import Trainer, build_config
+
+    overrides = {"data.dataset": "synthetic:24", "data.cache_dir": str(tmp_path / "cache"), "optim.epochs": 1,
+                 "run.output_dir": str(tmp_path / "runs"), "run.progress": False, "run.plots": False}  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="fusionkit.training"):
+        Trainer(build_config(None, {**overrides, "model.freeze": "encoders", "optim.layer_decay": 0.8}))
+    assert any("optim.layer_decay=0.8 has no effect" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fusionkit.training"):
+        Trainer(build_config(None, {**overrides, "model.freeze": "top_k", "optim.layer_decay": 0.8,
+                                    "run.name": "top"}))  # fmt: skip
+    assert not any("has no effect" in r.getMessage() for r in caplog.records)

@@ -114,6 +114,7 @@ def test_logit_adjustment_options_are_checked():
         {"logit_adjustment": 1.0, "class_prior": [0.5, 0.5]},  # 2 priors for 3 classes
         {"logit_adjustment": 1.0, "class_prior": [0.5, 0.5, 0.0]},
         {"type": "multilabel", "logit_adjustment": 1.0},
+        {"class_prior": [0.5, 0.3, 0.2]},  # a prior nothing reads: logit_adjustment is 0
     ]
     for extra in bad:
         with pytest.raises(ConfigError, match="logit_adjustment|class_prior"):

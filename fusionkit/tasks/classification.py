@@ -124,6 +124,9 @@ class ClassificationTask(Task):
                 f"task {cfg.name!r}: logit_adjustment must be a finite number >= 0, got {cfg.logit_adjustment}"
             )
         prior = cfg.class_prior
+        if prior is not None and not cfg.logit_adjustment:
+            raise ConfigError(f"task {cfg.name!r}: class_prior is read only by logit_adjustment, which is 0; set "
+                              "logit_adjustment (1.0 is the usual tau) or remove class_prior")  # fmt: skip
         if prior is not None:
             k = n or (len(names) if names else None)
             if k not in (None, len(prior)) or any(not math.isfinite(p) or p <= 0 for p in prior):

@@ -158,6 +158,15 @@ def _plain_name(name: str) -> bool:
     return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
 
 
+def unused_settings(cfg: TrainConfig) -> list[str]:
+    """Settings this run will not read (said at start: a recipe moved to another freeze mode keeps them)."""
+    out = []
+    if cfg.model.freeze == "encoders" and cfg.optim.layer_decay is not None:
+        out.append(f"optim.layer_decay={cfg.optim.layer_decay} has no effect: model.freeze is 'encoders', so no "
+                   "encoder block trains (use freeze: top_k or none to train them)")  # fmt: skip
+    return out
+
+
 def check_encoder_depths(model: Any) -> None:
     """Fail at start if a block count in the config exceeds an encoder's blocks, instead of silently
     training (or pooling) fewer than asked."""

@@ -46,7 +46,14 @@ from ..precision import choose_precision
 from ..tasks import bind_labels, create_task, fit_train_statistics
 from . import checkpoint as ckpt
 from . import distributed as D
-from .config import DataConfig, TrainConfig, build_config, check_encoder_depths, check_max_length
+from .config import (
+    DataConfig,
+    TrainConfig,
+    build_config,
+    check_encoder_depths,
+    check_max_length,
+    unused_settings,
+)
 from .ema import ModelEMA, ema_applied
 from .feature_cache import FeatureCollator, build_features
 from .inference import inference_loader, resolve_device, run_inference  # noqa: F401 (re-exported)
@@ -267,6 +274,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)
         if self.is_main:
             log.info("precision %s", self.precision.reason)
+            for message in unused_settings(cfg):
+                log.warning(message)
         self._build_data(source, parts)
 
         self.ddp: torch.nn.Module = self.model

@@ -154,3 +154,18 @@ def test_a_setting_the_run_will_not_read_is_said_at_start(tmp_path, caplog) -> N
         Trainer(build_config(None, {**overrides, "model.freeze": "top_k", "optim.layer_decay": 0.8,
                                     "run.name": "top"}))  # fmt: skip
     assert not any("has no effect" in r.getMessage() for r in caplog.records)
+
+
+def test_an_image_grid_beyond_the_patch_grid_fails_before_any_cache(tmp_path) -> None:
+    """The tiny ViT has a 4x4 patch grid (32 px / 8 px): image_grid 5 cannot pool to more tokens."""
+    import pytest
+
+    from fusionkit.config import ConfigError
+    from fusionkit.training import Trainer, build_config
+
+    overrides = {"data.dataset": "synthetic:24", "data.cache_dir": str(tmp_path / "cache"), "optim.epochs": 1,
+                 "run.output_dir": str(tmp_path / "runs"), "run.progress": False, "run.plots": False}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"image_grid=5 exceeds the image encoder's 4x4 patch grid"):
+        Trainer(build_config(None, {**overrides, "model.fusion.image_grid": 5}))
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    Trainer(build_config(None, {**overrides, "model.fusion.image_grid": 4, "run.name": "ok"}))

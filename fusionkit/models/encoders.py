@@ -364,6 +364,12 @@ class ImageEncoder(Encoder):
     def save(self, directory: str | Path) -> None:
         """Everything needed to rebuild the architecture offline (timm needs only its name)."""
 
+    def patch_size(self) -> int | None:
+        """Pixels per patch side (None where the backbone does not say): with the input size, the patch grid."""
+        config = getattr(self.model, "config", None)  # HF
+        size = getattr(config, "patch_size", None) or getattr(getattr(self.model, "patch_embed", None), "patch_size", None)
+        return int(size[0] if isinstance(size, tuple | list) else size) if size else None
+
 
 @IMAGE_BACKENDS.register("timm")
 class TimmImageEncoder(ImageEncoder):

@@ -184,6 +184,21 @@ def check_encoder_depths(model: Any) -> None:
             )
 
 
+def check_image_grid(model: Any) -> None:
+    """Fail at start if `fusion.image_grid` asks for more tokens per side than the image encoder's patch grid has:
+    pooling cannot add tokens, so it would silently keep the grid as it is."""
+    grid, patch = model.config.fusion.image_grid, model.image_encoder.patch_size()
+    if not grid or not patch:
+        return
+    side = min(model.image_encoder.preprocess.size) // patch
+    if grid > side:
+        raise ConfigError(
+            f"model.fusion.image_grid={grid} exceeds the image encoder's {side}x{side} patch grid "
+            f"({min(model.image_encoder.preprocess.size)} px / {patch} px patches): pooling cannot add tokens; "
+            f"set it to at most {side}, or 0 to keep every patch"
+        )
+
+
 def check_max_length(model: Any, max_length: int | None = None) -> None:
     """Fail at start if `max_length` exceeds the text encoder's position embeddings (it would crash mid-run).
 

@@ -51,6 +51,7 @@ from .config import (
     TrainConfig,
     build_config,
     check_encoder_depths,
+    check_image_grid,
     check_max_length,
     unused_settings,
 )
@@ -269,6 +270,7 @@ class Trainer:
         self.model = (model or create_model(cfg.model)).to(self.device)
         check_max_length(self.model, cfg.model.text.max_length)
         check_encoder_depths(self.model)
+        check_image_grid(self.model)
         self.precision = choose_precision(cfg.run.precision, self.device)
         self.amp = self.precision.dtype
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)

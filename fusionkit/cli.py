@@ -244,9 +244,10 @@ def _check_unseen(checkpoint: str, ids: list[str], split: str, first: str) -> No
     if overlap:
         raise ConfigError(
             f"--ensemble: {checkpoint} was trained on {len(overlap)} of the {len(ids)} {split} rows used here "
-            f"(e.g. {overlap[:3]}): its run made another split than {first}'s. Ensemble runs trained on one "
-            f"split: the same data.split_seed (the default keeps it apart from run.seed), or --data.split_file "
-            f"{_run_dir_of(first) or first}/split.json"
+            f"(e.g. {overlap[:3]}): its run made another split than {first}'s, and would inflate the score. "
+            f"Score rows no member trained on (k-fold runs: their shared test split, --split test), or ensemble "
+            f"runs trained on one split: the same data.split_seed (the default keeps it apart from run.seed), or "
+            f"--data.split_file {_run_dir_of(first) or first}/split.json"
         )
 
 

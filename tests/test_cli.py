@@ -322,3 +322,30 @@ def test_rows_added_to_train_by_allow_new_rows_are_in_the_runs_split(run_dir: Pa
     argv = ["eval", str(tmp_path / "newval"), "--ensemble", str(tmp_path / "grown"), "--cache-dir", common[4]]
     assert main(argv) == 2
     assert "was trained on 8 of the" in capsys.readouterr().err
+
+
+def test_k_folds_from_split_files_share_one_cache_and_ensemble_on_the_test_split(tmp_path: Path, capsys) -> None:
+    """README's k-fold recipe: one split file per fold, one cache for all folds, the folds' ensemble
+    predicts the shared test rows, and scoring a fold's val rows with the other folds is refused."""
+    from fusionkit.data import load_dataset
+
+    ids = load_dataset("synthetic:40").ids
+    test, rest = ids[:8], ids[8:]
+    cache, runs = tmp_path / "cache", tmp_path / "runs"
+    for k in (0, 1):
+        val = rest[k::2]
+        (tmp_path / f"fold{k}.json").write_text(json.dumps(
+            {"train": [i for i in rest if i not in val], "val": val, "test": test}))  # fmt: skip
+        argv = ["train", "--data.dataset", "synthetic:40", "--data.split_file", str(tmp_path / f"fold{k}.json"),
+                "--data.cache_dir", str(cache), "--model.freeze", "encoders", "--optim.epochs", "1",
+                "--run.output_dir", str(runs), "--run.name", f"f{k}", "--run.progress", "false",
+                "--run.plots", "false"]  # fmt: skip
+        assert main(argv) == 0
+    assert len(list(cache.glob("features-*"))) == 2  # one text and one image store for both folds
+    out = tmp_path / "test.csv"
+    assert main(["predict", str(runs / "f0"), "--ensemble", str(runs / "f1"), "--output", str(out)]) == 0
+    assert sorted(r["id"] for r in csv.DictReader(out.open())) == sorted(test)
+    capsys.readouterr()
+    assert main(["eval", str(runs / "f0"), "--ensemble", str(runs / "f1")]) == 2  # f1 trained on f0's val rows
+    err = capsys.readouterr().err
+    assert "f1 was trained on 16 of the 16 val rows" in err and "--split test" in err

@@ -250,3 +250,13 @@ def test_compiled_training_matches_eager(tmp_path):
         losses[compile_] = [h["train/loss"] for h in history if "train/loss" in h]
     assert len(losses[True]) == 3
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+
+
+def test_a_raised_max_steps_on_resume_trains_to_the_new_total(tmp_path: Path) -> None:
+    """max_steps 2 ends the first epoch early (5 batches per epoch); resumed with max_steps 9 (an accepted
+    change) the run must make all 9 steps, not stop where the first run's epoch count would."""
+    first = Trainer(tiny_config(tmp_path, **{"optim.max_steps": 2}))
+    assert first.steps_per_epoch == 5
+    assert first.fit()["steps"] == 2
+    summary = Trainer(tiny_config(tmp_path, **{"optim.max_steps": 9}), resume=True, accept_changes=True).fit()
+    assert summary["steps"] == 9

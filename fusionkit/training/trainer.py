@@ -527,6 +527,11 @@ class Trainer:
                         state["precision"], self.precision.name, self.precision.reason)  # fmt: skip
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
         self.best, self.bad_epochs, self.history = state["best"], state["bad_epochs"], state["history"]
+        # A raised max_steps (accepted change) after a first run's max_steps cut an epoch short: count the
+        # epochs from here, or the loop would end a short epoch early.
+        made = self.batch_in_epoch // self.cfg.optim.accumulation_steps  # steps already made in this epoch
+        left = math.ceil((self.total_steps - self.step + made) / self.steps_per_epoch)
+        self.epochs = max(self.epochs, self.epoch + left)
         self.running_loss.fill_(state["running_loss"])
         self.running_n = state["running_n"]
         if self.ema is not None:

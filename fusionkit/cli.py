@@ -277,10 +277,11 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
 
     `with_labels`: read and bind the model's label columns (eval); predict and embed need none, and
     keep rows that lack a caption or an image (the model predicts from the side that is there)."""
+    import contextlib
     import dataclasses
     import functools
 
-    from .data import build_cache, load_dataset, split_dataset
+    from .data import DataError, build_cache, load_dataset, split_dataset
     from .data.cache import SplitView
     from .tasks import bind_labels
     from .training.feature_cache import build_features
@@ -299,10 +300,20 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
     trained_keep = data.missing_image == "keep"
     if not with_labels:  # a row without a caption or an image is predicted from the side it has ...
         data = dataclasses.replace(data, missing_text="keep", missing_image="keep")
-    kw = reader_kwargs(data, model.config.tasks, labels=with_labels, source=source)
-    if kw and not with_labels and not trained_keep:
-        kw["missing_image_file"] = "error"  # ... but an image path that names no file is a mistake, not that
-    ds, _ = bind_labels(load_dataset(source, **kw), model.config.tasks, require_columns=with_labels)
+
+    def read(labels: bool) -> Any:
+        kw = reader_kwargs(data, model.config.tasks, labels=labels, source=source)
+        if kw and not with_labels and not trained_keep:
+            kw["missing_image_file"] = "error"  # ... but an image path that names no file is a mistake, not that
+        return bind_labels(load_dataset(source, **kw), model.config.tasks, require_columns=with_labels,
+                           on_error=data.on_error if labels and not with_labels else "raise")[0]  # fmt: skip
+
+    ds = None
+    if not with_labels and args.data is None and split != "all":
+        # the run's own rows: read with their labels, as training read them, so the caches it built match
+        with contextlib.suppress(DataError, ConfigError):
+            ds = read(True)
+    ds = read(with_labels) if ds is None else ds
     if args.command == "predict":
         _warn_one_sided(ds, model, source)
     if split != "all":

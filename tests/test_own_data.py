@@ -355,3 +355,20 @@ def test_eval_of_rows_without_labels_says_so(trained_run: tuple[Path, Path], tmp
     argv = ["eval", str(root / "runs" / "r1"), "--data", str(blank), "--split", "all", "--output", str(out)]
     assert main(argv) == 2
     assert "no labelled rows to score" in capsys.readouterr().err and not out.exists()
+
+
+def test_predicting_a_runs_own_split_of_a_csv_reuses_trainings_caches(tmp_path: Path) -> None:
+    """`predict RUN --ensemble RUN2` of two frozen-encoder seeds on the run's test split reads the caches
+    training built (the rows read with their labels, as training read them): no new data cache or features.
+    Unlabelled rows (every 4th row labelled here) are predicted all the same."""
+    table = write_table(tmp_path / "data", label_every=4)
+    runs = tmp_path / "runs"
+    for name, seed in (("s0", "0"), ("s1", "1")):
+        assert main(train_args(table, runs, name, "--model.freeze", "encoders", "--run.seed", seed)) == 0
+    cache = runs / "cache"
+    built = sorted(p.name for p in cache.iterdir())
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(runs / "s0"), "--ensemble", str(runs / "s1"), "--output", str(out)]) == 0
+    test = json.loads((runs / "s0" / "split.json").read_text())["test"]
+    assert sorted(r["id"] for r in csv.DictReader(out.open())) == sorted(test)
+    assert sorted(p.name for p in cache.iterdir()) == built

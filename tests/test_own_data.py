@@ -269,6 +269,22 @@ def test_python_api_resume_keeps_the_class_names_the_data_gave(tmp_path: Path) -
     assert saved.class_names == ["happy", "meh", "sad"] and isinstance(saved.class_weights, list)
 
 
+def test_resume_with_the_same_command_naming_its_classes_is_not_a_change(tmp_path: Path) -> None:
+    """Classes listed in the config (in the user's order), with the weights and prior the data fits: the
+    same command with resume continues the run; naming other classes is still a change."""
+    table = write_table(tmp_path / "data", n=24)
+    task = {"name": "mood", "class_names": ["sad", "happy", "meh"], "class_weights": "balanced", "logit_adjustment": 1.0}
+    cfg = {"data": {"dataset": str(table), "text_column": "caption", "image_column": "photo",
+                    "cache_dir": str(tmp_path / "c")},
+           "model": {"tasks": [task]}, "optim": {"max_steps": 2, "batch_size": 8},
+           "run": {"output_dir": str(tmp_path / "runs"), "name": "named", "progress": False, "plots": False}}  # fmt: skip
+    first = fusionkit.train(cfg)
+    assert fusionkit.train(cfg, resume=True)["steps"] == first["steps"] == 2  # not refused as "changed"
+    other = {**cfg, "model": {"tasks": [{**task, "class_names": ["happy", "sad", "meh"]}]}}
+    with pytest.raises(Exception, match="changed config"):
+        fusionkit.train(other, resume=True)
+
+
 def test_logit_adjustment_prior_is_fitted_saved_and_kept_on_resume(tmp_path: Path) -> None:
     """The prior comes from the train split's labels, is saved with the model, and a resumed run keeps it."""
     table = write_table(tmp_path / "data", n=24)

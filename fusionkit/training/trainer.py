@@ -174,17 +174,18 @@ def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
 
 def _adopt_data_derived(cfg: TrainConfig, saved: dict[str, Any]) -> None:
     """A resumed run keeps the task schema its data gave it (class names, counts, balanced weights):
-    a config that leaves them to the data is the same config, not a change."""
+    a config that leaves them to the data, or names the same classes, is the same config, not a change."""
     from ..config import TaskConfig, from_dict
 
     saved_tasks = {t.get("name"): t for t in saved.get("model", {}).get("tasks", []) if isinstance(t, dict)}
     for i, task in enumerate(cfg.model.tasks):
-        old = saved_tasks.get(task.name)
-        if old is None or task.class_names is not None or task.num_classes is not None:
+        if task.name not in saved_tasks:
             continue
-        old = from_dict(TaskConfig, old, f"model.tasks[{i}]")
+        old = from_dict(TaskConfig, saved_tasks[task.name], f"model.tasks[{i}]")
         same = (
-            (task.class_weights == old.class_weights or task.class_weights == "balanced")
+            task.class_names in (None, old.class_names)
+            and task.num_classes in (None, old.num_classes)
+            and (task.class_weights == old.class_weights or task.class_weights == "balanced")
             and (task.class_prior == old.class_prior or task.class_prior is None)
             and all(getattr(task, f) == getattr(old, f)
                     for f in ("type", "column", "weight", "label_smoothing", "logit_adjustment", "params"))

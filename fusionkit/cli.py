@@ -271,7 +271,8 @@ def _run_data_config(args: argparse.Namespace) -> tuple[Any, Path | None]:
     return data, run_dir
 
 
-def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, build: bool = True) -> Any:
+def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, build: bool = True,
+           member: bool = False) -> Any:  # fmt: skip
     """(dataset, data cache) of what the command reads: the run's own data and split (default), or
     every row of `--data` (a `--split` of it uses the run's split.json or `--split-file`).
 
@@ -326,7 +327,8 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
         used = {i for part in parts.values() for i in part.ids}
         pool = ds.subset([i for i in ds.ids if i in used], name=ds.name)
         ds = parts[split]
-        if with_labels and args.data is None and run_dir is not None:
+        if with_labels and args.data is None and run_dir is not None and not member:
+            # (once, for the first model: another member binds the labels to its own class order)
             _check_same_rows(run_dir, split, ds, source)
         if len(ds) == 0:
             raise ConfigError(f"the {split} split of {split_file} is empty: pass --split with another one, or "
@@ -390,7 +392,7 @@ def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         ):
             raise ConfigError(f"--ensemble: {checkpoint} has other tasks or classes than {args.checkpoint} "
                               f"({model.class_names} vs {first.class_names}); ensemble models of one task set")  # fmt: skip
-        ds, data = _split(args, model, with_labels=args.command == "eval")  # the same rows for every model
+        ds, data = _split(args, model, with_labels=args.command == "eval", member=model is not first)  # same rows
         if len(members) > 1 and args.split != "all":
             _check_unseen(checkpoint, ds.ids, args.split, args.checkpoint)
         if len(members) > 1 and model.feature_splits is not None:

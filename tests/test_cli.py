@@ -188,6 +188,10 @@ def test_an_ensemble_matches_classes_by_name_and_refuses_other_classes(run_dir: 
     alone, other = probs([str(run_dir)], tmp_path / "a.csv"), probs([str(reordered)], tmp_path / "b.csv")
     both = probs([str(run_dir), "--ensemble", str(reordered)], tmp_path / "ab.csv")
     np.testing.assert_allclose(both, (alone + other) / 2, atol=2e-6)
+    # eval binds the labels to each member's class order: that is not "the rows changed"
+    scores = tmp_path / "ab.json"
+    assert main(["eval", str(run_dir), "--ensemble", str(reordered), "--output", str(scores), *cache]) == 0
+    assert 0.0 <= json.loads(scores.read_text())["val/sentiment/accuracy"] <= 1.0
     more = member("more", [*names, "angry"])
     out = tmp_path / "p.csv"
     assert main(["predict", str(run_dir), "--ensemble", str(more), "--output", str(out), *cache]) == 2

@@ -215,6 +215,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         return dict(value)
+    if tp is str and value is None:  # `--model.freeze none`: the command line reads none as null; a str is never null
+        return "none"
     if tp is str and isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)  # `--run.name 2024`: a name that looks like a number is still a name
     if tp is float and isinstance(value, int) and not isinstance(value, bool):

@@ -169,3 +169,12 @@ def test_an_image_grid_beyond_the_patch_grid_fails_before_any_cache(tmp_path) ->
         Trainer(build_config(None, {**overrides, "model.fusion.image_grid": 5}))
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
     Trainer(build_config(None, {**overrides, "model.fusion.image_grid": 4, "run.name": "ok"}))
+
+
+def test_none_on_the_command_line_is_a_word_for_words_and_null_for_numbers(capsys) -> None:
+    """README's `--model.freeze none` (a mode named none) and `--optim.layer_decay none` (no decay) both work."""
+    from fusionkit.cli import main
+
+    assert main(["train", "--model.freeze", "none", "--optim.layer_decay", "none", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "freeze: none" in printed and "layer_decay: null" in printed

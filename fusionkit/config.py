@@ -127,6 +127,9 @@ class ModelConfig:
 
         for t in self.tasks:
             get_task_class(t.type).validate_config(t)
+        if all(t.weight == 0 for t in self.tasks):
+            raise ConfigError(f"every task has weight 0 ({names}): the loss would be 0 and nothing would be learned; "
+                              "give at least one task a weight > 0")  # fmt: skip
         if self.loss_weighting not in ("static", "uncertainty"):
             raise ConfigError(
                 f"loss_weighting must be 'static' or 'uncertainty', got {self.loss_weighting!r}"

@@ -129,3 +129,26 @@ def test_a_batch_with_no_scorable_task_gives_a_zero_loss_that_backpropagates():
     assert float(out["loss"].detach()) == 0.0 and set(out) == {"loss"}
     out["loss"].backward()
     assert logits.grad is not None and float(logits.grad.abs().sum()) == 0.0
+
+
+def test_loss_options_a_task_type_does_not_read_are_refused():
+    """class_weights / label_smoothing / logit_adjustment on a regression or multilabel task would be saved
+    as if used and change nothing; and all-zero task weights would learn nothing."""
+    import pytest
+
+    from fusionkit.config import ConfigError
+    from fusionkit.models import get_config
+    from fusionkit.tune import default_space
+
+    for task in ({"name": "score", "type": "regression", "label_smoothing": 0.1},
+                 {"name": "score", "type": "regression", "class_weights": "balanced"},
+                 {"name": "tags", "type": "multilabel", "num_classes": 3, "class_weights": [1.0, 2.0, 1.0]},
+                 {"name": "tags", "type": "multilabel", "num_classes": 3, "label_smoothing": 0.1}):  # fmt: skip
+        with pytest.raises(ConfigError, match=f"would be ignored by a {task['type']} task"):
+            get_config("tiny", tasks=[task])
+    with pytest.raises(ConfigError, match="every task has weight 0"):
+        get_config("tiny", tasks=[{"name": "a", "num_classes": 3, "weight": 0.0}])
+    get_config("tiny", tasks=[{"name": "a", "num_classes": 3, "weight": 0.0},
+                              {"name": "b", "num_classes": 2, "label_smoothing": 0.1}])  # fmt: skip
+    space = default_space(get_config("tiny", tasks=[{"name": "tags", "type": "multilabel", "num_classes": 3}]).tasks)
+    assert not any(k.startswith("model.tasks.tags.") for k in space)  # nothing a multilabel task reads

@@ -76,6 +76,8 @@ class Task:
     lower_is_better: ClassVar[tuple[str, ...]] = ("loss",)
     # `fusionkit tune`'s default space for this task's own options (TaskConfig field -> distribution)
     search_space: ClassVar[dict[str, dict[str, Any]]] = {}
+    # The TaskConfig loss options this type reads; setting another one is an error, not a silent no-op.
+    loss_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: TaskConfig) -> None:
         self.cfg = cfg
@@ -120,6 +122,12 @@ class Task:
             raise ConfigError(f"task name must be a non-empty string, got {cfg.name!r}")
         if not math.isfinite(cfg.weight) or cfg.weight < 0:
             raise ConfigError(f"task {cfg.name!r}: weight must be a finite number >= 0, got {cfg.weight}")
+        defaults = {"class_weights": None, "label_smoothing": 0.0, "logit_adjustment": 0.0, "class_prior": None}
+        unread = [k for k, v in defaults.items() if getattr(cfg, k) != v and k not in cls.loss_options]
+        if unread:
+            reads = f"it reads {', '.join(cls.loss_options)}" if cls.loss_options else "it reads none of them"
+            raise ConfigError(f"task {cfg.name!r}: {', '.join(unread)} would be ignored by a {cfg.type} task "
+                              f"({reads}); remove them")  # fmt: skip
 
     def resolve_schema(self, values: Sequence[Any], declared: Sequence[str], where: str) -> TaskConfig:
         """The task config completed from the data (class names etc.); label-free tasks need nothing."""

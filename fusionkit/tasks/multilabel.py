@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError, TaskConfig
+from ..config import TaskConfig
 from .base import is_missing, label_error, labelled_rows, register_task
 from .classification import ClassificationTask, label_string
 
@@ -23,18 +23,14 @@ def label_list(value: Any, where: str, item: str) -> list[str]:
 class MultilabelTask(ClassificationTask):
     default_metric = "micro_f1"
     metric_names = ("micro_f1", "macro_f1")
+    loss_options = ()  # plain per-class BCE: no class weights, smoothing or logit adjustment
+    search_space = {}
 
     @classmethod
     def hf_feature(cls, class_names: Sequence[str]) -> Any:
         import datasets as hf
 
         return hf.Sequence(hf.ClassLabel(names=list(class_names))) if class_names else None
-
-    @classmethod
-    def validate_config(cls, cfg: TaskConfig) -> None:
-        super().validate_config(cfg)
-        if cfg.logit_adjustment:
-            raise ConfigError(f"task {cfg.name!r}: logit_adjustment is for single-label classification")
 
     @staticmethod
     def min_classes() -> int:

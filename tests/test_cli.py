@@ -353,3 +353,17 @@ def test_k_folds_from_split_files_share_one_cache_and_ensemble_on_the_test_split
     assert main(["eval", str(runs / "f0"), "--ensemble", str(runs / "f1")]) == 2  # f1 trained on f0's val rows
     err = capsys.readouterr().err
     assert "f1 was trained on 16 of the 16 val rows" in err and "--split test" in err
+
+
+def test_evaluating_twice_gives_the_same_scores_with_an_itm_task(tmp_path: Path, capsys) -> None:
+    """ITM draws its negatives at random: evaluation seeds its own draws, so `eval` repeats itself."""
+    tasks = json.dumps([{"name": "sentiment"}, {"name": "itm", "type": "itm", "weight": 0.5}])
+    argv = ["train", "--data.dataset", "synthetic:48", "--data.cache_dir", str(tmp_path / "cache"),
+            "--model.tasks", tasks, "--optim.epochs", "1", "--run.output_dir", str(tmp_path), "--run.name", "itm",
+            "--run.progress", "false", "--run.plots", "false"]  # fmt: skip
+    assert main(argv) == 0
+    scores = []
+    for k in range(2):
+        assert main(["eval", str(tmp_path / "itm"), "--output", str(tmp_path / f"e{k}.json")]) == 0
+        scores.append(json.loads((tmp_path / f"e{k}.json").read_text()))
+    assert scores[0]["val/loss"] == scores[1]["val/loss"] and scores[0]["val/itm/accuracy"] == scores[1]["val/itm/accuracy"]

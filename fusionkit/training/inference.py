@@ -43,6 +43,7 @@ def run_inference(
     masks: dict[str, list[torch.Tensor]] = {}
     loss_sum, loss_n = 0.0, 0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)  # evaluation's own draws (ITM's negatives) are the same each time: scores repeat
         for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
             batch = move_batch(batch, device, transform)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):

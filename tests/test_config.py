@@ -139,7 +139,8 @@ def test_gpu_recipe_is_the_cpu_recipe_with_the_encoders_fine_tuned() -> None:
 
 
 def test_a_setting_the_run_will_not_read_is_said_at_start(tmp_path, caplog) -> None:
-    """optim.layer_decay under freeze: encoders (a recipe moved from top_k) trains nothing differently: say so."""
+    """Settings the run will not read (optim.layer_decay under freeze: encoders, a recipe moved from top_k;
+    trainable_layers without top_k; modality dropout or image_grid on a one-sided baseline): said at start."""
     import logging
 
     from fusionkit.training import Trainer, build_config
@@ -149,6 +150,14 @@ def test_a_setting_the_run_will_not_read_is_said_at_start(tmp_path, caplog) -> N
     with caplog.at_level(logging.WARNING, logger="fusionkit.training"):
         Trainer(build_config(None, {**overrides, "model.freeze": "encoders", "optim.layer_decay": 0.8}))
     assert any("optim.layer_decay=0.8 has no effect" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    unread = {"model.freeze": "none", "model.text.trainable_layers": 1, "model.fusion.strategy": "text_only",
+              "model.fusion.modality_dropout": 0.3, "model.fusion.image_grid": 2, "run.name": "unread"}  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="fusionkit.training"):
+        Trainer(build_config(None, {**overrides, **unread}))
+    said = " ".join(r.getMessage() for r in caplog.records)
+    for key in ("model.text.trainable_layers=1", "modality_dropout=0.3", "image_grid=2"):
+        assert f"{key} has no effect" in said, key
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="fusionkit.training"):
         Trainer(build_config(None, {**overrides, "model.freeze": "top_k", "optim.layer_decay": 0.8,

@@ -161,9 +161,26 @@ def _plain_name(name: str) -> bool:
 def unused_settings(cfg: TrainConfig) -> list[str]:
     """Settings this run will not read (said at start: a recipe moved to another freeze mode keeps them)."""
     out = []
-    if cfg.model.freeze == "encoders" and cfg.optim.layer_decay is not None:
-        out.append(f"optim.layer_decay={cfg.optim.layer_decay} has no effect: model.freeze is 'encoders', so no "
-                   "encoder block trains (use freeze: top_k or none to train them)")  # fmt: skip
+    model, fusion = cfg.model, cfg.model.fusion
+    if model.freeze == "encoders":
+        for key, value, default in (("optim.layer_decay", cfg.optim.layer_decay, None),
+                                    ("optim.encoder_lr_scale", cfg.optim.encoder_lr_scale, 0.1)):  # fmt: skip
+            if value != default:
+                out.append(f"{key}={value} has no effect: model.freeze is 'encoders', so no encoder block trains "
+                           "(use freeze: top_k or none to train them)")  # fmt: skip
+    if model.freeze != "top_k":
+        for key, value in (("model.trainable_layers", model.trainable_layers),
+                           ("model.text.trainable_layers", model.text.trainable_layers),
+                           ("model.image.trainable_layers", model.image.trainable_layers)):  # fmt: skip
+            if value:
+                out.append(f"{key}={value} has no effect: it counts the blocks freeze: top_k trains, and "
+                           f"model.freeze is {model.freeze!r}")  # fmt: skip
+    one_sided = fusion.strategy in ("text_only", "image_only")
+    if one_sided and fusion.modality_dropout:
+        out.append(f"model.fusion.modality_dropout={fusion.modality_dropout} has no effect on the {fusion.strategy} "
+                   "baseline, which reads one side only")  # fmt: skip
+    if fusion.strategy == "text_only" and fusion.image_grid:
+        out.append(f"model.fusion.image_grid={fusion.image_grid} has no effect: text_only reads no image")
     return out
 
 

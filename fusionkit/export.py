@@ -240,6 +240,10 @@ def export_onnx(
             log.info("exported %s: %s", part, entry)
     finally:
         model.train(was_training)
+    # What each `logits_<task>` column means, so the folder serves without the run dir: label strings in order.
+    outputs = {o for entry in report["parts"].values() for kind in entry.values() for o in kind["outputs"]}
+    report["tasks"] = {name: {"type": task.type, "output": f"logits_{name}", "class_names": task.class_names}
+                       for name, task in model.tasks.items() if f"logits_{name}" in outputs}  # fmt: skip
     FusionProcessor.from_model(model).save_pretrained(out)
     (out / "export.json").write_text(json.dumps(report, indent=2))
     return report

@@ -67,9 +67,12 @@ def test_onnx_model_graph_matches_pytorch(model, batch, tmp_path: Path) -> None:
     entry = report["parts"]["model"]["fp32"]
     assert entry["inputs"] == ["input_ids", "attention_mask", "pixel_values"]
     assert entry["outputs"] == ["logits_sentiment"] and entry["parity"]["max_abs_diff"] <= FP32_ATOL
-    assert (
-        json.loads((tmp_path / "export.json").read_text())["parts"]["model"]["fp32"]["file"] == "model.onnx"
-    )
+    saved = json.loads((tmp_path / "export.json").read_text())
+    assert saved["parts"]["model"]["fp32"]["file"] == "model.onnx"
+    # the logits' columns are named: label strings in the model's order, no run dir needed
+    assert saved["tasks"]["sentiment"] == {"type": "classification", "output": "logits_sentiment",
+                                           "class_names": model.tasks["sentiment"].class_names}  # fmt: skip
+    assert saved["tasks"]["sentiment"]["class_names"]
     assert (tmp_path / "processor_config.json").is_file()  # the folder serves on its own
     _onnx_vs_torch(model, batch, tmp_path, ["model"])
 

@@ -107,7 +107,8 @@ def suggest(trial: Any, space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any
 
 
 def apply_params(config: Any, params: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Any:
-    """The `TrainConfig` with `params` set: plain dotted keys, and `model.tasks.<name>.<option>`."""
+    """The `TrainConfig` with `params` set: plain dotted keys, `model.tasks.<name>.<option>`, and a task's own
+    parameters as `model.tasks.<name>.params.<key>` (supcon's temperature, say)."""
     from .training.config import TrainConfig
 
     data = to_dict(config)
@@ -116,7 +117,13 @@ def apply_params(config: Any, params: Mapping[str, Any], overrides: Mapping[str,
         if not key.startswith(TASK_PREFIX):
             plain[key] = value
             continue
-        name, _, option = key[len(TASK_PREFIX) :].rpartition(".")
+        rest = key[len(TASK_PREFIX) :]
+        name, _, param = rest.partition(".params.")
+        task = next((t for t in data["model"]["tasks"] if t["name"] == name), None)
+        if param and task is not None:  # checked by the task type when the config validates
+            task["params"] = {**task.get("params", {}), param: value}
+            continue
+        name, _, option = rest.rpartition(".")
         task = next((t for t in data["model"]["tasks"] if t["name"] == name), None)
         if task is None or option not in task:
             names = [t["name"] for t in data["model"]["tasks"]]

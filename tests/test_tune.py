@@ -70,6 +70,13 @@ def test_task_options_and_bad_spaces() -> None:
     assert tuned.model.tasks[0].label_smoothing == 0.1 and tuned.optim.lr == 1e-3
     with pytest.raises(ConfigError, match="no task 'mood'"):
         apply_params(cfg, {"model.tasks.mood.label_smoothing": 0.1})
+    # a task's own parameters: model.tasks.<name>.params.<key>, the others kept
+    sc = {"name": "sc", "type": "supcon", "params": {"labels_from": "sentiment", "views": "joint"}}
+    with_sc = build_config(None, {"model.tasks": [{"name": "sentiment"}, sc]})
+    tuned = apply_params(with_sc, {"model.tasks.sc.params.temperature": 0.2})
+    assert tuned.model.tasks[1].params == {"labels_from": "sentiment", "views": "joint", "temperature": 0.2}
+    with pytest.raises(ConfigError, match="unknown params"):
+        apply_params(with_sc, {"model.tasks.sc.params.temprature": 0.2}).validate()
     with pytest.raises(ConfigError, match="needs type"):
         load_space({"optim.lr": {"low": 1, "high": 2}})
     with pytest.raises(ConfigError, match="low must be < high"):

@@ -297,35 +297,30 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
                           "which it cannot read again: pass --data FILE with those rows (and --split NAME to use "
                           "the run's split.json on them)")  # fmt: skip
     split = args.split or ("all" if args.data else {"eval": "val"}.get(args.command, "test"))
-    pool = None  # the rows of all splits, which training cached together
-    trained_keep = data.missing_image == "keep"
+    trained = data  # the policies training read the rows with
     if not with_labels:  # a row without a caption or an image is predicted from the side it has ...
         data = dataclasses.replace(data, missing_text="keep", missing_image="keep")
 
-    def read(labels: bool) -> Any:
-        kw = reader_kwargs(data, model.config.tasks, labels=labels, source=source)
-        if kw and not with_labels and not trained_keep:
+    def read(cfg: Any, labels: bool, on_error: str = "raise") -> Any:
+        kw = reader_kwargs(cfg, model.config.tasks, labels=labels, source=source)
+        if kw and not with_labels and trained.missing_image != "keep":
             kw["missing_image_file"] = "error"  # ... but an image path that names no file is a mistake, not that
         return bind_labels(load_dataset(source, **kw), model.config.tasks, require_columns=with_labels,
-                           on_error=data.on_error if labels and not with_labels else "raise")[0]  # fmt: skip
+                           on_error=on_error)[0]  # fmt: skip
 
-    ds = None
-    if not with_labels and args.data is None and split != "all":
-        # the run's own rows: read with their labels, as training read them, so the caches it built match
-        with contextlib.suppress(DataError, ConfigError):
-            ds = read(True)
-    ds = read(with_labels) if ds is None else ds
-    if args.command == "predict":
-        _warn_one_sided(ds, model, source)
+    ds, pool = read(data, with_labels), None
     if split != "all":
         split_file = Path(args.split_file) if args.split_file else (run_dir / "split.json" if run_dir else None)
         if split_file is None or not split_file.is_file():
             raise ConfigError(f"--split {split} needs the run's split.json or --split-file; use --split all for every row")
+        saved = json.loads(split_file.read_text())
+        named = {i for k in ("train", "val", "test") if isinstance(saved.get(k), list) for i in saved[k]}
+        # rows the split names: those training skipped, or added to the file since, are in no split
+        ds = ds.subset([i for i in ds.ids if i in named], name=ds.name)
         parts = split_dataset(ds, path=split_file)
         if split not in parts:
             raise ConfigError(f"unknown split {split!r}; use train, val, test or all")
-        used = {i for part in parts.values() for i in part.ids}
-        pool = ds.subset([i for i in ds.ids if i in used], name=ds.name)
+        pool = ds
         ds = parts[split]
         if with_labels and args.data is None and run_dir is not None and not member:
             # (once, for the first model: another member binds the labels to its own class order)
@@ -333,6 +328,13 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
         if len(ds) == 0:
             raise ConfigError(f"the {split} split of {split_file} is empty: pass --split with another one, or "
                               "--data FILE (every row of it, or --split of it)")  # fmt: skip
+        if not with_labels and args.data is None:
+            # training cached the rows as it read them (labels bound, its policies): look its cache up so
+            with contextlib.suppress(DataError, ConfigError):
+                labelled = read(trained, True, trained.on_error)
+                pool = labelled.subset([i for i in labelled.ids if i in named], name=labelled.name)
+    if args.command == "predict":
+        _warn_one_sided(ds, model, source)
     args.split = split
     if not build:
         return ds, None
@@ -340,7 +342,8 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
                               cache_dir=cache_root(data), max_length=model.config.text.max_length,
                               on_error=data.on_error)  # fmt: skip
     whole = None if pool is None else cache(pool, only_if_built=True)
-    if whole is not None and (not args.ensemble or model.feature_splits is None or build_features(
+    covered = whole is not None and set(ds.ids) <= {*whole.ids, *(row["item"] for row in whole.skipped)}
+    if covered and (not args.ensemble or model.feature_splits is None or build_features(
             model, whole, whole.path.parent, only_if_built=True) is not None):  # fmt: skip
         # the split as a view of what training cached; an ensemble member with frozen encoders reads its
         # features from the stores its training built, else (below) its encoders run on this split alone

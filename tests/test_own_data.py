@@ -388,3 +388,35 @@ def test_predicting_a_runs_own_split_of_a_csv_reuses_trainings_caches(tmp_path: 
     test = json.loads((runs / "s0" / "split.json").read_text())["test"]
     assert sorted(r["id"] for r in csv.DictReader(out.open())) == sorted(test)
     assert sorted(p.name for p in cache.iterdir()) == built
+
+
+@pytest.mark.parametrize("case", ["skipped_sides", "label_typo_under_skip", "rows_appended"])
+def test_predict_of_a_runs_own_split_after_the_table_changed_around_it(tmp_path: Path, case: str) -> None:
+    """The run's test split is predicted, all of it and only it, when the table holds rows training skipped
+    (missing sides under skip), a test row's label became unreadable (on_error: skip), or rows were appended."""
+    table = write_table(tmp_path / "data", n=48)
+    rows = list(csv.DictReader(table.open()))
+    extra = {"skipped_sides": ["--data.missing_text", "skip", "--data.missing_image", "skip"],
+             "label_typo_under_skip": ["--data.on_error", "skip"], "rows_appended": []}[case]  # fmt: skip
+    if case == "skipped_sides":
+        rows[5]["caption"], rows[17]["photo"] = "", ""
+    _write_rows(table, rows)
+    runs = tmp_path / "runs"
+    assert main(train_args(table, runs, "r", "--model.freeze", "encoders", *extra)) == 0
+    test = json.loads((runs / "r" / "split.json").read_text())["test"]
+    if case == "label_typo_under_skip":
+        for r in rows:
+            r["mood"] = "sadd" if r["id"] == test[0] else r["mood"]
+    if case == "rows_appended":
+        rows += [{**rows[0], "id": "new1"}, {**rows[1], "id": "new2"}]
+    _write_rows(table, rows)
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(runs / "r"), "--output", str(out)]) == 0
+    assert sorted(r["id"] for r in csv.DictReader(out.open())) == sorted(test)
+
+
+def _write_rows(path: Path, rows: list[dict[str, str]]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)

@@ -233,14 +233,20 @@ def _run_dir_of(checkpoint: str | Path) -> Path | None:
                  if (d / "config.json").is_file() and (d / "split.json").is_file()), None)  # fmt: skip
 
 
-def _check_unseen(checkpoint: str, ids: list[str], split: str, first: str) -> None:
-    """An ensemble member must not have trained on the rows of the split it is scored or predicted on: seeds
-    trained on different splits would each have seen rows the others hold out, and inflate the result."""
+def _check_unseen(checkpoint: str, ids: list[str], split: str, first: str, ensemble: bool = True) -> None:
+    """A model must not be scored or predicted on a held-out split's rows that it trained on (another run's
+    split file; ensemble seeds trained on different splits): the result would be inflated."""
     run_dir = _run_dir_of(checkpoint)
     if run_dir is None:
         return  # a bare model folder: its training rows are unknown
     seen = set(json.loads((run_dir / "split.json").read_text()).get("train", []))
     overlap = [i for i in ids if i in seen]
+    if overlap and not ensemble:
+        raise ConfigError(
+            f"{checkpoint} was trained on {len(overlap)} of the {len(ids)} {split} rows used here (e.g. "
+            f"{overlap[:3]}): scoring them would inflate the result. Score its own held-out split (leave out "
+            "--split-file), or pass --split train to see how it fits rows it trained on"
+        )
     if overlap:
         raise ConfigError(
             f"--ensemble: {checkpoint} was trained on {len(overlap)} of the {len(ids)} {split} rows used here "
@@ -396,8 +402,8 @@ def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
             raise ConfigError(f"--ensemble: {checkpoint} has other tasks or classes than {args.checkpoint} "
                               f"({model.class_names} vs {first.class_names}); ensemble models of one task set")  # fmt: skip
         ds, data = _split(args, model, with_labels=args.command == "eval", member=model is not first)  # same rows
-        if len(members) > 1 and args.split != "all":
-            _check_unseen(checkpoint, ds.ids, args.split, args.checkpoint)
+        if args.split != "all" and (len(members) > 1 or args.split != "train"):  # its own train split: asked for
+            _check_unseen(checkpoint, ds.ids, args.split, args.checkpoint, ensemble=len(members) > 1)
         if len(members) > 1 and model.feature_splits is not None:
             loader, transform = _feature_loader(model, data, args.batch_size), None
         else:

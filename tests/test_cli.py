@@ -367,3 +367,20 @@ def test_evaluating_twice_gives_the_same_scores_with_an_itm_task(tmp_path: Path,
         assert main(["eval", str(tmp_path / "itm"), "--output", str(tmp_path / f"e{k}.json")]) == 0
         scores.append(json.loads((tmp_path / f"e{k}.json").read_text()))
     assert scores[0]["val/loss"] == scores[1]["val/loss"] and scores[0]["val/itm/accuracy"] == scores[1]["val/itm/accuracy"]
+
+
+def test_scoring_rows_a_model_trained_on_is_refused(tmp_path: Path, capsys) -> None:
+    """Another run's split file as --split-file: its test rows include rows this model trained on, so the
+    score would be inflated. Refused, with what to do; the model's own train split can still be asked for."""
+    common = ["train", "--data.dataset", "synthetic:60", "--data.cache_dir", str(tmp_path / "cache"),
+              "--optim.epochs", "1", "--run.output_dir", str(tmp_path), "--run.progress", "false",
+              "--run.plots", "false"]  # fmt: skip
+    assert main([*common, "--run.name", "a"]) == 0
+    assert main([*common, "--run.name", "b", "--data.split_seed", "3"]) == 0
+    other = tmp_path / "b" / "split.json"
+    capsys.readouterr()
+    argv = ["eval", str(tmp_path / "a"), "--split-file", str(other), "--split", "test", "--data", "synthetic:60"]
+    assert main([*argv, "--output", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert "was trained on" in err and "inflate" in err and not (tmp_path / "x.json").exists()
+    assert main(["eval", str(tmp_path / "a"), "--split", "train", "--output", str(tmp_path / "t.json")]) == 0

@@ -370,7 +370,8 @@ def _check_same_rows(run_dir: Path, split: str, ds: Any, source: Any) -> None:
         "these are not the rows the run held out (without an id column rows are named by their position, so "
         "reordering or editing the file moves them)",
         source=str(source),
-        hint="restore the data the run trained on, or score a file deliberately with --data FILE --split all",
+        hint=f"restore the data the run trained on, or score the file as it is now: --data {source} --split {split} "
+        "(rows named by an id column), or --data FILE --split all (a file without ids)",
     )
 
 

@@ -248,7 +248,7 @@ def test_split_stratified_deterministic_and_reused(tmp_path: Path) -> None:
     first = split_dataset(ds, seed=1, path=path)
     again = split_dataset(ds, seed=99, path=path)  # the file wins over the seed
     assert again["test"].ids == first["test"].ids and json.loads(path.read_text())["seed"] == 1
-    with pytest.raises(DataError, match="delete the file"):  # a stale split file is never half-used
+    with pytest.raises(DataError, match="make a new split"):  # a stale split file is never half-used
         split_dataset(ds.subset(range(10)), path=path)
 
 

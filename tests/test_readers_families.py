@@ -557,7 +557,7 @@ def test_reused_split_file_refuses_rows_it_does_not_name(
     grown = load_dataset("synthetic:40")
     with pytest.raises(DataError, match="10 rows of the dataset are in no split") as e:
         split_dataset(grown, path=path)
-    assert "delete the file" in str(e.value).lower() and "allow_new_rows=True" in str(e.value)
+    assert "make a new split" in str(e.value).lower() and "allow_new_rows=True" in str(e.value)
     with caplog.at_level(logging.WARNING, logger="fusionkit.data"):
         parts = split_dataset(grown, path=path, allow_new_rows=True)
     assert "10 new rows" in caplog.text

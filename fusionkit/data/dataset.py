@@ -292,7 +292,8 @@ def split_dataset(
             raise DataError(
                 f"split file names {len(unknown)} ids not in the dataset (e.g. {unknown[:3]})",
                 source=str(path),
-                hint="the dataset changed: delete the file to make a new split",
+                hint="the dataset lost rows since the split was made: restore them, or make a new split (another "
+                "data.split_file path, or a new run); a run dir's split.json is that run's record: keep it",
             )
         named = {i for k in SPLITS for i in ids[k]}
         new = [i for i in ds.ids if i not in named]
@@ -301,8 +302,8 @@ def split_dataset(
                 f"{len(new)} rows of the dataset are in no split of this file (e.g. {new[:3]}): "
                 "rows were added since the split was made",
                 source=str(path),
-                hint="delete the file (or pass a new split file, data.split_file) to make a new split, "
-                "or pass allow_new_rows=True to put the new rows in train",
+                hint="make a new split (another data.split_file path, or a new run; a run dir's split.json is "
+                "that run's record: keep it), or pass allow_new_rows=True to put the new rows in train",
             )
         if new:
             log.warning("%s: %d new rows are in no split; adding them to train", path, len(new))

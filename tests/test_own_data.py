@@ -104,6 +104,8 @@ def test_predict_one_raw_pair_and_one_modality(trained_run: tuple[Path, Path], c
     model = fusionkit.FusionModel.from_pretrained(run)
     preds = model.predict(texts=["great sunny day", None], images=[None, str(table.parent / "img1.png")])
     assert len(preds) == 2 and all(p["mood"] in MOODS for p in preds)
+    with pytest.raises(TypeError, match="takes lists"):  # one caption as a str would be read letter by letter
+        model.predict(texts="great sunny day", images=str(table.parent / "img1.png"))
 
 
 def test_eval_uses_the_runs_split_and_other_files_whole(trained_run: tuple[Path, Path], tmp_path: Path) -> None:

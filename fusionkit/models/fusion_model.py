@@ -377,11 +377,15 @@ class FusionModel(nn.Module):
             model.predict(texts=["what a day"], images=["photo.jpg"])
             # [{"sentiment": "positive", "sentiment_prob": {"positive": 0.91, ...}}]
         """
+        from PIL import Image
+
         from ..precision import choose_precision
         from ..processor import FusionProcessor
 
         if texts is None and images is None:
             raise ValueError("predict() needs texts, images or both")
+        if isinstance(texts, str) or isinstance(images, str | bytes | Path | Image.Image):
+            raise TypeError("predict() takes lists: texts=[caption, ...], images=[image, ...] (one pair: a list of one)")
         amp = choose_precision(precision, self.device)  # "auto": bf16 where the hardware runs it natively
         n = len(texts) if texts is not None else len(images)  # type: ignore[arg-type]
         texts = list(texts) if texts is not None else [None] * n

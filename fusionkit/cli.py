@@ -319,10 +319,12 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
         split_file = Path(args.split_file) if args.split_file else (run_dir / "split.json" if run_dir else None)
         if split_file is None or not split_file.is_file():
             raise ConfigError(f"--split {split} needs the run's split.json or --split-file; use --split all for every row")
-        saved = json.loads(split_file.read_text())
-        named = {i for k in ("train", "val", "test") if isinstance(saved.get(k), list) for i in saved[k]}
-        # rows the split names: those training skipped, or added to the file since, are in no split
-        ds = ds.subset([i for i in ds.ids if i in named], name=ds.name)
+        with contextlib.suppress(ValueError):  # a broken file: split_dataset says what is wrong with it
+            saved = json.loads(split_file.read_text())
+            named = {i for k in ("train", "val", "test") if isinstance(saved, dict)
+                     and isinstance(saved.get(k), list) for i in saved[k]}  # fmt: skip
+            # rows the file does not name (training skipped them, or they were added since) are in no split
+            ds = ds.subset([i for i in ds.ids if i in named], name=ds.name)
         parts = split_dataset(ds, path=split_file)
         if split not in parts:
             raise ConfigError(f"unknown split {split!r}; use train, val, test or all")
@@ -334,16 +336,16 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
         if len(ds) == 0:
             raise ConfigError(f"the {split} split of {split_file} is empty: pass --split with another one, or "
                               "--data FILE (every row of it, or --split of it)")  # fmt: skip
-        if not with_labels and args.data is None:
-            # training cached the rows as it read them (labels bound, its policies): look its cache up so
-            with contextlib.suppress(DataError, ConfigError):
-                labelled = read(trained, True, trained.on_error)
-                pool = labelled.subset([i for i in labelled.ids if i in named], name=labelled.name)
     if args.command == "predict":
         _warn_one_sided(ds, model, source)
     args.split = split
     if not build:
         return ds, None
+    if pool is not None and not with_labels and args.data is None:
+        # training cached its rows as it read them (labels bound, its policies): read them so to find that cache
+        with contextlib.suppress(DataError, ConfigError):
+            labelled, rows = read(trained, True, trained.on_error), set(pool.ids)
+            pool = labelled.subset([i for i in labelled.ids if i in rows], name=labelled.name)
     cache = functools.partial(build_cache, tokenizer=model.tokenizer, image_preprocess=model.image_preprocess,
                               cache_dir=cache_root(data), max_length=model.config.text.max_length,
                               on_error=data.on_error)  # fmt: skip

@@ -257,6 +257,12 @@ def test_a_raised_max_steps_on_resume_trains_to_the_new_total(tmp_path: Path) ->
     change) the run must make all 9 steps, not stop where the first run's epoch count would."""
     first = Trainer(tiny_config(tmp_path, **{"optim.max_steps": 2}))
     assert first.steps_per_epoch == 5
-    assert first.fit()["steps"] == 2
+    done = first.fit()
+    assert done["steps"] == 2
+    first_seconds = done["train_seconds"]
     summary = Trainer(tiny_config(tmp_path, **{"optim.max_steps": 9}), resume=True, accept_changes=True).fit()
     assert summary["steps"] == 9
+    # training time counts every session; resuming the finished run adds nothing and keeps it
+    assert summary["train_seconds"] > first_seconds > 0
+    again = Trainer(tiny_config(tmp_path, **{"optim.max_steps": 9}), resume=True).fit()
+    assert again["steps"] == 9 and again["train_seconds"] > first_seconds  # (as of the last checkpoint)

@@ -299,6 +299,7 @@ class Trainer:
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.best: float | None = None
         self.bad_epochs = 0
+        self.seconds_before, self.fit_start = 0.0, 0.0  # training time of earlier sessions of a resumed run
         self.history: list[dict[str, Any]] = []
         self._stop_signal: int | None = None
         # called with each epoch's history entry (val metrics) after its checkpoint, e.g. to prune a tuning trial
@@ -483,6 +484,7 @@ class Trainer:
             "running_loss": float(self.running_loss),
             "running_n": self.running_n,
             "precision": self.precision.name,
+            "train_seconds": self.seconds_before + (time.perf_counter() - self.fit_start if self.fit_start else 0.0),
             **({"ema": self.ema.state_dict(self.model)} if self.ema else {}),  # the raw weights; the model file holds the EMA
         }
 
@@ -534,6 +536,7 @@ class Trainer:
         left = math.ceil((self.total_steps - self.step + made) / self.steps_per_epoch)
         self.epochs = max(self.epochs, self.epoch + left)
         self.running_loss.fill_(state["running_loss"])
+        self.seconds_before = state.get("train_seconds", 0.0)
         self.running_n = state["running_n"]
         if self.ema is not None:
             self.ema.load_state_dict(state.get("ema"), self.model)
@@ -589,14 +592,14 @@ class Trainer:
             self._write_config()
             if self.cfg.run.report_to:
                 self.accelerator.init_trackers(self.run_dir.name, config=_scalar_config(to_dict(self.cfg)))
-            start = time.perf_counter()
+            start = self.fit_start = time.perf_counter()
             log.info("run dir %s: %d train examples, %d steps, %s", self.run_dir, len(self.datasets["train"]),
                      self.total_steps, "cached encoder features" if self.use_features else "end to end")  # fmt: skip
             with self._graceful_stop():
                 while self.epoch < self.epochs and self.step < self.total_steps and not self._early_stopped():
                     self._train_epoch()
                     self._end_epoch()  # also when max_steps ended the epoch early: the final eval + checkpoint
-            return self._finish(time.perf_counter() - start)
+            return self._finish(self.seconds_before + time.perf_counter() - start)  # over every session
         finally:
             self.run.unlock()
 

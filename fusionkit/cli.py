@@ -337,7 +337,7 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
             raise ConfigError(f"the {split} split of {split_file} is empty: pass --split with another one, or "
                               "--data FILE (every row of it, or --split of it)")  # fmt: skip
     if args.command == "predict":
-        _warn_one_sided(ds, model, source)
+        model.warn_one_sided(sum(ex.text is None for ex in ds), sum(ex.image is None for ex in ds), len(ds), source)
     args.split = split
     if not build:
         return ds, None
@@ -375,17 +375,6 @@ def _check_same_rows(run_dir: Path, split: str, ds: Any, source: Any) -> None:
         hint=f"restore the data the run trained on, or score the file as it is now: --data {source} --split {split} "
         "(rows named by an id column), or --data FILE --split all (a file without ids)",
     )
-
-
-def _warn_one_sided(ds: Any, model: Any, source: Any) -> None:
-    """Say so when rows lack a caption or an image and the model never learned to predict without one."""
-    if model.config.fusion.modality_dropout > 0:
-        return
-    for side, absent in (("caption", sum(ex.text is None for ex in ds)), ("image", sum(ex.image is None for ex in ds))):
-        if absent:
-            log.warning("%d of %d rows of %s have no %s: they are predicted from the other side alone, which "
-                        "this model was not trained for (model.fusion.modality_dropout 0)", absent, len(ds),
-                        source, side)  # fmt: skip
 
 
 def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:

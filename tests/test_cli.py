@@ -304,7 +304,7 @@ def test_predict_keeps_an_empty_image_cell_but_refuses_a_broken_path(
     with caplog.at_level("WARNING"):
         assert main(["predict", str(run_dir), "--data", str(table), "--output", str(out), *cache]) == 0
     assert [r["id"] for r in csv.DictReader(out.open())] == ["r0", "r1"]
-    assert "1 of 2 rows of" in caplog.text and "have no image" in caplog.text and "modality_dropout 0" in caplog.text
+    assert "1 of 2 pairs of" in caplog.text and "have no image" in caplog.text and "modality_dropout 0" in caplog.text
 
 
 def test_rows_added_to_train_by_allow_new_rows_are_in_the_runs_split(run_dir: Path, tmp_path: Path, capsys) -> None:

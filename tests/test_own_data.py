@@ -93,7 +93,8 @@ def test_predict_every_row_of_a_new_file_without_labels(trained_run: tuple[Path,
     assert [r["id"] for r in csv.DictReader(out.open())] == ["c1", "c2"]
 
 
-def test_predict_one_raw_pair_and_one_modality(trained_run: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
+def test_predict_one_raw_pair_and_one_modality(trained_run: tuple[Path, Path], capsys: pytest.CaptureFixture,
+                                               caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     root, table = trained_run
     run = str(root / "runs" / "r1")
     assert main(["predict", run, "--text", "great sunny day", "--image", str(table.parent / "img0.png")]) == 0
@@ -102,8 +103,11 @@ def test_predict_one_raw_pair_and_one_modality(trained_run: tuple[Path, Path], c
     assert main(["predict", run, "--text", "awful rainy mess"]) == 0  # caption alone
     assert json.loads(capsys.readouterr().out)["mood"] in MOODS
     model = fusionkit.FusionModel.from_pretrained(run)
-    preds = model.predict(texts=["great sunny day", None], images=[None, str(table.parent / "img1.png")])
+    with caplog.at_level("WARNING", logger="fusionkit"):
+        preds = model.predict(texts=["great sunny day", None], images=[None, str(table.parent / "img1.png")])
     assert len(preds) == 2 and all(p["mood"] in MOODS for p in preds)
+    # trained without modality dropout: the Python API says so, as the CLI does
+    assert "1 of 2 pairs of predict() have no caption" in caplog.text and "have no image" in caplog.text
     with pytest.raises(TypeError, match="takes lists"):  # one caption as a str would be read letter by letter
         model.predict(texts="great sunny day", images=str(table.parent / "img1.png"))
 

@@ -19,6 +19,7 @@ input of that row has no influence), and a batch lacking one side entirely skips
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import warnings
@@ -361,6 +362,18 @@ class FusionModel(nn.Module):
         """`{"loss": weighted total, task: task loss}`; unlabeled examples are masked out per task."""
         return self.criterion(outputs, labels, label_mask)
 
+    def warn_one_sided(self, no_text: int, no_image: int, total: int, where: str) -> None:
+        """Say so when pairs lack a side this model reads but never learned to do without (modality dropout 0)."""
+        fusion = self.config.fusion
+        if fusion.modality_dropout > 0:
+            return
+        reads = {"text_only": ("caption",), "image_only": ("image",)}.get(fusion.strategy, ("caption", "image"))
+        for side, absent in (("caption", no_text), ("image", no_image)):
+            if absent and side in reads:
+                logging.getLogger("fusionkit").warning(
+                    "%d of %d pairs of %s have no %s: they are predicted from the other side alone, which this "
+                    "model was not trained for (model.fusion.modality_dropout 0)", absent, total, where, side)
+
     @torch.inference_mode()
     def predict(
         self,
@@ -390,6 +403,7 @@ class FusionModel(nn.Module):
         n = len(texts) if texts is not None else len(images)  # type: ignore[arg-type]
         texts = list(texts) if texts is not None else [None] * n
         images = list(images) if images is not None else [None] * n
+        self.warn_one_sided(sum(t is None for t in texts), sum(i is None for i in images), n, "predict()")
         processor = FusionProcessor.from_model(self)
         was_training = self.training
         self.eval()

@@ -330,8 +330,9 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
             raise ConfigError(f"unknown split {split!r}; use train, val, test or all")
         pool = ds
         ds = parts[split]
-        if with_labels and args.data is None and run_dir is not None and not member:
-            # (once, for the first model: another member binds the labels to its own class order)
+        if with_labels and args.data is None and args.split_file is None and run_dir is not None and not member:
+            # its own split (another file's rows are not the ones it held out); once, for the first model:
+            # another member binds the labels to its own class order
             _check_same_rows(run_dir, split, ds, source)
         if len(ds) == 0:
             raise ConfigError(f"the {split} split of {split_file} is empty: pass --split with another one, or "
@@ -394,7 +395,7 @@ def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
             raise ConfigError(f"--ensemble: {checkpoint} has other tasks or classes than {args.checkpoint} "
                               f"({model.class_names} vs {first.class_names}); ensemble models of one task set")  # fmt: skip
         ds, data = _split(args, model, with_labels=args.command == "eval", member=model is not first)  # same rows
-        if args.split != "all" and (len(members) > 1 or args.split != "train"):  # its own train split: asked for
+        if args.split not in ("all", "train"):  # the train split: fit on rows it trained on, as asked
             _check_unseen(checkpoint, ds.ids, args.split, args.checkpoint, ensemble=len(members) > 1)
         if len(members) > 1 and model.feature_splits is not None:
             loader, transform = _feature_loader(model, data, args.batch_size), None

@@ -383,4 +383,13 @@ def test_scoring_rows_a_model_trained_on_is_refused(tmp_path: Path, capsys) -> N
     assert main([*argv, "--output", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err
     assert "was trained on" in err and "inflate" in err and not (tmp_path / "x.json").exists()
+    # without --data too: the reason is the overlap, not "the rows changed"
+    assert main(["eval", str(tmp_path / "a"), "--split-file", str(other), "--split", "test"]) == 2
+    err = capsys.readouterr().err
+    assert "was trained on" in err and "changed content" not in err
     assert main(["eval", str(tmp_path / "a"), "--split", "train", "--output", str(tmp_path / "t.json")]) == 0
+    # a hand-written subset of its own test split is scored as given
+    own = json.loads((tmp_path / "a" / "split.json").read_text())
+    (tmp_path / "sub.json").write_text(json.dumps({**own, "test": own["test"][:3]}))
+    assert main(["eval", str(tmp_path / "a"), "--split-file", str(tmp_path / "sub.json"), "--split", "test",
+                 "--output", str(tmp_path / "s.json")]) == 0  # fmt: skip

@@ -342,6 +342,9 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
     args.split = split
     if not build:
         return ds, None
+    root, prefix = Path(cache_root(data)), None if pool is None else pool.name.replace("/", "_") + "-"
+    if prefix is not None and not (root.is_dir() and any(p.name.startswith(prefix) for p in root.iterdir())):
+        pool = None  # no cache of these rows at all: skip hashing every row of the table to look one up
     if pool is not None and not with_labels and args.data is None:
         # training cached its rows as it read them (labels bound, its policies): read them so to find that cache
         with contextlib.suppress(DataError, ConfigError):

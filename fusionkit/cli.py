@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default="auto")
         sp.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="auto (as training): bf16 on GPUs and CPUs with bf16 units, else fp32")  # fmt: skip
+        sp.add_argument("--on-error", choices=("raise", "skip"),
+                        help="a row or image that cannot be read: raise naming it, or skip it and report it "
+                        "(default: the run's data.on_error)")  # fmt: skip
         for col in ("text", "image", "id"):
             sp.add_argument(f"--{col}-column", help=f"column of the {col}s in --data (default: the run's data.{col}_column)")
 
@@ -274,6 +277,8 @@ def _run_data_config(args: argparse.Namespace) -> tuple[Any, Path | None]:
     data = dataclasses.replace(data, **{k: v for k, v in changes.items() if v is not None})
     if args.cache_dir:
         data = dataclasses.replace(data, cache_dir=args.cache_dir)
+    if args.on_error:
+        data = dataclasses.replace(data, on_error=args.on_error)
     return data, run_dir
 
 
@@ -314,7 +319,7 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
         return bind_labels(load_dataset(source, **kw), model.config.tasks, require_columns=with_labels,
                            on_error=on_error)[0]  # fmt: skip
 
-    ds, pool = read(data, with_labels), None
+    ds, pool = read(data, with_labels, data.on_error), None
     if split != "all":
         split_file = Path(args.split_file) if args.split_file else (run_dir / "split.json" if run_dir else None)
         if split_file is None or not split_file.is_file():
@@ -485,18 +490,21 @@ def _embed(args: argparse.Namespace) -> int:
         raise ConfigError("under torchrun / accelerate launch, give --output DIR/ to write one set of shards")
     model = FusionModel.from_pretrained(args.checkpoint, map_location=resolve_device(args.device))
     ds, _ = _split(args, model, build=False)  # embed streams the raw pairs itself
+    on_error = _run_data_config(args)[0].on_error
     if _sharded_embed(args):
         from .embed_shards import embed_to_shards
 
         manifest = embed_to_shards(model, ds, args.output, shard_size=args.shard_size or 10_000,
                                    batch_size=args.batch_size, modality=args.modality, precision=args.precision,
+                                   on_error=on_error,
                                    source=f"{args.data or args.checkpoint} split={args.split}")  # fmt: skip
         if os.environ.get("RANK", "0") == "0":  # one line for the whole launch
             print(f"{manifest['rows']} vectors in {len(manifest['shards'])} shards in {args.output}")
         return 0
     texts = (ex.text for ex in ds) if args.modality != "image" else None
     images = (ex.image for ex in ds) if args.modality != "text" else None
-    vectors = embed(model, texts, images, batch_size=args.batch_size, precision=args.precision)
+    vectors = embed(model, texts, images, batch_size=args.batch_size, precision=args.precision, ids=ds.ids,
+                    on_error=on_error)[0]  # fmt: skip
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".parquet":

@@ -157,13 +157,15 @@ def embed_to_shards(
     source: str | None = None,
     progress: bool = True,
     on_shard: Callable[[int, int], None] | None = None,
+    on_error: str = "raise",
 ) -> dict[str, Any]:
     """Embed `data` (`Example`s or dict rows with id/text/image) into `output_dir`; returns the manifest.
 
     Launched under `torchrun` / `accelerate launch`, every process runs this with the same arguments
     and embeds its share of the shards. `source` (e.g. the dataset path) is recorded and checked on
     resume, like the other settings and the model's weights. `on_shard(k, rows)` is called after
-    shard k is on disk. `precision` as in `fusionkit.precision.choose_precision`.
+    shard k is on disk. `precision` as in `fusionkit.precision.choose_precision`; `on_error` as in `embed`
+    (a skipped row keeps its place, with NaN as its vector).
     """
     if shard_size < 1:
         raise ConfigError(f"shard_size must be positive, got {shard_size}")
@@ -192,7 +194,8 @@ def embed_to_shards(
             with chosen.autocast(model.device.type):
                 vectors = embed(model, texts if modality != "image" else None,
                                 images if modality != "text" else None, batch_size=batch_size,
-                                normalize=normalize, precision=chosen.name, progress=False)  # fmt: skip
+                                normalize=normalize, precision=chosen.name, progress=False, ids=ids,
+                                on_error=on_error)[0]  # fmt: skip
             _write_shard(out / shard_name(k), list(ids), vectors)
             rows += len(ids)
             bar.update(len(ids))

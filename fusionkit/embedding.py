@@ -143,6 +143,7 @@ def embed(
     precision: str = "auto",
     progress: bool | None = None,
     compile: bool = False,
+    on_error: str = "raise",
 ) -> Any:
     """Vectors [N, dim] (float32): joint for pairs, text-only or image-only when one side is given.
 
@@ -153,11 +154,15 @@ def embed(
     none are known). `precision`: "auto" (bf16 autocast where the CPU/GPU runs it natively), "fp32"
     or "bf16". `progress`: a tqdm bar (None: only on a terminal). `compile`: `torch.compile` the
     model's encoders in place (pays off from a few thousand pairs). `device` moves the model first.
+    `on_error`: an image that cannot be read raises a `DataError` naming its row ("raise"), or
+    ("skip") gives its row NaN vectors, so rows and ids stay aligned, and is logged with the row's id.
     """
     from tqdm.auto import tqdm
 
+    from .data.errors import SkipLog, check_policy
     from .precision import choose_precision
 
+    skips = SkipLog(check_policy(on_error), "embed")
     if isinstance(texts, str):
         raise TypeError("texts must be a list of strings, not a single string")
     want_ids = return_ids or ids is not None
@@ -179,30 +184,61 @@ def embed(
         compile_model(model)
     out: dict[str, list[np.ndarray]] = {m: [] for m in mods}
     out_ids: list[str] = []
+    done = 0
     bar = tqdm(total=total, desc="embed", unit="pair", disable=None if progress is None else not progress)
     try:
         with torch.inference_mode(), autocast:
             for text_batch, image_batch, id_batch in _batches(
                 (texts, images, ids), batch_size
             ):
-                inputs = processor(texts=text_batch, images=image_batch, device=dev)
+                n = len(text_batch if text_batch is not None else image_batch)  # type: ignore[arg-type]
+                names = [str(i) for i in id_batch] if id_batch is not None else [str(done + i) for i in range(n)]
+                inputs = processor(texts=text_batch, device=dev) if text_batch is not None else {}
+                unread: list[int] = []
+                if image_batch is not None:
+                    uint8, present, unread = _load_images(processor, image_batch, names, skips)
+                    inputs.update(pixel_values=processor.normalize(uint8.to(dev, non_blocking=True)),
+                                  image_present=present.to(dev))  # fmt: skip
                 for name, vec in _vectors(model, inputs, mods).items():
                     vec = F.normalize(vec.float(), dim=-1) if normalize else vec.float()
                     if name in PRESENCE:  # no caption (image): no text (image) vector
                         vec = vec.masked_fill(~inputs[PRESENCE[name]][:, None], float("nan"))
+                    vec[unread] = float("nan")  # an unreadable image under on_error="skip": no vector at all
                     out[name].append(vec.cpu().numpy())
-                n = len(text_batch if text_batch is not None else image_batch)  # type: ignore[arg-type]
                 if want_ids:  # the given ids, else row numbers
-                    out_ids += [str(i) for i in id_batch] if id_batch is not None else [str(len(out_ids) + i) for i in range(n)]
+                    out_ids += names
+                done += n
                 bar.update(n)
     finally:
         bar.close()
         model.train(was_training)
+    skips.finish(None, done)
     dim = model.config.fusion.dim
     arrays = {m: np.concatenate(v) if v else np.zeros((0, dim), dtype=np.float32) for m, v in out.items()}
     result: Any = arrays if modalities is not None and not isinstance(modalities, str) else arrays[mods[0]]
     return (result, out_ids) if want_ids else result
 
+
+
+def _load_images(
+    processor: FusionProcessor, images: list[Any], names: list[str], skips: Any
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """`processor.load_images`, plus the positions of unreadable images under on_error="skip" (loaded as
+    missing). Only a batch that fails is decoded again image by image, to name the row (or skip it)."""
+    from .data.errors import DataError
+
+    try:
+        return (*processor.load_images(images), [])
+    except DataError:
+        pass
+    unread = []
+    for i, src in enumerate(images):
+        try:
+            processor.load_images([src])
+        except DataError as e:
+            skips(DataError(e.problem, source=e.source, item=names[i], hint=f"{e.hint or 'replace it'}, or skip such rows: on_error='skip' (fusionkit embed --on-error skip)"))
+            unread.append(i)
+    return (*processor.load_images([None if i in unread else src for i, src in enumerate(images)]), unread)
 
 
 def retrieval_recall(

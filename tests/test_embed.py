@@ -120,3 +120,24 @@ def test_retrieval_recall_counts_the_matching_row() -> None:
     assert swapped["t2i_r@1"] == swapped["i2t_r@1"] == 0.0 and swapped["t2i_r@10"] < 1.0
     with pytest.raises(ValueError, match="paired row by row"):
         retrieval_recall(vectors, vectors[:5])
+
+
+def test_unreadable_image_names_its_row_or_is_skipped_in_place(tmp_path: Path, pairs) -> None:
+    """A corrupt image: an error naming the row's id, or (on_error="skip") NaN in its place, rows aligned."""
+    from fusionkit.data import DataError
+
+    _, texts, images = pairs
+    paths = []
+    for i, im in enumerate(images):
+        paths.append(str(tmp_path / f"{i}.jpg"))
+        im.save(paths[-1])
+    Path(paths[6]).write_bytes(Path(paths[6]).read_bytes()[:40])  # truncated JPEG
+    ids = [f"pair-{i}" for i in range(12)]
+    model = create_model("tiny")
+    with pytest.raises(DataError, match=r"item pair-6.*on_error='skip'"):
+        embed(model, texts, paths, ids=ids, batch_size=5)
+    vectors, got = embed(model, texts, paths, ids=ids, batch_size=5, on_error="skip")
+    assert got == ids
+    assert np.isnan(vectors[6]).all() and not np.isnan(np.delete(vectors, 6, axis=0)).any()
+    good = embed(model, texts[:6] + texts[7:9], paths[:6] + paths[7:9], batch_size=5)  # the other rows are untouched
+    np.testing.assert_allclose(np.delete(vectors, 6, axis=0)[:8], good, atol=1e-5)

@@ -138,6 +138,22 @@ def test_embed_with_own_columns_returns_ids(trained_run: tuple[Path, Path], tmp_
     assert vectors.shape[0] == 64 and np.isfinite(vectors).all()
 
 
+def test_embed_names_an_unreadable_image_or_skips_it_in_place(
+    trained_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    root, _ = trained_run
+    table = write_table(tmp_path / "data", n=10)
+    (tmp_path / "data" / "img3.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 20)  # a broken download
+    out = tmp_path / "vecs.npy"
+    args = ["embed", str(root / "runs" / "r1"), "--data", str(table), "--output", str(out)]
+    assert main(args) == 1
+    assert "item t3" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--on-error", "skip"]) == 0
+    vectors, ids = np.load(out), json.loads(out.with_suffix(".ids.json").read_text())
+    assert ids == [f"t{i}" for i in range(10)]  # every row keeps its place ...
+    assert np.isnan(vectors[3]).all() and np.isfinite(np.delete(vectors, 3, axis=0)).all()  # ... t3 without a vector
+
+
 def test_wrong_metric_and_column_fail_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     table = write_table(tmp_path / "data", n=12)
     assert main(train_args(table, tmp_path / "runs", "bad", "--run.metric", "val/mood/f1_macro")) == 2

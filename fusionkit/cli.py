@@ -293,7 +293,7 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
     import dataclasses
     import functools
 
-    from .data import DataError, build_cache, load_dataset, split_dataset
+    from .data import DataError, build_cache, load_dataset, read_split_file
     from .data.cache import SplitView
     from .tasks import bind_labels
     from .training.feature_cache import build_features
@@ -312,29 +312,40 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
     if not with_labels:  # a row without a caption or an image is predicted from the side it has ...
         data = dataclasses.replace(data, missing_text="keep", missing_image="keep")
 
-    def read(cfg: Any, labels: bool, on_error: str = "raise") -> Any:
+    def read(cfg: Any, labels: bool, on_error: str = "raise", only: Any = None) -> Any:
         kw = reader_kwargs(cfg, model.config.tasks, labels=labels, source=source)
         if kw and not with_labels and trained.missing_image != "keep":
             kw["missing_image_file"] = "error"  # ... but an image path that names no file is a mistake, not that
+        if kw and only is not None:
+            kw["only_ids"] = only  # a split is read alone: a broken row of another split is not its problem
         return bind_labels(load_dataset(source, **kw), model.config.tasks, require_columns=with_labels,
                            on_error=on_error)[0]  # fmt: skip
 
-    ds, pool = read(data, with_labels, data.on_error), None
-    if split != "all":
+    read_pool = None  # reads every row the split file names, to find training's cache of them all
+    if split == "all":
+        ds = read(data, with_labels, data.on_error)
+    else:
         split_file = Path(args.split_file) if args.split_file else (run_dir / "split.json" if run_dir else None)
         if split_file is None or not split_file.is_file():
             raise ConfigError(f"--split {split} needs the run's split.json or --split-file; use --split all for every row")
-        with contextlib.suppress(ValueError):  # a broken file: split_dataset says what is wrong with it
-            saved = json.loads(split_file.read_text())
-            named = {i for k in ("train", "val", "test") if isinstance(saved, dict)
-                     and isinstance(saved.get(k), list) for i in saved[k]}  # fmt: skip
-            # rows the file does not name (training skipped them, or they were added since) are in no split
-            ds = ds.subset([i for i in ds.ids if i in named], name=ds.name)
-        parts = split_dataset(ds, path=split_file)
-        if split not in parts:
+        ids = read_split_file(split_file)
+        if split not in ids:
             raise ConfigError(f"unknown split {split!r}; use train, val, test or all")
-        pool = ds
-        ds = parts[split]
+        ds = read(data, with_labels, data.on_error, only=ids[split])
+        lost = [i for i in ids[split] if i not in set(ds.ids)]
+        if lost:
+            problem = f"{len(lost)} of the {len(ids[split])} rows its {split} split names are not in the data (e.g. {lost[:3]})"
+            if data.on_error != "skip":
+                raise DataError(problem, source=str(split_file), hint=f"restore them in {source}, skip them "
+                                "(--on-error skip), or score the data as it is now: --data FILE --split all")  # fmt: skip
+            log.warning("%s: %s; they are skipped", split_file, problem)
+        ds = ds.subset([i for i in ids[split] if i not in set(lost)], name=f"{ds.name}[{split}]")
+        named = [i for k in ids for i in ids[k]]
+        if with_labels or args.data is None:  # training cached its rows as it read them: labels bound, its policies
+            cfg, on_error = (data, data.on_error) if with_labels else (trained, trained.on_error)
+            read_pool = functools.partial(read, cfg, True, on_error, named)
+        else:
+            read_pool = functools.partial(read, data, False, data.on_error, named)
         if with_labels and args.data is None and args.split_file is None and run_dir is not None and not member:
             # its own split (another file's rows are not the ones it held out); once, for the first model:
             # another member binds the labels to its own class order
@@ -347,14 +358,11 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
     args.split = split
     if not build:
         return ds, None
-    root, prefix = Path(cache_root(data)), None if pool is None else pool.name.replace("/", "_") + "-"
-    if prefix is not None and not (root.is_dir() and any(p.name.startswith(prefix) for p in root.iterdir())):
-        pool = None  # no cache of these rows at all: skip hashing every row of the table to look one up
-    if pool is not None and not with_labels and args.data is None:
-        # training cached its rows as it read them (labels bound, its policies): read them so to find that cache
-        with contextlib.suppress(DataError, ConfigError):
-            labelled, rows = read(trained, True, trained.on_error), set(pool.ids)
-            pool = labelled.subset([i for i in labelled.ids if i in rows], name=labelled.name)
+    pool, root, prefix = None, Path(cache_root(data)), ds.name.rpartition("[")[0].replace("/", "_") + "-"
+    if read_pool is not None and root.is_dir() and any(p.name.startswith(prefix) for p in root.iterdir()):
+        # a cache of this table exists (else skip reading and hashing every row to look one up)
+        with contextlib.suppress(DataError, ConfigError):  # a broken row elsewhere costs the lookup, not the split
+            pool = read_pool()
     cache = functools.partial(build_cache, tokenizer=model.tokenizer, image_preprocess=model.image_preprocess,
                               cache_dir=cache_root(data), max_length=model.config.text.max_length,
                               on_error=data.on_error)  # fmt: skip

@@ -412,14 +412,15 @@ def test_predicting_a_runs_own_split_of_a_csv_reuses_trainings_caches(tmp_path: 
     assert sorted(p.name for p in cache.iterdir()) == built
 
 
-@pytest.mark.parametrize("case", ["skipped_sides", "label_typo_under_skip", "rows_appended"])
+@pytest.mark.parametrize("case", ["skipped_sides", "label_typo_under_skip", "rows_appended", "train_image_deleted"])
 def test_predict_of_a_runs_own_split_after_the_table_changed_around_it(tmp_path: Path, case: str) -> None:
     """The run's test split is predicted, all of it and only it, when the table holds rows training skipped
-    (missing sides under skip), a test row's label became unreadable (on_error: skip), or rows were appended."""
+    (missing sides under skip), a test row's label became unreadable (on_error: skip), rows were appended, or
+    the image of a train row was deleted (the split is read alone: another split's rows are not checked)."""
     table = write_table(tmp_path / "data", n=48)
     rows = list(csv.DictReader(table.open()))
     extra = {"skipped_sides": ["--data.missing_text", "skip", "--data.missing_image", "skip"],
-             "label_typo_under_skip": ["--data.on_error", "skip"], "rows_appended": []}[case]  # fmt: skip
+             "label_typo_under_skip": ["--data.on_error", "skip"]}.get(case, [])  # fmt: skip
     if case == "skipped_sides":
         rows[5]["caption"], rows[17]["photo"] = "", ""
     _write_rows(table, rows)
@@ -431,10 +432,18 @@ def test_predict_of_a_runs_own_split_after_the_table_changed_around_it(tmp_path:
             r["mood"] = "sadd" if r["id"] == test[0] else r["mood"]
     if case == "rows_appended":
         rows += [{**rows[0], "id": "new1"}, {**rows[1], "id": "new2"}]
+    if case == "train_image_deleted":
+        train = json.loads((runs / "r" / "split.json").read_text())["train"]
+        (table.parent / next(r["photo"] for r in rows if r["id"] == train[0])).unlink()
     _write_rows(table, rows)
     out = tmp_path / "p.csv"
     assert main(["predict", str(runs / "r"), "--output", str(out)]) == 0
     assert sorted(r["id"] for r in csv.DictReader(out.open())) == sorted(test)
+    if case == "train_image_deleted":
+        assert main(["eval", str(runs / "r"), "--split", "test"]) == 0
+        (table.parent / next(r["photo"] for r in rows if r["id"] == test[0])).unlink()  # one the split needs
+        assert main(["predict", str(runs / "r"), "--output", str(tmp_path / "p2.csv")]) == 1
+        assert not (tmp_path / "p2.csv").exists()
 
 
 def _write_rows(path: Path, rows: list[dict[str, str]]) -> None:

@@ -570,16 +570,27 @@ def test_reused_split_file_refuses_rows_it_does_not_name(
     [
         "{not json",
         "[]",
-        '{"train": [1], "val": [], "test": []}',
+        '{"train": [1.5], "val": [], "test": []}',
+        '{"train": [true], "val": [], "test": []}',
         '{"train": []}',
         '{"train": ["syn-000001"], "val": ["syn-000001"], "test": []}',
     ],
 )
 def test_a_broken_split_file_is_a_clear_error(content: str, tmp_path: Path) -> None:
     (tmp_path / "split.json").write_text(content)
-    problems = "not a split file|lists of string ids|more than once"
-    with pytest.raises(DataError, match=f"split.json.*({problems}).*[Dd]elete it"):
+    problems = "not a split file|lists of ids|more than once"
+    with pytest.raises(DataError, match=f"split.json.*({problems}).*fix it, or make a new split"):
         split_dataset(load_dataset("synthetic:5"), path=tmp_path / "split.json")
+
+
+def test_a_hand_written_split_file_may_name_integer_ids(tmp_path: Path) -> None:
+    """Ids are strings once read (a numeric id column, or row numbers): a split file of numbers names them."""
+    from fusionkit.data import Example
+
+    ds = MultimodalDataset([Example(str(i), f"caption {i}", None, {}) for i in range(6)], {})
+    (tmp_path / "split.json").write_text('{"train": [0, 1, 2, 3], "val": [4], "test": ["5"]}')
+    parts = split_dataset(ds, path=tmp_path / "split.json")
+    assert parts["train"].ids == ["0", "1", "2", "3"] and parts["val"].ids == ["4"] and parts["test"].ids == ["5"]
 
 
 def test_raw_split_matches_the_split_of_bound_indices() -> None:

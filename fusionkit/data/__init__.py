@@ -15,7 +15,7 @@ Typical use::
 
 from fusionkit.data.cache import CachedDataset, build_cache
 from fusionkit.data.collate import Collator, ImageTransform, move_batch
-from fusionkit.data.dataset import MAX_TEXT_CHARS, Example, MultimodalDataset, split_dataset
+from fusionkit.data.dataset import MAX_TEXT_CHARS, Example, MultimodalDataset, read_split_file, split_dataset
 from fusionkit.data.errors import DataError
 from fusionkit.data.image import MAX_IMAGE_PIXELS, load_image, preprocess_image
 from fusionkit.data.sources import SENTIMENT, ReadOptions, from_hf, load_dataset, read_mvsa, read_table
@@ -41,5 +41,6 @@ __all__ = [
     "preprocess_image",
     "read_mvsa",
     "read_table",
+    "read_split_file",
     "split_dataset",
 ]

@@ -239,31 +239,30 @@ def _strata(ds: MultimodalDataset) -> list[Any]:
     return [v if isinstance(v, str) and v in known else None for v in (ex.labels.get(column) for ex in ds)]
 
 
-def _read_split_file(path: Path) -> dict[str, list[str]]:
-    """A split file's id lists; anything else (not JSON, a missing split, non-string ids) is an error."""
+def read_split_file(path: str | Path) -> dict[str, list[str]]:
+    """A split file's id lists, `{"train": [...], "val": [...], "test": [...]}`; ids may be strings or
+    integers (read as strings, as ids are). Anything else (not JSON, a missing split, an id named twice)
+    is an error saying what is wrong."""
+    path = Path(path)
+    hint = ('a split file is {"train": [ids], "val": [ids], "test": [ids]}: fix it, or make a new split '
+            "(another data.split_file path, or a new run)")  # fmt: skip
     try:
         saved = json.loads(path.read_bytes())
     except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(
-            f"not a split file ({e})", source=str(path), hint="delete it to make a new split"
-        ) from None
+        raise DataError(f"not a split file ({e})", source=str(path), hint=hint) from None
     ok = isinstance(saved, dict) and all(
-        isinstance(saved.get(k), list) and all(isinstance(i, str) for i in saved[k]) for k in SPLITS
+        isinstance(saved.get(k), list) and all(isinstance(i, str | int) and not isinstance(i, bool) for i in saved[k])
+        for k in SPLITS
     )
     if not ok:
-        raise DataError(
-            f"a split file holds {list(SPLITS)} as lists of string ids",
-            source=str(path),
-            hint="delete it to make a new split",
-        )
-    twice = sorted(i for i, n in Counter(i for k in SPLITS for i in saved[k]).items() if n > 1)
+        raise DataError(f"a split file holds {list(SPLITS)} as lists of ids (strings or integers)",
+                        source=str(path), hint=hint)  # fmt: skip
+    ids = {k: [str(i) for i in saved[k]] for k in SPLITS}
+    twice = sorted(i for i, n in Counter(i for k in SPLITS for i in ids[k]).items() if n > 1)
     if twice:
-        raise DataError(
-            f"{len(twice)} ids named more than once (e.g. {twice[:3]}): the splits would leak",
-            source=str(path),
-            hint="delete it to make a new split",
-        )
-    return {k: saved[k] for k in SPLITS}
+        raise DataError(f"{len(twice)} ids named more than once (e.g. {twice[:3]}): the splits would leak",
+                        source=str(path), hint=hint)  # fmt: skip
+    return ids
 
 
 def split_dataset(
@@ -285,7 +284,7 @@ def split_dataset(
         raise ValueError(f"ratios must be three non-negative numbers, got {ratios}")
     path = Path(path) if path is not None else None
     if path is not None and path.is_file():
-        ids = _read_split_file(path)
+        ids = read_split_file(path)
         known = set(ds.ids)
         unknown = [i for k in SPLITS for i in ids[k] if i not in known]
         if unknown:

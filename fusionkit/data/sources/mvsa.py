@@ -67,6 +67,8 @@ class _Pairs:
         return text
 
     def add(self, item: str, where: str, n: int, labels: dict[str, Any], meta: dict[str, Any]) -> bool:
+        if not self.rr.wanted(item):
+            return False
         try:
             text = self.caption(item, where)
         except DataError as e:

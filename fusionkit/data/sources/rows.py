@@ -51,6 +51,8 @@ class ReadOptions:
     - `report_path`: where skipped rows are listed (JSONL); default a temp file named in the log.
     - `image_root`: folder that relative image paths of a DataFrame / HF dataset are relative to
       (default: the working directory; a table file's own folder for CSV/JSONL/Parquet).
+    - `only_ids`: read just the rows with these ids; the others are passed over unchecked (scoring one
+      split of a table must not fail on a broken row of another, nor pay for checking it).
     """
 
     text_column: str = "text"
@@ -63,6 +65,7 @@ class ReadOptions:
     missing_image_file: MissingPolicy | None = None
     report_path: str | Path | None = None
     image_root: str | Path | None = None
+    only_ids: frozenset[str] | None = None
 
     @classmethod
     def from_kwargs(cls, kw: Mapping[str, Any]) -> ReadOptions:
@@ -87,6 +90,8 @@ class ReadOptions:
             )
         if labels is not None:
             kw["label_columns"] = (labels,) if isinstance(labels, str) else tuple(labels)
+        if kw.get("only_ids") is not None:
+            kw["only_ids"] = frozenset(map(str, kw["only_ids"]))
         opts = cls(**kw)
         check_policy(opts.on_error)
         for key in ("missing_text", "missing_image", "missing_image_file"):
@@ -204,6 +209,8 @@ class RowReader:
         `no_text` is the problem reported when the caption is missing (MVSA: its file is)."""
         o = self.opts
         item = row_id(row.get(o.id_column), row_number) if o.id_column else str(row_number)
+        if not self.wanted(item):
+            return None
         try:
             text = self.text(row.get(o.text_column), where=where, item=item, no_text=no_text)
             image = self.image(row.get(o.image_column), where=where, item=item)
@@ -215,6 +222,9 @@ class RowReader:
             return None
         labels = {c: raw_value(row.get(c)) for c in label_columns}
         return Example(item, text, image, labels, {**(meta or {}), "source": where})
+
+    def wanted(self, item: str) -> bool:
+        return self.opts.only_ids is None or item in self.opts.only_ids
 
     def missing(
         self, modality: str, problem: str, *, where: str, item: str, policy: str | None = None, hint: str = ""

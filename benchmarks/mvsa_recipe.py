@@ -130,6 +130,8 @@ EXTRA: list[tuple[str, dict[str, Any]]] = [
      {"model.fusion.strategy": "cross_attention", "model.tasks": [SMOOTHED]}),
     ("cross_attention + balanced class weights + label smoothing 0.1 + supcon (joint)",
      {"model.fusion.strategy": "cross_attention", "model.tasks": [SMOOTHED, SUPCON]}),
+    ("cross_attention + tweet normalization (mentions -> @user, links -> http)",
+     {"model.fusion.strategy": "cross_attention", "model.text.normalize": "tweet"}),
 ]
 # Partial fine-tuning (`partial` mode), on the cross-attention row: the top encoder blocks train on the
 # cached hidden states that enter them (model.freeze top_k), with layer-wise lr decay.

@@ -45,6 +45,14 @@ class TextEncoderConfig:
     config_overrides: dict[str, Any] = field(default_factory=dict)
     trainable_layers: int | None = None  # freeze="top_k": this encoder's own k (None = model.trainable_layers)
     pool_layers: int = 1  # output = mean of the last n blocks' outputs (each through the final norm)
+    normalize: str = "none"  # "tweet": @mentions -> "@user", links -> "http" before tokenizing (TweetEval's rule)
+
+
+# model.text.normalize: (pattern, replacement) rules run inside the tokenizer, before its own normalizer
+TEXT_NORMALIZATIONS: dict[str, tuple[tuple[str, str], ...]] = {
+    "none": (),
+    "tweet": ((r"@\w+", "@user"), (r"https?://\S+|www\.\S+", "http")),
+}
 
 
 @dataclass
@@ -159,6 +167,8 @@ class ModelConfig:
             ((self.image.trainable_layers or 0) >= 0,
              f"model.image.trainable_layers must be >= 0, got {self.image.trainable_layers}"),
             (self.text.pool_layers >= 1, f"model.text.pool_layers must be >= 1, got {self.text.pool_layers}"),
+            (self.text.normalize in TEXT_NORMALIZATIONS,
+             f"model.text.normalize must be one of {sorted(TEXT_NORMALIZATIONS)}, got {self.text.normalize!r}"),
             (self.image.pool_layers >= 1, f"model.image.pool_layers must be >= 1, got {self.image.pool_layers}"),
         ):
             if not ok:

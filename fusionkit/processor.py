@@ -68,6 +68,7 @@ class FusionProcessor:
         config = {
             "processor_class": type(self).__name__,
             "max_length": self.max_length,
+            "text_normalize": getattr(self.tokenizer, "fusionkit_normalize", "none"),
             "image_preprocess": to_dict(self.image_preprocess),
         }
         (directory / PROCESSOR_NAME).write_text(json.dumps(config, indent=2))
@@ -91,6 +92,7 @@ class FusionProcessor:
             _require(cfg, ("max_length", "image_preprocess"), directory / PROCESSOR_NAME)
             tokenizer = AutoTokenizer.from_pretrained(directory)
             preprocess, max_length = cfg["image_preprocess"], cfg["max_length"]
+            normalize = cfg.get("text_normalize", "none")
         else:
             from .models.fusion_model import _find_checkpoint_dir
 
@@ -99,7 +101,10 @@ class FusionProcessor:
             _require(meta, ("model", "image_preprocess"), directory / MODEL_CONFIG_NAME)
             tokenizer = AutoTokenizer.from_pretrained(directory / "text_encoder")
             preprocess, max_length = meta["image_preprocess"], meta["model"]["text"]["max_length"]
-        return cls(tokenizer, from_dict(ImagePreprocess, preprocess), max_length)
+            normalize = meta["model"]["text"].get("normalize", "none")
+        from .models.encoders import normalize_tokenizer
+
+        return cls(normalize_tokenizer(tokenizer, normalize), from_dict(ImagePreprocess, preprocess), max_length)
 
     # ------------------------------------------------------------------ processing
     def tokenize(self, texts: Sequence[str | None]) -> dict[str, torch.Tensor]:

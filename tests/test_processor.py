@@ -95,3 +95,34 @@ def test_bad_inputs_are_clear_errors(model, pairs, tmp_path: Path) -> None:
         proc(texts=["ok", 3])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         FusionProcessor.from_pretrained(tmp_path / "nowhere")
+
+
+def test_tweet_normalization_is_part_of_the_tokenizer_everywhere(tmp_path: Path) -> None:
+    """model.text.normalize="tweet": mentions and links tokenize as "@user" / "http" through the model's
+    processor, after save/load of the model and of the processor, and the data cache key tells it apart."""
+    from fusionkit import FusionModel, embed
+    from fusionkit.config import ConfigError
+    from fusionkit.data.cache import cache_key
+
+    tweet = create_model("tiny", **{"text.normalize": "tweet"})
+    plain = create_model("tiny")
+    raw = ["RT @SomeOne_99: sunny day http://t.co/Ab12 #happy", "no links here"]
+    same = ["RT @user: sunny day http #happy", "no links here"]
+
+    def ids(processor: FusionProcessor, texts: list[str]) -> list[list[int]]:
+        return processor(texts=texts)["input_ids"].tolist()
+
+    p = FusionProcessor.from_model(tweet)
+    assert ids(p, raw) == ids(p, same)
+    assert ids(FusionProcessor.from_model(plain), raw) != ids(FusionProcessor.from_model(plain), same)
+    tweet.save_pretrained(tmp_path / "m")
+    again = FusionModel.from_pretrained(tmp_path / "m")
+    assert ids(FusionProcessor.from_pretrained(tmp_path / "m"), raw) == ids(p, raw)
+    p.save_pretrained(tmp_path / "p")
+    assert ids(FusionProcessor.from_pretrained(tmp_path / "p"), raw) == ids(p, raw)
+    np.testing.assert_allclose(embed(again, texts=raw), embed(again, texts=same), atol=1e-6)
+    ds, preprocess = make_synthetic(4, image_size=32), tweet.image_preprocess
+    assert cache_key(ds, again.tokenizer, preprocess, 32) == cache_key(ds, tweet.tokenizer, preprocess, 32)
+    assert cache_key(ds, tweet.tokenizer, preprocess, 32) != cache_key(ds, plain.tokenizer, preprocess, 32)
+    with pytest.raises(ConfigError, match="text.normalize"):
+        create_model("tiny", **{"text.normalize": "tweets"})

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ConfigError, ImageEncoderConfig, ImagePreprocess, TextEncoderConfig
+from ..config import TEXT_NORMALIZATIONS, ConfigError, ImageEncoderConfig, ImagePreprocess, TextEncoderConfig
 from ..registry import Registry
 from .tiny import TINY_VIT_BASE, TINY_VIT_KWARGS, tiny_bert_config, tiny_tokenizer
 
@@ -215,6 +215,28 @@ def resolve_source(name: str) -> str:
     return name
 
 
+def normalize_tokenizer(tokenizer: Any, mode: str) -> Any:
+    """Put `model.text.normalize`'s rules into a fast tokenizer's own normalizer, in place.
+
+    Inside the tokenizer, every path that tokenizes (data cache, processor, `predict`, `embed`, export)
+    applies them, and the cache key, which hashes the tokenizer's definition, tells the two apart.
+    Saved tokenizers do not keep a custom normalizer (transformers rebuilds BERT's from its vocab), so
+    loading applies the rules again from the saved config; applying them twice changes nothing.
+    """
+    rules = TEXT_NORMALIZATIONS[mode]
+    if not rules or getattr(tokenizer, "fusionkit_normalize", None) == mode:
+        return tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ConfigError(f"model.text.normalize={mode!r} needs a fast tokenizer; {type(tokenizer).__name__} is not")
+    from tokenizers import Regex, normalizers
+
+    own = [backend.normalizer] if backend.normalizer is not None else []
+    backend.normalizer = normalizers.Sequence([*(normalizers.Replace(Regex(p), r) for p, r in rules), *own])
+    tokenizer.fusionkit_normalize = mode
+    return tokenizer
+
+
 class TextEncoder(Encoder):
     """A `transformers` BERT-family model and its tokenizer; outputs token features [B, T, width]."""
 
@@ -230,14 +252,14 @@ class TextEncoder(Encoder):
 
         if saved_dir is not None:
             model = AutoModel.from_config(AutoConfig.from_pretrained(saved_dir))
-            return cls(model, AutoTokenizer.from_pretrained(saved_dir))
+            return cls(model, normalize_tokenizer(AutoTokenizer.from_pretrained(saved_dir), cfg.normalize))
         if cfg.name == "tiny":
             return cls(
                 AutoModel.from_config(tiny_bert_config(**cfg.config_overrides)),
-                tiny_tokenizer(cfg.max_length),
+                normalize_tokenizer(tiny_tokenizer(cfg.max_length), cfg.normalize),
             )
         source = resolve_source(cfg.name)
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = normalize_tokenizer(AutoTokenizer.from_pretrained(source), cfg.normalize)
         if cfg.pretrained:
             model = AutoModel.from_pretrained(source, dtype=torch.float32, **cfg.config_overrides)
         else:

@@ -216,6 +216,10 @@ def test_changing_the_text_side_reuses_the_image_features(tmp_path: Path) -> Non
     assert summary["feature_cache"]
     assert stores("image") == image and len(image) == 1  # the same store, not rebuilt
     assert len(stores("text")) == 2 and set(text) < set(stores("text"))  # the text hidden states at the new split
+    # another tokenization (a text normalization: another data cache) still reuses the image features
+    normalized = {"model.freeze": "encoders", "model.text.normalize": "tweet", "optim.epochs": 1}
+    assert Trainer(tiny_config(tmp_path, "tweet", **normalized)).fit()["feature_cache"]
+    assert stores("image") == image and len(stores("text")) == 3
 
 
 def test_resaving_a_step_never_unlinks_last(tmp_path):

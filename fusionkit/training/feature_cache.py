@@ -12,9 +12,10 @@ encoder (`FusionModel.feature_splits`), and the model runs those blocks on them:
 of the encoders then costs only the top blocks per step. The key then covers only the frozen bottom's
 weights, so a resumed run (whose top blocks have moved) finds the same cache.
 
-Layout: one `fusionkit.store` folder per encoder, `<cache_dir>/features-<data cache>-<side>-<key>/`, each
-keyed by that encoder alone, so a change on one side (another text encoder, another text split) reuses
-the other side's features: the image pass is the expensive one. The text store holds `text` (float16,
+Layout: one `fusionkit.store` folder per encoder, `<cache_dir>/features-<data cache>-text-<key>/` and
+`features-<dataset>-image-<key>/`, each keyed by that encoder alone (and the image store by the rows'
+content, not by the tokenizer), so a change on one side (another text encoder, a text normalization, where
+an encoder is split) reuses the other side's features: the image pass is the expensive one. The text store holds `text` (float16,
 ragged: one [caption length, Wt] row per item) and `has_text`; the image store `image` (float16
 [N, P, Wi]) and `has_image` (bool [N]); both hold `meta.json`. Encoders run only on the items that have
 their side; a missing side is zeros.
@@ -234,7 +235,11 @@ def build_features(
     paths = []
     for side in SIDES:
         encoder = side_key(model, side)
-        key = hashlib.sha1(f"{encoder}|{data.path.name}".encode()).hexdigest()[:16]
+        # the image side depends on the rows' content, not on the tokenizer or max_length that name the data
+        # cache: another text encoder or text normalization reuses the image features (the expensive pass)
+        inputs = data.path.name if side == "text" else f"{data.path.name.rpartition('-')[0]}|{data.fingerprint}"
+        key = hashlib.sha1(f"{encoder}|{inputs}".encode()).hexdigest()[:16]
+        name = data.path.name if side == "text" else data.path.name.rpartition("-")[0]
 
         def build(out: StoreWriter, side: str = side, encoder: str = encoder) -> dict[str, Any]:
             return {
@@ -249,7 +254,7 @@ def build_features(
                 "task_types": data.task_types,
             }
 
-        path = Path(cache_dir) / f"features-{data.path.name}-{side}-{key}"
+        path = Path(cache_dir) / f"features-{name}-{side}-{key}"
         if is_built(path):
             log.info("feature cache hit: %s", path)
         elif only_if_built:

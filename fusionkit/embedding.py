@@ -111,8 +111,7 @@ def _vectors(
     if mods == ("image",):
         return {"image": model.encode_image(inputs["pixel_values"])}
     mask = inputs["attention_mask"]
-    text_features = model.text_encoder(inputs["input_ids"], mask)
-    image_features = model.image_encoder(inputs["pixel_values"])
+    text_features, image_features = model.encoder_features(inputs["input_ids"], mask, inputs["pixel_values"])
     out: dict[str, torch.Tensor] = {}
     if "joint" in mods:
         out["joint"] = model.encode(

@@ -141,3 +141,14 @@ def test_unreadable_image_names_its_row_or_is_skipped_in_place(tmp_path: Path, p
     assert np.isnan(vectors[6]).all() and not np.isnan(np.delete(vectors, 6, axis=0)).any()
     good = embed(model, texts[:6] + texts[7:9], paths[:6] + paths[7:9], batch_size=5)  # the other rows are untouched
     np.testing.assert_allclose(np.delete(vectors, 6, axis=0)[:8], good, atol=1e-5)
+
+
+@pytest.mark.parametrize("freeze", ["none", "encoders", "top_k"])
+def test_several_modalities_in_one_pass_equal_one_at_a_time(pairs, freeze: str) -> None:
+    """One encoder pass for joint + text + image must give each modality's own vectors, also when the top
+    blocks of the encoders train (their hidden states enter those blocks once, not twice)."""
+    _, texts, images = pairs
+    model = create_model("tiny", freeze=freeze, trainable_layers=1)
+    together = embed(model, texts, images, modalities=("joint", "text", "image"))
+    for modality in ("joint", "text", "image"):
+        np.testing.assert_allclose(together[modality], embed(model, texts, images, modalities=modality), atol=1e-5)

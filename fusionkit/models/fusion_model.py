@@ -232,6 +232,24 @@ class FusionModel(nn.Module):
             image_features = self.image_encoder.forward_from(image_features, self._feature_split(1))
         return self.image_proj(pool_patch_grid(image_features, self.config.fusion.image_grid))
 
+    def encoder_features(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(text, image) features as `text_features=` / `image_features=` take them: the hidden states
+        entering each encoder's trainable top (`feature_splits`; the outputs when none trains). One pass of
+        each encoder then serves several encodings of a batch (`embed` with several modalities)."""
+        text = image = None
+        if input_ids is not None:
+            mask = self._check_text(input_ids, attention_mask)
+            text = self.text_encoder.hidden_before(self._feature_split(0), input_ids, mask)
+        if pixel_values is not None:
+            self._check_image(pixel_values)
+            image = self.image_encoder.hidden_before(self._feature_split(1), pixel_values)
+        return text, image
+
     def _feature_split(self, side: int) -> int:
         """Where passed-in features of a side enter its encoder (its depth = they are its output)."""
         splits = self.feature_splits

@@ -329,6 +329,18 @@ def test_max_length_beyond_the_encoders_positions_fails_at_start(tmp_path: Path)
         Trainer(cfg)
 
 
+def test_the_python_api_refuses_what_train_refuses() -> None:
+    """create_model (and so from_pretrained of a tampered config) checks the built encoders as train does."""
+    from fusionkit import create_model
+
+    with pytest.raises(ConfigError, match="max_length=1000 exceeds .* 512 position"):
+        create_model("tiny", text={"max_length": 1000})
+    with pytest.raises(ConfigError, match="image_grid=5 exceeds"):
+        create_model("tiny", fusion={"image_grid": 5})
+    with pytest.raises(ConfigError, match="pool_layers=3 exceeds"):
+        create_model("tiny", text={"pool_layers": 3})
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [({"model.freeze": "top_k", "model.trainable_layers": 9}, r"model.trainable_layers=9 exceeds the text encoder"),

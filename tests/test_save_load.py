@@ -24,7 +24,8 @@ def test_round_trip_is_exact(tmp_path, strategy):
         "model.safetensors",
         "text_encoder",
     }
-    loaded = FusionModel.from_pretrained(tmp_path / "m").eval()
+    loaded = FusionModel.from_pretrained(tmp_path / "m")
+    assert not loaded.training  # ready to use, as transformers' from_pretrained: dropout off
     assert loaded.config == model.config
     assert loaded.image_preprocess == model.image_preprocess
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):

@@ -34,6 +34,7 @@ from torch import nn
 from .. import __version__
 from ..config import ConfigError, ImagePreprocess, ModelConfig, from_dict, to_dict
 from ..tasks import FusionContext, Task
+from .checks import check_model
 from .encoders import Encoder, ImageEncoder, TextEncoder, drop_unused_heads
 from .fusion import create_fusion, drop_modalities, masked_mean
 from .heads import MultiTaskLoss
@@ -82,6 +83,7 @@ class FusionModel(nn.Module):
              for name, task in self.tasks.items()}  # fmt: skip
         )
         self.set_trainable(config.freeze, config.trainable_layers)
+        check_model(self)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -481,7 +483,9 @@ class FusionModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> FusionModel:
-        """Rebuild from `save_pretrained` output, a run directory holding one, or a hub id ("org/name")."""
+        """Rebuild from `save_pretrained` output, a run directory holding one, or a hub id ("org/name").
+
+        Returned in eval mode (no dropout), as transformers does: `.train()` before fine-tuning it."""
         from ..hub import resolve_pretrained_dir
 
         directory = _find_checkpoint_dir(resolve_pretrained_dir(directory))
@@ -503,7 +507,7 @@ class FusionModel(nn.Module):
         check_saved_shapes(directory / WEIGHTS_NAME, build)  # before allocating: configs may be tampered
         model = build()
         model.load_weights(directory / WEIGHTS_NAME)
-        return model.to(map_location)
+        return model.to(map_location).eval()
 
     def _frozen_encoder_keys(self) -> set[str]:
         return {f"{prefix}.{k}" for prefix in ("text_encoder", "image_encoder")

@@ -46,15 +46,7 @@ from ..precision import choose_precision
 from ..tasks import bind_labels, create_task, fit_train_statistics
 from . import checkpoint as ckpt
 from . import distributed as D
-from .config import (
-    DataConfig,
-    TrainConfig,
-    build_config,
-    check_encoder_depths,
-    check_image_grid,
-    check_max_length,
-    unused_settings,
-)
+from .config import DataConfig, TrainConfig, build_config, unused_settings
 from .ema import ModelEMA, ema_applied
 from .feature_cache import FeatureCollator, build_features
 from .inference import inference_loader, resolve_device, run_inference  # noqa: F401 (re-exported)
@@ -269,9 +261,6 @@ class Trainer:
         # Cheap checks first: read the table, bind labels to tasks, split -- before any model or cache.
         source, parts = self._read_data(data, model)
         self.model = (model or create_model(cfg.model)).to(self.device)
-        check_max_length(self.model, cfg.model.text.max_length)
-        check_encoder_depths(self.model)
-        check_image_grid(self.model)
         self.precision = choose_precision(cfg.run.precision, self.device)
         self.amp = self.precision.dtype
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)

@@ -1,0 +1,65 @@
+"""Checks of a built model against its config: each would otherwise fail mid-run or silently do less.
+
+`FusionModel` runs them when it is built, so the Python API refuses what `fusionkit train` refuses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import ConfigError
+
+
+def check_model(model: Any) -> None:
+    check_max_length(model)
+    check_encoder_depths(model)
+    check_image_grid(model)
+
+
+def check_encoder_depths(model: Any) -> None:
+    """Fail at start if a block count in the config exceeds an encoder's blocks, instead of silently
+    training (or pooling) fewer than asked."""
+    cfg = model.config
+    for side, encoder, own in (("text", model.text_encoder, cfg.text), ("image", model.image_encoder, cfg.image)):
+        depth, name = encoder.depth, f"the {side} encoder ({own.name})"
+        if own.pool_layers > depth:
+            raise ConfigError(f"model.{side}.pool_layers={own.pool_layers} exceeds {name}'s {depth} blocks")
+        key, k = (f"model.{side}.trainable_layers", own.trainable_layers) if own.trainable_layers is not None else (
+            "model.trainable_layers", cfg.trainable_layers)  # fmt: skip
+        if cfg.freeze == "top_k" and k > depth:
+            raise ConfigError(
+                f"{key}={k} exceeds {name}'s {depth} blocks: set model.{side}.trainable_layers to at most "
+                f"{depth} (each encoder has its own key), or freeze: none to train it whole"
+            )
+
+
+def check_image_grid(model: Any) -> None:
+    """Fail at start if `fusion.image_grid` asks for more tokens per side than the image encoder's patch grid has:
+    pooling cannot add tokens, so it would silently keep the grid as it is."""
+    grid, patch = model.config.fusion.image_grid, model.image_encoder.patch_size()
+    if not grid or not patch:
+        return
+    side = min(model.image_encoder.preprocess.size) // patch
+    if grid > side:
+        raise ConfigError(
+            f"model.fusion.image_grid={grid} exceeds the image encoder's {side}x{side} patch grid "
+            f"({min(model.image_encoder.preprocess.size)} px / {patch} px patches): pooling cannot add tokens; "
+            f"set it to at most {side}, or 0 to keep every patch"
+        )
+
+
+def check_max_length(model: Any, max_length: int | None = None) -> None:
+    """Fail at start if `max_length` exceeds the text encoder's position embeddings (it would crash mid-run).
+
+    RoBERTa-family models offset positions by padding_idx + 1, so they hold two fewer tokens."""
+    max_length = max_length or model.config.text.max_length
+    hf_config = getattr(getattr(model.text_encoder, "model", None), "config", None)
+    positions = getattr(hf_config, "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return  # an encoder without learned absolute positions (rotary, relative): no limit to check
+    if "roberta" in str(getattr(hf_config, "model_type", "")) or hf_config.model_type == "camembert":
+        positions -= (hf_config.pad_token_id or 0) + 1
+    if max_length > positions:
+        raise ConfigError(
+            f"model.text.max_length={max_length} exceeds the text encoder's {positions} position embeddings "
+            f"({model.config.text.name}); set model.text.max_length <= {positions}"
+        )

@@ -17,7 +17,8 @@ from fusionkit.config import ImagePreprocess
 from fusionkit.data import MultimodalDataset, load_image
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+# where reports are written: the repo's results (what the README cites), or $FUSIONKIT_RESULTS for a trial run
+RESULTS = Path(os.environ.get("FUSIONKIT_RESULTS", ROOT / "benchmarks" / "results"))
 SHARED = Path(os.environ.get("FUSIONKIT_SHARED", ROOT.parent / "shared"))
 NAIVE_MAX_LENGTH = 128
 

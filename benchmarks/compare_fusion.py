@@ -78,7 +78,8 @@ def setup(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str, st
     dataset = args.dataset or f"synthetic:{600 if args.quick else 3000}"
     split_file = work / "split.json"
     split_dataset(load_dataset(dataset), path=split_file)
-    base = {"preset": "tiny", "data.dataset": dataset, "data.split_file": str(split_file)}
+    # frozen, as on MVSA (the tiny preset trains its encoders): features cached once, shared by every run
+    base = {"preset": "tiny", "model.freeze": "encoders", "data.dataset": dataset, "data.split_file": str(split_file)}
     return base, dataset, "tiny random BERT + tiny random ViT", None
 
 

@@ -161,6 +161,7 @@ class FusionProcessor:
 
         Returns `input_ids`, `attention_mask`, `text_present` and/or `pixel_values` (normalized float),
         `image_present`; tensors on `device` (default CPU). Paths, bytes and PIL images are accepted.
+        With one side only, the other's presence flags are False: the model predicts from the side given.
         """
         if texts is None and images is None:
             raise ValueError("FusionProcessor needs texts, images or both")
@@ -176,6 +177,9 @@ class FusionProcessor:
             uint8, present = self.load_images(list(images))
             out["pixel_values"] = self.normalize(uint8.to(dev, non_blocking=True))
             out["image_present"] = present.to(dev)
+        side, n = ("text", len(images)) if texts is None else ("image", len(texts)) if images is None else (None, 0)
+        if side is not None:  # one side given: the rows have none of the other, so `model(**inputs)` runs as is
+            out[f"{side}_present"] = torch.zeros(n, dtype=torch.bool, device=dev)
         return out
 
 

@@ -253,3 +253,14 @@ def test_corrupted_bytes_decode_or_raise_data_error(fmt: str) -> None:
             outcomes["refused"] += 1
     assert sum(outcomes.values()) == 60 and outcomes["refused"] > 0
     tally("images/corrupted_bytes", files=60, **outcomes)
+
+
+def test_an_array_or_a_folder_as_an_image_says_what_an_image_may_be(tmp_path: Path) -> None:
+    import torch
+
+    for value in (np.zeros((8, 8, 3), np.uint8), torch.zeros(3, 8, 8)):
+        with pytest.raises(DataError, match=r"must be a path, bytes or a PIL image, not a .*fromarray") as e:
+            load_image(value)
+        assert len(str(e.value)) < 300  # the type, not the array's repr
+    with pytest.raises(DataError, match="is a folder"):
+        load_image(tmp_path)

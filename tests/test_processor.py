@@ -64,6 +64,16 @@ def test_missing_entries_follow_the_batch_contract(model, pairs) -> None:
     torch.testing.assert_close(out["pixel_values"][:1], zeros)  # a missing image is zeros
     logits = model(**model_inputs(out))["sentiment"]
     assert logits.shape == (3, 3) and torch.isfinite(logits).all()
+    model.eval()
+    for side, given in (("texts", texts[:3]), ("images", images[:3])):  # one side: the model runs on it as is
+        inputs = proc(**{side: given})
+        absent = "image_present" if side == "texts" else "text_present"
+        assert inputs[absent].tolist() == [False] * 3
+        expected = model.predict(**{side: given})
+        probs = model(**inputs)["sentiment"].softmax(-1)
+        assert [max(p["sentiment_prob"], key=p["sentiment_prob"].get) for p in expected] == [
+            model.class_names["sentiment"][i] for i in probs.argmax(-1).tolist()
+        ]
 
 
 def test_save_and_load_beside_the_model(model, pairs, tmp_path: Path) -> None:

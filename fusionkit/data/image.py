@@ -45,6 +45,8 @@ def _describe(src: ImageSource) -> str:
         return f"<{len(src)} image bytes>"
     if isinstance(src, Image.Image):
         return f"<PIL image {src.size}>"
+    if not isinstance(src, str | os.PathLike):
+        return f"<{type(src).__module__}.{type(src).__name__}>"
     return str(src)
 
 
@@ -65,7 +67,12 @@ def _open(src: ImageSource) -> Image.Image:
         if not src:
             raise DataError("image data is empty (0 bytes)", source=_describe(src))
         return Image.open(io.BytesIO(src), formats=_formats())
+    if not isinstance(src, str | os.PathLike):
+        raise DataError(f"an image must be a path, bytes or a PIL image, not a {type(src).__name__}",
+                        source=_describe(src), hint="convert an array with PIL.Image.fromarray(a) (uint8 HxWxC)")  # fmt: skip
     path = Path(src)
+    if path.is_dir():
+        raise DataError("image path is a folder, not a file", source=str(path), hint="name the image file in it")
     if not path.is_file():
         raise DataError(
             "image file not found", source=str(path), hint="check the path or use on_error='skip'"

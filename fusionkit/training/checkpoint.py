@@ -15,6 +15,7 @@ Training state holds only tensors, numbers and strings, so it loads with `torch.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -107,4 +108,14 @@ def load_state(checkpoint_dir: Path) -> dict[str, Any]:
     path = follow_pointer(checkpoint_dir) / STATE_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: nothing to resume from")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's message suggests weights_only=False: never, for a file found on disk
+        from ..data.errors import DataError
+
+        raise DataError(
+            "holds objects other than tensors, numbers and strings, so it was not loaded (loading them would run "
+            f"code the file contains): fusionkit did not write it ({str(e).splitlines()[0]})",
+            source=str(path),
+            hint="resume from a checkpoint this run saved, or start a new run",
+        ) from None

@@ -152,3 +152,15 @@ def test_loss_options_a_task_type_does_not_read_are_refused():
                               {"name": "b", "num_classes": 2, "label_smoothing": 0.1}])  # fmt: skip
     space = default_space(get_config("tiny", tasks=[{"name": "tags", "type": "multilabel", "num_classes": 3}]).tasks)
     assert not any(k.startswith("model.tasks.tags.") for k in space)  # nothing a multilabel task reads
+
+
+def test_macro_f1_leaves_out_a_declared_class_absent_from_labels_and_predictions() -> None:
+    """A split without any "neutral" row, predicted perfectly, scores macro-F1 1, not 2/3."""
+    task = create_task(TaskConfig("s", class_names=["positive", "neutral", "negative"]))
+    labels = torch.tensor([0, 2, 0, 2])
+    perfect = torch.nn.functional.one_hot(labels, 3).float() * 5
+    flat, details = task.metrics(perfect, labels, torch.ones(4, dtype=torch.bool))
+    assert flat["macro_f1"] == 1.0 and flat["accuracy"] == 1.0
+    assert "neutral" in details["report"]  # still listed, with support 0
+    wrong = torch.nn.functional.one_hot(torch.tensor([1, 2, 0, 2]), 3).float() * 5  # a false "neutral" counts
+    assert task.metrics(wrong, labels, torch.ones(4, dtype=torch.bool))[0]["macro_f1"] < 0.8

@@ -259,7 +259,10 @@ class ClassificationTask(Task):
         ids = list(range(len(self.names)))
         flat = {
             "accuracy": float(accuracy_score(y, pred)),
-            "macro_f1": float(f1_score(y, pred, average="macro", labels=ids, zero_division=0)),
+            # over the classes in the labels or the predictions (sklearn's default): a declared class absent from
+            # both has no F1, and counting it as 0 would cap a perfect score on such a split at (k-1)/k
+            "macro_f1": float(f1_score(y, pred, average="macro", labels=sorted({*y.tolist(), *pred.tolist()}),
+                                       zero_division=0)),  # fmt: skip
             "weighted_f1": float(f1_score(y, pred, average="weighted", labels=ids, zero_division=0)),
         }
         details = {

@@ -451,3 +451,41 @@ def _write_rows(path: Path, rows: list[dict[str, str]]) -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+
+
+def test_predict_on_a_file_with_other_column_names_is_refused_not_guessed(
+    trained_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A new file naming its columns differently: an error listing them (never a prediction from placeholders),
+    and with --text-column / --image-column the same rows predict."""
+    root, table = trained_run
+    rows = [{"id": r["id"], "text": r["caption"], "img": r["photo"]} for r in csv.DictReader(table.open())][:6]
+    renamed = table.parent / "renamed.csv"
+    _write_rows(renamed, rows)
+    out = tmp_path / "p.csv"
+    run = str(root / "runs" / "r1")
+    assert main(["predict", run, "--data", str(renamed), "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "neither the caption column 'caption' nor the image column 'photo'" in err and "'img'" in err
+    assert not out.exists()
+    assert main(["predict", run, "--data", str(renamed), "--output", str(out), "--text-column", "text",
+                 "--image-column", "img"]) == 0  # fmt: skip
+    assert [r["id"] for r in csv.DictReader(out.open())] == [r["id"] for r in rows]
+
+
+def test_a_row_with_neither_side_and_a_misspelled_id_column_are_errors(tmp_path: Path, capsys) -> None:
+    table = write_table(tmp_path / "data", n=12)
+    rows = list(csv.DictReader(table.open()))
+    rows[4]["caption"], rows[4]["photo"] = "", ""
+    _write_rows(table, rows)
+    keep = ["--data.missing_text", "keep", "--data.missing_image", "keep"]
+    assert main(train_args(table, tmp_path / "runs", "a", *keep)) == 1
+    assert "item t4: row has neither a caption nor an image" in capsys.readouterr().err
+    assert main(train_args(table, tmp_path / "runs", "b", *keep, "--data.on_error", "skip")) == 0  # skipped, reported
+    assert main(train_args(table, tmp_path / "runs", "c", *keep, "--data.id_column", "ID")) != 0
+    err = capsys.readouterr().err
+    assert "no column 'ID' (data.id_column)" in err and "'id'" in err
+    assert not (tmp_path / "runs" / "c").exists()
+    model = fusionkit.FusionModel.from_pretrained(tmp_path / "runs" / "b")
+    with pytest.raises(ValueError, match=r"pairs \[1\] have neither a caption nor an image"):
+        model.predict(texts=["great sunny day", None], images=[None, None])

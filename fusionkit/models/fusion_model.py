@@ -423,6 +423,9 @@ class FusionModel(nn.Module):
         n = len(texts) if texts is not None else len(images)  # type: ignore[arg-type]
         texts = list(texts) if texts is not None else [None] * n
         images = list(images) if images is not None else [None] * n
+        empty = [k for k, (t, i) in enumerate(zip(texts, images)) if t is None and i is None]
+        if empty:
+            raise ValueError(f"pairs {empty[:5]} have neither a caption nor an image: there is nothing to predict from")
         self.warn_one_sided(sum(t is None for t in texts), sum(i is None for i in images), n, "predict()")
         processor = FusionProcessor.from_model(self)
         was_training = self.training

@@ -28,6 +28,7 @@ log = logging.getLogger("fusionkit.data")
 MissingPolicy = Literal["error", "skip", "keep"]
 MISSING_POLICIES = ("error", "skip", "keep")
 # The config key that controls each reader option, named in errors so users know what to set.
+DEFAULT_ID_COLUMN = "id"  # absent: rows are named by their row number; any other name must exist
 CONFIG_KEYS = {
     "text_column": "data.text_column",
     "image_column": "data.image_column",
@@ -57,7 +58,7 @@ class ReadOptions:
 
     text_column: str = "text"
     image_column: str = "image"
-    id_column: str | None = "id"
+    id_column: str | None = DEFAULT_ID_COLUMN
     label_columns: tuple[str, ...] | None = None
     on_error: OnError = "raise"
     missing_text: MissingPolicy = "error"
@@ -112,12 +113,28 @@ class ReadOptions:
 def require_sides(opts: ReadOptions, columns: Sequence[str], source: str) -> None:
     """The caption and image columns must exist, except a side whose rows may lack it (`missing_*: keep`,
     as prediction reads): a captions-only file is then read as rows without images, and said so."""
+    if opts.text_column not in columns and opts.image_column not in columns:  # nothing to read a pair from
+        raise DataError(
+            f"neither the caption column {opts.text_column!r} nor the image column {opts.image_column!r} is in it; "
+            f"found columns {list(columns)}",
+            source=source,
+            hint=f"set {CONFIG_KEYS['text_column']} / {CONFIG_KEYS['image_column']} to the file's columns "
+            "(eval, predict, embed: --text-column / --image-column)",
+        )
+    if opts.id_column and opts.id_column != DEFAULT_ID_COLUMN and opts.id_column not in columns:
+        raise DataError(  # a named id column that is not there: a typo, not "number the rows"
+            f"no column {opts.id_column!r} ({CONFIG_KEYS['id_column']}); found columns {list(columns)}",
+            source=source,
+            hint=f"set {CONFIG_KEYS['id_column']} to the column of ids, or to null to name rows by their row number "
+            "(eval, predict, embed: --id-column COLUMN, or --id-column '')",
+        )
     for option, policy in (("text_column", opts.missing_text), ("image_column", opts.missing_image)):
         name = getattr(opts, option)
         if name in columns or policy != "keep":
             require_column(name, option, columns, source)
         else:
-            log.warning("%s: no column %r (%s): every row is read without it", source, name, CONFIG_KEYS[option])
+            log.warning("%s: no column %r (%s): every row is read without it; found columns %s", source, name,
+                        CONFIG_KEYS[option], list(columns))  # fmt: skip
 
 
 def require_column(column: str, option: str, columns: Sequence[str], source: str) -> None:
@@ -214,6 +231,9 @@ class RowReader:
         try:
             text = self.text(row.get(o.text_column), where=where, item=item, no_text=no_text)
             image = self.image(row.get(o.image_column), where=where, item=item)
+            if text is None and image is None:  # kept as missing on both sides: nothing left to learn or predict from
+                raise DataError("row has neither a caption nor an image", source=where, item=item,
+                                hint="fill in one of them, or skip such rows (data.on_error: skip)")  # fmt: skip
         except _SkipRow as s:
             self.skips.record(s.err)
             return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +170,34 @@ def test_wrong_metric_and_column_fail_before_any_work(tmp_path: Path, capsys: py
 def _raw(labels: list[object], declared: list[str] | None = None) -> fusionkit.MultimodalDataset:
     examples = [fusionkit.data.Example(str(i), "x", b"", {"y": v}) for i, v in enumerate(labels)]
     return fusionkit.MultimodalDataset(examples, {"y": declared or []})
+
+
+def test_labels_spelled_none_unicode_forms_and_empty_tag_lists(caplog: pytest.LogCaptureFixture) -> None:
+    """"None" is a class when listed (and a warned-about missing label when not); "ü" composed or not is one
+    class; a CSV multilabel cell "[]" is the empty set of tags, not a class named "[]"."""
+    listed = fusionkit.TaskConfig("y", class_names=["None", "negative", "positive"])
+    ds, [cfg] = bind_labels(_raw(["None", "positive", "None", "negative", ""]), [listed])
+    assert [ex.labels["y"] for ex in ds] == [0, 2, 0, 1, None]
+    with caplog.at_level(logging.WARNING, logger="fusionkit.tasks"):
+        ds, [cfg] = bind_labels(_raw(["None", "positive", "negative"]), [fusionkit.TaskConfig("y")])
+    assert cfg.class_names == ["negative", "positive"] and ds[0].labels["y"] is None
+    assert "1 labels ['None']" in caplog.text and "class_names" in caplog.text
+    composed, decomposed = "Gl\u00fccklich", "Glu\u0308cklich"
+    _, [cfg] = bind_labels(_raw([composed, decomposed, "traurig"]), [fusionkit.TaskConfig("y")])
+    assert cfg.class_names == [composed, "traurig"]
+    tags = fusionkit.TaskConfig("y", type="multilabel")
+    ds, [cfg] = bind_labels(_raw(["a|b", "[]", '["b"]', ""]), [tags])
+    assert cfg.class_names == ["a", "b"] and [ex.labels["y"] for ex in ds] == [[0, 1], [], [1], None]
+
+
+def test_bytes_that_are_not_utf8_in_a_label_or_id_are_refused_at_read(tmp_path: Path) -> None:
+    table = write_table(tmp_path / "data", n=12)
+    raw = table.read_bytes().replace(b"sad", "tr\u00e4urig".encode("latin-1"), 1)  # one Latin-1 label
+    table.write_bytes(raw)
+    with pytest.raises(fusionkit.DataError, match=r"item t1: column 'mood' is not valid UTF-8"):
+        fusionkit.load_dataset(table, text_column="caption", image_column="photo")
+    assert main(train_args(table, tmp_path / "runs", "r")) == 1
+    assert not (tmp_path / "runs" / "r").exists()  # refused before training, not when writing predictions
 
 
 def test_class_order_reconciled_by_name_not_position() -> None:

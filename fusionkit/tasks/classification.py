@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -30,7 +31,7 @@ def label_string(value: Any, where: str, item: str) -> str:
     if isinstance(value, int | np.integer):
         return str(int(value))
     if isinstance(value, str):
-        s = value.strip()
+        s = unicodedata.normalize("NFC", value.strip())  # "ü" typed or composed (macOS, copy-paste) is one class
         if s.lower() in ("inf", "-inf", "+inf", "infinity", "-infinity"):
             raise label_error(f"label {value!r} is not a class", where, item, "fix or empty the cell")
         return s
@@ -52,6 +53,8 @@ def reconcile_class_names(
     Order: the config's `class_names` if given, else the names the source declares (HF `ClassLabel`,
     MVSA), else the sorted distinct values. Every observed value must be one of them.
     """
+    configured = [unicodedata.normalize("NFC", n) for n in configured] if configured else configured
+    declared = [unicodedata.normalize("NFC", n) for n in declared]
     names = list(configured or declared or sorted(observed, key=_sort_key))
     origin = (
         "model.tasks[].class_names" if configured else ("the data's declared classes" if declared else "")
@@ -160,7 +163,19 @@ class ClassificationTask(Task):
 
     # ------------------------------------------------------------------ schema
     def observed(self, values: Sequence[Any], where: str) -> set[str]:
+        read_as_missing = Counter(v.strip() for v in values if isinstance(v, str) and v.strip() and is_missing(v))
+        if read_as_missing:
+            declared = [n for n in read_as_missing if n in (self.cfg.class_names or ())]
+            if declared:  # a class the user listed (e.g. "None") is a class, whatever it spells
+                return {label_string(v, where, "?") for v in values if not self._missing(v)}
+            log.warning("task %s: %d labels %s in %s are read as missing; if one is a class, list it in "
+                        "model.tasks[].class_names", self.name, sum(read_as_missing.values()),
+                        sorted(read_as_missing), where)  # fmt: skip
         return {label_string(v, where, "?") for v in values if not is_missing(v)}
+
+    def _missing(self, value: Any) -> bool:
+        """`is_missing`, except for a label spelled like a missing value ("None", "null") that is a listed class."""
+        return is_missing(value) and not (isinstance(value, str) and value.strip() in (self.cfg.class_names or ()))
 
     def resolve_schema(self, values: Sequence[Any], declared: Sequence[str], where: str) -> TaskConfig:
         names = reconcile_class_names(self.name, self.observed(values, where), self.cfg.class_names,
@@ -188,7 +203,7 @@ class ClassificationTask(Task):
         return replace(self.cfg, class_names=names, num_classes=len(names))
 
     def encode(self, value: Any, where: str, item: str) -> Any:
-        if is_missing(value):
+        if self._missing(value):
             return None
         name = label_string(value, where, item)
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +16,11 @@ from .classification import ClassificationTask, label_string
 
 def label_list(value: Any, where: str, item: str) -> list[str]:
     """A cell of names: a list (JSON, HF), or a '|'-joined string ("cat|dog")."""
+    if isinstance(value, str) and value.strip().startswith("[") and value.strip().endswith("]"):
+        try:  # a JSON list in a text cell (CSV): "[]" is the empty set, not a class named "[]"
+            value = json.loads(value)
+        except ValueError:
+            pass
     values = value if isinstance(value, list | tuple) else str(value).split("|")
     return [label_string(v, where, item) for v in values if not is_missing(v)]
 

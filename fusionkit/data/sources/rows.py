@@ -234,13 +234,17 @@ class RowReader:
             if text is None and image is None:  # kept as missing on both sides: nothing left to learn or predict from
                 raise DataError("row has neither a caption nor an image", source=where, item=item,
                                 hint="fill in one of them, or skip such rows (data.on_error: skip)")  # fmt: skip
+            labels = {c: raw_value(row.get(c)) for c in label_columns}
+            for column, value in [(o.id_column or "id", item), *labels.items()]:
+                if isinstance(value, str) and any("\udc80" <= ch <= "\udcff" for ch in value):
+                    raise DataError(f"column {column!r} is not valid UTF-8 ({value!r})", source=where, item=item,
+                                    hint="re-encode the file as UTF-8")  # fmt: skip
         except _SkipRow as s:
             self.skips.record(s.err)
             return None
         except DataError as e:
             self.skips(e)
             return None
-        labels = {c: raw_value(row.get(c)) for c in label_columns}
         return Example(item, text, image, labels, {**(meta or {}), "source": where})
 
     def wanted(self, item: str) -> bool:

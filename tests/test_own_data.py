@@ -518,3 +518,17 @@ def test_a_row_with_neither_side_and_a_misspelled_id_column_are_errors(tmp_path:
     model = fusionkit.FusionModel.from_pretrained(tmp_path / "runs" / "b")
     with pytest.raises(ValueError, match=r"pairs \[1\] have neither a caption nor an image"):
         model.predict(texts=["great sunny day", None], images=[None, None])
+
+
+def test_image_paths_read_from_the_wrong_folder_say_where_they_were_looked_for(tmp_path: Path, capsys) -> None:
+    table = write_table(tmp_path / "data", n=12)
+    moved = tmp_path / "sub" / "tweets.csv"  # the table moved, its relative image paths did not
+    moved.parent.mkdir()
+    moved.write_bytes(table.read_bytes())
+    assert main(train_args(moved, tmp_path / "runs", "a")) == 1
+    err = capsys.readouterr().err
+    assert f"looked for {moved.parent / 'img0.png'}" in err and f"read from {moved.parent}" in err
+    assert "missing_image=skip" in err  # not "keep": a path that names no file is a mistake
+    # kept as missing, not one image would be found: an error, not a text-only model
+    assert main(train_args(moved, tmp_path / "runs", "b", "--data.missing_image", "keep")) == 1
+    assert "none of its 12 image paths names a file" in capsys.readouterr().err

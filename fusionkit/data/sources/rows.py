@@ -209,6 +209,8 @@ class RowReader:
         root = options.image_root if options.image_root is not None else image_root
         self.image_root = os.path.realpath(root if root is not None else os.getcwd())  # resolved once
         self.truncated = 0
+        self.broken_paths: list[str] = []  # image paths naming no file, kept as rows without an image
+        self.found_images = 0
 
     def example(
         self,
@@ -310,8 +312,14 @@ class RowReader:
         path = resolve_image_path(value, self.image_root, where=where, item=item)
         if path is None:
             own = self.opts.missing_image_file  # prediction: an empty cell is kept, a broken path is not
-            hint = "fix the path, or empty the cell to predict that row from its caption alone" if own else ""
-            self.missing("image", f"image file not found: {value!r}", where=where, item=item, policy=own, hint=hint)
+            hint = ("fix the path, or empty the cell to predict that row from its caption alone" if own else
+                    "fix the path, or set data.missing_image=skip to leave such rows out")  # fmt: skip
+            problem = (f"image file not found: {value!r} (looked for {os.path.join(self.image_root, value)}; "
+                       f"relative paths are read from {self.image_root})")  # fmt: skip
+            self.missing("image", problem, where=where, item=item, policy=own, hint=hint)
+            self.broken_paths.append(value)  # kept (missing_image=keep): said in `finish`
+        else:
+            self.found_images += 1
         return path
 
     def finish(self, examples: list[Example], total: int) -> tuple[list[Example], Path | None]:
@@ -328,6 +336,16 @@ class RowReader:
             kept.append(ex)
         if self.truncated:
             log.warning("%s: %d captions longer than the cap were truncated", self.skips.what, self.truncated)
+        if self.broken_paths and not self.found_images:  # not one image: the paths are read from the wrong folder
+            raise DataError(
+                f"none of its {len(self.broken_paths)} image paths names a file (e.g. {self.broken_paths[0]!r}, "
+                f"looked for {os.path.join(self.image_root, self.broken_paths[0])})",
+                source=self.skips.what,
+                hint=f"relative paths are read from {self.image_root} (a table file's own folder): fix the paths",
+            )
+        if self.broken_paths:
+            log.warning("%s: %d image paths name no file (e.g. %r, read from %s): those rows have no image",
+                        self.skips.what, len(self.broken_paths), self.broken_paths[0], self.image_root)  # fmt: skip
         return kept, self.skips.finish(self.opts.report_path, total)
 
 

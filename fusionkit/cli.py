@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
                      "share run once, through the feature cache in --cache-dir")  # fmt: skip
     e.add_argument("--ensemble", nargs="+", default=[], metavar="CHECKPOINT", help=ensemble_help)
     e.add_argument("--output", help="also write the metrics JSON here")
+    e.add_argument("--label-column", action="append", default=[], metavar="[TASK=]COLUMN",
+                   help="the column of --data that holds a task's labels (default: the column it trained on)")
     pr = sub.add_parser(
         "predict",
         help="predict labels: one raw pair (--text/--image), every row of a file (--data), or a split",
@@ -300,6 +302,8 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
     from .training.trainer import IN_MEMORY, cache_root, reader_kwargs
 
     data, run_dir = _run_data_config(args)
+    if getattr(args, "label_column", None):
+        model.config.tasks = _label_columns(model.config.tasks, args.label_column)
     if args.data is None and run_dir is None:
         raise ConfigError("--data is required when the checkpoint is not inside a run dir")
     source = args.data or data.dataset
@@ -374,6 +378,26 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
         # features from the stores its training built, else (below) its encoders run on this split alone
         return ds, SplitView(whole, ds.ids, ds.fingerprint)
     return ds, cache(ds)
+
+
+def _label_columns(tasks: list[Any], specs: list[str]) -> list[Any]:
+    """`--label-column [TASK=]COLUMN`: read a task's labels from another column (TASK may be left out when
+    the model has one labelled task)."""
+    import dataclasses
+
+    from .tasks import create_task
+
+    labelled = [t.name for t in tasks if create_task(t).needs_labels]
+    columns = {}
+    for spec in specs:
+        task, _, column = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        if not task and len(labelled) != 1:
+            raise ConfigError(f"--label-column {spec}: name the task, one of {labelled} (TASK=COLUMN)")
+        task = task or labelled[0]
+        if task not in labelled:
+            raise ConfigError(f"--label-column {spec}: the model has no labelled task {task!r}; its tasks are {labelled}")
+        columns[task] = column
+    return [dataclasses.replace(t, column=columns[t.name]) if t.name in columns else t for t in tasks]
 
 
 def _check_same_rows(run_dir: Path, split: str, ds: Any, source: Any) -> None:

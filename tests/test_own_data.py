@@ -532,3 +532,19 @@ def test_image_paths_read_from_the_wrong_folder_say_where_they_were_looked_for(t
     # kept as missing, not one image would be found: an error, not a text-only model
     assert main(train_args(moved, tmp_path / "runs", "b", "--data.missing_image", "keep")) == 1
     assert "none of its 12 image paths names a file" in capsys.readouterr().err
+
+
+def test_eval_reads_labels_from_a_column_of_another_name(trained_run: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    root, table = trained_run
+    rows = [{**{k: v for k, v in r.items() if k != "mood"}, "Stimmung": r["mood"]} for r in csv.DictReader(table.open())]
+    renamed = table.parent / "renamed_labels.csv"
+    _write_rows(renamed, rows)
+    run = str(root / "runs" / "r1")
+    assert main(["eval", run, "--data", str(renamed)]) != 0
+    assert "--label-column TASK=COLUMN" in capsys.readouterr().err
+    out = tmp_path / "m.json"
+    assert main(["eval", run, "--data", str(renamed), "--label-column", "Stimmung", "--output", str(out)]) == 0
+    same = tmp_path / "same.json"
+    assert main(["eval", run, "--data", str(table), "--output", str(same)]) == 0
+    got, expected = json.loads(out.read_text()), json.loads(same.read_text())
+    assert got["all/mood/accuracy"] == expected["all/mood/accuracy"]

@@ -91,7 +91,8 @@ def _check_shape(im: Image.Image, max_pixels: int, where: str) -> None:
         raise DataError(
             f"image is {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,} (decompression bomb?)",
             source=where,
-            hint="raise max_pixels if the image is genuine",
+            hint="if it is a genuine photo, downscale it (no encoder reads more than a few hundred pixels a side), "
+            "or skip it (data.on_error: skip); load_image(max_pixels=...) raises the limit in Python",
         )
     if max(w, h) > MAX_IMAGE_SIDE or max(w, h) > MAX_ASPECT_RATIO * min(w, h):
         raise DataError(

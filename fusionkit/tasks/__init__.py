@@ -99,7 +99,8 @@ def bind_labels(
                 hint = (
                     ""
                     if cfg.column
-                    else f" (set model.tasks[].column to the column that holds the {cfg.name} labels)"
+                    else f" (set model.tasks[].column to the column that holds the {cfg.name} labels; "
+                    f"fusionkit eval: --label-column {cfg.name}=COLUMN)"
                 )
                 raise ConfigError(
                     f"task {cfg.name!r} reads its labels from column {task.column!r}, which {where} does not "

@@ -143,7 +143,8 @@ def require_column(column: str, option: str, columns: Sequence[str], source: str
         raise DataError(
             f"no column {column!r} ({CONFIG_KEYS[option]}); found columns {list(columns)}",
             source=source,
-            hint=f"set {CONFIG_KEYS[option]} to one of the columns found",
+            hint=f"set {CONFIG_KEYS[option]} to one of the columns found"
+            + (" (fusionkit eval: --label-column TASK=COLUMN)" if option == "label_columns" else ""),
         )
 
 

@@ -563,8 +563,6 @@ def _sharded_embed(args: argparse.Namespace) -> bool:
 def _check_output(args: argparse.Namespace) -> None:
     """Before any work: refuse an `--output` that would overwrite an input (the data, the model, a run's
     own results) or be written under another name than the one given; create its folder."""
-    from .training.rundir import RunDir
-
     if not getattr(args, "output", None):
         return
     out = Path(args.output).expanduser()
@@ -578,22 +576,36 @@ def _check_output(args: argparse.Namespace) -> None:
     data, run_dir = _run_data_config(args)
     # the file read now, and the run's own training data (it is needed again to evaluate the run)
     inputs = [Path(p).expanduser() for p in dict.fromkeys((args.data, data.dataset)) if p]
-    if run_dir is None:  # a bare model dir; a run dir's checkpoints are covered by RunDir.owns
+    if run_dir is None:  # a bare model dir; runs' files (this run's or another's) are covered by _owner
         inputs.append(Path(args.checkpoint).expanduser())
     written = [out] + ([out.with_suffix(".ids.json")] if args.command == "embed" and out.suffix == ".npy" else [])
     for target in written:
         for src in inputs:
             if src.exists() and (_same_file(target, src) or (src.is_dir() and _inside(target, src))):
                 raise ConfigError(f"--output {out} would overwrite the input {src}; write somewhere else")
-        if run_dir is not None and RunDir(run_dir).owns(target):
-            raise ConfigError(f"--output {out} would overwrite {target.name} of the run in {run_dir}; "
-                              "write somewhere else")  # fmt: skip
+        owner = _owner(target)
+        if owner is not None:
+            raise ConfigError(f"--output {out} would overwrite a file of the run or model in {owner}; write "
+                              "somewhere else (a new file beside a run's own files is fine)")  # fmt: skip
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OSError(f"cannot create the folder of --output {out}: {e.strerror or e}") from e
     if not os.access(out.parent, os.W_OK):
         raise OSError(f"cannot write --output {out}: its folder {out.parent} is not writable")
+
+
+def _owner(target: Path) -> Path | None:
+    """The run dir (any run's, not only the one read) that wrote or will write `target`, or the saved model
+    folder it lies in; None if it is nobody's file."""
+    from .training.rundir import RunDir
+
+    for d in Path(os.path.abspath(target)).parents:
+        if not (d / "config.json").is_file():
+            continue
+        if (d / "model.safetensors").is_file() or ((d / "split.json").is_file() and RunDir(d).owns(target)):
+            return d
+    return None
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -374,6 +374,14 @@ def test_output_never_overwrites_the_input_and_is_checked_before_work(
                          ("predict", run / "predictions_test.csv"), ("eval", run / "summary.json")]:  # fmt: skip
         assert main([command, *common, "--output", str(out)]) == 2, (command, out)
         assert "would overwrite" in capsys.readouterr().err
+    second = tmp_path / "second_run"  # another run's files and its checkpoints' are not written over either
+    shutil.copytree(run, second, symlinks=True)
+    step = next((second / "checkpoints").iterdir())
+    for command, out in [("predict", second / "predictions_test.csv"), ("eval", second / "summary.json"),
+                         ("eval", step / "config.json")]:  # fmt: skip
+        assert main([command, *common, "--output", str(out)]) == 2, (command, out)
+        assert "would overwrite a file of the run or model in" in capsys.readouterr().err
+    assert main(["predict", *common, "--output", str(second / "my_predictions.csv")]) == 0  # a new file beside it
     other = tmp_path / "other.csv"  # predicting another file onto the run's own training data
     shutil.copy(data, other)
     assert main(["predict", str(run), "--data", str(other), "--output", str(data), "--cache-dir", common[-1]]) == 2

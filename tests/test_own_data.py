@@ -320,6 +320,22 @@ def test_python_api_resume_keeps_the_class_names_the_data_gave(tmp_path: Path) -
     assert saved.class_names == ["happy", "meh", "sad"] and isinstance(saved.class_weights, list)
 
 
+def test_a_run_trained_on_a_dataframe_resumes_from_python_and_says_so_on_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pd = pytest.importorskip("pandas")
+    table = write_table(tmp_path / "data", n=24)
+    frame = pd.read_csv(table).assign(photo=lambda d: [str(table.parent / p) for p in d.photo])
+    monkeypatch.chdir(tmp_path)  # where a relative "in-memory:DataFrame" would have been looked for
+    cfg = {"data": {"text_column": "caption", "image_column": "photo", "cache_dir": str(tmp_path / "c")},
+           "model": {"tasks": [{"name": "mood"}]}, "optim": {"max_steps": 2, "batch_size": 8},
+           "run": {"output_dir": str(tmp_path / "runs"), "name": "df", "progress": False, "plots": False}}  # fmt: skip
+    first = fusionkit.train(cfg, data=frame)
+    assert fusionkit.train(cfg, data=frame, resume=True)["steps"] == first["steps"]  # not a "changed config"
+    assert main(["train", "--resume", str(tmp_path / "runs" / "df")]) != 0
+    assert "in-memory dataset; pass it again" in capsys.readouterr().err
+
+
 def test_resume_with_the_same_command_naming_its_classes_is_not_a_change(tmp_path: Path) -> None:
     """Classes listed in the config (in the user's order), with the weights and prior the data fits: the
     same command with resume continues the run; naming other classes is still a change."""

@@ -213,6 +213,7 @@ def build_config(
     return merge(base, flat)
 
 
+IN_MEMORY = "in-memory:"  # data.dataset of a run trained on a DataFrame / Dataset passed in Python: not a path
 # Keys whose relative paths in a config file mean "relative to that file" (outputs stay cwd-relative).
 PATH_KEYS = ("data.dataset", "data.split_file", "data.cache_dir", "model.text.name", "model.image.name",
              "model.image.checkpoint_path")  # fmt: skip
@@ -231,7 +232,7 @@ def resolve_paths(flat: dict[str, Any], base: Path) -> dict[str, Any]:
         value = out.get(key)
         if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
             continue
-        if value == "synthetic" or value.startswith(("synthetic:", "~")):
+        if value == "synthetic" or value.startswith(("synthetic:", "~", IN_MEMORY)):
             continue
         candidate = Path(os.path.normpath(base / value))
         if candidate.exists():

@@ -46,7 +46,7 @@ from ..precision import choose_precision
 from ..tasks import bind_labels, create_task, fit_train_statistics
 from . import checkpoint as ckpt
 from . import distributed as D
-from .config import DataConfig, TrainConfig, build_config, unused_settings
+from .config import IN_MEMORY, DataConfig, TrainConfig, build_config, unused_settings
 from .ema import ModelEMA, ema_applied
 from .feature_cache import FeatureCollator, build_features
 from .inference import inference_loader, resolve_device, run_inference  # noqa: F401 (re-exported)
@@ -59,7 +59,6 @@ from .rundir import OPERATIONAL_KEYS, RunDir, RunDirError, config_changes, data_
 log = logging.getLogger("fusionkit.training")
 
 # data.dataset as saved by a run that trained on a DataFrame / datasets.Dataset / MultimodalDataset
-IN_MEMORY = "in-memory:"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -647,7 +646,8 @@ class Trainer:
                 name = signal.Signals(self._stop_signal).name
                 raise TrainingInterrupted(
                     f"{name}: stopped after step {self.step}; checkpoint saved in {self.run_dir}/last. "
-                    f"Continue with: fusionkit train --resume {self.run_dir}",
+                    "Continue with: " + (f"fusionkit train --resume {self.run_dir}" if not str(cfg.data.dataset).startswith(
+                        IN_MEMORY) else f"fusionkit.train(config, data=<the same data>, resume=True), run dir {self.run_dir}"),
                     self._stop_signal,
                 )
             if self.step >= self.total_steps:

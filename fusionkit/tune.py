@@ -28,6 +28,7 @@ import csv
 import json
 import logging
 import math
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,7 @@ def tune(
 
     from .tasks import create_task
     from .training.config import TrainConfig, build_config
-    from .training.metrics import default_metric
+    from .training.metrics import check_metric, default_metric
     from .training.trainer import Trainer
 
     cfg: TrainConfig = config if isinstance(config, TrainConfig) else build_config(config)
@@ -157,9 +158,11 @@ def tune(
         raise ConfigError(f"--trials must be at least 1, got {trials}")
     space = load_space(space) if space is not None else default_space(cfg.model.tasks)
     check_space(cfg, space)
+    tasks = {t.name: create_task(t) for t in cfg.model.tasks}
+    metric = cfg.run.metric or default_metric(tasks)
+    check_metric(metric, tasks)  # before the study exists: a typo must not leave one behind that blocks the fix
     out = Path(output_dir or Path(cfg.run.output_dir) / f"tune-{cfg.run.name or 'run'}")
     out.mkdir(parents=True, exist_ok=True)
-    metric = cfg.run.metric or default_metric({t.name: create_task(t) for t in cfg.model.tasks})
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, space)
@@ -231,6 +234,12 @@ def open_study(out: Path, cfg: Any, space: Mapping[str, Any], metric: str) -> An
         return study
     changes = {k: v for k, v in config_changes(saved, identity).items()
                if k.removeprefix("config.") not in OPERATIONAL_KEYS}  # fmt: skip
+    failed = all(t.state == optuna.trial.TrialState.FAIL for t in study.trials)
+    if changes and failed:  # nothing learned: the corrected command starts the study again, the old one kept aside
+        kept = journal.with_name(f"study.failed-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        journal.rename(kept)
+        log.warning("%s held only failed trials of another config; kept as %s, starting a new study", out, kept.name)
+        return open_study(out, cfg, space, metric)
     if changes:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:5])
         raise ConfigError(

@@ -137,3 +137,16 @@ def test_a_bad_space_stops_before_the_first_trial(tmp_path: Path, capsys, entry:
     err = capsys.readouterr().err
     assert f"search space {next(iter(entry))!r}" in err and named in err
     assert not (out / "trials").exists() and not (out / "study.jsonl").exists()
+
+
+def test_a_metric_typo_or_a_failed_first_trial_does_not_block_the_corrected_command(tmp_path: Path, capsys) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}))
+    out = tmp_path / "tune"
+    argv = ["tune", str(write_config(tmp_path)), "--space", str(space), "--output-dir", str(out), "--trials", "1"]
+    assert main([*argv, "--run.metric", "val/sentiment/f1"]) == 2
+    assert "val/sentiment/macro_f1" in capsys.readouterr().err and not out.exists()  # refused before the study
+    assert main([*argv, "--data.dataset", str(tmp_path / "missing.csv")]) != 0  # the first trial fails
+    assert main(argv) == 0  # the corrected command: a new study, the failed one kept aside
+    assert [p.name.startswith("study.failed-") for p in out.glob("study.*.jsonl")] == [True]
+    assert len(list(csv.DictReader((out / "trials.csv").open()))) == 1

@@ -206,6 +206,10 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         run_dir = Path(args.resume)
         if config:
             raise ConfigError("give either a config or --resume RUN_DIR, not both")
+        if not (run_dir / "config.yaml").is_file():
+            found = _run_dir_of(run_dir)
+            raise ConfigError(f"--resume {run_dir}: not a run dir (no config.yaml)"
+                              + (f"; the run dir is {found}" if found is not None and found != run_dir else ""))  # fmt: skip
         cfg = build_config(load_config_file(run_dir / "config.yaml"), overrides)  # paths as the run used them
         cfg.run.output_dir, cfg.run.name = str(run_dir.parent), run_dir.name
     else:
@@ -312,6 +316,9 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
                           "which it cannot read again: pass --data FILE with those rows (and --split NAME to use "
                           "the run's split.json on them)")  # fmt: skip
     split = args.split or ("all" if args.data else {"eval": "val"}.get(args.command, "test"))
+    if args.data is None and not str(source).startswith("synthetic") and not Path(source).exists():
+        raise FileNotFoundError(f"{source}, the data {args.checkpoint} trained on, is not there any more: if it moved, "
+                                f"pass --data NEW_PATH --split {split} (the run's split.json names its rows)")  # fmt: skip
     trained = data  # the policies training read the rows with
     if not with_labels:  # a row without a caption or an image is predicted from the side it has ...
         data = dataclasses.replace(data, missing_text="keep", missing_image="keep")
@@ -409,9 +416,9 @@ def _check_same_rows(run_dir: Path, split: str, ds: Any, source: Any) -> None:
     if saved is None or saved.get("fingerprint") == ds.fingerprint:
         return
     raise DataError(
-        f"the {split} split of {run_dir} ({saved.get('n')} rows when it trained, {len(ds)} now) changed content: "
-        "these are not the rows the run held out (without an id column rows are named by their position, so "
-        "reordering or editing the file moves them)",
+        f"the {split} split of {run_dir} ({saved.get('n')} rows when it trained, {len(ds)} now) changed content "
+        "(a caption, an image or a label was edited, or, in a file without an id column, rows moved: rows are "
+        "then named by their position): these are not the rows the run held out",
         source=str(source),
         hint=f"restore the data the run trained on, or score the file as it is now: --data {source} --split {split} "
         "(rows named by an id column), or --data FILE --split all (a file without ids)",

@@ -564,3 +564,21 @@ def test_eval_reads_labels_from_a_column_of_another_name(trained_run: tuple[Path
     assert main(["eval", run, "--data", str(table), "--output", str(same)]) == 0
     got, expected = json.loads(out.read_text()), json.loads(same.read_text())
     assert got["all/mood/accuracy"] == expected["all/mood/accuracy"]
+
+
+def test_a_moved_dataset_and_a_resume_of_no_run_dir_say_what_to_do(
+    trained_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    root, table = trained_run
+    run = root / "runs" / "r1"
+    moved = table.with_name("moved.csv")
+    table.rename(moved)
+    try:
+        assert main(["eval", str(run)]) == 1
+        assert "pass --data NEW_PATH --split val" in capsys.readouterr().err
+        assert main(["eval", str(run), "--data", str(moved), "--split", "val"]) == 0
+    finally:
+        moved.rename(table)
+    step = next((run / "checkpoints").iterdir())
+    assert main(["train", "--resume", str(step)]) == 2
+    assert f"not a run dir (no config.yaml); the run dir is {run}" in capsys.readouterr().err

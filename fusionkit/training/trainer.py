@@ -635,8 +635,9 @@ class Trainer:
                 avg = float(D.mean_over_ranks(self.running_loss)) / self.running_n  # the global batch's loss
                 self.running_loss.zero_()
                 self.running_n = 0
+                # lr: the head's (the highest); encoder groups run at encoder_lr_scale and layer decay below it
                 self._log({"step": self.step, "epoch": self.epoch + 1, "train/loss": avg,
-                           "lr": self.scheduler.get_last_lr()[-1]})  # fmt: skip
+                           "lr": max(self.scheduler.get_last_lr())})  # fmt: skip
                 bar.set_postfix(loss=f"{avg:.4f}")
             epoch_done = self.batch_in_epoch == n_batches
             if D.any_rank(self._stop_signal is not None, self.device) and self._stop_signal is None:

@@ -163,7 +163,7 @@ class SplitView(torch.utils.data.Dataset):
 
 
 def _decode_images(
-    ds: MultimodalDataset, out: StoreWriter, preprocess: ImagePreprocess, num_proc: int | None
+    ds: MultimodalDataset, out: StoreWriter, preprocess: ImagePreprocess, num_proc: int | None, progress: bool = True
 ) -> list[tuple[int, DataError]]:
     """Decode every present image into `pixels`, in parallel; returns (row, error) of those that failed."""
     n = len(ds)
@@ -174,7 +174,7 @@ def _decode_images(
     chunks = [(s, images[s : s + _CHUNK]) for s in range(0, n, _CHUNK)]
     workers = max(1, min(num_proc or len(os.sched_getaffinity(0)), len(chunks)))
     failures: list[tuple[int, DataError]] = []
-    with tqdm(total=n, desc=f"decoding images ({workers} procs)", unit="img", disable=n < 256) as bar:
+    with tqdm(total=n, desc=f"decoding images ({workers} procs)", unit="img", disable=n < 256 or not progress) as bar:
         if workers > 1:
             with ProcessPoolExecutor(workers) as pool:
                 futures = [pool.submit(_decode_chunk, pixels_path, s, c, preprocess) for s, c in chunks]
@@ -195,11 +195,11 @@ def _decode_images(
     return sorted(failures, key=lambda f: f[0])
 
 
-def _tokenize(ds: MultimodalDataset, out: StoreWriter, tokenizer: Any, max_length: int) -> None:
+def _tokenize(ds: MultimodalDataset, out: StoreWriter, tokenizer: Any, max_length: int, progress: bool = True) -> None:
     """Token ids of every caption (a missing one as ""), appended row by row to the ragged `tokens`."""
     tokens = out.ragged("tokens", np.int32)
     texts = ["" if ex.text is None else ex.text for ex in ds]
-    for s in tqdm(range(0, len(texts), 1024), desc="tokenizing", disable=len(texts) < 4096):
+    for s in tqdm(range(0, len(texts), 1024), desc="tokenizing", disable=len(texts) < 4096 or not progress):
         enc = tokenizer(
             texts[s : s + 1024], truncation=True, max_length=max_length, return_attention_mask=False
         )
@@ -215,19 +215,20 @@ def _build(
     num_proc: int | None,
     policy: OnError,
     key: str,
+    progress: bool,
     out: StoreWriter,
 ) -> dict[str, Any]:
     """Fill a store folder; under "raise" the first bad image aborts the build (nothing is published)."""
     n = len(ds)
     # Images first: forking workers after the Rust tokenizer has run its threads would disable them.
-    failures = _decode_images(ds, out, preprocess, num_proc)
+    failures = _decode_images(ds, out, preprocess, num_proc, progress)
     skipped = [
         {"row": i, "item": ds[i].id, "source": e.source, "problem": e.problem, "hint": e.hint}
         for i, e in failures
     ]
     if skipped and policy == "raise":
         raise _error(skipped[0])
-    _tokenize(ds, out, tokenizer, max_length)
+    _tokenize(ds, out, tokenizer, max_length, progress)
     out.array("has_text", (n,), np.bool_)[:] = [ex.text is not None for ex in ds]
     out.array("has_image", (n,), np.bool_)[:] = [ex.image is not None for ex in ds]
     if skipped:
@@ -264,6 +265,7 @@ def build_cache(
     num_proc: int | None = None,
     on_error: OnError = "raise",
     only_if_built: bool = False,
+    progress: bool = True,
 ) -> CachedDataset | None:
     """Return the cache for this (dataset, tokenizer, preprocessing), building it only if absent
     (`only_if_built`: None instead of building).
@@ -281,7 +283,7 @@ def build_cache(
         return None
     elif not getattr(tokenizer, "is_fast", False):
         log.warning("%s is not a fast tokenizer: building the cache will be slow", type(tokenizer).__name__)
-    build = functools.partial(_build, ds, tokenizer, image_preprocess, max_length, num_proc, policy, key)
+    build = functools.partial(_build, ds, tokenizer, image_preprocess, max_length, num_proc, policy, key, progress)
     data = CachedDataset(open_or_build(path, build).path)
     if data.skipped:
         if policy == "raise":

@@ -368,7 +368,7 @@ class Trainer:
         pool = source.subset([i for i in source.ids if i in used], name=source.name)
         with self._main_first():
             data = build_cache(pool, model.tokenizer, model.image_preprocess, cache_dir, max_length,
-                               cfg.data.num_proc, cfg.data.on_error)  # fmt: skip
+                               cfg.data.num_proc, cfg.data.on_error, progress=self.progress)  # fmt: skip
             if self.use_features:
                 data = build_features(model, data, cache_dir, cfg.optim.eval_batch_size, self.progress)
         self.datasets: dict[str, Any] = {

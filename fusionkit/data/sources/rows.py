@@ -144,7 +144,9 @@ def require_column(column: str, option: str, columns: Sequence[str], source: str
             f"no column {column!r} ({CONFIG_KEYS[option]}); found columns {list(columns)}",
             source=source,
             hint=f"set {CONFIG_KEYS[option]} to one of the columns found"
-            + (" (fusionkit eval: --label-column TASK=COLUMN)" if option == "label_columns" else ""),
+            + (" (fusionkit eval: --label-column TASK=COLUMN)" if option == "label_columns" else "")
+            + next((f"; the file seems to separate its fields with {d!r}: save it comma-separated (or tab-separated "
+                    "as .tsv)" for d in ";\t|" if len(columns) == 1 and d in columns[0]), ""),
         )
 
 
@@ -330,7 +332,8 @@ class RowReader:
         for ex in examples:
             where = ex.meta["source"]
             if ex.id in first:
-                hint = f"ids must be unique; {ex.id!r} first appears at {first[ex.id]}"
+                hint = (f"ids must be unique; {ex.id!r} first appears at {first[ex.id]} (a row whose id cell is "
+                        "empty is named by its row number)")  # fmt: skip
                 self.skips(DataError(f"duplicate id {ex.id!r}", source=where, item=ex.id, hint=hint))
                 continue
             first[ex.id] = where

@@ -814,5 +814,5 @@ def test_ids_are_stripped(folder: Path) -> None:
 def test_a_semicolon_separated_csv_is_named_as_such(tmp_path: Path) -> None:
     path = tmp_path / "export.csv"
     path.write_text("id;caption;photo;mood\nt1;hello;a.png;happy\n")
-    with pytest.raises(DataError, match=r"no column 'caption'.*separate its fields with ';'"):
+    with pytest.raises(DataError, match=r"column 'caption'.*separate its fields with ';'"):
         load_dataset(path, text_column="caption", image_column="photo")

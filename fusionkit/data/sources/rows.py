@@ -119,7 +119,7 @@ def require_sides(opts: ReadOptions, columns: Sequence[str], source: str) -> Non
             f"found columns {list(columns)}",
             source=source,
             hint=f"set {CONFIG_KEYS['text_column']} / {CONFIG_KEYS['image_column']} to the file's columns "
-            "(eval, predict, embed: --text-column / --image-column)",
+            "(eval, predict, embed: --text-column / --image-column)" + _separator_hint(columns),
         )
     if opts.id_column and opts.id_column != DEFAULT_ID_COLUMN and opts.id_column not in columns:
         raise DataError(  # a named id column that is not there: a typo, not "number the rows"
@@ -137,6 +137,12 @@ def require_sides(opts: ReadOptions, columns: Sequence[str], source: str) -> Non
                         CONFIG_KEYS[option], list(columns))  # fmt: skip
 
 
+def _separator_hint(columns: Sequence[str]) -> str:
+    """A table read as one column whose name holds ';' or a tab was written with another separator."""
+    sep = next((d for d in ";\t|" if len(columns) == 1 and d in columns[0]), None)
+    return f"; the file seems to separate its fields with {sep!r}: save it comma-separated" if sep else ""
+
+
 def require_column(column: str, option: str, columns: Sequence[str], source: str) -> None:
     """A missing column is a clear error listing the columns found and the config key to set."""
     if column not in columns:
@@ -145,8 +151,7 @@ def require_column(column: str, option: str, columns: Sequence[str], source: str
             source=source,
             hint=f"set {CONFIG_KEYS[option]} to one of the columns found"
             + (" (fusionkit eval: --label-column TASK=COLUMN)" if option == "label_columns" else "")
-            + next((f"; the file seems to separate its fields with {d!r}: save it comma-separated (or tab-separated "
-                    "as .tsv)" for d in ";\t|" if len(columns) == 1 and d in columns[0]), ""),
+            + _separator_hint(columns),
         )
 
 

@@ -185,6 +185,8 @@ def test_labels_spelled_none_unicode_forms_and_empty_tag_lists(caplog: pytest.Lo
     composed, decomposed = "Gl\u00fccklich", "Glu\u0308cklich"
     _, [cfg] = bind_labels(_raw([composed, decomposed, "traurig"]), [fusionkit.TaskConfig("y")])
     assert cfg.class_names == [composed, "traurig"]
+    _, [cfg] = bind_labels(_raw([True, "True", "false"]), [fusionkit.TaskConfig("y")])  # Parquet and CSV spellings
+    assert cfg.class_names == ["false", "true"]
     tags = fusionkit.TaskConfig("y", type="multilabel")
     ds, [cfg] = bind_labels(_raw(["a|b", "[]", '["b"]', ""]), [tags])
     assert cfg.class_names == ["a", "b"] and [ex.labels["y"] for ex in ds] == [[0, 1], [], [1], None]

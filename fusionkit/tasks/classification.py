@@ -20,6 +20,13 @@ from .base import Task, is_missing, label_error, labelled_rows, register_task, r
 log = logging.getLogger("fusionkit.tasks")
 
 
+def canonical_name(name: str) -> str:
+    """One spelling per class: stripped, Unicode NFC ("ü" typed or composed, as macOS and copy-paste give, is
+    one class) and booleans lower-case ("True" in a CSV, `true` in JSON or Parquet, are one class)."""
+    s = unicodedata.normalize("NFC", name.strip())
+    return s.lower() if s.lower() in ("true", "false") else s
+
+
 def label_string(value: Any, where: str, item: str) -> str:
     """A raw class label as a name: strings stripped, integral numbers without '.0'; inf/NaN refused."""
     if isinstance(value, bool):
@@ -31,7 +38,7 @@ def label_string(value: Any, where: str, item: str) -> str:
     if isinstance(value, int | np.integer):
         return str(int(value))
     if isinstance(value, str):
-        s = unicodedata.normalize("NFC", value.strip())  # "ü" typed or composed (macOS, copy-paste) is one class
+        s = canonical_name(value)
         if s.lower() in ("inf", "-inf", "+inf", "infinity", "-infinity"):
             raise label_error(f"label {value!r} is not a class", where, item, "fix or empty the cell")
         return s
@@ -53,8 +60,8 @@ def reconcile_class_names(
     Order: the config's `class_names` if given, else the names the source declares (HF `ClassLabel`,
     MVSA), else the sorted distinct values. Every observed value must be one of them.
     """
-    configured = [unicodedata.normalize("NFC", n) for n in configured] if configured else configured
-    declared = [unicodedata.normalize("NFC", n) for n in declared]
+    configured = [canonical_name(n) for n in configured] if configured else configured
+    declared = [canonical_name(n) for n in declared]
     names = list(configured or declared or sorted(observed, key=_sort_key))
     origin = (
         "model.tasks[].class_names" if configured else ("the data's declared classes" if declared else "")

@@ -366,6 +366,10 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
                               "--data FILE (every row of it, or --split of it)")  # fmt: skip
     if args.command == "predict":
         model.warn_one_sided(sum(ex.text is None for ex in ds), sum(ex.image is None for ex in ds), len(ds), source)
+    labelled = [t.name for t in model.config.tasks if t.name in model.tasks and model.tasks[t.name].needs_labels]
+    if args.command == "eval" and labelled and not any(ex.labels.get(t) is not None for ex in ds for t in labelled):
+        raise ConfigError(f"no labelled rows to score in {split!r} ({len(ds)} rows, none with a label for tasks "
+                          f"{labelled}); `fusionkit predict` writes their predictions")  # before any encoder runs  # fmt: skip
     args.split = split
     if not build:
         return ds, None

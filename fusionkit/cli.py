@@ -165,10 +165,13 @@ def _align(args: argparse.Namespace, extra: list[str]) -> int:
     ds = load_dataset(cfg.data.dataset, **reader_kwargs(cfg.data, [], labels=False))
     parts = split_dataset(ds, path=run_dir / "split.json")
     split = "test" if len(parts["test"]) > 1 else "val"
-    held = parts[split]
+    held = [ex for ex in parts[split] if ex.text is not None and ex.image is not None]  # only pairs retrieve
+    if len(held) < 2:
+        raise ConfigError(f"the {split} split has {len(held)} complete pairs: retrieval needs at least 2")
     vectors = embed(model, [ex.text for ex in held], [ex.image for ex in held], modalities=("text", "image"),
                     progress=False)  # fmt: skip
-    recall = {"split": split, "pairs": len(held), **retrieval_recall(vectors["text"], vectors["image"])}
+    recall = {"split": split, "pairs": len(held), "rows_without_a_side": len(parts[split]) - len(held),
+              **retrieval_recall(vectors["text"], vectors["image"])}  # fmt: skip
     (run_dir / "retrieval.json").write_text(json.dumps(recall, indent=2))
     print(f"\nrun dir: {run_dir}\nretrieval on {len(held)} {split} pairs (recall@k, chance in brackets):")
     for k in (1, 5, 10):

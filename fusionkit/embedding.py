@@ -252,6 +252,8 @@ def retrieval_recall(
     i = image_vectors / np.linalg.norm(image_vectors, axis=1, keepdims=True)
     if t.shape != i.shape:
         raise ValueError(f"text vectors {t.shape} and image vectors {i.shape} must be paired row by row")
+    if np.isnan(t).any() or np.isnan(i).any():  # a NaN compares False with everything: it would rank first
+        raise ValueError("a row has no text or no image vector (NaN): pass complete pairs only")
     sim = t @ i.T
     diag = np.diag(sim)
     ranks = {"t2i": (sim > diag[:, None]).sum(1), "i2t": (sim > diag[None, :]).sum(0)}

@@ -584,3 +584,23 @@ def test_a_moved_dataset_and_a_resume_of_no_run_dir_say_what_to_do(
     step = next((run / "checkpoints").iterdir())
     assert main(["train", "--resume", str(step)]) == 2
     assert f"not a run dir (no config.yaml); the run dir is {run}" in capsys.readouterr().err
+
+
+def test_a_contrastive_model_scores_and_predicts_rows_without_images(tmp_path: Path) -> None:
+    """No complete pair in a batch: the contrastive task has nothing to rank (no crash), the labelled task is
+    scored; retrieval over such rows is refused rather than counted as hits."""
+    table = write_table(tmp_path / "data", n=24)
+    tasks = '[{"name": "mood"}, {"name": "align", "type": "contrastive", "weight": 0.5}]'
+    assert main(train_args(table, tmp_path / "runs", "r", "--model.tasks", tasks,
+                           "--data.missing_image", "keep")) == 0  # fmt: skip
+    rows = [{**r, "photo": ""} for r in csv.DictReader(table.open())]
+    text_only = table.with_name("text_only.csv")
+    _write_rows(text_only, rows)
+    out = tmp_path / "m.json"
+    assert main(["eval", str(tmp_path / "runs" / "r"), "--data", str(text_only), "--output", str(out)]) == 0
+    assert "all/mood/accuracy" in json.loads(out.read_text())
+    assert main(["predict", str(tmp_path / "runs" / "r"), "--data", str(text_only),
+                 "--output", str(tmp_path / "p.csv")]) == 0  # fmt: skip
+    vectors = np.random.default_rng(0).normal(size=(4, 8))
+    with pytest.raises(ValueError, match="NaN"):
+        fusionkit.embedding.retrieval_recall(vectors, np.where(np.arange(4)[:, None] == 1, np.nan, vectors))

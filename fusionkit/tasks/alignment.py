@@ -119,7 +119,10 @@ class ContrastiveTask(Task):
         return 0.5 * (F.cross_entropy(output, idx) + F.cross_entropy(output.T, idx))
 
     def eval_output(self, output: torch.Tensor) -> torch.Tensor:
-        """Per-example text->image R@1 hit within the batch ([B, B] logits are batch-shaped)."""
+        """Per-example text->image R@1 hit within the batch ([B, B] logits are batch-shaped; a batch without a
+        complete pair has none)."""
+        if output.numel() == 0:
+            return output.new_zeros(0)
         return (output.argmax(-1) == torch.arange(len(output), device=output.device)).float()
 
     def metrics(

@@ -109,7 +109,7 @@ def _start(out: Path, settings: dict[str, Any], rank: int) -> dict[str, Any]:
             changed = {k: (manifest.get(k), v) for k, v in settings.items() if manifest.get(k) != v}
             if changed:
                 error = (
-                    f"{out} holds an embedding made with other settings "
+                    f"{out} holds an embedding made with other settings or data "
                     + ", ".join(f"{k}={was!r} (now {now!r})" for k, (was, now) in changed.items())
                     + "; resume with the same settings or write to a new directory"
                 )
@@ -179,7 +179,9 @@ def embed_to_shards(
         chosen = choose_precision(precision, model.device)
         settings = {"shard_size": shard_size, "batch_size": batch_size, "modality": modality,
                     "normalize": normalize, "precision": chosen.name, "source": source,
-                    "model": model_fingerprint(model)}  # fmt: skip
+                    "model": model_fingerprint(model),
+                    # the rows' content (a `MultimodalDataset`): an edited file never resumes into old shards
+                    "data": getattr(data, "fingerprint", None)}  # fmt: skip
         manifest = _start(out, settings, rank)
         if manifest["complete"]:
             log.info("%s is complete (%d rows); nothing to do", out, manifest["rows"])

@@ -90,6 +90,9 @@ def test_resume_with_other_settings_is_refused(tmp_path: Path, model: FusionMode
     other = create_model("tiny", fusion={"strategy": "gated"})
     with pytest.raises(ConfigError, match="model="):
         shards(other, data, tmp_path / "out")
+    edited = data.subset(list(reversed(data.ids)))  # the same ids, rows reordered: old shards would not match
+    with pytest.raises(ConfigError, match="data="):
+        shards(model, edited, tmp_path / "out")
 
 
 def test_cli_writes_shards_to_a_directory(tmp_path: Path, model_dir: Path, model: FusionModel) -> None:

@@ -169,6 +169,12 @@ class OnnxModel:
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
             raise ValueError(f"{self.path.name} needs inputs {self.input_names}; missing {missing}")
+        for flag, reads in (("text_present", "input_ids"), ("image_present", "pixel_values")):
+            present = inputs.get(flag)
+            if present is not None and reads in self.input_names and not _numpy(present).all():
+                rows = np.flatnonzero(~_numpy(present).astype(bool)).tolist()
+                raise ValueError(f"rows {rows[:5]} have no {flag.split('_')[0]}: {self.path.name} takes complete pairs "
+                                 "(the PyTorch model predicts rows with a missing side)")  # fmt: skip
         feed = {n: _numpy(inputs[n]) for n in self.input_names}
         return dict(zip(self.output_names, self.session.run(None, feed)))
 

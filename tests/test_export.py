@@ -75,6 +75,13 @@ def test_onnx_model_graph_matches_pytorch(model, batch, tmp_path: Path) -> None:
     assert saved["tasks"]["sentiment"]["class_names"]
     assert (tmp_path / "processor_config.json").is_file()  # the folder serves on its own
     _onnx_vs_torch(model, batch, tmp_path, ["model"])
+    # a row without its image: refused, not silently scored on the placeholder pixels as a real image
+    from fusionkit.export import OnnxModel
+
+    ds = make_synthetic(3, image_size=48)
+    partial = FusionProcessor.from_model(model)(texts=[ex.text for ex in ds], images=[ds[0].image, None, ds[2].image])
+    with pytest.raises(ValueError, match=r"rows \[1\] have no image: model.onnx takes complete pairs"):
+        OnnxModel(tmp_path / "model.onnx")(**partial)
 
 
 def test_cli_exports_fp32_and_int8_that_match(tmp_path: Path, model, batch, capsys) -> None:

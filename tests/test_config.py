@@ -152,12 +152,14 @@ def test_a_setting_the_run_will_not_read_is_said_at_start(tmp_path, caplog) -> N
     assert any("optim.layer_decay=0.8 has no effect" in r.getMessage() for r in caplog.records)
     caplog.clear()
     unread = {"model.freeze": "none", "model.text.trainable_layers": 1, "model.fusion.strategy": "text_only",
-              "model.fusion.modality_dropout": 0.3, "model.fusion.image_grid": 2, "run.name": "unread"}  # fmt: skip
+              "model.fusion.modality_dropout": 0.3, "model.fusion.image_grid": 2, "run.name": "unread",
+              "model.loss_weighting": "uncertainty", "model.tasks": [{"name": "sentiment", "weight": 2.0}]}  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="fusionkit.training"):
         Trainer(build_config(None, {**overrides, **unread}))
     said = " ".join(r.getMessage() for r in caplog.records)
     for key in ("model.text.trainable_layers=1", "modality_dropout=0.3", "image_grid=2"):
         assert f"{key} has no effect" in said, key
+    assert "task weights {'sentiment': 2.0} have no effect" in said
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="fusionkit.training"):
         Trainer(build_config(None, {**overrides, "model.freeze": "top_k", "optim.layer_decay": 0.8,

@@ -181,6 +181,10 @@ def unused_settings(cfg: TrainConfig) -> list[str]:
                    "baseline, which reads one side only")  # fmt: skip
     if fusion.strategy == "text_only" and fusion.image_grid:
         out.append(f"model.fusion.image_grid={fusion.image_grid} has no effect: text_only reads no image")
+    weighted = {t.name: t.weight for t in model.tasks if t.weight != 1.0}
+    if model.loss_weighting == "uncertainty" and weighted:
+        out.append(f"task weights {weighted} have no effect: model.loss_weighting is 'uncertainty', which learns "
+                   "each task's weight (use loss_weighting: static to set them)")  # fmt: skip
     return out
 
 

@@ -42,7 +42,7 @@ def test_absent_side_is_finite_trainable_and_ignores_its_dummy_input(strategy):
     batch = ragged_batch(model)
     out = run(model, batch)
     assert out["sentiment"].shape == (5, 3)
-    assert out["align"].shape == (3, 3)  # only the complete rows are matched
+    assert out["align"].shape[:2] == (3, 2)  # only the complete rows are matched (eval: their pair embeddings)
     assert all(torch.isfinite(v).all() for v in out.values())
 
     labels = {"sentiment": torch.tensor([0, 1, 2, 0, 1])}

@@ -601,6 +601,12 @@ def test_a_contrastive_model_scores_and_predicts_rows_without_images(tmp_path: P
     assert "all/mood/accuracy" in json.loads(out.read_text())
     assert main(["predict", str(tmp_path / "runs" / "r"), "--data", str(text_only),
                  "--output", str(tmp_path / "p.csv")]) == 0  # fmt: skip
+    r1 = []
+    for batch_size in ("3", "64"):  # R@1 ranks every caption against every image of the data, in any batches
+        assert main(["eval", str(tmp_path / "runs" / "r"), "--data", str(table), "--batch-size", batch_size,
+                     "--output", str(out)]) == 0  # fmt: skip
+        r1.append(json.loads(out.read_text())["all/align/r@1"])
+    assert r1[0] == r1[1]
     vectors = np.random.default_rng(0).normal(size=(4, 8))
     with pytest.raises(ValueError, match="NaN"):
         fusionkit.embedding.retrieval_recall(vectors, np.where(np.arange(4)[:, None] == 1, np.nan, vectors))

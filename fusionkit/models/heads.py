@@ -47,8 +47,14 @@ class ContrastiveHead(nn.Module):
 
     def forward(self, text_emb: torch.Tensor, image_emb: torch.Tensor) -> torch.Tensor:
         """[B, D] x [B, D] -> logits [B_text, B_image]; the matching pair is on the diagonal."""
+        text, image = self.pairs(text_emb, image_emb).unbind(1)
+        return text @ image.T
+
+    def pairs(self, text_emb: torch.Tensor, image_emb: torch.Tensor) -> torch.Tensor:
+        """[B, 2, D]: each row's text embedding (normalized, times the temperature) and image embedding
+        (normalized), so that any set of rows gives its logits as `text @ image.T` (a whole split in eval)."""
         scale = self.logit_scale.clamp(max=math.log(100)).exp()
-        return scale * F.normalize(text_emb, dim=-1) @ F.normalize(image_emb, dim=-1).T
+        return torch.stack([scale * F.normalize(text_emb, dim=-1), F.normalize(image_emb, dim=-1)], 1)
 
 
 class MultiTaskLoss(nn.Module):

@@ -105,27 +105,31 @@ class ContrastiveTask(Task):
         return ContrastiveHead()
 
     def forward(self, head: nn.Module, ctx: FusionContext) -> torch.Tensor:
-        """[N, N] logits over the pairs of every process when training (the global batch's negatives,
-        gathered as open_clip does); [B, B] per batch in evaluation."""
+        """Training: [N, N] logits over the pairs of every process (the global batch's negatives, gathered as
+        open_clip does). Evaluation: [B, 2, D] pair embeddings (`ContrastiveHead.pairs`), so that R@1 ranks
+        each caption against every image of the split, whatever the eval batch size."""
         from ..training.distributed import gather_features  # lazy: training imports the tasks
 
-        text = gather_features(_paired(masked_mean(ctx.text, ctx.text_mask), ctx))
-        return head(text, gather_features(_paired(ctx.image.mean(1), ctx)))
+        text, image = _paired(masked_mean(ctx.text, ctx.text_mask), ctx), _paired(ctx.image.mean(1), ctx)
+        if not head.training:
+            return head.pairs(text, image)
+        return head(gather_features(text), gather_features(image))
 
     def loss(self, output: torch.Tensor, target: Any, mask: Any) -> Any:
+        if output.dim() == 3:  # evaluation's pair embeddings: InfoNCE within the batch, as in training
+            output = output[:, 0] @ output[:, 1].T
         if output.shape[0] < 2:
             return None
         idx = torch.arange(output.shape[0], device=output.device)
         return 0.5 * (F.cross_entropy(output, idx) + F.cross_entropy(output.T, idx))
 
-    def eval_output(self, output: torch.Tensor) -> torch.Tensor:
-        """Per-example text->image R@1 hit within the batch ([B, B] logits are batch-shaped; a batch without a
-        complete pair has none)."""
-        if output.numel() == 0:
-            return output.new_zeros(0)
-        return (output.argmax(-1) == torch.arange(len(output), device=output.device)).float()
-
     def metrics(
         self, outputs: torch.Tensor, labels: Any, mask: Any
     ) -> tuple[dict[str, float], dict[str, Any]]:
-        return ({"r@1": float(outputs.float().mean())} if len(outputs) else {}), {}
+        """Text->image R@1 over every complete pair of the split (chunked: memory grows with the split, not N^2)."""
+        if len(outputs) < 2:
+            return {}, {}
+        text, image = outputs[:, 0].float(), outputs[:, 1].float()
+        hits = sum(int((text[s : s + 1024] @ image.T).argmax(-1).eq(torch.arange(s, min(s + 1024, len(text)))).sum())
+                   for s in range(0, len(text), 1024))  # fmt: skip
+        return {"r@1": hits / len(text)}, {}

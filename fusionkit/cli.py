@@ -614,11 +614,12 @@ def _owner(target: Path) -> Path | None:
     folder it lies in; None if it is nobody's file."""
     from .training.rundir import RunDir
 
-    for d in Path(os.path.abspath(target)).parents:
-        if not (d / "config.json").is_file():
-            continue
-        if (d / "model.safetensors").is_file() or ((d / "split.json").is_file() and RunDir(d).owns(target)):
-            return d
+    for path in dict.fromkeys((Path(os.path.abspath(target)), target.resolve())):  # and where a symlink leads
+        for d in path.parents:
+            if not (d / "config.json").is_file():
+                continue
+            if (d / "model.safetensors").is_file() or ((d / "split.json").is_file() and RunDir(d).owns(path)):
+                return d
     return None
 
 

@@ -51,7 +51,8 @@ class TextEncoderConfig:
 # model.text.normalize: (pattern, replacement) rules run inside the tokenizer, before its own normalizer
 TEXT_NORMALIZATIONS: dict[str, tuple[tuple[str, str], ...]] = {
     "none": (),
-    "tweet": ((r"@\w+", "@user"), (r"https?://\S+|www\.\S+", "http")),
+    # a word that starts with "@" (not an e-mail's), and a link in any case (the rules run before lower-casing)
+    "tweet": ((r"(?<!\S)@\w+", "@user"), (r"(?i)(?:https?://|www\.)\S+", "http")),
 }
 
 

@@ -64,7 +64,9 @@ class FusionProcessor:
         """Write `processor_config.json` and the tokenizer files (plain JSON/text: nothing executable)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(directory)
+        from .models.encoders import save_tokenizer
+
+        save_tokenizer(self.tokenizer, directory)
         config = {
             "processor_class": type(self).__name__,
             "max_length": self.max_length,

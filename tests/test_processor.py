@@ -116,8 +116,8 @@ def test_tweet_normalization_is_part_of_the_tokenizer_everywhere(tmp_path: Path)
 
     tweet = create_model("tiny", **{"text.normalize": "tweet"})
     plain = create_model("tiny")
-    raw = ["RT @SomeOne_99: sunny day http://t.co/Ab12 #happy", "no links here"]
-    same = ["RT @user: sunny day http #happy", "no links here"]
+    raw = ["RT @SomeOne_99: sunny day HTTPS://t.co/Ab12 #happy", "write to a@b.com, see www.x.org"]
+    same = ["RT @user: sunny day http #happy", "write to a@b.com, see http"]
 
     def ids(processor: FusionProcessor, texts: list[str]) -> list[list[int]]:
         return processor(texts=texts)["input_ids"].tolist()
@@ -130,6 +130,10 @@ def test_tweet_normalization_is_part_of_the_tokenizer_everywhere(tmp_path: Path)
     assert ids(FusionProcessor.from_pretrained(tmp_path / "m"), raw) == ids(p, raw)
     p.save_pretrained(tmp_path / "p")
     assert ids(FusionProcessor.from_pretrained(tmp_path / "p"), raw) == ids(p, raw)
+    from transformers import AutoTokenizer  # a served export read the Hugging Face way tokenizes the same
+
+    hf = AutoTokenizer.from_pretrained(tmp_path / "p")
+    assert hf(raw, padding=True, truncation=True, max_length=p.max_length)["input_ids"] == ids(p, raw)
     np.testing.assert_allclose(embed(again, texts=raw), embed(again, texts=same), atol=1e-6)
     ds, preprocess = make_synthetic(4, image_size=32), tweet.image_preprocess
     assert cache_key(ds, again.tokenizer, preprocess, 32) == cache_key(ds, tweet.tokenizer, preprocess, 32)

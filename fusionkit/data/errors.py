@@ -62,7 +62,7 @@ class SkipLog:
             report_path = report_dir / f"skipped-{time.strftime('%Y%m%d-%H%M%S')}-{id(self):x}.jsonl"
         report_path = Path(report_path)
         report_path.parent.mkdir(parents=True, exist_ok=True)
-        with report_path.open("w", encoding="utf-8") as f:
+        with report_path.open("w", encoding="utf-8", errors="backslashreplace") as f:  # a row's undecodable bytes
             for row in self.skipped:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         log.warning("%s: skipped %d of %d items; see %s", self.what, len(self.skipped), total, report_path)

@@ -8,6 +8,7 @@ is one code path, so what the tests check on a temp dir is what users get from t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -232,9 +233,22 @@ def normalize_tokenizer(tokenizer: Any, mode: str) -> Any:
     from tokenizers import Regex, normalizers
 
     own = [backend.normalizer] if backend.normalizer is not None else []
-    backend.normalizer = normalizers.Sequence([*(normalizers.Replace(Regex(p), r) for p, r in rules), *own])
+    if not all(f'Regex("{p}")' in str(own[0] if own else "") for p, _ in rules):  # loaded from tokenizer.json as is
+        backend.normalizer = normalizers.Sequence([*(normalizers.Replace(Regex(p), r) for p, r in rules), *own])
     tokenizer.fusionkit_normalize = mode
     return tokenizer
+
+
+def save_tokenizer(tokenizer: Any, directory: str | Path) -> None:
+    """`save_pretrained`, and for a normalized tokenizer a `tokenizer_config.json` that makes
+    `transformers.AutoTokenizer` load `tokenizer.json` as it is (a BERT tokenizer class would rebuild its
+    normalizer from the vocab and drop the rules): a served export tokenizes as the model was trained."""
+    tokenizer.save_pretrained(directory)
+    if getattr(tokenizer, "fusionkit_normalize", "none") != "none":
+        path = Path(directory) / "tokenizer_config.json"
+        config = json.loads(path.read_text())
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(config, indent=2))
 
 
 class TextEncoder(Encoder):
@@ -268,7 +282,7 @@ class TextEncoder(Encoder):
 
     def save(self, directory: str | Path) -> None:
         self.model.config.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
+        save_tokenizer(self.tokenizer, directory)
 
     def backbone(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

@@ -13,7 +13,7 @@ from typing import Any
 from fusionkit.data.dataset import MultimodalDataset
 from fusionkit.data.errors import DataError
 from fusionkit.data.sources.registry import register_source
-from fusionkit.data.sources.rows import ReadOptions, RowReader, require_sides
+from fusionkit.data.sources.rows import ReadOptions, RowReader, require_sides, row_id
 
 TABLE_SUFFIXES = {
     ".csv": "csv",
@@ -50,15 +50,10 @@ def _csv_rows(path: Path, text: str, delimiter: str = ",") -> tuple[list[str], I
                 continue
             n += 1
             if len(cells) > len(header):
-                yield (
-                    where,
-                    n,
-                    DataError(
-                        f"row has {len(cells)} fields but the header has {len(header)}",
-                        source=where,
-                        hint=f"quote fields that contain the delimiter {delimiter!r} (e.g. in a caption)",
-                    ),
-                )
+                err = DataError(f"row has {len(cells)} fields but the header has {len(header)}", source=where,
+                                hint=f"quote fields that contain the delimiter {delimiter!r} (e.g. in a caption)")  # fmt: skip
+                err.cells = dict(zip(header, cells))  # type: ignore[attr-defined]  # its id, if it can be read
+                yield where, n, err
             else:
                 yield where, n, dict(zip(header, cells))
 
@@ -115,7 +110,9 @@ def _read_rows(
     for where, n, row in rows:
         total += 1
         if isinstance(row, DataError):
-            rr.skips(row)
+            cells = getattr(row, "cells", {})
+            if rr.wanted(row_id(cells.get(opts.id_column), n) if opts.id_column else str(n)):  # not another split's
+                rr.skips(row)
             continue
         ex = rr.example(row, where=where, row_number=n, label_columns=label_columns)
         if ex is not None:

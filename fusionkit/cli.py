@@ -587,6 +587,8 @@ def _check_output(args: argparse.Namespace) -> None:
                           f"name the output e.g. {out.with_suffix(allowed[0]).name}")  # fmt: skip
     if out.is_dir() and not sharded:
         raise ConfigError(f"--output {out} is a directory; give a file name")
+    if sharded and (out / "config.json").is_file():
+        raise ConfigError(f"--output {out} is a run or model folder; write the shards to a folder of their own")
     data, run_dir = _run_data_config(args)
     # the file read now, and the run's own training data (it is needed again to evaluate the run)
     inputs = [Path(p).expanduser() for p in dict.fromkeys((args.data, data.dataset)) if p]

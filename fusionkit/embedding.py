@@ -158,7 +158,7 @@ def embed(
     """
     from tqdm.auto import tqdm
 
-    from .data.errors import SkipLog, check_policy
+    from .data.errors import DataError, SkipLog, check_policy
     from .precision import choose_precision
 
     skips = SkipLog(check_policy(on_error), "embed")
@@ -198,6 +198,10 @@ def embed(
                     uint8, present, unread = _load_images(processor, image_batch, names, skips)
                     inputs.update(pixel_values=processor.normalize(uint8.to(dev, non_blocking=True)),
                                   image_present=present.to(dev))  # fmt: skip
+                if "joint" in mods:  # a pair with neither side has nothing to embed: an error, or NaN under skip
+                    for k in (~inputs["text_present"] & ~inputs["image_present"]).nonzero().flatten().tolist():
+                        skips(DataError("row has neither a caption nor an image", item=names[k]))
+                        unread.append(k)
                 for name, vec in _vectors(model, inputs, mods).items():
                     vec = F.normalize(vec.float(), dim=-1) if normalize else vec.float()
                     if name in PRESENCE:  # no caption (image): no text (image) vector

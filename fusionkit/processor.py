@@ -136,14 +136,14 @@ class FusionProcessor:
         zeros = np.zeros((3, h, w), dtype=np.uint8)
 
         def one(src: ImageSource | None) -> np.ndarray:
-            return zeros if src is None else preprocess_image(src, self.image_preprocess)
+            return zeros if _absent(src) else preprocess_image(src, self.image_preprocess)
 
         if self.num_workers > 1 and len(images) > 1:
             with ThreadPoolExecutor(min(self.num_workers, len(images))) as pool:
                 arrays = list(pool.map(one, images))
         else:
             arrays = [one(src) for src in images]
-        present = torch.tensor([src is not None for src in images], dtype=torch.bool)
+        present = torch.tensor([not _absent(src) for src in images], dtype=torch.bool)
         return torch.from_numpy(np.stack(arrays)), present
 
     def normalize(self, uint8: torch.Tensor) -> torch.Tensor:
@@ -169,6 +169,8 @@ class FusionProcessor:
             raise ValueError("FusionProcessor needs texts, images or both")
         if isinstance(texts, str) or isinstance(images, str | bytes | Path | Image.Image):
             raise TypeError("pass a list of captions / images, not a single one")
+        if not len(texts if texts is not None else images):  # type: ignore[arg-type]
+            raise ValueError("FusionProcessor got an empty list: pass at least one caption or image")
         if texts is not None and images is not None and len(texts) != len(images):
             raise ValueError(f"got {len(texts)} texts but {len(images)} images; pairs need equal counts")
         dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -183,6 +185,11 @@ class FusionProcessor:
         if side is not None:  # one side given: the rows have none of the other, so `model(**inputs)` runs as is
             out[f"{side}_present"] = torch.zeros(n, dtype=torch.bool, device=dev)
         return out
+
+
+def _absent(src: Any) -> bool:
+    """No image: None, or an empty path string (an empty cell as pandas gives it)."""
+    return src is None or (isinstance(src, str) and not src.strip())
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -152,3 +152,19 @@ def test_several_modalities_in_one_pass_equal_one_at_a_time(pairs, freeze: str) 
     together = embed(model, texts, images, modalities=("joint", "text", "image"))
     for modality in ("joint", "text", "image"):
         np.testing.assert_allclose(together[modality], embed(model, texts, images, modalities=modality), atol=1e-5)
+
+
+def test_a_pair_with_neither_side_and_empty_image_strings(pairs) -> None:
+    from fusionkit import FusionProcessor
+    from fusionkit.data import DataError
+
+    _, texts, images = pairs
+    model = create_model("tiny")
+    with pytest.raises(DataError, match="item 1: row has neither a caption nor an image"):
+        embed(model, [texts[0], None], [images[0], None])
+    vectors = embed(model, [texts[0], None], [images[0], None], on_error="skip")
+    assert np.isfinite(vectors[0]).all() and np.isnan(vectors[1]).all()
+    # an empty path string (a pandas empty cell) is no image, as an empty CSV cell is
+    assert model.predict(texts=[texts[0]], images=[""]) == model.predict(texts=[texts[0]])
+    with pytest.raises(ValueError, match="empty list"):
+        FusionProcessor.from_model(model)(texts=[])

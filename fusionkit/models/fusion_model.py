@@ -422,7 +422,7 @@ class FusionModel(nn.Module):
         amp = choose_precision(precision, self.device)  # "auto": bf16 where the hardware runs it natively
         n = len(texts) if texts is not None else len(images)  # type: ignore[arg-type]
         texts = list(texts) if texts is not None else [None] * n
-        images = list(images) if images is not None else [None] * n
+        images = [None if isinstance(i, str) and not i.strip() else i for i in images] if images is not None else [None] * n
         empty = [k for k, (t, i) in enumerate(zip(texts, images)) if t is None and i is None]
         if empty:
             raise ValueError(f"pairs {empty[:5]} have neither a caption nor an image: there is nothing to predict from")

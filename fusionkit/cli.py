@@ -352,7 +352,8 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
             if data.on_error != "skip":
                 raise DataError(problem, source=str(split_file), hint=f"restore them in {source}, skip them "
                                 "(--on-error skip), or score the data as it is now: --data FILE --split all")  # fmt: skip
-            log.warning("%s: %s; they are skipped", split_file, problem)
+            log.warning("%s: %s (or were skipped as unreadable, see the report above); they are left out", split_file,
+                        problem)  # fmt: skip
         ds = ds.subset([i for i in ids[split] if i not in set(lost)], name=f"{ds.name}[{split}]")
         named = [i for k in ids for i in ids[k]]
         if with_labels or args.data is None:  # training cached its rows as it read them: labels bound, its policies

@@ -253,7 +253,8 @@ def _build(
 
 
 def _error(row: dict[str, Any]) -> DataError:
-    return DataError(row["problem"], source=row["source"], item=row["item"], hint=row["hint"])
+    hint = f"{row['hint'] or 'replace it'}, or skip such rows: data.on_error: skip (eval, predict, embed: --on-error skip)"
+    return DataError(row["problem"], source=row["source"], item=row["item"], hint=hint)
 
 
 def build_cache(

@@ -8,6 +8,7 @@ two minutes on 2 CPU cores). Any config key can be overridden as `--section.key 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -298,7 +299,6 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
 
     `with_labels`: read and bind the model's label columns (eval); predict and embed need none, and
     keep rows that lack a caption or an image (the model predicts from the side that is there)."""
-    import contextlib
     import dataclasses
     import functools
 
@@ -497,10 +497,11 @@ def _eval(args: argparse.Namespace) -> int:
     if not details:
         raise ConfigError(f"no labelled rows to score in {args.split!r} ({len(result['ids'])} rows, none with a "
                           f"label for tasks {list(model.tasks)}); `fusionkit predict` writes their predictions")  # fmt: skip
-    text = json.dumps({**flat, "details": details}, indent=2)
+    text = json.dumps({**flat, "details": details}, indent=2, ensure_ascii=False)
     print(text)
     if args.output:
-        Path(args.output).write_text(text)
+        with _replacing(Path(args.output)) as tmp:
+            tmp.write_text(text, encoding="utf-8")
     return 0
 
 
@@ -521,7 +522,9 @@ def _predict(args: argparse.Namespace) -> int:
     if not args.output:
         raise ConfigError("predict needs --output FILE (.csv/.jsonl), or --text/--image for one pair")
     model, result = _inference(args)
-    path = write_predictions(Path(args.output), prediction_rows(model.tasks, result))
+    path = Path(args.output)
+    with _replacing(path) as tmp:
+        write_predictions(tmp, prediction_rows(model.tasks, result))
     print(f"wrote {len(result['ids'])} predictions to {path}")
     return 0
 
@@ -558,15 +561,29 @@ def _embed(args: argparse.Namespace) -> int:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pq.write_table(pa.table({"id": ds.ids, "embedding": list(vectors)}), out)
+        with _replacing(out) as tmp:
+            pq.write_table(pa.table({"id": ds.ids, "embedding": list(vectors)}), tmp)
     else:
-        np.save(out, vectors)
-        (out.with_suffix(".ids.json")).write_text(json.dumps(ds.ids))
+        with _replacing(out) as tmp, _replacing(out.with_suffix(".ids.json")) as ids_tmp:
+            np.save(tmp, vectors)
+            ids_tmp.write_text(json.dumps(ds.ids, ensure_ascii=False), encoding="utf-8")
     print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} vectors to {out}")
     return 0
 
 
-OUTPUT_SUFFIXES = {"predict": (".csv", ".jsonl"), "embed": (".npy", ".parquet")}
+OUTPUT_SUFFIXES = {"eval": (".json",), "predict": (".csv", ".jsonl"), "embed": (".npy", ".parquet")}
+
+
+@contextlib.contextmanager
+def _replacing(path: Path) -> Any:
+    """A temp file beside `path`, renamed over it once written: another name for the same file (a hard link
+    to a model's weights, a symlink to an image) keeps its bytes, and a failed write leaves no half file."""
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _sharded_embed(args: argparse.Namespace) -> bool:

@@ -78,6 +78,7 @@ class Task:
     search_space: ClassVar[dict[str, dict[str, Any]]] = {}
     # The TaskConfig loss options this type reads; setting another one is an error, not a silent no-op.
     loss_options: ClassVar[tuple[str, ...]] = ()
+    params_read: ClassVar[tuple[str, ...]] = ()  # the `params` keys this task type reads
 
     def __init__(self, cfg: TaskConfig) -> None:
         self.cfg = cfg
@@ -122,6 +123,10 @@ class Task:
             raise ConfigError(f"task name must be a non-empty string, got {cfg.name!r}")
         if not math.isfinite(cfg.weight) or cfg.weight < 0:
             raise ConfigError(f"task {cfg.name!r}: weight must be a finite number >= 0, got {cfg.weight}")
+        unknown = sorted(set(cfg.params) - set(cls.params_read))
+        if unknown:
+            reads = f"it reads {list(cls.params_read)}" if cls.params_read else "it reads none"
+            raise ConfigError(f"task {cfg.name!r}: params {unknown} would be ignored by a {cfg.type} task ({reads})")
         defaults = {"class_weights": None, "label_smoothing": 0.0, "logit_adjustment": 0.0, "class_prior": None}
         unread = [k for k, v in defaults.items() if getattr(cfg, k) != v and k not in cls.loss_options]
         if unread:

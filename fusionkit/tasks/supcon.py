@@ -90,6 +90,7 @@ class SupConTask(Task):
     needs_labels = False
     metric_names: ClassVar[tuple[str, ...]] = ()
     label_source_types: ClassVar[tuple[str, ...]] = ("classification",)  # one class index per row
+    params_read = PARAMS
 
     @classmethod
     def validate_config(cls, cfg: TaskConfig) -> None:

@@ -194,6 +194,15 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp)
 
 
+def _short(value: Any) -> str:
+    """A bounded repr: a YAML alias bomb (a few lines that expand to billions of items) must not be spelled out."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 3, 6, 6, 80, 80
+    return r.repr(value)
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -208,7 +217,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{where}: {value!r} does not fit {tp}")
+        raise ConfigError(f"{where}: {_short(value)} does not fit {tp}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -217,7 +226,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return from_dict(tp, value, where)
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {_short(value)}")
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
@@ -242,7 +251,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             pass
     if tp in (int, float, str, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {_short(value)}")
         return value
     return value
 

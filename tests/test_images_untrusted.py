@@ -264,3 +264,14 @@ def test_an_array_or_a_folder_as_an_image_says_what_an_image_may_be(tmp_path: Pa
         assert len(str(e.value)) < 300  # the type, not the array's repr
     with pytest.raises(DataError, match="is a folder"):
         load_image(tmp_path)
+
+
+def test_a_huge_file_is_refused_before_it_is_read_or_hashed(tmp_path: Path) -> None:
+    from fusionkit.data.image import MAX_IMAGE_BYTES, image_digest
+
+    path = tmp_path / "huge.jpg"
+    with path.open("wb") as f:  # sparse: costs no disk
+        f.truncate(MAX_IMAGE_BYTES + 1)
+    with pytest.raises(DataError, match="GiB limit"):
+        load_image(path)
+    assert image_digest(str(path)).startswith(b"<too large>")  # not 1 GiB read to hash it

@@ -313,7 +313,9 @@ def test_a_model_that_cannot_be_built_on_meta_is_loaded_unchecked(base: tuple[Pa
      ("optim.batch_size", 0), ("optim.eval_batch_size", -1), ("model.text.max_length", 0),
      ("model.fusion.dropout", 1.5), ("run.keep_checkpoints", 0), ("run.name", "../elsewhere"), ("run.name", ""),
      ("run.name_exists", "overwrite"), ("optim.max_steps", 0), ("optim.grad_clip", -1.0),
-     ("optim.encoder_lr_scale", -1.0), ("optim.min_lr_ratio", 5.0), ("optim.weight_decay", -0.1)],
+     ("optim.encoder_lr_scale", -1.0), ("optim.min_lr_ratio", 5.0), ("optim.weight_decay", -0.1),
+     ("optim.lr", float("inf")), ("optim.lr", 1e300), ("optim.weight_decay", float("inf")),
+     ("optim.encoder_lr_scale", float("inf")), ("optim.betas", [1.5, 0.9]), ("optim.eps", -1.0)],
 )  # fmt: skip
 def test_impossible_values_are_config_errors(key: str, value: Any) -> None:
     with pytest.raises(ConfigError, match=key.split(".")[-1]):

@@ -28,6 +28,7 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 # bound the shapes a pixel count lets through (a 2,000,000 x 1 strip is 2 MP); a 32:1 image center-cropped
 # to a square keeps 3% of itself, so nothing a model can use is refused. PIL's global limit is not touched.
 MAX_IMAGE_PIXELS = 40_000_000
+MAX_IMAGE_BYTES = 1 << 30  # no photo's file is this large: refused before it is read (or hashed for a cache key)
 MAX_IMAGE_SIDE = 16_384
 MAX_ASPECT_RATIO = 32.0
 
@@ -77,8 +78,12 @@ def _open(src: ImageSource) -> Image.Image:
         raise DataError(
             "image file not found", source=str(path), hint="check the path or use on_error='skip'"
         )
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise DataError("image file is empty (0 bytes)", source=str(path), hint="re-download it")
+    if size > MAX_IMAGE_BYTES:
+        raise DataError(f"image file is {size / 2**30:.1f} GiB, above the {MAX_IMAGE_BYTES >> 30} GiB limit",
+                        source=str(path), hint="downscale or compress it, or leave it out")  # fmt: skip
     return Image.open(path, formats=_formats())
 
 
@@ -122,6 +127,8 @@ def image_digest(src: ImageSource | None) -> bytes:
         st = os.stat(src)
     except (OSError, ValueError):  # missing, or a NUL in the path: the build reports it per item
         return b"<missing>"
+    if st.st_size > MAX_IMAGE_BYTES:  # refused when decoded: not worth reading gigabytes to hash it first
+        return b"<too large>" + str((st.st_size, st.st_mtime_ns)).encode()
     return _file_digest(os.fspath(src), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 

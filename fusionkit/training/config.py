@@ -7,6 +7,7 @@ A run is fully described by its resolved `TrainConfig` (saved as `config.yaml` i
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,7 +121,11 @@ class TrainConfig:
                 "optim.epochs or max_steps must be > 0",
             ),
             (0 <= self.optim.warmup_ratio < 1, "optim.warmup_ratio must be in [0, 1)"),
-            (self.optim.lr > 0, "optim.lr must be positive"),
+            (0 < self.optim.lr < 1e3, f"optim.lr must be in (0, 1000), got {self.optim.lr}"),
+            (math.isfinite(self.optim.encoder_lr_scale), f"optim.encoder_lr_scale must be finite, got {self.optim.encoder_lr_scale}"),
+            (math.isfinite(self.optim.weight_decay), f"optim.weight_decay must be finite, got {self.optim.weight_decay}"),
+            (all(0 <= b < 1 for b in self.optim.betas), f"optim.betas must be in [0, 1), got {self.optim.betas}"),
+            (0 < self.optim.eps < 1, f"optim.eps must be in (0, 1), got {self.optim.eps}"),
             (self.optim.encoder_lr_scale >= 0, f"optim.encoder_lr_scale must be >= 0, got {self.optim.encoder_lr_scale}"),
             (self.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.optim.weight_decay}"),
             (0 <= self.optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.optim.min_lr_ratio}"),

@@ -816,3 +816,15 @@ def test_a_semicolon_separated_csv_is_named_as_such(tmp_path: Path) -> None:
     path.write_text("id;caption;photo;mood\nt1;hello;a.png;happy\n")
     with pytest.raises(DataError, match=r"column 'caption'.*separate its fields with ';'"):
         load_dataset(path, text_column="caption", image_column="photo")
+
+
+def test_an_unclosed_quote_is_named_not_read_as_one_long_caption(tmp_path: Path) -> None:
+    rows = ["id,caption,photo,mood"] + [f"t{i},words {i},,happy" for i in range(8)]
+    rows[4] = 't3,"words 3,,happy'  # the quote never closes: the rest of the file is one field
+    (tmp_path / "bad.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=r"bad.csv:5-9.*quote opened on line 5 is not closed"):
+        load_dataset(tmp_path / "bad.csv", text_column="caption", image_column="photo", missing_image="keep")
+    ok = rows[:4] + ['t3,"two lines,\nof caption",,happy'] + rows[5:]  # a real multi-line caption still reads
+    (tmp_path / "ok.csv").write_text("\n".join(ok) + "\n")
+    ds = load_dataset(tmp_path / "ok.csv", text_column="caption", image_column="photo", missing_image="keep")
+    assert len(ds) == 8

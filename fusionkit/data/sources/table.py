@@ -41,6 +41,8 @@ def _csv_rows(path: Path, text: str, delimiter: str = ",") -> tuple[list[str], I
     if dup:
         raise DataError(f"column(s) {dup} appear more than once in the header", source=f"{path}:1")
 
+    raw_lines = text.split("\n")
+
     def rows() -> Iterator[Row]:
         n, last = 0, reader.line_num
         for cells in reader:
@@ -49,6 +51,15 @@ def _csv_rows(path: Path, text: str, delimiter: str = ",") -> tuple[list[str], I
             if not cells:  # a blank line
                 continue
             n += 1
+            # a quoted field spanning lines ends with its closing quote on the record's last line; none there
+            # means the quote never closed and the reader ran on to the end of the file, whole rows included
+            if last > first and '"' not in raw_lines[min(last, len(raw_lines)) - 1]:
+                err = DataError(f"a quote opened on line {first} is not closed: lines {first}-{last} (whole rows) were "
+                                "read as one field", source=where,
+                                hint='close the quote, or write a quote inside a quoted field as ""')  # fmt: skip
+                err.cells = dict(zip(header, cells))  # type: ignore[attr-defined]
+                yield where, n, err
+                continue
             if len(cells) > len(header):
                 err = DataError(f"row has {len(cells)} fields but the header has {len(header)}", source=where,
                                 hint=f"quote fields that contain the delimiter {delimiter!r} (e.g. in a caption)")  # fmt: skip

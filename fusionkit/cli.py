@@ -547,7 +547,7 @@ def _embed(args: argparse.Namespace) -> int:
         manifest = embed_to_shards(model, ds, args.output, shard_size=args.shard_size or 10_000,
                                    batch_size=args.batch_size, modality=args.modality, precision=args.precision,
                                    on_error=on_error,
-                                   source=f"{args.data or args.checkpoint} split={args.split}")  # fmt: skip
+                                   source=f"{Path(args.data or args.checkpoint).resolve()} split={args.split}")  # fmt: skip
         if os.environ.get("RANK", "0") == "0":  # one line for the whole launch
             print(f"{manifest['rows']} vectors in {len(manifest['shards'])} shards in {args.output}")
         return 0

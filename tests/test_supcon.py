@@ -92,6 +92,11 @@ def test_config_errors(params: dict, match: str) -> None:
         ModelConfig(tasks=[SENTIMENT, TaskConfig("s", "supcon", params=params)]).validate()
 
 
+def test_params_of_a_task_type_that_reads_none_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"unknown params \['temperature'\]: a classification task would ignore"):
+        ModelConfig(tasks=[TaskConfig("sentiment", num_classes=3, params={"temperature": 0.1})]).validate()
+
+
 def test_labels_from_must_name_a_labelled_task() -> None:
     with pytest.raises(ConfigError, match="'mood'.*labelled tasks: \\['sentiment'\\]"):
         MultiTaskLoss([SENTIMENT, TaskConfig("s", "supcon", params={"labels_from": "mood"})])

@@ -126,7 +126,7 @@ class Task:
         unknown = sorted(set(cfg.params) - set(cls.params_read))
         if unknown:
             reads = f"it reads {list(cls.params_read)}" if cls.params_read else "it reads none"
-            raise ConfigError(f"task {cfg.name!r}: params {unknown} would be ignored by a {cfg.type} task ({reads})")
+            raise ConfigError(f"task {cfg.name!r}: unknown params {unknown}: a {cfg.type} task would ignore them ({reads})")
         defaults = {"class_weights": None, "label_smoothing": 0.0, "logit_adjustment": 0.0, "class_prior": None}
         unread = [k for k, v in defaults.items() if getattr(cfg, k) != v and k not in cls.loss_options]
         if unread:

@@ -121,6 +121,9 @@ def require_sides(opts: ReadOptions, columns: Sequence[str], source: str) -> Non
             hint=f"set {CONFIG_KEYS['text_column']} / {CONFIG_KEYS['image_column']} to the file's columns "
             "(eval, predict, embed: --text-column / --image-column)" + _separator_hint(columns),
         )
+    if opts.id_column == DEFAULT_ID_COLUMN and columns and opts.id_column not in columns:
+        log.warning("%s: no column %r: rows are named by their row number (set %s to the column of ids)", source,
+                    DEFAULT_ID_COLUMN, CONFIG_KEYS["id_column"])  # fmt: skip
     if opts.id_column and opts.id_column != DEFAULT_ID_COLUMN and opts.id_column not in columns:
         raise DataError(  # a named id column that is not there: a typo, not "number the rows"
             f"no column {opts.id_column!r} ({CONFIG_KEYS['id_column']}); found columns {list(columns)}",

@@ -251,7 +251,7 @@ def export_onnx(
     report["tasks"] = {name: {"type": task.type, "output": f"logits_{name}", "class_names": task.class_names}
                        for name, task in model.tasks.items() if f"logits_{name}" in outputs}  # fmt: skip
     FusionProcessor.from_model(model).save_pretrained(out)
-    (out / "export.json").write_text(json.dumps(report, indent=2))
+    (out / "export.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     return report
 
 

@@ -241,7 +241,7 @@ class RunDir:
         """config.yaml + config.json: the values this run actually uses (atomic writes)."""
         import yaml
 
-        _write_atomic(self.file("config.yaml"), yaml.safe_dump(dict(resolved), sort_keys=False))
+        _write_atomic(self.file("config.yaml"), yaml.safe_dump(dict(resolved), sort_keys=False, allow_unicode=True))
         _write_atomic(self.file("config.json"), json.dumps(resolved, indent=2))
 
     def read_config(self) -> dict[str, Any] | None:
@@ -274,7 +274,7 @@ def _release(fd: int) -> None:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 

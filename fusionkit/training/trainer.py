@@ -750,7 +750,7 @@ class Trainer:
         if self.is_main:
             if self.cfg.run.plots and self.history:
                 plot_curves(self.history, self.run_dir / "curves.png")
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
         for tracker in self.accelerator.trackers if self.accelerator is not None else []:
             tracker.finish()  # not Accelerator.end_training: that would also end the process group
         return summary

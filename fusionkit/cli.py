@@ -346,7 +346,8 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
         if split not in ids:
             raise ConfigError(f"unknown split {split!r}; use train, val, test or all")
         ds = read(data, with_labels, data.on_error, only=ids[split])
-        lost = [i for i in ids[split] if i not in set(ds.ids)]
+        read_ids = set(ds.ids)
+        lost = [i for i in ids[split] if i not in read_ids]
         if lost:
             problem = f"{len(lost)} of the {len(ids[split])} rows its {split} split names are not in the data (e.g. {lost[:3]})"
             if data.on_error != "skip":
@@ -354,7 +355,7 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
                                 "(--on-error skip), or score the data as it is now: --data FILE --split all")  # fmt: skip
             log.warning("%s: %s (or were skipped as unreadable, see the report above); they are left out", split_file,
                         problem)  # fmt: skip
-        ds = ds.subset([i for i in ids[split] if i not in set(lost)], name=f"{ds.name}[{split}]")
+        ds = ds.subset([i for i in ids[split] if i in read_ids], name=f"{ds.name}[{split}]")
         named = [i for k in ids for i in ids[k]]
         if with_labels or args.data is None:  # training cached its rows as it read them: labels bound, its policies
             cfg, on_error = (data, data.on_error) if with_labels else (trained, trained.on_error)

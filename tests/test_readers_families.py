@@ -828,3 +828,12 @@ def test_an_unclosed_quote_is_named_not_read_as_one_long_caption(tmp_path: Path)
     (tmp_path / "ok.csv").write_text("\n".join(ok) + "\n")
     ds = load_dataset(tmp_path / "ok.csv", text_column="caption", image_column="photo", missing_image="keep")
     assert len(ds) == 8
+
+
+def test_a_row_cut_short_is_named_as_such_not_as_an_empty_cell(tmp_path: Path) -> None:
+    (tmp_path / "short.csv").write_text("id,caption,photo,mood\nt1,hello\nt2,hi,,happy\n")
+    with pytest.raises(DataError, match=r"short.csv:2.*row has 2 fields but the header has 4 \(no \['photo'\] field\)"):
+        load_dataset(tmp_path / "short.csv", text_column="caption", image_column="photo", missing_image="keep")
+    (tmp_path / "unlabelled.csv").write_text("id,caption,photo,mood\nt1,hello,\nt2,hi,,happy\n")  # no label field: fine
+    assert len(load_dataset(tmp_path / "unlabelled.csv", text_column="caption", image_column="photo",
+                            missing_image="keep")) == 2

@@ -6,7 +6,7 @@ import csv
 import io
 import json
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,9 @@ TABLE_SUFFIXES = {
 Row = tuple[str, int, Mapping[str, Any] | DataError]  # (location, row number, cells or the row's error)
 
 
-def _csv_rows(path: Path, text: str, delimiter: str = ",") -> tuple[list[str], Iterator[Row]]:
+def _csv_rows(
+    path: Path, text: str, delimiter: str = ",", needed: Sequence[str] = ()
+) -> tuple[list[str], Iterator[Row]]:
     """Header and records; a record names its physical lines (captions may span lines)."""
     # csv's default 128 KiB field limit would reject a whole file for one huge caption; captions
     # are capped to MAX_TEXT_CHARS instead. (The limit is process-wide; we only raise it.)
@@ -57,6 +59,13 @@ def _csv_rows(path: Path, text: str, delimiter: str = ",") -> tuple[list[str], I
                 err = DataError(f"a quote opened on line {first} is not closed: lines {first}-{last} (whole rows) were "
                                 "read as one field", source=where,
                                 hint='close the quote, or write a quote inside a quoted field as ""')  # fmt: skip
+                err.cells = dict(zip(header, cells))  # type: ignore[attr-defined]
+                yield where, n, err
+                continue
+            short = [c for c in needed if c in header and header.index(c) >= len(cells)]
+            if short:  # a row cut short (a lost delimiter), not an empty cell: say so
+                err = DataError(f"row has {len(cells)} fields but the header has {len(header)} (no {short} field)",
+                                source=where, hint=f"check the row's {delimiter!r} separators")  # fmt: skip
                 err.cells = dict(zip(header, cells))  # type: ignore[attr-defined]
                 yield where, n, err
                 continue
@@ -180,5 +189,5 @@ def read_table(source: str | Path | Any, **options: Any) -> MultimodalDataset:
         if fmt == "jsonl":
             columns, rows = _jsonl_rows(path, text)
         else:
-            columns, rows = _csv_rows(path, text, "\t" if fmt == "tsv" else ",")
+            columns, rows = _csv_rows(path, text, "\t" if fmt == "tsv" else ",", (opts.text_column, opts.image_column))
     return _read_rows(columns, rows, opts, rr, path.stem, str(path))

@@ -91,30 +91,25 @@ def test_train_writes_run_dir(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("how, grouped", [("exception", False), ("sigterm", False), ("exception", True)])
-def test_interrupted_run_resumes_bitwise(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str, grouped: bool
-) -> None:
+def test_interrupted_run_resumes_bitwise(tmp_path: Path, how: str, grouped: bool) -> None:
     config = functools.partial(tiny_config, **{"data.group_by_length": grouped})
     reference = Trainer(config(tmp_path, "reference"))
     ref_summary = reference.fit()
     assert reference.step == 10  # 80 train examples / 16 = 5 steps per epoch, 2 epochs
 
-    original = Trainer._optimizer_step
-
-    def interrupt_at_step_3(self: Trainer) -> None:
-        original(self)
-        if self.step == 3:  # mid-epoch 1, one step after the step-2 checkpoint
+    def interrupt_at_step_3(trainer: Trainer) -> None:  # a step callback: after the optimizer step
+        if trainer.step == 3:  # mid-epoch 1, one step after the step-2 checkpoint
             if how == "exception":
                 raise RuntimeError("simulated crash")
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(Trainer, "_optimizer_step", interrupt_at_step_3)
+    interrupted = Trainer(config(tmp_path, "interrupted"))
+    interrupted.step_callbacks.append(interrupt_at_step_3)
     expected = RuntimeError if how == "exception" else TrainingInterrupted
     with pytest.raises(expected):
-        Trainer(config(tmp_path, "interrupted")).fit()
+        interrupted.fit()
     run = tmp_path / "runs" / "interrupted"
     assert follow_pointer(run / "last").name == ("step-00000002" if how == "exception" else "step-00000003")
-    monkeypatch.setattr(Trainer, "_optimizer_step", original)
 
     resumed = Trainer(config(tmp_path, "interrupted"), resume=True)
     summary = resumed.fit()

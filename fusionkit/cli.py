@@ -34,6 +34,8 @@ def _overrides(extra: list[str]) -> dict[str, Any]:
         if not arg.startswith("--") or len(arg) == 2:
             raise ConfigError(f"unexpected argument {arg!r}; overrides look like --optim.lr 1e-3")
         key, eq, value = arg[2:].partition("=")
+        if key == "config":
+            raise ConfigError("CONFIG is positional, not an option: fusionkit train|tune CONFIG [--section.key VALUE ...]")
         if not eq:
             if i + 1 >= len(extra):
                 raise ConfigError(f"override {arg} has no value")

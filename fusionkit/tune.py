@@ -24,21 +24,25 @@ Needs `pip install 'fusionkit[tune]'` (optuna).
 
 from __future__ import annotations
 
+import collections
 import csv
 import json
 import logging
 import math
+import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, from_dict, load_config_file, merge, to_dict
+from .config import ConfigError, load_config_file, to_dict
+from .training.config import TASK_PREFIX
 
 log = logging.getLogger("fusionkit.tune")
 
 DISTRIBUTIONS = ("float", "int", "categorical")
-TASK_PREFIX = "model.tasks."
+# options that change the loss itself: a val/loss metric then compares different objectives
+LOSS_CHANGING = ("label_smoothing", "class_weights", "logit_adjustment", "weight", "loss_weighting")
 
 
 def default_space(tasks: Sequence[Any] = ()) -> dict[str, dict[str, Any]]:
@@ -108,31 +112,10 @@ def suggest(trial: Any, space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any
 
 
 def apply_params(config: Any, params: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Any:
-    """The `TrainConfig` with `params` set: plain dotted keys, `model.tasks.<name>.<option>`, and a task's own
-    parameters as `model.tasks.<name>.params.<key>` (supcon's temperature, say)."""
-    from .training.config import TrainConfig
+    """The `TrainConfig` with the sampled `params`, then `overrides`, set (see `set_options`)."""
+    from .training.config import set_options
 
-    data = to_dict(config)
-    plain = dict(overrides or {})
-    for key, value in params.items():
-        if not key.startswith(TASK_PREFIX):
-            plain[key] = value
-            continue
-        rest = key[len(TASK_PREFIX) :]
-        name, _, param = rest.partition(".params.")
-        task = next((t for t in data["model"]["tasks"] if t["name"] == name), None)
-        if param and task is not None:  # checked by the task type when the config validates
-            task["params"] = {**task.get("params", {}), param: value}
-            continue
-        name, _, option = rest.rpartition(".")
-        task = next((t for t in data["model"]["tasks"] if t["name"] == name), None)
-        if task is None or option not in task:
-            names = [t["name"] for t in data["model"]["tasks"]]
-            raise ConfigError(
-                f"search space key {key!r}: no task {name!r} with option {option!r} (tasks: {names})"
-            )
-        task[option] = value
-    return merge(from_dict(TrainConfig, data), plain)
+    return set_options(config, {**params, **(overrides or {})})
 
 
 def tune(
@@ -142,10 +125,12 @@ def tune(
     output_dir: str | Path | None = None,
     data: Any = None,
     seed: int = 0,
+    callbacks: Sequence[Callable[[Any, Any], None]] = (),
 ) -> dict[str, Any]:
     """Run `trials` Optuna trials of `config` (a `TrainConfig`, dict or file); returns the best trial's summary.
 
-    `data`: an in-memory dataset every trial trains on (as `Trainer(data=...)`)."""
+    `data`: an in-memory dataset every trial trains on (as `Trainer(data=...)`). `callbacks`: Optuna's
+    `(study, frozen_trial)` callables, called after each trial (logging, `MaxTrialsCallback`, ...)."""
     import optuna
 
     from .tasks import create_task
@@ -185,23 +170,29 @@ def tune(
             raise ConfigError(f"trial {trial.number}: {metric} was never computed (no labelled val rows?)")
         return float(summary["best"])
 
+    if metric.endswith("/loss") and any(k.rsplit(".", 1)[-1] in LOSS_CHANGING for k in space):
+        log.warning("%s is compared across trials whose loss itself differs (%s in the search space): prefer "
+                    "an accuracy or F1 metric as run.metric", metric,
+                    sorted({k for k in space if k.rsplit(".", 1)[-1] in LOSS_CHANGING}))  # fmt: skip
     study = open_study(out, cfg, space, metric)
     # reseeded past the trials already there, so a continued study does not redraw their values
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
-    study.pruner = optuna.pruners.MedianPruner(n_startup_trials=min(5, max(1, trials // 4)), n_warmup_steps=1)
-    study.optimize(objective, n_trials=trials, catch=(FloatingPointError,))
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if not complete:
+    # a trial is judged only from its second epoch on, and only once a few trials have finished
+    study.pruner = optuna.pruners.MedianPruner(n_startup_trials=min(5, max(2, trials // 4)), n_warmup_steps=2)
+    try:
+        study.optimize(objective, n_trials=trials, catch=(FloatingPointError,), callbacks=list(callbacks))
+    except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM (the trainer checkpoints first): keep what finished
+        from .training.trainer import TrainingInterrupted
+
+        done = write_results(study, out, metric, space, cfg)
+        raise TrainingInterrupted(
+            f"tuning stopped after {len(study.trials)} trials, {done} complete, summarised in {out} "
+            f"(trials.md, best.yaml). Continue the study by running the same fusionkit tune command again.",
+            getattr(e, "signum", signal.SIGINT),
+        ) from None
+    if not write_results(study, out, metric, space, cfg):
         raise RuntimeError(f"no tuning trial completed; see the run dirs under {out / 'trials'}")
     best = study.best_trial
-    best_cfg = apply_params(cfg, best.params, {"run.name": None})
-    write_results(study, out, metric, space)
-    import yaml
-
-    (out / "best.yaml").write_text(
-        f"# fusionkit tune: best of {len(study.trials)} trials, {metric} = {best.value:.4f} (trial {best.number})\n"
-        + yaml.safe_dump(to_dict(best_cfg), sort_keys=False)
-    )
     return {"best_value": best.value, "best_params": best.params, "best_trial": best.number,
             "metric": metric, "trials": len(study.trials), "pruned": sum(t.state.name == "PRUNED" for t in study.trials),
             "output_dir": str(out)}  # fmt: skip
@@ -250,8 +241,12 @@ def open_study(out: Path, cfg: Any, space: Mapping[str, Any], metric: str) -> An
     return study
 
 
-def write_results(study: Any, out: Path, metric: str, space: Mapping[str, Any]) -> None:
-    """trials.csv (every trial), trials.md (completed ones sorted, best first) and history.png."""
+def write_results(study: Any, out: Path, metric: str, space: Mapping[str, Any], cfg: Any) -> int:
+    """trials.csv (every trial), trials.md (trials with a value, best first), history.png and best.yaml (the
+    best complete trial's full config); returns how many trials completed (0: only trials.csv is written)."""
+    import optuna
+    import yaml
+
     keys = list(space)
     rows = []
     for t in study.trials:
@@ -259,10 +254,15 @@ def write_results(study: Any, out: Path, metric: str, space: Mapping[str, Any]) 
         rows.append({"trial": t.number, "state": t.state.name, "value": t.value,
                      "epochs": max(t.intermediate_values, default=None), "seconds": seconds,
                      **{k: t.params.get(k) for k in keys}, "run_dir": t.user_attrs.get("run_dir")})  # fmt: skip
+    if not rows:
+        return 0
     with open(out / "trials.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        return 0
     done = sorted((r for r in rows if r["value"] is not None), key=lambda r: r["value"],
                   reverse=study.direction.name == "MAXIMIZE")  # fmt: skip
     lines = [f"| trial | state | {metric} | epochs | seconds | " + " | ".join(keys) + " |",
@@ -271,11 +271,19 @@ def write_results(study: Any, out: Path, metric: str, space: Mapping[str, Any]) 
         cells = " | ".join(_cell(r[k]) for k in keys)
         lines.append(f"| {r['trial']} | {r['state'].lower()} | {r['value']:.4f} | {r['epochs']} | "
                      f"{r['seconds'] or 0:.0f} | {cells} |")  # fmt: skip
-    pruned = sum(r["state"] == "PRUNED" for r in rows)
+    states = collections.Counter(r["state"].lower() for r in rows)
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
     (out / "trials.md").write_text(
-        f"# Tuning: {len(rows)} trials ({pruned} pruned), best first\n\n" + "\n".join(lines) + "\n"
+        f"# Tuning: {len(rows)} trials ({counts}); those with a value, best first\n\n" + "\n".join(lines) + "\n"
     )
     plot_history(rows, out / "history.png", metric, study.direction.name == "MAXIMIZE")
+    best = study.best_trial
+    best_cfg = apply_params(cfg, best.params, {"run.name": None})
+    (out / "best.yaml").write_text(
+        f"# fusionkit tune: best of {len(study.trials)} trials, {metric} = {best.value:.4f} (trial {best.number})\n"
+        + yaml.safe_dump(to_dict(best_cfg), sort_keys=False)
+    )
+    return len(complete)
 
 
 def _cell(v: Any) -> str:

@@ -150,3 +150,37 @@ def test_a_metric_typo_or_a_failed_first_trial_does_not_block_the_corrected_comm
     assert main(argv) == 0  # the corrected command: a new study, the failed one kept aside
     assert [p.name.startswith("study.failed-") for p in out.glob("study.*.jsonl")] == [True]
     assert len(list(csv.DictReader((out / "trials.csv").open()))) == 1
+
+
+def test_an_interrupted_tune_summarises_what_finished_and_the_same_command_continues(tmp_path: Path) -> None:
+    """Ctrl-C after a finished trial (here: raised by an Optuna callback) leaves trials.md and a best.yaml
+    of the finished trials, says how to continue, and the same call adds trials to the study."""
+    from fusionkit.training.trainer import TrainingInterrupted
+    from fusionkit.tune import tune
+
+    space = {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
+    cfg, out = build_config(write_config(tmp_path)), tmp_path / "tune"
+
+    def ctrl_c_after_two(study, trial) -> None:
+        if trial.number == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted, match="same fusionkit tune command"):
+        tune(cfg, 5, space, out, callbacks=[ctrl_c_after_two])
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE"]
+    best = min(rows, key=lambda r: -float(r["value"]))
+    assert f"(trial {best['trial']})" in (out / "best.yaml").read_text()
+    assert "2 trials (2 complete)" in (out / "trials.md").read_text()
+    assert tune(cfg, 1, space, out)["trials"] == 3
+
+
+def test_a_task_option_is_set_on_the_command_line_as_in_a_search_space(tmp_path: Path, capsys) -> None:
+    cfg = build_config(None, {"model.tasks": [{"name": "mood"}], "model.tasks.mood.label_smoothing": 0.1})
+    assert cfg.model.tasks[0].label_smoothing == 0.1
+    with pytest.raises(ConfigError, match="no task 'moood'"):
+        build_config(None, {"model.tasks.moood.label_smoothing": 0.1})
+    assert main(["train", "--config", str(write_config(tmp_path))]) == 2
+    assert "CONFIG is positional" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="sum to 1"):
+        build_config(None, {"data.split_ratios": [0.6, 0.2, 0.3]})

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import MISSING_POLICIES, ConfigError, ModelConfig, load_config_file, merge, to_dict
+from ..config import MISSING_POLICIES, ConfigError, ModelConfig, from_dict, load_config_file, merge, to_dict
 from ..models import get_config
 from ..precision import PRECISIONS
 from .distributed import TRACKERS
@@ -149,8 +150,9 @@ class TrainConfig:
             (self.data.num_proc >= 1, "data.num_proc must be at least 1"),
             (
                 len(self.data.split_ratios) == 3 and all(r >= 0 for r in self.data.split_ratios)
-                and sum(self.data.split_ratios) > 0,
-                "data.split_ratios must be three non-negative numbers (train, val, test)",
+                and math.isclose(sum(self.data.split_ratios), 1.0, abs_tol=1e-6),
+                f"data.split_ratios must be three non-negative fractions (train, val, test) that sum to 1, got "
+                f"{list(self.data.split_ratios)}",
             ),
         ]
         for ok, msg in checks:
@@ -219,7 +221,37 @@ def build_config(
     # directory. All are stored absolute, so `fusionkit eval RUN` finds the data from any directory later.
     flat = resolve_paths(flat, Path(source).resolve().parent if isinstance(source, str | Path) else Path.cwd())
     flat.update(resolve_paths(_flatten(overrides, to_dict(base)), Path.cwd()))
-    return merge(base, flat)
+    task_options = {k: flat.pop(k) for k in list(flat) if k.startswith(TASK_PREFIX)}  # once the tasks are known
+    return set_options(merge(base, flat), task_options)
+
+
+TASK_PREFIX = "model.tasks."  # `model.tasks.<task name>.<option>`: a key of one task in the tasks list
+
+
+def set_options(cfg: TrainConfig, options: Mapping[str, Any]) -> TrainConfig:
+    """`cfg` with dotted `options` set: plain keys (`optim.lr`), a task's option as
+    `model.tasks.<name>.<option>`, a task type's own parameter as `model.tasks.<name>.params.<key>`
+    (supcon's temperature, say). The command line and `fusionkit tune`'s search space both address tasks so."""
+    data = to_dict(cfg)
+    plain: dict[str, Any] = {}
+    for key, value in options.items():
+        if not key.startswith(TASK_PREFIX):
+            plain[key] = value
+            continue
+        rest = key[len(TASK_PREFIX) :]
+        name, _, param = rest.partition(".params.")
+        task = next((t for t in data["model"]["tasks"] if t["name"] == name), None)
+        if param and task is not None:  # checked by the task type when the config validates
+            task["params"] = {**task.get("params", {}), param: value}
+            continue
+        name, _, option = rest.rpartition(".")
+        task = next((t for t in data["model"]["tasks"] if t["name"] == name), None)
+        if task is None or option not in task:
+            names = [t["name"] for t in data["model"]["tasks"]]
+            raise ConfigError(f"{key!r}: no task {name!r} with option {option!r} (tasks: {names}; a task's "
+                              "options are those of model.tasks[] in --print-config)")  # fmt: skip
+        task[option] = value
+    return merge(from_dict(TrainConfig, data), plain)
 
 
 IN_MEMORY = "in-memory:"  # data.dataset of a run trained on a DataFrame / Dataset passed in Python: not a path

@@ -4,18 +4,22 @@ Fair means: one saved split, the same encoders (frozen by default, so their feat
 once through the frozen-encoder feature cache and shared by every strategy and seed), the same
 epochs, learning-rate schedule and batch size, and N seeds per strategy; numbers are mean +- std.
 
-Dataset, in this order: `--dataset` if given; MVSA-Single from ../shared with the pretrained MiniLM-L6
-text encoder and DINOv2-S/14 image encoder when those are present; else the built-in synthetic set
-with the tiny random encoders. On MVSA-Single the CLMLF split's test labels are withheld, so the
-checkpoint is selected on a seeded, stratified 10% of its train split and the scores reported are on
-its dev split, which no run ever trains or selects on.
+Dataset, in this order: `--config` (a `fusionkit train` config: your own data, column names, labels,
+tasks and encoders; the tables score its first classification task, or `--task`); `--dataset` alone
+(columns text, image, sentiment); MVSA-Single from ../shared with the pretrained MiniLM-L6 text encoder
+and DINOv2-S/14 image encoder when those are present; else the built-in synthetic set with the tiny
+random encoders. On MVSA-Single the CLMLF split's test labels are withheld, so the checkpoint is
+selected on a seeded, stratified 10% of its train split and the scores reported are on its dev split,
+which no run ever trains or selects on.
 
     python benchmarks/compare_fusion.py             # full run, writes benchmarks/results/compare_fusion*
     python benchmarks/compare_fusion.py --quick     # minutes: 1 epoch, 2 seeds, small data
     python benchmarks/compare_fusion.py --trainable-layers 2 0   # + top 2 text blocks fine-tuned (cached)
+    python benchmarks/compare_fusion.py --config my_data.yaml --out my_results   # your own data
 
-Each finished run is appended to WORK_DIR/results.jsonl with its settings; started again with the same
-arguments, the comparison skips the runs already there (an interrupted comparison continues).
+Each finished run is appended to WORK_DIR/results.jsonl with its settings and the content hash of the
+data (and config); started again with the same arguments on the same data, the comparison skips the runs
+already there (an interrupted comparison continues); an edited data file is a new comparison.
 
 Every trained model is also scored with the caption removed from every test example and with the
 image removed from every example (presence flags on the cached features: the model's placeholder
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import random
@@ -39,10 +44,11 @@ from typing import Any
 import torch
 from bench_common import RESULTS, SHARED, machine, minilm_dir
 
-from fusionkit.data import MultimodalDataset, load_dataset, split_dataset
+from fusionkit.config import ConfigError, to_dict
+from fusionkit.data import DataError, MultimodalDataset, load_dataset
 from fusionkit.models import list_fusions
 from fusionkit.training.config import build_config
-from fusionkit.training.trainer import Trainer, run_inference
+from fusionkit.training.trainer import Trainer, reader_kwargs, run_inference
 
 METRICS = ("accuracy", "macro_f1", "weighted_f1")
 # test-time modality conditions: (column name, caption kept, image kept)
@@ -53,9 +59,9 @@ def setup(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str, st
     """Base config overrides, a description of dataset + encoders, and the data every run shares.
 
     MVSA: `mvsa_recipe.selection_view()` (fit on 90% of CLMLF train, select on 10%, score CLMLF dev), so
-    the feature caches of both benchmarks are the same files. Otherwise: one saved split file."""
+    the feature caches of both benchmarks are the same files. Otherwise: one saved split file per data content."""
     mvsa, dino, minilm = SHARED / "data" / "mvsa-single", SHARED / "weights" / "dinov2-small", minilm_dir()
-    if args.dataset is None and mvsa.is_dir() and dino.is_dir() and minilm:
+    if args.config is None and args.dataset is None and mvsa.is_dir() and dino.is_dir() and minilm:
         from mvsa_recipe import selection_view
 
         data = selection_view()
@@ -75,12 +81,53 @@ def setup(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str, st
             "model.fusion.dropout": 0.1,
         }
         return overrides, "MVSA-Single (CLMLF split)", "MiniLM-L6 (text) + DINOv2-S/14 (image)", data
-    dataset = args.dataset or f"synthetic:{600 if args.quick else 3000}"
-    split_file = work / "split.json"
-    split_dataset(load_dataset(dataset), path=split_file)
-    # frozen, as on MVSA (the tiny preset trains its encoders): features cached once, shared by every run
-    base = {"preset": "tiny", "model.freeze": "encoders", "data.dataset": dataset, "data.split_file": str(split_file)}
-    return base, dataset, "tiny random BERT + tiny random ViT", None
+    if args.config is not None:  # the user's data, columns, tasks and encoders, as `fusionkit train` reads them
+        base: dict[str, Any] = {} if args.dataset is None else {"data.dataset": args.dataset}
+        cfg = build_config(args.config, base)
+        dataset, encoders = str(cfg.data.dataset), f"{cfg.model.text.name} (text) + {cfg.model.image.name} (image)"
+    else:
+        dataset = args.dataset or f"synthetic:{600 if args.quick else 3000}"
+        # frozen, as on MVSA (the tiny preset trains its encoders): features cached once, shared by every run
+        base = {"preset": "tiny", "model.freeze": "encoders", "data.dataset": dataset}
+        cfg, encoders = build_config(None, base), "tiny random BERT + tiny random ViT"
+    try:  # the table, its columns and labels, read once before any training (as each run will read them)
+        load_dataset(cfg.data.dataset, **reader_kwargs(cfg.data, cfg.model.tasks))
+    except DataError as e:
+        if args.config is None:
+            e.args = (f"{e.args[0]}\n(--dataset alone reads columns text, image, sentiment; name your columns, "
+                      "labels and tasks in a fusionkit train config and pass it as --config)",)  # fmt: skip
+        raise
+    # the content (not the path) names the split and keys the results: an edited file is a new comparison
+    base["data.split_file"] = cfg.data.split_file or str(work / f"split-{content_digest(cfg.data.dataset)}.json")
+    base["_data_content"] = content_digest(cfg.data.dataset)
+    base["_config_content"] = to_dict(cfg) if args.config else None
+    return base, dataset, encoders, None
+
+
+def config_keys(base: dict[str, Any]) -> dict[str, Any]:
+    """The config overrides in `base` (the `_`-keys are the content digests that key the results)."""
+    return {k: v for k, v in base.items() if not k.startswith("_")}
+
+
+def content_digest(dataset: str) -> str:
+    """A short hash of a dataset file's bytes (a folder: of its files'), or of a spec such as `synthetic:600`."""
+    path = Path(dataset).expanduser()
+    h = hashlib.sha256(dataset.encode() if not path.exists() else b"")
+    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.exists() else []:
+        with file.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def scored_task(args: argparse.Namespace, base: dict[str, Any]) -> str:
+    """`--task`, else the config's first classification task (the one every table scores)."""
+    tasks = build_config(args.config, config_keys(base)).model.tasks
+    names = [t.name for t in tasks if t.type == "classification"]
+    task = args.task or (names[0] if names else None)
+    if task not in names:
+        raise ConfigError(f"--task {task!r}: the config's classification tasks are {names}")
+    return task
 
 
 def train_one(
@@ -104,7 +151,7 @@ def _train_and_score(
     base: dict[str, Any], extra: dict[str, Any], args: argparse.Namespace, work: Path, name: str, data: Any
 ) -> dict[str, Any]:
     overrides = {
-        **base,
+        **config_keys(base),
         **extra,
         "data.cache_dir": args.cache_dir or str(work / "cache"),
         "optim.epochs": args.epochs,
@@ -119,7 +166,7 @@ def _train_and_score(
     }
     if args.modality_dropout:
         overrides["model.fusion.modality_dropout"] = args.modality_dropout
-    trainer = Trainer(build_config(None, overrides), data=data)
+    trainer = Trainer(build_config(args.config, overrides), data=data)
     summary = trainer.fit()
     split = "test" if "test" in trainer.datasets else "val"
     loader = trainer.eval_loader(split)
@@ -127,8 +174,8 @@ def _train_and_score(
     run_inference(trainer.model, loader, trainer.eval_transform, trainer.amp, split, progress=False)
     pairs_per_s = len(trainer.datasets[split]) / (time.perf_counter() - t0)
     return {
-        **{m: summary[split].get(f"{split}/sentiment/{m}") for m in METRICS},
-        **missing_modality_accuracy(trainer, split),
+        **{m: summary[split].get(f"{split}/{args.task}/{m}") for m in METRICS},
+        **missing_modality_accuracy(trainer, split, args.task),
         "train_seconds": summary["train_seconds"],
         "trainable_params": summary["trainable_parameters"],
         "pairs_per_s": pairs_per_s,
@@ -148,14 +195,14 @@ def with_presence(batches: Iterable[dict[str, Any]], text: bool, image: bool) ->
         }
 
 
-def missing_modality_accuracy(trainer: Trainer, split: str) -> dict[str, float]:
-    """Sentiment accuracy on `split` with all pairs complete, with every caption and every image removed."""
+def missing_modality_accuracy(trainer: Trainer, split: str, task: str) -> dict[str, float]:
+    """`task`'s accuracy on `split` with all pairs complete, with every caption and every image removed."""
     out = {}
     for key, text, image in CONDITIONS:
         batches = with_presence(trainer.eval_loader(split), text, image)
         r = run_inference(trainer.model, batches, trainer.eval_transform, trainer.amp, split, progress=False)
-        mask = r["label_mask"]["sentiment"]
-        hits = r["outputs"]["sentiment"].argmax(-1)[mask] == r["labels"]["sentiment"][mask]
+        mask = r["label_mask"][task]
+        hits = r["outputs"][task].argmax(-1)[mask] == r["labels"][task][mask]
         out[key] = float(hits.float().mean())
     return out
 
@@ -229,18 +276,17 @@ def verdict(rows: dict[str, dict[str, Any]]) -> str:
     uni_name, uni = max(unimodal.items(), key=lambda kv: kv[1]["weighted_f1"])
     gap = 100 * (best["weighted_f1"] - uni["weighted_f1"])
     noise = 100 * (best["weighted_f1_std"] + uni["weighted_f1_std"])
+    # only the baselines that ran are claimed: one of them is not "both"
+    baselines = "both unimodal baselines" if len(unimodal) == 2 else f"the one unimodal baseline run (`{uni_name}`)"
     if gap > noise:
-        head = "Fusion beats both unimodal baselines"
+        head = f"Fusion beats {baselines}"
     elif gap > 0:
-        head = (
-            "Fusion is ahead of both unimodal baselines, but by less than the seed spread (not a clear win)"
-        )
+        head = f"Fusion is ahead of {baselines}, but by less than the seed spread (not a clear win)"
     else:
-        head = "Fusion does NOT beat the best unimodal baseline"
+        head = f"Fusion does NOT beat {'the best unimodal baseline' if len(unimodal) == 2 else baselines}"
     text = (
         f"{head}: best fused strategy `{best_name}` has weighted-F1 {100 * best['weighted_f1']:.2f} vs "
-        f"{100 * uni['weighted_f1']:.2f} for the better unimodal baseline `{uni_name}` ({gap:+.2f} points; "
-        f"sum of their seed stds {noise:.2f})."
+        f"{100 * uni['weighted_f1']:.2f} for `{uni_name}` ({gap:+.2f} points; sum of their seed stds {noise:.2f})."
     )
     if "cross_attention" in rows:
         ref = 100 * (rows["cross_attention"]["weighted_f1"] - uni["weighted_f1"])
@@ -276,8 +322,14 @@ def partial_note(layers: list[int] | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
-        "--dataset", help="any dataset spec fusionkit.data.load_dataset accepts (default: see above)"
+        "--config", help="a fusionkit train config (YAML/JSON): your data, columns, tasks and encoders; every run "
+        "uses it with the strategy, seed and the budget below set (its freeze setting is kept)",
     )
+    p.add_argument(
+        "--dataset", help="a dataset path or spec (default: see above); without --config its columns must be "
+        "text, image and sentiment (labels positive/neutral/negative)",
+    )
+    p.add_argument("--task", help="the classification task the tables score (default: the config's first)")
     p.add_argument("--strategies", nargs="+", default=list_fusions())
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=8)
@@ -308,7 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     work = Path(args.work_dir) / ("quick" if args.quick else "full")  # split + caches shared by both modes
     work.mkdir(parents=True, exist_ok=True)
-    base, dataset, encoders, data = setup(args, work)
+    try:  # the data, columns and task are checked before any training
+        base, dataset, encoders, data = setup(args, work)
+        args.task = scored_task(args, base) if data is None else (args.task or "sentiment")
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"compare_fusion: error: {e}", file=sys.stderr)
+        return 2
     print(f"dataset: {dataset}\nencoders: {encoders}\nmachine: {machine()}", flush=True)
 
     started, reused, total = time.time(), 0, 0
@@ -339,16 +396,18 @@ def main(argv: list[str] | None = None) -> int:
     multitask: list[dict[str, Any]] = []
     if not args.no_multitask:
         ref = "cross_attention" if "cross_attention" in rows else args.strategies[0]
-        sentiment = {"name": "sentiment", "type": "classification", "num_classes": 3,
-                     "class_names": ["positive", "neutral", "negative"]}  # fmt: skip
+        own = [to_dict(t) for t in build_config(args.config, config_keys(base)).model.tasks]
+        if data is not None:  # MVSA: its sentiment task, as the dataset declares it
+            own = [{"name": "sentiment", "type": "classification", "num_classes": 3,
+                    "class_names": ["positive", "neutral", "negative"]}]  # fmt: skip
         runs = []
         for seed in range(args.seeds):
             extra = {"model.fusion.strategy": ref, "run.seed": seed,
-                     "model.tasks": [sentiment, {"name": "itm", "type": "itm", "weight": 0.5}]}  # fmt: skip
+                     "model.tasks": [*own, {"name": "itm", "type": "itm", "weight": 0.5}]}  # fmt: skip
             runs.append(train_one(base, extra, args, work, f"{ref}-itm{tag}-s{seed}", data))
         multitask = [
-            dict(rows[ref], name=f"{ref}: sentiment"),
-            aggregate(f"{ref}: sentiment + ITM (w=0.5)", runs),
+            dict(rows[ref], name=f"{ref}: {args.task}"),
+            aggregate(f"{ref}: {args.task} + ITM (w=0.5)", runs),
         ]
 
     split_name = "CLMLF dev (held out)" if "MVSA" in dataset else "test split"
@@ -385,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     if multitask:
         lines += [
             "",
-            "## Multi-task: does an image-text matching head help sentiment?",
+            f"## Multi-task: does an image-text matching head help {args.task}?",
             "",
             *table(multitask),
         ]

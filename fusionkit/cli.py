@@ -334,7 +334,12 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
             kw["missing_image_file"] = "error"  # ... but an image path that names no file is a mistake, not that
         if kw and only is not None:
             kw["only_ids"] = only  # a split is read alone: a broken row of another split is not its problem
-        return bind_labels(load_dataset(source, **kw), model.config.tasks, require_columns=with_labels,
+        if kw and with_labels:  # eval scores the tasks whose label column the file has (bind_labels names the rest)
+            kw["label_columns"] = None
+        if kw and args.command == "predict" and not model.config.fusion.modality_dropout:
+            # a renamed column must not turn into predictions from one side, which this model never learned
+            kw["required_sides"] = tuple(s for s, n in (("text", "caption"), ("image", "image")) if n in model.sides_read)
+        return bind_labels(load_dataset(source, **kw), model.config.tasks, require_columns=with_labels and "any",
                            on_error=on_error)[0]  # fmt: skip
 
     read_pool = None  # reads every row the split file names, to find training's cache of them all
@@ -372,7 +377,8 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
             raise ConfigError(f"the {split} split of {split_file} is empty: pass --split with another one, or "
                               "--data FILE (every row of it, or --split of it)")  # fmt: skip
     if args.command == "predict":
-        model.warn_one_sided(sum(ex.text is None for ex in ds), sum(ex.image is None for ex in ds), len(ds), source)
+        no_text, no_image = sum(ex.text is None for ex in ds), sum(ex.image is None for ex in ds)
+        model.warn_one_sided(no_text, no_image, len(ds), source)
     labelled = [t.name for t in model.config.tasks if t.name in model.tasks and model.tasks[t.name].needs_labels]
     if args.command == "eval" and labelled and not any(ex.labels.get(t) is not None for ex in ds for t in labelled):
         raise ConfigError(f"no labelled rows to score in {split!r} ({len(ds)} rows, none with a label for tasks "

@@ -159,7 +159,7 @@ def test_read_csv_and_jsonl(tmp_path: Path) -> None:
     ]
     (d / "t.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     ds = read_table(d / "t.jsonl")  # label_columns=None: every column but text/image/id
-    assert ds.label_names == {"tags": []} and ds.ids == ["1", "2"]
+    assert ds.label_names == {"tags": []} and ds.ids == ["0", "1"]
     assert [ex.labels["tags"] for ex in ds] == [["sky", "sea"], []]  # raw, order kept
     hf = ds.to_hf()
     assert len(hf) == 2 and hf.features["image"].__class__.__name__ == "Image"

@@ -72,7 +72,8 @@ def test_trained_model_keeps_label_strings_everywhere(trained_run: tuple[Path, P
     assert set(summary["test"]["details"]["mood"]["report"]) >= set(MOODS)
 
 
-def test_predict_every_row_of_a_new_file_without_labels(trained_run: tuple[Path, Path], tmp_path: Path) -> None:
+def test_predict_every_row_of_a_new_file_without_labels(trained_run: tuple[Path, Path], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     root, table = trained_run
     new = tmp_path / "new.csv"
     with table.open() as src, new.open("w", newline="") as dst:  # the same rows, no label column
@@ -88,9 +89,15 @@ def test_predict_every_row_of_a_new_file_without_labels(trained_run: tuple[Path,
     assert {r["mood"] for r in rows} <= set(MOODS)
     probs = [sum(float(r[f"mood_prob_{c}"]) for c in MOODS) for r in rows]
     assert np.allclose(probs, 1.0, atol=1e-4)
-    captions = tmp_path / "captions.csv"  # no image column at all: captions alone are predicted
+    captions = tmp_path / "captions.csv"  # no image column at all: a model trained on pairs refuses to guess ...
     captions.write_text("id,caption\nc1,great sunny day\nc2,awful rainy mess\n")
-    assert main(["predict", str(root / "runs" / "r1"), "--data", str(captions), "--output", str(out)]) == 0
+    before = out.read_bytes()
+    assert main(["predict", str(root / "runs" / "r1"), "--data", str(captions), "--output", str(out)]) == 1
+    assert out.read_bytes() == before
+    assert "no column 'photo'" in capsys.readouterr().err
+    # ... until told the file has no images: captions alone are predicted
+    argv = ["predict", str(root / "runs" / "r1"), "--data", str(captions), "--output", str(out), "--image-column", ""]
+    assert main(argv) == 0
     assert [r["id"] for r in csv.DictReader(out.open())] == ["c1", "c2"]
 
 
@@ -559,7 +566,7 @@ def test_eval_reads_labels_from_a_column_of_another_name(trained_run: tuple[Path
     _write_rows(renamed, rows)
     run = str(root / "runs" / "r1")
     assert main(["eval", run, "--data", str(renamed)]) != 0
-    assert "--label-column TASK=COLUMN" in capsys.readouterr().err
+    assert "--label-column mood=COLUMN" in capsys.readouterr().err
     out = tmp_path / "m.json"
     assert main(["eval", run, "--data", str(renamed), "--label-column", "Stimmung", "--output", str(out)]) == 0
     same = tmp_path / "same.json"

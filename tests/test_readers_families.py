@@ -259,7 +259,7 @@ def test_undecodable_bytes_are_a_row_error(folder: Path, tmp_path: Path) -> None
     path.write_bytes(b'{"text": "ok", "image": "img/0.jpg"}\n{"text": "caf\xe9", "image": "img/1.jpg"}\n')
     with pytest.raises(DataError, match=r"bytes.jsonl:2.*not valid UTF-8"):
         load_dataset(path)
-    assert load_dataset(path, on_error="skip", report_path=tmp_path / "r.jsonl").ids == ["1"]
+    assert load_dataset(path, on_error="skip", report_path=tmp_path / "r.jsonl").ids == ["0"]
 
 
 # ------------------------------------------------------------------------------------------------ ids
@@ -292,9 +292,9 @@ def test_missing_ids_become_row_numbers(kind: str, folder: Path) -> None:
     ]
     if kind == "hf":
         rows = [{**r, "id": None if r["id"] is None else str(r["id"])} for r in rows]
-    first = "1" if kind in ("csv", "jsonl") else "0"  # 1-based record number in files, 0-based in memory
+    # the record number, from 0 in every format: a split file names the same rows of a CSV and its Parquet copy
     got = _read(kind, [*rows, {"caption": "c", "photo": "img/2.jpg"}], folder).ids
-    assert got[0] == "0" and got[1] == str(int(first) + 1) and got[2] == str(int(first) + 2)
+    assert got == ["0", "1", "2"]
 
 
 def test_float_ids_from_an_int_column_with_gaps(folder: Path) -> None:
@@ -361,7 +361,7 @@ def test_jsonl_line_that_is_not_an_object_is_a_row_error(line: str, folder: Path
     with pytest.raises(DataError, match="lines.jsonl:2"):
         load_dataset(path)
     ds = load_dataset(path, on_error="skip", report_path=tmp_path / "r.jsonl")
-    assert ds.ids == ["1", "3"] and "lines.jsonl:2" in (tmp_path / "r.jsonl").read_text()
+    assert ds.ids == ["0", "2"] and "lines.jsonl:2" in (tmp_path / "r.jsonl").read_text()
     only_bad = folder / "bad.jsonl"
     only_bad.write_text(f"{line}\n")
     assert len(load_dataset(only_bad, on_error="skip", report_path=tmp_path / "r2.jsonl")) == 0
@@ -729,7 +729,7 @@ def test_table_shapes(folder: Path) -> None:
     lines = folder / "crlf.jsonl"
     ok = json.dumps({"text": "a", "image": "img/0.jpg"})
     lines.write_bytes(f"{ok}\r\n\r\n  \r\n{ok.replace('0.jpg', 'gone.jpg')}\r\n".encode())
-    with pytest.raises(DataError, match="crlf.jsonl:4, item 2: image file not found"):
+    with pytest.raises(DataError, match="crlf.jsonl:4, item 1: image file not found"):
         load_dataset(lines)
 
 
@@ -808,7 +808,7 @@ def test_ids_are_stripped(folder: Path) -> None:
         {"id": " 7 ", "caption": "a", "photo": "img/0.jpg"},
         {"id": "\t", "caption": "b", "photo": "img/1.jpg"},
     ]
-    assert _read("csv", rows, folder).ids == ["7", "2"]
+    assert _read("csv", rows, folder).ids == ["7", "1"]  # an empty id: the record number, from 0
 
 
 def test_a_semicolon_separated_csv_is_named_as_such(tmp_path: Path) -> None:

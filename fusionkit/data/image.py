@@ -75,9 +75,7 @@ def _open(src: ImageSource) -> Image.Image:
     if path.is_dir():
         raise DataError("image path is a folder, not a file", source=str(path), hint="name the image file in it")
     if not path.is_file():
-        raise DataError(
-            "image file not found", source=str(path), hint="check the path or use on_error='skip'"
-        )
+        raise DataError("image file not found", source=str(path), hint="check the path")  # callers add their own way out
     size = path.stat().st_size
     if size == 0:
         raise DataError("image file is empty (0 bytes)", source=str(path), hint="re-download it")

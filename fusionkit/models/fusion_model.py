@@ -382,14 +382,17 @@ class FusionModel(nn.Module):
         """`{"loss": weighted total, task: task loss}`; unlabeled examples are masked out per task."""
         return self.criterion(outputs, labels, label_mask)
 
+    @property
+    def sides_read(self) -> tuple[str, ...]:
+        """The sides ("caption", "image") whose absence changes this model's output (a unimodal baseline reads one)."""
+        return {"text_only": ("caption",), "image_only": ("image",)}.get(self.config.fusion.strategy, ("caption", "image"))
+
     def warn_one_sided(self, no_text: int, no_image: int, total: int, where: str) -> None:
         """Say so when pairs lack a side this model reads but never learned to do without (modality dropout 0)."""
-        fusion = self.config.fusion
-        if fusion.modality_dropout > 0:
+        if self.config.fusion.modality_dropout > 0:
             return
-        reads = {"text_only": ("caption",), "image_only": ("image",)}.get(fusion.strategy, ("caption", "image"))
         for side, absent in (("caption", no_text), ("image", no_image)):
-            if absent and side in reads:
+            if absent and side in self.sides_read:
                 logging.getLogger("fusionkit").warning(
                     "%d of %d pairs of %s have no %s: they are predicted from the other side alone, which this "
                     "model was not trained for (model.fusion.modality_dropout 0)", absent, total, where, side)

@@ -8,9 +8,10 @@ metrics, predictions) then works on task names and encoded labels.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..config import ConfigError, TaskConfig
 from .alignment import ContrastiveTask, ImageTextMatchingTask
@@ -27,6 +28,8 @@ from .classification import ClassificationTask
 from .multilabel import MultilabelTask
 from .regression import RegressionTask
 from .supcon import SupConTask
+
+log = logging.getLogger("fusionkit.tasks")
 
 __all__ = [
     "TASK_REGISTRY",
@@ -62,7 +65,7 @@ def bind_labels(
     ds: Any,
     tasks: Sequence[TaskConfig],
     *,
-    require_columns: bool = True,
+    require_columns: bool | Literal["any"] = True,
     on_error: str = "raise",
     report_path: str | Path | None = None,
 ) -> tuple[Any, list[TaskConfig]]:
@@ -70,6 +73,7 @@ def bind_labels(
 
     `require_columns=False` (prediction on new, unlabelled rows) treats an absent label column as
     all-missing instead of an error; class names must then come from the config (a saved model).
+    `"any"` (evaluation): one task's column is enough, the tasks whose column is absent are said and left unscored.
     A row whose label cannot be encoded (outside a configured class list, not a number, infinite)
     raises a `DataError` naming its file:row, or under `on_error="skip"` is left out and reported.
     """
@@ -91,6 +95,13 @@ def bind_labels(
 
     resolved: list[TaskConfig] = []
     objects: list[Task] = []
+    if require_columns == "any":
+        absent = [t for t in map(create_task, tasks) if t.needs_labels and t.column not in columns]
+        if len(absent) < sum(t.needs_labels for t in map(create_task, tasks)):  # some task can be scored
+            for t in absent:
+                log.warning("%s has no column %r: task %s is not scored (fusionkit eval: --label-column %s=COLUMN "
+                            "names its column)", where, t.column, t.name, t.name)  # fmt: skip
+            require_columns = False
     for cfg in tasks:
         task = create_task(cfg)
         if task.needs_labels:

@@ -55,12 +55,16 @@ class FusionContext:
     view_mask: torch.Tensor | None = None
 
 
+# cells that spreadsheets and pandas write for "no value"; a class spelled so must be listed in class_names
+MISSING_SPELLINGS = ("nan", "none", "null", "na", "n/a", "#n/a")
+
+
 def is_missing(value: Any) -> bool:
-    """Empty cell, None or NaN: no label for this task on this row."""
+    """Empty cell, None, NaN or a missing-value spelling ("NA", "n/a", "null"): no label for this task on this row."""
     if value is None:
         return True
     if isinstance(value, str):
-        return not value.strip() or value.strip().lower() in ("nan", "none", "null")
+        return not value.strip() or value.strip().lower() in MISSING_SPELLINGS
     if isinstance(value, float):
         return math.isnan(value)
     return False

@@ -93,6 +93,24 @@ def reconcile_class_names(
     return names
 
 
+def check_not_numeric(task: str, type_: str, observed: set[str], where: str) -> None:
+    """Many distinct fractional numbers read as classes are a score column whose task forgot its type."""
+    numbers = []
+    for name in observed:
+        try:
+            numbers.append(float(name))
+        except ValueError:
+            return
+    if len(numbers) > 10 and any(not x.is_integer() for x in numbers):
+        example = sorted(observed, key=_sort_key)[:3]
+        raise ConfigError(
+            f"task {task!r}: its column in {where} holds {len(numbers)} distinct numbers (e.g. {example}) that a "
+            f"{type_} task would read as {len(numbers)} classes. A score to predict is type regression: "
+            f'{{"name": "{task}", "type": "regression"}}; if they really are class names, list them in '
+            "model.tasks[].class_names"
+        )
+
+
 @register_task("classification")
 class ClassificationTask(Task):
     """One class per example: softmax head, cross-entropy (optional label smoothing and class weights)."""
@@ -170,23 +188,27 @@ class ClassificationTask(Task):
 
     # ------------------------------------------------------------------ schema
     def observed(self, values: Sequence[Any], where: str) -> set[str]:
-        read_as_missing = Counter(v.strip() for v in values if isinstance(v, str) and v.strip() and is_missing(v))
+        # "None", "n/a", ... are missing unless listed as a class: said once, as a header row's typo would be
+        read_as_missing = Counter(v.strip() for v in values if isinstance(v, str) and v.strip() and self._missing(v))
         if read_as_missing:
-            declared = [n for n in read_as_missing if n in (self.cfg.class_names or ())]
-            if declared:  # a class the user listed (e.g. "None") is a class, whatever it spells
-                return {label_string(v, where, "?") for v in values if not self._missing(v)}
             log.warning("task %s: %d labels %s in %s are read as missing; if one is a class, list it in "
                         "model.tasks[].class_names", self.name, sum(read_as_missing.values()),
                         sorted(read_as_missing), where)  # fmt: skip
-        return {label_string(v, where, "?") for v in values if not is_missing(v)}
+        return self.names_in([v for v in values if not self._missing(v)], where)
+
+    def names_in(self, labels: Sequence[Any], where: str) -> set[str]:
+        """The class names that present labels spell (one per cell here; several per cell for multilabel)."""
+        return {label_string(v, where, "?") for v in labels}
 
     def _missing(self, value: Any) -> bool:
         """`is_missing`, except for a label spelled like a missing value ("None", "null") that is a listed class."""
         return is_missing(value) and not (isinstance(value, str) and value.strip() in (self.cfg.class_names or ()))
 
     def resolve_schema(self, values: Sequence[Any], declared: Sequence[str], where: str) -> TaskConfig:
-        names = reconcile_class_names(self.name, self.observed(values, where), self.cfg.class_names,
-                                      declared, where)  # fmt: skip
+        observed = self.observed(values, where)
+        if not (self.cfg.class_names or declared):
+            check_not_numeric(self.name, self.type, observed, where)
+        names = reconcile_class_names(self.name, observed, self.cfg.class_names, declared, where)
         if (
             self.cfg.num_classes is not None
             and self.cfg.class_names is None
@@ -279,19 +301,21 @@ class ClassificationTask(Task):
         pred = self.probabilities(outputs[mask]).argmax(-1).numpy()
         y = labels[mask].numpy()
         ids = list(range(len(self.names)))
+        # over the classes in the labels or the predictions (sklearn's default): a declared class absent from
+        # both has no F1, and counting it as 0 would cap a perfect score on such a split at (k-1)/k
+        present = sorted({*y.tolist(), *pred.tolist()})
+        report = classification_report(y, pred, labels=ids, target_names=self.names, output_dict=True,
+                                       zero_division=0)  # fmt: skip
+        report["macro avg"] = classification_report(y, pred, labels=present, output_dict=True,
+                                                    zero_division=0)["macro avg"]  # the same classes as macro_f1
         flat = {
             "accuracy": float(accuracy_score(y, pred)),
-            # over the classes in the labels or the predictions (sklearn's default): a declared class absent from
-            # both has no F1, and counting it as 0 would cap a perfect score on such a split at (k-1)/k
-            "macro_f1": float(f1_score(y, pred, average="macro", labels=sorted({*y.tolist(), *pred.tolist()}),
-                                       zero_division=0)),  # fmt: skip
+            "macro_f1": float(f1_score(y, pred, average="macro", labels=present, zero_division=0)),
             "weighted_f1": float(f1_score(y, pred, average="weighted", labels=ids, zero_division=0)),
         }
         details = {
             "class_names": self.names,
-            "report": classification_report(
-                y, pred, labels=ids, target_names=self.names, output_dict=True, zero_division=0
-            ),  # fmt: skip
+            "report": report,
             "confusion": confusion_matrix(y, pred, labels=ids).tolist(),
         }
         return flat, details

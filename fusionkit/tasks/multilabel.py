@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +13,8 @@ import torch.nn.functional as F
 from ..config import TaskConfig
 from .base import is_missing, label_error, labelled_rows, register_task
 from .classification import ClassificationTask, label_string
+
+log = logging.getLogger("fusionkit.tasks")
 
 
 def label_list(value: Any, where: str, item: str) -> list[str]:
@@ -42,8 +45,13 @@ class MultilabelTask(ClassificationTask):
     def min_classes() -> int:
         return 1
 
-    def observed(self, values: Sequence[Any], where: str) -> set[str]:
-        return {n for v in values if not is_missing(v) for n in label_list(v, where, "?")}
+    def names_in(self, labels: Sequence[Any], where: str) -> set[str]:
+        names = {n for v in labels for n in label_list(v, where, "?")}
+        joined = sorted(n for n in names if ";" in n or "," in n)
+        if joined:  # "a;b" read as one tag named "a;b" is almost always another separator
+            log.warning("task %s: tags %s in %s hold ';' or ','; a multilabel cell separates its tags with '|' "
+                        "(or is a JSON list), so each is read as one tag", self.name, joined[:5], where)  # fmt: skip
+        return names
 
     def encode(self, value: Any, where: str, item: str) -> Any:
         if value is None or (isinstance(value, str | float) and is_missing(value)):

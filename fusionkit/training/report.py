@@ -77,8 +77,8 @@ def write_predictions(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
         for k, v in row.items():
             if isinstance(v, dict):
                 out.update({f"{k}_{name}": p for name, p in v.items()})
-            elif isinstance(v, list):  # multilabel names (or several regression targets): a|b, as read
-                out[k] = "|".join(str(x) for x in v)
+            elif isinstance(v, list):  # multilabel names (or several regression targets): a|b, "[]" none, as read
+                out[k] = "|".join(str(x) for x in v) if v else "[]"
             else:
                 out[k] = v
         flat.append(out)

@@ -29,7 +29,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +213,29 @@ def reader_kwargs(
     return kw
 
 
+def check_labelled_rows(parts: Mapping[str, Any], tasks: Mapping[str, Any], metric: str, where: str | None) -> None:
+    """Before any encoder runs: a task without a labelled train row is an error (its head would stay random);
+    one without labelled val or test rows is said, with what that costs (no selection, no test score)."""
+    for name, task in tasks.items():
+        if not task.needs_labels:
+            continue
+        counts = {split: sum(ex.labels.get(name) is not None for ex in part) for split, part in parts.items()}
+        source = f"column {task.column!r}" + (f" of {where}" if where else "")
+        if "train" in parts and counts["train"] == 0:
+            raise ConfigError(f"task {name!r} has no labelled row in the train split ({source}, "
+                              f"{len(parts['train'])} rows): fill its labels or remove the task")  # fmt: skip
+        for split in ("val", "test"):
+            if counts.get(split) == 0 and len(parts[split]):
+                cost = (f"{metric} (run.metric) cannot select a checkpoint: the last one is kept"
+                        if split == "val" and metric.startswith(f"val/{name}/") else f"no {split} score for it")  # fmt: skip
+                log.warning("task %s has no labelled row among the %d rows of the %s split (%s): %s", name,
+                            len(parts[split]), split, source, cost)  # fmt: skip
+    selected = metric.split("/")[1] if metric.count("/") >= 2 else None
+    if selected in tasks and tasks[selected].cfg.weight == 0:
+        log.warning("run.metric %s selects checkpoints on task %s, whose loss weight is 0 (it does not train): "
+                    "set run.metric to a trained task's metric", metric, selected)  # fmt: skip
+
+
 def cache_root(data: DataConfig) -> Path:
     """`data.cache_dir`, else $FUSIONKIT_CACHE, else ~/.cache/fusionkit: the one rule every command uses."""
     return Path(data.cache_dir or os.environ.get("FUSIONKIT_CACHE") or "~/.cache/fusionkit").expanduser()
@@ -351,6 +374,7 @@ class Trainer:
                 log.warning("the %s split is empty (data.split_ratios %s of %d rows)%s", name,
                             list(cfg.data.split_ratios), len(ds),
                             ": no epoch is selected, the last one is kept" if name == "val" else "")  # fmt: skip
+        check_labelled_rows(parts, tasks, self.metric, str(source) if isinstance(source, str | Path) else None)
         if "train" in parts and model is None:
             cfg.model.tasks = fit_train_statistics(cfg.model.tasks, parts["train"])
         cfg.model.validate()

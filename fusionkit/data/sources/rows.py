@@ -52,6 +52,8 @@ class ReadOptions:
     - `report_path`: where skipped rows are listed (JSONL); default a temp file named in the log.
     - `image_root`: folder that relative image paths of a DataFrame / HF dataset are relative to
       (default: the working directory; a table file's own folder for CSV/JSONL/Parquet).
+    - `required_sides`: "text" / "image" whose column must be in the file even under `missing_*="keep"`
+      (prediction with a model that never learned one side alone: a renamed column is a mistake, not that).
     - `only_ids`: read just the rows with these ids; the others are passed over unchecked (scoring one
       split of a table must not fail on a broken row of another, nor pay for checking it).
     """
@@ -67,6 +69,7 @@ class ReadOptions:
     report_path: str | Path | None = None
     image_root: str | Path | None = None
     only_ids: frozenset[str] | None = None
+    required_sides: tuple[str, ...] = ()
 
     @classmethod
     def from_kwargs(cls, kw: Mapping[str, Any]) -> ReadOptions:
@@ -133,9 +136,16 @@ def require_sides(opts: ReadOptions, columns: Sequence[str], source: str) -> Non
         )
     for option, policy in (("text_column", opts.missing_text), ("image_column", opts.missing_image)):
         name = getattr(opts, option)
+        side = option.removesuffix("_column")
         if name in columns or policy != "keep":
             require_column(name, option, columns, source)
-        else:
+        elif name and side in opts.required_sides:
+            raise DataError(
+                f"no column {name!r} ({CONFIG_KEYS[option]}); found columns {list(columns)}", source=source,
+                hint=f"the model was trained on pairs (no modality dropout): name the {side} column (fusionkit "
+                f"predict: --{side}-column COLUMN), or pass --{side}-column '' to predict without {side}s anyway",
+            )
+        elif name:  # "": the caller says the file has no such column
             log.warning("%s: no column %r (%s): every row is read without it; found columns %s", source, name,
                         CONFIG_KEYS[option], list(columns))  # fmt: skip
 

@@ -46,7 +46,7 @@ def _csv_rows(
     raw_lines = text.split("\n")
 
     def rows() -> Iterator[Row]:
-        n, last = 0, reader.line_num
+        n, last = -1, reader.line_num  # records are numbered from 0, as Parquet, DataFrame and HF rows are
         for cells in reader:
             first, last = last + 1, reader.line_num
             where = f"{path}:{first}" if first == last else f"{path}:{first}-{last}"
@@ -92,14 +92,14 @@ def _jsonl_rows(path: Path, text: str) -> tuple[list[str], list[Row]]:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as e:
-            rows.append((where, len(rows) + 1, DataError(f"invalid JSON ({e.msg})", source=where)))
+            rows.append((where, len(rows), DataError(f"invalid JSON ({e.msg})", source=where)))
             continue
         if not isinstance(value, dict):
             err = DataError(f"line is a JSON {type(value).__name__}, not an object", source=where)
-            rows.append((where, len(rows) + 1, err))
+            rows.append((where, len(rows), err))
             continue
         columns.update(dict.fromkeys(value))
-        rows.append((where, len(rows) + 1, value))
+        rows.append((where, len(rows), value))
     return list(columns), rows
 
 
@@ -159,7 +159,8 @@ def read_table(source: str | Path | Any, **options: Any) -> MultimodalDataset:
     an HF `{"bytes", "path"}` dict. Labels are kept raw: CSV cells as stripped strings, JSON/Parquet/
     DataFrame values as given; an empty, None or NaN cell is a missing label.
     Locations in errors: `file:line` (CSV: the physical lines of the record), `name[row]` (0-based)
-    for Parquet and DataFrames. A missing id becomes the row number (1-based in CSV/JSONL).
+    for Parquet and DataFrames. A missing id becomes the record's number, counted from 0 in every format (so
+one split file names the same rows of a CSV and of its Parquet copy).
     """
     opts = ReadOptions.from_kwargs(options)
     if _is_dataframe(source):

@@ -1,0 +1,128 @@
+"""Several tasks on a user's own file: a class column, a tag column, a score column, each with gaps.
+
+What a user gets wrong in such files (a score column left as the default classification task, an empty
+column, `n/a` cells, tags joined with `;`, a file labelled for only some tasks) is said before training,
+or scored for what is there, never trained into nonsense.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fusionkit.cli import main
+
+MOODS = ("happy", "meh", "sad")
+FAST = ["--optim.max_steps", "2", "--optim.batch_size", "16", "--run.progress", "false", "--run.plots", "false"]
+
+
+def write_table(folder: Path, n: int = 48, **columns: object) -> Path:
+    """`uid,txt,pic,mood,tags,score` (or `columns` given as callables of the row number, None = leave out)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    default = {"mood": lambda i: MOODS[i % 3], "tags": lambda i: ["a", "b", "a|b", "[]"][i % 4],
+               "score": lambda i: f"{(i % 7) / 7:.4f}"}  # fmt: skip
+    default.update(columns)
+    rows = []
+    for i in range(n):
+        img = folder / f"p{i}.png"
+        if not img.exists():
+            Image.fromarray(np.full((16, 16, 3), 40 * (i % 6), np.uint8)).save(img)
+        row = {"uid": f"u{i}", "txt": f"{MOODS[i % 3]} caption {i}", "pic": img.name}
+        rows.append({**row, **{k: f(i) for k, f in default.items() if f is not None}})
+    path = folder / "data.csv"
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def train(table: Path, out: Path, name: str, tasks: list[dict], *extra: str) -> int:
+    return main(["train", "--data.dataset", str(table), "--data.text_column", "txt", "--data.image_column", "pic",
+                 "--data.id_column", "uid", "--model.tasks", json.dumps(tasks), "--run.output_dir", str(out),
+                 "--run.name", name, "--data.cache_dir", str(out / "cache"), *FAST, *extra])  # fmt: skip
+
+
+def test_a_score_column_left_as_classification_is_refused_before_training(tmp_path: Path, capsys) -> None:
+    table = write_table(tmp_path / "d", score=lambda i: f"{i / 47:.4f}")
+    assert train(table, tmp_path / "runs", "r", [{"name": "score"}]) == 2
+    err = capsys.readouterr().err
+    assert "48 distinct numbers" in err and '"type": "regression"' in err
+    assert not (tmp_path / "runs" / "cache").exists()  # nothing expensive ran
+    # listed as class names, they are classes: the user said so
+    names = sorted({f"{i / 47:.4f}" for i in range(48)})
+    assert train(table, tmp_path / "runs", "r2", [{"name": "score", "class_names": names}]) == 0
+
+
+def test_an_empty_task_column_is_refused_and_missing_spellings_are_said(tmp_path: Path, capsys, caplog) -> None:
+    table = write_table(tmp_path / "d", score=lambda i: "")
+    tasks = [{"name": "mood"}, {"name": "score", "type": "regression"}]
+    assert train(table, tmp_path / "runs", "r", tasks) == 2
+    assert "task 'score' has no labelled row in the train split" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "cache").exists()
+    # "n/a" / "NA" are missing (as "None" is), said once; tags joined with ';' are said to be one tag
+    table = write_table(tmp_path / "d2", mood=lambda i: ["n/a", "NA"][i % 2] if i < 4 else MOODS[i % 3],
+                        tags=lambda i: "a;b" if i % 5 == 0 else "a")  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        assert train(table, tmp_path / "runs", "r2", [{"name": "mood"}, {"name": "tags", "type": "multilabel"}]) == 0
+    assert "4 labels ['NA', 'n/a']" in caplog.text and "are read as missing" in caplog.text
+    assert "tags ['a;b']" in caplog.text and "separates its tags with '|'" in caplog.text
+    saved = json.loads((tmp_path / "runs" / "r2" / "config.json").read_text())["model"]["tasks"]
+    assert saved[0]["class_names"] == list(MOODS)
+
+
+def test_a_task_without_labelled_val_rows_is_said_before_training(tmp_path: Path, caplog) -> None:
+    table = write_table(tmp_path / "d", n=60, mood=lambda i: MOODS[i % 3] if i < 6 else "")
+    split = tmp_path / "split.json"  # the few labelled rows all in train
+    split.write_text(json.dumps({"train": [f"u{i}" for i in range(40)], "val": [f"u{i}" for i in range(40, 50)],
+                                 "test": [f"u{i}" for i in range(50, 60)]}))  # fmt: skip
+    tasks = [{"name": "mood"}, {"name": "score", "type": "regression"}]
+    with caplog.at_level(logging.INFO):
+        assert train(table, tmp_path / "runs", "r", tasks, "--data.split_file", str(split)) == 0
+    first = caplog.text.index("task mood has no labelled row among the 10 rows of the val split")
+    assert "val/mood/macro_f1 (run.metric) cannot select a checkpoint" in caplog.text
+    assert first < caplog.text.index("run dir")  # before the first step
+
+
+def test_eval_scores_the_tasks_a_file_labels_and_predictions_round_trip_empty_tags(tmp_path: Path, caplog) -> None:
+    table = write_table(tmp_path / "d")
+    tasks = [{"name": "mood"}, {"name": "tags", "type": "multilabel"}, {"name": "score", "type": "regression"}]
+    assert train(table, tmp_path / "runs", "r", tasks) == 0
+    run = str(tmp_path / "runs" / "r")
+    rows = list(csv.DictReader(table.open()))
+    subset = tmp_path / "mood_only.csv"
+    with subset.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["uid", "txt", "pic", "mood"])
+        w.writeheader()
+        w.writerows({k: r[k] if k != "pic" else str(table.parent / r["pic"]) for k in w.fieldnames} for r in rows)
+    out = tmp_path / "m.json"
+    with caplog.at_level(logging.WARNING):
+        assert main(["eval", run, "--data", str(subset), "--output", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert "all/mood/accuracy" in metrics and not any(k.startswith(("all/tags/", "all/score/")) for k in metrics)
+    assert "has no column 'tags': task tags is not scored" in caplog.text
+    # a prediction of no tag is written as "[]", which reads back as "no tag", not as a missing label
+    preds = tmp_path / "p.csv"
+    assert main(["predict", run, "--data", str(table), "--output", str(preds)]) == 0
+    written = [r["tags"] for r in csv.DictReader(preds.open())]
+    assert "" not in written and all(t == "[]" or set(t.split("|")) <= {"a", "b"} for t in written)
+
+
+def test_the_reports_macro_average_is_the_metrics_macro_f1() -> None:
+    import torch
+
+    from fusionkit.config import TaskConfig
+    from fusionkit.tasks import create_task
+
+    task = create_task(TaskConfig("mood", class_names=["a", "b", "c", "d"], num_classes=4))
+    labels = torch.tensor([0, 0, 1, 1, 1])  # classes c and d absent from labels and predictions
+    outputs = torch.nn.functional.one_hot(torch.tensor([0, 1, 1, 1, 0]), 4).float()
+    flat, details = task.metrics(outputs, labels, torch.ones(5, dtype=torch.bool))
+    assert flat["macro_f1"] == pytest.approx(details["report"]["macro avg"]["f1-score"])
+    assert flat["macro_f1"] == pytest.approx((0.5 + 2 / 3) / 2)  # F1 of a and b; c and d have none

@@ -114,6 +114,16 @@ def test_same_name_again_is_refused_and_the_first_run_is_intact(base: tuple[Path
     tally("rundir/never_overwritten", intact=2)
 
 
+def test_a_new_run_inside_a_run_dir_is_refused(base: tuple[Path, Path]) -> None:
+    root, first = base
+    before = _digest(first)
+    for output_dir in (first, first / "checkpoints" / "sub"):
+        overrides = {**_overrides(root, root / "data" / "pairs.csv", "nested"), "run.output_dir": str(output_dir)}
+        with pytest.raises(RunDirError, match=f"is inside the run dir {first}"):
+            train(build_config(None, overrides))
+    assert _digest(first) == before
+
+
 def test_a_live_writer_keeps_a_second_one_out(
     base: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

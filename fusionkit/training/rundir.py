@@ -86,6 +86,10 @@ class RunDir:
         """
         if name_exists not in NAME_EXISTS:
             raise RunDirError(f"run.name_exists must be one of {NAME_EXISTS}, got {name_exists!r}")
+        outer = next((p for p in (Path(output_dir).resolve(), *Path(output_dir).resolve().parents)
+                      if (p / "config.json").is_file() and (p / CHECKPOINTS).is_dir()), None)  # fmt: skip
+        if outer is not None:  # a run's folder holds that run's files only (its eval, predict and resume read it)
+            raise RunDirError(f"run.output_dir {output_dir} is inside the run dir {outer}; choose a folder outside it")
         base = name or time.strftime("%Y%m%d-%H%M%S")
         increment = name is None or name_exists == "increment"
         for n in range(10_000):

@@ -552,7 +552,6 @@ class Trainer:
         self.running_n = state["running_n"]
         if self.ema is not None:
             self.ema.load_state_dict(state.get("ema"), self.model)
-        log.info("resumed from %s (epoch %d, step %d)", last, self.epoch, self.step)
 
     # ------------------------------------------------------------------ training
     @contextlib.contextmanager
@@ -601,7 +600,9 @@ class Trainer:
         try:
             if self.resume:
                 self._load()
-            self._write_config()
+            self._write_config()  # on resume, refuses a changed config or data first
+            if self.resume:
+                log.info("resumed from %s (epoch %d, step %d)", self.run.last, self.epoch, self.step)
             if self.cfg.run.report_to:
                 self.accelerator.init_trackers(self.run_dir.name, config=_scalar_config(to_dict(self.cfg)))
             start = self.fit_start = time.perf_counter()

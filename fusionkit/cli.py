@@ -378,6 +378,11 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
                               "--data FILE (every row of it, or --split of it)")  # fmt: skip
     if args.command == "predict":
         no_text, no_image = sum(ex.text is None for ex in ds), sum(ex.image is None for ex in ds)
+        absent = {"caption": no_text, "image": no_image}
+        if ds and all(absent[side] == len(ds) for side in model.sides_read):  # a unimodal model without its side
+            raise ConfigError(f"none of the {len(ds)} rows of {source} has a {' or '.join(model.sides_read)}, the "
+                              f"only input of this {model.config.fusion.strategy} model: every prediction would be "
+                              "the same")  # fmt: skip
         model.warn_one_sided(no_text, no_image, len(ds), source)
     labelled = [t.name for t in model.config.tasks if t.name in model.tasks and model.tasks[t.name].needs_labels]
     if args.command == "eval" and labelled and not any(ex.labels.get(t) is not None for ex in ds for t in labelled):
@@ -449,15 +454,14 @@ def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
     results, first = [], None
     members = [args.checkpoint, *args.ensemble]
+    schemas = {c: {t.name: sorted(t.class_names or []) for t in FusionModel.read_config(c).tasks} for c in members}
+    for checkpoint in members[1:]:  # before any model or data is read
+        if schemas[checkpoint] != schemas[args.checkpoint]:
+            raise ConfigError(f"--ensemble: {checkpoint} has other tasks or classes than {args.checkpoint} "
+                              f"({schemas[checkpoint]} vs {schemas[args.checkpoint]}); ensemble models of one task set")  # fmt: skip
     for checkpoint in members:
         model = FusionModel.from_pretrained(checkpoint, map_location=resolve_device(args.device))
-        if first is None:
-            first = model
-        elif set(model.tasks) != set(first.tasks) or any(
-            sorted(names) != sorted(first.class_names.get(t, [])) for t, names in model.class_names.items()
-        ):
-            raise ConfigError(f"--ensemble: {checkpoint} has other tasks or classes than {args.checkpoint} "
-                              f"({model.class_names} vs {first.class_names}); ensemble models of one task set")  # fmt: skip
+        first = first or model
         ds, data = _split(args, model, with_labels=args.command == "eval", member=model is not first)  # same rows
         if args.split not in ("all", "train"):  # the train split: fit on rows it trained on, as asked
             _check_unseen(checkpoint, ds.ids, args.split, args.checkpoint, ensemble=len(members) > 1)
@@ -503,7 +507,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     model, result = _inference(args)
     flat, details = evaluation_metrics(model.tasks, result, args.split)
-    if not details:
+    if not details and not any(k.count("/") >= 2 for k in flat):  # a task's metric: "all/rating/mae"
         raise ConfigError(f"no labelled rows to score in {args.split!r} ({len(result['ids'])} rows, none with a "
                           f"label for tasks {list(model.tasks)}); `fusionkit predict` writes their predictions")  # fmt: skip
     text = json.dumps({**flat, "details": details}, indent=2, ensure_ascii=False)

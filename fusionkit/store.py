@@ -98,12 +98,22 @@ class StoreWriter:
             w.close()
 
 
+def _load(path: Path, mmap: bool = True) -> np.ndarray:
+    """One array of a published store; a file cut short or altered since (a full disk, a copy that stopped)
+    is named with what to do, not left to numpy's "mmap length is greater than file size"."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise OSError(f"the cache folder {path.parent} is damaged ({path.name}: {e}); delete that folder and run "
+                      "again: it is rebuilt") from None  # fmt: skip
+
+
 class Ragged:
     """Read side of a ragged array: `r[i]` is row i (a view into the memmap), `len(r)` the number of rows."""
 
     def __init__(self, folder: Path, name: str) -> None:
-        self.values = np.load(folder / f"{name}.npy", mmap_mode="r")
-        self.offsets = np.load(folder / f"{name}.offsets.npy")
+        self.values = _load(folder / f"{name}.npy")
+        self.offsets = _load(folder / f"{name}.offsets.npy", mmap=False)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -124,7 +134,7 @@ class Store:
         self.meta: dict[str, Any] = json.loads((self.path / META).read_text())
 
     def array(self, name: str) -> np.ndarray:
-        return np.load(self.path / f"{name}.npy", mmap_mode="r")
+        return _load(self.path / f"{name}.npy")
 
     def ragged(self, name: str) -> Ragged:
         return Ragged(self.path, name)

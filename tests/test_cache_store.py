@@ -64,6 +64,14 @@ def test_store_round_trip_and_hit(tmp_path: Path) -> None:
     assert open_or_build(tmp_path / "s", never).meta == st.meta
 
 
+def test_a_store_file_cut_short_later_names_the_folder_to_delete(tmp_path: Path) -> None:
+    open_or_build(tmp_path / "s", _fill)
+    with (tmp_path / "s" / "fixed.npy").open("r+b") as f:
+        f.truncate(100)  # a copy that stopped, a disk that filled
+    with pytest.raises(OSError, match=r"cache folder .*s is damaged \(fixed.npy.*delete that folder"):
+        open_or_build(tmp_path / "s", _fill).array("fixed")
+
+
 def test_failed_build_publishes_nothing(tmp_path: Path) -> None:
     def broken(out: StoreWriter) -> dict[str, Any]:
         _fill(out)

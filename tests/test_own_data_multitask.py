@@ -126,3 +126,42 @@ def test_the_reports_macro_average_is_the_metrics_macro_f1() -> None:
     flat, details = task.metrics(outputs, labels, torch.ones(5, dtype=torch.bool))
     assert flat["macro_f1"] == pytest.approx(details["report"]["macro avg"]["f1-score"])
     assert flat["macro_f1"] == pytest.approx((0.5 + 2 / 3) / 2)  # F1 of a and b; c and d have none
+
+
+@pytest.mark.parametrize("name", ["type", "eval", "half", "a.b"])
+def test_a_task_named_like_a_model_part_is_refused_with_the_fix(name: str) -> None:
+    from fusionkit.config import ConfigError
+    from fusionkit.training.config import build_config
+
+    with pytest.raises(ConfigError, match=f"task name '{name}' cannot name a model part") as e:
+        build_config(None, {"model.tasks": [{"name": name}]})
+    fixed = json.loads(str(e.value).split("keep its column: ")[1])
+    assert build_config(None, {"model.tasks": [fixed]}).model.tasks[0].label_column == name
+
+
+def test_a_unimodal_model_refuses_a_file_without_its_one_side(tmp_path: Path, capsys) -> None:
+    table = write_table(tmp_path / "d", tags=None, score=None)
+    assert train(table, tmp_path / "runs", "t", [{"name": "mood"}], "--model.fusion.strategy", "text_only") == 0
+    pics = tmp_path / "pics.csv"
+    rows = list(csv.DictReader(table.open()))
+    pics.write_text("uid,pic\n" + "".join(f"{r['uid']},{table.parent / r['pic']}\n" for r in rows))
+    argv = ["predict", str(tmp_path / "runs" / "t"), "--data", str(pics), "--output", str(tmp_path / "p.csv")]
+    assert main(argv) == 1 and "no column 'txt'" in capsys.readouterr().err
+    assert main([*argv, "--text-column", ""]) == 2
+    assert "only input of this text_only model" in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
+    # the side it does not read may be absent: captions alone are all it needs
+    caps = tmp_path / "caps.csv"
+    caps.write_text("uid,txt\n" + "".join(f"{r['uid']},{r['txt']}\n" for r in rows))
+    assert main([*argv[:3], str(caps), *argv[4:]]) == 0
+
+
+def test_eval_scores_a_model_without_a_classification_task(tmp_path: Path, caplog) -> None:
+    table = write_table(tmp_path / "d", mood=None, score=lambda i: ["", "n/a"][i % 2] if i < 4 else f"{i / 48:.3f}")
+    tasks = [{"name": "score", "type": "regression"}, {"name": "tags", "type": "multilabel"}]
+    with caplog.at_level(logging.WARNING):
+        assert train(table, tmp_path / "runs", "r", tasks, "--run.metric", "val/score/mae") == 0
+    assert "task score: 2 labels ['n/a'] in" in caplog.text  # a regression column says so too
+    out = tmp_path / "m.json"
+    assert main(["eval", str(tmp_path / "runs" / "r"), "--split", "test", "--output", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert {"test/score/mae", "test/tags/micro_f1"} <= set(metrics)

@@ -210,3 +210,38 @@ def test_checkpoints_of_frozen_encoders_share_one_weights_file(tmp_path):
     shutil.copytree(b, tmp_path / "alone")  # one checkpoint without its run: a clear error, not random weights
     with pytest.raises(FileNotFoundError, match="frozen encoder weights.*whole run directory"):
         fusionkit.FusionModel.from_pretrained(tmp_path / "alone")
+
+
+def test_read_config_reads_the_saved_schema_without_the_weights(tmp_path):
+    model = create_model("tiny", tasks=TASKS)
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"junk")  # never read: an ensemble check runs before any model
+    config = FusionModel.read_config(tmp_path / "m")
+    assert [t.name for t in config.tasks] == [t.name for t in model.config.tasks]
+    assert config.fusion.strategy == model.config.fusion.strategy
+    with pytest.raises(ValueError):
+        FusionModel.from_pretrained(tmp_path / "m")
+    with pytest.raises(FileNotFoundError):
+        FusionModel.read_config(tmp_path / "nothing")
+
+
+def test_an_incomplete_encoder_folder_is_named_before_anything_loads(tmp_path, caplog):
+    """transformers builds a 5-token tokenizer from a folder without one, and reads a missing folder as a hub id."""
+    import shutil
+
+    _save_tiny_hf_encoders(tmp_path)
+    no_tok = tmp_path / "bert_no_tokenizer"
+    no_tok.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tmp_path / "bert" / f, no_tok / f)
+    with pytest.raises(ConfigError, match="bert_no_tokenizer has no tokenizer"):
+        create_model("tiny", text={"name": str(no_tok), "pretrained": True})
+    (tmp_path / "bert" / "config.json").rename(tmp_path / "config.json")
+    with pytest.raises(ConfigError, match="bert has no config.json"):
+        create_model("tiny", text={"name": str(tmp_path / "bert"), "pretrained": True})
+    with pytest.raises(ConfigError, match="encoder folder .*gone does not exist"):
+        create_model("tiny", image={"backend": "hf", "name": str(tmp_path / "gone")})
+    (tmp_path / "vit" / "preprocessor_config.json").unlink()  # loads, but says what it assumes
+    with caplog.at_level("WARNING", logger="fusionkit"):
+        model = create_model("tiny", image={"backend": "hf", "name": str(tmp_path / "vit"), "pretrained": True})
+    assert "has no image processor config" in caplog.text and model.image_preprocess.mean == (0.5, 0.5, 0.5)

@@ -9,6 +9,7 @@ is one code path, so what the tests check on a temp dir is what users get from t
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +217,26 @@ def resolve_source(name: str) -> str:
     return name
 
 
+# files one of which holds a tokenizer's vocabulary (fast tokenizer, WordPiece, BPE, SentencePiece)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model")  # fmt: skip
+
+
+def check_local_source(name: str, key: str, tokenizer: bool = False) -> None:
+    """A path must be an encoder folder with its config (and, for text, its tokenizer): transformers would
+    take a missing folder for a hub id, and builds a 5-token tokenizer from a folder without one."""
+    path = Path(name).expanduser()
+    if not (path.is_absolute() or name.startswith((".", "~")) or path.exists()):
+        return  # a hub id ("org/name")
+    if not path.is_dir():
+        raise ConfigError(f"{key}: the encoder folder {name} does not exist")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{key}: {name} has no config.json; save the encoder there with model.save_pretrained(folder)")
+    if tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(f"{key}: {name} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save it there "
+                          "too: tokenizer.save_pretrained(folder)")  # fmt: skip
+
+
 def normalize_tokenizer(tokenizer: Any, mode: str) -> Any:
     """Put `model.text.normalize`'s rules into a fast tokenizer's own normalizer, in place.
 
@@ -273,6 +294,7 @@ class TextEncoder(Encoder):
                 normalize_tokenizer(tiny_tokenizer(cfg.max_length), cfg.normalize),
             )
         source = resolve_source(cfg.name)
+        check_local_source(source, "model.text.name", tokenizer=True)
         tokenizer = normalize_tokenizer(AutoTokenizer.from_pretrained(source), cfg.normalize)
         if cfg.pretrained:
             model = AutoModel.from_pretrained(source, dtype=torch.float32, **cfg.config_overrides)
@@ -322,7 +344,7 @@ def _run_hf_layers(
     return outs
 
 
-def _hf_image_preprocess(name_or_dir: str | Path, model: nn.Module) -> ImagePreprocess:
+def _hf_image_preprocess(name_or_dir: str | Path, model: nn.Module, warn: bool = True) -> ImagePreprocess:
     """Size/mean/std from the model's image-processor config (crop size if it center-crops)."""
     from transformers import AutoImageProcessor
 
@@ -330,6 +352,11 @@ def _hf_image_preprocess(name_or_dir: str | Path, model: nn.Module) -> ImagePrep
         proc = AutoImageProcessor.from_pretrained(name_or_dir)
     except (OSError, ValueError):
         size = int(getattr(model.config, "image_size", 224))
+        if warn:  # e.g. DINOv2 expects ImageNet statistics: a folder saved without its processor loses them
+            logging.getLogger("fusionkit").warning(
+                "%s has no image processor config (preprocessor_config.json): images are resized to %dx%d and "
+                "normalized with mean = std = 0.5; save the processor there (processor.save_pretrained) if the "
+                "encoder expects others", name_or_dir, size, size)  # fmt: skip
         return ImagePreprocess(size=(size, size), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
     def hw(d: Any) -> tuple[int, int] | None:
@@ -449,11 +476,14 @@ class HFImageEncoder(ImageEncoder):
         from transformers import AutoConfig, AutoModel
 
         source = saved_dir if saved_dir is not None else cfg.name
+        if saved_dir is None:
+            check_local_source(str(source), "model.image.name")
         if cfg.pretrained and saved_dir is None:
             model = AutoModel.from_pretrained(source, dtype=torch.float32, **cfg.model_kwargs)
         else:
             model = AutoModel.from_config(AutoConfig.from_pretrained(source, **cfg.model_kwargs))
-        return cls(model, _hf_image_preprocess(source, model), model.config.hidden_size)
+        # a saved fusion model's preprocessing is in its own config (from_pretrained sets it)
+        return cls(model, _hf_image_preprocess(source, model, warn=saved_dir is None), model.config.hidden_size)
 
     def save(self, directory: str | Path) -> None:
         self.model.config.save_pretrained(directory)

@@ -492,13 +492,7 @@ class FusionModel(nn.Module):
         """Rebuild from `save_pretrained` output, a run directory holding one, or a hub id ("org/name").
 
         Returned in eval mode (no dropout), as transformers does: `.train()` before fine-tuning it."""
-        from ..hub import resolve_pretrained_dir
-
-        directory = _find_checkpoint_dir(resolve_pretrained_dir(directory))
-        meta = json.loads((directory / CONFIG_NAME).read_text())
-        if "model" not in meta:
-            raise ConfigError(f"{directory / CONFIG_NAME} is not a fusionkit model config (no 'model' key)")
-        config = from_dict(ModelConfig, meta["model"]).validate()
+        directory, meta, config = cls._saved_config(directory)
 
         def build() -> FusionModel:
             text = TextEncoder.from_config(config.text, saved_dir=directory / "text_encoder")
@@ -514,6 +508,21 @@ class FusionModel(nn.Module):
         model = build()
         model.load_weights(directory / WEIGHTS_NAME)
         return model.to(map_location).eval()
+
+    @classmethod
+    def read_config(cls, directory: str | Path) -> ModelConfig:
+        """The saved model's config alone (tasks, class names, encoders): no weights are read."""
+        return cls._saved_config(directory)[2]
+
+    @staticmethod
+    def _saved_config(directory: str | Path) -> tuple[Path, dict[str, Any], ModelConfig]:
+        from ..hub import resolve_pretrained_dir
+
+        directory = _find_checkpoint_dir(resolve_pretrained_dir(directory))
+        meta = json.loads((directory / CONFIG_NAME).read_text())
+        if "model" not in meta:
+            raise ConfigError(f"{directory / CONFIG_NAME} is not a fusionkit model config (no 'model' key)")
+        return directory, meta, from_dict(ModelConfig, meta["model"]).validate()
 
     def _frozen_encoder_keys(self) -> set[str]:
         return {f"{prefix}.{k}" for prefix in ("text_encoder", "image_encoder")

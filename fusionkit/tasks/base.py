@@ -9,7 +9,9 @@ one new file with one `@register_task` class; nothing else in the package tests 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -70,6 +72,17 @@ def is_missing(value: Any) -> bool:
     return False
 
 
+def warn_missing_spellings(task: str, values: Sequence[Any], where: str, listed: Sequence[str] = ()) -> None:
+    """Cells spelled like a missing value ("None", "n/a") are missing labels: said once per task, so a class
+    meant by such a word is found (a class listed in `listed`, i.e. class_names, stays a class)."""
+    spelled = Counter(v.strip() for v in values
+                      if isinstance(v, str) and v.strip() and is_missing(v) and v.strip() not in listed)  # fmt: skip
+    if spelled:
+        logging.getLogger("fusionkit.tasks").warning(
+            "task %s: %d labels %s in %s are read as missing; if one is a class, list it in model.tasks[].class_names",
+            task, sum(spelled.values()), sorted(spelled), where)  # fmt: skip
+
+
 class Task:
     """Base class. Subclasses set `needs_labels`, `default_metric` and override what their type does."""
 
@@ -125,6 +138,10 @@ class Task:
         """Raise `ConfigError` for impossible options; called by `ModelConfig.validate`."""
         if not cfg.name or not isinstance(cfg.name, str):
             raise ConfigError(f"task name must be a non-empty string, got {cfg.name!r}")
+        if "." in cfg.name or hasattr(nn.ModuleDict(), cfg.name):  # heads are a ModuleDict keyed by task name
+            raise ConfigError(f"task name {cfg.name!r} cannot name a model part ('.' or a torch Module attribute); "
+                              f'name the task otherwise and keep its column: {{"name": "{cfg.name.replace(".", "_")}_", "column": '
+                              f'"{cfg.column or cfg.name}"}}')  # fmt: skip
         if not math.isfinite(cfg.weight) or cfg.weight < 0:
             raise ConfigError(f"task {cfg.name!r}: weight must be a finite number >= 0, got {cfg.weight}")
         unknown = sorted(set(cfg.params) - set(cls.params_read))

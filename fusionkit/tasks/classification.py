@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, TaskConfig
-from .base import Task, is_missing, label_error, labelled_rows, register_task, replace
+from .base import Task, is_missing, label_error, labelled_rows, register_task, replace, warn_missing_spellings
 
 log = logging.getLogger("fusionkit.tasks")
 
@@ -188,12 +188,7 @@ class ClassificationTask(Task):
 
     # ------------------------------------------------------------------ schema
     def observed(self, values: Sequence[Any], where: str) -> set[str]:
-        # "None", "n/a", ... are missing unless listed as a class: said once, as a header row's typo would be
-        read_as_missing = Counter(v.strip() for v in values if isinstance(v, str) and v.strip() and self._missing(v))
-        if read_as_missing:
-            log.warning("task %s: %d labels %s in %s are read as missing; if one is a class, list it in "
-                        "model.tasks[].class_names", self.name, sum(read_as_missing.values()),
-                        sorted(read_as_missing), where)  # fmt: skip
+        warn_missing_spellings(self.name, values, where, self.cfg.class_names or ())
         return self.names_in([v for v in values if not self._missing(v)], where)
 
     def names_in(self, labels: Sequence[Any], where: str) -> set[str]:

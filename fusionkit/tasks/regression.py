@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, TaskConfig
-from .base import Task, is_missing, label_error, labelled_rows, register_task, replace
+from .base import Task, is_missing, label_error, labelled_rows, register_task, replace, warn_missing_spellings
 
 
 @register_task("regression")
@@ -37,6 +37,7 @@ class RegressionTask(Task):
         return self.cfg.num_classes or 1
 
     def resolve_schema(self, values: Sequence[Any], declared: Sequence[str], where: str) -> TaskConfig:
+        warn_missing_spellings(self.name, values, where)
         return replace(self.cfg, class_names=None, num_classes=self.num_targets)
 
     def encode(self, value: Any, where: str, item: str) -> Any:

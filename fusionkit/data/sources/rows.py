@@ -142,8 +142,9 @@ def require_sides(opts: ReadOptions, columns: Sequence[str], source: str) -> Non
         elif name and side in opts.required_sides:
             raise DataError(
                 f"no column {name!r} ({CONFIG_KEYS[option]}); found columns {list(columns)}", source=source,
-                hint=f"the model was trained on pairs (no modality dropout): name the {side} column (fusionkit "
-                f"predict: --{side}-column COLUMN), or pass --{side}-column '' to predict without {side}s anyway",
+                hint=f"the model reads {side}s and never learned to do without them: name the {side} column "
+                f"(fusionkit predict: --{side}-column COLUMN); a model that reads both sides also takes "
+                f"--{side}-column '' to predict without {side}s anyway",
             )
         elif name:  # "": the caller says the file has no such column
             log.warning("%s: no column %r (%s): every row is read without it; found columns %s", source, name,

@@ -124,6 +124,7 @@ def scored_task(args: argparse.Namespace, base: dict[str, Any]) -> str:
     """`--task`, else the config's first classification task (the one every table scores)."""
     tasks = build_config(args.config, config_keys(base)).model.tasks
     names = [t.name for t in tasks if t.type == "classification"]
+    args.trained_tasks = [t.name for t in tasks]  # every run trains them all; the tables score one
     task = args.task or (names[0] if names else None)
     if task not in names:
         raise ConfigError(f"--task {task!r}: the config's classification tasks are {names}")
@@ -414,7 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Fusion strategies compared",
         "",
-        f"- dataset: {dataset}; scores on the {split_name}; the same saved split for every run",
+        f"- dataset: {dataset}; scores of task `{args.task}` on the {split_name}; the same saved split for every run"
+        + (f"; every run trains the tasks {args.trained_tasks}" if len(getattr(args, "trained_tasks", [])) > 1
+           else ""),  # fmt: skip
         f"- encoders: {encoders}; {partial_note(args.trainable_layers)}",
         f"- budget: {args.epochs} epochs, lr {args.lr} (warmup + cosine), batch {args.batch_size}, best epoch chosen on val; "
         f"{args.seeds} seeds (0..{args.seeds - 1}) per strategy"

@@ -179,6 +179,10 @@ def tune(
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
     # a trial is judged only from its second epoch on, and only once a few trials have finished
     study.pruner = optuna.pruners.MedianPruner(n_startup_trials=min(5, max(2, trials // 4)), n_warmup_steps=2)
+    # Optuna logs an interrupted trial as failed, with the trainer's "resume this run" advice: tune's own
+    # message (rerun tune) is the one that applies
+    quiet = _DropInterrupted()
+    logging.getLogger("optuna.study._optimize").addFilter(quiet)
     try:
         study.optimize(objective, n_trials=trials, catch=(FloatingPointError,), callbacks=list(callbacks))
     except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM (the trainer checkpoints first): keep what finished
@@ -190,12 +194,19 @@ def tune(
             f"(trials.md, best.yaml). Continue the study by running the same fusionkit tune command again.",
             getattr(e, "signum", signal.SIGINT),
         ) from None
+    finally:
+        logging.getLogger("optuna.study._optimize").removeFilter(quiet)
     if not write_results(study, out, metric, space, cfg):
         raise RuntimeError(f"no tuning trial completed; see the run dirs under {out / 'trials'}")
     best = study.best_trial
     return {"best_value": best.value, "best_params": best.params, "best_trial": best.number,
             "metric": metric, "trials": len(study.trials), "pruned": sum(t.state.name == "PRUNED" for t in study.trials),
             "output_dir": str(out)}  # fmt: skip
+
+
+class _DropInterrupted(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
 
 
 def open_study(out: Path, cfg: Any, space: Mapping[str, Any], metric: str) -> Any:

@@ -248,8 +248,8 @@ def set_options(cfg: TrainConfig, options: Mapping[str, Any]) -> TrainConfig:
         task = next((t for t in data["model"]["tasks"] if t["name"] == name), None)
         if task is None or option not in task:
             names = [t["name"] for t in data["model"]["tasks"]]
-            raise ConfigError(f"{key!r}: no task {name!r} with option {option!r} (tasks: {names}; a task's "
-                              "options are those of model.tasks[] in --print-config)")  # fmt: skip
+            options = f"; its options: {sorted(task)}" if task is not None else f"; the tasks: {names}"
+            raise ConfigError(f"{key!r}: no task {name!r} with option {option!r}{options}")
         task[option] = value
     return merge(from_dict(TrainConfig, data), plain)
 

@@ -566,7 +566,9 @@ def test_eval_reads_labels_from_a_column_of_another_name(trained_run: tuple[Path
     _write_rows(renamed, rows)
     run = str(root / "runs" / "r1")
     assert main(["eval", run, "--data", str(renamed)]) != 0
-    assert "--label-column mood=COLUMN" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "none of the label columns of this model's tasks (mood: 'mood')" in err and "'Stimmung'" in err
+    assert "--label-column TASK=COLUMN" in err
     out = tmp_path / "m.json"
     assert main(["eval", run, "--data", str(renamed), "--label-column", "Stimmung", "--output", str(out)]) == 0
     same = tmp_path / "same.json"

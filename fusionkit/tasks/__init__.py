@@ -96,12 +96,18 @@ def bind_labels(
     resolved: list[TaskConfig] = []
     objects: list[Task] = []
     if require_columns == "any":
-        absent = [t for t in map(create_task, tasks) if t.needs_labels and t.column not in columns]
-        if len(absent) < sum(t.needs_labels for t in map(create_task, tasks)):  # some task can be scored
-            for t in absent:
-                log.warning("%s has no column %r: task %s is not scored (fusionkit eval: --label-column %s=COLUMN "
-                            "names its column)", where, t.column, t.name, t.name)  # fmt: skip
-            require_columns = False
+        labelled = [t for t in map(create_task, tasks) if t.needs_labels]
+        absent = [t for t in labelled if t.column not in columns]
+        if labelled and len(absent) == len(labelled):
+            raise ConfigError(
+                f"{where} has none of the label columns of this model's tasks "
+                f"({', '.join(f'{t.name}: {t.column!r}' for t in labelled)}); its other columns are {columns}. "
+                "Name a task's column with --label-column TASK=COLUMN, or use fusionkit predict for unlabelled rows"
+            )
+        for t in absent:
+            log.warning("%s has no column %r: task %s is not scored (fusionkit eval: --label-column %s=COLUMN "
+                        "names its column)", where, t.column, t.name, t.name)  # fmt: skip
+        require_columns = False
     for cfg in tasks:
         task = create_task(cfg)
         if task.needs_labels:

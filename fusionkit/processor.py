@@ -139,8 +139,13 @@ class FusionProcessor:
             return zeros if _absent(src) else preprocess_image(src, self.image_preprocess)
 
         if self.num_workers > 1 and len(images) > 1:
-            with ThreadPoolExecutor(min(self.num_workers, len(images))) as pool:
-                arrays = list(pool.map(one, images))
+            # a PIL image given several times is decoded once: loading one lazily opened image from two threads
+            # at once fails in PIL's decoder
+            keys = [id(src) if isinstance(src, Image.Image) else -1 - i for i, src in enumerate(images)]
+            distinct = dict(zip(keys, images))
+            with ThreadPoolExecutor(min(self.num_workers, len(distinct))) as pool:
+                decoded = dict(zip(distinct, pool.map(one, distinct.values())))
+            arrays = [decoded[k] for k in keys]
         else:
             arrays = [one(src) for src in images]
         present = torch.tensor([not _absent(src) for src in images], dtype=torch.bool)

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -199,3 +200,30 @@ def test_a_config_naming_saved_encoders_loads_their_weights(tmp_path) -> None:
         for got, want in ((model.text_encoder.model, bert), (model.image_encoder.model, vit)):
             same = all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), want.state_dict().values()))
             assert same is (pretrained is None), (type(want).__name__, pretrained)
+
+
+def test_a_loss_without_a_task_it_knows_is_an_error_not_a_zero():
+    model = create_model("tiny", tasks=TASKS)
+    out = model(**tiny_batch(model))
+    labels, mask = labels_for(3)
+    assert model.loss(out, labels, mask)["loss"].item() > 0
+    with pytest.raises(ValueError, match=r"labels \['sentimnt'\] name none of this model's labelled tasks"):
+        model.loss(out, {"sentimnt": labels["sentiment"]})
+    only_sentiment = create_model("tiny")  # every task labelled: no labels at all would train nothing
+    with pytest.raises(ValueError, match="pass labels="):
+        only_sentiment.loss(only_sentiment(**tiny_batch(only_sentiment)))
+
+
+def test_a_model_cast_to_bfloat16_takes_the_processors_pixels_and_checks_their_size():
+    from PIL import Image
+
+    import fusionkit
+
+    model = create_model("tiny").eval()
+    images = [Image.new("RGB", (30, 20), (200, 10, 10)), Image.new("RGB", (20, 30), (10, 10, 200))]
+    reference = fusionkit.embed(model, ["a", "b"], images)
+    cast = fusionkit.embed(model.to(torch.bfloat16), ["a", "b"], images)
+    assert np.abs(np.asarray(cast, np.float32) - reference).max() < 0.05
+    h, w = model.image_preprocess.size
+    with pytest.raises(ValueError, match=rf"must be \[batch, 3, {h}, {w}\]"):
+        model.encode_image(torch.zeros(1, 3, h * 2, w))

@@ -140,3 +140,16 @@ def test_tweet_normalization_is_part_of_the_tokenizer_everywhere(tmp_path: Path)
     assert cache_key(ds, tweet.tokenizer, preprocess, 32) != cache_key(ds, plain.tokenizer, preprocess, 32)
     with pytest.raises(ConfigError, match="text.normalize"):
         create_model("tiny", **{"text.normalize": "tweets"})
+
+
+def test_one_lazily_opened_image_given_several_times_decodes_once(model, tmp_path: Path) -> None:
+    """PIL loads a lazily opened image on first use; two threads doing that at once fail in its decoder."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    proc = FusionProcessor.from_model(model)
+    expected = proc.load_images([Image.open(tmp_path / "a.png")])[0][0]
+    for _ in range(20):
+        pixels, present = proc.load_images([Image.open(tmp_path / "a.png")] * 8)
+        assert bool(present.all()) and all(torch.equal(p, expected) for p in pixels)

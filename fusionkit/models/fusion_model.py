@@ -184,16 +184,20 @@ class FusionModel(nn.Module):
             )
         return attention_mask
 
-    def _check_image(self, pixel_values: torch.Tensor) -> None:
+    def _check_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The pixels as the image encoder takes them: [B, 3, H, W] at its size, in its dtype (a model cast
+        with `.to(torch.bfloat16)` still takes the processor's float32 pixels)."""
         h, w = self.image_preprocess.size
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[2:]) != (h, w):
             raise ValueError(
-                f"pixel_values must be [batch, 3, {h}, {w}], got shape {tuple(pixel_values.shape)}"
+                f"pixel_values must be [batch, 3, {h}, {w}] (this model's image size; FusionProcessor resizes "
+                f"images to it), got shape {tuple(pixel_values.shape)}"
             )
         if not pixel_values.is_floating_point():
             raise ValueError(
                 "pixel_values must be normalized floats; uint8 images go through fusionkit.data.ImageTransform first"
             )
+        return pixel_values.to(next(self.image_encoder.parameters()).dtype)
 
     def text_tokens(
         self,
@@ -228,8 +232,7 @@ class FusionModel(nn.Module):
                     "image input missing: pass pixel_values or image_features, "
                     "or image_present=False for rows without an image"
                 )
-            self._check_image(pixel_values)
-            image_features = self.image_encoder(pixel_values)
+            image_features = self.image_encoder(self._check_image(pixel_values))
         else:
             image_features = self.image_encoder.forward_from(image_features, self._feature_split(1))
         return self.image_proj(pool_patch_grid(image_features, self.config.fusion.image_grid))
@@ -248,8 +251,7 @@ class FusionModel(nn.Module):
             mask = self._check_text(input_ids, attention_mask)
             text = self.text_encoder.hidden_before(self._feature_split(0), input_ids, mask)
         if pixel_values is not None:
-            self._check_image(pixel_values)
-            image = self.image_encoder.hidden_before(self._feature_split(1), pixel_values)
+            image = self.image_encoder.hidden_before(self._feature_split(1), self._check_image(pixel_values))
         return text, image
 
     def _feature_split(self, side: int) -> int:

@@ -124,6 +124,12 @@ class MultiTaskLoss(nn.Module):
         label_mask: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         labels, label_mask = labels or {}, label_mask or {}
+        labelled = [n for n, t in self.tasks.items() if t.needs_labels]
+        unknown = sorted(set(labels) - set(self.tasks))
+        if unknown or (labelled and not labels and len(labelled) == len(self.tasks)):
+            # a misspelled key would leave every labelled task without a loss: a zero loss that trains nothing
+            raise ValueError(f"labels {unknown or '(none)'} name none of this model's labelled tasks {labelled}: "
+                             "pass labels={task name: tensor}")  # fmt: skip
         losses = {
             name: task.loss(outputs[name], labels.get(task.label_source), label_mask.get(task.label_source))
             for name, task in self.tasks.items()

@@ -25,6 +25,7 @@ from .data import (  # noqa: E402
     build_cache,
     load_dataset,
     make_synthetic,
+    register_source,
     split_dataset,
 )
 from .embed_shards import embed_to_shards, read_embeddings  # noqa: E402
@@ -40,6 +41,7 @@ from .models import (  # noqa: E402
     register_fusion,
 )
 from .processor import FusionProcessor  # noqa: E402
+from .registry import load_plugins  # noqa: E402
 from .tasks import Task, bind_labels, list_tasks, register_task  # noqa: E402
 from .training import TrainConfig, Trainer, build_config, train  # noqa: E402
 
@@ -74,9 +76,11 @@ __all__ = [
     "list_presets",
     "list_tasks",
     "load_dataset",
+    "load_plugins",
     "make_synthetic",
-    "register_fusion",
     "read_embeddings",
+    "register_fusion",
+    "register_source",
     "register_task",
     "split_dataset",
     "train",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -164,6 +165,8 @@ def embed(
     skips = SkipLog(check_policy(on_error), "embed")
     if isinstance(texts, str):
         raise TypeError("texts must be a list of strings, not a single string")
+    if isinstance(images, str | bytes | Path) or type(images).__module__.startswith("PIL."):
+        raise TypeError("images must be a list (one image: a list of one), not a single image")
     want_ids = return_ids or ids is not None
     texts, images, ids = _unpack_dataset(texts, images, ids)
     if texts is None and images is None:

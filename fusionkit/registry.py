@@ -6,12 +6,37 @@ unknown name fails with the registered ones listed. It is a dict, so it reads li
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
+import os
 from collections.abc import Callable
 from typing import TypeVar
 
 from .config import ConfigError
 
 T = TypeVar("T", bound=type)
+
+PLUGIN_GROUP = "fusionkit.plugins"  # entry points whose modules register fusions, tasks, encoders, sources
+PLUGIN_HINT = ("a name your own code registers: import its module first (the command line imports the modules "
+               "named in $FUSIONKIT_PLUGINS, comma-separated, and the 'fusionkit.plugins' entry points)")  # fmt: skip
+_loaded: list[str] = []
+
+
+def load_plugins() -> list[str]:
+    """Import the modules that register a user's own fusion strategies, task types, encoder backends or dataset
+    formats: installed packages' `fusionkit.plugins` entry points and $FUSIONKIT_PLUGINS. Called when a name is
+    not found, so the command line and `from_pretrained` of a model built from them find them."""
+    names = [ep.value for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP)]
+    names += [m.strip() for m in os.environ.get("FUSIONKIT_PLUGINS", "").split(",") if m.strip()]
+    for name in names:
+        if name in _loaded:
+            continue
+        try:
+            importlib.import_module(name.split(":")[0])
+        except ImportError as e:
+            raise ConfigError(f"fusionkit plugin {name!r} cannot be imported: {e}") from None
+        _loaded.append(name)
+    return list(_loaded)
 
 
 class Registry(dict[str, T]):
@@ -31,5 +56,7 @@ class Registry(dict[str, T]):
 
     def get_class(self, name: str) -> T:
         if name not in self:
-            raise ConfigError(f"unknown {self.kind} {name!r}; registered: {list(self)}")
+            load_plugins()
+        if name not in self:
+            raise ConfigError(f"unknown {self.kind} {name!r}; registered: {list(self)}. If it is {PLUGIN_HINT}")
         return self[name]

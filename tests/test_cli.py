@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fusionkit.cli import main
+from fusionkit.models import FusionModel
 from fusionkit.training.rundir import follow_pointer
 
 
@@ -393,3 +394,26 @@ def test_scoring_rows_a_model_trained_on_is_refused(tmp_path: Path, capsys) -> N
     (tmp_path / "sub.json").write_text(json.dumps({**own, "test": own["test"][:3]}))
     assert main(["eval", str(tmp_path / "a"), "--split-file", str(tmp_path / "sub.json"), "--split", "test",
                  "--output", str(tmp_path / "s.json")]) == 0  # fmt: skip
+
+
+def test_a_users_own_task_type_is_found_by_the_command_line_and_a_reload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Registered in the user's module, named in $FUSIONKIT_PLUGINS: train, and from_pretrained, import it."""
+    (tmp_path / "fk_user_plugin.py").write_text(
+        "from fusionkit import register_task\n"
+        "from fusionkit.tasks import ClassificationTask\n\n"
+        "@register_task('user_cls')\n"
+        "class UserClassification(ClassificationTask):\n"
+        "    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = ["train", "--data.dataset", "synthetic:48", "--model.tasks", '[{"name": "sentiment", "type": "user_cls"}]',
+            "--optim.max_steps", "1", "--run.output_dir", str(tmp_path / "runs"), "--run.name", "u",
+            "--data.cache_dir", str(tmp_path / "cache"), "--run.progress", "false", "--run.plots", "false"]  # fmt: skip
+    monkeypatch.setenv("FUSIONKIT_PLUGINS", "fk_user_plugin_typo")
+    assert main(argv) == 2 and "plugin 'fk_user_plugin_typo' cannot be imported" in capsys.readouterr().err
+    monkeypatch.setenv("FUSIONKIT_PLUGINS", "fk_user_plugin")
+    assert main(argv) == 0
+    model = FusionModel.from_pretrained(tmp_path / "runs" / "u")
+    assert type(model.tasks["sentiment"]).__name__ == "UserClassification"

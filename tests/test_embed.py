@@ -58,6 +58,8 @@ def test_bad_inputs(pairs) -> None:
         embed(model)
     with pytest.raises(TypeError, match="single string"):
         embed(model, "one caption")
+    with pytest.raises(TypeError, match="not a single image"):  # not iterated pixel row by pixel row
+        embed(model, texts[:1], images[0])
 
 
 def test_streams_without_materializing(monkeypatch: pytest.MonkeyPatch) -> None:

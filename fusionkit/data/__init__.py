@@ -18,7 +18,15 @@ from fusionkit.data.collate import Collator, ImageTransform, move_batch
 from fusionkit.data.dataset import MAX_TEXT_CHARS, Example, MultimodalDataset, read_split_file, split_dataset
 from fusionkit.data.errors import DataError
 from fusionkit.data.image import MAX_IMAGE_PIXELS, load_image, preprocess_image
-from fusionkit.data.sources import SENTIMENT, ReadOptions, from_hf, load_dataset, read_mvsa, read_table
+from fusionkit.data.sources import (
+    SENTIMENT,
+    ReadOptions,
+    from_hf,
+    load_dataset,
+    read_mvsa,
+    read_table,
+    register_source,
+)
 from fusionkit.data.synthetic import make_synthetic
 
 __all__ = [
@@ -40,6 +48,7 @@ __all__ = [
     "move_batch",
     "preprocess_image",
     "read_mvsa",
+    "register_source",
     "read_table",
     "read_split_file",
     "split_dataset",

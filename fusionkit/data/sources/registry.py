@@ -67,4 +67,7 @@ def load_dataset(spec: Any, **options: Any) -> MultimodalDataset:
 
 
 def _find(obj: Any) -> Source | None:
+    from fusionkit.registry import load_plugins
+
+    load_plugins()  # a format registered by the user's own module (the command line reads it too)
     return next((s for s in SOURCES.values() if s.accepts(obj)), None)

@@ -313,7 +313,9 @@ def cross_vs_pooled(rows: dict[str, dict[str, Any]]) -> str:
     return " ".join(lines)
 
 
-def partial_note(layers: list[int] | None) -> str:
+def partial_note(layers: list[int] | None, freeze: str) -> str:
+    if not layers and freeze != "encoders":  # the user's config trains its encoders end to end
+        return f"model.freeze: {freeze} (encoders trained in every run; no shared feature cache)"
     if not layers:
         return "frozen, features cached once and shared by all runs"
     return (f"top {layers[0]} text / {layers[1]} image blocks fine-tuned on the cached hidden states entering "
@@ -418,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- dataset: {dataset}; scores of task `{args.task}` on the {split_name}; the same saved split for every run"
         + (f"; every run trains the tasks {args.trained_tasks}" if len(getattr(args, "trained_tasks", [])) > 1
            else ""),  # fmt: skip
-        f"- encoders: {encoders}; {partial_note(args.trainable_layers)}",
+        f"- encoders: {encoders}; {partial_note(args.trainable_layers, build_config(args.config, config_keys(base)).model.freeze)}",
         f"- budget: {args.epochs} epochs, lr {args.lr} (warmup + cosine), batch {args.batch_size}, best epoch chosen on val; "
         f"{args.seeds} seeds (0..{args.seeds - 1}) per strategy"
         + ("; batches grouped by caption length" if args.group_by_length else ""),

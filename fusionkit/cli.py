@@ -230,6 +230,8 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     if args.accept_changes and not args.resume:
         raise ConfigError("--accept-changes only applies to --resume RUN_DIR")
     summary = train(cfg, resume=bool(args.resume), accept_changes=args.accept_changes)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate launch: one summary, from rank 0
+        return 0
     print(f"\nrun dir: {summary['run_dir']}")
     print(f"best checkpoint: {summary['best_checkpoint']} ({summary['metric']} = {summary['best']})")
     for split in ("val", "test"):

@@ -6,6 +6,7 @@ import csv
 import functools
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -118,6 +119,36 @@ def test_interrupted_run_resumes_bitwise(tmp_path: Path, how: str, grouped: bool
     assert summary["val"] == ref_summary["val"] and summary["best"] == ref_summary["best"]
     ref_log = (tmp_path / "runs" / "reference" / "metrics.jsonl").read_text()
     assert (run / "metrics.jsonl").read_text() == ref_log
+
+
+def test_a_resume_after_the_encoder_folder_moved_uses_the_runs_saved_encoders(tmp_path: Path, caplog) -> None:
+    from transformers import BertModel
+
+    from fusionkit.models.tiny import tiny_bert_config, tiny_tokenizer
+
+    BertModel(tiny_bert_config()).save_pretrained(tmp_path / "bert")
+    tiny_tokenizer().save_pretrained(tmp_path / "bert")
+    config = functools.partial(tiny_config, **{"model.text.name": str(tmp_path / "bert"), "model.text.pretrained": True})
+    reference = Trainer(config(tmp_path, "reference"))
+    reference.fit()
+
+    def crash_at_step_3(trainer: Trainer) -> None:
+        if trainer.step == 3:
+            raise RuntimeError("simulated crash")
+
+    interrupted = Trainer(config(tmp_path, "moved"))
+    interrupted.step_callbacks.append(crash_at_step_3)
+    with pytest.raises(RuntimeError):
+        interrupted.fit()
+    shutil.rmtree(tmp_path / "bert")
+    with pytest.raises(ConfigError, match="encoder folder .*bert does not exist"):
+        Trainer(config(tmp_path, "new"))  # a new run cannot start without it ...
+    with caplog.at_level("WARNING"):
+        resumed = Trainer(config(tmp_path, "moved"), resume=True)  # ... a resume has its checkpoint's copy
+    assert "resuming with the encoders saved in" in caplog.text
+    resumed.fit()
+    ref_w, res_w = weights(reference), weights(resumed)
+    assert all(torch.equal(ref_w[k], res_w[k]) for k in ref_w)
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -222,6 +222,10 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model
                    "sentencepiece.bpe.model")  # fmt: skip
 
 
+class EncoderFolderMissing(ConfigError):
+    """A local encoder folder that is not there (moved or deleted): a resume can use its run's saved copy."""
+
+
 def check_local_source(name: str, key: str, tokenizer: bool = False) -> None:
     """A path must be an encoder folder with its config (and, for text, its tokenizer): transformers would
     take a missing folder for a hub id, and builds a 5-token tokenizer from a folder without one."""
@@ -229,7 +233,7 @@ def check_local_source(name: str, key: str, tokenizer: bool = False) -> None:
     if not (path.is_absolute() or name.startswith((".", "~")) or path.exists()):
         return  # a hub id ("org/name")
     if not path.is_dir():
-        raise ConfigError(f"{key}: the encoder folder {name} does not exist")
+        raise EncoderFolderMissing(f"{key}: the encoder folder {name} does not exist")
     if not (path / "config.json").is_file():
         raise ConfigError(f"{key}: {name} has no config.json; save the encoder there with model.save_pretrained(folder)")
     if tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):

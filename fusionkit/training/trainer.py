@@ -42,6 +42,7 @@ from ..data import Collator, ImageTransform, build_cache, load_dataset, move_bat
 from ..data.cache import SplitView
 from ..data.dataset import MultimodalDataset
 from ..models import FusionModel, create_model, model_inputs
+from ..models.encoders import EncoderFolderMissing
 from ..precision import choose_precision
 from ..tasks import bind_labels, create_task, fit_train_statistics
 from . import checkpoint as ckpt
@@ -282,7 +283,7 @@ class Trainer:
         self.progress = cfg.run.progress and self.is_main
         # Cheap checks first: read the table, bind labels to tasks, split -- before any model or cache.
         source, parts = self._read_data(data, model)
-        self.model = (model or create_model(cfg.model)).to(self.device)
+        self.model = (model or self._create_model()).to(self.device)
         self.precision = choose_precision(cfg.run.precision, self.device)
         self.amp = self.precision.dtype
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)
@@ -320,6 +321,18 @@ class Trainer:
         self.step_callbacks: list[Callable[[Trainer], None]] = []
         # train loss summed since the last log line: part of the state, so logs match across a resume
         self.running_loss, self.running_n = torch.zeros((), device=self.device), 0
+
+    def _create_model(self) -> FusionModel:
+        """The model the config names; a resumed run whose encoder folder moved or was deleted is rebuilt from
+        the encoders its own last checkpoint saved (their weights are loaded from it anyway)."""
+        try:
+            return create_model(self.cfg.model)
+        except EncoderFolderMissing as e:
+            last = self.run.last if self.resume else None
+            if last is None:
+                raise
+            log.warning("%s: resuming with the encoders saved in %s", e, last)
+            return FusionModel.from_pretrained(last).train()
 
     def _abandon_run(self) -> None:
         """Set-up failed (bad data, a wrong metric...): release the lock; a fresh run dir that holds no

@@ -66,6 +66,9 @@ def test_an_empty_task_column_is_refused_and_missing_spellings_are_said(tmp_path
     assert train(table, tmp_path / "runs", "r", tasks) == 2
     assert "task 'score' has no labelled row in the train split" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "cache").exists()
+    empty_classes = write_table(tmp_path / "d0", mood=lambda i: "")
+    assert train(empty_classes, tmp_path / "runs", "r0", [{"name": "mood"}]) == 2
+    assert "the column 'mood' has no labels" in capsys.readouterr().err
     # "n/a" / "NA" are missing (as "None" is), said once; tags joined with ';' are said to be one tag
     table = write_table(tmp_path / "d2", mood=lambda i: ["n/a", "NA"][i % 2] if i < 4 else MOODS[i % 3],
                         tags=lambda i: "a;b" if i % 5 == 0 else "a")  # fmt: skip

@@ -201,6 +201,9 @@ class ClassificationTask(Task):
 
     def resolve_schema(self, values: Sequence[Any], declared: Sequence[str], where: str) -> TaskConfig:
         observed = self.observed(values, where)
+        if values and not observed and not (self.cfg.class_names or declared):
+            raise ConfigError(f"task {self.name!r}: the column {self.column!r} has no labels in {where}; fill it "
+                              "or remove the task")  # fmt: skip
         if not (self.cfg.class_names or declared):
             check_not_numeric(self.name, self.type, observed, where)
         names = reconcile_class_names(self.name, observed, self.cfg.class_names, declared, where)

@@ -165,8 +165,9 @@ def embed(
     skips = SkipLog(check_policy(on_error), "embed")
     if isinstance(texts, str):
         raise TypeError("texts must be a list of strings, not a single string")
-    if isinstance(images, str | bytes | Path) or type(images).__module__.startswith("PIL."):
-        raise TypeError("images must be a list (one image: a list of one), not a single image")
+    if isinstance(images, str | bytes | Path) or type(images).__module__.startswith("PIL.") or hasattr(images, "shape"):
+        raise TypeError("images must be a list of paths, bytes or PIL images (one image: a list of one), not a "
+                        f"single {type(images).__name__}")  # fmt: skip
     want_ids = return_ids or ids is not None
     texts, images, ids = _unpack_dataset(texts, images, ids)
     if texts is None and images is None:

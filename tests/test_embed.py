@@ -58,8 +58,9 @@ def test_bad_inputs(pairs) -> None:
         embed(model)
     with pytest.raises(TypeError, match="single string"):
         embed(model, "one caption")
-    with pytest.raises(TypeError, match="not a single image"):  # not iterated pixel row by pixel row
-        embed(model, texts[:1], images[0])
+    for single in (images[0], np.zeros((32, 32, 3), np.uint8)):  # not iterated pixel row by pixel row
+        with pytest.raises(TypeError, match="one image: a list of one"):
+            embed(model, texts[:1], single)
 
 
 def test_streams_without_materializing(monkeypatch: pytest.MonkeyPatch) -> None:

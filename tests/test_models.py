@@ -209,6 +209,8 @@ def test_a_loss_without_a_task_it_knows_is_an_error_not_a_zero():
     assert model.loss(out, labels, mask)["loss"].item() > 0
     with pytest.raises(ValueError, match=r"labels \['sentimnt'\] name none of this model's labelled tasks"):
         model.loss(out, {"sentimnt": labels["sentiment"]})
+    with pytest.raises(ValueError, match=r"\['sentimnt'\]"):  # a mask under a misspelled key masks nothing
+        model.loss(out, labels, {"sentimnt": mask["sentiment"]})
     only_sentiment = create_model("tiny")  # every task labelled: no labels at all would train nothing
     with pytest.raises(ValueError, match="pass labels="):
         only_sentiment.loss(only_sentiment(**tiny_batch(only_sentiment)))

@@ -131,7 +131,7 @@ def test_the_reports_macro_average_is_the_metrics_macro_f1() -> None:
     assert flat["macro_f1"] == pytest.approx((0.5 + 2 / 3) / 2)  # F1 of a and b; c and d have none
 
 
-@pytest.mark.parametrize("name", ["type", "eval", "half", "a.b"])
+@pytest.mark.parametrize("name", ["type", "eval", "half", "a.b", "loss"])
 def test_a_task_named_like_a_model_part_is_refused_with_the_fix(name: str) -> None:
     from fusionkit.config import ConfigError
     from fusionkit.training.config import build_config

@@ -225,7 +225,7 @@ def test_read_config_reads_the_saved_schema_without_the_weights(tmp_path):
         FusionModel.read_config(tmp_path / "nothing")
 
 
-def test_an_incomplete_encoder_folder_is_named_before_anything_loads(tmp_path, caplog):
+def test_an_incomplete_encoder_folder_is_named_before_anything_loads(tmp_path, caplog, monkeypatch):
     """transformers builds a 5-token tokenizer from a folder without one, and reads a missing folder as a hub id."""
     import shutil
 
@@ -241,6 +241,11 @@ def test_an_incomplete_encoder_folder_is_named_before_anything_loads(tmp_path, c
         create_model("tiny", text={"name": str(tmp_path / "bert"), "pretrained": True})
     with pytest.raises(ConfigError, match="encoder folder .*gone does not exist"):
         create_model("tiny", image={"backend": "hf", "name": str(tmp_path / "gone")})
+    monkeypatch.chdir(tmp_path)  # relative: "vit/gone" is in a local folder, so not a hub id (which would wait on the network)
+    with pytest.raises(ConfigError, match="encoder folder vit/gone does not exist"):
+        create_model("tiny", image={"backend": "hf", "name": "vit/gone"})
+    with pytest.raises(ConfigError, match="holds a bert text model"):  # a text model's folder as the image encoder
+        create_model("tiny", image={"backend": "hf", "name": str(no_tok)})
     (tmp_path / "vit" / "preprocessor_config.json").unlink()  # loads, but says what it assumes
     with caplog.at_level("WARNING", logger="fusionkit"):
         model = create_model("tiny", image={"backend": "hf", "name": str(tmp_path / "vit"), "pretrained": True})

@@ -230,12 +230,20 @@ def check_local_source(name: str, key: str, tokenizer: bool = False) -> None:
     """A path must be an encoder folder with its config (and, for text, its tokenizer): transformers would
     take a missing folder for a hub id, and builds a 5-token tokenizer from a folder without one."""
     path = Path(name).expanduser()
-    if not (path.is_absolute() or name.startswith((".", "~")) or path.exists()):
-        return  # a hub id ("org/name")
+    # a hub id is "name" or "org/name"; more parts, or a first part that is a local folder, is a path
+    in_local_folder = len(path.parts) > 1 and Path(path.parts[0]).is_dir()
+    if not (path.is_absolute() or name.startswith((".", "~")) or path.exists() or len(path.parts) > 2
+            or in_local_folder):  # fmt: skip
+        return
     if not path.is_dir():
         raise EncoderFolderMissing(f"{key}: the encoder folder {name} does not exist")
     if not (path / "config.json").is_file():
         raise ConfigError(f"{key}: {name} has no config.json; save the encoder there with model.save_pretrained(folder)")
+    if not tokenizer:  # an image encoder: a text model's folder (no image inputs) is a mix-up
+        config = json.loads((path / "config.json").read_text())
+        if "vocab_size" in config and not {"image_size", "num_channels", "vision_config"} & set(config):
+            raise ConfigError(f"{key}: {name} holds a {config.get('model_type', 'text')} text model (its config has a "
+                              "vocabulary and no image size), not an image encoder")  # fmt: skip
     if tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise ConfigError(f"{key}: {name} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save it there "
                           "too: tokenizer.save_pretrained(folder)")  # fmt: skip

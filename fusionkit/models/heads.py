@@ -125,7 +125,7 @@ class MultiTaskLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         labels, label_mask = labels or {}, label_mask or {}
         labelled = [n for n, t in self.tasks.items() if t.needs_labels]
-        unknown = sorted(set(labels) - set(self.tasks))
+        unknown = sorted((set(labels) | set(label_mask)) - set(self.tasks))
         if unknown or (labelled and not labels and len(labelled) == len(self.tasks)):
             # a misspelled key would leave every labelled task without a loss: a zero loss that trains nothing
             raise ValueError(f"labels {unknown or '(none)'} name none of this model's labelled tasks {labelled}: "

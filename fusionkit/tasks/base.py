@@ -138,8 +138,9 @@ class Task:
         """Raise `ConfigError` for impossible options; called by `ModelConfig.validate`."""
         if not cfg.name or not isinstance(cfg.name, str):
             raise ConfigError(f"task name must be a non-empty string, got {cfg.name!r}")
-        if "." in cfg.name or hasattr(nn.ModuleDict(), cfg.name):  # heads are a ModuleDict keyed by task name
-            raise ConfigError(f"task name {cfg.name!r} cannot name a model part ('.' or a torch Module attribute); "
+        # heads are a ModuleDict keyed by task name; "loss" is the total's key in losses and metrics
+        if "." in cfg.name or cfg.name == "loss" or hasattr(nn.ModuleDict(), cfg.name):
+            raise ConfigError(f"task name {cfg.name!r} cannot name a model part ('.', 'loss' or a torch Module attribute); "
                               f'name the task otherwise and keep its column: {{"name": "{cfg.name.replace(".", "_")}_", "column": '
                               f'"{cfg.column or cfg.name}"}}')  # fmt: skip
         if not math.isfinite(cfg.weight) or cfg.weight < 0:

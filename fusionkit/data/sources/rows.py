@@ -164,7 +164,8 @@ def require_column(column: str, option: str, columns: Sequence[str], source: str
             f"no column {column!r} ({CONFIG_KEYS[option]}); found columns {list(columns)}",
             source=source,
             hint=f"set {CONFIG_KEYS[option]} to one of the columns found"
-            + (" (fusionkit eval: --label-column TASK=COLUMN)" if option == "label_columns" else "")
+            + (" (fusionkit eval: --label-column TASK=COLUMN)" if option == "label_columns" else
+               f" (eval, predict, embed: --{option.replace('_', '-')} COLUMN)" if option.endswith("_column") else "")
             + _separator_hint(columns),
         )
 

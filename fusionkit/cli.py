@@ -669,7 +669,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import PARTS, export_onnx, missing_export_packages
+    from .export import PARTS, check_export_dir, export_onnx, missing_export_packages
     from .models import FusionModel
 
     if missing_export_packages():
@@ -681,6 +681,7 @@ def _export(args: argparse.Namespace) -> int:
     out, ckpt = Path(args.output).expanduser().resolve(), Path(args.checkpoint).expanduser().resolve()
     if ckpt.exists() and (out == ckpt or ckpt in out.parents or out in ckpt.parents):
         raise ConfigError(f"--output {args.output} overlaps the model at {args.checkpoint}; write somewhere else")
+    check_export_dir(out)  # before the model loads
     model = FusionModel.from_pretrained(args.checkpoint)
     report = export_onnx(model, out, parts=parts, int8=args.int8)
     for kinds in report["parts"].values():

@@ -202,6 +202,20 @@ def parity(
     return {"max_abs_diff": max(diffs), "min_cosine": min(cosines)}
 
 
+def check_export_dir(output_dir: str | Path) -> Path:
+    """An export goes to a new or empty folder: a user's files are never overwritten, nor mixed with it."""
+    out = Path(output_dir)
+    if (out / "export.json").exists():  # an earlier export: its graphs are never overwritten or mixed with ours
+        raise FileExistsError(f"{out} already holds an export (export.json); export to a new folder")
+    if out.is_file():
+        raise FileExistsError(f"{out} is a file; export writes a folder of graphs and processor files: name a new one")
+    if out.is_dir() and any(out.iterdir()):
+        held = sorted(p.name for p in out.iterdir())
+        raise FileExistsError(f"{out} is not empty ({', '.join(held[:5])}{', ...' if len(held) > 5 else ''}); "
+                              "export writes graphs, tokenizer and processor files: export to a new or empty folder")  # fmt: skip
+    return out
+
+
 def export_onnx(
     model: FusionModel,
     output_dir: str | Path,
@@ -219,9 +233,7 @@ def export_onnx(
     from .processor import FusionProcessor
 
     _require_onnx()
-    out = Path(output_dir)
-    if (out / "export.json").exists():  # an earlier export: its graphs are never overwritten or mixed with ours
-        raise FileExistsError(f"{out} already holds an export (export.json); export to a new folder")
+    out = check_export_dir(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()

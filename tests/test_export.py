@@ -111,6 +111,12 @@ def test_cli_exports_fp32_and_int8_that_match(tmp_path: Path, model, batch, caps
     assert (
         main(["export", str(tmp_path / "m"), "--output", str(tmp_path / "m" / "x")]) == 2
     )  # inside the model
+    mine = tmp_path / "mine"  # a user's folder holding files of the names export writes
+    mine.mkdir()
+    (mine / "tokenizer.json").write_text('{"my": "tokenizer"}')
+    assert main(["export", str(tmp_path / "m"), "--output", str(mine), "--parts", "encode_text"]) == 1
+    assert [p.name for p in mine.iterdir()] == ["tokenizer.json"] and "my" in (mine / "tokenizer.json").read_text()
+    assert "is not empty (tokenizer.json)" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -322,7 +322,7 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
         raise ConfigError(f"{args.checkpoint} was trained on an in-memory dataset ({source[len(IN_MEMORY):]}), "
                           "which it cannot read again: pass --data FILE with those rows (and --split NAME to use "
                           "the run's split.json on them)")  # fmt: skip
-    split = args.split or ("all" if args.data else {"eval": "val"}.get(args.command, "test"))
+    split = args.split or ("all" if args.data else {"eval": "val", "embed": "all"}.get(args.command, "test"))
     if args.data is None and not str(source).startswith("synthetic") and not Path(source).exists():
         raise FileNotFoundError(f"{source}, the data {args.checkpoint} trained on, is not there any more: if it moved, "
                                 f"pass --data NEW_PATH --split {split} (the run's split.json names its rows)")  # fmt: skip
@@ -622,6 +622,8 @@ def _check_output(args: argparse.Namespace) -> None:
         raise ConfigError(f"--output {out} is a directory; give a file name")
     if sharded and (out / "config.json").is_file():
         raise ConfigError(f"--output {out} is a run or model folder; write the shards to a folder of their own")
+    from .store import is_built
+
     data, run_dir = _run_data_config(args)
     # the file read now, and the run's own training data (it is needed again to evaluate the run)
     inputs = [Path(p).expanduser() for p in dict.fromkeys((args.data, data.dataset)) if p]
@@ -632,6 +634,9 @@ def _check_output(args: argparse.Namespace) -> None:
         for src in inputs:
             if src.exists() and (_same_file(target, src) or (src.is_dir() and _inside(target, src))):
                 raise ConfigError(f"--output {out} would overwrite the input {src}; write somewhere else")
+        store = next((p for p in target.resolve().parents if is_built(p)), None)  # a cache entry (data, features)
+        if store is not None:  # a cache file replaced would break every later run on that data
+            raise ConfigError(f"--output {out} is inside the cache folder {store}; write somewhere else")
         owner = _owner(target)
         if owner is not None:
             raise ConfigError(f"--output {out} would overwrite a file of the run or model in {owner}; write "

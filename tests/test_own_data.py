@@ -619,3 +619,21 @@ def test_a_contrastive_model_scores_and_predicts_rows_without_images(tmp_path: P
     vectors = np.random.default_rng(0).normal(size=(4, 8))
     with pytest.raises(ValueError, match="NaN"):
         fusionkit.embedding.retrieval_recall(vectors, np.where(np.arange(4)[:, None] == 1, np.nan, vectors))
+
+
+def test_an_output_inside_a_cache_folder_is_refused(trained_run: tuple[Path, Path], capsys) -> None:
+    root, _ = trained_run
+    store = next(p.parent for p in (root / "runs" / "cache").rglob("meta.json"))
+    before = (store / "meta.json").read_bytes()
+    run = str(root / "runs" / "r1")
+    assert main(["eval", run, "--output", str(store / "meta.json")]) == 2
+    assert main(["predict", run, "--output", str(store / "new.csv")]) == 2
+    assert "is inside the cache folder" in capsys.readouterr().err
+    assert (store / "meta.json").read_bytes() == before and not (store / "new.csv").exists()
+
+
+def test_embed_of_a_run_without_data_embeds_all_its_rows(trained_run: tuple[Path, Path], tmp_path: Path) -> None:
+    root, table = trained_run  # as `embed --help` says: all of the run's data, not its test split
+    assert main(["embed", str(root / "runs" / "r1"), "--output", str(tmp_path / "v.npy")]) == 0
+    ids = json.loads((tmp_path / "v.ids.json").read_text())
+    assert ids == [r["id"] for r in csv.DictReader(table.open())] and np.load(tmp_path / "v.npy").shape[0] == len(ids)

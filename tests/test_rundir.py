@@ -435,3 +435,11 @@ def test_ratios_that_leave_a_split_empty_are_reported(tmp_path: Path, caplog: py
         train(cfg)
     assert "the val split is empty" in caplog.text and "no epoch is selected" in caplog.text
     assert "the test split is empty" in caplog.text
+
+
+def test_a_folder_of_other_files_is_not_called_a_run_nor_offered_for_deletion(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "tweets.csv").write_text("id,text\n")
+    with pytest.raises(RunDirError, match=r"holds other files \(tweets.csv\), not a run") as e:
+        RunDir.create(tmp_path, "data")
+    assert "delete" not in str(e.value)

@@ -99,6 +99,9 @@ class RunDir:
                 if live is not None:
                     raise RunDirError(f"{run.path} is being written by another live training ({live}); wait "
                                       f"for it to finish, or choose another run.name{_own_hint(live)}")  # fmt: skip
+                if not any(n in RUN_FILES or n.startswith(RUN_FILE_PREFIXES) for n in run.contents()):
+                    raise RunDirError(f"{run.path} holds other files ({', '.join(run.contents()[:5])}), not a run; "
+                                      "fusionkit never writes a run into it: choose another run.name or run.output_dir")  # fmt: skip
                 started = not {"last", CHECKPOINTS, "summary.json"} & set(run.contents())
                 raise RunDirError(
                     f"{run.path} already holds a run ({', '.join(run.contents()[:5])}); fusionkit never writes "

@@ -113,6 +113,10 @@ def _start(out: Path, settings: dict[str, Any], rank: int) -> dict[str, Any]:
                     + ", ".join(f"{k}={was!r} (now {now!r})" for k, (was, now) in changed.items())
                     + "; resume with the same settings or write to a new directory"
                 )
+        elif held := sorted(p.name for p in out.iterdir() if not p.name.startswith(".shard-")):
+            # shards without a manifest are nobody's to adopt (another model's vectors), nor are a user's files
+            error = (f"{out} holds files but no {MANIFEST} ({', '.join(held[:5])}): write the shards to a new or "
+                     "empty directory")  # fmt: skip
         else:
             manifest = {"format": "fusionkit-embeddings", "version": 1, **settings, "complete": False}
             _write_json(path, manifest)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,12 @@ def test_resume_with_other_settings_is_refused(tmp_path: Path, model: FusionMode
     edited = data.subset(list(reversed(data.ids)))  # the same ids, rows reordered: old shards would not match
     with pytest.raises(ConfigError, match="data="):
         shards(model, edited, tmp_path / "out")
+    foreign = tmp_path / "foreign"  # shards copied without their manifest: another model's vectors, not adopted
+    foreign.mkdir()
+    shutil.copy(tmp_path / "out" / "shard-00000.parquet", foreign)
+    with pytest.raises(ConfigError, match="holds files but no manifest.json"):
+        shards(other, data, foreign)
+    assert [p.name for p in foreign.iterdir()] == ["shard-00000.parquet"]
 
 
 def test_cli_writes_shards_to_a_directory(tmp_path: Path, model_dir: Path, model: FusionModel) -> None:

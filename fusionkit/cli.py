@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -594,11 +595,25 @@ def _replacing(path: Path) -> Any:
     """A temp file beside `path`, renamed over it once written: another name for the same file (a hard link
     to a model's weights, a symlink to an image) keeps its bytes, and a failed write leaves no half file."""
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    for stale in path.parent.glob(f".{glob.escape(path.stem)}.tmp-*{glob.escape(path.suffix)}"):
+        pid = stale.name[len(path.stem) + 6 : len(stale.name) - len(path.suffix)]
+        if pid.isdigit() and not _alive(int(pid)):  # left by a writer that was killed (SIGKILL skips `finally`)
+            stale.unlink(missing_ok=True)
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _sharded_embed(args: argparse.Namespace) -> bool:

@@ -211,6 +211,8 @@ def test_a_loss_without_a_task_it_knows_is_an_error_not_a_zero():
         model.loss(out, {"sentimnt": labels["sentiment"]})
     with pytest.raises(ValueError, match=r"\['sentimnt'\]"):  # a mask under a misspelled key masks nothing
         model.loss(out, labels, {"sentimnt": mask["sentiment"]})
+    with pytest.raises(ValueError, match=r"task 'sentiment': labels must be class indices 0..2"):
+        model.loss(out, {**labels, "sentiment": torch.tensor([0, 5, 1])})  # not torch's IndexError without a name
     only_sentiment = create_model("tiny")  # every task labelled: no labels at all would train nothing
     with pytest.raises(ValueError, match="pass labels="):
         only_sentiment.loss(only_sentiment(**tiny_batch(only_sentiment)))

@@ -637,3 +637,11 @@ def test_embed_of_a_run_without_data_embeds_all_its_rows(trained_run: tuple[Path
     assert main(["embed", str(root / "runs" / "r1"), "--output", str(tmp_path / "v.npy")]) == 0
     ids = json.loads((tmp_path / "v.ids.json").read_text())
     assert ids == [r["id"] for r in csv.DictReader(table.open())] and np.load(tmp_path / "v.npy").shape[0] == len(ids)
+
+
+def test_a_killed_writers_temp_file_beside_the_output_is_swept(trained_run: tuple[Path, Path], tmp_path: Path) -> None:
+    root, _ = trained_run
+    dead = tmp_path / ".preds.tmp-999999.csv"  # what a SIGKILLed predict leaves (no `finally` ran)
+    dead.write_text("id,mood\nhalf")
+    assert main(["predict", str(root / "runs" / "r1"), "--output", str(tmp_path / "preds.csv")]) == 0
+    assert not dead.exists() and [p.name for p in tmp_path.iterdir()] == ["preds.csv"]

@@ -270,6 +270,10 @@ class ClassificationTask(Task):
         if rows is None:
             return None
         output, target = rows
+        if target.device.type == "cpu" and target.numel() and not 0 <= int(target.min()) <= int(target.max()) < output.shape[-1]:
+            # torch's own IndexError names no task (a GPU's device assert names nothing at all); CPU checks for free
+            raise ValueError(f"task {self.name!r}: labels must be class indices 0..{output.shape[-1] - 1} "
+                             f"({self.names}), got {int(target.min())}..{int(target.max())}")  # fmt: skip
         weight = self.cfg.class_weights
         w = (
             torch.tensor(weight, dtype=output.dtype, device=output.device)

@@ -311,14 +311,50 @@ def merge(cfg: T, overrides: dict[str, Any]) -> T:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON config file into a dict (YAML is a superset of JSON)."""
+    """Read a YAML or JSON config file into a dict (YAML is a superset of JSON).
+
+    A syntax error or a key given twice is an error naming the file and line: YAML would keep the
+    last duplicate silently, so half of what the user wrote would be ignored.
+    """
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     text = path.read_text(encoding="utf-8")
-    data = (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)) or {}
+    try:
+        data = yaml.load(text, Loader=_unique_key_loader()) or {}
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        problem = " ".join(str(x) for x in (e.context, e.problem) if x)
+        if "given twice" not in problem:
+            problem += "; fix the file (it is read as YAML, a superset of JSON)"
+        raise ConfigError(f"{where}: {problem}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+def _unique_key_loader() -> type:
+    """A SafeLoader that refuses a mapping key given twice (built on use: `import fusionkit` skips yaml)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice (lines {seen[key]} and {line}); keep one",
+                        key_node.start_mark,
+                    )
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+

@@ -115,6 +115,22 @@ def test_exponent_floats_read_from_yaml_and_json(tmp_path):
         build_config(tmp_path / "bad.yaml")
 
 
+
+@pytest.mark.parametrize(
+    "name, text, match",
+    [
+        ("twice.yaml", "optim:\n  lr: 0.1\ntrain: 1\noptim:\n  ema_decay: 0.9\n", r"twice.yaml, line 4.*'optim' is given twice \(lines 1 and 4\)"),
+        ("nested.yaml", "optim:\n  lr: 0.1\n  lr: 0.2\n", r"'lr' is given twice"),
+        ("twice.json", '{"optim": {"lr": 0.1}, "optim": {"lr": 0.2}}', r"twice.json.*'optim' is given twice"),
+        ("broken.yaml", "model:\n  fusion: {strategy: late\n", r"broken.yaml, line 3.*read as YAML"),
+    ],
+)
+def test_a_config_key_given_twice_or_a_syntax_error_names_the_file_and_line(tmp_path, name, text, match):
+    """YAML keeps the last of two equal keys silently; the user's first setting would be lost unseen."""
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        build_config(tmp_path / name)
+
 SHIPPED = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 

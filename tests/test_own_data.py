@@ -216,11 +216,11 @@ def test_class_order_reconciled_by_name_not_position() -> None:
     assert cfg.class_names == ["positive", "neutral", "negative"]
     assert [ex.labels["y"] for ex in ds] == [2, 0, 1]
     # a data class the config does not know is an error naming the row and the classes, never a remap;
-    # under on_error="skip" that row is left out and reported
+    # under on_error="skip" that row loses its label (reported), not its caption and image
     with pytest.raises(fusionkit.DataError, match="item 0.*happy.*positive"):
         bind_labels(_raw(["happy", "positive"]), [task])
     kept, _ = bind_labels(_raw(["happy", "positive"]), [task], on_error="skip")
-    assert [ex.id for ex in kept] == ["1"] and kept[0].labels["y"] == 0
+    assert [(ex.id, ex.labels["y"]) for ex in kept] == [("0", None), ("1", 0)]
     # the source declares classes the config lacks: a schema error listing both
     with pytest.raises(ConfigError, match="declares classes.*class_names"):
         bind_labels(_raw(["positive"], ["positive", "happy"]), [task])
@@ -645,3 +645,19 @@ def test_a_killed_writers_temp_file_beside_the_output_is_swept(trained_run: tupl
     dead.write_text("id,mood\nhalf")
     assert main(["predict", str(root / "runs" / "r1"), "--output", str(tmp_path / "preds.csv")]) == 0
     assert not dead.exists() and [p.name for p in tmp_path.iterdir()] == ["preds.csv"]
+
+
+def test_a_skipped_label_costs_that_task_only(tmp_path: Path) -> None:
+    """Under on_error="skip" a bad mood (or an infinite score) leaves that row's other labels in place."""
+    examples = [
+        fusionkit.data.Example("a", "x", b"", {"mood": "happy", "score": "inf", "topic": "food"}),
+        fusionkit.data.Example("b", "x", b"", {"mood": "angry", "score": "0.5", "topic": "sport"}),
+    ]
+    tasks = [fusionkit.TaskConfig("mood", class_names=["happy", "sad"]), fusionkit.TaskConfig("topic"),
+             fusionkit.TaskConfig("score", type="regression")]  # fmt: skip
+    ds, _ = bind_labels(fusionkit.MultimodalDataset(examples, {}), tasks, on_error="skip",
+                        report_path=tmp_path / "skipped.jsonl")  # fmt: skip
+    assert [ex.labels for ex in ds] == [{"mood": 0, "topic": 0, "score": None},
+                                        {"mood": None, "topic": 1, "score": 0.5}]  # fmt: skip
+    reported = [json.loads(line) for line in (tmp_path / "skipped.jsonl").read_text().splitlines()]
+    assert sorted(r["item"] for r in reported) == ["a", "b"]

@@ -75,22 +75,25 @@ def bind_labels(
     all-missing instead of an error; class names must then come from the config (a saved model).
     `"any"` (evaluation): one task's column is enough, the tasks whose column is absent are said and left unscored.
     A row whose label cannot be encoded (outside a configured class list, not a number, infinite)
-    raises a `DataError` naming its file:row, or under `on_error="skip"` is left out and reported.
+    raises a `DataError` naming its file:row, or under `on_error="skip"` is reported and that task's
+    label left missing: the row and its other tasks' labels stay (a bad mood must not cost the topic).
     """
     from ..data.dataset import Example, MultimodalDataset
     from ..data.errors import DataError, SkipLog, check_policy
 
     columns = _columns(ds)
     where = getattr(ds, "name", "the data")
-    skips = SkipLog(check_policy(on_error), f"labels of {where}")
-    bad: set[str] = set()
+    skips = SkipLog(check_policy(on_error), f"labels of {where} (each row stays, without that label)")
+    bad: dict[str, set[str]] = {}  # task name -> ids whose label for it was skipped
 
     def try_encode(task: Task, ex: Any) -> Any:
+        if ex.id in bad.get(task.name, ()):
+            return None
         try:
             return task.encode(ex.labels.get(task.column), _row_source(ex, where), ex.id)
         except DataError as e:
             skips(e)  # raises under "raise"
-            bad.add(ex.id)
+            bad.setdefault(task.name, set()).add(ex.id)
             return None
 
     resolved: list[TaskConfig] = []
@@ -126,17 +129,14 @@ def bind_labels(
             if present and cfg.class_names:  # a fixed class list: a label outside it is a bad row
                 for ex in ds:
                     try_encode(task, ex)
-            values = [ex.labels.get(task.column) for ex in ds if ex.id not in bad] if present else []
+            skipped = bad.get(task.name, set())
+            values = [ex.labels.get(task.column) for ex in ds if ex.id not in skipped] if present else []
             cfg = task.resolve_schema(values, ds.label_names.get(task.column) or [], where)
             task = create_task(cfg)
         resolved.append(cfg)
         objects.append(task)
     labelled = [t for t in objects if t.needs_labels]
-    examples = []
-    for ex in ds:
-        labels = {t.name: try_encode(t, ex) for t in labelled} if ex.id not in bad else {}
-        if ex.id not in bad:
-            examples.append(Example(ex.id, ex.text, ex.image, labels, ex.meta))
+    examples = [Example(ex.id, ex.text, ex.image, {t.name: try_encode(t, ex) for t in labelled}, ex.meta) for ex in ds]
     skips.finish(report_path, len(ds))
     bound = MultimodalDataset(
         examples,

@@ -129,6 +129,8 @@ def test_the_reports_macro_average_is_the_metrics_macro_f1() -> None:
     flat, details = task.metrics(outputs, labels, torch.ones(5, dtype=torch.bool))
     assert flat["macro_f1"] == pytest.approx(details["report"]["macro avg"]["f1-score"])
     assert flat["macro_f1"] == pytest.approx((0.5 + 2 / 3) / 2)  # F1 of a and b; c and d have none
+    assert details["report"]["c"] == {"precision": None, "recall": None, "f1-score": None, "support": 0}
+    assert details["report"]["b"]["precision"] == pytest.approx(2 / 3)  # a class labelled but wrong keeps its 0s
 
 
 @pytest.mark.parametrize("name", ["type", "eval", "half", "a.b", "loss"])

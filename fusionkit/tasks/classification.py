@@ -310,6 +310,8 @@ class ClassificationTask(Task):
                                        zero_division=0)  # fmt: skip
         report["macro avg"] = classification_report(y, pred, labels=present, output_dict=True,
                                                     zero_division=0)["macro avg"]  # the same classes as macro_f1
+        for i in set(ids) - set(present):  # neither labelled nor predicted here: no score, not a score of 0
+            report[self.names[i]] = {"precision": None, "recall": None, "f1-score": None, "support": 0}
         flat = {
             "accuracy": float(accuracy_score(y, pred)),
             "macro_f1": float(f1_score(y, pred, average="macro", labels=present, zero_division=0)),

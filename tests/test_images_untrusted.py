@@ -275,3 +275,20 @@ def test_a_huge_file_is_refused_before_it_is_read_or_hashed(tmp_path: Path) -> N
     with pytest.raises(DataError, match="GiB limit"):
         load_image(path)
     assert image_digest(str(path)).startswith(b"<too large>")  # not 1 GiB read to hash it
+
+
+def test_deep_grey_images_have_a_fixed_scale_per_mode() -> None:
+    """One bright pixel must not rescale the rest: 32-bit "I" reads as 16-bit like "I;16", "F" as [0, 1]."""
+    ramp = (np.arange(32 * 32).reshape(32, 32) * 60).astype(np.uint16)  # 0 .. 61,380
+    as16 = np.asarray(load_image(Image.fromarray(ramp)))
+    as32 = Image.fromarray(ramp.astype(np.int32))
+    assert as32.mode == "I" and np.array_equal(np.asarray(load_image(as32)), as16)
+    dark = (ramp // 300).astype(np.int32)  # 0 .. 204: dark in 16 bits, and it stays dark ...
+    bright = dark.copy()
+    bright[0, 0] = 70_000  # ... when one pixel goes past 16 bits (clipped to white)
+    a, b = np.asarray(load_image(Image.fromarray(dark))), np.asarray(load_image(Image.fromarray(bright)))
+    assert a.max() <= 1 and b[0, 0].tolist() == [255] * 3 and np.array_equal(a[1:], b[1:])
+    half = np.asarray(load_image(Image.fromarray(np.full((4, 4), 0.5, np.float32))))
+    hot = np.full((4, 4), 0.5, np.float32)
+    hot[0, 0] = 3.0
+    assert half[0, 0, 0] == 128 and np.array_equal(np.asarray(load_image(Image.fromarray(hot)))[1:], half[1:])

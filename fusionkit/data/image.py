@@ -142,15 +142,14 @@ def _file_digest(path: str, *stat: int) -> bytes:
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB. 16/32-bit grey is rescaled (PIL's convert would clip it to 255)."""
+    """Any PIL mode -> 8-bit RGB. Integer grey ("I;16", "I") is read as 16-bit, float grey ("F") as [0, 1],
+    and clipped beyond: a fixed scale per mode, so one bright pixel cannot darken the whole image
+    (PIL's own convert would clip 16-bit values at 255)."""
     if im.mode == "RGB":
         return im
     if im.mode.startswith("I") or im.mode == "F":
         arr = np.asarray(im)  # the native integer/float32 pixels: no float64 copy of a 40 MP image
-        peak = float(arr.max()) if arr.size else 0.0
-        top = 65535.0 if im.mode.startswith("I;16") or peak > 255 else 255.0
-        if im.mode == "F" and peak <= 1.0:
-            top = 1.0
+        top = 1.0 if im.mode == "F" else 65535.0
         grey = np.empty(arr.shape, dtype=np.uint8)
         for r in range(0, arr.shape[0], 512):  # float32 blocks bound the scratch memory
             block = arr[r : r + 512].astype(np.float32)

@@ -47,6 +47,17 @@ def _overrides(extra: list[str]) -> dict[str, Any]:
     return out
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: 0 rows per batch (or shard, or trials) would do nothing and say it succeeded."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fusionkit", description="Multimodal text-image fusion: train, evaluate, embed."
@@ -72,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--split", help=f"train | val | test | all (default: {split} of the run's data; "
                         "all rows of --data)")  # fmt: skip
         sp.add_argument("--split-file", help="split JSON (default: the run dir's split.json)")
-        sp.add_argument("--batch-size", type=int, default=128)
+        sp.add_argument("--batch-size", type=_positive_int, default=128)
         sp.add_argument("--cache-dir", help="data cache dir (default: data.cache_dir, $FUSIONKIT_CACHE, ~/.cache/fusionkit)")
         sp.add_argument("--device", default="auto")
         sp.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -107,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     data_args(em, "all")
     em.add_argument("--output", required=True, help=".npy, .parquet, or DIR/ for resumable Parquet shards")
     em.add_argument("--modality", choices=("joint", "text", "image"), default="joint")
-    em.add_argument("--shard-size", type=int, help="rows per shard when --output is a directory (default 10000)")
+    em.add_argument("--shard-size", type=_positive_int, help="rows per shard when --output is a directory (default 10000)")
     tu = sub.add_parser(
         "tune",
         usage="fusionkit tune CONFIG --trials N [--space SPACE.yaml] [--output-dir DIR] [--section.key VALUE ...]",
@@ -117,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
         "trials.csv, trials.md, history.png and best.yaml, and keeps the study (study.jsonl): tuning the "
         "same CONFIG and SPACE there again adds N trials. Needs `pip install 'fusionkit[tune]'`.",
     )
-    tu.add_argument("--trials", type=int, required=True, help="number of trials")
+    tu.add_argument("--trials", type=_positive_int, required=True, help="number of trials")
     tu.add_argument("--space", help="search space YAML: {config.key: {type: float|int|categorical, ...}}")
     tu.add_argument("--output-dir", help="tune dir (default: run.output_dir/tune-<run.name>)")
     tu.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")

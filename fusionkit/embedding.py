@@ -17,6 +17,7 @@ a contrastive (or ITM) task; otherwise compare joint with joint, text with text,
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,13 +30,44 @@ from .models import FusionModel
 from .models.fusion import masked_mean
 from .processor import FusionProcessor
 
+log = logging.getLogger("fusionkit")
 MODALITIES = ("joint", "text", "image")
 PRESENCE = {"text": "text_present", "image": "image_present"}
 _MISSING = object()
 
 
+def check_batch_size(batch_size: Any) -> None:
+    """A batch size is a positive int: 0 would yield nothing (an empty result), -1 a confusing crash."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def as_fusion_model(model: Any, where: str) -> FusionModel:
+    """The FusionModel itself, also behind its Hugging Face face (`AutoModel.from_pretrained(dir)`)."""
+    inner = getattr(model, "fusion_model", None)
+    model = inner if isinstance(inner, FusionModel) else model
+    if not isinstance(model, FusionModel):
+        raise TypeError(f"{where}() takes a fusionkit model (fusionkit.FusionModel.from_pretrained(DIR)), "
+                        f"got {type(model).__name__}")  # fmt: skip
+    return model
+
+
+def _nothing_read(model: FusionModel) -> str:
+    if len(model.sides_read) == 2:
+        return "row has neither a caption nor an image"
+    return f"row has no {model.sides_read[0]}, the only input of this {model.config.fusion.strategy} model"
+
+
 def _is_hf_dataset(x: Any) -> bool:
     return type(x).__module__.startswith("datasets") and hasattr(x, "column_names")
+
+
+def _is_dataframe(x: Any) -> bool:
+    return type(x).__module__.startswith("pandas") and hasattr(x, "columns") and hasattr(x, "iloc")
+
+
+def _column_names(x: Any) -> list[str]:
+    return list(x.column_names) if _is_hf_dataset(x) else [str(c) for c in x.columns]
 
 
 def _is_fusionkit_dataset(x: Any) -> bool:
@@ -45,6 +77,11 @@ def _is_fusionkit_dataset(x: Any) -> bool:
 
 
 def _column(x: Any, name: str) -> Iterable[Any]:
+    """A column of a table, streamed; a DataFrame's empty cells (NaN, NA) read as None (a missing side)."""
+    if _is_dataframe(x):
+        import pandas as pd
+
+        return (None if v is None or (pd.api.types.is_scalar(v) and pd.isna(v)) else v for v in x[name])
     return (row[name] for row in x) if _is_hf_dataset(x) else x
 
 
@@ -59,13 +96,21 @@ def _unpack_dataset(
             (images if images is not None else (ex.image for ex in ds)),
             (ids if ids is not None else ds.ids),
         )
-    if _is_hf_dataset(texts):
-        ds = texts
-        cols = ds.column_names
+    if _is_hf_dataset(texts) or _is_dataframe(texts):
+        ds, cols = texts, _column_names(texts)
+        kind = type(ds).__name__
+        if "text" not in cols and ("image" not in cols or images is not None):
+            raise ValueError(f"embed({kind}) reads its 'text', 'image' and 'id' columns; it has {cols}. Rename "
+                             "yours (Dataset.rename_columns / DataFrame.rename), or pass the columns: "
+                             "embed(model, texts=list(ds['caption']), images=list(ds['photo']))")  # fmt: skip
         if images is None and "image" in cols:
             images = _column(ds, "image")
+        elif images is None:
+            log.warning("embed(%s): no 'image' column (it has %s): text vectors only", kind, cols)
         if ids is None and "id" in cols:
             ids = _column(ds, "id")
+        if "text" not in cols:
+            log.warning("embed(%s): no 'text' column (it has %s): image vectors only", kind, cols)
         return (_column(ds, "text") if "text" in cols else None), images, ids
     if _is_hf_dataset(images):
         return texts, _column(images, "image"), ids
@@ -147,8 +192,8 @@ def embed(
 ) -> Any:
     """Vectors [N, dim] (float32): joint for pairs, text-only or image-only when one side is given.
 
-    `texts` may be a `MultimodalDataset` or a `datasets.Dataset`: its text, image and id columns are
-    used. `modalities` ("joint", "text", "image" or several) returns a dict of arrays, computed from one
+    `texts` may be a `MultimodalDataset`, a `datasets.Dataset` or a pandas DataFrame: its `text`,
+    `image` and `id` columns are used (a DataFrame's empty cells are missing sides). `modalities` ("joint", "text", "image" or several) returns a dict of arrays, computed from one
     pass of each encoder; a row without a caption (image) gets NaN as its text (image) vector.
     `return_ids=True` (or passing `ids`) returns `(vectors, ids)`, ids as strings (row numbers when
     none are known). `precision`: "auto" (bf16 autocast where the CPU/GPU runs it natively), "fp32"
@@ -163,6 +208,8 @@ def embed(
     from .precision import choose_precision
 
     skips = SkipLog(check_policy(on_error), "embed")
+    model = as_fusion_model(model, "embed")
+    check_batch_size(batch_size)
     if isinstance(texts, str):
         raise TypeError("texts must be a list of strings, not a single string")
     if isinstance(images, str | bytes | Path) or type(images).__module__.startswith("PIL.") or hasattr(images, "shape"):
@@ -202,9 +249,10 @@ def embed(
                     uint8, present, unread = _load_images(processor, image_batch, names, skips)
                     inputs.update(pixel_values=processor.normalize(uint8.to(dev, non_blocking=True)),
                                   image_present=present.to(dev))  # fmt: skip
-                if "joint" in mods:  # a pair with neither side has nothing to embed: an error, or NaN under skip
-                    for k in (~inputs["text_present"] & ~inputs["image_present"]).nonzero().flatten().tolist():
-                        skips(DataError("row has neither a caption nor an image", item=names[k]))
+                if "joint" in mods:  # a pair without the sides the model reads: an error, or NaN under skip
+                    read = [inputs[f"{'text' if s == 'caption' else s}_present"] for s in model.sides_read]
+                    for k in (~torch.stack(read).any(0)).nonzero().flatten().tolist():
+                        skips(DataError(_nothing_read(model), item=names[k]))
                         unread.append(k)
                 for name, vec in _vectors(model, inputs, mods).items():
                     vec = F.normalize(vec.float(), dim=-1) if normalize else vec.float()

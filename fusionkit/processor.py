@@ -35,6 +35,15 @@ PROCESSOR_NAME = "processor_config.json"
 MODEL_CONFIG_NAME = "config.json"
 
 
+
+def missing_value(value: Any) -> bool:
+    """None, or how pandas writes an empty cell (NaN, NA, NaT): `list(df.caption)` holds those."""
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return value != value
+    return type(value).__name__ in ("NAType", "NaTType")
+
 class FusionProcessor:
     """Tokenizer + image preprocessing of one `FusionModel`; `__call__` returns its input tensors."""
 
@@ -113,10 +122,11 @@ class FusionProcessor:
         """`input_ids`, `attention_mask` (padded to the longest, truncated at max_length), `text_present`."""
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, not a single string")
+        texts = [None if missing_value(t) else t for t in texts]
         present = [t is not None for t in texts]
         for i, t in enumerate(texts):
             if t is not None and not isinstance(t, str):
-                raise TypeError(f"texts[{i}] is a {type(t).__name__}; captions must be str or None")
+                raise TypeError(f"texts[{i}] is a {type(t).__name__}; captions must be str or None (a missing one)")
         tok = self.tokenizer(
             [t if t is not None else "" for t in texts],
             padding=True,
@@ -193,8 +203,8 @@ class FusionProcessor:
 
 
 def _absent(src: Any) -> bool:
-    """No image: None, or an empty path string (an empty cell as pandas gives it)."""
-    return src is None or (isinstance(src, str) and not src.strip())
+    """No image: None, an empty path string or a pandas empty cell (NaN, NA)."""
+    return missing_value(src) or (isinstance(src, str) and not src.strip())
 
 
 def _read_json(path: Path) -> dict[str, Any]:

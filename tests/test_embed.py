@@ -171,3 +171,52 @@ def test_a_pair_with_neither_side_and_empty_image_strings(pairs) -> None:
     assert model.predict(texts=[texts[0]], images=[""]) == model.predict(texts=[texts[0]])
     with pytest.raises(ValueError, match="empty list"):
         FusionProcessor.from_model(model)(texts=[])
+
+
+def test_tables_batch_sizes_and_one_sided_models(tmp_path: Path, pairs) -> None:
+    """A DataFrame is read by its columns (never its column names as captions); a batch size below 1 is
+    refused, not an empty result; a unimodal model refuses a row without its one input; the HF face works."""
+    import pandas as pd
+
+    from fusionkit.data import DataError
+    from fusionkit.hf import FusionkitModel
+
+    _, texts, images = pairs
+    model = create_model("tiny")
+    frame = pd.DataFrame({"text": texts[:3] + [float("nan")], "image": images[:4], "id": list("abcd")})
+    vectors, ids = embed(model, frame, return_ids=True)
+    expected = embed(model, texts[:3] + [None], images[:4])
+    assert ids == list("abcd") and np.allclose(vectors, expected, atol=1e-6)
+    with pytest.raises(ValueError, match=r"'text', 'image' and 'id' columns; it has \['caption', 'photo', 'id'\]"):
+        embed(model, frame.rename(columns={"text": "caption", "image": "photo"}))
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            embed(model, texts, images, batch_size=bad)
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            model.predict(texts=texts, images=images, batch_size=bad)
+    assert np.allclose(embed(FusionkitModel.from_fusion_model(model), texts, images), embed(model, texts, images))
+
+    text_only = create_model("tiny", fusion={"strategy": "text_only"})
+    with pytest.raises(ValueError, match=r"pairs \[1\] have no caption, the only input of this text_only model"):
+        text_only.predict(texts=[texts[0], None], images=images[:2])
+    with pytest.raises(DataError, match="item 1: row has no caption"):
+        embed(text_only, [texts[0], None], images[:2])
+    with pytest.raises(ValueError, match=r"pairs \[1\] have no caption"):  # pandas' NaN is a missing caption
+        text_only.predict(texts=[texts[0], float("nan")], images=images[:2])
+
+
+def test_encode_text_without_a_mask_ignores_padding() -> None:
+    from fusionkit import FusionProcessor
+
+    model = create_model("tiny").eval()
+    batch = FusionProcessor.from_model(model)(texts=["a short one", "a much longer caption than the first one is"])
+    assert not batch["attention_mask"].all()  # the first row is padded
+    with_mask = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    assert np.allclose(model.encode_text(batch["input_ids"]).detach(), with_mask.detach(), atol=1e-6)
+
+
+def test_a_file_passed_as_the_model_is_named(tmp_path: Path) -> None:
+    model = create_model("tiny")
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match=r"config.json is a file; pass the model folder .*m\)"):
+        FusionModel.from_pretrained(tmp_path / "m" / "config.json")

@@ -176,8 +176,9 @@ class FusionModel(nn.Module):
     def _check_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        if attention_mask is None:  # padding is not content: without a mask a padded row would embed its pads
+            pad = getattr(self.tokenizer, "pad_token_id", None)
+            attention_mask = (input_ids != pad).long() if pad is not None else torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
@@ -391,6 +392,14 @@ class FusionModel(nn.Module):
 
     def warn_one_sided(self, no_text: int, no_image: int, total: int, where: str) -> None:
         """Say so when pairs lack a side this model reads but never learned to do without (modality dropout 0)."""
+        if len(self.sides_read) == 1:  # a unimodal baseline: without its one input there is nothing to go on
+            absent = no_text if self.sides_read == ("caption",) else no_image
+            if absent:
+                logging.getLogger("fusionkit").warning(
+                    "%d of %d pairs of %s have no %s, the only input of this %s model: each of them gets the "
+                    "same prediction, the model's answer to an empty input", absent, total, where,
+                    self.sides_read[0], self.config.fusion.strategy)  # fmt: skip
+            return
         if self.config.fusion.modality_dropout > 0:
             return
         for side, absent in (("caption", no_text), ("image", no_image)):
@@ -420,17 +429,29 @@ class FusionModel(nn.Module):
         from ..precision import choose_precision
         from ..processor import FusionProcessor
 
+        from ..embedding import check_batch_size
+        from ..processor import missing_value
+
         if texts is None and images is None:
             raise ValueError("predict() needs texts, images or both")
         if isinstance(texts, str) or isinstance(images, str | bytes | Path | Image.Image):
             raise TypeError("predict() takes lists: texts=[caption, ...], images=[image, ...] (one pair: a list of one)")
+        if any(type(x).__module__.startswith("pandas") and hasattr(x, "columns") for x in (texts, images)):
+            raise TypeError("predict() takes lists, not a DataFrame: texts=list(df['caption']), images=list(df['photo'])")
+        check_batch_size(batch_size)
         amp = choose_precision(precision, self.device)  # "auto": bf16 where the hardware runs it natively
         n = len(texts) if texts is not None else len(images)  # type: ignore[arg-type]
-        texts = list(texts) if texts is not None else [None] * n
-        images = [None if isinstance(i, str) and not i.strip() else i for i in images] if images is not None else [None] * n
-        empty = [k for k, (t, i) in enumerate(zip(texts, images)) if t is None and i is None]
+        texts = [None if missing_value(t) else t for t in texts] if texts is not None else [None] * n
+        images = ([None if missing_value(i) or (isinstance(i, str) and not i.strip()) else i for i in images]
+                  if images is not None else [None] * n)  # fmt: skip
+        if len(texts) != len(images):
+            raise ValueError(f"got {len(texts)} texts but {len(images)} images: one of each per pair")
+        given = {"caption": texts, "image": images}
+        empty = [k for k in range(n) if all(given[side][k] is None for side in self.sides_read)]
         if empty:
-            raise ValueError(f"pairs {empty[:5]} have neither a caption nor an image: there is nothing to predict from")
+            what = ("neither a caption nor an image" if len(self.sides_read) == 2 else
+                    f"no {self.sides_read[0]}, the only input of this {self.config.fusion.strategy} model")  # fmt: skip
+            raise ValueError(f"pairs {empty[:5]} have {what}: there is nothing to predict from")
         self.warn_one_sided(sum(t is None for t in texts), sum(i is None for i in images), n, "predict()")
         processor = FusionProcessor.from_model(self)
         was_training = self.training
@@ -738,6 +759,9 @@ def _find_checkpoint_dir(directory: Path) -> Path:
     from ..training.rundir import follow_pointer
 
     if directory.is_file():  # a run dir's `best`/`last` pointer file
+        if directory.name not in ("best", "last", "model"):
+            raise FileNotFoundError(f"{directory} is a file; pass the model folder or run dir that holds it "
+                                    f"({directory.parent}), not the file itself")  # fmt: skip
         directory = follow_pointer(directory)
     for candidate in (directory, directory / "best", directory / "model", directory / "last"):
         if candidate.is_file():

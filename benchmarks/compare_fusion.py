@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import os
 import random
@@ -47,7 +46,9 @@ from bench_common import RESULTS, SHARED, machine, minilm_dir
 from fusionkit.config import ConfigError, to_dict
 from fusionkit.data import DataError, MultimodalDataset, load_dataset
 from fusionkit.models import list_fusions
+from fusionkit.tasks import create_task
 from fusionkit.training.config import build_config
+from fusionkit.training.metrics import check_metric, default_metric
 from fusionkit.training.trainer import Trainer, reader_kwargs, run_inference
 
 METRICS = ("accuracy", "macro_f1", "weighted_f1")
@@ -91,33 +92,28 @@ def setup(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str, st
         base = {"preset": "tiny", "model.freeze": "encoders", "data.dataset": dataset}
         cfg, encoders = build_config(None, base), "tiny random BERT + tiny random ViT"
     try:  # the table, its columns and labels, read once before any training (as each run will read them)
-        load_dataset(cfg.data.dataset, **reader_kwargs(cfg.data, cfg.model.tasks))
+        table = load_dataset(cfg.data.dataset, **reader_kwargs(cfg.data, cfg.model.tasks))
     except DataError as e:
         if args.config is None:
             e.args = (f"{e.args[0]}\n(--dataset alone reads columns text, image, sentiment; name your columns, "
                       "labels and tasks in a fusionkit train config and pass it as --config)",)  # fmt: skip
         raise
-    # the content (not the path) names the split and keys the results: an edited file is a new comparison
-    base["data.split_file"] = cfg.data.split_file or str(work / f"split-{content_digest(cfg.data.dataset)}.json")
-    base["_data_content"] = content_digest(cfg.data.dataset)
+    # the content (not the path) names the split and keys the results: an edited table or a replaced image
+    # (the rows' texts, labels and image bytes: the fingerprint fusionkit's caches use) is a new comparison
+    digest = table.fingerprint[:16]
+    base["data.split_file"] = cfg.data.split_file or str(work / f"split-{digest}.json")
+    base["_data_content"] = digest
     base["_config_content"] = to_dict(cfg) if args.config else None
+    for strategy in args.strategies:  # every run's config and metric, checked before the first one trains
+        run_cfg = build_config(args.config, {**config_keys(base), "model.fusion.strategy": strategy})
+        tasks = {t.name: create_task(t) for t in run_cfg.model.tasks}
+        check_metric(run_cfg.run.metric or default_metric(tasks), tasks)
     return base, dataset, encoders, None
 
 
 def config_keys(base: dict[str, Any]) -> dict[str, Any]:
     """The config overrides in `base` (the `_`-keys are the content digests that key the results)."""
     return {k: v for k, v in base.items() if not k.startswith("_")}
-
-
-def content_digest(dataset: str) -> str:
-    """A short hash of a dataset file's bytes (a folder: of its files'), or of a spec such as `synthetic:600`."""
-    path = Path(dataset).expanduser()
-    h = hashlib.sha256(dataset.encode() if not path.exists() else b"")
-    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.exists() else []:
-        with file.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def scored_task(args: argparse.Namespace, base: dict[str, Any]) -> str:
@@ -137,7 +133,7 @@ def train_one(
     """Train (or find in WORK/results.jsonl, trained before with the same settings) one run and score it."""
     log = work / "results.jsonl"
     settings = json.dumps({**base, **extra, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
-                           "modality_dropout": args.modality_dropout}, sort_keys=True)  # fmt: skip
+                           "modality_dropout": args.modality_dropout, "scored_task": args.task}, sort_keys=True)  # fmt: skip
     for line in log.read_text().splitlines() if log.is_file() else ():
         done = json.loads(line)
         if done["name"] == name and done["settings"] == settings:
@@ -244,15 +240,21 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _pm(row: dict[str, Any], key: str, scale: float = 100, fmt: str = ".2f") -> str:
+    """mean ± std over seeds; one seed has no std (not a std of 0)."""
+    std = f"{scale * row[f'{key}_std']:{fmt}}" if row["seeds"] > 1 else "n/a (1 seed)"
+    return f"{scale * row[key]:{fmt}} ± {std}"
+
+
 def table(rows: list[dict[str, Any]]) -> list[str]:
     out = [
         "| strategy | accuracy | macro-F1 | weighted-F1 | trainable params | train time (s) | inference pairs/s (fusion+heads) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        cells = " | ".join(f"{100 * r[m]:.2f} ± {100 * r[f'{m}_std']:.2f}" for m in METRICS)
-        out.append(f"| {r['name']} | {cells} | {r['trainable_params']:,} | {r['train_seconds']:.1f} ± "
-                   f"{r['train_seconds_std']:.1f} | {r['pairs_per_s']:.0f} |")  # fmt: skip
+        cells = " | ".join(_pm(r, m) for m in METRICS)
+        out.append(f"| {r['name']} | {cells} | {r['trainable_params']:,} | {_pm(r, 'train_seconds', 1, '.1f')} | "
+                   f"{r['pairs_per_s']:.0f} |")  # fmt: skip
     return out
 
 
@@ -262,7 +264,7 @@ def missing_table(rows: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|---|",
     ]
     for r in rows:
-        cells = " | ".join(f"{100 * r[k]:.2f} ± {100 * r[f'{k}_std']:.2f}" for k, _, _ in CONDITIONS)
+        cells = " | ".join(_pm(r, k) for k, _, _ in CONDITIONS)
         out.append(f"| {r['name']} | {cells} |")
     return out
 
@@ -279,6 +281,10 @@ def verdict(rows: dict[str, dict[str, Any]]) -> str:
     noise = 100 * (best["weighted_f1_std"] + uni["weighted_f1_std"])
     # only the baselines that ran are claimed: one of them is not "both"
     baselines = "both unimodal baselines" if len(unimodal) == 2 else f"the one unimodal baseline run (`{uni_name}`)"
+    if best["seeds"] < 2:
+        return (f"One seed per strategy: no seed spread to judge by (run --seeds 3 for a verdict). Best fused "
+                f"strategy `{best_name}`: weighted-F1 {100 * best['weighted_f1']:.2f} vs "
+                f"{100 * uni['weighted_f1']:.2f} for `{uni_name}` ({gap:+.2f} points).")  # fmt: skip
     if gap > noise:
         head = f"Fusion beats {baselines}"
     elif gap > 0:
@@ -308,6 +314,10 @@ def cross_vs_pooled(rows: dict[str, dict[str, Any]]) -> str:
         gap = 100 * (ref["accuracy"] - other["accuracy"])
         spread = 100 * (ref["accuracy_std"] + other["accuracy_std"])
         word = "beats" if gap > spread else "is ahead of, within the seed spread," if gap > 0 else "does not beat"
+        if ref["seeds"] < 2:
+            lines.append(f"`cross_attention{suffix}` vs the best other fused strategy `{name}`: accuracy "
+                         f"{gap:+.2f} points (one seed: no spread to judge by).")  # fmt: skip
+            continue
         lines.append(f"`cross_attention{suffix}` {word} the best other fused strategy `{name}`: accuracy "
                      f"{gap:+.2f} points (sum of their seed stds {spread:.2f}).")  # fmt: skip
     return " ".join(lines)
@@ -356,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads (1 on a busy machine)")
     p.add_argument("--work-dir", default="runs/compare_fusion")
     p.add_argument("--cache-dir", default=os.environ.get("FUSIONKIT_CACHE"), help="default: WORK_DIR/cache")
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--out", help=f"report folder (default: {RESULTS} for the built-in comparison, WORK_DIR for "
+                   "--config / --dataset: a comparison of your data never replaces the shipped results)")
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.seeds = 1, 2
@@ -414,13 +425,15 @@ def main(argv: list[str] | None = None) -> int:
         ]
 
     split_name = "CLMLF dev (held out)" if "MVSA" in dataset else "test split"
+    shared = build_config(args.config, config_keys(base)).model
+    dropout, cached = args.modality_dropout or shared.fusion.modality_dropout, shared.freeze in ("encoders", "top_k")
     lines = [
         "# Fusion strategies compared",
         "",
         f"- dataset: {dataset}; scores of task `{args.task}` on the {split_name}; the same saved split for every run"
         + (f"; every run trains the tasks {args.trained_tasks}" if len(getattr(args, "trained_tasks", [])) > 1
            else ""),  # fmt: skip
-        f"- encoders: {encoders}; {partial_note(args.trainable_layers, build_config(args.config, config_keys(base)).model.freeze)}",
+        f"- encoders: {encoders}; {partial_note(args.trainable_layers, shared.freeze)}",
         f"- budget: {args.epochs} epochs, lr {args.lr} (warmup + cosine), batch {args.batch_size}, best epoch chosen on val; "
         f"{args.seeds} seeds (0..{args.seeds - 1}) per strategy"
         + ("; batches grouped by caption length" if args.group_by_length else ""),
@@ -437,12 +450,13 @@ def main(argv: list[str] | None = None) -> int:
         cross_vs_pooled(rows),
         "",
         "Inference pairs/s time fusion + heads on cached encoder features (the encoders cost the same for "
-        "every strategy); training time is per run on the same features.",
+        "every strategy); training time is per run on the same features." if cached else
+        "Inference pairs/s time the whole model, encoders included (they train in every run: no feature cache).",
         "",
         "## Missing modalities at test time",
         "",
         f"Accuracy on the {split_name} when every example loses its caption or its image (the model's "
-        f"learned placeholder stands in; trained with modality dropout {args.modality_dropout}).",
+        f"learned placeholder stands in; trained with modality dropout {dropout}).",
         "",
         *missing_table(list(rows.values())),
     ]
@@ -456,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     report = "\n".join(lines) + "\n"
     print(report)
     if not args.quick:
-        out = Path(args.out) / ("compare_fusion_partial" if args.trainable_layers else "compare_fusion")
+        folder = args.out or (RESULTS if args.config is None and args.dataset is None else work)
+        out = Path(folder) / ("compare_fusion_partial" if args.trainable_layers else "compare_fusion")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".md").write_text(report)
         all_rows = list(rows.values()) + multitask

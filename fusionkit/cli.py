@@ -397,7 +397,9 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
             raise ConfigError(f"none of the {len(ds)} rows of {source} has a {' or '.join(model.sides_read)}, the "
                               f"only input of this {model.config.fusion.strategy} model: every prediction would be "
                               "the same")  # fmt: skip
-        model.warn_one_sided(no_text, no_image, len(ds), source)
+        kept = [side for side, policy in (("caption", trained.missing_text), ("image", trained.missing_image))
+                if policy == "keep"]  # training read rows without it: the model learned those too  # fmt: skip
+        model.warn_one_sided(no_text, no_image, len(ds), source, trained_without=kept)
     labelled = [t.name for t in model.config.tasks if t.name in model.tasks and model.tasks[t.name].needs_labels]
     if args.command == "eval" and labelled and not any(ex.labels.get(t) is not None for ex in ds for t in labelled):
         raise ConfigError(f"no labelled rows to score in {split!r} ({len(ds)} rows, none with a label for tasks "

@@ -174,7 +174,7 @@ def tune(
         log.warning("%s is compared across trials whose loss itself differs (%s in the search space): prefer "
                     "an accuracy or F1 metric as run.metric", metric,
                     sorted({k for k in space if k.rsplit(".", 1)[-1] in LOSS_CHANGING}))  # fmt: skip
-    study = open_study(out, cfg, space, metric)
+    study = open_study(out, cfg, space, metric, _data_fingerprint(cfg, data))
     # reseeded past the trials already there, so a continued study does not redraw their values
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
     # a trial is judged only from its second epoch on, and only once a few trials have finished
@@ -209,8 +209,19 @@ class _DropInterrupted(logging.Filter):
         return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
 
 
-def open_study(out: Path, cfg: Any, space: Mapping[str, Any], metric: str) -> Any:
-    """The tune dir's study (`study.jsonl`), created or continued; one of another config or space is refused."""
+def _data_fingerprint(cfg: Any, data: Any) -> str:
+    """The content of the rows every trial trains on (texts, labels, image bytes): an edited file at the same
+    path must not add its trials to a study of the old data."""
+    from .data import load_dataset
+    from .training.trainer import reader_kwargs
+
+    ds = data if data is not None else load_dataset(cfg.data.dataset, **reader_kwargs(cfg.data, cfg.model.tasks))
+    return str(ds.fingerprint)[:16]
+
+
+def open_study(out: Path, cfg: Any, space: Mapping[str, Any], metric: str, data: str | None = None) -> Any:
+    """The tune dir's study (`study.jsonl`), created or continued; one of another config, space or data
+    (`data`: its content fingerprint) is refused."""
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -219,7 +230,7 @@ def open_study(out: Path, cfg: Any, space: Mapping[str, Any], metric: str) -> An
     from .training.rundir import OPERATIONAL_KEYS, config_changes
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    identity = json.loads(json.dumps({"config": to_dict(cfg), "space": space, "metric": metric}))  # as stored
+    identity = json.loads(json.dumps({"config": to_dict(cfg), "space": space, "metric": metric, "data": data}))
     journal = out / "study.jsonl"
     storage = JournalStorage(JournalFileBackend(str(journal)))
     if journal.is_file() and journal.stat().st_size:  # loading only reads it
@@ -234,18 +245,22 @@ def open_study(out: Path, cfg: Any, space: Mapping[str, Any], metric: str) -> An
     if saved is None:
         study.set_user_attr("identity", identity)
         return study
+    if "data" not in saved:  # a study of an older fusionkit, which did not record its data
+        identity.pop("data")
     changes = {k: v for k, v in config_changes(saved, identity).items()
                if k.removeprefix("config.") not in OPERATIONAL_KEYS}  # fmt: skip
+    if "data" in changes:
+        changes["data"] = ("the rows its trials trained on", "other rows (the data file was edited)")
     failed = all(t.state == optuna.trial.TrialState.FAIL for t in study.trials)
     if changes and failed:  # nothing learned: the corrected command starts the study again, the old one kept aside
         kept = journal.with_name(f"study.failed-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
         journal.rename(kept)
         log.warning("%s held only failed trials of another config; kept as %s, starting a new study", out, kept.name)
-        return open_study(out, cfg, space, metric)
+        return open_study(out, cfg, space, metric, data)
     if changes:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:5])
         raise ConfigError(
-            f"{out} holds a tuning study ({len(study.trials)} trials) of another config or search space ({listed}); "
+            f"{out} holds a tuning study ({len(study.trials)} trials) of another config, search space or data ({listed}); "
             "pass --output-dir NEW_DIR for a new study, or the same config and space to add trials to it"
         )
     log.info("continuing the study in %s: %d trials so far", out, len(study.trials))

@@ -661,3 +661,24 @@ def test_a_skipped_label_costs_that_task_only(tmp_path: Path) -> None:
                                         {"mood": None, "topic": 1, "score": 0.5}]  # fmt: skip
     reported = [json.loads(line) for line in (tmp_path / "skipped.jsonl").read_text().splitlines()]
     assert sorted(r["item"] for r in reported) == ["a", "b"]
+
+
+def test_predicting_rows_without_an_image_warns_only_a_model_that_never_saw_such_rows(tmp_path: Path, caplog) -> None:
+    table = write_table(tmp_path / "data", 30)
+    rows = list(csv.DictReader(table.open()))
+    for r in rows[::4]:
+        r["photo"] = ""
+    gappy = tmp_path / "data" / "gappy.csv"
+    with gappy.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    warned = {}
+    for name, extra in (("strict", ("--data.missing_image", "skip")), ("keep", ("--data.missing_image", "keep"))):
+        assert main(train_args(gappy, tmp_path / "runs", name, *extra)) == 0
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fusionkit"):
+            assert main(["predict", str(tmp_path / "runs" / name), "--data", str(gappy),
+                         "--output", str(tmp_path / f"{name}.csv")]) == 0  # fmt: skip
+        warned[name] = "which this model was not trained for" in caplog.text
+    assert warned == {"strict": True, "keep": False}

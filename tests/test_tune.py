@@ -146,7 +146,8 @@ def test_a_metric_typo_or_a_failed_first_trial_does_not_block_the_corrected_comm
     argv = ["tune", str(write_config(tmp_path)), "--space", str(space), "--output-dir", str(out), "--trials", "1"]
     assert main([*argv, "--run.metric", "val/sentiment/f1"]) == 2
     assert "val/sentiment/macro_f1" in capsys.readouterr().err and not out.exists()  # refused before the study
-    assert main([*argv, "--data.dataset", str(tmp_path / "missing.csv")]) != 0  # the first trial fails
+    assert main([*argv, "--data.dataset", str(tmp_path / "missing.csv")]) != 0 and not (out / "study.jsonl").exists()
+    assert main([*argv, "--model.fusion.image_grid", "100"]) != 0  # the first trial fails
     assert main(argv) == 0  # the corrected command: a new study, the failed one kept aside
     assert [p.name.startswith("study.failed-") for p in out.glob("study.*.jsonl")] == [True]
     assert len(list(csv.DictReader((out / "trials.csv").open()))) == 1
@@ -184,3 +185,18 @@ def test_a_task_option_is_set_on_the_command_line_as_in_a_search_space(tmp_path:
     assert "CONFIG is positional" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="sum to 1"):
         build_config(None, {"data.split_ratios": [0.6, 0.2, 0.3]})
+
+
+def test_a_study_is_not_continued_on_other_data(tmp_path: Path) -> None:
+    """The same config and space on edited rows (same path, other content) must not add trials to the old
+    study, whose best config would then be chosen across two datasets."""
+    from fusionkit.data import make_synthetic
+    from fusionkit.tune import tune
+
+    cfg = build_config(write_config(tmp_path), {"optim.epochs": 1})
+    space = {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
+    out = tmp_path / "tune"
+    assert tune(cfg, 1, space, out, data=make_synthetic(64, seed=0, image_size=32))["trials"] == 1
+    with pytest.raises(ConfigError, match=r"another config, search space or data \(data: .*edited"):
+        tune(cfg, 1, space, out, data=make_synthetic(64, seed=1, image_size=32))
+    assert tune(cfg, 1, space, out, data=make_synthetic(64, seed=0, image_size=32))["trials"] == 2

@@ -390,8 +390,9 @@ class FusionModel(nn.Module):
         """The sides ("caption", "image") whose absence changes this model's output (a unimodal baseline reads one)."""
         return {"text_only": ("caption",), "image_only": ("image",)}.get(self.config.fusion.strategy, ("caption", "image"))
 
-    def warn_one_sided(self, no_text: int, no_image: int, total: int, where: str) -> None:
-        """Say so when pairs lack a side this model reads but never learned to do without (modality dropout 0)."""
+    def warn_one_sided(self, no_text: int, no_image: int, total: int, where: str, trained_without: Any = ()) -> None:
+        """Say so when pairs lack a side this model reads but never learned to do without (modality dropout 0;
+        `trained_without`: the sides, "caption" / "image", its training rows were allowed to lack)."""
         if len(self.sides_read) == 1:  # a unimodal baseline: without its one input there is nothing to go on
             absent = no_text if self.sides_read == ("caption",) else no_image
             if absent:
@@ -403,7 +404,7 @@ class FusionModel(nn.Module):
         if self.config.fusion.modality_dropout > 0:
             return
         for side, absent in (("caption", no_text), ("image", no_image)):
-            if absent and side in self.sides_read:
+            if absent and side in self.sides_read and side not in trained_without:
                 logging.getLogger("fusionkit").warning(
                     "%d of %d pairs of %s have no %s: they are predicted from the other side alone, which this "
                     "model was not trained for (model.fusion.modality_dropout 0)", absent, total, where, side)

@@ -170,3 +170,22 @@ def test_eval_scores_a_model_without_a_classification_task(tmp_path: Path, caplo
     assert main(["eval", str(tmp_path / "runs" / "r"), "--split", "test", "--output", str(out)]) == 0
     metrics = json.loads(out.read_text())
     assert {"test/score/mae", "test/tags/micro_f1"} <= set(metrics)
+
+
+def test_a_target_in_the_thousands_is_learned_on_its_own_scale(tmp_path: Path) -> None:
+    """Prices of 1,000-3,000 read off the caption's mood: standardized by the train split's mean and std, the
+    model predicts them in a few epochs (raw MSE would start the head 2,000 off and swamp the mood task)."""
+    price = {"happy": 3000.0, "meh": 2000.0, "sad": 1000.0}
+    table = write_table(tmp_path / "d", 60, price=lambda i: f"{price[MOODS[i % 3]]:.0f}", tags=None, score=None)
+    tasks = [{"name": "mood"}, {"name": "price", "type": "regression"}]
+    assert train(table, tmp_path / "runs", "r", tasks, "--optim.max_steps", "null", "--optim.epochs", "12",
+                 "--optim.lr", "3e-3") == 0  # fmt: skip
+    run = tmp_path / "runs" / "r"
+    cfg = json.loads((run / "summary.json").read_text())
+    [saved] = [t for t in __import__("yaml").safe_load((run / "config.yaml").read_text())["model"]["tasks"]
+               if t["name"] == "price"]  # fmt: skip
+    assert saved["params"]["target_mean"] == [pytest.approx(2000.0, rel=0.1)]
+    assert cfg["test"]["test/price/mae"] < 400  # a mean predictor is off by ~667; an unscaled head by ~2,000
+    assert main(["predict", str(run), "--data", str(table), "--output", str(tmp_path / "p.csv")]) == 0
+    predicted = [float(r["price"]) for r in csv.DictReader((tmp_path / "p.csv").open())]
+    assert 1000 < np.mean(predicted) < 3000

@@ -1,4 +1,9 @@
-"""Regression: float targets (one or `num_classes` per example), MSE loss, MSE/MAE metrics."""
+"""Regression: float targets (one or `num_classes` per example), MSE loss, MSE/MAE metrics.
+
+Targets are standardized with the train split's mean and std (`params.target_mean` / `target_std`, saved
+with the model): the head predicts z-scores and its output is mapped back, so prices in the thousands
+train like scores in [0, 1], and their loss does not swamp the other tasks' (`params.standardize: false`
+trains on the raw values)."""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ class RegressionTask(Task):
     default_metric = "mse"
     metric_names = ("mse", "mae")
     lower_is_better = ("loss", "mse", "mae")
+    params_read = ("standardize", "target_mean", "target_std")
 
     @classmethod
     def hf_feature(cls, class_names: Sequence[str]) -> Any:
@@ -31,10 +37,31 @@ class RegressionTask(Task):
         super().validate_config(cfg)
         if cfg.num_classes is not None and cfg.num_classes < 1:
             raise ConfigError(f"task {cfg.name!r}: num_classes (targets) must be >= 1, got {cfg.num_classes}")
+        if not isinstance(cfg.params.get("standardize", True), bool):
+            raise ConfigError(f"task {cfg.name!r}: params.standardize must be true or false")
 
     @property
     def num_targets(self) -> int:
         return self.cfg.num_classes or 1
+
+    def _scale(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mean, std) of the train targets as tensors like `like`; None before statistics (raw targets)."""
+        p = self.cfg.params
+        if p.get("target_mean") is None or p.get("target_std") is None:
+            return None
+        return like.new_tensor(p["target_mean"]), like.new_tensor(p["target_std"])
+
+    def fit_train_statistics(self, values: Sequence[Any]) -> TaskConfig:
+        p = self.cfg.params
+        if not p.get("standardize", True) or p.get("target_mean") is not None:  # off, or fitted (a resumed run)
+            return self.cfg
+        rows = torch.tensor([v if isinstance(v, list) else [v] for v in values if v is not None], dtype=torch.float64)
+        if len(rows) == 0:
+            return self.cfg
+        std = rows.std(0, unbiased=False) if len(rows) > 1 else torch.ones(rows.shape[1], dtype=torch.float64)
+        std = torch.where(std > 1e-12, std, torch.ones_like(std))  # a constant target: shift it, do not scale
+        stats = {"target_mean": [float(v) for v in rows.mean(0)], "target_std": [float(v) for v in std]}
+        return replace(self.cfg, params={**p, **stats})
 
     def resolve_schema(self, values: Sequence[Any], declared: Sequence[str], where: str) -> TaskConfig:
         warn_missing_spellings(self.name, values, where)
@@ -73,9 +100,21 @@ class RegressionTask(Task):
 
         return TaskHead(dim, self.num_targets, num_views, dropout)
 
+    def forward(self, head: nn.Module, ctx: Any) -> torch.Tensor:
+        """The head predicts standardized targets; the task's output is on the targets' own scale."""
+        out = head(ctx.views, ctx.view_mask)
+        scale = self._scale(out)
+        return out if scale is None else out * scale[1] + scale[0]
+
     def loss(self, output: torch.Tensor, target: Any, mask: Any) -> Any:
         rows = labelled_rows(output, None if target is None else target.float().reshape(output.shape), mask)
-        return None if rows is None else F.mse_loss(*rows)
+        if rows is None:
+            return None
+        pred, y = rows
+        scale = self._scale(pred)
+        if scale is not None:  # the error in train-std units: every target (and task) weighs the same
+            pred, y = pred / scale[1], y / scale[1]
+        return F.mse_loss(pred, y)
 
     def metrics(
         self, outputs: torch.Tensor, labels: Any, mask: Any

@@ -682,3 +682,30 @@ def test_predicting_rows_without_an_image_warns_only_a_model_that_never_saw_such
                          "--output", str(tmp_path / f"{name}.csv")]) == 0  # fmt: skip
         warned[name] = "which this model was not trained for" in caplog.text
     assert warned == {"strict": True, "keep": False}
+
+
+def test_label_spellings_from_pandas_and_a_declared_class_count_that_the_data_lacks() -> None:
+    tags = fusionkit.TaskConfig("y", type="multilabel")
+    ds, [cfg] = bind_labels(_raw(["['red', 'small']", '["red"]', "small|red", "[]"]), [tags])
+    assert cfg.class_names == ["red", "small"] and [ex.labels["y"] for ex in ds] == [[0, 1], [0], [0, 1], []]
+    # an int column with gaps: "2.0" in pandas' CSV, the float 2.0 in its Parquet copy: one set of classes
+    _, [from_csv] = bind_labels(_raw(["1.0", "2.0", "10.0", ""]), [fusionkit.TaskConfig("y")])
+    _, [from_parquet] = bind_labels(_raw([1.0, 2.0, 10.0, float("nan")]), [fusionkit.TaskConfig("y")])
+    assert from_csv.class_names == from_parquet.class_names == ["1", "2", "10"]
+    with pytest.raises(ConfigError, match=r"num_classes=4 but the data has 3 classes .*list all 4 in"):
+        bind_labels(_raw(["bird", "cat", "dog"]), [fusionkit.TaskConfig("y", num_classes=4)])
+
+
+def test_a_class_missing_from_train_is_said_and_its_rows_keep_a_finite_loss(tmp_path: Path, caplog) -> None:
+    table = write_table(tmp_path / "data", 36)
+    rows = list(csv.DictReader(table.open()))
+    sad = [r["id"] for r in rows if r["mood"] == "sad"]
+    rest = [r["id"] for r in rows if r["mood"] != "sad"]
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": rest[:18], "val": rest[18:] + sad[:4], "test": sad[4:]}))
+    with caplog.at_level(logging.WARNING, logger="fusionkit"):
+        assert main(train_args(table, tmp_path / "runs", "r", "--data.split_file", str(split),
+                               "--model.tasks.mood.class_weights", "balanced")) == 0  # fmt: skip
+    assert "class(es) ['sad'] have labelled val/test rows but none in train" in caplog.text
+    summary = json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
+    assert np.isfinite(summary["test"]["test/loss"])  # a test split of that class only: 0/0 before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
@@ -20,10 +21,17 @@ from .base import Task, is_missing, label_error, labelled_rows, register_task, r
 log = logging.getLogger("fusionkit.tasks")
 
 
+_INTEGRAL_FLOAT = re.compile(r"[+-]?\d+\.0")
+
+
 def canonical_name(name: str) -> str:
     """One spelling per class: stripped, Unicode NFC ("ü" typed or composed, as macOS and copy-paste give, is
-    one class) and booleans lower-case ("True" in a CSV, `true` in JSON or Parquet, are one class)."""
+    one class), booleans lower-case ("True" in a CSV, `true` in JSON or Parquet, are one class) and whole
+    numbers written with ".0" without it ("2.0" is how pandas writes an int column with gaps to CSV; its
+    Parquet copy holds the float 2.0, named "2")."""
     s = unicodedata.normalize("NFC", name.strip())
+    if _INTEGRAL_FLOAT.fullmatch(s):
+        return str(int(s[:-2]))
     return s.lower() if s.lower() in ("true", "false") else s
 
 
@@ -220,8 +228,12 @@ class ClassificationTask(Task):
             self.cfg.num_classes is not None
             and self.cfg.class_names is None
             and len(names) < self.cfg.num_classes
-        ):
-            names = names + [str(i) for i in range(len(names), self.cfg.num_classes)]
+        ):  # a class the data lacks needs a name: an invented "3" would be a column, a prediction, a report row
+            raise ConfigError(
+                f"task {self.name!r}: num_classes={self.cfg.num_classes} but the data has {len(names)} classes "
+                f"{names}; list all {self.cfg.num_classes} in model.tasks[].class_names (a class absent from "
+                "this data needs its name), or leave num_classes out"
+            )
         if len(names) < self.min_classes():
             raise ConfigError(
                 f"task {self.name!r}: the column {self.column!r} has {len(names)} class(es) {names} in {where}; "
@@ -248,8 +260,9 @@ class ClassificationTask(Task):
         counts = Counter(v for v in values if v is not None)
         n, k = sum(counts.values()), self._out_dim()
         if cfg.class_weights == "balanced":
-            # sklearn's "balanced": n / (k * count); a class absent from train gets weight 0 (it has no loss anyway)
-            weights = [round(n / (k * counts[c]), 6) if counts[c] else 0.0 for c in range(k)]
+            # sklearn's "balanced": n / (k * count). A class absent from train has no train loss whatever its
+            # weight; 1 keeps the val/test loss of its rows finite (a weight 0 made a batch of them 0/0 = NaN)
+            weights = [round(n / (k * counts[c]), 6) if counts[c] else 1.0 for c in range(k)]
             log.info("task %s: balanced class weights %s", self.name, dict(zip(self.names, weights)))
             cfg = replace(cfg, class_weights=weights)
         if cfg.logit_adjustment and cfg.class_prior is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 from collections.abc import Sequence
@@ -18,12 +19,17 @@ log = logging.getLogger("fusionkit.tasks")
 
 
 def label_list(value: Any, where: str, item: str) -> list[str]:
-    """A cell of names: a list (JSON, HF), or a '|'-joined string ("cat|dog")."""
+    """A cell of names: a list (JSON, HF, or Python's repr as `DataFrame.to_csv` writes a list column:
+    "['cat', 'dog']"), or a '|'-joined string ("cat|dog")."""
     if isinstance(value, str) and value.strip().startswith("[") and value.strip().endswith("]"):
         try:  # a JSON list in a text cell (CSV): "[]" is the empty set, not a class named "[]"
             value = json.loads(value)
         except ValueError:
-            pass
+            try:  # literals only: evaluates no code
+                parsed = ast.literal_eval(value.strip())
+                value = parsed if isinstance(parsed, list) else value
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                pass
     values = value if isinstance(value, list | tuple) else str(value).split("|")
     return [label_string(v, where, item) for v in values if not is_missing(v)]
 

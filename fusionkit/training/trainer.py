@@ -225,6 +225,13 @@ def check_labelled_rows(parts: Mapping[str, Any], tasks: Mapping[str, Any], metr
         if "train" in parts and counts["train"] == 0:
             raise ConfigError(f"task {name!r} has no labelled row in the train split ({source}, "
                               f"{len(parts['train'])} rows): fill its labels or remove the task")  # fmt: skip
+        if "train" in parts and task.class_names:
+            seen = {split: _classes_seen(part, name) for split, part in parts.items()}
+            unseen = sorted((seen.get("val", set()) | seen.get("test", set())) - seen["train"])
+            if unseen:
+                log.warning("task %s: class(es) %s have labelled val/test rows but none in train (%s): the model "
+                            "cannot learn them, and their rows will score as errors", name,
+                            [task.class_names[c] for c in unseen], source)  # fmt: skip
         for split in ("val", "test"):
             if counts.get(split) == 0 and len(parts[split]):
                 cost = (f"{metric} (run.metric) cannot select a checkpoint: the last one is kept"
@@ -235,6 +242,18 @@ def check_labelled_rows(parts: Mapping[str, Any], tasks: Mapping[str, Any], metr
     if selected in tasks and tasks[selected].cfg.weight == 0:
         log.warning("run.metric %s selects checkpoints on task %s, whose loss weight is 0 (it does not train): "
                     "set run.metric to a trained task's metric", metric, selected)  # fmt: skip
+
+
+def _classes_seen(part: Any, task: str) -> set[int]:
+    """The class indices among a split's labels of `task` (a class index, or a multilabel row's list)."""
+    seen: set[int] = set()
+    for ex in part:
+        value = ex.labels.get(task)
+        if isinstance(value, int):
+            seen.add(value)
+        elif isinstance(value, list | tuple):
+            seen.update(v for v in value if isinstance(v, int))
+    return seen
 
 
 def cache_root(data: DataConfig) -> Path:

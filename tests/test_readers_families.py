@@ -8,6 +8,7 @@ memory) and a `DatasetDict` saved to disk; all read with custom column names and
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -837,3 +838,26 @@ def test_a_row_cut_short_is_named_as_such_not_as_an_empty_cell(tmp_path: Path) -
     (tmp_path / "unlabelled.csv").write_text("id,caption,photo,mood\nt1,hello,\nt2,hi,,happy\n")  # no label field: fine
     assert len(load_dataset(tmp_path / "unlabelled.csv", text_column="caption", image_column="photo",
                             missing_image="keep")) == 2
+
+
+def test_a_quote_closed_by_a_later_stray_quote_a_lone_cr_and_a_short_row(folder: Path, caplog) -> None:
+    """An unclosed quote that a later inch mark (5") "closes" swallowed whole rows silently; a lone "\\r"
+    inside a quoted caption is valid CSV; a row cut short loses its labels, which is said."""
+    lines = ["id,caption,photo,mood"] + [f"r{i},caption {i},img/{i % 4}.jpg,happy" for i in range(8)]
+    lines[2] = 'r1,"caption 1 opens a quote,img/1.jpg,happy'
+    lines[6] = 'r5,my 5" screen,img/1.jpg,sad'
+    swallow = folder / "swallow.csv"
+    swallow.write_text("\n".join(lines) + "\n")
+    cols = dict(COLUMNS, label_columns=["mood"])
+    with pytest.raises(DataError, match=r"swallow.csv:3-7: a quote opened on line 3 is not closed where it should be"):
+        load_dataset(swallow, **cols)
+    assert "r1" not in load_dataset(swallow, **cols, on_error="skip").ids
+    buf = io.StringIO(newline="")
+    csv.writer(buf).writerows([["id", "caption", "photo", "mood"], ["a", "one\rtwo", "img/0.jpg", "happy"],
+                               ["b", "three", "img/1.jpg", "sad"]])  # fmt: skip
+    (folder / "cr.csv").write_text(buf.getvalue(), newline="")
+    assert [ex.text for ex in load_dataset(folder / "cr.csv", **cols)] == ["one\rtwo", "three"]
+    (folder / "short.csv").write_text("id,caption,photo,mood\na,x,img/0.jpg,happy\nb,y,img/1.jpg\n")
+    with caplog.at_level(logging.WARNING, logger="fusionkit.data"):
+        ds = load_dataset(folder / "short.csv", **cols)
+    assert ds.ids == ["a", "b"] and "1 row(s) have fewer fields than the header (line 3)" in caplog.text

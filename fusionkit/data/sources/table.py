@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -12,6 +13,8 @@ from typing import Any
 
 from fusionkit.data.dataset import MultimodalDataset
 from fusionkit.data.errors import DataError
+
+log = logging.getLogger("fusionkit.data")
 from fusionkit.data.sources.registry import register_source
 from fusionkit.data.sources.rows import ReadOptions, RowReader, require_sides, row_id
 
@@ -43,10 +46,18 @@ def _csv_rows(
     if dup:
         raise DataError(f"column(s) {dup} appear more than once in the header", source=f"{path}:1")
 
-    raw_lines = text.split("\n")
+    raw_lines = io.StringIO(text, newline="").readlines()  # split as the reader counts lines ("\r" alone too)
 
     def rows() -> Iterator[Row]:
         n, last = -1, reader.line_num  # records are numbered from 0, as Parquet, DataFrame and HF rows are
+        cut: list[str] = []  # rows with fewer fields than the header: their last columns read as empty
+        yield from _records(n, last, cut)
+        if cut:
+            log.warning("%s: %d row(s) have fewer fields than the header (%s%s): their last columns (labels among "
+                        "them) are read as empty; check their %r separators", path, len(cut), ", ".join(cut[:3]),
+                        ", ..." if len(cut) > 3 else "", delimiter)  # fmt: skip
+
+    def _records(n: int, last: int, cut: list[str]) -> Iterator[Row]:
         for cells in reader:
             first, last = last + 1, reader.line_num
             where = f"{path}:{first}" if first == last else f"{path}:{first}-{last}"
@@ -55,9 +66,11 @@ def _csv_rows(
             n += 1
             # a quoted field spanning lines ends with its closing quote on the record's last line; none there
             # means the quote never closed and the reader ran on to the end of the file, whole rows included
-            if last > first and '"' not in raw_lines[min(last, len(raw_lines)) - 1]:
-                err = DataError(f"a quote opened on line {first} is not closed: lines {first}-{last} (whole rows) were "
-                                "read as one field", source=where,
+            # ... and one that "closed" on a later stray quote (an inch mark: 5") holds whole rows inside it
+            if last > first and ('"' not in raw_lines[min(last, len(raw_lines)) - 1]
+                                 or any(_holds_rows(c, delimiter, header, needed[1] if len(needed) > 1 else None) for c in cells)):
+                err = DataError(f"a quote opened on line {first} is not closed where it should be: lines {first}-{last} "
+                                "(whole rows) were read as one field", source=where,
                                 hint='close the quote, or write a quote inside a quoted field as ""')  # fmt: skip
                 err.cells = dict(zip(header, cells))  # type: ignore[attr-defined]
                 yield where, n, err
@@ -69,6 +82,8 @@ def _csv_rows(
                 err.cells = dict(zip(header, cells))  # type: ignore[attr-defined]
                 yield where, n, err
                 continue
+            if 0 < len(cells) < len(header) and any(h for h in header[len(cells):]):
+                cut.append(f"line {first}")
             if len(cells) > len(header):
                 err = DataError(f"row has {len(cells)} fields but the header has {len(header)}", source=where,
                                 hint=f"quote fields that contain the delimiter {delimiter!r} (e.g. in a caption)")  # fmt: skip
@@ -78,6 +93,25 @@ def _csv_rows(
                 yield where, n, dict(zip(header, cells))
 
     return header, rows()
+
+
+def _holds_rows(field: str, delimiter: str, header: Sequence[str], image_column: str | None) -> bool:
+    """A field with an inner line shaped like a whole row: rows swallowed by an unclosed quote. Shaped like
+    a row: the header's count of fields, and an image file name in the image column's place (prose that
+    spans lines has neither)."""
+    for line in field.splitlines()[1:-1]:
+        cells = line.split(delimiter)
+        if len(cells) != len(header):
+            continue
+        if image_column in header:
+            if Path(cells[header.index(image_column)].strip()).suffix.lower() in _IMAGE_SUFFIXES:
+                return True
+        elif len(header) >= 4:
+            return True
+    return False
+
+
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 
 
 def _jsonl_rows(path: Path, text: str) -> tuple[list[str], list[Row]]:

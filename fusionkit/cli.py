@@ -383,10 +383,23 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
             read_pool = functools.partial(read, cfg, True, on_error, named)
         else:
             read_pool = functools.partial(read, data, False, data.on_error, named)
-        if with_labels and args.data is None and args.split_file is None and run_dir is not None and not member:
-            # its own split (another file's rows are not the ones it held out); once, for the first model:
-            # another member binds the labels to its own class order
-            _check_same_rows(run_dir, split, ds, source)
+        own_file = args.data is None or (run_dir is not None and _same_file(Path(args.data), Path(data.dataset)))
+        if own_file and args.split_file is None and run_dir is not None and not member:
+            # its own split of its own file (another file's rows are not the ones it held out); once, for the
+            # first model: another member binds the labels to its own class order. predict reads no labels:
+            # the split is read again with them, as training fingerprinted it
+            held = ds if with_labels else None
+            if held is None:
+                with contextlib.suppress(DataError, ConfigError):  # label columns gone: nothing to compare with
+                    labelled = read(trained, True, trained.on_error, ids[split])
+                    held = labelled.subset([i for i in ids[split] if i in set(labelled.ids)])
+            try:
+                if held is not None:
+                    _check_same_rows(run_dir, split, held, source)
+            except DataError as e:  # predict of rows named by an id: an edited label changes no prediction
+                if with_labels or all(i.isdigit() for i in held.ids):  # rows named by position: other rows
+                    raise
+                log.warning("%s", e)
         if len(ds) == 0:
             raise ConfigError(f"the {split} split of {split_file} is empty: pass --split with another one, or "
                               "--data FILE (every row of it, or --split of it)")  # fmt: skip
@@ -458,8 +471,8 @@ def _check_same_rows(run_dir: Path, split: str, ds: Any, source: Any) -> None:
         "(a caption, an image or a label was edited, or, in a file without an id column, rows moved: rows are "
         "then named by their position): these are not the rows the run held out",
         source=str(source),
-        hint=f"restore the data the run trained on, or score the file as it is now: --data {source} --split {split} "
-        "(rows named by an id column), or --data FILE --split all (a file without ids)",
+        hint=f"restore the data the run trained on, or score the file as it is now: --data {source} --split all "
+        "(every row), or --split-file FILE (a split of its rows of your own)",
     )
 
 

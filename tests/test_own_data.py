@@ -430,8 +430,19 @@ def test_eval_of_the_runs_split_refuses_rows_that_changed_since_training(
     capsys.readouterr()
     assert main(["eval", run, "--split", "test"]) == 1
     err = capsys.readouterr().err
-    assert "the test split of" in err and "changed content" in err and "--data FILE --split all" in err
+    assert "the test split of" in err and "changed content" in err and "--split all" in err
     assert main(["eval", run, "--data", str(noid), "--split", "all"]) == 0  # a deliberate choice of rows
+    # naming the same file, or predicting (no labels read), holds the same split to the same check
+    assert main(["eval", run, "--data", str(noid), "--split", "test"]) == 1
+    out = tmp_path / "p.csv"
+    assert main(["predict", run, "--split", "test", "--output", str(out)]) == 1 and not out.exists()
+    write(rows)
+    assert main(["predict", run, "--split", "test", "--output", str(out)]) == 0
+    # a run's label report is one of its own files: never an --output
+    (tmp_path / "runs" / "noid" / "skipped_labels.jsonl").write_text("{}\n")
+    capsys.readouterr()
+    assert main(["predict", run, "--split", "test", "--output", run + "/skipped_labels.jsonl"]) == 2
+    assert "would overwrite a file of the run" in capsys.readouterr().err
 
 
 def test_eval_of_rows_without_labels_says_so(trained_run: tuple[Path, Path], tmp_path: Path, capsys) -> None:

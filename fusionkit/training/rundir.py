@@ -40,7 +40,7 @@ CHECKPOINTS = "checkpoints"
 NAME_EXISTS = ("error", "increment")
 RUN_FILES = frozenset({
     LOCK, *POINTERS, CHECKPOINTS, "config.yaml", "config.json", "data_fingerprint.json", "resume_log.jsonl",
-    "split.json", "metrics.jsonl", "summary.json", "skipped_rows.jsonl", "curves.png",
+    "split.json", "metrics.jsonl", "summary.json", "skipped_rows.jsonl", "skipped_labels.jsonl", "curves.png",
 })  # fmt: skip
 RUN_FILE_PREFIXES = ("predictions_", "confusion_")
 # Config keys a resume may change without asking: where and how the run executes, not what it learns.

@@ -250,3 +250,25 @@ def test_an_incomplete_encoder_folder_is_named_before_anything_loads(tmp_path, c
     with caplog.at_level("WARNING", logger="fusionkit"):
         model = create_model("tiny", image={"backend": "hf", "name": str(tmp_path / "vit"), "pretrained": True})
     assert "has no image processor config" in caplog.text and model.image_preprocess.mean == (0.5, 0.5, 0.5)
+
+
+def test_saved_models_and_checkpoints_follow_the_umask(tmp_path) -> None:
+    """safetensors writes 0600 and mkdtemp makes 0700: a run in a shared folder must stay readable by others."""
+    import os
+    import stat
+
+    from fusionkit.cli import main
+    from fusionkit.models import create_model
+
+    old = os.umask(0o022)
+    try:
+        create_model("tiny").save_pretrained(tmp_path / "m")
+        assert stat.S_IMODE((tmp_path / "m" / "model.safetensors").stat().st_mode) == 0o644
+        assert main(["train", "--data.dataset", "synthetic:48", "--optim.max_steps", "2", "--run.output_dir",
+                     str(tmp_path / "runs"), "--run.name", "r", "--data.cache_dir", str(tmp_path / "cache"),
+                     "--run.progress", "false", "--run.plots", "false"]) == 0  # fmt: skip
+        step = next((tmp_path / "runs" / "r" / "checkpoints").glob("step-*"))
+        assert stat.S_IMODE(step.stat().st_mode) == 0o755
+        assert stat.S_IMODE((step / "model.safetensors").stat().st_mode) == 0o644
+    finally:
+        os.umask(old)

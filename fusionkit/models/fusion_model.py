@@ -496,11 +496,13 @@ class FusionModel(nn.Module):
             if not shared.is_file() or _saved_keys(shared) != frozen:
                 part = shared.with_name(shared.name + f".tmp-{os.getpid()}")
                 save_file({k: state[k] for k in sorted(frozen)}, str(part), metadata={"format": "pt"})
+                follow_umask(part)
                 part.replace(shared)
             state = {k: v for k, v in state.items() if k not in frozen}
             metadata[FROZEN_WEIGHTS_KEY] = os.path.relpath(shared, directory)
         tmp = directory / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp), metadata=metadata)
+        follow_umask(tmp)
         tmp.replace(directory / WEIGHTS_NAME)
         meta = {
             "model_type": "fusionkit",  # AutoConfig/AutoModel load this folder once fusionkit.hf is imported
@@ -753,6 +755,14 @@ def check_saved_shapes(weights: Path, build: Callable[[], nn.Module]) -> None:
             f"the configs in {weights.parent} do not match {weights.name} ({len(problems)} tensors differ, e.g. "
             + "; ".join(problems[:4]) + "); the config was edited or belongs to another checkpoint"
         )
+
+
+def follow_umask(path: Path) -> None:
+    """Give a file (0666) or folder (0777) written through a private temp (safetensors, `mkdtemp`: 0600/0700)
+    the mode the umask gives any new file, so a model in a shared folder is readable by whoever reads the rest."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _find_checkpoint_dir(directory: Path) -> Path:

@@ -69,6 +69,9 @@ def save_checkpoint(
         shutil.rmtree(stale, ignore_errors=True)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root))
+        from ..models.fusion_model import follow_umask
+
+        follow_umask(tmp)  # mkdtemp's 0700 would hide the checkpoint from a shared run dir's readers
         try:
             model.save_pretrained(tmp, frozen_weights=run_dir / FROZEN_WEIGHTS)  # frozen encoders: once per run
             torch.save(state, tmp / STATE_NAME)

@@ -403,6 +403,9 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
         if len(ds) == 0:
             raise ConfigError(f"the {split} split of {split_file} is empty: pass --split with another one, or "
                               "--data FILE (every row of it, or --split of it)")  # fmt: skip
+    if len(ds) == 0:  # every row skipped as unreadable: an empty output would look like success
+        raise DataError(f"no readable rows left in {source} to {args.command} (see the skipped-rows report above)",
+                        hint="fix the rows the report names, e.g. the file's encoding or its columns")  # fmt: skip
     if args.command == "predict":
         no_text, no_image = sum(ex.text is None for ex in ds), sum(ex.image is None for ex in ds)
         absent = {"caption": no_text, "image": no_image}

@@ -720,3 +720,16 @@ def test_a_class_missing_from_train_is_said_and_its_rows_keep_a_finite_loss(tmp_
     assert "class(es) ['sad'] have labelled val/test rows but none in train" in caplog.text
     summary = json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
     assert np.isfinite(summary["test"]["test/loss"])  # a test split of that class only: 0/0 before
+
+
+def test_a_file_whose_every_row_is_skipped_is_an_error_not_an_empty_output(
+    trained_run: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    root, _ = trained_run
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,caption,photo,mood\na,x,gone.jpg,happy\nb,y,gone2.jpg,sad\n")
+    out = tmp_path / "p.csv"
+    capsys.readouterr()
+    assert main(["predict", str(root / "runs" / "r1"), "--data", str(bad), "--on-error", "skip",
+                 "--output", str(out)]) == 1  # fmt: skip
+    assert "no readable rows left" in capsys.readouterr().err and not out.exists()

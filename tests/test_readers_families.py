@@ -861,3 +861,10 @@ def test_a_quote_closed_by_a_later_stray_quote_a_lone_cr_and_a_short_row(folder:
     with caplog.at_level(logging.WARNING, logger="fusionkit.data"):
         ds = load_dataset(folder / "short.csv", **cols)
     assert ds.ids == ["a", "b"] and "1 row(s) have fewer fields than the header (line 3)" in caplog.text
+
+
+def test_a_url_in_the_image_column_is_named_as_one(folder: Path) -> None:
+    path = folder / "urls.csv"
+    path.write_text("id,caption,photo\na,x,http://example.com/cat.jpg\n")
+    with pytest.raises(DataError, match=r"urls.csv:2, item a: image 'http://example.com/cat.jpg' is a URL"):
+        load_dataset(path, **COLUMNS)

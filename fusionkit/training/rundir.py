@@ -168,7 +168,8 @@ class RunDir:
             fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise OSError(
-                e.errno, f"run dir {self.path} is not writable ({e.strerror or e}); set run.output_dir"
+                e.errno, f"run dir {self.path} is not writable ({e.strerror or e}): a new run needs another "
+                "run.output_dir; to resume this one, copy it somewhere writable (cp -r) and resume the copy"
             ) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -339,6 +339,9 @@ class RowReader:
                     "fix the path, or set data.missing_image=skip to leave such rows out")  # fmt: skip
             problem = (f"image file not found: {value!r} (looked for {os.path.join(self.image_root, value)}; "
                        f"relative paths are read from {self.image_root})")  # fmt: skip
+            if "://" in value or value.startswith("~"):  # a URL, or a home path no shell expanded
+                problem = (f"image {value!r} is a URL or '~' path: images are read from local files only "
+                           "(download them, or write the full path)")  # fmt: skip
             self.missing("image", problem, where=where, item=item, policy=own, hint=hint)
             self.broken_paths.append(value)  # kept (missing_image=keep): said in `finish`
         else:

@@ -58,10 +58,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _torch_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fusionkit", description="Multimodal text-image fusion: train, evaluate, embed."
     )
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"fusionkit {__version__} (torch {_torch_version()})")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser(
         "train",

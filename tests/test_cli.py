@@ -417,3 +417,21 @@ def test_a_users_own_task_type_is_found_by_the_command_line_and_a_reload(
     assert main(argv) == 0
     model = FusionModel.from_pretrained(tmp_path / "runs" / "u")
     assert type(model.tasks["sentiment"]).__name__ == "UserClassification"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_device_this_machine_lacks_is_a_clear_error(run_dir: Path, tmp_path: Path, capsys) -> None:
+    out = str(tmp_path / "p.csv")
+    for device, said in (("cuda", "sees no CUDA GPU"), ("bogus", "is not a device name")):
+        assert main(["predict", str(run_dir), "--output", out, "--device", device]) == 2
+        assert said in capsys.readouterr().err
+    assert main(["train", "--run.device", "cuda:1", "--run.output_dir", str(tmp_path / "runs")]) == 2
+    assert "sees no CUDA GPU" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def test_version(capsys) -> None:
+    import fusionkit
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and f"fusionkit {fusionkit.__version__}" in capsys.readouterr().out

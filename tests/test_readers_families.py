@@ -868,3 +868,11 @@ def test_a_url_in_the_image_column_is_named_as_one(folder: Path) -> None:
     path.write_text("id,caption,photo\na,x,http://example.com/cat.jpg\n")
     with pytest.raises(DataError, match=r"urls.csv:2, item a: image 'http://example.com/cat.jpg' is a URL"):
         load_dataset(path, **COLUMNS)
+
+
+def test_int_ids_with_gaps_name_the_same_rows_in_csv_and_parquet(folder: Path) -> None:
+    frame = pd.DataFrame({"id": [100, None, 102], "caption": ["a", "b", "c"], "photo": ["img/0.jpg"] * 3})
+    frame.to_csv(folder / "ids.csv", index=False)  # 100.0, "", 102.0
+    frame.to_parquet(folder / "ids.parquet")
+    csv_ids = load_dataset(folder / "ids.csv", **COLUMNS).ids
+    assert csv_ids == load_dataset(folder / "ids.parquet", **COLUMNS).ids == ["100", "1", "102"]

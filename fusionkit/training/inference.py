@@ -14,11 +14,27 @@ from ..models import FusionModel, model_inputs
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" (this process's GPU, else the CPU) or a torch device name that this machine has: a GPU that is
+    not there is a ConfigError before any work, not a driver traceback midway."""
+    from ..config import ConfigError
+
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device {name!r}: torch sees no CUDA GPU on this machine; use auto or cpu")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"device {name!r}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {name!r}: MPS is not available here; use auto or cpu")
+    return device
 
 
 @torch.inference_mode()

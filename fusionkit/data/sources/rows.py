@@ -11,6 +11,7 @@ import errno
 import logging
 import math
 import os
+import re
 import stat
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -204,7 +205,12 @@ def row_id(value: Any, row_number: int) -> str:
         return str(row_number)
     if isinstance(value, float) and value.is_integer():  # an int column with gaps reads as floats
         return str(int(value))
+    if isinstance(value, str) and _INTEGRAL_FLOAT.fullmatch(value):  # ... and is written "100.0" to CSV:
+        return str(int(value[:-2]))  # the same id as its Parquet copy's 100.0, so they share a split file
     return str(value)
+
+
+_INTEGRAL_FLOAT = re.compile(r"[+-]?\d+\.0")
 
 
 # ------------------------------------------------------------------------------------------------ rows

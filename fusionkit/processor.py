@@ -36,6 +36,11 @@ MODEL_CONFIG_NAME = "config.json"
 
 
 
+def missing_caption(text: Any) -> bool:
+    """No caption: None, a pandas empty cell, or a blank string (an empty CSV cell reads the same)."""
+    return missing_value(text) or (isinstance(text, str) and not text.strip())
+
+
 def missing_value(value: Any) -> bool:
     """None, or how pandas writes an empty cell (NaN, NA, NaT): `list(df.caption)` holds those."""
     if value is None:
@@ -122,7 +127,7 @@ class FusionProcessor:
         """`input_ids`, `attention_mask` (padded to the longest, truncated at max_length), `text_present`."""
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, not a single string")
-        texts = [None if missing_value(t) else t for t in texts]
+        texts = [None if missing_caption(t) else t for t in texts]  # blank: missing, as an empty CSV cell
         present = [t is not None for t in texts]
         for i, t in enumerate(texts):
             if t is not None and not isinstance(t, str):

@@ -220,3 +220,14 @@ def test_a_file_passed_as_the_model_is_named(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path / "m")
     with pytest.raises(FileNotFoundError, match=r"config.json is a file; pass the model folder .*m\)"):
         FusionModel.from_pretrained(tmp_path / "m" / "config.json")
+
+
+def test_a_blank_caption_is_a_missing_one_everywhere(pairs) -> None:
+    """An empty CSV cell is a missing caption; "" or "  " from Python (or `predict --text ''`) is the same."""
+    _, texts, images = pairs
+    model = create_model("tiny", fusion={"modality_dropout": 0.3})
+    blank = model.predict(texts=["", "   "], images=images[:2])
+    assert blank == model.predict(texts=[None, None], images=images[:2])
+    vectors = embed(model, ["", texts[1]], images[:2], modalities=("joint", "text"))
+    assert np.isnan(vectors["text"][0]).all() and np.isfinite(vectors["joint"][0]).all()
+    assert np.allclose(vectors["joint"][0], embed(model, [None], images[:1])[0], atol=1e-6)

@@ -733,3 +733,16 @@ def test_a_file_whose_every_row_is_skipped_is_an_error_not_an_empty_output(
     assert main(["predict", str(root / "runs" / "r1"), "--data", str(bad), "--on-error", "skip",
                  "--output", str(out)]) == 1  # fmt: skip
     assert "no readable rows left" in capsys.readouterr().err and not out.exists()
+
+
+def test_an_existing_file_at_the_output_is_kept_beside_it(trained_run: tuple[Path, Path], tmp_path: Path) -> None:
+    root, table = trained_run
+    out = tmp_path / "notes.csv"
+    out.write_text("my,hand,labelled,notes\n")
+    run = str(root / "runs" / "r1")
+    assert main(["predict", run, "--data", str(table), "--output", str(out)]) == 0
+    assert (tmp_path / "notes.csv.~1~").read_text() == "my,hand,labelled,notes\n"
+    first = out.read_text()
+    assert first.startswith("id,mood")
+    assert main(["predict", run, "--data", str(table), "--output", str(out)]) == 0
+    assert (tmp_path / "notes.csv.~2~").read_text() == first and out.read_text() == first

@@ -431,7 +431,7 @@ class FusionModel(nn.Module):
         from ..processor import FusionProcessor
 
         from ..embedding import check_batch_size
-        from ..processor import missing_value
+        from ..processor import missing_caption, missing_value
 
         if texts is None and images is None:
             raise ValueError("predict() needs texts, images or both")
@@ -442,7 +442,7 @@ class FusionModel(nn.Module):
         check_batch_size(batch_size)
         amp = choose_precision(precision, self.device)  # "auto": bf16 where the hardware runs it natively
         n = len(texts) if texts is not None else len(images)  # type: ignore[arg-type]
-        texts = [None if missing_value(t) else t for t in texts] if texts is not None else [None] * n
+        texts = [None if missing_caption(t) else t for t in texts] if texts is not None else [None] * n
         images = ([None if missing_value(i) or (isinstance(i, str) and not i.strip()) else i for i in images]
                   if images is not None else [None] * n)  # fmt: skip
         if len(texts) != len(images):

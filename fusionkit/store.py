@@ -193,7 +193,15 @@ def open_or_build(path: str | Path, build: Callable[[StoreWriter], dict[str, Any
     final = Path(path)
     if is_built(final):
         return Store(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        probe = final.parent / f".write-probe-{os.getpid()}-{secrets.token_hex(4)}"
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:  # a read-only cache folder: say which one and how to point elsewhere
+        raise OSError(e.errno, f"cache folder {final.parent} is not writable ({e.strerror or e}), and {final.name} "
+                      "is not built there yet: pass --cache-dir DIR (or set data.cache_dir, or $FUSIONKIT_CACHE) "
+                      "to a folder you can write") from None  # fmt: skip
     with _locked(final.parent) as locked:
         if is_built(final):  # another process built it while we waited for the lock
             log.info("using the store another process just built: %s", final)

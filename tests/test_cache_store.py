@@ -292,3 +292,11 @@ def test_feature_cache_carries_presence_and_encodes_only_present_sides(tmp_path:
     assert (
         blind_feats[1]["text_features"].abs().sum() == 0 and blind_feats[0]["text_features"].abs().sum() > 0
     )
+
+
+def test_a_cache_folder_that_cannot_be_written_is_named_with_the_fix(tmp_path: Path) -> None:
+    from fusionkit.store import open_or_build
+
+    (tmp_path / "taken").write_text("a file where the cache folder should be")
+    with pytest.raises(OSError, match=r"cache folder .*taken is not writable .*--cache-dir DIR"):
+        open_or_build(tmp_path / "taken" / "entry", lambda writer: {})

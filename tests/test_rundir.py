@@ -443,3 +443,17 @@ def test_a_folder_of_other_files_is_not_called_a_run_nor_offered_for_deletion(tm
     with pytest.raises(RunDirError, match=r"holds other files \(tweets.csv\), not a run") as e:
         RunDir.create(tmp_path, "data")
     assert "delete" not in str(e.value)
+
+
+def test_a_run_copied_as_a_tree_of_symlinks_loads(tmp_path: Path) -> None:
+    """`cp -rs RUN COPY` links every file, the `best`/`last` pointer files too: they are still pointers."""
+    argv = ["train", "--data.dataset", "synthetic:40", "--optim.max_steps", "2", "--run.output_dir",
+            str(tmp_path / "runs"), "--run.name", "r", "--data.cache_dir", str(tmp_path / "cache"),
+            "--run.progress", "false", "--run.plots", "false"]  # fmt: skip
+    assert main(argv) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "runs" / "r", copy, copy_function=os.symlink)
+    assert (copy / "best").is_symlink() and (copy / "best").resolve().is_file()
+    original = FusionModel.from_pretrained(tmp_path / "runs" / "r")
+    linked = FusionModel.from_pretrained(copy)
+    assert all((a == b).all() for a, b in zip(original.state_dict().values(), linked.state_dict().values()))

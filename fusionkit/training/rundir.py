@@ -292,7 +292,9 @@ def follow_pointer(path: str | Path) -> Path:
     A pointer names a dir inside its run dir; anything else (absolute, `..`, missing) is refused.
     """
     path = Path(path)
-    if path.is_symlink() or path.is_dir():
+    if path.is_symlink() and path.resolve().is_file():  # a link to a pointer file (a `cp -rs` copy of a run)
+        return follow_pointer(path.resolve())
+    if path.is_symlink() or path.is_dir():  # a checkpoint dir, or an older run's symlink to one
         return path.resolve()
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")

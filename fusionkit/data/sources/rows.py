@@ -401,7 +401,8 @@ def resolve_image_path(ref: str, root: str, *, where: str, item: str) -> str | N
         reason = "is a symlink loop" if e.errno == errno.ELOOP else f"cannot be read ({e.strerror})"
         raise DataError(f"image path {ref!r} {reason}", source=where, item=item) from None
     if not stat.S_ISREG(st.st_mode):
-        raise DataError(f"image path {ref!r} is not a file", source=where, item=item)
+        raise DataError(f"image path {ref!r} is not a file (a folder?)", source=where, item=item,
+                        hint="name the image file itself")  # fmt: skip
     return os.path.realpath(path) if ".." in ref else os.path.normpath(path)
 
 

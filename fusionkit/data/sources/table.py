@@ -44,7 +44,9 @@ def _csv_rows(
         return [], iter(())
     dup = sorted({h for h in header if h and header.count(h) > 1})  # "" x2: trailing empty columns
     if dup:
-        raise DataError(f"column(s) {dup} appear more than once in the header", source=f"{path}:1")
+        raise DataError(f"column(s) {dup} appear more than once in the header", source=f"{path}:1",
+                        hint="rename or remove the repeated column(s): a cell would otherwise be read from one of "
+                        "them without telling which")  # fmt: skip
 
     raw_lines = io.StringIO(text, newline="").readlines()  # split as the reader counts lines ("\r" alone too)
 
@@ -126,7 +128,9 @@ def _jsonl_rows(path: Path, text: str) -> tuple[list[str], list[Row]]:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as e:
-            rows.append((where, len(rows), DataError(f"invalid JSON ({e.msg})", source=where)))
+            rows.append((where, len(rows), DataError(f"invalid JSON ({e.msg}, column {e.colno})", source=where,
+                                                     hint="fix the line (one JSON object per line), or skip such "
+                                                     "rows: --on-error skip")))  # fmt: skip
             continue
         if not isinstance(value, dict):
             err = DataError(f"line is a JSON {type(value).__name__}, not an object", source=where)

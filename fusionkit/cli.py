@@ -615,7 +615,7 @@ def _embed(args: argparse.Namespace) -> int:
                     on_error=on_error)[0]  # fmt: skip
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".parquet":
+    if out.suffix.lower() == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -623,7 +623,8 @@ def _embed(args: argparse.Namespace) -> int:
             pq.write_table(pa.table({"id": ds.ids, "embedding": list(vectors)}), tmp)
     else:
         with _replacing(out) as tmp, _replacing(out.with_suffix(".ids.json")) as ids_tmp:
-            np.save(tmp, vectors)
+            with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name ending ".NPY"
+                np.save(f, vectors)
             ids_tmp.write_text(json.dumps(ds.ids, ensure_ascii=False), encoding="utf-8")
     print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} vectors to {out}")
     return 0
@@ -693,6 +694,9 @@ def _check_output(args: argparse.Namespace) -> None:
                           f"name the output e.g. {out.with_suffix(allowed[0]).name}")  # fmt: skip
     if out.is_dir() and not sharded:
         raise ConfigError(f"--output {out} is a directory; give a file name")
+    if sharded and not out.is_dir() and out.suffix.lower() in OUTPUT_SUFFIXES["embed"]:
+        raise ConfigError(f"--output {out}: --shard-size writes a folder of Parquet shards; name a folder "
+                          f"({out.with_suffix('')}/), or leave out --shard-size for one {out.suffix} file")  # fmt: skip
     if sharded and (out / "config.json").is_file():
         raise ConfigError(f"--output {out} is a run or model folder; write the shards to a folder of their own")
     from .store import is_built
@@ -702,7 +706,7 @@ def _check_output(args: argparse.Namespace) -> None:
     inputs = [Path(p).expanduser() for p in dict.fromkeys((args.data, data.dataset)) if p]
     if run_dir is None:  # a bare model dir; runs' files (this run's or another's) are covered by _owner
         inputs.append(Path(args.checkpoint).expanduser())
-    written = [out] + ([out.with_suffix(".ids.json")] if args.command == "embed" and out.suffix == ".npy" else [])
+    written = [out] + ([out.with_suffix(".ids.json")] if args.command == "embed" and out.suffix.lower() == ".npy" else [])
     for target in written:
         for src in inputs:
             if src.exists() and (_same_file(target, src) or (src.is_dir() and _inside(target, src))):

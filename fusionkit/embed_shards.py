@@ -187,9 +187,18 @@ def embed_to_shards(
                     # the rows' content (a `MultimodalDataset`): an edited file never resumes into old shards
                     "data": getattr(data, "fingerprint", None)}  # fmt: skip
         manifest = _start(out, settings, rank)
-        if manifest["complete"]:
+        gone = [s["file"] for s in manifest.get("shards", []) if not (out / s["file"]).is_file()]
+        if manifest["complete"] and not gone:
             log.info("%s is complete (%d rows); nothing to do", out, manifest["rows"])
             return manifest
+        if gone and rank == 0:
+            log.warning("%s: %d shard(s) listed as done are gone (%s): embedding them again", out, len(gone),
+                        ", ".join(gone[:3]))  # fmt: skip
+        done_before = any(out.glob("shard-*.parquet"))
+        if done_before and settings["data"] is None and rank == 0:
+            log.warning("%s: resuming over shards written earlier; rows given as a stream (not a fusionkit dataset) "
+                        "have no fingerprint, so edited rows cannot be told apart: if the data changed, write to "
+                        "a new directory", out)  # fmt: skip
         if rank == 0:
             log.info("embedding into %s on %d process(es), %s", out, world, chosen.reason)
         done = {int(f.stem.partition("-")[2]) for f in out.glob("shard-*.parquet")}
@@ -231,7 +240,8 @@ def read_embeddings(output_dir: str | Path) -> tuple[list[str], np.ndarray]:
         raise FileNotFoundError(f"{out} has no {MANIFEST}: not a fusionkit sharded embedding")
     manifest = json.loads(path.read_text())
     if not manifest.get("complete"):
-        raise RuntimeError(f"the embedding in {out} is not complete; run the same command again to finish it")
+        raise RuntimeError(f"the embedding in {out} is not complete: run the same command (same data and settings) "
+                           "again to finish it, or write to a new directory")
     ids: list[str] = []
     parts: list[np.ndarray] = []
     for shard in manifest["shards"]:

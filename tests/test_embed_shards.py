@@ -163,3 +163,28 @@ def test_two_process_embed_killed_midway_resumes_to_the_one_process_result(
     single_ids, single = read_embeddings(tmp_path / "single")
     assert ids == single_ids == data.ids
     np.testing.assert_allclose(vectors, single, rtol=0, atol=1e-6)
+
+
+def test_a_shard_deleted_from_a_complete_folder_is_embedded_again(tmp_path: Path, model: FusionModel, data) -> None:
+    out = tmp_path / "out"
+    shards(model, data, out)
+    ids, vectors = read_embeddings(out)
+    (out / "shard-00001.parquet").unlink()
+    redone: list[int] = []
+    shards(model, data, out, on_shard=lambda k, rows: redone.append(k))
+    assert redone == [1]
+    again_ids, again = read_embeddings(out)
+    assert again_ids == ids and np.allclose(again, vectors, atol=1e-6)
+
+
+def test_output_names_the_cli_would_write_wrongly_are_refused_or_honoured(
+    tmp_path: Path, model_dir: Path, model: FusionModel, capsys
+) -> None:
+    table = tmp_path / "pairs.parquet"
+    make_synthetic(6, image_size=32).to_hf().to_parquet(str(table))
+    base = ["embed", str(model_dir), "--data", str(table)]
+    assert main([*base, "--output", str(tmp_path / "v.npy"), "--shard-size", "2"]) == 2  # a folder, not a file
+    assert "--shard-size writes a folder of Parquet shards" in capsys.readouterr().err
+    assert not (tmp_path / "v.npy").exists()
+    assert main([*base, "--output", str(tmp_path / "V.NPY")]) == 0  # the suffix in capitals: still one .npy file
+    assert np.load(tmp_path / "V.NPY").shape == (6, 64) and not list(tmp_path.glob(".V.tmp*"))

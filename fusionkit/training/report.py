@@ -68,7 +68,7 @@ def plot_confusion(matrix: np.ndarray, names: Sequence[str], path: Path, title: 
 def write_predictions(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
     """`.jsonl` keeps nested probabilities; anything else is CSV with one column per class probability."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         write_jsonl(path, rows)
         return path
     flat = []

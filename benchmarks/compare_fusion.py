@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import random
@@ -49,11 +50,19 @@ from fusionkit.models import list_fusions
 from fusionkit.tasks import create_task
 from fusionkit.training.config import build_config
 from fusionkit.training.metrics import check_metric, default_metric
+from fusionkit.training.report import keep_previous
 from fusionkit.training.trainer import Trainer, reader_kwargs, run_inference
 
 METRICS = ("accuracy", "macro_f1", "weighted_f1")
 # test-time modality conditions: (column name, caption kept, image kept)
 CONDITIONS = (("acc_complete", True, True), ("acc_no_text", False, True), ("acc_no_image", True, False))
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def setup(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str, str, Any]:
@@ -101,8 +110,12 @@ def setup(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str, st
     # the content (not the path) names the split and keys the results: an edited table or a replaced image
     # (the rows' texts, labels and image bytes: the fingerprint fusionkit's caches use) is a new comparison
     digest = table.fingerprint[:16]
-    base["data.split_file"] = cfg.data.split_file or str(work / f"split-{digest}.json")
+    # the split made for it depends on the ratios and seed too; a split file of the user's, on its content
+    made = hashlib.sha256(json.dumps([digest, cfg.data.split_ratios, cfg.data.split_seed]).encode()).hexdigest()
+    base["data.split_file"] = cfg.data.split_file or str(work / f"split-{made[:16]}.json")
     base["_data_content"] = digest
+    own = Path(cfg.data.split_file) if cfg.data.split_file else None
+    base["_split_content"] = hashlib.sha256(own.read_bytes()).hexdigest()[:16] if own and own.is_file() else None
     base["_config_content"] = to_dict(cfg) if args.config else None
     for strategy in args.strategies:  # every run's config and metric, checked before the first one trains
         run_cfg = build_config(args.config, {**config_keys(base), "model.fusion.strategy": strategy})
@@ -139,6 +152,8 @@ def train_one(
         if done["name"] == name and done["settings"] == settings:
             return {**done["result"], "reused": True}
     result = _train_and_score(base, extra, args, work, name, data)
+    if result["accuracy"] is None:  # nothing scored (no labelled rows): not a result to read back later
+        return result
     with log.open("a") as f:
         f.write(json.dumps({"name": name, "settings": settings, "result": result}) + "\n")
     return result
@@ -213,6 +228,7 @@ def aggregate(label: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     for key in (*METRICS, *(c[0] for c in CONDITIONS), "train_seconds", "pairs_per_s"):
         row[key], row[f"{key}_std"] = mean_std([r[key] for r in runs])
     row["trainable_params"] = runs[0]["trainable_params"]
+    row["splits"] = sorted({r.get("split", "test") for r in runs})
     return row
 
 
@@ -246,9 +262,10 @@ def _pm(row: dict[str, Any], key: str, scale: float = 100, fmt: str = ".2f") -> 
     return f"{scale * row[key]:{fmt}} ± {std}"
 
 
-def table(rows: list[dict[str, Any]]) -> list[str]:
+def table(rows: list[dict[str, Any]], cached: bool = True) -> list[str]:
+    timed = "fusion+heads" if cached else "whole model"
     out = [
-        "| strategy | accuracy | macro-F1 | weighted-F1 | trainable params | train time (s) | inference pairs/s (fusion+heads) |",
+        f"| strategy | accuracy | macro-F1 | weighted-F1 | trainable params | train time (s) | inference pairs/s ({timed}) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -344,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--task", help="the classification task the tables score (default: the config's first)")
     p.add_argument("--strategies", nargs="+", default=list_fusions())
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=positive_int, default=3)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=32)
@@ -361,12 +378,13 @@ def main(argv: list[str] | None = None) -> int:
         "--modality-dropout", type=float, default=0.0, help="train with model.fusion.modality_dropout"
     )
     p.add_argument(
-        "--quick", action="store_true", help="smoke run: 1 epoch, 2 seeds, small data, no files written"
+        "--quick", action="store_true", help="smoke run: 1 epoch, 2 seeds, small data; its runs go to "
+        "WORK_DIR/quick and no report is written"
     )
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads (1 on a busy machine)")
     p.add_argument("--work-dir", default="runs/compare_fusion")
     p.add_argument("--cache-dir", default=os.environ.get("FUSIONKIT_CACHE"), help="default: WORK_DIR/cache")
-    p.add_argument("--out", help=f"report folder (default: {RESULTS} for the built-in comparison, WORK_DIR for "
+    p.add_argument("--out", help=f"report folder (default: {RESULTS} for the built-in comparison, WORK_DIR/full for "
                    "--config / --dataset: a comparison of your data never replaces the shipped results)")
     args = p.parse_args(argv)
     if args.quick:
@@ -377,9 +395,26 @@ def main(argv: list[str] | None = None) -> int:
     try:  # the data, columns and task are checked before any training
         base, dataset, encoders, data = setup(args, work)
         args.task = scored_task(args, base) if data is None else (args.task or "sentiment")
+        shared = build_config(args.config, config_keys(base))
+        args.metric = shared.run.metric or f"val/{args.task}/macro_f1"
+        if not args.metric.startswith(f"val/{args.task}/"):  # the scored task chooses each run's epoch
+            args.metric = f"val/{args.task}/macro_f1"
+        base["run.metric"] = args.metric
+        if any(t.type == "itm" for t in shared.model.tasks) and not args.no_multitask:
+            print("the config trains an itm task already: no separate +ITM variant", flush=True)
+            args.no_multitask = True
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"compare_fusion: error: {e}", file=sys.stderr)
         return 2
+    try:
+        return run_comparison(args, argv, work, base, dataset, encoders, data)
+    except (ConfigError, DataError) as e:
+        print(f"compare_fusion: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_comparison(args: argparse.Namespace, argv: list[str] | None, work: Path, base: dict[str, Any],
+                   dataset: str, encoders: str, data: Any) -> int:  # fmt: skip
     print(f"dataset: {dataset}\nencoders: {encoders}\nmachine: {machine()}", flush=True)
 
     started, reused, total = time.time(), 0, 0
@@ -390,7 +425,9 @@ def main(argv: list[str] | None = None) -> int:
         partial = {"model.freeze": "top_k", "model.text.trainable_layers": text_k,
                    "model.image.trainable_layers": image_k, "optim.encoder_lr_scale": 0.05,
                    "optim.layer_decay": 0.8}  # fmt: skip
-        modes = [("", f"-top{text_k}{image_k}", partial), (" (frozen)", "-frozen", {"model.freeze": "encoders"})]
+        frozen = {"model.freeze": "encoders", "model.text.trainable_layers": None,  # the partial keys unset
+                  "model.image.trainable_layers": None, "optim.encoder_lr_scale": 0.1, "optim.layer_decay": None}
+        modes = [("", f"-top{text_k}{image_k}", partial), (" (frozen)", "-frozen", frozen)]
     base = {**base, **modes[0][2]}
     if args.group_by_length:
         base["data.group_by_length"] = True
@@ -401,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
             for seed in range(args.seeds):
                 extra = {**mode, "model.fusion.strategy": strategy, "run.seed": seed}
                 r = train_one(base, extra, args, work, f"{strategy}{tag}-s{seed}", data)
+                if r["accuracy"] is None:
+                    raise ConfigError(f"task {args.task!r} has no labelled rows in the {r['split']} split of "
+                                      f"{dataset}: nothing to score; label them or pick another --task")  # fmt: skip
                 print(f"  {strategy + suffix:26s} seed {seed}: acc {r['accuracy']:.4f} macro-F1 {r['macro_f1']:.4f} "
                       f"weighted-F1 {r['weighted_f1']:.4f} ({r['train_seconds']:.0f}s)", flush=True)  # fmt: skip
                 runs.append(r)
@@ -424,7 +464,9 @@ def main(argv: list[str] | None = None) -> int:
             aggregate(f"{ref}: {args.task} + ITM (w=0.5)", runs),
         ]
 
-    split_name = "CLMLF dev (held out)" if "MVSA" in dataset else "test split"
+    scored_on = {r for row in rows.values() for r in row["splits"]}
+    split_name = ("CLMLF dev (held out)" if "MVSA" in dataset else "test split" if scored_on == {"test"} else
+                  "val split (no test split: the same rows chose each run's epoch, so scores run high)")  # fmt: skip
     shared = build_config(args.config, config_keys(base)).model
     dropout, cached = args.modality_dropout or shared.fusion.modality_dropout, shared.freeze in ("encoders", "top_k")
     lines = [
@@ -434,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f"; every run trains the tasks {args.trained_tasks}" if len(getattr(args, "trained_tasks", [])) > 1
            else ""),  # fmt: skip
         f"- encoders: {encoders}; {partial_note(args.trainable_layers, shared.freeze)}",
-        f"- budget: {args.epochs} epochs, lr {args.lr} (warmup + cosine), batch {args.batch_size}, best epoch chosen on val; "
+        f"- budget: {args.epochs} epochs, lr {args.lr} (warmup + cosine), batch {args.batch_size}, best epoch chosen on {args.metric}; "
         f"{args.seeds} seeds (0..{args.seeds - 1}) per strategy"
         + ("; batches grouped by caption length" if args.group_by_length else ""),
         f"- machine: {machine()}",
@@ -443,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f"; {reused} of {total} runs read back from {work / 'results.jsonl'}, trained by earlier invocations"
            if reused else "") + ")",  # fmt: skip
         "",
-        *table(list(rows.values())),
+        *table(list(rows.values()), cached),
         "",
         verdict({k: v for k, v in rows.items() if not k.endswith(" (frozen)")}),
         "",
@@ -465,21 +507,27 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"## Multi-task: does an image-text matching head help {args.task}?",
             "",
-            *table(multitask),
+            *table(multitask, cached),
         ]
     report = "\n".join(lines) + "\n"
     print(report)
     if not args.quick:
         folder = args.out or (RESULTS if args.config is None and args.dataset is None else work)
-        out = Path(folder) / ("compare_fusion_partial" if args.trainable_layers else "compare_fusion")
+        name = "compare_fusion_partial" if args.trainable_layers else "compare_fusion"
+        if data is None:  # your data: one report per scored task; an earlier report of it is kept as .~N~
+            name += f"-{args.task}"
+        out = Path(folder) / name
         out.parent.mkdir(parents=True, exist_ok=True)
+        for suffix in (".md", ".csv", ".png"):
+            if data is None:
+                keep_previous(out.with_suffix(suffix))
         out.with_suffix(".md").write_text(report)
         all_rows = list(rows.values()) + multitask
         with open(out.with_suffix(".csv"), "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(all_rows[0]))
             writer.writeheader()
             writer.writerows(all_rows)
-        plot(list(rows.values()), out.with_suffix(".png"), f"{dataset}; {encoders}; {args.seeds} seeds")
+        plot(list(rows.values()), out.with_suffix(".png"), f"{dataset} (task {args.task}); {encoders}; {args.seeds} seeds")
         print(f"wrote {out}.md, .csv, .png")
     return 0
 

@@ -13,7 +13,6 @@ import glob
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -644,25 +643,13 @@ def _replacing(path: Path) -> Any:
             stale.unlink(missing_ok=True)
     try:
         yield tmp
-        _keep_previous(path)
+        from .training.report import keep_previous
+
+        keep_previous(path)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
-
-def _keep_previous(path: Path) -> None:
-    """An existing file at an --output is kept as `NAME.~N~` (GNU `cp --backup=numbered`), never lost: it may be
-    an earlier result, or a file of the user's that the name happened to match."""
-    if not path.is_file() or path.is_symlink() or path.stat().st_size == 0:
-        return
-    n = 1
-    while (backup := path.with_name(f"{path.name}.~{n}~")).exists():
-        n += 1
-    try:
-        os.link(path, backup)  # the same bytes under a second name; the rename below then replaces only `path`
-    except OSError:
-        shutil.copy2(path, backup)
-    log.warning("%s existed: the previous file is kept as %s", path, backup.name)
 
 
 def _alive(pid: int) -> bool:

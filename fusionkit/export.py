@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -192,14 +195,18 @@ def parity(
     with torch.no_grad():
         expected = [t.float().numpy() for t in wrapper(*(inputs[n] for n in wrapper.input_names))]
     got = onnx_model(**inputs)
-    diffs, cosines = [], []
+    diffs, scaled, cosines = [], {}, []
     for name, ref in zip(wrapper.output_names, expected):
         out = got[name].astype(np.float32)
         diffs.append(float(np.abs(out - ref).max()))
+        # relative beyond magnitude 1: a regression output of 5,000 carries float32 steps of ~5e-4
+        scaled[name] = diffs[-1] / max(1.0, float(np.abs(ref).max()))
         a, b = out.reshape(len(out), -1), ref.reshape(len(ref), -1)
         cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
         cosines.append(float(cos.min()))
-    return {"max_abs_diff": max(diffs), "min_cosine": min(cosines)}
+    worst = max(scaled, key=scaled.get)
+    return {"max_abs_diff": max(diffs), "max_scaled_diff": scaled[worst], "worst_output": worst,
+            "min_cosine": min(cosines)}
 
 
 def check_export_dir(output_dir: str | Path) -> Path:
@@ -227,14 +234,32 @@ def export_onnx(
     """Export `parts` to `output_dir/<part>.onnx` (+ `<part>.int8.onnx`), save the processor beside them,
     check parity against PyTorch and write `export.json` (files, inputs, outputs, measured parity).
 
-    Raises if an fp32 graph differs from PyTorch by more than `FP32_ATOL`: a broken export fails here,
-    not in production. int8 graphs are lossy by design; one under `INT8_MIN_COSINE` is logged.
+    Raises if an fp32 graph differs from PyTorch by more than `FP32_ATOL` (relative for outputs beyond
+    magnitude 1): a broken export fails here, not in production, and leaves no folder behind (the graphs
+    are written to a temp folder renamed into place). int8 graphs are lossy by design; one under
+    `INT8_MIN_COSINE` is logged.
     """
+    _require_onnx()
+    final = check_export_dir(output_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        report = _export_into(model, out, parts, int8, normalize, check)
+        os.replace(out, final)  # over an empty folder too
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    from .models.fusion_model import follow_umask
+
+    follow_umask(final)
+    return report
+
+
+def _export_into(
+    model: FusionModel, out: Path, parts: Sequence[str], int8: bool, normalize: bool, check: bool
+) -> dict[str, Any]:
     from .processor import FusionProcessor
 
-    _require_onnx()
-    out = check_export_dir(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
     report: dict[str, Any] = {"normalize": normalize, "parts": {}}
@@ -267,9 +292,11 @@ def export_onnx(
     return report
 
 
-def _check(part: str, kind: str, result: Mapping[str, float]) -> None:
-    if kind == "fp32" and result["max_abs_diff"] > FP32_ATOL:
-        raise ValueError(f"{part}.onnx differs from PyTorch by {result['max_abs_diff']:.2e} > {FP32_ATOL}")
+def _check(part: str, kind: str, result: Mapping[str, Any]) -> None:
+    if kind == "fp32" and result["max_scaled_diff"] > FP32_ATOL:
+        raise ValueError(f"{part}.onnx output {result['worst_output']} differs from PyTorch by "
+                         f"{result['max_scaled_diff']:.2e} (relative beyond magnitude 1) > {FP32_ATOL}: the graph "
+                         "is not the model; nothing was written")  # fmt: skip
     if kind == "int8" and result["min_cosine"] < INT8_MIN_COSINE:  # lossy by design: say so, keep the file
         log.warning(
             "%s.int8.onnx: min cosine to PyTorch %.4f < %s; check its accuracy before serving it",

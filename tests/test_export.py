@@ -150,3 +150,22 @@ def test_compiled_embed_matches_eager(batch) -> None:
     eager = embed(model, texts, images, batch_size=4, precision="fp32")
     compiled = embed(model, texts, images, batch_size=4, precision="fp32", compile=True)
     np.testing.assert_allclose(compiled, eager, atol=1e-5)
+
+
+def test_a_regression_in_the_thousands_exports_and_a_failed_export_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    """float32 steps of an output near 5,000 are ~5e-4: parity is relative beyond magnitude 1. A graph that
+    fails its check leaves no half folder that would block the retry."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import fusionkit.export as export_mod
+
+    tasks = [{"name": "mood", "num_classes": 2, "class_names": ["a", "b"]},
+             {"name": "likes", "type": "regression", "params": {"target_mean": [5000.0], "target_std": [1500.0]}}]  # fmt: skip
+    model = create_model("tiny", tasks=tasks)
+    report = export_mod.export_onnx(model, tmp_path / "ok", parts=["model"])
+    parity = report["parts"]["model"]["fp32"]["parity"]
+    assert parity["max_scaled_diff"] <= FP32_ATOL and (tmp_path / "ok" / "export.json").is_file()
+    monkeypatch.setattr(export_mod, "FP32_ATOL", -1.0)  # every graph "differs"
+    with pytest.raises(ValueError, match="differs from PyTorch"):
+        export_mod.export_onnx(model, tmp_path / "bad", parts=["model"])
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad.tmp-*"))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -87,3 +90,19 @@ def write_predictions(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
         writer.writeheader()
         writer.writerows(flat)
     return path
+
+
+def keep_previous(path: Path) -> Path | None:
+    """An existing file at an --output is kept as `NAME.~N~` (GNU `cp --backup=numbered`), never lost: it may
+    be an earlier result, or a file of the user's that the name happened to match."""
+    if not path.is_file() or path.is_symlink() or path.stat().st_size == 0:
+        return None
+    n = 1
+    while (backup := path.with_name(f"{path.name}.~{n}~")).exists():
+        n += 1
+    try:
+        os.link(path, backup)  # the same bytes under a second name; the rename below then replaces only `path`
+    except OSError:
+        shutil.copy2(path, backup)
+    logging.getLogger("fusionkit").warning("%s existed: the previous file is kept as %s", path, backup.name)
+    return backup

@@ -184,7 +184,7 @@ def test_a_config_naming_saved_encoders_loads_their_weights(tmp_path) -> None:
     from fusionkit.models.tiny import tiny_tokenizer
     from fusionkit.training import build_config
 
-    bert = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    bert = BertModel(BertConfig(vocab_size=len(tiny_tokenizer()), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                 intermediate_size=64, max_position_embeddings=32))  # fmt: skip
     bert.save_pretrained(tmp_path / "bert")
     tiny_tokenizer(32).save_pretrained(tmp_path / "bert")

@@ -1,4 +1,5 @@
 import json
+import logging
 import pickle
 
 import pytest
@@ -272,3 +273,50 @@ def test_saved_models_and_checkpoints_follow_the_umask(tmp_path) -> None:
         assert stat.S_IMODE((step / "model.safetensors").stat().st_mode) == 0o644
     finally:
         os.umask(old)
+
+
+def test_a_damaged_encoder_folder_is_named_not_a_transformers_traceback(tmp_path, caplog):
+    """A corrupt weights file, a config that does not fit its weights, a tokenizer larger than the vocabulary,
+    and weights missing from the file (transformers leaves them random) are each said, naming the folder."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _save_tiny_hf_encoders(tmp_path)
+    text = {"pretrained": True}
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tmp_path / "bert", corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ConfigError, match=r"model.text.name .*corrupt: transformers could not load this folder"):
+        create_model("tiny", text={**text, "name": str(corrupt)})
+    small = tmp_path / "small_vocab"
+    shutil.copytree(tmp_path / "bert", small)
+    config = json.loads((small / "config.json").read_text())
+    weights = load_file(small / "model.safetensors")
+    key = next(k for k in weights if k.endswith("word_embeddings.weight"))
+    weights[key] = weights[key][:20].clone()
+    save_file(weights, small / "model.safetensors")
+    (small / "config.json").write_text(json.dumps({**config, "vocab_size": 20}))
+    with pytest.raises(ConfigError, match=r"its tokenizer has \d+ tokens but the model's vocabulary 20"):
+        create_model("tiny", text={**text, "name": str(small)})
+    partial = tmp_path / "partial"
+    shutil.copytree(tmp_path / "bert", partial)
+    weights = load_file(partial / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".layer.1." not in k}, partial / "model.safetensors")
+    with caplog.at_level(logging.WARNING, logger="fusionkit"):
+        create_model("tiny", text={**text, "name": str(partial)})
+    assert "weights are not in the folder and start random" in caplog.text
+
+
+def test_a_saved_model_missing_a_part_or_with_a_broken_config_names_the_file(tmp_path):
+    import shutil
+
+    create_model("tiny").save_pretrained(tmp_path / "m")
+    shutil.copytree(tmp_path / "m", tmp_path / "no_text")
+    shutil.rmtree(tmp_path / "no_text" / "text_encoder")
+    with pytest.raises(FileNotFoundError, match="no_text has no text_encoder/ folder"):
+        FusionModel.from_pretrained(tmp_path / "no_text")
+    (tmp_path / "m" / "config.json").write_text("{'model': oops")
+    with pytest.raises(ConfigError, match=r"m/config.json is not valid JSON"):
+        FusionModel.from_pretrained(tmp_path / "m")

@@ -8,8 +8,10 @@ is one code path, so what the tests check on a temp dir is what users get from t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,8 @@ from torch import nn
 from ..config import TEXT_NORMALIZATIONS, ConfigError, ImageEncoderConfig, ImagePreprocess, TextEncoderConfig
 from ..registry import Registry
 from .tiny import TINY_VIT_BASE, TINY_VIT_KWARGS, tiny_bert_config, tiny_tokenizer
+
+log = logging.getLogger("fusionkit")
 
 
 def drop_unused_heads(model: nn.Module) -> nn.Module:
@@ -284,6 +288,33 @@ def save_tokenizer(tokenizer: Any, directory: str | Path) -> None:
         path.write_text(json.dumps(config, indent=2))
 
 
+@contextlib.contextmanager
+def _loading(source: str | Path, key: str) -> Iterator[None]:
+    """transformers' and safetensors' errors on a local folder, as one message naming the folder and the key
+    (a hub id keeps the hub's own message: it says what is wrong with the id or the connection)."""
+    if not Path(source).is_dir():
+        yield
+        return
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as e:  # JSONDecodeError, SafetensorError, size-mismatch RuntimeError, OSError, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{key} {source}: transformers could not load this folder ({type(e).__name__}: "
+                          f"{first[:300]}); check its config.json and weights files, or point {key} elsewhere") from e
+
+
+def _pretrained(auto: Any, source: str | Path, key: str, kwargs: dict[str, Any]) -> nn.Module:
+    """`auto.from_pretrained` in float32; weights the folder lacks (left random by transformers) are said."""
+    model, info = auto.from_pretrained(source, dtype=torch.float32, output_loading_info=True, **kwargs)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        log.warning("%s %s: %d weights are not in the folder and start random (e.g. %s): is its weights file "
+                    "complete?", key, source, len(missing), missing[:3])  # fmt: skip
+    return model
+
+
 class TextEncoder(Encoder):
     """A `transformers` BERT-family model and its tokenizer; outputs token features [B, T, width]."""
 
@@ -307,11 +338,17 @@ class TextEncoder(Encoder):
             )
         source = resolve_source(cfg.name)
         check_local_source(source, "model.text.name", tokenizer=True)
-        tokenizer = normalize_tokenizer(AutoTokenizer.from_pretrained(source), cfg.normalize)
-        if cfg.pretrained:
-            model = AutoModel.from_pretrained(source, dtype=torch.float32, **cfg.config_overrides)
-        else:
-            model = AutoModel.from_config(AutoConfig.from_pretrained(source, **cfg.config_overrides))
+        with _loading(source, "model.text.name"):
+            tokenizer = normalize_tokenizer(AutoTokenizer.from_pretrained(source), cfg.normalize)
+            if cfg.pretrained:
+                model = _pretrained(AutoModel, source, "model.text.name", cfg.config_overrides)
+            else:
+                model = AutoModel.from_config(AutoConfig.from_pretrained(source, **cfg.config_overrides))
+        n, vocab = len(tokenizer), model.config.vocab_size
+        if n > vocab or n <= 16 < vocab:  # ids past the embedding table, or a stub transformers built
+            raise ConfigError(f"model.text.name {source}: its tokenizer has {n} tokens but the model's vocabulary "
+                              f"{vocab}: {'token ids would index past the embeddings' if n > vocab else 'every word would be [UNK] (a stub tokenizer from an incomplete folder?)'}; "
+                              "save the tokenizer the model was trained with beside it")  # fmt: skip
         return cls(model, tokenizer)
 
     def save(self, directory: str | Path) -> None:
@@ -490,10 +527,11 @@ class HFImageEncoder(ImageEncoder):
         source = saved_dir if saved_dir is not None else cfg.name
         if saved_dir is None:
             check_local_source(str(source), "model.image.name")
-        if cfg.pretrained and saved_dir is None:
-            model = AutoModel.from_pretrained(source, dtype=torch.float32, **cfg.model_kwargs)
-        else:
-            model = AutoModel.from_config(AutoConfig.from_pretrained(source, **cfg.model_kwargs))
+        with _loading(str(source), "model.image.name"):
+            if cfg.pretrained and saved_dir is None:
+                model = _pretrained(AutoModel, source, "model.image.name", cfg.model_kwargs)
+            else:
+                model = AutoModel.from_config(AutoConfig.from_pretrained(source, **cfg.model_kwargs))
         # a saved fusion model's preprocessing is in its own config (from_pretrained sets it)
         return cls(model, _hf_image_preprocess(source, model, warn=saved_dir is None), model.config.hidden_size)
 

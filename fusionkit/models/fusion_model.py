@@ -519,6 +519,9 @@ class FusionModel(nn.Module):
 
         Returned in eval mode (no dropout), as transformers does: `.train()` before fine-tuning it."""
         directory, meta, config = cls._saved_config(directory)
+        if not (directory / "text_encoder").is_dir():  # transformers would read the path as a hub id
+            raise FileNotFoundError(f"{directory} has no text_encoder/ folder (the text encoder's config and "
+                                    "tokenizer): copy the whole model folder")  # fmt: skip
 
         def build() -> FusionModel:
             text = TextEncoder.from_config(config.text, saved_dir=directory / "text_encoder")
@@ -545,7 +548,11 @@ class FusionModel(nn.Module):
         from ..hub import resolve_pretrained_dir
 
         directory = _find_checkpoint_dir(resolve_pretrained_dir(directory))
-        meta = json.loads((directory / CONFIG_NAME).read_text())
+        try:
+            meta = json.loads((directory / CONFIG_NAME).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{directory / CONFIG_NAME} is not valid JSON ({e}); restore the file from the "
+                              "saved model") from None  # fmt: skip
         if "model" not in meta:
             raise ConfigError(f"{directory / CONFIG_NAME} is not a fusionkit model config (no 'model' key)")
         return directory, meta, from_dict(ModelConfig, meta["model"]).validate()

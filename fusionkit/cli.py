@@ -351,12 +351,13 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
         raise FileNotFoundError(f"{source}, the data {args.checkpoint} trained on, is not there any more: if it moved, "
                                 f"pass --data NEW_PATH --split {split} (the run's split.json names its rows)")  # fmt: skip
     trained = data  # the policies training read the rows with
-    if not with_labels:  # a row without a caption or an image is predicted from the side it has ...
+    if not with_labels or args.data is not None:  # a row without a caption or an image is predicted (and, in
+        # another file, scored) from the side it has ...
         data = dataclasses.replace(data, missing_text="keep", missing_image="keep")
 
     def read(cfg: Any, labels: bool, on_error: str = "raise", only: Any = None) -> Any:
         kw = reader_kwargs(cfg, model.config.tasks, labels=labels, source=source)
-        if kw and not with_labels and trained.missing_image != "keep":
+        if kw and (not with_labels or args.data is not None) and trained.missing_image != "keep":
             kw["missing_image_file"] = "error"  # ... but an image path that names no file is a mistake, not that
         if kw and only is not None:
             kw["only_ids"] = only  # a split is read alone: a broken row of another split is not its problem
@@ -493,6 +494,7 @@ def _check_same_rows(run_dir: Path, split: str, ds: Any, source: Any) -> None:
 
 def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from .models import FusionModel
+    from .models.fusion_model import align_classes
     from .precision import choose_precision
     from .training.inference import inference_loader, resolve_device, run_inference
 
@@ -515,9 +517,7 @@ def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
             loader, transform = inference_loader(model, data, args.batch_size)
         amp = choose_precision(args.precision, model.device).dtype  # what training's evaluation used here
         result = run_inference(model, loader, transform, amp, desc=args.split)
-        for name, names in model.class_names.items():  # classes matched by name: columns in the first's order
-            if names != first.class_names[name]:
-                result["outputs"][name] = result["outputs"][name][..., [names.index(c) for c in first.class_names[name]]]
+        align_classes(model, first, result["outputs"])  # classes matched by name: columns in the first's order
         results.append(result)
     assert first is not None
     result = results[0]
@@ -572,8 +572,9 @@ def _predict(args: argparse.Namespace) -> int:
         from .models import FusionModel
         from .training.inference import resolve_device
 
-        model = FusionModel.from_pretrained(args.checkpoint, map_location=resolve_device(args.device))
-        [row] = model.predict(texts=[args.text], images=[args.image])
+        device = resolve_device(args.device)
+        model, *others = [FusionModel.from_pretrained(c, map_location=device) for c in (args.checkpoint, *args.ensemble)]
+        [row] = model.predict(texts=[args.text], images=[args.image], ensemble=others)
         print(json.dumps(row, indent=2, ensure_ascii=False))
         return 0
     if not args.output:

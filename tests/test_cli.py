@@ -91,7 +91,7 @@ def test_eval_on_a_csv_reads_its_labels(run_dir: Path, tmp_path: Path) -> None:
     assert sum(map(sum, metrics["details"]["sentiment"]["confusion"])) == 24  # every row was scored
 
 
-def test_predict_and_eval_an_ensemble_of_seeds(run_dir: Path, tmp_path: Path) -> None:
+def test_predict_and_eval_an_ensemble_of_seeds(run_dir: Path, tmp_path: Path, capsys) -> None:
     """`--ensemble` averages the class probabilities of several runs (e.g. seeds) over the same rows."""
     cache = ["--cache-dir", str(run_dir.parent.parent / "cache")]
     other_argv = ["train", "--data.dataset", "synthetic:80", "--data.cache_dir", cache[1], "--optim.epochs", "1",
@@ -126,6 +126,18 @@ def test_predict_and_eval_an_ensemble_of_seeds(run_dir: Path, tmp_path: Path) ->
     m_same, m_alone = json.loads(same.read_text()), json.loads(alone.read_text())
     assert m_same["val/sentiment/accuracy"] == m_alone["val/sentiment/accuracy"]
     assert "val/loss" in m_alone and "val/loss" not in m_same
+    # one raw pair: the same average (it printed the first model's answer alone before)
+    from fusionkit.data import make_synthetic
+
+    pair = make_synthetic(1, image_size=32)[0]
+    pair.image.save(tmp_path / "pair.png")
+    printed = {}
+    for key, argv in {"a": [str(run_dir)], "b": [str(other)], "ab": [str(run_dir), "--ensemble", str(other)]}.items():
+        capsys.readouterr()
+        assert main(["predict", *argv, "--text", pair.text, "--image", str(tmp_path / "pair.png")]) == 0
+        printed[key] = json.loads(capsys.readouterr().out)["sentiment_prob"]
+    for c in names:
+        assert printed["ab"][c] == pytest.approx((printed["a"][c] + printed["b"][c]) / 2, abs=2e-6)
 
 
 def test_seeds_share_a_split_and_an_ensemble_never_scores_rows_a_member_trained_on(

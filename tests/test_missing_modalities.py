@@ -1,5 +1,8 @@
 """Rows without a caption or without an image: placeholders, masks, late-fusion views, modality dropout."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -146,3 +149,37 @@ def test_bad_presence_and_dropout_settings_are_named():
     batch = ragged_batch(model)
     with pytest.raises(ValueError, match=r"text_present must be a bool vector of the batch size \[5\]"):
         model(**dict(batch, text_present=torch.ones(4, dtype=torch.bool)))
+
+
+def test_eval_of_a_file_scores_one_sided_rows_as_predict_reads_them(tmp_path: Path) -> None:
+    """A file with empty caption or image cells (or no image column: --image-column '') is scored from the
+    side each row has, as predict predicts it; before, eval stopped at the first empty cell."""
+    import csv
+
+    from fusionkit.cli import main
+
+    runs = tmp_path / "runs"
+    assert main(["train", "--data.dataset", "synthetic:60", "--optim.max_steps", "2", "--run.output_dir", str(runs),
+                 "--run.name", "md", "--model.fusion.modality_dropout", "0.3", "--data.cache_dir",
+                 str(tmp_path / "cache"), "--run.progress", "false", "--run.plots", "false"]) == 0  # fmt: skip
+    from fusionkit.data import make_synthetic
+
+    rows = []
+    for i, ex in enumerate(make_synthetic(12, image_size=32)):
+        ex.image.save(tmp_path / f"{i}.png")
+        rows.append({"id": f"r{i}", "text": "" if i % 4 == 0 else ex.text, "image": "" if i % 4 == 1 else f"{i}.png",
+                     "sentiment": ex.labels["sentiment"]})  # fmt: skip
+    table = tmp_path / "gaps.csv"
+    with table.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "m.json"
+    assert main(["eval", str(runs / "md"), "--data", str(table), "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["details"]["sentiment"]["report"]["macro avg"]["support"] == 12
+    with table.open("w", newline="") as f:  # every caption there, no image column read: captions alone
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(r for r in rows if r["text"])
+    assert main(["eval", str(runs / "md"), "--data", str(table), "--image-column", "", "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["details"]["sentiment"]["report"]["macro avg"]["support"] == 9

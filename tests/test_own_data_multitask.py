@@ -189,3 +189,16 @@ def test_a_target_in_the_thousands_is_learned_on_its_own_scale(tmp_path: Path) -
     assert main(["predict", str(run), "--data", str(table), "--output", str(tmp_path / "p.csv")]) == 0
     predicted = [float(r["price"]) for r in csv.DictReader((tmp_path / "p.csv").open())]
     assert 1000 < np.mean(predicted) < 3000
+
+
+def test_an_ensemble_of_models_with_an_itm_head_is_scored(tmp_path: Path) -> None:
+    """ITM's evaluation output is a decision (right/wrong); an ensemble scores the share of members right."""
+    table = write_table(tmp_path / "d", 36, tags=None, score=None)
+    tasks = [{"name": "mood"}, {"name": "aux", "type": "itm"}]
+    for seed in ("0", "1"):
+        assert train(table, tmp_path / "runs", f"s{seed}", tasks, "--run.seed", seed) == 0
+    out = tmp_path / "m.json"
+    assert main(["eval", str(tmp_path / "runs" / "s0"), "--ensemble", str(tmp_path / "runs" / "s1"),
+                 "--output", str(out)]) == 0  # fmt: skip
+    metrics = json.loads(out.read_text())
+    assert 0.0 <= metrics["val/aux/accuracy"] <= 1.0 and "val/mood/accuracy" in metrics

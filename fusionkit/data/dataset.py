@@ -212,13 +212,15 @@ def _stratified_split(labels: list[Any], ratios: Sequence[float], seed: int) -> 
         by_class.setdefault(y, []).append(i)
     parts: list[list[int]] = [[] for _ in ratios]
     total = float(sum(ratios))
-    for y in sorted(by_class, key=lambda v: (v is None, str(v))):
+    owed = np.zeros(len(ratios))  # per split, its exact share so far minus the rows it got: carried across
+    for y in sorted(by_class, key=lambda v: (v is None, str(v))):  # classes, so ties do not all go to val
         idx = np.array(by_class[y])
         rng.shuffle(idx)
         exact = np.array(ratios) / total * len(idx)
         counts = np.floor(exact).astype(int)
-        for j in np.argsort(-(exact - counts), kind="stable")[: len(idx) - counts.sum()]:
+        for j in np.argsort(-(owed + exact - counts), kind="stable")[: len(idx) - counts.sum()]:
             counts[j] += 1
+        owed += exact - counts
         for part, chunk in zip(parts, np.split(idx, np.cumsum(counts)[:-1])):
             part.extend(chunk.tolist())
     return [sorted(p) for p in parts]

@@ -416,22 +416,22 @@ class FusionModel(nn.Module):
         images: Sequence[Any] | None = None,
         batch_size: int = 64,
         precision: str = "auto",
+        ensemble: Sequence[FusionModel] = (),
     ) -> list[dict[str, Any]]:
         """Predictions for raw pairs: per example and task, the label name(s) and class probabilities
         (regression: the value). Captions are strings, images paths / PIL images / bytes; either list may
         be left out or hold None entries (a missing caption or image). `precision`: "auto" (bf16 where
-        the hardware runs it natively, see `fusionkit.precision`), "fp32" or "bf16".
+        the hardware runs it natively, see `fusionkit.precision`), "fp32" or "bf16". `ensemble`: more models
+        of the same tasks (e.g. other seeds) whose outputs are averaged with this one's (classes by name).
 
             model.predict(texts=["what a day"], images=["photo.jpg"])
             # [{"sentiment": "positive", "sentiment_prob": {"positive": 0.91, ...}}]
         """
         from PIL import Image
 
-        from ..precision import choose_precision
-        from ..processor import FusionProcessor
-
         from ..embedding import check_batch_size
-        from ..processor import missing_caption, missing_value
+        from ..precision import choose_precision
+        from ..processor import FusionProcessor, missing_caption, missing_value
 
         if texts is None and images is None:
             raise ValueError("predict() needs texts, images or both")
@@ -454,24 +454,35 @@ class FusionModel(nn.Module):
                     f"no {self.sides_read[0]}, the only input of this {self.config.fusion.strategy} model")  # fmt: skip
             raise ValueError(f"pairs {empty[:5]} have {what}: there is nothing to predict from")
         self.warn_one_sided(sum(t is None for t in texts), sum(i is None for i in images), n, "predict()")
-        processor = FusionProcessor.from_model(self)
-        was_training = self.training
-        self.eval()
+        models = [self, *ensemble]
+        schema = {t.name: sorted(t.class_names or []) for t in self.config.tasks}
+        for member in models[1:]:
+            if {t.name: sorted(t.class_names or []) for t in member.config.tasks} != schema:
+                raise ValueError("ensemble: every model needs the same tasks and classes as this one")
+        processors = [FusionProcessor.from_model(m) for m in models]
+        modes = [m.training for m in models]
         rows: list[dict[str, Any]] = []
         try:
+            for m in models:
+                m.eval()
             for s in range(0, n, batch_size):
-                inputs = processor(texts=texts[s : s + batch_size], images=images[s : s + batch_size],
-                                   device=self.device)  # fmt: skip
-                with amp.autocast(self.device.type):
-                    out = self(**model_inputs(inputs))
+                outs = []
+                for m, processor in zip(models, processors):
+                    inputs = processor(texts=texts[s : s + batch_size], images=images[s : s + batch_size],
+                                       device=m.device)  # fmt: skip
+                    with amp.autocast(m.device.type):
+                        out = {k: v.float().cpu() for k, v in m(**model_inputs(inputs)).items()}
+                    outs.append(align_classes(m, self, out))
                 batch_rows: list[dict[str, Any]] = [{} for _ in range(len(inputs["input_ids"]))]
                 for name, task in self.tasks.items():
                     if task.needs_labels:
-                        for row, pred in zip(batch_rows, task.predict(out[name].float().cpu())):
+                        value = outs[0][name] if len(outs) == 1 else task.combine([o[name] for o in outs])
+                        for row, pred in zip(batch_rows, task.predict(value)):
                             row.update(pred)
                 rows += batch_rows
         finally:
-            self.train(was_training)
+            for m, mode in zip(models, modes):
+                m.train(mode)
         return rows
 
     # ------------------------------------------------------------------ save / load
@@ -762,6 +773,14 @@ def check_saved_shapes(weights: Path, build: Callable[[], nn.Module]) -> None:
             f"the configs in {weights.parent} do not match {weights.name} ({len(problems)} tensors differ, e.g. "
             + "; ".join(problems[:4]) + "); the config was edited or belongs to another checkpoint"
         )
+
+
+def align_classes(model: FusionModel, reference: FusionModel, outputs: dict[str, Any]) -> dict[str, Any]:
+    """`model`'s outputs with each task's class columns in `reference`'s order (classes matched by name)."""
+    for name, names in model.class_names.items():
+        if names != reference.class_names[name]:
+            outputs[name] = outputs[name][..., [names.index(c) for c in reference.class_names[name]]]
+    return outputs
 
 
 def follow_umask(path: Path) -> None:

@@ -199,8 +199,9 @@ class Task:
     def combine(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """One evaluation output from several models' (an ensemble, e.g. seeds): their mean.
 
-        Tasks with probabilities average those instead and return outputs that give the mean back."""
-        return torch.stack(list(outputs)).mean(0)
+        Tasks with probabilities average those instead and return outputs that give the mean back; decisions
+        (ITM's correct/incorrect) average to the share of models that got each one right."""
+        return torch.stack([o.float() for o in outputs]).mean(0)
 
     def predict(self, outputs: torch.Tensor) -> list[dict[str, Any]]:
         """Per example `{task: label(s) or value, f"{task}_prob": {class: p}}`; empty for label-free tasks."""

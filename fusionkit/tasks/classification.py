@@ -21,6 +21,8 @@ from .base import Task, is_missing, label_error, labelled_rows, register_task, r
 log = logging.getLogger("fusionkit.tasks")
 
 
+UNKNOWN_LABEL_HINT = ("fix the label, add the class to model.tasks[].class_names (a saved model: train again), or "
+                      "drop such labels and keep their rows: data.on_error: skip (eval/predict: --on-error skip)")
 _INTEGRAL_FLOAT = re.compile(r"[+-]?\d+\.0")
 
 
@@ -249,7 +251,7 @@ class ClassificationTask(Task):
             return self.names.index(name)
         except ValueError:
             raise label_error(f"unknown label {name!r} for task {self.name!r}; classes are {self.names}",
-                              where, item) from None  # fmt: skip
+                              where, item, UNKNOWN_LABEL_HINT) from None  # fmt: skip
 
     def collate(self, values: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         mask = torch.tensor([v is not None for v in values], dtype=torch.bool)

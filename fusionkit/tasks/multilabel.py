@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..config import TaskConfig
 from .base import is_missing, label_error, labelled_rows, register_task
-from .classification import ClassificationTask, label_string
+from .classification import UNKNOWN_LABEL_HINT, ClassificationTask, label_string
 
 log = logging.getLogger("fusionkit.tasks")
 
@@ -66,7 +66,7 @@ class MultilabelTask(ClassificationTask):
         for name in label_list(value, where, item):
             if name not in self.names:
                 raise label_error(f"unknown label {name!r} for task {self.name!r}; classes are {self.names}",
-                                  where, item)  # fmt: skip
+                                  where, item, UNKNOWN_LABEL_HINT)  # fmt: skip
             out.add(self.names.index(name))
         return sorted(out)
 

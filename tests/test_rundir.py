@@ -428,7 +428,7 @@ def test_a_lock_held_by_this_process_says_so(tmp_path: Path) -> None:
 
 
 def test_ratios_that_leave_a_split_empty_are_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    cfg = build_config(None, {"data.dataset": "synthetic:40", "data.split_ratios": [0.98, 0.01, 0.01],
+    cfg = build_config(None, {"data.dataset": "synthetic:40", "data.split_ratios": [0.99, 0.005, 0.005],
                               "data.cache_dir": str(tmp_path / "c"), "optim.max_steps": 1, "run.progress": False,
                               "run.plots": False, "run.output_dir": str(tmp_path), "run.name": "r"})  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="fusionkit.training"):

@@ -13,10 +13,10 @@ from typing import Any
 
 from fusionkit.data.dataset import MultimodalDataset
 from fusionkit.data.errors import DataError
-
-log = logging.getLogger("fusionkit.data")
 from fusionkit.data.sources.registry import register_source
 from fusionkit.data.sources.rows import ReadOptions, RowReader, require_sides, row_id
+
+log = logging.getLogger("fusionkit.data")
 
 TABLE_SUFFIXES = {
     ".csv": "csv",

@@ -202,3 +202,19 @@ def test_an_ensemble_of_models_with_an_itm_head_is_scored(tmp_path: Path) -> Non
                  "--output", str(out)]) == 0  # fmt: skip
     metrics = json.loads(out.read_text())
     assert 0.0 <= metrics["val/aux/accuracy"] <= 1.0 and "val/mood/accuracy" in metrics
+
+
+def test_a_tie_of_run_metric_goes_to_the_lower_val_loss(tmp_path: Path) -> None:
+    """mood's macro-F1 saturates on a small val split while price still learns: the checkpoint kept is the
+    tied epoch with the lowest val/loss, not the first epoch that reached the score."""
+    price = {"happy": 3000.0, "meh": 2000.0, "sad": 1000.0}
+    table = write_table(tmp_path / "d", 60, price=lambda i: f"{price[MOODS[i % 3]]:.0f}", tags=None, score=None)
+    tasks = [{"name": "mood"}, {"name": "price", "type": "regression"}]
+    assert train(table, tmp_path / "runs", "r", tasks, "--optim.max_steps", "null", "--optim.epochs", "10",
+                 "--optim.lr", "3e-3") == 0  # fmt: skip
+    run = tmp_path / "runs" / "r"
+    epochs = [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e.get("epoch_end")]
+    top = max(e["val/mood/macro_f1"] for e in epochs)
+    expected = min((e for e in epochs if e["val/mood/macro_f1"] == top), key=lambda e: e["val/loss"])
+    best = (run / "best").read_text().strip()
+    assert best.endswith(f"step-{expected['step']:08d}"), (best, expected["step"])

@@ -329,6 +329,7 @@ class Trainer:
         # progress state: everything `--resume` needs besides model/optimizer/RNG
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.best: float | None = None
+        self.best_loss: float | None = None  # val/loss at the best epoch: it breaks ties of run.metric
         self.bad_epochs = 0
         self.seconds_before, self.fit_start = 0.0, 0.0  # training time of earlier sessions of a resumed run
         self.history: list[dict[str, Any]] = []
@@ -523,6 +524,7 @@ class Trainer:
             "step": self.step,
             "batch_in_epoch": self.batch_in_epoch,
             "best": self.best,
+            "best_loss": self.best_loss,
             "bad_epochs": self.bad_epochs,
             "history": self.history,
             "running_loss": float(self.running_loss),
@@ -574,6 +576,7 @@ class Trainer:
                         state["precision"], self.precision.name, self.precision.reason)  # fmt: skip
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
         self.best, self.bad_epochs, self.history = state["best"], state["bad_epochs"], state["history"]
+        self.best_loss = state.get("best_loss")
         # A raised max_steps (accepted change) after a first run's max_steps cut an epoch short: count the
         # epochs from here, or the loop would end a short epoch early.
         made = self.batch_in_epoch // self.cfg.optim.accumulation_steps  # steps already made in this epoch
@@ -742,9 +745,13 @@ class Trainer:
                             self.metric)  # fmt: skip
                 improved = True
             else:
-                improved = self.best is None or (value > self.best if better else value < self.best)
+                loss = flat.get("val/loss")
+                # a tie (macro-F1 saturates on a small val split while another task still improves) goes to
+                # the lower val/loss, which every task's loss is in
+                tie = value == self.best and loss is not None and self.best_loss is not None and loss < self.best_loss
+                improved = self.best is None or (value > self.best if better else value < self.best) or tie
             if value is not None and improved:
-                self.best, self.bad_epochs = value, 0
+                self.best, self.best_loss, self.bad_epochs = value, flat.get("val/loss"), 0
             elif value is not None:
                 self.bad_epochs += 1
             if self.progress:
@@ -752,7 +759,8 @@ class Trainer:
         else:
             improved = True  # no val split: the latest model is the best we know
         # ranks computed the same gathered metrics; rank 0's decision is still the one every rank follows
-        self.best, self.bad_epochs, improved = D.broadcast_object((self.best, self.bad_epochs, improved))
+        self.best, self.best_loss, self.bad_epochs, improved = D.broadcast_object(
+            (self.best, self.best_loss, self.bad_epochs, improved))
         self._log(entry)
         self._save(best=improved)
         for callback in self.epoch_callbacks:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from fusionkit.cli import main
@@ -172,18 +173,22 @@ def test_eval_scores_a_model_without_a_classification_task(tmp_path: Path, caplo
     assert {"test/score/mae", "test/tags/micro_f1"} <= set(metrics)
 
 
-def test_a_target_in_the_thousands_is_learned_on_its_own_scale(tmp_path: Path) -> None:
-    """Prices of 1,000-3,000 read off the caption's mood: standardized by the train split's mean and std, the
-    model predicts them in a few epochs (raw MSE would start the head 2,000 off and swamp the mood task)."""
+def train_mood_and_price(tmp_path: Path, epochs: int) -> tuple[Path, Path]:
+    """(table, run dir) of a run of mood + a price of 1,000-3,000 read off the caption's mood."""
     price = {"happy": 3000.0, "meh": 2000.0, "sad": 1000.0}
     table = write_table(tmp_path / "d", 60, price=lambda i: f"{price[MOODS[i % 3]]:.0f}", tags=None, score=None)
     tasks = [{"name": "mood"}, {"name": "price", "type": "regression"}]
-    assert train(table, tmp_path / "runs", "r", tasks, "--optim.max_steps", "null", "--optim.epochs", "12",
+    assert train(table, tmp_path / "runs", "r", tasks, "--optim.max_steps", "null", "--optim.epochs", str(epochs),
                  "--optim.lr", "3e-3") == 0  # fmt: skip
-    run = tmp_path / "runs" / "r"
+    return table, tmp_path / "runs" / "r"
+
+
+def test_a_target_in_the_thousands_is_learned_on_its_own_scale(tmp_path: Path) -> None:
+    """Prices of 1,000-3,000 read off the caption's mood: standardized by the train split's mean and std, the
+    model predicts them in a few epochs (raw MSE would start the head 2,000 off and swamp the mood task)."""
+    table, run = train_mood_and_price(tmp_path, epochs=12)
     cfg = json.loads((run / "summary.json").read_text())
-    [saved] = [t for t in __import__("yaml").safe_load((run / "config.yaml").read_text())["model"]["tasks"]
-               if t["name"] == "price"]  # fmt: skip
+    [saved] = [t for t in yaml.safe_load((run / "config.yaml").read_text())["model"]["tasks"] if t["name"] == "price"]
     assert saved["params"]["target_mean"] == [pytest.approx(2000.0, rel=0.1)]
     assert cfg["test"]["test/price/mae"] < 400  # a mean predictor is off by ~667; an unscaled head by ~2,000
     assert main(["predict", str(run), "--data", str(table), "--output", str(tmp_path / "p.csv")]) == 0
@@ -207,12 +212,7 @@ def test_an_ensemble_of_models_with_an_itm_head_is_scored(tmp_path: Path) -> Non
 def test_a_tie_of_run_metric_goes_to_the_lower_val_loss(tmp_path: Path) -> None:
     """mood's macro-F1 saturates on a small val split while price still learns: the checkpoint kept is the
     tied epoch with the lowest val/loss, not the first epoch that reached the score."""
-    price = {"happy": 3000.0, "meh": 2000.0, "sad": 1000.0}
-    table = write_table(tmp_path / "d", 60, price=lambda i: f"{price[MOODS[i % 3]]:.0f}", tags=None, score=None)
-    tasks = [{"name": "mood"}, {"name": "price", "type": "regression"}]
-    assert train(table, tmp_path / "runs", "r", tasks, "--optim.max_steps", "null", "--optim.epochs", "10",
-                 "--optim.lr", "3e-3") == 0  # fmt: skip
-    run = tmp_path / "runs" / "r"
+    _, run = train_mood_and_price(tmp_path, epochs=10)
     epochs = [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e.get("epoch_end")]
     top = max(e["val/mood/macro_f1"] for e in epochs)
     expected = min((e for e in epochs if e["val/mood/macro_f1"] == top), key=lambda e: e["val/loss"])

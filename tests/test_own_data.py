@@ -692,7 +692,11 @@ def test_predicting_rows_without_an_image_warns_only_a_model_that_never_saw_such
             assert main(["predict", str(tmp_path / "runs" / name), "--data", str(gappy),
                          "--output", str(tmp_path / f"{name}.csv")]) == 0  # fmt: skip
         warned[name] = "which this model was not trained for" in caplog.text
-    assert warned == {"strict": True, "keep": False}
+        caplog.clear()  # the same from Python, on the model reloaded from its run dir
+        with caplog.at_level(logging.WARNING, logger="fusionkit"):
+            fusionkit.FusionModel.from_pretrained(tmp_path / "runs" / name).predict(texts=["a caption"], images=[None])
+        warned[name + " (python)"] = "which this model was not trained for" in caplog.text
+    assert warned == {"strict": True, "keep": False, "strict (python)": True, "keep (python)": False}
 
 
 def test_label_spellings_from_pandas_and_a_declared_class_count_that_the_data_lacks() -> None:

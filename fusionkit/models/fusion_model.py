@@ -74,6 +74,9 @@ class FusionModel(nn.Module):
         self.text_proj = nn.Linear(self.text_encoder.width, dim)
         self.image_proj = nn.Linear(self.image_encoder.width, dim)
         # Learned stand-ins, in the projected space, for a caption or an image a row does not have.
+        # sides ("caption", "image") the training rows were allowed to lack (data.missing_*: keep): saved with
+        # the model, so a reloaded one does not warn that it never learned to predict without them
+        self.trained_without: tuple[str, ...] = ()
         self.text_placeholder = nn.Parameter(nn.init.trunc_normal_(torch.empty(dim), std=0.02))
         self.image_placeholder = nn.Parameter(nn.init.trunc_normal_(torch.empty(dim), std=0.02))
         self.fusion = create_fusion(config.fusion)
@@ -404,7 +407,7 @@ class FusionModel(nn.Module):
         if self.config.fusion.modality_dropout > 0:
             return
         for side, absent in (("caption", no_text), ("image", no_image)):
-            if absent and side in self.sides_read and side not in trained_without:
+            if absent and side in self.sides_read and side not in (*trained_without, *self.trained_without):
                 logging.getLogger("fusionkit").warning(
                     "%d of %d pairs of %s have no %s: they are predicted from the other side alone, which this "
                     "model was not trained for (model.fusion.modality_dropout 0)", absent, total, where, side)
@@ -520,6 +523,7 @@ class FusionModel(nn.Module):
             "fusionkit_version": __version__,
             "model": to_dict(self.config),
             "image_preprocess": to_dict(self.image_preprocess),
+            "trained_without": list(self.trained_without),
         }
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
         return directory
@@ -547,6 +551,7 @@ class FusionModel(nn.Module):
         check_saved_shapes(directory / WEIGHTS_NAME, build)  # before allocating: configs may be tampered
         model = build()
         model.load_weights(directory / WEIGHTS_NAME)
+        model.trained_without = tuple(meta.get("trained_without", ()))
         return model.to(map_location).eval()
 
     @classmethod

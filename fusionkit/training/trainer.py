@@ -303,6 +303,8 @@ class Trainer:
         # Cheap checks first: read the table, bind labels to tasks, split -- before any model or cache.
         source, parts = self._read_data(data, model)
         self.model = (model or self._create_model()).to(self.device)
+        self.model.trained_without = tuple(side for side, policy in (("caption", cfg.data.missing_text),
+                                                                     ("image", cfg.data.missing_image)) if policy == "keep")
         self.precision = choose_precision(cfg.run.precision, self.device)
         self.amp = self.precision.dtype
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)

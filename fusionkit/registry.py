@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import os
+import sys
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -31,10 +32,20 @@ def load_plugins() -> list[str]:
     for name in names:
         if name in _loaded:
             continue
+        module = name.split(":")[0]
         try:
-            importlib.import_module(name.split(":")[0])
+            try:
+                importlib.import_module(module)
+            except ModuleNotFoundError as e:  # the `fusionkit` script, unlike `python -m fusionkit`, does not put
+                cwd = os.getcwd()  # the working directory on sys.path: a plugin beside the config is found by both
+                if e.name != module.split(".")[0] or cwd in sys.path:
+                    raise
+                sys.path.insert(0, cwd)
+                importlib.import_module(module)
         except ImportError as e:
-            raise ConfigError(f"fusionkit plugin {name!r} cannot be imported: {e}") from None
+            raise ConfigError(f"fusionkit plugin {name!r} cannot be imported: {e}. A plugin is a module that "
+                              "Python can import: install it, or put its folder on PYTHONPATH (the working "
+                              "directory is searched too)") from None  # fmt: skip
         _loaded.append(name)
     return list(_loaded)
 
@@ -46,8 +57,10 @@ class Registry(dict[str, T]):
 
     def register(self, name: str) -> Callable[[T], T]:
         def wrap(cls: T) -> T:
-            if name in self:
-                raise ValueError(f"{self.kind} {name!r} is already registered")
+            held = self.get(name)  # the same class again (a module re-imported, a notebook cell re-run) replaces it
+            if held is not None and (held.__module__, held.__qualname__) != (cls.__module__, cls.__qualname__):
+                raise ValueError(f"{self.kind} {name!r} is already registered (by {held.__module__}."
+                                 f"{held.__qualname__})")  # fmt: skip
             setattr(cls, self.name_attr, name)
             self[name] = cls
             return cls

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import fusionkit
 from fusionkit.cli import main
 from fusionkit.models import FusionModel
+from fusionkit.tasks import ClassificationTask
 from fusionkit.training.rundir import follow_pointer
 
 
@@ -411,7 +415,8 @@ def test_scoring_rows_a_model_trained_on_is_refused(tmp_path: Path, capsys) -> N
 def test_a_users_own_task_type_is_found_by_the_command_line_and_a_reload(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    """Registered in the user's module, named in $FUSIONKIT_PLUGINS: train, and from_pretrained, import it."""
+    """Registered in the user's module, named in $FUSIONKIT_PLUGINS: train, and from_pretrained, import it. The module
+    lies in the working directory, which the `fusionkit` script (unlike `python -m`) does not put on sys.path."""
     (tmp_path / "fk_user_plugin.py").write_text(
         "from fusionkit import register_task\n"
         "from fusionkit.tasks import ClassificationTask\n\n"
@@ -419,7 +424,8 @@ def test_a_users_own_task_type_is_found_by_the_command_line_and_a_reload(
         "class UserClassification(ClassificationTask):\n"
         "    pass\n"
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     argv = ["train", "--data.dataset", "synthetic:48", "--model.tasks", '[{"name": "sentiment", "type": "user_cls"}]',
             "--optim.max_steps", "1", "--run.output_dir", str(tmp_path / "runs"), "--run.name", "u",
             "--data.cache_dir", str(tmp_path / "cache"), "--run.progress", "false", "--run.plots", "false"]  # fmt: skip
@@ -429,6 +435,12 @@ def test_a_users_own_task_type_is_found_by_the_command_line_and_a_reload(
     assert main(argv) == 0
     model = FusionModel.from_pretrained(tmp_path / "runs" / "u")
     assert type(model.tasks["sentiment"]).__name__ == "UserClassification"
+    importlib.reload(sys.modules["fk_user_plugin"])  # a notebook re-running its registering cell: allowed ...
+    with pytest.raises(ValueError, match="'user_cls' is already registered"):  # ... another class under that name not
+
+        @fusionkit.register_task("user_cls")
+        class Other(ClassificationTask):
+            pass
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import inspect
 import json
 import os
 import random
@@ -44,10 +45,12 @@ from typing import Any
 import torch
 from bench_common import RESULTS, SHARED, machine, minilm_dir
 
+import fusionkit
 from fusionkit.config import ConfigError, to_dict
 from fusionkit.data import DataError, MultimodalDataset, load_dataset
-from fusionkit.models import list_fusions
-from fusionkit.tasks import create_task
+from fusionkit.models import FUSION_REGISTRY, list_fusions
+from fusionkit.registry import load_plugins
+from fusionkit.tasks import TASK_REGISTRY, create_task
 from fusionkit.training.config import build_config
 from fusionkit.training.metrics import check_metric, default_metric
 from fusionkit.training.report import keep_previous
@@ -145,7 +148,8 @@ def train_one(
 ) -> dict[str, Any]:
     """Train (or find in WORK/results.jsonl, trained before with the same settings) one run and score it."""
     log = work / "results.jsonl"
-    settings = json.dumps({**base, **extra, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+    code = code_digest(build_config(args.config, {**config_keys(base), **extra}))
+    settings = json.dumps({**base, **extra, "_code": code, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                            "modality_dropout": args.modality_dropout, "scored_task": args.task}, sort_keys=True)  # fmt: skip
     for line in log.read_text().splitlines() if log.is_file() else ():
         done = json.loads(line)
@@ -157,6 +161,17 @@ def train_one(
     with log.open("a") as f:
         f.write(json.dumps({"name": name, "settings": settings, "result": result}) + "\n")
     return result
+
+
+def code_digest(cfg: Any) -> str:
+    """fusionkit's version and the source files of a run's fusion strategy and task classes: a result logged before
+    one of them was edited (a user's own strategy, above all) is not read back as this code's result."""
+    classes = [FUSION_REGISTRY.get_class(cfg.model.fusion.strategy),
+               *(TASK_REGISTRY.get_class(t.type) for t in cfg.model.tasks)]  # fmt: skip
+    digest = hashlib.sha256(fusionkit.__version__.encode())
+    for source in sorted({inspect.getsourcefile(c) or "" for c in classes}):
+        digest.update(Path(source).read_bytes() if Path(source).is_file() else source.encode())
+    return digest.hexdigest()[:16]
 
 
 def _train_and_score(
@@ -360,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         "text, image and sentiment (labels positive/neutral/negative)",
     )
     p.add_argument("--task", help="the classification task the tables score (default: the config's first)")
+    load_plugins()  # a user's own strategies ($FUSIONKIT_PLUGINS) are compared by default too
     p.add_argument("--strategies", nargs="+", default=list_fusions())
     p.add_argument("--seeds", type=positive_int, default=3)
     p.add_argument("--epochs", type=int, default=8)
@@ -442,7 +458,8 @@ def run_comparison(args: argparse.Namespace, argv: list[str] | None, work: Path,
                     raise ConfigError(f"task {args.task!r} has no labelled rows in the {r['split']} split of "
                                       f"{dataset}: nothing to score; label them or pick another --task")  # fmt: skip
                 print(f"  {strategy + suffix:26s} seed {seed}: acc {r['accuracy']:.4f} macro-F1 {r['macro_f1']:.4f} "
-                      f"weighted-F1 {r['weighted_f1']:.4f} ({r['train_seconds']:.0f}s)", flush=True)  # fmt: skip
+                      f"weighted-F1 {r['weighted_f1']:.4f} ({r['train_seconds']:.0f}s"
+                      f"{', read back from results.jsonl' if r.get('reused') else ''})", flush=True)  # fmt: skip
                 runs.append(r)
                 reused, total = reused + bool(r.get("reused")), total + 1
             rows[strategy + suffix] = aggregate(strategy + suffix, runs)

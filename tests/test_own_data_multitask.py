@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -218,3 +219,19 @@ def test_a_tie_of_run_metric_goes_to_the_lower_val_loss(tmp_path: Path) -> None:
     expected = min((e for e in epochs if e["val/mood/macro_f1"] == top), key=lambda e: e["val/loss"])
     best = (run / "best").read_text().strip()
     assert best.endswith(f"step-{expected['step']:08d}"), (best, expected["step"])
+
+
+def test_a_task_at_weight_zero_leaves_the_other_tasks_training_as_it_was(tmp_path: Path) -> None:
+    """An ablation 'task absent' vs 'task at weight 0' compares like with like: the tiny preset trains its
+    encoders with dropout, whose draws must not shift with the extra head's initialisation."""
+    from safetensors.torch import load_file
+
+    from fusionkit.training.rundir import follow_pointer
+
+    table = write_table(tmp_path / "d")
+    runs = tmp_path / "runs"
+    assert train(table, runs, "alone", [{"name": "mood"}]) == 0
+    assert train(table, runs, "probe", [{"name": "mood"}, {"name": "score", "type": "regression", "weight": 0}]) == 0
+    alone, probe = (load_file(follow_pointer(runs / n / "last") / "model.safetensors") for n in ("alone", "probe"))
+    assert set(probe) - set(alone) and all(k.startswith("heads.score.") for k in set(probe) - set(alone))
+    assert all(torch.equal(alone[k], probe[k]) for k in alone), [k for k in alone if not torch.equal(alone[k], probe[k])]

@@ -142,6 +142,10 @@ class FusionModel(nn.Module):
             self.image_encoder.requires_grad_(False)
             self.image_proj.requires_grad_(False)
             self.image_placeholder.requires_grad_(False)
+        if self.config.loss_weighting == "static":  # a task at weight 0 is scored, not trained: its head stays
+            for t in self.config.tasks:  # as initialised and out of the gradient norm that clipping reads
+                if t.weight == 0 and t.name in self.heads:
+                    self.heads[t.name].requires_grad_(False)
         self.train(self.training)
 
     def _split(self, encoder: Encoder) -> int:

@@ -343,6 +343,9 @@ class Trainer:
         self.step_callbacks: list[Callable[[Trainer], None]] = []
         # train loss summed since the last log line: part of the state, so logs match across a resume
         self.running_loss, self.running_n = torch.zeros((), device=self.device), 0
+        # training's draws (dropout, augmentation) start from the seed, whatever building the model drew: a task
+        # added at weight 0 (its head's initialisation) leaves the other tasks' training as it was
+        seed_everything(cfg.run.seed, cfg.run.deterministic)
 
     def _create_model(self) -> FusionModel:
         """The model the config names; a resumed run whose encoder folder moved or was deleted is rebuilt from

@@ -220,12 +220,13 @@ def test_decoder_crashing_its_process_is_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real = cache_mod.preprocess_image
+    crash = _encode(Image.new("RGB", (9, 9)), "PNG")
     monkeypatch.setattr(  # forked workers inherit the patch: item 100 kills its process like a segfault
         cache_mod,
         "preprocess_image",
-        lambda src, pre: os._exit(139) if src.size == (9, 9) else real(src, pre),
+        lambda src, pre: os._exit(139) if src == crash else real(src, pre),
     )
-    images = [Image.new("RGB", (9, 9) if i == 100 else (8, 8)) for i in range(130)]
+    images = [crash if i == 100 else _encode(Image.new("RGB", (8, 8)), "PNG") for i in range(130)]
     ds = MultimodalDataset([Example(f"i{i}", "t", im, {}) for i, im in enumerate(images)], {}, name="crash")
     with pytest.raises(RuntimeError, match="crashed a worker process at or after row (0|64)"):
         build_cache(ds, tiny_tokenizer(), PRE, tmp_path / "cache", num_proc=2, on_error="skip")
@@ -292,3 +293,70 @@ def test_deep_grey_images_have_a_fixed_scale_per_mode() -> None:
     hot = np.full((4, 4), 0.5, np.float32)
     hot[0, 0] = 3.0
     assert half[0, 0, 0] == 128 and np.array_equal(np.asarray(load_image(Image.fromarray(hot)))[1:], half[1:])
+
+
+def test_every_way_of_writing_a_transparent_pixel_is_composited_on_white() -> None:
+    """RGBA, a palette's transparent index, and one RGB or grey colour marked transparent (PNG tRNS, as
+    optimisers write it) are one picture: the hidden colour under the transparent pixels never shows."""
+    rgb = np.full((8, 8, 3), 90, np.uint8)
+    rgb[:, 4:] = (1, 2, 3)  # the colour that is transparent
+    rgba = np.dstack([rgb, np.where((rgb == (1, 2, 3)).all(-1), 0, 255).astype(np.uint8)])
+    want = np.asarray(load_image(Image.fromarray(rgba, "RGBA")))
+    assert want[0, 6].tolist() == [255, 255, 255]
+    as_trns = Image.open(io.BytesIO(_encode(Image.fromarray(rgb), "PNG", transparency=(1, 2, 3))))
+    grey = np.where(rgb[..., 0] == 1, 7, 90).astype(np.uint8)
+    grey_trns = Image.open(io.BytesIO(_encode(Image.fromarray(grey, "L"), "PNG", transparency=7)))
+    assert np.array_equal(np.asarray(load_image(as_trns)), want)
+    assert np.asarray(load_image(grey_trns))[:, 6].tolist() == [[255] * 3] * 8
+    assert np.asarray(load_image(grey_trns))[0, 0].tolist() == [90] * 3
+
+
+def test_an_in_memory_image_is_keyed_by_what_decoding_reads_not_only_its_pixels() -> None:
+    """A lossless EXIF rotation, another palette or a transparent colour change the decoded picture, so they
+    must change the cache key; two different undecodable images must not share one."""
+    from fusionkit.data.image import image_digest
+
+    pixels = Image.fromarray(np.arange(48, dtype=np.uint8).reshape(6, 8))
+    upright = Image.open(io.BytesIO(_encode(pixels.convert("RGB"), "JPEG")))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90
+    turned = Image.open(io.BytesIO(_encode(pixels.convert("RGB"), "JPEG", exif=exif)))
+    assert image_digest(upright) != image_digest(turned)
+    pal = pixels.convert("P")
+    other = pal.copy()
+    other.putpalette([255 - v for v in pal.getpalette()])
+    trns = Image.open(io.BytesIO(_encode(pal, "PNG", transparency=3)))
+    assert len({image_digest(pal), image_digest(other), image_digest(trns)}) == 3
+    with (
+        Image.open(io.BytesIO(_encode(pixels, "PNG"))) as a,
+        Image.open(io.BytesIO(_encode(pixels.resize((4, 4)), "PNG"))) as b,
+    ):
+        pass  # closed: both undecodable, in their own ways
+    assert image_digest(a) != image_digest(b)
+    with pytest.raises(DataError, match="closed before it was read"):
+        load_image(a)
+
+
+def test_bytes_like_images_and_empty_bytes_and_pil_bomb_messages(tmp_path: Path) -> None:
+    png = _encode(Image.new("RGB", (8, 8), (10, 20, 30)), "PNG")
+    for value in (bytearray(png), memoryview(png)):  # what table readers hand over, accepted from Python too
+        assert load_image(value).getpixel((0, 0)) == (10, 20, 30)
+    with pytest.raises(DataError, match=r"empty \(0 bytes\)"):
+        load_image(b"")
+    # a header past PIL's own limit (2 x 89.5 MP) says fusionkit's limit and what to do, like one past ours
+    huge = tmp_path / "bomb.png"
+    Image.new("1", (15000, 15000)).save(huge)
+    with pytest.raises(DataError, match=r"above the limit of 40,000,000 pixels .*downscale it"):
+        load_image(huge)
+
+
+def test_a_truncated_lazily_opened_pil_image_among_many_is_one_skipped_item_with_workers(tmp_path: Path) -> None:
+    """PIL images are decoded in this process (pickling one to a worker would decode it outside the per-item
+    guard, and a truncated one would stop the whole build with a raw OSError)."""
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    good = _encode(Image.fromarray(noise), "JPEG")  # its header opens; the scan data stops short
+    images = [Image.open(io.BytesIO(good[: len(good) * 3 // 4] if i == 70 else good)) for i in range(72)]
+    ds = MultimodalDataset([Example(f"i{i}", "t", im, {}) for i, im in enumerate(images)], {}, name="lazy")
+    cached = build_cache(ds, tiny_tokenizer(), PRE, tmp_path / "cache", num_proc=2, on_error="skip")
+    report = [json.loads(line) for line in cached.skip_report.read_text().splitlines()]
+    assert [r["item"] for r in report] == ["i70"] and len(cached.ids) == 71

@@ -27,6 +27,7 @@ from fusionkit.data import (
     DataError,
     MultimodalDataset,
     load_dataset,
+    load_image,
     read_mvsa,
     split_dataset,
 )
@@ -427,7 +428,9 @@ def test_image_cells_may_hold_bytes_pil_or_hf_dicts(folder: Path) -> None:
         }
     )
     ds = load_dataset(frame, image_root=folder, missing_image="keep")
-    assert ds[0].image == raw and ds[1].image is im and ds[3].image is None
+    assert ds[0].image == raw and ds[1].image is im
+    with pytest.raises(DataError, match=r"empty \(0 bytes\)"):  # an empty file's bytes, as a 0-byte file: not a
+        load_image(ds[3].image)  # missing image (that is an empty cell or None)
     assert ds[2].image == str((folder / "img" / "1.jpg").resolve())
     with pytest.raises(DataError, match="image cell must be a path, bytes or a PIL image, got int"):
         load_dataset(pd.DataFrame({"text": ["a"], "image": [3]}))

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from fusionkit.config import ImagePreprocess
@@ -177,10 +178,12 @@ def _decode_images(
     with tqdm(total=n, desc=f"decoding images ({workers} procs)", unit="img", disable=n < 256 or not progress) as bar:
         if workers > 1:
             with ProcessPoolExecutor(workers) as pool:
-                futures = [pool.submit(_decode_chunk, pixels_path, s, c, preprocess) for s, c in chunks]
-                for f, (s, c) in zip(futures, chunks):
+                # PIL images stay here: pickling one decodes it in this process, outside the per-item guard
+                futures = {s: pool.submit(_decode_chunk, pixels_path, s, c, preprocess) for s, c in chunks
+                           if not any(isinstance(im, Image.Image) for im in c)}  # fmt: skip
+                for s, c in chunks:
                     try:
-                        failures += f.result()
+                        failures += futures[s].result() if s in futures else _decode_chunk(pixels_path, s, c, preprocess)
                     except BrokenProcessPool:  # a decoder took its process down (segfault, OOM kill)
                         raise RuntimeError(
                             f"an image decoder crashed a worker process at or after row {s} (item "

@@ -11,12 +11,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from fusionkit.config import ImagePreprocess
 from fusionkit.data.errors import DataError
 
-ImageSource = str | os.PathLike | bytes | Image.Image
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image
 
 # The only formats a dataset file may be decoded as, passed to `Image.open(formats=...)`: all decoded in
 # process by Pillow's bundled libraries. Anything else (EPS/PS would run Ghostscript on the file; exotic
@@ -42,7 +42,7 @@ _RESAMPLE = {
 
 
 def _describe(src: ImageSource) -> str:
-    if isinstance(src, bytes):
+    if isinstance(src, bytes | bytearray | memoryview):
         return f"<{len(src)} image bytes>"
     if isinstance(src, Image.Image):
         return f"<PIL image {src.size}>"
@@ -64,8 +64,8 @@ def _open(src: ImageSource) -> Image.Image:
             raise DataError(f"{src.format} images are not decoded", source=_describe(src),
                             hint=f"convert it to one of {', '.join(_formats())}")  # fmt: skip
         return src
-    if isinstance(src, bytes):
-        if not src:
+    if isinstance(src, bytes | bytearray | memoryview):
+        if not len(src):
             raise DataError("image data is empty (0 bytes)", source=_describe(src))
         return Image.open(io.BytesIO(src), formats=_formats())
     if not isinstance(src, str | os.PathLike):
@@ -85,18 +85,18 @@ def _open(src: ImageSource) -> Image.Image:
     return Image.open(path, formats=_formats())
 
 
+TOO_MANY_PIXELS = ("if it is a genuine photo, downscale it (no encoder reads more than a few hundred pixels a side), "
+                   "or skip it (data.on_error: skip); load_image(max_pixels=...) raises the limit in Python")
+
+
 def _check_shape(im: Image.Image, max_pixels: int, where: str) -> None:
     """Refuse, from the header alone, shapes whose decode or resize would cost more than any photo."""
     w, h = im.size
     if w < 1 or h < 1:
         raise DataError(f"image has an empty size {w}x{h}", source=where, hint="replace or remove it")
     if w * h > max_pixels:
-        raise DataError(
-            f"image is {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,} (decompression bomb?)",
-            source=where,
-            hint="if it is a genuine photo, downscale it (no encoder reads more than a few hundred pixels a side), "
-            "or skip it (data.on_error: skip); load_image(max_pixels=...) raises the limit in Python",
-        )
+        raise DataError(f"image is {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,} (decompression "
+                        "bomb?)", source=where, hint=TOO_MANY_PIXELS)  # fmt: skip
     if max(w, h) > MAX_IMAGE_SIDE or max(w, h) > MAX_ASPECT_RATIO * min(w, h):
         raise DataError(
             f"image is {w}x{h}: a side above {MAX_IMAGE_SIDE:,} px or an aspect ratio above "
@@ -111,16 +111,18 @@ def image_digest(src: ImageSource | None) -> bytes:
     (`cp -p`, `rsync -a`, `tar -x` keep those across a replacement). Moving a dataset keeps its keys."""
     if src is None:
         return b"<no image>"
-    if isinstance(src, bytes):
+    if isinstance(src, bytes | bytearray | memoryview):
         return hashlib.sha256(src).digest()
     if isinstance(src, Image.Image):  # maybe lazily opened: the same guards as decoding before tobytes()
         try:
             _check_shape(_open(src), MAX_IMAGE_PIXELS, _describe(src))
-            return hashlib.sha256(f"{src.mode}|{src.size}|".encode() + src.tobytes()).digest()
+            # and what `load_image` reads besides the pixels: the EXIF rotation, the palette, a transparent colour
+            extra = (src.getexif().get(ExifTags.Base.Orientation), src.getpalette(), src.info.get("transparency"))
+            return hashlib.sha256(f"{src.mode}|{src.size}|{extra}|".encode() + src.tobytes()).digest()
         except MemoryError:
             raise
-        except Exception:  # refused or undecodable: the build reports it per item
-            return b"<bad image>"
+        except Exception as e:  # refused or undecodable: the build reports it per item (under its own key, so
+            return f"<bad image>{type(e).__name__}: {e}|{src.mode}|{src.size}".encode()  # another one is rebuilt)
     try:
         st = os.stat(src)
     except (OSError, ValueError):  # missing, or a NUL in the path: the build reports it per item
@@ -145,6 +147,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB. Integer grey ("I;16", "I") is read as 16-bit, float grey ("F") as [0, 1],
     and clipped beyond: a fixed scale per mode, so one bright pixel cannot darken the whole image
     (PIL's own convert would clip 16-bit values at 255)."""
+    if "transparency" in im.info and im.mode in ("RGB", "L", "1", "P"):  # a colour marked transparent (PNG
+        im = im.convert("RGBA")  # tRNS, GIF): composited as an alpha channel is, below
     if im.mode == "RGB":
         return im
     if im.mode.startswith("I") or im.mode == "F":
@@ -157,8 +161,6 @@ def _to_rgb(im: Image.Image) -> Image.Image:
             block += 0.5
             grey[r : r + 512] = np.clip(block, 0, 255, out=block)
         return Image.fromarray(grey, "L").convert("RGB")
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         # Transparent pixels of web images often hide garbage colors: composite over white.
         rgba = im.convert("RGBA")
@@ -195,8 +197,9 @@ def load_image(
             return _to_rgb(im)
     except (DataError, MemoryError):
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DataError(f"decompression bomb: {e}", source=where) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # PIL's own, larger limit
+        raise DataError(f"image is above the limit of {max_pixels:,} pixels (decompression bomb?): {e}", source=where,
+                        hint=TOO_MANY_PIXELS) from None  # fmt: skip
     except UnidentifiedImageError:
         raise DataError(
             f"not an image file in a decoded format ({', '.join(_formats())})",
@@ -206,6 +209,9 @@ def load_image(
     except (OSError, SyntaxError, ValueError) as e:  # truncated / corrupt data
         raise DataError(f"corrupt or truncated image ({e})", source=where, hint="re-download it") from None
     except Exception as e:  # a decoder's own failure on hostile bytes: still one bad item
+        if isinstance(src, Image.Image) and getattr(src, "fp", True) is None and isinstance(e, AssertionError):
+            raise DataError("the PIL image was closed before it was read (a `with Image.open(...)` block ended)",
+                            source=where, hint="keep the file open, or call image.load() inside the block") from None  # fmt: skip
         raise DataError(
             f"corrupt image: the decoder failed with {type(e).__name__}: {e}",
             source=where,

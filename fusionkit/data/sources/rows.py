@@ -319,13 +319,11 @@ class RowReader:
     def image(self, value: Any, *, where: str, item: str) -> ImageSource | None:
         """An image cell (path, bytes, PIL image, HF {"bytes", "path"}) -> an image source, or None."""
         if isinstance(value, Mapping):  # HF Image(decode=False) and its Parquet export
-            value = value.get("bytes") or value.get("path")
+            value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
         if isinstance(value, Image.Image):
             return value
-        if isinstance(value, bytes | bytearray | memoryview):
-            if len(value):
-                return bytes(value)
-            value = None
+        if isinstance(value, bytes | bytearray | memoryview):  # b"" too: an empty file's content, which decoding
+            return bytes(value)  # refuses as such (as it does a 0-byte file), not an image left out
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
         value = raw_value(value)

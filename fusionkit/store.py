@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -98,14 +100,33 @@ class StoreWriter:
             w.close()
 
 
+FILES = "_files"  # meta key: {file name: [size, sha256]} of every file the build wrote
+
+
+def _damaged(folder: Path, what: str) -> OSError:
+    return OSError(f"the cache folder {folder} is damaged ({what}); delete that folder and run again: it is rebuilt")
+
+
+@functools.lru_cache(maxsize=4096)
+def _sha256(path: str, *stat: int) -> str:
+    """Memoized per process by inode, size, mtime and ctime (which no copy tool can restore): an unchanged
+    stat means unchanged bytes, so a store is hashed once per process however often it is opened."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _digest(path: Path) -> str:
+    st = path.stat()
+    return _sha256(str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def _load(path: Path, mmap: bool = True) -> np.ndarray:
     """One array of a published store; a file cut short or altered since (a full disk, a copy that stopped)
     is named with what to do, not left to numpy's "mmap length is greater than file size"."""
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise OSError(f"the cache folder {path.parent} is damaged ({path.name}: {e}); delete that folder and run "
-                      "again: it is rebuilt") from None  # fmt: skip
+        raise _damaged(path.parent, f"{path.name}: {e}") from None
 
 
 class Ragged:
@@ -130,8 +151,19 @@ class Store:
     """A completed store folder: `meta`, `array(name)` (read-only memmap), `ragged(name)`."""
 
     def __init__(self, path: str | Path) -> None:
+        """Opened only if every file is as built: a cache altered in place (same size, other bytes) would
+        otherwise train a wrong model without an error. Stores built before the checksums are read as they are."""
         self.path = Path(path)
-        self.meta: dict[str, Any] = json.loads((self.path / META).read_text())
+        try:
+            self.meta: dict[str, Any] = json.loads((self.path / META).read_text())
+            built = {name: tuple(v) for name, v in self.meta.get(FILES, {}).items()}
+            found = {name: ((self.path / name).stat().st_size, _digest(self.path / name)) for name in built}
+        except (ValueError, OSError) as e:  # a cut meta.json, a missing file
+            raise _damaged(self.path, str(e)) from None
+        for name, (size, sha) in found.items():
+            if (size, sha) != built[name]:
+                raise _damaged(self.path, f"{name} is not as built: {size:,} bytes, sha256 {sha[:12]}, instead of "
+                               f"{built[name][0]:,} bytes, {built[name][1][:12]}")  # fmt: skip
 
     def array(self, name: str) -> np.ndarray:
         return _load(self.path / f"{name}.npy")
@@ -200,8 +232,8 @@ def open_or_build(path: str | Path, build: Callable[[StoreWriter], dict[str, Any
         probe.rmdir()
     except OSError as e:  # a read-only cache folder: say which one and how to point elsewhere
         raise OSError(e.errno, f"cache folder {final.parent} is not writable ({e.strerror or e}), and {final.name} "
-                      "is not built there yet: pass --cache-dir DIR (or set data.cache_dir, or $FUSIONKIT_CACHE) "
-                      "to a folder you can write") from None  # fmt: skip
+                      "is not built there yet: point the cache at a folder you can write: --data.cache_dir DIR for train and "
+                      "tune, --cache-dir DIR for eval, predict and embed, or $FUSIONKIT_CACHE") from None  # fmt: skip
     with _locked(final.parent) as locked:
         if is_built(final):  # another process built it while we waited for the lock
             log.info("using the store another process just built: %s", final)
@@ -213,6 +245,7 @@ def open_or_build(path: str | Path, build: Callable[[StoreWriter], dict[str, Any
             writer = StoreWriter(tmp)
             meta = build(writer)
             writer._close()
+            meta[FILES] = {f.name: [f.stat().st_size, _digest(f)] for f in sorted(tmp.iterdir()) if f.is_file()}
             (tmp / META).write_text(json.dumps(meta))
             _sync(tmp)
             _publish(tmp, final)

@@ -25,7 +25,7 @@ from fusionkit import create_model
 from fusionkit.config import ImagePreprocess
 from fusionkit.data import Collator, DataError, Example, MultimodalDataset, build_cache
 from fusionkit.models.tiny import tiny_tokenizer
-from fusionkit.store import StoreWriter, open_or_build
+from fusionkit.store import Store, StoreWriter, open_or_build
 from fusionkit.training import FeatureDataset, build_features
 from fusionkit.training.feature_cache import FeatureCollator
 from tests.reliability_utils import tally
@@ -70,6 +70,25 @@ def test_a_store_file_cut_short_later_names_the_folder_to_delete(tmp_path: Path)
         f.truncate(100)  # a copy that stopped, a disk that filled
     with pytest.raises(OSError, match=r"cache folder .*s is damaged \(fixed.npy.*delete that folder"):
         open_or_build(tmp_path / "s", _fill).array("fixed")
+
+
+def test_a_store_altered_in_place_or_with_a_cut_meta_is_named_not_read(tmp_path: Path) -> None:
+    """Same size, other bytes (and an unchanged mtime, as `cp -a` of a damaged copy keeps it): the checksums
+    the build recorded catch what a size check cannot; a copy of an intact store opens."""
+    open_or_build(tmp_path / "s", _fill)
+    shutil.copytree(tmp_path / "s", tmp_path / "copy")
+    assert Store(tmp_path / "copy").array("fixed")[3].tolist() == [[3, 3], [3, 3]]
+    path = tmp_path / "s" / "feats.npy"
+    stat = path.stat()
+    with path.open("r+b") as f:
+        f.seek(stat.st_size - 4)
+        f.write(b"\0\1\2\3")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(OSError, match=r"cache folder .*s is damaged \(feats.npy is not as built.*delete that folder"):
+        open_or_build(tmp_path / "s", _fill)
+    (tmp_path / "copy" / "meta.json").write_text('{"rows": 5, "ta')  # cut short
+    with pytest.raises(OSError, match=r"cache folder .*copy is damaged \(.*delete that folder"):
+        Store(tmp_path / "copy")
 
 
 def test_failed_build_publishes_nothing(tmp_path: Path) -> None:
@@ -298,5 +317,5 @@ def test_a_cache_folder_that_cannot_be_written_is_named_with_the_fix(tmp_path: P
     from fusionkit.store import open_or_build
 
     (tmp_path / "taken").write_text("a file where the cache folder should be")
-    with pytest.raises(OSError, match=r"cache folder .*taken is not writable .*--cache-dir DIR"):
+    with pytest.raises(OSError, match=r"cache folder .*taken is not writable .*--data.cache_dir DIR for train.*--cache-dir DIR for eval"):
         open_or_build(tmp_path / "taken" / "entry", lambda writer: {})

@@ -181,6 +181,14 @@ def test_a_setting_the_run_will_not_read_is_said_at_start(tmp_path, caplog) -> N
         Trainer(build_config(None, {**overrides, "model.freeze": "top_k", "optim.layer_decay": 0.8,
                                     "run.name": "top"}))  # fmt: skip
     assert not any("has no effect" in r.getMessage() for r in caplog.records)
+    caplog.clear()  # image blocks that train on cached hidden states: augmentation cannot reach them
+    top_image = {"model.freeze": "top_k", "model.image.trainable_layers": 1}
+    with caplog.at_level(logging.WARNING, logger="fusionkit.training"):
+        Trainer(build_config(None, {**overrides, **top_image, "run.name": "aug"}))
+        assert "data.augment has no effect" in caplog.text
+        caplog.clear()
+        Trainer(build_config(None, {**overrides, **top_image, "data.augment": False, "run.name": "noaug"}))
+    assert "has no effect" not in caplog.text
 
 
 def test_an_image_grid_beyond_the_patch_grid_fails_before_any_cache(tmp_path) -> None:

@@ -182,6 +182,11 @@ def unused_settings(cfg: TrainConfig) -> list[str]:
             if value:
                 out.append(f"{key}={value} has no effect: it counts the blocks freeze: top_k trains, and "
                            f"model.freeze is {model.freeze!r}")  # fmt: skip
+    image_k = model.trainable_layers if model.image.trainable_layers is None else model.image.trainable_layers
+    if model.freeze == "top_k" and image_k and cfg.data.feature_cache and cfg.data.augment:
+        out.append(f"data.augment has no effect: the top {image_k} image block(s) train on hidden states cached once "
+                   "from the un-augmented images (data.feature_cache: false augments, at the cost of running the "
+                   "whole image encoder every step)")  # fmt: skip
     one_sided = fusion.strategy in ("text_only", "image_only")
     if one_sided and fusion.modality_dropout:
         out.append(f"model.fusion.modality_dropout={fusion.modality_dropout} has no effect on the {fusion.strategy} "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,6 +83,13 @@ def test_task_options_and_bad_spaces() -> None:
         load_space({"optim.lr": {"low": 1, "high": 2}})
     with pytest.raises(ConfigError, match="low must be < high"):
         load_space({"optim.lr": {"type": "float", "low": 2, "high": 1}})
+
+
+def test_fusionkit_tune_is_exported_and_importing_fusionkit_does_not_need_optuna() -> None:
+    """`fusionkit.tune(...)` as the README names it; optuna is an optional extra, imported when tune runs."""
+    code = "import sys, fusionkit; print(callable(fusionkit.tune), 'tune' in fusionkit.__all__, 'optuna' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True", "True", "False"]
 
 
 def test_default_space_takes_each_task_types_own_options() -> None:

@@ -25,6 +25,7 @@ Needs `pip install 'fusionkit[tune]'` (optuna).
 from __future__ import annotations
 
 import collections
+import copy
 import csv
 import json
 import logging
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, load_config_file, to_dict
-from .training.config import TASK_PREFIX
+from .training.config import IN_MEMORY, TASK_PREFIX
 
 log = logging.getLogger("fusionkit.tune")
 
@@ -129,16 +130,21 @@ def tune(
 ) -> dict[str, Any]:
     """Run `trials` Optuna trials of `config` (a `TrainConfig`, dict or file); returns the best trial's summary.
 
-    `data`: an in-memory dataset every trial trains on (as `Trainer(data=...)`). `callbacks`: Optuna's
-    `(study, frozen_trial)` callables, called after each trial (logging, `MaxTrialsCallback`, ...)."""
+    `data`: an in-memory dataset every trial trains on, anything `Trainer(data=...)` takes (a pandas DataFrame,
+    a `datasets.Dataset`, a `MultimodalDataset`); best.yaml then says `data.dataset: in-memory:<type>`, so
+    it trains only with the data passed again. `callbacks`: Optuna's `(study, frozen_trial)` callables,
+    called after each trial (logging, `MaxTrialsCallback`, ...)."""
     import optuna
 
     from .tasks import create_task
     from .training.config import TrainConfig, build_config
     from .training.metrics import check_metric, default_metric
-    from .training.trainer import Trainer
+    from .training.trainer import Trainer, data_source_name
 
     cfg: TrainConfig = config if isinstance(config, TrainConfig) else build_config(config)
+    if data is not None:  # best.yaml records what the trials trained on, as a run's config does
+        cfg = copy.deepcopy(cfg)
+        cfg.data.dataset = data_source_name(data)
     if trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {trials}")
     space = load_space(space) if space is not None else default_space(cfg.model.tasks)
@@ -147,6 +153,7 @@ def tune(
     metric = cfg.run.metric or default_metric(tasks)
     check_metric(metric, tasks)  # before the study exists: a typo must not leave one behind that blocks the fix
     out = Path(output_dir or Path(cfg.run.output_dir) / f"tune-{cfg.run.name or 'run'}")
+    fingerprint = _data_fingerprint(cfg, data)  # reads the data: unreadable data leaves no tune dir behind
     out.mkdir(parents=True, exist_ok=True)
 
     def objective(trial: optuna.Trial) -> float:
@@ -174,7 +181,7 @@ def tune(
         log.warning("%s is compared across trials whose loss itself differs (%s in the search space): prefer "
                     "an accuracy or F1 metric as run.metric", metric,
                     sorted({k for k in space if k.rsplit(".", 1)[-1] in LOSS_CHANGING}))  # fmt: skip
-    study = open_study(out, cfg, space, metric, _data_fingerprint(cfg, data))
+    study = open_study(out, cfg, space, metric, fingerprint)
     # reseeded past the trials already there, so a continued study does not redraw their values
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
     # a trial is judged only from its second epoch on, and only once a few trials have finished
@@ -211,12 +218,13 @@ class _DropInterrupted(logging.Filter):
 
 def _data_fingerprint(cfg: Any, data: Any) -> str:
     """The content of the rows every trial trains on (texts, labels, image bytes): an edited file at the same
-    path must not add its trials to a study of the old data."""
+    path must not add its trials to a study of the old data. `data` (a DataFrame, `datasets.Dataset`, ...) is
+    read as `Trainer(data=...)` reads it."""
     from .data import load_dataset
     from .training.trainer import reader_kwargs
 
-    ds = data if data is not None else load_dataset(cfg.data.dataset, **reader_kwargs(cfg.data, cfg.model.tasks))
-    return str(ds.fingerprint)[:16]
+    source = cfg.data.dataset if data is None else data
+    return str(load_dataset(source, **reader_kwargs(cfg.data, cfg.model.tasks, source=source)).fingerprint)[:16]
 
 
 def open_study(out: Path, cfg: Any, space: Mapping[str, Any], metric: str, data: str | None = None) -> Any:
@@ -305,8 +313,10 @@ def write_results(study: Any, out: Path, metric: str, space: Mapping[str, Any], 
     plot_history(rows, out / "history.png", metric, study.direction.name == "MAXIMIZE")
     best = study.best_trial
     best_cfg = apply_params(cfg, best.params, {"run.name": None})
+    in_memory = str(cfg.data.dataset).startswith(IN_MEMORY)  # `fusionkit train best.yaml` refuses it, saying so
     (out / "best.yaml").write_text(
         f"# fusionkit tune: best of {len(study.trials)} trials, {metric} = {best.value:.4f} (trial {best.number})\n"
+        + ("# tuned on data passed in Python: fusionkit.train('best.yaml', data=<the same data>)\n" if in_memory else "")
         + yaml.safe_dump(to_dict(best_cfg), sort_keys=False)
     )
     return len(complete)

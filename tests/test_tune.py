@@ -6,14 +6,17 @@ import csv
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 pytest.importorskip("optuna")
 
+import fusionkit  # noqa: E402
 from fusionkit.cli import main  # noqa: E402
 from fusionkit.config import ConfigError  # noqa: E402
+from fusionkit.data import DataError, make_synthetic  # noqa: E402
 from fusionkit.training.config import build_config  # noqa: E402
 from fusionkit.tune import apply_params, load_space  # noqa: E402
 
@@ -196,16 +199,30 @@ def test_a_task_option_is_set_on_the_command_line_as_in_a_search_space(tmp_path:
         build_config(None, {"data.split_ratios": [0.6, 0.2, 0.3]})
 
 
-def test_a_study_is_not_continued_on_other_data(tmp_path: Path) -> None:
-    """The same config and space on edited rows (same path, other content) must not add trials to the old
-    study, whose best config would then be chosen across two datasets."""
-    from fusionkit.data import make_synthetic
-    from fusionkit.tune import tune
+def synthetic_frame(n: int, seed: int) -> Any:
+    """Synthetic rows as a pandas DataFrame (PIL images in the image column), as a user passes their data."""
+    pd = pytest.importorskip("pandas")
+    rows = make_synthetic(n, seed=seed, image_size=32).examples
+    return pd.DataFrame({"text": [r.text for r in rows], "image": [r.image for r in rows],
+                         "sentiment": [r.labels["sentiment"] for r in rows]})  # fmt: skip
 
+
+def test_tuning_on_a_dataframe_records_it_and_is_not_continued_on_other_data(tmp_path: Path, capsys) -> None:
+    """`fusionkit.tune(..., data=DataFrame)` trains every trial on the frame; its best.yaml says so (no silent
+    training on the config's synthetic data). The same config and space on other rows must not add trials to
+    the old study, whose best config would then be chosen across two datasets."""
     cfg = build_config(write_config(tmp_path), {"optim.epochs": 1})
     space = {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
     out = tmp_path / "tune"
-    assert tune(cfg, 1, space, out, data=make_synthetic(64, seed=0, image_size=32))["trials"] == 1
+    with pytest.raises(DataError, match="'text'"):  # unreadable data: refused before the tune dir exists
+        fusionkit.tune(cfg, 1, space, out, data=synthetic_frame(64, seed=0).drop(columns="text"))
+    assert not out.exists()
+    assert fusionkit.tune(cfg, 1, space, out, data=synthetic_frame(64, seed=0))["trials"] == 1
+    best = out / "best.yaml"
+    assert yaml.safe_load(best.read_text())["data"]["dataset"] == "in-memory:DataFrame"
+    assert "fusionkit.train('best.yaml', data=" in best.read_text()
+    capsys.readouterr()
+    assert main(["train", str(best)]) == 2 and "fusionkit.train(config, data=...)" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"another config, search space or data \(data: .*edited"):
-        tune(cfg, 1, space, out, data=make_synthetic(64, seed=1, image_size=32))
-    assert tune(cfg, 1, space, out, data=make_synthetic(64, seed=0, image_size=32))["trials"] == 2
+        fusionkit.tune(cfg, 1, space, out, data=synthetic_frame(64, seed=1))
+    assert fusionkit.tune(cfg, 1, space, out, data=synthetic_frame(64, seed=0))["trials"] == 2

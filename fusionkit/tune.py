@@ -64,33 +64,99 @@ def default_space(tasks: Sequence[Any] = ()) -> dict[str, dict[str, Any]]:
     }
 
 
+# the options each distribution takes (Optuna's suggest_float / suggest_int / suggest_categorical)
+OPTIONS = {"float": ("low", "high", "log", "step"), "int": ("low", "high", "log", "step"), "categorical": ("choices",)}
+_SAME_SPLIT = "every trial must be scored on the same val rows"
+# keys that change what a trial's value measures: trials would be ranked on different yardsticks
+MEASURE_KEYS = {
+    "run.metric": "every trial must be ranked by the same metric (and direction)",
+    **dict.fromkeys(("data.dataset", "data.split_seed", "data.split_ratios", "data.split_file",
+                     "data.allow_new_rows", "data.missing_text", "data.missing_image", "data.on_error",
+                     "data.text_column", "data.image_column", "data.id_column"), _SAME_SPLIT),
+}  # fmt: skip
+
+
 def load_space(source: str | Path | Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """A search space from a YAML file or a mapping, checked: every entry a known distribution."""
-    where = str(source) if isinstance(source, str | Path) else "the search space"
+    """A search space from a YAML file or a mapping, checked and normalised: every entry a known distribution
+    with only its own options, bounds as numbers (PyYAML reads `5e-4` as a string), no key that changes
+    what is measured."""
+    at = f" in {source}" if isinstance(source, str | Path) else ""
     space = load_config_file(source) if isinstance(source, str | Path) else dict(source)
     if not space:
-        raise ConfigError(f"{where} declares no parameters")
-    for key, spec in space.items():
-        kind = spec.get("type") if isinstance(spec, dict) else None
-        if kind not in DISTRIBUTIONS:
-            raise ConfigError(f"{where}: {key!r} needs type: one of {DISTRIBUTIONS}, got {spec!r}")
-        need = ("choices",) if kind == "categorical" else ("low", "high")
-        missing = [k for k in need if k not in spec]
-        if missing:
-            raise ConfigError(f"{where}: {key!r} ({kind}) needs {missing}")
-        if kind == "categorical" and (not isinstance(spec["choices"], list) or not spec["choices"]):
-            raise ConfigError(f"{where}: {key!r}: choices must be a non-empty list")
-        if kind != "categorical" and not spec["low"] < spec["high"]:
-            raise ConfigError(f"{where}: {key!r}: low must be < high, got {spec['low']} and {spec['high']}")
-    return space
+        raise ConfigError(f"the search space{at} declares no parameters")
+    return {key: _check_entry(key, spec, at) for key, spec in space.items()}
+
+
+def _check_entry(key: str, spec: Any, at: str) -> dict[str, Any]:
+    def bad(problem: str) -> ConfigError:
+        return ConfigError(f"search space {key!r}{at}: {problem}")
+
+    if key in MEASURE_KEYS:
+        raise bad(f"cannot be searched: {MEASURE_KEYS[key]}; set it in the config, the same for every trial")
+    kind = spec.get("type") if isinstance(spec, Mapping) else None
+    if kind not in DISTRIBUTIONS:
+        raise bad(f"needs type: one of {DISTRIBUTIONS}, got {spec!r}")
+    unknown = sorted(set(spec) - {"type", *OPTIONS[kind]})
+    if unknown:
+        raise bad(f"unknown option(s) {unknown}; a {kind} takes {list(OPTIONS[kind])}")
+    if kind == "categorical":
+        if not isinstance(spec.get("choices"), list) or not spec["choices"]:
+            raise bad("choices must be a non-empty list")
+        return dict(spec)
+    missing = [k for k in ("low", "high") if k not in spec]
+    if missing:
+        raise bad(f"({kind}) needs {missing}")
+    out = {"type": kind, **{k: _number(spec[k], kind, k, bad) for k in ("low", "high", "step") if k in spec}}
+    if not out["low"] < out["high"]:
+        raise bad(f"low must be < high, got {out['low']} and {out['high']}")
+    if "log" in spec:
+        if not isinstance(spec["log"], bool):
+            raise bad(f"log must be true or false, got {spec['log']!r}")
+        out["log"] = spec["log"]
+    if out.get("log") and out["low"] <= 0:
+        raise bad(f"log: true needs low > 0 (a log scale has no 0), got low {out['low']}")
+    if "step" in out:
+        if out["step"] <= 0:
+            raise bad(f"step must be > 0, got {out['step']}")
+        if out.get("log") and (kind == "float" or out["step"] != 1):
+            raise bad("log and step cannot be combined (Optuna draws either on a log scale or on a grid)")
+    return out
+
+
+def _number(value: Any, kind: str, name: str, bad: Callable[[str], ConfigError]) -> int | float:
+    """A bound or step as a number: numeric strings read as numbers, an int distribution's as whole numbers."""
+    number = None
+    if isinstance(value, int | float | str) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if number is None or not math.isfinite(number):
+        raise bad(f"{name} must be a number, got {value!r}")
+    if kind == "float":
+        return number
+    if not number.is_integer():
+        raise bad(f"{name} of an int must be a whole number, got {value!r}")
+    return int(number)
+
+
+def edges(spec: Mapping[str, Any]) -> list[Any]:
+    """The extreme values a trial can draw: each choice, or low and the highest step on the grid (Optuna
+    draws from low + k * step, and lowers a high that is off the grid)."""
+    if spec["type"] == "categorical":
+        return list(spec["choices"])
+    low, high, step = spec["low"], spec["high"], spec.get("step")
+    if step is None:
+        return [low, high]
+    top = low + math.floor((high - low) / step + 1e-9) * step
+    return [low, round(top, 12) if spec["type"] == "float" else top]
 
 
 def check_space(config: Any, space: Mapping[str, Mapping[str, Any]]) -> None:
-    """Every value a trial can draw at the edges (low and high, each choice) makes a valid config: a bad
-    key or value stops the search before the first trial instead of failing one trial at a time."""
+    """Every value a trial can draw at the edges (see `edges`) makes a valid config: a bad key or value stops
+    the search before the first trial instead of failing one trial at a time."""
     for key, spec in space.items():
-        values = spec["choices"] if spec["type"] == "categorical" else [spec["low"], spec["high"]]
-        for value in values:
+        for value in edges(spec):
             try:
                 apply_params(config, {key: value})
             except ConfigError as e:
@@ -98,15 +164,14 @@ def check_space(config: Any, space: Mapping[str, Mapping[str, Any]]) -> None:
 
 
 def suggest(trial: Any, space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """One value per key, drawn by the trial's sampler."""
+    """One value per key, drawn by the trial's sampler (from a space `load_space` checked)."""
     out: dict[str, Any] = {}
     for key, spec in space.items():
+        log = spec.get("log", False)
         if spec["type"] == "float":
-            out[key] = trial.suggest_float(
-                key, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log"))
-            )
+            out[key] = trial.suggest_float(key, spec["low"], spec["high"], log=log, step=spec.get("step"))
         elif spec["type"] == "int":
-            out[key] = trial.suggest_int(key, int(spec["low"]), int(spec["high"]), log=bool(spec.get("log")))
+            out[key] = trial.suggest_int(key, spec["low"], spec["high"], step=spec.get("step", 1), log=log)
         else:
             out[key] = trial.suggest_categorical(key, list(spec["choices"]))
     return out
@@ -147,7 +212,7 @@ def tune(
         cfg.data.dataset = data_source_name(data)
     if trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {trials}")
-    space = load_space(space) if space is not None else default_space(cfg.model.tasks)
+    space = load_space(space if space is not None else default_space(cfg.model.tasks))
     check_space(cfg, space)
     tasks = {t.name: create_task(t) for t in cfg.model.tasks}
     metric = cfg.run.metric or default_metric(tasks)

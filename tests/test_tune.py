@@ -36,13 +36,13 @@ def write_config(tmp_path: Path) -> Path:
 
 def test_cli_tune_writes_table_plot_and_best_config(tmp_path: Path) -> None:
     space = tmp_path / "space.yaml"
-    space.write_text(
-        yaml.safe_dump({
-            "optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-            "model.fusion.depth": {"type": "int", "low": 1, "high": 2},
-            "model.tasks.sentiment.class_weights": {"type": "categorical", "choices": [None, "balanced"]},
-        })
-    )  # fmt: skip
+    space.write_text(  # as a user writes it: PyYAML reads 1e-4 (no decimal point) as a string
+        "optim.lr: {type: float, low: 1e-4, high: 1e-2, log: true}\n"
+        "model.fusion.depth: {type: int, low: 1, high: 2}\n"
+        "model.fusion.dim: {type: int, low: 32, high: 96, step: 32}\n"  # 2 heads: any step of 32 is valid
+        "model.fusion.dropout: {type: float, low: 0.0, high: 0.3, step: 0.1}\n"
+        "model.tasks.sentiment.class_weights: {type: categorical, choices: [null, balanced]}\n"
+    )
     out = tmp_path / "tune"
     argv = [
         "tune",
@@ -58,6 +58,9 @@ def test_cli_tune_writes_table_plot_and_best_config(tmp_path: Path) -> None:
     rows = list(csv.DictReader((out / "trials.csv").open()))
     assert len(rows) == 3 and {r["state"] for r in rows} <= {"COMPLETE", "PRUNED"}
     assert len({r["optim.lr"] for r in rows}) == 3  # the sampler drew different values
+    assert all(1e-4 <= float(r["optim.lr"]) <= 1e-2 for r in rows)
+    assert {int(r["model.fusion.dim"]) for r in rows} <= {32, 64, 96}  # on the step's grid
+    assert all(round(float(r["model.fusion.dropout"]), 9) in (0.0, 0.1, 0.2, 0.3) for r in rows)
     assert (out / "history.png").stat().st_size > 1000
     assert "| trial |" in (out / "trials.md").read_text()
     best = yaml.safe_load((out / "best.yaml").read_text())
@@ -138,7 +141,17 @@ def test_tuning_again_in_the_same_dir_adds_trials_and_never_loses_any(tmp_path: 
     "entry,named",
     [({"optim.lrr": {"type": "float", "low": 1e-3, "high": 1e-2}}, "unknown key(s) ['lrr']"),
      ({"model.fusion.strategy": {"type": "categorical", "choices": ["late", "crossattn"]}}, "'crossattn'"),
-     ({"optim.warmup_ratio": {"type": "float", "low": 0.0, "high": 1.5}}, "warmup_ratio must be in [0, 1)")],
+     ({"optim.warmup_ratio": {"type": "float", "low": 0.0, "high": 1.5}}, "warmup_ratio must be in [0, 1)"),
+     # keys that change what a trial's value measures: ranked by one metric, scored on one val split
+     ({"run.metric": {"type": "categorical", "choices": ["val/loss", "val/sentiment/accuracy"]}}, "same metric"),
+     ({"data.split_seed": {"type": "int", "low": 0, "high": 3}}, "same val rows"),
+     # a typo in a distribution's options is not ignored (it would sample linearly / off the step)
+     ({"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "lg": True}}, "unknown option(s) ['lg']"),
+     ({"optim.lr": {"type": "float", "low": 0.0, "high": 1e-2, "log": True}}, "log: true needs low > 0"),
+     ({"optim.lr": {"type": "float", "low": "a lot", "high": 1e-2}}, "low must be a number, got 'a lot'"),
+     ({"model.fusion.depth": {"type": "int", "low": 1, "high": 2.5}}, "high of an int must be a whole number"),
+     # the highest value on the step's grid is checked (107, odd for 2 heads), not high (110, never drawn)
+     ({"model.fusion.dim": {"type": "int", "low": 32, "high": 110, "step": 15}}, "the value 107 gives")],
 )  # fmt: skip
 def test_a_bad_space_stops_before_the_first_trial(tmp_path: Path, capsys, entry: dict, named: str) -> None:
     space = tmp_path / "space.yaml"

@@ -43,7 +43,13 @@ log = logging.getLogger("fusionkit.tune")
 
 DISTRIBUTIONS = ("float", "int", "categorical")
 # options that change the loss itself: a val/loss metric then compares different objectives
-LOSS_CHANGING = ("label_smoothing", "class_weights", "logit_adjustment", "weight", "loss_weighting")
+LOSS_CHANGING = ("label_smoothing", "class_weights", "logit_adjustment", "class_prior", "weight", "loss_weighting")
+
+
+def changes_the_loss(key: str) -> bool:
+    """A space key whose value changes the loss or its scale: a LOSS_CHANGING option, or a task type's own
+    parameter (`model.tasks.<task>.params.<key>`: supcon's temperature, regression's standardize)."""
+    return key.rsplit(".", 1)[-1] in LOSS_CHANGING or (key.startswith(TASK_PREFIX) and ".params." in key)
 
 
 def default_space(tasks: Sequence[Any] = ()) -> dict[str, dict[str, Any]]:
@@ -242,10 +248,10 @@ def tune(
             raise ConfigError(f"trial {trial.number}: {metric} was never computed (no labelled val rows?)")
         return float(summary["best"])
 
-    if metric.endswith("/loss") and any(k.rsplit(".", 1)[-1] in LOSS_CHANGING for k in space):
+    loss_keys = sorted(filter(changes_the_loss, space))
+    if metric.endswith("/loss") and loss_keys:
         log.warning("%s is compared across trials whose loss itself differs (%s in the search space): prefer "
-                    "an accuracy or F1 metric as run.metric", metric,
-                    sorted({k for k in space if k.rsplit(".", 1)[-1] in LOSS_CHANGING}))  # fmt: skip
+                    "an accuracy or F1 metric as run.metric", metric, loss_keys)  # fmt: skip
     study = open_study(out, cfg, space, metric, fingerprint)
     # reseeded past the trials already there, so a continued study does not redraw their values
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))

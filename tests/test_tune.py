@@ -201,6 +201,17 @@ def test_an_interrupted_tune_summarises_what_finished_and_the_same_command_conti
     assert tune(cfg, 1, space, out)["trials"] == 3
 
 
+def test_val_loss_warns_when_a_task_param_in_the_space_changes_the_loss_scale(tmp_path: Path, caplog) -> None:
+    """Trials ranked by val/loss while supcon's temperature varies compare losses of different scales."""
+    supcon = {"name": "sc", "type": "supcon", "params": {"labels_from": "sentiment", "views": "joint"}}
+    cfg = build_config(write_config(tmp_path), {"optim.epochs": 1, "data.dataset": "synthetic:48",
+                                                "model.tasks": [{"name": "sentiment"}, supcon], "run.metric": "val/loss"})  # fmt: skip
+    space = {"model.tasks.sc.params.temperature": {"type": "float", "low": 0.05, "high": 0.5, "log": True}}
+    assert fusionkit.tune(cfg, 1, space, tmp_path / "tune")["metric"] == "val/loss"
+    warned = [r.getMessage() for r in caplog.records if r.name == "fusionkit.tune" and r.levelname == "WARNING"]
+    assert len(warned) == 1 and "model.tasks.sc.params.temperature" in warned[0]
+
+
 def test_a_task_option_is_set_on_the_command_line_as_in_a_search_space(tmp_path: Path, capsys) -> None:
     cfg = build_config(None, {"model.tasks": [{"name": "mood"}], "model.tasks.mood.label_smoothing": 0.1})
     assert cfg.model.tasks[0].label_smoothing == 0.1

@@ -32,6 +32,7 @@ import logging
 import math
 import signal
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,15 @@ def tune(
     out.mkdir(parents=True, exist_ok=True)
 
     def objective(trial: optuna.Trial) -> float:
+        try:
+            return run_trial(trial)
+        except optuna.TrialPruned:
+            raise
+        except Exception as e:
+            _record_error(trial, e)
+            raise
+
+    def run_trial(trial: optuna.Trial) -> float:
         params = suggest(trial, space)
         run = {"run.output_dir": str(out / "trials"), "run.name": f"trial-{trial.number:03d}",
                "run.name_exists": "increment", "run.progress": False, "run.plots": False}  # fmt: skip
@@ -257,34 +267,64 @@ def tune(
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
     # a trial is judged only from its second epoch on, and only once a few trials have finished
     study.pruner = optuna.pruners.MedianPruner(n_startup_trials=min(5, max(2, trials // 4)), n_warmup_steps=2)
-    # Optuna logs an interrupted trial as failed, with the trainer's "resume this run" advice: tune's own
-    # message (rerun tune) is the one that applies
-    quiet = _DropInterrupted()
+    quiet = _QuietFailures()
     logging.getLogger("optuna.study._optimize").addFilter(quiet)
+    before = len(study.trials)
     try:
         study.optimize(objective, n_trials=trials, catch=(FloatingPointError,), callbacks=list(callbacks))
     except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM (the trainer checkpoints first): keep what finished
         from .training.trainer import TrainingInterrupted
 
         done = write_results(study, out, metric, space, cfg)
+        kept = (f"{done} complete, summarised in {out} (trials.md, best.yaml)" if done else
+                f"none complete, so there is no trials.md or best.yaml yet (trials.csv in {out})")  # fmt: skip
         raise TrainingInterrupted(
-            f"tuning stopped after {len(study.trials)} trials, {done} complete, summarised in {out} "
-            f"(trials.md, best.yaml). Continue the study by running the same fusionkit tune command again.",
+            f"tuning stopped after {len(study.trials)} trials, {kept}. Continue the study by running the same "
+            "fusionkit tune command again.",
             getattr(e, "signum", signal.SIGINT),
         ) from None
+    except Exception:  # a trial's error that stops the search (a config error): trials.csv still lists it
+        write_results(study, out, metric, space, cfg)
+        raise
     finally:
         logging.getLogger("optuna.study._optimize").removeFilter(quiet)
     if not write_results(study, out, metric, space, cfg):
-        raise RuntimeError(f"no tuning trial completed; see the run dirs under {out / 'trials'}")
+        raise ConfigError(_none_completed(study.trials[before:], out))
     best = study.best_trial
     return {"best_value": best.value, "best_params": best.params, "best_trial": best.number,
             "metric": metric, "trials": len(study.trials), "pruned": sum(t.state.name == "PRUNED" for t in study.trials),
             "output_dir": str(out)}  # fmt: skip
 
 
-class _DropInterrupted(logging.Filter):
+class _QuietFailures(logging.Filter):
+    """Optuna logs each failed trial with its traceback (and a second line, "failed with value None"); tune
+    keeps one line per trial: the error is in trials.csv and the traceback in the run dir's error.txt. An
+    interrupted trial is not logged as failed (with the trainer's "resume this run" advice): tune's own
+    message (rerun tune) is the one that applies."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            return False
+        record.exc_info = record.exc_text = None
+        return "failed with value None" not in record.getMessage()
+
+
+def _record_error(trial: Any, error: Exception) -> None:
+    """A failed trial's error as its `error` attribute (trials.csv's error column), with the traceback in its
+    run dir (error.txt) when the trainer made one."""
+    trial.set_user_attr("error", f"{type(error).__name__}: {error}")
+    run_dir = trial.user_attrs.get("run_dir")
+    if run_dir and Path(run_dir).is_dir():
+        (Path(run_dir) / "error.txt").write_text("".join(traceback.format_exception(error)))
+
+
+def _none_completed(trials: Sequence[Any], out: Path) -> str:
+    """Why a search that ran `trials` has no result: the first failure's error, where the others are."""
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    first = failed[0] if failed else None
+    why = f"; the first (trial {first.number}): {first.user_attrs.get('error', 'no value')}" if first else ""
+    return (f"no tuning trial completed: {len(failed)} of {len(trials)} failed{why}. Each trial's error is in the "
+            f"error column of {out / 'trials.csv'}; fix the config or search space and run again")  # fmt: skip
 
 
 def _data_fingerprint(cfg: Any, data: Any) -> str:
@@ -332,8 +372,11 @@ def open_study(out: Path, cfg: Any, space: Mapping[str, Any], metric: str, data:
         changes["data"] = ("the rows its trials trained on", "other rows (the data file was edited)")
     failed = all(t.state == optuna.trial.TrialState.FAIL for t in study.trials)
     if changes and failed:  # nothing learned: the corrected command starts the study again, the old one kept aside
-        kept = journal.with_name(f"study.failed-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        kept = journal.with_name(f"study.failed-{stamp}.jsonl")
         journal.rename(kept)
+        if (out / "trials.csv").is_file():  # its failed trials' errors, kept with it (not an older fusionkit's)
+            (out / "trials.csv").rename(out / f"trials.failed-{stamp}.csv")
         log.warning("%s held only failed trials of another config; kept as %s, starting a new study", out, kept.name)
         return open_study(out, cfg, space, metric, data)
     if changes:
@@ -358,7 +401,8 @@ def write_results(study: Any, out: Path, metric: str, space: Mapping[str, Any], 
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
         rows.append({"trial": t.number, "state": t.state.name, "value": t.value,
                      "epochs": max(t.intermediate_values, default=None), "seconds": seconds,
-                     **{k: t.params.get(k) for k in keys}, "run_dir": t.user_attrs.get("run_dir")})  # fmt: skip
+                     **{k: t.params.get(k) for k in keys}, "run_dir": t.user_attrs.get("run_dir"),
+                     "error": t.user_attrs.get("error")})  # fmt: skip
     if not rows:
         return 0
     with open(out / "trials.csv", "w", newline="") as f:

@@ -212,6 +212,38 @@ def test_val_loss_warns_when_a_task_param_in_the_space_changes_the_loss_scale(tm
     assert len(warned) == 1 and "model.tasks.sc.params.temperature" in warned[0]
 
 
+def test_a_search_whose_trials_all_fail_ends_in_one_error_naming_the_first(tmp_path: Path, caplog, capsys) -> None:
+    """Trials that all fail (NaN losses: a huge lr, no clipping) end in one error, exit 2, with each trial's
+    error in trials.csv and its traceback in the run dir, not a traceback per trial; stopped before any trial
+    finished, tune says there is no trials.md / best.yaml yet."""
+    from fusionkit.training.trainer import TrainingInterrupted
+
+    config = write_config(tmp_path)
+    unstable = yaml.safe_load(config.read_text())
+    unstable["data"]["dataset"] = "synthetic:48"
+    unstable["optim"].update(epochs=1, grad_clip=None, warmup_ratio=0.0)
+    config.write_text(yaml.safe_dump(unstable))
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"optim.lr": {"type": "float", "low": 900.0, "high": 999.0}}))
+    out = tmp_path / "tune"
+
+    def ctrl_c(study, trial) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted, match="none complete, so there is no trials.md or best.yaml yet"):
+        fusionkit.tune(build_config(config), 3, space, out, callbacks=[ctrl_c])
+    capsys.readouterr()
+    argv = ["tune", str(config), "--space", str(space), "--output-dir", str(out), "--trials", "1"]
+    assert main(argv) == 2  # the same study, continued: trials 0 and 1 failed
+    err = capsys.readouterr().err
+    assert "no tuning trial completed: 1 of 1 failed; the first (trial 1): NonFiniteLossError: loss is nan" in err
+    assert not any(r.exc_info for r in caplog.records)  # no traceback per trial
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert [r["state"] for r in rows] == ["FAIL", "FAIL"] and all("loss is nan" in r["error"] for r in rows)
+    assert "Traceback" in (Path(rows[1]["run_dir"]) / "error.txt").read_text()
+    assert not (out / "trials.md").exists() and not (out / "best.yaml").exists()
+
+
 def test_a_task_option_is_set_on_the_command_line_as_in_a_search_space(tmp_path: Path, capsys) -> None:
     cfg = build_config(None, {"model.tasks": [{"name": "mood"}], "model.tasks.mood.label_smoothing": 0.1})
     assert cfg.model.tasks[0].label_smoothing == 0.1

@@ -30,6 +30,7 @@ import csv
 import json
 import logging
 import math
+import os
 import signal
 import time
 import traceback
@@ -51,6 +52,9 @@ def changes_the_loss(key: str) -> bool:
     """A space key whose value changes the loss or its scale: a LOSS_CHANGING option, or a task type's own
     parameter (`model.tasks.<task>.params.<key>`: supcon's temperature, regression's standardize)."""
     return key.rsplit(".", 1)[-1] in LOSS_CHANGING or (key.startswith(TASK_PREFIX) and ".params." in key)
+
+
+RESULT_FILES = ("trials.md", "best.yaml", "history.png")  # written from the study (trials.csv: refused if there)
 
 
 def default_space(tasks: Sequence[Any] = ()) -> dict[str, dict[str, Any]]:
@@ -358,6 +362,10 @@ def open_study(out: Path, cfg: Any, space: Mapping[str, Any], metric: str, data:
         raise ConfigError(f"{out} holds the results of a study that cannot be continued (no study.jsonl: an older "
                           "fusionkit wrote it); pass --output-dir NEW_DIR so they are not overwritten")  # fmt: skip
     else:
+        from .training.report import keep_previous
+
+        for name in RESULT_FILES:  # a new study's results must not overwrite files that are not its own
+            keep_previous(out / name)
         study = optuna.create_study(storage=storage, study_name="fusionkit-tune",
                                     direction="maximize" if higher_is_better(metric) else "minimize")  # fmt: skip
     saved = study.user_attrs.get("identity")
@@ -405,10 +413,13 @@ def write_results(study: Any, out: Path, metric: str, space: Mapping[str, Any], 
                      "error": t.user_attrs.get("error")})  # fmt: skip
     if not rows:
         return 0
-    with open(out / "trials.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    def table(path: Path) -> None:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    _write_replacing(out / "trials.csv", table)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         return 0
@@ -422,19 +433,31 @@ def write_results(study: Any, out: Path, metric: str, space: Mapping[str, Any], 
                      f"{r['seconds'] or 0:.0f} | {cells} |")  # fmt: skip
     states = collections.Counter(r["state"].lower() for r in rows)
     counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
-    (out / "trials.md").write_text(
-        f"# Tuning: {len(rows)} trials ({counts}); those with a value, best first\n\n" + "\n".join(lines) + "\n"
-    )
-    plot_history(rows, out / "history.png", metric, study.direction.name == "MAXIMIZE")
+    md = f"# Tuning: {len(rows)} trials ({counts}); those with a value, best first\n\n" + "\n".join(lines) + "\n"
+    _write_replacing(out / "trials.md", lambda path: path.write_text(md))
+    _write_replacing(out / "history.png",
+                     lambda path: plot_history(rows, path, metric, study.direction.name == "MAXIMIZE"))  # fmt: skip
     best = study.best_trial
     best_cfg = apply_params(cfg, best.params, {"run.name": None})
     in_memory = str(cfg.data.dataset).startswith(IN_MEMORY)  # `fusionkit train best.yaml` refuses it, saying so
-    (out / "best.yaml").write_text(
+    text = (
         f"# fusionkit tune: best of {len(study.trials)} trials, {metric} = {best.value:.4f} (trial {best.number})\n"
         + ("# tuned on data passed in Python: fusionkit.train('best.yaml', data=<the same data>)\n" if in_memory else "")
         + yaml.safe_dump(to_dict(best_cfg), sort_keys=False)
     )
+    _write_replacing(out / "best.yaml", lambda path: path.write_text(text))
     return len(complete)
+
+
+def _write_replacing(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)`, then `tmp` renamed over `path`: a kill mid-write leaves the previous file whole, and a
+    backup `keep_previous` made of it (a hard link) keeps its own bytes."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # the suffix kept: savefig reads the format from it
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _cell(v: Any) -> str:

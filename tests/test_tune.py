@@ -34,7 +34,7 @@ def write_config(tmp_path: Path) -> Path:
     return path
 
 
-def test_cli_tune_writes_table_plot_and_best_config(tmp_path: Path) -> None:
+def test_cli_tune_writes_table_plot_and_best_config_keeping_a_users_own_files(tmp_path: Path) -> None:
     space = tmp_path / "space.yaml"
     space.write_text(  # as a user writes it: PyYAML reads 1e-4 (no decimal point) as a string
         "optim.lr: {type: float, low: 1e-4, high: 1e-2, log: true}\n"
@@ -44,6 +44,10 @@ def test_cli_tune_writes_table_plot_and_best_config(tmp_path: Path) -> None:
         "model.tasks.sentiment.class_weights: {type: categorical, choices: [null, balanced]}\n"
     )
     out = tmp_path / "tune"
+    out.mkdir()  # --output-dir a folder of the user's, with files of the names tune writes
+    mine = {"best.yaml": "optim: {lr: 0.5}\n", "trials.md": "# my notes\n"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
     argv = [
         "tune",
         str(write_config(tmp_path)),
@@ -70,6 +74,7 @@ def test_cli_tune_writes_table_plot_and_best_config(tmp_path: Path) -> None:
     # every trial was a normal run dir, and the best config trains as it is
     assert all(Path(r["run_dir"]).is_dir() for r in rows)
     assert build_config(out / "best.yaml").optim.lr == best["optim"]["lr"]
+    assert {name: (out / f"{name}.~1~").read_text() for name in mine} == mine  # kept, as --output elsewhere
 
 
 def test_task_options_and_bad_spaces() -> None:

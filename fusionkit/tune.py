@@ -4,13 +4,15 @@ Each trial is an ordinary training run (its own run dir under `<tune dir>/trials
 values applied as config overrides; with frozen encoders every trial reuses the same feature cache,
 so a trial costs only the fusion + heads training. Trials report their per-epoch validation metric
 (the run's `run.metric`) through `Trainer.epoch_callbacks`, and Optuna's `MedianPruner` stops those
-that trail the median of earlier trials at the same epoch.
+that trail the median of earlier trials at the same epoch (from the second epoch on, once a quarter of
+the requested trials, at least 2 and at most 5, have finished).
 
 A search space is a YAML mapping from config keys to distributions; a task's option is addressed
 as `model.tasks.<task name>.<option>`:
 
     optim.lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}
     model.fusion.depth: {type: int, low: 1, high: 3}
+    model.fusion.dropout: {type: float, low: 0.0, high: 0.4, step: 0.1}
     model.fusion.dim: {type: categorical, choices: [64, 128, 256]}
     model.tasks.sentiment.class_weights: {type: categorical, choices: [null, balanced]}
 

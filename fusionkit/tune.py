@@ -341,7 +341,8 @@ def _data_fingerprint(cfg: Any, data: Any) -> str:
     from .training.trainer import reader_kwargs
 
     source = cfg.data.dataset if data is None else data
-    return str(load_dataset(source, **reader_kwargs(cfg.data, cfg.model.tasks, source=source)).fingerprint)[:16]
+    rows = load_dataset(source, **reader_kwargs(cfg.data, cfg.model.tasks, source=source))
+    return str(rows.fingerprint)[:16]
 
 
 def open_study(out: Path, cfg: Any, space: Mapping[str, Any], metric: str, data: str | None = None) -> Any:

@@ -4,6 +4,7 @@ import fusionkit
 model = fusionkit.create_model("tiny", fusion={"strategy": "gated"})
 outputs = model(input_ids=..., attention_mask=..., pixel_values=...)   # {task: logits}
 vectors = fusionkit.embed(model, texts=[...], images=[...])           # [N, dim] numpy
+best = fusionkit.tune("my.yaml", trials=20, data=frame)               # Optuna search (pip install 'fusionkit[tune]')
 """
 
 __version__ = "0.1.0"
@@ -45,6 +46,10 @@ from .registry import load_plugins  # noqa: E402
 from .tasks import Task, bind_labels, list_tasks, register_task  # noqa: E402
 from .training import TrainConfig, Trainer, build_config, train  # noqa: E402
 
+# `fusionkit.tune(...)` (optuna is imported when it runs: an optional dependency). The function replaces the
+# submodule as this attribute; `from fusionkit.tune import default_space` still reaches the module.
+from .tune import tune  # noqa: E402
+
 __all__ = [
     "Collator",
     "ConfigError",
@@ -84,6 +89,7 @@ __all__ = [
     "register_task",
     "split_dataset",
     "train",
+    "tune",
 ]
 
 _HF_NAMES = ("FusionkitConfig", "FusionkitModel")

@@ -4,13 +4,15 @@ Each trial is an ordinary training run (its own run dir under `<tune dir>/trials
 values applied as config overrides; with frozen encoders every trial reuses the same feature cache,
 so a trial costs only the fusion + heads training. Trials report their per-epoch validation metric
 (the run's `run.metric`) through `Trainer.epoch_callbacks`, and Optuna's `MedianPruner` stops those
-that trail the median of earlier trials at the same epoch.
+that trail the median of earlier trials at the same epoch (from the second epoch on, once a quarter of
+the requested trials, at least 2 and at most 5, have finished).
 
 A search space is a YAML mapping from config keys to distributions; a task's option is addressed
 as `model.tasks.<task name>.<option>`:
 
     optim.lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}
     model.fusion.depth: {type: int, low: 1, high: 3}
+    model.fusion.dropout: {type: float, low: 0.0, high: 0.4, step: 0.1}
     model.fusion.dim: {type: categorical, choices: [64, 128, 256]}
     model.tasks.sentiment.class_weights: {type: categorical, choices: [null, balanced]}
 
@@ -25,24 +27,36 @@ Needs `pip install 'fusionkit[tune]'` (optuna).
 from __future__ import annotations
 
 import collections
+import copy
 import csv
 import json
 import logging
 import math
+import os
 import signal
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, load_config_file, to_dict
-from .training.config import TASK_PREFIX
+from .training.config import IN_MEMORY, TASK_PREFIX
 
 log = logging.getLogger("fusionkit.tune")
 
 DISTRIBUTIONS = ("float", "int", "categorical")
 # options that change the loss itself: a val/loss metric then compares different objectives
-LOSS_CHANGING = ("label_smoothing", "class_weights", "logit_adjustment", "weight", "loss_weighting")
+LOSS_CHANGING = ("label_smoothing", "class_weights", "logit_adjustment", "class_prior", "weight", "loss_weighting")
+
+
+def changes_the_loss(key: str) -> bool:
+    """A space key whose value changes the loss or its scale: a LOSS_CHANGING option, or a task type's own
+    parameter (`model.tasks.<task>.params.<key>`: supcon's temperature, regression's standardize)."""
+    return key.rsplit(".", 1)[-1] in LOSS_CHANGING or (key.startswith(TASK_PREFIX) and ".params." in key)
+
+
+RESULT_FILES = ("trials.md", "best.yaml", "history.png")  # written from the study (trials.csv: refused if there)
 
 
 def default_space(tasks: Sequence[Any] = ()) -> dict[str, dict[str, Any]]:
@@ -63,33 +77,99 @@ def default_space(tasks: Sequence[Any] = ()) -> dict[str, dict[str, Any]]:
     }
 
 
+# the options each distribution takes (Optuna's suggest_float / suggest_int / suggest_categorical)
+OPTIONS = {"float": ("low", "high", "log", "step"), "int": ("low", "high", "log", "step"), "categorical": ("choices",)}
+_SAME_SPLIT = "every trial must be scored on the same val rows"
+# keys that change what a trial's value measures: trials would be ranked on different yardsticks
+MEASURE_KEYS = {
+    "run.metric": "every trial must be ranked by the same metric (and direction)",
+    **dict.fromkeys(("data.dataset", "data.split_seed", "data.split_ratios", "data.split_file",
+                     "data.allow_new_rows", "data.missing_text", "data.missing_image", "data.on_error",
+                     "data.text_column", "data.image_column", "data.id_column"), _SAME_SPLIT),
+}  # fmt: skip
+
+
 def load_space(source: str | Path | Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """A search space from a YAML file or a mapping, checked: every entry a known distribution."""
-    where = str(source) if isinstance(source, str | Path) else "the search space"
+    """A search space from a YAML file or a mapping, checked and normalised: every entry a known distribution
+    with only its own options, bounds as numbers (PyYAML reads `5e-4` as a string), no key that changes
+    what is measured."""
+    at = f" in {source}" if isinstance(source, str | Path) else ""
     space = load_config_file(source) if isinstance(source, str | Path) else dict(source)
     if not space:
-        raise ConfigError(f"{where} declares no parameters")
-    for key, spec in space.items():
-        kind = spec.get("type") if isinstance(spec, dict) else None
-        if kind not in DISTRIBUTIONS:
-            raise ConfigError(f"{where}: {key!r} needs type: one of {DISTRIBUTIONS}, got {spec!r}")
-        need = ("choices",) if kind == "categorical" else ("low", "high")
-        missing = [k for k in need if k not in spec]
-        if missing:
-            raise ConfigError(f"{where}: {key!r} ({kind}) needs {missing}")
-        if kind == "categorical" and (not isinstance(spec["choices"], list) or not spec["choices"]):
-            raise ConfigError(f"{where}: {key!r}: choices must be a non-empty list")
-        if kind != "categorical" and not spec["low"] < spec["high"]:
-            raise ConfigError(f"{where}: {key!r}: low must be < high, got {spec['low']} and {spec['high']}")
-    return space
+        raise ConfigError(f"the search space{at} declares no parameters")
+    return {key: _check_entry(key, spec, at) for key, spec in space.items()}
+
+
+def _check_entry(key: str, spec: Any, at: str) -> dict[str, Any]:
+    def bad(problem: str) -> ConfigError:
+        return ConfigError(f"search space {key!r}{at}: {problem}")
+
+    if key in MEASURE_KEYS:
+        raise bad(f"cannot be searched: {MEASURE_KEYS[key]}; set it in the config, the same for every trial")
+    kind = spec.get("type") if isinstance(spec, Mapping) else None
+    if kind not in DISTRIBUTIONS:
+        raise bad(f"needs type: one of {DISTRIBUTIONS}, got {spec!r}")
+    unknown = sorted(set(spec) - {"type", *OPTIONS[kind]})
+    if unknown:
+        raise bad(f"unknown option(s) {unknown}; a {kind} takes {list(OPTIONS[kind])}")
+    if kind == "categorical":
+        if not isinstance(spec.get("choices"), list) or not spec["choices"]:
+            raise bad("choices must be a non-empty list")
+        return dict(spec)
+    missing = [k for k in ("low", "high") if k not in spec]
+    if missing:
+        raise bad(f"({kind}) needs {missing}")
+    out = {"type": kind, **{k: _number(spec[k], kind, k, bad) for k in ("low", "high", "step") if k in spec}}
+    if not out["low"] < out["high"]:
+        raise bad(f"low must be < high, got {out['low']} and {out['high']}")
+    if "log" in spec:
+        if not isinstance(spec["log"], bool):
+            raise bad(f"log must be true or false, got {spec['log']!r}")
+        out["log"] = spec["log"]
+    if out.get("log") and out["low"] <= 0:
+        raise bad(f"log: true needs low > 0 (a log scale has no 0), got low {out['low']}")
+    if "step" in out:
+        if out["step"] <= 0:
+            raise bad(f"step must be > 0, got {out['step']}")
+        if out.get("log") and (kind == "float" or out["step"] != 1):
+            raise bad("log and step cannot be combined (Optuna draws either on a log scale or on a grid)")
+    return out
+
+
+def _number(value: Any, kind: str, name: str, bad: Callable[[str], ConfigError]) -> int | float:
+    """A bound or step as a number: numeric strings read as numbers, an int distribution's as whole numbers."""
+    number = None
+    if isinstance(value, int | float | str) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if number is None or not math.isfinite(number):
+        raise bad(f"{name} must be a number, got {value!r}")
+    if kind == "float":
+        return number
+    if not number.is_integer():
+        raise bad(f"{name} of an int must be a whole number, got {value!r}")
+    return int(number)
+
+
+def edges(spec: Mapping[str, Any]) -> list[Any]:
+    """The extreme values a trial can draw: each choice, or low and the highest step on the grid (Optuna
+    draws from low + k * step, and lowers a high that is off the grid)."""
+    if spec["type"] == "categorical":
+        return list(spec["choices"])
+    low, high, step = spec["low"], spec["high"], spec.get("step")
+    if step is None:
+        return [low, high]
+    top = low + math.floor((high - low) / step + 1e-9) * step
+    return [low, round(top, 12) if spec["type"] == "float" else top]
 
 
 def check_space(config: Any, space: Mapping[str, Mapping[str, Any]]) -> None:
-    """Every value a trial can draw at the edges (low and high, each choice) makes a valid config: a bad
-    key or value stops the search before the first trial instead of failing one trial at a time."""
+    """Every value a trial can draw at the edges (see `edges`) makes a valid config: a bad key or value stops
+    the search before the first trial instead of failing one trial at a time."""
     for key, spec in space.items():
-        values = spec["choices"] if spec["type"] == "categorical" else [spec["low"], spec["high"]]
-        for value in values:
+        for value in edges(spec):
             try:
                 apply_params(config, {key: value})
             except ConfigError as e:
@@ -97,15 +177,14 @@ def check_space(config: Any, space: Mapping[str, Mapping[str, Any]]) -> None:
 
 
 def suggest(trial: Any, space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """One value per key, drawn by the trial's sampler."""
+    """One value per key, drawn by the trial's sampler (from a space `load_space` checked)."""
     out: dict[str, Any] = {}
     for key, spec in space.items():
+        log = spec.get("log", False)
         if spec["type"] == "float":
-            out[key] = trial.suggest_float(
-                key, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log"))
-            )
+            out[key] = trial.suggest_float(key, spec["low"], spec["high"], log=log, step=spec.get("step"))
         elif spec["type"] == "int":
-            out[key] = trial.suggest_int(key, int(spec["low"]), int(spec["high"]), log=bool(spec.get("log")))
+            out[key] = trial.suggest_int(key, spec["low"], spec["high"], step=spec.get("step", 1), log=log)
         else:
             out[key] = trial.suggest_categorical(key, list(spec["choices"]))
     return out
@@ -129,27 +208,42 @@ def tune(
 ) -> dict[str, Any]:
     """Run `trials` Optuna trials of `config` (a `TrainConfig`, dict or file); returns the best trial's summary.
 
-    `data`: an in-memory dataset every trial trains on (as `Trainer(data=...)`). `callbacks`: Optuna's
-    `(study, frozen_trial)` callables, called after each trial (logging, `MaxTrialsCallback`, ...)."""
+    `data`: an in-memory dataset every trial trains on, anything `Trainer(data=...)` takes (a pandas DataFrame,
+    a `datasets.Dataset`, a `MultimodalDataset`); best.yaml then says `data.dataset: in-memory:<type>`, so
+    it trains only with the data passed again. `callbacks`: Optuna's `(study, frozen_trial)` callables,
+    called after each trial (logging, `MaxTrialsCallback`, ...)."""
     import optuna
 
     from .tasks import create_task
     from .training.config import TrainConfig, build_config
     from .training.metrics import check_metric, default_metric
-    from .training.trainer import Trainer
+    from .training.trainer import Trainer, data_source_name
 
     cfg: TrainConfig = config if isinstance(config, TrainConfig) else build_config(config)
+    if data is not None:  # best.yaml records what the trials trained on, as a run's config does
+        cfg = copy.deepcopy(cfg)
+        cfg.data.dataset = data_source_name(data)
     if trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {trials}")
-    space = load_space(space) if space is not None else default_space(cfg.model.tasks)
+    space = load_space(space if space is not None else default_space(cfg.model.tasks))
     check_space(cfg, space)
     tasks = {t.name: create_task(t) for t in cfg.model.tasks}
     metric = cfg.run.metric or default_metric(tasks)
     check_metric(metric, tasks)  # before the study exists: a typo must not leave one behind that blocks the fix
     out = Path(output_dir or Path(cfg.run.output_dir) / f"tune-{cfg.run.name or 'run'}")
+    fingerprint = _data_fingerprint(cfg, data)  # reads the data: unreadable data leaves no tune dir behind
     out.mkdir(parents=True, exist_ok=True)
 
     def objective(trial: optuna.Trial) -> float:
+        try:
+            return run_trial(trial)
+        except optuna.TrialPruned:
+            raise
+        except Exception as e:
+            _record_error(trial, e)
+            raise
+
+    def run_trial(trial: optuna.Trial) -> float:
         params = suggest(trial, space)
         run = {"run.output_dir": str(out / "trials"), "run.name": f"trial-{trial.number:03d}",
                "run.name_exists": "increment", "run.progress": False, "run.plots": False}  # fmt: skip
@@ -170,53 +264,85 @@ def tune(
             raise ConfigError(f"trial {trial.number}: {metric} was never computed (no labelled val rows?)")
         return float(summary["best"])
 
-    if metric.endswith("/loss") and any(k.rsplit(".", 1)[-1] in LOSS_CHANGING for k in space):
+    loss_keys = sorted(filter(changes_the_loss, space))
+    if metric.endswith("/loss") and loss_keys:
         log.warning("%s is compared across trials whose loss itself differs (%s in the search space): prefer "
-                    "an accuracy or F1 metric as run.metric", metric,
-                    sorted({k for k in space if k.rsplit(".", 1)[-1] in LOSS_CHANGING}))  # fmt: skip
-    study = open_study(out, cfg, space, metric, _data_fingerprint(cfg, data))
+                    "an accuracy or F1 metric as run.metric", metric, loss_keys)  # fmt: skip
+    study = open_study(out, cfg, space, metric, fingerprint)
     # reseeded past the trials already there, so a continued study does not redraw their values
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
     # a trial is judged only from its second epoch on, and only once a few trials have finished
     study.pruner = optuna.pruners.MedianPruner(n_startup_trials=min(5, max(2, trials // 4)), n_warmup_steps=2)
-    # Optuna logs an interrupted trial as failed, with the trainer's "resume this run" advice: tune's own
-    # message (rerun tune) is the one that applies
-    quiet = _DropInterrupted()
+    quiet = _QuietFailures()
     logging.getLogger("optuna.study._optimize").addFilter(quiet)
+    before = len(study.trials)
     try:
         study.optimize(objective, n_trials=trials, catch=(FloatingPointError,), callbacks=list(callbacks))
     except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM (the trainer checkpoints first): keep what finished
         from .training.trainer import TrainingInterrupted
 
         done = write_results(study, out, metric, space, cfg)
+        kept = (f"{done} complete, summarised in {out} (trials.md, best.yaml)" if done else
+                f"none complete, so there is no trials.md or best.yaml yet (trials.csv in {out})")  # fmt: skip
         raise TrainingInterrupted(
-            f"tuning stopped after {len(study.trials)} trials, {done} complete, summarised in {out} "
-            f"(trials.md, best.yaml). Continue the study by running the same fusionkit tune command again.",
+            f"tuning stopped after {len(study.trials)} trials, {kept}. Continue the study by running the same "
+            "fusionkit tune command again.",
             getattr(e, "signum", signal.SIGINT),
         ) from None
+    except Exception:  # a trial's error that stops the search (a config error): trials.csv still lists it
+        write_results(study, out, metric, space, cfg)
+        raise
     finally:
         logging.getLogger("optuna.study._optimize").removeFilter(quiet)
     if not write_results(study, out, metric, space, cfg):
-        raise RuntimeError(f"no tuning trial completed; see the run dirs under {out / 'trials'}")
+        raise ConfigError(_none_completed(study.trials[before:], out))
     best = study.best_trial
     return {"best_value": best.value, "best_params": best.params, "best_trial": best.number,
             "metric": metric, "trials": len(study.trials), "pruned": sum(t.state.name == "PRUNED" for t in study.trials),
             "output_dir": str(out)}  # fmt: skip
 
 
-class _DropInterrupted(logging.Filter):
+class _QuietFailures(logging.Filter):
+    """Optuna logs each failed trial with its traceback (and a second line, "failed with value None"); tune
+    keeps one line per trial: the error is in trials.csv and the traceback in the run dir's error.txt. An
+    interrupted trial is not logged as failed (with the trainer's "resume this run" advice): tune's own
+    message (rerun tune) is the one that applies."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            return False
+        record.exc_info = record.exc_text = None
+        return "failed with value None" not in record.getMessage()
+
+
+def _record_error(trial: Any, error: Exception) -> None:
+    """A failed trial's error as its `error` attribute (trials.csv's error column), with the traceback in its
+    run dir (error.txt) when the trainer made one."""
+    trial.set_user_attr("error", f"{type(error).__name__}: {error}")
+    run_dir = trial.user_attrs.get("run_dir")
+    if run_dir and Path(run_dir).is_dir():
+        (Path(run_dir) / "error.txt").write_text("".join(traceback.format_exception(error)))
+
+
+def _none_completed(trials: Sequence[Any], out: Path) -> str:
+    """Why a search that ran `trials` has no result: the first failure's error, where the others are."""
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    first = failed[0] if failed else None
+    why = f"; the first (trial {first.number}): {first.user_attrs.get('error', 'no value')}" if first else ""
+    return (f"no tuning trial completed: {len(failed)} of {len(trials)} failed{why}. Each trial's error is in the "
+            f"error column of {out / 'trials.csv'}; fix the config or search space and run again")  # fmt: skip
 
 
 def _data_fingerprint(cfg: Any, data: Any) -> str:
     """The content of the rows every trial trains on (texts, labels, image bytes): an edited file at the same
-    path must not add its trials to a study of the old data."""
+    path must not add its trials to a study of the old data. `data` (a DataFrame, `datasets.Dataset`, ...) is
+    read as `Trainer(data=...)` reads it."""
     from .data import load_dataset
     from .training.trainer import reader_kwargs
 
-    ds = data if data is not None else load_dataset(cfg.data.dataset, **reader_kwargs(cfg.data, cfg.model.tasks))
-    return str(ds.fingerprint)[:16]
+    source = cfg.data.dataset if data is None else data
+    rows = load_dataset(source, **reader_kwargs(cfg.data, cfg.model.tasks, source=source))
+    return str(rows.fingerprint)[:16]
 
 
 def open_study(out: Path, cfg: Any, space: Mapping[str, Any], metric: str, data: str | None = None) -> Any:
@@ -239,6 +365,10 @@ def open_study(out: Path, cfg: Any, space: Mapping[str, Any], metric: str, data:
         raise ConfigError(f"{out} holds the results of a study that cannot be continued (no study.jsonl: an older "
                           "fusionkit wrote it); pass --output-dir NEW_DIR so they are not overwritten")  # fmt: skip
     else:
+        from .training.report import keep_previous
+
+        for name in RESULT_FILES:  # a new study's results must not overwrite files that are not its own
+            keep_previous(out / name)
         study = optuna.create_study(storage=storage, study_name="fusionkit-tune",
                                     direction="maximize" if higher_is_better(metric) else "minimize")  # fmt: skip
     saved = study.user_attrs.get("identity")
@@ -253,8 +383,11 @@ def open_study(out: Path, cfg: Any, space: Mapping[str, Any], metric: str, data:
         changes["data"] = ("the rows its trials trained on", "other rows (the data file was edited)")
     failed = all(t.state == optuna.trial.TrialState.FAIL for t in study.trials)
     if changes and failed:  # nothing learned: the corrected command starts the study again, the old one kept aside
-        kept = journal.with_name(f"study.failed-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        kept = journal.with_name(f"study.failed-{stamp}.jsonl")
         journal.rename(kept)
+        if (out / "trials.csv").is_file():  # its failed trials' errors, kept with it (not an older fusionkit's)
+            (out / "trials.csv").rename(out / f"trials.failed-{stamp}.csv")
         log.warning("%s held only failed trials of another config; kept as %s, starting a new study", out, kept.name)
         return open_study(out, cfg, space, metric, data)
     if changes:
@@ -279,13 +412,17 @@ def write_results(study: Any, out: Path, metric: str, space: Mapping[str, Any], 
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
         rows.append({"trial": t.number, "state": t.state.name, "value": t.value,
                      "epochs": max(t.intermediate_values, default=None), "seconds": seconds,
-                     **{k: t.params.get(k) for k in keys}, "run_dir": t.user_attrs.get("run_dir")})  # fmt: skip
+                     **{k: t.params.get(k) for k in keys}, "run_dir": t.user_attrs.get("run_dir"),
+                     "error": t.user_attrs.get("error")})  # fmt: skip
     if not rows:
         return 0
-    with open(out / "trials.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    def table(path: Path) -> None:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    _write_replacing(out / "trials.csv", table)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         return 0
@@ -299,17 +436,31 @@ def write_results(study: Any, out: Path, metric: str, space: Mapping[str, Any], 
                      f"{r['seconds'] or 0:.0f} | {cells} |")  # fmt: skip
     states = collections.Counter(r["state"].lower() for r in rows)
     counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
-    (out / "trials.md").write_text(
-        f"# Tuning: {len(rows)} trials ({counts}); those with a value, best first\n\n" + "\n".join(lines) + "\n"
-    )
-    plot_history(rows, out / "history.png", metric, study.direction.name == "MAXIMIZE")
+    md = f"# Tuning: {len(rows)} trials ({counts}); those with a value, best first\n\n" + "\n".join(lines) + "\n"
+    _write_replacing(out / "trials.md", lambda path: path.write_text(md))
+    _write_replacing(out / "history.png",
+                     lambda path: plot_history(rows, path, metric, study.direction.name == "MAXIMIZE"))  # fmt: skip
     best = study.best_trial
     best_cfg = apply_params(cfg, best.params, {"run.name": None})
-    (out / "best.yaml").write_text(
+    in_memory = str(cfg.data.dataset).startswith(IN_MEMORY)  # `fusionkit train best.yaml` refuses it, saying so
+    text = (
         f"# fusionkit tune: best of {len(study.trials)} trials, {metric} = {best.value:.4f} (trial {best.number})\n"
+        + ("# tuned on data passed in Python: fusionkit.train('best.yaml', data=<the same data>)\n" if in_memory else "")
         + yaml.safe_dump(to_dict(best_cfg), sort_keys=False)
     )
+    _write_replacing(out / "best.yaml", lambda path: path.write_text(text))
     return len(complete)
+
+
+def _write_replacing(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)`, then `tmp` renamed over `path`: a kill mid-write leaves the previous file whole, and a
+    backup `keep_previous` made of it (a hard link) keeps its own bytes."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # the suffix kept: savefig reads the format from it
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _cell(v: Any) -> str:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 pytest.importorskip("optuna")
 
+import fusionkit  # noqa: E402
 from fusionkit.cli import main  # noqa: E402
 from fusionkit.config import ConfigError  # noqa: E402
+from fusionkit.data import DataError, make_synthetic  # noqa: E402
 from fusionkit.training.config import build_config  # noqa: E402
 from fusionkit.tune import apply_params, load_space  # noqa: E402
 
@@ -29,16 +34,20 @@ def write_config(tmp_path: Path) -> Path:
     return path
 
 
-def test_cli_tune_writes_table_plot_and_best_config(tmp_path: Path) -> None:
+def test_cli_tune_writes_table_plot_and_best_config_keeping_a_users_own_files(tmp_path: Path) -> None:
     space = tmp_path / "space.yaml"
-    space.write_text(
-        yaml.safe_dump({
-            "optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-            "model.fusion.depth": {"type": "int", "low": 1, "high": 2},
-            "model.tasks.sentiment.class_weights": {"type": "categorical", "choices": [None, "balanced"]},
-        })
-    )  # fmt: skip
+    space.write_text(  # as a user writes it: PyYAML reads 1e-4 (no decimal point) as a string
+        "optim.lr: {type: float, low: 1e-4, high: 1e-2, log: true}\n"
+        "model.fusion.depth: {type: int, low: 1, high: 2}\n"
+        "model.fusion.dim: {type: int, low: 32, high: 96, step: 32}\n"  # 2 heads: any step of 32 is valid
+        "model.fusion.dropout: {type: float, low: 0.0, high: 0.3, step: 0.1}\n"
+        "model.tasks.sentiment.class_weights: {type: categorical, choices: [null, balanced]}\n"
+    )
     out = tmp_path / "tune"
+    out.mkdir()  # --output-dir a folder of the user's, with files of the names tune writes
+    mine = {"best.yaml": "optim: {lr: 0.5}\n", "trials.md": "# my notes\n"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
     argv = [
         "tune",
         str(write_config(tmp_path)),
@@ -53,6 +62,9 @@ def test_cli_tune_writes_table_plot_and_best_config(tmp_path: Path) -> None:
     rows = list(csv.DictReader((out / "trials.csv").open()))
     assert len(rows) == 3 and {r["state"] for r in rows} <= {"COMPLETE", "PRUNED"}
     assert len({r["optim.lr"] for r in rows}) == 3  # the sampler drew different values
+    assert all(1e-4 <= float(r["optim.lr"]) <= 1e-2 for r in rows)
+    assert {int(r["model.fusion.dim"]) for r in rows} <= {32, 64, 96}  # on the step's grid
+    assert all(round(float(r["model.fusion.dropout"]), 9) in (0.0, 0.1, 0.2, 0.3) for r in rows)
     assert (out / "history.png").stat().st_size > 1000
     assert "| trial |" in (out / "trials.md").read_text()
     best = yaml.safe_load((out / "best.yaml").read_text())
@@ -62,6 +74,7 @@ def test_cli_tune_writes_table_plot_and_best_config(tmp_path: Path) -> None:
     # every trial was a normal run dir, and the best config trains as it is
     assert all(Path(r["run_dir"]).is_dir() for r in rows)
     assert build_config(out / "best.yaml").optim.lr == best["optim"]["lr"]
+    assert {name: (out / f"{name}.~1~").read_text() for name in mine} == mine  # kept, as --output elsewhere
 
 
 def test_task_options_and_bad_spaces() -> None:
@@ -81,6 +94,13 @@ def test_task_options_and_bad_spaces() -> None:
         load_space({"optim.lr": {"low": 1, "high": 2}})
     with pytest.raises(ConfigError, match="low must be < high"):
         load_space({"optim.lr": {"type": "float", "low": 2, "high": 1}})
+
+
+def test_fusionkit_tune_is_exported_and_importing_fusionkit_does_not_need_optuna() -> None:
+    """`fusionkit.tune(...)` as the README names it; optuna is an optional extra, imported when tune runs."""
+    code = "import sys, fusionkit; print(callable(fusionkit.tune), 'tune' in fusionkit.__all__, 'optuna' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True", "True", "False"]
 
 
 def test_default_space_takes_each_task_types_own_options() -> None:
@@ -126,7 +146,17 @@ def test_tuning_again_in_the_same_dir_adds_trials_and_never_loses_any(tmp_path: 
     "entry,named",
     [({"optim.lrr": {"type": "float", "low": 1e-3, "high": 1e-2}}, "unknown key(s) ['lrr']"),
      ({"model.fusion.strategy": {"type": "categorical", "choices": ["late", "crossattn"]}}, "'crossattn'"),
-     ({"optim.warmup_ratio": {"type": "float", "low": 0.0, "high": 1.5}}, "warmup_ratio must be in [0, 1)")],
+     ({"optim.warmup_ratio": {"type": "float", "low": 0.0, "high": 1.5}}, "warmup_ratio must be in [0, 1)"),
+     # keys that change what a trial's value measures: ranked by one metric, scored on one val split
+     ({"run.metric": {"type": "categorical", "choices": ["val/loss", "val/sentiment/accuracy"]}}, "same metric"),
+     ({"data.split_seed": {"type": "int", "low": 0, "high": 3}}, "same val rows"),
+     # a typo in a distribution's options is not ignored (it would sample linearly / off the step)
+     ({"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "lg": True}}, "unknown option(s) ['lg']"),
+     ({"optim.lr": {"type": "float", "low": 0.0, "high": 1e-2, "log": True}}, "log: true needs low > 0"),
+     ({"optim.lr": {"type": "float", "low": "a lot", "high": 1e-2}}, "low must be a number, got 'a lot'"),
+     ({"model.fusion.depth": {"type": "int", "low": 1, "high": 2.5}}, "high of an int must be a whole number"),
+     # the highest value on the step's grid is checked (107, odd for 2 heads), not high (110, never drawn)
+     ({"model.fusion.dim": {"type": "int", "low": 32, "high": 110, "step": 15}}, "the value 107 gives")],
 )  # fmt: skip
 def test_a_bad_space_stops_before_the_first_trial(tmp_path: Path, capsys, entry: dict, named: str) -> None:
     space = tmp_path / "space.yaml"
@@ -176,6 +206,49 @@ def test_an_interrupted_tune_summarises_what_finished_and_the_same_command_conti
     assert tune(cfg, 1, space, out)["trials"] == 3
 
 
+def test_val_loss_warns_when_a_task_param_in_the_space_changes_the_loss_scale(tmp_path: Path, caplog) -> None:
+    """Trials ranked by val/loss while supcon's temperature varies compare losses of different scales."""
+    supcon = {"name": "sc", "type": "supcon", "params": {"labels_from": "sentiment", "views": "joint"}}
+    cfg = build_config(write_config(tmp_path), {"optim.epochs": 1, "data.dataset": "synthetic:48",
+                                                "model.tasks": [{"name": "sentiment"}, supcon], "run.metric": "val/loss"})  # fmt: skip
+    space = {"model.tasks.sc.params.temperature": {"type": "float", "low": 0.05, "high": 0.5, "log": True}}
+    assert fusionkit.tune(cfg, 1, space, tmp_path / "tune")["metric"] == "val/loss"
+    warned = [r.getMessage() for r in caplog.records if r.name == "fusionkit.tune" and r.levelname == "WARNING"]
+    assert len(warned) == 1 and "model.tasks.sc.params.temperature" in warned[0]
+
+
+def test_a_search_whose_trials_all_fail_ends_in_one_error_naming_the_first(tmp_path: Path, caplog, capsys) -> None:
+    """Trials that all fail (NaN losses: a huge lr, no clipping) end in one error, exit 2, with each trial's
+    error in trials.csv and its traceback in the run dir, not a traceback per trial; stopped before any trial
+    finished, tune says there is no trials.md / best.yaml yet."""
+    from fusionkit.training.trainer import TrainingInterrupted
+
+    config = write_config(tmp_path)
+    unstable = yaml.safe_load(config.read_text())
+    unstable["data"]["dataset"] = "synthetic:48"
+    unstable["optim"].update(epochs=1, grad_clip=None, warmup_ratio=0.0)
+    config.write_text(yaml.safe_dump(unstable))
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"optim.lr": {"type": "float", "low": 900.0, "high": 999.0}}))
+    out = tmp_path / "tune"
+
+    def ctrl_c(study, trial) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted, match="none complete, so there is no trials.md or best.yaml yet"):
+        fusionkit.tune(build_config(config), 3, space, out, callbacks=[ctrl_c])
+    capsys.readouterr()
+    argv = ["tune", str(config), "--space", str(space), "--output-dir", str(out), "--trials", "1"]
+    assert main(argv) == 2  # the same study, continued: trials 0 and 1 failed
+    err = capsys.readouterr().err
+    assert "no tuning trial completed: 1 of 1 failed; the first (trial 1): NonFiniteLossError: loss is nan" in err
+    assert not any(r.exc_info for r in caplog.records)  # no traceback per trial
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert [r["state"] for r in rows] == ["FAIL", "FAIL"] and all("loss is nan" in r["error"] for r in rows)
+    assert "Traceback" in (Path(rows[1]["run_dir"]) / "error.txt").read_text()
+    assert not (out / "trials.md").exists() and not (out / "best.yaml").exists()
+
+
 def test_a_task_option_is_set_on_the_command_line_as_in_a_search_space(tmp_path: Path, capsys) -> None:
     cfg = build_config(None, {"model.tasks": [{"name": "mood"}], "model.tasks.mood.label_smoothing": 0.1})
     assert cfg.model.tasks[0].label_smoothing == 0.1
@@ -187,16 +260,30 @@ def test_a_task_option_is_set_on_the_command_line_as_in_a_search_space(tmp_path:
         build_config(None, {"data.split_ratios": [0.6, 0.2, 0.3]})
 
 
-def test_a_study_is_not_continued_on_other_data(tmp_path: Path) -> None:
-    """The same config and space on edited rows (same path, other content) must not add trials to the old
-    study, whose best config would then be chosen across two datasets."""
-    from fusionkit.data import make_synthetic
-    from fusionkit.tune import tune
+def synthetic_frame(n: int, seed: int) -> Any:
+    """Synthetic rows as a pandas DataFrame (PIL images in the image column), as a user passes their data."""
+    pd = pytest.importorskip("pandas")
+    rows = make_synthetic(n, seed=seed, image_size=32).examples
+    return pd.DataFrame({"text": [r.text for r in rows], "image": [r.image for r in rows],
+                         "sentiment": [r.labels["sentiment"] for r in rows]})  # fmt: skip
 
+
+def test_tuning_on_a_dataframe_records_it_and_is_not_continued_on_other_data(tmp_path: Path, capsys) -> None:
+    """`fusionkit.tune(..., data=DataFrame)` trains every trial on the frame; its best.yaml says so (no silent
+    training on the config's synthetic data). The same config and space on other rows must not add trials to
+    the old study, whose best config would then be chosen across two datasets."""
     cfg = build_config(write_config(tmp_path), {"optim.epochs": 1})
     space = {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
     out = tmp_path / "tune"
-    assert tune(cfg, 1, space, out, data=make_synthetic(64, seed=0, image_size=32))["trials"] == 1
+    with pytest.raises(DataError, match="'text'"):  # unreadable data: refused before the tune dir exists
+        fusionkit.tune(cfg, 1, space, out, data=synthetic_frame(64, seed=0).drop(columns="text"))
+    assert not out.exists()
+    assert fusionkit.tune(cfg, 1, space, out, data=synthetic_frame(64, seed=0))["trials"] == 1
+    best = out / "best.yaml"
+    assert yaml.safe_load(best.read_text())["data"]["dataset"] == "in-memory:DataFrame"
+    assert "fusionkit.train('best.yaml', data=" in best.read_text()
+    capsys.readouterr()
+    assert main(["train", str(best)]) == 2 and "fusionkit.train(config, data=...)" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"another config, search space or data \(data: .*edited"):
-        tune(cfg, 1, space, out, data=make_synthetic(64, seed=1, image_size=32))
-    assert tune(cfg, 1, space, out, data=make_synthetic(64, seed=0, image_size=32))["trials"] == 2
+        fusionkit.tune(cfg, 1, space, out, data=synthetic_frame(64, seed=1))
+    assert fusionkit.tune(cfg, 1, space, out, data=synthetic_frame(64, seed=0))["trials"] == 2

@@ -256,6 +256,12 @@ def _classes_seen(part: Any, task: str) -> set[int]:
     return seen
 
 
+def data_source_name(data: Any) -> str:
+    """The data.dataset a config records for `data` passed in Python: its path, or `in-memory:<type>`, which
+    no later run reads (it must be given the data again), never the config's own dataset."""
+    return str(data) if isinstance(data, str | Path) else f"{IN_MEMORY}{type(data).__name__}"
+
+
 def cache_root(data: DataConfig) -> Path:
     """`data.cache_dir`, else $FUSIONKIT_CACHE, else ~/.cache/fusionkit: the one rule every command uses."""
     return Path(data.cache_dir or os.environ.get("FUSIONKIT_CACHE") or "~/.cache/fusionkit").expanduser()
@@ -279,7 +285,7 @@ class Trainer:
         train on instead of `config.data.dataset` (columns are still named by `config.data`)."""
         self.cfg = cfg = config.validate()
         if data is not None:  # what the saved config says it trained on: not data.dataset's value
-            cfg.data.dataset = str(data) if isinstance(data, str | Path) else f"{IN_MEMORY}{type(data).__name__}"
+            cfg.data.dataset = data_source_name(data)
         self.device = resolve_device(cfg.run.device)
         self.rank, self.world = D.init_distributed(self.device)  # sets the CUDA device before collectives
         self.is_main = self.rank == 0
@@ -382,8 +388,10 @@ class Trainer:
             cfg.model = copy.deepcopy(model.config)
         source = cfg.data.dataset if data is None else data
         if isinstance(source, str) and source.startswith(IN_MEMORY):
-            raise ConfigError(f"data.dataset is {source!r}: this run trained on an in-memory dataset; pass it again "
-                              "(Trainer(cfg, data=..., resume=True)), or set data.dataset to a file")  # fmt: skip
+            again = ("this run trained on an in-memory dataset; pass it again (Trainer(cfg, data=..., resume=True))"
+                     if self.resume else "this config was written for an in-memory dataset (by fusionkit tune, or a "
+                     "run's saved config); train it from Python with the data: fusionkit.train(config, data=...)")  # fmt: skip
+            raise ConfigError(f"data.dataset is {source!r}: {again}, or set data.dataset to a file")
         kw = reader_kwargs(cfg.data, cfg.model.tasks, report_path=self.run_dir / "skipped_rows.jsonl",
                            source=source)  # fmt: skip
         ds, cfg.model.tasks = bind_labels(load_dataset(source, **kw), cfg.model.tasks, on_error=cfg.data.on_error,

@@ -37,8 +37,8 @@ SENTIMENT = {"name": "sentiment", "type": "classification", "num_classes": 3,
 TASKS = [SENTIMENT, {"name": "align", "type": "contrastive"}, {"name": "match", "type": "itm", "weight": 0.5}]
 
 
-def config(tmp: Path, name: str):
-    return build_config(None, {
+def config(tmp: Path, name: str, **overrides: object):
+    return build_config(None, {**{
         "data.dataset": "synthetic:80", "data.cache_dir": str(tmp / "cache"),
         "data.split_file": str(tmp / "split.json"),
         "data.augment": False,  # random draws (augmentation, dropout) differ per rank: switch them off
@@ -49,15 +49,15 @@ def config(tmp: Path, name: str):
         "optim.eps": 1e-6,
         "run.precision": "fp32", "run.output_dir": str(tmp / "runs"), "run.name": name, "run.progress": False,
         "run.plots": False, "run.device": "cpu", "run.checkpoint_every": 2,
-    })  # fmt: skip
+    }, **overrides})  # fmt: skip
 
 
-def write_split(tmp: Path) -> Path:
+def write_split(tmp: Path, train: int = 64) -> Path:
     """A saved split that is not the one data.split_seed would draw (a rank that ignored it would train on other
     rows), with 64 train rows: 4 whole batches, so one and two processes see the same global batches."""
     ids = load_dataset("synthetic:80").ids
     order = torch.randperm(80, generator=torch.Generator().manual_seed(123)).tolist()
-    split = {name: [ids[i] for i in order[a:b]] for name, a, b in (("train", 0, 64), ("val", 64, 72),
+    split = {name: [ids[i] for i in order[a:b]] for name, a, b in (("train", 0, train), ("val", train, 72),
                                                                    ("test", 72, 80))}  # fmt: skip
     path = tmp / "split.json"
     path.write_text(json.dumps(split))
@@ -172,6 +172,31 @@ def test_sigkill_of_one_rank_then_resume_matches_uninterrupted(runs: Path) -> No
     a, b = _weights(runs / "runs" / "ddp"), _weights(runs / "runs" / "killed")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _epoch_ends(runs / "runs" / "killed") == _epoch_ends(runs / "runs" / "ddp")
+
+
+def uneven_config(tmp: Path, name: str):
+    """Global batches of 9 rows (5 + 4 over two ranks) and a last one of 3 (2 + 1), 2 tasks, on 57 train rows."""
+    return config(tmp, name, **{"model.tasks": TASKS[:2], "optim.batch_size": 9, "optim.max_steps": 7})
+
+
+def _uneven_worker(rank: int, tmp: str, port: int) -> None:
+    _join(rank, port)
+    try:
+        Trainer(uneven_config(Path(tmp), "ddp")).fit()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_a_global_batch_split_unevenly_over_processes_trains_like_one_process(tmp_path: Path) -> None:
+    """A rank's loss is the mean of its own rows: weighted by its share of the global batch, not averaged
+    equally with the other rank's (a 5-row and a 4-row mean are not the mean of 9 rows)."""
+    write_split(tmp_path, train=57)
+    Trainer(uneven_config(tmp_path, "single")).fit()
+    mp.spawn(_uneven_worker, args=(str(tmp_path), free_port()), nprocs=2, join=True)
+    a, b = _weights(tmp_path / "runs" / "single"), _weights(tmp_path / "runs" / "ddp")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=2e-4, atol=1e-6)
 
 
 @pytest.mark.timeout(180)

@@ -296,3 +296,24 @@ def test_a_raised_max_steps_on_resume_trains_to_the_new_total(tmp_path: Path) ->
     assert summary["train_seconds"] > first_seconds > 0
     again = Trainer(tiny_config(tmp_path, **{"optim.max_steps": 9}), resume=True).fit()
     assert again["steps"] == 9 and again["train_seconds"] > first_seconds  # (as of the last checkpoint)
+
+
+def test_accumulated_micro_batches_train_like_one_batch_also_in_a_short_last_window(tmp_path: Path) -> None:
+    """Batch 4 x 4 accumulation steps = batch 16, on 40 train rows: each epoch ends with a window of 2 micro-batches
+    (8 rows), whose gradient is their mean (not half of it, as dividing every micro-batch by 4 gave)."""
+    from safetensors.torch import load_file
+
+    same = {"data.dataset": "synthetic:50", "data.split_ratios": [0.8, 0.1, 0.1], "data.augment": False,
+            "model.freeze": "encoders", "model.fusion.dropout": 0.0, "optim.epochs": 2, "optim.grad_clip": None,
+            "optim.eps": 1e-6, "run.precision": "fp32"}  # fmt: skip
+    weights = {}
+    for name, batch, accum in (("whole", 16, 1), ("accumulated", 4, 4)):
+        trainer = Trainer(tiny_config(tmp_path, name, **same, **{"optim.batch_size": batch,
+                                                                  "optim.accumulation_steps": accum}))  # fmt: skip
+        assert len(trainer.datasets["train"]) == 40 and trainer.total_steps == 6
+        trainer.fit()
+        weights[name] = load_file(follow_pointer(trainer.run_dir / "last") / "model.safetensors")
+    moved = [k for k in weights["whole"] if k.startswith("heads.")]
+    assert moved
+    worst = max(float((weights["accumulated"][k] - v).abs().max()) for k, v in weights["whole"].items())
+    assert worst < 1e-4  # float noise of the order of summation

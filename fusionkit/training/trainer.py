@@ -133,6 +133,10 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
     def __len__(self) -> int:
         return self.num_batches() - self.start
 
+    def global_size(self, b: int) -> int:
+        """Rows in global batch `b` (over all ranks): the batch size, but for the epoch's last one."""
+        return min(self.batch_size, self.n - b * self.batch_size)
+
     def __iter__(self) -> Iterator[list[int]]:
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -459,6 +463,11 @@ class Trainer:
             len(train), cfg.optim.batch_size, cfg.run.seed, shuffle=True, rank=self.rank, world=self.world,
             lengths=train.text_lengths() if cfg.data.group_by_length else None,
         )  # fmt: skip
+        tail = len(train) % cfg.optim.batch_size
+        if self.is_main and 0 < tail < self.world:
+            log.warning("the last %d train row(s) of each epoch are left out: a batch of %d cannot be split over %d "
+                        "processes (choose optim.batch_size so that %d rows leave no such tail)", tail, tail,
+                        self.world, len(train))  # fmt: skip
         self.train_loader = self._loader(train, self.train_sampler)
 
     def _loader(self, data: Any, sampler: torch.utils.data.Sampler) -> torch.utils.data.DataLoader:
@@ -676,6 +685,12 @@ class Trainer:
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.epochs}", disable=not self.progress)
         for batch in bar:
             batch = move_batch(batch, self.device, self.train_transform)
+            # This micro-batch's share of the optimizer step: its rows over the rows of its accumulation window,
+            # over all ranks (x world: DDP averages the ranks' gradients). A short last window, or a global batch
+            # split unevenly over processes, then weighs each row as one batch of that size would: not loss/accum.
+            first = self.batch_in_epoch - self.batch_in_epoch % accum
+            window = sum(map(self.train_sampler.global_size, range(first, min(first + accum, n_batches))))
+            share = len(batch["ids"]) * self.world / window
             self.batch_in_epoch += 1
             boundary = self.batch_in_epoch % accum == 0 or self.batch_in_epoch == n_batches
             # FSDP reduce-scatters every micro-batch's gradients (correct; DDP's no_sync saves the traffic)
@@ -696,7 +711,7 @@ class Trainer:
                 error = D.first_error(error, self.device)  # one rank's NaN stops every rank (none hangs)
                 if error is not None:
                     raise NonFiniteLossError(error)
-                self.scaler.scale(loss / accum).backward()
+                self.scaler.scale(loss * share).backward()
             self.running_loss += loss.detach()
             self.running_n += 1
             if not boundary:

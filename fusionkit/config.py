@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -157,7 +158,9 @@ class ModelConfig:
             (f.dim > 0, f"fusion.dim must be positive, got {f.dim}"),
             (f.num_heads > 0, f"fusion.num_heads must be positive, got {f.num_heads}"),
             (f.depth >= 1, f"fusion.depth must be at least 1, got {f.depth}"),
-            (f.mlp_ratio > 0, f"fusion.mlp_ratio must be positive, got {f.mlp_ratio}"),
+            (math.isfinite(f.mlp_ratio) and f.dim * f.mlp_ratio >= 1,  # an MLP of at least one hidden unit
+             f"fusion.mlp_ratio must be finite and give the MLP at least one hidden unit (dim x ratio >= 1), got "
+             f"{f.mlp_ratio}"),
             (0 <= f.dropout < 1, f"fusion.dropout must be in [0, 1), got {f.dropout}"),
             (0 <= f.modality_dropout <= 1, f"model.fusion.modality_dropout must be in [0, 1], got {f.modality_dropout}"),
             (f.image_grid >= 0, f"fusion.image_grid must be >= 0 (0 = keep all patches), got {f.image_grid}"),

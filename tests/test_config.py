@@ -213,3 +213,20 @@ def test_none_on_the_command_line_is_a_word_for_words_and_null_for_numbers(capsy
     assert main(["train", "--model.freeze", "none", "--optim.layer_decay", "none", "--print-config"]) == 0
     printed = capsys.readouterr().out
     assert "freeze: none" in printed and "layer_decay: null" in printed
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"run.seed": -1}, r"run.seed must be in \[0, 2\*\*32 - 1\]"),
+        ({"data.split_seed": 2**40}, r"data.split_seed must be in \[0, 2\*\*32 - 1\]"),
+        ({"model.fusion.mlp_ratio": float("inf")}, r"fusion.mlp_ratio must be finite"),
+        ({"model.fusion.mlp_ratio": 1e-9}, r"fusion.mlp_ratio .*at least one hidden unit"),
+        ({"model.tasks": [{"name": "sentiment", "class_weights": [0, 0, 0]}]}, r"class_weights .*one at least > 0"),
+    ],
+)
+def test_values_that_would_fail_later_or_train_nothing_are_refused_naming_the_key(overrides, match) -> None:
+    from fusionkit.training import build_config
+
+    with pytest.raises(ConfigError, match=match):
+        build_config(None, overrides).validate()

@@ -317,3 +317,18 @@ def test_accumulated_micro_batches_train_like_one_batch_also_in_a_short_last_win
     assert moved
     worst = max(float((weights["accumulated"][k] - v).abs().max()) for k, v in weights["whole"].items())
     assert worst < 1e-4  # float noise of the order of summation
+
+
+def test_early_stopping_is_said_and_recorded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A learning rate too small to move any weight: val accuracy never improves, patience 1 ends the run after
+    its second epoch, and the log and summary.json say so (with the precision the run used)."""
+    import logging
+
+    cfg = tiny_config(tmp_path, "patient", **{"data.dataset": "synthetic:40", "optim.epochs": 4, "optim.lr": 1e-12,
+                                              "optim.warmup_ratio": 0.0, "run.patience": 1,
+                                              "run.metric": "val/sentiment/accuracy"})  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="fusionkit"):
+        summary = Trainer(cfg).fit()
+    assert summary["epochs"] == 2 and summary["stopped_early"] and summary["precision"] in ("fp32", "bf16")
+    assert "stopped early after epoch 2 of 4" in caplog.text
+    assert json.loads((tmp_path / "runs" / "patient" / "summary.json").read_text())["stopped_early"] is True

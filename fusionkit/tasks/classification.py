@@ -177,8 +177,9 @@ class ClassificationTask(Task):
         if isinstance(cw, list):
             if (n or (len(names) if names else None)) not in (None, len(cw)):
                 raise ConfigError(f"task {cfg.name!r}: {len(cw)} class_weights for {n or len(names)} classes")
-            if any(not math.isfinite(w) or w < 0 for w in cw):
-                raise ConfigError(f"task {cfg.name!r}: class_weights must be finite and >= 0, got {cw}")
+            if any(not math.isfinite(w) or w < 0 for w in cw) or not any(cw):  # all 0: nothing to learn from
+                raise ConfigError(f"task {cfg.name!r}: class_weights must be finite and >= 0, one at least > 0, "
+                                  f"got {cw}")  # fmt: skip
 
     @staticmethod
     def min_classes() -> int:

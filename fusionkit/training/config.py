@@ -113,6 +113,8 @@ class TrainConfig:
                 f"and {self.optim.eval_batch_size}",
             ),
             (self.optim.accumulation_steps > 0, "optim.accumulation_steps must be positive"),
+            *((0 <= seed < 2**32, f"{key} must be in [0, 2**32 - 1] (what numpy and torch seed from), got {seed}")
+              for key, seed in (("run.seed", self.run.seed), ("data.split_seed", self.data.split_seed))),
             (
                 self.optim.ema_decay is None or 0 < self.optim.ema_decay < 1,
                 f"optim.ema_decay must be in (0, 1) or null (no EMA), got {self.optim.ema_decay}",

@@ -319,7 +319,8 @@ class Trainer:
         self.amp = self.precision.dtype
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)
         if self.is_main:
-            log.info("precision %s", self.precision.reason)
+            overruled = cfg.run.precision not in ("auto", self.precision.name)  # e.g. fp16 asked for on a CPU
+            log.log(logging.WARNING if overruled else logging.INFO, "precision %s", self.precision.reason)
             for message in unused_settings(cfg):
                 log.warning(message)
         self._build_data(source, parts)
@@ -669,6 +670,9 @@ class Trainer:
                 while self.epoch < self.epochs and self.step < self.total_steps and not self._early_stopped():
                     self._train_epoch()
                     self._end_epoch()  # also when max_steps ended the epoch early: the final eval + checkpoint
+            if self._early_stopped() and self.step < self.total_steps and self.is_main:
+                log.warning("stopped early after epoch %d of %d: %s did not improve for %d epochs (run.patience)",
+                            self.epoch, self.epochs, self.metric, self.cfg.run.patience)  # fmt: skip
             return self._finish(self.seconds_before + time.perf_counter() - start)  # over every session
         finally:
             self.run.unlock()
@@ -820,6 +824,8 @@ class Trainer:
             "best": self.best,
             "epochs": self.epoch,
             "steps": self.step,
+            "stopped_early": self._early_stopped() and self.step < self.total_steps,
+            "precision": self.precision.name,
             "train_seconds": round(seconds, 2),
             "trainable_parameters": self.model.num_parameters(trainable_only=True),
             "feature_cache": self.use_features,

@@ -211,8 +211,13 @@ def _tamper_last(run: Path) -> None:
 def test_copied_run_dir_resumes_through_a_full_epoch(base: tuple[Path, Path], tmp_path: Path) -> None:
     run = _copy(base, tmp_path)
     _tamper_last(run)
+    first = sorted((run / "checkpoints").glob("step-*"))[0]
+    mine = [run / "checkpoints" / f"{first.name}-keep", run / "checkpoints" / f"{first.name} (copy)"]
+    for folder in mine:  # the user's own copies: pruning never deletes them
+        shutil.copytree(first, folder)
     start = load_state(run / "last")["step"]
     summary = train(_resume_config(run), resume=True)
+    assert all((folder / "model.safetensors").is_file() for folder in mine)
     assert summary["steps"] > start and RunDir(run).last.name.startswith(f"step-{summary['steps']:08d}")
     log = [json.loads(line) for line in (run / "resume_log.jsonl").read_text().splitlines()]
     assert log[-1]["from_step"] == start and log[-1]["config_changes"]["run.output_dir"][1] == str(run.parent)

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -38,6 +39,9 @@ LOCK = "run.lock"
 POINTERS = ("last", "best")
 CHECKPOINTS = "checkpoints"
 NAME_EXISTS = ("error", "increment")
+# The checkpoint folders fusionkit writes: step-00000120, or step-00000120-1 for the same step saved twice.
+# Anything else under checkpoints/ (`step-00000120-keep`, `step-00000120 (copy)`) is the user's: never pruned.
+CHECKPOINT_NAME = re.compile(r"step-(\d{8})(?:-\d+)?")
 RUN_FILES = frozenset({
     LOCK, *POINTERS, CHECKPOINTS, "config.yaml", "config.json", "data_fingerprint.json", "resume_log.jsonl",
     "split.json", "metrics.jsonl", "summary.json", "skipped_rows.jsonl", "skipped_labels.jsonl", "curves.png",
@@ -267,6 +271,19 @@ class RunDir:
         """Append one line to resume_log.jsonl: what a resume started from and what it accepted."""
         with open(self.file("resume_log.jsonl"), "a") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}, default=str) + "\n")
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The optimizer step of a checkpoint folder fusionkit named (`step-00000120[-1]`); None for any other name."""
+    match = CHECKPOINT_NAME.fullmatch(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def saved_checkpoints(run_path: str | Path) -> list[Path]:
+    """The checkpoint folders fusionkit wrote in a run dir, oldest first (the user's own folders left out)."""
+    root = Path(run_path) / CHECKPOINTS
+    found = [p for p in root.glob("step-*") if p.is_dir() and checkpoint_step(p) is not None] if root.is_dir() else []
+    return sorted(found, key=lambda p: (checkpoint_step(p), len(p.name), p.name))
 
 
 def _own_hint(holder: str) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -122,6 +123,46 @@ def test_a_new_run_inside_a_run_dir_is_refused(base: tuple[Path, Path]) -> None:
         with pytest.raises(RunDirError, match=f"is inside the run dir {first}"):
             train(build_config(None, overrides))
     assert _digest(first) == before
+
+
+def test_saving_a_model_back_into_its_run_is_refused_and_the_run_still_evaluates(
+    base: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, first = base
+    run = _copy(base, tmp_path)
+    model = FusionModel.from_pretrained(run)
+    before = _digest(run)
+    step = RunDir(run).last
+    for target, where in [(run, f"{run} is the run dir"), (step, f"is inside the run dir {run}"),
+                          (run / "exported", f"is inside the run dir {run}")]:  # fmt: skip
+        with pytest.raises(FileExistsError, match=f"{where}.*Save it to a folder outside the run"):
+            model.save_pretrained(target)
+    assert _digest(run) == before and not (run / "exported").exists()
+    assert main(["eval", str(run), "--cache-dir", str(root / "cache")]) == 0  # the run's own data, as before
+    assert "synthetic" not in capsys.readouterr().err
+    own = tmp_path / "project"  # a folder of the user's with a config.json of its own
+    own.mkdir()
+    (own / "config.json").write_text('{"lr": 0.1}')
+    with pytest.raises(FileExistsError, match=f"{own / 'config.json'} exists and is not a fusionkit model's"):
+        model.save_pretrained(own)
+    assert (own / "config.json").read_text() == '{"lr": 0.1}' and not (own / "model.safetensors").exists()
+    saved = tmp_path / "model"
+    model.save_pretrained(saved)
+    model.save_pretrained(saved)  # a saved model is written over, as transformers does
+    assert FusionModel.from_pretrained(saved).config == model.config
+
+
+def test_a_model_copied_to_a_run_root_does_not_shadow_best(base: tuple[Path, Path], tmp_path: Path) -> None:
+    """A run that an older version saved a model into (config.json replaced) still loads its best checkpoint."""
+    run = _copy(base, tmp_path)
+    best = FusionModel.from_pretrained(run / "best")
+    other = FusionModel.from_pretrained(run / "best")
+    with torch.no_grad():
+        next(other.heads.parameters()).add_(1.0)
+    shutil.copytree(other.save_pretrained(tmp_path / "other"), run, dirs_exist_ok=True)  # what an older version's
+    # `save_pretrained(run)` left: a model config.json, model.safetensors and encoder folders at the run root
+    loaded = FusionModel.from_pretrained(run)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), best.state_dict().values()))
 
 
 def test_a_live_writer_keeps_a_second_one_out(

@@ -73,7 +73,7 @@ def save_checkpoint(
 
         follow_umask(tmp)  # mkdtemp's 0700 would hide the checkpoint from a shared run dir's readers
         try:
-            model.save_pretrained(tmp, frozen_weights=run_dir / FROZEN_WEIGHTS)  # frozen encoders: once per run
+            model._write_pretrained(tmp, frozen_weights=run_dir / FROZEN_WEIGHTS)  # frozen encoders: once per run
             torch.save(state, tmp / STATE_NAME)
             os.replace(tmp, final)
         except BaseException:

@@ -90,8 +90,7 @@ class RunDir:
         """
         if name_exists not in NAME_EXISTS:
             raise RunDirError(f"run.name_exists must be one of {NAME_EXISTS}, got {name_exists!r}")
-        outer = next((p for p in (Path(output_dir).resolve(), *Path(output_dir).resolve().parents)
-                      if (p / "config.json").is_file() and (p / CHECKPOINTS).is_dir()), None)  # fmt: skip
+        outer = run_dir_holding(output_dir)
         if outer is not None:  # a run's folder holds that run's files only (its eval, predict and resume read it)
             raise RunDirError(f"run.output_dir {output_dir} is inside the run dir {outer}; choose a folder outside it")
         base = name or time.strftime("%Y%m%d-%H%M%S")
@@ -271,6 +270,18 @@ class RunDir:
         """Append one line to resume_log.jsonl: what a resume started from and what it accepted."""
         with open(self.file("resume_log.jsonl"), "a") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}, default=str) + "\n")
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """True for a fusionkit run's folder: its resolved config.json beside checkpoints/ or split.json."""
+    path = Path(path)
+    return (path / "config.json").is_file() and ((path / CHECKPOINTS).is_dir() or (path / "split.json").is_file())
+
+
+def run_dir_holding(path: str | Path) -> Path | None:
+    """The run dir that `path` is or lies inside (a checkpoint, a pointer, a run's file), or None."""
+    path = Path(path).resolve()
+    return next((p for p in (path, *path.parents) if is_run_dir(p)), None)
 
 
 def checkpoint_step(path: str | Path) -> int | None:

@@ -165,6 +165,22 @@ def test_a_model_copied_to_a_run_root_does_not_shadow_best(base: tuple[Path, Pat
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), best.state_dict().values()))
 
 
+def test_a_run_without_best_is_loaded_from_last_with_a_warning(
+    base: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = _copy(base, tmp_path)
+    (run / "best").unlink()  # killed before its first evaluation
+    last = RunDir(run).last
+    with caplog.at_level(logging.WARNING, "fusionkit"):
+        FusionModel.from_pretrained(run)
+    step = int(last.name.split("-")[1])
+    assert f"the run has no best checkpoint yet (it stopped before its first evaluation): using last, step {step}" \
+        in caplog.text  # fmt: skip
+    caplog.clear()
+    FusionModel.from_pretrained(base[1])  # a run with a best checkpoint: nothing to say
+    assert "no best checkpoint" not in caplog.text
+
+
 def test_a_live_writer_keeps_a_second_one_out(
     base: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

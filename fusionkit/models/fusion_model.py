@@ -39,6 +39,8 @@ from .encoders import Encoder, ImageEncoder, TextEncoder, drop_unused_heads
 from .fusion import create_fusion, drop_modalities, masked_mean
 from .heads import MultiTaskLoss
 
+log = logging.getLogger("fusionkit")
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 # Parameters a fusionkit 0.1 checkpoint lacks (the missing-modality placeholders): loaded with a warning.
@@ -839,7 +841,7 @@ def _is_model_config(path: Path) -> bool:
 
 def _find_checkpoint_dir(directory: Path) -> Path:
     """Accept a model directory, a `last`/`best` pointer, or a run directory with the model in `best` or `last`."""
-    from ..training.rundir import follow_pointer, is_run_dir
+    from ..training.rundir import checkpoint_step, follow_pointer, is_run_dir
 
     if directory.is_file():  # a run dir's `best`/`last` pointer file
         if directory.name not in ("best", "last", "model"):
@@ -852,6 +854,10 @@ def _find_checkpoint_dir(directory: Path) -> Path:
         if candidate.is_file():
             candidate = follow_pointer(candidate)
         if (candidate / CONFIG_NAME).is_file() and (candidate / WEIGHTS_NAME).is_file():
+            if run and candidate == follow_pointer(directory / "last") and not (directory / "best").exists():
+                step = checkpoint_step(candidate)
+                log.warning("%s: the run has no best checkpoint yet (it stopped before its first evaluation): "
+                            "using last, step %s (%s)", directory, "?" if step is None else step, candidate)  # fmt: skip
             return candidate
     if not directory.exists():
         raise FileNotFoundError(f"{directory} does not exist")

@@ -499,23 +499,33 @@ def test_ratios_that_leave_a_split_empty_are_reported(tmp_path: Path, caplog: py
     assert "the test split is empty" in caplog.text
 
 
-def test_a_folder_of_other_files_is_not_called_a_run_nor_offered_for_deletion(tmp_path: Path) -> None:
+def test_a_folder_of_other_files_is_not_called_a_run_nor_offered_for_deletion(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "tweets.csv").write_text("id,text\n")
     with pytest.raises(RunDirError, match=r"holds other files \(tweets.csv\), not a run") as e:
         RunDir.create(tmp_path, "data")
     assert "delete" not in str(e.value)
+    (tmp_path / "notes").write_text("notes\n")  # a file where the run dir would go
+    argv = ["train", "--data.dataset", "synthetic:8", "--run.output_dir", str(tmp_path), "--run.name", "notes"]
+    assert main(argv) == 1
+    assert f"{tmp_path / 'notes'} is a file, not a run dir" in capsys.readouterr().err
+    assert (tmp_path / "notes").read_text() == "notes\n"
 
 
 def test_a_run_copied_as_a_tree_of_symlinks_loads(tmp_path: Path) -> None:
     """`cp -rs RUN COPY` links every file, the `best`/`last` pointer files too: they are still pointers."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "r").write_text("notes\n")  # a file of the run's name: increment skips it
     argv = ["train", "--data.dataset", "synthetic:40", "--optim.max_steps", "2", "--run.output_dir",
             str(tmp_path / "runs"), "--run.name", "r", "--data.cache_dir", str(tmp_path / "cache"),
-            "--run.progress", "false", "--run.plots", "false"]  # fmt: skip
+            "--run.progress", "false", "--run.plots", "false", "--run.name_exists", "increment"]  # fmt: skip
     assert main(argv) == 0
+    assert (tmp_path / "runs" / "r").read_text() == "notes\n"
     copy = tmp_path / "copy"
-    shutil.copytree(tmp_path / "runs" / "r", copy, copy_function=os.symlink)
+    shutil.copytree(tmp_path / "runs" / "r-1", copy, copy_function=os.symlink)
     assert (copy / "best").is_symlink() and (copy / "best").resolve().is_file()
-    original = FusionModel.from_pretrained(tmp_path / "runs" / "r")
+    original = FusionModel.from_pretrained(tmp_path / "runs" / "r-1")
     linked = FusionModel.from_pretrained(copy)
     assert all((a == b).all() for a, b in zip(original.state_dict().values(), linked.state_dict().values()))

@@ -97,6 +97,11 @@ class RunDir:
         increment = name is None or name_exists == "increment"
         for n in range(10_000):
             run = cls(Path(output_dir) / (base if n == 0 else f"{base}-{n}"))
+            if run.path.exists() and not run.path.is_dir():  # a file of that name: never a run dir
+                if increment:
+                    continue
+                raise RunDirError(f"{run.path} is a file, not a run dir; fusionkit never replaces it: choose "
+                                  "another run.name, or set run.name_exists=increment to get a fresh numbered dir")  # fmt: skip
             if run.holds_run() and not increment:
                 live = run.live_writer()
                 if live is not None:

@@ -280,6 +280,17 @@ def test_copied_run_dir_resumes_through_a_full_epoch(base: tuple[Path, Path], tm
     assert log[-1]["from_step"] == start and log[-1]["config_changes"]["run.output_dir"][1] == str(run.parent)
 
 
+def test_resume_without_last_names_the_newest_checkpoint_left(
+    base: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _copy(base, tmp_path)
+    newest = RunDir(run).last.relative_to(run).as_posix()
+    (run / "last").unlink()
+    assert main(["train", "--resume", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert f"the newest is {newest}" in err and f"echo {newest} > {run / 'last'}" in err
+
+
 def test_old_symlink_layout_is_still_read(base: tuple[Path, Path], tmp_path: Path) -> None:
     run = _copy(base, tmp_path)
     target = RunDir(run).last.name

@@ -144,6 +144,14 @@ class RunDir:
         if not run.path.is_dir():
             raise FileNotFoundError(f"nothing to resume: {run.path} does not exist")
         if run.last is None:
+            left = saved_checkpoints(run.path)
+            if left:  # the pointer was deleted, the checkpoints were not: say how to continue from the newest
+                newest = left[-1].relative_to(run.path).as_posix()
+                raise FileNotFoundError(
+                    f"cannot resume {run.path}: its `last` pointer is missing, though {len(left)} checkpoint(s) "
+                    f"remain; the newest is {newest}. To continue from it, restore the pointer: "
+                    f"echo {newest} > {run.path / 'last'}, then resume again"
+                )
             raise FileNotFoundError(f"nothing to resume: {run.path} has no checkpoint (no `last` pointer)")
         run.lock()
         return run

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -124,6 +125,62 @@ def test_a_new_run_inside_a_run_dir_is_refused(base: tuple[Path, Path]) -> None:
     assert _digest(first) == before
 
 
+def test_saving_a_model_back_into_its_run_is_refused_and_the_run_still_evaluates(
+    base: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, first = base
+    run = _copy(base, tmp_path)
+    model = FusionModel.from_pretrained(run)
+    before = _digest(run)
+    step = RunDir(run).last
+    for target, where in [(run, f"{run} is the run dir"), (step, f"is inside the run dir {run}"),
+                          (run / "exported", f"is inside the run dir {run}")]:  # fmt: skip
+        with pytest.raises(FileExistsError, match=f"{where}.*Save it to a folder outside the run"):
+            model.save_pretrained(target)
+    assert _digest(run) == before and not (run / "exported").exists()
+    assert main(["eval", str(run), "--cache-dir", str(root / "cache")]) == 0  # the run's own data, as before
+    assert "synthetic" not in capsys.readouterr().err
+    own = tmp_path / "project"  # a folder of the user's with a config.json of its own
+    own.mkdir()
+    (own / "config.json").write_text('{"lr": 0.1}')
+    with pytest.raises(FileExistsError, match=f"{own / 'config.json'} exists and is not a fusionkit model's"):
+        model.save_pretrained(own)
+    assert (own / "config.json").read_text() == '{"lr": 0.1}' and not (own / "model.safetensors").exists()
+    saved = tmp_path / "model"
+    model.save_pretrained(saved)
+    model.save_pretrained(saved)  # a saved model is written over, as transformers does
+    assert FusionModel.from_pretrained(saved).config == model.config
+
+
+def test_a_model_copied_to_a_run_root_does_not_shadow_best(base: tuple[Path, Path], tmp_path: Path) -> None:
+    """A run that an older version saved a model into (config.json replaced) still loads its best checkpoint."""
+    run = _copy(base, tmp_path)
+    best = FusionModel.from_pretrained(run / "best")
+    other = FusionModel.from_pretrained(run / "best")
+    with torch.no_grad():
+        next(other.heads.parameters()).add_(1.0)
+    shutil.copytree(other.save_pretrained(tmp_path / "other"), run, dirs_exist_ok=True)  # what an older version's
+    # `save_pretrained(run)` left: a model config.json, model.safetensors and encoder folders at the run root
+    loaded = FusionModel.from_pretrained(run)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), best.state_dict().values()))
+
+
+def test_a_run_without_best_is_loaded_from_last_with_a_warning(
+    base: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = _copy(base, tmp_path)
+    (run / "best").unlink()  # killed before its first evaluation
+    last = RunDir(run).last
+    with caplog.at_level(logging.WARNING, "fusionkit"):
+        FusionModel.from_pretrained(run)
+    step = int(last.name.split("-")[1])
+    assert f"the run has no best checkpoint yet (it stopped before its first evaluation): using last, step {step}" \
+        in caplog.text  # fmt: skip
+    caplog.clear()
+    FusionModel.from_pretrained(base[1])  # a run with a best checkpoint: nothing to say
+    assert "no best checkpoint" not in caplog.text
+
+
 def test_a_live_writer_keeps_a_second_one_out(
     base: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -211,11 +268,27 @@ def _tamper_last(run: Path) -> None:
 def test_copied_run_dir_resumes_through_a_full_epoch(base: tuple[Path, Path], tmp_path: Path) -> None:
     run = _copy(base, tmp_path)
     _tamper_last(run)
+    first = sorted((run / "checkpoints").glob("step-*"))[0]
+    mine = [run / "checkpoints" / f"{first.name}-keep", run / "checkpoints" / f"{first.name} (copy)"]
+    for folder in mine:  # the user's own copies: pruning never deletes them
+        shutil.copytree(first, folder)
     start = load_state(run / "last")["step"]
     summary = train(_resume_config(run), resume=True)
+    assert all((folder / "model.safetensors").is_file() for folder in mine)
     assert summary["steps"] > start and RunDir(run).last.name.startswith(f"step-{summary['steps']:08d}")
     log = [json.loads(line) for line in (run / "resume_log.jsonl").read_text().splitlines()]
     assert log[-1]["from_step"] == start and log[-1]["config_changes"]["run.output_dir"][1] == str(run.parent)
+
+
+def test_resume_without_last_names_the_newest_checkpoint_left(
+    base: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _copy(base, tmp_path)
+    newest = RunDir(run).last.relative_to(run).as_posix()
+    (run / "last").unlink()
+    assert main(["train", "--resume", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert f"the newest is {newest}" in err and f"echo {newest} > {run / 'last'}" in err
 
 
 def test_old_symlink_layout_is_still_read(base: tuple[Path, Path], tmp_path: Path) -> None:
@@ -437,23 +510,33 @@ def test_ratios_that_leave_a_split_empty_are_reported(tmp_path: Path, caplog: py
     assert "the test split is empty" in caplog.text
 
 
-def test_a_folder_of_other_files_is_not_called_a_run_nor_offered_for_deletion(tmp_path: Path) -> None:
+def test_a_folder_of_other_files_is_not_called_a_run_nor_offered_for_deletion(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "tweets.csv").write_text("id,text\n")
     with pytest.raises(RunDirError, match=r"holds other files \(tweets.csv\), not a run") as e:
         RunDir.create(tmp_path, "data")
     assert "delete" not in str(e.value)
+    (tmp_path / "notes").write_text("notes\n")  # a file where the run dir would go
+    argv = ["train", "--data.dataset", "synthetic:8", "--run.output_dir", str(tmp_path), "--run.name", "notes"]
+    assert main(argv) == 1
+    assert f"{tmp_path / 'notes'} is a file, not a run dir" in capsys.readouterr().err
+    assert (tmp_path / "notes").read_text() == "notes\n"
 
 
 def test_a_run_copied_as_a_tree_of_symlinks_loads(tmp_path: Path) -> None:
     """`cp -rs RUN COPY` links every file, the `best`/`last` pointer files too: they are still pointers."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "r").write_text("notes\n")  # a file of the run's name: increment skips it
     argv = ["train", "--data.dataset", "synthetic:40", "--optim.max_steps", "2", "--run.output_dir",
             str(tmp_path / "runs"), "--run.name", "r", "--data.cache_dir", str(tmp_path / "cache"),
-            "--run.progress", "false", "--run.plots", "false"]  # fmt: skip
+            "--run.progress", "false", "--run.plots", "false", "--run.name_exists", "increment"]  # fmt: skip
     assert main(argv) == 0
+    assert (tmp_path / "runs" / "r").read_text() == "notes\n"
     copy = tmp_path / "copy"
-    shutil.copytree(tmp_path / "runs" / "r", copy, copy_function=os.symlink)
+    shutil.copytree(tmp_path / "runs" / "r-1", copy, copy_function=os.symlink)
     assert (copy / "best").is_symlink() and (copy / "best").resolve().is_file()
-    original = FusionModel.from_pretrained(tmp_path / "runs" / "r")
+    original = FusionModel.from_pretrained(tmp_path / "runs" / "r-1")
     linked = FusionModel.from_pretrained(copy)
     assert all((a == b).all() for a, b in zip(original.state_dict().values(), linked.state_dict().values()))

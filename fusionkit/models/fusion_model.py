@@ -39,6 +39,8 @@ from .encoders import Encoder, ImageEncoder, TextEncoder, drop_unused_heads
 from .fusion import create_fusion, drop_modalities, masked_mean
 from .heads import MultiTaskLoss
 
+log = logging.getLogger("fusionkit")
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 # Parameters a fusionkit 0.1 checkpoint lacks (the missing-modality placeholders): loaded with a warning.
@@ -496,10 +498,18 @@ class FusionModel(nn.Module):
     def save_pretrained(self, directory: str | Path, *, frozen_weights: str | Path | None = None) -> Path:
         """Write config.json, model.safetensors and the encoders' own configs + tokenizer (no pickle).
 
+        A folder already holding a saved fusionkit model is written over (as transformers does); a run
+        dir (or anything inside one) and a folder whose config.json is not a fusionkit model's are refused.
+
         `frozen_weights`: a file shared by a run's checkpoints. The frozen encoders' weights (never
         changed by training) are written there once and this folder's model.safetensors names it,
         so a checkpoint costs only the trainable weights (a MiniLM + DINOv2 run: 224 MB each before).
         """
+        check_save_dir(Path(directory))
+        return self._write_pretrained(directory, frozen_weights=frozen_weights)
+
+    def _write_pretrained(self, directory: str | Path, *, frozen_weights: str | Path | None = None) -> Path:
+        """`save_pretrained` without the folder check: how the trainer writes checkpoints into its own run dir."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -800,19 +810,54 @@ def follow_umask(path: Path) -> None:
     path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def check_save_dir(directory: Path) -> None:
+    """Refuse a `save_pretrained` folder whose files are not a saved model's to replace: a run dir or a
+    folder inside one (its config.json is the training config that eval, predict and --resume read),
+    or a folder whose config.json is someone else's."""
+    from ..training.rundir import run_dir_holding
+
+    run = run_dir_holding(directory)
+    if run is not None:
+        where = "is the run dir" if run == directory.resolve() else f"is inside the run dir {run}"
+        raise FileExistsError(
+            f"{directory} {where}; saving a model there would replace the run's own files (its training config, "
+            f"checkpoints and pointers, read by eval, predict and --resume). Save it to a folder outside the run, "
+            f"e.g. {run.parent / (run.name + '-model')}"
+        )
+    config = directory / CONFIG_NAME
+    if config.is_file() and not _is_model_config(config):
+        raise FileExistsError(f"{config} exists and is not a fusionkit model's config; save_pretrained would "
+                              "overwrite it: save the model to a new folder")  # fmt: skip
+
+
+def _is_model_config(path: Path) -> bool:
+    """A saved model's config.json (a "model" section, no training sections: a run's config has "run")."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "model" in meta and "run" not in meta
+
+
 def _find_checkpoint_dir(directory: Path) -> Path:
     """Accept a model directory, a `last`/`best` pointer, or a run directory with the model in `best` or `last`."""
-    from ..training.rundir import follow_pointer
+    from ..training.rundir import checkpoint_step, follow_pointer, is_run_dir
 
     if directory.is_file():  # a run dir's `best`/`last` pointer file
         if directory.name not in ("best", "last", "model"):
             raise FileNotFoundError(f"{directory} is a file; pass the model folder or run dir that holds it "
                                     f"({directory.parent}), not the file itself")  # fmt: skip
         directory = follow_pointer(directory)
-    for candidate in (directory, directory / "best", directory / "model", directory / "last"):
+    # a run dir's own root is never its model (a copy saved there by older versions must not shadow `best`)
+    run = is_run_dir(directory)
+    for candidate in ((), (directory,))[not run] + (directory / "best", directory / "model", directory / "last"):
         if candidate.is_file():
             candidate = follow_pointer(candidate)
         if (candidate / CONFIG_NAME).is_file() and (candidate / WEIGHTS_NAME).is_file():
+            if run and candidate == follow_pointer(directory / "last") and not (directory / "best").exists():
+                step = checkpoint_step(candidate)
+                log.warning("%s: the run has no best checkpoint yet (it stopped before its first evaluation): "
+                            "using last, step %s (%s)", directory, "?" if step is None else step, candidate)  # fmt: skip
             return candidate
     if not directory.exists():
         raise FileNotFoundError(f"{directory} does not exist")

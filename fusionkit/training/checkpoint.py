@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .rundir import RunDir, follow_pointer
+from .rundir import RunDir, follow_pointer, saved_checkpoints
 
 STATE_NAME = "trainer_state.pt"
 FROZEN_WEIGHTS = "frozen_encoders.safetensors"
@@ -73,7 +73,7 @@ def save_checkpoint(
 
         follow_umask(tmp)  # mkdtemp's 0700 would hide the checkpoint from a shared run dir's readers
         try:
-            model.save_pretrained(tmp, frozen_weights=run_dir / FROZEN_WEIGHTS)  # frozen encoders: once per run
+            model._write_pretrained(tmp, frozen_weights=run_dir / FROZEN_WEIGHTS)  # frozen encoders: once per run
             torch.save(state, tmp / STATE_NAME)
             os.replace(tmp, final)
         except BaseException:
@@ -100,7 +100,7 @@ def save_checkpoint(
 
 def _prune(run: RunDir, keep: int) -> None:
     linked = {p.resolve() for p in (run.last, run.best) if p is not None}
-    steps = sorted(p for p in run.checkpoints.glob("step-*") if p.is_dir())
+    steps = saved_checkpoints(run.path)  # only folders fusionkit named: the user's own are never deleted
     for old in steps[: max(0, len(steps) - keep)]:
         if old.resolve() not in linked:
             shutil.rmtree(old, ignore_errors=True)

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -38,6 +39,9 @@ LOCK = "run.lock"
 POINTERS = ("last", "best")
 CHECKPOINTS = "checkpoints"
 NAME_EXISTS = ("error", "increment")
+# The checkpoint folders fusionkit writes: step-00000120, or step-00000120-1 for the same step saved twice.
+# Anything else under checkpoints/ (`step-00000120-keep`, `step-00000120 (copy)`) is the user's: never pruned.
+CHECKPOINT_NAME = re.compile(r"step-(\d{8})(?:-\d+)?")
 RUN_FILES = frozenset({
     LOCK, *POINTERS, CHECKPOINTS, "config.yaml", "config.json", "data_fingerprint.json", "resume_log.jsonl",
     "split.json", "metrics.jsonl", "summary.json", "skipped_rows.jsonl", "skipped_labels.jsonl", "curves.png",
@@ -86,14 +90,18 @@ class RunDir:
         """
         if name_exists not in NAME_EXISTS:
             raise RunDirError(f"run.name_exists must be one of {NAME_EXISTS}, got {name_exists!r}")
-        outer = next((p for p in (Path(output_dir).resolve(), *Path(output_dir).resolve().parents)
-                      if (p / "config.json").is_file() and (p / CHECKPOINTS).is_dir()), None)  # fmt: skip
+        outer = run_dir_holding(output_dir)
         if outer is not None:  # a run's folder holds that run's files only (its eval, predict and resume read it)
             raise RunDirError(f"run.output_dir {output_dir} is inside the run dir {outer}; choose a folder outside it")
         base = name or time.strftime("%Y%m%d-%H%M%S")
         increment = name is None or name_exists == "increment"
         for n in range(10_000):
             run = cls(Path(output_dir) / (base if n == 0 else f"{base}-{n}"))
+            if run.path.exists() and not run.path.is_dir():  # a file of that name: never a run dir
+                if increment:
+                    continue
+                raise RunDirError(f"{run.path} is a file, not a run dir; fusionkit never replaces it: choose "
+                                  "another run.name, or set run.name_exists=increment to get a fresh numbered dir")  # fmt: skip
             if run.holds_run() and not increment:
                 live = run.live_writer()
                 if live is not None:
@@ -136,6 +144,14 @@ class RunDir:
         if not run.path.is_dir():
             raise FileNotFoundError(f"nothing to resume: {run.path} does not exist")
         if run.last is None:
+            left = saved_checkpoints(run.path)
+            if left:  # the pointer was deleted, the checkpoints were not: say how to continue from the newest
+                newest = left[-1].relative_to(run.path).as_posix()
+                raise FileNotFoundError(
+                    f"cannot resume {run.path}: its `last` pointer is missing, though {len(left)} checkpoint(s) "
+                    f"remain; the newest is {newest}. To continue from it, restore the pointer: "
+                    f"echo {newest} > {run.path / 'last'}, then resume again"
+                )
             raise FileNotFoundError(f"nothing to resume: {run.path} has no checkpoint (no `last` pointer)")
         run.lock()
         return run
@@ -267,6 +283,31 @@ class RunDir:
         """Append one line to resume_log.jsonl: what a resume started from and what it accepted."""
         with open(self.file("resume_log.jsonl"), "a") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}, default=str) + "\n")
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """True for a fusionkit run's folder: its resolved config.json beside checkpoints/ or split.json."""
+    path = Path(path)
+    return (path / "config.json").is_file() and ((path / CHECKPOINTS).is_dir() or (path / "split.json").is_file())
+
+
+def run_dir_holding(path: str | Path) -> Path | None:
+    """The run dir that `path` is or lies inside (a checkpoint, a pointer, a run's file), or None."""
+    path = Path(path).resolve()
+    return next((p for p in (path, *path.parents) if is_run_dir(p)), None)
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The optimizer step of a checkpoint folder fusionkit named (`step-00000120[-1]`); None for any other name."""
+    match = CHECKPOINT_NAME.fullmatch(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def saved_checkpoints(run_path: str | Path) -> list[Path]:
+    """The checkpoint folders fusionkit wrote in a run dir, oldest first (the user's own folders left out)."""
+    root = Path(run_path) / CHECKPOINTS
+    found = [p for p in root.glob("step-*") if p.is_dir() and checkpoint_step(p) is not None] if root.is_dir() else []
+    return sorted(found, key=lambda p: (checkpoint_step(p), len(p.name), p.name))
 
 
 def _own_hint(holder: str) -> str:

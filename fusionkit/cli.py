@@ -236,6 +236,10 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         run_dir = Path(args.resume)
         if config:
             raise ConfigError("give either a config or --resume RUN_DIR, not both")
+        moved = sorted({"run.name", "run.output_dir", "run.name_exists"} & set(overrides))
+        if moved:  # the run stays where it is: a new name or folder would be silently ignored
+            raise ConfigError(f"--resume {run_dir} continues that run where it is; {', '.join(moved)} cannot change "
+                              "it (copy the run dir elsewhere and resume the copy to move it)")  # fmt: skip
         if not (run_dir / "config.yaml").is_file():
             found = _run_dir_of(run_dir)
             raise ConfigError(f"--resume {run_dir}: not a run dir (no config.yaml)"

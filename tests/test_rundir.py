@@ -289,6 +289,12 @@ def test_resume_without_last_names_the_newest_checkpoint_left(
     assert main(["train", "--resume", str(run)]) == 1
     err = capsys.readouterr().err
     assert f"the newest is {newest}" in err and f"echo {newest} > {run / 'last'}" in err
+    (run / "last").write_text("checkpoints/step-99999999\n")  # a pointer that outlived its checkpoint
+    assert main(["train", "--resume", str(run)]) == 1
+    assert f"the newest checkpoint left is {newest}: echo {newest} > {run / 'last'}" in capsys.readouterr().err
+    # a new name or folder for a resumed run would be silently ignored: refused, before the run is touched
+    assert main(["train", "--resume", str(run), "--run.name", "other", "--run.output_dir", str(tmp_path)]) == 2
+    assert "run.name, run.output_dir cannot change it" in capsys.readouterr().err
 
 
 def test_old_symlink_layout_is_still_read(base: tuple[Path, Path], tmp_path: Path) -> None:
@@ -540,3 +546,21 @@ def test_a_run_copied_as_a_tree_of_symlinks_loads(tmp_path: Path) -> None:
     original = FusionModel.from_pretrained(tmp_path / "runs" / "r-1")
     linked = FusionModel.from_pretrained(copy)
     assert all((a == b).all() for a, b in zip(original.state_dict().values(), linked.state_dict().values()))
+
+
+def test_a_run_whose_data_moved_resumes_from_the_new_path_without_accept_changes(
+    base: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The content is what the run checks (data_fingerprint.json), not the path: a moved copy is the same data."""
+    import yaml
+
+    root, _ = base
+    run = _copy(base, tmp_path)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["data"]["dataset"] = str(tmp_path / "gone" / "pairs.csv")  # where the data was, before it moved
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(FileNotFoundError, match=r"is not there any more: if it moved, resume with --data.dataset"):
+        Trainer(_resume_config(run), resume=True)
+    shutil.copytree(root / "data", tmp_path / "moved")
+    moved = tmp_path / "moved" / Path(_resume_config(run).data.dataset).name
+    Trainer(_resume_config(run, **{"data.dataset": str(moved)}), resume=True).fit()  # no --accept-changes needed

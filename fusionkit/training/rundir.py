@@ -347,7 +347,10 @@ def follow_pointer(path: str | Path) -> Path:
         raise ValueError(f"{path} names {target!r}; a pointer must name a checkpoint inside its run dir")
     checkpoint = path.parent / rel
     if not checkpoint.is_dir():
-        raise FileNotFoundError(f"{path} names {target!r}, which does not exist in {path.parent}")
+        left = saved_checkpoints(path.parent)  # the pointer outlived its checkpoint: name what is left
+        newest = left[-1].relative_to(path.parent).as_posix() if left else None
+        hint = f"; the newest checkpoint left is {newest}: echo {newest} > {path} to use it" if newest else ""
+        raise FileNotFoundError(f"{path} names {target!r}, which does not exist in {path.parent}{hint}")
     return checkpoint
 
 

@@ -397,6 +397,9 @@ class Trainer:
                      if self.resume else "this config was written for an in-memory dataset (by fusionkit tune, or a "
                      "run's saved config); train it from Python with the data: fusionkit.train(config, data=...)")  # fmt: skip
             raise ConfigError(f"data.dataset is {source!r}: {again}, or set data.dataset to a file")
+        if self.resume and isinstance(source, str) and not source.startswith("synthetic") and not Path(source).exists():
+            raise FileNotFoundError(f"{source}, the data {self.run_dir} trained on, is not there any more: if it moved, "
+                                    "resume with --data.dataset NEW_PATH (its content is checked against the run's)")  # fmt: skip
         kw = reader_kwargs(cfg.data, cfg.model.tasks, report_path=self.run_dir / "skipped_rows.jsonl",
                            source=source)  # fmt: skip
         ds, cfg.model.tasks = bind_labels(load_dataset(source, **kw), cfg.model.tasks, on_error=cfg.data.on_error,
@@ -524,7 +527,9 @@ class Trainer:
                 saved = _with_defaults(run.read_config() or {})
                 _adopt_data_derived(cfg, saved)
                 self.config_changes = config_changes(saved, to_dict(cfg))
-                guarded = {k: v for k, v in self.config_changes.items() if k not in OPERATIONAL_KEYS}
+                # a moved dataset is not a change when its content is checked against the run's (data_fingerprint.json)
+                moved = {"data.dataset"} if run.read_data_fingerprint() is not None else set()
+                guarded = {k: v for k, v in self.config_changes.items() if k not in OPERATIONAL_KEYS | moved}
                 if guarded and not self.accept_changes:
                     listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in guarded.items())
                     raise RunDirError(

@@ -282,7 +282,7 @@ def test_compiled_training_matches_eager(tmp_path):
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
 
 
-def test_a_raised_max_steps_on_resume_trains_to_the_new_total(tmp_path: Path) -> None:
+def test_a_raised_max_steps_on_resume_trains_to_the_new_total(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """max_steps 2 ends the first epoch early (5 batches per epoch); resumed with max_steps 9 (an accepted
     change) the run must make all 9 steps, not stop where the first run's epoch count would."""
     first = Trainer(tiny_config(tmp_path, **{"optim.max_steps": 2}))
@@ -294,8 +294,10 @@ def test_a_raised_max_steps_on_resume_trains_to_the_new_total(tmp_path: Path) ->
     assert summary["steps"] == 9
     # training time counts every session; resuming the finished run adds nothing and keeps it
     assert summary["train_seconds"] > first_seconds > 0
-    again = Trainer(tiny_config(tmp_path, **{"optim.max_steps": 9}), resume=True).fit()
+    with caplog.at_level("WARNING", logger="fusionkit"):
+        again = Trainer(tiny_config(tmp_path, **{"optim.max_steps": 9}), resume=True).fit()
     assert again["steps"] == 9 and again["train_seconds"] > first_seconds  # (as of the last checkpoint)
+    assert "had finished (step 9 of 9)" in caplog.text  # said, rather than seeming to train
 
 
 def test_accumulated_micro_batches_train_like_one_batch_also_in_a_short_last_window(tmp_path: Path) -> None:

@@ -666,6 +666,10 @@ class Trainer:
             self._write_config()  # on resume, refuses a changed config or data first
             if self.resume:
                 log.info("resumed from %s (epoch %d, step %d)", self.run.last, self.epoch, self.step)
+                if self.step >= self.total_steps and self.is_main:  # nothing left: say it, rather than seem to train
+                    log.warning("%s had finished (step %d of %d): its best checkpoint is evaluated again; to train "
+                                "on, raise optim.epochs or optim.max_steps (--accept-changes)", self.run_dir,
+                                self.step, self.total_steps)  # fmt: skip
             if self.cfg.run.report_to:
                 self.accelerator.init_trackers(self.run_dir.name, config=_scalar_config(to_dict(self.cfg)))
             start = self.fit_start = time.perf_counter()

@@ -30,9 +30,9 @@ def corpus_config(tmp_path: Path, csv: Path, on_error: str, name: str):
 
 
 def _reported(run: Path, trainer: Trainer) -> dict[str, str]:
-    """Row id -> problem, from the read-time and label reports and the cache's report (one for all splits)."""
+    """Row id -> problem, from the run dir's reports alone: rows the reader left out, labels it dropped, and (copied
+    from the cache's report) images the cache could not decode."""
     reports = [run / "skipped_rows.jsonl", run / "skipped_labels.jsonl"]
-    reports += sorted({d.skip_report for d in trainer.datasets.values() if d.skip_report is not None})
     out: dict[str, str] = {}
     for path in reports:
         if path.is_file():

@@ -447,8 +447,11 @@ class Trainer:
         with self._main_first():
             data = build_cache(pool, model.tokenizer, model.image_preprocess, cache_dir, max_length,
                                cfg.data.num_proc, cfg.data.on_error, progress=self.progress)  # fmt: skip
+            undecoded = data.skip_report
             if self.use_features:
                 data = build_features(model, data, cache_dir, cfg.optim.eval_batch_size, self.progress)
+        if self.is_main and undecoded is not None:  # images the cache could not decode: listed in the run dir
+            self._note_skipped(undecoded)  # too, beside the rows the reader left out
         self.datasets: dict[str, Any] = {
             split: SplitView(data, part.ids, part.fingerprint) for split, part in parts.items() if len(part)
         }
@@ -473,6 +476,14 @@ class Trainer:
                         "processes (choose optim.batch_size so that %d rows leave no such tail)", tail, tail,
                         self.world, len(train))  # fmt: skip
         self.train_loader = self._loader(train, self.train_sampler)
+
+    def _note_skipped(self, cache_report: Path) -> None:
+        """Append the cache's skipped items to the run's skipped_rows.jsonl (once: a resume reads them again)."""
+        report = self.run_dir / "skipped_rows.jsonl"
+        have = set(report.read_text(encoding="utf-8").splitlines()) if report.is_file() else set()
+        new = [line for line in cache_report.read_text(encoding="utf-8").splitlines() if line not in have]
+        with report.open("a", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in new)
 
     def _loader(self, data: Any, sampler: torch.utils.data.Sampler) -> torch.utils.data.DataLoader:
         # An explicit generator keeps DataLoader from drawing from the global RNG (which resume restores).

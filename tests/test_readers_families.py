@@ -855,6 +855,17 @@ def test_a_quote_closed_by_a_later_stray_quote_a_lone_cr_and_a_short_row(folder:
     with pytest.raises(DataError, match=r"swallow.csv:3-7: a quote opened on line 3 is not closed where it should be"):
         load_dataset(swallow, **cols)
     assert "r1" not in load_dataset(swallow, **cols, on_error="skip").ids
+    # two adjacent captions opening a quote (a quoted tweet) in a TSV: the record spans just two lines
+    (folder / "quoted.tsv").write_text('id\tcaption\tphoto\tmood\na\t"Best day\timg/0.jpg\thappy\n'
+                                       'b\t"Worst day\timg/1.jpg\tsad\nc\tok\timg/2.jpg\thappy\n')  # fmt: skip
+    with pytest.raises(DataError, match=r"quoted.tsv:2-3: a quote opened on line 2 is not closed"):
+        load_dataset(folder / "quoted.tsv", **cols)
+    # ... while a caption whose inner line only looks like a row (no such image file) is read as written
+    buf = io.StringIO(newline="")
+    csv.writer(buf).writerows([["id", "caption", "photo", "mood"], ["s", "Shot list:\nwide, dusk, beach.jpg, f/8\nlove it",
+                                                                   "img/0.jpg", "happy"]])  # fmt: skip
+    (folder / "shots.csv").write_text(buf.getvalue(), newline="")
+    assert load_dataset(folder / "shots.csv", **cols)[0].text == "Shot list:\nwide, dusk, beach.jpg, f/8\nlove it"
     buf = io.StringIO(newline="")
     csv.writer(buf).writerows([["id", "caption", "photo", "mood"], ["a", "one\rtwo", "img/0.jpg", "happy"],
                                ["b", "three", "img/1.jpg", "sad"]])  # fmt: skip

@@ -70,7 +70,8 @@ def _csv_rows(
             # means the quote never closed and the reader ran on to the end of the file, whole rows included
             # ... and one that "closed" on a later stray quote (an inch mark: 5") holds whole rows inside it
             if last > first and ('"' not in raw_lines[min(last, len(raw_lines)) - 1]
-                                 or any(_holds_rows(c, delimiter, header, needed[1] if len(needed) > 1 else None) for c in cells)):
+                                 or _holds_rows(raw_lines[first - 1 : last], delimiter, header,
+                                                needed[1] if len(needed) > 1 else None, path.parent)):  # fmt: skip
                 err = DataError(f"a quote opened on line {first} is not closed where it should be: lines {first}-{last} "
                                 "(whole rows) were read as one field", source=where,
                                 hint='close the quote, or write a quote inside a quoted field as ""')  # fmt: skip
@@ -97,20 +98,27 @@ def _csv_rows(
     return header, rows()
 
 
-def _holds_rows(field: str, delimiter: str, header: Sequence[str], image_column: str | None) -> bool:
-    """A field with an inner line shaped like a whole row: rows swallowed by an unclosed quote. Shaped like
-    a row: the header's count of fields, and an image file name in the image column's place (prose that
-    spans lines has neither)."""
-    for line in field.splitlines()[1:-1]:
-        cells = line.split(delimiter)
-        if len(cells) != len(header):
-            continue
-        if image_column in header:
-            if Path(cells[header.index(image_column)].strip()).suffix.lower() in _IMAGE_SUFFIXES:
-                return True
-        elif len(header) >= 4:
-            return True
-    return False
+def _holds_rows(lines: Sequence[str], delimiter: str, header: Sequence[str], image_column: str | None,
+                root: Path) -> bool:  # fmt: skip
+    """A record's physical lines hold whole rows: a quote that never closed, or closed on a later stray quote (an
+    inch mark), swallowed them. Then its first line is itself a whole row (the quote opened in a caption that
+    ended on that line) and a later line is one too. Shaped like a row: the header's count of fields and, in
+    the image column's place, an image file that exists (a caption spanning lines, a shot list in it included,
+    starts with only part of a row). Without an image column: an inner line with the header's count of 4+ fields."""
+
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in line.rstrip("\r\n").split(delimiter)]
+
+    if image_column not in header:
+        return len(header) >= 4 and any(len(cells(line)) == len(header) for line in lines[1:-1])
+    at = header.index(image_column)
+
+    def row_shaped(line: str) -> bool:
+        found = cells(line)
+        return (len(found) == len(header) and Path(found[at]).suffix.lower() in _IMAGE_SUFFIXES
+                and (root / found[at]).is_file())  # fmt: skip
+
+    return row_shaped(lines[0]) and any(map(row_shaped, lines[1:]))
 
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}

@@ -709,6 +709,10 @@ def test_label_spellings_from_pandas_and_a_declared_class_count_that_the_data_la
     assert from_csv.class_names == from_parquet.class_names == ["1", "2", "10"]
     with pytest.raises(ConfigError, match=r"num_classes=4 but the data has 3 classes .*list all 4 in"):
         bind_labels(_raw(["bird", "cat", "dog"]), [fusionkit.TaskConfig("y", num_classes=4)])
+    # a zero-width space or full-width letters: a second class that looks like the first one
+    for twin in ("happy\u200b", "\uff48\uff41\uff50\uff50\uff59"):
+        with pytest.raises(ConfigError, match=r"differ only in case or spelling"):
+            bind_labels(_raw(["happy", twin, "sad"]), [fusionkit.TaskConfig("y")])
 
 
 def test_a_class_missing_from_train_is_said_and_its_rows_keep_a_finite_loss(tmp_path: Path, caplog) -> None:

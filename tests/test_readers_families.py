@@ -884,6 +884,16 @@ def test_a_url_in_the_image_column_is_named_as_one(folder: Path) -> None:
         load_dataset(path, **COLUMNS)
 
 
+def test_an_id_spelled_nan_is_an_id_not_a_missing_one(folder: Path) -> None:
+    """"Nan" is a name; only an empty cell (or a float NaN from pandas) is a missing id, named by its row."""
+    (folder / "nan.csv").write_text("id,caption,photo\nNan,sunny,img/0.jpg\n,rain,img/1.jpg\n")
+    (folder / "nan.jsonl").write_text('{"id": "NaN", "caption": "a", "photo": "img/0.jpg"}\n')
+    assert load_dataset(folder / "nan.csv", **COLUMNS).ids == ["Nan", "1"]
+    assert load_dataset(folder / "nan.jsonl", **COLUMNS).ids == ["NaN"]
+    assert load_dataset(pd.DataFrame({"id": [float("nan")], "caption": ["a"], "photo": ["img/0.jpg"]}),
+                        image_root=folder, **COLUMNS).ids == ["0"]  # fmt: skip
+
+
 def test_int_ids_with_gaps_name_the_same_rows_in_csv_and_parquet(folder: Path) -> None:
     frame = pd.DataFrame({"id": [100, None, 102], "caption": ["a", "b", "c"], "photo": ["img/0.jpg"] * 3})
     frame.to_csv(folder / "ids.csv", index=False)  # 100.0, "", 102.0

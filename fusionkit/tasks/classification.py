@@ -93,7 +93,7 @@ def reconcile_class_names(
     if not configured:  # a class list taken from the data: spelling variants are almost always a mistake
         folded: dict[str, list[str]] = {}
         for n in names:
-            folded.setdefault(n.casefold(), []).append(n)
+            folded.setdefault(_spelling_key(n), []).append(n)
         clashes = [v for v in folded.values() if len(v) > 1]
         if clashes:
             raise ConfigError(
@@ -101,6 +101,13 @@ def reconcile_class_names(
                 "data, or if they are really different classes list them in model.tasks[].class_names"
             )
     return names
+
+
+def _spelling_key(name: str) -> str:
+    """What two labels that look alike share: compatibility-folded (full-width letters), case-folded, with
+    invisible format characters (zero-width space, joiners, BOM) removed."""
+    folded = unicodedata.normalize("NFKC", name).casefold()
+    return "".join(c for c in folded if unicodedata.category(c) != "Cf")
 
 
 def check_not_numeric(task: str, type_: str, observed: set[str], where: str) -> None:

@@ -199,8 +199,9 @@ def raw_value(value: Any) -> Any:
 
 
 def row_id(value: Any, row_number: int) -> str:
-    """The id cell as a string; only a missing or empty one becomes the row number (an id 0 stays "0")."""
-    value = raw_value(value)
+    """The id cell as a string; only a missing or empty one becomes the row number (an id 0 stays "0"). A string
+    is an id as written, "NaN" included (a user name): only a float NaN or None is a missing id."""
+    value = value.strip() or None if isinstance(value, str) else raw_value(value)
     if value is None:
         return str(row_number)
     if isinstance(value, float) and value.is_integer():  # an int column with gaps reads as floats

@@ -884,6 +884,14 @@ def test_a_url_in_the_image_column_is_named_as_one(folder: Path) -> None:
         load_dataset(path, **COLUMNS)
 
 
+def test_a_utf16_file_is_named_as_such(folder: Path) -> None:
+    for suffix in ("csv", "jsonl"):
+        body = "id,caption,photo\na,x,img/0.jpg\n" if suffix == "csv" else '{"id": "a", "caption": "x"}\n'
+        (folder / f"u16.{suffix}").write_bytes(body.encode("utf-16"))  # with its byte-order mark, as Excel writes
+        with pytest.raises(DataError, match=rf"u16.{suffix}: the file is UTF-16.*Re-encode it as UTF-8"):
+            load_dataset(folder / f"u16.{suffix}", **COLUMNS)
+
+
 def test_an_id_spelled_nan_is_an_id_not_a_missing_one(folder: Path) -> None:
     """"Nan" is a name; only an empty cell (or a float NaN from pandas) is a missing id, named by its row."""
     (folder / "nan.csv").write_text("id,caption,photo\nNan,sunny,img/0.jpg\n,rain,img/1.jpg\n")

@@ -231,8 +231,13 @@ one split file names the same rows of a CSV and of its Parquet copy).
             raise DataError(f"not a readable Parquet file ({e})", source=str(path)) from None
         columns, rows = _frame_rows(frame, str(path))
     else:
+        raw = path.read_bytes()
+        if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in raw[:4096]:  # Excel's "Unicode text" and the like
+            raise DataError("the file is UTF-16 (or another encoding with NUL bytes), not UTF-8", source=str(path),
+                            hint="re-encode it as UTF-8, e.g. iconv -f UTF-16 -t UTF-8 IN > OUT, or save as "
+                            "'CSV UTF-8' in Excel")  # fmt: skip
         # surrogateescape keeps undecodable bytes visible per row instead of failing the whole file.
-        text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+        text = raw.decode("utf-8-sig", errors="surrogateescape")
         if fmt == "jsonl":
             columns, rows = _jsonl_rows(path, text)
         else:

@@ -892,6 +892,14 @@ def test_a_utf16_file_is_named_as_such(folder: Path) -> None:
             load_dataset(folder / f"u16.{suffix}", **COLUMNS)
 
 
+def test_a_jsonl_key_given_twice_is_that_rows_error(folder: Path) -> None:
+    (folder / "twice.jsonl").write_text('{"id": "a", "caption": "first", "caption": "second", "photo": "img/0.jpg"}\n'
+                                        '{"id": "b", "caption": "ok", "photo": "img/1.jpg"}\n')  # fmt: skip
+    with pytest.raises(DataError, match=r"twice.jsonl:1: key 'caption' appears more than once"):
+        load_dataset(folder / "twice.jsonl", **COLUMNS)
+    assert load_dataset(folder / "twice.jsonl", **COLUMNS, on_error="skip").ids == ["b"]
+
+
 def test_an_id_spelled_nan_is_an_id_not_a_missing_one(folder: Path) -> None:
     """"Nan" is a name; only an empty cell (or a float NaN from pandas) is a missing id, named by its row."""
     (folder / "nan.csv").write_text("id,caption,photo\nNan,sunny,img/0.jpg\n,rain,img/1.jpg\n")

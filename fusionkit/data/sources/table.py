@@ -124,6 +124,18 @@ def _holds_rows(lines: Sequence[str], delimiter: str, header: Sequence[str], ima
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 
 
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    repeated = next((k for k in keys if keys.count(k) > 1), None)
+    if repeated is not None:
+        raise _RepeatedKey(repeated)
+    return dict(pairs)
+
+
 def _jsonl_rows(path: Path, text: str) -> tuple[list[str], list[Row]]:
     """One JSON object per line. Lines are split on "\\n" only (JSON Lines), so U+2028 or U+0085 in
     a caption stays inside its record; a line that is not an object is an error for that row."""
@@ -134,7 +146,11 @@ def _jsonl_rows(path: Path, text: str) -> tuple[list[str], list[Row]]:
             continue
         where = f"{path}:{lineno}"
         try:
-            value = json.loads(line)
+            value = json.loads(line, object_pairs_hook=_unique_keys)
+        except _RepeatedKey as e:  # json keeps the last of two equal keys: the first value would be lost unseen
+            rows.append((where, len(rows), DataError(f"key {e.args[0]!r} appears more than once in the object",
+                                                     source=where, hint="keep one of them")))  # fmt: skip
+            continue
         except json.JSONDecodeError as e:
             rows.append((where, len(rows), DataError(f"invalid JSON ({e.msg}, column {e.colno})", source=where,
                                                      hint="fix the line (one JSON object per line), or skip such "

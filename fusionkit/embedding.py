@@ -312,8 +312,11 @@ def retrieval_recall(
         raise ValueError("a row has no text or no image vector (NaN): pass complete pairs only")
     sim = t @ i.T
     diag = np.diag(sim)
-    ranks = {"t2i": (sim > diag[:, None]).sum(1), "i2t": (sim > diag[None, :]).sum(0)}
+    # Candidates scoring above the true one, and those tied with it (the same image twice, a placeholder photo):
+    # a tie is broken at random, so the true one lands anywhere among them (a constant model scores chance)
+    above = {"t2i": (sim > diag[:, None]).sum(1), "i2t": (sim > diag[None, :]).sum(0)}
+    tied = {"t2i": (sim == diag[:, None]).sum(1) - 1, "i2t": (sim == diag[None, :]).sum(0) - 1}
     n = len(diag)
-    out = {f"{d}_r@{k}": float(np.mean(r < k)) for d, r in ranks.items() for k in ks}
+    out = {f"{d}_r@{k}": float(np.mean(np.clip((k - above[d]) / (tied[d] + 1), 0, 1))) for d in above for k in ks}
     out.update({f"chance_r@{k}": min(1.0, k / n) for k in ks})
     return out

@@ -123,6 +123,12 @@ def test_retrieval_recall_counts_the_matching_row() -> None:
     assert swapped["t2i_r@1"] == swapped["i2t_r@1"] == 0.0 and swapped["t2i_r@10"] < 1.0
     with pytest.raises(ValueError, match="paired row by row"):
         retrieval_recall(vectors, vectors[:5])
+    # every image the same (a placeholder photo): ties are no evidence, the score is chance, not 1.0
+    constant = retrieval_recall(vectors, np.ones_like(vectors))
+    assert constant["t2i_r@1"] == pytest.approx(0.05) and constant["t2i_r@5"] == pytest.approx(0.25)
+    twice = np.repeat(vectors[::2], 2, axis=0)  # each pair twice: two equally right images, a coin flip at k=1
+    half = retrieval_recall(twice, twice)
+    assert half["t2i_r@1"] == pytest.approx(0.5) and half["t2i_r@5"] == 1.0
 
 
 def test_unreadable_image_names_its_row_or_is_skipped_in_place(tmp_path: Path, pairs) -> None:

@@ -79,7 +79,7 @@ if name:
     if name == "step":  # right after optimizer step n (mid-epoch, no checkpoint at that step)
         on_step(lambda t: die() if t.step == n else None)
     elif name == "ckpt_write":  # the n-th checkpoint: model written into its temp dir, state not yet
-        orig_save = FusionModel.save_pretrained
+        orig_save = FusionModel._write_pretrained  # what the trainer saves checkpoints with
         calls = [0]
         def _save(self, directory, **kw):
             out = orig_save(self, directory, **kw)
@@ -87,7 +87,7 @@ if name:
             if calls[0] == n:
                 die()
             return out
-        FusionModel.save_pretrained = _save
+        FusionModel._write_pretrained = _save
     elif name == "eval":  # during the n-th evaluation, after its first batch
         orig_inf = T.run_inference
         calls = [0]

@@ -4,8 +4,10 @@ Importing this module registers fusionkit's classes with `transformers` (model_t
 
     import fusionkit.hf  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModel, AutoProcessor
-    model = AutoModel.from_pretrained("runs/mvsa/best")          # or a hub id, "org/name"
-    processor = AutoProcessor.from_pretrained("runs/mvsa/best")
+    model = AutoModel.from_pretrained("my-model")                # a saved model folder, or a hub id "org/name"
+    processor = AutoProcessor.from_pretrained("my-model")
+    model = FusionkitModel.from_pretrained("runs/mvsa")          # a run dir (its best checkpoint): this class only,
+                                                                 # as the Auto classes read the run's own config.json
     out = model(**processor(texts=["what a day"], images=["photo.jpg"]))   # out.logits: {task: logits}
     model.push_to_hub("org/name")
 
@@ -187,9 +189,12 @@ class FusionkitModel(PreTrainedModel):
         # AutoModel passes the config it loaded; the folder's config.json is read again with the weights.
         kwargs.pop("config", None)
         device = kwargs.pop("map_location", None) or kwargs.pop("device_map", None) or "cpu"
+        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)  # transformers 5 / 4 spelling
         directory = _find_checkpoint_dir(resolve_pretrained_dir(pretrained_model_name_or_path, **kwargs))
         model = cls.from_fusion_model(FusionModel.from_pretrained(directory, map_location=device))
         model.config.name_or_path = str(pretrained_model_name_or_path)
+        if dtype not in (None, "auto"):  # "auto": the saved weights' own dtype, which is what was loaded
+            model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         return model.eval()
 
 

@@ -31,7 +31,10 @@ def resolve_pretrained_dir(name_or_path: str | Path, **hub_kwargs: Any) -> Path:
     if path.exists() or not is_hub_id(str(name_or_path)):
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist (and is not a hub id like 'org/name')")
-        return path
+        subfolder = hub_kwargs.get("subfolder")  # a local folder's too, as transformers reads it
+        if subfolder and not (path / subfolder).exists():
+            raise FileNotFoundError(f"{path} has no subfolder {subfolder!r}")
+        return path / subfolder if subfolder else path
     import huggingface_hub
 
     known = {"revision", "token", "cache_dir", "local_files_only", "force_download", "proxies", "subfolder"}

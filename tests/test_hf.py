@@ -57,6 +57,13 @@ def test_auto_classes_round_trip(saved: Path, batch, tmp_path: Path) -> None:
     ):
         torch.testing.assert_close(_logits(reload.eval(), batch), reference)
     assert isinstance(AutoModel.from_config(config), fhf.FusionkitModel)  # random weights, same architecture
+    # transformers' keywords, on a local folder too: subfolder= picks that folder, dtype= (or torch_dtype=) casts
+    again = fhf.FusionkitModel.from_pretrained(tmp_path, subfolder="again", dtype=torch.bfloat16)
+    assert {p.dtype for p in again.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in fhf.FusionkitModel.from_pretrained(tmp_path / "again", torch_dtype="auto").parameters()} == {
+        torch.float32}  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="has no subfolder 'nope'"):
+        fhf.FusionkitModel.from_pretrained(tmp_path, subfolder="nope")
     import fusionkit
 
     assert fusionkit.FusionkitModel is fhf.FusionkitModel and fusionkit.FusionkitConfig is fhf.FusionkitConfig

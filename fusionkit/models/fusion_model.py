@@ -839,6 +839,9 @@ def _is_model_config(path: Path) -> bool:
     return isinstance(meta, dict) and "model" in meta and "run" not in meta
 
 
+_WARNED_NO_BEST: set[Path] = set()
+
+
 def _find_checkpoint_dir(directory: Path) -> Path:
     """Accept a model directory, a `last`/`best` pointer, or a run directory with the model in `best` or `last`."""
     from ..training.rundir import checkpoint_step, follow_pointer, is_run_dir
@@ -855,9 +858,12 @@ def _find_checkpoint_dir(directory: Path) -> Path:
             candidate = follow_pointer(candidate)
         if (candidate / CONFIG_NAME).is_file() and (candidate / WEIGHTS_NAME).is_file():
             if run and candidate == follow_pointer(directory / "last") and not (directory / "best").exists():
-                step = checkpoint_step(candidate)
-                log.warning("%s: the run has no best checkpoint yet (it stopped before its first evaluation): "
-                            "using last, step %s (%s)", directory, "?" if step is None else step, candidate)  # fmt: skip
+                if candidate not in _WARNED_NO_BEST:  # once per process (a command reads a run more than once)
+                    _WARNED_NO_BEST.add(candidate)
+                    step = checkpoint_step(candidate)
+                    log.warning("%s has no `best` pointer (a run stopped before its first evaluation, or the file "
+                                "was deleted): using last, step %s (%s)", directory, "?" if step is None else step,
+                                candidate)  # fmt: skip
             return candidate
     if not directory.exists():
         raise FileNotFoundError(f"{directory} does not exist")

@@ -355,21 +355,25 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
         raise FileNotFoundError(f"{source}, the data {args.checkpoint} trained on, is not there any more: if it moved, "
                                 f"pass --data NEW_PATH --split {split} (the run's split.json names its rows)")  # fmt: skip
     trained = data  # the policies training read the rows with
+    kept = {side for side, policy in (("caption", trained.missing_text), ("image", trained.missing_image))
+            if policy == "keep"} | set(model.trained_without)  # sides its training rows could lack  # fmt: skip
     if not with_labels or args.data is not None:  # a row without a caption or an image is predicted (and, in
         # another file, scored) from the side it has ...
         data = dataclasses.replace(data, missing_text="keep", missing_image="keep")
 
     def read(cfg: Any, labels: bool, on_error: str = "raise", only: Any = None) -> Any:
         kw = reader_kwargs(cfg, model.config.tasks, labels=labels, source=source)
-        if kw and (not with_labels or args.data is not None) and trained.missing_image != "keep":
+        if kw and (args.data is not None or (not with_labels and trained.missing_image != "keep")):
             kw["missing_image_file"] = "error"  # ... but an image path that names no file is a mistake, not that
+            # (in a new file always; in the run's own rows unless training read such rows as imageless)
         if kw and only is not None:
             kw["only_ids"] = only  # a split is read alone: a broken row of another split is not its problem
         if kw and with_labels:  # eval scores the tasks whose label column the file has (bind_labels names the rest)
             kw["label_columns"] = None
         if kw and args.command == "predict" and not model.config.fusion.modality_dropout:
             # a renamed column must not turn into predictions from one side, which this model never learned
-            kw["required_sides"] = tuple(s for s, n in (("text", "caption"), ("image", "image")) if n in model.sides_read)
+            kw["required_sides"] = tuple(s for s, n in (("text", "caption"), ("image", "image"))
+                                         if n in model.sides_read and n not in kept)  # fmt: skip
         return bind_labels(load_dataset(source, **kw), model.config.tasks, require_columns=with_labels and "any",
                            on_error=on_error)[0]  # fmt: skip
 
@@ -423,15 +427,13 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
     if len(ds) == 0:  # every row skipped as unreadable: an empty output would look like success
         raise DataError(f"no readable rows left in {source} to {args.command} (see the skipped-rows report above)",
                         hint="fix the rows the report names, e.g. the file's encoding or its columns")  # fmt: skip
-    if args.command == "predict":
+    if args.command in ("predict", "eval"):  # eval scores rows as predict predicts them: the same checks
         no_text, no_image = sum(ex.text is None for ex in ds), sum(ex.image is None for ex in ds)
         absent = {"caption": no_text, "image": no_image}
         if ds and all(absent[side] == len(ds) for side in model.sides_read):  # a unimodal model without its side
             raise ConfigError(f"none of the {len(ds)} rows of {source} has a {' or '.join(model.sides_read)}, the "
                               f"only input of this {model.config.fusion.strategy} model: every prediction would be "
                               "the same")  # fmt: skip
-        kept = [side for side, policy in (("caption", trained.missing_text), ("image", trained.missing_image))
-                if policy == "keep"]  # training read rows without it: the model learned those too  # fmt: skip
         model.warn_one_sided(no_text, no_image, len(ds), source, trained_without=kept)
     labelled = [t.name for t in model.config.tasks if t.name in model.tasks and model.tasks[t.name].needs_labels]
     if args.command == "eval" and labelled and not any(ex.labels.get(t) is not None for ex in ds for t in labelled):

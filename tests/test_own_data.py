@@ -697,6 +697,17 @@ def test_predicting_rows_without_an_image_warns_only_a_model_that_never_saw_such
             fusionkit.FusionModel.from_pretrained(tmp_path / "runs" / name).predict(texts=["a caption"], images=[None])
         warned[name + " (python)"] = "which this model was not trained for" in caplog.text
     assert warned == {"strict": True, "keep": False, "strict (python)": True, "keep (python)": False}
+    # a model that trained on imageless rows: a new file without the image column is fine, a path naming no file
+    # in a new file is still a mistake (as for any model), not a row without an image
+    keep = str(tmp_path / "runs" / "keep")
+    with gappy.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "photo"])
+        w.writeheader()
+        w.writerows({k: v for k, v in r.items() if k != "photo"} for r in rows)
+    assert main(["predict", keep, "--data", str(gappy), "--output", str(tmp_path / "no_images.csv")]) == 0
+    typo = tmp_path / "data" / "typo.csv"
+    typo.write_text("id,caption,photo\nq1,a caption,nope.png\n")
+    assert main(["predict", keep, "--data", str(typo), "--output", str(tmp_path / "typo_out.csv")]) == 1  # DataError
 
 
 def test_label_spellings_from_pandas_and_a_declared_class_count_that_the_data_lacks() -> None:

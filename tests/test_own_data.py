@@ -697,6 +697,14 @@ def test_predicting_rows_without_an_image_warns_only_a_model_that_never_saw_such
             fusionkit.FusionModel.from_pretrained(tmp_path / "runs" / name).predict(texts=["a caption"], images=[None])
         warned[name + " (python)"] = "which this model was not trained for" in caplog.text
     assert warned == {"strict": True, "keep": False, "strict (python)": True, "keep (python)": False}
+    # the keep run's split reused by a run that skips imageless rows: those rows leave its splits (said), the rest
+    # keep their places (skip vs keep compared on the same test rows)
+    keep_split = json.loads((tmp_path / "runs" / "keep" / "split.json").read_text())
+    assert main(train_args(gappy, tmp_path / "runs", "strict-same-split", "--data.missing_image", "skip",
+                           "--data.split_file", str(tmp_path / "runs" / "keep" / "split.json"))) == 0  # fmt: skip
+    reused = json.loads((tmp_path / "runs" / "strict-same-split" / "split.json").read_text())
+    imageless = {r["id"] for r in rows if not r["photo"]}
+    assert reused["test"] == [i for i in keep_split["test"] if i not in imageless] and imageless
     # a model that trained on imageless rows: a new file without the image column is fine, a path naming no file
     # in a new file is still a mistake (as for any model), not a row without an image
     keep = str(tmp_path / "runs" / "keep")

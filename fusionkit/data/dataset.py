@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -274,6 +274,7 @@ def split_dataset(
     path: str | Path | None = None,
     *,
     allow_new_rows: bool = False,
+    skipped: Collection[str] = (),
 ) -> dict[str, MultimodalDataset]:
     """train/val/test: the dataset's own splits if it has them, else a seeded split stratified on the
     first classification task. With `path`, an existing file is reused (so every run and strategy sees
@@ -281,6 +282,8 @@ def split_dataset(
 
     A reused file must cover the dataset: ids it names that the dataset lacks are an error, and so are
     rows it does not name (the data grew) unless `allow_new_rows`, which puts them in train and warns.
+    `skipped`: ids the reader left out on purpose (a `missing_*` or `on_error` skip policy): the file's rows
+    among them are dropped from its splits, with a warning, not taken for lost rows.
     """
     if len(ratios) != 3 or any(r < 0 for r in ratios) or sum(ratios) <= 0:
         raise ValueError(f"ratios must be three non-negative numbers, got {ratios}")
@@ -288,6 +291,11 @@ def split_dataset(
     if path is not None and path.is_file():
         ids = read_split_file(path)
         known = set(ds.ids)
+        left_out = {i for k in SPLITS for i in ids[k] if i not in known and i in set(skipped)}
+        if left_out:  # e.g. a split made by a run that kept imageless rows, reused by one that skips them
+            log.warning("%s: %d of its rows were skipped by this run's reading policy (e.g. %s): they are left out "
+                        "of its splits", path, len(left_out), sorted(left_out)[:3])  # fmt: skip
+            ids = {k: [i for i in ids[k] if i not in left_out] for k in SPLITS}
         unknown = [i for k in SPLITS for i in ids[k] if i not in known]
         if unknown:
             raise DataError(
@@ -304,7 +312,8 @@ def split_dataset(
                 "rows were added since the split was made",
                 source=str(path),
                 hint="make a new split (another data.split_file path, or a new run; a run dir's split.json is "
-                "that run's record: keep it), or pass allow_new_rows=True to put the new rows in train",
+                "that run's record: keep it), or pass allow_new_rows=True to put the new rows in train (also when "
+                "the run that made the split skipped them: data.missing_* or data.on_error skip)",
             )
         if new:
             log.warning("%s: %d new rows are in no split; adding them to train", path, len(new))

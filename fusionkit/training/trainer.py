@@ -417,8 +417,10 @@ class Trainer:
         split_path = Path(cfg.data.split_file) if cfg.data.split_file else self.run_dir / "split.json"
         with self._main_first():
             # rank 0 first (it writes a new split), then every rank reads that same file
+            report = self.run_dir / "skipped_rows.jsonl"  # rows this run's reading policy left out
+            skipped = {json.loads(line).get("item") for line in report.read_text().splitlines()} if report.is_file() else ()
             parts = split_dataset(ds, cfg.data.split_ratios, cfg.data.split_seed, split_path,
-                                  allow_new_rows=cfg.data.allow_new_rows)  # fmt: skip
+                                  allow_new_rows=cfg.data.allow_new_rows, skipped=skipped)  # fmt: skip
         if cfg.data.split_file and self.is_main and split_path.is_file():
             # the split this run trained on: the file's, plus any rows allow_new_rows put in train
             own = {**json.loads(split_path.read_text()), **{k: part.ids for k, part in parts.items()}}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -162,7 +163,7 @@ def test_embed_names_an_unreadable_image_or_skips_it_in_place(
     assert np.isnan(vectors[3]).all() and np.isfinite(np.delete(vectors, 3, axis=0)).all()  # ... t3 without a vector
 
 
-def test_wrong_metric_and_column_fail_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_wrong_metric_and_column_fail_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture, caplog) -> None:
     table = write_table(tmp_path / "data", n=12)
     assert main(train_args(table, tmp_path / "runs", "bad", "--run.metric", "val/mood/f1_macro")) == 2
     assert "val/mood/macro_f1" in capsys.readouterr().err  # the message lists the valid names
@@ -171,6 +172,15 @@ def test_wrong_metric_and_column_fail_before_any_work(tmp_path: Path, capsys: py
     assert "'sentiment'" in err and "mood" in err and "model.tasks[].column" in err
     assert not (tmp_path / "runs" / "cache").exists()  # nothing was cached: it failed before that step
     assert not (tmp_path / "runs" / "bad").exists()  # no half-made run dir blocks the corrected command
+    # ... and a report of rows the reader skipped, which the log named, is kept elsewhere, said
+    gappy = tmp_path / "data" / "gappy.csv"
+    gappy.write_text(table.read_text().replace("img3.png", ""))
+    with caplog.at_level(logging.WARNING, logger="fusionkit"):
+        assert main(train_args(gappy, tmp_path / "runs", "bad3", "--data.missing_image", "skip",
+                               "--run.metric", "val/mood/f1_macro")) == 2  # fmt: skip
+    kept = Path(tempfile.gettempdir()) / "fusionkit-skipped" / "bad3-skipped_rows.jsonl"
+    assert f"is kept as {kept}" in caplog.text and '"t3"' in kept.read_text()
+    assert not (tmp_path / "runs" / "bad3").exists()
     assert main(train_args(table, tmp_path / "runs", "bad")) == 0
 
 

@@ -26,7 +26,9 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -378,7 +380,14 @@ class Trainer:
         self.run.unlock()
         if self.resume or self.run.checkpoints.exists():
             return
-        for name in ("split.json", "skipped_rows.jsonl", "skipped_labels.jsonl", RUN_LOCK):
+        for name in ("skipped_rows.jsonl", "skipped_labels.jsonl"):  # the log named them: kept, moved out
+            report = self.run.file(name)
+            if report.is_file():
+                kept = Path(tempfile.gettempdir()) / "fusionkit-skipped" / f"{self.run.path.name}-{name}"
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(report, kept)
+                log.warning("the run did not start; its report %s is kept as %s", name, kept)
+        for name in ("split.json", RUN_LOCK):
             self.run.file(name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # anything else in it (the user's): the folder stays
             self.run.path.rmdir()

@@ -26,6 +26,10 @@ log = logging.getLogger("fusionkit")
 EXAMPLE = "fusionkit train configs/tiny_synthetic.yaml --optim.epochs 3 --model.fusion.strategy gated"
 
 
+# `fusionkit export`'s default graphs: every entry point (`model` left out for a model without labelled tasks)
+EXPORT_PARTS = "model,encode,encode_text,encode_image"
+
+
 def _overrides(extra: list[str]) -> dict[str, Any]:
     """`--a.b value` / `--a.b=value` pairs -> {"a.b": parsed value}."""
     out: dict[str, Any] = {}
@@ -159,7 +163,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", choices=("onnx",), default="onnx")
     ex.add_argument("--int8", action="store_true", help="also write int8 (dynamic quantization) graphs")
     ex.add_argument("--output", required=True, help="directory for the .onnx files, export.json and the processor")
-    ex.add_argument("--parts", default="model,encode,encode_text,encode_image",
+    ex.add_argument("--parts", default=EXPORT_PARTS,
                     help="comma-separated graphs to export (default: all four)")  # fmt: skip
     return p
 
@@ -759,6 +763,12 @@ def _export(args: argparse.Namespace) -> int:
         raise ConfigError(f"--output {args.output} overlaps the model at {args.checkpoint}; write somewhere else")
     check_export_dir(out)  # before the model loads
     model = FusionModel.from_pretrained(args.checkpoint)
+    if "model" in parts and not any(t.needs_labels for t in model.tasks.values()):
+        if args.parts != EXPORT_PARTS:  # asked for by name: say why it cannot be
+            raise ConfigError(f"{args.checkpoint} has no labelled task, so no logits to export: drop 'model' from "
+                              "--parts (its encode parts export)")  # fmt: skip
+        parts = [p for p in parts if p != "model"]  # e.g. an `align` run: its vectors are what it is for
+        log.info("no labelled task: exporting %s only", ", ".join(parts))
     report = export_onnx(model, out, parts=parts, int8=args.int8)
     for kinds in report["parts"].values():
         for kind, entry in kinds.items():

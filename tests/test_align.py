@@ -6,6 +6,8 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
+
 from fusionkit.cli import main
 from fusionkit.data import make_synthetic
 
@@ -28,3 +30,11 @@ def test_align_on_unlabelled_pairs_beats_chance(tmp_path: Path, capsys) -> None:
     # three scenes: an aligned model ranks the caption's own scene first (~1/3 of the pairs share it)
     assert recall["t2i_r@5"] >= 2 * recall["chance_r@5"], recall
     assert recall["i2t_r@5"] >= 2 * recall["chance_r@5"], recall
+    # its default export is the encoder graphs (no labelled task: no logits); `--parts model` says why not
+    pytest.importorskip("onnx")
+    assert main(["export", str(tmp_path / "runs" / "a"), "--output", str(tmp_path / "onnx")]) == 0
+    assert sorted(p.name for p in (tmp_path / "onnx").glob("*.onnx")) == ["encode.onnx", "encode_image.onnx",
+                                                                          "encode_text.onnx"]  # fmt: skip
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "runs" / "a"), "--output", str(tmp_path / "onnx2"), "--parts", "model"]) == 2
+    assert "has no labelled task" in capsys.readouterr().err

@@ -887,9 +887,10 @@ def test_a_url_in_the_image_column_is_named_as_one(folder: Path) -> None:
 def test_a_utf16_file_is_named_as_such(folder: Path) -> None:
     for suffix in ("csv", "jsonl"):
         body = "id,caption,photo\na,x,img/0.jpg\n" if suffix == "csv" else '{"id": "a", "caption": "x"}\n'
-        (folder / f"u16.{suffix}").write_bytes(body.encode("utf-16"))  # with its byte-order mark, as Excel writes
-        with pytest.raises(DataError, match=rf"u16.{suffix}: the file is UTF-16.*Re-encode it as UTF-8"):
-            load_dataset(folder / f"u16.{suffix}", **COLUMNS)
+        for encoding in ("utf-16", "utf-16-le"):  # with its byte-order mark, as Excel writes, and without
+            (folder / f"u16.{suffix}").write_bytes(body.encode(encoding))
+            with pytest.raises(DataError, match=rf"u16.{suffix}: the file is UTF-16.*Re-encode it as UTF-8"):
+                load_dataset(folder / f"u16.{suffix}", **COLUMNS)
 
 
 def test_a_jsonl_key_given_twice_is_that_rows_error(folder: Path) -> None:

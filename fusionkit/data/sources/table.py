@@ -248,7 +248,8 @@ one split file names the same rows of a CSV and of its Parquet copy).
         columns, rows = _frame_rows(frame, str(path))
     else:
         raw = path.read_bytes()
-        if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in raw[:4096]:  # Excel's "Unicode text" and the like
+        head = raw[:4096]  # a byte-order mark, or NUL every other byte (UTF-16 ASCII): Excel's "Unicode text";
+        if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or head.count(b"\x00") > len(head) // 4:  # a stray NUL is a row's
             raise DataError("the file is UTF-16 (or another encoding with NUL bytes), not UTF-8", source=str(path),
                             hint="re-encode it as UTF-8, e.g. iconv -f UTF-16 -t UTF-8 IN > OUT, or save as "
                             "'CSV UTF-8' in Excel")  # fmt: skip

@@ -67,6 +67,7 @@ def test_onnx_model_graph_matches_pytorch(model, batch, tmp_path: Path) -> None:
     entry = report["parts"]["model"]["fp32"]
     assert entry["inputs"] == ["input_ids", "attention_mask", "pixel_values"]
     assert entry["outputs"] == ["logits_sentiment"] and entry["parity"]["max_abs_diff"] <= FP32_ATOL
+    assert entry["parity"]["per_output"]["logits_sentiment"]["max_abs_diff"] == entry["parity"]["max_abs_diff"]
     saved = json.loads((tmp_path / "export.json").read_text())
     assert saved["parts"]["model"]["fp32"]["file"] == "model.onnx"
     # the logits' columns are named: label strings in the model's order, no run dir needed

@@ -431,10 +431,10 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
     if len(ds) == 0:  # every row skipped as unreadable: an empty output would look like success
         raise DataError(f"no readable rows left in {source} to {args.command} (see the skipped-rows report above)",
                         hint="fix the rows the report names, e.g. the file's encoding or its columns")  # fmt: skip
-    if args.command in ("predict", "eval"):  # eval scores rows as predict predicts them: the same checks
+    if args.command in ("predict", "eval", "embed"):  # eval scores rows as predict predicts them: the same checks
         no_text, no_image = sum(ex.text is None for ex in ds), sum(ex.image is None for ex in ds)
         absent = {"caption": no_text, "image": no_image}
-        if ds and all(absent[side] == len(ds) for side in model.sides_read):  # a unimodal model without its side
+        if args.command != "embed" and ds and all(absent[side] == len(ds) for side in model.sides_read):
             raise ConfigError(f"none of the {len(ds)} rows of {source} has a {' or '.join(model.sides_read)}, the "
                               f"only input of this {model.config.fusion.strategy} model: every prediction would be "
                               "the same")  # fmt: skip

@@ -702,11 +702,17 @@ def test_predicting_rows_without_an_image_warns_only_a_model_that_never_saw_such
             assert main(["predict", str(tmp_path / "runs" / name), "--data", str(gappy),
                          "--output", str(tmp_path / f"{name}.csv")]) == 0  # fmt: skip
         warned[name] = "which this model was not trained for" in caplog.text
+        caplog.clear()  # joint vectors of such rows: the same warning
+        with caplog.at_level(logging.WARNING, logger="fusionkit"):
+            assert main(["embed", str(tmp_path / "runs" / name), "--data", str(gappy),
+                         "--output", str(tmp_path / f"{name}.npy")]) == 0  # fmt: skip
+        warned[name + " (embed)"] = "which this model was not trained for" in caplog.text
         caplog.clear()  # the same from Python, on the model reloaded from its run dir
         with caplog.at_level(logging.WARNING, logger="fusionkit"):
             fusionkit.FusionModel.from_pretrained(tmp_path / "runs" / name).predict(texts=["a caption"], images=[None])
         warned[name + " (python)"] = "which this model was not trained for" in caplog.text
-    assert warned == {"strict": True, "keep": False, "strict (python)": True, "keep (python)": False}
+    assert warned == {"strict": True, "keep": False, "strict (python)": True, "keep (python)": False,
+                      "strict (embed)": True, "keep (embed)": False}
     # the keep run's split reused by a run that skips imageless rows: those rows leave its splits (said), the rest
     # keep their places (skip vs keep compared on the same test rows)
     keep_split = json.loads((tmp_path / "runs" / "keep" / "split.json").read_text())

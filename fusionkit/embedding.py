@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ _MISSING = object()
 
 def check_batch_size(batch_size: Any) -> None:
     """A batch size is a positive int: 0 would yield nothing (an empty result), -1 a confusing crash."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:  # np.int64 too
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
@@ -212,11 +213,12 @@ def embed(
     check_batch_size(batch_size)
     if isinstance(texts, str):
         raise TypeError("texts must be a list of strings, not a single string")
-    if isinstance(images, str | bytes | Path) or type(images).__module__.startswith("PIL.") or hasattr(images, "shape"):
-        raise TypeError("images must be a list of paths, bytes or PIL images (one image: a list of one), not a "
-                        f"single {type(images).__name__}")  # fmt: skip
     want_ids = return_ids or ids is not None
     texts, images, ids = _unpack_dataset(texts, images, ids)
+    # one image where a column of them belongs (a column may be a Series or a 1-D array of paths: an image array has 2+)
+    if isinstance(images, str | bytes | Path) or type(images).__module__.startswith("PIL.") or getattr(images, "ndim", 1) > 1:
+        raise TypeError("images must be a list of paths, bytes or PIL images (one image: a list of one), not a "
+                        f"single {type(images).__name__}")  # fmt: skip
     if texts is None and images is None:
         raise ValueError("embed() needs texts, images or both")
     mods = _resolve_modalities(modalities, texts is not None, images is not None)

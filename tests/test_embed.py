@@ -42,6 +42,11 @@ def test_input_kinds_and_batching(tmp_path: Path, pairs) -> None:
         paths.append(tmp_path / f"{i}.png")
         im.save(paths[-1])
     np.testing.assert_allclose(embed(model, texts, [str(p) for p in paths]), joint, atol=1e-5)
+    import pandas as pd  # a notebook's columns: a Series of captions, a Series or 1-D array of paths; numpy ints
+
+    frame = pd.DataFrame({"caption": texts, "photo": [str(p) for p in paths]})
+    for column in (frame.photo, frame.photo.to_numpy()):
+        np.testing.assert_allclose(embed(model, frame.caption, column, batch_size=np.int64(5)), joint, atol=1e-5)
     text_only, image_only = embed(model, texts=texts), embed(model, images=images)
     assert text_only.shape == image_only.shape == (12, 64)
     assert not np.allclose(text_only, joint) and not np.allclose(image_only, joint)

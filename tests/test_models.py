@@ -127,6 +127,8 @@ def test_bad_inputs_give_clear_errors():
         create_model("tiny", tasks=[{"name": "x", "type": "segmentation"}])
     with pytest.raises(ConfigError, match="does not know its classes"):
         create_model("tiny", tasks=[{"name": "x"}])  # neither class_names nor num_classes nor data
+    listed = create_model("tiny", tasks=[{"name": "x", "class_names": ["a", "b", "c"]}])  # listed: their count
+    assert listed.heads["x"](torch.zeros(2, 1, listed.config.fusion.dim)).shape[-1] == 3
 
 
 def test_freezing_policies():

@@ -193,6 +193,8 @@ class ClassificationTask(Task):
         return 2
 
     def _out_dim(self) -> int:
+        if self.cfg.num_classes is None and self.cfg.class_names:  # listed classes are their own count
+            return len(self.cfg.class_names)
         if self.cfg.num_classes is None:
             raise ConfigError(
                 f"task {self.name!r} does not know its classes yet: set model.tasks[].class_names (or "

@@ -275,6 +275,18 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _ensemble_members(args: argparse.Namespace) -> list[str]:
+    """The model and its --ensemble members; one listed twice counts twice in the average (said: a typo, mostly)."""
+    members = [args.checkpoint, *args.ensemble]
+    seen: dict[Path, str] = {}
+    for m in members:
+        key = Path(m).resolve()
+        if key in seen:
+            log.warning("--ensemble: %s is listed twice (also as %s): it counts twice in the average", m, seen[key])
+        seen[key] = m
+    return members
+
+
 def _run_dir_of(checkpoint: str | Path) -> Path | None:
     """The run dir holding a checkpoint (the run dir itself, `RUN/best`, `RUN/checkpoints/step-N`), if any."""
     ckpt = Path(checkpoint)
@@ -509,7 +521,7 @@ def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from .training.inference import inference_loader, resolve_device, run_inference
 
     results, first = [], None
-    members = [args.checkpoint, *args.ensemble]
+    members = _ensemble_members(args)
     schemas = {c: {t.name: sorted(t.class_names or []) for t in FusionModel.read_config(c).tasks} for c in members}
     for checkpoint in members[1:]:  # before any model or data is read
         if schemas[checkpoint] != schemas[args.checkpoint]:
@@ -583,7 +595,7 @@ def _predict(args: argparse.Namespace) -> int:
         from .training.inference import resolve_device
 
         device = resolve_device(args.device)
-        model, *others = [FusionModel.from_pretrained(c, map_location=device) for c in (args.checkpoint, *args.ensemble)]
+        model, *others = [FusionModel.from_pretrained(c, map_location=device) for c in _ensemble_members(args)]
         [row] = model.predict(texts=[args.text], images=[args.image], ensemble=others)
         print(json.dumps(row, indent=2, ensure_ascii=False))
         return 0

@@ -95,7 +95,7 @@ def test_eval_on_a_csv_reads_its_labels(run_dir: Path, tmp_path: Path) -> None:
     assert sum(map(sum, metrics["details"]["sentiment"]["confusion"])) == 24  # every row was scored
 
 
-def test_predict_and_eval_an_ensemble_of_seeds(run_dir: Path, tmp_path: Path, capsys) -> None:
+def test_predict_and_eval_an_ensemble_of_seeds(run_dir: Path, tmp_path: Path, capsys, caplog) -> None:
     """`--ensemble` averages the class probabilities of several runs (e.g. seeds) over the same rows."""
     cache = ["--cache-dir", str(run_dir.parent.parent / "cache")]
     other_argv = ["train", "--data.dataset", "synthetic:80", "--data.cache_dir", cache[1], "--optim.epochs", "1",
@@ -125,7 +125,9 @@ def test_predict_and_eval_an_ensemble_of_seeds(run_dir: Path, tmp_path: Path, ca
     # one model twice is that model
     same = tmp_path / "same.json"
     alone = tmp_path / "alone.json"
-    assert main(["eval", str(run_dir), "--ensemble", str(run_dir), "--output", str(same), *cache]) == 0
+    with caplog.at_level("WARNING", logger="fusionkit"):
+        assert main(["eval", str(run_dir), "--ensemble", str(run_dir), "--output", str(same), *cache]) == 0
+    assert "is listed twice" in caplog.text and "counts twice in the average" in caplog.text
     assert main(["eval", str(run_dir), "--output", str(alone), *cache]) == 0
     m_same, m_alone = json.loads(same.read_text()), json.loads(alone.read_text())
     assert m_same["val/sentiment/accuracy"] == m_alone["val/sentiment/accuracy"]

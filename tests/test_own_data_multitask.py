@@ -235,3 +235,12 @@ def test_a_task_at_weight_zero_leaves_the_other_tasks_training_as_it_was(tmp_pat
     alone, probe = (load_file(follow_pointer(runs / n / "last") / "model.safetensors") for n in ("alone", "probe"))
     assert set(probe) - set(alone) and all(k.startswith("heads.score.") for k in set(probe) - set(alone))
     assert all(torch.equal(alone[k], probe[k]) for k in alone), [k for k in alone if not torch.equal(alone[k], probe[k])]
+
+
+def test_the_best_checkpoint_is_chosen_on_the_first_classification_task_whatever_the_order(tmp_path: Path) -> None:
+    """README: run.metric defaults to the first classification task's macro-F1; a regression or tag task listed
+    first must not take over checkpoint selection (and early stopping)."""
+    table = write_table(tmp_path / "d")
+    tasks = [{"name": "score", "type": "regression"}, {"name": "tags", "type": "multilabel"}, {"name": "mood"}]
+    assert train(table, tmp_path / "runs", "order", tasks) == 0
+    assert json.loads((tmp_path / "runs" / "order" / "summary.json").read_text())["metric"] == "val/mood/macro_f1"

@@ -89,6 +89,8 @@ class Task:
     type: ClassVar[str] = ""
     needs_labels: ClassVar[bool] = True
     default_metric: ClassVar[str] = "loss"
+    # its default metric picks the best checkpoint before other tasks' do (classification: the task users mean)
+    selects_first: ClassVar[bool] = False
     metric_names: ClassVar[tuple[str, ...]] = ()
     lower_is_better: ClassVar[tuple[str, ...]] = ("loss",)
     # `fusionkit tune`'s default space for this task's own options (TaskConfig field -> distribution)

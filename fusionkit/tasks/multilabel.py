@@ -38,6 +38,7 @@ def label_list(value: Any, where: str, item: str) -> list[str]:
 class MultilabelTask(ClassificationTask):
     default_metric = "micro_f1"
     metric_names = ("micro_f1", "macro_f1")
+    selects_first = False
     loss_options = ()  # plain per-class BCE: no class weights, smoothing or logit adjustment
     search_space = {}
 

@@ -21,9 +21,11 @@ def higher_is_better(metric: str) -> bool:
 
 
 def default_metric(tasks: Mapping[str, Task]) -> str:
-    """The metric early stopping watches unless `run.metric` says otherwise: the default of the first task
-    that reports it (an auxiliary loss such as supcon reports no metric of its own), else `val/loss`."""
-    for name, task in tasks.items():
+    """The metric early stopping watches unless `run.metric` says otherwise: the first classification task's
+    (its macro-F1), else the default of the first task that reports one (an auxiliary loss such as supcon reports
+    no metric of its own), else `val/loss`. The order of the tasks list does not pick a regression over a class."""
+    ranked = sorted(tasks.items(), key=lambda item: not item[1].selects_first)  # stable: list order within
+    for name, task in ranked:
         if task.default_metric in task.metric_names:
             return f"val/{name}/{task.default_metric}"
     return "val/loss"

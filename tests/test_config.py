@@ -223,6 +223,10 @@ def test_none_on_the_command_line_is_a_word_for_words_and_null_for_numbers(capsy
         ({"model.fusion.mlp_ratio": float("inf")}, r"fusion.mlp_ratio must be finite"),
         ({"model.fusion.mlp_ratio": 1e-9}, r"fusion.mlp_ratio .*at least one hidden unit"),
         ({"model.tasks": [{"name": "sentiment", "class_weights": [0, 0, 0]}]}, r"class_weights .*one at least > 0"),
+        ({"model.tasks": [{"name": "price", "type": "regression", "class_names": ["a"]}]}, r"has no classes"),
+        ({"model.tasks": [{"name": "sentiment"}, {"name": "sc", "type": "supcon", "column": "tags",
+                                                  "params": {"labels_from": "sentiment"}}]},
+         r"reads the labels of task 'sentiment': remove its column"),
     ],
 )
 def test_values_that_would_fail_later_or_train_nothing_are_refused_naming_the_key(overrides, match) -> None:

@@ -72,15 +72,17 @@ def is_missing(value: Any) -> bool:
     return False
 
 
-def warn_missing_spellings(task: str, values: Sequence[Any], where: str, listed: Sequence[str] = ()) -> None:
+def warn_missing_spellings(
+    task: str, values: Sequence[Any], where: str, listed: Sequence[str] = (), classes: bool = True
+) -> None:
     """Cells spelled like a missing value ("None", "n/a") are missing labels: said once per task, so a class
     meant by such a word is found (a class listed in `listed`, i.e. class_names, stays a class)."""
     spelled = Counter(v.strip() for v in values
                       if isinstance(v, str) and v.strip() and is_missing(v) and v.strip() not in listed)  # fmt: skip
     if spelled:
         logging.getLogger("fusionkit.tasks").warning(
-            "task %s: %d labels %s in %s are read as missing; if one is a class, list it in model.tasks[].class_names",
-            task, sum(spelled.values()), sorted(spelled), where)  # fmt: skip
+            "task %s: %d labels %s in %s are read as missing%s", task, sum(spelled.values()), sorted(spelled), where,
+            "; if one is a class, list it in model.tasks[].class_names" if classes else "")  # fmt: skip
 
 
 class Task:

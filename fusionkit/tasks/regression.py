@@ -39,6 +39,9 @@ class RegressionTask(Task):
             raise ConfigError(f"task {cfg.name!r}: num_classes (targets) must be >= 1, got {cfg.num_classes}")
         if not isinstance(cfg.params.get("standardize", True), bool):
             raise ConfigError(f"task {cfg.name!r}: params.standardize must be true or false")
+        if cfg.class_names:  # it would be dropped without a word: a regression target has no classes
+            raise ConfigError(f"task {cfg.name!r} (regression) has no classes: remove class_names "
+                              "(num_classes counts its targets)")  # fmt: skip
 
     @property
     def num_targets(self) -> int:
@@ -64,7 +67,7 @@ class RegressionTask(Task):
         return replace(self.cfg, params={**p, **stats})
 
     def resolve_schema(self, values: Sequence[Any], declared: Sequence[str], where: str) -> TaskConfig:
-        warn_missing_spellings(self.name, values, where)
+        warn_missing_spellings(self.name, values, where, classes=False)
         return replace(self.cfg, class_names=None, num_classes=self.num_targets)
 
     def encode(self, value: Any, where: str, item: str) -> Any:

@@ -107,6 +107,9 @@ class SupConTask(Task):
             )
         if source == cfg.name:
             raise ConfigError(f"task {cfg.name!r} (supcon): params.labels_from cannot be the task itself")
+        if cfg.column is not None or cfg.class_names:  # its labels are the other task's: these would be ignored
+            raise ConfigError(f"task {cfg.name!r} (supcon) reads the labels of task {source!r}: remove its column / "
+                              "class_names")  # fmt: skip
         t = p.get("temperature", 0.07)
         if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:
             raise ConfigError(f"task {cfg.name!r} (supcon): params.temperature must be > 0, got {t!r}")

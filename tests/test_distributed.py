@@ -64,6 +64,13 @@ def write_split(tmp: Path, train: int = 64) -> Path:
     return path
 
 
+def _exit_quietly() -> None:
+    """End a worker that finished its part without the interpreter's teardown, in which gloo's background
+    threads now and then abort the process ("terminate called without an active exception") after the work
+    and its results are done; a worker that failed raises before this, and spawn reports it."""
+    os._exit(0)
+
+
 def _join(rank: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2", OMP_NUM_THREADS="1")  # fmt: skip
@@ -91,6 +98,7 @@ def _train_worker(rank: int, tmp: str, port: int, name: str, kill_at: int, resum
     trainer = Trainer(config(Path(tmp), name), resume=resume)
     assert trainer.world == 2 and len(next(iter(trainer.train_sampler))) == 8  # half the global batch
     fit_killing_rank_1(trainer, rank, kill_at)
+    _exit_quietly()
 
 
 def two_processes(tmp: Path, name: str, kill_at: int = 0, resume: bool = False) -> None:
@@ -116,6 +124,7 @@ def _nan_worker(rank: int, tmp: str, port: int) -> None:
             Path(tmp, f"error-{rank}.txt").write_text(str(e))
     finally:
         dist.destroy_process_group()
+    _exit_quietly()
 
 
 def _epoch_ends(run: Path) -> list[dict[str, float]]:
@@ -185,6 +194,7 @@ def _uneven_worker(rank: int, tmp: str, port: int) -> None:
         Trainer(uneven_config(Path(tmp), "ddp")).fit()
     finally:
         dist.destroy_process_group()
+    _exit_quietly()
 
 
 @pytest.mark.timeout(300)

@@ -222,15 +222,25 @@ def with_presence(batches: Iterable[dict[str, Any]], text: bool, image: bool) ->
         }
 
 
+def _noting_complete(batches: Iterable[dict[str, Any]], into: list[torch.Tensor]) -> Iterator[dict[str, Any]]:
+    """The batches unchanged; `into` gets each one's flags of the rows with both sides in the data."""
+    for batch in batches:
+        ones = torch.ones(len(batch["ids"]), dtype=torch.bool)
+        into.append(batch.get("text_present", ones).cpu() & batch.get("image_present", ones).cpu())
+        yield batch
+
+
 def missing_modality_accuracy(trainer: Trainer, split: str, task: str) -> dict[str, float]:
-    """`task`'s accuracy on `split` with all pairs complete, with every caption and every image removed."""
+    """`task`'s accuracy on the pairs of `split` that are complete in the data: as they are, with every caption
+    and with every image removed (a pair that lacks a side in the data is no complete pair, whatever is removed)."""
     out = {}
     for key, text, image in CONDITIONS:
-        batches = with_presence(trainer.eval_loader(split), text, image)
+        complete: list[torch.Tensor] = []  # per row, in the loader's order, as the data has it
+        batches = with_presence(_noting_complete(trainer.eval_loader(split), complete), text, image)
         r = run_inference(trainer.model, batches, trainer.eval_transform, trainer.amp, split, progress=False)
-        mask = r["label_mask"][task]
+        mask = r["label_mask"][task] & torch.cat(complete).to(r["label_mask"][task].device)
         hits = r["outputs"][task].argmax(-1)[mask] == r["labels"][task][mask]
-        out[key] = float(hits.float().mean())
+        out[key] = float(hits.float().mean()) if mask.any() else float("nan")
     return out
 
 
@@ -514,8 +524,9 @@ def run_comparison(args: argparse.Namespace, argv: list[str] | None, work: Path,
         "",
         "## Missing modalities at test time",
         "",
-        f"Accuracy on the {split_name} when every example loses its caption or its image (the model's "
-        f"learned placeholder stands in; trained with modality dropout {dropout}).",
+        f"Accuracy on the {split_name}'s pairs that have both sides in the data, as they are and when every one "
+        f"loses its caption or its image (the model's learned placeholder stands in; trained with modality dropout "
+        f"{dropout}).",
         "",
         *missing_table(list(rows.values())),
     ]

@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", default=str(RECIPE))
     p.add_argument("--folds", type=int, nargs="*", help="kfold: train these folds (default: all 10), then score")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--text-encoder", help="a text encoder (hub name or local dir) instead of MiniLM-L6")
     p.add_argument("--ensemble", nargs="*", default=[], help="predict: more run dirs averaged with RUN (seeds)")
     args = p.parse_args(argv)
     # One intra-op thread: on a 2-core machine shared with other jobs, two OpenMP threads spin-wait on each
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     data = selection_view()
     work.mkdir(parents=True, exist_ok=True)
-    base = base_overrides(args.cache_dir, str(work / "runs"))
+    base = base_overrides(args.cache_dir, str(work / "runs"), args.text_encoder)
     print(f"machine: {machine()}", flush=True)
     if args.mode == "warm":
         r = train_one(

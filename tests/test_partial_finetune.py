@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fusionkit.config import ImageEncoderConfig
+from fusionkit.config import ConfigError, ImageEncoderConfig, TextEncoderConfig
 from fusionkit.models import create_model
-from fusionkit.models.encoders import ImageEncoder
+from fusionkit.models.encoders import ImageEncoder, TextEncoder
 from fusionkit.training.config import build_config
 from fusionkit.training.feature_cache import encoder_key
 from fusionkit.training.optim import param_groups
@@ -33,11 +33,21 @@ def _hf_vision(kind: str, tmp_path: Path) -> ImageEncoder:
     return ImageEncoder.from_config(ImageEncoderConfig(backend="hf", name=str(tmp_path / kind)))
 
 
-@pytest.mark.parametrize("kind", ["text", "timm", "dinov2", "vit"])
+def _hf_text(kind: str, tmp_path: Path) -> TextEncoder:
+    """A tiny random BERT-family model saved with a tokenizer, as a user's local folder."""
+    from transformers import MPNetConfig, MPNetModel
+
+    create_model("tiny").text_encoder.tokenizer.save_pretrained(tmp_path / kind)
+    MPNetModel(MPNetConfig(vocab_size=512, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                           intermediate_size=64)).save_pretrained(tmp_path / kind)  # fmt: skip
+    return TextEncoder.from_config(TextEncoderConfig(name=str(tmp_path / kind)))
+
+
+@pytest.mark.parametrize("kind", ["text", "mpnet", "timm", "dinov2", "vit"])
 def test_split_at_any_block_reproduces_the_forward(kind: str, tmp_path: Path) -> None:
     model = create_model("tiny")
-    if kind == "text":
-        encoder = model.text_encoder.eval()
+    if kind in ("text", "mpnet"):  # MPNet: its layers also take a relative-position bias
+        encoder = (model.text_encoder if kind == "text" else _hf_text(kind, tmp_path)).eval()
         ids = torch.randint(5, 100, (3, 9))
         mask = torch.ones_like(ids)
         mask[1, 4:] = 0  # a padded caption: the top blocks must get the same attention mask
@@ -46,7 +56,7 @@ def test_split_at_any_block_reproduces_the_forward(kind: str, tmp_path: Path) ->
         encoder = (model.image_encoder if kind == "timm" else _hf_vision(kind, tmp_path)).eval()
         inputs, kw = (torch.randn(2, 3, *encoder.preprocess.size),), {}
     full = encoder(*inputs)
-    keep = mask.bool() if kind == "text" else torch.ones(full.shape[:2], dtype=torch.bool)
+    keep = mask.bool() if kind in ("text", "mpnet") else torch.ones(full.shape[:2], dtype=torch.bool)
     assert encoder.depth >= 2
     calls: list[int] = []
     hooks = [b.register_forward_hook(lambda *_, i=i: calls.append(i)) for i, b in enumerate(encoder.blocks)]
@@ -58,6 +68,21 @@ def test_split_at_any_block_reproduces_the_forward(kind: str, tmp_path: Path) ->
         torch.testing.assert_close(out[keep], full[keep], rtol=1e-5, atol=1e-5)
     for h in hooks:
         h.remove()
+
+
+def test_top_k_refuses_blocks_that_do_not_reproduce_the_encoder(tmp_path: Path) -> None:
+    """An adapter whose layers need more than it passes them would train one function and predict another."""
+
+    class NoBias(TextEncoder):  # an adapter that forgets MPNet's relative-position bias
+        def run_blocks(self, hidden, start, attention_mask):
+            return [layer(hidden, None)[0] for layer in list(self.blocks)[start:]][-1:]
+
+    text = _hf_text("mpnet", tmp_path)
+    text.check_split(2)  # the shipped adapter: passes
+    broken = NoBias(text.model, text.tokenizer)
+    broken.check_split(broken.depth)  # frozen: nothing runs apart
+    with pytest.raises(ConfigError, match=r"MPNetModel.*top 1 block.*model.freeze: encoders"):
+        broken.check_split(2)
 
 
 def _cfg(tmp_path: Path, name: str, **overrides):

@@ -158,6 +158,35 @@ class Encoder(nn.Module):
             handle.remove()
         return captured[0]
 
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        """A small fixed input of this encoder (what `check_split` runs)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def check_split(self, start: int) -> None:
+        """Refuse a split whose top blocks, run on their own from the hidden state entering them, do not give the
+        backbone's output. Some families pass their layers more than (hidden, mask), and training such a top on
+        cached hidden states would fit another function than the one `predict` runs on raw inputs."""
+        if start >= self.depth:
+            return
+        mode = self.training
+        self.eval()
+        try:
+            inputs = self.example_inputs()
+            mask = inputs[1] if len(inputs) > 1 else None
+            whole, top = self(*inputs), self.forward_from(self.hidden_before(start, *inputs), start, mask)
+        finally:
+            self.train(mode)
+        if mask is not None and whole.shape == top.shape:  # padded positions are never read
+            whole, top = whole[mask.bool()], top[mask.bool()]
+        if whole.shape != top.shape or not torch.allclose(whole, top, rtol=1e-3, atol=1e-4):
+            gap = (whole - top).abs().max().item() if whole.shape == top.shape else float("nan")
+            raise ConfigError(
+                f"{type(self.model).__name__}: its top {self.depth - start} block(s) run apart from the rest do not "
+                f"reproduce its output (max difference {gap:.3g}), so model.freeze: top_k cannot train them on "
+                "cached hidden states; use model.freeze: encoders (frozen) or none (end to end)"
+            )
+
     def layer_ids(self) -> dict[str, int]:
         """Parameter name -> i + 1 for `blocks[i]`, depth + 1 for the final norm; absent = 0 (embeddings)."""
         prefix = {id(m): n for n, m in self.model.named_modules()}
@@ -361,6 +390,12 @@ class TextEncoder(Encoder):
     def final_norm(self) -> nn.Module | None:
         return _hf_final_norm(self.model)
 
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        ids = self.tokenizer(["a caption, and a longer second one"] * 2, padding=True, return_tensors="pt")
+        ids["attention_mask"][0, ids["attention_mask"][0].sum() // 2 :] = 0  # a padded row too
+        device = next(self.model.parameters()).device
+        return ids["input_ids"].to(device), ids["attention_mask"].to(device)
+
     def run_blocks(
         self, hidden: torch.Tensor, start: int, attention_mask: torch.Tensor | None
     ) -> list[torch.Tensor]:
@@ -371,7 +406,11 @@ class TextEncoder(Encoder):
         mask = create_bidirectional_mask(
             config=self.model.config, inputs_embeds=hidden, attention_mask=attention_mask.long()
         )
-        return _run_hf_layers(self.blocks, hidden, start, mask)
+        extra = {}
+        encoder = getattr(self.model, "encoder", None)
+        if hasattr(encoder, "compute_position_bias"):  # MPNet: one relative-position bias, given to every layer
+            extra["position_bias"] = encoder.compute_position_bias(hidden)
+        return _run_hf_layers(self.blocks, hidden, start, mask, **extra)
 
 
 def _hf_final_norm(model: nn.Module) -> nn.Module | None:
@@ -383,11 +422,11 @@ def _hf_final_norm(model: nn.Module) -> nn.Module | None:
 
 
 def _run_hf_layers(
-    blocks: nn.ModuleList | nn.Sequential, hidden: torch.Tensor, start: int, mask: torch.Tensor | None
+    blocks: nn.ModuleList | nn.Sequential, hidden: torch.Tensor, start: int, mask: torch.Tensor | None, **extra: Any
 ) -> list[torch.Tensor]:
     outs = []
     for layer in list(blocks)[start:]:
-        out = layer(hidden, mask)
+        out = layer(hidden, mask, **extra)
         hidden = out[0] if isinstance(out, tuple) else out
         outs.append(hidden)
     return outs
@@ -475,6 +514,11 @@ class ImageEncoder(Encoder):
 
     def save(self, directory: str | Path) -> None:
         """Everything needed to rebuild the architecture offline (timm needs only its name)."""
+
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        h, w = self.preprocess.size
+        images = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
+        return (images.to(next(self.model.parameters()).device),)
 
     def patch_size(self) -> int | None:
         """Pixels per patch side (None where the backbone does not say): with the input size, the patch grid."""

@@ -133,6 +133,7 @@ class FusionModel(nn.Module):
             if freeze == "encoders":
                 encoder.requires_grad_(False)
             elif freeze == "top_k":
+                encoder.check_split(self._split(encoder))
                 encoder.set_top_trainable(encoder.depth - self._split(encoder))
             drop_unused_heads(encoder.model)  # unused mask tokens stay frozen whatever the policy
         # An encoder the strategy never reads (unimodal baselines) is frozen: it gets no gradient anyway.

@@ -225,6 +225,26 @@ def test_from_hf_and_saved_dir(tmp_path: Path) -> None:
     assert len(single) == 8 and single.splits is None
 
 
+def test_predefined_splits_without_val_get_it_from_train(caplog: pytest.LogCaptureFixture) -> None:
+    """`load_dataset("imagefolder")` and friends give a DatasetDict of train only: training on all of it with
+    no epoch selection and nothing scored would be silent; val (and test, when also missing) come from train."""
+    import datasets as hf
+
+    ds = make_synthetic(40, image_size=8)
+    only_train = from_hf(hf.DatasetDict({"train": ds.to_hf()}))
+    parts = split_dataset(only_train, ratios=(0.6, 0.2, 0.2), seed=3)
+    assert [len(parts[k]) for k in ("train", "val", "test")] == [24, 8, 8]
+    assert sorted(i for p in parts.values() for i in p.ids) == sorted(ds.ids)
+    assert "no val and no test" in caplog.text and "val 8, test 8" in caplog.text
+    assert {k: p.ids for k, p in parts.items()} == {
+        k: p.ids for k, p in split_dataset(only_train, ratios=(0.6, 0.2, 0.2), seed=3).items()
+    }  # seeded
+    with_test = from_hf(hf.DatasetDict({"train": ds.subset(range(30)).to_hf(), "test": ds.subset(range(30, 40)).to_hf()}))
+    parts = split_dataset(with_test, ratios=(0.8, 0.2, 0.0))
+    assert parts["test"].ids == ds.ids[30:]  # its own test split is kept
+    assert len(parts["val"]) == 6 and sorted(parts["train"].ids + parts["val"].ids) == sorted(ds.ids[:30])
+
+
 def test_load_dataset_dispatch(tmp_path: Path) -> None:
     assert len(load_dataset("synthetic:5")) == 5
     with pytest.raises(FileNotFoundError, match="nowhere.csv"):

@@ -226,6 +226,26 @@ def _stratified_split(labels: list[Any], ratios: Sequence[float], seed: int) -> 
     return [sorted(p) for p in parts]
 
 
+def _complete_splits(
+    ds: MultimodalDataset, ids: dict[str, list[str]], ratios: Sequence[float], seed: int
+) -> dict[str, list[str]]:
+    """Predefined splits without val (a `DatasetDict` of train only, or of train + test) get one drawn from
+    train by `ratios`, and test too when that is missing as well, as an unsplit dataset would: without val no
+    epoch is selected, and without test nothing is scored on held-out rows."""
+    if not ids["train"] or ids["val"] or ratios[1] <= 0:
+        return ids
+    draw_test = not ids["test"] and ratios[2] > 0
+    train = ds.subset(ids["train"])
+    parts = _stratified_split(_strata(train), (ratios[0], ratios[1], ratios[2] if draw_test else 0.0), seed)
+    drawn = {k: [train[i].id for i in part] for k, part in zip(SPLITS, parts)}
+    log.warning(
+        "%s: its own splits have %s: drawn from its %d train rows by data.split_ratios %s (seed %d): %s",
+        ds.name, "no val and no test" if draw_test else "no val", len(train), list(ratios), seed,
+        ", ".join(f"{k} {len(v)}" for k, v in drawn.items() if v),
+    )  # fmt: skip
+    return {**drawn, "test": drawn["test"] if draw_test else ids["test"]}
+
+
 def _strata(ds: MultimodalDataset) -> list[Any]:
     """Per example, the class NAME to stratify on (first classification task, or on a raw dataset the first
     column with declared class names): the split then does not depend on the order classes are listed in."""
@@ -320,7 +340,7 @@ def split_dataset(
             ids["train"] = [*ids["train"], *new]
         log.info("reusing split from %s", path)
     elif ds.splits is not None:
-        ids = {k: ds.splits.get(k, []) for k in SPLITS}
+        ids = _complete_splits(ds, {k: list(ds.splits.get(k, [])) for k in SPLITS}, ratios, seed)
     else:
         parts = _stratified_split(_strata(ds), ratios, seed)
         ids = {k: [ds[i].id for i in part] for k, part in zip(SPLITS, parts)}

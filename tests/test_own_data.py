@@ -418,6 +418,32 @@ def test_a_relative_dataset_on_the_command_line_is_found_from_another_directory(
     assert json.loads((tmp_path / "m.json").read_text())["val/mood/accuracy"] >= 0
 
 
+def test_a_saved_hf_dataset_with_relative_image_paths_is_evaluated_from_another_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Relative paths of a `save_to_disk` folder are relative to the working directory at training: the run
+    records that folder (data.image_root), so eval finds the same images, not `./img0.png` of wherever it runs."""
+    import datasets as hf
+    import pandas as pd
+
+    write_table(tmp_path / "data", n=24)
+    hf.Dataset.from_pandas(pd.read_csv(tmp_path / "data" / "tweets.csv", dtype=str)).save_to_disk(tmp_path / "hf")
+    monkeypatch.chdir(tmp_path / "data")
+    assert main(train_args(tmp_path / "hf", tmp_path / "runs", "hfrel")) == 0
+    run = tmp_path / "runs" / "hfrel"
+    assert json.loads((run / "config.json").read_text())["data"]["image_root"] == str(tmp_path / "data")
+    metrics = json.loads((run / "summary.json").read_text())["test"]
+    elsewhere = tmp_path / "elsewhere"
+    write_table(elsewhere, n=24, name="decoy.csv")  # other images under the same names
+    for i in range(24):
+        Image.new("RGB", (8, 8), (i, i, i)).save(elsewhere / f"img{i}.png")
+    monkeypatch.chdir(elsewhere)
+    assert main(["eval", str(run), "--split", "test", "--output", str(tmp_path / "m.json")]) == 0
+    again = json.loads((tmp_path / "m.json").read_text())
+    assert again["test/mood/accuracy"] == pytest.approx(metrics["test/mood/accuracy"])
+    assert again["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-5)
+
+
 def test_eval_of_the_runs_split_refuses_rows_that_changed_since_training(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -35,6 +35,9 @@ class DataConfig:
     text_column: str = "text"  # table / HF dataset columns; task label columns are model.tasks[].column
     image_column: str = "image"
     id_column: str | None = "id"  # None or absent column: row numbers become ids
+    # What relative image paths of a Hugging Face dataset are relative to (a table file's: its own folder):
+    # default the working directory, recorded by the run so that eval and predict find the images from anywhere.
+    image_root: str | None = None
     missing_text: str = "error"  # empty caption: "error" | "skip" the row | "keep" it image-only
     missing_image: str = "error"  # no image / file not found: "error" | "skip" | "keep" it text-only
     cache_dir: str | None = None  # tokenized/resized cache; default $FUSIONKIT_CACHE or ~/.cache/fusionkit
@@ -263,7 +266,7 @@ def set_options(cfg: TrainConfig, options: Mapping[str, Any]) -> TrainConfig:
 
 IN_MEMORY = "in-memory:"  # data.dataset of a run trained on a DataFrame / Dataset passed in Python: not a path
 # Keys whose relative paths in a config file mean "relative to that file" (outputs stay cwd-relative).
-PATH_KEYS = ("data.dataset", "data.split_file", "data.cache_dir", "model.text.name", "model.image.name",
+PATH_KEYS = ("data.dataset", "data.split_file", "data.cache_dir", "data.image_root", "model.text.name", "model.image.name",
              "model.image.checkpoint_path")  # fmt: skip
 
 

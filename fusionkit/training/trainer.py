@@ -43,6 +43,7 @@ from ..config import ConfigError, to_dict
 from ..data import Collator, ImageTransform, build_cache, load_dataset, move_batch, split_dataset
 from ..data.cache import SplitView
 from ..data.dataset import MultimodalDataset
+from ..data.sources.registry import source_name
 from ..models import FusionModel, create_model, model_inputs
 from ..models.encoders import EncoderFolderMissing
 from ..precision import choose_precision
@@ -215,6 +216,8 @@ def reader_kwargs(
         "missing_text": data.missing_text,
         "missing_image": data.missing_image,
     }
+    if data.image_root is not None:
+        kw["image_root"] = data.image_root
     if report_path is not None:
         kw["report_path"] = report_path
     return kw
@@ -409,6 +412,8 @@ class Trainer:
         if self.resume and isinstance(source, str) and not source.startswith("synthetic") and not Path(source).exists():
             raise FileNotFoundError(f"{source}, the data {self.run_dir} trained on, is not there any more: if it moved, "
                                     "resume with --data.dataset NEW_PATH (its content is checked against the run's)")  # fmt: skip
+        if cfg.data.image_root is None and not self.resume and isinstance(source, str) and source_name(source) == "hf":
+            cfg.data.image_root = os.getcwd()  # its relative image paths: recorded, for eval from another directory
         kw = reader_kwargs(cfg.data, cfg.model.tasks, report_path=self.run_dir / "skipped_rows.jsonl",
                            source=source)  # fmt: skip
         ds, cfg.model.tasks = bind_labels(load_dataset(source, **kw), cfg.model.tasks, on_error=cfg.data.on_error,

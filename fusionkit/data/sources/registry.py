@@ -66,6 +66,14 @@ def load_dataset(spec: Any, **options: Any) -> MultimodalDataset:
     return source.read(spec, **options)
 
 
+def source_name(spec: Any) -> str | None:
+    """The name of the source that reads `spec` (a path: as given), or None."""
+    from fusionkit.data import sources  # noqa: F401  (registers the built-in sources)
+
+    source = _find(Path(spec).expanduser() if isinstance(spec, str) else spec)
+    return source.name if source is not None else None
+
+
 def _find(obj: Any) -> Source | None:
     from fusionkit.registry import load_plugins
 

@@ -305,6 +305,16 @@ def test_float_ids_from_an_int_column_with_gaps(folder: Path) -> None:
     assert load_dataset(frame, image_root=folder).ids == ["7", "1", "9"]
 
 
+def test_float_ids_past_2_to_the_53_are_refused_not_rounded(folder: Path) -> None:
+    """Tweet ids (18 digits) in an int column with a gap become floats: 862345678901234567 would read as
+    ...560, a plausible id of another tweet; the row is named with what to do."""
+    frame = pd.DataFrame({"id": [862345678901234567, None], "text": ["a", "b"], "image": ["img/0.jpg"] * 2})
+    with pytest.raises(DataError, match=r"\[0\].*item 862345678901234560.*above 2\^53.*dtype=\{'id': str\}"):
+        load_dataset(frame, image_root=folder)
+    as_text = frame.assign(id=["862345678901234567", None])  # what the hint says: ids read as strings
+    assert load_dataset(as_text, image_root=folder).ids == ["862345678901234567", "1"]
+
+
 # ------------------------------------------------------------------------------------------------ cells
 
 

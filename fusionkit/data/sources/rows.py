@@ -261,6 +261,14 @@ class RowReader:
         if not self.wanted(item):
             return None
         try:
+            raw_id = raw_value(row.get(o.id_column)) if o.id_column else None
+            if isinstance(raw_id, float) and abs(raw_id) >= 2**53:  # not every integer there is a float: ids
+                raise DataError(  # merge or change, and predictions name rows the user never had
+                    f"id {item} is a float above 2^53, where digits are lost (a tweet id 862345678901234567 reads "
+                    "862345678901234560)", source=where, item=item,
+                    hint=f"read column {o.id_column!r} as strings (pandas: dtype={{{o.id_column!r}: str}}); pandas "
+                    "stores an integer column with empty cells as floats",
+                )  # fmt: skip
             text = self.text(row.get(o.text_column), where=where, item=item, no_text=no_text)
             image = self.image(row.get(o.image_column), where=where, item=item)
             if text is None and image is None:  # kept as missing on both sides: nothing left to learn or predict from

@@ -122,10 +122,14 @@ def _worker(
         assert D.broadcast_object({"stop": rank == 0}) == {"stop": True}  # rank 0 decides for all
         assert D.all_gather_object(rank * 10) == [0, 10]
         part = {"ids": [f"r{rank}"] * (rank + 1), "outputs": {"t": torch.full((rank + 1, 2), float(rank))},
-                "labels": {}, "label_mask": {}, "loss": 1.0 + rank, "loss_n": rank + 1}  # fmt: skip
+                "labels": {}, "label_mask": {}, "loss": 1.0 + rank}  # fmt: skip
         merged = D.gather_inference(part)
         assert merged["ids"] == ["r0", "r1", "r1"] and merged["outputs"]["t"][:, 0].tolist() == [0, 1, 1]
-        assert merged["loss"] == pytest.approx((1.0 * 1 + 2.0 * 2) / 3) and merged["loss_n"] == 3
+        assert merged["loss"] == pytest.approx((1.0 * 1 + 2.0 * 2) / 3)
+        # per-task (loss sum, rows) terms merge before the weighting, as one process would compute them
+        terms = {"a": [2.0 * rank, 2 * rank], "b": [3.0, 1]}  # rank 0 has no row labelled for "a"
+        merged = D.gather_inference({**part, "loss_terms": terms}, lambda t: t["a"][0] / t["a"][1] + t["b"][0] / t["b"][1])
+        assert merged["loss_terms"] == {"a": [2.0, 2], "b": [6.0, 2]} and merged["loss"] == pytest.approx(1.0 + 3.0)
         D.barrier()
     finally:
         dist.destroy_process_group()

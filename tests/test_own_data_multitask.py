@@ -135,6 +135,23 @@ def test_the_reports_macro_average_is_the_metrics_macro_f1() -> None:
     assert details["report"]["b"]["precision"] == pytest.approx(2 / 3)  # a class labelled but wrong keeps its 0s
 
 
+def test_multilabel_macro_f1_leaves_out_tags_neither_labelled_nor_predicted() -> None:
+    import torch
+
+    from fusionkit.config import TaskConfig
+    from fusionkit.tasks import create_task
+
+    task = create_task(TaskConfig("tags", type="multilabel", class_names=["food", "sports", "travel"], num_classes=3))
+    labels = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 1, 0]])  # nobody here travels
+    perfect = (labels.float() * 2 - 1) * 10  # logits: every row's tags exactly
+    flat, _ = task.metrics(perfect, labels, torch.ones(3, dtype=torch.bool))
+    assert flat == {"micro_f1": 1.0, "macro_f1": 1.0}  # was 2/3: travel counted as an F1 of 0
+    wrong = perfect.clone()
+    wrong[0, 2] = 10.0  # travel predicted once, never labelled: it counts, with its 0
+    flat, _ = task.metrics(wrong, labels, torch.ones(3, dtype=torch.bool))
+    assert flat["macro_f1"] == pytest.approx(2 / 3)
+
+
 @pytest.mark.parametrize("name", ["type", "eval", "half", "a.b", "loss"])
 def test_a_task_named_like_a_model_part_is_refused_with_the_fix(name: str) -> None:
     from fusionkit.config import ConfigError
@@ -195,6 +212,22 @@ def test_a_target_in_the_thousands_is_learned_on_its_own_scale(tmp_path: Path) -
     assert main(["predict", str(run), "--data", str(table), "--output", str(tmp_path / "p.csv")]) == 0
     predicted = [float(r["price"]) for r in csv.DictReader((tmp_path / "p.csv").open())]
     assert 1000 < np.mean(predicted) < 3000
+
+
+def test_val_loss_is_one_number_whatever_the_eval_batch_size(tmp_path: Path) -> None:
+    """With labels missing for some tasks, each task's loss is averaged over its own labelled rows and then
+    weighted: the same model and rows give the same val/loss at batch size 1 and 64 (it moved by 30%)."""
+    table = write_table(tmp_path / "d", 48, mood=lambda i: "" if i % 4 == 0 else MOODS[i % 3],
+                        score=lambda i: "" if i % 3 else f"{(i % 7) / 7:.4f}")  # fmt: skip
+    tasks = [{"name": "mood"}, {"name": "tags", "type": "multilabel", "weight": 0.3},
+             {"name": "score", "type": "regression", "weight": 5.0}]  # fmt: skip
+    assert train(table, tmp_path / "runs", "r", tasks, "--data.split_ratios", "[0.5, 0.5, 0.0]") == 0
+    losses = []
+    for batch in ("1", "5", "64"):
+        out = tmp_path / f"m{batch}.json"
+        assert main(["eval", str(tmp_path / "runs" / "r"), "--batch-size", batch, "--output", str(out)]) == 0
+        losses.append(json.loads(out.read_text())["val/loss"])
+    assert losses == pytest.approx([losses[-1]] * 3, rel=1e-5)
 
 
 def test_an_ensemble_of_models_with_an_itm_head_is_scored(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -265,24 +265,33 @@ def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([p[k] for p in parts if k in p]) for k in names}
 
 
-def gather_inference(result: dict[str, Any]) -> dict[str, Any]:
+def gather_inference(
+    result: dict[str, Any], combine: Callable[[dict[str, list[float]]], float | None] | None = None
+) -> dict[str, Any]:
     """Merge the ranks' `run_inference` results (from `ShardedBatchSampler` shards) into the whole split's.
 
     Every rank gets the merged result, so metrics, early stopping and best-checkpoint choices agree.
-    The loss is the example-weighted mean (`loss_n` examples scored per rank; all ids when absent).
+    `combine(loss_terms)`: the loss from the merged per-task (loss sum, rows) terms (`inference.split_loss`);
+    without it, the example-weighted mean of the ranks' losses.
     """
     if not is_distributed():
         return result
     parts = all_gather_object(result)
-    weights = [p.get("loss_n", len(p["ids"])) if p["loss"] is not None else 0 for p in parts]
-    total = sum(weights)
     merged = {
         "ids": [i for p in parts for i in p["ids"]],
         **{key: _cat([p[key] for p in parts]) for key in ("outputs", "labels", "label_mask")},
-        "loss": sum(p["loss"] * w for p, w in zip(parts, weights) if w) / total if total else None,
     }
-    if "loss_n" in result:
-        merged["loss_n"] = total
+    if combine is not None and "loss_terms" in result:
+        terms: dict[str, list[float]] = {}
+        for p in parts:
+            for name, (total, n) in p["loss_terms"].items():
+                term = terms.setdefault(name, [0.0, 0])
+                term[0], term[1] = term[0] + total, term[1] + n
+        merged["loss_terms"], merged["loss"] = terms, combine(terms)
+    else:  # the example-weighted mean of the ranks' losses
+        weights = [len(p["ids"]) if p["loss"] is not None else 0 for p in parts]
+        total = sum(weights)
+        merged["loss"] = sum(p["loss"] * w for p, w in zip(parts, weights) if w) / total if total else None
     return merged
 
 

@@ -57,7 +57,7 @@ def run_inference(
     outs: dict[str, list[torch.Tensor]] = {t: [] for t in model.tasks}
     labels: dict[str, list[torch.Tensor]] = {}
     masks: dict[str, list[torch.Tensor]] = {}
-    loss_sum, loss_n = 0.0, 0
+    terms: dict[str, list[float]] = {}  # task -> [sum of its batch losses x rows scored, rows scored]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)  # evaluation's own draws (ITM's negatives) are the same each time: scores repeat
         for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
@@ -71,18 +71,37 @@ def run_inference(
                 labels.setdefault(name, []).append(batch["labels"][name].cpu())
                 masks.setdefault(name, []).append(batch["label_mask"][name].cpu())
             losses = model.loss(out, batch.get("labels"), batch.get("label_mask"))
-            if len(losses) > 1:  # some task could be scored on this batch
-                loss_sum += float(losses["loss"]) * len(batch["ids"])
-                loss_n += len(batch["ids"])
+            for name, task in model.tasks.items():
+                if name in losses:
+                    n = _rows_scored(task, batch)
+                    term = terms.setdefault(name, [0.0, 0])
+                    term[0], term[1] = term[0] + float(losses[name]) * n, term[1] + n
     model.train(was_training)
     return {
         "ids": ids,
         "outputs": {k: torch.cat(v) for k, v in outs.items() if v},
         "labels": {k: torch.cat(v) for k, v in labels.items()},
         "label_mask": {k: torch.cat(v) for k, v in masks.items()},
-        "loss": loss_sum / loss_n if loss_n else None,
-        "loss_n": loss_n,  # examples the loss averages over (to merge ranks' shards)
+        "loss": split_loss(model, terms),
+        "loss_terms": terms,  # per task: (loss sum, rows), to merge ranks' shards
     }
+
+
+def _rows_scored(task: Any, batch: dict[str, Any]) -> int:
+    """The rows a task's batch loss averages over: those labelled for it (all of them for label-free tasks)."""
+    if not task.needs_labels and task.label_source == task.name:
+        return len(batch["ids"])
+    mask = batch.get("label_mask", {}).get(task.label_source)
+    return int(mask.sum()) if mask is not None else 0
+
+
+def split_loss(model: FusionModel, terms: dict[str, list[float]]) -> float | None:
+    """The split's loss: each task's loss averaged over the rows labelled for it, then weighted as in training.
+
+    Averaging each batch's weighted total over all its rows instead would make the loss depend on how batches
+    fall (a task with no labelled row in a batch drops out of it): another number at another batch size."""
+    means = {name: torch.tensor(total / n) for name, (total, n) in terms.items() if n}
+    return float(model.criterion.combine(means)["loss"]) if means else None
 
 
 def inference_loader(

@@ -53,7 +53,7 @@ from . import distributed as D
 from .config import IN_MEMORY, DataConfig, TrainConfig, build_config, unused_settings
 from .ema import ModelEMA, ema_applied
 from .feature_cache import FeatureCollator, build_features
-from .inference import inference_loader, resolve_device, run_inference  # noqa: F401 (re-exported)
+from .inference import inference_loader, resolve_device, run_inference, split_loss  # noqa: F401 (re-exported)
 from .metrics import check_metric, default_metric, evaluation_metrics, higher_is_better, prediction_rows
 from .optim import build_optimizer, build_scheduler
 from .report import plot_confusion, plot_curves, write_jsonl, write_predictions
@@ -838,7 +838,7 @@ class Trainer:
         """The whole split's outputs on every rank: each rank runs its shard, then they are gathered."""
         result = run_inference(self.model, self.eval_loader(split), self.eval_transform, self.amp, split,
                                self.progress)  # fmt: skip
-        return result if self.fsdp else D.gather_inference(result)
+        return result if self.fsdp else D.gather_inference(result, lambda terms: split_loss(self.model, terms))
 
     def _log(self, entry: dict[str, Any]) -> None:
         """metrics.jsonl always (written with each checkpoint); run.report_to's trackers too."""

@@ -887,6 +887,19 @@ def test_a_quote_closed_by_a_later_stray_quote_a_lone_cr_and_a_short_row(folder:
     assert ds.ids == ["a", "b"] and "1 row(s) have fewer fields than the header (line 3)" in caplog.text
 
 
+@pytest.mark.parametrize("sep", [",", "\t"])
+def test_text_after_a_closing_quote_is_named_not_dropped(folder: Path, sep: str) -> None:
+    """A tweet that starts with a quotation ("Best day ever" said no one) lost its quotes without a word."""
+    name = "q.csv" if sep == "," else "q.tsv"
+    lines = ["id,caption,photo,mood", 'a,"Best day ever" said no one,img/0.jpg,happy', "b,ok,img/1.jpg,sad",
+             'c,"""Best day ever"" said no one",img/2.jpg,happy', 'd,my 5" phone,img/3.jpg,sad']  # fmt: skip
+    (folder / name).write_text("\n".join(line.replace(",", sep) for line in lines) + "\n")
+    with pytest.raises(DataError, match=rf"{name}:2: a field opens with a quote but goes on after its closing"):
+        load_dataset(folder / name, **COLUMNS)
+    ds = load_dataset(folder / name, **COLUMNS, on_error="skip")
+    assert [ex.text for ex in ds] == ["ok", '"Best day ever" said no one', 'my 5" phone']
+
+
 def test_a_url_in_the_image_column_is_named_as_one(folder: Path) -> None:
     path = folder / "urls.csv"
     path.write_text("id,caption,photo\na,x,http://example.com/cat.jpg\n")

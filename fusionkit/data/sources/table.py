@@ -37,11 +37,15 @@ def _csv_rows(
     # csv's default 128 KiB field limit would reject a whole file for one huge caption; captions
     # are capped to MAX_TEXT_CHARS instead. (The limit is process-wide; we only raise it.)
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 26))
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    # strict: a field that opens with a quote and goes on after its closing one ("Best day" said no one) is an
+    # error at its line; the lenient reader dropped the quotes and kept going, changing the caption silently
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     try:
         header = [h.strip() for h in next(reader)]
     except StopIteration:
         return [], iter(())
+    except csv.Error:
+        raise _quote_error(f"{path}:{reader.line_num}") from None
     dup = sorted({h for h in header if h and header.count(h) > 1})  # "" x2: trailing empty columns
     if dup:
         raise DataError(f"column(s) {dup} appear more than once in the header", source=f"{path}:1",
@@ -60,7 +64,17 @@ def _csv_rows(
                         ", ..." if len(cut) > 3 else "", delimiter)  # fmt: skip
 
     def _records(n: int, last: int, cut: list[str]) -> Iterator[Row]:
-        for cells in reader:
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:  # the reader goes on at the next line
+                first, last, n = last + 1, reader.line_num, n + 1
+                where = f"{path}:{first}" if first == last else f"{path}:{first}-{last}"
+                unclosed = "end of data" in str(e) or last > first  # ran on over rows to a stray quote (an inch mark)
+                yield where, n, _unclosed(where, first, last) if unclosed else _quote_error(where)
+                continue
             first, last = last + 1, reader.line_num
             where = f"{path}:{first}" if first == last else f"{path}:{first}-{last}"
             if not cells:  # a blank line
@@ -72,9 +86,7 @@ def _csv_rows(
             if last > first and ('"' not in raw_lines[min(last, len(raw_lines)) - 1]
                                  or _holds_rows(raw_lines[first - 1 : last], delimiter, header,
                                                 needed[1] if len(needed) > 1 else None, path.parent)):  # fmt: skip
-                err = DataError(f"a quote opened on line {first} is not closed where it should be: lines {first}-{last} "
-                                "(whole rows) were read as one field", source=where,
-                                hint='close the quote, or write a quote inside a quoted field as ""')  # fmt: skip
+                err = _unclosed(where, first, last)
                 err.cells = dict(zip(header, cells))  # type: ignore[attr-defined]
                 yield where, n, err
                 continue
@@ -96,6 +108,18 @@ def _csv_rows(
                 yield where, n, dict(zip(header, cells))
 
     return header, rows()
+
+
+def _unclosed(where: str, first: int, last: int) -> DataError:
+    return DataError(f"a quote opened on line {first} is not closed where it should be: lines {first}-{last} (whole "
+                     "rows) were read as one field", source=where,
+                     hint='close the quote, or write a quote inside a quoted field as ""')  # fmt: skip
+
+
+def _quote_error(where: str) -> DataError:
+    return DataError("a field opens with a quote but goes on after its closing quote", source=where,
+                     hint='quote the whole field and double the quotes inside it: """Best day ever"" said no one" '
+                     "reads as \"Best day ever\" said no one")  # fmt: skip
 
 
 def _holds_rows(lines: Sequence[str], delimiter: str, header: Sequence[str], image_column: str | None,

@@ -86,15 +86,32 @@ def _column(x: Any, name: str) -> Iterable[Any]:
     return (row[name] for row in x) if _is_hf_dataset(x) else x
 
 
+def default_modality(rows: Iterable[Any]) -> str:
+    """The vectors asked of rows (`Example`s) when no modality is named, by the rule `embed(model, texts)`
+    follows: "text" when no row has an image, "image" when none has a caption, else "joint". So a
+    caption-only file gives the same vectors as its captions passed alone (`fusionkit embed` uses it too)."""
+    has_text = has_image = False
+    for ex in rows:
+        has_text, has_image = has_text or ex.text is not None, has_image or ex.image is not None
+        if has_text and has_image:
+            break
+    return "joint" if has_text == has_image else "text" if has_text else "image"
+
+
 def _unpack_dataset(
-    texts: Any, images: Any, ids: Iterable[Any] | None
+    texts: Any, images: Any, ids: Iterable[Any] | None, modalities: Any = None
 ) -> tuple[Iterable[Any] | None, Iterable[Any] | None, Iterable[Any] | None]:
-    """A dataset passed as `texts` (or `images`) supplies its text / image / id columns."""
+    """A dataset passed as `texts` (or `images`) supplies its text / image / id columns; a side that no
+    row of a `MultimodalDataset` has is left out when no `modalities` are named (`default_modality`)."""
     if _is_fusionkit_dataset(texts):
         ds = texts
+        only = default_modality(ds) if modalities is None and images is None else "joint"
+        if only != "joint":
+            log.warning("embed(%s): no row has %s: %s vectors only", ds.name,
+                        "an image" if only == "text" else "a caption", only)  # fmt: skip
         return (
-            (ex.text for ex in ds),
-            (images if images is not None else (ex.image for ex in ds)),
+            (ex.text for ex in ds) if only != "image" else None,
+            (images if images is not None else (ex.image for ex in ds)) if only != "text" else None,
             (ids if ids is not None else ds.ids),
         )
     if _is_hf_dataset(texts) or _is_dataframe(texts):
@@ -214,7 +231,7 @@ def embed(
     if isinstance(texts, str):
         raise TypeError("texts must be a list of strings, not a single string")
     want_ids = return_ids or ids is not None
-    texts, images, ids = _unpack_dataset(texts, images, ids)
+    texts, images, ids = _unpack_dataset(texts, images, ids, modalities)
     # one image where a column of them belongs (a column may be a Series or a 1-D array of paths: an image array has 2+)
     if isinstance(images, str | bytes | Path) or type(images).__module__.startswith("PIL.") or getattr(images, "ndim", 1) > 1:
         raise TypeError("images must be a list of paths, bytes or PIL images (one image: a list of one), not a "

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -522,13 +523,17 @@ class FusionModel(nn.Module):
         frozen = self._frozen_encoder_keys() if frozen_weights is not None else set()
         if frozen:
             shared = Path(frozen_weights)  # type: ignore[arg-type]
-            if not shared.is_file() or _saved_keys(shared) != frozen:
+            shared_id = _frozen_id(shared) if shared.is_file() and _saved_keys(shared) == frozen else None
+            if shared_id is None:  # none yet, other tensors, or written before ids: (re)written with a new id
+                shared_id = uuid.uuid4().hex
                 part = shared.with_name(shared.name + f".tmp-{os.getpid()}")
-                save_file({k: state[k] for k in sorted(frozen)}, str(part), metadata={"format": "pt"})
+                save_file({k: state[k] for k in sorted(frozen)}, str(part),
+                          metadata={"format": "pt", FROZEN_ID_KEY: shared_id})  # fmt: skip
                 follow_umask(part)
                 part.replace(shared)
             state = {k: v for k, v in state.items() if k not in frozen}
-            metadata[FROZEN_WEIGHTS_KEY] = os.path.relpath(shared, directory)
+            # the path is relative (a moved run dir still loads); the id tells this run's file from another's
+            metadata.update({FROZEN_WEIGHTS_KEY: os.path.relpath(shared, directory), FROZEN_ID_KEY: shared_id})
         tmp = directory / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp), metadata=metadata)
         follow_umask(tmp)
@@ -714,6 +719,7 @@ class _CreationBudget(torch.overrides.TorchFunctionMode):
 
 
 FROZEN_WEIGHTS_KEY = "fusionkit_frozen_weights"  # metadata: the shared file holding the frozen encoders
+FROZEN_ID_KEY = "fusionkit_frozen_id"  # metadata of that file, and of each checkpoint naming it: which one it is
 
 
 def _saved_keys(path: Path) -> set[str]:
@@ -723,15 +729,24 @@ def _saved_keys(path: Path) -> set[str]:
         return set(f.keys())
 
 
+def _frozen_id(path: Path) -> str | None:
+    """The id a shared frozen-encoder file was written with (its header only: nothing is hashed)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get(FROZEN_ID_KEY)
+
+
 def _weight_files(path: Path) -> list[Path]:
     """model.safetensors, and the run's shared frozen-encoder file it names (if any)."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            shared = (f.metadata() or {}).get(FROZEN_WEIGHTS_KEY)
+            meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt") from e
+    shared, expected = meta.get(FROZEN_WEIGHTS_KEY), meta.get(FROZEN_ID_KEY)
     if shared is None:
         return [path]
     other = (path.parent / shared).resolve()
@@ -739,6 +754,17 @@ def _weight_files(path: Path) -> list[Path]:
         raise FileNotFoundError(
             f"{path} keeps its frozen encoder weights in {other}, written once per run, which is missing. "
             "Copy the whole run directory, or save a standalone model with FusionModel.save_pretrained"
+        )
+    try:
+        found = _frozen_id(other) if expected is not None else None  # saved before ids: nothing to compare
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{other} is not a readable safetensors file ({e}); it may be truncated or corrupt") from e
+    if expected is not None and found != expected:
+        raise ValueError(
+            f"{path} was saved with the frozen encoder weights of another run: {other} is not the file it was "
+            f"saved with (id {found} there, {expected} expected), so its encoders would load another run's weights. "
+            "The checkpoint was copied into another run dir, or that file replaced: copy the checkpoint together "
+            "with its own run's file (the whole run directory), or load it where its run saved it"
         )
     return [path, other]
 

@@ -300,6 +300,7 @@ def _load_images(
     """`processor.load_images`, plus the positions of unreadable images under on_error="skip" (loaded as
     missing). Only a batch that fails is decoded again image by image, to name the row (or skip it)."""
     from .data.errors import DataError
+    from .data.image import ImageSource
 
     try:
         return (*processor.load_images(images), [])
@@ -310,6 +311,8 @@ def _load_images(
         try:
             processor.load_images([src])
         except DataError as e:
+            if not isinstance(src, ImageSource):  # a wrong type, not a bad image: skipping would skip every row
+                raise DataError(e.problem, source=e.source, item=names[i], hint=e.hint) from None
             skips(DataError(e.problem, source=e.source, item=names[i], hint=f"{e.hint or 'replace it'}, or skip such rows: on_error='skip' (fusionkit embed --on-error skip)"))
             unread.append(i)
     return (*processor.load_images([None if i in unread else src for i, src in enumerate(images)]), unread)

@@ -271,7 +271,8 @@ def embed_to_shards(
 
 
 def read_embeddings(output_dir: str | Path) -> tuple[list[str], np.ndarray]:
-    """(ids, vectors [N, dim]) of a complete sharded embedding, in input order."""
+    """(ids, vectors [N, dim]) of a complete sharded embedding, in input order. Note the order: ids first,
+    the reverse of `embed(..., return_ids=True)`'s `(vectors, ids)` (both kept for existing callers)."""
     import pyarrow.parquet as pq
 
     out = Path(output_dir)

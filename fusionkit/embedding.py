@@ -214,7 +214,7 @@ def embed(
     `image` and `id` columns are used (a DataFrame's empty cells are missing sides). `modalities` ("joint", "text", "image" or several) returns a dict of arrays, computed from one
     pass of each encoder; a row without a caption (image) gets NaN as its text (image) vector.
     `return_ids=True` (or passing `ids`) returns `(vectors, ids)`, ids as strings (row numbers when
-    none are known). `precision`: "auto" (bf16 autocast where the CPU/GPU runs it natively), "fp32"
+    none are known); note `embed_shards.read_embeddings` returns the other order, `(ids, vectors)`. `precision`: "auto" (bf16 autocast where the CPU/GPU runs it natively), "fp32"
     or "bf16". `progress`: a tqdm bar (None: only on a terminal). `compile`: `torch.compile` the
     model's encoders in place (pays off from a few thousand pairs). `device` moves the model first.
     `on_error`: an image that cannot be read raises a `DataError` naming its row ("raise"), or

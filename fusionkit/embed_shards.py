@@ -226,7 +226,7 @@ def embed_to_shards(
         if manifest["complete"] and not gone:
             # a warning: returning vectors computed earlier must not pass unseen in a notebook
             checked = "the same model, settings and rows" if settings["data"] else (
-                "the same model and settings; rows given as a stream cannot be checked")  # fmt: skip
+                "the same model and settings; rows given as a stream or a datasets.Dataset cannot be checked")  # fmt: skip
             if rank == 0:
                 log.warning("%s already holds a complete embedding of %d rows (%s): nothing to do; reusing it. "
                             "Write to a new directory to embed again", out, manifest["rows"], checked)  # fmt: skip
@@ -236,7 +236,7 @@ def embed_to_shards(
                         ", ".join(gone[:3]))  # fmt: skip
         done_before = any(out.glob("shard-*.parquet"))
         if done_before and manifest.get("data") is None and rank == 0:
-            log.warning("%s: resuming over shards written earlier; rows given as a stream (not a fusionkit dataset) "
+            log.warning("%s: resuming over shards written earlier; rows given as a stream or a datasets.Dataset "
                         "have no fingerprint, so edited rows cannot be told apart: if the data changed, write to "
                         "a new directory", out)  # fmt: skip
         if rank == 0:

@@ -133,7 +133,8 @@ def _parser() -> argparse.ArgumentParser:
     em = sub.add_parser("embed", help="joint (or text/image) vectors for a dataset or CSV")
     data_args(em, "all")
     em.add_argument("--output", required=True, help=".npy, .parquet, or DIR/ for resumable Parquet shards")
-    em.add_argument("--modality", choices=("joint", "text", "image"), default="joint")
+    em.add_argument("--modality", choices=("joint", "text", "image"),
+                    help="default: joint, or text (image) when no row has an image (a caption), as fusionkit.embed")  # fmt: skip
     em.add_argument("--shard-size", type=_positive_int, help="rows per shard when --output is a directory (default 10000)")
     tu = sub.add_parser(
         "tune",
@@ -612,7 +613,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _embed(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .embedding import embed
+    from .embedding import default_modality, embed
     from .models import FusionModel
     from .training.inference import resolve_device
 
@@ -621,6 +622,11 @@ def _embed(args: argparse.Namespace) -> int:
     model = FusionModel.from_pretrained(args.checkpoint, map_location=resolve_device(args.device))
     ds, _ = _split(args, model, build=False)  # embed streams the raw pairs itself
     on_error = _run_data_config(args)[0].on_error
+    if args.modality is None:  # a whole side absent: the other side's vectors, as `fusionkit.embed` gives them
+        args.modality = default_modality(ds)
+        if args.modality != "joint":
+            log.warning("no row of the data has %s: writing %s vectors (--modality joint for joint vectors with "
+                        "that side missing)", "an image" if args.modality == "text" else "a caption", args.modality)  # fmt: skip
     if _sharded_embed(args):
         from .embed_shards import embed_to_shards
 

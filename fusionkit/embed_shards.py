@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ConfigError
-from .embedding import embed
+from .data.image import image_digest
+from .embedding import _column, _is_dataframe, embed
 from .models import FusionModel
 from .precision import choose_precision
 from .training import distributed as D
@@ -59,6 +60,36 @@ def _row(item: Any, index: int) -> Row:
     if isinstance(item, Mapping):
         return str(item.get("id", index)), item.get("text"), item.get("image")
     return str(item.id), item.text, item.image
+
+
+def data_fingerprint(data: Any) -> str | None:
+    """A content hash of the rows, so a folder of other rows' shards is never reused for these: a
+    `MultimodalDataset`'s own; for rows held in memory (a list of dict rows or `Example`s) a hash of what
+    is embedded, as `MultimodalDataset.fingerprint` hashes it (ids, captions, image CONTENT). None for a
+    stream (it can be read only once) and an HF `Dataset` (its fingerprint is random when built in memory)."""
+    own = getattr(data, "fingerprint", None)
+    if isinstance(own, str):
+        return own
+    if not isinstance(data, Sequence) or isinstance(data, str | bytes):
+        return None
+    h = hashlib.sha256()
+    for i, item in enumerate(data):
+        id_, text, image = _row(item, i)
+        h.update(json.dumps([id_, text], default=str).encode())
+        h.update(image_digest(image))
+    return h.hexdigest()
+
+
+def _as_rows(data: Any) -> Any:
+    """A DataFrame as a list of dict rows (its empty cells None: a missing side); other data as it is."""
+    if isinstance(data, Mapping):
+        raise TypeError("embed_to_shards() takes rows (a list of {'id', 'text', 'image'} dicts or Examples, a "
+                        "DataFrame, a dataset), not a dict of columns: pass pandas.DataFrame(columns) or a list of rows")  # fmt: skip
+    if not _is_dataframe(data):
+        return data
+    names = [c for c in ("id", "text", "image") if c in data.columns]
+    columns = [list(_column(data, c)) for c in names]
+    return [dict(zip(names, values)) for values in zip(*columns)]
 
 
 def _own_shards(
@@ -163,7 +194,9 @@ def embed_to_shards(
     on_shard: Callable[[int, int], None] | None = None,
     on_error: str = "raise",
 ) -> dict[str, Any]:
-    """Embed `data` (`Example`s or dict rows with id/text/image) into `output_dir`; returns the manifest.
+    """Embed `data` (`Example`s or dict rows with id/text/image, a DataFrame of those columns, a dataset)
+    into `output_dir`; returns the manifest. A complete `output_dir` of the same model, settings and rows
+    is returned as it is (logged as a warning); other rows, like another model, are refused.
 
     Launched under `torchrun` / `accelerate launch`, every process runs this with the same arguments
     and embeds its share of the shards. `source` (e.g. the dataset path) is recorded and checked on
@@ -176,6 +209,7 @@ def embed_to_shards(
     if modality not in MODALITIES:
         raise ConfigError(f"modality must be one of {MODALITIES}, got {modality!r}")
     out = Path(output_dir)
+    data = _as_rows(data)
     own_group = not D.is_distributed()
     rank, world = D.init_distributed(model.device)
     own_group = own_group and world > 1
@@ -184,19 +218,25 @@ def embed_to_shards(
         settings = {"shard_size": shard_size, "batch_size": batch_size, "modality": modality,
                     "normalize": normalize, "precision": chosen.name, "source": source,
                     "model": model_fingerprint(model),
-                    # the rows' content (a `MultimodalDataset`): an edited file never resumes into old shards
-                    "data": getattr(data, "fingerprint", None)}  # fmt: skip
+                    # the rows' content: other or edited rows never resume into (or reuse) old shards; rank 0
+                    # alone compares it with the manifest, so only it reads the images to hash them
+                    "data": data_fingerprint(data) if rank == 0 else None}  # fmt: skip
         manifest = _start(out, settings, rank)
         gone = [s["file"] for s in manifest.get("shards", []) if not (out / s["file"]).is_file()]
         if manifest["complete"] and not gone:
-            log.info("%s is complete (%d rows); nothing to do", out, manifest["rows"])
+            # a warning: returning vectors computed earlier must not pass unseen in a notebook
+            checked = "the same model, settings and rows" if settings["data"] else (
+                "the same model and settings; rows given as a stream or a datasets.Dataset cannot be checked")  # fmt: skip
+            if rank == 0:
+                log.warning("%s already holds a complete embedding of %d rows (%s): nothing to do; reusing it. "
+                            "Write to a new directory to embed again", out, manifest["rows"], checked)  # fmt: skip
             return manifest
         if gone and rank == 0:
             log.warning("%s: %d shard(s) listed as done are gone (%s): embedding them again", out, len(gone),
                         ", ".join(gone[:3]))  # fmt: skip
         done_before = any(out.glob("shard-*.parquet"))
-        if done_before and settings["data"] is None and rank == 0:
-            log.warning("%s: resuming over shards written earlier; rows given as a stream (not a fusionkit dataset) "
+        if done_before and manifest.get("data") is None and rank == 0:
+            log.warning("%s: resuming over shards written earlier; rows given as a stream or a datasets.Dataset "
                         "have no fingerprint, so edited rows cannot be told apart: if the data changed, write to "
                         "a new directory", out)  # fmt: skip
         if rank == 0:
@@ -231,7 +271,8 @@ def embed_to_shards(
 
 
 def read_embeddings(output_dir: str | Path) -> tuple[list[str], np.ndarray]:
-    """(ids, vectors [N, dim]) of a complete sharded embedding, in input order."""
+    """(ids, vectors [N, dim]) of a complete sharded embedding, in input order. Note the order: ids first,
+    the reverse of `embed(..., return_ids=True)`'s `(vectors, ids)` (both kept for existing callers)."""
     import pyarrow.parquet as pq
 
     out = Path(output_dir)

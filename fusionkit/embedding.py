@@ -86,15 +86,32 @@ def _column(x: Any, name: str) -> Iterable[Any]:
     return (row[name] for row in x) if _is_hf_dataset(x) else x
 
 
+def default_modality(rows: Iterable[Any]) -> str:
+    """The vectors asked of rows (`Example`s) when no modality is named, by the rule `embed(model, texts)`
+    follows: "text" when no row has an image, "image" when none has a caption, else "joint". So a
+    caption-only file gives the same vectors as its captions passed alone (`fusionkit embed` uses it too)."""
+    has_text = has_image = False
+    for ex in rows:
+        has_text, has_image = has_text or ex.text is not None, has_image or ex.image is not None
+        if has_text and has_image:
+            break
+    return "joint" if has_text == has_image else "text" if has_text else "image"
+
+
 def _unpack_dataset(
-    texts: Any, images: Any, ids: Iterable[Any] | None
+    texts: Any, images: Any, ids: Iterable[Any] | None, modalities: Any = None
 ) -> tuple[Iterable[Any] | None, Iterable[Any] | None, Iterable[Any] | None]:
-    """A dataset passed as `texts` (or `images`) supplies its text / image / id columns."""
+    """A dataset passed as `texts` (or `images`) supplies its text / image / id columns; a side that no
+    row of a `MultimodalDataset` has is left out when no `modalities` are named (`default_modality`)."""
     if _is_fusionkit_dataset(texts):
         ds = texts
+        only = default_modality(ds) if modalities is None and images is None else "joint"
+        if only != "joint":
+            log.warning("embed(%s): no row has %s: %s vectors only", ds.name,
+                        "an image" if only == "text" else "a caption", only)  # fmt: skip
         return (
-            (ex.text for ex in ds),
-            (images if images is not None else (ex.image for ex in ds)),
+            (ex.text for ex in ds) if only != "image" else None,
+            (images if images is not None else (ex.image for ex in ds)) if only != "text" else None,
             (ids if ids is not None else ds.ids),
         )
     if _is_hf_dataset(texts) or _is_dataframe(texts):
@@ -197,7 +214,7 @@ def embed(
     `image` and `id` columns are used (a DataFrame's empty cells are missing sides). `modalities` ("joint", "text", "image" or several) returns a dict of arrays, computed from one
     pass of each encoder; a row without a caption (image) gets NaN as its text (image) vector.
     `return_ids=True` (or passing `ids`) returns `(vectors, ids)`, ids as strings (row numbers when
-    none are known). `precision`: "auto" (bf16 autocast where the CPU/GPU runs it natively), "fp32"
+    none are known); note `embed_shards.read_embeddings` returns the other order, `(ids, vectors)`. `precision`: "auto" (bf16 autocast where the CPU/GPU runs it natively), "fp32"
     or "bf16". `progress`: a tqdm bar (None: only on a terminal). `compile`: `torch.compile` the
     model's encoders in place (pays off from a few thousand pairs). `device` moves the model first.
     `on_error`: an image that cannot be read raises a `DataError` naming its row ("raise"), or
@@ -214,7 +231,7 @@ def embed(
     if isinstance(texts, str):
         raise TypeError("texts must be a list of strings, not a single string")
     want_ids = return_ids or ids is not None
-    texts, images, ids = _unpack_dataset(texts, images, ids)
+    texts, images, ids = _unpack_dataset(texts, images, ids, modalities)
     # one image where a column of them belongs (a column may be a Series or a 1-D array of paths: an image array has 2+)
     if isinstance(images, str | bytes | Path) or type(images).__module__.startswith("PIL.") or getattr(images, "ndim", 1) > 1:
         raise TypeError("images must be a list of paths, bytes or PIL images (one image: a list of one), not a "
@@ -283,6 +300,7 @@ def _load_images(
     """`processor.load_images`, plus the positions of unreadable images under on_error="skip" (loaded as
     missing). Only a batch that fails is decoded again image by image, to name the row (or skip it)."""
     from .data.errors import DataError
+    from .data.image import ImageSource
 
     try:
         return (*processor.load_images(images), [])
@@ -293,6 +311,8 @@ def _load_images(
         try:
             processor.load_images([src])
         except DataError as e:
+            if not isinstance(src, ImageSource):  # a wrong type, not a bad image: skipping would skip every row
+                raise DataError(e.problem, source=e.source, item=names[i], hint=e.hint) from None
             skips(DataError(e.problem, source=e.source, item=names[i], hint=f"{e.hint or 'replace it'}, or skip such rows: on_error='skip' (fusionkit embed --on-error skip)"))
             unread.append(i)
     return (*processor.load_images([None if i in unread else src for i, src in enumerate(images)]), unread)

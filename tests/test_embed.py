@@ -242,3 +242,34 @@ def test_a_blank_caption_is_a_missing_one_everywhere(pairs) -> None:
     vectors = embed(model, ["", texts[1]], images[:2], modalities=("joint", "text"))
     assert np.isnan(vectors["text"][0]).all() and np.isfinite(vectors["joint"][0]).all()
     assert np.allclose(vectors["joint"][0], embed(model, [None], images[:1])[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("side", ["text", "image"])
+def test_cli_and_python_give_the_same_vectors_for_a_one_sided_file(tmp_path: Path, side: str) -> None:
+    """A caption-only (image-only) file: the command line writes what `embed(model, captions)` (`images=`)
+    gives, the text (image) vectors; both used to differ (joint with a placeholder, 0.4 apart)."""
+    import pandas as pd
+
+    from fusionkit.cli import main
+    from fusionkit.data import load_dataset
+
+    ds = make_synthetic(5, image_size=32)
+    model_dir = create_model("tiny").save_pretrained(tmp_path / "model")
+    model = FusionModel.from_pretrained(model_dir)
+    paths = []
+    for ex in ds:
+        paths.append(str(tmp_path / f"{ex.id}.png"))
+        ex.image.save(paths[-1])
+    table = {"id": ds.ids, "text": [ex.text for ex in ds]} if side == "text" else {"id": ds.ids, "image": paths}
+    pd.DataFrame(table).to_csv(tmp_path / "one_sided.csv", index=False)
+    other = "image" if side == "text" else "text"
+    argv = ["embed", str(model_dir), "--data", str(tmp_path / "one_sided.csv"), f"--{other}-column", "",
+            "--output", str(tmp_path / "v.npy"), "--precision", "fp32", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    given = {"texts": table["text"]} if side == "text" else {"images": paths}
+    python = embed(model, **given, precision="fp32")
+    np.testing.assert_allclose(np.load(tmp_path / "v.npy"), python, atol=1e-5)
+    read = load_dataset(str(tmp_path / "one_sided.csv"), **{f"{other}_column": "", f"missing_{other}": "keep"})
+    np.testing.assert_allclose(embed(model, read, precision="fp32"), python, atol=1e-5)  # the rule for datasets too
+    assert main([*argv, "--modality", "joint"]) == 0  # asked for: joint vectors, the absent side a placeholder
+    assert not np.allclose(np.load(tmp_path / "v.npy"), python, atol=1e-3)

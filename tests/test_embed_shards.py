@@ -188,3 +188,34 @@ def test_output_names_the_cli_would_write_wrongly_are_refused_or_honoured(
     assert not (tmp_path / "v.npy").exists()
     assert main([*base, "--output", str(tmp_path / "V.NPY")]) == 0  # the suffix in capitals: still one .npy file
     assert np.load(tmp_path / "V.NPY").shape == (6, 64) and not list(tmp_path.glob(".V.tmp*"))
+
+
+def _dict_rows(ds, texts=None) -> list[dict]:
+    return [{"id": ex.id, "text": t if texts else ex.text, "image": ex.image}
+            for ex, t in zip(ds, texts or [None] * len(ds))]  # fmt: skip
+
+
+def test_other_rows_given_as_a_list_are_refused_not_answered_with_old_vectors(
+    tmp_path: Path, model: FusionModel, data, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    rows = _dict_rows(data)
+    shards(model, rows, out)
+    with caplog.at_level("WARNING", logger="fusionkit.embed"):
+        shards(model, [dict(r) for r in rows], out)  # the same rows again: reused, and said so
+    assert "nothing to do; reusing it" in caplog.text
+    other = _dict_rows(data, texts=[f"another caption {i}" for i in range(N)])
+    with pytest.raises(ConfigError, match="data="):
+        shards(model, other, out)
+    # rows as a DataFrame (empty cells: missing sides) embed as the same rows given as a list
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame(other).astype(object)
+    frame.loc[0, "text"] = float("nan")
+    shards(model, frame, tmp_path / "frame")
+    listed = [dict(r, text=None) if i == 0 else r for i, r in enumerate(other)]
+    shards(model, listed, tmp_path / "listed")
+    assert json.loads((tmp_path / "frame" / "manifest.json").read_text())["data"] == json.loads(
+        (tmp_path / "listed" / "manifest.json").read_text())["data"]  # fmt: skip
+    np.testing.assert_array_equal(read_embeddings(tmp_path / "frame")[1], read_embeddings(tmp_path / "listed")[1])
+    with pytest.raises(TypeError, match="not a dict of columns"):
+        shards(model, {"id": ["a"], "text": ["b"], "image": [None]}, tmp_path / "columns")

@@ -233,3 +233,38 @@ def test_a_model_cast_to_bfloat16_takes_the_processors_pixels_and_checks_their_s
     h, w = model.image_preprocess.size
     with pytest.raises(ValueError, match=rf"must be \[batch, 3, {h}, {w}\]"):
         model.encode_image(torch.zeros(1, 3, h * 2, w))
+
+
+def test_encoders_take_a_tokenizer_or_processor_output_and_refuse_raw_inputs_clearly() -> None:
+    """As open_clip / transformers users call them: a tokenizer's BatchEncoding (with BERT's all-zero
+    token_type_ids) or a processor's output, whole or as keywords; captions, images and stray keys get an
+    error naming what to do, not `'list' object has no attribute 'dim'` or a TypeError about `_views`."""
+    from PIL import Image
+
+    from fusionkit import FusionProcessor
+
+    model = create_model("tiny").eval()
+    inputs = FusionProcessor.from_model(model)(texts=["what a day", "ok"], images=[Image.new("RGB", (40, 30)), None])
+    tokens = model.tokenizer(["what a day", "ok"], padding=True, return_tensors="pt")
+    assert "token_type_ids" in tokens
+    with torch.no_grad():
+        text = model.encode_text(inputs["input_ids"], inputs["attention_mask"])
+        for same in (model.encode_text(tokens), model.encode_text(**tokens), model.encode_text(inputs)):
+            torch.testing.assert_close(same, text)
+        torch.testing.assert_close(model.encode_image(inputs), model.encode_image(inputs["pixel_values"]))
+        batch = {**inputs, "labels": torch.zeros(2), "ids": ["a", "b"]}  # a collated batch: other keys left out
+        torch.testing.assert_close(model.encode(batch, normalize=True), model.encode(**inputs, normalize=True))
+        torch.testing.assert_close(model(batch)["sentiment"], model(**inputs)["sentiment"])
+    hint = "FusionProcessor.from_model.*fusionkit.embed"
+    with pytest.raises(TypeError, match=f"not captions or images.*{hint}"):
+        model.encode_text(["what a day"])
+    with pytest.raises(TypeError, match=f"not captions or images.*{hint}"):
+        model.encode_image([Image.new("RGB", (8, 8))])
+    with pytest.raises(TypeError, match=f"not a list: .*{hint}"):
+        model.encode(["what a day"])
+    with pytest.raises(TypeError, match=r"unexpected inputs \['labels'\].*encode\(batch\)"):
+        model.encode(**inputs, labels=torch.zeros(2))
+    with pytest.raises(TypeError, match="return_tensors='pt'"):
+        model.encode_text(model.tokenizer(["what a day"]))
+    with pytest.raises(ValueError, match="second segment"):
+        model.encode_text(**{**tokens, "token_type_ids": torch.ones_like(tokens["input_ids"])})

@@ -320,3 +320,32 @@ def test_a_saved_model_missing_a_part_or_with_a_broken_config_names_the_file(tmp
     (tmp_path / "m" / "config.json").write_text("{'model': oops")
     with pytest.raises(ConfigError, match=r"m/config.json is not valid JSON"):
         FusionModel.from_pretrained(tmp_path / "m")
+
+
+def test_a_checkpoint_beside_another_runs_frozen_encoders_is_refused(tmp_path):
+    """The shared frozen-encoder file is named by a relative path: a checkpoint copied into another run
+    dir (or another run's file copied beside it) would load that run's encoders; an id in both refuses it."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    import fusionkit
+
+    runs = {}
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = fusionkit.create_model("tiny", freeze="encoders")
+        runs[seed] = model.save_pretrained(tmp_path / f"run{seed}" / "ckpt", frozen_weights=tmp_path / f"run{seed}" / "frozen.safetensors")  # fmt: skip
+    shutil.copytree(runs[1], tmp_path / "run2" / "copied")  # run 1's checkpoint in run 2's dir
+    with pytest.raises(ValueError, match=r"frozen encoder weights of another run: .*run2/frozen.safetensors"):
+        fusionkit.FusionModel.from_pretrained(tmp_path / "run2" / "copied")
+    shutil.copy(tmp_path / "run2" / "frozen.safetensors", tmp_path / "run1" / "frozen.safetensors")
+    with pytest.raises(ValueError, match="copy the checkpoint together with its own run's file"):
+        fusionkit.FusionModel.from_pretrained(runs[1])
+    # saved before ids were written (neither file has one): still loads
+    for path in (runs[2] / "model.safetensors", tmp_path / "run2" / "frozen.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            meta = {k: v for k, v in (f.metadata() or {}).items() if k != "fusionkit_frozen_id"}
+        save_file(load_file(str(path)), str(path), metadata=meta)
+    fusionkit.FusionModel.from_pretrained(runs[2])

@@ -7,6 +7,7 @@ import hashlib
 import io
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -58,6 +59,18 @@ def _formats() -> tuple[str, ...]:
     return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
 
 
+URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def _type_hint(src: object) -> str:
+    """How to turn a value that is no image source into one (a file object's bytes, an array's image)."""
+    if hasattr(src, "read"):
+        return "pass its bytes (buf.getvalue(), f.read()) or a PIL image (PIL.Image.open(f))"
+    if hasattr(src, "__array__"):
+        return "convert an array with PIL.Image.fromarray(a) (uint8 HxWxC)"
+    return "pass a file path, the file's bytes or a PIL image"
+
+
 def _open(src: ImageSource) -> Image.Image:
     if isinstance(src, Image.Image):  # e.g. lazily opened by a HF dataset: never load a foreign format
         if src.format is not None and src.format not in (*_formats(), "MPO"):
@@ -70,7 +83,10 @@ def _open(src: ImageSource) -> Image.Image:
         return Image.open(io.BytesIO(src), formats=_formats())
     if not isinstance(src, str | os.PathLike):
         raise DataError(f"an image must be a path, bytes or a PIL image, not a {type(src).__name__}",
-                        source=_describe(src), hint="convert an array with PIL.Image.fromarray(a) (uint8 HxWxC)")  # fmt: skip
+                        source=_describe(src), hint=_type_hint(src))  # fmt: skip
+    if isinstance(src, str) and URL.match(src):  # Path() would collapse its "//" into a local path never there
+        raise DataError("image paths are read from local files only, not URLs", source=src,
+                        hint="download the image first and pass its local path or its bytes")  # fmt: skip
     path = Path(src)
     if path.is_dir():
         raise DataError("image path is a folder, not a file", source=str(path), hint="name the image file in it")

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -56,9 +57,51 @@ MODEL_INPUTS = (
 )
 
 
+TEXT_INPUTS = ("input_ids", "attention_mask")
+TENSOR_INPUTS = ("input_ids", "attention_mask", "pixel_values", "text_features", "image_features")
+RAW_INPUT_HINT = ("tokenize captions and load images first: fusionkit.FusionProcessor.from_model(model)(texts=[...], "
+                  "images=[...]) gives these tensors, or fusionkit.embed(model, texts, images) gives vectors from "
+                  "captions and images directly")  # fmt: skip
+
+
 def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a collated batch that `FusionModel.forward` takes (labels, ids etc. left out)."""
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def gather_inputs(where: str, given: Mapping[str, Any], accepted: Sequence[str]) -> dict[str, Any]:
+    """The model inputs of a call, checked, as open_clip / transformers users pass them: a mapping among
+    `given` (a tokenizer's `BatchEncoding`, a processor's output, a collated batch) supplies its `accepted`
+    keys; raw captions or images, unknown keywords and two-segment `token_type_ids` get an error saying
+    what to do (rather than `'list' object has no attribute 'dim'` from deep inside)."""
+    inputs = {k: v for k, v in given.items() if v is not None}
+    for key in [k for k, v in inputs.items() if isinstance(v, Mapping)]:
+        batch = inputs.pop(key)
+        twice = sorted(k for k in batch if k in inputs)
+        if twice:
+            raise TypeError(f"{where}() got {twice} both in the mapping and as arguments: pass them once")
+        inputs.update({k: v for k, v in batch.items() if k in (*accepted, "token_type_ids") and v is not None})
+        if not any(k in batch for k in accepted):
+            raise TypeError(f"{where}() got a mapping without any of {list(accepted)} (it has {sorted(batch)}): "
+                            + RAW_INPUT_HINT)  # fmt: skip
+    unknown = sorted(set(inputs) - {*accepted, "token_type_ids"})
+    if unknown:
+        raise TypeError(f"{where}() got unexpected inputs {unknown}; it takes {list(accepted)} (a batch with other "
+                        f"keys, such as labels, can be passed whole as one mapping: {where}(batch))")  # fmt: skip
+    for name in TENSOR_INPUTS:
+        if name in inputs and not isinstance(inputs[name], torch.Tensor):
+            value = inputs[name]
+            item = value[0] if isinstance(value, list | tuple) and value else value
+            if isinstance(item, str | bytes | os.PathLike) or type(item).__module__.startswith("PIL."):
+                raise TypeError(f"{where}() takes tensors, not captions or images ({name} is a "
+                                f"{type(value).__name__} of {type(item).__name__}): {RAW_INPUT_HINT}")  # fmt: skip
+            raise TypeError(f"{where}(): {name} must be a torch.Tensor, got a {type(value).__name__} (a tokenizer "
+                            "gives tensors with return_tensors='pt')")  # fmt: skip
+    segments = inputs.pop("token_type_ids", None)  # BERT's one-segment ids are all 0, the encoder's default
+    if segments is not None and torch.as_tensor(segments).any():
+        raise ValueError(f"{where}(): token_type_ids mark a second segment (a text pair); fusionkit encodes one "
+                         "caption per row: tokenize each caption alone")  # fmt: skip
+    return inputs
 
 
 class FusionModel(nn.Module):
@@ -273,16 +316,28 @@ class FusionModel(nn.Module):
         return splits[side]
 
     def encode_text(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, normalize: bool = False
+        self,
+        input_ids: torch.Tensor | Mapping[str, Any],
+        attention_mask: torch.Tensor | None = None,
+        normalize: bool = False,
+        token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Text-only embedding [B, dim]: masked mean of the projected text tokens."""
-        tokens, mask = self.text_tokens(input_ids, attention_mask)
+        """Text-only embedding [B, dim]: masked mean of the projected text tokens.
+
+        `input_ids` may be a tokenizer's output (`model.tokenizer(texts, return_tensors="pt")`) or a
+        `FusionProcessor`'s: its input_ids and attention_mask are used. Captions go through one of those
+        first (or `fusionkit.embed(model, texts)`)."""
+        given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        inputs = gather_inputs("encode_text", given, TEXT_INPUTS)
+        tokens, mask = self.text_tokens(inputs.get("input_ids"), inputs.get("attention_mask"))
         emb = masked_mean(tokens, mask)
         return F.normalize(emb, dim=-1) if normalize else emb
 
-    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Image-only embedding [B, dim]: mean of the projected patch tokens."""
-        emb = self.image_tokens(pixel_values).mean(1)
+    def encode_image(self, pixel_values: torch.Tensor | Mapping[str, Any], normalize: bool = False) -> torch.Tensor:
+        """Image-only embedding [B, dim]: mean of the projected patch tokens. `pixel_values` may be a
+        `FusionProcessor`'s output (its pixel_values are used); images go through it first."""
+        inputs = gather_inputs("encode_image", {"pixel_values": pixel_values}, ("pixel_values",))
+        emb = self.image_tokens(inputs.get("pixel_values")).mean(1)
         return F.normalize(emb, dim=-1) if normalize else emb
 
     def _fuse(
@@ -295,9 +350,17 @@ class FusionModel(nn.Module):
         _check_same_batch(text, image)
         return self.fusion(text, mask, image, image_mask)
 
-    def encode(self, normalize: bool = False, **inputs: torch.Tensor) -> torch.Tensor:
-        """Joint embedding [B, dim] of image-text pairs: the mean of the fusion's (present) views."""
-        ctx = self._views(**inputs)
+    def encode(
+        self, batch: Mapping[str, Any] | None = None, /, normalize: bool = False, **inputs: torch.Tensor
+    ) -> torch.Tensor:
+        """Joint embedding [B, dim] of image-text pairs: the mean of the fusion's (present) views.
+
+        The inputs as keywords (`encode(**processor(texts=..., images=...))`) or as one mapping
+        (`encode(processor(...))`, a collated batch: its keys other than model inputs are left out)."""
+        if batch is not None and not isinstance(batch, Mapping):
+            raise TypeError(f"encode() takes its inputs as keywords or as one mapping, not a {type(batch).__name__}: "
+                            + RAW_INPUT_HINT)  # fmt: skip
+        ctx = self._views(**gather_inputs("encode", {"batch": batch, **inputs}, MODEL_INPUTS))
         emb = masked_mean(ctx.views, ctx.view_mask)
         return F.normalize(emb, dim=-1) if normalize else emb
 
@@ -369,21 +432,18 @@ class FusionModel(nn.Module):
         image_features: torch.Tensor | None = None,
         text_present: torch.Tensor | None = None,
         image_present: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Per-task outputs: `{task: logits}`. ITM gives [B, 2] (true pair, shuffled pair); contrastive [B, B].
 
         `text_present` / `image_present` (bool [B], None = all) mark the rows that have a caption / an
         image; an absent side is replaced by a learned placeholder, and its dummy input is ignored.
+        The inputs may also come as one mapping (`model(processor(...))`, as `encode` takes them).
         """
-        ctx = self._views(
-            input_ids,
-            attention_mask,
-            pixel_values,
-            text_features,
-            image_features,
-            text_present,
-            image_present,
-        )
+        given = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+                 "text_features": text_features, "image_features": image_features, "text_present": text_present,
+                 "image_present": image_present, "token_type_ids": token_type_ids}  # fmt: skip
+        ctx = self._views(**gather_inputs("forward", given, MODEL_INPUTS))
         return {name: task.forward(self.heads[name], ctx) for name, task in self.tasks.items()}
 
     def loss(
@@ -522,13 +582,17 @@ class FusionModel(nn.Module):
         frozen = self._frozen_encoder_keys() if frozen_weights is not None else set()
         if frozen:
             shared = Path(frozen_weights)  # type: ignore[arg-type]
-            if not shared.is_file() or _saved_keys(shared) != frozen:
+            shared_id = _frozen_id(shared) if shared.is_file() and _saved_keys(shared) == frozen else None
+            if shared_id is None:  # none yet, other tensors, or written before ids: (re)written with a new id
+                shared_id = uuid.uuid4().hex
                 part = shared.with_name(shared.name + f".tmp-{os.getpid()}")
-                save_file({k: state[k] for k in sorted(frozen)}, str(part), metadata={"format": "pt"})
+                save_file({k: state[k] for k in sorted(frozen)}, str(part),
+                          metadata={"format": "pt", FROZEN_ID_KEY: shared_id})  # fmt: skip
                 follow_umask(part)
                 part.replace(shared)
             state = {k: v for k, v in state.items() if k not in frozen}
-            metadata[FROZEN_WEIGHTS_KEY] = os.path.relpath(shared, directory)
+            # the path is relative (a moved run dir still loads); the id tells this run's file from another's
+            metadata.update({FROZEN_WEIGHTS_KEY: os.path.relpath(shared, directory), FROZEN_ID_KEY: shared_id})
         tmp = directory / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp), metadata=metadata)
         follow_umask(tmp)
@@ -714,6 +778,7 @@ class _CreationBudget(torch.overrides.TorchFunctionMode):
 
 
 FROZEN_WEIGHTS_KEY = "fusionkit_frozen_weights"  # metadata: the shared file holding the frozen encoders
+FROZEN_ID_KEY = "fusionkit_frozen_id"  # metadata of that file, and of each checkpoint naming it: which one it is
 
 
 def _saved_keys(path: Path) -> set[str]:
@@ -723,15 +788,24 @@ def _saved_keys(path: Path) -> set[str]:
         return set(f.keys())
 
 
+def _frozen_id(path: Path) -> str | None:
+    """The id a shared frozen-encoder file was written with (its header only: nothing is hashed)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get(FROZEN_ID_KEY)
+
+
 def _weight_files(path: Path) -> list[Path]:
     """model.safetensors, and the run's shared frozen-encoder file it names (if any)."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            shared = (f.metadata() or {}).get(FROZEN_WEIGHTS_KEY)
+            meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt") from e
+    shared, expected = meta.get(FROZEN_WEIGHTS_KEY), meta.get(FROZEN_ID_KEY)
     if shared is None:
         return [path]
     other = (path.parent / shared).resolve()
@@ -739,6 +813,17 @@ def _weight_files(path: Path) -> list[Path]:
         raise FileNotFoundError(
             f"{path} keeps its frozen encoder weights in {other}, written once per run, which is missing. "
             "Copy the whole run directory, or save a standalone model with FusionModel.save_pretrained"
+        )
+    try:
+        found = _frozen_id(other) if expected is not None else None  # saved before ids: nothing to compare
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{other} is not a readable safetensors file ({e}); it may be truncated or corrupt") from e
+    if expected is not None and found != expected:
+        raise ValueError(
+            f"{path} was saved with the frozen encoder weights of another run: {other} is not the file it was "
+            f"saved with (id {found} there, {expected} expected), so its encoders would load another run's weights. "
+            "The checkpoint was copied into another run dir, or that file replaced: copy the checkpoint together "
+            "with its own run's file (the whole run directory), or load it where its run saved it"
         )
     return [path, other]
 

@@ -801,7 +801,10 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .training.trainer import NonFiniteLossError, TrainingInterrupted
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # fusionkit says what it does at INFO; other libraries only warn (onnx's export passes log hundreds of lines)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if logging.getLogger("fusionkit").level == logging.NOTSET:
+        logging.getLogger("fusionkit").setLevel(logging.INFO)
     args, extra = _parser().parse_known_args(argv)
     try:
         if args.command == "train":

@@ -242,6 +242,9 @@ def tune(
         except Exception as e:
             _record_error(trial, e)
             raise
+        except KeyboardInterrupt:  # optuna marks it failed: trials.csv says why, not a blank error
+            trial.set_user_attr("error", "interrupted (Ctrl-C / SIGTERM) before it finished")
+            raise
 
     def run_trial(trial: optuna.Trial) -> float:
         params = suggest(trial, space)

@@ -455,6 +455,17 @@ def test_a_device_this_machine_lacks_is_a_clear_error(run_dir: Path, tmp_path: P
     assert "sees no CUDA GPU" in capsys.readouterr().err and not (tmp_path / "runs").exists()
 
 
+def test_the_command_line_shows_fusionkits_info_lines_and_only_warnings_of_other_libraries() -> None:
+    """`fusionkit export` printed 354 INFO lines of onnx's graph passes: the root logger stays at WARNING."""
+    import subprocess
+
+    script = ("import logging; from fusionkit.cli import main; main(['train', '--print-config']); "
+              "logging.getLogger('onnx_ir.passes').info('replaced initializer'); "
+              "logging.getLogger('fusionkit.training').info('run dir here')")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "run dir here" in done.stderr and "replaced initializer" not in done.stderr
+
+
 def test_version(capsys) -> None:
     import fusionkit
 

@@ -206,6 +206,28 @@ def test_an_interrupted_tune_summarises_what_finished_and_the_same_command_conti
     assert tune(cfg, 1, space, out)["trials"] == 3
 
 
+def test_a_trial_interrupted_midway_says_so_in_trials_csv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Optuna records a trial stopped by Ctrl-C as failed; its error column says interrupted, not nothing."""
+    from fusionkit.training.trainer import Trainer, TrainingInterrupted
+    from fusionkit.tune import tune
+
+    fit, calls = Trainer.fit, []
+
+    def fit_then_ctrl_c(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return fit(self)
+
+    monkeypatch.setattr(Trainer, "fit", fit_then_ctrl_c)
+    space = {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
+    with pytest.raises(TrainingInterrupted):
+        tune(build_config(write_config(tmp_path)), 3, space, tmp_path / "tune")
+    rows = list(csv.DictReader((tmp_path / "tune" / "trials.csv").open()))
+    assert [(r["state"], r["error"]) for r in rows] == [
+        ("COMPLETE", ""), ("FAIL", "interrupted (Ctrl-C / SIGTERM) before it finished")]  # fmt: skip
+
+
 def test_val_loss_warns_when_a_task_param_in_the_space_changes_the_loss_scale(tmp_path: Path, caplog) -> None:
     """Trials ranked by val/loss while supcon's temperature varies compare losses of different scales."""
     supcon = {"name": "sc", "type": "supcon", "params": {"labels_from": "sentiment", "views": "joint"}}

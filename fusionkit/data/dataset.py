@@ -328,8 +328,9 @@ def split_dataset(
         new = [i for i in ds.ids if i not in named]
         if new and not allow_new_rows:
             raise DataError(
-                f"{len(new)} rows of the dataset are in no split of this file (e.g. {new[:3]}): "
-                "rows were added since the split was made",
+                f"{len(new)} rows of the dataset are in no split of this file (e.g. {new[:3]}): rows added since the "
+                "split was made, or left out of it (a split made over the labelled rows only, as a k-fold of "
+                "StratifiedKFold is)",
                 source=str(path),
                 hint="make a new split (another data.split_file path, or a new run; a run dir's split.json is "
                 "that run's record: keep it), or pass allow_new_rows=True to put the new rows in train (also when "

@@ -152,7 +152,9 @@ class RunDir:
                     f"remain; the newest is {newest}. To continue from it, restore the pointer: "
                     f"echo {newest} > {run.path / 'last'}, then resume again"
                 )
-            raise FileNotFoundError(f"nothing to resume: {run.path} has no checkpoint (no `last` pointer)")
+            raise FileNotFoundError(f"nothing to resume: {run.path} has no checkpoint (no `last` pointer; it stopped "
+                                    "before its first save): train it afresh under another run.name, or delete the "
+                                    "folder and run the same command without --resume")  # fmt: skip
         run.lock()
         return run
 

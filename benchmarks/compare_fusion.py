@@ -3,6 +3,10 @@
 Fair means: one saved split, the same encoders (frozen by default, so their features are computed
 once through the frozen-encoder feature cache and shared by every strategy and seed), the same
 epochs, learning-rate schedule and batch size, and N seeds per strategy; numbers are mean +- std.
+The comparison owns the budget: a config's optim.max_steps and run.patience are switched off (and its
+run.metric replaced when it does not score the compared task), each said in the log and the report,
+and every run's actual epochs and optimizer steps are recorded (a difference between strategies is flagged).
+A fused strategy "beats" another only by more than both the seed spread and the test set's sampling noise.
 
 Dataset, in this order: `--config` (a `fusionkit train` config: your own data, column names, labels,
 tasks and encoders; the tables score its first classification task, or `--task`); `--dataset` alone
@@ -19,7 +23,8 @@ which no run ever trains or selects on.
 
 Each finished run is appended to WORK_DIR/results.jsonl with its settings and the content hash of the
 data (and config); started again with the same arguments on the same data, the comparison skips the runs
-already there (an interrupted comparison continues); an edited data file is a new comparison.
+already there (an interrupted comparison continues, the interrupted run from its last checkpoint); an
+edited data file is a new comparison.
 
 Every trained model is also scored with the caption removed from every test example and with the
 image removed from every example (presence flags on the cached features: the model's placeholder
@@ -29,10 +34,12 @@ stands in), so the report shows how each strategy degrades when one modality is 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import hashlib
 import inspect
 import json
+import math
 import os
 import random
 import statistics
@@ -46,7 +53,7 @@ import torch
 from bench_common import RESULTS, SHARED, machine, minilm_dir
 
 import fusionkit
-from fusionkit.config import ConfigError, to_dict
+from fusionkit.config import ConfigError, load_config_file, to_dict
 from fusionkit.data import DataError, MultimodalDataset, load_dataset
 from fusionkit.models import FUSION_REGISTRY, list_fusions
 from fusionkit.registry import load_plugins
@@ -54,11 +61,13 @@ from fusionkit.tasks import TASK_REGISTRY, create_task
 from fusionkit.training.config import build_config
 from fusionkit.training.metrics import check_metric, default_metric
 from fusionkit.training.report import keep_previous
+from fusionkit.training.rundir import RunDirError
 from fusionkit.training.trainer import Trainer, reader_kwargs, run_inference
 
 METRICS = ("accuracy", "macro_f1", "weighted_f1")
 # test-time modality conditions: (column name, caption kept, image kept)
 CONDITIONS = (("acc_complete", True, True), ("acc_no_text", False, True), ("acc_no_image", True, False))
+INTERRUPTED = "interrupted.jsonl"  # in WORK_DIR: the run dirs an interrupted comparison left, continued when rerun
 
 
 def positive_int(text: str) -> int:
@@ -155,7 +164,7 @@ def train_one(
         done = json.loads(line)
         if done["name"] == name and done["settings"] == settings:
             return {**done["result"], "reused": True}
-    result = _train_and_score(base, extra, args, work, name, data)
+    result = _train_and_score(base, extra, args, work, name, data, settings)
     if result["accuracy"] is None:  # nothing scored (no labelled rows): not a result to read back later
         return result
     with log.open("a") as f:
@@ -174,8 +183,29 @@ def code_digest(cfg: Any) -> str:
     return digest.hexdigest()[:16]
 
 
+def resumed_trainer(cfg: Any, work: Path, name: str, settings: str, data: Any) -> Trainer | None:
+    """A Trainer continuing the run dir that this run (same name, same settings) left when a comparison was
+    interrupted, or None (nothing left, no checkpoint in it, or fusionkit refuses to resume it: train afresh)."""
+    marks = work / INTERRUPTED
+    left = [m for m in map(json.loads, marks.read_text().splitlines() if marks.is_file() else ())
+            if m["name"] == name and m["settings"] == settings]  # fmt: skip
+    if not left or not Path(left[-1]["run_dir"]).is_dir():
+        return None
+    run_dir = Path(left[-1]["run_dir"])
+    cfg = copy.deepcopy(cfg)  # a refused resume may have adopted the saved run's settings into it
+    cfg.run.name = run_dir.name
+    try:
+        trainer = Trainer(cfg, data=data, resume=True)
+    except (RunDirError, FileNotFoundError, ConfigError) as e:
+        print(f"  {name}: cannot continue {run_dir} ({e}); training it afresh", flush=True)
+        return None
+    print(f"  {name}: continuing the interrupted run {run_dir}", flush=True)
+    return trainer
+
+
 def _train_and_score(
-    base: dict[str, Any], extra: dict[str, Any], args: argparse.Namespace, work: Path, name: str, data: Any
+    base: dict[str, Any], extra: dict[str, Any], args: argparse.Namespace, work: Path, name: str, data: Any,
+    settings: str,
 ) -> dict[str, Any]:
     overrides = {
         **config_keys(base),
@@ -193,16 +223,29 @@ def _train_and_score(
     }
     if args.modality_dropout:
         overrides["model.fusion.modality_dropout"] = args.modality_dropout
-    trainer = Trainer(build_config(args.config, overrides), data=data)
-    summary = trainer.fit()
-    split = "test" if "test" in trainer.datasets else "val"
-    loader = trainer.eval_loader(split)
-    t0 = time.perf_counter()
-    run_inference(trainer.model, loader, trainer.eval_transform, trainer.amp, split, progress=False)
-    pairs_per_s = len(trainer.datasets[split]) / (time.perf_counter() - t0)
+    cfg = build_config(args.config, overrides)
+    trainer = resumed_trainer(cfg, work, name, settings, data)  # the run an interrupted comparison left, if any
+    try:
+        trainer = trainer or Trainer(cfg, data=data)
+        summary = trainer.fit()
+        split = "test" if "test" in trainer.datasets else "val"
+        loader = trainer.eval_loader(split)
+        t0 = time.perf_counter()
+        res = run_inference(trainer.model, loader, trainer.eval_transform, trainer.amp, split, progress=False)
+        pairs_per_s = len(trainer.datasets[split]) / (time.perf_counter() - t0)
+        scored = missing_modality_accuracy(trainer, split, args.task)
+    except KeyboardInterrupt:  # noted, so that the same comparison run again continues this run dir
+        if trainer is not None:
+            with (work / INTERRUPTED).open("a") as f:
+                f.write(json.dumps({"name": name, "settings": settings, "run_dir": str(trainer.run_dir)}) + "\n")
+        raise
     return {
         **{m: summary[split].get(f"{split}/{args.task}/{m}") for m in METRICS},
-        **missing_modality_accuracy(trainer, split, args.task),
+        **scored,
+        "n_scored": int(res["label_mask"][args.task].sum()),  # the rows the scores above are over
+        "epochs": summary["epochs"],
+        "steps": summary["steps"],
+        "stopped_early": summary["stopped_early"],
         "train_seconds": summary["train_seconds"],
         "trainable_params": summary["trainable_parameters"],
         "pairs_per_s": pairs_per_s,
@@ -254,7 +297,30 @@ def aggregate(label: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         row[key], row[f"{key}_std"] = mean_std([r[key] for r in runs])
     row["trainable_params"] = runs[0]["trainable_params"]
     row["splits"] = sorted({r.get("split", "test") for r in runs})
+    for key in ("epochs", "steps"):  # as trained (each run's summary.json): one number, or the range over seeds
+        row[key] = span([r.get(key) for r in runs])
+    row["stopped_early"] = sum(bool(r.get("stopped_early")) for r in runs)
+    row["n_scored"] = min((r["n_scored"] for r in runs if r.get("n_scored") is not None), default=None)
     return row
+
+
+def span(values: list[Any]) -> Any:
+    """The one value, or "lo..hi" when they differ ("?" for a run that did not record it)."""
+    if any(v is None for v in values):
+        return "?"
+    return values[0] if len(set(values)) == 1 else f"{min(values)}..{max(values)}"
+
+
+def budget_lines(rows: list[dict[str, Any]], epochs: int) -> list[str]:
+    """Report lines on the epochs and optimizer steps the runs actually trained, flagging unequal budgets."""
+    trained = {r["name"]: (r["epochs"], r["steps"]) for r in rows}
+    if len(set(trained.values())) == 1:
+        (e, s), = set(trained.values())
+        note = "" if e == epochs else f" (not the {epochs} asked for)"
+        return [f"- trained: every run {e} epochs, {s} optimizer steps{note} (each run's summary.json)"]
+    listed = "; ".join(f"`{k}` {e} epochs / {s} steps" for k, (e, s) in trained.items())
+    return [f"- **UNEQUAL BUDGETS**: the runs did not all train the same epochs and steps, so the comparison is not "
+            f"like for like: {listed}"]  # fmt: skip
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -311,8 +377,27 @@ def missing_table(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def sampling_noise(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Sampling noise of a difference between two rows' scores on a test set of n scored rows, in points: the
+    binomial standard error of a difference of two accuracies, 100 * sqrt(2 p (1 - p) / n), p their mean accuracy
+    (inf when n is unknown: then no difference counts)."""
+    n = min(a.get("n_scored") or 0, b.get("n_scored") or 0)
+    if not n:
+        return math.inf
+    p = (a["accuracy"] + b["accuracy"]) / 2
+    return 100 * math.sqrt(2 * p * (1 - p) / n)
+
+
+NOISE_RULE = (
+    "A difference counts only if it exceeds both the seed spread (the sum of the two seed stds) and the test "
+    "set's sampling noise: the binomial standard error of a difference of two accuracies on the n scored rows, "
+    "100·sqrt(2p(1−p)/n) with p their mean accuracy (also used for weighted-F1)."
+)
+
+
 def verdict(rows: dict[str, dict[str, Any]]) -> str:
-    """Plain words: does the best fused strategy beat the better unimodal baseline, beyond the seed noise?"""
+    """Plain words: does the best fused strategy beat the better unimodal baseline, beyond the seed spread and
+    the test set's sampling noise?"""
     fused = {k: v for k, v in rows.items() if k not in ("text_only", "image_only")}
     unimodal = {k: rows[k] for k in ("text_only", "image_only") if k in rows}
     if not fused or not unimodal:
@@ -321,21 +406,24 @@ def verdict(rows: dict[str, dict[str, Any]]) -> str:
     uni_name, uni = max(unimodal.items(), key=lambda kv: kv[1]["weighted_f1"])
     gap = 100 * (best["weighted_f1"] - uni["weighted_f1"])
     noise = 100 * (best["weighted_f1_std"] + uni["weighted_f1_std"])
+    sampling = sampling_noise(best, uni)
     # only the baselines that ran are claimed: one of them is not "both"
     baselines = "both unimodal baselines" if len(unimodal) == 2 else f"the one unimodal baseline run (`{uni_name}`)"
     if best["seeds"] < 2:
         return (f"One seed per strategy: no seed spread to judge by (run --seeds 3 for a verdict). Best fused "
                 f"strategy `{best_name}`: weighted-F1 {100 * best['weighted_f1']:.2f} vs "
                 f"{100 * uni['weighted_f1']:.2f} for `{uni_name}` ({gap:+.2f} points).")  # fmt: skip
-    if gap > noise:
+    if gap > noise and gap > sampling:
         head = f"Fusion beats {baselines}"
     elif gap > 0:
-        head = f"Fusion is ahead of {baselines}, but by less than the seed spread (not a clear win)"
+        below = " and ".join(w for w, v in (("the seed spread", noise), ("the test-set noise", sampling)) if gap <= v)
+        head = f"Fusion is ahead of {baselines}, but by less than {below} (not a clear win)"
     else:
         head = f"Fusion does NOT beat {'the best unimodal baseline' if len(unimodal) == 2 else baselines}"
     text = (
         f"{head}: best fused strategy `{best_name}` has weighted-F1 {100 * best['weighted_f1']:.2f} vs "
-        f"{100 * uni['weighted_f1']:.2f} for `{uni_name}` ({gap:+.2f} points; sum of their seed stds {noise:.2f})."
+        f"{100 * uni['weighted_f1']:.2f} for `{uni_name}` ({gap:+.2f} points; sum of their seed stds {noise:.2f}; "
+        f"test-set noise {sampling:.2f} on {best.get('n_scored') or '?'} scored rows)."
     )
     if "cross_attention" in rows:
         ref = 100 * (rows["cross_attention"]["weighted_f1"] - uni["weighted_f1"])
@@ -344,7 +432,8 @@ def verdict(rows: dict[str, dict[str, Any]]) -> str:
 
 
 def cross_vs_pooled(rows: dict[str, dict[str, Any]]) -> str:
-    """Does the reference cross-attention beat the best pooled fused strategy, beyond the seed spread?"""
+    """Does the reference cross-attention beat the best pooled fused strategy, beyond the seed spread and the
+    test set's sampling noise?"""
     lines = []
     for suffix in ("", " (frozen)"):
         fused = {k: v for k, v in rows.items() if k.endswith(suffix) and (suffix or not k.endswith(")"))
@@ -355,13 +444,16 @@ def cross_vs_pooled(rows: dict[str, dict[str, Any]]) -> str:
         name, other = max(fused.items(), key=lambda kv: kv[1]["accuracy"])
         gap = 100 * (ref["accuracy"] - other["accuracy"])
         spread = 100 * (ref["accuracy_std"] + other["accuracy_std"])
-        word = "beats" if gap > spread else "is ahead of, within the seed spread," if gap > 0 else "does not beat"
+        sampling = sampling_noise(ref, other)
+        word = ("beats" if gap > spread and gap > sampling else
+                "is ahead of, within the seed spread or test-set noise," if gap > 0 else "does not beat")  # fmt: skip
         if ref["seeds"] < 2:
             lines.append(f"`cross_attention{suffix}` vs the best other fused strategy `{name}`: accuracy "
                          f"{gap:+.2f} points (one seed: no spread to judge by).")  # fmt: skip
             continue
         lines.append(f"`cross_attention{suffix}` {word} the best other fused strategy `{name}`: accuracy "
-                     f"{gap:+.2f} points (sum of their seed stds {spread:.2f}).")  # fmt: skip
+                     f"{gap:+.2f} points (sum of their seed stds {spread:.2f}; test-set noise {sampling:.2f} on "
+                     f"{ref.get('n_scored') or '?'} scored rows).")  # fmt: skip
     return " ".join(lines)
 
 
@@ -375,10 +467,12 @@ def partial_note(layers: list[int] | None, freeze: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # no abbreviations: `--seed 1` is an error, not a silent `--seeds 1`
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument(
         "--config", help="a fusionkit train config (YAML/JSON): your data, columns, tasks and encoders; every run "
-        "uses it with the strategy, seed and the budget below set (its freeze setting is kept)",
+        "uses it with the strategy, seed and the budget below set (its freeze setting is kept; its optim.max_steps "
+        "and run.patience are switched off, so every run trains --epochs)",
     )
     p.add_argument(
         "--dataset", help="a dataset path or spec (default: see above); without --config its columns must be "
@@ -418,25 +512,54 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     work = Path(args.work_dir) / ("quick" if args.quick else "full")  # split + caches shared by both modes
     work.mkdir(parents=True, exist_ok=True)
-    try:  # the data, columns and task are checked before any training
-        base, dataset, encoders, data = setup(args, work)
-        args.task = scored_task(args, base) if data is None else (args.task or "sentiment")
-        shared = build_config(args.config, config_keys(base))
-        args.metric = shared.run.metric or f"val/{args.task}/macro_f1"
-        if not args.metric.startswith(f"val/{args.task}/"):  # the scored task chooses each run's epoch
-            args.metric = f"val/{args.task}/macro_f1"
-        base["run.metric"] = args.metric
-        if any(t.type == "itm" for t in shared.model.tasks) and not args.no_multitask:
-            print("the config trains an itm task already: no separate +ITM variant", flush=True)
-            args.no_multitask = True
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"compare_fusion: error: {e}", file=sys.stderr)
-        return 2
     try:
-        return run_comparison(args, argv, work, base, dataset, encoders, data)
-    except (ConfigError, DataError) as e:
-        print(f"compare_fusion: error: {e}", file=sys.stderr)
-        return 2
+        try:  # the data, columns and task are checked before any training
+            base, dataset, encoders, data = setup(args, work)
+            args.task = scored_task(args, base) if data is None else (args.task or "sentiment")
+            shared = build_config(args.config, config_keys(base))
+            args.metric = shared.run.metric or f"val/{args.task}/macro_f1"
+            if not args.metric.startswith(f"val/{args.task}/"):  # the scored task chooses each run's epoch
+                args.metric = f"val/{args.task}/macro_f1"
+            base["run.metric"] = args.metric
+            # the comparison owns the budget: every run trains --epochs, none stops early or at a step count
+            base["optim.max_steps"], base["run.patience"] = None, None
+            args.overridden = overridden(args, shared)
+            for note in args.overridden:
+                print(f"note: the config's {note}", flush=True)
+            if any(t.type == "itm" for t in shared.model.tasks) and not args.no_multitask:
+                print("the config trains an itm task already: no separate +ITM variant", flush=True)
+                args.no_multitask = True
+        except (ConfigError, DataError, FileNotFoundError) as e:
+            print(f"compare_fusion: error: {e}", file=sys.stderr)
+            return 2
+        try:
+            return run_comparison(args, argv, work, base, dataset, encoders, data)
+        except (ConfigError, DataError) as e:
+            print(f"compare_fusion: error: {e}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:  # a run stopped at a step and saved a checkpoint, or stopped between runs
+        print(f"\ncompare_fusion: interrupted. To continue, run the same command again (finished runs are read back "
+              f"from {work / 'results.jsonl'}, an interrupted one continues from its checkpoint)", file=sys.stderr)
+        return 130
+
+
+def overridden(args: argparse.Namespace, cfg: Any) -> list[str]:
+    """The user's config settings this comparison replaces (its budget and selection metric), in words."""
+    notes = []
+    if cfg.optim.max_steps is not None:
+        notes.append(f"optim.max_steps {cfg.optim.max_steps} is switched off: every run trains {args.epochs} epochs")
+    if cfg.run.patience is not None:
+        notes.append(f"run.patience {cfg.run.patience} is switched off: no run stops early, so every strategy "
+                     "trains the same epochs (the best epoch is still chosen on the metric)")  # fmt: skip
+    if cfg.run.metric is not None and cfg.run.metric != args.metric:
+        notes.append(f"run.metric {cfg.run.metric} is replaced by {args.metric}: each run's epoch is chosen on "
+                     f"the scored task `{args.task}`")  # fmt: skip
+    written = load_config_file(args.config).get("optim") or {} if args.config is not None else {}
+    for key, mine, option in (("epochs", args.epochs, "--epochs"), ("lr", args.lr, "--lr"),
+                              ("batch_size", args.batch_size, "--batch-size")):  # fmt: skip
+        if isinstance(written, dict) and key in written and getattr(cfg.optim, key) != mine:  # set in the file
+            notes.append(f"optim.{key} {getattr(cfg.optim, key)} is replaced by {option} {mine}")
+    return notes
 
 
 def run_comparison(args: argparse.Namespace, argv: list[str] | None, work: Path, base: dict[str, Any],
@@ -468,7 +591,8 @@ def run_comparison(args: argparse.Namespace, argv: list[str] | None, work: Path,
                     raise ConfigError(f"task {args.task!r} has no labelled rows in the {r['split']} split of "
                                       f"{dataset}: nothing to score; label them or pick another --task")  # fmt: skip
                 print(f"  {strategy + suffix:26s} seed {seed}: acc {r['accuracy']:.4f} macro-F1 {r['macro_f1']:.4f} "
-                      f"weighted-F1 {r['weighted_f1']:.4f} ({r['train_seconds']:.0f}s"
+                      f"weighted-F1 {r['weighted_f1']:.4f} ({r.get('epochs', '?')} epochs, {r.get('steps', '?')} "
+                      f"steps, {r['train_seconds']:.0f}s"
                       f"{', read back from results.jsonl' if r.get('reused') else ''})", flush=True)  # fmt: skip
                 runs.append(r)
                 reused, total = reused + bool(r.get("reused")), total + 1
@@ -494,18 +618,23 @@ def run_comparison(args: argparse.Namespace, argv: list[str] | None, work: Path,
     scored_on = {r for row in rows.values() for r in row["splits"]}
     split_name = ("CLMLF dev (held out)" if "MVSA" in dataset else "test split" if scored_on == {"test"} else
                   "val split (no test split: the same rows chose each run's epoch, so scores run high)")  # fmt: skip
+    counts = {row["n_scored"] for row in rows.values()}
+    scored_rows = "/".join(str(c) for c in sorted(counts, key=str)) if counts != {None} else "?"
     shared = build_config(args.config, config_keys(base)).model
     dropout, cached = args.modality_dropout or shared.fusion.modality_dropout, shared.freeze in ("encoders", "top_k")
     lines = [
         "# Fusion strategies compared",
         "",
-        f"- dataset: {dataset}; scores of task `{args.task}` on the {split_name}; the same saved split for every run"
+        f"- dataset: {dataset}; scores of task `{args.task}` on the {split_name} ({scored_rows} scored rows); the "
+        "same saved split for every run"
         + (f"; every run trains the tasks {args.trained_tasks}" if len(getattr(args, "trained_tasks", [])) > 1
            else ""),  # fmt: skip
         f"- encoders: {encoders}; {partial_note(args.trainable_layers, shared.freeze)}",
         f"- budget: {args.epochs} epochs, lr {args.lr} (warmup + cosine), batch {args.batch_size}, best epoch chosen on {args.metric}; "
         f"{args.seeds} seeds (0..{args.seeds - 1}) per strategy"
         + ("; batches grouped by caption length" if args.group_by_length else ""),
+        *budget_lines(list(rows.values()) + multitask, args.epochs),
+        *([f"- overridden in the config: {'; '.join(args.overridden)}"] if args.overridden else []),
         f"- machine: {machine()}",
         f"- command: `python benchmarks/compare_fusion.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
         f" ({(time.time() - started) / 60:.1f} min"
@@ -517,6 +646,8 @@ def run_comparison(args: argparse.Namespace, argv: list[str] | None, work: Path,
         verdict({k: v for k, v in rows.items() if not k.endswith(" (frozen)")}),
         "",
         cross_vs_pooled(rows),
+        "",
+        NOISE_RULE,
         "",
         "Inference pairs/s time fusion + heads on cached encoder features (the encoders cost the same for "
         "every strategy); training time is per run on the same features." if cached else

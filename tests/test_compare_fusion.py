@@ -1,0 +1,94 @@
+"""benchmarks/compare_fusion.py's judgement and command line, without training: its verdicts count a difference
+only beyond the seed spread and the test set's sampling noise, it flags unequal budgets, refuses abbreviated
+options, and an interrupted comparison ends with one line and exit status 130."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import compare_fusion  # noqa: E402
+
+
+def row(name: str, acc: float, std: float = 0.0, n: int | None = 18, seeds: int = 2, **more: Any) -> dict[str, Any]:
+    return {"name": name, "seeds": seeds, "accuracy": acc, "accuracy_std": std, "weighted_f1": acc,
+            "weighted_f1_std": std, "n_scored": n, "epochs": 10, "steps": 20, **more}  # fmt: skip
+
+
+def test_a_tiny_gap_at_zero_seed_spread_on_18_rows_is_no_win() -> None:
+    # the user's case: 12.96 vs 12.90, 2 seeds at std 0.00, 18 scored rows (one row = 5.6 points)
+    text = compare_fusion.verdict({"gated": row("gated", 0.1296), "text_only": row("text_only", 0.1290)})
+    assert not text.startswith("Fusion beats"), text
+    assert "not a clear win" in text and "test-set noise" in text and "18 scored rows" in text
+
+
+def test_a_large_real_gap_is_still_a_win() -> None:
+    for n in (18, 500):
+        text = compare_fusion.verdict({"gated": row("gated", 0.90, 0.01, n), "text_only": row("text_only", 0.50, 0.01, n)})
+        assert text.startswith("Fusion beats"), text
+
+
+def test_the_same_gap_is_a_win_on_500_scored_rows_and_not_on_100() -> None:
+    # 3 points on 500 rows at p~0.7: the standard error of the difference is ~2.9 points, 3 > 2.9 (a win);
+    # on 100 rows it is ~6.5 points (no win), whatever the seed spread
+    rows = {"gated": row("gated", 0.715, 0.0, 500), "text_only": row("text_only", 0.685, 0.0, 500)}
+    assert compare_fusion.verdict(rows).startswith("Fusion beats")
+    rows = {k: {**v, "n_scored": 100} for k, v in rows.items()}
+    assert "not a clear win" in compare_fusion.verdict(rows)
+
+
+def test_unknown_scored_rows_claim_nothing() -> None:
+    text = compare_fusion.verdict({"gated": row("gated", 0.9, n=None), "text_only": row("text_only", 0.5, n=None)})
+    assert not text.startswith("Fusion beats"), text
+
+
+def test_cross_attention_vs_pooled_counts_the_sampling_noise() -> None:
+    small = {"cross_attention": row("cross_attention", 0.1296), "gated": row("gated", 0.1290)}
+    assert "does not beat" not in compare_fusion.cross_vs_pooled(small)
+    assert " beats " not in compare_fusion.cross_vs_pooled(small)
+    assert "within the seed spread or test-set noise" in compare_fusion.cross_vs_pooled(small)
+    large = {"cross_attention": row("cross_attention", 0.9, 0.01), "gated": row("gated", 0.5, 0.01)}
+    assert "`cross_attention` beats" in compare_fusion.cross_vs_pooled(large)
+
+
+def test_budget_lines_flag_unequal_epochs_and_steps() -> None:
+    same = [row("gated", 0.5), row("text_only", 0.5)]
+    assert compare_fusion.budget_lines(same, 10) == [
+        "- trained: every run 10 epochs, 20 optimizer steps (each run's summary.json)"
+    ]
+    differ = [row("gated", 0.5, epochs="2..7", steps="4..14"), row("text_only", 0.5)]
+    (line,) = compare_fusion.budget_lines(differ, 10)
+    assert "UNEQUAL BUDGETS" in line and "`gated` 2..7 epochs / 4..14 steps" in line
+
+
+def test_aggregate_records_epochs_steps_and_scored_rows() -> None:
+    runs = [{**row("gated", 0.5), "epochs": e, "steps": 2 * e, "acc_complete": 0.5, "acc_no_text": 0.4,
+             "acc_no_image": 0.3, "macro_f1": 0.5, "train_seconds": 1.0, "pairs_per_s": 9.0,
+             "trainable_params": 7, "stopped_early": e < 10} for e in (10, 7)]  # fmt: skip
+    agg = compare_fusion.aggregate("gated", runs)
+    assert (agg["epochs"], agg["steps"], agg["stopped_early"], agg["n_scored"]) == ("7..10", "14..20", 1, 18)
+    assert compare_fusion.aggregate("gated", runs[:1])["epochs"] == 10
+
+
+def test_abbreviated_options_are_refused(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        compare_fusion.main(["--seed", "1"])  # not silently --seeds 1
+    assert e.value.code == 2
+    assert "unrecognized arguments: --seed" in capsys.readouterr().err
+
+
+def test_an_interrupted_comparison_says_to_rerun_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    def stopped(*args: Any, **kwargs: Any) -> int:
+        raise KeyboardInterrupt("SIGINT: ... Continue with: fusionkit train --resume runs/gated-s0")
+
+    monkeypatch.setattr(compare_fusion, "run_comparison", stopped)
+    code = compare_fusion.main(["--dataset", "synthetic:60", "--seeds", "1", "--epochs", "1", "--threads", "1",
+                                "--work-dir", str(tmp_path), "--strategies", "gated", "--no-multitask"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 130
+    assert "run the same command again" in err and "fusionkit train --resume" not in err

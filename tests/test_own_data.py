@@ -710,6 +710,18 @@ def test_a_skipped_label_costs_that_task_only(tmp_path: Path) -> None:
     assert sorted(r["item"] for r in reported) == ["a", "b"]
 
 
+def test_a_keep_policy_that_kept_no_imageless_row_still_warns(tmp_path: Path, caplog) -> None:
+    """data.missing_image keep on complete data trains no image placeholder: predicting without images is warned
+    about as for any model that never saw such rows (the policy alone silenced it)."""
+    table = write_table(tmp_path / "data", 24)
+    assert main(train_args(table, tmp_path / "runs", "k", "--data.missing_image", "keep")) == 0
+    model = fusionkit.FusionModel.from_pretrained(tmp_path / "runs" / "k")
+    assert model.trained_without == ()
+    with caplog.at_level(logging.WARNING, logger="fusionkit"):
+        model.predict(texts=["a caption"], images=[None])
+    assert "which this model was not trained for" in caplog.text
+
+
 def test_predicting_rows_without_an_image_warns_only_a_model_that_never_saw_such_rows(tmp_path: Path, caplog) -> None:
     table = write_table(tmp_path / "data", 30)
     rows = list(csv.DictReader(table.open()))

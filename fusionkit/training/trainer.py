@@ -318,8 +318,11 @@ class Trainer:
         # Cheap checks first: read the table, bind labels to tasks, split -- before any model or cache.
         source, parts = self._read_data(data, model)
         self.model = (model or self._create_model()).to(self.device)
-        self.model.trained_without = tuple(side for side, policy in (("caption", cfg.data.missing_text),
-                                                                     ("image", cfg.data.missing_image)) if policy == "keep")
+        # the sides some training rows really lacked (a `keep` policy that kept none trained no placeholder):
+        # predict and eval warn about, or refuse, files without the others
+        train = list(parts["train"])
+        self.model.trained_without = tuple(side for side, absent in (("caption", any(ex.text is None for ex in train)),
+                                                                     ("image", any(ex.image is None for ex in train))) if absent)
         self.precision = choose_precision(cfg.run.precision, self.device)
         self.amp = self.precision.dtype
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)

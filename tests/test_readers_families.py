@@ -900,6 +900,21 @@ def test_text_after_a_closing_quote_is_named_not_dropped(folder: Path, sep: str)
     assert [ex.text for ex in ds] == ["ok", '"Best day ever" said no one', 'my 5" phone']
 
 
+def test_a_caption_spelled_nan_or_none_is_missing_in_a_csv_as_in_its_dataframe(folder: Path, caplog) -> None:
+    """`df.astype(str).to_csv()` writes a missing caption as "nan": the CSV trained on the word while pandas'
+    read_csv of the same file (the README's DataFrame route) made it missing."""
+    (folder / "na.csv").write_text("id,caption,photo\na,nan,img/0.jpg\nb,None,img/1.jpg\nc,Nancy,img/2.jpg\n")
+    opts = dict(COLUMNS, missing_text="keep")
+    with caplog.at_level(logging.WARNING, logger="fusionkit"):
+        from_csv = load_dataset(folder / "na.csv", **opts)
+    frame = pd.read_csv(folder / "na.csv", dtype=str)
+    from_frame = load_dataset(frame.assign(photo=[str(folder / p) for p in frame["photo"]]), **opts)
+    assert [ex.text for ex in from_csv] == [ex.text for ex in from_frame] == [None, None, "Nancy"]
+    assert "2 captions spelled like a missing value (['None', 'nan'])" in caplog.text
+    with pytest.raises(DataError, match="na.csv:2, item a: caption is empty"):
+        load_dataset(folder / "na.csv", **COLUMNS)  # missing_text error: the row is named, not trained on "nan"
+
+
 def test_a_url_in_the_image_column_is_named_as_one(folder: Path) -> None:
     path = folder / "urls.csv"
     path.write_text("id,caption,photo\na,x,http://example.com/cat.jpg\n")

@@ -27,6 +27,11 @@ MAX_TEXT_CHARS = 20_000
 FALLBACK_ENCODINGS = ("gb18030",)  # MVSA: 1,061 captions were re-encoded to GB18030 upstream
 
 
+# cells that spreadsheets and pandas write for "no value" (pandas' read_csv makes them NaN): a label spelled so is
+# missing unless class_names lists it, a caption spelled so is missing (CSV and its DataFrame read alike)
+MISSING_SPELLINGS = ("nan", "none", "null", "na", "n/a", "#n/a", "<na>")
+
+
 def decode_text(raw: bytes, *, source: str, encodings: Sequence[str] = FALLBACK_ENCODINGS) -> tuple[str, str]:
     """Decode UTF-8, else each fallback encoding in turn; returns (text, encoding used)."""
     for enc in ("utf-8-sig", *encodings):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, TaskConfig
+from ..data.dataset import MISSING_SPELLINGS
 from ..data.errors import DataError
 from ..registry import Registry
 
@@ -57,8 +58,6 @@ class FusionContext:
     view_mask: torch.Tensor | None = None
 
 
-# cells that spreadsheets and pandas write for "no value"; a class spelled so must be listed in class_names
-MISSING_SPELLINGS = ("nan", "none", "null", "na", "n/a", "#n/a")
 
 
 def is_missing(value: Any) -> bool:

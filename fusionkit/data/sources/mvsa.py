@@ -209,7 +209,7 @@ def read_mvsa(
         )
     available = RAW_COLUMNS if raw else RAW_COLUMNS[:1]
     label_columns = opts.label_columns_of(available, str(root))
-    rr = RowReader(opts, f"read_mvsa({root})", image_root=root / "data")
+    rr = RowReader(opts, f"read_mvsa({root})", image_root=root / "data", table_cells=False)
     pairs = _Pairs(root, rr, list(label_columns))
     splits: dict[str, list[str]] | None = None
     if raw:

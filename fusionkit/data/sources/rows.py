@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from fusionkit.data.dataset import Example, ImageSource, clean_text
+from fusionkit.data.dataset import MISSING_SPELLINGS, Example, ImageSource, clean_text
 from fusionkit.data.errors import DataError, OnError, SkipLog, check_policy
 
 log = logging.getLogger("fusionkit.data")
@@ -233,12 +233,18 @@ _MISSING_HINTS = {
 class RowReader:
     """Turns raw rows into `Example`s under one set of options; collects skips for the report."""
 
-    def __init__(self, options: ReadOptions, what: str, image_root: str | Path | None = None) -> None:
+    def __init__(
+        self, options: ReadOptions, what: str, image_root: str | Path | None = None, *, table_cells: bool = True
+    ) -> None:
+        """`table_cells`: captions are cells of a table, where "nan" or "None" stands for a missing value (not
+        so for a caption file of its own, as MVSA's)."""
         self.opts = options
+        self.table_cells = table_cells
         self.skips = SkipLog(options.on_error, what)
         root = options.image_root if options.image_root is not None else image_root
         self.image_root = os.path.realpath(root if root is not None else os.getcwd())  # resolved once
         self.truncated = 0
+        self.spelled_missing: dict[str, int] = {}  # caption cells such as "nan" or "None", read as missing
         self.broken_paths: list[str] = []  # image paths naming no file, kept as rows without an image
         self.found_images = 0
 
@@ -314,6 +320,9 @@ class RowReader:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise DataError(f"caption must be text, got {type(value).__name__}", source=where, item=item)
             value = str(value)
+        if self.table_cells and value is not None and value.strip().lower() in MISSING_SPELLINGS:  # "nan" from df.astype(str).to_csv()
+            self.spelled_missing[value.strip()] = self.spelled_missing.get(value.strip(), 0) + 1
+            value = None
         if value is not None and any("\udc80" <= ch <= "\udcff" for ch in value):
             raise DataError(
                 "caption is not valid UTF-8", source=where, item=item, hint="re-encode the file as UTF-8"
@@ -376,6 +385,9 @@ class RowReader:
             kept.append(ex)
         if self.truncated:
             log.warning("%s: %d captions longer than the cap were truncated", self.skips.what, self.truncated)
+        if self.spelled_missing:
+            log.warning("%s: %d captions spelled like a missing value (%s) are read as missing captions",
+                        self.skips.what, sum(self.spelled_missing.values()), sorted(self.spelled_missing))  # fmt: skip
         if self.broken_paths and not self.found_images:  # not one image: the paths are read from the wrong folder
             raise DataError(
                 f"none of its {len(self.broken_paths)} image paths names a file (e.g. {self.broken_paths[0]!r}, "

@@ -279,7 +279,8 @@ class RowReader:
             image = self.image(row.get(o.image_column), where=where, item=item)
             if text is None and image is None:  # kept as missing on both sides: nothing left to learn or predict from
                 raise DataError("row has neither a caption nor an image", source=where, item=item,
-                                hint="fill in one of them, or skip such rows (data.on_error: skip)")  # fmt: skip
+                                hint="fill in one of them, or skip such rows (data.on_error: skip in a config; --on-error skip for "
+                                "predict, eval and embed)")  # fmt: skip
             labels = {c: raw_value(row.get(c)) for c in label_columns}
             for column, value in [(o.id_column or "id", item), *labels.items()]:
                 if isinstance(value, str) and any("\udc80" <= ch <= "\udcff" for ch in value):

@@ -33,14 +33,58 @@ def _hf_vision(kind: str, tmp_path: Path) -> ImageEncoder:
     return ImageEncoder.from_config(ImageEncoderConfig(backend="hf", name=str(tmp_path / kind)))
 
 
-def _hf_text(kind: str, tmp_path: Path) -> TextEncoder:
+def _hf_text(kind: str, tmp_path: Path, **config) -> TextEncoder:
     """A tiny random BERT-family model saved with a tokenizer, as a user's local folder."""
     from transformers import MPNetConfig, MPNetModel
 
     create_model("tiny").text_encoder.tokenizer.save_pretrained(tmp_path / kind)
     MPNetModel(MPNetConfig(vocab_size=512, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                           intermediate_size=64)).save_pretrained(tmp_path / kind)  # fmt: skip
+                           intermediate_size=64, **config)).save_pretrained(tmp_path / kind)  # fmt: skip
     return TextEncoder.from_config(TextEncoderConfig(name=str(tmp_path / kind)))
+
+
+def test_encoders_whose_blocks_need_more_than_the_hidden_state_are_refused_for_top_k(tmp_path: Path) -> None:
+    """ModernBERT's layers want rotary tables (they crashed with a TypeError); EVA's timm blocks take `rope`, whose
+    absence hides within the tolerance at random init and then trained another function than predict runs."""
+    from transformers import ModernBertConfig, ModernBertModel
+
+    create_model("tiny").text_encoder.tokenizer.save_pretrained(tmp_path / "mb")
+    ModernBertModel(ModernBertConfig(vocab_size=512, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                     intermediate_size=64, pad_token_id=0, bos_token_id=1, cls_token_id=1,
+                                     sep_token_id=2)).save_pretrained(tmp_path / "mb")  # fmt: skip
+    text = TextEncoder.from_config(TextEncoderConfig(name=str(tmp_path / "mb")))
+    with pytest.raises(ConfigError, match=r"ModernBertModel: its top 1 block\(s\): running them apart fails"):
+        text.check_split(2)
+    small = {"img_size": 32, "patch_size": 8, "depth": 3, "embed_dim": 32, "num_heads": 2}
+    eva = ImageEncoder.from_config(ImageEncoderConfig(name="eva02_tiny_patch14_224", pretrained=False, model_kwargs=small))
+    with pytest.raises(ConfigError, match=r"Eva: its top 1 block\(s\): its blocks are given \['rope'\]"):
+        eva.check_split(2)
+    ImageEncoder.from_config(ImageEncoderConfig(name="vit_tiny_patch16_224", pretrained=False, model_kwargs=small)).check_split(2)
+
+
+def test_a_backbone_returning_feature_maps_is_refused_when_built(tmp_path: Path) -> None:
+    """ConvNeXt / Swin give [B, C, H, W] or [B, H, W, C]: the first training step crashed after the cache was built."""
+    from transformers import ConvNextConfig, ConvNextModel
+
+    with pytest.raises(ConfigError, match=r"convnext_atto: its features have shape \(1, 16, 7, 7\), not tokens"):
+        ImageEncoder.from_config(ImageEncoderConfig(name="convnext_atto", pretrained=False,
+                                                    model_kwargs={"depths": [1, 1, 1, 1], "dims": [8, 8, 16, 16]}))  # fmt: skip
+    ConvNextModel(ConvNextConfig(hidden_sizes=[8, 8, 16, 16], depths=[1, 1, 1, 1])).save_pretrained(tmp_path / "cnx")
+    with pytest.raises(ConfigError, match="ConvNextModel declares no hidden_size"):
+        ImageEncoder.from_config(ImageEncoderConfig(backend="hf", name=str(tmp_path / "cnx")))
+
+
+def test_mpnet_positions_start_after_its_padding_index(tmp_path: Path) -> None:
+    """MPNet numbers positions from pad + 1 as RoBERTa does: 32 position embeddings hold 30 tokens (31 crashed
+    midway with an IndexError)."""
+    from fusionkit.models.checks import check_max_length
+
+    _hf_text("mpnet", tmp_path, max_position_embeddings=32, pad_token_id=1)
+    model = create_model({"text": {"name": str(tmp_path / "mpnet"), "max_length": 30},
+                          "tasks": [{"name": "s", "class_names": ["a", "b"]}]})
+    check_max_length(model, 30)
+    with pytest.raises(ConfigError, match="max_length=31 exceeds the text encoder's 30 position embeddings"):
+        check_max_length(model, 31)
 
 
 @pytest.mark.parametrize("kind", ["text", "mpnet", "timm", "dinov2", "vit"])

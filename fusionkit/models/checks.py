@@ -50,14 +50,16 @@ def check_image_grid(model: Any) -> None:
 def check_max_length(model: Any, max_length: int | None = None) -> None:
     """Fail at start if `max_length` exceeds the text encoder's position embeddings (it would crash mid-run).
 
-    RoBERTa-family models offset positions by padding_idx + 1, so they hold two fewer tokens."""
+    RoBERTa-family models and MPNet offset positions by padding_idx + 1, so they hold that many fewer tokens."""
     max_length = max_length or model.config.text.max_length
     hf_config = getattr(getattr(model.text_encoder, "model", None), "config", None)
     positions = getattr(hf_config, "max_position_embeddings", None)
     if not isinstance(positions, int):
         return  # an encoder without learned absolute positions (rotary, relative): no limit to check
-    if "roberta" in str(getattr(hf_config, "model_type", "")) or hf_config.model_type == "camembert":
-        positions -= (hf_config.pad_token_id or 0) + 1
+    embeddings = getattr(model.text_encoder.model, "embeddings", None)
+    offset = getattr(embeddings, "padding_idx", None)  # RoBERTa, XLM-R, CamemBERT, MPNet: positions from pad + 1
+    if isinstance(offset, int) or "roberta" in str(getattr(hf_config, "model_type", "")):
+        positions -= (offset if isinstance(offset, int) else hf_config.pad_token_id or 0) + 1
     if max_length > positions:
         raise ConfigError(
             f"model.text.max_length={max_length} exceeds the text encoder's {positions} position embeddings "

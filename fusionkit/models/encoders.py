@@ -171,21 +171,35 @@ class Encoder(nn.Module):
             return
         mode = self.training
         self.eval()
+        inputs = self.example_inputs()
+        mask = inputs[1] if len(inputs) > 1 else None
+        why = ""
         try:
-            inputs = self.example_inputs()
-            mask = inputs[1] if len(inputs) > 1 else None
-            whole, top = self(*inputs), self.forward_from(self.hidden_before(start, *inputs), start, mask)
+            whole = self(*inputs)
+            extras = self.unpassed_block_inputs(start, *inputs)
+            top = self.forward_from(self.hidden_before(start, *inputs), start, mask)
+        except Exception as e:  # its layers want inputs the adapter does not give (rotary tables, sizes, ...)
+            why = f"running them apart fails ({type(e).__name__}: {e})"
+        else:
+            if mask is not None and whole.shape == top.shape:  # padded positions are never read
+                whole, top = whole[mask.bool()], top[mask.bool()]
+            if extras:  # e.g. timm's rotary embeddings: at random init their absence can hide in the tolerance
+                why = f"its blocks are given {extras}, which running them apart does not pass"
+            elif whole.shape != top.shape or not torch.allclose(whole, top, rtol=1e-3, atol=1e-4):
+                gap = (whole - top).abs().max().item() if whole.shape == top.shape else float("nan")
+                why = f"run apart from the rest they do not reproduce its output (max difference {gap:.3g})"
         finally:
             self.train(mode)
-        if mask is not None and whole.shape == top.shape:  # padded positions are never read
-            whole, top = whole[mask.bool()], top[mask.bool()]
-        if whole.shape != top.shape or not torch.allclose(whole, top, rtol=1e-3, atol=1e-4):
-            gap = (whole - top).abs().max().item() if whole.shape == top.shape else float("nan")
+        if why:
             raise ConfigError(
-                f"{type(self.model).__name__}: its top {self.depth - start} block(s) run apart from the rest do not "
-                f"reproduce its output (max difference {gap:.3g}), so model.freeze: top_k cannot train them on "
-                "cached hidden states; use model.freeze: encoders (frozen) or none (end to end)"
+                f"{type(self.model).__name__}: its top {self.depth - start} block(s): {why}, so model.freeze: top_k "
+                "cannot train them on cached hidden states; use model.freeze: encoders (frozen) or none (end to end)"
             )
+
+    def unpassed_block_inputs(self, start: int, *inputs: torch.Tensor) -> list[str]:
+        """Inputs the backbone gives `blocks[start]` besides the hidden state that `run_blocks` does not pass
+        (none known by default: adapters whose blocks take only the hidden state override this)."""
+        return []
 
     def layer_ids(self) -> dict[str, int]:
         """Parameter name -> i + 1 for `blocks[i]`, depth + 1 for the final norm; absent = 0 (embeddings)."""
@@ -515,6 +529,28 @@ class ImageEncoder(Encoder):
     def save(self, directory: str | Path) -> None:
         """Everything needed to rebuild the architecture offline (timm needs only its name)."""
 
+    @classmethod
+    def from_config(cls, cfg: Any, saved_dir: str | Path | None = None) -> Any:
+        encoder = super().from_config(cfg, saved_dir)
+        encoder.check_tokens(cfg.name)
+        return encoder
+
+    @torch.no_grad()
+    def check_tokens(self, name: str) -> None:
+        """Refuse a backbone whose features are not tokens [B, N, width] (a CNN's or Swin's feature map), before
+        a cache is built or a run dir made: the fusion reads patch tokens."""
+        mode = self.training
+        try:
+            out = self.eval().backbone(*(x[:1] for x in self.example_inputs()))
+        finally:
+            self.train(mode)
+        if out.dim() != 3 or out.shape[-1] != self.width:
+            raise ConfigError(
+                f"model.image.name {name}: its features have shape {tuple(out.shape)}, not tokens [batch, tokens, "
+                f"{self.width}] (a convolutional or Swin backbone?); fusionkit's image encoders are ViT-family models "
+                "(ViT, DeiT, DINOv2, CLIP/SigLIP vision, EVA) that return patch tokens"
+            )
+
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
         h, w = self.preprocess.size
         images = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
@@ -561,6 +597,24 @@ class TimmImageEncoder(ImageEncoder):
             outs.append(hidden)
         return outs
 
+    def unpassed_block_inputs(self, start: int, *inputs: torch.Tensor) -> list[str]:
+        """timm blocks are run on the hidden state alone: anything else the model gives them (EVA's `rope`)."""
+        given: list[str] = []
+
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            given.extend(f"argument {i}" for i, a in enumerate(args[1:], 1) if isinstance(a, torch.Tensor))
+            given.extend(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))  # not flags (is_causal)
+            raise _StopForward
+
+        handle = self.blocks[start].register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            self.backbone(*inputs)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return given
+
 
 @IMAGE_BACKENDS.register("hf")
 class HFImageEncoder(ImageEncoder):
@@ -576,8 +630,13 @@ class HFImageEncoder(ImageEncoder):
                 model = _pretrained(AutoModel, source, "model.image.name", cfg.model_kwargs)
             else:
                 model = AutoModel.from_config(AutoConfig.from_pretrained(source, **cfg.model_kwargs))
+        width = getattr(model.config, "hidden_size", None)
+        if not isinstance(width, int):  # ConvNeXt & co. declare hidden_sizes per stage and return feature maps
+            raise ConfigError(f"model.image.name {cfg.name}: {type(model).__name__} declares no hidden_size (not a "
+                              "ViT-family model); fusionkit's image encoders return patch tokens (ViT, DeiT, DINOv2, "
+                              "CLIP/SigLIP vision)")  # fmt: skip
         # a saved fusion model's preprocessing is in its own config (from_pretrained sets it)
-        return cls(model, _hf_image_preprocess(source, model, warn=saved_dir is None), model.config.hidden_size)
+        return cls(model, _hf_image_preprocess(source, model, warn=saved_dir is None), width)
 
     def save(self, directory: str | Path) -> None:
         self.model.config.save_pretrained(directory)

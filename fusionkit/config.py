@@ -25,6 +25,11 @@ class ConfigError(ValueError):
     """A config has an unknown key, a wrong type or an impossible value."""
 
 
+# metadata of a str field whose legal values include "none": a YAML/command-line null there means "none"
+# (`--model.freeze none` reads as null). Any other str field refuses null: it would become a folder "none".
+NONE_IS_A_VALUE = {"none_is_a_value": True}
+
+
 @dataclass
 class ImagePreprocess:
     """How an image encoder wants its input: read from the encoder's own config, never hard-coded."""
@@ -46,7 +51,7 @@ class TextEncoderConfig:
     config_overrides: dict[str, Any] = field(default_factory=dict)
     trainable_layers: int | None = None  # freeze="top_k": this encoder's own k (None = model.trainable_layers)
     pool_layers: int = 1  # output = mean of the last n blocks' outputs (each through the final norm)
-    normalize: str = "none"  # "tweet": @mentions -> "@user", links -> "http" before tokenizing (TweetEval's rule)
+    normalize: str = field(default="none", metadata=NONE_IS_A_VALUE)  # "tweet": @mentions -> "@user", links -> "http" before tokenizing (TweetEval's rule)
 
 
 # model.text.normalize: (pattern, replacement) rules run inside the tokenizer, before its own normalizer
@@ -122,7 +127,7 @@ class ModelConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     tasks: list[TaskConfig] = field(default_factory=lambda: [TaskConfig("sentiment")])
     loss_weighting: str = "static"  # "static" | "uncertainty" (Kendall et al., 2018)
-    freeze: str = "none"  # "none" | "encoders" | "top_k"
+    freeze: str = field(default="none", metadata=NONE_IS_A_VALUE)  # "none" | "encoders" | "top_k"
     # freeze="top_k": encoder blocks left trainable, from the top (text/image.trainable_layers override it).
     # With the feature cache, the hidden states entering those blocks are computed once and cached.
     trainable_layers: int = 0
@@ -241,8 +246,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         return dict(value)
-    if tp is str and value is None:  # `--model.freeze none`: the command line reads none as null; a str is never null
-        return "none"
+    if tp is str and value is None:  # (a field whose values include "none" maps null there: `from_dict`)
+        raise ConfigError(f"{where}: empty (null); give a value or remove the key (the default applies)")
     if tp is str and isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)  # `--run.name 2024`: a name that looks like a number is still a name
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -270,7 +275,10 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         raise ConfigError(
             f"{where or cls.__name__}: unknown key(s) {unknown}; known keys are {sorted(fields)}"
         )
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    kwargs = {}
+    for k, v in data.items():
+        none = v is None and fields[k].metadata.get("none_is_a_value")
+        kwargs[k] = "none" if none else _coerce(v, hints[k], f"{where}.{k}" if where else k)
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing

@@ -1,0 +1,39 @@
+"""Config mistakes the command line and `build_config` must refuse (or keep) as written: fast, no training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fusionkit.cli import main
+from fusionkit.config import ConfigError
+from fusionkit.training.config import build_config
+
+
+def printed_config(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
+    assert main(["train", "--print-config", *argv]) == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def error_of(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_a_blank_or_null_text_setting_is_refused_not_turned_into_none(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("run:\n  output_dir:\n")
+    err = error_of(["train", str(cfg)], capsys)
+    assert "run.output_dir: empty" in err and "remove the key" in err
+    assert "data.text_column: empty" in error_of(["train", "--data.text_column", "null"], capsys)
+    with pytest.raises(ConfigError, match="model.text.name: empty"):
+        build_config({"model": {"text": {"name": None}}})
+
+
+def test_null_keeps_its_meaning_where_none_or_null_is_a_value(capsys) -> None:
+    cfg = printed_config(["--model.freeze", "none", "--model.text.normalize", "null", "--run.name", "null",
+                          "--data.id_column", "null"], capsys)  # fmt: skip
+    assert cfg["model"]["freeze"] == "none" and cfg["model"]["text"]["normalize"] == "none"
+    assert cfg["run"]["name"] is None and cfg["data"]["id_column"] is None

@@ -37,3 +37,16 @@ def test_null_keeps_its_meaning_where_none_or_null_is_a_value(capsys) -> None:
                           "--data.id_column", "null"], capsys)  # fmt: skip
     assert cfg["model"]["freeze"] == "none" and cfg["model"]["text"]["normalize"] == "none"
     assert cfg["run"]["name"] is None and cfg["data"]["id_column"] is None
+
+
+def test_a_file_path_found_only_from_the_working_directory_is_stored_absolute(tmp_path: Path, monkeypatch,
+                                                                              caplog) -> None:  # fmt: skip
+    (tmp_path / "d").mkdir()
+    (tmp_path / "e" / "sub").mkdir(parents=True)
+    table = tmp_path / "d" / "tweets.csv"
+    table.write_text("id,text,image\n")
+    (tmp_path / "e" / "sub" / "rel.yaml").write_text("data:\n  dataset: ../d/tweets.csv\n")
+    monkeypatch.chdir(tmp_path / "e")  # ../d/tweets.csv exists from here, not from sub/
+    cfg = build_config("sub/rel.yaml")
+    assert cfg.data.dataset == str(table)  # absolute: `fusionkit eval RUN` works from any directory
+    assert "relative to the file" in caplog.text

@@ -50,3 +50,17 @@ def test_a_file_path_found_only_from_the_working_directory_is_stored_absolute(tm
     cfg = build_config("sub/rel.yaml")
     assert cfg.data.dataset == str(table)  # absolute: `fusionkit eval RUN` works from any directory
     assert "relative to the file" in caplog.text
+
+
+@pytest.mark.parametrize(("override", "said"), [
+    (["--model.text.config_overrides", '{"hiden_size": 32}'], "no key 'hiden_size'; did you mean 'hidden_size'"),
+    (["--model.text.config_overrides", '{"hidden_size": "abc"}'], "Field 'hidden_size' expected int, got str"),
+    (["--model.image.name", "vit_tiny_patch16_2244"], "model.image.name='vit_tiny_patch16_2244'"),
+    (["--model.image.model_kwargs", '{"foo": 1}'], "model.image.model_kwargs={'foo': 1}"),
+])  # fmt: skip
+def test_an_encoder_setting_its_library_refuses_is_one_clear_line(override: list[str], said: str, tmp_path: Path,
+                                                                  monkeypatch, capsys) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # a run that starts anyway writes here
+    err = error_of(["train", "--optim.max_steps", "1", *override], capsys)
+    assert said in err and "Traceback" not in err
+

@@ -237,8 +237,11 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     # The config is the leading positional; parsed here because argparse would take an override's value for it.
     config = extra.pop(0) if extra and not extra[0].startswith("--") else None
     overrides = _overrides(extra)
+    if args.resume is not None and not args.resume.strip():  # `--resume "$RUN"` with RUN unset: not a new run
+        raise ConfigError("--resume is empty (an unset shell variable?): give the run dir to continue, or leave "
+                          "--resume out to start a new run")  # fmt: skip
     if args.resume:
-        run_dir = Path(args.resume)
+        run_dir = Path(os.path.abspath(Path(args.resume).expanduser()))  # `--resume .` inside the run dir: its name
         if config:
             raise ConfigError("give either a config or --resume RUN_DIR, not both")
         moved = sorted({"run.name", "run.output_dir", "run.name_exists"} & set(overrides))

@@ -64,3 +64,19 @@ def test_an_encoder_setting_its_library_refuses_is_one_clear_line(override: list
     err = error_of(["train", "--optim.max_steps", "1", *override], capsys)
     assert said in err and "Traceback" not in err
 
+
+def test_an_empty_resume_is_refused_not_a_new_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert "--resume is empty" in error_of(["train", "--resume", "", "--optim.max_steps", "1"], capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_dot_inside_the_run_dir_names_that_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    from fusionkit.config import to_dict
+
+    run = tmp_path / "runs" / "my-run"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(build_config(None))))
+    monkeypatch.chdir(run)
+    cfg = printed_config(["--resume", "."], capsys)
+    assert (cfg["run"]["output_dir"], cfg["run"]["name"]) == (str(tmp_path / "runs"), "my-run")

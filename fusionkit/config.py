@@ -211,6 +211,25 @@ def _short(value: Any) -> str:
     return r.repr(value)
 
 
+class _IntText(int):
+    """An int read from text (a YAML file, the command line) that keeps that text: a str setting (`run.name:
+    1.10`, `1:30`, `1e3`) takes it as written, not the number's own spelling."""
+
+    text: str
+
+
+class _FloatText(float):
+    text: str
+
+
+def _with_text(value: Any, text: str) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return value
+    out = (_IntText if isinstance(value, int) else _FloatText)(value)
+    out.text = text
+    return out
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -225,6 +244,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError as e:
                 errors.append(str(e))
+        if len(errors) == 1:  # `str | None`: the str's own reason
+            raise ConfigError(errors[0])
         raise ConfigError(f"{where}: {_short(value)} does not fit {tp}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
@@ -249,7 +270,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is str and value is None:  # (a field whose values include "none" maps null there: `from_dict`)
         raise ConfigError(f"{where}: empty (null); give a value or remove the key (the default applies)")
     if tp is str and isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)  # `--run.name 2024`: a name that looks like a number is still a name
+        if hasattr(value, "text"):  # `--run.name 1.10`: a name that looks like a number is still a name, as written
+            return value.text
+        if isinstance(value, float):  # its text is lost: 1.10 would become "1.1"
+            raise ConfigError(f"{where}: expected text, got the number {value}; quote it")
+        return str(value)
+    if type(value) in (_IntText, _FloatText):  # a number setting: a plain number from here on
+        value = float(value) if isinstance(value, float) else int(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
@@ -288,7 +315,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
 def parse_value(text: str) -> Any:
     """Parse a command-line override value: JSON where it parses (numbers, bools, lists), else a string."""
     try:
-        return json.loads(text)
+        return _with_text(json.loads(text), text)
     except json.JSONDecodeError:
         lowered = text.lower()
         if lowered in ("true", "false"):
@@ -321,8 +348,11 @@ def merge(cfg: T, overrides: dict[str, Any]) -> T:
     return out.validate() if hasattr(out, "validate") else out
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
+def load_config_file(path: str | Path, number_text: bool = False) -> dict[str, Any]:
     """Read a YAML or JSON config file into a dict (YAML is a superset of JSON).
+
+    `number_text`: numbers keep the text they were written as, for `from_dict` to give a str setting
+    (YAML reads `name: 1:30` as 90).
 
     A syntax error or a key given twice is an error naming the file and line: YAML would keep the
     last duplicate silently, so half of what the user wrote would be ignored.
@@ -334,7 +364,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"config file {path} does not exist")
     text = path.read_text(encoding="utf-8")
     try:
-        data = yaml.load(text, Loader=_unique_key_loader()) or {}
+        data = yaml.load(text, Loader=_unique_key_loader(number_text)) or {}
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
@@ -349,8 +379,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _unique_key_loader() -> type:
-    """A SafeLoader that refuses a mapping key given twice (built on use: `import fusionkit` skips yaml)."""
+def _unique_key_loader(number_text: bool = False) -> type:
+    """A SafeLoader that refuses a mapping key given twice (built on use: `import fusionkit` skips yaml);
+    `number_text`: its numbers keep their text (see `load_config_file`)."""
     import yaml
 
     class Loader(yaml.SafeLoader):
@@ -367,5 +398,10 @@ def _unique_key_loader() -> type:
                 seen[key] = line
             return super().construct_mapping(node, deep=deep)
 
+    if number_text:
+        for tag in ("int", "float"):
+            plain = Loader.yaml_constructors[f"tag:yaml.org,2002:{tag}"]
+            Loader.add_constructor(f"tag:yaml.org,2002:{tag}",
+                                   lambda loader, node, plain=plain: _with_text(plain(loader, node), node.value))  # fmt: skip
     return Loader
 

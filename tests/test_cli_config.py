@@ -80,3 +80,21 @@ def test_resume_dot_inside_the_run_dir_names_that_run(tmp_path: Path, monkeypatc
     monkeypatch.chdir(run)
     cfg = printed_config(["--resume", "."], capsys)
     assert (cfg["run"]["output_dir"], cfg["run"]["name"]) == (str(tmp_path / "runs"), "my-run")
+
+
+@pytest.mark.parametrize("name", ["1.10", "1e3", "007", "2024"])
+def test_a_run_name_that_looks_like_a_number_is_kept_as_written(name: str, tmp_path: Path, capsys) -> None:
+    assert printed_config(["--run.name", name], capsys)["run"]["name"] == name
+    (tmp_path / "c.yaml").write_text(f"run:\n  name: {name}\n  seed: 3\noptim:\n  lr: 1e-3\n")
+    cfg = build_config(tmp_path / "c.yaml")
+    assert (cfg.run.name, cfg.run.seed, cfg.optim.lr) == (name, 3, 1e-3)
+    assert type(cfg.run.seed) is int and type(cfg.optim.lr) is float  # numbers stay plain numbers
+
+
+def test_a_yaml_sexagesimal_name_keeps_its_text_and_numbers_still_parse(tmp_path: Path, capsys) -> None:
+    (tmp_path / "c.yaml").write_text("run:\n  name: 1:30\n")
+    assert build_config(tmp_path / "c.yaml").run.name == "1:30"
+    cfg = printed_config(["--optim.lr", "0.5", "--optim.epochs", "2", "--optim.max_steps", "null"], capsys)
+    assert (cfg["optim"]["lr"], cfg["optim"]["epochs"], cfg["optim"]["max_steps"]) == (0.5, 2, None)
+    with pytest.raises(ConfigError, match="run.name: expected text, got the number 1.1; quote it"):
+        build_config({"run": {"name": 1.10}})

@@ -223,7 +223,7 @@ def build_config(
     source: str | Path | dict[str, Any] | None = None, overrides: dict[str, Any] | None = None
 ) -> TrainConfig:
     """A validated `TrainConfig` from a YAML/JSON file or dict, then dotted `overrides` (CLI `--a.b v`)."""
-    data = load_config_file(source) if isinstance(source, str | Path) else dict(source or {})
+    data = load_config_file(source, number_text=True) if isinstance(source, str | Path) else dict(source or {})
     overrides = dict(overrides or {})
     preset = overrides.pop("preset", data.pop("preset", "tiny"))
     if not isinstance(preset, str):

@@ -96,8 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     def data_args(sp: argparse.ArgumentParser, split: str) -> None:
         sp.add_argument("checkpoint", help="model dir or run dir (uses its best/ checkpoint)")
         sp.add_argument("--data", help="a dataset (default: the run's own); all its rows unless --split is given")
-        sp.add_argument("--split", help=f"train | val | test | all (default: {split} of the run's data; "
-                        "all rows of --data)")  # fmt: skip
+        sp.add_argument("--split", choices=("train", "val", "test", "all"),  # checked before the model loads
+                        help=f"default: {split} of the run's data; all rows of --data")  # fmt: skip
         sp.add_argument("--split-file", help="split JSON (default: the run dir's split.json)")
         sp.add_argument("--batch-size", type=_positive_int, default=128)
         sp.add_argument("--cache-dir", help="data cache dir (default: data.cache_dir, $FUSIONKIT_CACHE, ~/.cache/fusionkit)")

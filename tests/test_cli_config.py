@@ -98,3 +98,10 @@ def test_a_yaml_sexagesimal_name_keeps_its_text_and_numbers_still_parse(tmp_path
     assert (cfg["optim"]["lr"], cfg["optim"]["epochs"], cfg["optim"]["max_steps"]) == (0.5, 2, None)
     with pytest.raises(ConfigError, match="run.name: expected text, got the number 1.1; quote it"):
         build_config({"run": {"name": 1.10}})
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "embed"])
+def test_a_mistyped_split_is_refused_before_the_model_loads(command: str, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([command, str(tmp_path / "no-model"), "--split", "tst", "--output", str(tmp_path / "out.x")])
+    assert exit_.value.code == 2 and "invalid choice: 'tst'" in capsys.readouterr().err

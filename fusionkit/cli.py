@@ -223,6 +223,9 @@ def _tune(args: argparse.Namespace, extra: list[str]) -> int:
     if not extra or extra[0].startswith("--"):
         raise ConfigError("fusionkit tune needs a CONFIG file first: fusionkit tune CONFIG --trials N")
     config = extra.pop(0)
+    if args.space and not Path(args.space).is_file():
+        raise ConfigError(f"--space {args.space}: the search space file " + ("is a directory" if Path(args.space).is_dir()
+                          else "does not exist"))  # fmt: skip
     result = tune(build_config(config, _overrides(extra)), args.trials, args.space, args.output_dir, seed=args.seed)
     print(json.dumps(result, indent=2))
     print(f"best config: {Path(result['output_dir']) / 'best.yaml'}")

@@ -360,11 +360,15 @@ def load_config_file(path: str | Path, number_text: bool = False) -> dict[str, A
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give the YAML/JSON file in it")
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     text = path.read_text(encoding="utf-8")
     try:
-        data = yaml.load(text, Loader=_unique_key_loader(number_text)) or {}
+        data = yaml.load(text, Loader=_unique_key_loader(number_text))
+        if data is None and yaml.compose(text) is None:  # an empty file (or comments only): all defaults
+            data = {}
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
@@ -375,7 +379,7 @@ def load_config_file(path: str | Path, number_text: bool = False) -> dict[str, A
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{path}: top level must be a mapping (section: keys), got {_short(data)}")
     return data
 
 

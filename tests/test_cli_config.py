@@ -105,3 +105,23 @@ def test_a_mistyped_split_is_refused_before_the_model_loads(command: str, tmp_pa
     with pytest.raises(SystemExit) as exit_:
         main([command, str(tmp_path / "no-model"), "--split", "tst", "--output", str(tmp_path / "out.x")])
     assert exit_.value.code == 2 and "invalid choice: 'tst'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("top", ["[]", "null", "- a", "3"])
+def test_a_config_file_whose_top_level_is_not_a_mapping_is_refused(top: str, tmp_path: Path, capsys) -> None:
+    (tmp_path / "c.yaml").write_text(top + "\n")
+    assert "top level must be a mapping" in error_of(["train", str(tmp_path / "c.yaml")], capsys)
+
+
+def test_an_empty_config_file_means_the_defaults(tmp_path: Path, capsys) -> None:
+    (tmp_path / "c.yaml").write_text("# nothing set yet\n")
+    assert printed_config([str(tmp_path / "c.yaml")], capsys)["preset"] == "tiny"
+
+
+def test_a_directory_given_as_a_config_file_or_space_file_is_named_so(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert "is a directory" in error_of(["train", str(tmp_path)], capsys)
+    pytest.importorskip("optuna")
+    (tmp_path / "c.yaml").write_text("optim:\n  epochs: 1\n")
+    err = error_of(["tune", str(tmp_path / "c.yaml"), "--trials", "1", "--space", str(tmp_path / "missing.yaml")], capsys)
+    assert "the search space file does not exist" in err and "config file" not in err

@@ -748,6 +748,43 @@ def _check_output(args: argparse.Namespace) -> None:
         raise OSError(f"cannot write --output {out}: its folder {out.parent} is not writable")
 
 
+def _check_columns_named(args: argparse.Namespace) -> None:
+    """Before the model loads (seconds with real encoders): a column named on the command line that the
+    header of a CSV/TSV or Parquet file lacks is a typo. Other sources are checked as they are read."""
+    if args.command == "predict" and (args.text is not None or args.image is not None):
+        return  # one pair, no file
+    given = {f"--{c}-column {getattr(args, f'{c}_column')}": getattr(args, f"{c}_column") for c in ("text", "image", "id")}
+    given.update({f"--label-column {spec}": spec.rpartition("=")[2] for spec in getattr(args, "label_column", [])})
+    given = {option: column for option, column in given.items() if column}  # "": the file has no such column
+    if not given:
+        return
+    source = args.data or _run_data_config(args)[0].dataset
+    columns = _table_header(Path(source))
+    for option, column in given.items():
+        if columns is not None and column not in columns:
+            raise ConfigError(f"{option}: {source} has no column {column!r}; its columns are {columns}")
+
+
+def _table_header(path: Path) -> list[str] | None:
+    """The column names of a CSV, TSV or Parquet file; None where they cannot be read cheaply (the reader
+    then says what is wrong)."""
+    import csv
+
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(path).names)
+        if suffix in (".csv", ".tsv"):
+            with open(path, encoding="utf-8-sig", newline="") as f:
+                header = next(csv.reader(f, delimiter="\t" if suffix == ".tsv" else ","), None)
+            return None if header is None else [h.strip() for h in header]
+    except (OSError, ValueError, csv.Error):  # unreadable, not UTF-8, not Parquet (ArrowInvalid is a ValueError)
+        return None
+    return None
+
+
 def _owner(target: Path) -> Path | None:
     """The run dir (any run's, not only the one read) that wrote or will write `target`, or the saved model
     folder it lies in; None if it is nobody's file."""
@@ -824,6 +861,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             return _export(args)
         _check_output(args)
+        _check_columns_named(args)
         return {"eval": _eval, "predict": _predict, "embed": _embed}[args.command](args)
     except TrainingInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)

@@ -125,3 +125,12 @@ def test_a_directory_given_as_a_config_file_or_space_file_is_named_so(tmp_path: 
     (tmp_path / "c.yaml").write_text("optim:\n  epochs: 1\n")
     err = error_of(["tune", str(tmp_path / "c.yaml"), "--trials", "1", "--space", str(tmp_path / "missing.yaml")], capsys)
     assert "the search space file does not exist" in err and "config file" not in err
+
+
+@pytest.mark.parametrize("option", [["--text-column", "txt"], ["--label-column", "sentiment=mood"]])
+def test_a_mistyped_column_is_refused_before_the_model_loads(option: list[str], tmp_path: Path, capsys) -> None:
+    table = tmp_path / "new.csv"
+    table.write_text("id,text,image,sentiment\n1,hello,,positive\n")
+    err = error_of(["eval", str(tmp_path / "no-model"), "--data", str(table), *option], capsys)
+    assert f"{option[0]} {option[1]}: {table} has no column '{option[1].rpartition('=')[2]}'" in err
+    assert "'text', 'image', 'sentiment'" in err

@@ -50,6 +50,9 @@ def test_a_file_path_found_only_from_the_working_directory_is_stored_absolute(tm
     cfg = build_config("sub/rel.yaml")
     assert cfg.data.dataset == str(table)  # absolute: `fusionkit eval RUN` works from any directory
     assert "relative to the file" in caplog.text
+    (tmp_path / "e" / "tiny").mkdir()  # a folder named as the built-in encoder: the name stays the built-in
+    (tmp_path / "e" / "sub" / "rel.yaml").write_text("model:\n  image:\n    name: tiny\n")
+    assert build_config("sub/rel.yaml").model.image.name == "tiny"
 
 
 @pytest.mark.parametrize(("override", "said"), [

@@ -278,9 +278,9 @@ def resolve_paths(flat: dict[str, Any], base: Path) -> dict[str, Any]:
     and the command line), so a config runs, and a run is evaluated, from any directory.
 
     Encoder names resolve only where that folder exists (else they are hub ids such as
-    `facebook/dinov2-small`). A path that exists only relative to the working directory (configs written
-    before this rule) is stored as that absolute path, with a warning: a relative one would break later
-    commands run from elsewhere.
+    `facebook/dinov2-small`). A data path that exists only relative to the working directory (configs
+    written before this rule) is stored as that absolute path, with a warning: a relative one would break
+    later commands run from elsewhere.
     """
     out = dict(flat)
     for key in PATH_KEYS:
@@ -292,10 +292,12 @@ def resolve_paths(flat: dict[str, Any], base: Path) -> dict[str, Any]:
         candidate = Path(os.path.normpath(base / value))
         if candidate.exists():
             out[key] = str(candidate)
+        elif key.startswith("model."):
+            continue  # a hub id, a timm architecture or "tiny", unless a folder beside the file
         elif Path(value).exists():
             out[key] = os.path.abspath(value)
             log.warning("%s: %s is not in %s (paths in a config file are relative to the file) but in the working "
                         "directory: using %s; write it relative to the config file", key, value, base, out[key])  # fmt: skip
-        elif not key.startswith("model."):
+        else:
             out[key] = str(candidate)  # to be created there (split file, cache), or named in the error
     return out

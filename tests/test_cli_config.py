@@ -111,7 +111,9 @@ def test_a_mistyped_split_is_refused_before_the_model_loads(command: str, tmp_pa
 
 
 @pytest.mark.parametrize("top", ["[]", "null", "- a", "3"])
-def test_a_config_file_whose_top_level_is_not_a_mapping_is_refused(top: str, tmp_path: Path, capsys) -> None:
+def test_a_config_file_whose_top_level_is_not_a_mapping_is_refused(top: str, tmp_path: Path, monkeypatch,
+                                                                    capsys) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # a run that starts anyway writes here
     (tmp_path / "c.yaml").write_text(top + "\n")
     assert "top level must be a mapping" in error_of(["train", str(tmp_path / "c.yaml")], capsys)
 

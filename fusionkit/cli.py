@@ -96,8 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     def data_args(sp: argparse.ArgumentParser, split: str) -> None:
         sp.add_argument("checkpoint", help="model dir or run dir (uses its best/ checkpoint)")
         sp.add_argument("--data", help="a dataset (default: the run's own); all its rows unless --split is given")
-        sp.add_argument("--split", help=f"train | val | test | all (default: {split} of the run's data; "
-                        "all rows of --data)")  # fmt: skip
+        sp.add_argument("--split", choices=("train", "val", "test", "all"),  # checked before the model loads
+                        help=f"default: {split} of the run's data; all rows of --data")  # fmt: skip
         sp.add_argument("--split-file", help="split JSON (default: the run dir's split.json)")
         sp.add_argument("--batch-size", type=_positive_int, default=128)
         sp.add_argument("--cache-dir", help="data cache dir (default: data.cache_dir, $FUSIONKIT_CACHE, ~/.cache/fusionkit)")
@@ -223,6 +223,9 @@ def _tune(args: argparse.Namespace, extra: list[str]) -> int:
     if not extra or extra[0].startswith("--"):
         raise ConfigError("fusionkit tune needs a CONFIG file first: fusionkit tune CONFIG --trials N")
     config = extra.pop(0)
+    if args.space and not Path(args.space).is_file():
+        raise ConfigError(f"--space {args.space}: the search space file " + ("is a directory" if Path(args.space).is_dir()
+                          else "does not exist"))  # fmt: skip
     result = tune(build_config(config, _overrides(extra)), args.trials, args.space, args.output_dir, seed=args.seed)
     print(json.dumps(result, indent=2))
     print(f"best config: {Path(result['output_dir']) / 'best.yaml'}")
@@ -237,8 +240,11 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     # The config is the leading positional; parsed here because argparse would take an override's value for it.
     config = extra.pop(0) if extra and not extra[0].startswith("--") else None
     overrides = _overrides(extra)
+    if args.resume is not None and not args.resume.strip():  # `--resume "$RUN"` with RUN unset: not a new run
+        raise ConfigError("--resume is empty (an unset shell variable?): give the run dir to continue, or leave "
+                          "--resume out to start a new run")  # fmt: skip
     if args.resume:
-        run_dir = Path(args.resume)
+        run_dir = Path(os.path.abspath(Path(args.resume).expanduser()))  # `--resume .` inside the run dir: its name
         if config:
             raise ConfigError("give either a config or --resume RUN_DIR, not both")
         moved = sorted({"run.name", "run.output_dir", "run.name_exists"} & set(overrides))
@@ -742,6 +748,43 @@ def _check_output(args: argparse.Namespace) -> None:
         raise OSError(f"cannot write --output {out}: its folder {out.parent} is not writable")
 
 
+def _check_columns_named(args: argparse.Namespace) -> None:
+    """Before the model loads (seconds with real encoders): a column named on the command line that the
+    header of a CSV/TSV or Parquet file lacks is a typo. Other sources are checked as they are read."""
+    if args.command == "predict" and (args.text is not None or args.image is not None):
+        return  # one pair, no file
+    given = {f"--{c}-column {getattr(args, f'{c}_column')}": getattr(args, f"{c}_column") for c in ("text", "image", "id")}
+    given.update({f"--label-column {spec}": spec.rpartition("=")[2] for spec in getattr(args, "label_column", [])})
+    given = {option: column for option, column in given.items() if column}  # "": the file has no such column
+    if not given:
+        return
+    source = args.data or _run_data_config(args)[0].dataset
+    columns = _table_header(Path(source))
+    for option, column in given.items():
+        if columns is not None and column not in columns:
+            raise ConfigError(f"{option}: {source} has no column {column!r}; its columns are {columns}")
+
+
+def _table_header(path: Path) -> list[str] | None:
+    """The column names of a CSV, TSV or Parquet file; None where they cannot be read cheaply (the reader
+    then says what is wrong)."""
+    import csv
+
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(path).names)
+        if suffix in (".csv", ".tsv"):
+            with open(path, encoding="utf-8-sig", newline="") as f:
+                header = next(csv.reader(f, delimiter="\t" if suffix == ".tsv" else ","), None)
+            return None if header is None else [h.strip() for h in header]
+    except (OSError, ValueError, csv.Error):  # unreadable, not UTF-8, not Parquet (ArrowInvalid is a ValueError)
+        return None
+    return None
+
+
 def _owner(target: Path) -> Path | None:
     """The run dir (any run's, not only the one read) that wrote or will write `target`, or the saved model
     folder it lies in; None if it is nobody's file."""
@@ -818,6 +861,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             return _export(args)
         _check_output(args)
+        _check_columns_named(args)
         return {"eval": _eval, "predict": _predict, "embed": _embed}[args.command](args)
     except TrainingInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)

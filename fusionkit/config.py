@@ -25,6 +25,11 @@ class ConfigError(ValueError):
     """A config has an unknown key, a wrong type or an impossible value."""
 
 
+# metadata of a str field whose legal values include "none": a YAML/command-line null there means "none"
+# (`--model.freeze none` reads as null). Any other str field refuses null: it would become a folder "none".
+NONE_IS_A_VALUE = {"none_is_a_value": True}
+
+
 @dataclass
 class ImagePreprocess:
     """How an image encoder wants its input: read from the encoder's own config, never hard-coded."""
@@ -46,7 +51,7 @@ class TextEncoderConfig:
     config_overrides: dict[str, Any] = field(default_factory=dict)
     trainable_layers: int | None = None  # freeze="top_k": this encoder's own k (None = model.trainable_layers)
     pool_layers: int = 1  # output = mean of the last n blocks' outputs (each through the final norm)
-    normalize: str = "none"  # "tweet": @mentions -> "@user", links -> "http" before tokenizing (TweetEval's rule)
+    normalize: str = field(default="none", metadata=NONE_IS_A_VALUE)  # "tweet": @mentions -> "@user", links -> "http" before tokenizing (TweetEval's rule)
 
 
 # model.text.normalize: (pattern, replacement) rules run inside the tokenizer, before its own normalizer
@@ -122,7 +127,7 @@ class ModelConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     tasks: list[TaskConfig] = field(default_factory=lambda: [TaskConfig("sentiment")])
     loss_weighting: str = "static"  # "static" | "uncertainty" (Kendall et al., 2018)
-    freeze: str = "none"  # "none" | "encoders" | "top_k"
+    freeze: str = field(default="none", metadata=NONE_IS_A_VALUE)  # "none" | "encoders" | "top_k"
     # freeze="top_k": encoder blocks left trainable, from the top (text/image.trainable_layers override it).
     # With the feature cache, the hidden states entering those blocks are computed once and cached.
     trainable_layers: int = 0
@@ -206,6 +211,25 @@ def _short(value: Any) -> str:
     return r.repr(value)
 
 
+class _IntText(int):
+    """An int read from text (a YAML file, the command line) that keeps that text: a str setting (`run.name:
+    1.10`, `1:30`, `1e3`) takes it as written, not the number's own spelling."""
+
+    text: str
+
+
+class _FloatText(float):
+    text: str
+
+
+def _with_text(value: Any, text: str) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return value
+    out = (_IntText if isinstance(value, int) else _FloatText)(value)
+    out.text = text
+    return out
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -220,6 +244,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError as e:
                 errors.append(str(e))
+        if len(errors) == 1:  # `str | None`: the str's own reason
+            raise ConfigError(errors[0])
         raise ConfigError(f"{where}: {_short(value)} does not fit {tp}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
@@ -241,10 +267,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         return dict(value)
-    if tp is str and value is None:  # `--model.freeze none`: the command line reads none as null; a str is never null
-        return "none"
+    if tp is str and value is None:  # (a field whose values include "none" maps null there: `from_dict`)
+        raise ConfigError(f"{where}: empty (null); give a value or remove the key (the default applies)")
     if tp is str and isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)  # `--run.name 2024`: a name that looks like a number is still a name
+        if hasattr(value, "text"):  # `--run.name 1.10`: a name that looks like a number is still a name, as written
+            return value.text
+        if isinstance(value, float):  # its text is lost: 1.10 would become "1.1"
+            raise ConfigError(f"{where}: expected text, got the number {value}; quote it")
+        return str(value)
+    if type(value) in (_IntText, _FloatText):  # a number setting: a plain number from here on
+        value = float(value) if isinstance(value, float) else int(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
@@ -270,7 +302,10 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         raise ConfigError(
             f"{where or cls.__name__}: unknown key(s) {unknown}; known keys are {sorted(fields)}"
         )
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    kwargs = {}
+    for k, v in data.items():
+        none = v is None and fields[k].metadata.get("none_is_a_value")
+        kwargs[k] = "none" if none else _coerce(v, hints[k], f"{where}.{k}" if where else k)
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
@@ -280,7 +315,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
 def parse_value(text: str) -> Any:
     """Parse a command-line override value: JSON where it parses (numbers, bools, lists), else a string."""
     try:
-        return json.loads(text)
+        return _with_text(json.loads(text), text)
     except json.JSONDecodeError:
         lowered = text.lower()
         if lowered in ("true", "false"):
@@ -313,8 +348,11 @@ def merge(cfg: T, overrides: dict[str, Any]) -> T:
     return out.validate() if hasattr(out, "validate") else out
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
+def load_config_file(path: str | Path, number_text: bool = False) -> dict[str, Any]:
     """Read a YAML or JSON config file into a dict (YAML is a superset of JSON).
+
+    `number_text`: numbers keep the text they were written as, for `from_dict` to give a str setting
+    (YAML reads `name: 1:30` as 90).
 
     A syntax error or a key given twice is an error naming the file and line: YAML would keep the
     last duplicate silently, so half of what the user wrote would be ignored.
@@ -322,11 +360,15 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give the YAML/JSON file in it")
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     text = path.read_text(encoding="utf-8")
     try:
-        data = yaml.load(text, Loader=_unique_key_loader()) or {}
+        data = yaml.load(text, Loader=_unique_key_loader(number_text))
+        if data is None and yaml.compose(text) is None:  # an empty file (or comments only): all defaults
+            data = {}
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
@@ -337,12 +379,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{path}: top level must be a mapping (section: keys), got {_short(data)}")
     return data
 
 
-def _unique_key_loader() -> type:
-    """A SafeLoader that refuses a mapping key given twice (built on use: `import fusionkit` skips yaml)."""
+def _unique_key_loader(number_text: bool = False) -> type:
+    """A SafeLoader that refuses a mapping key given twice (built on use: `import fusionkit` skips yaml);
+    `number_text`: its numbers keep their text (see `load_config_file`)."""
     import yaml
 
     class Loader(yaml.SafeLoader):
@@ -359,5 +402,10 @@ def _unique_key_loader() -> type:
                 seen[key] = line
             return super().construct_mapping(node, deep=deep)
 
+    if number_text:
+        for tag in ("int", "float"):
+            plain = Loader.yaml_constructors[f"tag:yaml.org,2002:{tag}"]
+            Loader.add_constructor(f"tag:yaml.org,2002:{tag}",
+                                   lambda loader, node, plain=plain: _with_text(plain(loader, node), node.value))  # fmt: skip
     return Loader
 

@@ -9,6 +9,7 @@ is one code path, so what the tests check on a temp dir is what users get from t
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import logging
 from collections.abc import Iterator
@@ -70,6 +71,8 @@ class Encoder(nn.Module):
     # Output = mean of the last `pool_layers` blocks' outputs (each through the final norm), for tasks whose
     # signal sits partly in lower layers (on MVSA-Single it hurt: benchmarks/results/mvsa_single_recipe.md).
     pool_layers: int = 1
+    config_key = "model"  # the config section it is built from, named in errors ("model.text")
+    settings = ("name",)  # the keys of that section whose typos fail its build
 
     @property
     def blocks(self) -> nn.ModuleList | nn.Sequential:
@@ -86,8 +89,21 @@ class Encoder(nn.Module):
     @classmethod
     def from_config(cls, cfg: Any, saved_dir: str | Path | None = None) -> Any:
         """Build from `cfg` (weights from its hub name or folder); with `saved_dir` (a fusionkit
-        checkpoint) rebuild the architecture only."""
-        encoder = cls.build(cfg, saved_dir)
+        checkpoint) rebuild the architecture only.
+
+        A build that timm or transformers refuses (an unknown name, a keyword argument or value the model does
+        not take) is a ConfigError naming the settings, with the library's error chained."""
+        try:
+            encoder = cls.build(cfg, saved_dir)
+        except (ConfigError, OSError, MemoryError):  # said already, or a file / the hub: its own message says what
+            raise
+        except Exception as e:  # timm's RuntimeError "Unknown model", a TypeError, transformers' validation errors
+            if saved_dir is not None:
+                raise
+            said = " ".join(str(e).split())  # one line (transformers' validation errors span two)
+            given = ", ".join(f"{cls.config_key}.{k}={getattr(cfg, k)!r}" for k in cls.settings if getattr(cfg, k))
+            raise ConfigError(f"{cls.config_key}: the encoder could not be built from {given} ({type(e).__name__}: "
+                              f"{said[:300]}); check these settings") from e  # fmt: skip
         encoder.pool_layers = cfg.pool_layers
         return encoder
 
@@ -348,6 +364,22 @@ def _loading(source: str | Path, key: str) -> Iterator[None]:
                           f"{first[:300]}); check its config.json and weights files, or point {key} elsewhere") from e
 
 
+# `from_pretrained` keyword arguments that are not config keys
+LOADING_KWARGS = ("attn_implementation", "revision", "trust_remote_code", "subfolder", "cache_dir", "token",
+                  "local_files_only")  # fmt: skip
+
+
+def check_config_keys(config: Any, overrides: dict[str, Any], key: str) -> None:
+    """A key the encoder's transformers config lacks would be stored and ignored: a typo would silently
+    train the default architecture."""
+    known = sorted(config.to_dict())
+    for name in overrides:
+        if name not in LOADING_KWARGS and not hasattr(config, name):
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f"did you mean {' or '.join(map(repr, close))}?" if close else "see its config.json for the keys"
+            raise ConfigError(f"{key}: the {config.model_type} config has no key {name!r}; {hint}")
+
+
 def _pretrained(auto: Any, source: str | Path, key: str, kwargs: dict[str, Any]) -> nn.Module:
     """`auto.from_pretrained` in float32; weights the folder lacks (left random by transformers) are said."""
     model, info = auto.from_pretrained(source, dtype=torch.float32, output_loading_info=True, **kwargs)
@@ -360,6 +392,8 @@ def _pretrained(auto: Any, source: str | Path, key: str, kwargs: dict[str, Any])
 
 class TextEncoder(Encoder):
     """A `transformers` BERT-family model and its tokenizer; outputs token features [B, T, width]."""
+
+    config_key, settings = "model.text", ("name", "config_overrides")
 
     def __init__(self, model: nn.Module, tokenizer: Any) -> None:
         super().__init__()
@@ -375,6 +409,7 @@ class TextEncoder(Encoder):
             model = AutoModel.from_config(AutoConfig.from_pretrained(saved_dir))
             return cls(model, normalize_tokenizer(AutoTokenizer.from_pretrained(saved_dir), cfg.normalize))
         if cfg.name == "tiny":
+            check_config_keys(tiny_bert_config(), cfg.config_overrides, "model.text.config_overrides")
             return cls(
                 AutoModel.from_config(tiny_bert_config(**cfg.config_overrides)),
                 normalize_tokenizer(tiny_tokenizer(cfg.max_length), cfg.normalize),
@@ -383,6 +418,8 @@ class TextEncoder(Encoder):
         check_local_source(source, "model.text.name", tokenizer=True)
         with _loading(source, "model.text.name"):
             tokenizer = normalize_tokenizer(AutoTokenizer.from_pretrained(source), cfg.normalize)
+            if cfg.config_overrides:
+                check_config_keys(AutoConfig.from_pretrained(source), cfg.config_overrides, "model.text.config_overrides")
             if cfg.pretrained:
                 model = _pretrained(AutoModel, source, "model.text.name", cfg.config_overrides)
             else:
@@ -512,6 +549,8 @@ class ImageEncoder(Encoder):
     (transformers `AutoModel`: ViT, DINOv2). `ImageEncoder.from_config` builds the configured one.
     """
 
+    config_key, settings = "model.image", ("name", "model_kwargs", "checkpoint_path")
+
     backend: str
 
     def __init__(self, model: nn.Module, preprocess: ImagePreprocess, width: int) -> None:
@@ -626,6 +665,8 @@ class HFImageEncoder(ImageEncoder):
         if saved_dir is None:
             check_local_source(str(source), "model.image.name")
         with _loading(str(source), "model.image.name"):
+            if cfg.model_kwargs and saved_dir is None:
+                check_config_keys(AutoConfig.from_pretrained(source), cfg.model_kwargs, "model.image.model_kwargs")
             if cfg.pretrained and saved_dir is None:
                 model = _pretrained(AutoModel, source, "model.image.name", cfg.model_kwargs)
             else:

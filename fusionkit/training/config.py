@@ -7,6 +7,7 @@ A run is fully described by its resolved `TrainConfig` (saved as `config.yaml` i
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -19,6 +20,8 @@ from ..models import get_config
 from ..precision import PRECISIONS
 from .distributed import TRACKERS
 from .rundir import NAME_EXISTS
+
+log = logging.getLogger(__name__)
 
 # dict-typed config fields: a nested mapping there is a value, not a section to merge into
 _DICT_VALUES = ("config_overrides", "model_kwargs")
@@ -220,7 +223,7 @@ def build_config(
     source: str | Path | dict[str, Any] | None = None, overrides: dict[str, Any] | None = None
 ) -> TrainConfig:
     """A validated `TrainConfig` from a YAML/JSON file or dict, then dotted `overrides` (CLI `--a.b v`)."""
-    data = load_config_file(source) if isinstance(source, str | Path) else dict(source or {})
+    data = load_config_file(source, number_text=True) if isinstance(source, str | Path) else dict(source or {})
     overrides = dict(overrides or {})
     preset = overrides.pop("preset", data.pop("preset", "tiny"))
     if not isinstance(preset, str):
@@ -275,8 +278,9 @@ def resolve_paths(flat: dict[str, Any], base: Path) -> dict[str, Any]:
     and the command line), so a config runs, and a run is evaluated, from any directory.
 
     Encoder names resolve only where that folder exists (else they are hub ids such as
-    `facebook/dinov2-small`); a data path that exists only relative to the working directory is kept
-    (configs written before this rule).
+    `facebook/dinov2-small`). A data path that exists only relative to the working directory (configs
+    written before this rule) is stored as that absolute path, with a warning: a relative one would break
+    later commands run from elsewhere.
     """
     out = dict(flat)
     for key in PATH_KEYS:
@@ -288,6 +292,12 @@ def resolve_paths(flat: dict[str, Any], base: Path) -> dict[str, Any]:
         candidate = Path(os.path.normpath(base / value))
         if candidate.exists():
             out[key] = str(candidate)
-        elif not key.startswith("model.") and not Path(value).exists():
+        elif key.startswith("model."):
+            continue  # a hub id, a timm architecture or "tiny", unless a folder beside the file
+        elif Path(value).exists():
+            out[key] = os.path.abspath(value)
+            log.warning("%s: %s is not in %s (paths in a config file are relative to the file) but in the working "
+                        "directory: using %s; write it relative to the config file", key, value, base, out[key])  # fmt: skip
+        else:
             out[key] = str(candidate)  # to be created there (split file, cache), or named in the error
     return out

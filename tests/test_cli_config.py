@@ -1,0 +1,141 @@
+"""Config mistakes the command line and `build_config` must refuse (or keep) as written: fast, no training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fusionkit.cli import main
+from fusionkit.config import ConfigError
+from fusionkit.training.config import build_config
+
+
+def printed_config(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
+    assert main(["train", "--print-config", *argv]) == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def error_of(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_a_blank_or_null_text_setting_is_refused_not_turned_into_none(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("run:\n  output_dir:\n")
+    err = error_of(["train", str(cfg)], capsys)
+    assert "run.output_dir: empty" in err and "remove the key" in err
+    assert "data.text_column: empty" in error_of(["train", "--data.text_column", "null"], capsys)
+    with pytest.raises(ConfigError, match="model.text.name: empty"):
+        build_config({"model": {"text": {"name": None}}})
+
+
+def test_null_keeps_its_meaning_where_none_or_null_is_a_value(capsys) -> None:
+    cfg = printed_config(["--model.freeze", "none", "--model.text.normalize", "null", "--run.name", "null",
+                          "--data.id_column", "null"], capsys)  # fmt: skip
+    assert cfg["model"]["freeze"] == "none" and cfg["model"]["text"]["normalize"] == "none"
+    assert cfg["run"]["name"] is None and cfg["data"]["id_column"] is None
+
+
+def test_a_file_path_found_only_from_the_working_directory_is_stored_absolute(tmp_path: Path, monkeypatch,
+                                                                              caplog) -> None:  # fmt: skip
+    (tmp_path / "d").mkdir()
+    (tmp_path / "e" / "sub").mkdir(parents=True)
+    table = tmp_path / "d" / "tweets.csv"
+    table.write_text("id,text,image\n")
+    (tmp_path / "e" / "sub" / "rel.yaml").write_text("data:\n  dataset: ../d/tweets.csv\n")
+    monkeypatch.chdir(tmp_path / "e")  # ../d/tweets.csv exists from here, not from sub/
+    cfg = build_config("sub/rel.yaml")
+    assert cfg.data.dataset == str(table)  # absolute: `fusionkit eval RUN` works from any directory
+    assert "relative to the file" in caplog.text
+    (tmp_path / "e" / "tiny").mkdir()  # a folder named as the built-in encoder: the name stays the built-in
+    (tmp_path / "e" / "sub" / "rel.yaml").write_text("model:\n  image:\n    name: tiny\n")
+    assert build_config("sub/rel.yaml").model.image.name == "tiny"
+
+
+@pytest.mark.parametrize(("override", "said"), [
+    (["--model.text.config_overrides", '{"hiden_size": 32}'], "no key 'hiden_size'; did you mean 'hidden_size'"),
+    (["--model.text.config_overrides", '{"hidden_size": "abc"}'], "Field 'hidden_size' expected int, got str"),
+    (["--model.image.name", "vit_tiny_patch16_2244"], "model.image.name='vit_tiny_patch16_2244'"),
+    (["--model.image.model_kwargs", '{"foo": 1}'], "model.image.model_kwargs={'foo': 1}"),
+])  # fmt: skip
+def test_an_encoder_setting_its_library_refuses_is_one_clear_line(override: list[str], said: str, tmp_path: Path,
+                                                                  monkeypatch, capsys) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # a run that starts anyway writes here
+    err = error_of(["train", "--optim.max_steps", "1", *override], capsys)
+    assert said in err and "Traceback" not in err
+
+
+def test_an_empty_resume_is_refused_not_a_new_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert "--resume is empty" in error_of(["train", "--resume", "", "--optim.max_steps", "1"], capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_dot_inside_the_run_dir_names_that_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    from fusionkit.config import to_dict
+
+    run = tmp_path / "runs" / "my-run"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(build_config(None))))
+    monkeypatch.chdir(run)
+    cfg = printed_config(["--resume", "."], capsys)
+    assert (cfg["run"]["output_dir"], cfg["run"]["name"]) == (str(tmp_path / "runs"), "my-run")
+
+
+@pytest.mark.parametrize("name", ["1.10", "1e3", "007", "2024"])
+def test_a_run_name_that_looks_like_a_number_is_kept_as_written(name: str, tmp_path: Path, capsys) -> None:
+    assert printed_config(["--run.name", name], capsys)["run"]["name"] == name
+    (tmp_path / "c.yaml").write_text(f"run:\n  name: {name}\n  seed: 3\noptim:\n  lr: 1e-3\n")
+    cfg = build_config(tmp_path / "c.yaml")
+    assert (cfg.run.name, cfg.run.seed, cfg.optim.lr) == (name, 3, 1e-3)
+    assert type(cfg.run.seed) is int and type(cfg.optim.lr) is float  # numbers stay plain numbers
+
+
+def test_a_yaml_sexagesimal_name_keeps_its_text_and_numbers_still_parse(tmp_path: Path, capsys) -> None:
+    (tmp_path / "c.yaml").write_text("run:\n  name: 1:30\n")
+    assert build_config(tmp_path / "c.yaml").run.name == "1:30"
+    cfg = printed_config(["--optim.lr", "0.5", "--optim.epochs", "2", "--optim.max_steps", "null"], capsys)
+    assert (cfg["optim"]["lr"], cfg["optim"]["epochs"], cfg["optim"]["max_steps"]) == (0.5, 2, None)
+    with pytest.raises(ConfigError, match="run.name: expected text, got the number 1.1; quote it"):
+        build_config({"run": {"name": 1.10}})
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "embed"])
+def test_a_mistyped_split_is_refused_before_the_model_loads(command: str, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([command, str(tmp_path / "no-model"), "--split", "tst", "--output", str(tmp_path / "out.x")])
+    assert exit_.value.code == 2 and "invalid choice: 'tst'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("top", ["[]", "null", "- a", "3"])
+def test_a_config_file_whose_top_level_is_not_a_mapping_is_refused(top: str, tmp_path: Path, monkeypatch,
+                                                                    capsys) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # a run that starts anyway writes here
+    (tmp_path / "c.yaml").write_text(top + "\n")
+    assert "top level must be a mapping" in error_of(["train", str(tmp_path / "c.yaml")], capsys)
+
+
+def test_an_empty_config_file_means_the_defaults(tmp_path: Path, capsys) -> None:
+    (tmp_path / "c.yaml").write_text("# nothing set yet\n")
+    assert printed_config([str(tmp_path / "c.yaml")], capsys)["preset"] == "tiny"
+
+
+def test_a_directory_given_as_a_config_file_or_space_file_is_named_so(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert "is a directory" in error_of(["train", str(tmp_path)], capsys)
+    pytest.importorskip("optuna")
+    (tmp_path / "c.yaml").write_text("optim:\n  epochs: 1\n")
+    err = error_of(["tune", str(tmp_path / "c.yaml"), "--trials", "1", "--space", str(tmp_path / "missing.yaml")], capsys)
+    assert "the search space file does not exist" in err and "config file" not in err
+
+
+@pytest.mark.parametrize("option", [["--text-column", "txt"], ["--label-column", "sentiment=mood"]])
+def test_a_mistyped_column_is_refused_before_the_model_loads(option: list[str], tmp_path: Path, capsys) -> None:
+    table = tmp_path / "new.csv"
+    table.write_text("id,text,image,sentiment\n1,hello,,positive\n")
+    err = error_of(["eval", str(tmp_path / "no-model"), "--data", str(table), *option], capsys)
+    assert f"{option[0]} {option[1]}: {table} has no column '{option[1].rpartition('=')[2]}'" in err
+    assert "'text', 'image', 'sentiment'" in err

@@ -378,8 +378,7 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
         raise FileNotFoundError(f"{source}, the data {args.checkpoint} trained on, is not there any more: if it moved, "
                                 f"pass --data NEW_PATH --split {split} (the run's split.json names its rows)")  # fmt: skip
     trained = data  # the policies training read the rows with
-    kept = {side for side, policy in (("caption", trained.missing_text), ("image", trained.missing_image))
-            if policy == "keep"} | set(model.trained_without)  # sides its training rows could lack  # fmt: skip
+    kept = set(model.trained_without)  # the sides some of its training rows lacked
     if not with_labels or args.data is not None:  # a row without a caption or an image is predicted (and, in
         # another file, scored) from the side it has ...
         data = dataclasses.replace(data, missing_text="keep", missing_image="keep")
@@ -393,7 +392,7 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
             kw["only_ids"] = only  # a split is read alone: a broken row of another split is not its problem
         if kw and with_labels:  # eval scores the tasks whose label column the file has (bind_labels names the rest)
             kw["label_columns"] = None
-        if kw and args.command == "predict" and not model.config.fusion.modality_dropout:
+        if kw and args.command in ("predict", "eval") and not model.config.fusion.modality_dropout:
             # a renamed column must not turn into predictions from one side, which this model never learned
             kw["required_sides"] = tuple(s for s, n in (("text", "caption"), ("image", "image"))
                                          if n in model.sides_read and n not in kept)  # fmt: skip

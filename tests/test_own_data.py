@@ -572,6 +572,13 @@ def test_predict_on_a_file_with_other_column_names_is_refused_not_guessed(
     assert main(["predict", run, "--data", str(renamed), "--output", str(out), "--text-column", "text",
                  "--image-column", "img"]) == 0  # fmt: skip
     assert [r["id"] for r in csv.DictReader(out.open())] == [r["id"] for r in rows]
+    # only the image column renamed: eval refuses it as predict does (it scored the model from captions alone)
+    labelled = [{"id": r["id"], "caption": r["caption"], "img": r["photo"], "mood": r["mood"]}
+                for r in csv.DictReader(table.open())][:6]  # fmt: skip
+    _write_rows(renamed, labelled)
+    for command in (["predict", run, "--output", str(tmp_path / "q.csv")], ["eval", run]):
+        assert main([*command, "--data", str(renamed)]) == 1, command
+        assert "no column 'photo'" in capsys.readouterr().err
 
 
 def test_a_row_with_neither_side_and_a_misspelled_id_column_are_errors(tmp_path: Path, capsys) -> None:

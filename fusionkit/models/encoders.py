@@ -159,15 +159,20 @@ class Encoder(nn.Module):
         """The hidden state entering `blocks[start]`; the blocks above it are not run."""
         if start >= self.depth:
             return self(*inputs)
-        captured: list[torch.Tensor] = []
+        args, kwargs = self.block_call(start, *inputs)
+        return args[0] if args else kwargs["hidden_states"]
+
+    def block_call(self, start: int, *inputs: torch.Tensor) -> tuple[tuple, dict]:
+        """The positional and keyword arguments the backbone calls `blocks[start]` with (nothing above runs)."""
+        captured: list[tuple[tuple, dict]] = []
 
         def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured.append(args[0] if args else kwargs["hidden_states"])
+            captured.append((args, kwargs))
             raise _StopForward
 
         handle = self.blocks[start].register_forward_pre_hook(capture, with_kwargs=True)
         try:
-            self(*inputs)
+            self.backbone(*inputs)
         except _StopForward:
             pass
         finally:
@@ -192,8 +197,9 @@ class Encoder(nn.Module):
         why = ""
         try:
             whole = self(*inputs)
-            extras = self.unpassed_block_inputs(start, *inputs)
-            top = self.forward_from(self.hidden_before(start, *inputs), start, mask)
+            args, kwargs = self.block_call(start, *inputs)
+            extras = self.unpassed_block_inputs(args, kwargs)
+            top = self.forward_from(args[0] if args else kwargs["hidden_states"], start, mask)
         except Exception as e:  # its layers want inputs the adapter does not give (rotary tables, sizes, ...)
             why = f"running them apart fails ({type(e).__name__}: {e})"
         else:
@@ -212,8 +218,8 @@ class Encoder(nn.Module):
                 "cannot train them on cached hidden states; use model.freeze: encoders (frozen) or none (end to end)"
             )
 
-    def unpassed_block_inputs(self, start: int, *inputs: torch.Tensor) -> list[str]:
-        """Inputs the backbone gives `blocks[start]` besides the hidden state that `run_blocks` does not pass
+    def unpassed_block_inputs(self, args: tuple, kwargs: dict) -> list[str]:
+        """Of a block's call (`block_call`), the inputs besides the hidden state that `run_blocks` does not pass
         (none known by default: adapters whose blocks take only the hidden state override this)."""
         return []
 
@@ -636,23 +642,11 @@ class TimmImageEncoder(ImageEncoder):
             outs.append(hidden)
         return outs
 
-    def unpassed_block_inputs(self, start: int, *inputs: torch.Tensor) -> list[str]:
-        """timm blocks are run on the hidden state alone: anything else the model gives them (EVA's `rope`)."""
-        given: list[str] = []
-
-        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            given.extend(f"argument {i}" for i, a in enumerate(args[1:], 1) if isinstance(a, torch.Tensor))
-            given.extend(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))  # not flags (is_causal)
-            raise _StopForward
-
-        handle = self.blocks[start].register_forward_pre_hook(record, with_kwargs=True)
-        try:
-            self.backbone(*inputs)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        return given
+    def unpassed_block_inputs(self, args: tuple, kwargs: dict) -> list[str]:
+        """timm blocks are run on the hidden state alone: any other tensor the model gives them (EVA's `rope`)."""
+        return [f"argument {i}" for i, a in enumerate(args[1:], 1) if isinstance(a, torch.Tensor)] + [
+            k for k, v in kwargs.items() if isinstance(v, torch.Tensor)  # not flags (is_causal)
+        ]
 
 
 @IMAGE_BACKENDS.register("hf")

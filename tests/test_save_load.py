@@ -43,6 +43,18 @@ def test_round_trip_is_exact(tmp_path, strategy):
     assert loaded.tokenizer("a lovely day")["input_ids"] == model.tokenizer("a lovely day")["input_ids"]
 
 
+@pytest.mark.parametrize("freeze", ["none", "top_k"])
+def test_the_saved_config_is_checked_before_loading_whatever_the_freeze(tmp_path, freeze):
+    """from_pretrained builds the saved config on the meta device to compare shapes first; the encoders' own
+    build checks (a test forward) must not run there, or that comparison is skipped with a warning."""
+    import warnings
+
+    create_model("tiny", tasks=TASKS[:1], freeze=freeze, trainable_layers=1).save_pretrained(tmp_path / "m")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FusionModel.from_pretrained(tmp_path / "m")
+
+
 def _save_tiny_hf_encoders(root):
     """What a user gets from the hub, made offline: tiny random BERT and ViT saved with save_pretrained."""
     from transformers import BertModel, ViTConfig, ViTImageProcessor, ViTModel

@@ -188,7 +188,7 @@ class Encoder(nn.Module):
         """Refuse a split whose top blocks, run on their own from the hidden state entering them, do not give the
         backbone's output. Some families pass their layers more than (hidden, mask), and training such a top on
         cached hidden states would fit another function than the one `predict` runs on raw inputs."""
-        if start >= self.depth:
+        if start >= self.depth or self.is_meta:
             return
         mode = self.training
         self.eval()
@@ -217,6 +217,11 @@ class Encoder(nn.Module):
                 f"{type(self.model).__name__}: its top {self.depth - start} block(s): {why}, so model.freeze: top_k "
                 "cannot train them on cached hidden states; use model.freeze: encoders (frozen) or none (end to end)"
             )
+
+    @property
+    def is_meta(self) -> bool:
+        """Built on the meta device (shapes only, as `from_pretrained` checks a saved config): nothing can run."""
+        return any(p.is_meta for p in self.model.parameters())
 
     def unpassed_block_inputs(self, args: tuple, kwargs: dict) -> list[str]:
         """Of a block's call (`block_call`), the inputs besides the hidden state that `run_blocks` does not pass
@@ -584,6 +589,8 @@ class ImageEncoder(Encoder):
     def check_tokens(self, name: str) -> None:
         """Refuse a backbone whose features are not tokens [B, N, width] (a CNN's or Swin's feature map), before
         a cache is built or a run dir made: the fusion reads patch tokens."""
+        if self.is_meta:
+            return
         mode = self.training
         try:
             out = self.eval().backbone(*(x[:1] for x in self.example_inputs()))

@@ -228,6 +228,12 @@ def test_val_loss_is_one_number_whatever_the_eval_batch_size(tmp_path: Path) -> 
         assert main(["eval", str(tmp_path / "runs" / "r"), "--batch-size", batch, "--output", str(out)]) == 0
         losses.append(json.loads(out.read_text())["val/loss"])
     assert losses == pytest.approx([losses[-1]] * 3, rel=1e-5)
+    # each task's own val loss is reported, and the total is their weighted sum
+    scores = json.loads(out.read_text())
+    weights = {"mood": 1.0, "tags": 0.3, "score": 5.0}
+    assert sum(w * scores[f"val/{t}/loss"] for t, w in weights.items()) == pytest.approx(scores["val/loss"], rel=1e-5)
+    logged = [json.loads(line) for line in (tmp_path / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all(f"train/{t}/loss" in e for e in logged if "train/loss" in e for t in ("mood", "score"))
 
 
 def test_an_ensemble_of_models_with_an_itm_head_is_scored(tmp_path: Path) -> None:

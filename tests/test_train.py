@@ -91,9 +91,15 @@ def test_train_writes_run_dir(tmp_path: Path) -> None:
     assert state["epoch"] == 1 and state["batch_in_epoch"] == 0
 
 
-@pytest.mark.parametrize("how, grouped", [("exception", False), ("sigterm", False), ("exception", True)])
-def test_interrupted_run_resumes_bitwise(tmp_path: Path, how: str, grouped: bool) -> None:
-    config = functools.partial(tiny_config, **{"data.group_by_length": grouped})
+TWO_TASKS = [{"name": "sentiment"}, {"name": "aux", "type": "itm", "weight": 0.5}]
+
+
+@pytest.mark.parametrize("how, grouped, tasks", [("exception", False, None), ("sigterm", False, None),
+                                                 ("exception", True, None), ("exception", False, TWO_TASKS)])
+def test_interrupted_run_resumes_bitwise(tmp_path: Path, how: str, grouped: bool, tasks: list | None) -> None:
+    """Also with two tasks, whose per-task train losses are averaged over log lines that span a checkpoint."""
+    config = functools.partial(tiny_config, **{"data.group_by_length": grouped},
+                               **({"model.tasks": tasks} if tasks else {}))  # fmt: skip
     reference = Trainer(config(tmp_path, "reference"))
     ref_summary = reference.fit()
     assert reference.step == 10  # 80 train examples / 16 = 5 steps per epoch, 2 epochs
@@ -119,6 +125,7 @@ def test_interrupted_run_resumes_bitwise(tmp_path: Path, how: str, grouped: bool
     assert summary["val"] == ref_summary["val"] and summary["best"] == ref_summary["best"]
     ref_log = (tmp_path / "runs" / "reference" / "metrics.jsonl").read_text()
     assert (run / "metrics.jsonl").read_text() == ref_log
+    assert ('"train/aux/loss"' in ref_log) == bool(tasks) and ('"val/aux/loss"' in ref_log) == bool(tasks)
 
 
 def test_a_resume_after_the_encoder_folder_moved_uses_the_runs_saved_encoders(tmp_path: Path, caplog) -> None:
@@ -334,3 +341,14 @@ def test_early_stopping_is_said_and_recorded(tmp_path: Path, caplog: pytest.LogC
     assert summary["epochs"] == 2 and summary["stopped_early"] and summary["precision"] in ("fp32", "bf16")
     assert "stopped early after epoch 2 of 4" in caplog.text
     assert json.loads((tmp_path / "runs" / "patient" / "summary.json").read_text())["stopped_early"] is True
+
+
+def test_a_tasks_own_val_loss_can_select_checkpoints_when_there_are_several(tmp_path: Path) -> None:
+    """With several tasks each one's val loss is logged (`val/<task>/loss`) and is a valid run.metric; with one
+    task it would equal val/loss and is not reported, so naming it is refused before training."""
+    trainer = Trainer(tiny_config(tmp_path, "two", **{"model.tasks": TWO_TASKS, "run.metric": "val/aux/loss",
+                                                      "optim.epochs": 1}))  # fmt: skip
+    summary = trainer.fit()
+    assert summary["metric"] == "val/aux/loss" and summary["best"] == summary["val"]["val/aux/loss"]
+    with pytest.raises(ConfigError, match="val/sentiment/loss"):
+        Trainer(tiny_config(tmp_path, "one", **{"run.metric": "val/sentiment/loss"}))

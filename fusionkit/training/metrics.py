@@ -36,8 +36,10 @@ def check_metric(metric: str, tasks: Mapping[str, Task]) -> None:
     parts = metric.split("/")
     if parts == ["val", "loss"]:
         return
-    known = ["val/loss"] + [f"val/{n}/{m}" for n, t in tasks.items() for m in t.metric_names]
-    if len(parts) != 3 or parts[0] != "val" or parts[1] not in tasks or parts[2] not in tasks[parts[1]].metric_names:
+    # with several tasks each one's own loss is reported too (`val/<task>/loss`), and can select checkpoints
+    own_loss = ("loss",) if len(tasks) > 1 else ()
+    known = ["val/loss"] + [f"val/{n}/{m}" for n, t in tasks.items() for m in (*t.metric_names, *own_loss)]
+    if metric not in known:
         raise ConfigError(f"run.metric {metric!r} is not a metric this model reports; choose one of {known}")
 
 
@@ -49,6 +51,9 @@ def evaluation_metrics(
     details: dict[str, Any] = {}
     if result.get("loss") is not None:
         flat[f"{prefix}/loss"] = result["loss"]
+        terms = result.get("loss_terms", {})
+        if len(terms) > 1:  # each task's own loss over its labelled rows (the total weighs them)
+            flat.update({f"{prefix}/{name}/loss": total / n for name, (total, n) in terms.items() if n})
     for name, task in tasks.items():
         if name not in result["outputs"]:
             continue

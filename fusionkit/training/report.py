@@ -21,24 +21,60 @@ def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def plot_curves(history: Sequence[dict[str, Any]], path: Path) -> None:
-    """Train loss per logged step and every val metric per epoch, one panel each."""
+    """Loss curves, then one panel per task with its val metrics, in rows of at most four panels.
+
+    One panel per metric grew past what a screen shows with a few tasks; per task, a multi-task run still
+    reads at a glance. Per-task losses (train solid, val dashed) get their own panel when there are several."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     train = [h for h in history if "train/loss" in h]
     evals = [h for h in history if "epoch_end" in h]
-    keys = sorted({k for h in evals for k in h if k.startswith("val/") and isinstance(h[k], float)})
-    fig, axes = plt.subplots(1, 1 + len(keys), figsize=(4 * (1 + len(keys)), 3.2), squeeze=False)
-    axes[0, 0].plot([h["step"] for h in train], [h["train/loss"] for h in train], label="train")
-    if evals and "val/loss" in evals[0]:
-        axes[0, 0].plot([h["step"] for h in evals], [h["val/loss"] for h in evals], "o-", label="val")
-    axes[0, 0].set(title="loss", xlabel="step")
-    axes[0, 0].legend()
-    for ax, key in zip(axes[0, 1:], keys):
-        ax.plot([h["epoch"] for h in evals], [h[key] for h in evals], "o-")
-        ax.set(title=key, xlabel="epoch")
+    # in the order the tasks were logged (the config's), not alphabetical
+    task_losses = list(dict.fromkeys(k.split("/")[1] for h in history for k in h
+                                     if k.count("/") == 2 and k.endswith("/loss")))  # fmt: skip
+    metrics: dict[str, list[str]] = {}  # task -> its val metric keys
+    for key in dict.fromkeys(k for h in evals for k in h if k.startswith("val/") and isinstance(h[k], float)):
+        parts = key.split("/")
+        if len(parts) == 3 and parts[2] != "loss":
+            metrics.setdefault(parts[1], []).append(key)
+    panels = 1 + bool(task_losses) + len(metrics)
+    cols = min(4, panels)
+    fig, axes = plt.subplots(math.ceil(panels / cols), cols, figsize=(4.2 * cols, 3.3 * math.ceil(panels / cols)),
+                             squeeze=False)  # fmt: skip
+    flat = list(axes.flat)
+    for ax in flat[panels:]:
+        ax.set_visible(False)
+
+    def line(ax: Any, rows: Sequence[dict[str, Any]], key: str, x: str, *args: Any, **kwargs: Any) -> None:
+        rows = [h for h in rows if key in h]
+        if rows:
+            ax.plot([h[x] for h in rows], [h[key] for h in rows], *args, **kwargs)
+
+    ax = flat[0]
+    line(ax, train, "train/loss", "step", label="train")
+    line(ax, evals, "val/loss", "step", "o-", label="val")
+    ax.set(title="loss (weighted total)" if task_losses else "loss", xlabel="step")
+    ax.legend(fontsize="small")
+    if task_losses:
+        ax = flat[1]
+        for i, name in enumerate(task_losses):
+            color = f"C{i % 10}"
+            line(ax, train, f"train/{name}/loss", "step", color=color, label=name)
+            line(ax, evals, f"val/{name}/loss", "step", "o--", color=color)
+        ax.set(title="loss per task (val dashed)", xlabel="step")
+        ax.legend(fontsize="small")
+    for ax, (name, keys) in zip(flat[1 + bool(task_losses):], metrics.items()):
+        for key in keys:
+            line(ax, evals, key, "epoch", "o-", label=key.split("/")[2])
+        ax.set(title=f"val: {name}", xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -362,6 +362,9 @@ class Trainer:
         self.step_callbacks: list[Callable[[Trainer], None]] = []
         # train loss summed since the last log line: part of the state, so logs match across a resume
         self.running_loss, self.running_n = torch.zeros((), device=self.device), 0
+        # each task's loss summed over the logged steps' batches it was scored in, and their count (a task can
+        # have no labelled row in a batch): `train/<task>/loss`, so a multi-task run shows which task moves
+        self.running_tasks: dict[str, list[Any]] = {}  # name -> [loss sum (a tensor: no sync per step), batches]
         # training's draws (dropout, augmentation) start from the seed, whatever building the model drew: a task
         # added at weight 0 (its head's initialisation) leaves the other tasks' training as it was
         seed_everything(cfg.run.seed, cfg.run.deterministic)
@@ -587,6 +590,7 @@ class Trainer:
             "history": self.history,
             "running_loss": float(self.running_loss),
             "running_n": self.running_n,
+            "running_tasks": {name: [float(total), n] for name, (total, n) in self.running_tasks.items()},
             "precision": self.precision.name,
             "train_seconds": self.seconds_before + (time.perf_counter() - self.fit_start if self.fit_start else 0.0),
             **({"ema": self.ema.state_dict(self.model)} if self.ema else {}),  # the raw weights; the model file holds the EMA
@@ -643,6 +647,8 @@ class Trainer:
         self.running_loss.fill_(state["running_loss"])
         self.seconds_before = state.get("train_seconds", 0.0)
         self.running_n = state["running_n"]
+        self.running_tasks = {name: [torch.tensor(total, device=self.device), n]
+                              for name, (total, n) in state.get("running_tasks", {}).items()}  # fmt: skip
         if self.ema is not None:
             self.ema.load_state_dict(state.get("ema"), self.model)
 
@@ -743,7 +749,8 @@ class Trainer:
                     self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None
                 ):
                     out = self.ddp(**model_inputs(batch))
-                    loss = model.loss(out, batch["labels"], batch["label_mask"])["loss"]
+                    losses = model.loss(out, batch["labels"], batch["label_mask"])
+                    loss = losses["loss"]
                 error = None
                 if not torch.isfinite(loss):
                     error = (
@@ -757,6 +764,11 @@ class Trainer:
                 self.scaler.scale(loss * share).backward()
             self.running_loss += loss.detach()
             self.running_n += 1
+            if len(model.tasks) > 1:
+                for name in model.tasks:
+                    if name in losses:
+                        term = self.running_tasks.setdefault(name, [0.0, 0])
+                        term[0], term[1] = term[0] + losses[name].detach().float(), term[1] + 1
             if not boundary:
                 continue
             self._optimizer_step()
@@ -766,8 +778,11 @@ class Trainer:
                 avg = float(D.mean_over_ranks(self.running_loss)) / self.running_n  # the global batch's loss
                 self.running_loss.zero_()
                 self.running_n = 0
+                # per task: this rank's batches (the total above is every rank's)
+                tasks = {f"train/{name}/loss": float(total) / n for name, (total, n) in self.running_tasks.items()}
+                self.running_tasks = {}
                 # lr: the head's (the highest); encoder groups run at encoder_lr_scale and layer decay below it
-                self._log({"step": self.step, "epoch": self.epoch + 1, "train/loss": avg,
+                self._log({"step": self.step, "epoch": self.epoch + 1, "train/loss": avg, **tasks,
                            "lr": max(self.scheduler.get_last_lr())})  # fmt: skip
                 bar.set_postfix(loss=f"{avg:.4f}")
             epoch_done = self.batch_in_epoch == n_batches

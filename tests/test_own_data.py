@@ -172,6 +172,7 @@ def test_wrong_metric_and_column_fail_before_any_work(tmp_path: Path, capsys: py
     assert "'sentiment'" in err and "mood" in err and "model.tasks[].column" in err
     assert not (tmp_path / "runs" / "cache").exists()  # nothing was cached: it failed before that step
     assert not (tmp_path / "runs" / "bad").exists()  # no half-made run dir blocks the corrected command
+    assert not (tmp_path / "runs").exists()  # nor is an empty output folder left behind
     # ... and a report of rows the reader skipped, which the log named, is kept elsewhere, said
     gappy = tmp_path / "data" / "gappy.csv"
     gappy.write_text(table.read_text().replace("img3.png", ""))

@@ -400,6 +400,8 @@ class Trainer:
             self.run.file(name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # anything else in it (the user's): the folder stays
             self.run.path.rmdir()
+            for made in getattr(self, "_made_dirs", ()):  # innermost first; one that is not empty stays
+                made.rmdir()
 
     # ------------------------------------------------------------------ data
     def _read_data(self, data: Any, model: FusionModel | None) -> tuple[MultimodalDataset, dict[str, Any]]:
@@ -546,6 +548,9 @@ class Trainer:
             if self.resume:
                 run = RunDir.open_for_resume(Path(cfg.run.output_dir) / cfg.run.name)
             else:
+                # the folders this run creates above its own (`runs/` on a first run): a failed start removes them
+                above = Path(cfg.run.output_dir).absolute()
+                self._made_dirs = [p for p in (above, *above.parents) if not p.exists()]
                 run = RunDir.create(cfg.run.output_dir, cfg.run.name, cfg.run.name_exists)
         if self.world > 1:
             name = D.broadcast_object(run.path.name if run else None)

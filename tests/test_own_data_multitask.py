@@ -152,6 +152,38 @@ def test_multilabel_macro_f1_leaves_out_tags_neither_labelled_nor_predicted() ->
     assert flat["macro_f1"] == pytest.approx(2 / 3)
 
 
+def test_multilabel_threshold_decides_tags_and_each_tag_is_reported() -> None:
+    """`params.threshold` (one number, or one per tag) decides which tags are predicted, in metrics and in
+    predictions alike; the details report each tag's precision, recall, F1 and support."""
+    from fusionkit.config import ConfigError, TaskConfig
+    from fusionkit.tasks import create_task
+    from fusionkit.training.config import build_config
+
+    names = ["food", "sports", "travel"]
+    labels = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 1, 1]])
+    logits = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.6, 0.1], [0.6, 0.9, 0.4]]).logit()  # probabilities, as logits
+    mask = torch.ones(3, dtype=torch.bool)
+
+    def task(threshold=None):
+        params = {} if threshold is None else {"threshold": threshold}
+        return create_task(TaskConfig("tags", type="multilabel", class_names=names, num_classes=3, params=params))
+
+    default, strict, per_tag = task(), task(0.7), task([0.5, 0.5, 0.3])
+    assert [r["tags"] for r in default.predict(logits)] == [["food"], ["sports"], ["food", "sports"]]
+    assert [r["tags"] for r in strict.predict(logits)] == [["food"], [], ["sports"]]
+    assert [r["tags"] for r in per_tag.predict(logits)] == [["food"], ["sports"], ["food", "sports", "travel"]]
+    assert per_tag.metrics(logits, labels, mask)[0] == {"micro_f1": 1.0, "macro_f1": 1.0}
+    flat, details = strict.metrics(logits, labels, mask)
+    assert flat["micro_f1"] == pytest.approx(2 * 2 / (2 * 2 + 0 + 3))  # 2 right, none wrong, 3 missed
+    report = details["report"]
+    assert report["food"] == pytest.approx({"precision": 1.0, "recall": 0.5, "f1-score": 2 / 3, "support": 2})
+    assert report["travel"]["support"] == 1 and report["travel"]["recall"] == 0.0 and details["threshold"] == 0.7
+    for bad in (0, 1.5, "high", [0.5, 0.5], True):
+        tags = {"name": "tags", "type": "multilabel", "class_names": names, "params": {"threshold": bad}}
+        with pytest.raises(ConfigError, match="params.threshold"):
+            build_config(None, {"model.tasks": [tags]})
+
+
 @pytest.mark.parametrize("name", ["type", "eval", "half", "a.b", "loss"])
 def test_a_task_named_like_a_model_part_is_refused_with_the_fix(name: str) -> None:
     from fusionkit.config import ConfigError

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..config import TaskConfig
+from ..config import ConfigError, TaskConfig
 from .base import is_missing, label_error, labelled_rows, register_task
 from .classification import UNKNOWN_LABEL_HINT, ClassificationTask, label_string
 
@@ -41,6 +41,28 @@ class MultilabelTask(ClassificationTask):
     selects_first = False
     loss_options = ()  # plain per-class BCE: no class weights, smoothing or logit adjustment
     search_space = {}
+    # a tag is predicted when its probability exceeds `threshold`: one number, or one per tag (class_names order)
+    params_read = ("threshold",)
+
+    @classmethod
+    def validate_config(cls, cfg: TaskConfig) -> None:
+        super().validate_config(cfg)
+        t = cfg.params.get("threshold", 0.5)
+        values = t if isinstance(t, list) else [t]
+        if not values or not all(isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 1 for v in values):
+            raise ConfigError(f"task {cfg.name!r}: params.threshold must be a number between 0 and 1 (exclusive), "
+                              f"or a list of them, one per tag; got {t!r}")  # fmt: skip
+        if isinstance(t, list) and cfg.class_names and len(t) != len(cfg.class_names):
+            raise ConfigError(f"task {cfg.name!r}: params.threshold lists {len(t)} values for {len(cfg.class_names)} "
+                              f"tags {cfg.class_names}: give one per tag, in that order, or one number")  # fmt: skip
+
+    def decide(self, probs: torch.Tensor) -> torch.Tensor:
+        """The tags predicted (a bool per tag) from their probabilities, at the task's threshold(s)."""
+        t = self.cfg.params.get("threshold", 0.5)
+        if isinstance(t, list) and len(t) != probs.shape[-1]:
+            raise ConfigError(f"task {self.name!r}: params.threshold lists {len(t)} values for {probs.shape[-1]} tags "
+                              f"{self.names}: give one per tag, in that order, or one number")  # fmt: skip
+        return probs > probs.new_tensor(t)
 
     @classmethod
     def hf_feature(cls, class_names: Sequence[str]) -> Any:
@@ -95,27 +117,31 @@ class MultilabelTask(ClassificationTask):
     def metrics(
         self, outputs: torch.Tensor, labels: Any, mask: Any
     ) -> tuple[dict[str, float], dict[str, Any]]:
-        from sklearn.metrics import f1_score
+        from sklearn.metrics import classification_report, f1_score
 
         if labels is None or mask is None or not bool(mask.any()):
             return {}, {}
-        pred = (self.probabilities(outputs[mask]) > 0.5).long().numpy()
+        pred = self.decide(self.probabilities(outputs[mask])).long().numpy()
         y = labels[mask].numpy().astype(int)
         # macro over the tags labelled or predicted here, as classification's macro_f1: a tag absent from both
         # has no F1, and counting it as 0 would cap a perfect score on a split that lacks a rare tag
         present = (y.any(0) | pred.any(0)).nonzero()[0]
         macro = f1_score(y[:, present], pred[:, present], average="macro", zero_division=0) if present.size else 0.0
+        # per tag: precision, recall, F1 and support (rows holding it), to see which tags the averages hide
+        report = classification_report(y, pred, labels=range(len(self.names)), target_names=self.names,
+                                       output_dict=True, zero_division=0)  # fmt: skip
         return {
             "micro_f1": float(f1_score(y, pred, average="micro", zero_division=0)),
             "macro_f1": float(macro),
-        }, {}
+        }, {"report": report, "threshold": self.cfg.params.get("threshold", 0.5)}
 
     def predict(self, outputs: torch.Tensor) -> list[dict[str, Any]]:
-        probs = self.probabilities(outputs).numpy()
+        probs = self.probabilities(outputs)
+        chosen = self.decide(probs).numpy()
         return [
             {
-                self.name: [c for c, v in zip(self.names, p) if v > 0.5],
+                self.name: [c for c, keep in zip(self.names, row) if keep],
                 f"{self.name}_prob": {c: round(float(v), 6) for c, v in zip(self.names, p)},
             }  # fmt: skip
-            for p in probs
+            for p, row in zip(probs.numpy(), chosen)
         ]

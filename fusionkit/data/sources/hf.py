@@ -71,7 +71,8 @@ def from_hf(dataset_or_path: Any, **options: Any) -> MultimodalDataset:
     rr = RowReader(opts, f"from_hf({name})")
     examples, ids, n = [], {k: [] for k in parts}, 0
     for split, part in parts.items():  # split by split: a test split may lack the label columns
-        if isinstance(part.features[opts.image_column], hf.Image):
+        # a split (or the whole set, `--image-column ''`) may lack the image column: `require_sides` allowed it
+        if isinstance(part.features.get(opts.image_column), hf.Image):
             part = part.cast_column(opts.image_column, hf.Image(decode=False))
         names_of = {c: _class_names(part.features[c]) for c in label_columns if c in part.features}
         for c, names in names_of.items():

@@ -55,27 +55,31 @@ def _csv_rows(
     raw_lines = io.StringIO(text, newline="").readlines()  # split as the reader counts lines ("\r" alone too)
 
     def rows() -> Iterator[Row]:
-        n, last = -1, reader.line_num  # records are numbered from 0, as Parquet, DataFrame and HF rows are
         cut: list[str] = []  # rows with fewer fields than the header: their last columns read as empty
-        yield from _records(n, last, cut)
+        yield from _records(cut)
         if cut:
             log.warning("%s: %d row(s) have fewer fields than the header (%s%s): their last columns (labels among "
                         "them) are read as empty; check their %r separators", path, len(cut), ", ".join(cut[:3]),
                         ", ..." if len(cut) > 3 else "", delimiter)  # fmt: skip
 
-    def _records(n: int, last: int, cut: list[str]) -> Iterator[Row]:
+    def _records(cut: list[str]) -> Iterator[Row]:
+        rows_reader, at = reader, 0  # `at`: the lines before the current reader's text (it restarts after a quote)
+        n, last = -1, reader.line_num  # records are numbered from 0, as Parquet, DataFrame and HF rows are
         while True:
             try:
-                cells = next(reader)
+                cells = next(rows_reader)
             except StopIteration:
                 return
             except csv.Error as e:  # the reader goes on at the next line
-                first, last, n = last + 1, reader.line_num, n + 1
+                first, last, n = last + 1, at + rows_reader.line_num, n + 1
                 where = f"{path}:{first}" if first == last else f"{path}:{first}-{last}"
-                unclosed = "end of data" in str(e) or last > first  # ran on over rows to a stray quote (an inch mark)
-                yield where, n, _unclosed(where, first, last) if unclosed else _quote_error(where)
+                if "end of data" in str(e) or last > first:  # ran on over rows to a stray quote (an inch mark)
+                    yield f"{path}:{first}", n, _unclosed(f"{path}:{first}", first, last)
+                    rows_reader, at, last = _restart(first), first, first
+                else:
+                    yield where, n, _quote_error(where)
                 continue
-            first, last = last + 1, reader.line_num
+            first, last = last + 1, at + rows_reader.line_num
             where = f"{path}:{first}" if first == last else f"{path}:{first}-{last}"
             if not cells:  # a blank line
                 continue
@@ -86,9 +90,10 @@ def _csv_rows(
             if last > first and ('"' not in raw_lines[min(last, len(raw_lines)) - 1]
                                  or _holds_rows(raw_lines[first - 1 : last], delimiter, header,
                                                 needed[1] if len(needed) > 1 else None, path.parent)):  # fmt: skip
-                err = _unclosed(where, first, last)
+                err = _unclosed(f"{path}:{first}", first, last)
                 err.cells = dict(zip(header, cells))  # type: ignore[attr-defined]
-                yield where, n, err
+                yield f"{path}:{first}", n, err
+                rows_reader, at, last = _restart(first), first, first
                 continue
             short = [c for c in needed if c in header and header.index(c) >= len(cells)]
             if short:  # a row cut short (a lost delimiter), not an empty cell: say so
@@ -107,13 +112,18 @@ def _csv_rows(
             else:
                 yield where, n, dict(zip(header, cells))
 
+    def _restart(line: int) -> Iterator[list[str]]:
+        """A reader from the line after `line`: the row whose quote never closed is left out, not the rows after it."""
+        return csv.reader(io.StringIO("".join(raw_lines[line:]), newline=""), delimiter=delimiter, strict=True)
+
     return header, rows()
 
 
 def _unclosed(where: str, first: int, last: int) -> DataError:
-    return DataError(f"a quote opened on line {first} is not closed where it should be: lines {first}-{last} (whole "
-                     "rows) were read as one field", source=where,
-                     hint='close the quote, or write a quote inside a quoted field as ""')  # fmt: skip
+    return DataError(f"a quote opened on line {first} is not closed where it should be: it ran on over lines "
+                     f"{first}-{last} (whole rows) as one field", source=where,
+                     hint='close the quote, or write a quote inside a quoted field as ""; on_error=skip leaves out '
+                     f"just this row and reads on from line {first + 1}")  # fmt: skip
 
 
 def _quote_error(where: str) -> DataError:

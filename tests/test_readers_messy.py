@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -37,3 +38,32 @@ def test_hf_dataset_without_an_image_column_reads_rows_without_images(
     assert [ex.image for ex in ds] == [img, img, None] and "every row is read without it" in caplog.text
     with pytest.raises(DataError, match="no column 'image'"):  # not kept: the usual clear error
         load_dataset(parts)
+
+
+def _table(tmp_path: Path, name: str, lines: list[str]) -> Path:
+    for i in range(3):
+        _jpg(tmp_path / "img" / f"p{i}.jpg")
+    (tmp_path / name).write_text("\n".join(lines) + "\n")
+    return tmp_path / name
+
+
+PHOTOS = dict(text_column="caption", image_column="photo")
+
+
+def test_an_unclosed_quote_that_swallows_a_row_with_a_missing_image_is_named(tmp_path: Path) -> None:
+    """The swallowed row's image file is missing (kept: missing_image=keep): it was not taken for a row, and row 1
+    silently got the caption 'Best day,img/p0.jpg,happy\\n2,12' and row 2's label."""
+    path = _table(tmp_path, "f.csv", ["id,caption,photo,mood", '1,"Best day,img/p0.jpg,happy',
+                                      '2,12",img/nofile.jpg,sad', "3,ok,img/p2.jpg,happy"])  # fmt: skip
+    with pytest.raises(DataError, match=r"f.csv:2: a quote opened on line 2 is not closed"):
+        load_dataset(path, **PHOTOS, missing_image="keep")
+
+
+def test_on_error_skip_leaves_out_the_row_with_an_unclosed_quote_not_the_rows_after_it(tmp_path: Path) -> None:
+    lines = ["id,caption,photo,mood", *(f"{i},caption {i},img/p{i % 3}.jpg,happy" for i in range(1, 10))]
+    lines[4] = '4,"unclosed,img/p1.jpg,happy'
+    path = _table(tmp_path, "mix.csv", lines)
+    report = tmp_path / "skipped.jsonl"
+    ds = load_dataset(path, **PHOTOS, on_error="skip", report_path=report)
+    assert ds.ids == [str(i) for i in range(1, 10) if i != 4]
+    assert [json.loads(line)["source"] for line in report.read_text().splitlines()] == [f"{path}:5"]

@@ -137,8 +137,10 @@ def _holds_rows(lines: Sequence[str], delimiter: str, header: Sequence[str], ima
     """A record's physical lines hold whole rows: a quote that never closed, or closed on a later stray quote (an
     inch mark), swallowed them. Then its first line is itself a whole row (the quote opened in a caption that
     ended on that line) and a later line is one too. Shaped like a row: the header's count of fields and, in
-    the image column's place, an image file that exists (a caption spanning lines, a shot list in it included,
-    starts with only part of a row). Without an image column: an inner line with the header's count of 4+ fields."""
+    the image column's place, an image path (an image suffix, or a file that exists), whether or not its file
+    exists: a swallowed row's image may be missing too (missing_image=keep). A caption spanning lines, a shot
+    list in it included, starts with only part of a row. Without an image column: an inner line with the
+    header's count of 4+ fields."""
 
     def cells(line: str) -> list[str]:
         return [c.strip() for c in line.rstrip("\r\n").split(delimiter)]
@@ -149,8 +151,8 @@ def _holds_rows(lines: Sequence[str], delimiter: str, header: Sequence[str], ima
 
     def row_shaped(line: str) -> bool:
         found = cells(line)
-        return (len(found) == len(header) and Path(found[at]).suffix.lower() in _IMAGE_SUFFIXES
-                and (root / found[at]).is_file())  # fmt: skip
+        return len(found) == len(header) and bool(found[at]) and (
+            Path(found[at]).suffix.lower() in _IMAGE_SUFFIXES or (root / found[at]).is_file())
 
     return row_shaped(lines[0]) and any(map(row_shaped, lines[1:]))
 

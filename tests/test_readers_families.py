@@ -800,6 +800,9 @@ def test_mvsa_caption_files_round_trip(
         assert gb and "neither UTF-8 nor gb18030" in str(e)
         return
     decoded = raw.decode("utf-8-sig") if not gb or _is_utf8(raw) else raw.decode("gb18030")
+    if gb and not _is_utf8(raw) and all(b < 0x80 or b >= 0xC0 for b in raw):  # may also be Latin-1 ('müde')
+        assert ds[0].text in {(t.strip()[:MAX_TEXT_CHARS] or None) for t in (decoded, raw.decode("latin-1"))}
+        return
     assert ds[0].text == (decoded.strip()[:MAX_TEXT_CHARS] or None)
 
 

@@ -67,3 +67,19 @@ def test_on_error_skip_leaves_out_the_row_with_an_unclosed_quote_not_the_rows_af
     ds = load_dataset(path, **PHOTOS, on_error="skip", report_path=report)
     assert ds.ids == [str(i) for i in range(1, 10) if i != 4]
     assert [json.loads(line)["source"] for line in report.read_text().splitlines()] == [f"{path}:5"]
+
+
+def test_latin1_mvsa_captions_are_not_read_as_gb18030_garbage(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """GB18030 (MVSA's fallback) takes most Latin-1 bytes: 'Ich bin müde' read as 'Ich bin m黡e' with an INFO line.
+    Real GB18030 captions (hanzi, 'é' as GB18030 writes it) still read as before."""
+    captions = {"1": ("Ich bin müde", "latin-1"), "2": ("naïve señor", "latin-1"), "3": ("我的iPhone 晚安", "gb18030"),
+                "4": ("café…", "gb18030"), "5": ("plain", "utf-8")}  # fmt: skip
+    root = tmp_path / "mvsa"
+    for item, (text, enc) in captions.items():
+        _jpg(root / "data" / f"{item}.jpg")
+        (root / "data" / f"{item}.txt").write_bytes(text.encode(enc))
+    (root / "labelResultAll.txt").write_text("ID\ttext,image\n" + "".join(f"{k}\tpositive,positive\n" for k in captions))
+    with caplog.at_level(logging.WARNING, logger="fusionkit.data"):
+        ds = load_dataset(root)
+    assert {ex.id: ex.text for ex in ds} == {k: text for k, (text, _) in captions.items()}
+    assert "2 captions were neither UTF-8 nor GB18030 text but Latin-1" in caplog.text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,17 +34,40 @@ MISSING_SPELLINGS = ("nan", "none", "null", "na", "n/a", "#n/a", "<na>")
 
 
 def decode_text(raw: bytes, *, source: str, encodings: Sequence[str] = FALLBACK_ENCODINGS) -> tuple[str, str]:
-    """Decode UTF-8, else each fallback encoding in turn; returns (text, encoding used)."""
+    """Decode UTF-8, else each fallback encoding in turn, else Latin-1 where the bytes read as Latin-1 text;
+    returns (text, encoding used).
+
+    GB18030 takes most Latin-1 bytes without an error ('müde' reads 'm黡e'), so a fallback whose text looks like
+    Latin-1 misread (see `_misread_latin1`) is passed over for Latin-1."""
     for enc in ("utf-8-sig", *encodings):
         try:
-            return raw.decode(enc), enc
+            text = raw.decode(enc)
         except UnicodeDecodeError:
             continue
+        if enc == "utf-8-sig" or not _misread_latin1(raw, text):
+            return text, enc
+    if _latin1_letters_only(raw):
+        return raw.decode("latin-1"), "latin-1"
     raise DataError(
         f"caption bytes are neither UTF-8 nor {'/'.join(encodings)}",
         source=source,
         hint="re-encode the file as UTF-8",
     )
+
+
+def _latin1_letters_only(raw: bytes) -> bool:
+    """Every byte outside ASCII is a Latin-1 letter (0xC0-0xFF: à, é, ñ, ü, ...)."""
+    return all(b < 0x80 or b >= 0xC0 for b in raw)
+
+
+_GLUED_TO_A_LETTER = re.compile(r"[A-Za-z][^\x00-\x7f]|[^\x00-\x7f][A-Za-z]")
+
+
+def _misread_latin1(raw: bytes, text: str) -> bool:
+    """Latin-1 text decoded as a multi-byte encoding: its only non-ASCII bytes are Latin-1 letters, and a decoded
+    character (a CJK one, eating the next letter's byte) sits against an ASCII letter, inside a word. Real GB18030
+    text almost always has bytes below 0xC0 (every common hanzi's lead or trail byte, '…', kana, Cyrillic)."""
+    return _latin1_letters_only(raw) and _GLUED_TO_A_LETTER.search(text) is not None
 
 
 def clean_text(text: str) -> tuple[str, bool]:

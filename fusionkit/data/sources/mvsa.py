@@ -222,6 +222,9 @@ def read_mvsa(
             root,
             pairs.encodings["gb18030"],
         )
+    if pairs.encodings.get("latin-1"):  # GB18030 would have turned them into CJK ('müde' -> 'm黡e') without an error
+        log.warning("read_mvsa(%s): %d captions were neither UTF-8 nor GB18030 text but Latin-1 ('müde') and were "
+                    "decoded as such; re-encode them as UTF-8 to be sure", root, pairs.encodings["latin-1"])  # fmt: skip
     examples, report = rr.finish(pairs.examples, total)
     if splits is not None:  # an id in two splits would leak: it stays in its first split only
         splits = prune_splits(splits, examples)

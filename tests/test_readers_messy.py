@@ -83,3 +83,27 @@ def test_latin1_mvsa_captions_are_not_read_as_gb18030_garbage(tmp_path: Path, ca
         ds = load_dataset(root)
     assert {ex.id: ex.text for ex in ds} == {k: text for k, (text, _) in captions.items()}
     assert "2 captions were neither UTF-8 nor GB18030 text but Latin-1" in caplog.text
+
+
+def test_empty_and_header_only_tables_say_so(tmp_path: Path) -> None:
+    """A 0-byte CSV was 'task mood reads its labels from column mood, which empty does not have'; a header-only one
+    'the column mood has 0 class(es)'."""
+    (tmp_path / "empty.csv").write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty.csv: it is empty \(no header, no rows\)"):
+        load_dataset(tmp_path / "empty.csv", **PHOTOS)
+    (tmp_path / "head.csv").write_text("id,caption,photo,mood\n")
+    with pytest.raises(DataError, match=r"head.csv: no rows below its header \['id', 'caption', 'photo', 'mood'\]"):
+        load_dataset(tmp_path / "head.csv", **PHOTOS)
+
+
+def test_a_dict_label_is_named_by_its_line_and_id(tmp_path: Path) -> None:
+    """It was 'g, item ?: label {'x': 1} (dict) is not a class name': neither the line nor the id."""
+    from fusionkit.config import TaskConfig
+    from fusionkit.tasks import bind_labels
+
+    rows = [{"id": f"r{i}", "caption": f"c{i}", "mood": "happy" if i % 2 else "sad"} for i in range(6)]
+    rows[3]["mood"] = {"x": 1}
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_dataset(tmp_path / "g.jsonl", text_column="caption", image_column="", missing_image="keep")
+    with pytest.raises(DataError, match=r"g.jsonl:4, item r3: label \{'x': 1\} \(dict\) is not a class name"):
+        bind_labels(ds, [TaskConfig(name="mood", type="classification")])

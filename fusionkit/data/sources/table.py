@@ -219,7 +219,7 @@ def _read_rows(
 ) -> MultimodalDataset:
     """Shared by every table: check the columns, turn each row into an Example, finish.
 
-    No columns at all (an empty file, or JSONL lines that are all errors) means nothing to check."""
+    No columns at all (JSONL lines that are all errors) means nothing to check; no rows is an error."""
     label_columns: list[str] = []
     if columns:
         require_sides(opts, columns, source)
@@ -235,6 +235,10 @@ def _read_rows(
         ex = rr.example(row, where=where, row_number=n, label_columns=label_columns)
         if ex is not None:
             examples.append(ex)
+    if not total:  # said here: later, a task would name a label column the file lacks, or a class count of 0
+        raise DataError(f"no rows below its header {columns}" if columns else "it is empty (no header, no rows)",
+                        source=source, hint="name the file that holds the data: a header line, then one row per "
+                        "image-caption pair")  # fmt: skip
     examples, report = rr.finish(examples, total)
     return MultimodalDataset(examples, {c: [] for c in label_columns}, name=name, skip_report=report)
 

@@ -214,7 +214,7 @@ class ClassificationTask(Task):
 
     def names_in(self, labels: Sequence[Any], where: str) -> set[str]:
         """The class names that present labels spell (one per cell here; several per cell for multilabel)."""
-        return {label_string(v, where, "?") for v in labels}
+        return {label_string(v, where, "?") for v in labels if isinstance(v, str | int | float)}  # others: encode names their row
 
     def _missing(self, value: Any) -> bool:
         """`is_missing`, except for a label spelled like a missing value ("None", "null") that is a listed class."""

@@ -107,3 +107,20 @@ def test_a_dict_label_is_named_by_its_line_and_id(tmp_path: Path) -> None:
     ds = load_dataset(tmp_path / "g.jsonl", text_column="caption", image_column="", missing_image="keep")
     with pytest.raises(DataError, match=r"g.jsonl:4, item r3: label \{'x': 1\} \(dict\) is not a class name"):
         bind_labels(ds, [TaskConfig(name="mood", type="classification")])
+
+
+def test_a_split_file_whose_ids_lost_their_leading_zeros_says_so(tmp_path: Path) -> None:
+    """CSV ids 000..029 and the split made on them, reused on a Parquet copy written by pandas (ids 0..29), was
+    'the dataset lost rows since the split was made'."""
+    import pandas as pd
+
+    from fusionkit.data import split_dataset
+
+    lines = ["id,caption,photo,mood", *(f"{i:03d},caption {i},img/p{i % 3}.jpg,{'ab'[i % 2]}" for i in range(30))]
+    csv_ds = load_dataset(_table(tmp_path, "t.csv", lines), **PHOTOS)
+    split_dataset(csv_ds, path=tmp_path / "split.json")
+    pd.read_csv(tmp_path / "t.csv").to_parquet(tmp_path / "t.parquet")  # pandas reads 000 as the number 0
+    parquet_ds = load_dataset(tmp_path / "t.parquet", **PHOTOS)
+    assert parquet_ds.ids[:3] == ["0", "1", "2"]
+    with pytest.raises(DataError, match=r"split file names 30 ids not in the dataset .* spelled differently"):
+        split_dataset(parquet_ds, path=tmp_path / "split.json")

@@ -316,6 +316,11 @@ def read_split_file(path: str | Path) -> dict[str, list[str]]:
     return ids
 
 
+def _as_number(id_: str) -> str:
+    """An id of digits as its number ("007" -> "7"): how a CSV's id and its numeric copy's compare."""
+    return str(int(id_)) if id_.isdecimal() else id_
+
+
 def split_dataset(
     ds: MultimodalDataset,
     ratios: Sequence[float] = (0.8, 0.1, 0.1),
@@ -346,6 +351,16 @@ def split_dataset(
                         "of its splits", path, len(left_out), sorted(left_out)[:3])  # fmt: skip
             ids = {k: [i for i in ids[k] if i not in left_out] for k in SPLITS}
         unknown = [i for k in SPLITS for i in ids[k] if i not in known]
+        respelled = {_as_number(i) for i in known}
+        if unknown and all(_as_number(i) in respelled for i in unknown):
+            raise DataError(
+                f"split file names {len(unknown)} ids not in the dataset (e.g. {unknown[:3]}), but each is the "
+                f"number of one of its ids, spelled differently (e.g. {ds.ids[:3]}): leading zeros were lost or "
+                "added (a CSV's 007 is a Parquet or pandas copy's 7)",
+                source=str(path),
+                hint="read the ids as text where they were written (pandas: dtype={'id': str}) so they keep their "
+                "spelling, or make a new split (another data.split_file path, or a new run)",
+            )
         if unknown:
             raise DataError(
                 f"split file names {len(unknown)} ids not in the dataset (e.g. {unknown[:3]})",

@@ -124,3 +124,22 @@ def test_a_split_file_whose_ids_lost_their_leading_zeros_says_so(tmp_path: Path)
     assert parquet_ds.ids[:3] == ["0", "1", "2"]
     with pytest.raises(DataError, match=r"split file names 30 ids not in the dataset .* spelled differently"):
         split_dataset(parquet_ds, path=tmp_path / "split.json")
+
+
+def test_a_png_with_a_corrupted_chunk_is_named_a_damaged_png(tmp_path: Path) -> None:
+    """It was 'not an image file in a decoded format (JPEG, PNG, ...)', as a text file named .png is."""
+    import io
+
+    from fusionkit.data import load_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(buf, "PNG")
+    raw = bytearray(buf.getvalue())
+    raw[16:20] = b"\xff\xff\xff\xff"  # the IHDR chunk's width
+    (tmp_path / "bad.png").write_bytes(bytes(raw))
+    for src in (tmp_path / "bad.png", bytes(raw)):
+        with pytest.raises(DataError, match="starts as a PNG does .* cannot be decoded: it is damaged"):
+            load_image(src)
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(DataError, match="not an image file in a decoded format"):
+        load_image(tmp_path / "text.png")

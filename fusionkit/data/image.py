@@ -101,6 +101,27 @@ def _open(src: ImageSource) -> Image.Image:
     return Image.open(path, formats=_formats())
 
 
+_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF87a": "GIF", b"GIF89a": "GIF",
+               b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}  # fmt: skip
+
+
+def _signature_format(src: ImageSource) -> str | None:
+    """The decoded format whose signature (first bytes) `src` has, if any: tells a damaged image from a non-image."""
+    try:
+        if isinstance(src, bytes | bytearray | memoryview):
+            head = bytes(src[:12])
+        elif isinstance(src, str | os.PathLike):
+            with open(src, "rb") as f:
+                head = f.read(12)
+        else:
+            return None
+    except OSError:
+        return None
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return next((fmt for sig, fmt in _SIGNATURES.items() if head.startswith(sig)), None)
+
+
 TOO_MANY_PIXELS = ("if it is a genuine photo, downscale it (no encoder reads more than a few hundred pixels a side), "
                    "or skip it (data.on_error: skip); load_image(max_pixels=...) raises the limit in Python")
 
@@ -217,6 +238,11 @@ def load_image(
         raise DataError(f"image is above the limit of {max_pixels:,} pixels (decompression bomb?): {e}", source=where,
                         hint=TOO_MANY_PIXELS) from None  # fmt: skip
     except UnidentifiedImageError:
+        fmt = _signature_format(src)
+        if fmt is not None:  # Pillow refuses a file it cannot parse as "unidentified", a damaged one too
+            raise DataError(f"the file starts as a {fmt} does (its signature) but cannot be decoded: it is damaged "
+                            "(a corrupted chunk or header)", source=where, hint="re-download or re-export it, or "
+                            "leave it out (data.on_error: skip)") from None  # fmt: skip
         raise DataError(
             f"not an image file in a decoded format ({', '.join(_formats())})",
             source=where,

@@ -177,6 +177,31 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, monkeypatch: p
     assert torch.load(last / "trainer_state.pt", weights_only=True)["step"] == 2
 
 
+def test_a_full_disk_while_checkpointing_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """torch's zip writer reports a full disk as a RuntimeError ("unexpected pos"): the CLI says what happened in
+    one line, with the free space, the intact earlier checkpoint and the resume command; no temp dir is left."""
+    from fusionkit.cli import main
+
+    real_save = torch.save
+
+    def disk_fills_at_step_4(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("step") == 4:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 60544 vs 60432")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_fills_at_step_4)
+    args = ["train", "--data.dataset", "synthetic:100", "--run.output_dir", str(tmp_path / "runs"), "--run.name",
+            "full", "--run.checkpoint_every", "2", "--optim.batch_size", "16", "--run.progress", "false"]  # fmt: skip
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert "could not write the checkpoint for step 4" in err and "MiB free there" in err
+    assert "step-00000002 is intact" in err and "--resume" in err and "Traceback" not in err
+    run = tmp_path / "runs" / "full"
+    assert follow_pointer(run / "last").name == "step-00000002"
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
 def test_unwritable_output_dir_fails_up_front(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -14,6 +14,7 @@ Training state holds only tensors, numbers and strings, so it loads with `torch.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
@@ -79,17 +80,19 @@ def save_checkpoint(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        # torch's zip writer reports a full disk as RuntimeError ("unexpected pos 60544 vs 60432"), not OSError
+        if isinstance(e, RuntimeError) and "inline_container" not in str(e) and "file write failed" not in str(e):
+            raise
         previous = run.last
+        free = shutil.disk_usage(root).free / 2**20
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         raise OSError(
-            e.errno,
-            f"could not write the checkpoint for step {step} under {root} ({e.strerror or e}); "
-            + (
-                f"the previous checkpoint {previous} is intact"
-                if previous
-                else "no earlier checkpoint exists"
-            )
-            + ". Free space or choose another run.output_dir, then resume.",
+            getattr(e, "errno", None) or errno.EIO,
+            f"could not write the checkpoint for step {step} under {root} ({reason}; {free:,.0f} MiB free there); "
+            + (f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists")
+            + ". Free space or choose another run.output_dir, then resume"
+            + (f" (fusionkit train --resume {run.path})." if previous else "."),
         ) from e
     run.set_pointer("last", final)
     if best:

@@ -47,7 +47,8 @@ from .tasks import Task, bind_labels, list_tasks, register_task  # noqa: E402
 from .training import TrainConfig, Trainer, build_config, train  # noqa: E402
 
 # `fusionkit.tune(...)` (optuna is imported when it runs: an optional dependency). The function replaces the
-# submodule as this attribute; `from fusionkit.tune import default_space` still reaches the module.
+# submodule as this attribute, so `import fusionkit.tune as t` gives the function too (Python binds the
+# attribute); the module's other names: `from fusionkit.tune import default_space`.
 from .tune import tune  # noqa: E402
 
 __all__ = [
@@ -93,13 +94,18 @@ __all__ = [
 ]
 
 _HF_NAMES = ("FusionkitConfig", "FusionkitModel")
+_SUBMODULES = ("export", "hf", "hub")  # `fusionkit.export.OnnxModel(...)` right after `import fusionkit`
 
 
 def __getattr__(name: str) -> object:
-    """`fusionkit.FusionkitModel` / `FusionkitConfig` (fusionkit.hf) import on first use: transformers'
-    model classes take seconds to import, which `import fusionkit` should not pay."""
+    """`fusionkit.FusionkitModel` / `FusionkitConfig` (fusionkit.hf) and the submodules above import on first
+    use: transformers' model classes take seconds to import, which `import fusionkit` should not pay."""
     if name in _HF_NAMES:
         from . import hf
 
         return getattr(hf, name)
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'fusionkit' has no attribute {name!r}")

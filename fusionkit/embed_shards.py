@@ -30,7 +30,16 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError
 from .data.image import image_digest
-from .embedding import _column, _is_dataframe, embed
+from .data.sources.rows import row_id
+from .embedding import (
+    _column,
+    _is_dataframe,
+    _is_hf_dataset,
+    as_fusion_model,
+    check_batch_size,
+    embed,
+    refuse_columns,
+)
 from .models import FusionModel
 from .precision import choose_precision
 from .training import distributed as D
@@ -56,21 +65,25 @@ def model_fingerprint(model: FusionModel) -> str:
 
 
 def _row(item: Any, index: int) -> Row:
-    """(id, text, image) from an `Example` or a dict row (HF datasets; its row number when it has no id)."""
+    """(id, text, image) from an `Example` or a dict row (HF datasets); a dict row's id as `load_dataset`
+    reads it (`row_id`: 100.0 -> "100", none -> its row number)."""
     if isinstance(item, Mapping):
-        return str(item.get("id", index)), item.get("text"), item.get("image")
+        return row_id(item.get("id"), index), item.get("text"), item.get("image")
     return str(item.id), item.text, item.image
 
 
 def data_fingerprint(data: Any) -> str | None:
     """A content hash of the rows, so a folder of other rows' shards is never reused for these: a
     `MultimodalDataset`'s own; for rows held in memory (a list of dict rows or `Example`s) a hash of what
-    is embedded, as `MultimodalDataset.fingerprint` hashes it (ids, captions, image CONTENT). None for a
-    stream (it can be read only once) and an HF `Dataset` (its fingerprint is random when built in memory)."""
+    is embedded, as `MultimodalDataset.fingerprint` hashes it (ids, captions, image CONTENT); an HF `Dataset`
+    read from files its own (that of its files and transforms; one built in memory gets a random one, so its
+    rows are hashed). None for a stream (it can be read only once): its ids are checked as they are read."""
     own = getattr(data, "fingerprint", None)
     if isinstance(own, str):
         return own
-    if not isinstance(data, Sequence) or isinstance(data, str | bytes):
+    if _is_hf_dataset(data) and data.cache_files:
+        return f"datasets:{data._fingerprint}"
+    if not (isinstance(data, Sequence) or _is_hf_dataset(data)) or isinstance(data, str | bytes):
         return None
     h = hashlib.sha256()
     for i, item in enumerate(data):
@@ -82,9 +95,7 @@ def data_fingerprint(data: Any) -> str | None:
 
 def _as_rows(data: Any) -> Any:
     """A DataFrame as a list of dict rows (its empty cells None: a missing side); other data as it is."""
-    if isinstance(data, Mapping):
-        raise TypeError("embed_to_shards() takes rows (a list of {'id', 'text', 'image'} dicts or Examples, a "
-                        "DataFrame, a dataset), not a dict of columns: pass pandas.DataFrame(columns) or a list of rows")  # fmt: skip
+    refuse_columns(data, "embed_to_shards")
     if not _is_dataframe(data):
         return data
     names = [c for c in ("id", "text", "image") if c in data.columns]
@@ -92,22 +103,43 @@ def _as_rows(data: Any) -> Any:
     return [dict(zip(names, values)) for values in zip(*columns)]
 
 
+def _indexable(data: Any) -> bool:
+    return hasattr(data, "__len__") and hasattr(data, "__getitem__")
+
+
 def _own_shards(
-    data: Any, size: int, rank: int, world: int, done: set[int]
+    data: Any, size: int, rank: int, world: int, done: set[int], out: Path, read: list[int]
 ) -> Iterator[tuple[int, list[Row]]]:
     """(k, rows) for the shards this rank embeds. Indexable data (a `MultimodalDataset`, an HF
-    `Dataset`) is read at the shard's rows only; a stream is read through, skipping other shards."""
-    if hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+    `Dataset`) is read at the shard's rows only; a stream (no fingerprint) is read through, each shard on
+    disk checked against its rows' ids (every rank checks all, so all raise alike); `read` gets its row count."""
+    if _indexable(data):
         n = len(data)
         for k in range(rank, -(-n // size), world):
             if k not in done:
                 yield k, [_row(data[i], i) for i in range(k * size, min(n, (k + 1) * size))]
         return
-    it, k = iter(data), 0
+    it, k, n = iter(data), 0, 0
     while chunk := list(islice(it, size)):
-        if k % world == rank and k not in done:
-            yield k, [_row(x, k * size + i) for i, x in enumerate(chunk)]
-        k += 1
+        rows = [_row(x, n + i) for i, x in enumerate(chunk)]
+        if k in done:
+            _check_same_ids(out, k, [r[0] for r in rows])
+        elif k % world == rank:
+            yield k, rows
+        k, n = k + 1, n + len(chunk)
+    read.append(n)
+
+
+def _check_same_ids(out: Path, k: int, ids: list[str]) -> None:
+    """A stream has no fingerprint: a shard written earlier is reused only for rows of the same ids."""
+    import pyarrow.parquet as pq
+
+    held = pq.read_table(out / shard_name(k), columns=["id"]).column("id").to_pylist()
+    if held != ids:
+        first = next((i for i, (a, b) in enumerate(zip(held, ids)) if a != b), min(len(held), len(ids)))
+        raise ConfigError(f"{out / shard_name(k)} holds other rows than the input's: its {len(held)} ids differ "
+                          f"from the input's {len(ids)} at position {first} ({held[first:first + 2]} vs "
+                          f"{ids[first:first + 2]}): write to a new directory to embed these rows")  # fmt: skip
 
 
 def _write_shard(path: Path, ids: list[str], vectors: np.ndarray) -> None:
@@ -173,10 +205,17 @@ def _finish(out: Path, manifest: dict[str, Any], expected_rows: int | None) -> d
             raise RuntimeError(f"{out}: shard {shard_name(k)} is missing or short ({s}); rerun to fill it in")
     rows = sum(s["rows"] for s in shards)
     if expected_rows is not None and rows != expected_rows:
-        raise RuntimeError(f"{out}: shards hold {rows} rows but the input has {expected_rows}")
+        raise ConfigError(f"{out}: shards hold {rows} rows but the input has {expected_rows}: other rows than this "
+                          "folder's embedding; write to a new directory to embed them")  # fmt: skip
     manifest.update(complete=True, rows=rows, shards=shards)
     _write_json(out / MANIFEST, manifest)
     return manifest
+
+
+def _log_reused(out: Path, manifest: dict[str, Any], checked: str) -> None:
+    """A warning: returning vectors computed earlier must not pass unseen in a notebook."""
+    log.warning("%s already holds a complete embedding of %d rows (%s): nothing to do; reusing it. Write to a new "
+                "directory to embed again", out, manifest["rows"], checked)  # fmt: skip
 
 
 def embed_to_shards(
@@ -204,10 +243,16 @@ def embed_to_shards(
     shard k is on disk. `precision` as in `fusionkit.precision.choose_precision`; `on_error` as in `embed`
     (a skipped row keeps its place, with NaN as its vector).
     """
+    from .data.errors import check_policy
+
+    # every argument is checked before the manifest is written: it records them, and a rerun must match it
     if shard_size < 1:
         raise ConfigError(f"shard_size must be positive, got {shard_size}")
     if modality not in MODALITIES:
         raise ConfigError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    check_batch_size(batch_size)
+    check_policy(on_error)
+    model = as_fusion_model(model, "embed_to_shards")
     out = Path(output_dir)
     data = _as_rows(data)
     own_group = not D.is_distributed()
@@ -223,28 +268,26 @@ def embed_to_shards(
                     "data": data_fingerprint(data) if rank == 0 else None}  # fmt: skip
         manifest = _start(out, settings, rank)
         gone = [s["file"] for s in manifest.get("shards", []) if not (out / s["file"]).is_file()]
-        if manifest["complete"] and not gone:
-            # a warning: returning vectors computed earlier must not pass unseen in a notebook
-            checked = "the same model, settings and rows" if settings["data"] else (
-                "the same model and settings; rows given as a stream or a datasets.Dataset cannot be checked")  # fmt: skip
+        reused = manifest["complete"] and not gone
+        if reused and manifest["data"]:
             if rank == 0:
-                log.warning("%s already holds a complete embedding of %d rows (%s): nothing to do; reusing it. "
-                            "Write to a new directory to embed again", out, manifest["rows"], checked)  # fmt: skip
+                _log_reused(out, manifest, "the same model, settings and rows")
             return manifest
+        # (a stream has no fingerprint: its ids are checked against the shards as it is read through below)
         if gone and rank == 0:
             log.warning("%s: %d shard(s) listed as done are gone (%s): embedding them again", out, len(gone),
                         ", ".join(gone[:3]))  # fmt: skip
         done_before = any(out.glob("shard-*.parquet"))
-        if done_before and manifest.get("data") is None and rank == 0:
-            log.warning("%s: resuming over shards written earlier; rows given as a stream or a datasets.Dataset "
-                        "have no fingerprint, so edited rows cannot be told apart: if the data changed, write to "
-                        "a new directory", out)  # fmt: skip
+        if done_before and not reused and manifest.get("data") is None and rank == 0:
+            log.warning("%s: resuming over shards written earlier; rows given as a stream have no fingerprint, "
+                        "only their ids are checked: if captions or images changed, write to a new directory", out)  # fmt: skip
         if rank == 0:
             log.info("embedding into %s on %d process(es), %s", out, world, chosen.reason)
         done = {int(f.stem.partition("-")[2]) for f in out.glob("shard-*.parquet")}
         start, rows = time.perf_counter(), 0
         bar = tqdm(desc="embed", unit="rows", disable=not (progress and rank == 0))
-        for k, shard in _own_shards(data, shard_size, rank, world, done):
+        read: list[int] = []  # a stream's row count, once read through
+        for k, shard in _own_shards(data, shard_size, rank, world, done, out, read):
             ids, texts, images = zip(*shard)
             with chosen.autocast(model.device.type):
                 vectors = embed(model, texts if modality != "image" else None,
@@ -261,8 +304,11 @@ def embed_to_shards(
                  rank, rows, time.perf_counter() - start, len(done))  # fmt: skip
         D.barrier()
         if rank == 0:
-            expected = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+            expected = len(data) if _indexable(data) else read[0]  # type: ignore[arg-type]
             manifest = _finish(out, manifest, expected)
+            if reused:
+                _log_reused(out, manifest, "the same model and settings, and a stream of the same ids: edited "
+                            "captions or images cannot be told apart")  # fmt: skip
         D.barrier()
         return json.loads((out / MANIFEST).read_text())
     finally:
@@ -285,6 +331,11 @@ def read_embeddings(output_dir: str | Path) -> tuple[list[str], np.ndarray]:
                            "again to finish it, or write to a new directory")
     ids: list[str] = []
     parts: list[np.ndarray] = []
+    gone = [s["file"] for s in manifest["shards"] if not (out / s["file"]).is_file()]
+    if gone:
+        raise FileNotFoundError(f"{out}: {len(gone)} shard(s) of this embedding are gone ({', '.join(gone[:3])}): "
+                                "run embed_to_shards (or `fusionkit embed`) into this folder again with the same "
+                                "model, data and settings to recompute them; the other shards are kept")  # fmt: skip
     for shard in manifest["shards"]:
         table = pq.read_table(out / shard["file"])
         ids += table.column("id").to_pylist()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import numbers
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .models import FusionModel
 from .models.fusion import masked_mean
-from .processor import FusionProcessor
+from .processor import FusionProcessor, missing_caption
 
 log = logging.getLogger("fusionkit")
 MODALITIES = ("joint", "text", "image")
@@ -86,6 +86,22 @@ def _column(x: Any, name: str) -> Iterable[Any]:
     return (row[name] for row in x) if _is_hf_dataset(x) else x
 
 
+def column_ids(x: Any) -> Iterator[str]:
+    """A table's `id` column as `load_dataset` reads it (`row_id`: 100.0 -> "100", a missing id -> its row
+    number), so `embed`, `embed_to_shards` and `fusionkit embed` name a DataFrame's rows alike."""
+    from .data.sources.rows import row_id
+
+    return (row_id(v, n) for n, v in enumerate(_column(x, "id")))
+
+
+def refuse_columns(data: Any, where: str) -> None:
+    """A dict of columns is not rows: iterating it would embed the column NAMES as captions."""
+    if isinstance(data, Mapping):
+        raise TypeError(f"{where}() takes rows (a list, a DataFrame, a dataset), not a dict of columns "
+                        f"({list(data)[:5]}): pass pandas.DataFrame(columns), whose 'text', 'image' and 'id' "
+                        "columns are read")  # fmt: skip
+
+
 def default_modality(rows: Iterable[Any]) -> str:
     """The vectors asked of rows (`Example`s) when no modality is named, by the rule `embed(model, texts)`
     follows: "text" when no row has an image, "image" when none has a caption, else "joint". So a
@@ -121,14 +137,24 @@ def _unpack_dataset(
             raise ValueError(f"embed({kind}) reads its 'text', 'image' and 'id' columns; it has {cols}. Rename "
                              "yours (Dataset.rename_columns / DataFrame.rename), or pass the columns: "
                              "embed(model, texts=list(ds['caption']), images=list(ds['photo']))")  # fmt: skip
+        # a DataFrame column with no value is no column (`default_modality`, as load_dataset(...) -> embed reads it);
+        # both empty: kept, every row then fails as it does through load_dataset
+        empty = [c for c in ("text", "image") if modalities is None and images is None and _is_dataframe(ds)
+                 and c in cols and all(missing_caption(v) for v in ds[c])]  # fmt: skip
+        if len(empty) == 1:
+            cols.remove(empty[0])
+
+        def absent(side: str) -> str:
+            return f"its {side!r} column is empty in every row" if side in empty else f"no {side!r} column (it has {cols})"
+
         if images is None and "image" in cols:
             images = _column(ds, "image")
         elif images is None:
-            log.warning("embed(%s): no 'image' column (it has %s): text vectors only", kind, cols)
+            log.warning("embed(%s): %s: text vectors only", kind, absent("image"))
         if ids is None and "id" in cols:
-            ids = _column(ds, "id")
+            ids = column_ids(ds)
         if "text" not in cols:
-            log.warning("embed(%s): no 'text' column (it has %s): image vectors only", kind, cols)
+            log.warning("embed(%s): %s: image vectors only", kind, absent("text"))
         return (_column(ds, "text") if "text" in cols else None), images, ids
     if _is_hf_dataset(images):
         return texts, _column(images, "image"), ids
@@ -230,6 +256,7 @@ def embed(
     check_batch_size(batch_size)
     if isinstance(texts, str):
         raise TypeError("texts must be a list of strings, not a single string")
+    refuse_columns(texts, "embed")
     want_ids = return_ids or ids is not None
     texts, images, ids = _unpack_dataset(texts, images, ids, modalities)
     # one image where a column of them belongs (a column may be a Series or a 1-D array of paths: an image array has 2+)

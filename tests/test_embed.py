@@ -273,3 +273,28 @@ def test_cli_and_python_give_the_same_vectors_for_a_one_sided_file(tmp_path: Pat
     np.testing.assert_allclose(embed(model, read, precision="fp32"), python, atol=1e-5)  # the rule for datasets too
     assert main([*argv, "--modality", "joint"]) == 0  # asked for: joint vectors, the absent side a placeholder
     assert not np.allclose(np.load(tmp_path / "v.npy"), python, atol=1e-3)
+
+
+def test_a_dict_of_columns_is_refused_not_embedded_as_its_column_names(pairs) -> None:
+    _, texts, images = pairs
+    with pytest.raises(TypeError, match=r"not a dict of columns \(\['text', 'image', 'id'\]\).*DataFrame"):
+        embed(create_model("tiny"), {"text": texts[:3], "image": images[:3], "id": ["a", "b", "c"]}, return_ids=True)
+
+
+def test_a_dataframe_gets_the_ids_and_default_modality_load_dataset_gives(pairs) -> None:
+    """Float ids (an int column with a gap) read "100", a missing one its row number, as `load_dataset` reads
+    them (not "100.0" / "None"); an image column empty in every row gives text vectors, as its CSV does."""
+    import pandas as pd
+
+    from fusionkit import load_dataset
+
+    _, texts, _ = pairs
+    model = create_model("tiny")
+    frame = pd.DataFrame({"id": [100, None, 300], "text": texts[:3], "image": [None, float("nan"), ""]})
+    vectors, ids = embed(model, frame, return_ids=True)
+    read = load_dataset(frame, missing_image="keep")
+    assert ids == read.ids == ["100", "1", "300"]
+    np.testing.assert_allclose(vectors, embed(model, texts[:3]), atol=1e-6)  # text vectors, not joint
+    np.testing.assert_allclose(vectors, embed(model, read), atol=1e-6)
+    joint = embed(model, frame, modalities="joint")  # asked for: joint, the image a placeholder
+    assert not np.allclose(joint, vectors, atol=1e-3)

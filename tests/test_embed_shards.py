@@ -219,3 +219,39 @@ def test_other_rows_given_as_a_list_are_refused_not_answered_with_old_vectors(
     np.testing.assert_array_equal(read_embeddings(tmp_path / "frame")[1], read_embeddings(tmp_path / "listed")[1])
     with pytest.raises(TypeError, match="not a dict of columns"):
         shards(model, {"id": ["a"], "text": ["b"], "image": [None]}, tmp_path / "columns")
+
+
+def test_other_rows_as_a_datasets_dataset_or_a_stream_are_refused(tmp_path: Path, model: FusionModel, data) -> None:
+    """Rows with no content hash of their own used to get the folder's old vectors back (a warning only)."""
+    hf = data.to_hf()
+    shards(model, hf, tmp_path / "hf")
+    with pytest.raises(ConfigError, match="data="):  # an in-memory Dataset is hashed by its rows
+        shards(model, hf.select(range(N // 2)), tmp_path / "hf")
+    assert read_embeddings(tmp_path / "hf")[0] == data.ids  # kept as it was
+    stream = tmp_path / "stream"
+    shards(model, (ex for ex in data), stream)
+    shards(model, (ex for ex in data), stream)  # the same stream again: reused
+    with pytest.raises(ConfigError, match="shards hold 14 rows but the input has 8"):  # its first 2 shards
+        shards(model, (ex for ex in data.subset(range(2 * SHARD))), stream)
+    with pytest.raises(ConfigError, match=r"shard-00001.parquet holds other rows than the input's"):
+        shards(model, (ex for ex in data.subset(range(N // 2))), stream)
+    with pytest.raises(ConfigError, match="holds other rows than the input's"):
+        shards(model, (ex for ex in data.subset(list(range(N))[::-1])), stream)
+    assert read_embeddings(stream)[0] == data.ids
+
+
+def test_a_dataframe_gets_the_reader_ids_and_bad_arguments_write_nothing(tmp_path: Path, model: FusionModel, data) -> None:
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({"id": [100, None, 300], "text": [ex.text for ex in data][:3], "image": [None] * 3})
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        embed_to_shards(model, frame, tmp_path / "sb", batch_size=0, progress=False)
+    assert not (tmp_path / "sb").exists()  # no manifest recording batch_size=0 to block the corrected call
+    shards(model, frame, tmp_path / "sb", modality="text")
+    assert read_embeddings(tmp_path / "sb")[0] == ["100", "1", "300"]  # as load_dataset(frame).ids
+
+
+def test_reading_a_folder_with_a_deleted_shard_names_it(tmp_path: Path, model: FusionModel, data) -> None:
+    shards(model, data, tmp_path / "out")
+    (tmp_path / "out" / "shard-00002.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match=r"shard-00002.parquet\): run embed_to_shards .* again"):
+        read_embeddings(tmp_path / "out")

@@ -236,7 +236,27 @@ class FusionModel(nn.Module):
             raise ValueError(
                 f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
             )
+        self._check_token_ids(input_ids)
         return attention_mask
+
+    def _check_token_ids(self, input_ids: torch.Tensor) -> None:
+        """The encoder's own failures name neither limit ("expanded size ... (512)", a bare IndexError). The ids'
+        values are checked on CPU only (elsewhere a sync per batch); nothing is checked while tracing or compiling."""
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():  # no guards on the shapes of an exported graph
+            return
+        config = self.text_encoder.model.config
+        limit, vocab = getattr(config, "max_position_embeddings", None), config.vocab_size
+        if limit is not None and input_ids.shape[1] > limit:
+            raise ValueError(f"input_ids has {input_ids.shape[1]} tokens, more than the {limit} positions of this "
+                             f"model's text encoder: truncate them (FusionProcessor and model.tokenizer(texts, "
+                             f"truncation=True, max_length={self.config.text.max_length}) do)")  # fmt: skip
+        if input_ids.device.type != "cpu" or not input_ids.numel():
+            return
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab:
+            raise ValueError(f"input_ids holds token id {low if low < 0 else high}, outside this model's vocabulary "
+                             f"of {vocab} (ids 0..{vocab - 1}): tokenize with this model's own tokenizer "
+                             "(model.tokenizer or FusionProcessor.from_model(model))")  # fmt: skip
 
     def _check_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The pixels as the image encoder takes them: [B, 3, H, W] at its size, in its dtype (a model cast

@@ -43,6 +43,23 @@ def test_round_trip_is_exact(tmp_path, strategy):
     assert loaded.tokenizer("a lovely day")["input_ids"] == model.tokenizer("a lovely day")["input_ids"]
 
 
+def test_a_bf16_saved_model_reloads_as_float32_unless_dtype_says_otherwise(tmp_path, caplog):
+    """As transformers: `dtype="auto"` keeps the saved dtype and a torch dtype casts; the default stays float32
+    (bf16 is ~500x slower on CPUs without AMX) and says so, instead of silently changing the weights' type."""
+    model = create_model("tiny", tasks=TASKS[:1]).eval().to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "m")
+    with caplog.at_level(logging.INFO, logger="fusionkit"):
+        default = FusionModel.from_pretrained(tmp_path / "m")
+    assert {p.dtype for p in default.parameters()} == {torch.float32} and "dtype='auto'" in caplog.text
+    kept = FusionModel.from_pretrained(tmp_path / "m", dtype="auto")
+    assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), kept.state_dict().values()))
+    assert {p.dtype for p in FusionModel.from_pretrained(tmp_path / "m", dtype=torch.float16).parameters()} == {
+        torch.float16}
+    with pytest.raises(TypeError, match="dtype must be"):
+        FusionModel.from_pretrained(tmp_path / "m", dtype="bf16")
+
+
 @pytest.mark.parametrize("freeze", ["none", "top_k"])
 def test_the_saved_config_is_checked_before_loading_whatever_the_freeze(tmp_path, freeze):
     """from_pretrained builds the saved config on the meta device to compare shapes first; the encoders' own

@@ -628,10 +628,16 @@ class FusionModel(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> FusionModel:
+    def from_pretrained(
+        cls, directory: str | Path, map_location: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+    ) -> FusionModel:
         """Rebuild from `save_pretrained` output, a run directory holding one, or a hub id ("org/name").
 
-        Returned in eval mode (no dropout), as transformers does: `.train()` before fine-tuning it."""
+        Returned in eval mode (no dropout), as transformers does: `.train()` before fine-tuning it.
+        `dtype`: float32 by default (bf16 matmuls are ~500x slower on CPUs without AMX), a torch dtype, or "auto" for
+        the dtype the weights were saved in (as transformers' `dtype="auto"`)."""
+        if not (dtype is None or dtype == "auto" or (isinstance(dtype, torch.dtype) and dtype.is_floating_point)):
+            raise TypeError(f"dtype must be a floating torch dtype (torch.bfloat16), 'auto' or None, got {dtype!r}")
         directory, meta, config = cls._saved_config(directory)
         if not (directory / "text_encoder").is_dir():  # transformers would read the path as a hub id
             raise FileNotFoundError(f"{directory} has no text_encoder/ folder (the text encoder's config and "
@@ -651,7 +657,13 @@ class FusionModel(nn.Module):
         model = build()
         model.load_weights(directory / WEIGHTS_NAME)
         model.trained_without = tuple(meta.get("trained_without", ()))
-        return model.to(map_location).eval()
+        saved = _saved_float_dtype(directory / WEIGHTS_NAME)
+        if dtype == "auto":
+            dtype = saved
+        elif dtype is None and saved not in (None, torch.float32):
+            log.info("%s holds %s weights; they are loaded as float32 (from_pretrained(dtype='auto') keeps %s)",
+                     directory, saved, saved)  # fmt: skip
+        return model.to(device=map_location, dtype=dtype).eval()
 
     @classmethod
     def read_config(cls, directory: str | Path) -> ModelConfig:
@@ -861,6 +873,18 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f"{file} is not a readable safetensors file ({e}); it may be truncated or corrupt") from e
     return state
+
+
+def _saved_float_dtype(weights: Path) -> torch.dtype | None:
+    """The floating dtype of a safetensors checkpoint's tensors (its header only; None: none, or mixed)."""
+    from safetensors import safe_open
+
+    names = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+    found = set()
+    for file in _weight_files(weights):
+        with safe_open(str(file), "pt") as f:
+            found |= {names[f.get_slice(k).get_dtype()] for k in f.keys() if f.get_slice(k).get_dtype() in names}
+    return found.pop() if len(found) == 1 else None
 
 
 def check_saved_shapes(weights: Path, build: Callable[[], nn.Module]) -> None:

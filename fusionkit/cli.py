@@ -62,6 +62,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _folder(text: str) -> str:
+    """argparse type: a folder that exists (a typo would otherwise fail on every row's image)."""
+    if not Path(text).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a folder")
+    return str(Path(text).expanduser())
+
+
 def _torch_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -109,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: the run's data.on_error)")  # fmt: skip
         for col in ("text", "image", "id"):
             sp.add_argument(f"--{col}-column", help=f"column of the {col}s in --data (default: the run's data.{col}_column)")
+        sp.add_argument("--image-root", type=_folder, metavar="DIR",
+                        help="folder that relative image paths are read from (default: the folder of a --data "
+                        "file; of the run's own data, the run's data.image_root)")  # fmt: skip
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on a split or a labelled file")
     data_args(e, "val")
@@ -326,7 +336,9 @@ def _check_unseen(checkpoint: str, ids: list[str], split: str, first: str, ensem
 
 
 def _run_data_config(args: argparse.Namespace) -> tuple[Any, Path | None]:
-    """The run's `data` config (columns, policies, dataset) when the checkpoint is in a run dir, and that dir."""
+    """The run's `data` config (columns, policies, dataset) when the checkpoint is in a run dir, and that dir,
+    with the command line's choices. The run's `data.image_root` is where its own data's images are: another
+    `--data` file's relative paths are read from that file's folder (or `--image-root`), never from it."""
     import dataclasses
 
     from .config import from_dict
@@ -344,6 +356,9 @@ def _run_data_config(args: argparse.Namespace) -> tuple[Any, Path | None]:
         data = dataclasses.replace(data, cache_dir=args.cache_dir)
     if args.on_error:
         data = dataclasses.replace(data, on_error=args.on_error)
+    own = args.data is None or (run_dir is not None and _same_file(Path(args.data), Path(data.dataset)))
+    if args.image_root is not None or not own:
+        data = dataclasses.replace(data, image_root=args.image_root)
     return data, run_dir
 
 

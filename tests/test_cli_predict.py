@@ -1,0 +1,76 @@
+"""`fusionkit predict | eval` on files other than the run's own: where their images are read from, the
+checks on its held-out rows and its ensemble members, and what the commands say."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fusionkit.cli import main
+
+NAMES = ("positive", "neutral", "negative")
+QUIET = ["--run.progress", "false", "--run.plots", "false"]
+
+
+@pytest.fixture(scope="module")
+def csv_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run trained on tables/posts.csv whose image paths are relative to data/ (`--data.image_root data`)."""
+    from fusionkit.data import make_synthetic
+
+    tmp = tmp_path_factory.mktemp("pred")
+    (tmp / "tables").mkdir()
+    (tmp / "data" / "pics").mkdir(parents=True)
+    with open(tmp / "tables" / "posts.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "text", "image", "sentiment"])
+        for ex in make_synthetic(40, seed=1, image_size=32):
+            ex.image.save(tmp / "data" / "pics" / f"{ex.id}.png")
+            writer.writerow([ex.id, ex.text, f"pics/{ex.id}.png", ex.labels["sentiment"]])
+    argv = ["train", "--data.dataset", str(tmp / "tables" / "posts.csv"), "--data.image_root", str(tmp / "data"),
+            "--data.cache_dir", str(tmp / "cache"), "--optim.epochs", "1", "--run.output_dir", str(tmp / "runs"),
+            "--run.name", "r", *QUIET]  # fmt: skip
+    assert main(argv) == 0
+    return tmp / "runs" / "r"
+
+
+def _probs(path: Path) -> np.ndarray:
+    return np.array([[float(r[f"sentiment_prob_{c}"]) for c in NAMES] for r in csv.DictReader(path.open())])
+
+
+def test_a_new_files_image_paths_are_read_from_its_own_folder_not_the_runs_image_root(
+    csv_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The run's data.image_root is where its own rows' images are; a --data file's relative paths are read
+    from that file's folder (or --image-root), even where the run's folder has an image of the same name."""
+    tmp = csv_run.parent.parent
+    Image.new("RGB", (32, 32), (220, 20, 20)).save(tmp / "data" / "pics" / "n0.png")  # the run's: red
+    (tmp_path / "batch2" / "pics").mkdir(parents=True)
+    blue = tmp_path / "batch2" / "pics" / "n0.png"
+    Image.new("RGB", (32, 32), (20, 20, 220)).save(blue)
+    cache = ["--cache-dir", str(tmp / "cache")]
+
+    def predict(rows: str, *extra: str, name: str = "new.csv") -> np.ndarray:
+        table, out = tmp_path / "batch2" / name, tmp_path / f"{name}.preds.csv"
+        table.write_text("id,text,image\n" + rows)
+        assert main(["predict", str(csv_run), "--data", str(table), "--output", str(out), *cache, *extra]) == 0
+        return _probs(out)
+
+    as_blue = predict(f"B0,item,{blue}\n", name="abs_blue.csv")
+    as_red = predict(f"B0,item,{tmp / 'data' / 'pics' / 'n0.png'}\n", name="abs_red.csv")
+    assert not np.allclose(as_blue, as_red, atol=1e-4)  # the model tells the two images apart
+    np.testing.assert_allclose(predict("B0,item,pics/n0.png\n"), as_blue, atol=1e-6)
+    # --image-root names the folder; the run's own split is still read with the run's image_root
+    np.testing.assert_allclose(predict("B0,item,pics/n0.png\n", "--image-root", str(tmp / "data"), name="r.csv"),
+                               as_red, atol=1e-6)  # fmt: skip
+    broken = tmp_path / "batch2" / "broken.csv"
+    broken.write_text("id,text,image\nB1,item,pics/n1.png\n")
+    assert main(["predict", str(csv_run), "--data", str(broken), "--output", str(tmp_path / "b.csv"), *cache]) == 1
+    assert f"relative paths are read from {blue.parent.parent}, the table file's own folder" in capsys.readouterr().err
+    assert main(["predict", str(csv_run), "--output", str(tmp_path / "test.csv"), *cache]) == 0
+    test = json.loads((csv_run / "split.json").read_text())["test"]
+    assert [r["id"] for r in csv.DictReader((tmp_path / "test.csv").open())] == test

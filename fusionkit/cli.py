@@ -315,8 +315,11 @@ def _check_unseen(checkpoint: str, ids: list[str], split: str, first: str, ensem
     """A model must not be scored or predicted on a held-out split's rows that it trained on (another run's
     split file; ensemble seeds trained on different splits): the result would be inflated."""
     run_dir = _run_dir_of(checkpoint)
-    if run_dir is None:
-        return  # a bare model folder: its training rows are unknown
+    if run_dir is None:  # a folder of save_pretrained: no split.json says which rows it trained on
+        log.warning("%s%s is a model folder, not a run dir: the rows it trained on are unknown, so if they include "
+                    "some of the %d %s rows used here, the score is inflated", "--ensemble: " if ensemble else "",
+                    checkpoint, len(ids), split)  # fmt: skip
+        return
     seen = set(json.loads((run_dir / "split.json").read_text()).get("train", []))
     overlap = [i for i in ids if i in seen]
     if overlap and not ensemble:
@@ -548,12 +551,13 @@ def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         if schemas[checkpoint] != schemas[args.checkpoint]:
             raise ConfigError(f"--ensemble: {checkpoint} has other tasks or classes than {args.checkpoint} "
                               f"({schemas[checkpoint]} vs {schemas[args.checkpoint]}); ensemble models of one task set")  # fmt: skip
-    for checkpoint in members:
+    for i, checkpoint in enumerate(members):
         model = FusionModel.from_pretrained(checkpoint, map_location=resolve_device(args.device))
         first = first or model
-        ds, data = _split(args, model, with_labels=args.command == "eval", member=model is not first)  # same rows
-        if args.split not in ("all", "train"):  # the train split: fit on rows it trained on, as asked
-            _check_unseen(checkpoint, ds.ids, args.split, args.checkpoint, ensemble=len(members) > 1)
+        ds, data = _split(args, model, with_labels=args.command == "eval", member=i > 0)  # same rows
+        if i == 0 and args.split not in ("all", "train"):  # the train split: fit on rows it trained on, as asked
+            for member in dict.fromkeys(members):  # every member, before any of them runs
+                _check_unseen(member, ds.ids, args.split, args.checkpoint, ensemble=len(members) > 1)
         if len(members) > 1 and model.feature_splits is not None:
             loader, transform = _feature_loader(model, data, args.batch_size), None
         else:

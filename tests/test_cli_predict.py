@@ -74,3 +74,32 @@ def test_a_new_files_image_paths_are_read_from_its_own_folder_not_the_runs_image
     assert main(["predict", str(csv_run), "--output", str(tmp_path / "test.csv"), *cache]) == 0
     test = json.loads((csv_run / "split.json").read_text())["test"]
     assert [r["id"] for r in csv.DictReader((tmp_path / "test.csv").open())] == test
+
+
+def test_every_ensemble_member_is_checked_before_any_runs_and_a_bare_model_folder_is_named(
+    csv_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """A member that trained on the scored rows is refused before any member's inference; a member saved by
+    save_pretrained has no split.json, so its training rows are unknown: said, naming it."""
+    import fusionkit.training.inference as inference
+    from fusionkit.models import FusionModel
+
+    tmp = csv_run.parent.parent
+    argv = ["train", "--data.dataset", str(tmp / "tables" / "posts.csv"), "--data.image_root", str(tmp / "data"),
+            "--data.cache_dir", str(tmp / "cache"), "--optim.epochs", "1", "--run.output_dir", str(tmp_path),
+            "--run.name", "resplit", "--data.split_seed", "5", *QUIET]  # fmt: skip
+    assert main(argv) == 0
+    runs: list[object] = []
+    real = inference.run_inference
+    monkeypatch.setattr(inference, "run_inference", lambda *a, **k: runs.append(a) or real(*a, **k))
+    cache = ["--cache-dir", str(tmp / "cache")]
+    out = tmp_path / "m.json"
+    assert main(["eval", str(csv_run), "--ensemble", str(tmp_path / "resplit"), "--output", str(out), *cache]) == 2
+    assert "resplit was trained on" in capsys.readouterr().err and not runs and not out.exists()
+    bare = tmp_path / "bare"
+    FusionModel.from_pretrained(csv_run).save_pretrained(bare)
+    with caplog.at_level("WARNING", logger="fusionkit"):
+        assert main(["eval", str(csv_run), "--ensemble", str(bare), "--output", str(out), *cache]) == 0
+    assert f"--ensemble: {bare} is a model folder, not a run dir: the rows it trained on are unknown" in caplog.text
+    assert "the score is inflated" in caplog.text and len(runs) == 2

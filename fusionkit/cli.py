@@ -394,7 +394,8 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
     split = args.split or ("all" if args.data else {"eval": "val", "embed": "all"}.get(args.command, "test"))
     if args.data is None and not str(source).startswith("synthetic") and not Path(source).exists():
         raise FileNotFoundError(f"{source}, the data {args.checkpoint} trained on, is not there any more: if it moved, "
-                                f"pass --data NEW_PATH --split {split} (the run's split.json names its rows)")  # fmt: skip
+                                f"pass --data NEW_PATH --split {split} (the run's split.json names its rows; their content is "
+                                "checked against the run's)")  # fmt: skip
     trained = data  # the policies training read the rows with
     kept = set(model.trained_without)  # the sides some of its training rows lacked
     if not with_labels or args.data is not None:  # a row without a caption or an image is predicted (and, in
@@ -444,11 +445,10 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
             read_pool = functools.partial(read, cfg, True, on_error, named)
         else:
             read_pool = functools.partial(read, data, False, data.on_error, named)
-        own_file = args.data is None or (run_dir is not None and _same_file(Path(args.data), Path(data.dataset)))
-        if own_file and args.split_file is None and run_dir is not None and not member:
-            # its own split of its own file (another file's rows are not the ones it held out); once, for the
-            # first model: another member binds the labels to its own class order. predict reads no labels:
-            # the split is read again with them, as training fingerprinted it
+        if args.split_file is None and run_dir is not None and not member:
+            # its own split (of its own file, or of --data: a moved copy must hold the rows it held out, not
+            # edited ones); once, for the first model: another member binds the labels to its own class order.
+            # predict reads no labels: the split is read again with them, as training fingerprinted it
             held = ds if with_labels else None
             if held is None:
                 with contextlib.suppress(DataError, ConfigError):  # label columns gone: nothing to compare with

@@ -103,3 +103,29 @@ def test_every_ensemble_member_is_checked_before_any_runs_and_a_bare_model_folde
         assert main(["eval", str(csv_run), "--ensemble", str(bare), "--output", str(out), *cache]) == 0
     assert f"--ensemble: {bare} is a model folder, not a run dir: the rows it trained on are unknown" in caplog.text
     assert "the score is inflated" in caplog.text and len(runs) == 2
+
+
+def test_scoring_the_runs_split_of_a_moved_file_checks_its_content(
+    csv_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--data NEW_PATH --split test` (what the error for a moved dataset says to do) scores the run's held-out
+    rows only if they are the rows it held out: an edited label is refused, as in the run's own file."""
+    tmp = csv_run.parent.parent
+    test = json.loads((csv_run / "split.json").read_text())["test"]
+    rows = list(csv.reader((tmp / "tables" / "posts.csv").open()))
+    moved = tmp / "data" / "moved.csv"  # beside the images its paths name
+    cache = ["--cache-dir", str(tmp / "cache")]
+    argv = ["eval", str(csv_run), "--data", str(moved), "--split", "test", *cache]
+
+    def write(table: list[list[str]]) -> None:
+        with open(moved, "w", newline="") as f:
+            csv.writer(f).writerows(table)
+
+    write(rows)
+    assert main(argv) == 0  # the same rows: scored
+    edited = [[*r[:3], next(c for c in NAMES if c != r[3])] if r[0] == test[0] else r for r in rows]
+    write(edited)
+    capsys.readouterr()
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "the test split of" in err and "changed content" in err and "--split all" in err

@@ -546,9 +546,9 @@ def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
     results, first = [], None
     members = _ensemble_members(args)
-    schemas = {c: {t.name: sorted(t.class_names or []) for t in FusionModel.read_config(c).tasks} for c in members}
-    for checkpoint in members[1:]:  # before any model or data is read
-        if schemas[checkpoint] != schemas[args.checkpoint]:
+    schemas = {c: {t.name: t.class_names or [] for t in FusionModel.read_config(c).tasks} for c in members}
+    for checkpoint in members[1:]:  # before any model or data is read; classes are matched by name, in any order
+        if {k: sorted(v) for k, v in schemas[checkpoint].items()} != {k: sorted(v) for k, v in schemas[args.checkpoint].items()}:
             raise ConfigError(f"--ensemble: {checkpoint} has other tasks or classes than {args.checkpoint} "
                               f"({schemas[checkpoint]} vs {schemas[args.checkpoint]}); ensemble models of one task set")  # fmt: skip
     for i, checkpoint in enumerate(members):
@@ -756,8 +756,11 @@ def _check_output(args: argparse.Namespace) -> None:
             raise ConfigError(f"--output {out} is inside the cache folder {store}; write somewhere else")
         owner = _owner(target)
         if owner is not None:
-            raise ConfigError(f"--output {out} would overwrite a file of the run or model in {owner}; write "
-                              "somewhere else (a new file beside a run's own files is fine)")  # fmt: skip
+            kind, folder = ("run", "run dir") if (owner / "split.json").is_file() else ("model", "model folder")
+            where = (f"would overwrite a file of the {kind} in {owner}" if target.exists() else
+                     f"is inside the {folder} {owner} (its files are the {kind}'s own)")  # fmt: skip
+            raise ConfigError(f"--output {out} {where}; write somewhere else (a new file beside a run's own "
+                              "files is fine)")  # fmt: skip
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -129,3 +129,20 @@ def test_scoring_the_runs_split_of_a_moved_file_checks_its_content(
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "the test split of" in err and "changed content" in err and "--split all" in err
+
+
+def test_an_ensemble_of_other_classes_is_refused_naming_them_in_the_models_order(
+    csv_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tmp = csv_run.parent.parent
+    classes = ["positive", "neutral", "negative", "angry"]
+    argv = ["train", "--data.dataset", str(tmp / "tables" / "posts.csv"), "--data.image_root", str(tmp / "data"),
+            "--data.cache_dir", str(tmp / "cache"), "--optim.max_steps", "1", "--run.output_dir", str(tmp_path),
+            "--run.name", "more", "--model.tasks", json.dumps([{"name": "sentiment", "class_names": classes}]),
+            *QUIET]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["eval", str(csv_run), "--ensemble", str(tmp_path / "more")]) == 2
+    err = capsys.readouterr().err
+    assert "other tasks or classes" in err and str(classes) in err  # as the model lists them, not sorted
+

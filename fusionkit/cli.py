@@ -140,6 +140,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--text", help="one caption to predict (with --image, or alone)")
     pr.add_argument("--image", help="one image file to predict (with --text, or alone)")
     pr.add_argument("--output", help=".csv or .jsonl (required unless --text/--image)")
+    for sp in (e, pr):
+        sp.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (default: bars on a terminal, unless the run set run.progress: false)")  # fmt: skip
     em = sub.add_parser("embed", help="joint (or text/image) vectors for a dataset or CSV")
     data_args(em, "all")
     em.add_argument("--output", required=True, help=".npy, .parquet, or DIR/ for resumable Parquet shards")
@@ -338,6 +341,16 @@ def _check_unseen(checkpoint: str, ids: list[str], split: str, first: str, ensem
         )
 
 
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars of eval/predict: on a terminal only (a log file gets no carriage-return lines), and not
+    where they were turned off: --no-progress, or the run's run.progress: false."""
+    if getattr(args, "no_progress", False) or not sys.stderr.isatty():
+        return False
+    run_dir = _run_dir_of(args.checkpoint)
+    saved = json.loads((run_dir / "config.json").read_text()).get("run", {}) if run_dir is not None else {}
+    return saved.get("progress", True) is not False
+
+
 def _run_data_config(args: argparse.Namespace) -> tuple[Any, Path | None]:
     """The run's `data` config (columns, policies, dataset) when the checkpoint is in a run dir, and that dir,
     with the command line's choices. The run's `data.image_root` is where its own data's images are: another
@@ -489,7 +502,7 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
             pool = read_pool()
     cache = functools.partial(build_cache, tokenizer=model.tokenizer, image_preprocess=model.image_preprocess,
                               cache_dir=cache_root(data), max_length=model.config.text.max_length,
-                              on_error=data.on_error)  # fmt: skip
+                              on_error=data.on_error, progress=_progress(args))  # fmt: skip
     whole = None if pool is None else cache(pool, only_if_built=True)
     covered = whole is not None and set(ds.ids) <= {*whole.ids, *(row["item"] for row in whole.skipped)}
     if covered and (not args.ensemble or model.feature_splits is None or build_features(
@@ -559,11 +572,11 @@ def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
             for member in dict.fromkeys(members):  # every member, before any of them runs
                 _check_unseen(member, ds.ids, args.split, args.checkpoint, ensemble=len(members) > 1)
         if len(members) > 1 and model.feature_splits is not None:
-            loader, transform = _feature_loader(model, data, args.batch_size), None
+            loader, transform = _feature_loader(model, data, args.batch_size, _progress(args)), None
         else:
             loader, transform = inference_loader(model, data, args.batch_size)
         amp = choose_precision(args.precision, model.device).dtype  # what training's evaluation used here
-        result = run_inference(model, loader, transform, amp, desc=args.split)
+        result = run_inference(model, loader, transform, amp, desc=args.split, progress=_progress(args))
         align_classes(model, first, result["outputs"])  # classes matched by name: columns in the first's order
         results.append(result)
     assert first is not None
@@ -575,7 +588,7 @@ def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     return first, result
 
 
-def _feature_loader(model: Any, data: Any, batch_size: int) -> Any:
+def _feature_loader(model: Any, data: Any, batch_size: int, progress: bool = True) -> Any:
     """An ensemble member with frozen encoders (or frozen bottoms) reads their outputs from the feature cache,
     keyed by the encoders' weights: members that share encoders (seeds of a frozen recipe) run them once,
     and the stores a training run built for the same rows are reused, as its own evaluation read them."""
@@ -585,10 +598,10 @@ def _feature_loader(model: Any, data: Any, batch_size: int) -> Any:
     from .training.feature_cache import FeatureCollator, build_features
 
     if isinstance(data, SplitView):  # of training's cache of all splits, whose features `_split` found built
-        features: Any = SplitView(build_features(model, data.base, data.base.path.parent, batch_size), data.ids,
-                                  data.fingerprint)  # fmt: skip
+        features: Any = SplitView(build_features(model, data.base, data.base.path.parent, batch_size, progress),
+                                  data.ids, data.fingerprint)  # fmt: skip
     else:
-        features = build_features(model, data, data.path.parent, batch_size)
+        features = build_features(model, data, data.path.parent, batch_size, progress)
     collate = FeatureCollator(list(model.tasks.values()))
     return torch.utils.data.DataLoader(features, batch_size=batch_size, collate_fn=collate)
 

@@ -146,3 +146,30 @@ def test_an_ensemble_of_other_classes_is_refused_naming_them_in_the_models_order
     err = capsys.readouterr().err
     assert "other tasks or classes" in err and str(classes) in err  # as the model lists them, not sorted
 
+
+def test_progress_bars_only_on_a_terminal_and_not_where_turned_off(
+    csv_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bar's carriage returns fill a log file: bars are drawn on a terminal only, and not for a run trained
+    with run.progress: false, nor with --no-progress."""
+    import sys
+
+    from fusionkit.models import FusionModel
+
+    tmp = csv_run.parent.parent
+    bare = tmp_path / "bare"  # no run config: bars by default
+    FusionModel.from_pretrained(csv_run).save_pretrained(bare)
+    table = tmp / "data" / "two.csv"
+    table.write_text("id,text,image\nq0,one,pics/syn-000000.png\nq1,two,pics/syn-000001.png\n")
+
+    def bar(checkpoint: Path, *extra: str, tty: bool = True) -> bool:
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+        capsys.readouterr()
+        argv = ["predict", str(checkpoint), "--data", str(table), "--output", str(tmp_path / "p.csv"), *extra]
+        assert main([*argv, "--cache-dir", str(tmp / "cache")]) == 0
+        return "%|" in capsys.readouterr().err
+
+    assert bar(bare)
+    assert not bar(bare, tty=False)
+    assert not bar(bare, "--no-progress")
+    assert not bar(csv_run)  # trained with run.progress: false

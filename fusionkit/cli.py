@@ -62,6 +62,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _folder(text: str) -> str:
+    """argparse type: a folder that exists (a typo would otherwise fail on every row's image)."""
+    if not Path(text).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a folder")
+    return str(Path(text).expanduser())
+
+
 def _torch_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -109,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: the run's data.on_error)")  # fmt: skip
         for col in ("text", "image", "id"):
             sp.add_argument(f"--{col}-column", help=f"column of the {col}s in --data (default: the run's data.{col}_column)")
+        sp.add_argument("--image-root", type=_folder, metavar="DIR",
+                        help="folder that relative image paths are read from (default: the folder of a --data "
+                        "file; of the run's own data, the run's data.image_root)")  # fmt: skip
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on a split or a labelled file")
     data_args(e, "val")
@@ -130,6 +140,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--text", help="one caption to predict (with --image, or alone)")
     pr.add_argument("--image", help="one image file to predict (with --text, or alone)")
     pr.add_argument("--output", help=".csv or .jsonl (required unless --text/--image)")
+    for sp in (e, pr):
+        sp.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (default: bars on a terminal, unless the run set run.progress: false)")  # fmt: skip
     em = sub.add_parser("embed", help="joint (or text/image) vectors for a dataset or CSV")
     data_args(em, "all")
     em.add_argument("--output", required=True, help=".npy, .parquet, or DIR/ for resumable Parquet shards")
@@ -305,8 +318,11 @@ def _check_unseen(checkpoint: str, ids: list[str], split: str, first: str, ensem
     """A model must not be scored or predicted on a held-out split's rows that it trained on (another run's
     split file; ensemble seeds trained on different splits): the result would be inflated."""
     run_dir = _run_dir_of(checkpoint)
-    if run_dir is None:
-        return  # a bare model folder: its training rows are unknown
+    if run_dir is None:  # a folder of save_pretrained: no split.json says which rows it trained on
+        log.warning("%s%s is a model folder, not a run dir: the rows it trained on are unknown, so if they include "
+                    "some of the %d %s rows used here, the score is inflated", "--ensemble: " if ensemble else "",
+                    checkpoint, len(ids), split)  # fmt: skip
+        return
     seen = set(json.loads((run_dir / "split.json").read_text()).get("train", []))
     overlap = [i for i in ids if i in seen]
     if overlap and not ensemble:
@@ -325,8 +341,20 @@ def _check_unseen(checkpoint: str, ids: list[str], split: str, first: str, ensem
         )
 
 
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars of eval/predict: on a terminal only (a log file gets no carriage-return lines), and not
+    where they were turned off: --no-progress, or the run's run.progress: false."""
+    if getattr(args, "no_progress", False) or not sys.stderr.isatty():
+        return False
+    run_dir = _run_dir_of(args.checkpoint)
+    saved = json.loads((run_dir / "config.json").read_text()).get("run", {}) if run_dir is not None else {}
+    return saved.get("progress", True) is not False
+
+
 def _run_data_config(args: argparse.Namespace) -> tuple[Any, Path | None]:
-    """The run's `data` config (columns, policies, dataset) when the checkpoint is in a run dir, and that dir."""
+    """The run's `data` config (columns, policies, dataset) when the checkpoint is in a run dir, and that dir,
+    with the command line's choices. The run's `data.image_root` is where its own data's images are: another
+    `--data` file's relative paths are read from that file's folder (or `--image-root`), never from it."""
     import dataclasses
 
     from .config import from_dict
@@ -344,6 +372,9 @@ def _run_data_config(args: argparse.Namespace) -> tuple[Any, Path | None]:
         data = dataclasses.replace(data, cache_dir=args.cache_dir)
     if args.on_error:
         data = dataclasses.replace(data, on_error=args.on_error)
+    own = args.data is None or (run_dir is not None and _same_file(Path(args.data), Path(data.dataset)))
+    if args.image_root is not None or not own:
+        data = dataclasses.replace(data, image_root=args.image_root)
     return data, run_dir
 
 
@@ -376,7 +407,8 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
     split = args.split or ("all" if args.data else {"eval": "val", "embed": "all"}.get(args.command, "test"))
     if args.data is None and not str(source).startswith("synthetic") and not Path(source).exists():
         raise FileNotFoundError(f"{source}, the data {args.checkpoint} trained on, is not there any more: if it moved, "
-                                f"pass --data NEW_PATH --split {split} (the run's split.json names its rows)")  # fmt: skip
+                                f"pass --data NEW_PATH --split {split} (the run's split.json names its rows; their content is "
+                                "checked against the run's)")  # fmt: skip
     trained = data  # the policies training read the rows with
     kept = set(model.trained_without)  # the sides some of its training rows lacked
     if not with_labels or args.data is not None:  # a row without a caption or an image is predicted (and, in
@@ -426,11 +458,10 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
             read_pool = functools.partial(read, cfg, True, on_error, named)
         else:
             read_pool = functools.partial(read, data, False, data.on_error, named)
-        own_file = args.data is None or (run_dir is not None and _same_file(Path(args.data), Path(data.dataset)))
-        if own_file and args.split_file is None and run_dir is not None and not member:
-            # its own split of its own file (another file's rows are not the ones it held out); once, for the
-            # first model: another member binds the labels to its own class order. predict reads no labels:
-            # the split is read again with them, as training fingerprinted it
+        if args.split_file is None and run_dir is not None and not member:
+            # its own split (of its own file, or of --data: a moved copy must hold the rows it held out, not
+            # edited ones); once, for the first model: another member binds the labels to its own class order.
+            # predict reads no labels: the split is read again with them, as training fingerprinted it
             held = ds if with_labels else None
             if held is None:
                 with contextlib.suppress(DataError, ConfigError):  # label columns gone: nothing to compare with
@@ -471,7 +502,7 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
             pool = read_pool()
     cache = functools.partial(build_cache, tokenizer=model.tokenizer, image_preprocess=model.image_preprocess,
                               cache_dir=cache_root(data), max_length=model.config.text.max_length,
-                              on_error=data.on_error)  # fmt: skip
+                              on_error=data.on_error, progress=_progress(args))  # fmt: skip
     whole = None if pool is None else cache(pool, only_if_built=True)
     covered = whole is not None and set(ds.ids) <= {*whole.ids, *(row["item"] for row in whole.skipped)}
     if covered and (not args.ensemble or model.feature_splits is None or build_features(
@@ -528,23 +559,24 @@ def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
     results, first = [], None
     members = _ensemble_members(args)
-    schemas = {c: {t.name: sorted(t.class_names or []) for t in FusionModel.read_config(c).tasks} for c in members}
-    for checkpoint in members[1:]:  # before any model or data is read
-        if schemas[checkpoint] != schemas[args.checkpoint]:
+    schemas = {c: {t.name: t.class_names or [] for t in FusionModel.read_config(c).tasks} for c in members}
+    for checkpoint in members[1:]:  # before any model or data is read; classes are matched by name, in any order
+        if {k: sorted(v) for k, v in schemas[checkpoint].items()} != {k: sorted(v) for k, v in schemas[args.checkpoint].items()}:
             raise ConfigError(f"--ensemble: {checkpoint} has other tasks or classes than {args.checkpoint} "
                               f"({schemas[checkpoint]} vs {schemas[args.checkpoint]}); ensemble models of one task set")  # fmt: skip
-    for checkpoint in members:
+    for i, checkpoint in enumerate(members):
         model = FusionModel.from_pretrained(checkpoint, map_location=resolve_device(args.device))
         first = first or model
-        ds, data = _split(args, model, with_labels=args.command == "eval", member=model is not first)  # same rows
-        if args.split not in ("all", "train"):  # the train split: fit on rows it trained on, as asked
-            _check_unseen(checkpoint, ds.ids, args.split, args.checkpoint, ensemble=len(members) > 1)
+        ds, data = _split(args, model, with_labels=args.command == "eval", member=i > 0)  # same rows
+        if i == 0 and args.split not in ("all", "train"):  # the train split: fit on rows it trained on, as asked
+            for member in dict.fromkeys(members):  # every member, before any of them runs
+                _check_unseen(member, ds.ids, args.split, args.checkpoint, ensemble=len(members) > 1)
         if len(members) > 1 and model.feature_splits is not None:
-            loader, transform = _feature_loader(model, data, args.batch_size), None
+            loader, transform = _feature_loader(model, data, args.batch_size, _progress(args)), None
         else:
             loader, transform = inference_loader(model, data, args.batch_size)
         amp = choose_precision(args.precision, model.device).dtype  # what training's evaluation used here
-        result = run_inference(model, loader, transform, amp, desc=args.split)
+        result = run_inference(model, loader, transform, amp, desc=args.split, progress=_progress(args))
         align_classes(model, first, result["outputs"])  # classes matched by name: columns in the first's order
         results.append(result)
     assert first is not None
@@ -556,7 +588,7 @@ def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     return first, result
 
 
-def _feature_loader(model: Any, data: Any, batch_size: int) -> Any:
+def _feature_loader(model: Any, data: Any, batch_size: int, progress: bool = True) -> Any:
     """An ensemble member with frozen encoders (or frozen bottoms) reads their outputs from the feature cache,
     keyed by the encoders' weights: members that share encoders (seeds of a frozen recipe) run them once,
     and the stores a training run built for the same rows are reused, as its own evaluation read them."""
@@ -566,10 +598,10 @@ def _feature_loader(model: Any, data: Any, batch_size: int) -> Any:
     from .training.feature_cache import FeatureCollator, build_features
 
     if isinstance(data, SplitView):  # of training's cache of all splits, whose features `_split` found built
-        features: Any = SplitView(build_features(model, data.base, data.base.path.parent, batch_size), data.ids,
-                                  data.fingerprint)  # fmt: skip
+        features: Any = SplitView(build_features(model, data.base, data.base.path.parent, batch_size, progress),
+                                  data.ids, data.fingerprint)  # fmt: skip
     else:
-        features = build_features(model, data, data.path.parent, batch_size)
+        features = build_features(model, data, data.path.parent, batch_size, progress)
     collate = FeatureCollator(list(model.tasks.values()))
     return torch.utils.data.DataLoader(features, batch_size=batch_size, collate_fn=collate)
 
@@ -737,8 +769,11 @@ def _check_output(args: argparse.Namespace) -> None:
             raise ConfigError(f"--output {out} is inside the cache folder {store}; write somewhere else")
         owner = _owner(target)
         if owner is not None:
-            raise ConfigError(f"--output {out} would overwrite a file of the run or model in {owner}; write "
-                              "somewhere else (a new file beside a run's own files is fine)")  # fmt: skip
+            kind, folder = ("run", "run dir") if (owner / "split.json").is_file() else ("model", "model folder")
+            where = (f"would overwrite a file of the {kind} in {owner}" if target.exists() else
+                     f"is inside the {folder} {owner} (its files are the {kind}'s own)")  # fmt: skip
+            raise ConfigError(f"--output {out} {where}; write somewhere else (a new file beside a run's own "
+                              "files is fine)")  # fmt: skip
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -473,7 +473,13 @@ def test_output_never_overwrites_the_input_and_is_checked_before_work(
     for command, out in [("predict", second / "predictions_test.csv"), ("eval", second / "summary.json"),
                          ("eval", step / "config.json")]:  # fmt: skip
         assert main([command, *common, "--output", str(out)]) == 2, (command, out)
-        assert "would overwrite a file of the run or model in" in capsys.readouterr().err
+        assert f"would overwrite a file of the {'model' if out.parent == step else 'run'} in" in capsys.readouterr().err
+    # a new name inside a checkpoint or a run's own folder: refused, without claiming a file is there
+    for out, said in [(step / "preds.csv", f"is inside the model folder {step} (its files are the model's own)"),
+                      (second / "checkpoints" / "p.csv", f"is inside the run dir {second} (its files are the run's own)")]:  # fmt: skip
+        assert main(["predict", *common, "--output", str(out)]) == 2, out
+        err = capsys.readouterr().err
+        assert said in err and "would overwrite" not in err and not out.exists()
     assert main(["predict", *common, "--output", str(second / "my_predictions.csv")]) == 0  # a new file beside it
     weights = next(step.glob("*.safetensors"))
     before_weights = weights.read_bytes()

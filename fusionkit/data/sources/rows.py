@@ -51,8 +51,8 @@ class ReadOptions:
     - `missing_image_file`: the policy for an image path that names no file, when it differs from
       `missing_image` (prediction keeps rows with an empty image cell, but a broken path is an error).
     - `report_path`: where skipped rows are listed (JSONL); default a temp file named in the log.
-    - `image_root`: folder that relative image paths of a DataFrame / HF dataset are relative to
-      (default: the working directory; a table file's own folder for CSV/JSONL/Parquet).
+    - `image_root`: folder that relative image paths are relative to; given, it wins over the default (the
+      working directory for a DataFrame / HF dataset, a table file's own folder for CSV/JSONL/Parquet).
     - `required_sides`: "text" / "image" whose column must be in the file even under `missing_*="keep"`
       (prediction with a model that never learned one side alone: a renamed column is a mistake, not that).
     - `only_ids`: read just the rows with these ids; the others are passed over unchecked (scoring one
@@ -243,6 +243,9 @@ class RowReader:
         self.skips = SkipLog(options.on_error, what)
         root = options.image_root if options.image_root is not None else image_root
         self.image_root = os.path.realpath(root if root is not None else os.getcwd())  # resolved once
+        # where that folder came from, said when paths name no file (a given image_root wins over the file's folder)
+        self.root_from = ("image_root" if options.image_root is not None else
+                          "the table file's own folder" if image_root is not None else "the working directory")  # fmt: skip
         self.truncated = 0
         self.spelled_missing: dict[str, int] = {}  # caption cells such as "nan" or "None", read as missing
         self.broken_paths: list[str] = []  # image paths naming no file, kept as rows without an image
@@ -361,7 +364,7 @@ class RowReader:
             hint = ("fix the path, or empty the cell to predict that row from its caption alone" if own else
                     "fix the path, or set data.missing_image=skip to leave such rows out")  # fmt: skip
             problem = (f"image file not found: {value!r} (looked for {os.path.join(self.image_root, value)}; "
-                       f"relative paths are read from {self.image_root})")  # fmt: skip
+                       f"relative paths are read from {self.image_root}, {self.root_from})")  # fmt: skip
             if "://" in value or value.startswith("~"):  # a URL, or a home path no shell expanded
                 problem = (f"image {value!r} is a URL or '~' path: images are read from local files only "
                            "(download them, or write the full path)")  # fmt: skip
@@ -394,7 +397,8 @@ class RowReader:
                 f"none of its {len(self.broken_paths)} image paths names a file (e.g. {self.broken_paths[0]!r}, "
                 f"looked for {os.path.join(self.image_root, self.broken_paths[0])})",
                 source=self.skips.what,
-                hint=f"relative paths are read from {self.image_root} (a table file's own folder): fix the paths",
+                hint=f"relative paths are read from {self.image_root} ({self.root_from}): fix the paths, or "
+                "give the folder they are relative to as image_root (--image-root for predict, eval and embed)",
             )
         if self.broken_paths:
             log.warning("%s: %d image paths name no file (e.g. %r, read from %s): those rows have no image",

@@ -1,0 +1,175 @@
+"""`fusionkit predict | eval` on files other than the run's own: where their images are read from, the
+checks on its held-out rows and its ensemble members, and what the commands say."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fusionkit.cli import main
+
+NAMES = ("positive", "neutral", "negative")
+QUIET = ["--run.progress", "false", "--run.plots", "false"]
+
+
+@pytest.fixture(scope="module")
+def csv_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run trained on tables/posts.csv whose image paths are relative to data/ (`--data.image_root data`)."""
+    from fusionkit.data import make_synthetic
+
+    tmp = tmp_path_factory.mktemp("pred")
+    (tmp / "tables").mkdir()
+    (tmp / "data" / "pics").mkdir(parents=True)
+    with open(tmp / "tables" / "posts.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "text", "image", "sentiment"])
+        for ex in make_synthetic(40, seed=1, image_size=32):
+            ex.image.save(tmp / "data" / "pics" / f"{ex.id}.png")
+            writer.writerow([ex.id, ex.text, f"pics/{ex.id}.png", ex.labels["sentiment"]])
+    argv = ["train", "--data.dataset", str(tmp / "tables" / "posts.csv"), "--data.image_root", str(tmp / "data"),
+            "--data.cache_dir", str(tmp / "cache"), "--optim.epochs", "1", "--run.output_dir", str(tmp / "runs"),
+            "--run.name", "r", *QUIET]  # fmt: skip
+    assert main(argv) == 0
+    return tmp / "runs" / "r"
+
+
+def _probs(path: Path) -> np.ndarray:
+    return np.array([[float(r[f"sentiment_prob_{c}"]) for c in NAMES] for r in csv.DictReader(path.open())])
+
+
+def test_a_new_files_image_paths_are_read_from_its_own_folder_not_the_runs_image_root(
+    csv_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The run's data.image_root is where its own rows' images are; a --data file's relative paths are read
+    from that file's folder (or --image-root), even where the run's folder has an image of the same name."""
+    tmp = csv_run.parent.parent
+    Image.new("RGB", (32, 32), (220, 20, 20)).save(tmp / "data" / "pics" / "n0.png")  # the run's: red
+    (tmp_path / "batch2" / "pics").mkdir(parents=True)
+    blue = tmp_path / "batch2" / "pics" / "n0.png"
+    Image.new("RGB", (32, 32), (20, 20, 220)).save(blue)
+    cache = ["--cache-dir", str(tmp / "cache")]
+
+    def predict(rows: str, *extra: str, name: str = "new.csv") -> np.ndarray:
+        table, out = tmp_path / "batch2" / name, tmp_path / f"{name}.preds.csv"
+        table.write_text("id,text,image\n" + rows)
+        assert main(["predict", str(csv_run), "--data", str(table), "--output", str(out), *cache, *extra]) == 0
+        return _probs(out)
+
+    as_blue = predict(f"B0,item,{blue}\n", name="abs_blue.csv")
+    as_red = predict(f"B0,item,{tmp / 'data' / 'pics' / 'n0.png'}\n", name="abs_red.csv")
+    assert not np.allclose(as_blue, as_red, atol=1e-4)  # the model tells the two images apart
+    np.testing.assert_allclose(predict("B0,item,pics/n0.png\n"), as_blue, atol=1e-6)
+    # --image-root names the folder; the run's own split is still read with the run's image_root
+    np.testing.assert_allclose(predict("B0,item,pics/n0.png\n", "--image-root", str(tmp / "data"), name="r.csv"),
+                               as_red, atol=1e-6)  # fmt: skip
+    broken = tmp_path / "batch2" / "broken.csv"
+    broken.write_text("id,text,image\nB1,item,pics/n1.png\n")
+    assert main(["predict", str(csv_run), "--data", str(broken), "--output", str(tmp_path / "b.csv"), *cache]) == 1
+    assert f"relative paths are read from {blue.parent.parent}, the table file's own folder" in capsys.readouterr().err
+    assert main(["predict", str(csv_run), "--output", str(tmp_path / "test.csv"), *cache]) == 0
+    test = json.loads((csv_run / "split.json").read_text())["test"]
+    assert [r["id"] for r in csv.DictReader((tmp_path / "test.csv").open())] == test
+
+
+def test_every_ensemble_member_is_checked_before_any_runs_and_a_bare_model_folder_is_named(
+    csv_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """A member that trained on the scored rows is refused before any member's inference; a member saved by
+    save_pretrained has no split.json, so its training rows are unknown: said, naming it."""
+    import fusionkit.training.inference as inference
+    from fusionkit.models import FusionModel
+
+    tmp = csv_run.parent.parent
+    argv = ["train", "--data.dataset", str(tmp / "tables" / "posts.csv"), "--data.image_root", str(tmp / "data"),
+            "--data.cache_dir", str(tmp / "cache"), "--optim.epochs", "1", "--run.output_dir", str(tmp_path),
+            "--run.name", "resplit", "--data.split_seed", "5", *QUIET]  # fmt: skip
+    assert main(argv) == 0
+    runs: list[object] = []
+    real = inference.run_inference
+    monkeypatch.setattr(inference, "run_inference", lambda *a, **k: runs.append(a) or real(*a, **k))
+    cache = ["--cache-dir", str(tmp / "cache")]
+    out = tmp_path / "m.json"
+    assert main(["eval", str(csv_run), "--ensemble", str(tmp_path / "resplit"), "--output", str(out), *cache]) == 2
+    assert "resplit was trained on" in capsys.readouterr().err and not runs and not out.exists()
+    bare = tmp_path / "bare"
+    FusionModel.from_pretrained(csv_run).save_pretrained(bare)
+    with caplog.at_level("WARNING", logger="fusionkit"):
+        assert main(["eval", str(csv_run), "--ensemble", str(bare), "--output", str(out), *cache]) == 0
+    assert f"--ensemble: {bare} is a model folder, not a run dir: the rows it trained on are unknown" in caplog.text
+    assert "the score is inflated" in caplog.text and len(runs) == 2
+
+
+def test_scoring_the_runs_split_of_a_moved_file_checks_its_content(
+    csv_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--data NEW_PATH --split test` (what the error for a moved dataset says to do) scores the run's held-out
+    rows only if they are the rows it held out: an edited label is refused, as in the run's own file."""
+    tmp = csv_run.parent.parent
+    test = json.loads((csv_run / "split.json").read_text())["test"]
+    rows = list(csv.reader((tmp / "tables" / "posts.csv").open()))
+    moved = tmp / "data" / "moved.csv"  # beside the images its paths name
+    cache = ["--cache-dir", str(tmp / "cache")]
+    argv = ["eval", str(csv_run), "--data", str(moved), "--split", "test", *cache]
+
+    def write(table: list[list[str]]) -> None:
+        with open(moved, "w", newline="") as f:
+            csv.writer(f).writerows(table)
+
+    write(rows)
+    assert main(argv) == 0  # the same rows: scored
+    edited = [[*r[:3], next(c for c in NAMES if c != r[3])] if r[0] == test[0] else r for r in rows]
+    write(edited)
+    capsys.readouterr()
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "the test split of" in err and "changed content" in err and "--split all" in err
+
+
+def test_an_ensemble_of_other_classes_is_refused_naming_them_in_the_models_order(
+    csv_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tmp = csv_run.parent.parent
+    classes = ["positive", "neutral", "negative", "angry"]
+    argv = ["train", "--data.dataset", str(tmp / "tables" / "posts.csv"), "--data.image_root", str(tmp / "data"),
+            "--data.cache_dir", str(tmp / "cache"), "--optim.max_steps", "1", "--run.output_dir", str(tmp_path),
+            "--run.name", "more", "--model.tasks", json.dumps([{"name": "sentiment", "class_names": classes}]),
+            *QUIET]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["eval", str(csv_run), "--ensemble", str(tmp_path / "more")]) == 2
+    err = capsys.readouterr().err
+    assert "other tasks or classes" in err and str(classes) in err  # as the model lists them, not sorted
+
+
+def test_progress_bars_only_on_a_terminal_and_not_where_turned_off(
+    csv_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bar's carriage returns fill a log file: bars are drawn on a terminal only, and not for a run trained
+    with run.progress: false, nor with --no-progress."""
+    import sys
+
+    from fusionkit.models import FusionModel
+
+    tmp = csv_run.parent.parent
+    bare = tmp_path / "bare"  # no run config: bars by default
+    FusionModel.from_pretrained(csv_run).save_pretrained(bare)
+    table = tmp / "data" / "two.csv"
+    table.write_text("id,text,image\nq0,one,pics/syn-000000.png\nq1,two,pics/syn-000001.png\n")
+
+    def bar(checkpoint: Path, *extra: str, tty: bool = True) -> bool:
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+        capsys.readouterr()
+        argv = ["predict", str(checkpoint), "--data", str(table), "--output", str(tmp_path / "p.csv"), *extra]
+        assert main([*argv, "--cache-dir", str(tmp / "cache")]) == 0
+        return "%|" in capsys.readouterr().err
+
+    assert bar(bare)
+    assert not bar(bare, tty=False)
+    assert not bar(bare, "--no-progress")
+    assert not bar(csv_run)  # trained with run.progress: false

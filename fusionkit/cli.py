@@ -487,6 +487,8 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
             raise ConfigError(f"none of the {len(ds)} rows of {source} has a {' or '.join(model.sides_read)}, the "
                               f"only input of this {model.config.fusion.strategy} model: every prediction would be "
                               "the same")  # fmt: skip
+        if args.command == "embed" and args.modality is None:  # a whole side absent: embed writes the other
+            no_text, no_image = (0 if n == len(ds) else n for n in (no_text, no_image))  # side's vectors (no guess)
         model.warn_one_sided(no_text, no_image, len(ds), source, trained_without=kept)
     labelled = [t.name for t in model.config.tasks if t.name in model.tasks and model.tasks[t.name].needs_labels]
     if args.command == "eval" and labelled and not any(ex.labels.get(t) is not None for ex in ds for t in labelled):
@@ -634,7 +636,7 @@ def _predict(args: argparse.Namespace) -> int:
 
         device = resolve_device(args.device)
         model, *others = [FusionModel.from_pretrained(c, map_location=device) for c in _ensemble_members(args)]
-        [row] = model.predict(texts=[args.text], images=[args.image], ensemble=others)
+        [row] = model.predict(texts=[args.text], images=[args.image], ensemble=others, where="--text/--image")
         print(json.dumps(row, indent=2, ensure_ascii=False))
         return 0
     if not args.output:

@@ -173,3 +173,22 @@ def test_progress_bars_only_on_a_terminal_and_not_where_turned_off(
     assert not bar(bare, tty=False)
     assert not bar(bare, "--no-progress")
     assert not bar(csv_run)  # trained with run.progress: false
+
+
+def test_one_sided_warnings_name_the_cli_input_and_embed_of_a_caption_file_does_not_warn(
+    csv_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A single pair without an image is named as the CLI input (not a Python function); `embed` of a file with
+    no image column writes text vectors, so 'predicted from the other side alone' would be untrue there."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="fusionkit"):
+        assert main(["predict", str(csv_run), "--text", "a lovely day"]) == 0
+    assert "1 of 1 pairs of --text/--image have no image" in caplog.text and "predict()" not in caplog.text
+    caplog.clear()
+    table = tmp_path / "caps.csv"
+    table.write_text("id,text\na,a lovely day\nb,so sad\n")
+    with caplog.at_level(logging.WARNING, logger="fusionkit"):
+        assert main(["embed", str(csv_run), "--data", str(table), "--image-column", "",
+                     "--output", str(tmp_path / "v.npy")]) == 0  # fmt: skip
+    assert "writing text vectors" in caplog.text and "other side alone" not in caplog.text

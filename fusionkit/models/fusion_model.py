@@ -507,12 +507,14 @@ class FusionModel(nn.Module):
         batch_size: int = 64,
         precision: str = "auto",
         ensemble: Sequence[FusionModel] = (),
+        where: str = "predict()",
     ) -> list[dict[str, Any]]:
         """Predictions for raw pairs: per example and task, the label name(s) and class probabilities
         (regression: the value). Captions are strings, images paths / PIL images / bytes; either list may
         be left out or hold None entries (a missing caption or image). `precision`: "auto" (bf16 where
         the hardware runs it natively, see `fusionkit.precision`), "fp32" or "bf16". `ensemble`: more models
         of the same tasks (e.g. other seeds) whose outputs are averaged with this one's (classes by name).
+        `where`: how warnings name the input (the CLI's single pair is "--text/--image").
 
             model.predict(texts=["what a day"], images=["photo.jpg"])
             # [{"sentiment": "positive", "sentiment_prob": {"positive": 0.91, ...}}]
@@ -543,7 +545,7 @@ class FusionModel(nn.Module):
             what = ("neither a caption nor an image" if len(self.sides_read) == 2 else
                     f"no {self.sides_read[0]}, the only input of this {self.config.fusion.strategy} model")  # fmt: skip
             raise ValueError(f"pairs {empty[:5]} have {what}: there is nothing to predict from")
-        self.warn_one_sided(sum(t is None for t in texts), sum(i is None for i in images), n, "predict()")
+        self.warn_one_sided(sum(t is None for t in texts), sum(i is None for i in images), n, where)
         models = [self, *ensemble]
         schema = {t.name: sorted(t.class_names or []) for t in self.config.tasks}
         for member in models[1:]:

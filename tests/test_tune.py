@@ -19,6 +19,7 @@ from fusionkit.config import ConfigError  # noqa: E402
 from fusionkit.data import DataError, make_synthetic  # noqa: E402
 from fusionkit.training.config import build_config  # noqa: E402
 from fusionkit.tune import apply_params, load_space  # noqa: E402
+from tests.encoder_folders import save_tiny_bert  # noqa: E402
 
 
 def write_config(tmp_path: Path) -> Path:
@@ -314,19 +315,6 @@ def test_tuning_on_a_dataframe_records_it_and_is_not_continued_on_other_data(tmp
     with pytest.raises(ConfigError, match=r"another config, search space, data or encoder weights \(data: .*edited"):
         fusionkit.tune(cfg, 1, space, out, data=synthetic_frame(64, seed=1))
     assert fusionkit.tune(cfg, 1, space, out, data=synthetic_frame(64, seed=0))["trials"] == 2
-
-
-def save_tiny_bert(path: Path, seed: int) -> None:
-    """A tiny random BERT saved with its tokenizer, as a user's encoder folder (`seed`: which random weights)."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    from fusionkit.models.tiny import tiny_tokenizer
-
-    torch.manual_seed(seed)
-    BertModel(BertConfig(vocab_size=len(tiny_tokenizer()), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=32)).save_pretrained(path)  # fmt: skip
-    tiny_tokenizer(32).save_pretrained(path)
 
 
 def test_a_study_of_other_encoder_weights_in_the_same_folder_is_not_continued(tmp_path: Path, capsys) -> None:

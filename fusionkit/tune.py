@@ -67,9 +67,10 @@ class InvalidTrialConfig(ConfigError):
     """A trial's drawn values, each valid alone, combine into an invalid config: that trial fails, the search goes on."""
 
 
-def default_space(tasks: Sequence[Any] = ()) -> dict[str, dict[str, Any]]:
+def default_space(tasks: Sequence[Any] = (), freeze: str = "encoders") -> dict[str, dict[str, Any]]:
     """What matters most with frozen encoders (see benchmarks/results/mvsa_single_recipe.md), plus the
-    options each task type declares (`Task.search_space`: label smoothing, class weights, ...)."""
+    options each task type declares (`Task.search_space`: label smoothing, class weights, ...); with
+    `freeze: top_k` also the rates of the trained encoder blocks, which no other setting reaches."""
     from .tasks import get_task_class
 
     own = {f"{TASK_PREFIX}{t.name}.{key}": dict(spec) for t in tasks
@@ -81,8 +82,15 @@ def default_space(tasks: Sequence[Any] = ()) -> dict[str, dict[str, Any]]:
         "model.fusion.modality_dropout": {"type": "float", "low": 0.0, "high": 0.4},
         "model.fusion.dim": {"type": "categorical", "choices": [64, 128, 256]},
         "model.fusion.depth": {"type": "int", "low": 1, "high": 3},
+        **(TOP_K_SPACE if freeze == "top_k" else {}),
         **own,
     }
+
+
+TOP_K_SPACE = {  # the trained top blocks' lr: lr * encoder_lr_scale * layer_decay ** (blocks above)
+    "optim.encoder_lr_scale": {"type": "float", "low": 0.01, "high": 0.3, "log": True},
+    "optim.layer_decay": {"type": "float", "low": 0.6, "high": 1.0},
+}
 
 
 # the options each distribution takes (Optuna's suggest_float / suggest_int / suggest_categorical)
@@ -233,7 +241,7 @@ def tune(
         cfg.data.dataset = data_source_name(data)
     if trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {trials}")
-    space = load_space(space if space is not None else default_space(cfg.model.tasks))
+    space = load_space(space if space is not None else default_space(cfg.model.tasks, cfg.model.freeze))
     check_space(cfg, space)
     tasks = {t.name: create_task(t) for t in cfg.model.tasks}
     metric = cfg.run.metric or default_metric(tasks)

@@ -378,3 +378,11 @@ def test_a_trial_whose_values_make_an_invalid_config_fails_and_the_search_goes_o
     assert "the last 5 trials drew values that make no valid config" in err and "narrow the search space" in err
     rows = list(csv.DictReader((tmp_path / "never" / "trials.csv").open()))
     assert len(rows) == 5 and {r["state"] for r in rows} == {"FAIL"}
+
+
+def test_the_default_space_tunes_the_encoder_rates_only_when_top_blocks_train() -> None:
+    from fusionkit.tune import default_space
+
+    rates = {"optim.encoder_lr_scale", "optim.layer_decay"}
+    assert rates <= set(default_space(freeze="top_k"))
+    assert not rates & set(default_space()) and not rates & set(default_space(freeze="none"))

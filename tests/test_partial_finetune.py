@@ -261,3 +261,11 @@ def test_top_k_with_no_block_to_train_is_refused_but_a_saved_model_still_loads(t
     assert create_model("tiny", freeze="top_k", image={"trainable_layers": 1}).feature_splits == (2, 1)
     FusionModel(get_config("tiny", freeze="top_k")).save_pretrained(tmp_path / "old")  # one made before the check
     assert FusionModel.from_pretrained(tmp_path / "old").config.freeze == "top_k"
+
+
+def test_a_folder_without_an_image_processor_is_warned_about_once(tmp_path: Path, caplog) -> None:
+    """Said once per folder, not again for every run of a comparison or every trial of a search."""
+    with caplog.at_level("WARNING", logger="fusionkit"):
+        _hf_vision("vit", tmp_path)
+        ImageEncoder.from_config(ImageEncoderConfig(backend="hf", name=str(tmp_path / "vit")))
+    assert caplog.text.count("has no image processor config") == 1

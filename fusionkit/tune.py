@@ -20,7 +20,10 @@ The tune dir receives `trials.csv`, `trials.md` (sorted by value), `history.png`
 history) and `best.yaml` (the best trial's full config, to train with `fusionkit train best.yaml`).
 The study itself is kept there (`study.jsonl`, Optuna's journal storage): running `tune` again on the
 same dir adds trials to it (after an interruption, or to search longer) and rewrites those files from
-every trial; a dir that holds a study of another config or space is refused, so nothing is lost.
+every trial; a dir that holds a study of another config, space, data or encoder weights is refused, so
+nothing is lost. A trial whose values, each valid alone, make an invalid config together (`fusion.dim` not
+divisible by `num_heads`) fails with its error in trials.csv and the search goes on; 5 such trials in a row
+stop it, since then most of the space is invalid.
 Needs `pip install 'fusionkit[tune]'` (optuna).
 """
 
@@ -57,11 +60,17 @@ def changes_the_loss(key: str) -> bool:
 
 
 RESULT_FILES = ("trials.md", "best.yaml", "history.png")  # written from the study (trials.csv: refused if there)
+INVALID_IN_A_ROW = 5  # trials in a row whose values combine into no valid config: the space is mostly invalid, stop
 
 
-def default_space(tasks: Sequence[Any] = ()) -> dict[str, dict[str, Any]]:
+class InvalidTrialConfig(ConfigError):
+    """A trial's drawn values, each valid alone, combine into an invalid config: that trial fails, the search goes on."""
+
+
+def default_space(tasks: Sequence[Any] = (), freeze: str = "encoders") -> dict[str, dict[str, Any]]:
     """What matters most with frozen encoders (see benchmarks/results/mvsa_single_recipe.md), plus the
-    options each task type declares (`Task.search_space`: label smoothing, class weights, ...)."""
+    options each task type declares (`Task.search_space`: label smoothing, class weights, ...); with
+    `freeze: top_k` also the rates of the trained encoder blocks, which no other setting reaches."""
     from .tasks import get_task_class
 
     own = {f"{TASK_PREFIX}{t.name}.{key}": dict(spec) for t in tasks
@@ -73,8 +82,15 @@ def default_space(tasks: Sequence[Any] = ()) -> dict[str, dict[str, Any]]:
         "model.fusion.modality_dropout": {"type": "float", "low": 0.0, "high": 0.4},
         "model.fusion.dim": {"type": "categorical", "choices": [64, 128, 256]},
         "model.fusion.depth": {"type": "int", "low": 1, "high": 3},
+        **(TOP_K_SPACE if freeze == "top_k" else {}),
         **own,
     }
+
+
+TOP_K_SPACE = {  # the trained top blocks' lr: lr * encoder_lr_scale * layer_decay ** (blocks above)
+    "optim.encoder_lr_scale": {"type": "float", "low": 0.01, "high": 0.3, "log": True},
+    "optim.layer_decay": {"type": "float", "low": 0.6, "high": 1.0},
+}
 
 
 # the options each distribution takes (Optuna's suggest_float / suggest_int / suggest_categorical)
@@ -225,19 +241,32 @@ def tune(
         cfg.data.dataset = data_source_name(data)
     if trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {trials}")
-    space = load_space(space if space is not None else default_space(cfg.model.tasks))
+    space = load_space(space if space is not None else default_space(cfg.model.tasks, cfg.model.freeze))
     check_space(cfg, space)
     tasks = {t.name: create_task(t) for t in cfg.model.tasks}
     metric = cfg.run.metric or default_metric(tasks)
     check_metric(metric, tasks)  # before the study exists: a typo must not leave one behind that blocks the fix
     out = Path(output_dir or Path(cfg.run.output_dir) / f"tune-{cfg.run.name or 'run'}")
     fingerprint = _data_fingerprint(cfg, data)  # reads the data: unreadable data leaves no tune dir behind
+    encoders = encoder_identity(cfg)  # loads the encoders: a missing folder leaves no tune dir behind either
     out.mkdir(parents=True, exist_ok=True)
+
+    invalid: list[InvalidTrialConfig] = []  # the latest trials in a row whose drawn values made no valid config
 
     def objective(trial: optuna.Trial) -> float:
         try:
-            return run_trial(trial)
+            value = run_trial(trial)
+        except InvalidTrialConfig as e:  # this trial fails (caught by study.optimize), the search goes on
+            _record_error(trial, e)
+            invalid.append(e)
+            if len(invalid) >= INVALID_IN_A_ROW:
+                raise ConfigError(
+                    f"the last {len(invalid)} trials drew values that make no valid config (the first: {invalid[0]}); "
+                    "narrow the search space to values that combine into valid configs"
+                ) from None
+            raise
         except optuna.TrialPruned:
+            invalid.clear()
             raise
         except Exception as e:
             _record_error(trial, e)
@@ -245,12 +274,18 @@ def tune(
         except KeyboardInterrupt:  # optuna marks it failed: trials.csv says why, not a blank error
             trial.set_user_attr("error", "interrupted (Ctrl-C / SIGTERM) before it finished")
             raise
+        invalid.clear()
+        return value
 
     def run_trial(trial: optuna.Trial) -> float:
         params = suggest(trial, space)
         run = {"run.output_dir": str(out / "trials"), "run.name": f"trial-{trial.number:03d}",
                "run.name_exists": "increment", "run.progress": False, "run.plots": False}  # fmt: skip
-        trainer = Trainer(apply_params(cfg, params, run), data=data)
+        try:
+            trial_cfg = apply_params(cfg, params, run)
+        except ConfigError as e:  # values valid one by one (check_space), not together: fusion.dim vs num_heads
+            raise InvalidTrialConfig(f"the values drawn make an invalid config together: {e}") from None
+        trainer = Trainer(trial_cfg, data=data)
         trial.set_user_attr("run_dir", str(trainer.run_dir))
 
         def report(entry: dict[str, Any]) -> None:
@@ -271,7 +306,7 @@ def tune(
     if metric.endswith("/loss") and loss_keys:
         log.warning("%s is compared across trials whose loss itself differs (%s in the search space): prefer "
                     "an accuracy or F1 metric as run.metric", metric, loss_keys)  # fmt: skip
-    study = open_study(out, cfg, space, metric, fingerprint)
+    study = open_study(out, cfg, space, metric, fingerprint, encoders)
     # reseeded past the trials already there, so a continued study does not redraw their values
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
     # a trial is judged only from its second epoch on, and only once a few trials have finished
@@ -280,7 +315,8 @@ def tune(
     logging.getLogger("optuna.study._optimize").addFilter(quiet)
     before = len(study.trials)
     try:
-        study.optimize(objective, n_trials=trials, catch=(FloatingPointError,), callbacks=list(callbacks))
+        study.optimize(objective, n_trials=trials, catch=(FloatingPointError, InvalidTrialConfig),
+                       callbacks=list(callbacks))  # fmt: skip
     except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM (the trainer checkpoints first): keep what finished
         from .training.trainer import TrainingInterrupted
 
@@ -348,9 +384,28 @@ def _data_fingerprint(cfg: Any, data: Any) -> str:
     return str(rows.fingerprint)[:16]
 
 
-def open_study(out: Path, cfg: Any, space: Mapping[str, Any], metric: str, data: str | None = None) -> Any:
-    """The tune dir's study (`study.jsonl`), created or continued; one of another config, space or data
-    (`data`: its content fingerprint) is refused."""
+def encoder_identity(cfg: Any) -> str:
+    """`cfg`'s encoders as the frozen-encoder feature cache keys them (`encoder_key`: their config and a hash of
+    their weights; random ones drawn from `run.seed`, as a run draws them): a study or a result of other weights
+    saved in the same folder is not this config's, though the config reads the same."""
+    import torch
+
+    from .config import TaskConfig
+    from .models import create_model
+    from .training.feature_cache import encoder_key
+
+    model = copy.deepcopy(cfg.model)  # the heads play no part (and a task's classes may come from the data)
+    model.tasks = [TaskConfig("identity", num_classes=2)]
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(cfg.run.seed)
+        return encoder_key(create_model(model))
+
+
+def open_study(
+    out: Path, cfg: Any, space: Mapping[str, Any], metric: str, data: str | None = None, encoders: str | None = None
+) -> Any:
+    """The tune dir's study (`study.jsonl`), created or continued; one of another config, space, data (`data`: its
+    content fingerprint) or encoder weights (`encoders`: `encoder_identity`) is refused."""
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -359,14 +414,17 @@ def open_study(out: Path, cfg: Any, space: Mapping[str, Any], metric: str, data:
     from .training.rundir import OPERATIONAL_KEYS, config_changes
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    identity = json.loads(json.dumps({"config": to_dict(cfg), "space": space, "metric": metric, "data": data}))
+    identity = json.loads(json.dumps({"config": to_dict(cfg), "space": space, "metric": metric, "data": data,
+                                      "encoders": encoders}))  # fmt: skip
     journal = out / "study.jsonl"
+    exists = journal.is_file() and journal.stat().st_size > 0
+    if not exists and (out / "trials.csv").is_file():  # refused before the storage creates study.jsonl there
+        raise ConfigError(f"{out} holds a trials.csv that is not this study's (no study.jsonl beside it: a file of "
+                          "yours, or one an older fusionkit wrote), so it cannot be continued; pass "
+                          "--output-dir NEW_DIR so it is not overwritten")  # fmt: skip
     storage = JournalStorage(JournalFileBackend(str(journal)))
-    if journal.is_file() and journal.stat().st_size:  # loading only reads it
+    if exists:  # loading only reads it
         study = optuna.load_study(study_name="fusionkit-tune", storage=storage)
-    elif (out / "trials.csv").is_file():
-        raise ConfigError(f"{out} holds the results of a study that cannot be continued (no study.jsonl: an older "
-                          "fusionkit wrote it); pass --output-dir NEW_DIR so they are not overwritten")  # fmt: skip
     else:
         from .training.report import keep_previous
 
@@ -378,12 +436,16 @@ def open_study(out: Path, cfg: Any, space: Mapping[str, Any], metric: str, data:
     if saved is None:
         study.set_user_attr("identity", identity)
         return study
-    if "data" not in saved:  # a study of an older fusionkit, which did not record its data
-        identity.pop("data")
+    for key in ("data", "encoders"):  # a study of an older fusionkit, which did not record them
+        if key not in saved:
+            identity.pop(key)
     changes = {k: v for k, v in config_changes(saved, identity).items()
                if k.removeprefix("config.") not in OPERATIONAL_KEYS}  # fmt: skip
     if "data" in changes:
         changes["data"] = ("the rows its trials trained on", "other rows (the data file was edited)")
+    if "encoders" in changes:
+        changes["encoders"] = ("the encoder weights its trials trained with",
+                               "other weights (an encoder was saved again or replaced)")  # fmt: skip
     failed = all(t.state == optuna.trial.TrialState.FAIL for t in study.trials)
     if changes and failed:  # nothing learned: the corrected command starts the study again, the old one kept aside
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -396,7 +458,7 @@ def open_study(out: Path, cfg: Any, space: Mapping[str, Any], metric: str, data:
     if changes:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:5])
         raise ConfigError(
-            f"{out} holds a tuning study ({len(study.trials)} trials) of another config, search space or data ({listed}); "
+            f"{out} holds a tuning study ({len(study.trials)} trials) of another config, search space, data or encoder weights ({listed}); "
             "pass --output-dir NEW_DIR for a new study, or the same config and space to add trials to it"
         )
     log.info("continuing the study in %s: %d trials so far", out, len(study.trials))

@@ -13,6 +13,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import compare_fusion  # noqa: E402
 
+from tests.encoder_folders import save_tiny_bert  # noqa: E402
+
 
 def row(name: str, acc: float, std: float = 0.0, n: int | None = 18, seeds: int = 2, **more: Any) -> dict[str, Any]:
     return {"name": name, "seeds": seeds, "accuracy": acc, "accuracy_std": std, "weighted_f1": acc,
@@ -92,3 +94,56 @@ def test_an_interrupted_comparison_says_to_rerun_it(monkeypatch: pytest.MonkeyPa
     err = capsys.readouterr().err
     assert code == 130
     assert "run the same command again" in err and "fusionkit train --resume" not in err
+
+
+def recorded_trainers(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
+    """(run name, optim.max_steps) of every Trainer the comparison builds, in order."""
+    built: list[tuple[str, Any]] = []
+
+    class Recording(compare_fusion.Trainer):
+        def __init__(self, cfg: Any, *args: Any, **kwargs: Any) -> None:
+            built.append((cfg.run.name, cfg.optim.max_steps))
+            super().__init__(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(compare_fusion, "Trainer", Recording)
+    return built
+
+
+def small_comparison(work: Path, *more: str) -> list[str]:
+    return ["--seeds", "1", "--epochs", "1", "--threads", "1", "--strategies", "gated", "--no-multitask",
+            "--work-dir", str(work), *more]  # fmt: skip
+
+
+def test_an_untimed_warm_up_runs_before_the_first_timed_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    """The first run of an invocation carried the process's start-up (3.6 s vs 0.7 s for the next seed): a
+    one-step run trains first, untimed and removed after, and the report says how times are measured."""
+    built = recorded_trainers(monkeypatch)
+    argv = small_comparison(tmp_path, "--dataset", "synthetic:60")
+    assert compare_fusion.main(argv) == 0
+    assert built == [("warm-up", 1), ("gated-s0", None)]
+    assert not list(tmp_path.rglob("warm-up*"))  # its run dir is gone
+    report = (tmp_path / "full" / "compare_fusion-sentiment.md").read_text()
+    assert "after one untimed warm-up run" in report and "Train time (s): wall-clock seconds" in report
+    built.clear()
+    assert compare_fusion.main(argv) == 0 and built == []  # every run read back: nothing to warm up
+
+
+def test_results_of_other_encoder_weights_in_the_same_folder_are_not_read_back(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A config names its encoder by folder: weights saved there again are a new comparison, as the feature
+    cache (keyed on the weights) already knew; the same weights are read back from results.jsonl."""
+    save_tiny_bert(tmp_path / "bert", seed=0)
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"data: {{dataset: 'synthetic:60'}}\nmodel: {{freeze: encoders, text: {{name: '{tmp_path / 'bert'}', "
+                      "max_length: 32}}\n")  # fmt: skip
+    built = recorded_trainers(monkeypatch)
+    argv = small_comparison(tmp_path / "work", "--config", str(config))
+    assert compare_fusion.main(argv) == 0 and ("gated-s0", None) in built
+    built.clear()
+    assert compare_fusion.main(argv) == 0 and built == []
+    assert "read back from results.jsonl" in capsys.readouterr().out
+    save_tiny_bert(tmp_path / "bert", seed=1)  # the same folder, other weights
+    assert compare_fusion.main(argv) == 0 and ("gated-s0", None) in built
+    assert "read back from results.jsonl" not in capsys.readouterr().out

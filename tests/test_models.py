@@ -268,3 +268,30 @@ def test_encoders_take_a_tokenizer_or_processor_output_and_refuse_raw_inputs_cle
         model.encode_text(model.tokenizer(["what a day"]))
     with pytest.raises(ValueError, match="second segment"):
         model.encode_text(**{**tokens, "token_type_ids": torch.ones_like(tokens["input_ids"])})
+
+
+def test_a_strategy_that_forgets_the_views_axis_is_named_with_the_shape_it_must_return(monkeypatch) -> None:
+    """A plugin returning [B, dim] failed in the heads ("head built for 1 view(s), got 32"): the error now names
+    the strategy, what it returned and [B, num_views, dim]; a strategy that returns that shape runs as before."""
+    from fusionkit.models.fusion import FUSION_REGISTRY, FusionStrategy, masked_mean
+
+    class Flat(FusionStrategy):
+        name = "flat"
+
+        def forward(self, text, text_mask, image, image_mask=None):
+            return masked_mean(text, text_mask)  # [B, dim]: no views axis
+
+    class Fixed(Flat):
+        name = "fixed"
+
+        def forward(self, text, text_mask, image, image_mask=None):
+            return super().forward(text, text_mask, image, image_mask).unsqueeze(1)
+
+    for cls in (Flat, Fixed):
+        monkeypatch.setitem(FUSION_REGISTRY, cls.name, cls)
+    model = create_model("tiny", fusion={"strategy": "flat"})
+    with pytest.raises(ValueError, match=r"fusion strategy 'flat' returned shape \[3, 64\]; .*\[B, num_views, dim\] = "
+                                         r"\[3, 1, 64\]"):  # fmt: skip
+        model(**tiny_batch(model))
+    model = create_model("tiny", fusion={"strategy": "fixed"})
+    assert model(**tiny_batch(model))["sentiment"].shape == (3, 3)

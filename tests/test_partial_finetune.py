@@ -243,3 +243,29 @@ def test_pooling_the_last_layers_matches_the_backbone_hidden_states() -> None:
     # pooling a layer below the trainable top cannot run on the cached hidden states entering that top
     with pytest.raises(ConfigError, match="pool_layers=2"):
         text.forward_from(text.hidden_before(text.depth - 1, ids, mask), text.depth - 1, mask)
+
+
+def test_top_k_with_no_block_to_train_is_refused_but_a_saved_model_still_loads(tmp_path: Path, capsys) -> None:
+    """`freeze: top_k` without any trainable_layers trained fully frozen, silently (the reverse mistake warns)."""
+    from fusionkit.cli import main
+    from fusionkit.models import FusionModel, get_config
+
+    argv = ["train", "--data.dataset", "synthetic:48", "--model.freeze", "top_k", "--optim.max_steps", "1",
+            "--run.output_dir", str(tmp_path / "runs"), "--data.cache_dir", str(tmp_path / "cache")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "trains no encoder block" in err and "model.text.trainable_layers" in err and "freeze: encoders" in err
+    with pytest.raises(ConfigError, match="trains no encoder block"):
+        create_model("tiny", freeze="top_k", trainable_layers=2, text={"trainable_layers": 0},
+                     image={"trainable_layers": 0})  # fmt: skip
+    assert create_model("tiny", freeze="top_k", image={"trainable_layers": 1}).feature_splits == (2, 1)
+    FusionModel(get_config("tiny", freeze="top_k")).save_pretrained(tmp_path / "old")  # one made before the check
+    assert FusionModel.from_pretrained(tmp_path / "old").config.freeze == "top_k"
+
+
+def test_a_folder_without_an_image_processor_is_warned_about_once(tmp_path: Path, caplog) -> None:
+    """Said once per folder, not again for every run of a comparison or every trial of a search."""
+    with caplog.at_level("WARNING", logger="fusionkit"):
+        _hf_vision("vit", tmp_path)
+        ImageEncoder.from_config(ImageEncoderConfig(backend="hf", name=str(tmp_path / "vit")))
+    assert caplog.text.count("has no image processor config") == 1

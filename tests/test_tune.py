@@ -19,6 +19,7 @@ from fusionkit.config import ConfigError  # noqa: E402
 from fusionkit.data import DataError, make_synthetic  # noqa: E402
 from fusionkit.training.config import build_config  # noqa: E402
 from fusionkit.tune import apply_params, load_space  # noqa: E402
+from tests.encoder_folders import save_tiny_bert  # noqa: E402
 
 
 def write_config(tmp_path: Path) -> Path:
@@ -177,7 +178,12 @@ def test_a_metric_typo_or_a_failed_first_trial_does_not_block_the_corrected_comm
     assert main([*argv, "--run.metric", "val/sentiment/f1"]) == 2
     assert "val/sentiment/macro_f1" in capsys.readouterr().err and not out.exists()  # refused before the study
     assert main([*argv, "--data.dataset", str(tmp_path / "missing.csv")]) != 0 and not (out / "study.jsonl").exists()
-    assert main([*argv, "--model.fusion.image_grid", "100"]) != 0  # the first trial fails
+    assert main([*argv, "--model.fusion.image_grid", "100"]) == 2 and not out.exists()  # refused building the model
+    unstable = tmp_path / "unstable.yaml"  # NaN losses: the first trial fails
+    unstable.write_text(yaml.safe_dump({"optim.lr": {"type": "float", "low": 900.0, "high": 999.0}}))
+    assert main([*argv, "--space", str(unstable), "--optim.grad_clip", "null", "--optim.warmup_ratio", "0",
+                 "--data.dataset", "synthetic:48", "--optim.epochs", "1"]) == 2  # fmt: skip
+    assert "no tuning trial completed" in capsys.readouterr().err
     assert main(argv) == 0  # the corrected command: a new study, the failed one kept aside
     assert [p.name.startswith("study.failed-") for p in out.glob("study.*.jsonl")] == [True]
     assert len(list(csv.DictReader((out / "trials.csv").open()))) == 1
@@ -306,6 +312,77 @@ def test_tuning_on_a_dataframe_records_it_and_is_not_continued_on_other_data(tmp
     assert "fusionkit.train('best.yaml', data=" in best.read_text()
     capsys.readouterr()
     assert main(["train", str(best)]) == 2 and "fusionkit.train(config, data=...)" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match=r"another config, search space or data \(data: .*edited"):
+    with pytest.raises(ConfigError, match=r"another config, search space, data or encoder weights \(data: .*edited"):
         fusionkit.tune(cfg, 1, space, out, data=synthetic_frame(64, seed=1))
     assert fusionkit.tune(cfg, 1, space, out, data=synthetic_frame(64, seed=0))["trials"] == 2
+
+
+def test_a_study_of_other_encoder_weights_in_the_same_folder_is_not_continued(tmp_path: Path, capsys) -> None:
+    """The config names the encoder by its folder: weights saved there again are another study (its trials
+    trained on other features, so best.yaml would not reproduce its value), refused as edited data is."""
+    save_tiny_bert(tmp_path / "bert", seed=0)
+    config = write_config(tmp_path)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}))
+    out = tmp_path / "tune"
+    argv = ["tune", str(config), "--space", str(space), "--output-dir", str(out), "--trials", "1",
+            "--model.text.name", str(tmp_path / "bert"), "--model.text.max_length", "32", "--optim.epochs", "1"]  # fmt: skip
+    assert main(argv) == 0
+    kept = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    save_tiny_bert(tmp_path / "bert", seed=1)  # the same path, other weights
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds a tuning study (1 trials)" in err and "encoder weights" in err and "--output-dir" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == kept
+    save_tiny_bert(tmp_path / "bert", seed=0)  # the weights the study trained with: it continues
+    assert main(argv) == 0 and len(list(csv.DictReader((out / "trials.csv").open()))) == 2
+
+
+def test_a_users_own_trials_csv_is_refused_before_anything_is_written(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "trials.csv").write_text("trial,my score\n1,0.9\n")
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}))
+    argv = ["tune", str(write_config(tmp_path)), "--space", str(space), "--output-dir", str(out), "--trials", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds a trials.csv that is not this study's" in err and "--output-dir NEW_DIR" in err
+    assert sorted(p.name for p in out.iterdir()) == ["trials.csv"]  # no empty study.jsonl left beside it
+    assert (out / "trials.csv").read_text() == "trial,my score\n1,0.9\n"
+
+
+def test_a_trial_whose_values_make_an_invalid_config_fails_and_the_search_goes_on(tmp_path: Path, capsys) -> None:
+    """Each value is valid alone (the space check passes), but dim 64 with 3 heads is not: that trial fails with
+    its error in trials.csv, the others train. Trials that keep drawing invalid configs stop the search."""
+    config = write_config(tmp_path)
+    space = tmp_path / "space.yaml"
+    space.write_text("model.fusion.dim: {type: categorical, choices: [48, 64]}\n"
+                     "model.fusion.num_heads: {type: categorical, choices: [2, 3]}\n")  # fmt: skip
+    out = tmp_path / "tune"
+    argv = ["tune", str(config), "--space", str(space), "--optim.epochs", "1", "--data.dataset", "synthetic:48",
+            "--model.fusion.dim", "48"]  # fmt: skip
+    assert main([*argv, "--output-dir", str(out), "--trials", "5"]) == 0  # the seeded sampler draws 64 with 3 heads among them
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    invalid = [r for r in rows if (r["model.fusion.dim"], r["model.fusion.num_heads"]) == ("64", "3")]
+    assert len(rows) == 5 and invalid and len(invalid) < len(rows)
+    assert all(r["state"] == "FAIL" and "not divisible by num_heads=3" in r["error"] for r in invalid)
+    assert all(r["state"] == "COMPLETE" for r in rows if r not in invalid)
+    assert (out / "best.yaml").is_file()
+    space.write_text("model.fusion.dim: {type: categorical, choices: [64]}\n"  # with 3 heads only: never valid
+                     "model.fusion.num_heads: {type: categorical, choices: [3]}\n")  # fmt: skip
+    capsys.readouterr()
+    assert main([*argv, "--output-dir", str(tmp_path / "never"), "--trials", "20"]) == 2
+    err = capsys.readouterr().err
+    assert "the last 5 trials drew values that make no valid config" in err and "narrow the search space" in err
+    rows = list(csv.DictReader((tmp_path / "never" / "trials.csv").open()))
+    assert len(rows) == 5 and {r["state"] for r in rows} == {"FAIL"}
+
+
+def test_the_default_space_tunes_the_encoder_rates_only_when_top_blocks_train() -> None:
+    from fusionkit.tune import default_space
+
+    rates = {"optim.encoder_lr_scale", "optim.layer_decay"}
+    assert rates <= set(default_space(freeze="top_k"))
+    assert not rates & set(default_space()) and not rates & set(default_space(freeze="none"))

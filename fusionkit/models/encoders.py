@@ -494,6 +494,9 @@ def _run_hf_layers(
     return outs
 
 
+_WARNED_NO_PROCESSOR: set[str] = set()  # encoder folders already warned about in this process
+
+
 def _hf_image_preprocess(name_or_dir: str | Path, model: nn.Module, warn: bool = True) -> ImagePreprocess:
     """Size/mean/std from the model's image-processor config (crop size if it center-crops)."""
     from transformers import AutoImageProcessor
@@ -502,7 +505,8 @@ def _hf_image_preprocess(name_or_dir: str | Path, model: nn.Module, warn: bool =
         proc = AutoImageProcessor.from_pretrained(name_or_dir)
     except (OSError, ValueError):
         size = int(getattr(model.config, "image_size", 224))
-        if warn:  # e.g. DINOv2 expects ImageNet statistics: a folder saved without its processor loses them
+        if warn and str(name_or_dir) not in _WARNED_NO_PROCESSOR:  # once per folder, not per run or trial
+            _WARNED_NO_PROCESSOR.add(str(name_or_dir))  # e.g. DINOv2 expects ImageNet statistics, lost here
             logging.getLogger("fusionkit").warning(
                 "%s has no image processor config (preprocessor_config.json): images are resized to %dx%d and "
                 "normalized with mean = std = 0.5; save the processor there (processor.save_pretrained) if the "

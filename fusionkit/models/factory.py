@@ -75,4 +75,21 @@ def create_model(
 
     Overrides may also use dotted keys: `create_model("tiny", **{"fusion.strategy": "gated"})`.
     """
-    return FusionModel(get_config(name_or_config, **overrides))
+    cfg = get_config(name_or_config, **overrides)
+    check_top_k(cfg)
+    return FusionModel(cfg)
+
+
+def check_top_k(cfg: ModelConfig) -> None:
+    """`freeze: top_k` with no block to train anywhere trained fully frozen, silently: never what was meant.
+    Checked for a new model only; a saved one of that config still loads (`FusionModel.from_pretrained`)."""
+    if cfg.freeze != "top_k":
+        return
+    k = [cfg.trainable_layers if own is None else own for own in (cfg.text.trainable_layers, cfg.image.trainable_layers)]
+    if not any(k):
+        raise ConfigError(
+            "model.freeze is 'top_k' but it trains no encoder block (model.text.trainable_layers and "
+            "model.image.trainable_layers, each model.trainable_layers when unset, are all 0): set "
+            "model.text.trainable_layers / model.image.trainable_layers (or model.trainable_layers, for both) to the "
+            "number of top blocks to fine-tune, or use freeze: encoders to train the fusion and heads only"
+        )

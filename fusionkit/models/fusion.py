@@ -14,6 +14,8 @@ come from a present modality, so an example's logits average over its present vi
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -70,6 +72,7 @@ class FusionStrategy(nn.Module):
     def __init__(self, cfg: FusionConfig) -> None:
         super().__init__()
         self.dim = cfg.dim
+        self.register_forward_hook(_check_views, with_kwargs=True)
 
     def forward(
         self,
@@ -83,6 +86,20 @@ class FusionStrategy(nn.Module):
     def view_mask(self, text_present: torch.Tensor, image_present: torch.Tensor) -> torch.Tensor | None:
         """bool [B, V]: views built from a present modality. None: every view is valid (a fused vector)."""
         return None
+
+
+def _check_views(strategy: FusionStrategy, args: tuple[Any, ...], kwargs: dict[str, Any], views: Any) -> None:
+    """A strategy's output must be [B, num_views, dim]: a plugin returning [B, dim] otherwise failed in the task
+    heads ("head built for 1 view(s), got 32"), naming neither the strategy nor the shape. Shapes only: no sync."""
+    batch = next(x.shape[0] for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor))  # every input's
+    expected = (batch, strategy.num_views, strategy.dim)
+    shape = tuple(views.shape) if isinstance(views, torch.Tensor) else None
+    if shape != expected:
+        name = strategy.name or type(strategy).__name__
+        got = f"shape {list(shape)}" if shape is not None else f"a {type(views).__name__}"
+        raise ValueError(f"fusion strategy {name!r} returned {got}; its forward must return views [B, num_views, "
+                         f"dim] = {list(expected)} (num_views = {strategy.num_views} is a class attribute of the "
+                         "strategy; a single fused vector [B, dim] needs .unsqueeze(1))")  # fmt: skip
 
 
 @register_fusion("cross_attention")

@@ -178,8 +178,8 @@ def test_a_setting_the_run_will_not_read_is_said_at_start(tmp_path, caplog) -> N
     assert "task weights {'sentiment': 2.0} have no effect" in said
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="fusionkit.training"):
-        Trainer(build_config(None, {**overrides, "model.freeze": "top_k", "optim.layer_decay": 0.8,
-                                    "run.name": "top"}))  # fmt: skip
+        Trainer(build_config(None, {**overrides, "model.freeze": "top_k", "model.text.trainable_layers": 1,
+                                    "optim.layer_decay": 0.8, "run.name": "top"}))  # fmt: skip
     assert not any("has no effect" in r.getMessage() for r in caplog.records)
     caplog.clear()  # image blocks that train on cached hidden states: augmentation cannot reach them
     top_image = {"model.freeze": "top_k", "model.image.trainable_layers": 1}

@@ -50,6 +50,13 @@ def test_a_file_path_found_only_from_the_working_directory_is_stored_absolute(tm
     cfg = build_config("sub/rel.yaml")
     assert cfg.data.dataset == str(table)  # absolute: `fusionkit eval RUN` works from any directory
     assert "relative to the file" in caplog.text
+    from transformers import BertModel
+
+    from fusionkit.models.tiny import tiny_bert_config
+
+    BertModel(tiny_bert_config()).save_pretrained(tmp_path / "e" / "enc")  # an encoder folder: absolute too, or a
+    (tmp_path / "e" / "sub" / "rel.yaml").write_text("model:\n  text:\n    name: enc\n")  # resume elsewhere reads
+    assert build_config("sub/rel.yaml").model.text.name == str(tmp_path / "e" / "enc")  # another folder of that name
     (tmp_path / "e" / "tiny").mkdir()  # a folder named as the built-in encoder: the name stays the built-in
     (tmp_path / "e" / "sub" / "rel.yaml").write_text("model:\n  image:\n    name: tiny\n")
     assert build_config("sub/rel.yaml").model.image.name == "tiny"

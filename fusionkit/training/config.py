@@ -278,9 +278,9 @@ def resolve_paths(flat: dict[str, Any], base: Path) -> dict[str, Any]:
     and the command line), so a config runs, and a run is evaluated, from any directory.
 
     Encoder names resolve only where that folder exists (else they are hub ids such as
-    `facebook/dinov2-small`). A data path that exists only relative to the working directory (configs
-    written before this rule) is stored as that absolute path, with a warning: a relative one would break
-    later commands run from elsewhere.
+    `facebook/dinov2-small`). A data path or encoder folder that exists only relative to the working directory
+    (configs written before this rule) is stored as that absolute path, with a warning: a relative one would
+    break later commands run from elsewhere, or (an encoder) read another folder of that name there.
     """
     out = dict(flat)
     for key in PATH_KEYS:
@@ -292,12 +292,13 @@ def resolve_paths(flat: dict[str, Any], base: Path) -> dict[str, Any]:
         candidate = Path(os.path.normpath(base / value))
         if candidate.exists():
             out[key] = str(candidate)
-        elif key.startswith("model."):
-            continue  # a hub id, a timm architecture or "tiny", unless a folder beside the file
-        elif Path(value).exists():
+        elif Path(value).exists() and (not key.endswith(".name") or (Path(value) / "config.json").is_file()):
+            # an encoder folder (its config.json) too: kept relative, a resume elsewhere would read another one
             out[key] = os.path.abspath(value)
             log.warning("%s: %s is not in %s (paths in a config file are relative to the file) but in the working "
                         "directory: using %s; write it relative to the config file", key, value, base, out[key])  # fmt: skip
+        elif key.startswith("model."):
+            continue  # a hub id, a timm architecture or "tiny", unless a folder beside the file or in the cwd
         else:
             out[key] = str(candidate)  # to be created there (split file, cache), or named in the error
     return out

@@ -38,8 +38,9 @@ class DataConfig:
     text_column: str = "text"  # table / HF dataset columns; task label columns are model.tasks[].column
     image_column: str = "image"
     id_column: str | None = "id"  # None or absent column: row numbers become ids
-    # What relative image paths of a Hugging Face dataset are relative to (a table file's: its own folder):
-    # default the working directory, recorded by the run so that eval and predict find the images from anywhere.
+    # What relative image paths are relative to. Default: a table file's own folder; a DataFrame's or Hugging Face
+    # dataset's, the working directory. Recorded by the run so that eval and predict find its images from anywhere
+    # (another --data file's images are read from that file's folder, or --image-root).
     image_root: str | None = None
     missing_text: str = "error"  # empty caption: "error" | "skip" the row | "keep" it image-only
     missing_image: str = "error"  # no image / file not found: "error" | "skip" | "keep" it text-only

@@ -45,6 +45,7 @@ from typing import Any
 
 from .config import ConfigError, load_config_file, to_dict
 from .training.config import IN_MEMORY, TASK_PREFIX
+from .training.rundir import RunDirError, run_dir_holding
 
 log = logging.getLogger("fusionkit.tune")
 
@@ -247,6 +248,10 @@ def tune(
     metric = cfg.run.metric or default_metric(tasks)
     check_metric(metric, tasks)  # before the study exists: a typo must not leave one behind that blocks the fix
     out = Path(output_dir or Path(cfg.run.output_dir) / f"tune-{cfg.run.name or 'run'}")
+    holder = run_dir_holding(out)
+    if holder is not None:  # its trials would be refused one by one, after the study's files were written there
+        raise RunDirError(f"the tune dir {out} is inside the run dir {holder}, which holds that run's files only: "
+                          "choose a folder outside it (--output-dir)")  # fmt: skip
     fingerprint = _data_fingerprint(cfg, data)  # reads the data: unreadable data leaves no tune dir behind
     encoders = encoder_identity(cfg)  # loads the encoders: a missing folder leaves no tune dir behind either
     out.mkdir(parents=True, exist_ok=True)

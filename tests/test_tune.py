@@ -353,6 +353,16 @@ def test_a_users_own_trials_csv_is_refused_before_anything_is_written(tmp_path: 
     assert (out / "trials.csv").read_text() == "trial,my score\n1,0.9\n"
 
 
+def test_a_tune_dir_inside_a_run_dir_is_refused_before_anything_is_written(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "runs" / "mine"
+    assert main(["train", "--data.dataset", "synthetic:48", "--optim.max_steps", "1", "--run.output_dir",
+                 str(run.parent), "--run.name", "mine", "--run.progress", "false", "--run.plots", "false"]) == 0  # fmt: skip
+    before = sorted(p.name for p in run.iterdir())
+    assert main(["tune", str(write_config(tmp_path)), "--output-dir", str(run), "--trials", "1"]) != 0
+    assert f"inside the run dir {run}" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == before  # no study.jsonl / trials.csv written into the run
+
+
 def test_a_trial_whose_values_make_an_invalid_config_fails_and_the_search_goes_on(tmp_path: Path, capsys) -> None:
     """Each value is valid alone (the space check passes), but dim 64 with 3 heads is not: that trial fails with
     its error in trials.csv, the others train. Trials that keep drawing invalid configs stop the search."""

@@ -164,6 +164,8 @@ def test_two_processes_train_and_evaluate_like_one(runs: Path) -> None:
     for x, y in zip(one, two):
         assert sorted(x) == sorted(y)
         for key, value in x.items():
+            if key == "val/match/loss":  # ITM's eval negatives are drawn within each rank's shard: another draw
+                continue
             assert y[key] == pytest.approx(value, rel=2e-4, abs=1e-6), key
     split = json.loads((runs / "split.json").read_text())
     assert json.loads((runs / "runs" / "ddp" / "split.json").read_text()) == split

@@ -298,6 +298,23 @@ def test_resume_without_last_names_the_newest_checkpoint_left(
     assert "run.name, run.output_dir cannot change it" in capsys.readouterr().err
 
 
+def test_a_resume_from_where_the_run_was_started_changes_no_config_key(
+    base: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run started with run.output_dir "runs" and resumed as --resume runs/NAME: the absolute path the CLI
+    gives is the same folder, not a change logged in resume_log.jsonl, and config.yaml is not rewritten."""
+    run = _copy(base, tmp_path, "run")  # its own name: not a change either
+    for name in ("config.yaml", "config.json"):  # as `fusionkit train --run.output_dir runs` saved it
+        text = (run / name).read_text()
+        assert text.count(str(base[0] / "runs")) == 1
+        (run / name).write_text(text.replace(str(base[0] / "runs"), "runs"))
+    saved = (run / "config.yaml").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--resume", "runs/run"]) == 0
+    assert json.loads((run / "resume_log.jsonl").read_text().splitlines()[-1])["config_changes"] == {}
+    assert (run / "config.yaml").read_bytes() == saved
+
+
 def test_old_symlink_layout_is_still_read(base: tuple[Path, Path], tmp_path: Path) -> None:
     run = _copy(base, tmp_path)
     target = RunDir(run).last.name

@@ -380,10 +380,21 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Keys naming a folder or file: "runs" and "/home/me/runs" (what `--resume` sets) are the same value.
+PATH_KEYS = frozenset({"run.output_dir", "data.dataset", "data.cache_dir", "data.image_root", "data.split_file"})
+
+
+def same_path(a: Any, b: Any) -> bool:
+    """Two path strings naming the same place from the current directory (`~` expanded)."""
+    return isinstance(a, str) and isinstance(b, str) and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
 def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, list[Any]]:
-    """{dotted key: [saved value, current value]} for every key that differs (or exists on one side only)."""
+    """{dotted key: [saved value, current value]} for every key that differs (or exists on one side only);
+    a path spelled another way (relative / absolute) is not a change."""
     a, b = flatten(saved), flatten(current)
-    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not (k in PATH_KEYS and same_path(a.get(k), b.get(k)))}  # fmt: skip
 
 
 def split_fingerprint(data: Any) -> str:

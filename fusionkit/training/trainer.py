@@ -733,7 +733,8 @@ class Trainer:
         if self.resume:
             self.run.log_resume({"from_step": self.step, "config_changes": self.config_changes,
                                  "data_changes": changed})  # fmt: skip
-        self.run.write_config(to_dict(self.cfg))
+        if not (self.resume and not self.config_changes and self.run.read_config() is not None):
+            self.run.write_config(to_dict(self.cfg))  # a resume that changes nothing leaves the saved config as it is
         self.run.write_data_fingerprint(fingerprint)
 
     def fit(self) -> dict[str, Any]:

@@ -990,7 +990,13 @@ _WARNED_NO_BEST: set[Path] = set()
 
 def _find_checkpoint_dir(directory: Path) -> Path:
     """Accept a model directory, a `last`/`best` pointer, or a run directory with the model in `best` or `last`."""
-    from ..training.rundir import checkpoint_step, follow_pointer, is_run_dir
+    from ..training.rundir import (
+        checkpoint_step,
+        damaged_checkpoint,
+        follow_pointer,
+        is_run_dir,
+        missing_files,
+    )
 
     if directory.is_file():  # a run dir's `best`/`last` pointer file
         if directory.name not in ("best", "last", "model"):
@@ -999,6 +1005,13 @@ def _find_checkpoint_dir(directory: Path) -> Path:
         directory = follow_pointer(directory)
     # a run dir's own root is never its model (a copy saved there by older versions must not shadow `best`)
     run = is_run_dir(directory)
+    best = directory / "best"
+    if run and (best.is_file() or best.is_symlink()):  # a damaged best is said, never replaced by another checkpoint
+        named, needed = follow_pointer(best), (CONFIG_NAME, WEIGHTS_NAME)
+        missing = missing_files(named, needed)
+        if missing:
+            raise FileNotFoundError(f"{directory} holds no usable model: "
+                                    + damaged_checkpoint(directory, "best", named, missing, needed))
     for candidate in ((), (directory,))[not run] + (directory / "best", directory / "model", directory / "last"):
         if candidate.is_file():
             candidate = follow_pointer(candidate)
@@ -1014,7 +1027,8 @@ def _find_checkpoint_dir(directory: Path) -> Path:
     if not directory.exists():
         raise FileNotFoundError(f"{directory} does not exist")
     raise FileNotFoundError(
-        f"{directory} holds no fusionkit model ({CONFIG_NAME} + {WEIGHTS_NAME}, directly or in best/ or last/)"
+        f"{directory} holds no fusionkit model ({CONFIG_NAME} + {WEIGHTS_NAME}, directly or in the checkpoint its "
+        "`best` or `last` pointer file names)"
     )
 
 

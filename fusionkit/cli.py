@@ -689,7 +689,11 @@ def _embed(args: argparse.Namespace) -> int:
         with _replacing(out) as tmp:
             pq.write_table(pa.table({"id": ds.ids, "embedding": list(vectors)}), tmp)
     else:
-        with _replacing(out) as tmp, _replacing(out.with_suffix(".ids.json")) as ids_tmp:
+        from .training.report import backup_number
+
+        ids = out.with_suffix(".ids.json")
+        number = backup_number(out, ids)  # vec.npy.~N~ and its ids, vec.ids.json.~N~
+        with _replacing(out, number) as tmp, _replacing(ids, number) as ids_tmp:
             with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name ending ".NPY"
                 np.save(f, vectors)
             ids_tmp.write_text(json.dumps(ds.ids, ensure_ascii=False), encoding="utf-8")
@@ -701,9 +705,10 @@ OUTPUT_SUFFIXES = {"eval": (".json",), "predict": (".csv", ".jsonl"), "embed": (
 
 
 @contextlib.contextmanager
-def _replacing(path: Path) -> Any:
+def _replacing(path: Path, backup: int | None = None) -> Any:
     """A temp file beside `path`, renamed over it once written: another name for the same file (a hard link
-    to a model's weights, a symlink to an image) keeps its bytes, and a failed write leaves no half file."""
+    to a model's weights, a symlink to an image) keeps its bytes, and a failed write leaves no half file.
+    A file already there is kept as `path.~N~` (`backup`: that N, shared with a companion file)."""
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     for stale in path.parent.glob(f".{glob.escape(path.stem)}.tmp-*{glob.escape(path.suffix)}"):
         pid = stale.name[len(path.stem) + 6 : len(stale.name) - len(path.suffix)]
@@ -713,7 +718,7 @@ def _replacing(path: Path) -> Any:
         yield tmp
         from .training.report import keep_previous
 
-        keep_previous(path)
+        keep_previous(path, backup)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -64,6 +64,19 @@ def test_eval_predict_embed(run_dir: Path, tmp_path: Path, capsys: pytest.Captur
     assert json.loads(vecs.with_suffix(".ids.json").read_text())[0] == "syn-000000"
 
 
+def test_embed_keeps_the_vectors_and_their_ids_under_one_backup_number(run_dir: Path, tmp_path: Path) -> None:
+    """A file of the user's at the --output, then two embeds: the first embed's vectors and ids are both kept
+    as ~2~ (the ids became ~1~ beside vectors ~2~ when each file took its own first free number)."""
+    vecs = tmp_path / "vec.npy"
+    vecs.write_text("hi\n")
+    for n in (20, 12):
+        assert main(["embed", str(run_dir / "best"), "--data", f"synthetic:{n}", "--output", str(vecs)]) == 0
+    assert (tmp_path / "vec.npy.~1~").read_text() == "hi\n"
+    assert np.load(tmp_path / "vec.npy.~2~").shape[0] == 20
+    assert len(json.loads((tmp_path / "vec.ids.json.~2~").read_text())) == 20
+    assert not (tmp_path / "vec.ids.json.~1~").exists() and np.load(vecs).shape[0] == 12
+
+
 def test_bad_input_gives_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--optim.lrr", "1"]) == 2
     assert "unknown key(s) ['lrr']" in capsys.readouterr().err

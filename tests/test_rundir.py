@@ -298,6 +298,43 @@ def test_resume_without_last_names_the_newest_checkpoint_left(
     assert "run.name, run.output_dir cannot change it" in capsys.readouterr().err
 
 
+def test_a_resume_from_where_the_run_was_started_changes_no_config_key(
+    base: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run started with run.output_dir "runs" and resumed as --resume runs/NAME: the absolute path the CLI
+    gives is the same folder, not a change logged in resume_log.jsonl, and config.yaml is not rewritten."""
+    run = _copy(base, tmp_path, "run")  # its own name: not a change either
+    for name in ("config.yaml", "config.json"):  # as `fusionkit train --run.output_dir runs` saved it
+        text = (run / name).read_text()
+        assert text.count(str(base[0] / "runs")) == 1
+        (run / name).write_text(text.replace(str(base[0] / "runs"), "runs"))
+    saved = (run / "config.yaml").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--resume", "runs/run"]) == 0
+    assert json.loads((run / "resume_log.jsonl").read_text().splitlines()[-1])["config_changes"] == {}
+    assert (run / "config.yaml").read_bytes() == saved
+
+
+def test_a_damaged_checkpoint_is_named_with_the_file_it_lacks_and_an_intact_one(
+    base: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _copy(base, tmp_path)
+    last, best = RunDir(run).last, RunDir(run).best
+    intact = [p for p in sorted((run / "checkpoints").glob("step-*")) if p not in (last, best)]
+    assert intact  # an earlier checkpoint the hint can name
+    earlier = f"checkpoints/{intact[-1].name}"
+    (last / "trainer_state.pt").unlink()
+    assert main(["train", "--resume", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert f"names checkpoints/{last.name}, which lacks trainer_state.pt" in err
+    assert f"echo {earlier} > {run / 'last'}" in err
+    (best / "model.safetensors").unlink()
+    assert main(["predict", str(run), "--split", "test", "--output", str(tmp_path / "p.csv")]) == 1
+    err = capsys.readouterr().err
+    assert f"its `best` pointer names checkpoints/{best.name}, which lacks model.safetensors" in err
+    assert f"echo {earlier} > {run / 'best'}" in err
+
+
 def test_old_symlink_layout_is_still_read(base: tuple[Path, Path], tmp_path: Path) -> None:
     run = _copy(base, tmp_path)
     target = RunDir(run).last.name

@@ -152,10 +152,53 @@ def test_a_resume_after_the_encoder_folder_moved_uses_the_runs_saved_encoders(tm
         Trainer(config(tmp_path, "new"))  # a new run cannot start without it ...
     with caplog.at_level("WARNING"):
         resumed = Trainer(config(tmp_path, "moved"), resume=True)  # ... a resume has its checkpoint's copy
-    assert "resuming with the encoders saved in" in caplog.text
+    assert "bert is gone or holds no config.json; the resume uses the encoders saved in" in caplog.text
     resumed.fit()
     ref_w, res_w = weights(reference), weights(resumed)
     assert all(torch.equal(ref_w[k], res_w[k]) for k in ref_w)
+
+
+def _tiny_bert_folder(folder: Path, shuffled: bool = False) -> None:
+    """A tiny BERT + its tokenizer; `shuffled`: another tokenizer for the same architecture (words renumbered)."""
+    from transformers import BertModel, BertTokenizerFast
+
+    from fusionkit.models.tiny import tiny_bert_config, tiny_vocab
+
+    BertModel(tiny_bert_config()).save_pretrained(folder)
+    tokens = list(tiny_vocab())
+    tokens = tokens[:5] + tokens[:4:-1] if shuffled else tokens  # the special tokens keep their ids
+    BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True).save_pretrained(folder)
+
+
+def test_a_resume_uses_its_checkpoints_tokenizer_whatever_the_encoder_folder_holds_now(tmp_path: Path, caplog) -> None:
+    """The folder refilled with another tokenizer (same architecture) between crash and resume: the resumed run
+    ends as an uninterrupted one (it read the folder's tokenizer before), says that the folder differs, and a
+    finished run resumed keeps its results as written (they were rewritten with the other tokenizer's numbers)."""
+    _tiny_bert_folder(tmp_path / "bert")
+    config = functools.partial(tiny_config, **{"model.text.name": str(tmp_path / "bert"), "model.text.pretrained": True})
+    reference = Trainer(config(tmp_path, "reference")).fit()
+
+    def crash_at_step_3(trainer: Trainer) -> None:
+        if trainer.step == 3:
+            raise RuntimeError("simulated crash")
+
+    interrupted = Trainer(config(tmp_path, "swapped"))
+    interrupted.step_callbacks.append(crash_at_step_3)
+    with pytest.raises(RuntimeError):
+        interrupted.fit()
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / "bert" / name).unlink(missing_ok=True)
+    _tiny_bert_folder(tmp_path / "bert", shuffled=True)
+    with caplog.at_level("WARNING"):
+        resumed = Trainer(config(tmp_path, "swapped"), resume=True).fit()
+    assert "bert now holds another tokenizer than the run trained with" in caplog.text
+    assert resumed["test"] == reference["test"] and resumed["best"] == reference["best"]
+
+    run = tmp_path / "runs" / "reference"
+    written = {name: (run / name).read_bytes() for name in ("summary.json", "predictions_val.csv", "predictions_test.csv")}
+    again = Trainer(config(tmp_path, "reference"), resume=True).fit()
+    assert again["test"] == reference["test"]
+    assert all((run / name).read_bytes() == data for name, data in written.items())
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -646,14 +646,7 @@ class FusionModel(nn.Module):
                                     "tokenizer): copy the whole model folder")  # fmt: skip
 
         def build() -> FusionModel:
-            text = TextEncoder.from_config(config.text, saved_dir=directory / "text_encoder")
-            # timm rebuilds from its name alone; a saved_dir still tells it not to fetch pretrained weights
-            image = ImageEncoder.from_config(config.image, saved_dir=directory / "image_encoder")
-            if "image_preprocess" in meta:
-                image.preprocess = from_dict(ImagePreprocess, meta["image_preprocess"])
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return cls(config, text, image)
+            return cls._build_on_saved_encoders(directory, config, meta)
 
         check_saved_shapes(directory / WEIGHTS_NAME, build)  # before allocating: configs may be tampered
         model = build()
@@ -666,6 +659,27 @@ class FusionModel(nn.Module):
             log.info("%s holds %s weights; they are loaded as float32 (from_pretrained(dtype='auto') keeps %s)",
                      directory, saved, saved)  # fmt: skip
         return model.to(device=map_location, dtype=dtype).eval()
+
+    @classmethod
+    def on_saved_encoders(cls, directory: str | Path, config: ModelConfig | None = None) -> FusionModel:
+        """A model of `config` (default: the saved one) on the encoders saved in `directory`, weights not loaded.
+
+        The encoders' configs, tokenizer and image preprocessing are the saved ones, never those of the
+        folders or hub ids the config names (which may hold something else by now): how a resumed run
+        continues with what it trained on."""
+        directory, meta, saved = cls._saved_config(directory)
+        return cls._build_on_saved_encoders(directory, config or saved, meta)
+
+    @classmethod
+    def _build_on_saved_encoders(cls, directory: Path, config: ModelConfig, meta: Mapping[str, Any]) -> FusionModel:
+        text = TextEncoder.from_config(config.text, saved_dir=directory / "text_encoder")
+        # timm rebuilds from its name alone; a saved_dir still tells it not to fetch pretrained weights
+        image = ImageEncoder.from_config(config.image, saved_dir=directory / "image_encoder")
+        if "image_preprocess" in meta:
+            image.preprocess = from_dict(ImagePreprocess, meta["image_preprocess"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cls(config, text, image)
 
     @classmethod
     def read_config(cls, directory: str | Path) -> ModelConfig:
@@ -976,7 +990,13 @@ _WARNED_NO_BEST: set[Path] = set()
 
 def _find_checkpoint_dir(directory: Path) -> Path:
     """Accept a model directory, a `last`/`best` pointer, or a run directory with the model in `best` or `last`."""
-    from ..training.rundir import checkpoint_step, follow_pointer, is_run_dir
+    from ..training.rundir import (
+        checkpoint_step,
+        damaged_checkpoint,
+        follow_pointer,
+        is_run_dir,
+        missing_files,
+    )
 
     if directory.is_file():  # a run dir's `best`/`last` pointer file
         if directory.name not in ("best", "last", "model"):
@@ -985,6 +1005,13 @@ def _find_checkpoint_dir(directory: Path) -> Path:
         directory = follow_pointer(directory)
     # a run dir's own root is never its model (a copy saved there by older versions must not shadow `best`)
     run = is_run_dir(directory)
+    best = directory / "best"
+    if run and (best.is_file() or best.is_symlink()):  # a damaged best is said, never replaced by another checkpoint
+        named, needed = follow_pointer(best), (CONFIG_NAME, WEIGHTS_NAME)
+        missing = missing_files(named, needed)
+        if missing:
+            raise FileNotFoundError(f"{directory} holds no usable model: "
+                                    + damaged_checkpoint(directory, "best", named, missing, needed))
     for candidate in ((), (directory,))[not run] + (directory / "best", directory / "model", directory / "last"):
         if candidate.is_file():
             candidate = follow_pointer(candidate)
@@ -1000,7 +1027,8 @@ def _find_checkpoint_dir(directory: Path) -> Path:
     if not directory.exists():
         raise FileNotFoundError(f"{directory} does not exist")
     raise FileNotFoundError(
-        f"{directory} holds no fusionkit model ({CONFIG_NAME} + {WEIGHTS_NAME}, directly or in best/ or last/)"
+        f"{directory} holds no fusionkit model ({CONFIG_NAME} + {WEIGHTS_NAME}, directly or in the checkpoint its "
+        "`best` or `last` pointer file names)"
     )
 
 

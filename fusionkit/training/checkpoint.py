@@ -26,9 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .rundir import RunDir, follow_pointer, saved_checkpoints
+from .rundir import STATE_NAME, RunDir, follow_pointer, saved_checkpoints
 
-STATE_NAME = "trainer_state.pt"
 FROZEN_WEIGHTS = "frozen_encoders.safetensors"
 
 

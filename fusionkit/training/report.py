@@ -128,14 +128,24 @@ def write_predictions(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
     return path
 
 
-def keep_previous(path: Path) -> Path | None:
+def backup_number(*paths: Path) -> int:
+    """The first N for which no `PATH.~N~` exists for any of `paths`: a file and its companions (vectors and
+    their ids file) are kept under one number, so that each backup's companion is found by its name."""
+    n = 1
+    while any(path.with_name(f"{path.name}.~{n}~").exists() for path in paths):
+        n += 1
+    return n
+
+
+def keep_previous(path: Path, number: int | None = None) -> Path | None:
     """An existing file at an --output is kept as `NAME.~N~` (GNU `cp --backup=numbered`), never lost: it may
-    be an earlier result, or a file of the user's that the name happened to match."""
+    be an earlier result, or a file of the user's that the name happened to match. `number`: the N to use
+    (`backup_number` of the file and its companions); by default the first free one for `path` alone."""
     if not path.is_file() or path.is_symlink() or path.stat().st_size == 0:
         return None
-    n = 1
-    while (backup := path.with_name(f"{path.name}.~{n}~")).exists():
-        n += 1
+    backup = path.with_name(f"{path.name}.~{number}~")
+    if number is None or backup.exists():  # never replaces an earlier backup
+        backup = path.with_name(f"{path.name}.~{backup_number(path)}~")
     try:
         os.link(path, backup)  # the same bytes under a second name; the rename below then replaces only `path`
     except OSError:

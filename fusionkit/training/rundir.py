@@ -29,7 +29,7 @@ import shutil
 import socket
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,9 @@ NAME_EXISTS = ("error", "increment")
 # The checkpoint folders fusionkit writes: step-00000120, or step-00000120-1 for the same step saved twice.
 # Anything else under checkpoints/ (`step-00000120-keep`, `step-00000120 (copy)`) is the user's: never pruned.
 CHECKPOINT_NAME = re.compile(r"step-(\d{8})(?:-\d+)?")
+STATE_NAME = "trainer_state.pt"
+# what a resume reads from its `last` checkpoint: the model (as `FusionModel.from_pretrained`) and the trainer state
+RESUME_FILES = ("config.json", "model.safetensors", STATE_NAME)
 RUN_FILES = frozenset({
     LOCK, *POINTERS, CHECKPOINTS, "config.yaml", "config.json", "data_fingerprint.json", "resume_log.jsonl",
     "split.json", "metrics.jsonl", "summary.json", "skipped_rows.jsonl", "skipped_labels.jsonl", "curves.png",
@@ -155,6 +158,10 @@ class RunDir:
             raise FileNotFoundError(f"nothing to resume: {run.path} has no checkpoint (no `last` pointer; it stopped "
                                     "before its first save): train it afresh under another run.name, or delete the "
                                     "folder and run the same command without --resume")  # fmt: skip
+        missing = missing_files(run.last, RESUME_FILES)
+        if missing:
+            raise FileNotFoundError(f"cannot resume {run.path}: " + damaged_checkpoint(run.path, "last", run.last,
+                                                                                       missing, RESUME_FILES))  # fmt: skip
         run.lock()
         return run
 
@@ -312,6 +319,24 @@ def saved_checkpoints(run_path: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: (checkpoint_step(p), len(p.name), p.name))
 
 
+def missing_files(checkpoint: Path, needed: Sequence[str]) -> list[str]:
+    """The `needed` files a checkpoint folder lacks (deleted, or a copy that left them out)."""
+    return [name for name in needed if not (checkpoint / name).is_file()]
+
+
+def damaged_checkpoint(run_path: Path, pointer: str, checkpoint: Path, missing: Sequence[str],
+                       needed: Sequence[str]) -> str:  # fmt: skip
+    """What a `pointer` names that cannot be used, and the command that points it at the newest intact checkpoint."""
+    root = Path(run_path).resolve()
+    named = Path(os.path.relpath(checkpoint.resolve(), root)).as_posix()
+    intact = [p for p in saved_checkpoints(run_path)
+              if p.resolve() != checkpoint.resolve() and not missing_files(p, needed)]  # fmt: skip
+    newest = Path(os.path.relpath(intact[-1].resolve(), root)).as_posix() if intact else None
+    return (f"its `{pointer}` pointer names {named}, which lacks {' and '.join(missing)} (deleted or damaged); "
+            + (f"the newest intact checkpoint is {newest}: echo {newest} > {Path(run_path) / pointer} to use it"
+               if newest else "no intact checkpoint is left: train it afresh under another run.name"))  # fmt: skip
+
+
 def _own_hint(holder: str) -> str:
     if holder.startswith(f"{os.getpid()}@"):
         return " (the holder is this process: an earlier Trainer that failed or was never fit; delete it)"
@@ -380,10 +405,21 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Keys naming a folder or file: "runs" and "/home/me/runs" (what `--resume` sets) are the same value.
+PATH_KEYS = frozenset({"run.output_dir", "data.dataset", "data.cache_dir", "data.image_root", "data.split_file"})
+
+
+def same_path(a: Any, b: Any) -> bool:
+    """Two path strings naming the same place from the current directory (`~` expanded)."""
+    return isinstance(a, str) and isinstance(b, str) and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
 def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, list[Any]]:
-    """{dotted key: [saved value, current value]} for every key that differs (or exists on one side only)."""
+    """{dotted key: [saved value, current value]} for every key that differs (or exists on one side only);
+    a path spelled another way (relative / absolute) is not a change."""
     a, b = flatten(saved), flatten(current)
-    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not (k in PATH_KEYS and same_path(a.get(k), b.get(k)))}  # fmt: skip
 
 
 def split_fingerprint(data: Any) -> str:

@@ -45,7 +45,6 @@ from ..data.cache import SplitView
 from ..data.dataset import MultimodalDataset
 from ..data.sources.registry import source_name
 from ..models import FusionModel, create_model, model_inputs
-from ..models.encoders import EncoderFolderMissing
 from ..precision import choose_precision
 from ..tasks import bind_labels, create_task, fit_train_statistics
 from . import checkpoint as ckpt
@@ -265,6 +264,44 @@ def _classes_seen(part: Any, task: str) -> set[int]:
     return seen
 
 
+# config.json keys that name where an encoder was read from or written by, not what it computes
+_CONFIG_PROVENANCE = frozenset({"architectures", "transformers_version", "torch_dtype", "dtype"})
+
+
+def encoder_folder_changes(model: Any, checkpoint: Path) -> list[str]:
+    """How the local encoder folders `model` (a ModelConfig) names differ from the encoders saved in `checkpoint`:
+    gone, or another config.json or tokenizer vocabulary (a folder refilled since the run started)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    def settings(folder: Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        values = AutoConfig.from_pretrained(folder, **overrides).to_dict()
+        return {k: v for k, v in values.items() if not k.startswith("_") and k not in _CONFIG_PROVENANCE}
+
+    out = []
+    sides = [("model.text.name", model.text, "text_encoder", model.text.config_overrides)]
+    if model.image.backend == "hf":  # timm builds from its name: no folder of its own to change
+        sides.append(("model.image.name", model.image, "image_encoder", model.image.model_kwargs))
+    for key, side, saved, overrides in sides:
+        folder = Path(side.name).expanduser()
+        if not (folder.is_absolute() or side.name.startswith((".", "~")) or folder.exists()):
+            continue  # a preset or hub id: nothing local that could have been refilled
+        if not (folder / "config.json").is_file():
+            out.append(f"{key}: the encoder folder {side.name} is gone or holds no config.json")
+            continue
+        try:
+            changed = [what for what, differs in (
+                ("config.json", settings(folder, overrides) != settings(checkpoint / saved, {})),
+                ("tokenizer", key == "model.text.name" and AutoTokenizer.from_pretrained(folder).get_vocab()
+                 != AutoTokenizer.from_pretrained(checkpoint / saved).get_vocab()),
+            ) if differs]  # fmt: skip
+        except (OSError, ValueError) as e:
+            changed = [f"content (it no longer loads: {type(e).__name__})"]
+        if changed:
+            out.append(f"{key}: the encoder folder {side.name} now holds another {' and '.join(changed)} than "
+                       f"the run trained with")  # fmt: skip
+    return out
+
+
 def data_source_name(data: Any) -> str:
     """The data.dataset a config records for `data` passed in Python: its path, or `in-memory:<type>`, which
     no later run reads (it must be given the data again), never the config's own dataset."""
@@ -370,16 +407,18 @@ class Trainer:
         seed_everything(cfg.run.seed, cfg.run.deterministic)
 
     def _create_model(self) -> FusionModel:
-        """The model the config names; a resumed run whose encoder folder moved or was deleted is rebuilt from
-        the encoders its own last checkpoint saved (their weights are loaded from it anyway)."""
-        try:
+        """The model the config names. A resume rebuilds it on the encoders its last checkpoint saved (configs,
+        tokenizer, image preprocessing; their weights are loaded from it anyway): what the encoder folders hold
+        now (moved, deleted, another tokenizer) cannot change a run that is continued."""
+        last = self.run.last if self.resume else None
+        if last is None or not (last / "text_encoder").is_dir():
             return create_model(self.cfg.model)
-        except EncoderFolderMissing as e:
-            last = self.run.last if self.resume else None
-            if last is None:
-                raise
-            log.warning("%s: resuming with the encoders saved in %s", e, last)
-            return FusionModel.from_pretrained(last).train()
+        if self.is_main:
+            differences = encoder_folder_changes(self.cfg.model, last)
+            if differences:
+                log.warning("%s; the resume uses the encoders saved in %s, as the run trained with", "; ".join(differences),
+                            last)  # fmt: skip
+        return FusionModel.on_saved_encoders(last, self.cfg.model).train()
 
     def _abandon_run(self) -> None:
         """Set-up failed (bad data, a wrong metric...): release the lock; a fresh run dir that holds no
@@ -694,7 +733,8 @@ class Trainer:
         if self.resume:
             self.run.log_resume({"from_step": self.step, "config_changes": self.config_changes,
                                  "data_changes": changed})  # fmt: skip
-        self.run.write_config(to_dict(self.cfg))
+        if not (self.resume and not self.config_changes and self.run.read_config() is not None):
+            self.run.write_config(to_dict(self.cfg))  # a resume that changes nothing leaves the saved config as it is
         self.run.write_data_fingerprint(fingerprint)
 
     def fit(self) -> dict[str, Any]:
@@ -707,10 +747,15 @@ class Trainer:
             self._write_config()  # on resume, refuses a changed config or data first
             if self.resume:
                 log.info("resumed from %s (epoch %d, step %d)", self.run.last, self.epoch, self.step)
-                if self.step >= self.total_steps and self.is_main:  # nothing left: say it, rather than seem to train
-                    log.warning("%s had finished (step %d of %d): its best checkpoint is evaluated again; to train "
-                                "on, raise optim.epochs or optim.max_steps (--accept-changes)", self.run_dir,
-                                self.step, self.total_steps)  # fmt: skip
+                if self.step >= self.total_steps:  # nothing left: say it, rather than seem to train
+                    saved = self.run.file("summary.json")
+                    if self.is_main:
+                        log.warning("%s had finished (step %d of %d): %s; to train on, raise optim.epochs or "
+                                    "optim.max_steps (--accept-changes)", self.run_dir, self.step, self.total_steps,
+                                    f"its results stay as written (fusionkit eval {self.run_dir} evaluates it again)"
+                                    if saved.is_file() else "its best checkpoint is evaluated")  # fmt: skip
+                    if saved.is_file():  # its summary and predictions are the run's record: never rewritten
+                        return json.loads(saved.read_text(encoding="utf-8"))
             if self.cfg.run.report_to:
                 self.accelerator.init_trackers(self.run_dir.name, config=_scalar_config(to_dict(self.cfg)))
             start = self.fit_start = time.perf_counter()

@@ -254,3 +254,16 @@ def test_move_batch_recurses_into_labels() -> None:
     assert moved["labels"]["s"].tolist() == [1, 0] and moved["label_mask"]["s"].tolist() == [True, False]
     assert moved["pixel_values"].dtype == torch.float32 and moved["ids"] == ["i2", "i3"]
     assert batch["pixel_values"].dtype == torch.uint8  # the input batch is not modified
+
+
+def test_the_synthetic_data_cards_split_table_is_what_split_dataset_gives() -> None:
+    """data_cards/synthetic.md states the built-in dataset's split sizes and class counts: they must stay true."""
+    from collections import Counter
+
+    from fusionkit.data import make_synthetic, split_dataset
+
+    card = (Path(__file__).parents[1] / "data_cards" / "synthetic.md").read_text()
+    for split, part in split_dataset(make_synthetic(2000)).items():
+        counts = Counter(ex.labels["sentiment"] for ex in part)
+        row = f"| {split} | {len(part):,} | {counts['positive']} | {counts['neutral']} | {counts['negative']} |"
+        assert row in card, row

@@ -420,3 +420,21 @@ def test_a_tasks_own_val_loss_can_select_checkpoints_when_there_are_several(tmp_
     assert summary["metric"] == "val/aux/loss" and summary["best"] == summary["val"]["val/aux/loss"]
     with pytest.raises(ConfigError, match="val/sentiment/loss"):
         Trainer(tiny_config(tmp_path, "one", **{"run.metric": "val/sentiment/loss"}))
+
+
+def test_train_takes_overrides_from_python_as_the_command_line_does(tmp_path: Path) -> None:
+    """`fusionkit.train(config, overrides={...})`: dotted keys (a task's option too) over a file, dict or TrainConfig."""
+    import yaml
+
+    import fusionkit
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data": {"dataset": "synthetic:60"}, "optim": {"epochs": 3},
+                                    "run": {"output_dir": str(tmp_path / "runs"), "progress": False, "plots": False}}))  # fmt: skip
+    overrides = {"optim.epochs": 1, "run.name": "o", "model.tasks.sentiment.label_smoothing": 0.1}
+    fusionkit.train(str(path), overrides=overrides)
+    saved = yaml.safe_load((tmp_path / "runs" / "o" / "config.yaml").read_text())
+    assert saved["optim"]["epochs"] == 1 and saved["model"]["tasks"][0]["label_smoothing"] == 0.1
+    fusionkit.train(build_config(path), overrides={"run.name": "o2", "optim.max_steps": 2})
+    saved = yaml.safe_load((tmp_path / "runs" / "o2" / "config.yaml").read_text())
+    assert saved["optim"]["max_steps"] == 2 and saved["optim"]["epochs"] == 3

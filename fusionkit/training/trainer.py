@@ -975,14 +975,18 @@ def train(
     resume: bool = False,
     accept_changes: bool = False,
     data: Any = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train from a config (a `TrainConfig`, a dict, a YAML/JSON path); the entry point behind `fusionkit train`.
+
+    `overrides`: dotted keys set on top of the config, as the command line's `--optim.lr 1e-4` does
+    (`{"optim.lr": 1e-4, "model.tasks.mood.label_smoothing": 0.1}`); their relative paths are the working directory's.
 
     `data`: train on an in-memory pandas DataFrame, `datasets.Dataset`/`DatasetDict` or
     `MultimodalDataset` instead of `config.data.dataset`.
 
     `accept_changes`: let a resume go on with a config or data that differ from the saved run
     (recorded in the run dir's resume_log.jsonl); without it such a resume is refused."""
-    if not isinstance(config, TrainConfig):
-        config = build_config(config)
+    if not isinstance(config, TrainConfig) or overrides:
+        config = build_config(to_dict(config) if isinstance(config, TrainConfig) else config, dict(overrides or {}))
     return Trainer(config, resume=resume, accept_changes=accept_changes, data=data).fit()

@@ -10,8 +10,9 @@ crop as the training cache, so vectors match what the model saw in training.
     vecs, ids = embed(model, dataset, return_ids=True)                      # ids beside the rows
     out = embed(model, texts, images, modalities=("joint", "text", "image"))  # dict, one encoder pass
 
-Which vectors are comparable: "text" and "image" vectors share a space only for a model trained with
-a contrastive (or ITM) task; otherwise compare joint with joint, text with text, image with image.
+Which vectors are comparable, within one model: "text" and "image" vectors share a space only for a model trained
+with a contrastive task (ITM alone does not align them); otherwise compare joint with joint, text with text, image
+with image.
 """
 
 from __future__ import annotations

@@ -115,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="a row or image that cannot be read: raise naming it, or skip it and report it "
                         "(default: the run's data.on_error)")  # fmt: skip
         for col in ("text", "image", "id"):
-            sp.add_argument(f"--{col}-column", help=f"column of the {col}s in --data (default: the run's data.{col}_column)")
+            sp.add_argument(f"--{col}-column", help=f"column of the {col}s in --data (default: the data.{col}_column "
+                            "of the run, or that a saved model recorded)")
         sp.add_argument("--image-root", type=_folder, metavar="DIR",
                         help="folder that relative image paths are read from (default: the folder of a --data "
                         "file; of the run's own data, the run's data.image_root)")  # fmt: skip
@@ -351,10 +352,11 @@ def _progress(args: argparse.Namespace) -> bool:
     return saved.get("progress", True) is not False
 
 
-def _run_data_config(args: argparse.Namespace) -> tuple[Any, Path | None]:
+def _run_data_config(args: argparse.Namespace, model: Any = None) -> tuple[Any, Path | None]:
     """The run's `data` config (columns, policies, dataset) when the checkpoint is in a run dir, and that dir,
     with the command line's choices. The run's `data.image_root` is where its own data's images are: another
-    `--data` file's relative paths are read from that file's folder (or `--image-root`), never from it."""
+    `--data` file's relative paths are read from that file's folder (or `--image-root`), never from it.
+    A model folder (`save_pretrained`) has no run config: its columns are those the model saved (`model`)."""
     import dataclasses
 
     from .config import from_dict
@@ -366,6 +368,8 @@ def _run_data_config(args: argparse.Namespace) -> tuple[Any, Path | None]:
         saved = json.loads((run_dir / "config.json").read_text()).get("data", {})
         known = {f.name for f in dataclasses.fields(DataConfig)}
         data = from_dict(DataConfig, {k: v for k, v in saved.items() if k in known}, "data")
+    elif model is not None:
+        data = dataclasses.replace(data, **model.data_columns)
     changes = {f"{c}_column": getattr(args, f"{c}_column") for c in ("text", "image", "id")}
     data = dataclasses.replace(data, **{k: v for k, v in changes.items() if v is not None})
     if args.cache_dir:
@@ -394,7 +398,7 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
     from .training.feature_cache import build_features
     from .training.trainer import IN_MEMORY, cache_root, reader_kwargs
 
-    data, run_dir = _run_data_config(args)
+    data, run_dir = _run_data_config(args, model)
     if getattr(args, "label_column", None):
         model.config.tasks = _label_columns(model.config.tasks, args.label_column)
     if args.data is None and run_dir is None:

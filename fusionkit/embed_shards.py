@@ -171,11 +171,7 @@ def _start(out: Path, settings: dict[str, Any], rank: int) -> dict[str, Any]:
             manifest = json.loads(path.read_text())
             changed = {k: (manifest.get(k), v) for k, v in settings.items() if manifest.get(k) != v}
             if changed:
-                error = (
-                    f"{out} holds an embedding made with other settings or data "
-                    + ", ".join(f"{k}={was!r} (now {now!r})" for k, (was, now) in changed.items())
-                    + "; resume with the same settings or write to a new directory"
-                )
+                error = _mismatch(out, changed)
         elif held := sorted(p.name for p in out.iterdir() if not p.name.startswith(".shard-")):
             # shards without a manifest are nobody's to adopt (another model's vectors), nor are a user's files
             error = (f"{out} holds files but no {MANIFEST} ({', '.join(held[:5])}): write the shards to a new or "
@@ -190,6 +186,25 @@ def _start(out: Path, settings: dict[str, Any], rank: int) -> dict[str, Any]:
         raise ConfigError(error)
     D.barrier()
     return json.loads((out / MANIFEST).read_text())
+
+
+def _mismatch(out: Path, changed: dict[str, tuple[Any, Any]]) -> str:
+    """Why `out`'s embedding is not this one, in words: the data and model entries are hashes, which say
+    nothing to a user, so they are named as other rows / another model, and only settings show their values."""
+    data, model = changed.pop("data", None), changed.pop("model", None)
+    what = []
+    if data is not None:
+        stream = "earlier" if data[0] is None else "now" if data[1] is None else None
+        what.append(f"of rows given as a stream {stream} (no fingerprint to compare)" if stream
+                    else "of other rows (the data's fingerprint differs)")  # fmt: skip
+    if model is not None:
+        what.append("by another model (its weights' fingerprint differs)")
+    if changed:
+        what.append("made with other settings: " + ", ".join(f"{k}={was!r} (now {now!r})"
+                                                             for k, (was, now) in changed.items()))  # fmt: skip
+    keep = "" if data or model else "rerun with its settings to resume or reuse it, "
+    return (f"{out} holds an embedding {', '.join(what)}: {keep}write to another directory, or delete {out} to "
+            "embed anew there")  # fmt: skip
 
 
 def _finish(out: Path, manifest: dict[str, Any], expected_rows: int | None) -> dict[str, Any]:

@@ -192,3 +192,17 @@ def test_one_sided_warnings_name_the_cli_input_and_embed_of_a_caption_file_does_
         assert main(["embed", str(csv_run), "--data", str(table), "--image-column", "",
                      "--output", str(tmp_path / "v.npy")]) == 0  # fmt: skip
     assert "writing text vectors" in caplog.text and "other side alone" not in caplog.text
+
+
+def test_a_broken_image_path_gets_a_hint_that_fits_embed_as_well_as_predict(
+    csv_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """embed was told to 'empty the cell to predict that row from its caption alone' (predict's wording)."""
+    table = tmp_path / "broken.csv"
+    table.write_text("id,text,image\nb0,a lovely day,pics/gone.png\n")
+    for command, out in (("embed", "v.npy"), ("predict", "p.csv")):
+        assert main([command, str(csv_run), "--data", str(table), "--output", str(tmp_path / out)]) == 1
+        err = capsys.readouterr().err
+        assert "broken.csv:2, item b0: image file not found: 'pics/gone.png'" in err
+        assert "Fix the path, or empty the cell (the row is then read from its caption alone); --on-error skip" in err
+        assert "to predict that row" not in err

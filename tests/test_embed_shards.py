@@ -89,11 +89,19 @@ def test_resume_with_other_settings_is_refused(tmp_path: Path, model: FusionMode
     with pytest.raises(ConfigError, match=r"shard_size=4 \(now 5\)"):
         embed_to_shards(model, data, tmp_path / "out", shard_size=5, batch_size=SHARD, precision="fp32")
     other = create_model("tiny", fusion={"strategy": "gated"})
-    with pytest.raises(ConfigError, match="model="):
+    with pytest.raises(ConfigError, match=r"by another model \(its weights' fingerprint differs\): write to"):
         shards(other, data, tmp_path / "out")
     edited = data.subset(list(reversed(data.ids)))  # the same ids, rows reordered: old shards would not match
-    with pytest.raises(ConfigError, match="data="):
+    with pytest.raises(ConfigError, match=r"of other rows \(the data's fingerprint differs\): write to"):
         shards(model, edited, tmp_path / "out")
+    with pytest.raises(ConfigError) as e:  # the hashes say nothing to a user: rows vs settings, and what to do
+        embed_to_shards(model, data.subset(data.ids[:8]), tmp_path / "out", shard_size=SHARD, batch_size=2,
+                        precision="fp32")  # fmt: skip
+    assert str(e.value) == (f"{tmp_path / 'out'} holds an embedding of other rows (the data's fingerprint differs), "
+                            "made with other settings: batch_size=4 (now 2): write to another directory, or delete "
+                            f"{tmp_path / 'out'} to embed anew there")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"other settings: batch_size=4 \(now 2\): rerun with its settings to resume"):
+        embed_to_shards(model, data, tmp_path / "out", shard_size=SHARD, batch_size=2, precision="fp32")
     foreign = tmp_path / "foreign"  # shards copied without their manifest: another model's vectors, not adopted
     foreign.mkdir()
     shutil.copy(tmp_path / "out" / "shard-00000.parquet", foreign)
@@ -205,7 +213,7 @@ def test_other_rows_given_as_a_list_are_refused_not_answered_with_old_vectors(
         shards(model, [dict(r) for r in rows], out)  # the same rows again: reused, and said so
     assert "nothing to do; reusing it" in caplog.text
     other = _dict_rows(data, texts=[f"another caption {i}" for i in range(N)])
-    with pytest.raises(ConfigError, match="data="):
+    with pytest.raises(ConfigError, match="of other rows"):
         shards(model, other, out)
     # rows as a DataFrame (empty cells: missing sides) embed as the same rows given as a list
     pd = pytest.importorskip("pandas")
@@ -225,7 +233,7 @@ def test_other_rows_as_a_datasets_dataset_or_a_stream_are_refused(tmp_path: Path
     """Rows with no content hash of their own used to get the folder's old vectors back (a warning only)."""
     hf = data.to_hf()
     shards(model, hf, tmp_path / "hf")
-    with pytest.raises(ConfigError, match="data="):  # an in-memory Dataset is hashed by its rows
+    with pytest.raises(ConfigError, match="of other rows"):  # an in-memory Dataset is hashed by its rows
         shards(model, hf.select(range(N // 2)), tmp_path / "hf")
     assert read_embeddings(tmp_path / "hf")[0] == data.ids  # kept as it was
     stream = tmp_path / "stream"

@@ -269,3 +269,19 @@ def test_a_folder_without_an_image_processor_is_warned_about_once(tmp_path: Path
         _hf_vision("vit", tmp_path)
         ImageEncoder.from_config(ImageEncoderConfig(backend="hf", name=str(tmp_path / "vit")))
     assert caplog.text.count("has no image processor config") == 1
+
+
+def test_top_k_pooling_below_the_trainable_blocks_says_so_not_to_change_the_freeze(tmp_path: Path, capsys) -> None:
+    """The pool_layers error was wrapped in 'cannot train them on cached hidden states; use model.freeze: encoders',
+    which is the wrong fix: the user is to train more blocks or pool fewer layers."""
+    from fusionkit.cli import main
+
+    argv = ["train", "--data.dataset", "synthetic:48", "--model.freeze", "top_k", "--optim.max_steps", "1",
+            "--model.text.trainable_layers", "1", "--model.image.trainable_layers", "1",
+            "--model.text.pool_layers", "2", "--model.image.pool_layers", "2",
+            "--run.output_dir", str(tmp_path / "runs"), "--data.cache_dir", str(tmp_path / "cache")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "model.text.pool_layers=2 reaches below the 1 trainable top blocks" in err
+    assert "set model.text.trainable_layers to at least 2" in err
+    assert "running them apart fails" not in err and "model.freeze: encoders" not in err

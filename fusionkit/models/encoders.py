@@ -141,8 +141,9 @@ class Encoder(nn.Module):
         norm = self.final_norm()
         if len(outs) < self.pool_layers:
             raise ConfigError(
-                f"pool_layers={self.pool_layers} reaches below the {len(outs)} trainable top blocks run on cached "
-                "hidden states: train at least that many blocks, or pool fewer layers"
+                f"{self.config_key}.pool_layers={self.pool_layers} reaches below the {len(outs)} trainable top "
+                f"blocks run on cached hidden states: set {self.config_key}.trainable_layers to at least "
+                f"{self.pool_layers}, or pool fewer layers"
             )
         outs = [norm(o) if norm is not None else o for o in outs[-self.pool_layers :]]
         return outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)
@@ -200,6 +201,8 @@ class Encoder(nn.Module):
             args, kwargs = self.block_call(start, *inputs)
             extras = self.unpassed_block_inputs(args, kwargs)
             top = self.forward_from(args[0] if args else kwargs["hidden_states"], start, mask)
+        except ConfigError:  # a setting that does not fit the split (pool_layers): its own message says what to do
+            raise
         except Exception as e:  # its layers want inputs the adapter does not give (rotary tables, sizes, ...)
             why = f"running them apart fails ({type(e).__name__}: {e})"
         else:

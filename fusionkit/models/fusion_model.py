@@ -43,6 +43,7 @@ from .heads import MultiTaskLoss
 log = logging.getLogger("fusionkit")
 
 CONFIG_NAME = "config.json"
+DATA_COLUMNS = ("text_column", "image_column", "id_column")  # the `data` keys a model keeps from its training run
 WEIGHTS_NAME = "model.safetensors"
 # Parameters a fusionkit 0.1 checkpoint lacks (the missing-modality placeholders): loaded with a warning.
 ADDED_SINCE_0_1 = frozenset({"text_placeholder", "image_placeholder"})
@@ -122,6 +123,9 @@ class FusionModel(nn.Module):
         # sides ("caption", "image") the training rows were allowed to lack (data.missing_*: keep): saved with
         # the model, so a reloaded one does not warn that it never learned to predict without them
         self.trained_without: tuple[str, ...] = ()
+        # the columns its training run read ({"text_column": "caption", ...}): saved with the model, so predict,
+        # eval and embed of a model folder read a new file by them, as they do with the run dir's config
+        self.data_columns: dict[str, str | None] = {}
         self.text_placeholder = nn.Parameter(nn.init.trunc_normal_(torch.empty(dim), std=0.02))
         self.image_placeholder = nn.Parameter(nn.init.trunc_normal_(torch.empty(dim), std=0.02))
         self.fusion = create_fusion(config.fusion)
@@ -625,6 +629,7 @@ class FusionModel(nn.Module):
             "model": to_dict(self.config),
             "image_preprocess": to_dict(self.image_preprocess),
             "trained_without": list(self.trained_without),
+            "data_columns": dict(self.data_columns),
         }
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
         return directory
@@ -652,6 +657,7 @@ class FusionModel(nn.Module):
         model = build()
         model.load_weights(directory / WEIGHTS_NAME)
         model.trained_without = tuple(meta.get("trained_without", ()))
+        model.data_columns = {k: v for k, v in meta.get("data_columns", {}).items() if k in DATA_COLUMNS}
         saved = _saved_float_dtype(directory / WEIGHTS_NAME)
         if dtype == "auto":
             dtype = saved

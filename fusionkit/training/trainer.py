@@ -45,6 +45,7 @@ from ..data.cache import SplitView
 from ..data.dataset import MultimodalDataset
 from ..data.sources.registry import source_name
 from ..models import FusionModel, create_model, model_inputs
+from ..models.fusion_model import DATA_COLUMNS
 from ..precision import choose_precision
 from ..tasks import bind_labels, create_task, fit_train_statistics
 from . import checkpoint as ckpt
@@ -360,6 +361,8 @@ class Trainer:
         train = list(parts["train"])
         self.model.trained_without = tuple(side for side, absent in (("caption", any(ex.text is None for ex in train)),
                                                                      ("image", any(ex.image is None for ex in train))) if absent)
+        # the columns it read, saved with it: predict / eval / embed of a model folder read a new file by them
+        self.model.data_columns = {k: getattr(cfg.data, k) for k in DATA_COLUMNS}
         self.precision = choose_precision(cfg.run.precision, self.device)
         self.amp = self.precision.dtype
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp is torch.float16)

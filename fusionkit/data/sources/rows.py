@@ -361,7 +361,8 @@ class RowReader:
         path = resolve_image_path(value, self.image_root, where=where, item=item)
         if path is None:
             own = self.opts.missing_image_file  # prediction: an empty cell is kept, a broken path is not
-            hint = ("fix the path, or empty the cell to predict that row from its caption alone" if own else
+            hint = ("fix the path, or empty the cell (the row is then read from its caption alone); --on-error skip "
+                    "(on_error='skip') leaves such rows out" if own else
                     "fix the path, or set data.missing_image=skip to leave such rows out")  # fmt: skip
             problem = (f"image file not found: {value!r} (looked for {os.path.join(self.image_root, value)}; "
                        f"relative paths are read from {self.image_root}, {self.root_from})")  # fmt: skip

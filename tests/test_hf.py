@@ -16,6 +16,7 @@ from fusionkit.models.fusion_model import model_inputs
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("hf") / "model"
+    torch.manual_seed(0)  # its initial weights, not whatever the tests before it left the global RNG at
     create_model("tiny").save_pretrained(path)
     return path
 

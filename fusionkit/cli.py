@@ -205,6 +205,10 @@ def _align(args: argparse.Namespace, extra: list[str]) -> int:
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
+    if not any(t.type == "contrastive" for t in cfg.model.tasks):  # its retrieval.json would be at chance
+        raise ConfigError("fusionkit align puts text and image vectors in one space with a contrastive task, which "
+                          f"--model.tasks {[t.name for t in cfg.model.tasks]} lacks: add one "
+                          '({"name": "align", "type": "contrastive"}), or train other tasks with fusionkit train')  # fmt: skip
     summary = train(cfg)
     run_dir = Path(summary["run_dir"])
     model = FusionModel.from_pretrained(run_dir)

@@ -38,3 +38,12 @@ def test_align_on_unlabelled_pairs_beats_chance(tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     assert main(["export", str(tmp_path / "runs" / "a"), "--output", str(tmp_path / "onnx2"), "--parts", "model"]) == 2
     assert "has no labelled task" in capsys.readouterr().err
+
+
+def test_align_without_a_contrastive_task_is_refused_before_training(tmp_path: Path, capsys) -> None:
+    """Only a contrastive task puts text and image vectors in one space: align with ITM alone (or a class task)
+    would train, then report retrieval at chance as if it were an aligned model."""
+    args = ["align", "synthetic:40", "--model.tasks", '[{"name": "match", "type": "itm"}]', "--run.output_dir",
+            str(tmp_path / "runs")]  # fmt: skip
+    assert main(args) == 2
+    assert "lacks: add one" in capsys.readouterr().err and not (tmp_path / "runs").exists()

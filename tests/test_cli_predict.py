@@ -206,3 +206,11 @@ def test_a_broken_image_path_gets_a_hint_that_fits_embed_as_well_as_predict(
         assert "broken.csv:2, item b0: image file not found: 'pics/gone.png'" in err
         assert "Fix the path, or empty the cell (the row is then read from its caption alone); --on-error skip" in err
         assert "to predict that row" not in err
+
+
+def test_eval_of_a_file_without_label_columns_names_what_it_read(csv_run: Path, tmp_path: Path, capsys) -> None:
+    table = tmp_path / "caps.csv"
+    table.write_text("id,text\na,a lovely day\n")
+    assert main(["eval", str(csv_run), "--data", str(table), "--image-column", ""]) == 2
+    err = capsys.readouterr().err
+    assert "besides those read as caption, image and id: none" in err and "fusionkit predict" in err

@@ -104,7 +104,8 @@ def bind_labels(
         if labelled and len(absent) == len(labelled):
             raise ConfigError(
                 f"{where} has none of the label columns of this model's tasks "
-                f"({', '.join(f'{t.name}: {t.column!r}' for t in labelled)}); its other columns are {columns}. "
+                f"({', '.join(f'{t.name}: {t.column!r}' for t in labelled)}); its columns besides those read as caption, "
+                f"image and id: {columns or 'none'}. "
                 "Name a task's column with --label-column TASK=COLUMN, or use fusionkit predict for unlabelled rows"
             )
         for t in absent:

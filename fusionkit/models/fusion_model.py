@@ -458,7 +458,9 @@ class FusionModel(nn.Module):
         image_present: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Per-task outputs: `{task: logits}`. ITM gives [B, 2] (true pair, shuffled pair); contrastive [B, B].
+        """Per-task outputs: `{task: logits}`. ITM gives [B, 2] (true pair, a shuffled pair: a random draw, seeded
+        only in evaluation loops); contrastive [B, B] similarities in training, its [B, 2, D] (text, image) pair
+        embeddings in eval mode, so a split is scored against every one of its images, whatever the batch.
 
         `text_present` / `image_present` (bool [B], None = all) mark the rows that have a caption / an
         image; an absent side is replaced by a learned placeholder, and its dummy input is ignored.

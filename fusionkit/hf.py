@@ -162,6 +162,16 @@ class FusionkitModel(PreTrainedModel):
         return {task: labels.clamp_min(0) if not labels.is_floating_point() else labels}, {task: mask}
 
     # ------------------------------------------------------------------ save / load
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """Also take a saved folder's own keys (`FusionModel` names, no `fusion_model.` prefix): the HF
+        Trainer reloads its checkpoints (`resume_from_checkpoint`, `load_best_model_at_end`) through this."""
+        prefix = self.base_model_prefix + "."
+        if state_dict and not any(k.startswith(prefix) for k in state_dict):
+            state_dict = {prefix + k: v for k, v in state_dict.items()}
+        return super().load_state_dict(state_dict, strict, assign)
+
     def save_pretrained(self, save_directory: str | Path, push_to_hub: bool = False, **kwargs: Any) -> None:
         """Write the `FusionModel` folder (safetensors only) with an HF `config.json` (model_type fusionkit).
 

@@ -212,3 +212,76 @@ def test_hf_trainer_trains_it_unchanged(saved: Path, tmp_path: Path) -> None:
     after = data_loss()
     assert after < 0.7 * before, (before, after)
     assert trainer.evaluate()["eval_loss"] == pytest.approx(after, rel=1e-4)  # labels found, loss reported
+
+
+# ---------------------------------------------------------------- the HF Trainer's own paths
+def _no_dropout(path: Path, **overrides) -> Path:
+    """A tiny model without dropout (runs compare exactly) saved at `path`."""
+    create_model(
+        "tiny",
+        text={"config_overrides": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}},
+        fusion={"dropout": 0.0},
+        **overrides,
+    ).save_pretrained(path)
+    return path
+
+
+def _rows(model_dir: Path, n: int, labelled: bool = True) -> list[dict[str, torch.Tensor]]:
+    """`n` preprocessed rows (padded together: any batching of them sees the same tensors)."""
+    ds = make_synthetic(n, image_size=32, seed=2)
+    inputs = FusionProcessor.from_pretrained(model_dir)(
+        texts=[ex.text for ex in ds], images=[ex.image for ex in ds]
+    )
+    rows = [{k: v[i] for k, v in inputs.items()} for i in range(n)]
+    if labelled:
+        for row, ex in zip(rows, ds):
+            row["labels"] = torch.tensor(["positive", "neutral", "negative"].index(ex.labels["sentiment"]))
+    return rows
+
+
+def _args(tmp_path: Path, **kwargs):
+    from transformers import TrainingArguments
+
+    defaults = dict(per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=3e-3, report_to=[],
+                    use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0, data_seed=0)  # fmt: skip
+    return TrainingArguments(output_dir=str(tmp_path), **{**defaults, **kwargs})
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def test_hf_trainer_reloads_its_checkpoints(tmp_path: Path) -> None:
+    """`resume_from_checkpoint` and `load_best_model_at_end` load the weights (saved without the HF model's
+    `fusion_model.` key prefix, they once loaded nothing: training went on from the weights in memory)."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModel, Trainer, default_data_collator
+
+    saved = _no_dropout(tmp_path / "model")
+    rows = _rows(saved, 16)
+    every_2 = dict(save_strategy="steps", save_steps=2)
+    full = AutoModel.from_pretrained(saved)
+    Trainer(model=full, args=_args(tmp_path / "full", max_steps=4, **every_2), train_dataset=rows,
+            data_collator=default_data_collator).train()  # fmt: skip
+    resumed = AutoModel.from_pretrained(saved)
+    Trainer(model=resumed, args=_args(tmp_path / "resumed", max_steps=4), train_dataset=rows,
+            data_collator=default_data_collator).train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))  # fmt: skip
+    assert _max_diff(_weights(resumed), _weights(full)) < 1e-6
+    assert _max_diff(_weights(resumed), _weights(AutoModel.from_pretrained(saved))) > 1e-3  # it did train
+
+    # the best checkpoint by the highest eval loss: an early one, not the last
+    model = AutoModel.from_pretrained(saved)
+    args = _args(tmp_path / "best", max_steps=6, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                 metric_for_best_model="eval_loss", greater_is_better=True, **every_2)  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows[:8],
+                      data_collator=default_data_collator)  # fmt: skip
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-6")
+    assert _max_diff(_weights(model.fusion_model), _weights(FusionModel.from_pretrained(best))) == 0.0
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(trainer.state.best_metric, rel=1e-5)

@@ -82,6 +82,9 @@ class FusionkitModel(PreTrainedModel):
     base_model_prefix = "fusion_model"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = False
+    # `forward` returns a mean loss and takes no `num_items_in_batch`: the HF Trainer must divide by
+    # gradient_accumulation_steps itself (it would skip that for a `**kwargs` forward, so N times the gradient)
+    accepts_loss_kwargs = False
 
     def __init__(self, config: FusionkitConfig, fusion_model: FusionModel | None = None) -> None:
         super().__init__(config)

@@ -285,3 +285,28 @@ def test_hf_trainer_reloads_its_checkpoints(tmp_path: Path) -> None:
     assert best is not None and not best.endswith("checkpoint-6")
     assert _max_diff(_weights(model.fusion_model), _weights(FusionModel.from_pretrained(best))) == 0.0
     assert trainer.evaluate()["eval_loss"] == pytest.approx(trainer.state.best_metric, rel=1e-5)
+
+
+def test_hf_trainer_gradient_accumulation_matches_one_batch(tmp_path: Path) -> None:
+    """8x1, 4x2 and 2x4 (batch x accumulation) take the same step and log the same loss (not N times it)."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModel, Trainer, default_data_collator
+
+    saved = _no_dropout(tmp_path / "model")
+    rows = _rows(saved, 8)
+    results = []
+    for batch, accumulate in ((8, 1), (4, 2), (2, 4)):
+        model = AutoModel.from_pretrained(saved)
+        before = _weights(model)
+        args = _args(tmp_path / f"ga{accumulate}", max_steps=1, per_device_train_batch_size=batch,
+                     gradient_accumulation_steps=accumulate, optim="sgd", learning_rate=1.0, max_grad_norm=0.0,
+                     lr_scheduler_type="constant", logging_steps=1)  # fmt: skip
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator)
+        trainer.train()
+        loss = next(log["loss"] for log in trainer.state.log_history if "loss" in log)
+        step = {k: v - before[k] for k, v in _weights(model).items()}  # SGD, lr 1: minus the gradient
+        results.append((loss, step))
+    (loss, step), *others = results
+    for other_loss, other_step in others:
+        assert other_loss == pytest.approx(loss, rel=1e-4)
+        assert _max_diff(other_step, step) < 1e-5 * max(float(v.abs().max()) for v in step.values())

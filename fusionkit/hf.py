@@ -118,7 +118,7 @@ class FusionkitModel(PreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> FusionkitOutput | tuple:
-        """`FusionModel.forward` plus the loss when `labels` are given.
+        """`FusionModel.forward` plus the loss when `labels` are given, or when a task needs none (align).
 
         `labels`: fusionkit's `{task: tensor}` (+ `label_mask={task: bool}` from `kwargs`), or a plain
         tensor for a single-task model (HF style; -100 marks a missing label). uint8 `pixel_values`
@@ -140,14 +140,18 @@ class FusionkitModel(PreTrainedModel):
         )
         logits = self.fusion_model(**model_inputs({k: v for k, v in batch.items() if v is not None}))
         loss = task_losses = None
-        if labels is not None:
-            labels, label_mask = self._task_labels(labels, label_mask)
+        if labels is not None or self._scores_without_labels():
+            labels, label_mask = self._task_labels({} if labels is None else labels, label_mask)
             losses = self.fusion_model.loss(logits, labels, label_mask)
             loss = losses.pop("loss")
             task_losses = losses
         if return_dict is False:
             return tuple(v for v in (loss, logits) if v is not None)
         return FusionkitOutput(loss=loss, logits=logits, task_losses=task_losses)
+
+    def _scores_without_labels(self) -> bool:
+        """Whether a task scores a batch with no labels at all (contrastive, itm): then there is always a loss."""
+        return any(not t.needs_labels and t.label_source == n for n, t in self.fusion_model.tasks.items())
 
     def _task_labels(
         self, labels: Mapping[str, torch.Tensor] | torch.Tensor, label_mask: Mapping[str, torch.Tensor] | None

@@ -310,3 +310,29 @@ def test_hf_trainer_gradient_accumulation_matches_one_batch(tmp_path: Path) -> N
     for other_loss, other_step in others:
         assert other_loss == pytest.approx(loss, rel=1e-4)
         assert _max_diff(other_step, step) < 1e-5 * max(float(v.abs().max()) for v in step.values())
+
+
+def test_hf_trainer_trains_a_label_free_model(tmp_path: Path) -> None:
+    """An align model (contrastive + itm) needs no labels: its forward gives a loss without them."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModel, Trainer, default_data_collator
+
+    tasks = [{"name": "align", "type": "contrastive"}, {"name": "match", "type": "itm"}]
+    saved = _no_dropout(tmp_path / "model", tasks=tasks)
+    rows = _rows(saved, 16, labelled=False)
+    model = AutoModel.from_pretrained(saved)
+    out = model(**default_data_collator(rows[:4]))
+    assert out.loss is not None and set(out.task_losses) == {"align", "match"}
+    trainer = Trainer(model=model, args=_args(tmp_path / "out", max_steps=2), train_dataset=rows,
+                      data_collator=default_data_collator)  # fmt: skip
+    trainer.train()
+    assert _max_diff(_weights(model), _weights(AutoModel.from_pretrained(saved))) > 1e-4
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path / "eval"),
+        eval_dataset=rows[:8],  # HF's evaluate scores a batch only when it has labels: {} for none
+        data_collator=lambda rows: {**default_data_collator(rows), "labels": {}},
+    )
+    assert trainer.evaluate()["eval_loss"] > 0
+    labelled = AutoModel.from_pretrained(_no_dropout(tmp_path / "sentiment"))
+    assert labelled(**default_data_collator(rows[:4])).loss is None  # labelled tasks only: no labels, no loss

@@ -198,21 +198,48 @@ class FusionkitModel(PreTrainedModel):
         cls, pretrained_model_name_or_path: str | Path, *model_args: Any, **kwargs: Any
     ) -> FusionkitModel:
         """Load a saved folder, a run dir (its best/ model) or a hub id; `device_map`/`map_location` pick
-        the device. Other keywords go to the hub download (`revision`, `token`, `cache_dir`, ...)."""
+        the device ("auto": cuda if there is one, else cpu), `dtype` as in `FusionModel.from_pretrained`
+        (float32 unless given; "auto": the saved dtype). Other keywords go to the hub download
+        (`revision`, `token`, `cache_dir`, ...)."""
         if model_args:
             raise TypeError(
                 f"FusionkitModel.from_pretrained takes no positional model args, got {model_args}"
             )
         # AutoModel passes the config it loaded; the folder's config.json is read again with the weights.
         kwargs.pop("config", None)
-        device = kwargs.pop("map_location", None) or kwargs.pop("device_map", None) or "cpu"
-        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)  # transformers 5 / 4 spelling
+        map_location, device_map = kwargs.pop("map_location", None), kwargs.pop("device_map", None)
+        device = _device(device_map if map_location is None else map_location)
+        dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)  # transformers 5 / 4
+        dtype = torch_dtype if dtype is None else dtype
+        if isinstance(dtype, str) and dtype != "auto":  # "bfloat16", as transformers takes it
+            dtype = getattr(torch, dtype, dtype)
         directory = _find_checkpoint_dir(resolve_pretrained_dir(pretrained_model_name_or_path, **kwargs))
-        model = cls.from_fusion_model(FusionModel.from_pretrained(directory, map_location=device))
+        model = cls.from_fusion_model(
+            FusionModel.from_pretrained(directory, map_location=device, dtype=dtype)
+        )
         model.config.name_or_path = str(pretrained_model_name_or_path)
-        if dtype not in (None, "auto"):  # "auto": the saved weights' own dtype, which is what was loaded
-            model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         return model.eval()
+
+
+def _device(device_map: Any) -> torch.device:
+    """The one device a `device_map` names: a fusionkit model is small enough to load whole (no sharding)."""
+    if device_map is None:
+        return torch.device("cpu")
+    if device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, Mapping):  # transformers' {"": device} puts the whole model there
+        if set(device_map) != {""}:
+            raise ValueError(
+                f"device_map={device_map!r} splits the model across devices, which fusionkit does not do: "
+                'pass one device (device_map="cuda:0", "cpu", "auto" or {"": 0})'
+            )
+        device_map = device_map[""]
+    try:
+        return torch.device(device_map)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(
+            f'device_map={device_map!r} is not a device: pass "auto", "cpu", "cuda", "cuda:1" or a GPU index'
+        ) from e
 
 
 _PUSH_KWARGS = ("commit_message", "private", "token", "revision", "create_pr")

@@ -336,3 +336,26 @@ def test_hf_trainer_trains_a_label_free_model(tmp_path: Path) -> None:
     assert trainer.evaluate()["eval_loss"] > 0
     labelled = AutoModel.from_pretrained(_no_dropout(tmp_path / "sentiment"))
     assert labelled(**default_data_collator(rows[:4])).loss is None  # labelled tasks only: no labels, no loss
+
+
+def test_auto_model_dtype_and_device_map(tmp_path: Path) -> None:
+    from transformers import AutoModel
+
+    create_model("tiny").to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    for dtype in ("auto", torch.bfloat16, "bfloat16"):
+        assert {p.dtype for p in AutoModel.from_pretrained(tmp_path / "bf16", dtype=dtype).parameters()} == {
+            torch.bfloat16}  # fmt: skip
+    assert {p.dtype for p in AutoModel.from_pretrained(tmp_path / "bf16").parameters()} == {torch.float32}
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert (
+        next(AutoModel.from_pretrained(tmp_path / "bf16", device_map="auto").parameters()).device.type
+        == expected
+    )
+    assert (
+        next(AutoModel.from_pretrained(tmp_path / "bf16", device_map={"": "cpu"}).parameters()).device.type
+        == "cpu"
+    )
+    with pytest.raises(ValueError, match="splits the model across devices"):
+        AutoModel.from_pretrained(tmp_path / "bf16", device_map={"fusion": "cpu", "heads": "cuda:1"})
+    with pytest.raises(ValueError, match="is not a device"):
+        AutoModel.from_pretrained(tmp_path / "bf16", device_map="balanced")

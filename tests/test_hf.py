@@ -359,3 +359,31 @@ def test_auto_model_dtype_and_device_map(tmp_path: Path) -> None:
         AutoModel.from_pretrained(tmp_path / "bf16", device_map={"fusion": "cpu", "heads": "cuda:1"})
     with pytest.raises(ValueError, match="is not a device"):
         AutoModel.from_pretrained(tmp_path / "bf16", device_map="balanced")
+
+
+def test_readme_hf_trainer_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's HF Trainer lines run as written, and its compute_metrics note says what arrives."""
+    pytest.importorskip("accelerate")
+    import numpy as np
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    start = readme.index("import fusionkit.hf, torch, transformers")
+    code = readme[start : readme.index("\n", readme.index("trainer.train()", start))]
+    monkeypatch.chdir(tmp_path)
+    create_model("tiny").save_pretrained(tmp_path / "my-model")
+    classes = ["positive", "neutral", "negative"]
+    rows = [{"text": ex.text, "image": ex.image, "sentiment": classes.index(ex.labels["sentiment"])}
+            for ex in make_synthetic(20, image_size=32)]  # fmt: skip
+    scope = {"rows": rows[:10], "val_rows": rows[10:]}
+    exec(compile(code, "README.md", "exec"), scope)
+    trainer = scope["trainer"]
+    assert trainer.state.global_step > 0
+
+    def compute_metrics(p) -> dict[str, float]:
+        logits, task_losses = p.predictions
+        assert logits["sentiment"].shape == (10, 3) and p.label_ids["sentiment"].shape == (10,)
+        assert task_losses["sentiment"].shape == (2,)  # one per eval batch (of 8)
+        return {"accuracy": float(np.mean(logits["sentiment"].argmax(-1) == p.label_ids["sentiment"]))}
+
+    trainer.compute_metrics = compute_metrics
+    assert 0 <= trainer.evaluate()["eval_accuracy"] <= 1

@@ -82,6 +82,9 @@ class FusionkitModel(PreTrainedModel):
     base_model_prefix = "fusion_model"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = False
+    # `forward` returns a mean loss and takes no `num_items_in_batch`: the HF Trainer must divide by
+    # gradient_accumulation_steps itself (it would skip that for a `**kwargs` forward, so N times the gradient)
+    accepts_loss_kwargs = False
 
     def __init__(self, config: FusionkitConfig, fusion_model: FusionModel | None = None) -> None:
         super().__init__(config)
@@ -115,7 +118,7 @@ class FusionkitModel(PreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> FusionkitOutput | tuple:
-        """`FusionModel.forward` plus the loss when `labels` are given.
+        """`FusionModel.forward` plus the loss when `labels` are given, or when a task needs none (align).
 
         `labels`: fusionkit's `{task: tensor}` (+ `label_mask={task: bool}` from `kwargs`), or a plain
         tensor for a single-task model (HF style; -100 marks a missing label). uint8 `pixel_values`
@@ -137,14 +140,18 @@ class FusionkitModel(PreTrainedModel):
         )
         logits = self.fusion_model(**model_inputs({k: v for k, v in batch.items() if v is not None}))
         loss = task_losses = None
-        if labels is not None:
-            labels, label_mask = self._task_labels(labels, label_mask)
+        if labels is not None or self._scores_without_labels():
+            labels, label_mask = self._task_labels({} if labels is None else labels, label_mask)
             losses = self.fusion_model.loss(logits, labels, label_mask)
             loss = losses.pop("loss")
             task_losses = losses
         if return_dict is False:
             return tuple(v for v in (loss, logits) if v is not None)
         return FusionkitOutput(loss=loss, logits=logits, task_losses=task_losses)
+
+    def _scores_without_labels(self) -> bool:
+        """Whether a task scores a batch with no labels at all (contrastive, itm): then there is always a loss."""
+        return any(not t.needs_labels and t.label_source == n for n, t in self.fusion_model.tasks.items())
 
     def _task_labels(
         self, labels: Mapping[str, torch.Tensor] | torch.Tensor, label_mask: Mapping[str, torch.Tensor] | None
@@ -162,6 +169,16 @@ class FusionkitModel(PreTrainedModel):
         return {task: labels.clamp_min(0) if not labels.is_floating_point() else labels}, {task: mask}
 
     # ------------------------------------------------------------------ save / load
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """Also take a saved folder's own keys (`FusionModel` names, no `fusion_model.` prefix): the HF
+        Trainer reloads its checkpoints (`resume_from_checkpoint`, `load_best_model_at_end`) through this."""
+        prefix = self.base_model_prefix + "."
+        if state_dict and not any(k.startswith(prefix) for k in state_dict):
+            state_dict = {prefix + k: v for k, v in state_dict.items()}
+        return super().load_state_dict(state_dict, strict, assign)
+
     def save_pretrained(self, save_directory: str | Path, push_to_hub: bool = False, **kwargs: Any) -> None:
         """Write the `FusionModel` folder (safetensors only) with an HF `config.json` (model_type fusionkit).
 
@@ -181,21 +198,48 @@ class FusionkitModel(PreTrainedModel):
         cls, pretrained_model_name_or_path: str | Path, *model_args: Any, **kwargs: Any
     ) -> FusionkitModel:
         """Load a saved folder, a run dir (its best/ model) or a hub id; `device_map`/`map_location` pick
-        the device. Other keywords go to the hub download (`revision`, `token`, `cache_dir`, ...)."""
+        the device ("auto": cuda if there is one, else cpu), `dtype` as in `FusionModel.from_pretrained`
+        (float32 unless given; "auto": the saved dtype). Other keywords go to the hub download
+        (`revision`, `token`, `cache_dir`, ...)."""
         if model_args:
             raise TypeError(
                 f"FusionkitModel.from_pretrained takes no positional model args, got {model_args}"
             )
         # AutoModel passes the config it loaded; the folder's config.json is read again with the weights.
         kwargs.pop("config", None)
-        device = kwargs.pop("map_location", None) or kwargs.pop("device_map", None) or "cpu"
-        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)  # transformers 5 / 4 spelling
+        map_location, device_map = kwargs.pop("map_location", None), kwargs.pop("device_map", None)
+        device = _device(device_map if map_location is None else map_location)
+        dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)  # transformers 5 / 4
+        dtype = torch_dtype if dtype is None else dtype
+        if isinstance(dtype, str) and dtype != "auto":  # "bfloat16", as transformers takes it
+            dtype = getattr(torch, dtype, dtype)
         directory = _find_checkpoint_dir(resolve_pretrained_dir(pretrained_model_name_or_path, **kwargs))
-        model = cls.from_fusion_model(FusionModel.from_pretrained(directory, map_location=device))
+        model = cls.from_fusion_model(
+            FusionModel.from_pretrained(directory, map_location=device, dtype=dtype)
+        )
         model.config.name_or_path = str(pretrained_model_name_or_path)
-        if dtype not in (None, "auto"):  # "auto": the saved weights' own dtype, which is what was loaded
-            model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         return model.eval()
+
+
+def _device(device_map: Any) -> torch.device:
+    """The one device a `device_map` names: a fusionkit model is small enough to load whole (no sharding)."""
+    if device_map is None:
+        return torch.device("cpu")
+    if device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, Mapping):  # transformers' {"": device} puts the whole model there
+        if set(device_map) != {""}:
+            raise ValueError(
+                f"device_map={device_map!r} splits the model across devices, which fusionkit does not do: "
+                'pass one device (device_map="cuda:0", "cpu", "auto" or {"": 0})'
+            )
+        device_map = device_map[""]
+    try:
+        return torch.device(device_map)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(
+            f'device_map={device_map!r} is not a device: pass "auto", "cpu", "cuda", "cuda:1" or a GPU index'
+        ) from e
 
 
 _PUSH_KWARGS = ("commit_message", "private", "token", "revision", "create_pr")

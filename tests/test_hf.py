@@ -213,3 +213,178 @@ def test_hf_trainer_trains_it_unchanged(saved: Path, tmp_path: Path) -> None:
     after = data_loss()
     assert after < 0.7 * before, (before, after)
     assert trainer.evaluate()["eval_loss"] == pytest.approx(after, rel=1e-4)  # labels found, loss reported
+
+
+# ---------------------------------------------------------------- the HF Trainer's own paths
+def _no_dropout(path: Path, **overrides) -> Path:
+    """A tiny model without dropout (runs compare exactly) saved at `path`."""
+    create_model(
+        "tiny",
+        text={"config_overrides": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}},
+        fusion={"dropout": 0.0},
+        **overrides,
+    ).save_pretrained(path)
+    return path
+
+
+def _rows(model_dir: Path, n: int, labelled: bool = True) -> list[dict[str, torch.Tensor]]:
+    """`n` preprocessed rows (padded together: any batching of them sees the same tensors)."""
+    ds = make_synthetic(n, image_size=32, seed=2)
+    inputs = FusionProcessor.from_pretrained(model_dir)(
+        texts=[ex.text for ex in ds], images=[ex.image for ex in ds]
+    )
+    rows = [{k: v[i] for k, v in inputs.items()} for i in range(n)]
+    if labelled:
+        for row, ex in zip(rows, ds):
+            row["labels"] = torch.tensor(["positive", "neutral", "negative"].index(ex.labels["sentiment"]))
+    return rows
+
+
+def _args(tmp_path: Path, **kwargs):
+    from transformers import TrainingArguments
+
+    defaults = dict(per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=3e-3, report_to=[],
+                    use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0, data_seed=0)  # fmt: skip
+    return TrainingArguments(output_dir=str(tmp_path), **{**defaults, **kwargs})
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def test_hf_trainer_reloads_its_checkpoints(tmp_path: Path) -> None:
+    """`resume_from_checkpoint` and `load_best_model_at_end` load the weights (saved without the HF model's
+    `fusion_model.` key prefix, they once loaded nothing: training went on from the weights in memory)."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModel, Trainer, default_data_collator
+
+    saved = _no_dropout(tmp_path / "model")
+    rows = _rows(saved, 16)
+    every_2 = dict(save_strategy="steps", save_steps=2)
+    full = AutoModel.from_pretrained(saved)
+    Trainer(model=full, args=_args(tmp_path / "full", max_steps=4, **every_2), train_dataset=rows,
+            data_collator=default_data_collator).train()  # fmt: skip
+    resumed = AutoModel.from_pretrained(saved)
+    Trainer(model=resumed, args=_args(tmp_path / "resumed", max_steps=4), train_dataset=rows,
+            data_collator=default_data_collator).train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))  # fmt: skip
+    assert _max_diff(_weights(resumed), _weights(full)) < 1e-6
+    assert _max_diff(_weights(resumed), _weights(AutoModel.from_pretrained(saved))) > 1e-3  # it did train
+
+    # the best checkpoint by the highest eval loss: an early one, not the last
+    model = AutoModel.from_pretrained(saved)
+    args = _args(tmp_path / "best", max_steps=6, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                 metric_for_best_model="eval_loss", greater_is_better=True, **every_2)  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows[:8],
+                      data_collator=default_data_collator)  # fmt: skip
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-6")
+    assert _max_diff(_weights(model.fusion_model), _weights(FusionModel.from_pretrained(best))) == 0.0
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(trainer.state.best_metric, rel=1e-5)
+
+
+def test_hf_trainer_gradient_accumulation_matches_one_batch(tmp_path: Path) -> None:
+    """8x1, 4x2 and 2x4 (batch x accumulation) take the same step and log the same loss (not N times it)."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModel, Trainer, default_data_collator
+
+    saved = _no_dropout(tmp_path / "model")
+    rows = _rows(saved, 8)
+    results = []
+    for batch, accumulate in ((8, 1), (4, 2), (2, 4)):
+        model = AutoModel.from_pretrained(saved)
+        before = _weights(model)
+        args = _args(tmp_path / f"ga{accumulate}", max_steps=1, per_device_train_batch_size=batch,
+                     gradient_accumulation_steps=accumulate, optim="sgd", learning_rate=1.0, max_grad_norm=0.0,
+                     lr_scheduler_type="constant", logging_steps=1)  # fmt: skip
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator)
+        trainer.train()
+        loss = next(log["loss"] for log in trainer.state.log_history if "loss" in log)
+        step = {k: v - before[k] for k, v in _weights(model).items()}  # SGD, lr 1: minus the gradient
+        results.append((loss, step))
+    (loss, step), *others = results
+    for other_loss, other_step in others:
+        assert other_loss == pytest.approx(loss, rel=1e-4)
+        assert _max_diff(other_step, step) < 1e-5 * max(float(v.abs().max()) for v in step.values())
+
+
+def test_hf_trainer_trains_a_label_free_model(tmp_path: Path) -> None:
+    """An align model (contrastive + itm) needs no labels: its forward gives a loss without them."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModel, Trainer, default_data_collator
+
+    tasks = [{"name": "align", "type": "contrastive"}, {"name": "match", "type": "itm"}]
+    saved = _no_dropout(tmp_path / "model", tasks=tasks)
+    rows = _rows(saved, 16, labelled=False)
+    model = AutoModel.from_pretrained(saved)
+    out = model(**default_data_collator(rows[:4]))
+    assert out.loss is not None and set(out.task_losses) == {"align", "match"}
+    trainer = Trainer(model=model, args=_args(tmp_path / "out", max_steps=2), train_dataset=rows,
+                      data_collator=default_data_collator)  # fmt: skip
+    trainer.train()
+    assert _max_diff(_weights(model), _weights(AutoModel.from_pretrained(saved))) > 1e-4
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path / "eval"),
+        eval_dataset=rows[:8],  # HF's evaluate scores a batch only when it has labels: {} for none
+        data_collator=lambda rows: {**default_data_collator(rows), "labels": {}},
+    )
+    assert trainer.evaluate()["eval_loss"] > 0
+    labelled = AutoModel.from_pretrained(_no_dropout(tmp_path / "sentiment"))
+    assert labelled(**default_data_collator(rows[:4])).loss is None  # labelled tasks only: no labels, no loss
+
+
+def test_auto_model_dtype_and_device_map(tmp_path: Path) -> None:
+    from transformers import AutoModel
+
+    create_model("tiny").to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    for dtype in ("auto", torch.bfloat16, "bfloat16"):
+        assert {p.dtype for p in AutoModel.from_pretrained(tmp_path / "bf16", dtype=dtype).parameters()} == {
+            torch.bfloat16}  # fmt: skip
+    assert {p.dtype for p in AutoModel.from_pretrained(tmp_path / "bf16").parameters()} == {torch.float32}
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert (
+        next(AutoModel.from_pretrained(tmp_path / "bf16", device_map="auto").parameters()).device.type
+        == expected
+    )
+    assert (
+        next(AutoModel.from_pretrained(tmp_path / "bf16", device_map={"": "cpu"}).parameters()).device.type
+        == "cpu"
+    )
+    with pytest.raises(ValueError, match="splits the model across devices"):
+        AutoModel.from_pretrained(tmp_path / "bf16", device_map={"fusion": "cpu", "heads": "cuda:1"})
+    with pytest.raises(ValueError, match="is not a device"):
+        AutoModel.from_pretrained(tmp_path / "bf16", device_map="balanced")
+
+
+def test_readme_hf_trainer_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's HF Trainer lines run as written, and its compute_metrics note says what arrives."""
+    pytest.importorskip("accelerate")
+    import numpy as np
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    start = readme.index("import fusionkit.hf, torch, transformers")
+    code = readme[start : readme.index("\n", readme.index("trainer.train()", start))]
+    monkeypatch.chdir(tmp_path)
+    create_model("tiny").save_pretrained(tmp_path / "my-model")
+    classes = ["positive", "neutral", "negative"]
+    rows = [{"text": ex.text, "image": ex.image, "sentiment": classes.index(ex.labels["sentiment"])}
+            for ex in make_synthetic(20, image_size=32)]  # fmt: skip
+    scope = {"rows": rows[:10], "val_rows": rows[10:]}
+    exec(compile(code, "README.md", "exec"), scope)
+    trainer = scope["trainer"]
+    assert trainer.state.global_step > 0
+
+    def compute_metrics(p) -> dict[str, float]:
+        logits, task_losses = p.predictions
+        assert logits["sentiment"].shape == (10, 3) and p.label_ids["sentiment"].shape == (10,)
+        assert task_losses["sentiment"].shape == (2,)  # one per eval batch (of 8)
+        return {"accuracy": float(np.mean(logits["sentiment"].argmax(-1) == p.label_ids["sentiment"]))}
+
+    trainer.compute_metrics = compute_metrics
+    assert 0 <= trainer.evaluate()["eval_accuracy"] <= 1

@@ -128,6 +128,18 @@ def test_interrupted_run_resumes_bitwise(tmp_path: Path, how: str, grouped: bool
     assert ('"train/aux/loss"' in ref_log) == bool(tasks) and ('"val/aux/loss"' in ref_log) == bool(tasks)
 
 
+def crash_at_step_3(trainer: Trainer) -> None:
+    """Fit `trainer` until a simulated crash after its third optimizer step (its step-2 checkpoint is `last`)."""
+
+    def crash(t: Trainer) -> None:
+        if t.step == 3:
+            raise RuntimeError("simulated crash")
+
+    trainer.step_callbacks.append(crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.fit()
+
+
 def test_a_resume_after_the_encoder_folder_moved_uses_the_runs_saved_encoders(tmp_path: Path, caplog) -> None:
     from transformers import BertModel
 
@@ -139,14 +151,7 @@ def test_a_resume_after_the_encoder_folder_moved_uses_the_runs_saved_encoders(tm
     reference = Trainer(config(tmp_path, "reference"))
     reference.fit()
 
-    def crash_at_step_3(trainer: Trainer) -> None:
-        if trainer.step == 3:
-            raise RuntimeError("simulated crash")
-
-    interrupted = Trainer(config(tmp_path, "moved"))
-    interrupted.step_callbacks.append(crash_at_step_3)
-    with pytest.raises(RuntimeError):
-        interrupted.fit()
+    crash_at_step_3(Trainer(config(tmp_path, "moved")))
     shutil.rmtree(tmp_path / "bert")
     with pytest.raises(ConfigError, match="encoder folder .*bert does not exist"):
         Trainer(config(tmp_path, "new"))  # a new run cannot start without it ...
@@ -178,14 +183,7 @@ def test_a_resume_uses_its_checkpoints_tokenizer_whatever_the_encoder_folder_hol
     config = functools.partial(tiny_config, **{"model.text.name": str(tmp_path / "bert"), "model.text.pretrained": True})
     reference = Trainer(config(tmp_path, "reference")).fit()
 
-    def crash_at_step_3(trainer: Trainer) -> None:
-        if trainer.step == 3:
-            raise RuntimeError("simulated crash")
-
-    interrupted = Trainer(config(tmp_path, "swapped"))
-    interrupted.step_callbacks.append(crash_at_step_3)
-    with pytest.raises(RuntimeError):
-        interrupted.fit()
+    crash_at_step_3(Trainer(config(tmp_path, "swapped")))
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (tmp_path / "bert" / name).unlink(missing_ok=True)
     _tiny_bert_folder(tmp_path / "bert", shuffled=True)

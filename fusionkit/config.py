@@ -30,6 +30,9 @@ class ConfigError(ValueError):
 NONE_IS_A_VALUE = {"none_is_a_value": True}
 
 
+CROP_MODES = ("center", "squash")
+
+
 @dataclass
 class ImagePreprocess:
     """How an image encoder wants its input: read from the encoder's own config, never hard-coded."""
@@ -38,7 +41,14 @@ class ImagePreprocess:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bicubic"
-    crop_pct: float = 1.0  # resize shorter side to size/crop_pct, then center-crop to size
+    crop_pct: float = 1.0  # the image is scaled to size / crop_pct, then center-cropped to size
+    # how it is scaled (timm's names): "center" keeps the aspect ratio (the shorter side fits: timm, CLIP, DINOv2);
+    # "squash" scales each side on its own (HF ViT, SigLIP, BEiT resize to height x width and do not crop)
+    crop_mode: str = "center"
+
+    def __post_init__(self) -> None:
+        if self.crop_mode not in CROP_MODES:
+            raise ConfigError(f"image preprocessing crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
 
 
 @dataclass

@@ -501,7 +501,8 @@ _WARNED_NO_PROCESSOR: set[str] = set()  # encoder folders already warned about i
 
 
 def _hf_image_preprocess(name_or_dir: str | Path, model: nn.Module, warn: bool = True) -> ImagePreprocess:
-    """Size/mean/std from the model's image-processor config (crop size if it center-crops)."""
+    """The model's image-processor config as fusionkit's preprocessing, step for step: its resize (to height x width:
+    "squash"; its shortest edge, then its center crop: "center"), resampling, rescaling and normalization."""
     from transformers import AutoImageProcessor
 
     try:
@@ -516,27 +517,35 @@ def _hf_image_preprocess(name_or_dir: str | Path, model: nn.Module, warn: bool =
                 "encoder expects others", name_or_dir, size, size)  # fmt: skip
         return ImagePreprocess(size=(size, size), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
-    def hw(d: Any) -> tuple[int, int] | None:
-        if d is None:
-            return None
-        d = dict(d)
-        if "height" in d and d["height"]:
-            return int(d["height"]), int(d["width"])
-        edge = d.get("shortest_edge")
-        return (int(edge), int(edge)) if edge else None
-
-    resize = hw(getattr(proc, "size", None)) or (224, 224)
-    crop = hw(getattr(proc, "crop_size", None)) if getattr(proc, "do_center_crop", False) else None
-    size = crop or resize
-    interp = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(
+    where = f"model.image.name {name_or_dir}: its image processor ({type(proc).__name__})"
+    if getattr(proc, "do_resize", True) is False:
+        raise ConfigError(f"{where} has do_resize: false (each image goes in at its own size); fusionkit gives the "
+                          "encoder one fixed size: set do_resize: true and a size in its preprocessor_config.json")  # fmt: skip
+    sizes = {k: v for k, v in dict(getattr(proc, "size", None) or {}).items() if v}
+    if "height" in sizes and "width" in sizes:  # ViT, SigLIP, BEiT: each side scaled on its own
+        resize, mode = (int(sizes["height"]), int(sizes["width"])), "squash"
+    elif "shortest_edge" in sizes:  # CLIP, DINOv2: the aspect ratio kept
+        resize, mode = (int(sizes["shortest_edge"]),) * 2, "center"
+    else:
+        raise ConfigError(f"{where} has size {sizes}, which fusionkit does not follow (it reads height and width, or "
+                          "shortest_edge); set one of those in its preprocessor_config.json")  # fmt: skip
+    crop = dict(getattr(proc, "crop_size", None) or {}) if getattr(proc, "do_center_crop", False) else {}
+    size = (int(crop["height"]), int(crop["width"])) if crop.get("height") else resize
+    # the encoder sees (pixel * rescale - mean) / std of 0..255 pixels; fusionkit computes (pixel / 255 - mean) / std
+    rescale = 255 * float(proc.rescale_factor) if getattr(proc, "do_rescale", True) else 255.0
+    normalize = getattr(proc, "do_normalize", True)
+    mean = [float(x) for x in proc.image_mean] if normalize else [0.0] * 3
+    std = [float(x) for x in proc.image_std] if normalize else [1.0] * 3
+    interp = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box"}.get(
         int(getattr(proc, "resample", 3) or 3), "bicubic"
     )
     return ImagePreprocess(
         size=size,
-        mean=tuple(float(x) for x in proc.image_mean),  # type: ignore[arg-type]
-        std=tuple(float(x) for x in proc.image_std),  # type: ignore[arg-type]
+        mean=tuple(m / rescale for m in mean),  # type: ignore[arg-type]
+        std=tuple(s / rescale for s in std),  # type: ignore[arg-type]
         interpolation=interp,
-        crop_pct=min(size) / min(resize) if crop else 1.0,
+        crop_pct=min(size) / min(resize),
+        crop_mode=mode,
     )
 
 

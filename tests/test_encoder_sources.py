@@ -1,0 +1,45 @@
+"""Encoders follow what their own folders and files say: the HF image processor's pixels, a timm checkpoint's
+weights (all of them), timm's data config, and a timm `local-dir:` folder that later moves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fusionkit import FusionProcessor
+from fusionkit.config import ConfigError
+from fusionkit.models import create_model
+
+
+def _hf_vit(path: Path, **processor: object) -> None:
+    """A tiny random HF ViT folder whose processor resizes to height x width (no crop), as ViT/SigLIP/BEiT do."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    ViTModel(ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64)).save_pretrained(path)  # fmt: skip
+    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6],
+                      **processor).save_pretrained(path)  # fmt: skip
+
+
+@pytest.mark.parametrize("processor", [{}, {"resample": 3}, {"do_normalize": False}, {"do_rescale": False}])
+def test_an_hf_image_processors_pixels_are_the_ones_fusionkit_feeds(tmp_path: Path, processor: dict) -> None:
+    from transformers import AutoImageProcessor
+
+    _hf_vit(tmp_path, **processor)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 40, 3), dtype=np.uint8))  # 40 x 12
+    model = create_model("tiny", image={"backend": "hf", "name": str(tmp_path)})
+    ours = FusionProcessor.from_model(model)(images=[image])["pixel_values"]
+    theirs = AutoImageProcessor.from_pretrained(tmp_path)(image, return_tensors="pt")["pixel_values"]
+    assert ours.shape == theirs.shape == (1, 3, 16, 16)
+    level = (1 / 255 if processor.get("do_rescale", True) else 1.0) / (0.4 if processor.get("do_normalize", True) else 1)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1.01 * level)  # uint8 rounding apart
+
+
+def test_an_hf_image_processor_that_does_not_resize_is_refused(tmp_path: Path) -> None:
+    _hf_vit(tmp_path, do_resize=False)
+    with pytest.raises(ConfigError, match="do_resize: false"):
+        create_model("tiny", image={"backend": "hf", "name": str(tmp_path)})

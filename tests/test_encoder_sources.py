@@ -43,3 +43,16 @@ def test_an_hf_image_processor_that_does_not_resize_is_refused(tmp_path: Path) -
     _hf_vit(tmp_path, do_resize=False)
     with pytest.raises(ConfigError, match="do_resize: false"):
         create_model("tiny", image={"backend": "hf", "name": str(tmp_path)})
+
+
+def test_timm_preprocessing_is_timms_own_data_config_at_the_size_built() -> None:
+    import timm
+    import timm.data
+
+    for kwargs in ({}, {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}):
+        model = create_model("tiny", image={"name": "vit_tiny_patch16_224", "pretrained": False, "model_kwargs": kwargs})
+        timm_cfg = timm.data.resolve_data_config({}, model=timm.create_model("vit_tiny_patch16_224", num_classes=0))
+        pre = model.image_preprocess
+        assert pre.size == ((32, 32) if kwargs else (224, 224))  # an img_size override changes the size only
+        assert (pre.crop_pct, pre.interpolation, pre.mean) == (timm_cfg["crop_pct"], timm_cfg["interpolation"],
+                                                               timm_cfg["mean"]) == (0.9, "bicubic", (0.5, 0.5, 0.5))  # fmt: skip

@@ -550,19 +550,24 @@ def _hf_image_preprocess(name_or_dir: str | Path, model: nn.Module, warn: bool =
 
 
 def _timm_image_preprocess(model: nn.Module) -> ImagePreprocess:
+    """timm's own data config for `model` (`resolve_data_config`), at the input size it was built for (an
+    `img_size=` model kwarg changes that, not the pretrained config's crop, mean or interpolation)."""
     import timm.data
 
     data_cfg = timm.data.resolve_data_config({}, model=model)
-    size = tuple(data_cfg["input_size"][1:])
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if img_size is not None:  # kwargs such as img_size= override the pretrained config's size
-        size = tuple(int(s) for s in img_size)
+    if img_size is not None and tuple(img_size) != tuple(data_cfg["input_size"][1:]):
+        data_cfg = timm.data.resolve_data_config({"input_size": (3, *img_size)}, model=model)
+    if data_cfg.get("crop_mode", "center") not in ("center", "squash"):
+        raise ConfigError(f"model.image.name: timm preprocesses {type(model).__name__} with crop_mode "
+                          f"{data_cfg['crop_mode']!r}, which fusionkit does not implement (center, squash)")  # fmt: skip
     return ImagePreprocess(
-        size=size,  # type: ignore[arg-type]
+        size=tuple(int(s) for s in data_cfg["input_size"][1:]),  # type: ignore[arg-type]
         mean=tuple(data_cfg["mean"]),
         std=tuple(data_cfg["std"]),
         interpolation=str(data_cfg.get("interpolation", "bicubic")),
-        crop_pct=float(data_cfg.get("crop_pct", 1.0)) if img_size is None else 1.0,
+        crop_pct=float(data_cfg.get("crop_pct", 1.0)),
+        crop_mode=data_cfg.get("crop_mode", "center"),
     )
 
 

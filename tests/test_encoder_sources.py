@@ -56,3 +56,35 @@ def test_timm_preprocessing_is_timms_own_data_config_at_the_size_built() -> None
         assert pre.size == ((32, 32) if kwargs else (224, 224))  # an img_size override changes the size only
         assert (pre.crop_pct, pre.interpolation, pre.mean) == (timm_cfg["crop_pct"], timm_cfg["interpolation"],
                                                                timm_cfg["mean"]) == (0.9, "bicubic", (0.5, 0.5, 0.5))  # fmt: skip
+
+
+VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "num_heads": 2}
+
+
+def _timm_checkpoint(path: Path, prefix: str = "", **kwargs: object) -> dict[str, torch.Tensor]:
+    import timm
+    from safetensors.torch import save_file
+
+    state = timm.create_model("vit_tiny_patch16_224", num_classes=3, **{**VIT, **kwargs}).state_dict()
+    save_file({prefix + k: v.contiguous() for k, v in state.items()}, str(path))  # its classifier head too
+    return state
+
+
+@pytest.mark.parametrize("prefix", ["", "model.", "module."])
+def test_a_timm_checkpoint_loads_every_weight_also_under_a_wrappers_prefix(tmp_path: Path, prefix: str) -> None:
+    state = _timm_checkpoint(tmp_path / "vit.safetensors", prefix, depth=2)
+    image = {"name": "vit_tiny_patch16_224", "checkpoint_path": str(tmp_path / "vit.safetensors")}
+    loaded = create_model("tiny", image={**image, "model_kwargs": {**VIT, "depth": 2}}).image_encoder.model.state_dict()
+    assert loaded.keys() == state.keys() - {"head.weight", "head.bias"}
+    for k in loaded:
+        torch.testing.assert_close(loaded[k], state[k], rtol=0, atol=0, msg=k)
+
+
+def test_a_timm_checkpoint_of_another_depth_is_refused_naming_the_keys(tmp_path: Path) -> None:
+    _timm_checkpoint(tmp_path / "vit.safetensors", depth=2)
+    image = {"name": "vit_tiny_patch16_224", "checkpoint_path": str(tmp_path / "vit.safetensors")}
+    with pytest.raises(ConfigError, match=r"vit\.safetensors does not fit .*12 of the model's weights are not in it "
+                                          r"\(e\.g\. blocks\.2\."):  # fmt: skip
+        create_model("tiny", image={**image, "model_kwargs": {**VIT, "depth": 3}})
+    with pytest.raises(ConfigError, match=r"12 of its weights have no place in the model \(e\.g\. blocks\.1\."):
+        create_model("tiny", image={**image, "model_kwargs": {**VIT, "depth": 1}})

@@ -636,6 +636,42 @@ class ImageEncoder(Encoder):
         return int(size[0] if isinstance(size, tuple | list) else size) if size else None
 
 
+WRAPPER_PREFIXES = ("model.", "module.")  # what Lightning modules and DDP put before a model's own keys
+
+
+def load_timm_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load a weights file into a timm model, every weight or an error: timm's own loading of a file is not strict
+    once the classifier is dropped (num_classes=0), so a checkpoint of another depth left blocks random, and one
+    saved from a wrapper (keys `model.blocks...`) the whole encoder, with only a log line."""
+    import sys
+
+    from timm.models import load_state_dict
+
+    state = load_state_dict(str(path))  # safetensors or torch; its EMA / state_dict / model entry; DDP's `module.`
+    own = model.state_dict()
+    while state and not own.keys() & state.keys():
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
+        log.info("model.image.checkpoint_path %s: its keys start with %r (a wrapper's); loaded without it", path, prefix)
+    # timm's conversions of this architecture's checkpoints (position embeddings resampled to another image size)
+    convert = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if convert is not None:
+        state = convert(state, model)
+    classifier = model.pretrained_cfg.get("classifier") or ()
+    head = {f"{c}.{w}" for c in ([classifier] if isinstance(classifier, str) else classifier) for w in ("weight", "bias")}
+    result = model.load_state_dict({k: v for k, v in state.items() if k not in head - own.keys()}, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        said = [f"{len(keys)} {what} (e.g. {', '.join(keys[:4])})" for what, keys in (
+            ("of the model's weights are not in it", result.missing_keys),
+            ("of its weights have no place in the model", result.unexpected_keys)) if keys]  # fmt: skip
+        arch = model.pretrained_cfg.get("architecture", type(model).__name__)
+        raise ConfigError(f"model.image.checkpoint_path {path} does not fit the {arch} that model.image.name and "
+                          f"model_kwargs build: {'; '.join(said)}. Build the architecture the checkpoint was saved "
+                          "from (its depth and widths in model.image.model_kwargs)")  # fmt: skip
+
+
 @IMAGE_BACKENDS.register("timm")
 class TimmImageEncoder(ImageEncoder):
     @classmethod
@@ -646,12 +682,12 @@ class TimmImageEncoder(ImageEncoder):
         pretrained = cfg.pretrained and saved_dir is None
         if name == "tiny":
             name, kwargs, pretrained = TINY_VIT_BASE, {**TINY_VIT_KWARGS, **kwargs}, False
-        if cfg.checkpoint_path and saved_dir is None:  # a local weights file implies loading it
-            pretrained = True
-            if not Path(cfg.checkpoint_path).is_file():
-                raise FileNotFoundError(f"image.checkpoint_path {cfg.checkpoint_path} does not exist")
-            kwargs["pretrained_cfg_overlay"] = dict(file=str(cfg.checkpoint_path))
-        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+        checkpoint = cfg.checkpoint_path if saved_dir is None else None
+        if checkpoint and not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"image.checkpoint_path {checkpoint} does not exist")
+        model = timm.create_model(name, pretrained=pretrained and not checkpoint, num_classes=0, **kwargs)
+        if checkpoint:  # a local weights file implies loading it
+            load_timm_checkpoint(model, checkpoint)
         return cls(model, _timm_image_preprocess(model), model.num_features)
 
     def backbone(self, pixel_values: torch.Tensor) -> torch.Tensor:  # type: ignore[override]

@@ -31,6 +31,7 @@ NONE_IS_A_VALUE = {"none_is_a_value": True}
 
 
 CROP_MODES = ("center", "squash")
+TIMM_LOCAL_DIR = "local-dir:"  # timm's prefix of a model folder (config.json + weights) as model.image.name
 
 
 @dataclass
@@ -83,6 +84,12 @@ class ImageEncoderConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     trainable_layers: int | None = None  # freeze="top_k": this encoder's own k (None = model.trainable_layers)
     pool_layers: int = 1  # output = mean of the last n blocks' outputs (each through the final norm)
+
+    def __post_init__(self) -> None:
+        # timm's `local-dir:FOLDER`: absolute, so the run's config.yaml still names it from another directory
+        folder = self.name.removeprefix(TIMM_LOCAL_DIR)
+        if self.name.startswith(TIMM_LOCAL_DIR) and not Path(folder).expanduser().is_absolute():
+            self.name = TIMM_LOCAL_DIR + str(Path(folder).expanduser().resolve())
 
 
 @dataclass

@@ -88,3 +88,27 @@ def test_a_timm_checkpoint_of_another_depth_is_refused_naming_the_keys(tmp_path:
         create_model("tiny", image={**image, "model_kwargs": {**VIT, "depth": 3}})
     with pytest.raises(ConfigError, match=r"12 of its weights have no place in the model \(e\.g\. blocks\.1\."):
         create_model("tiny", image={**image, "model_kwargs": {**VIT, "depth": 1}})
+
+
+def test_a_run_on_a_timm_local_dir_loads_from_anywhere_after_the_folder_moved(tmp_path: Path, monkeypatch) -> None:
+    import timm
+    import yaml
+    from timm.models import save_for_hf
+
+    import fusionkit
+
+    args = {**VIT, "depth": 2}
+    save_for_hf(timm.create_model("vit_tiny_patch16_224", num_classes=3, **args), tmp_path / "enc", model_args=args)
+    monkeypatch.chdir(tmp_path)
+    summary = fusionkit.train(overrides={
+        "data.dataset": "synthetic:40", "data.cache_dir": "cache", "run.output_dir": "runs", "run.progress": False,
+        "run.plots": False, "optim.epochs": 1, "model.image.name": "local-dir:enc", "model.freeze": "none"})  # fmt: skip
+    run = tmp_path / summary["run_dir"]
+    saved = yaml.safe_load((run / "config.yaml").read_text())["model"]["image"]["name"]
+    assert saved == f"local-dir:{tmp_path / 'enc'}"  # not relative to wherever training ran
+    pixels = torch.zeros(1, 3, 32, 32)
+    before = fusionkit.FusionModel.from_pretrained(run).image_encoder(pixels)
+    (tmp_path / "enc").rename(tmp_path / "moved")  # the folder the run was trained from is gone
+    monkeypatch.chdir(tmp_path / "moved")
+    after = fusionkit.FusionModel.from_pretrained(run).image_encoder(pixels)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)

@@ -19,7 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import TEXT_NORMALIZATIONS, ConfigError, ImageEncoderConfig, ImagePreprocess, TextEncoderConfig
+from ..config import (
+    TEXT_NORMALIZATIONS,
+    TIMM_LOCAL_DIR,
+    ConfigError,
+    ImageEncoderConfig,
+    ImagePreprocess,
+    TextEncoderConfig,
+)
 from ..registry import Registry
 from .tiny import TINY_VIT_BASE, TINY_VIT_KWARGS, tiny_bert_config, tiny_tokenizer
 
@@ -682,13 +689,32 @@ class TimmImageEncoder(ImageEncoder):
         pretrained = cfg.pretrained and saved_dir is None
         if name == "tiny":
             name, kwargs, pretrained = TINY_VIT_BASE, {**TINY_VIT_KWARGS, **kwargs}, False
+        folder_config = None
+        if name.startswith(TIMM_LOCAL_DIR):  # the architecture is in the folder's config.json: a checkpoint keeps it
+            saved = Path(saved_dir) / "config.json" if saved_dir is not None else None
+            folder = saved.parent if saved is not None and saved.is_file() else Path(name.removeprefix(TIMM_LOCAL_DIR))
+            if not (folder / "config.json").is_file():
+                raise EncoderFolderMissing(f"model.image.name {name}: no timm model folder there (its config.json is "
+                                           "missing); point model.image.name at the folder, or train anew")  # fmt: skip
+            folder_config = json.loads((folder / "config.json").read_text())
+            name = TIMM_LOCAL_DIR + str(folder)
         checkpoint = cfg.checkpoint_path if saved_dir is None else None
         if checkpoint and not Path(checkpoint).is_file():
             raise FileNotFoundError(f"image.checkpoint_path {checkpoint} does not exist")
         model = timm.create_model(name, pretrained=pretrained and not checkpoint, num_classes=0, **kwargs)
         if checkpoint:  # a local weights file implies loading it
             load_timm_checkpoint(model, checkpoint)
-        return cls(model, _timm_image_preprocess(model), model.num_features)
+        encoder = cls(model, _timm_image_preprocess(model), model.num_features)
+        encoder.folder_config = folder_config
+        return encoder
+
+    folder_config: dict[str, Any] | None = None  # a `local-dir:` model's config.json
+
+    def save(self, directory: str | Path) -> None:
+        """A `local-dir:` model's config.json (a registered architecture rebuilds from its name alone)."""
+        if self.folder_config is not None:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            (Path(directory) / "config.json").write_text(json.dumps(self.folder_config, indent=2))
 
     def backbone(self, pixel_values: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self.model.forward_features(pixel_values)

@@ -24,9 +24,11 @@ from fusionkit.training.trainer import Trainer
 
 
 def _hf_vision(kind: str, tmp_path: Path) -> ImageEncoder:
-    from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+    import transformers as T
 
-    cls, config = {"dinov2": (Dinov2Model, Dinov2Config), "vit": (ViTModel, ViTConfig)}[kind]
+    cls, config = {"dinov2": (T.Dinov2Model, T.Dinov2Config), "vit": (T.ViTModel, T.ViTConfig),
+                   "siglip": (T.SiglipVisionModel, T.SiglipVisionConfig),
+                   "clip": (T.CLIPVisionModel, T.CLIPVisionConfig)}[kind]  # fmt: skip
     small = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
                  image_size=28, patch_size=14)  # fmt: skip
     cls(config(**small)).save_pretrained(tmp_path / kind)
@@ -243,6 +245,21 @@ def test_pooling_the_last_layers_matches_the_backbone_hidden_states() -> None:
     # pooling a layer below the trainable top cannot run on the cached hidden states entering that top
     with pytest.raises(ConfigError, match="pool_layers=2"):
         text.forward_from(text.hidden_before(text.depth - 1, ids, mask), text.depth - 1, mask)
+
+
+@pytest.mark.parametrize("kind", ["siglip", "clip"])
+def test_siglip_pools_through_its_post_layernorm_and_pooling_only_layers_are_frozen(kind: str, tmp_path: Path) -> None:
+    encoder = _hf_vision(kind, tmp_path).eval()
+    pixels = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        states = encoder.model(pixel_values=pixels, output_hidden_states=True).hidden_states
+        norm = encoder.model.post_layernorm if kind == "siglip" else torch.nn.Identity()  # CLIP's: the pooled token only
+        encoder.pool_layers = 2
+        torch.testing.assert_close(encoder(pixels), (norm(states[-1]) + norm(states[-2])) / 2)
+    encoder.pool_layers = 1
+    encoder.check_split(encoder.depth - 1)  # model.freeze top_k: the top block run apart gives the output
+    encoder.train()(pixels).sum().backward()  # model.freeze none: no weight trains without a gradient
+    assert [n for n, p in encoder.named_parameters() if p.requires_grad and p.grad is None] == []
 
 
 def test_top_k_with_no_block_to_train_is_refused_but_a_saved_model_still_loads(tmp_path: Path, capsys) -> None:

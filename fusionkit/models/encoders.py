@@ -33,10 +33,24 @@ from .tiny import TINY_VIT_BASE, TINY_VIT_KWARGS, tiny_bert_config, tiny_tokeniz
 log = logging.getLogger("fusionkit")
 
 
+# HF vision models whose `post_layernorm` normalizes every token (last_hidden_state), so it is their final norm;
+# CLIP's normalizes only the pooled token (pooler_output), which the fusion never reads
+POST_LAYERNORM_ON_TOKENS = ("siglip_vision_model", "siglip2_vision_model")
+
+
 def drop_unused_heads(model: nn.Module) -> nn.Module:
-    """Remove poolers / mask tokens the fusion never uses, so every trainable parameter gets a gradient."""
+    """Remove poolers, freeze the pooling-only layers and mask tokens the fusion never uses (it reads the tokens,
+    not pooler_output), so every trainable parameter gets a gradient."""
     if getattr(model, "pooler", None) is not None:
         model.pooler = None
+    model_type = getattr(getattr(model, "config", None), "model_type", None)  # transformers models only
+    if model_type is not None:
+        pooling = [getattr(model, "head", None)]  # SigLIP's attention-pooling head
+        if model_type not in POST_LAYERNORM_ON_TOKENS:
+            pooling.append(getattr(model, "post_layernorm", None))  # CLIP's
+        for module in pooling:
+            if isinstance(module, nn.Module):
+                module.requires_grad_(False)
     for name, p in model.named_parameters():
         if name.endswith("mask_token"):
             p.requires_grad_(False)
@@ -486,7 +500,10 @@ class TextEncoder(Encoder):
 
 
 def _hf_final_norm(model: nn.Module) -> nn.Module | None:
-    for name in ("layernorm", "final_layer_norm", "norm"):
+    names = ("layernorm", "final_layer_norm", "norm")
+    if getattr(model.config, "model_type", None) in POST_LAYERNORM_ON_TOKENS:
+        names += ("post_layernorm",)
+    for name in names:
         module = getattr(model, name, None)
         if isinstance(module, nn.LayerNorm | nn.RMSNorm):
             return module

@@ -302,3 +302,18 @@ def test_top_k_pooling_below_the_trainable_blocks_says_so_not_to_change_the_free
     assert "model.text.pool_layers=2 reaches below the 1 trainable top blocks" in err
     assert "set model.text.trainable_layers to at least 2" in err
     assert "running them apart fails" not in err and "model.freeze: encoders" not in err
+
+
+def test_albert_shared_layers_refuse_per_layer_pooling_and_top_k_saying_why(tmp_path: Path) -> None:
+    from transformers import AlbertConfig, AlbertModel
+
+    create_model("tiny").text_encoder.tokenizer.save_pretrained(tmp_path / "albert")
+    AlbertModel(AlbertConfig(vocab_size=512, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+                             num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "albert")  # fmt: skip
+    text = {"name": str(tmp_path / "albert")}
+    shared = "AlbertModel shares its weights across its 3 layers"
+    with pytest.raises(ConfigError, match=f"model.text.pool_layers=2: {shared}"):
+        create_model("tiny", text={**text, "pool_layers": 2})
+    with pytest.raises(ConfigError, match=f"model.freeze: top_k: {shared}"):
+        create_model("tiny", text={**text, "trainable_layers": 2}, freeze="top_k")
+    create_model("tiny", text=text, freeze="none")  # whole, it trains as before

@@ -125,8 +125,21 @@ class Encoder(nn.Module):
             given = ", ".join(f"{cls.config_key}.{k}={getattr(cfg, k)!r}" for k in cls.settings if getattr(cfg, k))
             raise ConfigError(f"{cls.config_key}: the encoder could not be built from {given} ({type(e).__name__}: "
                               f"{said[:300]}); check these settings") from e  # fmt: skip
+        if cfg.pool_layers > 1:
+            encoder.refuse_shared_layers(f"{cls.config_key}.pool_layers={cfg.pool_layers}")
         encoder.pool_layers = cfg.pool_layers
         return encoder
+
+    def refuse_shared_layers(self, setting: str) -> None:
+        """Refuse a per-layer setting for a backbone that runs its N layers through fewer blocks (ALBERT repeats
+        one shared layer group): its blocks are not its layers, so pooling or training the top k would not be."""
+        layers = getattr(getattr(self.model, "config", None), "num_hidden_layers", None)
+        if isinstance(layers, int) and layers != self.depth:
+            raise ConfigError(
+                f"{setting}: {type(self.model).__name__} shares its weights across its {layers} layers ({self.depth} "
+                f"weight group(s) run {layers} times), so pooling or fine-tuning the top k by layer is not supported; "
+                f"use {self.config_key}.pool_layers: 1 and model.freeze: none (end to end) or encoders (frozen)"
+            )
 
     @classmethod
     def build(cls, cfg: Any, saved_dir: str | Path | None = None) -> Any:
@@ -210,7 +223,10 @@ class Encoder(nn.Module):
         """Refuse a split whose top blocks, run on their own from the hidden state entering them, do not give the
         backbone's output. Some families pass their layers more than (hidden, mask), and training such a top on
         cached hidden states would fit another function than the one `predict` runs on raw inputs."""
-        if start >= self.depth or self.is_meta:
+        if start >= self.depth:
+            return
+        self.refuse_shared_layers("model.freeze: top_k")
+        if self.is_meta:
             return
         mode = self.training
         self.eval()

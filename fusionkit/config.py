@@ -30,6 +30,10 @@ class ConfigError(ValueError):
 NONE_IS_A_VALUE = {"none_is_a_value": True}
 
 
+CROP_MODES = ("center", "squash")
+TIMM_LOCAL_DIR = "local-dir:"  # timm's prefix of a model folder (config.json + weights) as model.image.name
+
+
 @dataclass
 class ImagePreprocess:
     """How an image encoder wants its input: read from the encoder's own config, never hard-coded."""
@@ -38,7 +42,14 @@ class ImagePreprocess:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bicubic"
-    crop_pct: float = 1.0  # resize shorter side to size/crop_pct, then center-crop to size
+    crop_pct: float = 1.0  # the image is scaled to size / crop_pct, then center-cropped to size
+    # how it is scaled (timm's names): "center" keeps the aspect ratio (the shorter side fits: timm, CLIP, DINOv2);
+    # "squash" scales each side on its own (HF ViT, SigLIP, BEiT resize to height x width and do not crop)
+    crop_mode: str = "center"
+
+    def __post_init__(self) -> None:
+        if self.crop_mode not in CROP_MODES:
+            raise ConfigError(f"image preprocessing crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
 
 
 @dataclass
@@ -73,6 +84,12 @@ class ImageEncoderConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     trainable_layers: int | None = None  # freeze="top_k": this encoder's own k (None = model.trainable_layers)
     pool_layers: int = 1  # output = mean of the last n blocks' outputs (each through the final norm)
+
+    def __post_init__(self) -> None:
+        # timm's `local-dir:FOLDER`: absolute, so the run's config.yaml still names it from another directory
+        folder = self.name.removeprefix(TIMM_LOCAL_DIR)
+        if self.name.startswith(TIMM_LOCAL_DIR) and not Path(folder).expanduser().is_absolute():
+            self.name = TIMM_LOCAL_DIR + str(Path(folder).expanduser().resolve())
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -104,6 +105,21 @@ def test_preprocess_resizes_shorter_side_and_center_crops() -> None:
     assert out[0].min() > 200 and out[1].max() < 60
 
 
+def test_squash_scales_each_side_on_the_cpu_and_on_the_device() -> None:
+    im = Image.new("RGB", (40, 20), (255, 0, 0))
+    im.paste((0, 255, 0), (0, 0, 10, 20))  # green left quarter: kept when squashed, cropped away when centred
+    squash = ImagePreprocess(size=(10, 10), interpolation="bilinear", crop_mode="squash", mean=(0, 0, 0), std=(1, 1, 1))
+    out = preprocess_image(im, squash)
+    assert out.shape == (3, 10, 10) and out[1, :, :2].min() > 200 and out[0, :, -3:].min() > 200
+    raw = torch.from_numpy(np.asarray(im).transpose(2, 0, 1).copy())[None]  # uint8 of another size: resized there
+    on_device = ImageTransform(squash)(raw)[0] * 255
+    assert on_device[1, :, :2].min() > 200 and on_device[0, :, -3:].min() > 200
+    centred = ImageTransform(dataclasses.replace(squash, crop_mode="center"))(raw)[0] * 255
+    assert centred[1].max() < 60  # what preprocess_image's centre crop gives (test above)
+    with pytest.raises(ValueError, match="crop_mode"):
+        ImagePreprocess(crop_mode="border")
+
+
 # ------------------------------------------------------------------------------------------------ cache
 
 
@@ -133,6 +149,8 @@ def test_cache_items_and_second_build_decodes_nothing(
     assert again.path == cached.path and torch.equal(again[2]["pixel_values"], item["pixel_values"])
     with pytest.raises(AssertionError, match="decoded"):  # a new preprocessing config is a new key
         build_cache(ds, tok, ImagePreprocess(size=(8, 8)), tmp_path, num_proc=1)
+    with pytest.raises(AssertionError, match="decoded"):  # squashed pixels are not the center-cropped ones
+        build_cache(ds, tok, dataclasses.replace(PRE, crop_mode="squash"), tmp_path, num_proc=1)
 
 
 def test_cache_parallel_build_matches_serial(tmp_path: Path) -> None:

@@ -24,9 +24,11 @@ from fusionkit.training.trainer import Trainer
 
 
 def _hf_vision(kind: str, tmp_path: Path) -> ImageEncoder:
-    from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+    import transformers as T
 
-    cls, config = {"dinov2": (Dinov2Model, Dinov2Config), "vit": (ViTModel, ViTConfig)}[kind]
+    cls, config = {"dinov2": (T.Dinov2Model, T.Dinov2Config), "vit": (T.ViTModel, T.ViTConfig),
+                   "siglip": (T.SiglipVisionModel, T.SiglipVisionConfig),
+                   "clip": (T.CLIPVisionModel, T.CLIPVisionConfig)}[kind]  # fmt: skip
     small = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
                  image_size=28, patch_size=14)  # fmt: skip
     cls(config(**small)).save_pretrained(tmp_path / kind)
@@ -245,6 +247,21 @@ def test_pooling_the_last_layers_matches_the_backbone_hidden_states() -> None:
         text.forward_from(text.hidden_before(text.depth - 1, ids, mask), text.depth - 1, mask)
 
 
+@pytest.mark.parametrize("kind", ["siglip", "clip"])
+def test_siglip_pools_through_its_post_layernorm_and_pooling_only_layers_are_frozen(kind: str, tmp_path: Path) -> None:
+    encoder = _hf_vision(kind, tmp_path).eval()
+    pixels = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        states = encoder.model(pixel_values=pixels, output_hidden_states=True).hidden_states
+        norm = encoder.model.post_layernorm if kind == "siglip" else torch.nn.Identity()  # CLIP's: the pooled token only
+        encoder.pool_layers = 2
+        torch.testing.assert_close(encoder(pixels), (norm(states[-1]) + norm(states[-2])) / 2)
+    encoder.pool_layers = 1
+    encoder.check_split(encoder.depth - 1)  # model.freeze top_k: the top block run apart gives the output
+    encoder.train()(pixels).sum().backward()  # model.freeze none: no weight trains without a gradient
+    assert [n for n, p in encoder.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
 def test_top_k_with_no_block_to_train_is_refused_but_a_saved_model_still_loads(tmp_path: Path, capsys) -> None:
     """`freeze: top_k` without any trainable_layers trained fully frozen, silently (the reverse mistake warns)."""
     from fusionkit.cli import main
@@ -285,3 +302,18 @@ def test_top_k_pooling_below_the_trainable_blocks_says_so_not_to_change_the_free
     assert "model.text.pool_layers=2 reaches below the 1 trainable top blocks" in err
     assert "set model.text.trainable_layers to at least 2" in err
     assert "running them apart fails" not in err and "model.freeze: encoders" not in err
+
+
+def test_albert_shared_layers_refuse_per_layer_pooling_and_top_k_saying_why(tmp_path: Path) -> None:
+    from transformers import AlbertConfig, AlbertModel
+
+    create_model("tiny").text_encoder.tokenizer.save_pretrained(tmp_path / "albert")
+    AlbertModel(AlbertConfig(vocab_size=512, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+                             num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "albert")  # fmt: skip
+    text = {"name": str(tmp_path / "albert")}
+    shared = "AlbertModel shares its weights across its 3 layers"
+    with pytest.raises(ConfigError, match=f"model.text.pool_layers=2: {shared}"):
+        create_model("tiny", text={**text, "pool_layers": 2})
+    with pytest.raises(ConfigError, match=f"model.freeze: top_k: {shared}"):
+        create_model("tiny", text={**text, "trainable_layers": 2}, freeze="top_k")
+    create_model("tiny", text=text, freeze="none")  # whole, it trains as before

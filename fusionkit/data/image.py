@@ -262,7 +262,8 @@ def load_image(
 
 
 def preprocess_image(src: ImageSource, preprocess: ImagePreprocess, **load_kw: object) -> np.ndarray:
-    """Decode, scale so the target fits at `size / crop_pct` (aspect kept) and center-crop.
+    """Decode, scale to `size / crop_pct` (`crop_mode` "center": aspect kept, the target fits; "squash": each side
+    on its own, as HF's height x width processors do) and center-crop.
 
     Scaling and cropping are one `resize(box=...)` of the crop region, so the work is the output's size
     whatever the input's shape. Returns uint8 [3, H, W]: the encoder's exact input size, so nothing is
@@ -277,8 +278,11 @@ def preprocess_image(src: ImageSource, preprocess: ImagePreprocess, **load_kw: o
     th, tw = preprocess.size
     side = math.ceil(max(th, tw) / preprocess.crop_pct)  # square: EXIF rotation may swap the axes
     im = load_image(src, draft_size=(side, side), **load_kw)  # type: ignore[arg-type]
-    scale = max(th / im.height, tw / im.width) / preprocess.crop_pct
-    rh, rw = max(th, round(im.height * scale)), max(tw, round(im.width * scale))  # the whole image, scaled
+    if preprocess.crop_mode == "squash":
+        sy, sx = th / im.height / preprocess.crop_pct, tw / im.width / preprocess.crop_pct
+    else:
+        sy = sx = max(th / im.height, tw / im.width) / preprocess.crop_pct
+    rh, rw = max(th, round(im.height * sy)), max(tw, round(im.width * sx))  # the whole image, scaled
     top, left = (rh - th) // 2, (rw - tw) // 2  # the crop, in scaled pixels
     if (rw, rh) == im.size:
         im = im.crop((left, top, left + tw, top + th))

@@ -19,17 +19,38 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import TEXT_NORMALIZATIONS, ConfigError, ImageEncoderConfig, ImagePreprocess, TextEncoderConfig
+from ..config import (
+    TEXT_NORMALIZATIONS,
+    TIMM_LOCAL_DIR,
+    ConfigError,
+    ImageEncoderConfig,
+    ImagePreprocess,
+    TextEncoderConfig,
+)
 from ..registry import Registry
 from .tiny import TINY_VIT_BASE, TINY_VIT_KWARGS, tiny_bert_config, tiny_tokenizer
 
 log = logging.getLogger("fusionkit")
 
 
+# HF vision models whose `post_layernorm` normalizes every token (last_hidden_state), so it is their final norm;
+# CLIP's normalizes only the pooled token (pooler_output), which the fusion never reads
+POST_LAYERNORM_ON_TOKENS = ("siglip_vision_model", "siglip2_vision_model")
+
+
 def drop_unused_heads(model: nn.Module) -> nn.Module:
-    """Remove poolers / mask tokens the fusion never uses, so every trainable parameter gets a gradient."""
+    """Remove poolers, freeze the pooling-only layers and mask tokens the fusion never uses (it reads the tokens,
+    not pooler_output), so every trainable parameter gets a gradient."""
     if getattr(model, "pooler", None) is not None:
         model.pooler = None
+    model_type = getattr(getattr(model, "config", None), "model_type", None)  # transformers models only
+    if model_type is not None:
+        pooling = [getattr(model, "head", None)]  # SigLIP's attention-pooling head
+        if model_type not in POST_LAYERNORM_ON_TOKENS:
+            pooling.append(getattr(model, "post_layernorm", None))  # CLIP's
+        for module in pooling:
+            if isinstance(module, nn.Module):
+                module.requires_grad_(False)
     for name, p in model.named_parameters():
         if name.endswith("mask_token"):
             p.requires_grad_(False)
@@ -104,8 +125,21 @@ class Encoder(nn.Module):
             given = ", ".join(f"{cls.config_key}.{k}={getattr(cfg, k)!r}" for k in cls.settings if getattr(cfg, k))
             raise ConfigError(f"{cls.config_key}: the encoder could not be built from {given} ({type(e).__name__}: "
                               f"{said[:300]}); check these settings") from e  # fmt: skip
+        if cfg.pool_layers > 1:
+            encoder.refuse_shared_layers(f"{cls.config_key}.pool_layers={cfg.pool_layers}")
         encoder.pool_layers = cfg.pool_layers
         return encoder
+
+    def refuse_shared_layers(self, setting: str) -> None:
+        """Refuse a per-layer setting for a backbone that runs its N layers through fewer blocks (ALBERT repeats
+        one shared layer group): its blocks are not its layers, so pooling or training the top k would not be."""
+        layers = getattr(getattr(self.model, "config", None), "num_hidden_layers", None)
+        if isinstance(layers, int) and layers != self.depth:
+            raise ConfigError(
+                f"{setting}: {type(self.model).__name__} shares its weights across its {layers} layers ({self.depth} "
+                f"weight group(s) run {layers} times), so pooling or fine-tuning the top k by layer is not supported; "
+                f"use {self.config_key}.pool_layers: 1 and model.freeze: none (end to end) or encoders (frozen)"
+            )
 
     @classmethod
     def build(cls, cfg: Any, saved_dir: str | Path | None = None) -> Any:
@@ -189,7 +223,10 @@ class Encoder(nn.Module):
         """Refuse a split whose top blocks, run on their own from the hidden state entering them, do not give the
         backbone's output. Some families pass their layers more than (hidden, mask), and training such a top on
         cached hidden states would fit another function than the one `predict` runs on raw inputs."""
-        if start >= self.depth or self.is_meta:
+        if start >= self.depth:
+            return
+        self.refuse_shared_layers("model.freeze: top_k")
+        if self.is_meta:
             return
         mode = self.training
         self.eval()
@@ -479,7 +516,10 @@ class TextEncoder(Encoder):
 
 
 def _hf_final_norm(model: nn.Module) -> nn.Module | None:
-    for name in ("layernorm", "final_layer_norm", "norm"):
+    names = ("layernorm", "final_layer_norm", "norm")
+    if getattr(model.config, "model_type", None) in POST_LAYERNORM_ON_TOKENS:
+        names += ("post_layernorm",)
+    for name in names:
         module = getattr(model, name, None)
         if isinstance(module, nn.LayerNorm | nn.RMSNorm):
             return module
@@ -501,7 +541,8 @@ _WARNED_NO_PROCESSOR: set[str] = set()  # encoder folders already warned about i
 
 
 def _hf_image_preprocess(name_or_dir: str | Path, model: nn.Module, warn: bool = True) -> ImagePreprocess:
-    """Size/mean/std from the model's image-processor config (crop size if it center-crops)."""
+    """The model's image-processor config as fusionkit's preprocessing, step for step: its resize (to height x width:
+    "squash"; its shortest edge, then its center crop: "center"), resampling, rescaling and normalization."""
     from transformers import AutoImageProcessor
 
     try:
@@ -516,44 +557,57 @@ def _hf_image_preprocess(name_or_dir: str | Path, model: nn.Module, warn: bool =
                 "encoder expects others", name_or_dir, size, size)  # fmt: skip
         return ImagePreprocess(size=(size, size), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
-    def hw(d: Any) -> tuple[int, int] | None:
-        if d is None:
-            return None
-        d = dict(d)
-        if "height" in d and d["height"]:
-            return int(d["height"]), int(d["width"])
-        edge = d.get("shortest_edge")
-        return (int(edge), int(edge)) if edge else None
-
-    resize = hw(getattr(proc, "size", None)) or (224, 224)
-    crop = hw(getattr(proc, "crop_size", None)) if getattr(proc, "do_center_crop", False) else None
-    size = crop or resize
-    interp = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(
+    where = f"model.image.name {name_or_dir}: its image processor ({type(proc).__name__})"
+    if getattr(proc, "do_resize", True) is False:
+        raise ConfigError(f"{where} has do_resize: false (each image goes in at its own size); fusionkit gives the "
+                          "encoder one fixed size: set do_resize: true and a size in its preprocessor_config.json")  # fmt: skip
+    sizes = {k: v for k, v in dict(getattr(proc, "size", None) or {}).items() if v}
+    if "height" in sizes and "width" in sizes:  # ViT, SigLIP, BEiT: each side scaled on its own
+        resize, mode = (int(sizes["height"]), int(sizes["width"])), "squash"
+    elif "shortest_edge" in sizes:  # CLIP, DINOv2: the aspect ratio kept
+        resize, mode = (int(sizes["shortest_edge"]),) * 2, "center"
+    else:
+        raise ConfigError(f"{where} has size {sizes}, which fusionkit does not follow (it reads height and width, or "
+                          "shortest_edge); set one of those in its preprocessor_config.json")  # fmt: skip
+    crop = dict(getattr(proc, "crop_size", None) or {}) if getattr(proc, "do_center_crop", False) else {}
+    size = (int(crop["height"]), int(crop["width"])) if crop.get("height") else resize
+    # the encoder sees (pixel * rescale - mean) / std of 0..255 pixels; fusionkit computes (pixel / 255 - mean) / std
+    rescale = 255 * float(proc.rescale_factor) if getattr(proc, "do_rescale", True) else 255.0
+    normalize = getattr(proc, "do_normalize", True)
+    mean = [float(x) for x in proc.image_mean] if normalize else [0.0] * 3
+    std = [float(x) for x in proc.image_std] if normalize else [1.0] * 3
+    interp = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box"}.get(
         int(getattr(proc, "resample", 3) or 3), "bicubic"
     )
     return ImagePreprocess(
         size=size,
-        mean=tuple(float(x) for x in proc.image_mean),  # type: ignore[arg-type]
-        std=tuple(float(x) for x in proc.image_std),  # type: ignore[arg-type]
+        mean=tuple(m / rescale for m in mean),  # type: ignore[arg-type]
+        std=tuple(s / rescale for s in std),  # type: ignore[arg-type]
         interpolation=interp,
-        crop_pct=min(size) / min(resize) if crop else 1.0,
+        crop_pct=min(size) / min(resize),
+        crop_mode=mode,
     )
 
 
 def _timm_image_preprocess(model: nn.Module) -> ImagePreprocess:
+    """timm's own data config for `model` (`resolve_data_config`), at the input size it was built for (an
+    `img_size=` model kwarg changes that, not the pretrained config's crop, mean or interpolation)."""
     import timm.data
 
     data_cfg = timm.data.resolve_data_config({}, model=model)
-    size = tuple(data_cfg["input_size"][1:])
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if img_size is not None:  # kwargs such as img_size= override the pretrained config's size
-        size = tuple(int(s) for s in img_size)
+    if img_size is not None and tuple(img_size) != tuple(data_cfg["input_size"][1:]):
+        data_cfg = timm.data.resolve_data_config({"input_size": (3, *img_size)}, model=model)
+    if data_cfg.get("crop_mode", "center") not in ("center", "squash"):
+        raise ConfigError(f"model.image.name: timm preprocesses {type(model).__name__} with crop_mode "
+                          f"{data_cfg['crop_mode']!r}, which fusionkit does not implement (center, squash)")  # fmt: skip
     return ImagePreprocess(
-        size=size,  # type: ignore[arg-type]
+        size=tuple(int(s) for s in data_cfg["input_size"][1:]),  # type: ignore[arg-type]
         mean=tuple(data_cfg["mean"]),
         std=tuple(data_cfg["std"]),
         interpolation=str(data_cfg.get("interpolation", "bicubic")),
-        crop_pct=float(data_cfg.get("crop_pct", 1.0)) if img_size is None else 1.0,
+        crop_pct=float(data_cfg.get("crop_pct", 1.0)),
+        crop_mode=data_cfg.get("crop_mode", "center"),
     )
 
 
@@ -622,6 +676,42 @@ class ImageEncoder(Encoder):
         return int(size[0] if isinstance(size, tuple | list) else size) if size else None
 
 
+WRAPPER_PREFIXES = ("model.", "module.")  # what Lightning modules and DDP put before a model's own keys
+
+
+def load_timm_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load a weights file into a timm model, every weight or an error: timm's own loading of a file is not strict
+    once the classifier is dropped (num_classes=0), so a checkpoint of another depth left blocks random, and one
+    saved from a wrapper (keys `model.blocks...`) the whole encoder, with only a log line."""
+    import sys
+
+    from timm.models import load_state_dict
+
+    state = load_state_dict(str(path))  # safetensors or torch; its EMA / state_dict / model entry; DDP's `module.`
+    own = model.state_dict()
+    while state and not own.keys() & state.keys():
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
+        log.info("model.image.checkpoint_path %s: its keys start with %r (a wrapper's); loaded without it", path, prefix)
+    # timm's conversions of this architecture's checkpoints (position embeddings resampled to another image size)
+    convert = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if convert is not None:
+        state = convert(state, model)
+    classifier = model.pretrained_cfg.get("classifier") or ()
+    head = {f"{c}.{w}" for c in ([classifier] if isinstance(classifier, str) else classifier) for w in ("weight", "bias")}
+    result = model.load_state_dict({k: v for k, v in state.items() if k not in head - own.keys()}, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        said = [f"{len(keys)} {what} (e.g. {', '.join(keys[:4])})" for what, keys in (
+            ("of the model's weights are not in it", result.missing_keys),
+            ("of its weights have no place in the model", result.unexpected_keys)) if keys]  # fmt: skip
+        arch = model.pretrained_cfg.get("architecture", type(model).__name__)
+        raise ConfigError(f"model.image.checkpoint_path {path} does not fit the {arch} that model.image.name and "
+                          f"model_kwargs build: {'; '.join(said)}. Build the architecture the checkpoint was saved "
+                          "from (its depth and widths in model.image.model_kwargs)")  # fmt: skip
+
+
 @IMAGE_BACKENDS.register("timm")
 class TimmImageEncoder(ImageEncoder):
     @classmethod
@@ -632,13 +722,32 @@ class TimmImageEncoder(ImageEncoder):
         pretrained = cfg.pretrained and saved_dir is None
         if name == "tiny":
             name, kwargs, pretrained = TINY_VIT_BASE, {**TINY_VIT_KWARGS, **kwargs}, False
-        if cfg.checkpoint_path and saved_dir is None:  # a local weights file implies loading it
-            pretrained = True
-            if not Path(cfg.checkpoint_path).is_file():
-                raise FileNotFoundError(f"image.checkpoint_path {cfg.checkpoint_path} does not exist")
-            kwargs["pretrained_cfg_overlay"] = dict(file=str(cfg.checkpoint_path))
-        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
-        return cls(model, _timm_image_preprocess(model), model.num_features)
+        folder_config = None
+        if name.startswith(TIMM_LOCAL_DIR):  # the architecture is in the folder's config.json: a checkpoint keeps it
+            saved = Path(saved_dir) / "config.json" if saved_dir is not None else None
+            folder = saved.parent if saved is not None and saved.is_file() else Path(name.removeprefix(TIMM_LOCAL_DIR))
+            if not (folder / "config.json").is_file():
+                raise EncoderFolderMissing(f"model.image.name {name}: no timm model folder there (its config.json is "
+                                           "missing); point model.image.name at the folder, or train anew")  # fmt: skip
+            folder_config = json.loads((folder / "config.json").read_text())
+            name = TIMM_LOCAL_DIR + str(folder)
+        checkpoint = cfg.checkpoint_path if saved_dir is None else None
+        if checkpoint and not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"image.checkpoint_path {checkpoint} does not exist")
+        model = timm.create_model(name, pretrained=pretrained and not checkpoint, num_classes=0, **kwargs)
+        if checkpoint:  # a local weights file implies loading it
+            load_timm_checkpoint(model, checkpoint)
+        encoder = cls(model, _timm_image_preprocess(model), model.num_features)
+        encoder.folder_config = folder_config
+        return encoder
+
+    folder_config: dict[str, Any] | None = None  # a `local-dir:` model's config.json
+
+    def save(self, directory: str | Path) -> None:
+        """A `local-dir:` model's config.json (a registered architecture rebuilds from its name alone)."""
+        if self.folder_config is not None:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            (Path(directory) / "config.json").write_text(json.dumps(self.folder_config, indent=2))
 
     def backbone(self, pixel_values: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self.model.forward_features(pixel_values)

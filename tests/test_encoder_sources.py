@@ -112,3 +112,18 @@ def test_a_run_on_a_timm_local_dir_loads_from_anywhere_after_the_folder_moved(tm
     monkeypatch.chdir(tmp_path / "moved")
     after = fusionkit.FusionModel.from_pretrained(run).image_encoder(pixels)
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_a_config_files_timm_local_dir_is_relative_to_the_file_like_its_other_paths(tmp_path: Path, monkeypatch) -> None:
+    import timm
+    from timm.models import save_for_hf
+
+    from fusionkit.training.config import build_config
+
+    args = {**VIT, "depth": 2}
+    save_for_hf(timm.create_model("vit_tiny_patch16_224", num_classes=3, **args), tmp_path / "enc", model_args=args)
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "c.yaml").write_text("model:\n  image:\n    name: local-dir:../enc\n")
+    (tmp_path / "a" / "elsewhere").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a" / "elsewhere")  # ../enc from here names nothing
+    assert build_config(tmp_path / "cfg" / "c.yaml").model.image.name == f"local-dir:{tmp_path / 'enc'}"

@@ -15,7 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import MISSING_POLICIES, ConfigError, ModelConfig, from_dict, load_config_file, merge, to_dict
+from ..config import (
+    MISSING_POLICIES,
+    TIMM_LOCAL_DIR,
+    ConfigError,
+    ModelConfig,
+    from_dict,
+    load_config_file,
+    merge,
+    to_dict,
+)
 from ..models import get_config
 from ..precision import PRECISIONS
 from .distributed import TRACKERS
@@ -286,6 +295,10 @@ def resolve_paths(flat: dict[str, Any], base: Path) -> dict[str, Any]:
     out = dict(flat)
     for key in PATH_KEYS:
         value = out.get(key)
+        if key == "model.image.name" and isinstance(value, str) and value.startswith(TIMM_LOCAL_DIR):
+            # timm's `local-dir:FOLDER`: the folder is a path like any other (a config file's relative to it)
+            out[key] = TIMM_LOCAL_DIR + resolve_paths({key: value.removeprefix(TIMM_LOCAL_DIR)}, base)[key]
+            continue
         if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
             continue
         if value == "synthetic" or value.startswith(("synthetic:", "~", IN_MEMORY)):

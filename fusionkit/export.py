@@ -287,7 +287,9 @@ def _export_into(
         model.train(was_training)
     # What each `logits_<task>` column means, so the folder serves without the run dir: label strings in order.
     outputs = {o for entry in report["parts"].values() for kind in entry.values() for o in kind["outputs"]}
-    report["tasks"] = {name: {"type": task.type, "output": f"logits_{name}", "class_names": task.class_names}
+    # a multilabel task's threshold(s) too: a tag is predicted where sigmoid(logit) > threshold, not 0.5 always
+    report["tasks"] = {name: {"type": task.type, "output": f"logits_{name}", "class_names": task.class_names,
+                              **({"threshold": task.cfg.params.get("threshold", 0.5)} if task.type == "multilabel" else {})}
                        for name, task in model.tasks.items() if f"logits_{name}" in outputs}  # fmt: skip
     FusionProcessor.from_model(model).save_pretrained(out)
     (out / "export.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")

@@ -45,6 +45,22 @@ def test_an_hf_image_processor_that_does_not_resize_is_refused(tmp_path: Path) -
         create_model("tiny", image={"backend": "hf", "name": str(tmp_path)})
 
 
+def test_a_squash_to_one_shape_then_a_crop_of_another_is_refused(tmp_path: Path) -> None:
+    """Resize to 40x48, then crop 32x32: one crop_pct cannot scale both sides as transformers does (pixels were
+    up to 12 levels off, silently); a crop of the resize's own shape is followed."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64)).save_pretrained(tmp_path)  # fmt: skip
+    ViTImageProcessor(size={"height": 40, "width": 48}, do_center_crop=True,
+                      crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)  # fmt: skip
+    with pytest.raises(ConfigError, match="resizes to 40x48 and then crops 32x32"):
+        create_model("tiny", image={"backend": "hf", "name": str(tmp_path)})
+    ViTImageProcessor(size={"height": 40, "width": 40}, do_center_crop=True,
+                      crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)  # fmt: skip
+    assert create_model("tiny", image={"backend": "hf", "name": str(tmp_path)}).image_preprocess.crop_pct == 0.8
+
+
 def test_timm_preprocessing_is_timms_own_data_config_at_the_size_built() -> None:
     import timm
     import timm.data

@@ -170,3 +170,16 @@ def test_a_regression_in_the_thousands_exports_and_a_failed_export_leaves_nothin
     with pytest.raises(ValueError, match="differs from PyTorch"):
         export_mod.export_onnx(model, tmp_path / "bad", parts=["model"])
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad.tmp-*"))
+
+
+def test_export_json_keeps_a_multilabel_tasks_thresholds(tmp_path: Path) -> None:
+    """An ONNX user applies the thresholds `fusionkit predict` applies, not 0.5 by default."""
+    pytest.importorskip("onnxscript")
+    from fusionkit.export import export_onnx
+
+    tags = {"name": "tags", "type": "multilabel", "num_classes": 3, "class_names": ["a", "b", "c"],
+            "params": {"threshold": [0.3, 0.5, 0.7]}}  # fmt: skip
+    model = create_model("tiny", tasks=[{"name": "sentiment", "num_classes": 3}, tags]).eval()
+    export_onnx(model, tmp_path, parts=["model"])
+    saved = json.loads((tmp_path / "export.json").read_text())["tasks"]
+    assert saved["tags"]["threshold"] == [0.3, 0.5, 0.7] and "threshold" not in saved["sentiment"]

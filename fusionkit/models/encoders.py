@@ -571,6 +571,10 @@ def _hf_image_preprocess(name_or_dir: str | Path, model: nn.Module, warn: bool =
                           "shortest_edge); set one of those in its preprocessor_config.json")  # fmt: skip
     crop = dict(getattr(proc, "crop_size", None) or {}) if getattr(proc, "do_center_crop", False) else {}
     size = (int(crop["height"]), int(crop["width"])) if crop.get("height") else resize
+    if mode == "squash" and size[0] * resize[1] != size[1] * resize[0]:  # crop_pct is one number for both sides
+        raise ConfigError(f"{where} resizes to {resize[0]}x{resize[1]} and then crops {size[0]}x{size[1]}, another "
+                          "shape, which fusionkit cannot reproduce: use a crop_size of the resize's shape, or a square "
+                          "size, in its preprocessor_config.json")  # fmt: skip
     # the encoder sees (pixel * rescale - mean) / std of 0..255 pixels; fusionkit computes (pixel / 255 - mean) / std
     rescale = 255 * float(proc.rescale_factor) if getattr(proc, "do_rescale", True) else 255.0
     normalize = getattr(proc, "do_normalize", True)

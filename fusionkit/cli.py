@@ -569,11 +569,18 @@ def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
     results, first = [], None
     members = _ensemble_members(args)
-    schemas = {c: {t.name: t.class_names or [] for t in FusionModel.read_config(c).tasks} for c in members}
+    configs = {c: FusionModel.read_config(c).tasks for c in members}
+    schemas = {c: {t.name: t.class_names or [] for t in tasks} for c, tasks in configs.items()}
     for checkpoint in members[1:]:  # before any model or data is read; classes are matched by name, in any order
         if {k: sorted(v) for k, v in schemas[checkpoint].items()} != {k: sorted(v) for k, v in schemas[args.checkpoint].items()}:
             raise ConfigError(f"--ensemble: {checkpoint} has other tasks or classes than {args.checkpoint} "
                               f"({schemas[checkpoint]} vs {schemas[args.checkpoint]}); ensemble models of one task set")  # fmt: skip
+        first_params = {t.name: t.params.get("threshold") for t in configs[args.checkpoint] if t.type == "multilabel"}
+        for t in configs[checkpoint]:
+            if t.type == "multilabel" and t.params.get("threshold") != first_params.get(t.name):
+                log.warning("--ensemble: task %s of %s has threshold %s, %s has %s: the averaged probabilities are "
+                            "decided at %s's (the first model's)", t.name, checkpoint, t.params.get("threshold", 0.5),
+                            args.checkpoint, first_params.get(t.name) or 0.5, args.checkpoint)  # fmt: skip
     for i, checkpoint in enumerate(members):
         model = FusionModel.from_pretrained(checkpoint, map_location=resolve_device(args.device))
         first = first or model

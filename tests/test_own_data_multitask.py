@@ -315,3 +315,14 @@ def test_the_best_checkpoint_is_chosen_on_the_first_classification_task_whatever
     tasks = [{"name": "score", "type": "regression"}, {"name": "tags", "type": "multilabel"}, {"name": "mood"}]
     assert train(table, tmp_path / "runs", "order", tasks) == 0
     assert json.loads((tmp_path / "runs" / "order" / "summary.json").read_text())["metric"] == "val/mood/macro_f1"
+
+
+def test_an_ensemble_of_members_with_other_tag_thresholds_says_whose_applies(tmp_path: Path, caplog) -> None:
+    table = write_table(tmp_path / "d", 24, score=None)
+    for name, threshold in (("lo", 0.3), ("hi", 0.9)):
+        tags = {"name": "tags", "type": "multilabel", "params": {"threshold": threshold}}
+        assert train(table, tmp_path / "runs", name, [{"name": "mood"}, tags]) == 0
+    with caplog.at_level(logging.WARNING, logger="fusionkit"):
+        assert main(["eval", str(tmp_path / "runs" / "lo"), "--ensemble", str(tmp_path / "runs" / "hi"),
+                     "--output", str(tmp_path / "m.json")]) == 0  # fmt: skip
+    assert "task tags of" in caplog.text and "has threshold 0.9" in caplog.text and "(the first model's)" in caplog.text

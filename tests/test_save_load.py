@@ -56,6 +56,8 @@ def test_a_bf16_saved_model_reloads_as_float32_unless_dtype_says_otherwise(tmp_p
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), kept.state_dict().values()))
     assert {p.dtype for p in FusionModel.from_pretrained(tmp_path / "m", dtype=torch.float16).parameters()} == {
         torch.float16}
+    assert {p.dtype for p in FusionModel.from_pretrained(tmp_path / "m", dtype="bfloat16").parameters()} == {
+        torch.bfloat16}  # a name, as transformers takes it
     with pytest.raises(TypeError, match="dtype must be"):
         FusionModel.from_pretrained(tmp_path / "m", dtype="bf16")
 

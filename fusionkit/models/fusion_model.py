@@ -645,8 +645,11 @@ class FusionModel(nn.Module):
         Returned in eval mode (no dropout), as transformers does: `.train()` before fine-tuning it.
         `dtype`: float32 by default (bf16 matmuls are ~500x slower on CPUs without AMX), a torch dtype, or "auto" for
         the dtype the weights were saved in (as transformers' `dtype="auto"`)."""
+        if isinstance(dtype, str) and dtype != "auto":  # "bfloat16", as transformers takes it
+            dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
         if not (dtype is None or dtype == "auto" or (isinstance(dtype, torch.dtype) and dtype.is_floating_point)):
-            raise TypeError(f"dtype must be a floating torch dtype (torch.bfloat16), 'auto' or None, got {dtype!r}")
+            raise TypeError(f"dtype must be a floating torch dtype (torch.bfloat16 or 'bfloat16'), 'auto' or None, "
+                            f"got {dtype!r}")
         directory, meta, config = cls._saved_config(directory)
         if not (directory / "text_encoder").is_dir():  # transformers would read the path as a hub id
             raise FileNotFoundError(f"{directory} has no text_encoder/ folder (the text encoder's config and "

@@ -57,7 +57,7 @@ def plot_curves(history: Sequence[dict[str, Any]], path: Path) -> None:
             ax.plot([h[x] for h in rows], [h[key] for h in rows], *args, **kwargs)
 
     ax = flat[0]
-    line(ax, train, "train/loss", "step", label="train")
+    line(ax, train, "train/loss", "step", ".-", label="train")  # a marker: one logged point still shows
     line(ax, evals, "val/loss", "step", "o-", label="val")
     ax.set(title="loss (weighted total)" if task_losses else "loss", xlabel="step")
     ax.legend(fontsize="small")
@@ -65,13 +65,16 @@ def plot_curves(history: Sequence[dict[str, Any]], path: Path) -> None:
         ax = flat[1]
         for i, name in enumerate(task_losses):
             color = f"C{i % 10}"
-            line(ax, train, f"train/{name}/loss", "step", color=color, label=name)
+            line(ax, train, f"train/{name}/loss", "step", ".-", color=color, label=name)
             line(ax, evals, f"val/{name}/loss", "step", "o--", color=color)
         ax.set(title="loss per task (val dashed)", xlabel="step")
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="x-small", ncol=2 if len(task_losses) > 3 else 1)
     for ax, (name, keys) in zip(flat[1 + bool(task_losses):], metrics.items()):
         for key in keys:
             line(ax, evals, key, "epoch", "o-", label=key.split("/")[2])
+        tops = [max(abs(h[k]) for h in evals if k in h) for k in keys]
+        if min(tops) > 0 and max(tops) / min(tops) > 100:  # mse next to mae: one linear axis flattens the smaller
+            ax.set_yscale("log")
         ax.set(title=f"val: {name}", xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize="small")

@@ -178,6 +178,7 @@ def test_multilabel_threshold_decides_tags_and_each_tag_is_reported() -> None:
     report = details["report"]
     assert report["food"] == pytest.approx({"precision": 1.0, "recall": 0.5, "f1-score": 2 / 3, "support": 2})
     assert report["travel"]["support"] == 1 and report["travel"]["recall"] == 0.0 and details["threshold"] == 0.7
+    assert details["class_names"] == names
     for bad in (0, 1.5, "high", [0.5, 0.5], True):
         tags = {"name": "tags", "type": "multilabel", "class_names": names, "params": {"threshold": bad}}
         with pytest.raises(ConfigError, match="params.threshold"):

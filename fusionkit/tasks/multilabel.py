@@ -133,7 +133,7 @@ class MultilabelTask(ClassificationTask):
         return {
             "micro_f1": float(f1_score(y, pred, average="micro", zero_division=0)),
             "macro_f1": float(macro),
-        }, {"report": report, "threshold": self.cfg.params.get("threshold", 0.5)}
+        }, {"class_names": list(self.names), "report": report, "threshold": self.cfg.params.get("threshold", 0.5)}
 
     def predict(self, outputs: torch.Tensor) -> list[dict[str, Any]]:
         probs = self.probabilities(outputs)

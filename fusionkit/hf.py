@@ -210,9 +210,7 @@ class FusionkitModel(PreTrainedModel):
         map_location, device_map = kwargs.pop("map_location", None), kwargs.pop("device_map", None)
         device = _device(device_map if map_location is None else map_location)
         dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)  # transformers 5 / 4
-        dtype = torch_dtype if dtype is None else dtype
-        if isinstance(dtype, str) and dtype != "auto":  # "bfloat16", as transformers takes it
-            dtype = getattr(torch, dtype, dtype)
+        dtype = torch_dtype if dtype is None else dtype  # a name ("bfloat16") too: FusionModel reads it
         directory = _find_checkpoint_dir(resolve_pretrained_dir(pretrained_model_name_or_path, **kwargs))
         model = cls.from_fusion_model(
             FusionModel.from_pretrained(directory, map_location=device, dtype=dtype)

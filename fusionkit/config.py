@@ -409,6 +409,8 @@ def _unique_key_loader(number_text: bool = False) -> type:
         def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
             seen: dict[Any, int] = {}
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys are defaults, this map's win
+                    continue
                 key = self.construct_object(key_node, deep=deep)
                 line = key_node.start_mark.line + 1
                 if key in seen:

@@ -146,3 +146,13 @@ def test_a_mistyped_column_is_refused_before_the_model_loads(option: list[str], 
     err = error_of(["eval", str(tmp_path / "no-model"), "--data", str(table), *option], capsys)
     assert f"{option[0]} {option[1]}: {table} has no column '{option[1].rpartition('=')[2]}'" in err
     assert "'text', 'image', 'sentiment'" in err
+
+
+def test_yaml_merge_keys_work_and_a_key_given_twice_is_still_refused(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  tasks:\n    - &t {name: a, class_names: [x, y], weight: 2.0}\n"
+                   "    - <<: *t\n      name: b\n")  # fmt: skip
+    tasks = printed_config([str(cfg)], capsys)["model"]["tasks"]
+    assert [(t["name"], t["class_names"], t["weight"]) for t in tasks] == [("a", ["x", "y"], 2.0), ("b", ["x", "y"], 2.0)]
+    cfg.write_text("optim:\n  <<: {lr: 2.0e-3}\n  epochs: 3\n  epochs: 4\n")
+    assert "'epochs' is given twice" in error_of(["train", str(cfg)], capsys)

@@ -156,3 +156,25 @@ def test_yaml_merge_keys_work_and_a_key_given_twice_is_still_refused(tmp_path: P
     assert [(t["name"], t["class_names"], t["weight"]) for t in tasks] == [("a", ["x", "y"], 2.0), ("b", ["x", "y"], 2.0)]
     cfg.write_text("optim:\n  <<: {lr: 2.0e-3}\n  epochs: 3\n  epochs: 4\n")
     assert "'epochs' is given twice" in error_of(["train", str(cfg)], capsys)
+
+
+@pytest.mark.parametrize("written", ["010", "0x10", "1_0", "1:30"])
+def test_an_int_not_in_plain_decimal_is_refused_in_a_file_as_on_the_command_line(tmp_path: Path, capsys,
+                                                                                  written: str) -> None:  # fmt: skip
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"optim:\n  epochs: {written}\nrun:\n  name: {written}\n")  # a name keeps its text
+    assert "optim.epochs: '" + written + "' is not a plain decimal number" in error_of(["train", str(cfg)], capsys)
+    assert "is not a plain decimal number" in error_of(["train", "--optim.epochs", written], capsys)
+    cfg.write_text(f"optim:\n  epochs: 10\nrun:\n  name: {written}\n")
+    assert printed_config([str(cfg)], capsys)["run"]["name"] == written
+
+
+def test_a_json_config_is_read_as_json(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"optim": {"epochs": 010}}')
+    assert f"{cfg}, line 1, column 23: not valid JSON" in error_of(["train", str(cfg)], capsys)
+    cfg.write_text('{"optim": {"epochs": 1, "epochs": 2}}')
+    assert "key 'epochs' is given twice" in error_of(["train", str(cfg)], capsys)
+    cfg.write_text('{"optim": {"epochs": 3}, "run": {"name": 1.10}}')
+    out = printed_config([str(cfg)], capsys)
+    assert out["optim"]["epochs"] == 3 and out["run"]["name"] == "1.10"

@@ -46,7 +46,10 @@ def _overrides(extra: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override {arg} has no value")
             i += 1
             value = extra[i]
-        out[key] = parse_value(value)
+        try:
+            out[key] = parse_value(value)
+        except ConfigError as e:
+            raise ConfigError(f"--{key}: {e}") from None
         i += 1
     return out
 

@@ -335,7 +335,14 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
 
 
 def parse_value(text: str) -> Any:
-    """Parse a command-line override value: JSON where it parses (numbers, bools, lists), else a string."""
+    """Parse a command-line override value: JSON where it parses (numbers, bools, lists), else a string.
+    A value that starts like a JSON list or object must be one: its mistake is said, not read as text."""
+    if text.lstrip()[:1] in ("[", "{"):
+        hint = "; JSON wants double quotes around names and text" if "'" in text else ""
+        try:
+            return _load_json(text, "")
+        except ConfigError as e:
+            raise ConfigError(f"{text!r} is not a valid JSON list or mapping: {str(e).lstrip(', ')}{hint}") from None
     try:
         return _with_text(json.loads(text), text)
     except json.JSONDecodeError:
@@ -413,10 +420,9 @@ def _load_json(text: str, where: Path | str, number_text: bool = False) -> Any:
     try:
         return json.loads(text, object_pairs_hook=_unique_keys, parse_int=keep(int), parse_float=keep(float))
     except json.JSONDecodeError as e:
-        hint = " (JSON wants double quotes)" if "double quotes" in e.msg else ""
-        raise ConfigError(f"{where}, line {e.lineno}, column {e.colno}: not valid JSON: {e.msg}{hint}") from None
+        raise ConfigError(f"{where}, line {e.lineno}, column {e.colno}: not valid JSON: {e.msg}") from None
     except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        raise ConfigError(f"{where}: {e}" if where else str(e)) from None
 
 
 def _load_yaml(text: str, path: Path, number_text: bool) -> Any:

@@ -178,3 +178,14 @@ def test_a_json_config_is_read_as_json(tmp_path: Path, capsys) -> None:
     cfg.write_text('{"optim": {"epochs": 3}, "run": {"name": 1.10}}')
     out = printed_config([str(cfg)], capsys)
     assert out["optim"]["epochs"] == 3 and out["run"]["name"] == "1.10"
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [('[{"name": "mood", "name": "x"}]', "key 'name' is given twice"),
+     ('[{"name": "mood"},]', "column 19"),
+     ("[{'name': 'mood'}]", "JSON wants double quotes")],
+)
+def test_a_json_override_says_its_mistake(value: str, said: str, capsys) -> None:
+    err = error_of(["train", "--print-config", "--model.tasks", value], capsys)
+    assert "--model.tasks: " in err and "is not a valid JSON list or mapping" in err and said in err

@@ -189,3 +189,12 @@ def test_a_json_config_is_read_as_json(tmp_path: Path, capsys) -> None:
 def test_a_json_override_says_its_mistake(value: str, said: str, capsys) -> None:
     err = error_of(["train", "--print-config", "--model.tasks", value], capsys)
     assert "--model.tasks: " in err and "is not a valid JSON list or mapping" in err and said in err
+
+
+def test_a_key_given_nested_and_dotted_in_one_file_is_refused(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("optim:\n  lr: 2.0e-3\noptim.lr: 1.0e-3\n")
+    assert "optim.lr is given twice (nested and dotted" in error_of(["train", str(cfg)], capsys)
+    cfg.write_text("optim:\n  lr: 2.0e-3\noptim.epochs: 3\n")  # different keys: both kept
+    out = printed_config([str(cfg)], capsys)["optim"]
+    assert out["lr"] == 2.0e-3 and out["epochs"] == 3

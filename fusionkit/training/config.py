@@ -223,9 +223,14 @@ def _flatten(data: dict[str, Any], base: dict[str, Any], prefix: str = "") -> di
     out: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict) and key not in _DICT_VALUES:
-            out.update(_flatten(value, base[key], f"{prefix}{key}."))
+            items = _flatten(value, base[key], f"{prefix}{key}.")
         else:
-            out[f"{prefix}{key}"] = value
+            items = {f"{prefix}{key}": value}
+        for dotted, v in items.items():  # `optim: {lr: 2e-3}` and `optim.lr: 1e-3`: one would be lost
+            if dotted in out:
+                raise ConfigError(f"{dotted} is given twice (nested and dotted: `{dotted.split('.')[0]}:` and "
+                                  f"`{dotted}:`); keep one")  # fmt: skip
+            out[dotted] = v
     return out
 
 

@@ -390,8 +390,8 @@ def load_config_file(path: str | Path, number_text: bool = False) -> dict[str, A
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"config file {path} is a directory; give the YAML/JSON file in it")
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+    if not path.exists():  # /dev/null or a shell's <(...) is no regular file, but reads as one
+        raise ConfigError(f"config file {path} does not exist")
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".json":  # JSON's own rules: `010` or `0x10` is an error there, not octal or hex
         data = _load_json(text, path, number_text)

@@ -198,3 +198,12 @@ def test_a_key_given_nested_and_dotted_in_one_file_is_refused(tmp_path: Path, ca
     cfg.write_text("optim:\n  lr: 2.0e-3\noptim.epochs: 3\n")  # different keys: both kept
     out = printed_config([str(cfg)], capsys)["optim"]
     assert out["lr"] == 2.0e-3 and out["epochs"] == 3
+
+
+def test_a_config_argument_that_is_no_config_is_said_so(tmp_path: Path, capsys) -> None:
+    assert "unrecognized arguments: -x" in error_of(["train", "-x"], capsys)
+    assert "unrecognized arguments: -v" in error_of(["-v", "train"], capsys)
+    assert "CONFIG is empty" in error_of(["train", ""], capsys)
+    assert f"config file {tmp_path / 'nope.yaml'} does not exist" in error_of(["train", str(tmp_path / "nope.yaml")],
+                                                                              capsys)  # fmt: skip
+    assert printed_config(["/dev/null", "--optim.epochs", "3"], capsys)["optim"]["epochs"] == 3  # all defaults

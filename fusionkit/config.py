@@ -7,6 +7,7 @@ the wrong model for an hour.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import math
@@ -392,7 +393,7 @@ def load_config_file(path: str | Path, number_text: bool = False) -> dict[str, A
         raise ConfigError(f"config file {path} is a directory; give the YAML/JSON file in it")
     if not path.exists():  # /dev/null or a shell's <(...) is no regular file, but reads as one
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if path.suffix.lower() == ".json":  # JSON's own rules: `010` or `0x10` is an error there, not octal or hex
         data = _load_json(text, path, number_text)
     else:
@@ -400,6 +401,16 @@ def load_config_file(path: str | Path, number_text: bool = False) -> dict[str, A
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping (section: keys), got {_short(data)}")
     return data
+
+
+def _read_text(path: Path) -> str:
+    """A config's text: UTF-8, or UTF-16 with its BOM (what PowerShell's `>` writes); else an error naming it."""
+    raw = path.read_bytes()
+    encoding = "utf-16" if raw[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "utf-8-sig"
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

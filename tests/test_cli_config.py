@@ -207,3 +207,11 @@ def test_a_config_argument_that_is_no_config_is_said_so(tmp_path: Path, capsys) 
     assert f"config file {tmp_path / 'nope.yaml'} does not exist" in error_of(["train", str(tmp_path / "nope.yaml")],
                                                                               capsys)  # fmt: skip
     assert printed_config(["/dev/null", "--optim.epochs", "3"], capsys)["optim"]["epochs"] == 3  # all defaults
+
+
+def test_a_utf16_config_is_read_and_a_binary_one_named(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("optim:\n  epochs: 3\n", encoding="utf-16")  # with a BOM, as PowerShell's `>` writes it
+    assert printed_config([str(cfg)], capsys)["optim"]["epochs"] == 3
+    cfg.write_bytes(b"optim:\n  epochs: \xff\xfe3\n")
+    assert f"config file {cfg} is not UTF-8 text" in error_of(["train", str(cfg)], capsys)

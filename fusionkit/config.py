@@ -309,7 +309,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                           "0x10 as 16, 1_0 as 10): write it in decimal without leading zeros, e.g. 10")  # fmt: skip
     if tp in (int, float, str, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {_short(value)}")
+            hint = ("; YAML reads NO / yes / on / off (any case) as booleans: quote it ('NO')"
+                    if tp is str and isinstance(value, bool) else "")  # fmt: skip
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {_short(value)}{hint}")
         return value
     return value
 

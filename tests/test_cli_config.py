@@ -215,3 +215,10 @@ def test_a_utf16_config_is_read_and_a_binary_one_named(tmp_path: Path, capsys) -
     assert printed_config([str(cfg)], capsys)["optim"]["epochs"] == 3
     cfg.write_bytes(b"optim:\n  epochs: \xff\xfe3\n")
     assert f"config file {cfg} is not UTF-8 text" in error_of(["train", str(cfg)], capsys)
+
+
+def test_a_yaml_boolean_in_a_text_setting_says_to_quote_it(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  tasks:\n    - {name: country, class_names: [NO, SE, DK]}\n")
+    err = error_of(["train", str(cfg)], capsys)
+    assert "class_names[0]: expected str, got bool False" in err and "quote it ('NO')" in err

@@ -222,3 +222,14 @@ def test_a_yaml_boolean_in_a_text_setting_says_to_quote_it(tmp_path: Path, capsy
     cfg.write_text("model:\n  tasks:\n    - {name: country, class_names: [NO, SE, DK]}\n")
     err = error_of(["train", str(cfg)], capsys)
     assert "class_names[0]: expected str, got bool False" in err and "quote it ('NO')" in err
+
+
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [("", "it is empty"), ("  ", "it is empty"), ("a\nb", "no newline"), ("a\x1bb", "no newline or control character"),
+     (" a", "leading or trailing space"), ("-a", "leading '-'"), ("é" * 128, "255 bytes"), ("a/b", "no / or ..")],
+)
+def test_a_run_name_no_folder_should_have_is_refused(name: str, said: str) -> None:
+    with pytest.raises(ConfigError, match=f"run.name must be a plain folder name \\({said}"):
+        build_config({"run": {"name": name}})
+    assert build_config({"run": {"name": "my run é 1"}}).run.name == "my run é 1"

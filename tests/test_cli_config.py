@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -230,6 +231,6 @@ def test_a_yaml_boolean_in_a_text_setting_says_to_quote_it(tmp_path: Path, capsy
      (" a", "leading or trailing space"), ("-a", "leading '-'"), ("é" * 128, "255 bytes"), ("a/b", "no / or ..")],
 )
 def test_a_run_name_no_folder_should_have_is_refused(name: str, said: str) -> None:
-    with pytest.raises(ConfigError, match=f"run.name must be a plain folder name \\({said}"):
+    with pytest.raises(ConfigError, match=f"run.name must be a plain folder name \\(.*{re.escape(said)}"):
         build_config({"run": {"name": name}})
     assert build_config({"run": {"name": "my run é 1"}}).run.name == "my run é 1"

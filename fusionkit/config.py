@@ -270,8 +270,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        if value is None:  # `optim:` with all its keys commented out: an empty section
+            value = {}
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
+            key = dataclasses.fields(tp)[0].name
+            raise ConfigError(f"{where} is a section, not a value: set its keys (--{where}.{key} VALUE on the "
+                              f"command line, {key}: under {where}: in a file), got {_short(value)}")  # fmt: skip
         return from_dict(tp, value, where)
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):

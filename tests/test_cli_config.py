@@ -234,3 +234,12 @@ def test_a_run_name_no_folder_should_have_is_refused(name: str, said: str) -> No
     with pytest.raises(ConfigError, match=f"run.name must be a plain folder name \\(.*{re.escape(said)}"):
         build_config({"run": {"name": name}})
     assert build_config({"run": {"name": "my run é 1"}}).run.name == "my run é 1"
+
+
+def test_a_section_given_a_value_says_to_set_its_keys_and_an_empty_one_is_empty(tmp_path: Path, capsys) -> None:
+    err = error_of(["train", "--optim", "1e-3"], capsys)
+    assert "optim is a section, not a value: set its keys (--optim." in err and "_FloatText" not in err
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("optim:\n  # lr: 1.0e-3\nmodel:\n  fusion:\n    # depth: 3\n")
+    out = printed_config([str(cfg)], capsys)
+    assert out == printed_config([], capsys)  # nothing set: the preset's values

@@ -233,7 +233,9 @@ def _flatten(data: dict[str, Any], base: dict[str, Any], prefix: str = "") -> di
     """Nested file sections -> dotted keys, so `model: {fusion: {depth: 2}}` keeps the preset's other fields."""
     out: dict[str, Any] = {}
     for key, value in data.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict) and key not in _DICT_VALUES:
+        if value is None and isinstance(base.get(key), dict) and key not in _DICT_VALUES:
+            items = {}  # `optim:` with all its keys commented out: nothing set, the preset's values stay
+        elif isinstance(value, dict) and isinstance(base.get(key), dict) and key not in _DICT_VALUES:
             items = _flatten(value, base[key], f"{prefix}{key}.")
         else:
             items = {f"{prefix}{key}": value}

@@ -46,9 +46,9 @@ def load_plugins() -> list[str]:
                 sys.path.insert(0, cwd)
                 importlib.import_module(module)
         except ImportError as e:
-            raise ConfigError(f"fusionkit plugin {name!r} (from {source}) cannot be imported: {e}. A plugin is a "
-                              "module that Python can import: install it, or put its folder on PYTHONPATH (the "
-                              "working directory is searched too)") from None  # fmt: skip
+            raise ConfigError(f"fusionkit plugin {name!r} cannot be imported (it is named in {source}): {e}. A "
+                              "plugin is a module that Python can import: install it, or put its folder on "
+                              "PYTHONPATH (the working directory is searched too)") from None  # fmt: skip
         except (Exception, SystemExit) as e:  # its own bug (a typo, a clash of names): one line, not a traceback
             raise ConfigError(f"fusionkit plugin {name!r} (from {source}) failed to import: {_where(e)}; fix the "
                               "plugin, or leave it out of " + source) from None  # fmt: skip

@@ -36,6 +36,8 @@ def _overrides(extra: list[str]) -> dict[str, Any]:
     i = 0
     while i < len(extra):
         arg = extra[i]
+        if arg.startswith("-") and not arg.startswith("--"):  # `-x`, or `fusionkit -v train`: no such option
+            raise ConfigError(f"unrecognized arguments: {arg}; see fusionkit -h and fusionkit train -h")
         if not arg.startswith("--") or len(arg) == 2:
             raise ConfigError(f"unexpected argument {arg!r}; overrides look like --optim.lr 1e-3")
         key, eq, value = arg[2:].partition("=")
@@ -46,7 +48,10 @@ def _overrides(extra: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override {arg} has no value")
             i += 1
             value = extra[i]
-        out[key] = parse_value(value)
+        try:
+            out[key] = parse_value(value)
+        except ConfigError as e:
+            raise ConfigError(f"--{key}: {e}") from None
         i += 1
     return out
 
@@ -256,7 +261,10 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     from .training.trainer import train
 
     # The config is the leading positional; parsed here because argparse would take an override's value for it.
-    config = extra.pop(0) if extra and not extra[0].startswith("--") else None
+    config = extra.pop(0) if extra and not extra[0].startswith("-") else None
+    if config is not None and not config.strip():  # `fusionkit train "$CFG"` with CFG unset
+        raise ConfigError("CONFIG is empty (an unset shell variable?): give a YAML/JSON config file, or leave it "
+                          "out for the defaults")  # fmt: skip
     overrides = _overrides(extra)
     if args.resume is not None and not args.resume.strip():  # `--resume "$RUN"` with RUN unset: not a new run
         raise ConfigError("--resume is empty (an unset shell variable?): give the run dir to continue, or leave "

@@ -7,11 +7,14 @@ the wrong model for an hour.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -267,8 +270,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        if value is None:  # `optim:` with all its keys commented out: an empty section
+            value = {}
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
+            key = dataclasses.fields(tp)[0].name
+            raise ConfigError(f"{where} is a section, not a value: set its keys (--{where}.{key} VALUE on the "
+                              f"command line, {key}: under {where}: in a file), got {_short(value)}")  # fmt: skip
         return from_dict(tp, value, where)
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
@@ -301,9 +308,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return float(value)
         except ValueError:
             pass
+    if tp in (int, float) and isinstance(value, str) and _NUMBER_LIKE.fullmatch(value):
+        raise ConfigError(f"{where}: {value!r} is not a plain decimal number (YAML 1.1 would read 010 as octal 8, "
+                          "0x10 as 16, 1_0 as 10): write it in decimal without leading zeros, e.g. 10")  # fmt: skip
     if tp in (int, float, str, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {_short(value)}")
+            hint = ("; YAML reads NO / yes / on / off (any case) as booleans: quote it ('NO')"
+                    if tp is str and isinstance(value, bool) else "")  # fmt: skip
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {_short(value)}{hint}")
         return value
     return value
 
@@ -330,7 +342,14 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
 
 
 def parse_value(text: str) -> Any:
-    """Parse a command-line override value: JSON where it parses (numbers, bools, lists), else a string."""
+    """Parse a command-line override value: JSON where it parses (numbers, bools, lists), else a string.
+    A value that starts like a JSON list or object must be one: its mistake is said, not read as text."""
+    if text.lstrip()[:1] in ("[", "{"):
+        hint = "; JSON wants double quotes around names and text" if "'" in text else ""
+        try:
+            return _load_json(text, "")
+        except ConfigError as e:
+            raise ConfigError(f"{text!r} is not a valid JSON list or mapping: {str(e).lstrip(', ')}{hint}") from None
     try:
         return _with_text(json.loads(text), text)
     except json.JSONDecodeError:
@@ -374,14 +393,58 @@ def load_config_file(path: str | Path, number_text: bool = False) -> dict[str, A
     A syntax error or a key given twice is an error naming the file and line: YAML would keep the
     last duplicate silently, so half of what the user wrote would be ignored.
     """
-    import yaml
 
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"config file {path} is a directory; give the YAML/JSON file in it")
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    if not path.exists():  # /dev/null or a shell's <(...) is no regular file, but reads as one
+        raise ConfigError(f"config file {path} does not exist")
+    text = _read_text(path)
+    if path.suffix.lower() == ".json":  # JSON's own rules: `010` or `0x10` is an error there, not octal or hex
+        data = _load_json(text, path, number_text)
+    else:
+        data = _load_yaml(text, path, number_text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping (section: keys), got {_short(data)}")
+    return data
+
+
+def _read_text(path: Path) -> str:
+    """A config's text: UTF-8, or UTF-16 with its BOM (what PowerShell's `>` writes); else an error naming it."""
+    raw = path.read_bytes()
+    encoding = "utf-16" if raw[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "utf-8-sig"
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook: a key given twice is an error, as in YAML (json keeps the last silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ConfigError(f"key {key!r} is given twice; keep one")
+        out[key] = value
+    return out
+
+
+def _load_json(text: str, where: Path | str, number_text: bool = False) -> Any:
+    """JSON with a key given twice refused; `number_text` as in `load_config_file`."""
+    def keep(kind: type) -> Any:
+        return (lambda t: _with_text(kind(t), t)) if number_text else kind
+
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_int=keep(int), parse_float=keep(float))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}, line {e.lineno}, column {e.colno}: not valid JSON: {e.msg}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}" if where else str(e)) from None
+
+
+def _load_yaml(text: str, path: Path, number_text: bool) -> Any:
+    import yaml
+
     try:
         data = yaml.load(text, Loader=_unique_key_loader(number_text))
         if data is None and yaml.compose(text) is None:  # an empty file (or comments only): all defaults
@@ -395,8 +458,6 @@ def load_config_file(path: str | Path, number_text: bool = False) -> dict[str, A
         raise ConfigError(f"{where}: {problem}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping (section: keys), got {_short(data)}")
     return data
 
 
@@ -409,6 +470,8 @@ def _unique_key_loader(number_text: bool = False) -> type:
         def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
             seen: dict[Any, int] = {}
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys are defaults, this map's win
+                    continue
                 key = self.construct_object(key_node, deep=deep)
                 line = key_node.start_mark.line + 1
                 if key in seen:
@@ -419,10 +482,17 @@ def _unique_key_loader(number_text: bool = False) -> type:
                 seen[key] = line
             return super().construct_mapping(node, deep=deep)
 
-    if number_text:
-        for tag in ("int", "float"):
-            plain = Loader.yaml_constructors[f"tag:yaml.org,2002:{tag}"]
-            Loader.add_constructor(f"tag:yaml.org,2002:{tag}",
-                                   lambda loader, node, plain=plain: _with_text(plain(loader, node), node.value))  # fmt: skip
+    def number(loader: Any, node: Any, plain: Callable[..., Any]) -> Any:
+        if node.tag.endswith(":int") and not _DECIMAL_INT.fullmatch(node.value):
+            return node.value  # YAML 1.1's 010 (octal 8), 0x10, 1_0, 1:30 (90): text, as on the command line
+        return _with_text(plain(loader, node), node.value) if number_text else plain(loader, node)
+
+    for tag in ("int", "float"):
+        plain = Loader.yaml_constructors[f"tag:yaml.org,2002:{tag}"]
+        Loader.add_constructor(f"tag:yaml.org,2002:{tag}", lambda loader, node, plain=plain: number(loader, node, plain))
     return Loader
+
+
+_NUMBER_LIKE = re.compile(r"[-+]?(0[xXoObB][0-9a-fA-F_]+|[0-9][0-9_:]*)")  # an int written other than in decimal
+_DECIMAL_INT = re.compile(r"[-+]?(0|[1-9][0-9]*)")  # an int as JSON and the command line write it
 

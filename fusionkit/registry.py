@@ -10,6 +10,7 @@ import importlib
 import importlib.metadata
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -27,9 +28,11 @@ def load_plugins() -> list[str]:
     """Import the modules that register a user's own fusion strategies, task types, encoder backends or dataset
     formats: installed packages' `fusionkit.plugins` entry points and $FUSIONKIT_PLUGINS. Called when a name is
     not found, so the command line and `from_pretrained` of a model built from them find them."""
-    names = [ep.value for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP)]
-    names += [m.strip() for m in os.environ.get("FUSIONKIT_PLUGINS", "").split(",") if m.strip()]
-    for name in names:
+    sources = {ep.value: f"entry point {ep.name!r} of group {PLUGIN_GROUP!r}"
+               for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP)}  # fmt: skip
+    for m in os.environ.get("FUSIONKIT_PLUGINS", "").split(","):
+        sources.setdefault(m.strip(), "$FUSIONKIT_PLUGINS") if m.strip() else None
+    for name, source in sources.items():
         if name in _loaded:
             continue
         module = name.split(":")[0]
@@ -43,11 +46,27 @@ def load_plugins() -> list[str]:
                 sys.path.insert(0, cwd)
                 importlib.import_module(module)
         except ImportError as e:
-            raise ConfigError(f"fusionkit plugin {name!r} cannot be imported: {e}. A plugin is a module that "
-                              "Python can import: install it, or put its folder on PYTHONPATH (the working "
-                              "directory is searched too)") from None  # fmt: skip
+            raise ConfigError(f"fusionkit plugin {name!r} cannot be imported (it is named in {source}): {e}. A "
+                              "plugin is a module that Python can import: install it, or put its folder on "
+                              "PYTHONPATH (the working directory is searched too)") from None  # fmt: skip
+        except (Exception, SystemExit) as e:  # its own bug (a typo, a clash of names): one line, not a traceback
+            raise ConfigError(f"fusionkit plugin {name!r} (from {source}) failed to import: {_where(e)}; fix the "
+                              "plugin, or leave it out of " + source) from None  # fmt: skip
         _loaded.append(name)
     return list(_loaded)
+
+
+def _where(e: BaseException) -> str:
+    """`SyntaxError at synerr.py:1: invalid syntax`: the error and the plugin's line that raised it (not
+    fusionkit's own, which a name registered twice raises in)."""
+    if isinstance(e, SyntaxError):
+        file, line, msg = e.filename or "?", e.lineno, e.msg
+    else:
+        frames = traceback.extract_tb(e.__traceback__)
+        own = os.path.dirname(__file__)
+        frame = next((f for f in reversed(frames) if not f.filename.startswith((own, "<"))), frames[-1])
+        file, line, msg = frame.filename, frame.lineno, str(e)
+    return f"{type(e).__name__} at {os.path.basename(file)}:{line}: {msg}"
 
 
 class Registry(dict[str, T]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,99 @@ def test_a_mistyped_column_is_refused_before_the_model_loads(option: list[str], 
     err = error_of(["eval", str(tmp_path / "no-model"), "--data", str(table), *option], capsys)
     assert f"{option[0]} {option[1]}: {table} has no column '{option[1].rpartition('=')[2]}'" in err
     assert "'text', 'image', 'sentiment'" in err
+
+
+def test_yaml_merge_keys_work_and_a_key_given_twice_is_still_refused(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  tasks:\n    - &t {name: a, class_names: [x, y], weight: 2.0}\n"
+                   "    - <<: *t\n      name: b\n")  # fmt: skip
+    tasks = printed_config([str(cfg)], capsys)["model"]["tasks"]
+    assert [(t["name"], t["class_names"], t["weight"]) for t in tasks] == [("a", ["x", "y"], 2.0), ("b", ["x", "y"], 2.0)]
+    cfg.write_text("optim:\n  <<: {lr: 2.0e-3}\n  epochs: 3\n  epochs: 4\n")
+    assert "'epochs' is given twice" in error_of(["train", str(cfg)], capsys)
+
+
+@pytest.mark.parametrize("written", ["010", "0x10", "1_0", "1:30"])
+def test_an_int_not_in_plain_decimal_is_refused_in_a_file_as_on_the_command_line(tmp_path: Path, capsys,
+                                                                                  written: str) -> None:  # fmt: skip
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"optim:\n  epochs: {written}\nrun:\n  name: {written}\n")  # a name keeps its text
+    assert "optim.epochs: '" + written + "' is not a plain decimal number" in error_of(["train", str(cfg)], capsys)
+    assert "is not a plain decimal number" in error_of(["train", "--optim.epochs", written], capsys)
+    cfg.write_text(f"optim:\n  epochs: 10\nrun:\n  name: {written}\n")
+    assert printed_config([str(cfg)], capsys)["run"]["name"] == written
+
+
+def test_a_json_config_is_read_as_json(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"optim": {"epochs": 010}}')
+    assert f"{cfg}, line 1, column 23: not valid JSON" in error_of(["train", str(cfg)], capsys)
+    cfg.write_text('{"optim": {"epochs": 1, "epochs": 2}}')
+    assert "key 'epochs' is given twice" in error_of(["train", str(cfg)], capsys)
+    cfg.write_text('{"optim": {"epochs": 3}, "run": {"name": 1.10}}')
+    out = printed_config([str(cfg)], capsys)
+    assert out["optim"]["epochs"] == 3 and out["run"]["name"] == "1.10"
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [('[{"name": "mood", "name": "x"}]', "key 'name' is given twice"),
+     ('[{"name": "mood"},]', "column 19"),
+     ("[{'name': 'mood'}]", "JSON wants double quotes")],
+)
+def test_a_json_override_says_its_mistake(value: str, said: str, capsys) -> None:
+    err = error_of(["train", "--print-config", "--model.tasks", value], capsys)
+    assert "--model.tasks: " in err and "is not a valid JSON list or mapping" in err and said in err
+
+
+def test_a_key_given_nested_and_dotted_in_one_file_is_refused(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("optim:\n  lr: 2.0e-3\noptim.lr: 1.0e-3\n")
+    assert "optim.lr is given twice (nested and dotted" in error_of(["train", str(cfg)], capsys)
+    cfg.write_text("optim:\n  lr: 2.0e-3\noptim.epochs: 3\n")  # different keys: both kept
+    out = printed_config([str(cfg)], capsys)["optim"]
+    assert out["lr"] == 2.0e-3 and out["epochs"] == 3
+
+
+def test_a_config_argument_that_is_no_config_is_said_so(tmp_path: Path, capsys) -> None:
+    assert "unrecognized arguments: -x" in error_of(["train", "-x"], capsys)
+    assert "unrecognized arguments: -v" in error_of(["-v", "train"], capsys)
+    assert "CONFIG is empty" in error_of(["train", ""], capsys)
+    assert f"config file {tmp_path / 'nope.yaml'} does not exist" in error_of(["train", str(tmp_path / "nope.yaml")],
+                                                                              capsys)  # fmt: skip
+    assert printed_config(["/dev/null", "--optim.epochs", "3"], capsys)["optim"]["epochs"] == 3  # all defaults
+
+
+def test_a_utf16_config_is_read_and_a_binary_one_named(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("optim:\n  epochs: 3\n", encoding="utf-16")  # with a BOM, as PowerShell's `>` writes it
+    assert printed_config([str(cfg)], capsys)["optim"]["epochs"] == 3
+    cfg.write_bytes(b"optim:\n  epochs: \xff\xfe3\n")
+    assert f"config file {cfg} is not UTF-8 text" in error_of(["train", str(cfg)], capsys)
+
+
+def test_a_yaml_boolean_in_a_text_setting_says_to_quote_it(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  tasks:\n    - {name: country, class_names: [NO, SE, DK]}\n")
+    err = error_of(["train", str(cfg)], capsys)
+    assert "class_names[0]: expected str, got bool False" in err and "quote it ('NO')" in err
+
+
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [("", "it is empty"), ("  ", "it is empty"), ("a\nb", "no newline"), ("a\x1bb", "no newline or control character"),
+     (" a", "leading or trailing space"), ("-a", "leading '-'"), ("é" * 128, "255 bytes"), ("a/b", "no / or ..")],
+)
+def test_a_run_name_no_folder_should_have_is_refused(name: str, said: str) -> None:
+    with pytest.raises(ConfigError, match=f"run.name must be a plain folder name \\(.*{re.escape(said)}"):
+        build_config({"run": {"name": name}})
+    assert build_config({"run": {"name": "my run é 1"}}).run.name == "my run é 1"
+
+
+def test_a_section_given_a_value_says_to_set_its_keys_and_an_empty_one_is_empty(tmp_path: Path, capsys) -> None:
+    err = error_of(["train", "--optim", "1e-3"], capsys)
+    assert "optim is a section, not a value: set its keys (--optim." in err and "_FloatText" not in err
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("optim:\n  # lr: 1.0e-3\nmodel:\n  fusion:\n    # depth: 3\n")
+    out = printed_config([str(cfg)], capsys)
+    assert out == printed_config([], capsys)  # nothing set: the preset's values

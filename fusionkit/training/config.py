@@ -161,9 +161,9 @@ class TrainConfig:
             (self.run.checkpoint_every >= 0, "run.checkpoint_every must be >= 0 (0 = epoch ends only)"),
             (self.run.keep_checkpoints >= 1, "run.keep_checkpoints must be at least 1"),
             (self.run.name_exists in NAME_EXISTS, f"run.name_exists must be one of {NAME_EXISTS}"),
-            (self.run.name is None or _plain_name(self.run.name),
-             f"run.name must be a plain folder name (no / or ..), got {self.run.name!r}; leave it out for an "
-             "automatic one"),
+            (self.run.name is None or not _name_problem(self.run.name),
+             f"run.name must be a plain folder name ({_name_problem(self.run.name or '')}), got {self.run.name!r}; "
+             "leave it out for an automatic one"),
             (self.data.num_workers >= 0, "data.num_workers must be >= 0"),
             (self.data.num_proc >= 1, "data.num_proc must be at least 1"),
             (
@@ -179,8 +179,19 @@ class TrainConfig:
         return self
 
 
-def _plain_name(name: str) -> bool:
-    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+def _name_problem(name: str) -> str:
+    """Why `name` cannot be a run's folder ("" if it can): one that shells, `ls` or the file system trip over."""
+    for bad, why in (
+        (not name.strip(), "it is empty"),
+        (name in (".", "..") or "/" in name or "\\" in name, "no / or .."),
+        (any(c.isspace() and c != " " or not c.isprintable() for c in name), "no newline or control character"),
+        (name != name.strip(), "no leading or trailing space"),
+        (name.startswith("-"), "no leading '-': commands would read it as an option"),
+        (len(name.encode()) > 255, "at most 255 bytes"),
+    ):
+        if bad:
+            return why
+    return ""
 
 
 def unused_settings(cfg: TrainConfig) -> list[str]:
@@ -222,10 +233,17 @@ def _flatten(data: dict[str, Any], base: dict[str, Any], prefix: str = "") -> di
     """Nested file sections -> dotted keys, so `model: {fusion: {depth: 2}}` keeps the preset's other fields."""
     out: dict[str, Any] = {}
     for key, value in data.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict) and key not in _DICT_VALUES:
-            out.update(_flatten(value, base[key], f"{prefix}{key}."))
+        if value is None and isinstance(base.get(key), dict) and key not in _DICT_VALUES:
+            items = {}  # `optim:` with all its keys commented out: nothing set, the preset's values stay
+        elif isinstance(value, dict) and isinstance(base.get(key), dict) and key not in _DICT_VALUES:
+            items = _flatten(value, base[key], f"{prefix}{key}.")
         else:
-            out[f"{prefix}{key}"] = value
+            items = {f"{prefix}{key}": value}
+        for dotted, v in items.items():  # `optim: {lr: 2e-3}` and `optim.lr: 1e-3`: one would be lost
+            if dotted in out:
+                raise ConfigError(f"{dotted} is given twice (nested and dotted: `{dotted.split('.')[0]}:` and "
+                                  f"`{dotted}:`); keep one")  # fmt: skip
+            out[dotted] = v
     return out
 
 

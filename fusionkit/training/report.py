@@ -135,7 +135,7 @@ def backup_number(*paths: Path) -> int:
     """The first N for which no `PATH.~N~` exists for any of `paths`: a file and its companions (vectors and
     their ids file) are kept under one number, so that each backup's companion is found by its name."""
     n = 1
-    while any(path.with_name(f"{path.name}.~{n}~").exists() for path in paths):
+    while any(os.path.lexists(path.with_name(f"{path.name}.~{n}~")) for path in paths):  # a dangling link too
         n += 1
     return n
 
@@ -144,14 +144,19 @@ def keep_previous(path: Path, number: int | None = None) -> Path | None:
     """An existing file at an --output is kept as `NAME.~N~` (GNU `cp --backup=numbered`), never lost: it may
     be an earlier result, or a file of the user's that the name happened to match. `number`: the N to use
     (`backup_number` of the file and its companions); by default the first free one for `path` alone."""
-    if not path.is_file() or path.is_symlink() or path.stat().st_size == 0:
+    link = path.is_symlink()  # the user's link (dangling or not) is theirs too: kept as a link, its target untouched
+    if not link and (not path.is_file() or path.stat().st_size == 0):
         return None
     backup = path.with_name(f"{path.name}.~{number}~")
-    if number is None or backup.exists():  # never replaces an earlier backup
+    if number is None or os.path.lexists(backup):  # never replaces an earlier backup
         backup = path.with_name(f"{path.name}.~{backup_number(path)}~")
-    try:
-        os.link(path, backup)  # the same bytes under a second name; the rename below then replaces only `path`
-    except OSError:
-        shutil.copy2(path, backup)
-    logging.getLogger("fusionkit").warning("%s existed: the previous file is kept as %s", path, backup.name)
+    if link:
+        os.symlink(os.readlink(path), backup)
+    else:
+        try:
+            os.link(path, backup)  # the same bytes under a second name; the rename below then replaces only `path`
+        except OSError:
+            shutil.copy2(path, backup)
+    what = f"the symlink to {os.readlink(path)}" if link else "the previous file"
+    logging.getLogger("fusionkit").warning("%s existed: %s is kept as %s", path, what, backup.name)
     return backup

@@ -343,8 +343,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
 
 def parse_value(text: str) -> Any:
     """Parse a command-line override value: JSON where it parses (numbers, bools, lists), else a string.
-    A value that starts like a JSON list or object must be one: its mistake is said, not read as text."""
-    if text.lstrip()[:1] in ("[", "{"):
+    A value that starts like a JSON list or object, and holds its punctuation (quotes, ':' or ','), must be one: its
+    mistake is said, not read as text. Text in brackets alone (`--run.name "[draft]"`) stays text."""
+    if text.lstrip()[:1] in ("[", "{") and (any(c in text for c in "\"':,") or text.strip() in ("[]", "{}")):
         hint = "; JSON wants double quotes around names and text" if "'" in text else ""
         try:
             return _load_json(text, "")

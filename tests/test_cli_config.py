@@ -192,6 +192,10 @@ def test_a_json_override_says_its_mistake(value: str, said: str, capsys) -> None
     assert "--model.tasks: " in err and "is not a valid JSON list or mapping" in err and said in err
 
 
+def test_text_in_brackets_stays_text(capsys) -> None:
+    assert printed_config(["--run.name", "[draft]"], capsys)["run"]["name"] == "[draft]"
+
+
 def test_a_key_given_nested_and_dotted_in_one_file_is_refused(tmp_path: Path, capsys) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("optim:\n  lr: 2.0e-3\noptim.lr: 1.0e-3\n")

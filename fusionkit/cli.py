@@ -146,11 +146,11 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--text", help="one caption to predict (with --image, or alone)")
     pr.add_argument("--image", help="one image file to predict (with --text, or alone)")
     pr.add_argument("--output", help=".csv or .jsonl (required unless --text/--image)")
-    for sp in (e, pr):
-        sp.add_argument("--no-progress", action="store_true",
-                        help="no progress bars (default: bars on a terminal, unless the run set run.progress: false)")  # fmt: skip
     em = sub.add_parser("embed", help="joint (or text/image) vectors for a dataset or CSV")
     data_args(em, "all")
+    for sp in (e, pr, em):
+        sp.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (default: bars on a terminal, unless the run set run.progress: false)")  # fmt: skip
     em.add_argument("--output", required=True, help=".npy, .parquet, or DIR/ for resumable Parquet shards")
     em.add_argument("--modality", choices=("joint", "text", "image"),
                     help="default: joint, or text (image) when no row has an image (a caption), as fusionkit.embed")  # fmt: skip
@@ -659,7 +659,10 @@ def _predict(args: argparse.Namespace) -> int:
 
         device = resolve_device(args.device)
         model, *others = [FusionModel.from_pretrained(c, map_location=device) for c in _ensemble_members(args)]
-        [row] = model.predict(texts=[args.text], images=[args.image], ensemble=others, where="--text/--image")
+        image = args.image  # a relative path is read from --image-root when given, as a --data file's are
+        if image is not None and args.image_root is not None and not Path(image).expanduser().is_absolute():
+            image = str(Path(args.image_root) / image)
+        [row] = model.predict(texts=[args.text], images=[image], ensemble=others, where="--text/--image")
         print(json.dumps(row, indent=2, ensure_ascii=False))
         return 0
     if not args.output:
@@ -694,7 +697,7 @@ def _embed(args: argparse.Namespace) -> int:
 
         manifest = embed_to_shards(model, ds, args.output, shard_size=args.shard_size or 10_000,
                                    batch_size=args.batch_size, modality=args.modality, precision=args.precision,
-                                   on_error=on_error,
+                                   on_error=on_error, progress=_progress(args),
                                    source=f"{Path(args.data or args.checkpoint).resolve()} split={args.split}")  # fmt: skip
         if os.environ.get("RANK", "0") == "0":  # one line for the whole launch
             print(f"{manifest['rows']} vectors in {len(manifest['shards'])} shards in {args.output}")
@@ -702,7 +705,7 @@ def _embed(args: argparse.Namespace) -> int:
     texts = (ex.text for ex in ds) if args.modality != "image" else None
     images = (ex.image for ex in ds) if args.modality != "text" else None
     vectors = embed(model, texts, images, batch_size=args.batch_size, precision=args.precision, ids=ds.ids,
-                    on_error=on_error)[0]  # fmt: skip
+                    on_error=on_error, progress=_progress(args))[0]  # fmt: skip
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".parquet":

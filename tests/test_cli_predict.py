@@ -162,17 +162,28 @@ def test_progress_bars_only_on_a_terminal_and_not_where_turned_off(
     table = tmp / "data" / "two.csv"
     table.write_text("id,text,image\nq0,one,pics/syn-000000.png\nq1,two,pics/syn-000001.png\n")
 
-    def bar(checkpoint: Path, *extra: str, tty: bool = True) -> bool:
+    def bar(checkpoint: Path, *extra: str, tty: bool = True, command: str = "predict") -> bool:
         monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
         capsys.readouterr()
-        argv = ["predict", str(checkpoint), "--data", str(table), "--output", str(tmp_path / "p.csv"), *extra]
+        out = tmp_path / ("p.csv" if command == "predict" else "v.npy")
+        argv = [command, str(checkpoint), "--data", str(table), "--output", str(out), *extra]
         assert main([*argv, "--cache-dir", str(tmp / "cache")]) == 0
-        return "%|" in capsys.readouterr().err
+        return "/s]" in capsys.readouterr().err  # a tqdm line's rate: "..., 10.0it/s]"
 
     assert bar(bare)
     assert not bar(bare, tty=False)
     assert not bar(bare, "--no-progress")
     assert not bar(csv_run)  # trained with run.progress: false
+    assert bar(bare, command="embed") and not bar(bare, "--no-progress", command="embed")  # embed alike
+
+
+def test_one_pairs_relative_image_is_read_from_image_root(csv_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = csv_run.parent.parent / "data"
+    argv = ["predict", str(csv_run), "--text", "hi", "--image", "pics/syn-000000.png"]
+    assert main([*argv, "--image-root", str(data)]) == 0
+    from_root = json.loads(capsys.readouterr().out)
+    assert main(["predict", str(csv_run), "--text", "hi", "--image", str(data / "pics" / "syn-000000.png")]) == 0
+    assert from_root == json.loads(capsys.readouterr().out)
 
 
 def test_one_sided_warnings_name_the_cli_input_and_embed_of_a_caption_file_does_not_warn(

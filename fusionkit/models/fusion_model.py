@@ -910,7 +910,7 @@ def _saved_float_dtype(weights: Path) -> torch.dtype | None:
     found = set()
     for file in _weight_files(weights):
         with safe_open(str(file), "pt") as f:
-            found |= {names[f.get_slice(k).get_dtype()] for k in f.keys() if f.get_slice(k).get_dtype() in names}
+            found |= {names[d] for d in (f.get_slice(k).get_dtype() for k in f.keys()) if d in names}
     return found.pop() if len(found) == 1 else None
 
 

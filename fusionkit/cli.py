@@ -33,6 +33,7 @@ EXPORT_PARTS = "model,encode,encode_text,encode_image"
 def _overrides(extra: list[str]) -> dict[str, Any]:
     """`--a.b value` / `--a.b=value` pairs -> {"a.b": parsed value}."""
     out: dict[str, Any] = {}
+    given: dict[str, str] = {}
     i = 0
     while i < len(extra):
         arg = extra[i]
@@ -49,9 +50,12 @@ def _overrides(extra: list[str]) -> dict[str, Any]:
             i += 1
             value = extra[i]
         try:
-            out[key] = parse_value(value)
+            parsed = parse_value(value)
         except ConfigError as e:
             raise ConfigError(f"--{key}: {e}") from None
+        if key in out and out[key] != parsed:  # argparse's "last one wins" would drop one of them without a word
+            raise ConfigError(f"--{key} is given twice ({given[key]!r} and {value!r}): keep one")
+        out[key], given[key] = parsed, value
         i += 1
     return out
 

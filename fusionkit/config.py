@@ -303,12 +303,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         value = float(value) if isinstance(value, float) else int(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+    if tp is float and isinstance(value, str) and "_" not in value:  # YAML 1.1 reads `1e-4` (no dot) as a string
         try:
             return float(value)
         except ValueError:
             pass
-    if tp in (int, float) and isinstance(value, str) and _NUMBER_LIKE.fullmatch(value):
+    if tp in (int, float) and isinstance(value, str) and (_NUMBER_LIKE.fullmatch(value) or _ODD_FLOAT.fullmatch(value)):
         raise ConfigError(f"{where}: {value!r} is not a plain decimal number (YAML 1.1 would read 010 as octal 8, "
                           "0x10 as 16, 1_0 as 10): write it in decimal without leading zeros, e.g. 10")  # fmt: skip
     if tp in (int, float, str, bool):
@@ -484,8 +484,8 @@ def _unique_key_loader(number_text: bool = False) -> type:
             return super().construct_mapping(node, deep=deep)
 
     def number(loader: Any, node: Any, plain: Callable[..., Any]) -> Any:
-        if node.tag.endswith(":int") and not _DECIMAL_INT.fullmatch(node.value):
-            return node.value  # YAML 1.1's 010 (octal 8), 0x10, 1_0, 1:30 (90): text, as on the command line
+        if (node.tag.endswith(":int") and not _DECIMAL_INT.fullmatch(node.value)) or any(c in node.value for c in "_:"):
+            return node.value  # YAML 1.1's 010 (octal 8), 0x10, 1_0, 1:30 (90), 1_0.5: text, as on the command line
         return _with_text(plain(loader, node), node.value) if number_text else plain(loader, node)
 
     for tag in ("int", "float"):
@@ -495,5 +495,6 @@ def _unique_key_loader(number_text: bool = False) -> type:
 
 
 _NUMBER_LIKE = re.compile(r"[-+]?(0[xXoObB][0-9a-fA-F_]+|[0-9][0-9_:]*)")  # an int written other than in decimal
+_ODD_FLOAT = re.compile(r"(?=[^_:]*[_:])[-+]?[0-9][0-9_:]*(\.[0-9_]*)?([eE][-+]?[0-9_]+)?")  # 1_0.5, 1e-0_3, 1:30.5
 _DECIMAL_INT = re.compile(r"[-+]?(0|[1-9][0-9]*)")  # an int as JSON and the command line write it
 

@@ -247,3 +247,18 @@ def test_a_section_given_a_value_says_to_set_its_keys_and_an_empty_one_is_empty(
     cfg.write_text("optim:\n  # lr: 1.0e-3\nmodel:\n  fusion:\n    # depth: 3\n")
     out = printed_config([str(cfg)], capsys)
     assert out == printed_config([], capsys)  # nothing set: the preset's values
+
+
+@pytest.mark.parametrize("written", ["1_0", "1_0.5", "1e-0_3"])
+def test_a_float_with_underscores_is_refused_not_read_as_python_would(tmp_path: Path, capsys, written: str) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"optim:\n  lr: {written}\n  epochs: 1\nrun:\n  output_dir: {tmp_path}\n")
+    assert "optim.lr: '" + written + "' is not a plain decimal number" in error_of(["train", str(cfg)], capsys)
+    assert "is not a plain decimal number" in error_of(["train", str(cfg), "--optim.lr", written], capsys)
+
+
+def test_an_override_given_twice_with_different_values_is_refused(tmp_path: Path, capsys) -> None:
+    said = error_of(["train", "--run.output_dir", str(tmp_path), "--optim.epochs", "3", "--optim.lr", "0.1",
+                     "--optim.epochs=5"], capsys)  # fmt: skip
+    assert "--optim.epochs is given twice ('3' and '5')" in said
+    assert printed_config(["--optim.epochs", "3", "--optim.epochs", "3"], capsys)["optim"]["epochs"] == 3

@@ -326,3 +326,22 @@ def test_to_hf_gives_each_bound_task_its_column_type(tmp_path: Path) -> None:
     back = load_dataset(bound.to_hf())
     assert back.label_names["mood"] == ["positive", "negative"]
     assert [ex.labels["mood"] for ex in back] == ["positive", "negative", None]
+
+
+def test_an_image_path_not_found_names_the_file_it_probably_means(tmp_path: Path) -> None:
+    """Windows separators, another case, another Unicode form (macOS NFD file names): 'not found' says which."""
+    import unicodedata
+
+    (tmp_path / "Pics" / "sub").mkdir(parents=True)
+    _jpg(tmp_path / "Pics" / "sub" / "Cat.jpg")
+    _jpg(tmp_path / "Pics" / unicodedata.normalize("NFD", "café.jpg"))
+    for written, meant in [("Pics\\sub\\Cat.jpg", "Pics/sub/Cat.jpg"), ("pics/SUB/cat.jpg", "Pics/sub/Cat.jpg"),
+                           ("Pics/caf\u00e9.jpg", "Pics/" + unicodedata.normalize("NFD", "café.jpg"))]:  # fmt: skip
+        (tmp_path / "t.csv").write_text(f"id,text,image,mood\n1,hi,Pics/sub/Cat.jpg,a\n2,yo,{written},b\n")
+        with pytest.raises(DataError, match="image file not found") as e:
+            read_table(tmp_path / "t.csv")
+        assert f"did you mean {meant!r}?" in str(e.value) and "t.csv:3" in str(e.value)
+    (tmp_path / "t.csv").write_text("id,text,image,mood\n1,hi,Pics/sub/Cat.jpg,a\n2,yo,Pics/sub/Dog.jpg,b\n")
+    with pytest.raises(DataError, match="image file not found") as e:
+        read_table(tmp_path / "t.csv")
+    assert "did you mean" not in str(e.value)

@@ -14,6 +14,7 @@ import os
 import re
 import stat
 import sys
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -369,6 +370,8 @@ class RowReader:
             if "://" in value or value.startswith("~"):  # a URL, or a home path no shell expanded
                 problem = (f"image {value!r} is a URL or '~' path: images are read from local files only "
                            "(download them, or write the full path)")  # fmt: skip
+            elif len(self.broken_paths) < 3 and (near := near_miss(value, self.image_root)):  # a few: it lists folders
+                problem += f"; did you mean {near!r}? (paths are exact: '/' between folders, same case)"
             self.missing("image", problem, where=where, item=item, policy=own, hint=hint)
             self.broken_paths.append(value)  # kept (missing_image=keep): said in `finish`
         else:
@@ -405,6 +408,34 @@ class RowReader:
             log.warning("%s: %d image paths name no file (e.g. %r, read from %s): those rows have no image",
                         self.skips.what, len(self.broken_paths), self.broken_paths[0], self.image_root)  # fmt: skip
         return kept, self.skips.finish(self.opts.report_path, total)
+
+
+def near_miss(ref: str, root: str) -> str | None:
+    """A file that `ref` (found nowhere) probably means: written with Windows '\\' separators, in another
+    case, or in another Unicode normal form (a macOS NFD name in an NFC table). Why: "not found" alone sends a
+    user looking at a path that looks right."""
+    parts = [p for p in re.split(r"[\\/]", ref) if p not in ("", ".")]
+    if not parts:
+        return None
+    found, folder = [], os.path.join(root, "/" if ref.startswith(("/", "\\")) else "")
+    for part in parts:
+        if part == "..":
+            found.append(part)
+            folder = os.path.join(folder, part)
+            continue
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            return None
+        key = unicodedata.normalize("NFC", part).casefold()
+        same = (n for n in names if unicodedata.normalize("NFC", n).casefold() == key)
+        name = part if part in names else next(same, None)
+        if name is None:
+            return None
+        found.append(name)
+        folder = os.path.join(folder, name)
+    near = ("/" if ref.startswith(("/", "\\")) else "") + "/".join(found)
+    return near if near != ref and os.path.isfile(folder) else None
 
 
 def resolve_image_path(ref: str, root: str, *, where: str, item: str) -> str | None:

@@ -345,3 +345,18 @@ def test_an_image_path_not_found_names_the_file_it_probably_means(tmp_path: Path
     with pytest.raises(DataError, match="image file not found") as e:
         read_table(tmp_path / "t.csv")
     assert "did you mean" not in str(e.value)
+
+
+def test_a_column_not_found_names_the_one_probably_meant(tmp_path: Path) -> None:
+    _jpg(tmp_path / "a.jpg")
+    (tmp_path / "t.csv").write_text("ID,Text ,image_path,mood\n1,hi,a.jpg,happy\n")
+    with pytest.raises(DataError, match=r"caption column 'text' \(did you mean 'Text'\?\) nor the image column "
+                       r"'image' \(did you mean 'image_path'\?\)"):  # fmt: skip
+        read_table(tmp_path / "t.csv", id_column="ID")
+    with pytest.raises(DataError, match=r"no column 'text' \(did you mean 'Text'\?\)"):
+        read_table(tmp_path / "t.csv", id_column="ID", image_column="image_path")
+    with pytest.raises(DataError, match=r"no column 'imagepath' \(did you mean 'image_path'\?\)"):
+        read_table(tmp_path / "t.csv", id_column="ID", text_column="Text", image_column="imagepath")
+    with pytest.raises(DataError) as e:
+        read_table(tmp_path / "t.csv", id_column="ID", text_column="Text", image_column="picture")
+    assert "did you mean" not in str(e.value)

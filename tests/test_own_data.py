@@ -593,7 +593,7 @@ def test_a_row_with_neither_side_and_a_misspelled_id_column_are_errors(tmp_path:
     assert main(train_args(table, tmp_path / "runs", "b", *keep, "--data.on_error", "skip")) == 0  # skipped, reported
     assert main(train_args(table, tmp_path / "runs", "c", *keep, "--data.id_column", "ID")) != 0
     err = capsys.readouterr().err
-    assert "no column 'ID' (data.id_column)" in err and "'id'" in err
+    assert "no column 'ID' (did you mean 'id'?) (data.id_column)" in err
     assert not (tmp_path / "runs" / "c").exists()
     model = fusionkit.FusionModel.from_pretrained(tmp_path / "runs" / "b")
     with pytest.raises(ValueError, match=r"pairs \[1\] have neither a caption nor an image"):

@@ -7,6 +7,7 @@ must behave the same for every source lives here: ids, captions and images that 
 
 from __future__ import annotations
 
+import difflib
 import errno
 import logging
 import math
@@ -120,7 +121,8 @@ def require_sides(opts: ReadOptions, columns: Sequence[str], source: str) -> Non
     as prediction reads): a captions-only file is then read as rows without images, and said so."""
     if opts.text_column not in columns and opts.image_column not in columns:  # nothing to read a pair from
         raise DataError(
-            f"neither the caption column {opts.text_column!r} nor the image column {opts.image_column!r} is in it; "
+            f"neither the caption column {opts.text_column!r}{_closest(opts.text_column, columns)} nor the image column "
+            f"{opts.image_column!r}{_closest(opts.image_column, columns)} is in it; "
             f"found columns {list(columns)}",
             source=source,
             hint=f"set {CONFIG_KEYS['text_column']} / {CONFIG_KEYS['image_column']} to the file's columns "
@@ -159,11 +161,18 @@ def _separator_hint(columns: Sequence[str]) -> str:
     return f"; the file seems to separate its fields with {sep!r}: save it comma-separated" if sep else ""
 
 
+def _closest(name: str, columns: Sequence[str]) -> str:
+    """' (did you mean 'Caption'?)' for a column named in another case, with stray spaces or a typo."""
+    folded = {str(c).strip().casefold(): c for c in columns}
+    close = folded.get(name.strip().casefold()) or next(iter(difflib.get_close_matches(name, list(map(str, columns)), n=1)), None)
+    return f" (did you mean {close!r}?)" if close is not None else ""
+
+
 def require_column(column: str, option: str, columns: Sequence[str], source: str) -> None:
     """A missing column is a clear error listing the columns found and the config key to set."""
     if column not in columns:
         raise DataError(
-            f"no column {column!r} ({CONFIG_KEYS[option]}); found columns {list(columns)}",
+            f"no column {column!r}{_closest(column, columns)} ({CONFIG_KEYS[option]}); found columns {list(columns)}",
             source=source,
             hint=f"set {CONFIG_KEYS[option]} to one of the columns found"
             + (" (fusionkit eval: --label-column TASK=COLUMN)" if option == "label_columns" else

@@ -53,8 +53,8 @@ def _overrides(extra: list[str]) -> dict[str, Any]:
             parsed = parse_value(value)
         except ConfigError as e:
             raise ConfigError(f"--{key}: {e}") from None
-        if key in out and out[key] != parsed:  # argparse's "last one wins" would drop one of them without a word
-            raise ConfigError(f"--{key} is given twice ({given[key]!r} and {value!r}): keep one")
+        if key in out and out[key] != parsed:  # the last one wins, as in argparse, but not without a word
+            log.warning("--%s is given twice (%r, then %r): the last one is used", key, given[key], value)
         out[key], given[key] = parsed, value
         i += 1
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -257,8 +258,11 @@ def test_a_float_with_underscores_is_refused_not_read_as_python_would(tmp_path: 
     assert "is not a plain decimal number" in error_of(["train", str(cfg), "--optim.lr", written], capsys)
 
 
-def test_an_override_given_twice_with_different_values_is_refused(tmp_path: Path, capsys) -> None:
-    said = error_of(["train", "--run.output_dir", str(tmp_path), "--optim.epochs", "3", "--optim.lr", "0.1",
-                     "--optim.epochs=5"], capsys)  # fmt: skip
-    assert "--optim.epochs is given twice ('3' and '5')" in said
-    assert printed_config(["--optim.epochs", "3", "--optim.epochs", "3"], capsys)["optim"]["epochs"] == 3
+def test_an_override_given_twice_with_different_values_is_said(capsys, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="fusionkit"):
+        assert printed_config(["--optim.epochs", "3", "--optim.lr", "0.1", "--optim.epochs=5"], capsys)["optim"]["epochs"] == 5
+    assert "--optim.epochs is given twice ('3', then '5'): the last one is used" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fusionkit"):
+        assert printed_config(["--optim.epochs", "3", "--optim.epochs", "3"], capsys)["optim"]["epochs"] == 3
+    assert "given twice" not in caplog.text

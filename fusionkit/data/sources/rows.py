@@ -133,7 +133,8 @@ def require_sides(opts: ReadOptions, columns: Sequence[str], source: str) -> Non
                     DEFAULT_ID_COLUMN, CONFIG_KEYS["id_column"])  # fmt: skip
     if opts.id_column and opts.id_column != DEFAULT_ID_COLUMN and opts.id_column not in columns:
         raise DataError(  # a named id column that is not there: a typo, not "number the rows"
-            f"no column {opts.id_column!r} ({CONFIG_KEYS['id_column']}); found columns {list(columns)}",
+            f"no column {opts.id_column!r}{_closest(opts.id_column, columns)} ({CONFIG_KEYS['id_column']}); "
+            f"found columns {list(columns)}",
             source=source,
             hint=f"set {CONFIG_KEYS['id_column']} to the column of ids, or to null to name rows by their row number "
             "(eval, predict, embed: --id-column COLUMN, or --id-column '')",
@@ -145,7 +146,7 @@ def require_sides(opts: ReadOptions, columns: Sequence[str], source: str) -> Non
             require_column(name, option, columns, source)
         elif name and side in opts.required_sides:
             raise DataError(
-                f"no column {name!r} ({CONFIG_KEYS[option]}); found columns {list(columns)}", source=source,
+                f"no column {name!r}{_closest(name, columns)} ({CONFIG_KEYS[option]}); found columns {list(columns)}", source=source,
                 hint=f"the model reads {side}s and never learned to do without them: name the {side} column "
                 f"(fusionkit predict: --{side}-column COLUMN); a model that reads both sides also takes "
                 f"--{side}-column '' to predict without {side}s anyway",

@@ -335,16 +335,22 @@ def test_an_image_path_not_found_names_the_file_it_probably_means(tmp_path: Path
     (tmp_path / "Pics" / "sub").mkdir(parents=True)
     _jpg(tmp_path / "Pics" / "sub" / "Cat.jpg")
     _jpg(tmp_path / "Pics" / unicodedata.normalize("NFD", "café.jpg"))
-    for written, meant in [("Pics\\sub\\Cat.jpg", "Pics/sub/Cat.jpg"), ("pics/SUB/cat.jpg", "Pics/sub/Cat.jpg"),
-                           ("Pics/caf\u00e9.jpg", "Pics/" + unicodedata.normalize("NFD", "café.jpg"))]:  # fmt: skip
+    for written, meant, how in [
+        ("Pics\\sub\\Cat.jpg", "Pics/sub/Cat.jpg", "'\\' between folders"),
+        ("pics/SUB/cat.jpg", "Pics/sub/Cat.jpg", "another case"),
+        ("Pics/caf\u00e9.jpg", "Pics/" + unicodedata.normalize("NFD", "café.jpg"), "the same name in another Unicode form"),
+    ]:
         (tmp_path / "t.csv").write_text(f"id,text,image,mood\n1,hi,Pics/sub/Cat.jpg,a\n2,yo,{written},b\n")
         with pytest.raises(DataError, match="image file not found") as e:
             read_table(tmp_path / "t.csv")
-        assert f"did you mean {meant!r}?" in str(e.value) and "t.csv:3" in str(e.value)
+        assert f"did you mean {meant!r}? it differs by {how}" in str(e.value) and "t.csv:3" in str(e.value)
     (tmp_path / "t.csv").write_text("id,text,image,mood\n1,hi,Pics/sub/Cat.jpg,a\n2,yo,Pics/sub/Dog.jpg,b\n")
     with pytest.raises(DataError, match="image file not found") as e:
         read_table(tmp_path / "t.csv")
     assert "did you mean" not in str(e.value)
+    (tmp_path / "t.csv").write_text("id,text,image,mood\n1,hi,Pics/sub/Cat.jpg,a\n2,yo,C:\\data\\Cat.jpg,b\n")
+    with pytest.raises(DataError, match="it is a Windows path"):
+        read_table(tmp_path / "t.csv")
 
 
 def test_a_column_not_found_names_the_one_probably_meant(tmp_path: Path) -> None:

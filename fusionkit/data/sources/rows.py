@@ -380,8 +380,10 @@ class RowReader:
             if "://" in value or value.startswith("~"):  # a URL, or a home path no shell expanded
                 problem = (f"image {value!r} is a URL or '~' path: images are read from local files only "
                            "(download them, or write the full path)")  # fmt: skip
+            elif re.match(r"[A-Za-z]:[\\/]", value):  # C:\data\a.png from a table made on Windows
+                problem += "; it is a Windows path (drive letter): write paths relative to the table's folder"
             elif len(self.broken_paths) < 3 and (near := near_miss(value, self.image_root)):  # a few: it lists folders
-                problem += f"; did you mean {near!r}? (paths are exact: '/' between folders, same case)"
+                problem += f"; did you mean {near}"
             self.missing("image", problem, where=where, item=item, policy=own, hint=hint)
             self.broken_paths.append(value)  # kept (missing_image=keep): said in `finish`
         else:
@@ -421,13 +423,12 @@ class RowReader:
 
 
 def near_miss(ref: str, root: str) -> str | None:
-    """A file that `ref` (found nowhere) probably means: written with Windows '\\' separators, in another
-    case, or in another Unicode normal form (a macOS NFD name in an NFC table). Why: "not found" alone sends a
-    user looking at a path that looks right."""
+    """The file that `ref` (found nowhere) probably means, and how the two differ: Windows '\\' separators,
+    another case, or another Unicode form (a macOS NFD name in an NFC table, the same text to the eye).
+    Why: "not found" alone sends a user looking at a path that looks right."""
     parts = [p for p in re.split(r"[\\/]", ref) if p not in ("", ".")]
-    if not parts:
-        return None
     found, folder = [], os.path.join(root, "/" if ref.startswith(("/", "\\")) else "")
+    how = {"'\\' between folders (write '/')"} if "\\" in ref else set()
     for part in parts:
         if part == "..":
             found.append(part)
@@ -442,10 +443,16 @@ def near_miss(ref: str, root: str) -> str | None:
         name = part if part in names else next(same, None)
         if name is None:
             return None
+        if name != part:
+            nfc = unicodedata.normalize("NFC", name) == unicodedata.normalize("NFC", part)
+            how.add("the same name in another Unicode form (NFD/NFC): rename the file or rewrite the cell" if nfc
+                    else "another case: names are case-sensitive")  # fmt: skip
         found.append(name)
         folder = os.path.join(folder, name)
+    if not how or not os.path.isfile(folder):
+        return None
     near = ("/" if ref.startswith(("/", "\\")) else "") + "/".join(found)
-    return near if near != ref and os.path.isfile(folder) else None
+    return f"{near!r}? it differs by {' and '.join(sorted(how))}"
 
 
 def resolve_image_path(ref: str, root: str, *, where: str, item: str) -> str | None:

@@ -219,7 +219,8 @@ def load_image(
     files raise OSError, struct.error, EOFError, NotImplementedError, ...) becomes a `DataError`: one bad
     file is one bad item. `MemoryError` and `KeyboardInterrupt` propagate. `draft_size` (W, H) lets the
     JPEG decoder downscale by DCT scaling (several times faster for big photos); the result is still at
-    least that size.
+    least that size. A PIL image passed in is never changed (no draft, no in-place rotation): the caller
+    may use it again, at another size.
     """
     where = _describe(src)
     try:
@@ -227,11 +228,10 @@ def load_image(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = _open(src)
             _check_shape(im, max_pixels, where)
-            if draft_size is not None and im.format in ("JPEG", "MPO"):
+            if draft_size is not None and im.format in ("JPEG", "MPO") and im is not src:  # the caller's is theirs
                 im.draft("RGB", draft_size)
             im.load()
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
+            return _to_rgb(ImageOps.exif_transpose(im))  # a new image: `src` keeps its size, mode and pixels
     except (DataError, MemoryError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # PIL's own, larger limit

@@ -231,7 +231,8 @@ def load_image(
             if draft_size is not None and im.format in ("JPEG", "MPO") and im is not src:  # the caller's is theirs
                 im.draft("RGB", draft_size)
             im.load()
-            return _to_rgb(ImageOps.exif_transpose(im))  # a new image: `src` keeps its size, mode and pixels
+            im = ImageOps.exif_transpose(im)  # a new image (`src` keeps its size, mode and pixels); the decoded one
+            return _to_rgb(im)  # is freed here, before the conversion's own copies
     except (DataError, MemoryError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # PIL's own, larger limit

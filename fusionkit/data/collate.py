@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusionkit.config import ImagePreprocess
+from fusionkit.data.image import resize_geometry
 
 Batch = dict[str, Any]
 
@@ -107,8 +108,7 @@ class ImageTransform(nn.Module):
         flip_p: float = 0.5,
     ) -> None:
         super().__init__()
-        self.size = tuple(preprocess.size)
-        self.crop_pct, self.crop_mode = preprocess.crop_pct, preprocess.crop_mode
+        self.preprocess, self.size = preprocess, tuple(preprocess.size)
         self.interpolation = "bicubic" if preprocess.interpolation == "bicubic" else "bilinear"
         self.augment, self.scale, self.ratio, self.flip_p = train, scale, ratio, flip_p
         # (x / 255 - mean) / std == x * scale + shift: one fused pass over the batch.
@@ -147,19 +147,14 @@ class ImageTransform(nn.Module):
         return torch.addcmul(self.norm_shift, x, self.norm_scale)
 
     def _resize_crop(self, x: torch.Tensor) -> torch.Tensor:
-        """Images of another size: scaled and center-cropped as `preprocess_image` does (by `crop_mode`)."""
+        """Images of another size: scaled and center-cropped as `preprocess_image` does (`resize_geometry`)."""
         (h, w), (th, tw) = x.shape[-2:], self.size
-        if self.crop_mode == "squash":
-            sy, sx = th / h / self.crop_pct, tw / w / self.crop_pct
-        else:
-            sy = sx = max(th / h, tw / w) / self.crop_pct
-        rh, rw = max(th, round(h * sy)), max(tw, round(w * sx))
+        rh, rw, top, left = resize_geometry(h, w, self.preprocess)
         x = F.interpolate(x, size=(rh, rw), mode=self.interpolation, antialias=True, align_corners=False)
-        top, left = (rh - th) // 2, (rw - tw) // 2
         return x[..., top : top + th, left : left + tw].clamp(0, 255)
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, crop_mode={self.crop_mode}, train={self.augment}"
+        return f"size={self.size}, crop_mode={self.preprocess.crop_mode}, train={self.augment}"
 
 
 def _move(value: Any, device: torch.device | str) -> Any:

@@ -262,9 +262,43 @@ def load_image(
         ) from None
 
 
+# A JPEG is decoded shrunk (DCT scaling, `Image.draft`: 1/2, 1/4 or 1/8, several times faster) only to at least
+# this many times the size it is then resized to; an image below 8x that is decoded in full, as timm and HF decode
+# it, so its pixels are theirs. Far above, the shrink still shows a little (measured: 0.5-1.7 of 255 levels on
+# average, a few levels at sharp colour edges); with no margin it was up to 13 levels on a 1600x1200 photo at 224.
+DRAFT_MARGIN = 4
+
+
+def _scaled_side(side: int, crop_pct: float) -> int:
+    """`side / crop_pct` rounded down, as timm does (`math.floor(img_size / crop_pct)`). The 6-digit rounding
+    first undoes float error: HF's crop_pct is crop / shortest_edge, and 17 / (17 / 25) is 24.999999999999996."""
+    return math.floor(round(side / crop_pct, 6))
+
+
+def resize_geometry(height: int, width: int, preprocess: ImagePreprocess) -> tuple[int, int, int, int]:
+    """(height, width) an image of this size is resized to, and the (top, left) of the center crop, with the
+    encoders' own rounding so the pixels are theirs: "squash" resizes each side to `size / crop_pct`
+    (timm); "center" resizes the shorter side to it and truncates the longer one, `int(short' * long / short)`
+    (torchvision's `Resize(int)`, which timm uses, and HF's `shortest_edge`), or for a non-square size keeps
+    the ratio as timm's `ResizeKeepRatio` does. The crop starts at `(resized - size) // 2` (HF; torchvision's
+    `CenterCrop` rounds half to even instead: one pixel apart when the difference is 4k + 3)."""
+    th, tw = preprocess.size
+    sh, sw = _scaled_side(th, preprocess.crop_pct), _scaled_side(tw, preprocess.crop_pct)
+    if preprocess.crop_mode == "squash":
+        rh, rw = sh, sw
+    elif sh == sw:
+        short, long = min(height, width), max(height, width)
+        rh, rw = (sh, int(sh * long / short)) if height <= width else (int(sh * long / short), sh)
+    else:
+        ratio = min(height / sh, width / sw)
+        rh, rw = round(height / ratio), round(width / ratio)
+    rh, rw = max(th, rh), max(tw, rw)  # crop_pct > 1 or a sliver of float error: the crop still fits
+    return rh, rw, (rh - th) // 2, (rw - tw) // 2
+
+
 def preprocess_image(src: ImageSource, preprocess: ImagePreprocess, **load_kw: object) -> np.ndarray:
-    """Decode, scale to `size / crop_pct` (`crop_mode` "center": aspect kept, the target fits; "squash": each side
-    on its own, as HF's height x width processors do) and center-crop.
+    """Decode, scale to `size / crop_pct` (`crop_mode` "center": aspect kept, the shorter side fits; "squash": each
+    side on its own, as HF's height x width processors do) and center-crop, as `resize_geometry` says.
 
     Scaling and cropping are one `resize(box=...)` of the crop region, so the work is the output's size
     whatever the input's shape. Returns uint8 [3, H, W]: the encoder's exact input size, so nothing is
@@ -277,14 +311,9 @@ def preprocess_image(src: ImageSource, preprocess: ImagePreprocess, **load_kw: o
             f"unknown interpolation {preprocess.interpolation!r}; use one of {list(_RESAMPLE)}"
         ) from None
     th, tw = preprocess.size
-    side = math.ceil(max(th, tw) / preprocess.crop_pct)  # square: EXIF rotation may swap the axes
+    side = DRAFT_MARGIN * _scaled_side(max(th, tw), preprocess.crop_pct)  # square: EXIF rotation may swap the axes
     im = load_image(src, draft_size=(side, side), **load_kw)  # type: ignore[arg-type]
-    if preprocess.crop_mode == "squash":
-        sy, sx = th / im.height / preprocess.crop_pct, tw / im.width / preprocess.crop_pct
-    else:
-        sy = sx = max(th / im.height, tw / im.width) / preprocess.crop_pct
-    rh, rw = max(th, round(im.height * sy)), max(tw, round(im.width * sx))  # the whole image, scaled
-    top, left = (rh - th) // 2, (rw - tw) // 2  # the crop, in scaled pixels
+    rh, rw, top, left = resize_geometry(im.height, im.width, preprocess)
     if (rw, rh) == im.size:
         im = im.crop((left, top, left + tw, top + th))
     else:  # the same pixels as resizing the whole image then cropping, computed for the crop only

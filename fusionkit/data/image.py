@@ -10,6 +10,8 @@ import os
 import re
 import warnings
 from pathlib import Path
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -84,6 +86,10 @@ def _open(src: ImageSource) -> Image.Image:
     if not isinstance(src, str | os.PathLike):
         raise DataError(f"an image must be a path, bytes or a PIL image, not a {type(src).__name__}",
                         source=_describe(src), hint=_type_hint(src))  # fmt: skip
+    if isinstance(src, str) and src[:7].lower() == "file://":  # a local file, named as a URL: refused as the
+        plain = url2pathname(urlsplit(src).path)  # table readers refuse it, with the path to write instead
+        raise DataError("image paths are read from local files only, not URLs", source=src,
+                        hint=f"a file:// URL names a local file: pass its plain path, {plain}")  # fmt: skip
     if isinstance(src, str) and URL.match(src):  # Path() would collapse its "//" into a local path never there
         raise DataError("image paths are read from local files only, not URLs", source=src,
                         hint="download the image first and pass its local path or its bytes")  # fmt: skip
@@ -91,6 +97,10 @@ def _open(src: ImageSource) -> Image.Image:
     if path.is_dir():
         raise DataError("image path is a folder, not a file", source=str(path), hint="name the image file in it")
     if not path.is_file():
+        if str(src).startswith(("~", "$")):  # as the table readers say: only a shell expands these
+            expand = "os.path.expanduser" if str(src)[0] == "~" else "os.path.expandvars"
+            raise DataError(f"image file not found: a path's leading {str(src)[0]!r} is not expanded (only a shell "
+                            "does that)", source=str(path), hint=f"write the full path, or {expand}(path)")  # fmt: skip
         raise DataError("image file not found", source=str(path), hint="check the path")  # callers add their own way out
     size = path.stat().st_size
     if size == 0:

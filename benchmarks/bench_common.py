@@ -5,6 +5,7 @@ The scripts run as `python benchmarks/<name>.py`, which puts this folder on `sys
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 from pathlib import Path
@@ -71,7 +72,7 @@ class NaiveDataset(Dataset):
             ]
         else:
             steps = [
-                T.Resize(round(min(pre.size) / pre.crop_pct), interpolation=bicubic),
+                T.Resize(math.floor(min(pre.size) / pre.crop_pct), interpolation=bicubic),
                 T.CenterCrop(pre.size),
             ]
         self.transform = T.Compose([*steps, T.ToTensor(), T.Normalize(pre.mean, pre.std)])

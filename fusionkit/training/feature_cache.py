@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from ..config import to_dict
 from ..data import CachedDataset, Collator, ImageTransform, move_batch
+from ..data.cache import CACHE_VERSION
 from ..data.collate import pad_right
 from ..store import Store, StoreWriter, is_built, open_or_build
 
@@ -53,7 +54,8 @@ def side_key(model: Any, side: str) -> str:
     split = _splits(model)[SIDES.index(side)]
     h = hashlib.sha1()
     parts: list[Any] = [FEATURES_VERSION, side, {k: v for k, v in to_dict(cfg).items() if k != "trainable_layers"}]
-    parts += [split, to_dict(model.image_preprocess) if side == "image" else None]
+    # the pixels' own version (data cache's): features of pixels resized by an older rule are not these
+    parts += [split, [CACHE_VERSION, to_dict(model.image_preprocess)] if side == "image" else None]
     h.update(json.dumps(parts).encode())
     ids = encoder.layer_ids()
     for name, t in sorted(encoder.state_dict().items()):

@@ -7,7 +7,7 @@ vectors = fusionkit.embed(model, texts=[...], images=[...])           # [N, dim]
 best = fusionkit.tune("my.yaml", trials=20, data=frame)               # Optuna search (pip install 'fusionkit[tune]')
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .config import (  # noqa: E402
     ConfigError,

@@ -990,7 +990,13 @@ def train(
     `MultimodalDataset` instead of `config.data.dataset`.
 
     `accept_changes`: let a resume go on with a config or data that differ from the saved run
-    (recorded in the run dir's resume_log.jsonl); without it such a resume is refused."""
-    if not isinstance(config, TrainConfig) or overrides:
-        config = build_config(to_dict(config) if isinstance(config, TrainConfig) else config, dict(overrides or {}))
+    (recorded in the run dir's resume_log.jsonl); without it such a resume is refused.
+
+    Relative paths of a `TrainConfig` or dict are the working directory's; the run saves them absolute, so
+    `fusionkit eval RUN` works from anywhere. The given `TrainConfig` is not changed.
+
+    Returns the run's summary, as written to its summary.json: `run_dir`, `best_checkpoint`, `metric` and its
+    `best` value, `epochs`, `steps`, and the best checkpoint's `val` and `test` metrics."""
+    # a TrainConfig too goes through build_config: its relative paths resolved, and a copy is trained
+    config = build_config(to_dict(config) if isinstance(config, TrainConfig) else config, dict(overrides or {}))
     return Trainer(config, resume=resume, accept_changes=accept_changes, data=data).fit()

@@ -5,6 +5,10 @@ model = fusionkit.create_model("tiny", fusion={"strategy": "gated"})
 outputs = model(input_ids=..., attention_mask=..., pixel_values=...)   # {task: logits}
 vectors = fusionkit.embed(model, texts=[...], images=[...])           # [N, dim] numpy
 best = fusionkit.tune("my.yaml", trials=20, data=frame)               # Optuna search (pip install 'fusionkit[tune]')
+summary = fusionkit.train("my.yaml")                                  # a run dir; its summary.json as a dict
+
+Your own parts, then named in configs: @fusionkit.register_fusion("name") over a FusionStrategy subclass,
+@fusionkit.register_task("name") over a Task subclass, @fusionkit.register_source(name, accepts) over a reader.
 """
 
 __version__ = "0.2.0"

@@ -410,6 +410,7 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
 
     from .data import DataError, build_cache, load_dataset, read_split_file
     from .data.cache import SplitView
+    from .data.sources.registry import data_gone
     from .tasks import bind_labels
     from .training.feature_cache import build_features
     from .training.trainer import IN_MEMORY, cache_root, reader_kwargs
@@ -425,8 +426,9 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
                           "which it cannot read again: pass --data FILE with those rows (and --split NAME to use "
                           "the run's split.json on them)")  # fmt: skip
     split = args.split or ("all" if args.data else {"eval": "val", "embed": "all"}.get(args.command, "test"))
-    if args.data is None and not str(source).startswith("synthetic") and not Path(source).exists():
-        raise FileNotFoundError(f"{source}, the data {args.checkpoint} trained on, is not there any more: if it moved, "
+    gone = data_gone(source) if args.data is None else ""
+    if gone:
+        raise FileNotFoundError(f"{source}, the data {args.checkpoint} trained on, {gone}: if it moved, "
                                 f"pass --data NEW_PATH --split {split} (the run's split.json names its rows; their content is "
                                 "checked against the run's)")  # fmt: skip
     trained = data  # the policies training read the rows with

@@ -172,12 +172,11 @@ class ModelConfig:
         if self.freeze not in ("none", "encoders", "top_k"):
             raise ConfigError(f"freeze must be 'none', 'encoders' or 'top_k', got {self.freeze!r}")
         from .models.encoders import IMAGE_BACKENDS  # one adapter per backend
-
-        if self.image.backend not in IMAGE_BACKENDS:
-            raise ConfigError(f"image.backend must be one of {list(IMAGE_BACKENDS)}, got {self.image.backend!r}")
         from .models.fusion import FUSION_REGISTRY
 
-        FUSION_REGISTRY.get_class(self.fusion.strategy)  # "unknown fusion strategy ...; registered: [...]"
+        # "unknown image backend / fusion strategy ...; registered: [...]", after importing the user's plugins
+        IMAGE_BACKENDS.get_class(self.image.backend)
+        FUSION_REGISTRY.get_class(self.fusion.strategy)
         f = self.fusion
         for ok, what in (
             (f.dim > 0, f"fusion.dim must be positive, got {f.dim}"),

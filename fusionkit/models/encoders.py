@@ -615,9 +615,6 @@ def _timm_image_preprocess(model: nn.Module) -> ImagePreprocess:
     )
 
 
-IMAGE_BACKENDS: Registry[type[ImageEncoder]] = Registry("image backend", "backend")
-
-
 class ImageEncoder(Encoder):
     """A ViT-family image encoder; outputs patch-token features [B, N, width].
 
@@ -679,6 +676,9 @@ class ImageEncoder(Encoder):
         size = getattr(config, "patch_size", None) or getattr(getattr(self.model, "patch_embed", None), "patch_size", None)
         return int(size[0] if isinstance(size, tuple | list) else size) if size else None
 
+
+# `model.image.backend`: `@IMAGE_BACKENDS.register("name")` over an ImageEncoder subclass adds one
+IMAGE_BACKENDS: Registry[type[ImageEncoder]] = Registry("image backend", "backend", ImageEncoder)
 
 WRAPPER_PREFIXES = ("model.", "module.")  # what Lightning modules and DDP put before a model's own keys
 

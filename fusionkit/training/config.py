@@ -25,6 +25,7 @@ from ..config import (
     merge,
     to_dict,
 )
+from ..data.sources.registry import is_spec
 from ..models import get_config
 from ..precision import PRECISIONS
 from .distributed import TRACKERS
@@ -308,7 +309,8 @@ def resolve_paths(flat: dict[str, Any], base: Path) -> dict[str, Any]:
     Encoder names resolve only where that folder exists (else they are hub ids such as
     `facebook/dinov2-small`). A data path or encoder folder that exists only relative to the working directory
     (configs written before this rule) is stored as that absolute path, with a warning: a relative one would
-    break later commands run from elsewhere, or (an encoder) read another folder of that name there.
+    break later commands run from elsewhere, or (an encoder) read another folder of that name there. A dataset
+    that a registered source reads as written (`synthetic:N`, a plugin's `mydb:tweets`) is no path: kept as is.
     """
     out = dict(flat)
     for key in PATH_KEYS:
@@ -319,8 +321,8 @@ def resolve_paths(flat: dict[str, Any], base: Path) -> dict[str, Any]:
             continue
         if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
             continue
-        if value == "synthetic" or value.startswith(("synthetic:", "~", IN_MEMORY)):
-            continue
+        if value.startswith(("~", IN_MEMORY)) or (key == "data.dataset" and is_spec(value, base)):
+            continue  # "synthetic:N" or a spec of the user's own source: kept as written
         candidate = Path(os.path.normpath(base / value))
         if candidate.exists():
             out[key] = str(candidate)

@@ -43,7 +43,7 @@ from ..config import ConfigError, to_dict
 from ..data import Collator, ImageTransform, build_cache, load_dataset, move_batch, split_dataset
 from ..data.cache import SplitView
 from ..data.dataset import MultimodalDataset
-from ..data.sources.registry import source_name
+from ..data.sources.registry import data_gone, source_name
 from ..models import FusionModel, create_model, model_inputs
 from ..models.fusion_model import DATA_COLUMNS
 from ..precision import choose_precision
@@ -459,8 +459,9 @@ class Trainer:
                      if self.resume else "this config was written for an in-memory dataset (by fusionkit tune, or a "
                      "run's saved config); train it from Python with the data: fusionkit.train(config, data=...)")  # fmt: skip
             raise ConfigError(f"data.dataset is {source!r}: {again}, or set data.dataset to a file")
-        if self.resume and isinstance(source, str) and not source.startswith("synthetic") and not Path(source).exists():
-            raise FileNotFoundError(f"{source}, the data {self.run_dir} trained on, is not there any more: if it moved, "
+        gone = data_gone(source) if self.resume and isinstance(source, str) else ""
+        if gone:
+            raise FileNotFoundError(f"{source}, the data {self.run_dir} trained on, {gone}: if it moved, "
                                     "resume with --data.dataset NEW_PATH (its content is checked against the run's)")  # fmt: skip
         if cfg.data.image_root is None and not self.resume and isinstance(source, str) and source_name(source) == "hf":
             cfg.data.image_root = os.getcwd()  # its relative image paths: recorded, for eval from another directory
@@ -989,7 +990,13 @@ def train(
     `MultimodalDataset` instead of `config.data.dataset`.
 
     `accept_changes`: let a resume go on with a config or data that differ from the saved run
-    (recorded in the run dir's resume_log.jsonl); without it such a resume is refused."""
-    if not isinstance(config, TrainConfig) or overrides:
-        config = build_config(to_dict(config) if isinstance(config, TrainConfig) else config, dict(overrides or {}))
+    (recorded in the run dir's resume_log.jsonl); without it such a resume is refused.
+
+    Relative paths of a `TrainConfig` or dict are the working directory's; the run saves them absolute, so
+    `fusionkit eval RUN` works from anywhere. The given `TrainConfig` is not changed.
+
+    Returns the run's summary, as written to its summary.json: `run_dir`, `best_checkpoint`, `metric` and its
+    `best` value, `epochs`, `steps`, and the best checkpoint's `val` and `test` metrics."""
+    # a TrainConfig too goes through build_config: its relative paths resolved, and a copy is trained
+    config = build_config(to_dict(config) if isinstance(config, TrainConfig) else config, dict(overrides or {}))
     return Trainer(config, resume=resume, accept_changes=accept_changes, data=data).fit()

@@ -50,6 +50,7 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def list_presets() -> list[str]:
+    """Names `create_model(...)` / `model.preset` take: ready-made encoder + fusion + task settings."""
     return list(PRESETS)
 
 

@@ -28,6 +28,8 @@ register_fusion = FUSION_REGISTRY.register
 
 
 def list_fusions() -> list[str]:
+    """Names `model.fusion.strategy` takes: the built-ins and every strategy registered so far (plugins
+    named by FUSIONKIT_PLUGINS or entry points are imported when an unknown name is looked up, not here)."""
     return list(FUSION_REGISTRY)
 
 
@@ -86,6 +88,9 @@ class FusionStrategy(nn.Module):
     def view_mask(self, text_present: torch.Tensor, image_present: torch.Tensor) -> torch.Tensor | None:
         """bool [B, V]: views built from a present modality. None: every view is valid (a fused vector)."""
         return None
+
+
+FUSION_REGISTRY.base = FusionStrategy  # set here: the registry is made before the class it checks
 
 
 def _check_views(strategy: FusionStrategy, args: tuple[Any, ...], kwargs: dict[str, Any], views: Any) -> None:

@@ -560,13 +560,16 @@ def _label_columns(tasks: list[Any], specs: list[str]) -> list[Any]:
 def _check_same_rows(run_dir: Path, split: str, ds: Any, source: Any) -> None:
     """Scoring a run's own split must score the rows it held out: refuse if their content changed since."""
     from .data import DataError
+    from .training.rundir import same_split, written_by
 
     path = run_dir / "data_fingerprint.json"
-    saved = json.loads(path.read_text()).get("splits", {}).get(split) if path.is_file() else None
-    if saved is None or saved.get("fingerprint") == ds.fingerprint:
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    saved = recorded.get("splits", {}).get(split)
+    if saved is None or same_split(recorded, split, ds):  # by the scheme it was recorded with (an older fusionkit's)
         return
     raise DataError(
-        f"the {split} split of {run_dir} ({saved.get('n')} rows when it trained, {len(ds)} now) changed content "
+        f"the {split} split of {run_dir} (trained by {written_by(recorded)}; {saved.get('n')} rows when it trained, "
+        f"{len(ds)} now) changed content "
         "(a caption, an image or a label was edited, or, in a file without an id column, rows moved: rows are "
         "then named by their position): these are not the rows the run held out",
         source=str(source),

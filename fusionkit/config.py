@@ -319,6 +319,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+# Keys older versions wrote that fusionkit no longer reads: dotted key -> where its setting lives now.
+REMOVED_KEYS = {
+    "data.max_length": "model.text.max_length sets the text length (data.max_length: null meant that value)",
+}
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
@@ -327,6 +333,10 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        gone = {k: REMOVED_KEYS[f"{where}.{k}"] for k in unknown if f"{where}.{k}" in REMOVED_KEYS}
+        if gone:  # a config saved by an older fusionkit (a run dir's config.yaml): say so, and where it went
+            raise ConfigError("; ".join(f"{where}.{k} was removed in fusionkit 0.2: {why}" for k, why in gone.items())
+                              + ": this config was written by an older fusionkit; delete that key from it")
         raise ConfigError(
             f"{where or cls.__name__}: unknown key(s) {unknown}; known keys are {sorted(fields)}"
         )

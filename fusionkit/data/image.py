@@ -179,6 +179,20 @@ def image_digest(src: ImageSource | None) -> bytes:
     return _file_digest(os.fspath(src), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def legacy_image_digest(src: ImageSource | None) -> bytes:
+    """`image_digest` as fusionkit 0.1 computed it (fingerprint scheme 1, see `training.rundir`): an in-memory
+    PIL image by its mode, size and pixels only. Kept so a run recorded then is still checked, not refused."""
+    if not isinstance(src, Image.Image):
+        return image_digest(src)
+    try:
+        _check_shape(_open(src), MAX_IMAGE_PIXELS, _describe(src))
+        return hashlib.sha256(f"{src.mode}|{src.size}|".encode() + src.tobytes()).digest()
+    except MemoryError:
+        raise
+    except Exception:
+        return b"<bad image>"
+
+
 @functools.lru_cache(maxsize=1 << 18)
 def _file_digest(path: str, *stat: int) -> bytes:
     """Memoized per process by inode and ctime as well: ctime is set by the kernel on every change and no

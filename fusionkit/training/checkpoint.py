@@ -15,6 +15,7 @@ Training state holds only tensors, numbers and strings, so it loads with `torch.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pickle
 import random
@@ -29,6 +30,7 @@ import torch
 from .rundir import STATE_NAME, RunDir, follow_pointer, saved_checkpoints
 
 FROZEN_WEIGHTS = "frozen_encoders.safetensors"
+VERSION_KEY = "fusionkit_version"  # in a checkpoint's config.json (FusionModel.save_pretrained writes it)
 
 
 def rng_state() -> dict[str, Any]:
@@ -114,7 +116,7 @@ def load_state(checkpoint_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: nothing to resume from")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # torch's message suggests weights_only=False: never, for a file found on disk
         from ..data.errors import DataError
 
@@ -124,3 +126,33 @@ def load_state(checkpoint_dir: Path) -> dict[str, Any]:
             source=str(path),
             hint="resume from a checkpoint this run saved, or start a new run",
         ) from None
+    if isinstance(state.get("optimizer"), dict):  # which fusionkit wrote it, for `check_optimizer_state` to name
+        state["optimizer"][VERSION_KEY] = _version(path.parent)
+    return state
+
+
+def _version(checkpoint: Path) -> str | None:
+    """The fusionkit version a checkpoint's config.json records (None: unreadable or not recorded)."""
+    try:
+        return json.loads((checkpoint / "config.json").read_text()).get(VERSION_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Refuse, with the reason, an optimizer state whose parameter groups differ in size from this model's:
+    the checkpoint's model had other parameters (an older fusionkit's, before missing-modality placeholders)."""
+    old = [len(g["params"]) for g in saved.get("param_groups", [])]
+    new = [len(g["params"]) for g in optimizer.param_groups]
+    if old == new:
+        return
+    from .rundir import RunDirError
+
+    version = saved.get(VERSION_KEY)
+    diff = sum(new) - sum(old)
+    count = f"{abs(diff)} parameter tensors {'fewer' if diff > 0 else 'more'}" if diff else "other parameter groups"
+    raise RunDirError(
+        f"this checkpoint was written by {f'fusionkit {version}' if version else 'an older version of fusionkit'}, "
+        f"whose model had {count} than this version builds ({sum(old)} vs {sum(new)}): its optimizer state cannot "
+        "be resumed. Retrain (a new run.name), or evaluate/predict with it: fusionkit eval/predict of the run work"
+    )

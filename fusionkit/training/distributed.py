@@ -485,6 +485,9 @@ def load_optimizer_state(
 ) -> None:
     """Load a saved optimizer state: each rank keeps its shard of a whole one under FSDP."""
     if not _resharded(model):
+        from .checkpoint import check_optimizer_state
+
+        check_optimizer_state(optimizer, state)  # an older fusionkit's model had other parameters: say so
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict

@@ -414,6 +414,22 @@ def same_path(a: Any, b: Any) -> bool:
     return isinstance(a, str) and isinstance(b, str) and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
+def upgraded_config(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's saved config as this version reads it: the keys an older fusionkit wrote and this one removed
+    (`config.REMOVED_KEYS`) are left out where they hold null, their default then (they meant nothing else)."""
+    from ..config import REMOVED_KEYS
+
+    out = json.loads(json.dumps(saved))
+    for dotted in REMOVED_KEYS:
+        *sections, key = dotted.split(".")
+        node: Any = out
+        for part in sections:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key in node and node[key] is None:
+            del node[key]
+    return out
+
+
 def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, list[Any]]:
     """{dotted key: [saved value, current value]} for every key that differs (or exists on one side only);
     a path spelled another way (relative / absolute) is not a change."""
@@ -438,10 +454,56 @@ def split_fingerprint(data: Any) -> str:
     return hashlib.sha1(json.dumps([ids, labels], default=str).encode()).hexdigest()
 
 
+# How split fingerprints are computed, recorded in data_fingerprint.json as "scheme" (absent: 1). 1: fusionkit
+# 0.1 hashed an in-memory PIL image by its mode, size and pixels; 2: also by what `load_image` reads besides
+# them (EXIF rotation, palette, transparent colour). Raise it whenever a fingerprint of unchanged data changes.
+FINGERPRINT_SCHEME = 2
+
+
+def written_by(recorded: Mapping[str, Any] | None) -> str:
+    """'fusionkit 0.2.0' for a file that records its version, else 'an older fusionkit (0.1)'."""
+    version = (recorded or {}).get("fusionkit_version")
+    return f"fusionkit {version}" if version else "an older fusionkit (0.1)"
+
+
+def legacy_split_fingerprint(data: Any) -> str | None:
+    """A split's fingerprint as scheme 1 computed it (`MultimodalDataset.fingerprint` with the old image
+    digest), or None for data without its examples (a cache view): it cannot be recomputed from those."""
+    from ..data.image import legacy_image_digest
+
+    examples = getattr(data, "examples", None)
+    if examples is None:
+        return None
+    h = hashlib.sha256()
+    h.update(json.dumps([data.label_names, data.task_types], sort_keys=True).encode())
+    for ex in examples:
+        h.update(json.dumps([ex.id, ex.text, ex.labels], sort_keys=True, default=str).encode())
+        h.update(legacy_image_digest(ex.image))
+    return h.hexdigest()
+
+
+def same_split(saved: Mapping[str, Any], split: str, data: Any) -> bool | None:
+    """Whether `data` is the content a run recorded for `split` (in `saved`, its data_fingerprint.json), by the
+    scheme it was recorded with; None when an older scheme's fingerprint cannot be recomputed from `data`."""
+    entry = saved.get("splits", {}).get(split)
+    if entry is None:
+        return True
+    recorded, current = entry.get("fingerprint"), split_fingerprint(data)
+    if recorded == current or saved.get("scheme", 1) >= FINGERPRINT_SCHEME:
+        return recorded == current
+    legacy = legacy_split_fingerprint(data)  # differs from `current` only for in-memory PIL images
+    return None if legacy is None else recorded == legacy
+
+
 def data_fingerprint(datasets: Mapping[str, Any]) -> dict[str, Any]:
-    """What a resume must find unchanged: the label schema per task, size and content hash per split."""
+    """What a resume must find unchanged: the label schema per task, size and content hash per split (and
+    which fusionkit and fingerprint scheme wrote them, so a later version can tell its own changes apart)."""
+    from .. import __version__
+
     first = next(iter(datasets.values()))
     return {
+        "fusionkit_version": __version__,
+        "scheme": FINGERPRINT_SCHEME,
         "label_schema": {
             task: {"type": first.task_types.get(task), "classes": list(names)}
             for task, names in first.label_names.items()
@@ -450,8 +512,12 @@ def data_fingerprint(datasets: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def data_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Readable differences between two `data_fingerprint`s ("label schema of task 'x': ... -> ...")."""
+def data_changes(saved: Mapping[str, Any], current: Mapping[str, Any],
+                 splits: Mapping[str, Any] | None = None) -> list[str]:  # fmt: skip
+    """Readable differences between two `data_fingerprint`s ("label schema of task 'x': ... -> ...").
+
+    A split recorded by an older fingerprint scheme is compared by that scheme when its examples are given in
+    `splits`; else a differing fingerprint is said to be incomparable, not changed."""
     out = []
     old_schema, new_schema = saved.get("label_schema", {}), current.get("label_schema", {})
     for task in sorted(set(old_schema) | set(new_schema)):
@@ -464,5 +530,23 @@ def data_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[s
             out.append(f"split {split!r}: {'added' if a is None else 'gone'}")
         elif a != b:
             size = f"{a['n']} -> {b['n']} examples" if a["n"] != b["n"] else f"{a['n']} examples"
-            out.append(f"split {split!r}: content changed ({size})")
+            same = False
+            if a["n"] == b["n"] and saved.get("scheme", 1) < FINGERPRINT_SCHEME:  # maybe unchanged: the old way
+                same = same_split(saved, split, splits[split]) if splits and split in splits else None
+            if same is None:
+                out.append(f"split {split!r}: not compared ({size}): its fingerprint was recorded by "
+                           f"{written_by(saved)}, which hashed in-memory images otherwise")  # fmt: skip
+            elif not same:
+                out.append(f"split {split!r}: content changed ({size})")
     return out
+
+
+def data_refusal(run_path: Path, saved: Mapping[str, Any], changes: Sequence[str]) -> str:
+    """Why a resume stops at `data_changes`: the data changed, or (only) an older fusionkit's fingerprints
+    cannot be compared with this version's, and what to do."""
+    if all(": not compared (" in c for c in changes):
+        return (f"the data of {run_path} cannot be checked against its last checkpoint: " + "; ".join(changes)
+                + ". If the data is unchanged, resume with --accept-changes: this version records its own "
+                "fingerprints then (resume_log.jsonl notes they were not compared); else restore the original data")
+    return (f"the data of {run_path} changed since its last checkpoint: " + "; ".join(changes)
+            + ". Resume with the original data, or pass --accept-changes (recorded in resume_log.jsonl)")

@@ -165,8 +165,10 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
 def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     """A saved config with the defaults of keys it lacks (an older fusionkit wrote it), so that a key added
     since is not a change on resume; as saved if this version cannot read it (the comparison names why)."""
+    from .rundir import upgraded_config
+
     try:
-        return to_dict(build_config(saved))
+        return to_dict(build_config(upgraded_config(saved)))
     except (ConfigError, TypeError, ValueError):
         return saved
 
@@ -728,10 +730,9 @@ class Trainer:
             saved = self.run.read_data_fingerprint()
             changed = data_changes(saved, fingerprint) if saved is not None else []
             if changed and not self.accept_changes:
-                raise RunDirError(
-                    f"the data of {self.run_dir} changed since its last checkpoint: " + "; ".join(changed)
-                    + ". Resume with the original data, or pass --accept-changes (recorded in resume_log.jsonl)"
-                )
+                from .rundir import data_refusal
+
+                raise RunDirError(data_refusal(self.run_dir, saved, changed))
         if not self.is_main:
             return
         if self.resume:

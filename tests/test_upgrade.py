@@ -1,0 +1,107 @@
+"""Runs written by an older fusionkit (0.1) either work as they did, or are refused with a message naming the
+version and what changed: never a false "your data changed", never a raw traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import fusionkit
+from fusionkit.cli import main
+from fusionkit.config import ConfigError
+from fusionkit.data import dataset as dataset_module
+from fusionkit.data.image import legacy_image_digest
+from fusionkit.training import build_config, train
+from fusionkit.training.rundir import RunDirError
+
+
+def _overrides(root: Path, name: str) -> dict[str, Any]:
+    return {
+        "data.dataset": "synthetic:24", "data.cache_dir": str(root / "cache"), "data.split_ratios": [0.5, 0.25, 0.25],
+        "optim.epochs": 1, "optim.batch_size": 4, "run.output_dir": str(root / "runs"), "run.name": name,
+        "run.progress": False, "run.plots": False,
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def old_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run on in-memory PIL images whose data_fingerprint.json is as fusionkit 0.1 wrote it: image
+    digests of the old scheme (mode, size, pixels), no scheme or version recorded."""
+    root = tmp_path_factory.mktemp("upgrade")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dataset_module, "image_digest", legacy_image_digest)
+        train(build_config(None, _overrides(root, "old")))
+    run = root / "runs" / "old"
+    path = run / "data_fingerprint.json"
+    recorded = json.loads(path.read_text())
+    assert recorded.pop("scheme") == 2 and recorded.pop("fusionkit_version") == fusionkit.__version__
+    path.write_text(json.dumps(recorded))
+    return run
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "runs" / run.name
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("run.lock"))
+    return copy
+
+
+def _resume(run: Path, **kw: Any) -> dict[str, Any]:
+    cfg = build_config(run / "config.yaml")
+    cfg.run.output_dir, cfg.run.name = str(run.parent), run.name
+    return train(cfg, resume=True, **kw)
+
+
+def test_an_old_run_is_evaluated_on_its_own_unchanged_split(old_run: Path, tmp_path: Path) -> None:
+    run = _copy(old_run, tmp_path)
+    assert main(["eval", str(run), "--split", "test"]) == 0  # was: "the test split ... changed content"
+
+
+def test_an_old_runs_fingerprints_are_not_called_changed_on_resume(old_run: Path, tmp_path: Path) -> None:
+    run = _copy(old_run, tmp_path)
+    with pytest.raises(RunDirError, match="cannot be checked.*older fusionkit.*--accept-changes") as e:
+        _resume(run)
+    assert "content changed" not in str(e.value) and "changed since" not in str(e.value)
+    _resume(run, accept_changes=True)  # the user says it is unchanged: logged as not compared, never as changed
+    logged = json.loads((run / "resume_log.jsonl").read_text().splitlines()[-1])["data_changes"]
+    assert logged and all("not compared" in c and "content changed" not in c for c in logged)
+    recorded = json.loads((run / "data_fingerprint.json").read_text())
+    assert recorded["scheme"] == 2 and recorded["fusionkit_version"] == fusionkit.__version__
+    _resume(run)  # this version's own fingerprints from now on: compared, and equal
+
+
+def test_a_removed_config_key_says_where_it_went() -> None:
+    with pytest.raises(ConfigError, match=r"data\.max_length was removed in fusionkit 0\.2.*model\.text\.max_length"):
+        build_config({"data": {"max_length": None}})
+
+
+def test_keys_added_since_or_removed_at_null_are_no_resume_change(old_run: Path, tmp_path: Path) -> None:
+    run = _copy(old_run, tmp_path)
+    path = run / "config.json"
+    saved = json.loads(path.read_text())  # as 0.1 wrote it: data.max_length null, no keys added since
+    saved["data"]["max_length"] = None
+    for key in ("split_seed", "missing_text", "id_column"):
+        del saved["data"][key]
+    del saved["model"]["fusion"]["modality_dropout"]
+    path.write_text(json.dumps(saved))
+    (run / "data_fingerprint.json").unlink()  # only the config compared
+    _resume(run)  # was: "resuming ... with a changed config: data.id_column: None -> 'id'; ..."
+
+
+def test_an_optimizer_state_of_another_model_names_the_version(old_run: Path, tmp_path: Path) -> None:
+    run = _copy(old_run, tmp_path)
+    last = run / (run / "last").read_text().strip()
+    meta = json.loads((last / "config.json").read_text())
+    (last / "config.json").write_text(json.dumps({**meta, "fusionkit_version": "0.1.0"}))
+    state = torch.load(last / "trainer_state.pt", weights_only=True)
+    group = state["optimizer"]["param_groups"][0]
+    state["optimizer"]["state"].pop(group["params"].pop(), None)  # a model with one parameter fewer
+    torch.save(state, last / "trainer_state.pt")
+    (run / "data_fingerprint.json").unlink()  # nothing else refused first
+    with pytest.raises(RunDirError, match=r"written by fusionkit 0\.1\.0, whose model had 1 parameter tensors fewer.*"
+                                          r"cannot be resumed.*eval"):  # fmt: skip
+        _resume(run)

@@ -468,6 +468,8 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
         lost = [i for i in ids[split] if i not in read_ids]
         if lost:
             problem = f"{len(lost)} of the {len(ids[split])} rows its {split} split names are not in the data (e.g. {lost[:3]})"
+            if one_based := _one_based(ids):
+                raise DataError(problem, source=str(split_file), hint=one_based)
             if data.on_error != "skip":
                 raise DataError(problem, source=str(split_file), hint=f"restore them in {source}, skip them "
                                 "(--on-error skip), or score the data as it is now: --data FILE --split all")  # fmt: skip
@@ -557,9 +559,20 @@ def _label_columns(tasks: list[Any], specs: list[str]) -> list[Any]:
     return [dataclasses.replace(t, column=columns[t.name]) if t.name in columns else t for t in tasks]
 
 
+def _one_based(ids: dict[str, list[str]]) -> str:
+    """A hint when a split's ids look like row numbers counted from 1: fusionkit 0.1 numbered the rows of a file
+    without an id column so (they count from 0 since 0.2), and each such id now names the next row."""
+    named = [i for k in ids for i in ids[k]]
+    if not named or not all(i.isdecimal() for i in named) or min(map(int, named)) != 1:
+        return ""
+    return ("its ids look like row numbers counted from 1, as fusionkit 0.1 numbered the rows of a file without an id "
+            "column (they count from 0 since 0.2: each id names the next row); if so, subtract 1 from each id in a "
+            "copy of the split file and pass it with --split-file")  # fmt: skip
+
+
 def _check_same_rows(run_dir: Path, split: str, ds: Any, source: Any) -> None:
     """Scoring a run's own split must score the rows it held out: refuse if their content changed since."""
-    from .data import DataError
+    from .data import DataError, read_split_file
     from .training.rundir import same_split, written_by
 
     path = run_dir / "data_fingerprint.json"
@@ -573,8 +586,9 @@ def _check_same_rows(run_dir: Path, split: str, ds: Any, source: Any) -> None:
         "(a caption, an image or a label was edited, or, in a file without an id column, rows moved: rows are "
         "then named by their position): these are not the rows the run held out",
         source=str(source),
-        hint=f"restore the data the run trained on, or score the file as it is now: --data {source} --split all "
-        "(every row), or --split-file FILE (a split of its rows of your own)",
+        hint=_one_based(read_split_file(run_dir / "split.json")) or f"restore the data the run trained on, or score "
+        f"the file as it is now: --data {source} --split all (every row), or --split-file FILE (a split of its rows "
+        "of your own)",
     )
 
 

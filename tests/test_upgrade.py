@@ -105,3 +105,24 @@ def test_an_optimizer_state_of_another_model_names_the_version(old_run: Path, tm
     with pytest.raises(RunDirError, match=r"written by fusionkit 0\.1\.0, whose model had 1 parameter tensors fewer.*"
                                           r"cannot be resumed.*eval"):  # fmt: skip
         _resume(run)
+
+
+def test_a_split_numbering_rows_from_one_is_named_as_such(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """fusionkit 0.1 numbered the rows of a file without an id column from 1: such a split names the next row."""
+    from tests.test_own_data import FAST, write_table
+
+    table = write_table(tmp_path / "data", n=24)
+    table.write_text("\n".join(",".join(line.split(",")[1:]) for line in table.read_text().splitlines()) + "\n")
+    run = tmp_path / "runs" / "noid"
+    assert main(["train", "--data.dataset", str(table), "--data.text_column", "caption", "--data.image_column",
+                 "photo", "--data.id_column", "null", "--model.tasks", '[{"name": "mood"}]', "--run.output_dir",
+                 str(run.parent), "--run.name", "noid", "--data.cache_dir", str(tmp_path / "cache"), *FAST]) == 0  # fmt: skip
+    split = json.loads((run / "split.json").read_text())
+    parts = ("train", "val", "test")
+    assert sorted(int(i) for k in parts for i in split[k]) == list(range(24))  # rows count from 0
+    old = {**split, **{k: [str(int(i) + 1) for i in split[k]] for k in parts}}
+    (run / "split.json").write_text(json.dumps(old))  # as 0.1 wrote it
+    capsys.readouterr()
+    argv = ["predict", str(run), "--split", "test", "--output", str(tmp_path / "p.csv")]
+    assert main(argv) != 0 and main([*argv, "--on-error", "skip"]) != 0
+    assert "ids look like row numbers counted from 1" in capsys.readouterr().err and not (tmp_path / "p.csv").exists()

@@ -415,6 +415,7 @@ def open_study(
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
+    from .tasks import create_task
     from .training.metrics import higher_is_better
     from .training.rundir import OPERATIONAL_KEYS, config_changes
 
@@ -435,8 +436,9 @@ def open_study(
 
         for name in RESULT_FILES:  # a new study's results must not overwrite files that are not its own
             keep_previous(out / name)
+        tasks = {t.name: create_task(t) for t in cfg.model.tasks}  # each metric's direction is its task's
         study = optuna.create_study(storage=storage, study_name="fusionkit-tune",
-                                    direction="maximize" if higher_is_better(metric) else "minimize")  # fmt: skip
+                                    direction="maximize" if higher_is_better(metric, tasks) else "minimize")  # fmt: skip
     saved = study.user_attrs.get("identity")
     if saved is None:
         study.set_user_attr("identity", identity)

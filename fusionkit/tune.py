@@ -461,7 +461,7 @@ def open_study(
         if (out / "trials.csv").is_file():  # its failed trials' errors, kept with it (not an older fusionkit's)
             (out / "trials.csv").rename(out / f"trials.failed-{stamp}.csv")
         log.warning("%s held only failed trials of another config; kept as %s, starting a new study", out, kept.name)
-        return open_study(out, cfg, space, metric, data)
+        return open_study(out, cfg, space, metric, data, encoders)
     if changes:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:5])
         raise ConfigError(

@@ -109,7 +109,7 @@ def _nan_worker(rank: int, tmp: str, port: int) -> None:
     _join(rank, port)
     try:
         trainer = Trainer(config(Path(tmp), "nan"))
-        loss = trainer.model.loss
+        loss = trainer.model.criterion.forward
 
         def poisoned(*args, **kwargs):
             out = loss(*args, **kwargs)
@@ -117,7 +117,7 @@ def _nan_worker(rank: int, tmp: str, port: int) -> None:
                 out["loss"] = out["loss"] * float("nan")
             return out
 
-        trainer.model.loss = poisoned
+        trainer.model.criterion.forward = poisoned
         try:
             trainer.fit()
         except NonFiniteLossError as e:

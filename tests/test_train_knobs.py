@@ -118,3 +118,11 @@ def test_a_loss_over_micro_batches_scaled_by_their_normalisers_is_the_whole_batc
     split = sum(criterion({"mood": logits[p]}, {"mood": target[p]}, {"mood": mask[p]},
                           scales={"mood": n / sum(counts)})["loss"] for p, n in zip(parts, counts))  # fmt: skip
     assert float(split) == pytest.approx(float(whole), rel=1e-6)
+
+
+def test_patience_and_metric_without_a_val_split_are_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = table_config(tmp_path, "noval", [{"name": "mood"}], **{"data.split_ratios": [1.0, 0.0, 0.0],
+                                                                 "run.patience": 2, "run.metric": "val/mood/accuracy"})
+    with caplog.at_level("WARNING", logger="fusionkit"):
+        Trainer(cfg)
+    assert "run.patience and run.metric set, but there is no val split" in caplog.text

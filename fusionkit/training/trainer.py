@@ -524,6 +524,11 @@ class Trainer:
         }
         if "train" not in self.datasets:
             raise ValueError(f"dataset {cfg.data.dataset!r} has no training examples")
+        unused = [f"run.{k}" for k in ("patience", "metric") if getattr(cfg.run, k) is not None]
+        if "val" not in self.datasets and unused and self.is_main:
+            log.warning("%s set, but there is no val split to evaluate: ignored (the last checkpoint is kept); give "
+                        "val rows a share in data.split_ratios, or remove %s", " and ".join(unused),
+                        "it" if len(unused) == 1 else "them")  # fmt: skip
         train = self.datasets["train"]
         if self.use_features:
             self.collate: Any = FeatureCollator(list(model.tasks.values()))

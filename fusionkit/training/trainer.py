@@ -425,8 +425,8 @@ class Trainer:
         return FusionModel.on_saved_encoders(last, self.cfg.model).train()
 
     def _abandon_run(self) -> None:
-        """Set-up failed (bad data, a wrong metric...): release the lock; a fresh run dir that holds no
-        checkpoint yet is removed, so the corrected command can run under the same name."""
+        """Set-up or the first steps failed (bad data, a wrong metric, a plugin's error...): release the lock; a fresh
+        run dir that holds no checkpoint yet is removed, so the corrected command can run under the same name."""
         if not self.is_main:
             return
         self.run.unlock()
@@ -439,7 +439,7 @@ class Trainer:
                 kept.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(report, kept)
                 log.warning("the run did not start; its report %s is kept as %s", name, kept)
-        for name in ("split.json", RUN_LOCK):
+        for name in ("split.json", "config.yaml", "config.json", "data_fingerprint.json", RUN_LOCK):  # this run's
             self.run.file(name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # anything else in it (the user's): the folder stays
             self.run.path.rmdir()
@@ -778,6 +778,9 @@ class Trainer:
                 log.warning("stopped early after epoch %d of %d: %s did not improve for %d epochs (run.patience)",
                             self.epoch, self.epochs, self.metric, self.cfg.run.patience)  # fmt: skip
             return self._finish(self.seconds_before + time.perf_counter() - start)  # over every session
+        except BaseException:
+            self._abandon_run()  # before its first checkpoint: nothing to resume, the name is free again
+            raise
         finally:
             self.run.unlock()
 

@@ -361,10 +361,12 @@ class _QuietFailures(logging.Filter):
 
 def _record_error(trial: Any, error: Exception) -> None:
     """A failed trial's error as its `error` attribute (trials.csv's error column), with the traceback in its
-    run dir (error.txt) when the trainer made one."""
+    run dir (error.txt) when the trainer made one (one that failed before its first checkpoint removed its files:
+    the folder, in the tune dir, then holds error.txt only)."""
     trial.set_user_attr("error", f"{type(error).__name__}: {error}")
     run_dir = trial.user_attrs.get("run_dir")
-    if run_dir and Path(run_dir).is_dir():
+    if run_dir:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run_dir) / "error.txt").write_text("".join(traceback.format_exception(error)))
 
 

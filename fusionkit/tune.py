@@ -361,10 +361,12 @@ class _QuietFailures(logging.Filter):
 
 def _record_error(trial: Any, error: Exception) -> None:
     """A failed trial's error as its `error` attribute (trials.csv's error column), with the traceback in its
-    run dir (error.txt) when the trainer made one."""
+    run dir (error.txt) when the trainer made one (one that failed before its first checkpoint removed its files:
+    the folder, in the tune dir, then holds error.txt only)."""
     trial.set_user_attr("error", f"{type(error).__name__}: {error}")
     run_dir = trial.user_attrs.get("run_dir")
-    if run_dir and Path(run_dir).is_dir():
+    if run_dir:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run_dir) / "error.txt").write_text("".join(traceback.format_exception(error)))
 
 
@@ -415,6 +417,7 @@ def open_study(
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
+    from .tasks import create_task
     from .training.metrics import higher_is_better
     from .training.rundir import OPERATIONAL_KEYS, config_changes
 
@@ -435,8 +438,9 @@ def open_study(
 
         for name in RESULT_FILES:  # a new study's results must not overwrite files that are not its own
             keep_previous(out / name)
+        tasks = {t.name: create_task(t) for t in cfg.model.tasks}  # each metric's direction is its task's
         study = optuna.create_study(storage=storage, study_name="fusionkit-tune",
-                                    direction="maximize" if higher_is_better(metric) else "minimize")  # fmt: skip
+                                    direction="maximize" if higher_is_better(metric, tasks) else "minimize")  # fmt: skip
     saved = study.user_attrs.get("identity")
     if saved is None:
         study.set_user_attr("identity", identity)
@@ -459,7 +463,7 @@ def open_study(
         if (out / "trials.csv").is_file():  # its failed trials' errors, kept with it (not an older fusionkit's)
             (out / "trials.csv").rename(out / f"trials.failed-{stamp}.csv")
         log.warning("%s held only failed trials of another config; kept as %s, starting a new study", out, kept.name)
-        return open_study(out, cfg, space, metric, data)
+        return open_study(out, cfg, space, metric, data, encoders)
     if changes:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:5])
         raise ConfigError(

@@ -139,8 +139,8 @@ def test_trains_on_synthetic_data_without_a_label_column(tmp_path: Path, views: 
     criterion = trainer.model.criterion
     original = criterion.forward
 
-    def record(outputs, labels=None, label_mask=None):
-        out = original(outputs, labels, label_mask)
+    def record(outputs, labels=None, label_mask=None, **kwargs):
+        out = original(outputs, labels, label_mask, **kwargs)
         if trainer.model.training:
             losses.append(float(out["supcon"]))
         return out

@@ -201,15 +201,15 @@ def test_a_resume_uses_its_checkpoints_tokenizer_whatever_the_encoder_folder_hol
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     trainer = Trainer(tiny_config(tmp_path))
-    original = trainer.model.loss
+    original = trainer.model.criterion.forward
 
-    def poisoned(outputs, labels=None, label_mask=None):
-        losses = original(outputs, labels, label_mask)
+    def poisoned(*args, **kwargs):
+        losses = original(*args, **kwargs)
         if trainer.step == 3:
             losses["loss"] = losses["loss"] * float("nan")
         return losses
 
-    monkeypatch.setattr(trainer.model, "loss", poisoned)
+    monkeypatch.setattr(trainer.model.criterion, "forward", poisoned)
     with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 4.*batch ids: \['syn-") as info:
         trainer.fit()
     assert "step-00000002" in str(info.value)

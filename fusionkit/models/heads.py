@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,10 +92,15 @@ class MultiTaskLoss(nn.Module):
         return {name: float(torch.exp(-s)) for name, s in zip(self.tasks, self.log_vars.detach())}
 
     def combine(
-        self, losses: Mapping[str, torch.Tensor | None], anchor: torch.Tensor | None = None
+        self,
+        losses: Mapping[str, torch.Tensor | None],
+        anchor: torch.Tensor | None = None,
+        scales: Mapping[str, float] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Combine already-computed per-task losses (None = no labelled example) into the total.
 
+        `scales`: each task's term times its micro-batch's share of the accumulation window (the trainer's; see
+        `Task.loss_normaliser`); a task whose share is 0 (no row of weight > 0) adds nothing, not its 0/0.
         A batch in which no task can be scored gets a zero loss tied to `anchor` (an output of the
         model), so backward still runs and every process of a distributed run takes the same steps.
         """
@@ -102,13 +108,15 @@ class MultiTaskLoss(nn.Module):
         total: torch.Tensor | None = None
         for i, (name, task) in enumerate(self.tasks.items()):
             loss = losses.get(name)
-            if loss is None:
+            scale = 1.0 if scales is None else scales.get(name, 0.0)
+            if loss is None or scale == 0:
                 continue
             out[name] = loss.detach()
             if self.weighting == "static":
                 term = task.cfg.weight * loss
             else:
                 term = torch.exp(-self.log_vars[i]) * loss + self.log_vars[i]
+            term = term if scales is None else term * scale
             total = term if total is None else total + term
         if total is None:
             total = anchor.sum() * 0.0 if anchor is not None else torch.zeros(())
@@ -122,7 +130,9 @@ class MultiTaskLoss(nn.Module):
         outputs: Mapping[str, torch.Tensor],
         labels: Mapping[str, torch.Tensor] | None = None,
         label_mask: Mapping[str, torch.Tensor] | None = None,
+        scales: Mapping[str, float] | None = None,
     ) -> dict[str, torch.Tensor]:
+        """`{"loss": weighted total, task: its loss}`; `scales`: see `combine`."""
         labels, label_mask = labels or {}, label_mask or {}
         labelled = [n for n, t in self.tasks.items() if t.needs_labels]
         unknown = sorted((set(labels) | set(label_mask)) - set(self.tasks))
@@ -131,8 +141,20 @@ class MultiTaskLoss(nn.Module):
             raise ValueError(f"labels {unknown or '(none)'} name none of this model's labelled tasks {labelled}: "
                              "pass labels={task name: tensor}")  # fmt: skip
         losses = {
-            name: task.loss(outputs[name], labels.get(task.label_source), label_mask.get(task.label_source))
+            name: checked_loss(task, task.loss(outputs[name], labels.get(task.label_source),
+                                               label_mask.get(task.label_source)))  # fmt: skip
             for name, task in self.tasks.items()
         }
         anchor = next((o for o in outputs.values() if o.requires_grad), next(iter(outputs.values()), None))
-        return self.combine(losses, anchor)
+        return self.combine(losses, anchor, scales)
+
+
+def checked_loss(task: Any, loss: Any) -> torch.Tensor | None:
+    """A task's loss as the Task contract has it (a scalar float tensor, or None: nothing to score), else an error
+    naming the task and its class: a plugin's slip is not a torch traceback from deep inside training."""
+    if loss is None or (isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.is_floating_point()):
+        return loss
+    got = (f"a {loss.dtype} tensor of shape {list(loss.shape)}" if isinstance(loss, torch.Tensor)
+           else f"{type(loss).__name__} {loss!r}"[:200])  # fmt: skip
+    raise TypeError(f"{task.describe()}: loss must return a scalar float tensor (the mean over its labelled rows, "
+                    f"e.g. `.mean()` of a per-row loss) or None when the batch has nothing to score; got {got}")

@@ -111,6 +111,13 @@ class Task:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, column={self.column!r})"
 
+    def describe(self) -> str:
+        """`task 'stars' (type 'nanreg', class mymod.NanReg)`: what an error names (the class only for a plugin's
+        task, whose code is the user's to fix)."""
+        cls = type(self)
+        plugin = "" if cls.__module__.startswith("fusionkit.") else f", class {cls.__module__}.{cls.__qualname__}"
+        return f"task {self.name!r} (type {self.cfg.type!r}{plugin})"
+
     # ------------------------------------------------------------------ config and schema
     @property
     def name(self) -> str:
@@ -187,6 +194,18 @@ class Task:
     ) -> torch.Tensor | None:
         """Mean loss over the labelled rows; None when nothing in the batch can be scored."""
         raise NotImplementedError
+
+    def loss_normaliser(self, target: torch.Tensor | None, mask: torch.Tensor | None, rows: int) -> float:
+        """What `loss` averages over in a batch of `rows` rows: its labelled rows (a label-free task: every row).
+
+        The trainer weighs each micro-batch's loss by this over the accumulation window's total (over every process),
+        as HF's `num_items_in_batch`, so that accumulation and a batch split over processes train like one batch of
+        that size. A loss that is a weighted mean (class weights) returns the sum of its rows' weights."""
+        if not self.needs_labels:
+            return float(rows)
+        if target is None:
+            return 0.0
+        return float(rows if mask is None else mask.sum())
 
     # ------------------------------------------------------------------ evaluation and prediction
     def eval_output(self, output: torch.Tensor) -> torch.Tensor:

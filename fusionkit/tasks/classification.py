@@ -311,6 +311,14 @@ class ClassificationTask(Task):
             output = output + self.cfg.logit_adjustment * log_prior  # in the loss only: predictions stay raw
         return F.cross_entropy(output, target.long(), weight=w, label_smoothing=self.cfg.label_smoothing)
 
+    def loss_normaliser(self, target: torch.Tensor | None, mask: torch.Tensor | None, rows: int) -> float:
+        """With class weights, cross-entropy's mean divides by the labelled rows' weights: their sum."""
+        weight = self.cfg.class_weights
+        if not isinstance(weight, list) or target is None:
+            return super().loss_normaliser(target, mask, rows)
+        labelled = (target if mask is None else target[mask]).long().cpu().clamp(0, len(weight) - 1)
+        return float(torch.tensor(weight, dtype=torch.float64)[labelled].sum())
+
     # ------------------------------------------------------------------ evaluation and prediction
     def probabilities(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs.float().softmax(-1)

@@ -208,6 +208,15 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t / dist.get_world_size()
 
 
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The sum of `t` across ranks (e.g. an accumulation window's loss normalisers over the global batch)."""
+    if not is_distributed():
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """`obj` as rank `src` has it, on every rank (e.g. rank 0's early-stopping decision)."""
     if not is_distributed():

@@ -13,11 +13,17 @@ from typing import Any
 from ..config import ConfigError
 from ..tasks import Task
 
-LOWER_IS_BETTER = ("mse", "mae", "loss")
 
-
-def higher_is_better(metric: str) -> bool:
-    return metric.rsplit("/", 1)[-1] not in LOWER_IS_BETTER
+def higher_is_better(metric: str, tasks: Mapping[str, Task]) -> bool:
+    """The direction of `metric` (`val/loss`, `val/<task>/<name>`) as the task reporting it declares it
+    (`Task.lower_is_better`): a plugin's own error metric ranks like mse, not like an accuracy. Losses: lower."""
+    parts = metric.split("/")
+    if len(parts) != 3 or parts[2] == "loss":
+        return False
+    task = tasks.get(parts[1])
+    if task is None:
+        raise ConfigError(f"metric {metric!r} names no task of this model; its tasks: {list(tasks)}")
+    return task.higher_is_better(parts[2])
 
 
 def default_metric(tasks: Mapping[str, Task]) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -426,8 +427,8 @@ class Trainer:
         return FusionModel.on_saved_encoders(last, self.cfg.model).train()
 
     def _abandon_run(self) -> None:
-        """Set-up failed (bad data, a wrong metric...): release the lock; a fresh run dir that holds no
-        checkpoint yet is removed, so the corrected command can run under the same name."""
+        """Set-up or the first steps failed (bad data, a wrong metric, a plugin's error...): release the lock; a fresh
+        run dir that holds no checkpoint yet is removed, so the corrected command can run under the same name."""
         if not self.is_main:
             return
         self.run.unlock()
@@ -440,7 +441,7 @@ class Trainer:
                 kept.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(report, kept)
                 log.warning("the run did not start; its report %s is kept as %s", name, kept)
-        for name in ("split.json", RUN_LOCK):
+        for name in ("split.json", "config.yaml", "config.json", "data_fingerprint.json", RUN_LOCK):  # this run's
             self.run.file(name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # anything else in it (the user's): the folder stays
             self.run.path.rmdir()
@@ -526,6 +527,11 @@ class Trainer:
         }
         if "train" not in self.datasets:
             raise ValueError(f"dataset {cfg.data.dataset!r} has no training examples")
+        unused = [f"run.{k}" for k in ("patience", "metric") if getattr(cfg.run, k) is not None]
+        if "val" not in self.datasets and unused and self.is_main:
+            log.warning("%s set, but there is no val split to evaluate: ignored (the last checkpoint is kept); give "
+                        "val rows a share in data.split_ratios, or remove %s", " and ".join(unused),
+                        "it" if len(unused) == 1 else "them")  # fmt: skip
         train = self.datasets["train"]
         if self.use_features:
             self.collate: Any = FeatureCollator(list(model.tasks.values()))
@@ -774,6 +780,9 @@ class Trainer:
                 log.warning("stopped early after epoch %d of %d: %s did not improve for %d epochs (run.patience)",
                             self.epoch, self.epochs, self.metric, self.cfg.run.patience)  # fmt: skip
             return self._finish(self.seconds_before + time.perf_counter() - start)  # over every session
+        except BaseException:
+            self._abandon_run()  # before its first checkpoint: nothing to resume, the name is free again
+            raise
         finally:
             self.run.unlock()
 
@@ -782,62 +791,37 @@ class Trainer:
 
     def _train_epoch(self) -> None:
         cfg, model = self.cfg, self.model
-        accum = cfg.optim.accumulation_steps
         self.train_sampler.set_epoch(self.epoch, self.batch_in_epoch)
         n_batches = self.train_sampler.num_batches()
         model.train()
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.epochs}", disable=not self.progress)
-        for batch in bar:
-            batch = move_batch(batch, self.device, self.train_transform)
-            # This micro-batch's share of the optimizer step: its rows over the rows of its accumulation window,
-            # over all ranks (x world: DDP averages the ranks' gradients). A short last window, or a global batch
-            # split unevenly over processes, then weighs each row as one batch of that size would: not loss/accum.
-            first = self.batch_in_epoch - self.batch_in_epoch % accum
-            window = sum(map(self.train_sampler.global_size, range(first, min(first + accum, n_batches))))
-            share = len(batch["ids"]) * self.world / window
-            self.batch_in_epoch += 1
-            boundary = self.batch_in_epoch % accum == 0 or self.batch_in_epoch == n_batches
-            # FSDP reduce-scatters every micro-batch's gradients (correct; DDP's no_sync saves the traffic)
-            sync = contextlib.nullcontext() if boundary or self.world == 1 or self.fsdp else self.ddp.no_sync()
-            with sync:
-                with torch.autocast(
-                    self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None
-                ):
-                    out = self.ddp(**model_inputs(batch))
-                    losses = model.loss(out, batch["labels"], batch["label_mask"])
-                    loss = losses["loss"]
-                error = None
-                if not torch.isfinite(loss):
-                    error = (
-                        f"loss is {loss.item()} at epoch {self.epoch + 1}, step {self.step + 1} "
-                        f"(batch {self.batch_in_epoch} of the epoch); batch ids: {batch['ids']}. The last good "
-                        f"checkpoint is {self.run.last or 'none'}; lower optim.lr or check these examples."
-                    )
-                error = D.first_error(error, self.device)  # one rank's NaN stops every rank (none hangs)
-                if error is not None:
-                    raise NonFiniteLossError(error)
-                self.scaler.scale(loss * share).backward()
-            self.running_loss += loss.detach()
+        for window in self._windows(bar, n_batches):
+            # Each task's loss of a micro-batch is a mean over its own normaliser (labelled rows, their class
+            # weights' sum); weighed by that normaliser over the window's total on every rank (x world: DDP averages
+            # the ranks' gradients), the window trains as one batch of that size would (HF's num_items_in_batch).
+            counts = [{name: task.loss_normaliser(batch["labels"].get(task.label_source),
+                                                  batch["label_mask"].get(task.label_source), len(batch["ids"]))
+                       for name, task in model.tasks.items()} for batch in window]  # fmt: skip
+            totals = dict(zip(model.tasks, D.sum_over_ranks(torch.tensor(
+                [sum(c[name] for c in counts) for name in model.tasks], dtype=torch.float64, device=self.device)).tolist()))
+            for batch, count in zip(window, counts):
+                scales = {name: self.world * n / totals[name] if n else 0.0 for name, n in count.items()}
+                losses = self._micro_step(batch, scales, boundary=batch is window[-1])
+                self.running_loss += losses["loss"].detach()
+                for name in model.tasks if len(model.tasks) > 1 else ():
+                    if name in losses:  # its mean times its normaliser: summed over ranks when logged
+                        term = self.running_tasks.setdefault(name, [0.0, 0.0])
+                        term[0], term[1] = term[0] + losses[name].float() * count[name], term[1] + count[name]
             self.running_n += 1
-            if len(model.tasks) > 1:
-                for name in model.tasks:
-                    if name in losses:
-                        term = self.running_tasks.setdefault(name, [0.0, 0])
-                        term[0], term[1] = term[0] + losses[name].detach().float(), term[1] + 1
-            if not boundary:
-                continue
             self._optimizer_step()
             for callback in self.step_callbacks:
                 callback(self)
             if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:
-                avg = float(D.mean_over_ranks(self.running_loss)) / self.running_n  # the global batch's loss
+                # the global batches' loss: each window's total summed over ranks is world x its loss
+                avg = float(D.mean_over_ranks(self.running_loss)) / self.running_n
                 self.running_loss.zero_()
                 self.running_n = 0
-                # per task: this rank's batches (the total above is every rank's)
-                tasks = {f"train/{name}/loss": float(total) / n for name, (total, n) in self.running_tasks.items()}
-                self.running_tasks = {}
-                # lr: the head's (the highest); encoder groups run at encoder_lr_scale and layer decay below it
-                self._log({"step": self.step, "epoch": self.epoch + 1, "train/loss": avg, **tasks,
+                self._log({"step": self.step, "epoch": self.epoch + 1, "train/loss": avg, **self._task_losses(),
                            "lr": max(self.scheduler.get_last_lr())})  # fmt: skip
                 bar.set_postfix(loss=f"{avg:.4f}")
             epoch_done = self.batch_in_epoch == n_batches
@@ -857,6 +841,54 @@ class Trainer:
             if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0 and not epoch_done:
                 self._save()
         bar.close()
+
+    def _windows(self, batches: Iterable[dict[str, Any]], n_batches: int) -> Iterator[list[dict[str, Any]]]:
+        """The epoch's micro-batches from `batch_in_epoch` on, grouped by optimizer step (accumulation window)."""
+        accum, it, b = self.cfg.optim.accumulation_steps, iter(batches), self.batch_in_epoch
+        while b < n_batches:
+            window = list(itertools.islice(it, min(b - b % accum + accum, n_batches) - b))
+            if not window:
+                return
+            yield window
+            b += len(window)
+
+    def _micro_step(self, batch: dict[str, Any], scales: Mapping[str, float], boundary: bool) -> dict[str, torch.Tensor]:
+        """Forward and backward of one micro-batch, each task's loss times its share of the window (`scales`)."""
+        model = self.model
+        batch = move_batch(batch, self.device, self.train_transform)
+        self.batch_in_epoch += 1
+        # FSDP reduce-scatters every micro-batch's gradients (correct; DDP's no_sync saves the traffic)
+        sync = contextlib.nullcontext() if boundary or self.world == 1 or self.fsdp else self.ddp.no_sync()
+        with sync:
+            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                out = self.ddp(**model_inputs(batch))
+                losses = model.criterion(out, batch["labels"], batch["label_mask"], scales=scales)
+            error = None if torch.isfinite(losses["loss"]) else self._nonfinite_message(losses, batch)
+            error = D.first_error(error, self.device)  # one rank's NaN stops every rank (none hangs)
+            if error is not None:
+                raise NonFiniteLossError(error)
+            self.scaler.scale(losses["loss"]).backward()
+        return losses
+
+    def _nonfinite_message(self, losses: Mapping[str, torch.Tensor], batch: dict[str, Any]) -> str:
+        """Which task(s) gave a NaN/inf loss, where, on which rows, and what to do."""
+        bad = [f"{self.model.tasks[name].describe()}: {float(loss)}" for name, loss in losses.items()
+               if name != "loss" and not torch.isfinite(loss)]  # fmt: skip
+        return (
+            f"loss is {losses['loss'].item()}{' from ' + '; '.join(bad) if bad else ''} at epoch {self.epoch + 1}, "
+            f"step {self.step + 1} (batch {self.batch_in_epoch} of the epoch); batch ids: {batch['ids']}. The last good "
+            f"checkpoint is {self.run.last or 'none'}; lower optim.lr or check these examples."
+        )
+
+    def _task_losses(self) -> dict[str, float]:
+        """`train/<task>/loss` since the last log line: each task's mean over its normalisers, over every rank."""
+        if len(self.model.tasks) < 2:  # its loss is train/loss
+            return {}
+        names = list(self.model.tasks)
+        sums = D.sum_over_ranks(torch.tensor([[float(self.running_tasks.get(n, (0.0, 0.0))[i]) for i in (0, 1)]
+                                              for n in names], dtype=torch.float64, device=self.device))  # fmt: skip
+        self.running_tasks = {}
+        return {f"train/{n}/loss": total / count for n, (total, count) in zip(names, sums.tolist()) if count}
 
     def _optimizer_step(self) -> None:
         if self.cfg.optim.grad_clip:
@@ -880,7 +912,7 @@ class Trainer:
                 flat, _ = evaluation_metrics(self.model.tasks, self._infer("val"), "val")
             entry.update(flat)
             value = flat.get(self.metric)
-            better = higher_is_better(self.metric)
+            better = higher_is_better(self.metric, self.model.tasks)  # as the task reporting it says
             if value is None:  # e.g. no labelled val row for that task: the latest model is the best we know
                 log.warning("%s could not be computed on val (no labelled rows?): keeping the latest checkpoint",
                             self.metric)  # fmt: skip

@@ -1,0 +1,32 @@
+"""A row without a caption or an image, read the same way everywhere: encoders, embed, export, readers, CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fusionkit import FusionProcessor, embed
+from fusionkit.data import make_synthetic
+from fusionkit.models import create_model
+
+
+@pytest.fixture(scope="module")
+def images() -> list:
+    return [ex.image for ex in make_synthetic(3, image_size=32)]
+
+
+def test_encode_text_and_encode_image_give_nan_for_an_absent_side_as_embed_does(images) -> None:
+    """The processor's presence flags used to be dropped: a row without a caption got the vector of "" (finite)."""
+    model = create_model("tiny").eval()
+    inputs = FusionProcessor.from_model(model)(texts=[None, "hate it", "fine"], images=[images[0], None, images[2]])
+    with torch.no_grad():
+        text, image = model.encode_text(inputs, normalize=True), model.encode_image(inputs, normalize=True)
+    assert torch.isnan(text[0]).all() and torch.isfinite(text[1:]).all()
+    assert torch.isnan(image[1]).all() and torch.isfinite(image[[0, 2]]).all()
+    both = embed(model, [None, "hate it", "fine"], [images[0], None, images[2]], modalities=("text", "image"))
+    np.testing.assert_allclose(both["text"], text.numpy(), atol=1e-5)  # NaN where the other is NaN
+    np.testing.assert_allclose(both["image"], image.numpy(), atol=1e-5)
+    # without flags (a tokenizer's output) every row is present, as before
+    tokens = model.tokenizer(["a", "b"], padding=True, return_tensors="pt")
+    assert torch.isfinite(model.encode_text(tokens)).all()

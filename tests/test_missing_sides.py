@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -30,3 +32,22 @@ def test_encode_text_and_encode_image_give_nan_for_an_absent_side_as_embed_does(
     # without flags (a tokenizer's output) every row is present, as before
     tokens = model.tokenizer(["a", "b"], padding=True, return_tensors="pt")
     assert torch.isfinite(model.encode_text(tokens)).all()
+
+
+@pytest.mark.parametrize("strategy", ["text_only", "image_only"])
+def test_a_unimodal_baselines_onnx_graphs_take_only_the_side_it_reads(strategy: str, images, tmp_path: Path) -> None:
+    """Its graphs used to ask for input_ids, attention_mask and pixel_values alike, and refused a caption-only row."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from fusionkit.export import OnnxModel, export_onnx
+
+    model = create_model("tiny", fusion={"strategy": strategy}).eval()
+    report = export_onnx(model, tmp_path / "onnx", parts=["model"])  # encode.onnx takes the same inputs
+    reads = ["input_ids", "attention_mask"] if strategy == "text_only" else ["pixel_values"]
+    assert report["parts"]["model"]["fp32"]["inputs"] == reads
+    processor = FusionProcessor.from_model(model)
+    given = {"texts": ["what a day", "meh"]} if strategy == "text_only" else {"images": images[:2]}
+    inputs = processor(**given)  # one side only: the other's flags say it is absent in every row
+    got = OnnxModel(tmp_path / "onnx" / "model.onnx")(**inputs)["logits_sentiment"]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(**inputs)["sentiment"].numpy(), atol=1e-4)

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data.dataset import missing_caption
 from .models import FusionModel
-from .processor import FusionProcessor, missing_caption
+from .processor import FusionProcessor
 
 log = logging.getLogger("fusionkit")
 MODALITIES = ("joint", "text", "image")
@@ -239,7 +240,8 @@ def embed(
     """Vectors [N, dim] (float32): joint for pairs, text-only or image-only when one side is given.
 
     `texts` may be a `MultimodalDataset`, a `datasets.Dataset` or a pandas DataFrame: its `text`,
-    `image` and `id` columns are used (a DataFrame's empty cells are missing sides). `modalities` ("joint", "text", "image" or several) returns a dict of arrays, computed from one
+    `image` and `id` columns are used (a DataFrame's empty cells are missing sides; a caption spelled like a
+    missing value, "nan" or "None", is a missing caption, as `load_dataset` and training read it). `modalities` ("joint", "text", "image" or several) returns a dict of arrays, computed from one
     pass of each encoder; a row without a caption (image) gets NaN as its text (image) vector.
     `return_ids=True` (or passing `ids`) returns `(vectors, ids)`, ids as strings (row numbers when
     none are known); note `embed_shards.read_embeddings` returns the other order, `(ids, vectors)`. `precision`: "auto" (bf16 autocast where the CPU/GPU runs it natively), "fp32"

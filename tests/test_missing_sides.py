@@ -51,3 +51,24 @@ def test_a_unimodal_baselines_onnx_graphs_take_only_the_side_it_reads(strategy: 
     got = OnnxModel(tmp_path / "onnx" / "model.onnx")(**inputs)["logits_sentiment"]
     with torch.no_grad():
         np.testing.assert_allclose(got, model(**inputs)["sentiment"].numpy(), atol=1e-4)
+
+
+def test_a_caption_spelled_like_a_missing_value_is_missing_everywhere_as_in_training(images, tmp_path: Path) -> None:
+    """The readers read a caption "nan" or "None" as missing (training); predict, the processor and embed of a
+    DataFrame used to read it as text, so one row got two predictions (0.995 vs 0.931)."""
+    import pandas as pd
+
+    from fusionkit.data import load_dataset
+
+    model = create_model("tiny", fusion={"modality_dropout": 0.3}).eval()
+    paths = [str(tmp_path / f"{i}.png") for i in range(3)]
+    for im, path in zip(images, paths):
+        im.save(path)
+    frame = pd.DataFrame({"id": ["a", "b", "c"], "text": ["nan", "None", "a sunny day"], "image": paths})
+    assert model.predict(texts=["nan", " NULL "], images=paths[:2]) == model.predict(images=paths[:2])
+    assert not FusionProcessor.from_model(model)(texts=["N/A", "ok"])["text_present"][0]
+    read = load_dataset(frame, missing_text="keep")
+    assert [ex.text for ex in read] == [None, None, "a sunny day"]
+    vectors = embed(model, frame, modalities=("joint", "text"))
+    np.testing.assert_allclose(vectors["joint"], embed(model, read, modalities="joint"), atol=1e-6)
+    assert np.isnan(vectors["text"][:2]).all() and np.isfinite(vectors["text"][2]).all()

@@ -533,7 +533,8 @@ class FusionModel(nn.Module):
     ) -> list[dict[str, Any]]:
         """Predictions for raw pairs: per example and task, the label name(s) and class probabilities
         (regression: the value). Captions are strings, images paths / PIL images / bytes; either list may
-        be left out or hold None entries (a missing caption or image). `precision`: "auto" (bf16 where
+        be left out or hold None entries (a missing caption or image). A caption is missing as a training
+        table's cell is: None, NaN, blank, or spelled like a missing value ("nan", "None", "NA", ...). `precision`: "auto" (bf16 where
         the hardware runs it natively, see `fusionkit.precision`), "fp32" or "bf16". `ensemble`: more models
         of the same tasks (e.g. other seeds) whose outputs are averaged with this one's (classes by name).
         `where`: how warnings name the input (the CLI's single pair is "--text/--image").
@@ -543,9 +544,10 @@ class FusionModel(nn.Module):
         """
         from PIL import Image
 
+        from ..data.dataset import missing_caption, missing_value
         from ..embedding import check_batch_size
         from ..precision import choose_precision
-        from ..processor import FusionProcessor, missing_caption, missing_value
+        from ..processor import FusionProcessor
 
         if texts is None and images is None:
             raise ValueError("predict() needs texts, images or both")

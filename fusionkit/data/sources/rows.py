@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from fusionkit.data.dataset import MISSING_SPELLINGS, Example, ImageSource, clean_text
+from fusionkit.data.dataset import Example, ImageSource, clean_text, spelled_missing
 from fusionkit.data.errors import DataError, OnError, SkipLog, check_policy
 
 log = logging.getLogger("fusionkit.data")
@@ -335,7 +335,7 @@ class RowReader:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise DataError(f"caption must be text, got {type(value).__name__}", source=where, item=item)
             value = str(value)
-        if self.table_cells and value is not None and value.strip().lower() in MISSING_SPELLINGS:  # "nan" from df.astype(str).to_csv()
+        if self.table_cells and value is not None and spelled_missing(value):  # "nan" from df.astype(str).to_csv()
             self.spelled_missing[value.strip()] = self.spelled_missing.get(value.strip(), 0) + 1
             value = None
         if value is not None and any("\udc80" <= ch <= "\udcff" for ch in value):

@@ -72,3 +72,19 @@ def test_a_caption_spelled_like_a_missing_value_is_missing_everywhere_as_in_trai
     vectors = embed(model, frame, modalities=("joint", "text"))
     np.testing.assert_allclose(vectors["joint"], embed(model, read, modalities="joint"), atol=1e-6)
     assert np.isnan(vectors["text"][:2]).all() and np.isfinite(vectors["text"][2]).all()
+
+
+def test_a_caption_cell_none_and_a_folder_as_image_say_what_they_are_and_how_to_go_on(tmp_path: Path) -> None:
+    """A caption 'None' failed as "caption is empty"; a folder as the image path did not say how to skip the row."""
+    from fusionkit.data import DataError, load_dataset
+
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "none.csv").write_text("id,text,image\na,None,\nb,ok,\n")
+    with pytest.raises(DataError, match=r"none.csv:2, item a: caption 'None' is a missing-value spelling.*"
+                                        r"read as an empty cell.*missing_text=keep"):  # fmt: skip
+        load_dataset(str(tmp_path / "none.csv"), missing_image="keep")
+    (tmp_path / "folder.csv").write_text("id,text,image\na,hello,pics\n")
+    for missing_image in ("keep", "skip"):
+        with pytest.raises(DataError, match=r"item a: image path 'pics' is not a file.*data.on_error: skip"):
+            load_dataset(str(tmp_path / "folder.csv"), missing_image=missing_image)
+    assert len(load_dataset(str(tmp_path / "folder.csv"), on_error="skip", report_path=tmp_path / "r.jsonl")) == 0

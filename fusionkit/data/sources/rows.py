@@ -335,16 +335,19 @@ class RowReader:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise DataError(f"caption must be text, got {type(value).__name__}", source=where, item=item)
             value = str(value)
+        spelled = None
         if self.table_cells and value is not None and spelled_missing(value):  # "nan" from df.astype(str).to_csv()
-            self.spelled_missing[value.strip()] = self.spelled_missing.get(value.strip(), 0) + 1
-            value = None
+            spelled, value = value.strip(), None
+            self.spelled_missing[spelled] = self.spelled_missing.get(spelled, 0) + 1
         if value is not None and any("\udc80" <= ch <= "\udcff" for ch in value):
             raise DataError(
                 "caption is not valid UTF-8", source=where, item=item, hint="re-encode the file as UTF-8"
             )
         text, cut = clean_text(value or "")
-        if not text:
-            self.missing("text", no_text, where=where, item=item)
+        if not text:  # "caption is empty" would send the user looking at a cell that reads 'None'
+            problem = no_text if spelled is None else (f"caption {spelled!r} is a missing-value spelling (as 'nan', "
+                                                       "'NA' or 'null'), read as an empty cell")  # fmt: skip
+            self.missing("text", problem, where=where, item=item)
             return None
         self.truncated += cut
         return text
@@ -475,7 +478,9 @@ def resolve_image_path(ref: str, root: str, *, where: str, item: str) -> str | N
         raise DataError(f"image path {ref!r} {reason}", source=where, item=item) from None
     if not stat.S_ISREG(st.st_mode):
         raise DataError(f"image path {ref!r} is not a file (a folder?)", source=where, item=item,
-                        hint="name the image file itself")  # fmt: skip
+                        hint="name the image file itself, or skip such rows: data.on_error: skip (--on-error skip "
+                        "for predict, eval and embed); a folder is a broken path, not a missing image, so "
+                        "data.missing_image does not apply")  # fmt: skip
     return os.path.realpath(path) if ".." in ref else os.path.normpath(path)
 
 

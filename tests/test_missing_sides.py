@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -88,3 +89,27 @@ def test_a_caption_cell_none_and_a_folder_as_image_say_what_they_are_and_how_to_
         with pytest.raises(DataError, match=r"item a: image path 'pics' is not a file.*data.on_error: skip"):
             load_dataset(str(tmp_path / "folder.csv"), missing_image=missing_image)
     assert len(load_dataset(str(tmp_path / "folder.csv"), on_error="skip", report_path=tmp_path / "r.jsonl")) == 0
+
+
+def test_cli_embed_on_error_skip_keeps_a_row_with_neither_side_as_nan_like_python(images, tmp_path: Path) -> None:
+    """The reader used to drop it before embedding, so the command line wrote fewer rows than fusionkit.embed."""
+    import pandas as pd
+
+    from fusionkit.cli import main
+    from fusionkit.models import FusionModel
+
+    model_dir = create_model("tiny").save_pretrained(tmp_path / "model")
+    paths = [str(tmp_path / f"{i}.png") for i in range(2)]
+    for im, path in zip(images, paths):
+        im.save(path)
+    pd.DataFrame({"id": ["a", "b", "c"], "text": ["sunny", None, "rain"], "image": [paths[0], None, paths[1]]}).to_csv(
+        tmp_path / "rows.csv", index=False)  # fmt: skip
+    argv = ["embed", str(model_dir), "--data", str(tmp_path / "rows.csv"), "--output", str(tmp_path / "v.npy"),
+            "--precision", "fp32", "--device", "cpu"]  # fmt: skip
+    assert main(argv) != 0  # by default the row is named, not embedded
+    assert main([*argv, "--on-error", "skip"]) == 0
+    vectors, ids = np.load(tmp_path / "v.npy"), json.loads((tmp_path / "v.ids.json").read_text())
+    assert ids == ["a", "b", "c"] and np.isnan(vectors[1]).all() and np.isfinite(vectors[[0, 2]]).all()
+    python = embed(FusionModel.from_pretrained(model_dir), pd.read_csv(tmp_path / "rows.csv"), precision="fp32",
+                   on_error="skip")  # fmt: skip
+    np.testing.assert_allclose(vectors, python, atol=1e-5)  # NaN in the same place

@@ -59,6 +59,8 @@ class ReadOptions:
       (prediction with a model that never learned one side alone: a renamed column is a mistake, not that).
     - `only_ids`: read just the rows with these ids; the others are passed over unchecked (scoring one
       split of a table must not fail on a broken row of another, nor pay for checking it).
+    - `keep_empty`: a row with neither a caption nor an image is kept (both None) instead of being a bad row:
+      `fusionkit embed --on-error skip` writes a NaN vector in its place, as `fusionkit.embed` does.
     """
 
     text_column: str = "text"
@@ -73,6 +75,7 @@ class ReadOptions:
     image_root: str | Path | None = None
     only_ids: frozenset[str] | None = None
     required_sides: tuple[str, ...] = ()
+    keep_empty: bool = False
 
     @classmethod
     def from_kwargs(cls, kw: Mapping[str, Any]) -> ReadOptions:
@@ -291,7 +294,7 @@ class RowReader:
                 )  # fmt: skip
             text = self.text(row.get(o.text_column), where=where, item=item, no_text=no_text)
             image = self.image(row.get(o.image_column), where=where, item=item)
-            if text is None and image is None:  # kept as missing on both sides: nothing left to learn or predict from
+            if text is None and image is None and not o.keep_empty:  # nothing left to learn or predict from
                 raise DataError("row has neither a caption nor an image", source=where, item=item,
                                 hint="fill in one of them, or skip such rows (data.on_error: skip in a config; --on-error skip for "
                                 "predict, eval and embed)")  # fmt: skip

@@ -446,6 +446,8 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
             kw["only_ids"] = only  # a split is read alone: a broken row of another split is not its problem
         if kw and with_labels:  # eval scores the tasks whose label column the file has (bind_labels names the rest)
             kw["label_columns"] = None
+        if kw and args.command == "embed" and on_error == "skip":  # a row with neither side: a NaN vector in its
+            kw["keep_empty"] = True  # place (fusionkit.embed's rule), so rows and ids stay those of the file
         if kw and args.command in ("predict", "eval") and not model.config.fusion.modality_dropout:
             # a renamed column must not turn into predictions from one side, which this model never learned
             kw["required_sides"] = tuple(s for s, n in (("text", "caption"), ("image", "image"))

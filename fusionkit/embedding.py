@@ -28,13 +28,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data.dataset import missing_caption
 from .models import FusionModel
-from .models.fusion import masked_mean
-from .processor import FusionProcessor, missing_caption
+from .processor import FusionProcessor
 
 log = logging.getLogger("fusionkit")
 MODALITIES = ("joint", "text", "image")
-PRESENCE = {"text": "text_present", "image": "image_present"}
 _MISSING = object()
 
 
@@ -192,15 +191,17 @@ def _resolve_modalities(
 def _vectors(
     model: FusionModel, inputs: dict[str, torch.Tensor], mods: tuple[str, ...]
 ) -> dict[str, torch.Tensor]:
-    """Unnormalized vectors per modality; several modalities share one pass of each encoder."""
+    """Unnormalized vectors per modality, NaN for a row without that side (the model's `encode_text` /
+    `encode_image` rule); several modalities share one pass of each encoder."""
     if mods == ("joint",):
         from .models.fusion_model import model_inputs
 
         return {"joint": model.encode(**model_inputs(inputs))}
     if mods == ("text",):
-        return {"text": model.encode_text(inputs["input_ids"], inputs["attention_mask"])}
+        return {"text": model.encode_text(inputs["input_ids"], inputs["attention_mask"],
+                                          text_present=inputs["text_present"])}  # fmt: skip
     if mods == ("image",):
-        return {"image": model.encode_image(inputs["pixel_values"])}
+        return {"image": model.encode_image(inputs["pixel_values"], image_present=inputs["image_present"])}
     mask = inputs["attention_mask"]
     text_features, image_features = model.encoder_features(inputs["input_ids"], mask, inputs["pixel_values"])
     out: dict[str, torch.Tensor] = {}
@@ -213,9 +214,10 @@ def _vectors(
             image_present=inputs["image_present"],
         )
     if "text" in mods:
-        out["text"] = masked_mean(*model.text_tokens(text_features=text_features, attention_mask=mask))
+        out["text"] = model.encode_text(text_features=text_features, attention_mask=mask,
+                                        text_present=inputs["text_present"])  # fmt: skip
     if "image" in mods:
-        out["image"] = model.image_tokens(image_features=image_features).mean(1)
+        out["image"] = model.encode_image(image_features=image_features, image_present=inputs["image_present"])
     return out
 
 
@@ -238,7 +240,8 @@ def embed(
     """Vectors [N, dim] (float32): joint for pairs, text-only or image-only when one side is given.
 
     `texts` may be a `MultimodalDataset`, a `datasets.Dataset` or a pandas DataFrame: its `text`,
-    `image` and `id` columns are used (a DataFrame's empty cells are missing sides). `modalities` ("joint", "text", "image" or several) returns a dict of arrays, computed from one
+    `image` and `id` columns are used (a DataFrame's empty cells are missing sides; a caption spelled like a
+    missing value, "nan" or "None", is a missing caption, as `load_dataset` and training read it). `modalities` ("joint", "text", "image" or several) returns a dict of arrays, computed from one
     pass of each encoder; a row without a caption (image) gets NaN as its text (image) vector.
     `return_ids=True` (or passing `ids`) returns `(vectors, ids)`, ids as strings (row numbers when
     none are known); note `embed_shards.read_embeddings` returns the other order, `(ids, vectors)`. `precision`: "auto" (bf16 autocast where the CPU/GPU runs it natively), "fp32"
@@ -302,9 +305,7 @@ def embed(
                         skips(DataError(_nothing_read(model), item=names[k]))
                         unread.append(k)
                 for name, vec in _vectors(model, inputs, mods).items():
-                    vec = F.normalize(vec.float(), dim=-1) if normalize else vec.float()
-                    if name in PRESENCE:  # no caption (image): no text (image) vector
-                        vec = vec.masked_fill(~inputs[PRESENCE[name]][:, None], float("nan"))
+                    vec = F.normalize(vec.float(), dim=-1) if normalize else vec.float()  # NaN stays NaN
                     vec[unread] = float("nan")  # an unreadable image under on_error="skip": no vector at all
                     out[name].append(vec.cpu().numpy())
                 if want_ids:  # the given ids, else row numbers

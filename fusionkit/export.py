@@ -8,7 +8,8 @@
 
 Graphs (each with dynamic batch and, for text, sequence axes; the image size is fixed by the encoder):
 - `model.onnx`: input_ids, attention_mask, pixel_values -> one `logits_<task>` per labelled task
-  (ITM/contrastive outputs compare a batch with itself and are left out);
+  (ITM/contrastive outputs compare a batch with itself and are left out); a unimodal baseline's
+  `model.onnx` and `encode.onnx` take the inputs of its one side only;
 - `encode.onnx` (joint), `encode_text.onnx`, `encode_image.onnx` -> `vectors` [B, dim].
 The graphs take complete pairs: rows with a missing caption or image need the PyTorch model, which
 swaps in its learned placeholders with data-dependent control flow that ONNX graphs do not carry.
@@ -69,12 +70,13 @@ class _Part(nn.Module):
 
     @property
     def input_names(self) -> list[str]:
-        return {
-            "model": [*_TEXT_INPUTS, "pixel_values"],
-            "encode": [*_TEXT_INPUTS, "pixel_values"],
-            "encode_text": list(_TEXT_INPUTS),
-            "encode_image": ["pixel_values"],
-        }[self.part]
+        """The inputs the part reads: a unimodal baseline's `model` / `encode` graphs take its one side only
+        (a text_only graph asking for pixel_values would refuse rows without an image it never looks at)."""
+        if self.part == "encode_text":
+            return list(_TEXT_INPUTS)
+        if self.part == "encode_image":
+            return ["pixel_values"]
+        return [*(_TEXT_INPUTS if self.model.needs_text else ()), *(["pixel_values"] if self.model.needs_image else ())]
 
     @property
     def output_names(self) -> list[str]:
@@ -176,8 +178,8 @@ class OnnxModel:
             present = inputs.get(flag)
             if present is not None and reads in self.input_names and not _numpy(present).all():
                 rows = np.flatnonzero(~_numpy(present).astype(bool)).tolist()
-                raise ValueError(f"rows {rows[:5]} have no {flag.split('_')[0]}: {self.path.name} takes complete pairs "
-                                 "(the PyTorch model predicts rows with a missing side)")  # fmt: skip
+                raise ValueError(f"rows {rows[:5]} have no {flag.split('_')[0]}, which {self.path.name} reads in every "
+                                 "row (the PyTorch model predicts rows with a missing side)")  # fmt: skip
         feed = {n: _numpy(inputs[n]) for n in self.input_names}
         return dict(zip(self.output_names, self.session.run(None, feed)))
 

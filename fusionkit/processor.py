@@ -5,7 +5,9 @@ sees exactly what training saw: images go through the training cache's decode + 
 (`preprocess_image`) and the same on-device normalization (`ImageTransform`); captions through the
 text encoder's tokenizer with the model's one `max_length`. Missing entries follow the batch
 contract: a `None` caption is tokenized as "" and a `None` image is zeros, each with its presence
-flag False.
+flag False. A caption is missing by the readers' rule (`fusionkit.data.dataset.missing_caption`): None,
+NaN, a blank string, or one spelled like a missing value ("nan", "None", "NA", ...), as a training table's
+cell is read, so a row predicts as it trained.
 
     processor = FusionProcessor.from_model(model)          # or .from_pretrained(model_dir_or_hub_id)
     inputs = processor(texts=["a sunny day", None], images=["a.jpg", pil_image])
@@ -26,6 +28,7 @@ from PIL import Image
 
 from .config import ConfigError, ImagePreprocess, from_dict, to_dict
 from .data.collate import ImageTransform
+from .data.dataset import missing_caption, missing_value
 from .data.image import ImageSource, preprocess_image
 
 if TYPE_CHECKING:
@@ -34,20 +37,6 @@ if TYPE_CHECKING:
 PROCESSOR_NAME = "processor_config.json"
 MODEL_CONFIG_NAME = "config.json"
 
-
-
-def missing_caption(text: Any) -> bool:
-    """No caption: None, a pandas empty cell, or a blank string (an empty CSV cell reads the same)."""
-    return missing_value(text) or (isinstance(text, str) and not text.strip())
-
-
-def missing_value(value: Any) -> bool:
-    """None, or how pandas writes an empty cell (NaN, NA, NaT): `list(df.caption)` holds those."""
-    if value is None:
-        return True
-    if isinstance(value, float):
-        return value != value
-    return type(value).__name__ in ("NAType", "NaTType")
 
 class FusionProcessor:
     """Tokenizer + image preprocessing of one `FusionModel`; `__call__` returns its input tensors."""
@@ -124,10 +113,13 @@ class FusionProcessor:
 
     # ------------------------------------------------------------------ processing
     def tokenize(self, texts: Sequence[str | None]) -> dict[str, torch.Tensor]:
-        """`input_ids`, `attention_mask` (padded to the longest, truncated at max_length), `text_present`."""
+        """`input_ids`, `attention_mask` (padded to the longest, truncated at max_length), `text_present`.
+
+        A caption spelled like a missing value ("nan", "None", "NA", ...) is a missing one, as the readers
+        read it in training (`missing_caption`)."""
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, not a single string")
-        texts = [None if missing_caption(t) else t for t in texts]  # blank: missing, as an empty CSV cell
+        texts = [None if missing_caption(t) else t for t in texts]  # blank or "nan": missing, as a CSV cell
         present = [t is not None for t in texts]
         for i, t in enumerate(texts):
             if t is not None and not isinstance(t, str):

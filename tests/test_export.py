@@ -81,7 +81,7 @@ def test_onnx_model_graph_matches_pytorch(model, batch, tmp_path: Path) -> None:
 
     ds = make_synthetic(3, image_size=48)
     partial = FusionProcessor.from_model(model)(texts=[ex.text for ex in ds], images=[ds[0].image, None, ds[2].image])
-    with pytest.raises(ValueError, match=r"rows \[1\] have no image: model.onnx takes complete pairs"):
+    with pytest.raises(ValueError, match=r"rows \[1\] have no image, which model.onnx reads in every row"):
         OnnxModel(tmp_path / "model.onnx")(**partial)
 
 

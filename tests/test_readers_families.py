@@ -917,7 +917,7 @@ def test_a_caption_spelled_nan_or_none_is_missing_in_a_csv_as_in_its_dataframe(f
     from_frame = load_dataset(frame.assign(photo=[str(folder / p) for p in frame["photo"]]), **opts)
     assert [ex.text for ex in from_csv] == [ex.text for ex in from_frame] == [None, None, "Nancy"]
     assert "2 captions spelled like a missing value (['None', 'nan'])" in caplog.text
-    with pytest.raises(DataError, match="na.csv:2, item a: caption is empty"):
+    with pytest.raises(DataError, match="na.csv:2, item a: caption 'nan' is a missing-value spelling"):
         load_dataset(folder / "na.csv", **COLUMNS)  # missing_text error: the row is named, not trained on "nan"
 
 

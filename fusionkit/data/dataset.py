@@ -33,6 +33,27 @@ FALLBACK_ENCODINGS = ("gb18030",)  # MVSA: 1,061 captions were re-encoded to GB1
 MISSING_SPELLINGS = ("nan", "none", "null", "na", "n/a", "#n/a", "<na>")
 
 
+def missing_value(value: Any) -> bool:
+    """None, or how pandas writes an empty cell (NaN, NA, NaT): `list(df.caption)` holds those."""
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return value != value
+    return type(value).__name__ in ("NAType", "NaTType")
+
+
+def spelled_missing(text: str) -> bool:
+    """A cell spelled like a missing value ("nan", "None", "NA", ...: `df.astype(str).to_csv()` writes those)."""
+    return text.strip().lower() in MISSING_SPELLINGS
+
+
+def missing_caption(text: Any) -> bool:
+    """No caption, by the one rule the readers apply to a table's cells, so a caption reads the same in training,
+    `predict`, the processor and `embed`: None, a pandas empty cell (NaN, NA), a blank string, or a string spelled
+    like a missing value (`MISSING_SPELLINGS`)."""
+    return missing_value(text) or (isinstance(text, str) and (not text.strip() or spelled_missing(text)))
+
+
 def decode_text(raw: bytes, *, source: str, encodings: Sequence[str] = FALLBACK_ENCODINGS) -> tuple[str, str]:
     """Decode UTF-8, else each fallback encoding in turn, else Latin-1 where the bytes read as Latin-1 text;
     returns (text, encoding used).

@@ -59,6 +59,9 @@ MODEL_INPUTS = (
 
 
 TEXT_INPUTS = ("input_ids", "attention_mask")
+# what encode_text / encode_image read from a processor's output or a batch: the presence flag makes an absent side NaN
+TEXT_ENCODE_INPUTS = (*TEXT_INPUTS, "text_features", "text_present")
+IMAGE_ENCODE_INPUTS = ("pixel_values", "image_features", "image_present")
 TENSOR_INPUTS = ("input_ids", "attention_mask", "pixel_values", "text_features", "image_features")
 RAW_INPUT_HINT = ("tokenize captions and load images first: fusionkit.FusionProcessor.from_model(model)(texts=[...], "
                   "images=[...]) gives these tensors, or fusionkit.embed(model, texts, images) gives vectors from "
@@ -341,28 +344,41 @@ class FusionModel(nn.Module):
 
     def encode_text(
         self,
-        input_ids: torch.Tensor | Mapping[str, Any],
+        input_ids: torch.Tensor | Mapping[str, Any] | None = None,
         attention_mask: torch.Tensor | None = None,
         normalize: bool = False,
         token_type_ids: torch.Tensor | None = None,
+        *,
+        text_features: torch.Tensor | None = None,
+        text_present: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Text-only embedding [B, dim]: masked mean of the projected text tokens.
 
         `input_ids` may be a tokenizer's output (`model.tokenizer(texts, return_tensors="pt")`) or a
-        `FusionProcessor`'s: its input_ids and attention_mask are used. Captions go through one of those
-        first (or `fusionkit.embed(model, texts)`)."""
-        given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
-        inputs = gather_inputs("encode_text", given, TEXT_INPUTS)
-        tokens, mask = self.text_tokens(inputs.get("input_ids"), inputs.get("attention_mask"))
-        emb = masked_mean(tokens, mask)
-        return F.normalize(emb, dim=-1) if normalize else emb
+        `FusionProcessor`'s: its input_ids, attention_mask and text_present are used. Captions go through one of
+        those first (or `fusionkit.embed(model, texts)`). A row whose `text_present` is False has no caption, so no
+        text vector: NaN, as `fusionkit.embed` gives it (its dummy input's vector would pass for a real one)."""
+        given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
+                 "text_features": text_features, "text_present": text_present}  # fmt: skip
+        inputs = gather_inputs("encode_text", given, TEXT_ENCODE_INPUTS)
+        tokens, mask = self.text_tokens(inputs.get("input_ids"), inputs.get("attention_mask"), inputs.get("text_features"))
+        return _absent_as_nan(masked_mean(tokens, mask), inputs.get("text_present"), normalize, "text_present")
 
-    def encode_image(self, pixel_values: torch.Tensor | Mapping[str, Any], normalize: bool = False) -> torch.Tensor:
+    def encode_image(
+        self,
+        pixel_values: torch.Tensor | Mapping[str, Any] | None = None,
+        normalize: bool = False,
+        *,
+        image_features: torch.Tensor | None = None,
+        image_present: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Image-only embedding [B, dim]: mean of the projected patch tokens. `pixel_values` may be a
-        `FusionProcessor`'s output (its pixel_values are used); images go through it first."""
-        inputs = gather_inputs("encode_image", {"pixel_values": pixel_values}, ("pixel_values",))
-        emb = self.image_tokens(inputs.get("pixel_values")).mean(1)
-        return F.normalize(emb, dim=-1) if normalize else emb
+        `FusionProcessor`'s output (its pixel_values and image_present are used); images go through it first.
+        A row whose `image_present` is False has no image: NaN, as in `encode_text`."""
+        given = {"pixel_values": pixel_values, "image_features": image_features, "image_present": image_present}
+        inputs = gather_inputs("encode_image", given, IMAGE_ENCODE_INPUTS)
+        emb = self.image_tokens(inputs.get("pixel_values"), inputs.get("image_features")).mean(1)
+        return _absent_as_nan(emb, inputs.get("image_present"), normalize, "image_present")
 
     def _fuse(
         self,
@@ -517,7 +533,8 @@ class FusionModel(nn.Module):
     ) -> list[dict[str, Any]]:
         """Predictions for raw pairs: per example and task, the label name(s) and class probabilities
         (regression: the value). Captions are strings, images paths / PIL images / bytes; either list may
-        be left out or hold None entries (a missing caption or image). `precision`: "auto" (bf16 where
+        be left out or hold None entries (a missing caption or image). A caption is missing as a training
+        table's cell is: None, NaN, blank, or spelled like a missing value ("nan", "None", "NA", ...). `precision`: "auto" (bf16 where
         the hardware runs it natively, see `fusionkit.precision`), "fp32" or "bf16". `ensemble`: more models
         of the same tasks (e.g. other seeds) whose outputs are averaged with this one's (classes by name).
         `where`: how warnings name the input (the CLI's single pair is "--text/--image").
@@ -527,9 +544,10 @@ class FusionModel(nn.Module):
         """
         from PIL import Image
 
+        from ..data.dataset import missing_caption, missing_value
         from ..embedding import check_batch_size
         from ..precision import choose_precision
-        from ..processor import FusionProcessor, missing_caption, missing_value
+        from ..processor import FusionProcessor
 
         if texts is None and images is None:
             raise ValueError("predict() needs texts, images or both")
@@ -779,6 +797,14 @@ def _as_flags(flags: Any, batch: int, device: torch.device, name: str) -> torch.
     if flags.shape != (batch,):
         raise ValueError(f"{name} must be a bool vector of the batch size [{batch}], got {tuple(flags.shape)}")
     return flags
+
+
+def _absent_as_nan(emb: torch.Tensor, present: Any, normalize: bool, name: str) -> torch.Tensor:
+    """`emb` (normalized if asked) with NaN rows where `present` is False: a side that is not there has no vector."""
+    emb = F.normalize(emb, dim=-1) if normalize else emb
+    if present is None:
+        return emb
+    return emb.masked_fill(~_as_flags(present, len(emb), emb.device, name)[:, None], float("nan"))
 
 
 def _fill_absent(

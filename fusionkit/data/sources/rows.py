@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from fusionkit.data.dataset import MISSING_SPELLINGS, Example, ImageSource, clean_text
+from fusionkit.data.dataset import Example, ImageSource, clean_text, spelled_missing
 from fusionkit.data.errors import DataError, OnError, SkipLog, check_policy
 
 log = logging.getLogger("fusionkit.data")
@@ -59,6 +59,8 @@ class ReadOptions:
       (prediction with a model that never learned one side alone: a renamed column is a mistake, not that).
     - `only_ids`: read just the rows with these ids; the others are passed over unchecked (scoring one
       split of a table must not fail on a broken row of another, nor pay for checking it).
+    - `keep_empty`: a row with neither a caption nor an image is kept (both None) instead of being a bad row:
+      `fusionkit embed --on-error skip` writes a NaN vector in its place, as `fusionkit.embed` does.
     """
 
     text_column: str = "text"
@@ -73,6 +75,7 @@ class ReadOptions:
     image_root: str | Path | None = None
     only_ids: frozenset[str] | None = None
     required_sides: tuple[str, ...] = ()
+    keep_empty: bool = False
 
     @classmethod
     def from_kwargs(cls, kw: Mapping[str, Any]) -> ReadOptions:
@@ -291,7 +294,7 @@ class RowReader:
                 )  # fmt: skip
             text = self.text(row.get(o.text_column), where=where, item=item, no_text=no_text)
             image = self.image(row.get(o.image_column), where=where, item=item)
-            if text is None and image is None:  # kept as missing on both sides: nothing left to learn or predict from
+            if text is None and image is None and not o.keep_empty:  # nothing left to learn or predict from
                 raise DataError("row has neither a caption nor an image", source=where, item=item,
                                 hint="fill in one of them, or skip such rows (data.on_error: skip in a config; --on-error skip for "
                                 "predict, eval and embed)")  # fmt: skip
@@ -335,16 +338,19 @@ class RowReader:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise DataError(f"caption must be text, got {type(value).__name__}", source=where, item=item)
             value = str(value)
-        if self.table_cells and value is not None and value.strip().lower() in MISSING_SPELLINGS:  # "nan" from df.astype(str).to_csv()
-            self.spelled_missing[value.strip()] = self.spelled_missing.get(value.strip(), 0) + 1
-            value = None
+        spelled = None
+        if self.table_cells and value is not None and spelled_missing(value):  # "nan" from df.astype(str).to_csv()
+            spelled, value = value.strip(), None
+            self.spelled_missing[spelled] = self.spelled_missing.get(spelled, 0) + 1
         if value is not None and any("\udc80" <= ch <= "\udcff" for ch in value):
             raise DataError(
                 "caption is not valid UTF-8", source=where, item=item, hint="re-encode the file as UTF-8"
             )
         text, cut = clean_text(value or "")
-        if not text:
-            self.missing("text", no_text, where=where, item=item)
+        if not text:  # "caption is empty" would send the user looking at a cell that reads 'None'
+            problem = no_text if spelled is None else (f"caption {spelled!r} is a missing-value spelling (as 'nan', "
+                                                       "'NA' or 'null'), read as an empty cell")  # fmt: skip
+            self.missing("text", problem, where=where, item=item)
             return None
         self.truncated += cut
         return text
@@ -475,7 +481,9 @@ def resolve_image_path(ref: str, root: str, *, where: str, item: str) -> str | N
         raise DataError(f"image path {ref!r} {reason}", source=where, item=item) from None
     if not stat.S_ISREG(st.st_mode):
         raise DataError(f"image path {ref!r} is not a file (a folder?)", source=where, item=item,
-                        hint="name the image file itself")  # fmt: skip
+                        hint="name the image file itself, or skip such rows: data.on_error: skip (--on-error skip "
+                        "for predict, eval and embed); a folder is a broken path, not a missing image, so "
+                        "data.missing_image does not apply")  # fmt: skip
     return os.path.realpath(path) if ".." in ref else os.path.normpath(path)
 
 

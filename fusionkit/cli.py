@@ -510,7 +510,7 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
         no_text, no_image = sum(ex.text is None for ex in ds), sum(ex.image is None for ex in ds)
         absent = {"caption": no_text, "image": no_image}
         if args.command != "embed" and ds and all(absent[side] == len(ds) for side in model.sides_read):
-            raise ConfigError(f"none of the {len(ds)} rows of {source} has a {' or '.join(model.sides_read)}, the "
+            raise ConfigError(f"none of the {len(ds)} rows of {source} has {' or '.join(('an ' if s == 'image' else 'a ') + s for s in model.sides_read)}, the "
                               f"only input of this {model.config.fusion.strategy} model: every prediction would be "
                               "the same")  # fmt: skip
         if args.command == "embed" and args.modality is None:  # a whole side absent: embed writes the other

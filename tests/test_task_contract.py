@@ -59,3 +59,23 @@ def test_a_nan_loss_names_the_task_that_gave_it(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteLossError, match=rf"loss is nan from task 'stars' \(type 'contract_nanloss', class "
                                                  rf"{__name__}.NanLoss\): nan at epoch 1, step 1"):  # fmt: skip
         Trainer(cfg).fit()
+
+
+@fusionkit.register_task("contract_nohead")
+class NoHead(RegressionTask):
+    def build_head(self, dim, num_views, dropout):  # type: ignore[no-untyped-def]
+        return None
+
+
+def test_a_head_that_is_not_a_module_names_the_task_when_the_model_is_built(tmp_path: Path) -> None:
+    cfg = table_config(tmp_path, "h", [{"name": "mood"}, {"name": "stars", "type": "contract_nohead", "column": "score"}],
+                       **{"optim.max_steps": 1})  # fmt: skip
+    with pytest.raises(TypeError, match=rf"task 'stars' \(type 'contract_nohead', class {__name__}.NoHead\): "
+                                        r"build_head must return an nn.Module, got None"):  # fmt: skip
+        Trainer(cfg).fit()
+    assert not (tmp_path / "runs" / "h").exists()
+
+
+def test_a_summary_names_the_fusionkit_version_that_wrote_it(tmp_path: Path) -> None:
+    cfg = table_config(tmp_path, "v", [{"name": "mood"}], **{"optim.max_steps": 1})
+    assert Trainer(cfg).fit()["fusionkit_version"] == fusionkit.__version__

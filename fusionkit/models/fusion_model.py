@@ -109,6 +109,13 @@ def gather_inputs(where: str, given: Mapping[str, Any], accepted: Sequence[str])
 
 
 class FusionModel(nn.Module):
+    """Text encoder + image encoder -> fusion strategy -> one head per task: the whole model, one interface.
+
+    `encode_text` / `encode_image` / `encode` give embeddings (NaN for a row without that side), `forward` the
+    task outputs, `predict` label names from raw pairs; `save_pretrained` / `from_pretrained` round-trip a folder
+    (safetensors + config.json). Build one with `fusionkit.create_model(...)`; losses live in `criterion`.
+    """
+
     def __init__(
         self,
         config: ModelConfig,
@@ -133,10 +140,11 @@ class FusionModel(nn.Module):
         self.image_placeholder = nn.Parameter(nn.init.trunc_normal_(torch.empty(dim), std=0.02))
         self.fusion = create_fusion(config.fusion)
         self.criterion = MultiTaskLoss(config.tasks, config.loss_weighting)
-        self.heads = nn.ModuleDict(
-            {name: task.build_head(dim, self.fusion.num_views, config.fusion.dropout)
-             for name, task in self.tasks.items()}  # fmt: skip
-        )
+        heads = {name: task.build_head(dim, self.fusion.num_views, config.fusion.dropout) for name, task in self.tasks.items()}
+        for name, head in heads.items():  # a plugin's mistake, said at build time, not as a TypeError in forward
+            if not isinstance(head, nn.Module):
+                raise TypeError(f"{self.tasks[name].describe()}: build_head must return an nn.Module, got {head!r}")
+        self.heads = nn.ModuleDict(heads)
         self.set_trainable(config.freeze, config.trainable_layers)
         check_model(self)
 

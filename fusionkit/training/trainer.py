@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import __version__
 from ..config import ConfigError, to_dict
 from ..data import Collator, ImageTransform, build_cache, load_dataset, move_batch, split_dataset
 from ..data.cache import SplitView
@@ -959,6 +960,7 @@ class Trainer:
             with D.loading_whole_weights(self.model):
                 self.model.load_weights(best_dir / "model.safetensors")
         summary: dict[str, Any] = {
+            "fusionkit_version": __version__,  # which version wrote it: formats change between versions
             "run_dir": str(self.run_dir),
             "best_checkpoint": str(best_dir),
             "metric": self.metric,

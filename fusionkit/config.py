@@ -49,10 +49,15 @@ class ImagePreprocess:
     # how it is scaled (timm's names): "center" keeps the aspect ratio (the shorter side fits: timm, CLIP, DINOv2);
     # "squash" scales each side on its own (HF ViT, SigLIP, BEiT resize to height x width and do not crop)
     crop_mode: str = "center"
+    # where an odd margin's center crop starts: "floor" (HF processors) or "round" half to even (torchvision's
+    # CenterCrop, which timm uses); a pixel apart, so each encoder gets its own
+    crop_offset: str = "floor"
 
     def __post_init__(self) -> None:
         if self.crop_mode not in CROP_MODES:
             raise ConfigError(f"image preprocessing crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
+        if self.crop_offset not in ("floor", "round"):
+            raise ConfigError(f"image preprocessing crop_offset must be 'floor' or 'round', got {self.crop_offset!r}")
 
 
 @dataclass

@@ -69,12 +69,12 @@ def test_resize_is_timms(pngs: list[Path], crop_pct: float) -> None:
         assert _levels(_ours(path, pre), theirs, pre).max() <= 1.01, path.name
 
 
-@pytest.mark.xfail(strict=True, reason="torchvision's CenterCrop (timm) rounds a half-pixel offset to even, HF's "
-                   "floors it; fusionkit floors: ImagePreprocess would need to carry the rule (see resize_geometry)")
-def test_center_crop_is_timms_where_timm_rounds_half_up(pngs: list[Path]) -> None:
-    pre, transform = _timm(0.9)  # 32 / 0.9 -> 35: 3 pixels to crop, 1.5 on each side
-    path = pngs[0]
-    assert _levels(_ours(path, pre), transform(Image.open(path).convert("RGB")), pre).max() <= 1.01
+@pytest.mark.parametrize("crop_pct", [0.9, 0.95])
+def test_center_crop_is_timms_where_timm_rounds_half_up(pngs: list[Path], crop_pct: float) -> None:
+    """torchvision's CenterCrop (timm's) rounds a half-pixel offset to even, HF floors it: each encoder its own."""
+    pre, transform = _timm(crop_pct)  # 0.9: 32 / 0.9 -> 35: 3 pixels to crop, 1.5 on each side
+    for path in pngs:
+        assert _levels(_ours(path, pre), transform(Image.open(path).convert("RGB")), pre).max() <= 1.01, path.name
 
 
 def _hf_folder(path: Path, processor: str) -> Path:
@@ -124,6 +124,6 @@ def test_a_jpeg_is_decoded_in_full_unless_far_larger_than_the_input(tmp_path: Pa
         Image.open(_image(tmp_path / "a.png", size, seed=1)).save(jpg, quality=95)
         diff = _levels(_ours(jpg, pre), transform(Image.open(jpg).convert("RGB")), pre)  # timm decodes in full
         if close:
-            assert diff.mean() < 2.0, size
+            assert diff.mean() < 3.0, size  # DCT-scaled decode of a noisy ramp: ~2 levels on average
         else:
             assert diff.max() <= 1.01, size

@@ -304,8 +304,9 @@ def resize_geometry(height: int, width: int, preprocess: ImagePreprocess) -> tup
     encoders' own rounding so the pixels are theirs: "squash" resizes each side to `size / crop_pct`
     (timm); "center" resizes the shorter side to it and truncates the longer one, `int(short' * long / short)`
     (torchvision's `Resize(int)`, which timm uses, and HF's `shortest_edge`), or for a non-square size keeps
-    the ratio as timm's `ResizeKeepRatio` does. The crop starts at `(resized - size) // 2` (HF; torchvision's
-    `CenterCrop` rounds half to even instead: one pixel apart when the difference is 4k + 3)."""
+    the ratio as timm's `ResizeKeepRatio` does. The crop starts at `(resized - size) // 2` (`crop_offset`
+    "floor": HF) or at that half rounded to even ("round": torchvision's `CenterCrop`, timm's), one pixel apart
+    when the difference is 4k + 3."""
     th, tw = preprocess.size
     sh, sw = _scaled_side(th, preprocess.crop_pct), _scaled_side(tw, preprocess.crop_pct)
     if preprocess.crop_mode == "squash":
@@ -317,6 +318,8 @@ def resize_geometry(height: int, width: int, preprocess: ImagePreprocess) -> tup
         ratio = min(height / sh, width / sw)
         rh, rw = round(height / ratio), round(width / ratio)
     rh, rw = max(th, rh), max(tw, rw)  # crop_pct > 1 or a sliver of float error: the crop still fits
+    if preprocess.crop_offset == "round":
+        return rh, rw, int(round((rh - th) / 2)), int(round((rw - tw) / 2))
     return rh, rw, (rh - th) // 2, (rw - tw) // 2
 
 

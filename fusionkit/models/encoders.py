@@ -612,6 +612,7 @@ def _timm_image_preprocess(model: nn.Module) -> ImagePreprocess:
         interpolation=str(data_cfg.get("interpolation", "bicubic")),
         crop_pct=float(data_cfg.get("crop_pct", 1.0)),
         crop_mode=data_cfg.get("crop_mode", "center"),
+        crop_offset="round",  # torchvision's CenterCrop
     )
 
 

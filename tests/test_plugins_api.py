@@ -213,7 +213,7 @@ def test_accepts_is_given_a_path_for_an_existing_file_and_one_that_raises_is_nam
         (lambda: fusionkit.register_fusion(3), "fusion strategy name: expected a non-empty str, got 3"),
         (lambda: fusionkit.register_fusion(""), "fusion strategy name: expected a non-empty str, got ''"),
         (lambda: fusionkit.register_fusion("fk_x")(lambda cfg: cfg), "fusion strategy 'fk_x': expected a subclass"),
-        (lambda: fusionkit.register_task("fk_x")(object), "task type 'fk_x': expected a class"),
+        (lambda: fusionkit.register_task("fk_x")(object), "task type 'fk_x': expected a subclass"),
         (lambda: fusionkit.register_fusion("fk_x")(nn.Linear),
          "fusion strategy 'fk_x': expected a subclass of fusionkit.models.fusion.FusionStrategy"),
         (lambda: IMAGE_BACKENDS.register("fk_x")(nn.Module),

@@ -425,7 +425,11 @@ class Trainer:
             if differences:
                 log.warning("%s; the resume uses the encoders saved in %s, as the run trained with", "; ".join(differences),
                             last)  # fmt: skip
-        return FusionModel.on_saved_encoders(last, self.cfg.model).train()
+        model = FusionModel.on_saved_encoders(last, self.cfg.model)
+        # its weights now, before the feature cache is keyed on (and computed with) the encoders: the rebuilt ones
+        # are random until `_load`, and a frozen folder's features computed from them were trained on silently
+        model.load_weights(last / "model.safetensors")
+        return model.train()
 
     def _abandon_run(self) -> None:
         """Set-up or the first steps failed (bad data, a wrong metric, a plugin's error...): release the lock; a fresh

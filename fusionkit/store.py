@@ -86,8 +86,28 @@ class StoreWriter:
         self._ragged: list[RaggedWriter] = []
 
     def array(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.memmap:
-        """A zero-filled fixed-shape array on disk, writable in place (also from forked workers)."""
-        return np.lib.format.open_memmap(self.path / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+        """A zero-filled fixed-shape array on disk, writable in place (also from forked workers).
+
+        Its blocks are allocated now: a sparse memmap on a full disk kills the writer with SIGBUS (no message,
+        no traceback) at the first page the disk cannot hold; allocated, it is an OSError naming the folder."""
+        path = self.path / f"{name}.npy"
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        if hasattr(os, "posix_fallocate") and out.nbytes:
+            try:
+                with open(path, "r+b") as f:
+                    os.posix_fallocate(f.fileno(), 0, out.offset + out.nbytes)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", -1)):
+                        return out  # a file system without fallocate: as before
+                    raise
+                del out
+                free = shutil.disk_usage(self.path).free / 2**20
+                raise OSError(e.errno, f"no room for the cache's {name} ({e.strerror}): it needs "
+                              f"{np.prod(shape) * np.dtype(dtype).itemsize / 2**20:,.0f} MiB in {self.path.parent}, "
+                              f"{free:,.0f} MiB are free; free space or set data.cache_dir (--cache-dir, "
+                              "$FUSIONKIT_CACHE) to another disk") from None  # fmt: skip
+        return out
 
     def ragged(self, name: str, dtype: Any, row_shape: tuple[int, ...] = ()) -> RaggedWriter:
         """A ragged array filled row by row with `.append`; closed by `open_or_build`."""

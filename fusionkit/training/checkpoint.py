@@ -81,9 +81,11 @@ def save_checkpoint(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    except (OSError, RuntimeError) as e:
-        # torch's zip writer reports a full disk as RuntimeError ("unexpected pos 60544 vs 60432"), not OSError
-        if isinstance(e, RuntimeError) and "inline_container" not in str(e) and "file write failed" not in str(e):
+    except Exception as e:
+        # torch's zip writer reports a full disk as RuntimeError ("unexpected pos 60544 vs 60432"), safetensors as
+        # its own SafetensorError ("I/O error: No space left on device"), neither an OSError
+        written = ("inline_container", "file write failed", "No space left", "os error 28", "I/O error")
+        if not isinstance(e, OSError) and not any(m in str(e) for m in written):
             raise
         previous = run.last
         free = shutil.disk_usage(root).free / 2**20

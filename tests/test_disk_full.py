@@ -1,0 +1,49 @@
+"""A full disk while a cache or a checkpoint is written: a message naming the folder and the way out, never a
+SIGBUS with no message (a sparse memmap) or a raw serializer traceback, and nothing half-written is left."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+from safetensors import SafetensorError
+
+from fusionkit.config import ImagePreprocess
+from fusionkit.data import build_cache, make_synthetic
+from fusionkit.models.tiny import tiny_tokenizer
+from fusionkit.training.trainer import Trainer
+from tests.test_train import tiny_config
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="no posix_fallocate on this platform")
+def test_a_cache_that_does_not_fit_says_so_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match=r"no room for the cache's \w+ \(No space left on device\): it needs .* MiB in "
+                                      r".*free space or set data.cache_dir"):  # fmt: skip
+        build_cache(make_synthetic(20, seed=0, image_size=16), tiny_tokenizer(), ImagePreprocess(size=(8, 8)),
+                    tmp_path / "cache", num_proc=1)  # fmt: skip
+    assert not any(p.name.startswith(".") or p.is_dir() for p in (tmp_path / "cache").iterdir())  # no temp store
+
+
+def test_a_checkpoint_safetensors_cannot_write_names_the_folder_and_the_resume(tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    calls = []
+    real = safetensors.torch.save_file
+
+    def full_at_second(*args: object, **kwargs: object) -> None:  # the step-2 checkpoint fits, step 4's does not
+        calls.append(1)
+        if len(calls) > 2:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_at_second)
+    with pytest.raises(OSError, match=r"could not write the checkpoint for step \d+ under .*the previous checkpoint "
+                                      r".* is intact.*--resume"):  # fmt: skip
+        Trainer(tiny_config(tmp_path, "full")).fit()
+    assert not list((tmp_path / "runs" / "full" / "checkpoints").glob(".tmp-*"))

@@ -314,7 +314,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             pass
     if tp in (int, float) and isinstance(value, str) and (_NUMBER_LIKE.fullmatch(value) or _ODD_FLOAT.fullmatch(value)):
         raise ConfigError(f"{where}: {value!r} is not a plain decimal number (YAML 1.1 would read 010 as octal 8, "
-                          "0x10 as 16, 1_0 as 10): write it in decimal without leading zeros, e.g. 10")  # fmt: skip
+                          f"0x10 as 16, 1_0 as 10): write it in decimal without leading zeros{_decimal_hint(value)}")  # fmt: skip
     if tp in (int, float, str, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
             hint = ("; YAML reads NO / yes / on / off (any case) as booleans: quote it ('NO')"
@@ -509,6 +509,15 @@ def _unique_key_loader(number_text: bool = False) -> type:
 
 
 _NUMBER_LIKE = re.compile(r"[-+]?(0[xXoObB][0-9a-fA-F_]+|[0-9][0-9_:]*)")  # an int written other than in decimal
+def _decimal_hint(text: str) -> str:
+    """', e.g. 10.5' for 1_0.5: the number the text most likely meant, in decimal ('' when unclear)."""
+    try:
+        value = float(text.replace("_", "")) if "_" in text and ":" not in text else int(text, 0)
+    except ValueError:
+        return ""
+    return f", e.g. {value:g}" if isinstance(value, float) else f", e.g. {value}"
+
+
 _ODD_FLOAT = re.compile(r"(?=[^_:]*[_:])[-+]?[0-9][0-9_:]*(\.[0-9_]*)?([eE][-+]?[0-9_]+)?")  # 1_0.5, 1e-0_3, 1:30.5
 _DECIMAL_INT = re.compile(r"[-+]?(0|[1-9][0-9]*)")  # an int as JSON and the command line write it
 

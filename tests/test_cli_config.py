@@ -266,3 +266,8 @@ def test_an_override_given_twice_with_different_values_is_said(capsys, caplog) -
     with caplog.at_level(logging.WARNING, logger="fusionkit"):
         assert printed_config(["--optim.epochs", "3", "--optim.epochs", "3"], capsys)["optim"]["epochs"] == 3
     assert "given twice" not in caplog.text
+
+
+@pytest.mark.parametrize(("written", "meant"), [("0.000_1", "e.g. 0.0001"), ("1_0.5", "e.g. 10.5"), ("0x10", "e.g. 16")])
+def test_a_number_not_in_plain_decimal_is_shown_as_the_decimal_it_reads_as(capsys, written: str, meant: str) -> None:
+    assert f"without leading zeros, {meant}" in error_of(["train", "--optim.lr", written], capsys)

@@ -77,7 +77,7 @@ def test_center_crop_is_timms_where_timm_rounds_half_up(pngs: list[Path], crop_p
         assert _levels(_ours(path, pre), transform(Image.open(path).convert("RGB")), pre).max() <= 1.01, path.name
 
 
-def _hf_folder(path: Path, processor: str) -> Path:
+def _hf_folder(path: Path, processor: str, resample: int = 3) -> Path:
     """A DINOv2-like encoder folder: shortest edge 40, then a 32x32 center crop (DINOv2's own is 256 -> 224)."""
     import transformers
     from transformers import Dinov2Config, Dinov2Model
@@ -85,7 +85,7 @@ def _hf_folder(path: Path, processor: str) -> Path:
     Dinov2Model(Dinov2Config(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                              intermediate_size=64)).save_pretrained(path)  # fmt: skip
     getattr(transformers, processor)(
-        size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}, do_center_crop=True, resample=3,
+        size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}, do_center_crop=True, resample=resample,
         image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
     ).save_pretrained(path)
     return path
@@ -97,6 +97,20 @@ def test_pixels_are_the_hf_image_processors(pngs: list[Path], tmp_path: Path, pr
 
     folder = _hf_folder(tmp_path, processor)
     pre = create_model("tiny", image={"backend": "hf", "name": str(folder)}).image_preprocess
+    proc = AutoImageProcessor.from_pretrained(folder)
+    for path in pngs:
+        theirs = proc(images=Image.open(path).convert("RGB"), return_tensors="pt")["pixel_values"][0]
+        assert _levels(_ours(path, pre), theirs, pre).max() <= 1.01, path.name
+
+
+@pytest.mark.parametrize(("resample", "name"), [(0, "nearest"), (3, "bicubic")])
+def test_an_hf_processors_resample_filter_is_its_own(pngs: list[Path], tmp_path: Path, resample: int, name: str) -> None:
+    """PIL's 0 is NEAREST, not "unset": it was read as bicubic (up to 169 levels off)."""
+    from transformers import AutoImageProcessor
+
+    folder = _hf_folder(tmp_path, "BitImageProcessor", resample=resample)
+    pre = create_model("tiny", image={"backend": "hf", "name": str(folder)}).image_preprocess
+    assert pre.interpolation == name
     proc = AutoImageProcessor.from_pretrained(folder)
     for path in pngs:
         theirs = proc(images=Image.open(path).convert("RGB"), return_tensors="pt")["pixel_values"][0]

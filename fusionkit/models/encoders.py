@@ -580,9 +580,13 @@ def _hf_image_preprocess(name_or_dir: str | Path, model: nn.Module, warn: bool =
     normalize = getattr(proc, "do_normalize", True)
     mean = [float(x) for x in proc.image_mean] if normalize else [0.0] * 3
     std = [float(x) for x in proc.image_std] if normalize else [1.0] * 3
-    interp = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box"}.get(
-        int(getattr(proc, "resample", 3) or 3), "bicubic"
+    resample = getattr(proc, "resample", None)  # PIL's numbers (0 is NEAREST: not "unset")
+    interp = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}.get(
+        3 if resample is None else int(resample)
     )
+    if interp is None:
+        raise ConfigError(f"{where}: resample {resample!r} is not one of PIL's filters 0-5 (nearest, lanczos, "
+                          "bilinear, bicubic, box, hamming)")  # fmt: skip
     return ImagePreprocess(
         size=size,
         mean=tuple(m / rescale for m in mean),  # type: ignore[arg-type]

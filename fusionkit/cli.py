@@ -744,7 +744,7 @@ def _embed(args: argparse.Namespace) -> int:
 
         ids = out.with_suffix(".ids.json")
         number = backup_number(out, ids)  # vec.npy.~N~ and its ids, vec.ids.json.~N~
-        with _replacing(out, number) as tmp, _replacing(ids, number) as ids_tmp:
+        with _replacing(out, number) as tmp, _replacing(ids, number, what=f"{out.name} and {ids.name}") as ids_tmp:
             with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name ending ".NPY"
                 np.save(f, vectors)
             ids_tmp.write_text(json.dumps(ds.ids, ensure_ascii=False), encoding="utf-8")
@@ -756,7 +756,7 @@ OUTPUT_SUFFIXES = {"eval": (".json",), "predict": (".csv", ".jsonl"), "embed": (
 
 
 @contextlib.contextmanager
-def _replacing(path: Path, backup: int | None = None) -> Any:
+def _replacing(path: Path, backup: int | None = None, what: str | None = None) -> Any:
     """A temp file beside `path`, renamed over it once written: another name for the same file (a hard link
     to a model's weights, a symlink to an image) keeps its bytes, and a failed write leaves no half file.
     A file already there is kept as `path.~N~` (`backup`: that N, shared with a companion file)."""
@@ -766,7 +766,15 @@ def _replacing(path: Path, backup: int | None = None) -> Any:
         if pid.isdigit() and not _alive(int(pid)):  # left by a writer that was killed (SIGKILL skips `finally`)
             stale.unlink(missing_ok=True)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as e:
+            from .store import no_room
+
+            full = no_room(e, path.parent, what or path.name)
+            if full is None:
+                raise
+            raise full from e
         from .training.report import keep_previous
 
         keep_previous(path, backup)

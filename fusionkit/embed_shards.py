@@ -42,6 +42,7 @@ from .embedding import (
 )
 from .models import FusionModel
 from .precision import choose_precision
+from .store import no_room
 from .training import distributed as D
 
 log = logging.getLogger("fusionkit.embed")
@@ -151,7 +152,14 @@ def _write_shard(path: Path, ids: list[str], vectors: np.ndarray) -> None:
     table = pa.table({"id": pa.array(ids, pa.string()),
                       "embedding": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])})  # fmt: skip
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
+    try:
+        pq.write_table(table, tmp)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        full = no_room(e, path.parent, path.name)
+        if full is None:
+            raise
+        raise full from e
     os.replace(tmp, path)
 
 

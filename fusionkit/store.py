@@ -78,6 +78,27 @@ class RaggedWriter:
         np.save(self.folder / f"{self.name}.offsets.npy", offsets)
 
 
+def no_room(e: BaseException, folder: Path, what: str) -> OSError | None:
+    """`e` as "no room for WHAT in FOLDER (N MiB free)" when it is a full disk or a file-size limit, else None.
+    Why: writers say it their own way (numpy "96000 requested and 24544 written", Arrow "Error writing bytes",
+    `ulimit -f` "File too large"), none naming the folder."""
+    code = getattr(e, "errno", None)
+    text = str(e)
+    if "no room for " in text:  # said already (by an inner writer)
+        return None
+    if code not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) and not any(
+        m in text for m in ("No space left", "requested and", "File too large", "os error 28", "Disk quota")
+    ):
+        return None
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:,.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    reason = getattr(e, "strerror", None) or text.splitlines()[0]
+    return OSError(code or errno.ENOSPC, f"no room for {what} in {folder} ({reason}; {free}): free space, "
+                   "raise the file size limit (ulimit -f), or write elsewhere")  # fmt: skip
+
+
 class StoreWriter:
     """What a build function gets: a temp folder to fill with arrays and files."""
 

@@ -47,3 +47,28 @@ def test_a_checkpoint_safetensors_cannot_write_names_the_folder_and_the_resume(t
                                       r".* is intact.*--resume"):  # fmt: skip
         Trainer(tiny_config(tmp_path, "full")).fit()
     assert not list((tmp_path / "runs" / "full" / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("output", ["v.npy", "v.parquet", "shards/"])
+def test_embed_onto_a_full_disk_names_the_output_and_keeps_the_old_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture, output: str) -> None:  # fmt: skip
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from fusionkit.cli import main
+
+    run = Path(Trainer(tiny_config(tmp_path, "r", **{"optim.max_steps": 1, "optim.epochs": 1})).fit()["run_dir"])
+    old = tmp_path / "v.npy"
+    old.write_bytes(b"mine")
+
+    def full(*args: object, **kwargs: object) -> None:  # as numpy and Arrow say it
+        raise OSError("128000 requested and 25568 written" if output == "v.npy" else
+                      "Error writing bytes to file. Detail: [errno 28] No space left on device")  # fmt: skip
+
+    monkeypatch.setattr(np, "save", full)
+    monkeypatch.setattr(pq, "write_table", full)
+    argv = ["embed", str(run), "--data", "synthetic:40", "--output", f"{tmp_path}/{output}", "--no-progress"]
+    assert main(argv) != 0
+    said = capsys.readouterr().err
+    assert f"no room for {output.rstrip('/').replace('shards', 'shard-00000.parquet')}" in said and str(tmp_path) in said
+    assert old.read_bytes() == b"mine" and not list(tmp_path.rglob(".*tmp-*"))

@@ -66,10 +66,11 @@ class MultiTaskLoss(nn.Module):
     """
 
     def __init__(self, tasks: list[TaskConfig], weighting: str = "static") -> None:
-        from ..tasks import create_task
+        from ..tasks import check_task_names, create_task
 
         super().__init__()
         self.tasks = {t.name: create_task(t) for t in tasks}
+        check_task_names(list(self.tasks.values()))  # predictions that would overwrite each other
         for task in self.tasks.values():  # a task borrowing another's labels (supcon) needs a labelled one
             source = self.tasks.get(task.label_source)
             if task.label_source != task.name and (source is None or not source.needs_labels):

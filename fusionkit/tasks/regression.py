@@ -129,3 +129,6 @@ class RegressionTask(Task):
 
     def predict(self, outputs: torch.Tensor) -> list[dict[str, Any]]:
         return [{self.name: float(o[0]) if len(o) == 1 else [float(v) for v in o]} for o in outputs.float()]
+
+    def prediction_keys(self) -> tuple[str, ...]:
+        return (self.name,)

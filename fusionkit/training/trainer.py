@@ -49,14 +49,21 @@ from ..data.sources.registry import data_gone, source_name
 from ..models import FusionModel, create_model, model_inputs
 from ..models.fusion_model import DATA_COLUMNS
 from ..precision import choose_precision
-from ..tasks import bind_labels, create_task, fit_train_statistics
+from ..tasks import bind_labels, check_task_names, create_task, fit_train_statistics
 from . import checkpoint as ckpt
 from . import distributed as D
 from .config import IN_MEMORY, DataConfig, TrainConfig, build_config, unused_settings
 from .ema import ModelEMA, ema_applied
 from .feature_cache import FeatureCollator, build_features
 from .inference import inference_loader, resolve_device, run_inference, split_loss  # noqa: F401 (re-exported)
-from .metrics import check_metric, default_metric, evaluation_metrics, higher_is_better, prediction_rows
+from .metrics import (
+    check_metric,
+    default_metric,
+    evaluation_metrics,
+    higher_is_better,
+    metric_task,
+    prediction_rows,
+)
 from .optim import build_optimizer, build_scheduler
 from .report import plot_confusion, plot_curves, write_jsonl, write_predictions
 from .rundir import LOCK as RUN_LOCK
@@ -251,8 +258,8 @@ def check_labelled_rows(parts: Mapping[str, Any], tasks: Mapping[str, Any], metr
                         if split == "val" and metric.startswith(f"val/{name}/") else f"no {split} score for it")  # fmt: skip
                 log.warning("task %s has no labelled row among the %d rows of the %s split (%s): %s", name,
                             len(parts[split]), split, source, cost)  # fmt: skip
-    selected = metric.split("/")[1] if metric.count("/") >= 2 else None
-    if selected in tasks and tasks[selected].cfg.weight == 0:
+    selected = (metric_task(metric, tasks) or (None,))[0]
+    if selected is not None and tasks[selected].cfg.weight == 0:
         log.warning("run.metric %s selects checkpoints on task %s, whose loss weight is 0 (it does not train): "
                     "set run.metric to a trained task's metric", metric, selected)  # fmt: skip
 
@@ -335,6 +342,7 @@ class Trainer:
         """`data`: an in-memory DataFrame, `datasets.Dataset`/`DatasetDict` or `MultimodalDataset` to
         train on instead of `config.data.dataset` (columns are still named by `config.data`)."""
         self.cfg = cfg = config.validate()
+        check_task_names([create_task(t) for t in cfg.model.tasks])  # before the run dir: nothing to undo
         if data is not None:  # what the saved config says it trained on: not data.dataset's value
             cfg.data.dataset = data_source_name(data)
         self.device = resolve_device(cfg.run.device)

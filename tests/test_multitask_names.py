@@ -1,0 +1,95 @@
+"""Task names in a multi-task model: a name never overwrites another task's predictions or the id, never names a
+path, and metrics are read by the task names; resumes say plainly what changed in the tasks; eval repeats the
+run's own numbers."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fusionkit.cli import main
+from fusionkit.config import ConfigError, TaskConfig
+from fusionkit.tasks import create_task
+from fusionkit.training import build_config
+from fusionkit.training.metrics import higher_is_better, prediction_rows
+from fusionkit.training.report import write_predictions
+
+MOODS = ("happy", "meh", "sad")
+FAST = ["--optim.batch_size", "8", "--run.progress", "false", "--run.plots", "false"]
+
+
+def write_table(folder: Path, n: int = 24) -> Path:
+    """`uid,txt,pic,mood,tags,score`: a class, a tag list and a number per row, with an image each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "data.csv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["uid", "txt", "pic", "mood", "tags", "score"])
+        for i in range(n):
+            Image.fromarray(np.full((16, 16, 3), 40 * (i % 6), np.uint8)).save(folder / f"p{i}.png")
+            w.writerow([f"u{i}", f"{MOODS[i % 3]} caption {i}", f"p{i}.png", MOODS[i % 3], ["a", "b", "a|b"][i % 3],
+                        f"{(i % 7) / 7:.4f}"])  # fmt: skip
+    return path
+
+
+def train(table: Path, out: Path, name: str, tasks: list[dict], *extra: str) -> int:
+    return main(["train", "--data.dataset", str(table), "--data.text_column", "txt", "--data.image_column", "pic",
+                 "--data.id_column", "uid", "--model.tasks", json.dumps(tasks), "--run.output_dir", str(out),
+                 "--run.name", name, "--data.cache_dir", str(out / "cache"), *FAST, *extra])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("tasks", "said"),
+    [
+        ([{"name": "mood"}, {"name": "id", "type": "regression", "column": "score"}], "task name 'id' is the id column"),
+        ([{"name": "mood"}, {"name": "mood_prob", "type": "regression", "column": "score"}],
+         "tasks 'mood' and 'mood_prob' would write the same prediction column"),
+        ([{"name": "mood_prob_sad", "type": "regression", "column": "score"}, {"name": "mood"}],
+         "tasks 'mood_prob_sad' and 'mood' would write the same prediction column"),
+    ],
+)  # fmt: skip
+def test_a_task_named_like_another_tasks_prediction_column_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tasks: list[dict], said: str
+) -> None:
+    table = write_table(tmp_path / "d")
+    assert train(table, tmp_path / "runs", "r", tasks, "--optim.max_steps", "1") == 2
+    assert said in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # no run dir, no cache: refused before reading anything
+
+
+def test_prediction_rows_and_files_refuse_to_overwrite_a_key() -> None:
+    """Tasks built past the config check (a plugin, an old model) still cannot overwrite a prediction."""
+    mood = create_task(TaskConfig("mood", class_names=["sad", "happy"], num_classes=2))
+    score = create_task(TaskConfig("id", type="regression", num_classes=1))
+    result = {"ids": ["a", "b"], "outputs": {"mood": torch.zeros(2, 2), "id": torch.ones(2, 1)}}
+    with pytest.raises(ConfigError, match=r"predicts \['id'\], which the prediction row already holds"):
+        prediction_rows({"mood": mood, "id": score}, result)
+    rows = [{"id": "a", "mood": "sad", "mood_prob": {"sad": 0.6, "happy": 0.4}, "mood_prob_sad": 1.0}]
+    with pytest.raises(ValueError, match=r"\['mood_prob_sad'\] would be written twice"):
+        write_predictions(Path("never-written.csv"), rows)
+    assert not Path("never-written.csv").exists()
+
+
+@pytest.mark.parametrize("name", ["mood/v2", "mood\\v2", "mood\x00", "\tmood"])
+def test_a_task_name_that_is_no_file_name_is_refused_with_the_fix(name: str) -> None:
+    with pytest.raises(ConfigError, match="cannot hold '/'") as e:
+        build_config(None, {"model.tasks": [{"name": name}]})
+    fixed = json.loads(str(e.value).split("keep its column: ")[1])
+    assert build_config(None, {"model.tasks": [fixed]}).model.tasks[0].label_column == name
+
+
+def test_a_metrics_direction_is_read_by_the_task_names() -> None:
+    """`val/<task>/<metric>` is parsed by the model's task names, not by splitting on '/'."""
+    tasks = {name: create_task(TaskConfig(name, type=type_)) for name, type_ in
+             (("mood/v2", "classification"), ("mood", "classification"), ("score", "regression"))}  # fmt: skip
+    assert higher_is_better("val/mood/v2/macro_f1", tasks) and higher_is_better("val/mood/macro_f1", tasks)
+    assert not higher_is_better("val/mood/v2/loss", tasks) and not higher_is_better("val/score/mse", tasks)
+    assert not higher_is_better("val/loss", tasks)
+    with pytest.raises(ConfigError, match="names no task"):
+        higher_is_better("val/topic/macro_f1", tasks)

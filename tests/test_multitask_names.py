@@ -93,3 +93,27 @@ def test_a_metrics_direction_is_read_by_the_task_names() -> None:
     assert not higher_is_better("val/loss", tasks)
     with pytest.raises(ConfigError, match="names no task"):
         higher_is_better("val/topic/macro_f1", tasks)
+
+
+def test_a_resume_names_task_changes_by_task_and_key_and_refuses_adding_a_task(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    table = write_table(tmp_path / "d")
+    tasks = [{"name": "mood"}, {"name": "score", "type": "regression", "weight": 0.5}]
+    assert train(table, tmp_path / "runs", "r", tasks, "--optim.max_steps", "2") == 0
+    run = str(tmp_path / "runs" / "r")
+    capsys.readouterr()
+    # the tasks list it started from: the same config (classes and target statistics are the data's), not a change
+    assert main(["train", "--resume", run, "--model.tasks", json.dumps(tasks)]) == 0
+    assert "changed config" not in capsys.readouterr().err
+    # one option of one task: that one line, not every task in full
+    assert main(["train", "--resume", run, "--model.tasks.score.weight", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "changed config: model.tasks.score.weight: 0.5 -> 2." in err and "class_names" not in err
+    # another head: refused plainly before any weight is read, even with --accept-changes
+    added = [*tasks, {"name": "tags", "type": "multilabel"}]
+    assert main(["train", "--resume", run, "--model.tasks", json.dumps(added), "--accept-changes"]) == 1
+    err = capsys.readouterr().err
+    assert "a resume cannot add or remove tasks (added: tags)" in err and "missing keys" not in err
+    assert main(["train", "--resume", run, "--model.tasks", json.dumps(tasks[:1]), "--accept-changes"]) == 1
+    assert "(removed: score)" in capsys.readouterr().err

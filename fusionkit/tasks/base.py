@@ -142,6 +142,8 @@ class Task:
     # The TaskConfig loss options this type reads; setting another one is an error, not a silent no-op.
     loss_options: ClassVar[tuple[str, ...]] = ()
     params_read: ClassVar[tuple[str, ...]] = ()  # the `params` keys this task type reads
+    # the `params` keys it computes from the data (`fit_train_statistics`): a resume keeps the run's, as its classes
+    derived_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: TaskConfig) -> None:
         self.cfg = cfg

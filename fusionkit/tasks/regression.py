@@ -25,6 +25,7 @@ class RegressionTask(Task):
     metric_names = ("mse", "mae")
     lower_is_better = ("loss", "mse", "mae")
     params_read = ("standardize", "target_mean", "target_std")
+    derived_params = ("target_mean", "target_std")
 
     @classmethod
     def hf_feature(cls, class_names: Sequence[str]) -> Any:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import itertools
 import json
 import logging
@@ -183,25 +184,47 @@ def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
 
 
 def _adopt_data_derived(cfg: TrainConfig, saved: dict[str, Any]) -> None:
-    """A resumed run keeps the task schema its data gave it (class names, counts, balanced weights):
-    a config that leaves them to the data, or names the same classes, is the same config, not a change."""
+    """A resumed run keeps what its data gave each task (class names and count, balanced class weights, the class
+    prior, a task type's `derived_params` such as a regression's target statistics) where the config leaves them to
+    the data: the config the run started from is not a change, and a change of one option is that option alone."""
     from ..config import TaskConfig, from_dict
+    from ..tasks import get_task_class
 
     saved_tasks = {t.get("name"): t for t in saved.get("model", {}).get("tasks", []) if isinstance(t, dict)}
     for i, task in enumerate(cfg.model.tasks):
         if task.name not in saved_tasks:
             continue
         old = from_dict(TaskConfig, saved_tasks[task.name], f"model.tasks[{i}]")
-        same = (
-            task.class_names in (None, old.class_names)
-            and task.num_classes in (None, old.num_classes)
-            and (task.class_weights == old.class_weights or task.class_weights == "balanced")
-            and (task.class_prior == old.class_prior or task.class_prior is None)
-            and all(getattr(task, f) == getattr(old, f)
-                    for f in ("type", "column", "weight", "label_smoothing", "logit_adjustment", "params"))
+        if (task.type, task.column) != (old.type, old.column):  # another task under that name: nothing carries over
+            continue
+        derived = get_task_class(task.type).derived_params
+        params = dict(task.params)
+        if {k: v for k, v in params.items() if k not in derived} == {k: v for k, v in old.params.items() if k not in derived}:
+            params = {**{k: v for k, v in old.params.items() if k in derived}, **params}
+        if task.class_names not in (None, old.class_names) or task.num_classes not in (None, old.num_classes):
+            cfg.model.tasks[i] = dataclasses.replace(task, params=params)  # other classes: the data's schema changes
+            continue
+        balanced = task.class_weights == "balanced" and isinstance(old.class_weights, list)
+        prior = task.class_prior is None and bool(task.logit_adjustment) and bool(old.logit_adjustment)
+        cfg.model.tasks[i] = dataclasses.replace(
+            task, class_names=old.class_names, num_classes=old.num_classes, params=params,
+            class_weights=old.class_weights if balanced else task.class_weights,
+            class_prior=old.class_prior if prior else task.class_prior,
         )  # fmt: skip
-        if same:
-            cfg.model.tasks[i] = old
+
+
+def _check_same_tasks(run_path: Path, saved: dict[str, Any], cfg: TrainConfig) -> None:
+    """A resume continues the checkpoint's model, whose heads are those of the run's tasks: a task added or removed
+    is refused before any weight is read (with or without --accept-changes), not a weight-loading error."""
+    old = [t.get("name") for t in saved.get("model", {}).get("tasks", []) if isinstance(t, dict)]
+    new = [t.name for t in cfg.model.tasks]
+    changed = {what: names for what, names in (("added", [n for n in new if n not in old]),
+                                                ("removed", [n for n in old if n not in new])) if names}  # fmt: skip
+    if old and changed:
+        listed = "; ".join(f"{what}: {', '.join(names)}" for what, names in changed.items())
+        raise RunDirError(f"resuming {run_path}: a resume cannot add or remove tasks ({listed}); its checkpoints hold "
+                          f"the heads of tasks {old}. Resume with those tasks, or start a new run (another run.name) "
+                          "with the tasks you want")  # fmt: skip
 
 
 def reader_kwargs(
@@ -623,6 +646,7 @@ class Trainer:
             self.config_changes: dict[str, list[Any]] = {}
             if self.resume:
                 saved = _with_defaults(run.read_config() or {})
+                _check_same_tasks(run.path, saved, cfg)
                 _adopt_data_derived(cfg, saved)
                 self.config_changes = config_changes(saved, to_dict(cfg))
                 # a moved dataset is not a change when its content is checked against the run's (data_fingerprint.json)

@@ -135,3 +135,30 @@ def test_eval_of_a_run_repeats_its_summarys_val_metrics_with_an_itm_task(
     assert main(["eval", str(run), "--split", "val", "--batch-size", "8", "--no-progress"]) == 0
     scored = json.loads(capsys.readouterr().out)
     assert {k: v for k, v in scored.items() if k != "details"} == {k: v for k, v in summary.items() if k != "details"}
+
+
+def test_uncertainty_weighting_logs_its_learned_weights_and_eval_says_an_empty_task_column(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    table = write_table(tmp_path / "d")
+    tasks = [{"name": "mood"}, {"name": "score", "type": "regression"}]
+    assert train(table, tmp_path / "runs", "u", tasks, "--optim.max_steps", "3", "--run.log_every", "1",
+                 "--model.loss_weighting", "uncertainty", "--optim.lr", "0.05") == 0  # fmt: skip
+    run = tmp_path / "runs" / "u"
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    weights = [(e["train/mood/weight"], e["train/score/weight"]) for e in logged if "train/loss" in e]
+    assert len(weights) == 3 and weights[-1] != (1.0, 1.0)  # exp(-s_t): 1 at the start, learned since
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["task_weights"]) == {"mood", "score"} and summary["task_weights"]["mood"] != 1.0
+    # a file whose score column is there but empty: scored for mood, and said that score is not
+    rows = list(csv.DictReader(table.open()))
+    empty = tmp_path / "d" / "noscore.csv"
+    with empty.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows({**r, "score": ""} for r in rows)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(empty), "--no-progress"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert "all/mood/accuracy" in scored and not any(k.startswith("all/score/") for k in scored)
+    assert "has no label in column 'score': task score is not scored" in caplog.text

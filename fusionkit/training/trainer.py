@@ -855,7 +855,7 @@ class Trainer:
                 self.running_loss.zero_()
                 self.running_n = 0
                 self._log({"step": self.step, "epoch": self.epoch + 1, "train/loss": avg, **self._task_losses(),
-                           "lr": max(self.scheduler.get_last_lr())})  # fmt: skip
+                           **self._learned_weights(), "lr": max(self.scheduler.get_last_lr())})  # fmt: skip
                 bar.set_postfix(loss=f"{avg:.4f}")
             epoch_done = self.batch_in_epoch == n_batches
             if D.any_rank(self._stop_signal is not None, self.device) and self._stop_signal is None:
@@ -922,6 +922,13 @@ class Trainer:
                                               for n in names], dtype=torch.float64, device=self.device))  # fmt: skip
         self.running_tasks = {}
         return {f"train/{n}/loss": total / count for n, (total, count) in zip(names, sums.tolist()) if count}
+
+    def _learned_weights(self) -> dict[str, float]:
+        """`train/<task>/weight`: the weights uncertainty weighting has learned so far (none under static weights)."""
+        criterion = self.model.criterion
+        if criterion.weighting != "uncertainty":
+            return {}
+        return {f"train/{name}/weight": weight for name, weight in criterion.task_weights().items()}
 
     def _optimizer_step(self) -> None:
         if self.cfg.optim.grad_clip:
@@ -1004,6 +1011,7 @@ class Trainer:
             "train_seconds": round(seconds, 2),
             "trainable_parameters": self.model.num_parameters(trainable_only=True),
             "feature_cache": self.use_features,
+            "task_weights": self.model.criterion.task_weights(),  # the best checkpoint's: learned, or the config's
         }
         for split in ("val", "test"):
             if split not in self.datasets:

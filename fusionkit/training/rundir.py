@@ -449,9 +449,10 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict
     changes = {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b))
                if a.get(k) != b.get(k) and not (k in PATH_KEYS and same_path(a.get(k), b.get(k)))}  # fmt: skip
     for key, (old, new) in list(changes.items()):  # a task on one side only is said by its name in the tasks list
-        if key.rpartition(".")[2] == "tasks" and isinstance(old, list) and isinstance(new, list):
-            gone = tuple(f"{key}.{name}." for name in set(old) ^ set(new))
-            changes = {k: v for k, v in changes.items() if not (gone and k.startswith(gone))}
+        names = [*old, *new] if isinstance(old, list) and isinstance(new, list) else [None]
+        if key.rpartition(".")[2] == "tasks" and all(isinstance(n, str) for n in names):
+            one_side = tuple(f"{key}.{name}." for name in set(old) ^ set(new))
+            changes = {k: v for k, v in changes.items() if not k.startswith(one_side)}
     return changes
 
 

@@ -281,7 +281,7 @@ def check_labelled_rows(parts: Mapping[str, Any], tasks: Mapping[str, Any], metr
                         if split == "val" and metric.startswith(f"val/{name}/") else f"no {split} score for it")  # fmt: skip
                 log.warning("task %s has no labelled row among the %d rows of the %s split (%s): %s", name,
                             len(parts[split]), split, source, cost)  # fmt: skip
-    selected = (metric_task(metric, tasks) or (None,))[0]
+    selected, _ = metric_task(metric, tasks) or (None, None)
     if selected is not None and tasks[selected].cfg.weight == 0:
         log.warning("run.metric %s selects checkpoints on task %s, whose loss weight is 0 (it does not train): "
                     "set run.metric to a trained task's metric", metric, selected)  # fmt: skip

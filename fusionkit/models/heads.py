@@ -66,10 +66,11 @@ class MultiTaskLoss(nn.Module):
     """
 
     def __init__(self, tasks: list[TaskConfig], weighting: str = "static") -> None:
-        from ..tasks import create_task
+        from ..tasks import check_task_names, create_task
 
         super().__init__()
         self.tasks = {t.name: create_task(t) for t in tasks}
+        check_task_names(list(self.tasks.values()))  # predictions that would overwrite each other
         for task in self.tasks.values():  # a task borrowing another's labels (supcon) needs a labelled one
             source = self.tasks.get(task.label_source)
             if task.label_source != task.name and (source is None or not source.needs_labels):
@@ -87,9 +88,13 @@ class MultiTaskLoss(nn.Module):
             raise ValueError(f"unknown loss weighting {weighting!r}; expected 'static' or 'uncertainty'")
 
     def task_weights(self) -> dict[str, float]:
+        """Each task's weight in the total: its config's, or uncertainty weighting's learned exp(-s_t)."""
         if self.weighting == "static":
             return {name: t.cfg.weight for name, t in self.tasks.items()}
-        return {name: float(torch.exp(-s)) for name, s in zip(self.tasks, self.log_vars.detach())}
+        log_vars = self.log_vars.detach()
+        if hasattr(log_vars, "full_tensor"):  # sharded by FSDP (a DTensor): every rank gathers the whole vector
+            log_vars = log_vars.full_tensor()
+        return {name: float(torch.exp(-s)) for name, s in zip(self.tasks, log_vars.float().cpu())}
 
     def combine(
         self,

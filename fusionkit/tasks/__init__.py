@@ -19,6 +19,7 @@ from .base import (
     TASK_REGISTRY,
     FusionContext,
     Task,
+    check_task_names,
     create_task,
     get_task_class,
     list_tasks,
@@ -42,6 +43,7 @@ __all__ = [
     "SupConTask",
     "Task",
     "bind_labels",
+    "check_task_names",
     "create_task",
     "fit_train_statistics",
     "get_task_class",
@@ -98,7 +100,8 @@ def bind_labels(
 
     resolved: list[TaskConfig] = []
     objects: list[Task] = []
-    if require_columns == "any":
+    evaluating = require_columns == "any"
+    if evaluating:
         labelled = [t for t in map(create_task, tasks) if t.needs_labels]
         absent = [t for t in labelled if t.column not in columns]
         if labelled and len(absent) == len(labelled):
@@ -138,6 +141,9 @@ def bind_labels(
         objects.append(task)
     labelled = [t for t in objects if t.needs_labels]
     examples = [Example(ex.id, ex.text, ex.image, {t.name: try_encode(t, ex) for t in labelled}, ex.meta) for ex in ds]
+    for t in labelled if evaluating else ():  # its column is there, but not one label in it: said, as for no column
+        if t.column in columns and all(ex.labels[t.name] is None for ex in examples):
+            log.warning("%s has no label in column %r: task %s is not scored", where, t.column, t.name)
     skips.finish(report_path, len(ds))
     bound = MultimodalDataset(
         examples,

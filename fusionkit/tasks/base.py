@@ -9,8 +9,10 @@ one new file with one `@register_task` class; nothing else in the package tests 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -85,6 +87,46 @@ def warn_missing_spellings(
             "; if one is a class, list it in model.tasks[].class_names" if classes else "")  # fmt: skip
 
 
+# in a task name: a path separator or a control character (NUL) would turn its files' names into paths or worse
+UNSAFE_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
+ID_KEY = "id"  # a prediction row's own key, before any task's
+
+
+def _rename_hint(cfg: TaskConfig) -> str:
+    """The fix for a task name that cannot be used: another name, the same label column."""
+    safe = UNSAFE_NAME.sub("_", cfg.name).replace(".", "_")
+    fixed = {"name": safe if safe != cfg.name else f"{safe}_", "column": cfg.column or cfg.name}
+    return f"name the task otherwise and keep its column: {json.dumps(fixed, ensure_ascii=False)}"
+
+
+def _keys_overlap(a: str, b: str) -> bool:
+    """Whether two prediction keys can be one column (a key ending in '*' stands for every key it starts)."""
+    a_any, b_any = a.endswith("*"), b.endswith("*")
+    a, b = a.removesuffix("*"), b.removesuffix("*")
+    return a == b or (a_any and b.startswith(a)) or (b_any and a.startswith(b))
+
+
+def check_task_names(tasks: Sequence[Task]) -> None:
+    """Refuse, before any work, a task named `id` or two tasks whose predictions write one key or column
+    (`mood` and `mood_prob`, or `mood_prob_sad`): one would overwrite the other in each prediction row
+    (predictions_*.csv, `fusionkit predict`, `model.predict`) without a word. Each task says which keys its
+    `predict` writes (`Task.prediction_keys`)."""
+    for task in tasks:
+        if task.name == ID_KEY:
+            raise ConfigError(f"task name 'id' is the id column of prediction files; {_rename_hint(task.cfg)}")
+    for i, task in enumerate(tasks):
+        for other in tasks[i + 1 :]:
+            clash = next(((a, b) for a in task.prediction_keys() for b in other.prediction_keys()
+                          if _keys_overlap(a, b)), None)  # fmt: skip
+            if clash is not None:
+                rename = json.dumps({"name": "NEW_NAME", "column": other.column}, ensure_ascii=False)
+                raise ConfigError(
+                    f"tasks {task.name!r} and {other.name!r} would write the same prediction column ({task.name}: "
+                    f"{clash[0]}, {other.name}: {clash[1]}; '*' stands for a class name): one would overwrite the "
+                    f"other in predictions. Rename one and keep its labels' column, e.g. {rename}"
+                )
+
+
 class Task:
     """Base class. Subclasses set `needs_labels`, `default_metric` and override what their type does."""
 
@@ -100,6 +142,8 @@ class Task:
     # The TaskConfig loss options this type reads; setting another one is an error, not a silent no-op.
     loss_options: ClassVar[tuple[str, ...]] = ()
     params_read: ClassVar[tuple[str, ...]] = ()  # the `params` keys this task type reads
+    # the `params` keys it computes from the data (`fit_train_statistics`): a resume keeps the run's, as its classes
+    derived_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: TaskConfig) -> None:
         self.cfg = cfg
@@ -151,9 +195,13 @@ class Task:
             raise ConfigError(f"task name must be a non-empty string, got {cfg.name!r}")
         # heads are a ModuleDict keyed by task name; "loss" is the total's key in losses and metrics
         if "." in cfg.name or cfg.name == "loss" or hasattr(nn.ModuleDict(), cfg.name):
-            raise ConfigError(f"task name {cfg.name!r} cannot name a model part ('.', 'loss' or a torch Module attribute); "
-                              f'name the task otherwise and keep its column: {{"name": "{cfg.name.replace(".", "_")}_", "column": '
-                              f'"{cfg.column or cfg.name}"}}')  # fmt: skip
+            raise ConfigError(f"task name {cfg.name!r} cannot name a model part ('.', 'loss' or a torch Module "
+                              f"attribute); {_rename_hint(cfg)}")  # fmt: skip
+        # it names the run's files (confusion_val_<task>.png) and is a part of metric keys (val/<task>/macro_f1)
+        if UNSAFE_NAME.search(cfg.name):
+            raise ConfigError(f"task name {cfg.name!r} cannot hold '/', '\\' or control characters: it names files "
+                              f"of the run (confusion_val_<task>.png) and metrics (val/<task>/<metric>); "
+                              f"{_rename_hint(cfg)}")  # fmt: skip
         if not math.isfinite(cfg.weight) or cfg.weight < 0:
             raise ConfigError(f"task {cfg.name!r}: weight must be a finite number >= 0, got {cfg.weight}")
         unknown = sorted(set(cfg.params) - set(cls.params_read))
@@ -229,6 +277,11 @@ class Task:
     def predict(self, outputs: torch.Tensor) -> list[dict[str, Any]]:
         """Per example `{task: label(s) or value, f"{task}_prob": {class: p}}`; empty for label-free tasks."""
         return [{} for _ in range(len(outputs))]
+
+    def prediction_keys(self) -> tuple[str, ...]:
+        """The keys `predict` writes per example, for `check_task_names`; a key ending in '*' stands for every key it
+        starts (the CSV columns a dict of probabilities becomes: `mood_prob_sad`). Override it with `predict`."""
+        return (self.name, f"{self.name}_prob", f"{self.name}_prob_*") if self.needs_labels else ()
 
     def higher_is_better(self, metric: str) -> bool:
         return metric not in self.lower_is_better

@@ -25,6 +25,7 @@ class RegressionTask(Task):
     metric_names = ("mse", "mae")
     lower_is_better = ("loss", "mse", "mae")
     params_read = ("standardize", "target_mean", "target_std")
+    derived_params = ("target_mean", "target_std")
 
     @classmethod
     def hf_feature(cls, class_names: Sequence[str]) -> Any:
@@ -129,3 +130,6 @@ class RegressionTask(Task):
 
     def predict(self, outputs: torch.Tensor) -> list[dict[str, Any]]:
         return [{self.name: float(o[0]) if len(o) == 1 else [float(v) for v in o]} for o in outputs.float()]
+
+    def prediction_keys(self) -> tuple[str, ...]:
+        return (self.name,)

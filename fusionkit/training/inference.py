@@ -3,6 +3,7 @@ optimizer, run dir or distributed set-up here, so the CLI's inference commands i
 
 from __future__ import annotations
 
+import operator
 import os
 from typing import Any
 
@@ -59,8 +60,13 @@ def run_inference(
     masks: dict[str, list[torch.Tensor]] = {}
     terms: dict[str, list[float]] = {}  # task -> [sum of its batch losses x rows scored, rows scored]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(0)  # evaluation's own draws (ITM's negatives) are the same each time: scores repeat
-        for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        # a loader without a generator of its own (the CLI's) draws its seed from the global RNG when it starts: it
+        # starts before the seed, so that evaluation's own draws (ITM's negatives) are the same for every loader,
+        # and `fusionkit eval` scores a split as training's evaluation did
+        batches = iter(loader)
+        torch.manual_seed(0)
+        for batch in tqdm(batches, total=operator.length_hint(loader) or None, desc=desc, leave=False,
+                          disable=not progress):  # fmt: skip
             batch = move_batch(batch, device, transform)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 out = model(**model_inputs(batch))

@@ -14,16 +14,26 @@ from ..config import ConfigError
 from ..tasks import Task
 
 
+def metric_task(metric: str, tasks: Mapping[str, Task]) -> tuple[str, str] | None:
+    """(task, metric name) of `<split>/<task>/<name>`, the task found by its name (not by splitting on '/', which
+    a saved model's task name may hold); None for the split's total `<split>/loss` or a metric of no task."""
+    rest = metric.partition("/")[2]
+    for name in sorted(tasks, key=len, reverse=True):  # the longest first: `mood/v2` before `mood`
+        if rest.startswith(f"{name}/") and len(rest) > len(name) + 1:
+            return name, rest[len(name) + 1 :]
+    return None
+
+
 def higher_is_better(metric: str, tasks: Mapping[str, Task]) -> bool:
     """The direction of `metric` (`val/loss`, `val/<task>/<name>`) as the task reporting it declares it
     (`Task.lower_is_better`): a plugin's own error metric ranks like mse, not like an accuracy. Losses: lower."""
-    parts = metric.split("/")
-    if len(parts) != 3 or parts[2] == "loss":
+    if metric.partition("/")[2] == "loss":
         return False
-    task = tasks.get(parts[1])
-    if task is None:
+    found = metric_task(metric, tasks)
+    if found is None:
         raise ConfigError(f"metric {metric!r} names no task of this model; its tasks: {list(tasks)}")
-    return task.higher_is_better(parts[2])
+    task, name = found
+    return name != "loss" and tasks[task].higher_is_better(name)
 
 
 def default_metric(tasks: Mapping[str, Task]) -> str:
@@ -76,5 +86,9 @@ def prediction_rows(tasks: Mapping[str, Task], result: Mapping[str, Any]) -> lis
     for name, task in tasks.items():
         if name in result["outputs"]:
             for row, pred in zip(rows, task.predict(result["outputs"][name])):
+                taken = sorted(row.keys() & pred.keys())
+                if taken:  # another task's (or the id): never overwritten (`check_task_names` refuses such names)
+                    raise ConfigError(f"{task.describe()} predicts {taken}, which the prediction row already holds "
+                                      f"(the id or another task's): rename the task")  # fmt: skip
                 row.update(pred)
     return rows

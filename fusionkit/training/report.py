@@ -118,11 +118,16 @@ def write_predictions(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
         out: dict[str, Any] = {}
         for k, v in row.items():
             if isinstance(v, dict):
-                out.update({f"{k}_{name}": p for name, p in v.items()})
+                cells = {f"{k}_{name}": p for name, p in v.items()}
             elif isinstance(v, list):  # multilabel names (or several regression targets): a|b, "[]" none, as read
-                out[k] = "|".join(str(x) for x in v) if v else "[]"
+                cells = {k: "|".join(str(x) for x in v) if v else "[]"}
             else:
-                out[k] = v
+                cells = {k: v}
+            taken = sorted((out.keys() | row.keys() - {k}) & cells.keys())
+            if taken:  # a probability column named like another key: never written over
+                raise ValueError(f"prediction column(s) {taken} would be written twice (from {k!r} and another key); "
+                                 "rename the task whose name makes them")  # fmt: skip
+            out.update(cells)
         flat.append(out)
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(flat[0]) if flat else ["id"])

@@ -395,14 +395,25 @@ def _retire_copied_pointer(path: Path, checkpoints: Path) -> None:
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config dict -> {"optim.lr": 0.002, ...}."""
+    """Nested config dict -> {"optim.lr": 0.002, ...}; the tasks list by task name: `model.tasks` holds their names
+    in order and `model.tasks.score.weight` one option of one task, so a change of it is that one line."""
     out: dict[str, Any] = {}
     for key, value in data.items():
-        if isinstance(value, Mapping) and value and key not in ("config_overrides", "model_kwargs"):
+        if key == "tasks" and _named(value):
+            out[f"{prefix}{key}"] = [t["name"] for t in value]
+            for task in value:
+                out.update(flatten({k: v for k, v in task.items() if k != "name"}, f"{prefix}{key}.{task['name']}."))
+        elif isinstance(value, Mapping) and value and key not in ("config_overrides", "model_kwargs"):
             out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def _named(value: Any) -> bool:
+    """A list of dicts with distinct string names (the tasks), which `flatten` keys by name."""
+    names = [t.get("name") if isinstance(t, Mapping) else None for t in value] if isinstance(value, list) else []
+    return bool(names) and all(isinstance(n, str) for n in names) and len(set(names)) == len(names)
 
 
 # Keys naming a folder or file: "runs" and "/home/me/runs" (what `--resume` sets) are the same value.
@@ -431,11 +442,18 @@ def upgraded_config(saved: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, list[Any]]:
-    """{dotted key: [saved value, current value]} for every key that differs (or exists on one side only);
-    a path spelled another way (relative / absolute) is not a change."""
+    """{dotted key: [saved value, current value]} for every key that differs (or exists on one side only), a task's
+    options by its name (`model.tasks.score.weight`); a path spelled another way (relative / absolute) is not a
+    change."""
     a, b = flatten(saved), flatten(current)
-    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and not (k in PATH_KEYS and same_path(a.get(k), b.get(k)))}  # fmt: skip
+    changes = {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b))
+               if a.get(k) != b.get(k) and not (k in PATH_KEYS and same_path(a.get(k), b.get(k)))}  # fmt: skip
+    for key, (old, new) in list(changes.items()):  # a task on one side only is said by its name in the tasks list
+        names = [*old, *new] if isinstance(old, list) and isinstance(new, list) else [None]
+        if key.rpartition(".")[2] == "tasks" and all(isinstance(n, str) for n in names):
+            one_side = tuple(f"{key}.{name}." for name in set(old) ^ set(new))
+            changes = {k: v for k, v in changes.items() if not k.startswith(one_side)}
+    return changes
 
 
 def split_fingerprint(data: Any) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import itertools
 import json
 import logging
@@ -49,14 +50,21 @@ from ..data.sources.registry import data_gone, source_name
 from ..models import FusionModel, create_model, model_inputs
 from ..models.fusion_model import DATA_COLUMNS
 from ..precision import choose_precision
-from ..tasks import bind_labels, create_task, fit_train_statistics
+from ..tasks import bind_labels, check_task_names, create_task, fit_train_statistics
 from . import checkpoint as ckpt
 from . import distributed as D
 from .config import IN_MEMORY, DataConfig, TrainConfig, build_config, unused_settings
 from .ema import ModelEMA, ema_applied
 from .feature_cache import FeatureCollator, build_features
 from .inference import inference_loader, resolve_device, run_inference, split_loss  # noqa: F401 (re-exported)
-from .metrics import check_metric, default_metric, evaluation_metrics, higher_is_better, prediction_rows
+from .metrics import (
+    check_metric,
+    default_metric,
+    evaluation_metrics,
+    higher_is_better,
+    metric_task,
+    prediction_rows,
+)
 from .optim import build_optimizer, build_scheduler
 from .report import plot_confusion, plot_curves, write_jsonl, write_predictions
 from .rundir import LOCK as RUN_LOCK
@@ -176,25 +184,47 @@ def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
 
 
 def _adopt_data_derived(cfg: TrainConfig, saved: dict[str, Any]) -> None:
-    """A resumed run keeps the task schema its data gave it (class names, counts, balanced weights):
-    a config that leaves them to the data, or names the same classes, is the same config, not a change."""
+    """A resumed run keeps what its data gave each task (class names and count, balanced class weights, the class
+    prior, a task type's `derived_params` such as a regression's target statistics) where the config leaves them to
+    the data: the config the run started from is not a change, and a change of one option is that option alone."""
     from ..config import TaskConfig, from_dict
+    from ..tasks import get_task_class
 
     saved_tasks = {t.get("name"): t for t in saved.get("model", {}).get("tasks", []) if isinstance(t, dict)}
     for i, task in enumerate(cfg.model.tasks):
         if task.name not in saved_tasks:
             continue
         old = from_dict(TaskConfig, saved_tasks[task.name], f"model.tasks[{i}]")
-        same = (
-            task.class_names in (None, old.class_names)
-            and task.num_classes in (None, old.num_classes)
-            and (task.class_weights == old.class_weights or task.class_weights == "balanced")
-            and (task.class_prior == old.class_prior or task.class_prior is None)
-            and all(getattr(task, f) == getattr(old, f)
-                    for f in ("type", "column", "weight", "label_smoothing", "logit_adjustment", "params"))
+        if (task.type, task.column) != (old.type, old.column):  # another task under that name: nothing carries over
+            continue
+        derived = get_task_class(task.type).derived_params
+        params = dict(task.params)
+        if {k: v for k, v in params.items() if k not in derived} == {k: v for k, v in old.params.items() if k not in derived}:
+            params = {**{k: v for k, v in old.params.items() if k in derived}, **params}
+        if task.class_names not in (None, old.class_names) or task.num_classes not in (None, old.num_classes):
+            cfg.model.tasks[i] = dataclasses.replace(task, params=params)  # other classes: the data's schema changes
+            continue
+        balanced = task.class_weights == "balanced" and isinstance(old.class_weights, list)
+        prior = task.class_prior is None and bool(task.logit_adjustment) and bool(old.logit_adjustment)
+        cfg.model.tasks[i] = dataclasses.replace(
+            task, class_names=old.class_names, num_classes=old.num_classes, params=params,
+            class_weights=old.class_weights if balanced else task.class_weights,
+            class_prior=old.class_prior if prior else task.class_prior,
         )  # fmt: skip
-        if same:
-            cfg.model.tasks[i] = old
+
+
+def _check_same_tasks(run_path: Path, saved: dict[str, Any], cfg: TrainConfig) -> None:
+    """A resume continues the checkpoint's model, whose heads are those of the run's tasks: a task added or removed
+    is refused before any weight is read (with or without --accept-changes), not a weight-loading error."""
+    old = [t.get("name") for t in saved.get("model", {}).get("tasks", []) if isinstance(t, dict)]
+    new = [t.name for t in cfg.model.tasks]
+    changed = {what: names for what, names in (("added", [n for n in new if n not in old]),
+                                                ("removed", [n for n in old if n not in new])) if names}  # fmt: skip
+    if old and changed:
+        listed = "; ".join(f"{what}: {', '.join(names)}" for what, names in changed.items())
+        raise RunDirError(f"resuming {run_path}: a resume cannot add or remove tasks ({listed}); its checkpoints hold "
+                          f"the heads of tasks {old}. Resume with those tasks, or start a new run (another run.name) "
+                          "with the tasks you want")  # fmt: skip
 
 
 def reader_kwargs(
@@ -251,8 +281,8 @@ def check_labelled_rows(parts: Mapping[str, Any], tasks: Mapping[str, Any], metr
                         if split == "val" and metric.startswith(f"val/{name}/") else f"no {split} score for it")  # fmt: skip
                 log.warning("task %s has no labelled row among the %d rows of the %s split (%s): %s", name,
                             len(parts[split]), split, source, cost)  # fmt: skip
-    selected = metric.split("/")[1] if metric.count("/") >= 2 else None
-    if selected in tasks and tasks[selected].cfg.weight == 0:
+    selected, _ = metric_task(metric, tasks) or (None, None)
+    if selected is not None and tasks[selected].cfg.weight == 0:
         log.warning("run.metric %s selects checkpoints on task %s, whose loss weight is 0 (it does not train): "
                     "set run.metric to a trained task's metric", metric, selected)  # fmt: skip
 
@@ -335,6 +365,7 @@ class Trainer:
         """`data`: an in-memory DataFrame, `datasets.Dataset`/`DatasetDict` or `MultimodalDataset` to
         train on instead of `config.data.dataset` (columns are still named by `config.data`)."""
         self.cfg = cfg = config.validate()
+        check_task_names([create_task(t) for t in cfg.model.tasks])  # before the run dir: nothing to undo
         if data is not None:  # what the saved config says it trained on: not data.dataset's value
             cfg.data.dataset = data_source_name(data)
         self.device = resolve_device(cfg.run.device)
@@ -619,6 +650,7 @@ class Trainer:
             self.config_changes: dict[str, list[Any]] = {}
             if self.resume:
                 saved = _with_defaults(run.read_config() or {})
+                _check_same_tasks(run.path, saved, cfg)
                 _adopt_data_derived(cfg, saved)
                 self.config_changes = config_changes(saved, to_dict(cfg))
                 # a moved dataset is not a change when its content is checked against the run's (data_fingerprint.json)
@@ -827,7 +859,7 @@ class Trainer:
                 self.running_loss.zero_()
                 self.running_n = 0
                 self._log({"step": self.step, "epoch": self.epoch + 1, "train/loss": avg, **self._task_losses(),
-                           "lr": max(self.scheduler.get_last_lr())})  # fmt: skip
+                           **self._learned_weights(), "lr": max(self.scheduler.get_last_lr())})  # fmt: skip
                 bar.set_postfix(loss=f"{avg:.4f}")
             epoch_done = self.batch_in_epoch == n_batches
             if D.any_rank(self._stop_signal is not None, self.device) and self._stop_signal is None:
@@ -894,6 +926,13 @@ class Trainer:
                                               for n in names], dtype=torch.float64, device=self.device))  # fmt: skip
         self.running_tasks = {}
         return {f"train/{n}/loss": total / count for n, (total, count) in zip(names, sums.tolist()) if count}
+
+    def _learned_weights(self) -> dict[str, float]:
+        """`train/<task>/weight`: the weights uncertainty weighting has learned so far (none under static weights)."""
+        criterion = self.model.criterion
+        if criterion.weighting != "uncertainty":
+            return {}
+        return {f"train/{name}/weight": weight for name, weight in criterion.task_weights().items()}
 
     def _optimizer_step(self) -> None:
         if self.cfg.optim.grad_clip:
@@ -976,6 +1015,7 @@ class Trainer:
             "train_seconds": round(seconds, 2),
             "trainable_parameters": self.model.num_parameters(trainable_only=True),
             "feature_cache": self.use_features,
+            "task_weights": self.model.criterion.task_weights(),  # the best checkpoint's: learned, or the config's
         }
         for split in ("val", "test"):
             if split not in self.datasets:

@@ -30,12 +30,11 @@ from .config import ConfigError, ImagePreprocess, from_dict, to_dict
 from .data.collate import ImageTransform
 from .data.dataset import missing_caption, missing_value
 from .data.image import ImageSource, preprocess_image
+from .models.fusion_model import CONFIG_NAME as MODEL_CONFIG_NAME
+from .models.fusion_model import PROCESSOR_NAME
 
 if TYPE_CHECKING:
     from .models import FusionModel
-
-PROCESSOR_NAME = "processor_config.json"
-MODEL_CONFIG_NAME = "config.json"
 
 
 class FusionProcessor:

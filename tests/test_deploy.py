@@ -10,6 +10,8 @@ import pytest
 from fusionkit import FusionModel, FusionProcessor, create_model
 from fusionkit.config import ConfigError
 
+from .test_save_load import _save_tiny_hf_encoders
+
 
 @pytest.mark.parametrize("gone", ["tokenizer*.json", "tokenizer.json"])
 def test_a_saved_model_whose_tokenizer_is_gone_is_refused_naming_its_text_encoder(tmp_path: Path, gone: str) -> None:
@@ -24,6 +26,58 @@ def test_a_saved_model_whose_tokenizer_is_gone_is_refused_naming_its_text_encode
         path.unlink()
     with pytest.raises(ConfigError, match=r"m(/text_encoder)? has no tokenizer .*copy the saved folder whole"):
         FusionProcessor.from_pretrained(model)
+
+
+def test_a_model_saved_over_an_earlier_save_loads_as_itself_with_its_processor(tmp_path: Path) -> None:
+    """model.save_pretrained(D); processor.save_pretrained(D) (the transformers idiom), then another model saved
+    to D: its processor files, tokenizer and an image_encoder/ of another backend are the new model's or gone."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    import fusionkit.hf  # noqa: F401  (AutoProcessor)
+
+    _save_tiny_hf_encoders(tmp_path)
+    a = create_model("tiny", text={"max_length": 24, "normalize": "tweet"},
+                     image={"backend": "hf", "name": str(tmp_path / "vit"), "pretrained": True})  # fmt: skip
+    folder = tmp_path / "m"
+    a.save_pretrained(folder)
+    FusionProcessor.from_model(a).save_pretrained(folder)
+    (folder / "README.md").write_text("my model card")
+    b = create_model("tiny", text={"max_length": 40})
+    assert b.image_preprocess != a.image_preprocess
+    b.save_pretrained(folder)
+
+    assert not (folder / "image_encoder").exists()  # a's ViT config: b's timm encoder saves none
+    assert (folder / "README.md").read_text() == "my model card"  # not a file of fusionkit's: kept
+    ids = b.tokenizer(["@anna look"])["input_ids"]
+    for processor in (FusionProcessor.from_pretrained(folder), AutoProcessor.from_pretrained(folder)):
+        assert (processor.max_length, processor.image_preprocess) == (40, b.image_preprocess)
+        assert processor.tokenize(["@anna look"])["input_ids"].tolist() == ids  # not a's "@user" rule
+    assert AutoTokenizer.from_pretrained(folder)(["@anna look"])["input_ids"] == ids
+    assert FusionModel.from_pretrained(folder).config == b.config
+
+
+def test_save_pretrained_refuses_an_export_or_files_no_fusionkit_save_wrote(tmp_path: Path) -> None:
+    model = create_model("tiny")
+    export = tmp_path / "export"
+    FusionProcessor.from_model(model).save_pretrained(export)
+    (export / "export.json").write_text("{}")
+    (export / "model.onnx").write_bytes(b"graph")
+    before = {p.name: p.read_bytes() for p in export.iterdir()}
+    with pytest.raises(FileExistsError, match="export holds an ONNX export; save_pretrained would replace"):
+        model.save_pretrained(export)
+    assert {p.name: p.read_bytes() for p in export.iterdir()} == before
+    other = tmp_path / "other"  # someone's weights and tokenizer, no config of fusionkit's
+    other.mkdir()
+    (other / "model.safetensors").write_bytes(b"theirs")
+    (other / "tokenizer.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="holds model.safetensors, tokenizer.json but no fusionkit model"):
+        model.save_pretrained(other)
+    assert (other / "model.safetensors").read_bytes() == b"theirs"
+    hub_clone = tmp_path / "clone"  # a hub repo cloned to save into: its files stay
+    hub_clone.mkdir()
+    (hub_clone / ".gitattributes").write_text("*.safetensors filter=lfs")
+    model.save_pretrained(hub_clone)
+    assert (hub_clone / ".gitattributes").is_file() and (hub_clone / "config.json").is_file()
 
 
 def test_a_saved_tokenizer_truncates_at_the_models_max_length_in_transformers(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ from .. import __version__
 from ..config import ConfigError, ImagePreprocess, ModelConfig, from_dict, to_dict
 from ..tasks import FusionContext, Task
 from .checks import check_model
-from .encoders import Encoder, ImageEncoder, TextEncoder, drop_unused_heads
+from .encoders import TOKENIZER_FILES, Encoder, ImageEncoder, TextEncoder, drop_unused_heads
 from .fusion import create_fusion, drop_modalities, masked_mean
 from .heads import MultiTaskLoss
 
@@ -45,6 +45,11 @@ log = logging.getLogger("fusionkit")
 CONFIG_NAME = "config.json"
 DATA_COLUMNS = ("text_column", "image_column", "id_column")  # the `data` keys a model keeps from its training run
 WEIGHTS_NAME = "model.safetensors"
+PROCESSOR_NAME = "processor_config.json"
+ENCODER_FOLDERS = ("text_encoder", "image_encoder")
+# the files a save writes beside (and in) its encoder folders: an earlier save's are removed before a new one
+SAVED_FILES = (CONFIG_NAME, WEIGHTS_NAME, PROCESSOR_NAME, *TOKENIZER_FILES, "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "merges.txt", "chat_template.jinja")  # fmt: skip
 # Parameters a fusionkit 0.1 checkpoint lacks (the missing-modality placeholders): loaded with a warning.
 ADDED_SINCE_0_1 = frozenset({"text_placeholder", "image_placeholder"})
 MODEL_INPUTS = (
@@ -611,17 +616,26 @@ class FusionModel(nn.Module):
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | Path, *, frozen_weights: str | Path | None = None) -> Path:
-        """Write config.json, model.safetensors and the encoders' own configs + tokenizer (no pickle).
+        """Write config.json, model.safetensors, the encoders' own configs + tokenizer and the processor's files
+        (processor_config.json + tokenizer, read by `AutoProcessor` / `AutoTokenizer`); no pickle.
 
-        A folder already holding a saved fusionkit model is written over (as transformers does); a run
-        dir (or anything inside one) and a folder whose config.json is not a fusionkit model's are refused.
+        A folder holding an earlier fusionkit save (model or processor) is written over, as transformers
+        does: the files of that save this one does not write are removed, so the folder loads as this model
+        alone; other files (README.md, .git) stay. A run dir (or anything inside one), an ONNX export and
+        a folder holding a config.json, weights or tokenizer that no fusionkit save wrote are refused.
 
         `frozen_weights`: a file shared by a run's checkpoints. The frozen encoders' weights (never
         changed by training) are written there once and this folder's model.safetensors names it,
         so a checkpoint costs only the trainable weights (a MiniLM + DINOv2 run: 224 MB each before).
         """
-        check_save_dir(Path(directory))
-        return self._write_pretrained(directory, frozen_weights=frozen_weights)
+        from ..processor import FusionProcessor
+
+        directory = Path(directory)
+        check_save_dir(directory)
+        _remove_earlier_save(directory)
+        self._write_pretrained(directory, frozen_weights=frozen_weights)
+        FusionProcessor.from_model(self).save_pretrained(directory)
+        return directory
 
     def _write_pretrained(self, directory: str | Path, *, frozen_weights: str | Path | None = None) -> Path:
         """`save_pretrained` without the folder check: how the trainer writes checkpoints into its own run dir."""
@@ -1015,10 +1029,42 @@ def check_save_dir(directory: Path) -> None:
             f"checkpoints and pointers, read by eval, predict and --resume). Save it to a folder outside the run, "
             f"e.g. {run.parent / (run.name + '-model')}"
         )
+    if (directory / "export.json").is_file() or any(directory.glob("*.onnx")):
+        raise FileExistsError(f"{directory} holds an ONNX export; save_pretrained would replace its processor and "
+                              "tokenizer files (the graphs' own): save the model to a new folder")  # fmt: skip
     config = directory / CONFIG_NAME
     if config.is_file() and not _is_model_config(config):
         raise FileExistsError(f"{config} exists and is not a fusionkit model's config; save_pretrained would "
                               "overwrite it: save the model to a new folder")  # fmt: skip
+    if not (config.is_file() or _is_processor_config(directory / PROCESSOR_NAME)):
+        held = [name for name in (*SAVED_FILES, *ENCODER_FOLDERS) if (directory / name).exists()]
+        if held:
+            raise FileExistsError(f"{directory} holds {', '.join(held[:5])} but no fusionkit model or processor "
+                                  "config: save_pretrained would overwrite them; save the model to a new or empty "
+                                  "folder")  # fmt: skip
+
+
+def _is_processor_config(path: Path) -> bool:
+    """A `FusionProcessor.save_pretrained` processor_config.json (an export's too)."""
+    try:
+        return json.loads(path.read_text()).get("processor_class") == "FusionProcessor"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _remove_earlier_save(directory: Path) -> None:
+    """Remove what an earlier save may have left in `directory` (checked by `check_save_dir`): its model,
+    processor and tokenizer files, and those in its encoder folders. One this save does not write would outlive
+    it and load instead of the new model (a processor_config.json, an image_encoder/ of another backend)."""
+    for folder in (directory / name for name in ENCODER_FOLDERS):
+        if folder.is_dir():
+            for name in SAVED_FILES:
+                (folder / name).unlink(missing_ok=True)
+            if not any(folder.iterdir()):
+                folder.rmdir()
+    for name in SAVED_FILES:
+        if (directory / name).is_file():
+            (directory / name).unlink()
 
 
 def _is_model_config(path: Path) -> bool:

@@ -92,3 +92,18 @@ def test_a_saved_tokenizer_truncates_at_the_models_max_length_in_transformers(tm
     assert json.loads((tmp_path / "p" / "tokenizer_config.json").read_text())["model_max_length"] == 12
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "p")
     assert len(tokenizer("a caption " * 30, truncation=True)["input_ids"]) == 12
+
+
+def test_an_image_shrunk_many_times_has_the_pixels_of_a_one_pass_resize() -> None:
+    """PIL's reducing_gap=3.0 box-filtered first: 2-5 grey levels off timm / torchvision / HF (one pass) at 6x+,
+    which an ONNX user rebuilding the preprocessing could not match."""
+    import numpy as np
+    from PIL import Image
+
+    from fusionkit.config import ImagePreprocess
+    from fusionkit.data.image import preprocess_image
+
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1200, 1600, 3), dtype=np.uint8))
+    squash = ImagePreprocess(size=(224, 224), interpolation="bilinear", crop_mode="squash")
+    expected = np.asarray(photo.resize((224, 224), Image.BILINEAR)).transpose(2, 0, 1)
+    assert np.array_equal(preprocess_image(photo, squash), expected)

@@ -107,3 +107,37 @@ def test_an_image_shrunk_many_times_has_the_pixels_of_a_one_pass_resize() -> Non
     squash = ImagePreprocess(size=(224, 224), interpolation="bilinear", crop_mode="squash")
     expected = np.asarray(photo.resize((224, 224), Image.BILINEAR)).transpose(2, 0, 1)
     assert np.array_equal(preprocess_image(photo, squash), expected)
+
+
+def test_loading_takes_cli_dtype_names_warns_of_a_newer_fusionkit_and_checks_a_hand_edited_size(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    import torch
+
+    folder = tmp_path / "m"
+    create_model("tiny").save_pretrained(folder)
+    assert next(FusionModel.from_pretrained(folder, dtype="fp16").parameters()).dtype == torch.float16
+    assert next(FusionModel.from_pretrained(folder, dtype="bf16").parameters()).dtype == torch.bfloat16
+    meta = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**meta, "fusionkit_version": "99.0"}))
+    with caplog.at_level(logging.WARNING, logger="fusionkit"):
+        FusionModel.from_pretrained(folder)
+        FusionModel.read_config(folder)
+    assert caplog.text.count("written by fusionkit 99.0, this is") == 1  # once per folder
+    meta["image_preprocess"]["size"] = [37, 37]
+    (folder / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"m/config.json: image_preprocess.size \[37, 37\] is not an image size"):
+        FusionModel.from_pretrained(folder)
+
+
+def test_int8_quantization_does_not_print_onnxruntimes_preprocessing_hint(tmp_path: Path, caplog) -> None:
+    """onnxruntime logs it from the root logger once per graph; it is about static quantization, not ours."""
+    pytest.importorskip("onnxruntime")
+    from fusionkit.export import export_onnx
+
+    with caplog.at_level("INFO"):
+        export_onnx(create_model("tiny").eval(), tmp_path / "onnx", parts=["encode_text"], int8=True, check=False)
+    assert (tmp_path / "onnx" / "encode_text.int8.onnx").is_file()
+    assert "pre-processing before quantization" not in caplog.text

@@ -46,6 +46,7 @@ CONFIG_NAME = "config.json"
 DATA_COLUMNS = ("text_column", "image_column", "id_column")  # the `data` keys a model keeps from its training run
 WEIGHTS_NAME = "model.safetensors"
 PROCESSOR_NAME = "processor_config.json"
+DTYPE_ALIASES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}  # the CLI's precision names
 ENCODER_FOLDERS = ("text_encoder", "image_encoder")
 # the files a save writes beside (and in) its encoder folders: an earlier save's are removed before a new one
 SAVED_FILES = (CONFIG_NAME, WEIGHTS_NAME, PROCESSOR_NAME, *TOKENIZER_FILES, "tokenizer_config.json",
@@ -685,11 +686,12 @@ class FusionModel(nn.Module):
         Returned in eval mode (no dropout), as transformers does: `.train()` before fine-tuning it.
         `dtype`: float32 by default (bf16 matmuls are ~500x slower on CPUs without AMX), a torch dtype, or "auto" for
         the dtype the weights were saved in (as transformers' `dtype="auto"`)."""
-        if isinstance(dtype, str) and dtype != "auto":  # "bfloat16", as transformers takes it
-            dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
+        if isinstance(dtype, str) and dtype != "auto":  # "bfloat16", as transformers takes it; "bf16", as the CLI
+            name = dtype.removeprefix("torch.")
+            dtype = getattr(torch, DTYPE_ALIASES.get(name, name), dtype)
         if not (dtype is None or dtype == "auto" or (isinstance(dtype, torch.dtype) and dtype.is_floating_point)):
-            raise TypeError(f"dtype must be a floating torch dtype (torch.bfloat16 or 'bfloat16'), 'auto' or None, "
-                            f"got {dtype!r}")
+            raise TypeError(f"dtype must be a floating torch dtype (torch.bfloat16, 'bfloat16' or 'bf16'), 'auto' or "
+                            f"None, got {dtype!r}")
         directory, meta, config = cls._saved_config(directory)
         if not (directory / "text_encoder").is_dir():  # transformers would read the path as a hub id
             raise FileNotFoundError(f"{directory} has no text_encoder/ folder (the text encoder's config and "
@@ -727,7 +729,10 @@ class FusionModel(nn.Module):
         # timm rebuilds from its name alone; a saved_dir still tells it not to fetch pretrained weights
         image = ImageEncoder.from_config(config.image, saved_dir=directory / "image_encoder")
         if "image_preprocess" in meta:
-            image.preprocess = from_dict(ImagePreprocess, meta["image_preprocess"])
+            saved = from_dict(ImagePreprocess, meta["image_preprocess"])
+            if tuple(saved.size) != tuple(image.preprocess.size):  # a hand edit? HF says so only at predict
+                _check_image_size(image, tuple(saved.size), directory / CONFIG_NAME)
+            image.preprocess = saved
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return cls(config, text, image)
@@ -749,6 +754,7 @@ class FusionModel(nn.Module):
                               "saved model") from None  # fmt: skip
         if "model" not in meta:
             raise ConfigError(f"{directory / CONFIG_NAME} is not a fusionkit model config (no 'model' key)")
+        _warn_if_newer(directory / CONFIG_NAME, meta.get("fusionkit_version"))
         return directory, meta, from_dict(ModelConfig, meta["model"]).validate()
 
     def _frozen_encoder_keys(self) -> set[str]:
@@ -1042,6 +1048,36 @@ def check_save_dir(directory: Path) -> None:
             raise FileExistsError(f"{directory} holds {', '.join(held[:5])} but no fusionkit model or processor "
                                   "config: save_pretrained would overwrite them; save the model to a new or empty "
                                   "folder")  # fmt: skip
+
+
+@torch.no_grad()
+def _check_image_size(image: ImageEncoder, size: tuple[int, ...], config: Path) -> None:
+    """One image of the saved `image_preprocess.size` through the encoder (ViT, DINOv2 and others take several)."""
+    if image.is_meta:  # the shapes-only build of `check_saved_shapes`: the real one checks
+        return
+    try:
+        image.eval().backbone(torch.zeros(1, 3, *size))
+    except Exception as e:  # HF: "Input image size (64*64) doesn't match model (32*32)"; timm: an assertion
+        raise ConfigError(f"{config}: image_preprocess.size {list(size)} is not an image size the image encoder "
+                          f"takes ({type(e).__name__}: {str(e).strip()[:200]}); restore the size the model was "
+                          f"saved with (its encoder's: {list(image.preprocess.size)})") from None  # fmt: skip
+
+
+_WARNED_NEWER: set[Path] = set()
+
+
+def _warn_if_newer(config: Path, written_by: Any) -> None:
+    """Once per folder: a model saved by a newer fusionkit may use keys or weights this one does not know."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        newer = Version(str(written_by)) > Version(__version__)
+    except InvalidVersion:
+        return
+    if newer and config.resolve() not in _WARNED_NEWER:
+        _WARNED_NEWER.add(config.resolve())
+        log.warning("%s was written by fusionkit %s, this is %s: upgrade fusionkit if loading fails", config,
+                    written_by, __version__)  # fmt: skip
 
 
 def _is_processor_config(path: Path) -> bool:

@@ -141,3 +141,14 @@ def test_int8_quantization_does_not_print_onnxruntimes_preprocessing_hint(tmp_pa
         export_onnx(create_model("tiny").eval(), tmp_path / "onnx", parts=["encode_text"], int8=True, check=False)
     assert (tmp_path / "onnx" / "encode_text.int8.onnx").is_file()
     assert "pre-processing before quantization" not in caplog.text
+
+
+def test_a_saved_models_processor_loads_without_transformers_model_type_warning(tmp_path: Path) -> None:
+    """The processor's tokenizer sits beside the model's config.json (model_type fusionkit), no text model's."""
+    import subprocess
+    import sys
+
+    create_model("tiny").save_pretrained(tmp_path / "m")
+    code = f"import fusionkit; print(fusionkit.FusionProcessor.from_pretrained({str(tmp_path / 'm')!r}).max_length)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "64" and "to instantiate a model of type" not in run.stderr

@@ -404,13 +404,17 @@ def save_tokenizer(tokenizer: Any, directory: str | Path, max_length: int | None
 def load_saved_tokenizer(directory: str | Path, normalize: str, vocab_size: int | None = None) -> Any:
     """The tokenizer saved in a model's `text_encoder/` or a processor folder, refused when its files are gone:
     transformers would build a 5-token stub from the rest of the folder and read every word as [UNK]."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PretrainedConfig
 
     directory = Path(directory)
     if not any((directory / f).is_file() for f in TOKENIZER_FILES):
         raise ConfigError(f"{directory} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): its files were "
                           "removed or not copied; copy the saved folder whole, tokenizer files included")  # fmt: skip
-    tokenizer = normalize_tokenizer(AutoTokenizer.from_pretrained(directory), normalize)
+    config = directory / "config.json"
+    beside_a_model = config.is_file() and json.loads(config.read_text()).get("model_type") == "fusionkit"
+    # a saved model's own config.json is no text model's: transformers warns of a model-type mismatch reading it
+    kwargs = {"config": PretrainedConfig()} if beside_a_model else {}
+    tokenizer = normalize_tokenizer(AutoTokenizer.from_pretrained(directory, **kwargs), normalize)
     if vocab_size is not None:
         check_tokenizer_fits(tokenizer, vocab_size, str(directory))
     return tokenizer

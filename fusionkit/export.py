@@ -152,8 +152,17 @@ def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
     """int8 dynamic quantization of an ONNX graph's MatMul/Gemm weights (activations quantized per batch)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    root = logging.getLogger()
+    root.addFilter(_no_preprocess_hint)  # onnxruntime's root-logger hint, once per graph: not for dynamic int8
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    finally:
+        root.removeFilter(_no_preprocess_hint)
     return Path(dst)
+
+
+def _no_preprocess_hint(record: logging.LogRecord) -> bool:
+    return "Please consider to run pre-processing before quantization" not in record.getMessage()
 
 
 class OnnxModel:

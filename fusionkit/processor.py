@@ -30,12 +30,11 @@ from .config import ConfigError, ImagePreprocess, from_dict, to_dict
 from .data.collate import ImageTransform
 from .data.dataset import missing_caption, missing_value
 from .data.image import ImageSource, preprocess_image
+from .models.fusion_model import CONFIG_NAME as MODEL_CONFIG_NAME
+from .models.fusion_model import PROCESSOR_NAME
 
 if TYPE_CHECKING:
     from .models import FusionModel
-
-PROCESSOR_NAME = "processor_config.json"
-MODEL_CONFIG_NAME = "config.json"
 
 
 class FusionProcessor:
@@ -69,7 +68,7 @@ class FusionProcessor:
         directory.mkdir(parents=True, exist_ok=True)
         from .models.encoders import save_tokenizer
 
-        save_tokenizer(self.tokenizer, directory)
+        save_tokenizer(self.tokenizer, directory, max_length=self.max_length)  # AutoTokenizer truncates there too
         config = {
             "processor_class": type(self).__name__,
             "max_length": self.max_length,
@@ -86,16 +85,15 @@ class FusionProcessor:
         A model folder needs no separate processor files: the tokenizer is in `text_encoder/` and the
         image preprocessing in `config.json`.
         """
-        from transformers import AutoTokenizer
-
         from .hub import resolve_pretrained_dir
+        from .models.encoders import load_saved_tokenizer
 
         hub_kwargs.pop("trust_remote_code", None)  # passed by AutoProcessor; no remote code is ever run
         directory = resolve_pretrained_dir(name_or_path, **hub_kwargs)
         if (directory / PROCESSOR_NAME).is_file():
             cfg = _read_json(directory / PROCESSOR_NAME)
             _require(cfg, ("max_length", "image_preprocess"), directory / PROCESSOR_NAME)
-            tokenizer = AutoTokenizer.from_pretrained(directory)
+            tokenizer_dir = directory
             preprocess, max_length = cfg["image_preprocess"], cfg["max_length"]
             normalize = cfg.get("text_normalize", "none")
         else:
@@ -104,12 +102,13 @@ class FusionProcessor:
             directory = _find_checkpoint_dir(directory)
             meta = _read_json(directory / MODEL_CONFIG_NAME)
             _require(meta, ("model", "image_preprocess"), directory / MODEL_CONFIG_NAME)
-            tokenizer = AutoTokenizer.from_pretrained(directory / "text_encoder")
+            tokenizer_dir = directory / "text_encoder"
             preprocess, max_length = meta["image_preprocess"], meta["model"]["text"]["max_length"]
             normalize = meta["model"]["text"].get("normalize", "none")
-        from .models.encoders import normalize_tokenizer
-
-        return cls(normalize_tokenizer(tokenizer, normalize), from_dict(ImagePreprocess, preprocess), max_length)
+        encoder_config = directory / "text_encoder" / MODEL_CONFIG_NAME  # a model folder's: the vocabulary size
+        vocab = _read_json(encoder_config).get("vocab_size") if encoder_config.is_file() else None
+        tokenizer = load_saved_tokenizer(tokenizer_dir, normalize, vocab)
+        return cls(tokenizer, from_dict(ImagePreprocess, preprocess), max_length)
 
     # ------------------------------------------------------------------ processing
     def tokenize(self, texts: Sequence[str | None]) -> dict[str, torch.Tensor]:

@@ -347,5 +347,5 @@ def preprocess_image(src: ImageSource, preprocess: ImagePreprocess, **load_kw: o
     else:  # the same pixels as resizing the whole image then cropping, computed for the crop only
         sx, sy = rw / im.width, rh / im.height
         box = (left / sx, top / sy, min(im.width, (left + tw) / sx), min(im.height, (top + th) / sy))
-        im = im.resize((tw, th), resample, box=box, reducing_gap=3.0)
+        im = im.resize((tw, th), resample, box=box)  # one pass, as timm/torchvision/HF (no reducing_gap)
     return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))

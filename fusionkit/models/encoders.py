@@ -386,16 +386,47 @@ def normalize_tokenizer(tokenizer: Any, mode: str) -> Any:
     return tokenizer
 
 
-def save_tokenizer(tokenizer: Any, directory: str | Path) -> None:
-    """`save_pretrained`, and for a normalized tokenizer a `tokenizer_config.json` that makes
-    `transformers.AutoTokenizer` load `tokenizer.json` as it is (a BERT tokenizer class would rebuild its
-    normalizer from the vocab and drop the rules): a served export tokenizes as the model was trained."""
+def save_tokenizer(tokenizer: Any, directory: str | Path, max_length: int | None = None) -> None:
+    """`save_pretrained`, then in `tokenizer_config.json`: `model_max_length = max_length`, so that
+    `transformers.AutoTokenizer(..., truncation=True)` cuts captions where the model does (1e30 kept longer
+    ones, past the encoder's positions); and for a normalized tokenizer `PreTrainedTokenizerFast`, which loads
+    `tokenizer.json` as it is (a BERT tokenizer class would rebuild its normalizer from the vocab and drop the
+    rules): a served export tokenizes as the model was trained."""
     tokenizer.save_pretrained(directory)
+    updates: dict[str, Any] = {} if max_length is None else {"model_max_length": int(max_length)}
     if getattr(tokenizer, "fusionkit_normalize", "none") != "none":
+        updates["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if updates:
         path = Path(directory) / "tokenizer_config.json"
-        config = json.loads(path.read_text())
-        config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        path.write_text(json.dumps(config, indent=2))
+        path.write_text(json.dumps({**json.loads(path.read_text()), **updates}, indent=2))
+
+
+def load_saved_tokenizer(directory: str | Path, normalize: str, vocab_size: int | None = None) -> Any:
+    """The tokenizer saved in a model's `text_encoder/` or a processor folder, refused when its files are gone:
+    transformers would build a 5-token stub from the rest of the folder and read every word as [UNK]."""
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    directory = Path(directory)
+    if not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(f"{directory} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): its files were "
+                          "removed or not copied; copy the saved folder whole, tokenizer files included")  # fmt: skip
+    config = directory / "config.json"
+    beside_a_model = config.is_file() and json.loads(config.read_text()).get("model_type") == "fusionkit"
+    # a saved model's own config.json is no text model's: transformers warns of a model-type mismatch reading it
+    kwargs = {"config": PretrainedConfig()} if beside_a_model else {}
+    tokenizer = normalize_tokenizer(AutoTokenizer.from_pretrained(directory, **kwargs), normalize)
+    if vocab_size is not None:
+        check_tokenizer_fits(tokenizer, vocab_size, str(directory))
+    return tokenizer
+
+
+def check_tokenizer_fits(tokenizer: Any, vocab_size: int, where: str) -> None:
+    """Token ids past the embedding table, or a stub tokenizer transformers built from an incomplete folder."""
+    n = len(tokenizer)
+    if n > vocab_size or n <= 16 < vocab_size:
+        raise ConfigError(f"{where}: its tokenizer has {n} tokens but the model's vocabulary {vocab_size}: "
+                          f"{'token ids would index past the embeddings' if n > vocab_size else 'every word would be [UNK] (a stub tokenizer from an incomplete folder?)'}; "
+                          "save the tokenizer the model was trained with beside it")  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -458,7 +489,7 @@ class TextEncoder(Encoder):
 
         if saved_dir is not None:
             model = AutoModel.from_config(AutoConfig.from_pretrained(saved_dir))
-            return cls(model, normalize_tokenizer(AutoTokenizer.from_pretrained(saved_dir), cfg.normalize))
+            return cls(model, load_saved_tokenizer(saved_dir, cfg.normalize, model.config.vocab_size))
         if cfg.name == "tiny":
             check_config_keys(tiny_bert_config(), cfg.config_overrides, "model.text.config_overrides")
             return cls(
@@ -475,11 +506,7 @@ class TextEncoder(Encoder):
                 model = _pretrained(AutoModel, source, "model.text.name", cfg.config_overrides)
             else:
                 model = AutoModel.from_config(AutoConfig.from_pretrained(source, **cfg.config_overrides))
-        n, vocab = len(tokenizer), model.config.vocab_size
-        if n > vocab or n <= 16 < vocab:  # ids past the embedding table, or a stub transformers built
-            raise ConfigError(f"model.text.name {source}: its tokenizer has {n} tokens but the model's vocabulary "
-                              f"{vocab}: {'token ids would index past the embeddings' if n > vocab else 'every word would be [UNK] (a stub tokenizer from an incomplete folder?)'}; "
-                              "save the tokenizer the model was trained with beside it")  # fmt: skip
+        check_tokenizer_fits(tokenizer, model.config.vocab_size, f"model.text.name {source}")
         return cls(model, tokenizer)
 
     def save(self, directory: str | Path) -> None:

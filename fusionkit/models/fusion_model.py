@@ -36,7 +36,7 @@ from .. import __version__
 from ..config import ConfigError, ImagePreprocess, ModelConfig, from_dict, to_dict
 from ..tasks import FusionContext, Task
 from .checks import check_model
-from .encoders import Encoder, ImageEncoder, TextEncoder, drop_unused_heads
+from .encoders import TOKENIZER_FILES, Encoder, ImageEncoder, TextEncoder, drop_unused_heads
 from .fusion import create_fusion, drop_modalities, masked_mean
 from .heads import MultiTaskLoss
 
@@ -45,6 +45,12 @@ log = logging.getLogger("fusionkit")
 CONFIG_NAME = "config.json"
 DATA_COLUMNS = ("text_column", "image_column", "id_column")  # the `data` keys a model keeps from its training run
 WEIGHTS_NAME = "model.safetensors"
+PROCESSOR_NAME = "processor_config.json"
+DTYPE_ALIASES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}  # the CLI's precision names
+ENCODER_FOLDERS = ("text_encoder", "image_encoder")
+# the files a save writes beside (and in) its encoder folders: an earlier save's are removed before a new one
+SAVED_FILES = (CONFIG_NAME, WEIGHTS_NAME, PROCESSOR_NAME, *TOKENIZER_FILES, "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "merges.txt", "chat_template.jinja")  # fmt: skip
 # Parameters a fusionkit 0.1 checkpoint lacks (the missing-modality placeholders): loaded with a warning.
 ADDED_SINCE_0_1 = frozenset({"text_placeholder", "image_placeholder"})
 MODEL_INPUTS = (
@@ -611,17 +617,26 @@ class FusionModel(nn.Module):
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | Path, *, frozen_weights: str | Path | None = None) -> Path:
-        """Write config.json, model.safetensors and the encoders' own configs + tokenizer (no pickle).
+        """Write config.json, model.safetensors, the encoders' own configs + tokenizer and the processor's files
+        (processor_config.json + tokenizer, read by `AutoProcessor` / `AutoTokenizer`); no pickle.
 
-        A folder already holding a saved fusionkit model is written over (as transformers does); a run
-        dir (or anything inside one) and a folder whose config.json is not a fusionkit model's are refused.
+        A folder holding an earlier fusionkit save (model or processor) is written over, as transformers
+        does: the files of that save this one does not write are removed, so the folder loads as this model
+        alone; other files (README.md, .git) stay. A run dir (or anything inside one), an ONNX export and
+        a folder holding a config.json, weights or tokenizer that no fusionkit save wrote are refused.
 
         `frozen_weights`: a file shared by a run's checkpoints. The frozen encoders' weights (never
         changed by training) are written there once and this folder's model.safetensors names it,
         so a checkpoint costs only the trainable weights (a MiniLM + DINOv2 run: 224 MB each before).
         """
-        check_save_dir(Path(directory))
-        return self._write_pretrained(directory, frozen_weights=frozen_weights)
+        from ..processor import FusionProcessor
+
+        directory = Path(directory)
+        check_save_dir(directory)
+        _remove_earlier_save(directory)
+        self._write_pretrained(directory, frozen_weights=frozen_weights)
+        FusionProcessor.from_model(self).save_pretrained(directory)
+        return directory
 
     def _write_pretrained(self, directory: str | Path, *, frozen_weights: str | Path | None = None) -> Path:
         """`save_pretrained` without the folder check: how the trainer writes checkpoints into its own run dir."""
@@ -671,11 +686,12 @@ class FusionModel(nn.Module):
         Returned in eval mode (no dropout), as transformers does: `.train()` before fine-tuning it.
         `dtype`: float32 by default (bf16 matmuls are ~500x slower on CPUs without AMX), a torch dtype, or "auto" for
         the dtype the weights were saved in (as transformers' `dtype="auto"`)."""
-        if isinstance(dtype, str) and dtype != "auto":  # "bfloat16", as transformers takes it
-            dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
+        if isinstance(dtype, str) and dtype != "auto":  # "bfloat16", as transformers takes it; "bf16", as the CLI
+            name = dtype.removeprefix("torch.")
+            dtype = getattr(torch, DTYPE_ALIASES.get(name, name), dtype)
         if not (dtype is None or dtype == "auto" or (isinstance(dtype, torch.dtype) and dtype.is_floating_point)):
-            raise TypeError(f"dtype must be a floating torch dtype (torch.bfloat16 or 'bfloat16'), 'auto' or None, "
-                            f"got {dtype!r}")
+            raise TypeError(f"dtype must be a floating torch dtype (torch.bfloat16, 'bfloat16' or 'bf16'), 'auto' or "
+                            f"None, got {dtype!r}")
         directory, meta, config = cls._saved_config(directory)
         if not (directory / "text_encoder").is_dir():  # transformers would read the path as a hub id
             raise FileNotFoundError(f"{directory} has no text_encoder/ folder (the text encoder's config and "
@@ -713,7 +729,10 @@ class FusionModel(nn.Module):
         # timm rebuilds from its name alone; a saved_dir still tells it not to fetch pretrained weights
         image = ImageEncoder.from_config(config.image, saved_dir=directory / "image_encoder")
         if "image_preprocess" in meta:
-            image.preprocess = from_dict(ImagePreprocess, meta["image_preprocess"])
+            saved = from_dict(ImagePreprocess, meta["image_preprocess"])
+            if tuple(saved.size) != tuple(image.preprocess.size):  # a hand edit? HF says so only at predict
+                _check_image_size(image, tuple(saved.size), directory / CONFIG_NAME)
+            image.preprocess = saved
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return cls(config, text, image)
@@ -735,6 +754,7 @@ class FusionModel(nn.Module):
                               "saved model") from None  # fmt: skip
         if "model" not in meta:
             raise ConfigError(f"{directory / CONFIG_NAME} is not a fusionkit model config (no 'model' key)")
+        _warn_if_newer(directory / CONFIG_NAME, meta.get("fusionkit_version"))
         return directory, meta, from_dict(ModelConfig, meta["model"]).validate()
 
     def _frozen_encoder_keys(self) -> set[str]:
@@ -1015,10 +1035,72 @@ def check_save_dir(directory: Path) -> None:
             f"checkpoints and pointers, read by eval, predict and --resume). Save it to a folder outside the run, "
             f"e.g. {run.parent / (run.name + '-model')}"
         )
+    if (directory / "export.json").is_file() or any(directory.glob("*.onnx")):
+        raise FileExistsError(f"{directory} holds an ONNX export; save_pretrained would replace its processor and "
+                              "tokenizer files (the graphs' own): save the model to a new folder")  # fmt: skip
     config = directory / CONFIG_NAME
     if config.is_file() and not _is_model_config(config):
         raise FileExistsError(f"{config} exists and is not a fusionkit model's config; save_pretrained would "
                               "overwrite it: save the model to a new folder")  # fmt: skip
+    if not (config.is_file() or _is_processor_config(directory / PROCESSOR_NAME)):
+        held = [name for name in (*SAVED_FILES, *ENCODER_FOLDERS) if (directory / name).exists()]
+        if held:
+            raise FileExistsError(f"{directory} holds {', '.join(held[:5])} but no fusionkit model or processor "
+                                  "config: save_pretrained would overwrite them; save the model to a new or empty "
+                                  "folder")  # fmt: skip
+
+
+@torch.no_grad()
+def _check_image_size(image: ImageEncoder, size: tuple[int, ...], config: Path) -> None:
+    """One image of the saved `image_preprocess.size` through the encoder (ViT, DINOv2 and others take several)."""
+    if image.is_meta:  # the shapes-only build of `check_saved_shapes`: the real one checks
+        return
+    try:
+        image.eval().backbone(torch.zeros(1, 3, *size))
+    except Exception as e:  # HF: "Input image size (64*64) doesn't match model (32*32)"; timm: an assertion
+        raise ConfigError(f"{config}: image_preprocess.size {list(size)} is not an image size the image encoder "
+                          f"takes ({type(e).__name__}: {str(e).strip()[:200]}); restore the size the model was "
+                          f"saved with (its encoder's: {list(image.preprocess.size)})") from None  # fmt: skip
+
+
+_WARNED_NEWER: set[Path] = set()
+
+
+def _warn_if_newer(config: Path, written_by: Any) -> None:
+    """Once per folder: a model saved by a newer fusionkit may use keys or weights this one does not know."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        newer = Version(str(written_by)) > Version(__version__)
+    except InvalidVersion:
+        return
+    if newer and config.resolve() not in _WARNED_NEWER:
+        _WARNED_NEWER.add(config.resolve())
+        log.warning("%s was written by fusionkit %s, this is %s: upgrade fusionkit if loading fails", config,
+                    written_by, __version__)  # fmt: skip
+
+
+def _is_processor_config(path: Path) -> bool:
+    """A `FusionProcessor.save_pretrained` processor_config.json (an export's too)."""
+    try:
+        return json.loads(path.read_text()).get("processor_class") == "FusionProcessor"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _remove_earlier_save(directory: Path) -> None:
+    """Remove what an earlier save may have left in `directory` (checked by `check_save_dir`): its model,
+    processor and tokenizer files, and those in its encoder folders. One this save does not write would outlive
+    it and load instead of the new model (a processor_config.json, an image_encoder/ of another backend)."""
+    for folder in (directory / name for name in ENCODER_FOLDERS):
+        if folder.is_dir():
+            for name in SAVED_FILES:
+                (folder / name).unlink(missing_ok=True)
+            if not any(folder.iterdir()):
+                folder.rmdir()
+    for name in SAVED_FILES:
+        if (directory / name).is_file():
+            (directory / name).unlink()
 
 
 def _is_model_config(path: Path) -> bool:

@@ -17,7 +17,7 @@ from fusionkit.config import ImagePreprocess
 from fusionkit.data import preprocess_image
 from fusionkit.data.image import resize_geometry
 
-SIZES = [(640, 427), (37, 91), (300, 300), (120, 61)]  # (width, height)
+SIZES = [(640, 427), (37, 91), (300, 300), (120, 61), (17, 45)]  # (width, height); 17 wide: enlarged
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
 
 
@@ -141,3 +141,12 @@ def test_a_jpeg_is_decoded_in_full_unless_far_larger_than_the_input(tmp_path: Pa
             assert diff.mean() < 3.0, size  # DCT-scaled decode of a noisy ramp: ~2 levels on average
         else:
             assert diff.max() <= 1.01, size
+
+
+def test_an_enlarged_image_has_timms_pixels_at_the_crops_edges(tmp_path: Path) -> None:
+    """A box resize clamps the filter at the crop's edges: fine when shrinking, levels off when enlarging."""
+    pre, transform = _timm(0.9)  # 17 px wide -> 35, then 32 cropped
+    noise = np.random.default_rng(0).integers(0, 256, (45, 17, 3), dtype=np.uint8)  # sharp edges everywhere
+    Image.fromarray(noise).save(tmp_path / "small.png")
+    theirs = transform(Image.open(tmp_path / "small.png").convert("RGB"))
+    assert _levels(_ours(tmp_path / "small.png", pre), theirs, pre).max() <= 1.01

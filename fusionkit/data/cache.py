@@ -36,10 +36,10 @@ from fusionkit.store import Store, StoreWriter, is_built, open_or_build
 
 log = logging.getLogger("fusionkit.data")
 
-CACHE_VERSION = 4  # 2: one store, presence flags, skip list replayed, content fingerprint; 3: resize sizes
+CACHE_VERSION = 5  # 2: one store, presence flags, skip list replayed, content fingerprint; 3: resize sizes
 # rounded as timm and HF do (floor, truncation: `resize_geometry`), not to nearest, and a JPEG shrunk on decode only
-# far above the target (`DRAFT_MARGIN`); 4: one-pass resize (no PIL reducing_gap), as timm/torchvision/HF:
-# older caches hold other pixels, so they are rebuilt once
+# far above the target (`DRAFT_MARGIN`); 4: one-pass resize (no PIL reducing_gap), as timm/torchvision/HF; 5: an
+# enlarged image resized whole, then cropped: older caches hold other pixels, so they are rebuilt once
 _CHUNK = 64  # images per worker task: big enough to amortize IPC, small enough for a smooth progress bar
 
 

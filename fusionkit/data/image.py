@@ -328,8 +328,9 @@ def preprocess_image(src: ImageSource, preprocess: ImagePreprocess, **load_kw: o
     """Decode, scale to `size / crop_pct` (`crop_mode` "center": aspect kept, the shorter side fits; "squash": each
     side on its own, as HF's height x width processors do) and center-crop, as `resize_geometry` says.
 
-    Scaling and cropping are one `resize(box=...)` of the crop region, so the work is the output's size
-    whatever the input's shape. Returns uint8 [3, H, W]: the encoder's exact input size, so nothing is
+    Shrinking and cropping are one `resize(box=...)` of the crop region, so the work is the output's size
+    whatever the input's shape; an enlarged image is resized whole, then cropped (a box would clamp the filter at
+    its edges). Returns uint8 [3, H, W]: the encoder's exact input size, so nothing is
     resized again per epoch.
     """
     try:
@@ -344,6 +345,8 @@ def preprocess_image(src: ImageSource, preprocess: ImagePreprocess, **load_kw: o
     rh, rw, top, left = resize_geometry(im.height, im.width, preprocess)
     if (rw, rh) == im.size:
         im = im.crop((left, top, left + tw, top + th))
+    elif rw >= im.width or rh >= im.height:  # enlarged: a box's edges would clamp the filter (up to 3+ levels off)
+        im = im.resize((rw, rh), resample).crop((left, top, left + tw, top + th))  # small: about the output's size
     else:  # the same pixels as resizing the whole image then cropping, computed for the crop only
         sx, sy = rw / im.width, rh / im.height
         box = (left / sx, top / sy, min(im.width, (left + tw) / sx), min(im.height, (top + th) / sy))

@@ -152,3 +152,15 @@ def test_a_saved_models_processor_loads_without_transformers_model_type_warning(
     code = f"import fusionkit; print(fusionkit.FusionProcessor.from_pretrained({str(tmp_path / 'm')!r}).max_length)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "64" and "to instantiate a model of type" not in run.stderr
+
+
+def test_a_model_folders_encoder_tokenizer_truncates_at_the_models_max_length(tmp_path: Path) -> None:
+    """transformers pointed at the saved text_encoder/ itself truncates where the model does."""
+    from transformers import AutoTokenizer
+
+    import fusionkit
+
+    fusionkit.create_model("tiny", text={"max_length": 12}).save_pretrained(tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m" / "text_encoder")
+    assert tok.model_max_length == 12  # what truncation=True cuts at when tokenizer.json sets no truncation
+    assert len(tok(" ".join(["word"] * 40), truncation=True)["input_ids"]) == 12

@@ -509,9 +509,10 @@ class TextEncoder(Encoder):
         check_tokenizer_fits(tokenizer, model.config.vocab_size, f"model.text.name {source}")
         return cls(model, tokenizer)
 
-    def save(self, directory: str | Path) -> None:
+    def save(self, directory: str | Path, max_length: int | None = None) -> None:
+        """Config + tokenizer (`max_length`: where transformers' own loading of the folder truncates)."""
         self.model.config.save_pretrained(directory)
-        save_tokenizer(self.tokenizer, directory)
+        save_tokenizer(self.tokenizer, directory, max_length)
 
     def backbone(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

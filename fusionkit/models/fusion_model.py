@@ -644,7 +644,7 @@ class FusionModel(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.text_encoder.save(directory / "text_encoder")
+        self.text_encoder.save(directory / "text_encoder", self.config.text.max_length)
         self.image_encoder.save(directory / "image_encoder")
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         metadata = {"format": "pt", "fusionkit": __version__}
@@ -725,6 +725,9 @@ class FusionModel(nn.Module):
 
     @classmethod
     def _build_on_saved_encoders(cls, directory: Path, config: ModelConfig, meta: Mapping[str, Any]) -> FusionModel:
+        if not directory.is_dir():  # else transformers reads its encoder paths as hub ids ("Repo id must be ...")
+            raise FileNotFoundError(f"{directory} is not there any more: the model folder was moved, pruned or deleted "
+                                    "while it was read; load it again from where it is now")  # fmt: skip
         text = TextEncoder.from_config(config.text, saved_dir=directory / "text_encoder")
         # timm rebuilds from its name alone; a saved_dir still tells it not to fetch pretrained weights
         image = ImageEncoder.from_config(config.image, saved_dir=directory / "image_encoder")

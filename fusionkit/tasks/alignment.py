@@ -66,18 +66,21 @@ class ImageTextMatchingTask(Task):
         return output
 
     def loss(self, output: torch.Tensor, target: Any, mask: Any) -> Any:
-        from ..training.distributed import gathering, rank_and_world, rows_over_ranks
+        """The mean over the batch's pairs; None when it has no other pair to make a negative from.
 
+        Training in several processes, every rank computes the global batch's mean from every rank's scores
+        (gathered, gradients flowing back to the rank that owns each): one loss, which the trainer weighs like
+        the contrastive task's, so an uneven split trains as one process would."""
+        from ..training.distributed import gather_features, gathering  # lazy: training imports the tasks
+
+        if gathering():
+            output = gather_features(output)
+            if not len(output):  # no negative anywhere in the global batch: a zero whose backward still runs
+                return output.sum()
+        elif output.shape[0] < 2:  # no other pair in the batch to make a negative from
+            return None
         target = torch.zeros_like(output)
         target[:, 0] = 1.0
-        if gathering():  # this rank's share of the global batch's mean loss, however the pairs are split
-            total = rows_over_ranks(output)
-            if not total:  # no negative anywhere in the global batch: a zero whose backward still runs
-                return output.sum()
-            bce = F.binary_cross_entropy_with_logits(output, target, reduction="sum")
-            return bce * rank_and_world()[1] / (2 * total)  # DDP averages the ranks' gradients
-        if output.shape[0] < 2:  # no other pair in the batch to make a negative from
-            return None
         return F.binary_cross_entropy_with_logits(output, target)
 
     def eval_output(self, output: torch.Tensor) -> torch.Tensor:
@@ -116,10 +119,12 @@ class ContrastiveTask(Task):
         return head(gather_features(text), gather_features(image))
 
     def loss(self, output: torch.Tensor, target: Any, mask: Any) -> Any:
+        from ..training.distributed import gathering
+
         if output.dim() == 3:  # evaluation's pair embeddings: InfoNCE within the batch, as in training
             output = output[:, 0] @ output[:, 1].T
-        if output.shape[0] < 2:
-            return None
+        if output.shape[0] < 2:  # no negative; ranks hold the same gathered pairs: each ties its head in for DDP
+            return output.sum() * 0 if gathering() else None
         idx = torch.arange(output.shape[0], device=output.device)
         return 0.5 * (F.cross_entropy(output, idx) + F.cross_entropy(output.T, idx))
 

@@ -6,7 +6,7 @@ both a caption and an image can be matched; the rest are left out of these losse
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,8 @@ class ImageTextMatchingTask(Task):
     needs_labels = False
     default_metric = "accuracy"
     metric_names = ("accuracy",)
+    # its negatives come from the rows of the batch: gradient accumulation's micro-batches give it fewer
+    contrasts_rows: ClassVar[bool] = True
 
     def build_head(self, dim: int, num_views: int, dropout: float) -> nn.Module:
         from ..models.heads import TaskHead
@@ -101,6 +103,7 @@ class ContrastiveTask(Task):
     needs_labels = False
     default_metric = "r@1"
     metric_names = ("r@1",)
+    contrasts_rows: ClassVar[bool] = True  # as ITM's: the batch's other pairs are its negatives
 
     def build_head(self, dim: int, num_views: int, dropout: float) -> nn.Module:
         from ..models.heads import ContrastiveHead

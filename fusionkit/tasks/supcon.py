@@ -91,6 +91,7 @@ class SupConTask(Task):
     metric_names: ClassVar[tuple[str, ...]] = ()
     label_source_types: ClassVar[tuple[str, ...]] = ("classification",)  # one class index per row
     params_read = PARAMS
+    contrasts_rows: ClassVar[bool] = True  # its positives and negatives are the batch's rows (see alignment.py)
 
     @classmethod
     def validate_config(cls, cfg: TaskConfig) -> None:

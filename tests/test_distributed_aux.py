@@ -100,3 +100,19 @@ def _tie_worker(rank: int, port: int) -> None:
 @pytest.mark.timeout(60)
 def test_contrastive_without_a_negative_still_ties_its_head_into_ddp() -> None:
     mp.spawn(_tie_worker, args=(free_port(),), nprocs=2, join=True)
+
+
+def test_accumulation_warns_that_contrasting_tasks_see_micro_batches(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_split(tmp_path, train=30)
+    with caplog.at_level("WARNING", logger="fusionkit"):
+        Trainer(config(tmp_path, "acc", **{"model.tasks": TASKS, "optim.accumulation_steps": 3}))
+    warned = [r.getMessage() for r in caplog.records if "accumulation_steps" in r.getMessage()]
+    assert warned == ["optim.accumulation_steps 3: tasks ['sc', 'sc_x', 'match'] contrast the rows of each micro-batch "
+                      "of 16, not of the accumulated batch of 48 (fewer negatives than one batch that size); for them "
+                      "raise optim.batch_size instead"]  # fmt: skip
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fusionkit"):
+        Trainer(config(tmp_path, "one", **{"model.tasks": TASKS}))  # no accumulation: no warning
+    assert not [r for r in caplog.records if "accumulation_steps" in r.getMessage()]

@@ -6,7 +6,7 @@ both a caption and an image can be matched; the rest are left out of these losse
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,8 @@ class ImageTextMatchingTask(Task):
     needs_labels = False
     default_metric = "accuracy"
     metric_names = ("accuracy",)
+    # its negatives come from the rows of the batch: gradient accumulation's micro-batches give it fewer
+    contrasts_rows: ClassVar[bool] = True
 
     def build_head(self, dim: int, num_views: int, dropout: float) -> nn.Module:
         from ..models.heads import TaskHead
@@ -66,18 +68,21 @@ class ImageTextMatchingTask(Task):
         return output
 
     def loss(self, output: torch.Tensor, target: Any, mask: Any) -> Any:
-        from ..training.distributed import gathering, rank_and_world, rows_over_ranks
+        """The mean over the batch's pairs; None when it has no other pair to make a negative from.
 
+        Training in several processes, every rank computes the global batch's mean from every rank's scores
+        (gathered, gradients flowing back to the rank that owns each): one loss, which the trainer weighs like
+        the contrastive task's, so an uneven split trains as one process would."""
+        from ..training.distributed import gather_features, gathering  # lazy: training imports the tasks
+
+        if gathering():
+            output = gather_features(output)
+            if not len(output):  # no negative anywhere in the global batch: a zero whose backward still runs
+                return output.sum()
+        elif output.shape[0] < 2:  # no other pair in the batch to make a negative from
+            return None
         target = torch.zeros_like(output)
         target[:, 0] = 1.0
-        if gathering():  # this rank's share of the global batch's mean loss, however the pairs are split
-            total = rows_over_ranks(output)
-            if not total:  # no negative anywhere in the global batch: a zero whose backward still runs
-                return output.sum()
-            bce = F.binary_cross_entropy_with_logits(output, target, reduction="sum")
-            return bce * rank_and_world()[1] / (2 * total)  # DDP averages the ranks' gradients
-        if output.shape[0] < 2:  # no other pair in the batch to make a negative from
-            return None
         return F.binary_cross_entropy_with_logits(output, target)
 
     def eval_output(self, output: torch.Tensor) -> torch.Tensor:
@@ -98,6 +103,7 @@ class ContrastiveTask(Task):
     needs_labels = False
     default_metric = "r@1"
     metric_names = ("r@1",)
+    contrasts_rows: ClassVar[bool] = True  # as ITM's: the batch's other pairs are its negatives
 
     def build_head(self, dim: int, num_views: int, dropout: float) -> nn.Module:
         from ..models.heads import ContrastiveHead
@@ -116,10 +122,12 @@ class ContrastiveTask(Task):
         return head(gather_features(text), gather_features(image))
 
     def loss(self, output: torch.Tensor, target: Any, mask: Any) -> Any:
+        from ..training.distributed import gathering
+
         if output.dim() == 3:  # evaluation's pair embeddings: InfoNCE within the batch, as in training
             output = output[:, 0] @ output[:, 1].T
-        if output.shape[0] < 2:
-            return None
+        if output.shape[0] < 2:  # no negative; ranks hold the same gathered pairs: each ties its head in for DDP
+            return output.sum() * 0 if gathering() else None
         idx = torch.arange(output.shape[0], device=output.device)
         return 0.5 * (F.cross_entropy(output, idx) + F.cross_entropy(output.T, idx))
 

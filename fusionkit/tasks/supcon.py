@@ -91,6 +91,7 @@ class SupConTask(Task):
     metric_names: ClassVar[tuple[str, ...]] = ()
     label_source_types: ClassVar[tuple[str, ...]] = ("classification",)  # one class index per row
     params_read = PARAMS
+    contrasts_rows: ClassVar[bool] = True  # its positives and negatives are the batch's rows (see alignment.py)
 
     @classmethod
     def validate_config(cls, cfg: TaskConfig) -> None:
@@ -150,22 +151,35 @@ class SupConTask(Task):
         return out if ctx.paired is None else out * ctx.paired[:, None, None].to(out.dtype)
 
     def loss(self, output: torch.Tensor, target: torch.Tensor | None, mask: torch.Tensor | None) -> Any:
-        if target is None:
-            return None
-        if target.dim() != 1 or target.is_floating_point():
+        """The loss over the batch's labelled rows; None when no anchor has a positive there.
+
+        Training in several processes, every rank contrasts the global batch (its projections and labels
+        gathered, gradients flowing back to each rank's own rows, as the contrastive task does), so a 2-process
+        run trains as one process on the whole batch; a global batch with nothing to score gives every rank a
+        zero tied to its projections, so DDP still finds a gradient for each parameter of the head."""
+        from ..training.distributed import gather_features, gathering  # lazy: training imports the tasks
+
+        if target is not None and (target.dim() != 1 or target.is_floating_point()):
             raise ConfigError(
                 f"task {self.name!r} (supcon): params.labels_from={self.label_source!r} must be a single-label "
                 f"classification task (one class index per row), got labels of shape {tuple(target.shape)}"
             )
-        keep = torch.ones_like(target, dtype=torch.bool) if mask is None else mask.bool()
+        if target is None and not gathering():
+            return None
+        keep = torch.zeros(len(output), dtype=torch.bool, device=output.device)  # no labels on this rank
+        if target is not None:
+            keep = torch.ones_like(target, dtype=torch.bool) if mask is None else mask.bool()
         if self.views == "cross":
             keep = keep & (output.flatten(1).abs().sum(1) > 0)  # rows with both modalities
-        if int(keep.sum()) < 2:
-            return None
-        z, y = (
-            output[keep].to(torch.promote_types(output.dtype, torch.float32)),
-            target[keep],
-        )  # fp32 at least
+        z = output.to(torch.promote_types(output.dtype, torch.float32))  # fp32 at least
+        y = torch.full_like(keep, -1, dtype=torch.long) if target is None else torch.where(keep, target, -1)
+        if gathering():  # the rows left out carry the label -1 across
+            z, y = gather_features(z), gather_features(y)
+        keep = y >= 0
+        loss = self._contrast(z[keep], y[keep]) if int(keep.sum()) >= 2 else None
+        return z.sum() * 0 if loss is None and gathering() else loss
+
+    def _contrast(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         if self.views == "joint":
             return supcon_loss(z, y, temperature=self.temperature)
         text, image = z[:, 0], z[:, 1]

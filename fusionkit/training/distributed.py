@@ -124,11 +124,6 @@ def gather_features(x: torch.Tensor) -> torch.Tensor:
     return _GatherRows.apply(x, _row_counts(x)) if gathering() else x
 
 
-def rows_over_ranks(x: torch.Tensor) -> int:
-    """Rows of `x` summed over the ranks while `gathering()`, else `len(x)`."""
-    return sum(_row_counts(x)) if gathering() else x.shape[0]
-
-
 class _ExchangeRows(torch.autograd.Function):
     """All-to-all along dim 0: the first `send[0]` rows to rank 0, the next `send[1]` to rank 1, ...;
     the result holds `recv[r]` rows from each rank r in rank order. Backward sends gradients back."""

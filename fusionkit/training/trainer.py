@@ -406,6 +406,12 @@ class Trainer:
             log.log(logging.WARNING if overruled else logging.INFO, "precision %s", self.precision.reason)
             for message in unused_settings(cfg):
                 log.warning(message)
+            contrasting = [n for n, t in self.model.tasks.items() if getattr(t, "contrasts_rows", False)]
+            if cfg.optim.accumulation_steps > 1 and contrasting:
+                log.warning("optim.accumulation_steps %d: tasks %s contrast the rows of each micro-batch of %d, not of the "
+                            "accumulated batch of %d (fewer negatives than one batch that size); for them raise "
+                            "optim.batch_size instead", cfg.optim.accumulation_steps, contrasting, cfg.optim.batch_size,
+                            cfg.optim.batch_size * cfg.optim.accumulation_steps)  # fmt: skip
         self._build_data(source, parts)
 
         self.ddp: torch.nn.Module = self.model

@@ -116,3 +116,38 @@ def test_accumulation_warns_that_contrasting_tasks_see_micro_batches(
     with caplog.at_level("WARNING", logger="fusionkit"):
         Trainer(config(tmp_path, "one", **{"model.tasks": TASKS}))  # no accumulation: no warning
     assert not [r for r in caplog.records if "accumulation_steps" in r.getMessage()]
+
+
+def _gap_worker(rank: int, tmp: str, port: int, table: str) -> None:
+    _join(rank, port)
+    try:
+        Trainer(_gap_config(Path(tmp), table)).fit()
+    finally:
+        dist.destroy_process_group()
+    _exit_quietly()
+
+
+def _gap_config(tmp: Path, table: str):
+    from fusionkit.training import build_config
+
+    return build_config(None, {
+        "data.dataset": table, "data.text_column": "caption", "data.image_column": "photo",
+        "data.cache_dir": str(tmp / "cache"), "model.tasks": [{"name": "mood"}, {"name": "score", "type": "regression"}],
+        "optim.batch_size": 2, "optim.max_steps": 10, "run.output_dir": str(tmp / "runs"), "run.name": "gaps",
+        "run.progress": False, "run.plots": False, "run.device": "cpu", "run.precision": "fp32",
+    })  # fmt: skip
+
+
+@pytest.mark.timeout(300)
+def test_a_task_without_a_labelled_row_on_one_rank_trains_in_two_processes(tmp_path: Path) -> None:
+    """One row per rank, `score` labelled in every 4th row: most steps some rank has nothing to score for it. Its
+    head got no gradient there: DDP waited for it and the ranks' collectives went out of step (gloo aborted)."""
+    from tests.test_own_data import write_table
+
+    table = write_table(tmp_path / "data", n=32)
+    lines = table.read_text().splitlines()
+    table.write_text("\n".join([lines[0] + ",score"] + [f"{line},{i * 0.5 if i % 4 == 0 else ''}"
+                                                         for i, line in enumerate(lines[1:])]) + "\n")  # fmt: skip
+    mp.spawn(_gap_worker, args=(str(tmp_path), free_port(), str(table)), nprocs=2, join=True)
+    logged = [json.loads(line) for line in (tmp_path / "runs" / "gaps" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("step", 0) for r in logged) == 10 and (tmp_path / "runs" / "gaps" / "summary.json").is_file()

@@ -151,7 +151,15 @@ class MultiTaskLoss(nn.Module):
             for name, task in self.tasks.items()
         }
         anchor = next((o for o in outputs.values() if o.requires_grad), next(iter(outputs.values()), None))
-        return self.combine(losses, anchor, scales)
+        out = self.combine(losses, anchor, scales)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # a task with nothing to score on this rank (no labelled row here) still ties its head in: DDP waits for
+            # every parameter's gradient, and its head's would never come (one process leaves the head untouched)
+            idle = [outputs[n] for n in self.tasks if outputs[n].requires_grad
+                    and (losses.get(n) is None or (scales is not None and scales.get(n, 0.0) == 0))]
+            if idle:
+                out["loss"] = out["loss"] + sum(o.sum() for o in idle) * 0.0
+        return out
 
 
 def checked_loss(task: Any, loss: Any) -> torch.Tensor | None:

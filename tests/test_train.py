@@ -436,3 +436,13 @@ def test_train_takes_overrides_from_python_as_the_command_line_does(tmp_path: Pa
     fusionkit.train(build_config(path), overrides={"run.name": "o2", "optim.max_steps": 2})
     saved = yaml.safe_load((tmp_path / "runs" / "o2" / "config.yaml").read_text())
     assert saved["optim"]["max_steps"] == 2 and saved["optim"]["epochs"] == 3
+
+
+def test_a_summary_names_its_run_dir_absolute_whatever_the_working_directory(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A relative run.output_dir gave 'runs/r' in summary.json (a resume wrote it absolute): valid nowhere else."""
+    monkeypatch.chdir(tmp_path)
+    summary = Trainer(tiny_config(tmp_path, "r", **{"run.output_dir": "runs", "optim.max_steps": 1})).fit()
+    saved = json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
+    assert saved["run_dir"] == summary["run_dir"] == str(tmp_path / "runs" / "r")
+    assert Path(saved["best_checkpoint"]).is_absolute() and Path(saved["best_checkpoint"]).is_dir()

@@ -203,7 +203,7 @@ class RunDir:
             os.close(fd)
             raise RunDirError(
                 f"{self.path} is being written by another live training (pid/host: {holder}); wait for it "
-                f"to finish, or choose another run.name{_own_hint(holder)}"
+                f"to finish (a new run can instead choose another run.name){_own_hint(holder)}"
             ) from None
         previous = os.pread(fd, 200, 0).decode(errors="replace").strip()
         if previous:

@@ -1010,8 +1010,8 @@ class Trainer:
                 self.model.load_weights(best_dir / "model.safetensors")
         summary: dict[str, Any] = {
             "fusionkit_version": __version__,  # which version wrote it: formats change between versions
-            "run_dir": str(self.run_dir),
-            "best_checkpoint": str(best_dir),
+            "run_dir": str(self.run_dir.absolute()),  # as a resume writes it: valid from any working directory
+            "best_checkpoint": str(best_dir.absolute()),
             "metric": self.metric,
             "best": self.best,
             "epochs": self.epoch,

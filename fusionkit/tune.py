@@ -72,8 +72,10 @@ def default_space(tasks: Sequence[Any] = (), freeze: str = "encoders") -> dict[s
     """What matters most with frozen encoders (see benchmarks/results/mvsa_single_recipe.md), plus the
     options each task type declares (`Task.search_space`: label smoothing, class weights, ...); with
     `freeze: top_k` also the rates of the trained encoder blocks, which no other setting reaches."""
+    from .config import TaskConfig, from_dict
     from .tasks import get_task_class
 
+    tasks = [from_dict(TaskConfig, t, "tasks") if isinstance(t, Mapping) else t for t in tasks]  # as configs write them
     own = {f"{TASK_PREFIX}{t.name}.{key}": dict(spec) for t in tasks
            for key, spec in get_task_class(t.type).search_space.items()}  # fmt: skip
     return {

@@ -164,3 +164,19 @@ def test_a_model_folders_encoder_tokenizer_truncates_at_the_models_max_length(tm
     tok = AutoTokenizer.from_pretrained(tmp_path / "m" / "text_encoder")
     assert tok.model_max_length == 12  # what truncation=True cuts at when tokenizer.json sets no truncation
     assert len(tok(" ".join(["word"] * 40), truncation=True)["input_ids"]) == 12
+
+
+def test_encode_normalized_is_embeds_joint_vector(tmp_path: Path) -> None:
+    """README: after .eval(), model.encode(inputs, normalize=True) gives fusionkit.embed's vectors."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import fusionkit
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "p.png")
+    model = fusionkit.create_model("tiny", fusion={"strategy": "gated"}).eval()
+    inputs = fusionkit.FusionProcessor.from_model(model)(texts=["what a day"], images=[str(tmp_path / "p.png")])
+    vecs = torch.as_tensor(fusionkit.embed(model, texts=["what a day"], images=[str(tmp_path / "p.png")]))
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(inputs, normalize=True), vecs, rtol=1e-5, atol=1e-6)

@@ -396,3 +396,13 @@ def test_the_default_space_tunes_the_encoder_rates_only_when_top_blocks_train() 
     rates = {"optim.encoder_lr_scale", "optim.layer_decay"}
     assert rates <= set(default_space(freeze="top_k"))
     assert not rates & set(default_space()) and not rates & set(default_space(freeze="none"))
+
+
+def test_default_space_takes_tasks_as_configs_write_them() -> None:
+    """README's `default_space(tasks, ...)`: plain dicts failed with "'dict' object has no attribute 'type'"."""
+    from fusionkit.config import TaskConfig
+    from fusionkit.tune import default_space
+
+    written = default_space([{"name": "mood"}, {"name": "price", "type": "regression"}], "top_k")
+    assert written == default_space([TaskConfig("mood"), TaskConfig("price", type="regression")], "top_k")
+    assert "model.tasks.mood.label_smoothing" in written and "optim.layer_decay" in written

@@ -835,3 +835,17 @@ def test_an_existing_file_at_the_output_is_kept_beside_it(trained_run: tuple[Pat
     assert first.startswith("id,mood")
     assert main(["predict", run, "--data", str(table), "--output", str(out)]) == 0
     assert (tmp_path / "notes.csv.~2~").read_text() == first and out.read_text() == first
+
+
+def test_a_rare_label_that_looks_like_a_large_class_is_said(caplog: pytest.LogCaptureFixture) -> None:
+    """'Postive' once beside 'Positive' 10 times became a fourth class in every output, without a word."""
+    labels = ["Positive"] * 10 + ["negative"] * 10 + ["Postive", "meh"]
+    with caplog.at_level(logging.WARNING, logger="fusionkit"):
+        _, [cfg] = bind_labels(_raw(labels), [fusionkit.TaskConfig("y")])
+    assert cfg.class_names == ["Positive", "Postive", "meh", "negative"]  # still a class: said, not refused
+    assert "label 'Postive' has 1 row(s)" in caplog.text and "looks like 'Positive' (10 rows)" in caplog.text
+    assert "'meh'" not in caplog.text  # rare, but like no other class
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fusionkit"):
+        bind_labels(_raw(labels), [fusionkit.TaskConfig("y", class_names=["Positive", "Postive", "meh", "negative"])])
+    assert "a typo?" not in caplog.text  # listed by the user: meant

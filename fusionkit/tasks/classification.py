@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import re
@@ -101,6 +102,20 @@ def reconcile_class_names(
                 "data, or if they are really different classes list them in model.tasks[].class_names"
             )
     return names
+
+
+def warn_rare_lookalikes(task: str, labels: Sequence[str], where: str) -> None:
+    """A class of one or two rows whose name is close to a large class ('Postive' beside 'Positive') is most likely
+    a typo: it becomes a class of its own, in every output, without a word. Said, not refused (it may be real)."""
+    counts = Counter(labels)
+    common = [n for n, c in counts.items() if c >= 5]
+    for name, count in counts.items():
+        if count <= 2 and len(labels) >= 20:
+            near = difflib.get_close_matches(name, [n for n in common if n != name], n=1, cutoff=0.75)
+            if near:
+                log.warning("task %s: label %r has %d row(s) in %s and looks like %r (%d rows): a typo? It is a class "
+                            "of its own unless fixed (or list the classes in model.tasks[].class_names)", task, name,
+                            count, where, near[0], counts[near[0]])  # fmt: skip
 
 
 def _spelling_key(name: str) -> str:
@@ -228,6 +243,9 @@ class ClassificationTask(Task):
         if not (self.cfg.class_names or declared):
             check_not_numeric(self.name, self.type, observed, where)
         names = reconcile_class_names(self.name, observed, self.cfg.class_names, declared, where)
+        if not (self.cfg.class_names or declared):
+            present = [v for v in values if not self._missing(v)]
+            warn_rare_lookalikes(self.name, [n for v in present for n in self.names_in([v], where)], where)
         if (
             self.cfg.num_classes is not None
             and self.cfg.class_names is None

@@ -163,10 +163,11 @@ class ModelConfig:
             raise ConfigError("a model needs at least one task")
         if len(set(names)) != len(names):
             raise ConfigError(f"task names must be unique, got {names}")
-        from .tasks import get_task_class  # tasks validate their own options
+        from .tasks import check_task_names, create_task, get_task_class  # tasks validate their own options
 
         for t in self.tasks:
             get_task_class(t.type).validate_config(t)
+        check_task_names([create_task(t) for t in self.tasks])  # predictions that would overwrite each other
         if all(t.weight == 0 for t in self.tasks):
             raise ConfigError(f"every task has weight 0 ({names}): the loss would be 0 and nothing would be learned; "
                               "give at least one task a weight > 0")  # fmt: skip

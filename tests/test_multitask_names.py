@@ -63,6 +63,17 @@ def test_a_task_named_like_another_tasks_prediction_column_is_refused_before_any
     assert not (tmp_path / "runs").exists()  # no run dir, no cache: refused before reading anything
 
 
+def test_a_config_with_clashing_task_names_is_refused_wherever_it_is_built(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--print-config`, `tune` and Python callers validate the same config the trainer does."""
+    tasks = [{"name": "mood"}, {"name": "mood_prob", "type": "regression", "column": "score"}]
+    with pytest.raises(ConfigError, match="would write the same prediction column"):
+        build_config(None, {"model.tasks": tasks})
+    assert main(["train", "--model.tasks", json.dumps(tasks), "--print-config"]) == 2
+    assert "would write the same prediction column" in capsys.readouterr().err
+
+
 def test_prediction_rows_and_files_refuse_to_overwrite_a_key() -> None:
     """Tasks built past the config check (a plugin, an old model) still cannot overwrite a prediction."""
     mood = create_task(TaskConfig("mood", class_names=["sad", "happy"], num_classes=2))

@@ -50,7 +50,7 @@ from ..data.sources.registry import data_gone, source_name
 from ..models import FusionModel, create_model, model_inputs
 from ..models.fusion_model import DATA_COLUMNS
 from ..precision import choose_precision
-from ..tasks import bind_labels, check_task_names, create_task, fit_train_statistics
+from ..tasks import bind_labels, create_task, fit_train_statistics
 from . import checkpoint as ckpt
 from . import distributed as D
 from .config import IN_MEMORY, DataConfig, TrainConfig, build_config, unused_settings
@@ -365,7 +365,6 @@ class Trainer:
         """`data`: an in-memory DataFrame, `datasets.Dataset`/`DatasetDict` or `MultimodalDataset` to
         train on instead of `config.data.dataset` (columns are still named by `config.data`)."""
         self.cfg = cfg = config.validate()
-        check_task_names([create_task(t) for t in cfg.model.tasks])  # before the run dir: nothing to undo
         if data is not None:  # what the saved config says it trained on: not data.dataset's value
             cfg.data.dataset = data_source_name(data)
         self.device = resolve_device(cfg.run.device)

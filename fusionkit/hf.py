@@ -34,7 +34,7 @@ from . import __version__
 from .config import ConfigError, ImagePreprocess, ModelConfig, from_dict, to_dict
 from .data.collate import ImageTransform
 from .hub import resolve_pretrained_dir
-from .models.fusion_model import CONFIG_NAME, FusionModel, _find_checkpoint_dir, model_inputs
+from .models.fusion_model import CONFIG_NAME, FusionModel, _find_checkpoint_dir, hf_label_maps, model_inputs
 from .processor import FusionProcessor
 
 MODEL_TYPE = "fusionkit"
@@ -56,6 +56,7 @@ class FusionkitConfig(PretrainedConfig):
             image_preprocess=to_dict(model.image_preprocess),
             fusionkit_version=__version__,
             architectures=[FusionkitModel.__name__],
+            **hf_label_maps(model.config),
         )
 
     def model_config(self) -> ModelConfig:

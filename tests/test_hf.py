@@ -40,6 +40,8 @@ def test_auto_classes_round_trip(saved: Path, batch, tmp_path: Path) -> None:
 
     config = AutoConfig.from_pretrained(saved)
     assert isinstance(config, fhf.FusionkitConfig) and config.model_config().fusion.dim == 64
+    names = ["positive", "neutral", "negative"]  # the one task's class names, where HF readers look for them
+    assert config.id2label == dict(enumerate(names)) and config.label2id == {n: i for i, n in enumerate(names)}
     model = AutoModel.from_pretrained(saved)
     assert isinstance(model, fhf.FusionkitModel) and not model.training
     assert isinstance(AutoProcessor.from_pretrained(saved), FusionProcessor)
@@ -51,7 +53,8 @@ def test_auto_classes_round_trip(saved: Path, batch, tmp_path: Path) -> None:
     model.save_pretrained(tmp_path / "again")  # HF save -> same folder format, safetensors only
     files = sorted(p.name for p in (tmp_path / "again").iterdir())
     assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
-    assert json.loads((tmp_path / "again" / "config.json").read_text())["model_type"] == "fusionkit"
+    written = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert written["model_type"] == "fusionkit" and written["id2label"] == {"0": "positive", "1": "neutral", "2": "negative"}
     for reload in (
         AutoModel.from_pretrained(tmp_path / "again"),
         FusionModel.from_pretrained(tmp_path / "again"),
@@ -68,6 +71,16 @@ def test_auto_classes_round_trip(saved: Path, batch, tmp_path: Path) -> None:
     import fusionkit
 
     assert fusionkit.FusionkitModel is fhf.FusionkitModel and fusionkit.FusionkitConfig is fhf.FusionkitConfig
+
+
+def test_a_multi_task_model_writes_no_label_maps(tmp_path: Path) -> None:
+    """HF's `id2label` is one label set; a model with two tasks has none to give (the names stay in `model.tasks`)."""
+    from transformers import AutoConfig
+
+    tasks = [{"name": "mood", "class_names": ["a", "b"]}, {"name": "topic", "class_names": ["x", "y", "z"]}]
+    create_model("tiny", tasks=tasks).save_pretrained(tmp_path / "m")
+    assert "id2label" not in json.loads((tmp_path / "m" / "config.json").read_text())
+    assert [t["class_names"] for t in AutoConfig.from_pretrained(tmp_path / "m").model["tasks"]] == [["a", "b"], ["x", "y", "z"]]
 
 
 def test_hub_ids_go_through_snapshot_download(saved: Path, batch, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -114,6 +114,17 @@ def gather_inputs(where: str, given: Mapping[str, Any], accepted: Sequence[str])
     return inputs
 
 
+def hf_label_maps(config: ModelConfig) -> dict[str, dict]:
+    """`id2label` / `label2id` of a single-task model with class names, as transformers writes them: what HF
+    pipelines, the hub's widget and `config.id2label` readers show instead of LABEL_0, LABEL_1, ...
+    A multi-task model has no one label set, so it writes none (its names stay under `model.tasks`)."""
+    tasks = config.tasks
+    if len(tasks) != 1 or not tasks[0].class_names:
+        return {}
+    names = tasks[0].class_names
+    return {"id2label": {str(i): n for i, n in enumerate(names)}, "label2id": {n: i for i, n in enumerate(names)}}
+
+
 class FusionModel(nn.Module):
     """Text encoder + image encoder -> fusion strategy -> one head per task: the whole model, one interface.
 
@@ -673,6 +684,7 @@ class FusionModel(nn.Module):
             "image_preprocess": to_dict(self.image_preprocess),
             "trained_without": list(self.trained_without),
             "data_columns": dict(self.data_columns),
+            **hf_label_maps(self.config),
         }
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
         return directory

@@ -13,6 +13,8 @@ Your own parts, then named in configs: @fusionkit.register_fusion("name") over a
 
 __version__ = "0.2.0"
 
+from typing import TYPE_CHECKING  # noqa: E402
+
 from .config import (  # noqa: E402
     ConfigError,
     FusionConfig,
@@ -48,7 +50,7 @@ from .models import (  # noqa: E402
 from .processor import FusionProcessor  # noqa: E402
 from .registry import load_plugins  # noqa: E402
 from .tasks import Task, bind_labels, list_tasks, register_task  # noqa: E402
-from .training import TrainConfig, Trainer, build_config, train  # noqa: E402
+from .training import DataConfig, OptimConfig, RunConfig, TrainConfig, Trainer, build_config, train  # noqa: E402
 
 # `fusionkit.tune(...)` (optuna is imported when it runs: an optional dependency). The function replaces the
 # submodule as this attribute, so `import fusionkit.tune as t` gives the function too (Python binds the
@@ -58,6 +60,7 @@ from .tune import tune  # noqa: E402
 __all__ = [
     "Collator",
     "ConfigError",
+    "DataConfig",
     "DataError",
     "FusionConfig",
     "FusionModel",
@@ -69,6 +72,8 @@ __all__ = [
     "ModelConfig",
     "MultiTaskLoss",
     "MultimodalDataset",
+    "OptimConfig",
+    "RunConfig",
     "Task",
     "TaskConfig",
     "TextEncoderConfig",
@@ -97,19 +102,33 @@ __all__ = [
     "tune",
 ]
 
+if TYPE_CHECKING:  # what the lazy names below are, for type checkers and IDEs
+    from . import export as export
+    from . import hf as hf
+    from . import hub as hub
+    from .hf import FusionkitConfig as FusionkitConfig
+    from .hf import FusionkitModel as FusionkitModel
+
 _HF_NAMES = ("FusionkitConfig", "FusionkitModel")
 _SUBMODULES = ("export", "hf", "hub")  # `fusionkit.export.OnnxModel(...)` right after `import fusionkit`
 
 
-def __getattr__(name: str) -> object:
-    """`fusionkit.FusionkitModel` / `FusionkitConfig` (fusionkit.hf) and the submodules above import on first
-    use: transformers' model classes take seconds to import, which `import fusionkit` should not pay."""
-    if name in _HF_NAMES:
-        from . import hf
+if not TYPE_CHECKING:  # type checkers see the names imported above, and no others
 
-        return getattr(hf, name)
-    if name in _SUBMODULES:
-        import importlib
+    def __getattr__(name: str) -> object:
+        """`fusionkit.FusionkitModel` / `FusionkitConfig` (fusionkit.hf) and the submodules above import on first
+        use: transformers' model classes take seconds to import, which `import fusionkit` should not pay."""
+        if name in _HF_NAMES:
+            from . import hf
 
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module 'fusionkit' has no attribute {name!r}")
+            return getattr(hf, name)
+        if name in _SUBMODULES:
+            import importlib
+
+            return importlib.import_module(f".{name}", __name__)
+        raise AttributeError(f"module 'fusionkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """Tab completion lists the lazy names too."""
+    return sorted({*globals(), *_HF_NAMES, *_SUBMODULES})

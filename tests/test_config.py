@@ -62,8 +62,12 @@ def test_public_api_is_exported():
     import fusionkit
 
     assert not [n for n in fusionkit.__all__ if not hasattr(fusionkit, n)]
-    for name in ("create_model", "FusionModel", "embed", "Trainer", "load_dataset", "Collator"):
+    for name in ("create_model", "FusionModel", "embed", "Trainer", "load_dataset", "Collator", "RunConfig"):
         assert name in fusionkit.__all__
+    # the names imported on first use are listed too (tab completion), and unknown names are still errors
+    assert {"FusionkitModel", "FusionkitConfig", "export", "hf", "hub"} <= set(dir(fusionkit))
+    with pytest.raises(AttributeError, match="has no attribute 'nonexistent'"):
+        fusionkit.nonexistent  # noqa: B018
 
 
 def test_example_configs_are_valid():

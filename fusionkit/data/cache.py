@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fusionkit.config import ImagePreprocess
-from fusionkit.data.dataset import MultimodalDataset
+from fusionkit.data.dataset import MultimodalDataset, clean_text
 from fusionkit.data.errors import DataError, OnError, check_policy
 from fusionkit.data.image import ImageSource, preprocess_image
 from fusionkit.store import Store, StoreWriter, is_built, open_or_build
@@ -40,6 +40,9 @@ CACHE_VERSION = 5  # 2: one store, presence flags, skip list replayed, content f
 # rounded as timm and HF do (floor, truncation: `resize_geometry`), not to nearest, and a JPEG shrunk on decode only
 # far above the target (`DRAFT_MARGIN`); 4: one-pass resize (no PIL reducing_gap), as timm/torchvision/HF; 5: an
 # enlarged image resized whole, then cropped: older caches hold other pixels, so they are rebuilt once
+# the token ids' own version (not the pixels', which image feature caches key on): 2: captions stripped and capped
+# (`clean_text`) when tokenized, as the processor does; a dataset built in Python, not read, kept its spaces before
+TOKENS_VERSION = 2
 _CHUNK = 64  # images per worker task: big enough to amortize IPC, small enough for a smooth progress bar
 
 
@@ -55,6 +58,7 @@ def _tokenizer_identity(tokenizer: Any) -> str:
 def cache_key(ds: MultimodalDataset, tokenizer: Any, preprocess: ImagePreprocess, max_length: int) -> str:
     payload = [
         CACHE_VERSION,
+        TOKENS_VERSION,
         ds.fingerprint,
         _tokenizer_identity(tokenizer),
         max_length,
@@ -204,7 +208,7 @@ def _decode_images(
 def _tokenize(ds: MultimodalDataset, out: StoreWriter, tokenizer: Any, max_length: int, progress: bool = True) -> None:
     """Token ids of every caption (a missing one as ""), appended row by row to the ragged `tokens`."""
     tokens = out.ragged("tokens", np.int32)
-    texts = ["" if ex.text is None else ex.text for ex in ds]
+    texts = ["" if ex.text is None else clean_text(ex.text)[0] for ex in ds]  # as the readers and the processor
     for s in tqdm(range(0, len(texts), 1024), desc="tokenizing", disable=len(texts) < 4096 or not progress):
         enc = tokenizer(
             texts[s : s + 1024], truncation=True, max_length=max_length, return_attention_mask=False

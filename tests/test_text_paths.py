@@ -1,0 +1,77 @@
+"""A caption gets the same token ids on every path (reader + cache in training, the processor in predict/embed),
+and a tokenizer that cannot batch captions is refused before any work. Tokenizers are built offline."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fusionkit import FusionProcessor, MultimodalDataset
+from fusionkit.config import ImagePreprocess
+from fusionkit.data import MAX_TEXT_CHARS, Example, build_cache, load_dataset
+
+PREPROCESS = ImagePreprocess(size=(16, 16))
+WORDS = "a sunny day at the beach leading and trailing spaces b".split()
+
+
+def _bpe_tokenizer():
+    """A tiny byte-level BPE tokenizer (RoBERTa/GPT-2 style: a leading space is part of a token)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import RobertaProcessing
+    from transformers import RobertaTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([" ".join(WORDS)] * 3, vocab_size=300, min_frequency=1,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])  # fmt: skip
+    bpe._tokenizer.post_processor = RobertaProcessing(("</s>", 2), ("<s>", 0))
+    return RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                unk_token="<unk>", mask_token="<mask>")  # fmt: skip
+
+
+def _csv(folder: Path, captions: list[str]) -> Path:
+    """A table of `captions`, each with a small image."""
+    rows = []
+    for i, caption in enumerate(captions):
+        Image.fromarray(np.full((16, 16, 3), 40 * i % 255, np.uint8)).save(folder / f"{i}.png")
+        rows.append({"id": f"r{i}", "text": caption, "image": f"{i}.png", "mood": "pos"})
+    with (folder / "data.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder / "data.csv"
+
+
+def _cached_ids(ds: MultimodalDataset, tokenizer, folder: Path) -> list[list[int]]:
+    data = build_cache(ds, tokenizer, PREPROCESS, folder, max_length=32, num_proc=1, progress=False)
+    return [data[i]["input_ids"].tolist() for i in range(len(data))]
+
+
+def _processor_ids(tokenizer, captions: list[str]) -> list[list[int]]:
+    out = FusionProcessor(tokenizer, PREPROCESS, max_length=32).tokenize(captions)
+    return [ids[mask.bool()].tolist() for ids, mask in zip(out["input_ids"], out["attention_mask"], strict=True)]
+
+
+def test_a_padded_caption_has_the_same_token_ids_in_training_and_in_the_processor(tmp_path: Path) -> None:
+    tokenizer = _bpe_tokenizer()
+    captions = ["   leading and trailing   ", "\ta sunny day\n", "the beach"]
+    assert tokenizer(captions[0])["input_ids"] != tokenizer(captions[0].strip())["input_ids"]  # spaces are tokens
+    read = load_dataset(_csv(tmp_path, captions))
+    expected = _cached_ids(read, tokenizer, tmp_path / "cache")
+    assert _processor_ids(tokenizer, captions) == expected  # predict, embed, AutoProcessor, the export
+    # a dataset built in Python (not read) trains on the same ids too
+    built = MultimodalDataset([Example(f"r{i}", c, None, {}) for i, c in enumerate(captions)], {}, name="built")
+    assert _cached_ids(built, tokenizer, tmp_path / "cache") == expected
+
+
+def test_a_huge_caption_keeps_the_same_tokens_with_left_truncation(tmp_path: Path, caplog) -> None:
+    tokenizer = _bpe_tokenizer()
+    tokenizer.truncation_side = "left"  # keeps a caption's end
+    huge = "a " * (MAX_TEXT_CHARS // 2) + "b " * 5000  # past the cap: its end reads "b b b", its first 20,000 "a a"
+    with caplog.at_level(logging.WARNING, logger="fusionkit.data"):
+        read = load_dataset(_csv(tmp_path, [huge, "the beach"]))
+    assert "1 captions longer than 20,000 characters were cut" in caplog.text
+    assert _processor_ids(tokenizer, [huge]) == _cached_ids(read, tokenizer, tmp_path / "cache")[:1]

@@ -8,11 +8,12 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from fusionkit import FusionProcessor, MultimodalDataset
-from fusionkit.config import ImagePreprocess
-from fusionkit.data import MAX_TEXT_CHARS, Example, build_cache, load_dataset
+from fusionkit.config import ConfigError, ImagePreprocess
+from fusionkit.data import MAX_TEXT_CHARS, Collator, Example, build_cache, load_dataset
 
 PREPROCESS = ImagePreprocess(size=(16, 16))
 WORDS = "a sunny day at the beach leading and trailing spaces b".split()
@@ -75,3 +76,34 @@ def test_a_huge_caption_keeps_the_same_tokens_with_left_truncation(tmp_path: Pat
         read = load_dataset(_csv(tmp_path, [huge, "the beach"]))
     assert "1 captions longer than 20,000 characters were cut" in caplog.text
     assert _processor_ids(tokenizer, [huge]) == _cached_ids(read, tokenizer, tmp_path / "cache")[:1]
+
+
+def _no_pad_encoder(folder: Path) -> Path:
+    """A text encoder folder whose tokenizer has no pad token (GPT-2 style), as a user saves one."""
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_bpe_tokenizer().backend_tokenizer, unk_token="<unk>")
+    assert tokenizer.pad_token is None
+    tokenizer.save_pretrained(folder)
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=37, max_position_embeddings=64)).save_pretrained(folder)  # fmt: skip
+    return folder
+
+
+def test_a_tokenizer_without_a_pad_token_is_refused_before_any_work(tmp_path: Path, monkeypatch) -> None:
+    import fusionkit
+
+    encoder = _no_pad_encoder(tmp_path / "enc")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=rf'no pad token.*add "pad_token": .* to {encoder}/tokenizer_config\.json'):
+        fusionkit.train(overrides={
+            "data.dataset": "synthetic:24", "data.cache_dir": "cache", "run.output_dir": "runs",
+            "run.progress": False, "run.plots": False, "optim.epochs": 1, "model.text.name": str(encoder),
+            "model.text.max_length": 32})  # fmt: skip
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # no cache built
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no run dir left
+
+
+def test_the_collator_refuses_a_missing_pad_token_id() -> None:
+    with pytest.raises(ValueError, match="pad_token_id=None"):
+        Collator(None)  # type: ignore[arg-type]

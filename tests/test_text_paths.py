@@ -107,3 +107,14 @@ def test_a_tokenizer_without_a_pad_token_is_refused_before_any_work(tmp_path: Pa
 def test_the_collator_refuses_a_missing_pad_token_id() -> None:
     with pytest.raises(ValueError, match="pad_token_id=None"):
         Collator(None)  # type: ignore[arg-type]
+
+
+def test_the_cache_build_says_captions_of_unknown_tokens_and_captions_cut_at_max_length(tmp_path: Path, caplog) -> None:
+    from fusionkit.models.tiny import tiny_tokenizer  # an English WordPiece vocabulary
+
+    captions = ["東京の夜景", "😀🎉", "a sunny day", " ".join(["sunny"] * 40)]
+    ds = MultimodalDataset([Example(f"r{i}", c, None, {}) for i, c in enumerate(captions)], {}, name="mixed")
+    with caplog.at_level(logging.INFO, logger="fusionkit.data"):
+        _cached_ids(ds, tiny_tokenizer(), tmp_path / "cache")
+    assert "are the unknown token [UNK], and 2 captions are nothing else" in caplog.text
+    assert "1 of 4 captions (25%) fill model.text.max_length=32 tokens" in caplog.text

@@ -28,7 +28,7 @@ from PIL import Image
 
 from .config import ConfigError, ImagePreprocess, from_dict, to_dict
 from .data.collate import ImageTransform
-from .data.dataset import missing_caption, missing_value
+from .data.dataset import clean_text, missing_caption, missing_value
 from .data.image import ImageSource, preprocess_image
 from .models.fusion_model import CONFIG_NAME as MODEL_CONFIG_NAME
 from .models.fusion_model import PROCESSOR_NAME
@@ -114,8 +114,9 @@ class FusionProcessor:
     def tokenize(self, texts: Sequence[str | None]) -> dict[str, torch.Tensor]:
         """`input_ids`, `attention_mask` (padded to the longest, truncated at max_length), `text_present`.
 
-        A caption spelled like a missing value ("nan", "None", "NA", ...) is a missing one, as the readers
-        read it in training (`missing_caption`)."""
+        A caption reads as the readers read it in training: one spelled like a missing value ("nan", "None",
+        "NA", ...) is a missing one (`missing_caption`), any other is stripped and capped (`clean_text`), since
+        BPE and SentencePiece tokenizers make tokens of leading and trailing spaces."""
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, not a single string")
         texts = [None if missing_caption(t) else t for t in texts]  # blank or "nan": missing, as a CSV cell
@@ -124,7 +125,7 @@ class FusionProcessor:
             if t is not None and not isinstance(t, str):
                 raise TypeError(f"texts[{i}] is a {type(t).__name__}; captions must be str or None (a missing one)")
         tok = self.tokenizer(
-            [t if t is not None else "" for t in texts],
+            [clean_text(t)[0] if t is not None else "" for t in texts],
             padding=True,
             truncation=True,
             max_length=self.max_length,

@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fusionkit.config import ImagePreprocess
-from fusionkit.data.dataset import MultimodalDataset
+from fusionkit.data.dataset import MultimodalDataset, clean_text
 from fusionkit.data.errors import DataError, OnError, check_policy
 from fusionkit.data.image import ImageSource, preprocess_image
 from fusionkit.store import Store, StoreWriter, is_built, open_or_build
@@ -40,6 +40,9 @@ CACHE_VERSION = 5  # 2: one store, presence flags, skip list replayed, content f
 # rounded as timm and HF do (floor, truncation: `resize_geometry`), not to nearest, and a JPEG shrunk on decode only
 # far above the target (`DRAFT_MARGIN`); 4: one-pass resize (no PIL reducing_gap), as timm/torchvision/HF; 5: an
 # enlarged image resized whole, then cropped: older caches hold other pixels, so they are rebuilt once
+# the token ids' own version (not the pixels', which image feature caches key on): 2: captions stripped and capped
+# (`clean_text`) when tokenized, as the processor does; a dataset built in Python, not read, kept its spaces before
+TOKENS_VERSION = 2
 _CHUNK = 64  # images per worker task: big enough to amortize IPC, small enough for a smooth progress bar
 
 
@@ -55,6 +58,7 @@ def _tokenizer_identity(tokenizer: Any) -> str:
 def cache_key(ds: MultimodalDataset, tokenizer: Any, preprocess: ImagePreprocess, max_length: int) -> str:
     payload = [
         CACHE_VERSION,
+        TOKENS_VERSION,
         ds.fingerprint,
         _tokenizer_identity(tokenizer),
         max_length,
@@ -202,15 +206,43 @@ def _decode_images(
 
 
 def _tokenize(ds: MultimodalDataset, out: StoreWriter, tokenizer: Any, max_length: int, progress: bool = True) -> None:
-    """Token ids of every caption (a missing one as ""), appended row by row to the ragged `tokens`."""
+    """Token ids of every caption (a missing one as ""), appended row by row to the ragged `tokens`; then says
+    what a caption loses silently: words the vocabulary lacks ([UNK]) and the tokens past `max_length`."""
     tokens = out.ragged("tokens", np.int32)
-    texts = ["" if ex.text is None else ex.text for ex in ds]
+    texts = ["" if ex.text is None else clean_text(ex.text)[0] for ex in ds]  # as the readers and the processor
+    unk = getattr(tokenizer, "unk_token_id", None)
+    special = set(getattr(tokenizer, "all_special_ids", ())) - {unk}
+    counts = {"tokens": 0, "unknown": 0, "only_unknown": 0, "full": 0}
     for s in tqdm(range(0, len(texts), 1024), desc="tokenizing", disable=len(texts) < 4096 or not progress):
         enc = tokenizer(
             texts[s : s + 1024], truncation=True, max_length=max_length, return_attention_mask=False
         )
         for ids in enc["input_ids"]:
             tokens.append(ids)
+            content = [i for i in ids if i not in special]
+            unknown = content.count(unk) if unk is not None else 0
+            counts["tokens"] += len(content)
+            counts["unknown"] += unknown
+            counts["only_unknown"] += bool(content) and unknown == len(content)
+            counts["full"] += len(ids) >= max_length
+    _report_tokens(ds.name, sum(ex.text is not None for ex in ds), max_length, getattr(tokenizer, "unk_token", None),
+                   **counts)  # fmt: skip
+
+
+def _report_tokens(
+    name: str, captions: int, max_length: int, unk: str | None, tokens: int, unknown: int, only_unknown: int, full: int
+) -> None:
+    """One line each: many unknown tokens (a script the vocabulary lacks: CJK, Arabic or emoji on an English
+    WordPiece vocabulary trains as [UNK]), and the share of captions cut at `max_length`."""
+    if only_unknown or unknown >= 0.2 * tokens > 0:
+        log.warning("%s: %d of %d caption tokens (%.0f%%) are the unknown token %s, and %d captions are nothing else: "
+                    "the text encoder's vocabulary lacks their words (another script, emoji?); a multilingual encoder "
+                    "reads them", name, unknown, tokens, 100 * unknown / tokens, unk, only_unknown)  # fmt: skip
+    if full:
+        share = full / max(captions, 1)
+        log.log(logging.WARNING if share >= 0.1 else logging.INFO,
+                "%s: %d of %d captions (%.0f%%) fill model.text.max_length=%d tokens: longer ones are cut there",
+                name, full, captions, 100 * share, max_length)  # fmt: skip
 
 
 def _build(

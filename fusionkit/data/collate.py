@@ -58,6 +58,9 @@ class Collator:
         from fusionkit.config import TaskConfig
         from fusionkit.tasks import create_task
 
+        if pad_token_id is None:  # a tokenizer without a pad token (GPT-2 style)
+            raise ValueError("Collator got pad_token_id=None, a tokenizer without a pad token: give it one "
+                             "(tokenizer.pad_token = tokenizer.eos_token) before batching its captions")
         self.pad_token_id = pad_token_id
         if isinstance(tasks, Mapping):
             tasks = schema_tasks(tasks, task_types)

@@ -92,10 +92,13 @@ def _misread_latin1(raw: bytes, text: str) -> bool:
 
 
 def clean_text(text: str) -> tuple[str, bool]:
-    """Strip and cap the length; returns (text, was_truncated). An empty result is the caller's call."""
+    """Strip and cap the length; returns (text, was_truncated). An empty result is the caller's call.
+
+    The one rule for a caption on every path (readers, data cache, processor): a byte-level BPE or SentencePiece
+    tokenizer makes tokens of spaces. Cleaning twice changes nothing (a cut caption is stripped again)."""
     text = text.strip()
     if len(text) > MAX_TEXT_CHARS:
-        return text[:MAX_TEXT_CHARS], True
+        return text[:MAX_TEXT_CHARS].rstrip(), True
     return text, False
 
 

@@ -4,15 +4,35 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
 
 
 def check_model(model: Any) -> None:
+    check_pad_token(model.tokenizer, model.config.text.name)
     check_max_length(model)
     check_encoder_depths(model)
     check_image_grid(model)
+
+
+def check_pad_token(tokenizer: Any, name: str) -> None:
+    """Fail at start if the text tokenizer has no pad token: captions of different lengths could not be batched, and
+    training would die at its first batch (after the cache build), predict/embed in transformers' padding error.
+    No token is picked in the user's stead: which one pads is the encoder's business (GPT-2 style ones use eos)."""
+    if getattr(tokenizer, "pad_token_id", None) is not None:
+        return
+    eos = getattr(tokenizer, "eos_token", None)
+    pad = repr(eos) if eos else "a token of its vocabulary"
+    if Path(name).expanduser().is_dir():
+        fix = f'add "pad_token": {pad} to {name}/tokenizer_config.json'
+    else:
+        fix = f"save a copy whose tokenizer has one (pad_token {pad}) and set model.text.name to its folder"
+    raise ConfigError(
+        f"the text encoder's tokenizer ({name}) has no pad token, so captions of different lengths cannot be "
+        f"batched; {fix} (in Python: tokenizer.pad_token = tokenizer.eos_token; tokenizer.save_pretrained(folder))"
+    )
 
 
 def check_encoder_depths(model: Any) -> None:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from fusionkit.data.dataset import Example, ImageSource, clean_text, spelled_missing
+from fusionkit.data.dataset import MAX_TEXT_CHARS, Example, ImageSource, clean_text, spelled_missing
 from fusionkit.data.errors import DataError, OnError, SkipLog, check_policy
 
 log = logging.getLogger("fusionkit.data")
@@ -410,7 +410,9 @@ class RowReader:
             first[ex.id] = where
             kept.append(ex)
         if self.truncated:
-            log.warning("%s: %d captions longer than the cap were truncated", self.skips.what, self.truncated)
+            cap = f"{MAX_TEXT_CHARS:,}"
+            log.warning("%s: %d captions longer than %s characters were cut to their first %s (as predict and the "
+                        "processor cut them)", self.skips.what, self.truncated, cap, cap)  # fmt: skip
         if self.spelled_missing:
             log.warning("%s: %d captions spelled like a missing value (%s) are read as missing captions",
                         self.skips.what, sum(self.spelled_missing.values()), sorted(self.spelled_missing))  # fmt: skip

@@ -68,22 +68,24 @@ class InvalidTrialConfig(ConfigError):
     """A trial's drawn values, each valid alone, combine into an invalid config: that trial fails, the search goes on."""
 
 
-def default_space(tasks: Sequence[Any] = (), freeze: str = "encoders") -> dict[str, dict[str, Any]]:
+def default_space(tasks: Sequence[Any] = (), freeze: str = "encoders", num_heads: int = 4) -> dict[str, dict[str, Any]]:
     """What matters most with frozen encoders (see benchmarks/results/mvsa_single_recipe.md), plus the
     options each task type declares (`Task.search_space`: label smoothing, class weights, ...); with
-    `freeze: top_k` also the rates of the trained encoder blocks, which no other setting reaches."""
+    `freeze: top_k` also the rates of the trained encoder blocks, which no other setting reaches. The fusion
+    widths are multiples of `num_heads` (the config's), near 64, 128 and 256, so each one is valid."""
     from .config import TaskConfig, from_dict
     from .tasks import get_task_class
 
     tasks = [from_dict(TaskConfig, t, "tasks") if isinstance(t, Mapping) else t for t in tasks]  # as configs write them
     own = {f"{TASK_PREFIX}{t.name}.{key}": dict(spec) for t in tasks
            for key, spec in get_task_class(t.type).search_space.items()}  # fmt: skip
+    dims = sorted({max(1, round(d / num_heads)) * num_heads for d in (64, 128, 256)})
     return {
         "optim.lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
         "optim.weight_decay": {"type": "float", "low": 1e-3, "high": 0.2, "log": True},
         "model.fusion.dropout": {"type": "float", "low": 0.0, "high": 0.4},
         "model.fusion.modality_dropout": {"type": "float", "low": 0.0, "high": 0.4},
-        "model.fusion.dim": {"type": "categorical", "choices": [64, 128, 256]},
+        "model.fusion.dim": {"type": "categorical", "choices": dims},
         "model.fusion.depth": {"type": "int", "low": 1, "high": 3},
         **(TOP_K_SPACE if freeze == "top_k" else {}),
         **own,
@@ -99,13 +101,44 @@ TOP_K_SPACE = {  # the trained top blocks' lr: lr * encoder_lr_scale * layer_dec
 # the options each distribution takes (Optuna's suggest_float / suggest_int / suggest_categorical)
 OPTIONS = {"float": ("low", "high", "log", "step"), "int": ("low", "high", "log", "step"), "categorical": ("choices",)}
 _SAME_SPLIT = "every trial must be scored on the same val rows"
+_SAME_LABELS = "every trial must be scored on the same labels"
 # keys that change what a trial's value measures: trials would be ranked on different yardsticks
 MEASURE_KEYS = {
     "run.metric": "every trial must be ranked by the same metric (and direction)",
     **dict.fromkeys(("data.dataset", "data.split_seed", "data.split_ratios", "data.split_file",
                      "data.allow_new_rows", "data.missing_text", "data.missing_image", "data.on_error",
-                     "data.text_column", "data.image_column", "data.id_column"), _SAME_SPLIT),
+                     "data.text_column", "data.image_column", "data.id_column", "data.image_root"), _SAME_SPLIT),
+    "model.tasks": f"{_SAME_LABELS} of the same tasks",
 }  # fmt: skip
+# a task's options that say which labels it is scored on (`model.tasks.<task>.<option>`)
+TASK_LABEL_OPTIONS = ("name", "type", "column", "class_names", "num_classes")
+SMALL_GRID = 16  # a discrete range of at most this many values is checked value by value, not at its ends
+
+
+def why_fixed(key: str) -> str | None:
+    """Why the config key `key` cannot be searched (it changes what a trial is scored on), or None."""
+    if key in MEASURE_KEYS:
+        return MEASURE_KEYS[key]
+    if key.startswith(TASK_PREFIX) and ".params." not in key and key.rpartition(".")[2] in TASK_LABEL_OPTIONS:
+        return f"{_SAME_LABELS} (a task's {', '.join(TASK_LABEL_OPTIONS)} say which labels those are)"
+    return None
+
+
+def keys_set(key: str, value: Any) -> list[str]:
+    """The config keys a space value sets: a section's mapping (`optim: {lr: 0.01}`) sets each of its keys."""
+    if isinstance(value, Mapping):
+        return [k for sub, v in value.items() for k in keys_set(f"{key}.{sub}", v)]
+    return [key]
+
+
+def resolve_value(key: str, value: Any) -> Any:
+    """`value` with a relative path (an encoder folder, a cache dir) made absolute against the working directory,
+    as the command line's `--key value` is: best.yaml and the trial configs then work from any directory."""
+    from .training.config import PATH_KEYS, resolve_paths
+
+    if isinstance(value, Mapping):
+        return {sub: resolve_value(f"{key}.{sub}", v) for sub, v in value.items()}
+    return resolve_paths({key: value}, Path.cwd())[key] if key in PATH_KEYS else value
 
 
 def load_space(source: str | Path | Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -116,6 +149,11 @@ def load_space(source: str | Path | Mapping[str, Any]) -> dict[str, dict[str, An
     space = load_config_file(source) if isinstance(source, str | Path) else dict(source)
     if not space:
         raise ConfigError(f"the search space{at} declares no parameters")
+    for key in space:  # `optim` and `optim.lr`: a trial would use one value, and trials.csv record both
+        inner = next((k for k in space if k.startswith(f"{key}.")), None)
+        if inner is not None:
+            raise ConfigError(f"search space {key!r}{at}: it sets {inner!r}, which the space also searches on its "
+                              "own (a trial would use only one of the two values); keep one of them")  # fmt: skip
     return {key: _check_entry(key, spec, at) for key, spec in space.items()}
 
 
@@ -123,8 +161,11 @@ def _check_entry(key: str, spec: Any, at: str) -> dict[str, Any]:
     def bad(problem: str) -> ConfigError:
         return ConfigError(f"search space {key!r}{at}: {problem}")
 
-    if key in MEASURE_KEYS:
-        raise bad(f"cannot be searched: {MEASURE_KEYS[key]}; set it in the config, the same for every trial")
+    def fixed(why: str) -> ConfigError:
+        return bad(f"cannot be searched: {why}; set it in the config, the same for every trial")
+
+    if why_fixed(key):
+        raise fixed(why_fixed(key))
     kind = spec.get("type") if isinstance(spec, Mapping) else None
     if kind not in DISTRIBUTIONS:
         raise bad(f"needs type: one of {DISTRIBUTIONS}, got {spec!r}")
@@ -134,7 +175,11 @@ def _check_entry(key: str, spec: Any, at: str) -> dict[str, Any]:
     if kind == "categorical":
         if not isinstance(spec.get("choices"), list) or not spec["choices"]:
             raise bad("choices must be a non-empty list")
-        return dict(spec)
+        for choice in spec["choices"]:
+            for k in keys_set(key, choice):
+                if why_fixed(k):
+                    raise fixed(f"its choice {choice!r} sets {k}, and {why_fixed(k)}")
+        return {"type": kind, "choices": [resolve_value(key, choice) for choice in spec["choices"]]}
     missing = [k for k in ("low", "high") if k not in spec]
     if missing:
         raise bad(f"({kind}) needs {missing}")
@@ -172,27 +217,41 @@ def _number(value: Any, kind: str, name: str, bad: Callable[[str], ConfigError])
     return int(number)
 
 
-def edges(spec: Mapping[str, Any]) -> list[Any]:
-    """The extreme values a trial can draw: each choice, or low and the highest step on the grid (Optuna
-    draws from low + k * step, and lowers a high that is off the grid)."""
+def values_to_check(spec: Mapping[str, Any]) -> list[Any]:
+    """The values a trial can draw that `check_space` tries: each choice, each value of a small grid (an int range
+    or a float one with a step, at most SMALL_GRID values), else the extremes: low and the highest step on the
+    grid (Optuna draws from low + k * step, and lowers a high that is off the grid)."""
     if spec["type"] == "categorical":
         return list(spec["choices"])
     low, high, step = spec["low"], spec["high"], spec.get("step")
-    if step is None:
+    if step is None and spec["type"] == "float":
         return [low, high]
-    top = low + math.floor((high - low) / step + 1e-9) * step
-    return [low, round(top, 12) if spec["type"] == "float" else top]
+    step = step or 1
+    count = math.floor((high - low) / step + 1e-9) + 1
+    grid = [low + k * step for k in (range(count) if count <= SMALL_GRID else (0, count - 1))]
+    return [round(v, 12) for v in grid] if spec["type"] == "float" else grid
+
+
+def _encoder_sources(model: Any) -> tuple[Any, ...]:
+    """What a model config reads its encoders from: a value that changes it is checked by building them."""
+    text, image = model.text, model.image
+    return text.name, text.config_overrides, image.backend, image.name, image.checkpoint_path, image.model_kwargs
 
 
 def check_space(config: Any, space: Mapping[str, Mapping[str, Any]]) -> None:
-    """Every value a trial can draw at the edges (see `edges`) makes a valid config: a bad key or value stops
-    the search before the first trial instead of failing one trial at a time."""
+    """Each value a trial can draw (see `values_to_check`) makes a valid config, and one that names other encoders
+    builds them (the folder exists and loads): a bad key or value stops the search before the first trial
+    instead of failing one trial at a time."""
     for key, spec in space.items():
-        for value in edges(spec):
+        for value in values_to_check(spec):
             try:
-                apply_params(config, {key: value})
-            except ConfigError as e:
-                raise ConfigError(f"search space {key!r}: the value {value!r} gives an invalid config: {e}") from None
+                tried = apply_params(config, {key: value})
+                if _encoder_sources(tried.model) != _encoder_sources(config.model):
+                    _encoders_model(tried)
+            except (ConfigError, OSError) as e:  # OSError: transformers' word on a hub id it cannot fetch
+                relative = isinstance(value, str) and key.endswith(".name") and not Path(value).is_absolute()
+                where = f" (a folder in a search space is relative to the working directory, {Path.cwd()})" * relative
+                raise ConfigError(f"search space {key!r}: the value {value!r} gives an invalid config: {e}{where}") from None
 
 
 def suggest(trial: Any, space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -244,8 +303,15 @@ def tune(
         cfg.data.dataset = data_source_name(data)
     if trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {trials}")
-    space = load_space(space if space is not None else default_space(cfg.model.tasks, cfg.model.freeze))
-    check_space(cfg, space)
+    default = space is None
+    space = load_space(default_space(cfg.model.tasks, cfg.model.freeze, cfg.model.fusion.num_heads) if default else space)
+    try:
+        check_space(cfg, space)
+    except ConfigError as e:
+        if not default:
+            raise
+        raise ConfigError(f"the default search space (no --space given) does not suit this config: {e}; pass "
+                          "--space SPACE.yaml with values that do") from None  # fmt: skip
     tasks = {t.name: create_task(t) for t in cfg.model.tasks}
     metric = cfg.run.metric or default_metric(tasks)
     check_metric(metric, tasks)  # before the study exists: a typo must not leave one behind that blocks the fix
@@ -397,17 +463,23 @@ def encoder_identity(cfg: Any) -> str:
     """`cfg`'s encoders as the frozen-encoder feature cache keys them (`encoder_key`: their config and a hash of
     their weights; random ones drawn from `run.seed`, as a run draws them): a study or a result of other weights
     saved in the same folder is not this config's, though the config reads the same."""
+    from .training.feature_cache import encoder_key
+
+    return encoder_key(_encoders_model(cfg))
+
+
+def _encoders_model(cfg: Any) -> Any:
+    """`cfg`'s model with a stand-in head: the heads play no part (and a task's classes may come from the data)."""
     import torch
 
     from .config import TaskConfig
     from .models import create_model
-    from .training.feature_cache import encoder_key
 
-    model = copy.deepcopy(cfg.model)  # the heads play no part (and a task's classes may come from the data)
+    model = copy.deepcopy(cfg.model)
     model.tasks = [TaskConfig("identity", num_classes=2)]
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
         torch.manual_seed(cfg.run.seed)
-        return encoder_key(create_model(model))
+        return create_model(model)
 
 
 def open_study(

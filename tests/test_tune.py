@@ -156,8 +156,25 @@ def test_tuning_again_in_the_same_dir_adds_trials_and_never_loses_any(tmp_path: 
      ({"optim.lr": {"type": "float", "low": 0.0, "high": 1e-2, "log": True}}, "log: true needs low > 0"),
      ({"optim.lr": {"type": "float", "low": "a lot", "high": 1e-2}}, "low must be a number, got 'a lot'"),
      ({"model.fusion.depth": {"type": "int", "low": 1, "high": 2.5}}, "high of an int must be a whole number"),
-     # the highest value on the step's grid is checked (107, odd for 2 heads), not high (110, never drawn)
-     ({"model.fusion.dim": {"type": "int", "low": 32, "high": 110, "step": 15}}, "the value 107 gives")],
+     # a large grid: the highest value on the step's grid is checked (285, odd for 2 heads), not high (290, never drawn)
+     ({"model.fusion.dim": {"type": "int", "low": 30, "high": 290, "step": 15}}, "the value 285 gives"),
+     # a small grid: every value is checked, not only the ends (30 and 32 are valid for 2 heads, 31 is not)
+     ({"model.fusion.dim": {"type": "int", "low": 30, "high": 32}}, "the value 31 gives"),
+     # a task's labels: trials would be ranked on different labels
+     ({"model.tasks.sentiment.column": {"type": "categorical", "choices": ["sentiment", "text"]}}, "same labels"),
+     ({"model.tasks.sentiment.type": {"type": "categorical", "choices": ["classification", "regression"]}},
+      "same labels"),
+     ({"model.tasks.sentiment.class_names": {"type": "categorical", "choices": [None, ["a", "b", "c"]]}}, "same labels"),
+     ({"model.tasks.sentiment.num_classes": {"type": "int", "low": 2, "high": 3}}, "same labels"),
+     ({"data.image_root": {"type": "categorical", "choices": [None, "/tmp"]}}, "same val rows"),
+     # a section whose value sets one of those keys
+     ({"data": {"type": "categorical", "choices": [{"augment": True}, {"text_column": "caption"}]}},
+      "sets data.text_column"),
+     ({"model": {"type": "categorical", "choices": [{"tasks": [{"name": "sentiment", "column": "x"}]}]}},
+      "sets model.tasks"),
+     # a section and one of its own keys: a trial uses one value, and trials.csv would record both
+     ({"optim": {"type": "categorical", "choices": [{"lr": 0.01}]},
+       "optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2}}, "it sets 'optim.lr', which the space also searches")],
 )  # fmt: skip
 def test_a_bad_space_stops_before_the_first_trial(tmp_path: Path, capsys, entry: dict, named: str) -> None:
     space = tmp_path / "space.yaml"
@@ -406,3 +423,42 @@ def test_default_space_takes_tasks_as_configs_write_them() -> None:
     written = default_space([{"name": "mood"}, {"name": "price", "type": "regression"}], "top_k")
     assert written == default_space([TaskConfig("mood"), TaskConfig("price", type="regression")], "top_k")
     assert "model.tasks.mood.label_smoothing" in written and "optim.layer_decay" in written
+
+
+def test_encoder_folders_in_a_space_are_absolute_and_checked_before_the_first_trial(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative folder in a space is relative to the working directory, as `--model.text.name enc` is, and
+    stored absolute (best.yaml trained from elsewhere read it as a hub id); a missing one is refused up front,
+    not at the trial that draws it."""
+    save_tiny_bert(tmp_path / "enc" / "text", seed=0)
+    monkeypatch.chdir(tmp_path)
+    space = tmp_path / "space.yaml"
+    argv = ["tune", str(write_config(tmp_path)), "--space", str(space), "--trials", "1", "--optim.epochs", "1",
+            "--data.dataset", "synthetic:48", "--model.text.max_length", "32", "--output-dir"]  # fmt: skip
+    space.write_text("model.text.name: {type: categorical, choices: [enc/text, ./enc/gone]}\n")
+    assert main([*argv, str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert "search space 'model.text.name': the value './enc/gone'" in err and "does not exist" in err
+    assert f"relative to the working directory, {tmp_path}" in err and not (tmp_path / "refused").exists()
+    space.write_text("model.text.name: {type: categorical, choices: [enc/text]}\n")
+    out = tmp_path / "tune"
+    assert main([*argv, str(out)]) == 0
+    folder = str(tmp_path / "enc" / "text")
+    assert [r["model.text.name"] for r in csv.DictReader((out / "trials.csv").open())] == [folder]
+    monkeypatch.chdir(tmp_path / "enc")  # best.yaml trains from any directory
+    assert build_config(out / "best.yaml").model.text.name == folder
+
+
+def test_the_default_space_suits_the_configs_heads_and_says_it_is_the_default(tmp_path: Path, capsys) -> None:
+    """Its fusion widths are multiples of num_heads (64 with 3 heads was refused); an error in it says it is
+    the default space and how to pass another."""
+    argv = ["tune", str(write_config(tmp_path)), "--trials", "1", "--optim.epochs", "1", "--data.dataset",
+            "synthetic:48", "--model.fusion.num_heads", "3", "--output-dir"]  # fmt: skip
+    assert main([*argv, str(tmp_path / "tune"), "--model.fusion.dim", "48"]) == 0
+    rows = list(csv.DictReader((tmp_path / "tune" / "trials.csv").open()))
+    assert rows[0]["state"] == "COMPLETE" and int(rows[0]["model.fusion.dim"]) % 3 == 0
+    capsys.readouterr()  # an MLP of less than one unit at the narrowest default width (63 x 0.01)
+    assert main([*argv, str(tmp_path / "t2"), "--model.fusion.dim", "102", "--model.fusion.mlp_ratio", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "the default search space (no --space given)" in err and "--space SPACE.yaml" in err

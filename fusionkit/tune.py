@@ -17,13 +17,16 @@ as `model.tasks.<task name>.<option>`:
     model.tasks.sentiment.class_weights: {type: categorical, choices: [null, balanced]}
 
 The tune dir receives `trials.csv`, `trials.md` (sorted by value), `history.png` (optimization
-history) and `best.yaml` (the best trial's full config, to train with `fusionkit train best.yaml`).
+history) and `best.yaml` (the best trial's full config, to train with `fusionkit train best.yaml`), rewritten
+after each trial, so a crash leaves a current table.
 The study itself is kept there (`study.jsonl`, Optuna's journal storage): running `tune` again on the
 same dir adds trials to it (after an interruption, or to search longer) and rewrites those files from
 every trial; a dir that holds a study of another config, space, data or encoder weights is refused, so
-nothing is lost. A trial whose values, each valid alone, make an invalid config together (`fusion.dim` not
-divisible by `num_heads`) fails with its error in trials.csv and the search goes on; 5 such trials in a row
-stop it, since then most of the space is invalid.
+nothing is lost; a trial left running by a tune process that died (kill -9) is marked failed when the study
+is opened again (`.tune.lock`, held by each live tune of it, tells). A trial whose values, each valid alone,
+make an invalid config together (`fusion.dim` not divisible by `num_heads`), or that the trainer refuses,
+fails with its error in trials.csv and the search goes on; 5 such trials in a row stop it, since then most
+of the space is invalid.
 Needs `pip install 'fusionkit[tune]'` (optuna).
 """
 
@@ -316,6 +319,10 @@ def tune(
     metric = cfg.run.metric or default_metric(tasks)
     check_metric(metric, tasks)  # before the study exists: a typo must not leave one behind that blocks the fix
     out = Path(output_dir or Path(cfg.run.output_dir) / f"tune-{cfg.run.name or 'run'}")
+    file = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if file is not None:
+        raise ConfigError(f"the tune dir {out}: {file} is a file, not a folder; pass --output-dir a folder (one that "
+                          "does not exist yet is created)")  # fmt: skip
     holder = run_dir_holding(out)
     if holder is not None:  # its trials would be refused one by one, after the study's files were written there
         raise RunDirError(f"the tune dir {out} is inside the run dir {holder}, which holds that run's files only: "
@@ -358,7 +365,10 @@ def tune(
             trial_cfg = apply_params(cfg, params, run)
         except ConfigError as e:  # values valid one by one (check_space), not together: fusion.dim vs num_heads
             raise InvalidTrialConfig(f"the values drawn make an invalid config together: {e}") from None
-        trainer = Trainer(trial_cfg, data=data)
+        try:
+            trainer = Trainer(trial_cfg, data=data)
+        except ConfigError as e:  # what check_space cannot see cheaply (labels, data): this trial fails, not the search
+            raise InvalidTrialConfig(f"the trainer refused this trial's config: {e}") from None
         trial.set_user_attr("run_dir", str(trainer.run_dir))
 
         def report(entry: dict[str, Any]) -> None:
@@ -384,12 +394,17 @@ def tune(
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
     # a trial is judged only from its second epoch on, and only once a few trials have finished
     study.pruner = optuna.pruners.MedianPruner(n_startup_trials=min(5, max(2, trials // 4)), n_warmup_steps=2)
+    lock = _hold_study(out, study)
+
+    def write_each(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:  # a crash leaves a current table
+        write_results(study, out, metric, space, cfg)
+
     quiet = _QuietFailures()
     logging.getLogger("optuna.study._optimize").addFilter(quiet)
     before = len(study.trials)
     try:
         study.optimize(objective, n_trials=trials, catch=(FloatingPointError, InvalidTrialConfig),
-                       callbacks=list(callbacks))  # fmt: skip
+                       callbacks=[write_each, *callbacks])  # fmt: skip
     except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM (the trainer checkpoints first): keep what finished
         from .training.trainer import TrainingInterrupted
 
@@ -406,6 +421,7 @@ def tune(
         raise
     finally:
         logging.getLogger("optuna.study._optimize").removeFilter(quiet)
+        os.close(lock)
     if not write_results(study, out, metric, space, cfg):
         raise ConfigError(_none_completed(study.trials[before:], out))
     best = study.best_trial
@@ -504,16 +520,23 @@ def open_study(
         raise ConfigError(f"{out} holds a trials.csv that is not this study's (no study.jsonl beside it: a file of "
                           "yours, or one an older fusionkit wrote), so it cannot be continued; pass "
                           "--output-dir NEW_DIR so it is not overwritten")  # fmt: skip
-    storage = JournalStorage(JournalFileBackend(str(journal)))
+
+    def storage() -> JournalStorage:  # created only once the folder is known to be ours: it may write study.jsonl
+        return JournalStorage(JournalFileBackend(str(journal)))
+
     if exists:  # loading only reads it
-        study = optuna.load_study(study_name="fusionkit-tune", storage=storage)
+        try:
+            study = optuna.load_study(study_name="fusionkit-tune", storage=storage())
+        except Exception as e:  # Optuna's KeyError 'op_code' or "Record does not exist": not a journal of ours
+            raise ConfigError(f"{journal} is not a fusionkit tune study ({type(e).__name__}: {e}), so it cannot be "
+                              "continued; it is left as it is: pass --output-dir NEW_DIR") from None  # fmt: skip
     else:
         from .training.report import keep_previous
 
         for name in RESULT_FILES:  # a new study's results must not overwrite files that are not its own
             keep_previous(out / name)
         tasks = {t.name: create_task(t) for t in cfg.model.tasks}  # each metric's direction is its task's
-        study = optuna.create_study(storage=storage, study_name="fusionkit-tune",
+        study = optuna.create_study(storage=storage(), study_name="fusionkit-tune",
                                     direction="maximize" if higher_is_better(metric, tasks) else "minimize")  # fmt: skip
     saved = study.user_attrs.get("identity")
     if saved is None:
@@ -546,6 +569,35 @@ def open_study(
         )
     log.info("continuing the study in %s: %d trials so far", out, len(study.trials))
     return study
+
+
+STUDY_LOCK = ".tune.lock"  # held (shared) by each live tune process of the study in that folder
+
+
+def _hold_study(out: Path, study: Any) -> int:
+    """Hold `out`'s study lock while this process tunes (the kernel drops it when the process dies, kill -9
+    included); when no other live tune holds it, no trial can still be running: the trials a dead process left
+    RUNNING are marked failed, saying so. Returns the lock's fd, to close when done."""
+    import fcntl
+
+    import optuna
+
+    fd = os.open(out / STUDY_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        alone = True
+    except BlockingIOError:  # another tune runs on this study: its RUNNING trials are running
+        alone = False
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)) if alone else []
+    for t in stale:
+        study._storage.set_trial_user_attr(t._trial_id, "error", "its tune process ended while it ran (killed?); "
+                                           "marked failed when the study was opened again")  # fmt: skip
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+    if stale:
+        log.warning("%s: %d trial(s) left running by a tune process that ended (killed?) marked failed: %s", out,
+                    len(stale), [t.number for t in stale])  # fmt: skip
+    return fd
 
 
 def write_results(study: Any, out: Path, metric: str, space: Mapping[str, Any], cfg: Any) -> int:

@@ -17,13 +17,16 @@ as `model.tasks.<task name>.<option>`:
     model.tasks.sentiment.class_weights: {type: categorical, choices: [null, balanced]}
 
 The tune dir receives `trials.csv`, `trials.md` (sorted by value), `history.png` (optimization
-history) and `best.yaml` (the best trial's full config, to train with `fusionkit train best.yaml`).
+history) and `best.yaml` (the best trial's full config, to train with `fusionkit train best.yaml`), rewritten
+after each trial, so a crash leaves a current table.
 The study itself is kept there (`study.jsonl`, Optuna's journal storage): running `tune` again on the
 same dir adds trials to it (after an interruption, or to search longer) and rewrites those files from
 every trial; a dir that holds a study of another config, space, data or encoder weights is refused, so
-nothing is lost. A trial whose values, each valid alone, make an invalid config together (`fusion.dim` not
-divisible by `num_heads`) fails with its error in trials.csv and the search goes on; 5 such trials in a row
-stop it, since then most of the space is invalid.
+nothing is lost; a trial left running by a tune process that died (kill -9) is marked failed when the study
+is opened again (`.tune.lock`, held by each live tune of it, tells). A trial whose values, each valid alone,
+make an invalid config together (`fusion.dim` not divisible by `num_heads`), or that the trainer refuses,
+fails with its error in trials.csv and the search goes on; 5 such trials in a row stop it, since then most
+of the space is invalid.
 Needs `pip install 'fusionkit[tune]'` (optuna).
 """
 
@@ -68,22 +71,24 @@ class InvalidTrialConfig(ConfigError):
     """A trial's drawn values, each valid alone, combine into an invalid config: that trial fails, the search goes on."""
 
 
-def default_space(tasks: Sequence[Any] = (), freeze: str = "encoders") -> dict[str, dict[str, Any]]:
+def default_space(tasks: Sequence[Any] = (), freeze: str = "encoders", num_heads: int = 4) -> dict[str, dict[str, Any]]:
     """What matters most with frozen encoders (see benchmarks/results/mvsa_single_recipe.md), plus the
     options each task type declares (`Task.search_space`: label smoothing, class weights, ...); with
-    `freeze: top_k` also the rates of the trained encoder blocks, which no other setting reaches."""
+    `freeze: top_k` also the rates of the trained encoder blocks, which no other setting reaches. The fusion
+    widths are multiples of `num_heads` (the config's), near 64, 128 and 256, so each one is valid."""
     from .config import TaskConfig, from_dict
     from .tasks import get_task_class
 
     tasks = [from_dict(TaskConfig, t, "tasks") if isinstance(t, Mapping) else t for t in tasks]  # as configs write them
     own = {f"{TASK_PREFIX}{t.name}.{key}": dict(spec) for t in tasks
            for key, spec in get_task_class(t.type).search_space.items()}  # fmt: skip
+    dims = sorted({max(1, round(d / num_heads)) * num_heads for d in (64, 128, 256)})
     return {
         "optim.lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
         "optim.weight_decay": {"type": "float", "low": 1e-3, "high": 0.2, "log": True},
         "model.fusion.dropout": {"type": "float", "low": 0.0, "high": 0.4},
         "model.fusion.modality_dropout": {"type": "float", "low": 0.0, "high": 0.4},
-        "model.fusion.dim": {"type": "categorical", "choices": [64, 128, 256]},
+        "model.fusion.dim": {"type": "categorical", "choices": dims},
         "model.fusion.depth": {"type": "int", "low": 1, "high": 3},
         **(TOP_K_SPACE if freeze == "top_k" else {}),
         **own,
@@ -99,13 +104,44 @@ TOP_K_SPACE = {  # the trained top blocks' lr: lr * encoder_lr_scale * layer_dec
 # the options each distribution takes (Optuna's suggest_float / suggest_int / suggest_categorical)
 OPTIONS = {"float": ("low", "high", "log", "step"), "int": ("low", "high", "log", "step"), "categorical": ("choices",)}
 _SAME_SPLIT = "every trial must be scored on the same val rows"
+_SAME_LABELS = "every trial must be scored on the same labels"
 # keys that change what a trial's value measures: trials would be ranked on different yardsticks
 MEASURE_KEYS = {
     "run.metric": "every trial must be ranked by the same metric (and direction)",
     **dict.fromkeys(("data.dataset", "data.split_seed", "data.split_ratios", "data.split_file",
                      "data.allow_new_rows", "data.missing_text", "data.missing_image", "data.on_error",
-                     "data.text_column", "data.image_column", "data.id_column"), _SAME_SPLIT),
+                     "data.text_column", "data.image_column", "data.id_column", "data.image_root"), _SAME_SPLIT),
+    "model.tasks": f"{_SAME_LABELS} of the same tasks",
 }  # fmt: skip
+# a task's options that say which labels it is scored on (`model.tasks.<task>.<option>`)
+TASK_LABEL_OPTIONS = ("name", "type", "column", "class_names", "num_classes")
+SMALL_GRID = 16  # a discrete range of at most this many values is checked value by value, not at its ends
+
+
+def why_fixed(key: str) -> str | None:
+    """Why the config key `key` cannot be searched (it changes what a trial is scored on), or None."""
+    if key in MEASURE_KEYS:
+        return MEASURE_KEYS[key]
+    if key.startswith(TASK_PREFIX) and ".params." not in key and key.rpartition(".")[2] in TASK_LABEL_OPTIONS:
+        return f"{_SAME_LABELS} (a task's {', '.join(TASK_LABEL_OPTIONS)} say which labels those are)"
+    return None
+
+
+def keys_set(key: str, value: Any) -> list[str]:
+    """The config keys a space value sets: a section's mapping (`optim: {lr: 0.01}`) sets each of its keys."""
+    if isinstance(value, Mapping):
+        return [k for sub, v in value.items() for k in keys_set(f"{key}.{sub}", v)]
+    return [key]
+
+
+def resolve_value(key: str, value: Any) -> Any:
+    """`value` with a relative path (an encoder folder, a cache dir) made absolute against the working directory,
+    as the command line's `--key value` is: best.yaml and the trial configs then work from any directory."""
+    from .training.config import PATH_KEYS, resolve_paths
+
+    if isinstance(value, Mapping):
+        return {sub: resolve_value(f"{key}.{sub}", v) for sub, v in value.items()}
+    return resolve_paths({key: value}, Path.cwd())[key] if key in PATH_KEYS else value
 
 
 def load_space(source: str | Path | Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -116,6 +152,11 @@ def load_space(source: str | Path | Mapping[str, Any]) -> dict[str, dict[str, An
     space = load_config_file(source) if isinstance(source, str | Path) else dict(source)
     if not space:
         raise ConfigError(f"the search space{at} declares no parameters")
+    for key in space:  # `optim` and `optim.lr`: a trial would use one value, and trials.csv record both
+        inner = next((k for k in space if k.startswith(f"{key}.")), None)
+        if inner is not None:
+            raise ConfigError(f"search space {key!r}{at}: it sets {inner!r}, which the space also searches on its "
+                              "own (a trial would use only one of the two values); keep one of them")  # fmt: skip
     return {key: _check_entry(key, spec, at) for key, spec in space.items()}
 
 
@@ -123,8 +164,11 @@ def _check_entry(key: str, spec: Any, at: str) -> dict[str, Any]:
     def bad(problem: str) -> ConfigError:
         return ConfigError(f"search space {key!r}{at}: {problem}")
 
-    if key in MEASURE_KEYS:
-        raise bad(f"cannot be searched: {MEASURE_KEYS[key]}; set it in the config, the same for every trial")
+    def fixed(why: str) -> ConfigError:
+        return bad(f"cannot be searched: {why}; set it in the config, the same for every trial")
+
+    if why_fixed(key):
+        raise fixed(why_fixed(key))
     kind = spec.get("type") if isinstance(spec, Mapping) else None
     if kind not in DISTRIBUTIONS:
         raise bad(f"needs type: one of {DISTRIBUTIONS}, got {spec!r}")
@@ -134,7 +178,11 @@ def _check_entry(key: str, spec: Any, at: str) -> dict[str, Any]:
     if kind == "categorical":
         if not isinstance(spec.get("choices"), list) or not spec["choices"]:
             raise bad("choices must be a non-empty list")
-        return dict(spec)
+        for choice in spec["choices"]:
+            for k in keys_set(key, choice):
+                if why_fixed(k):
+                    raise fixed(f"its choice {choice!r} sets {k}, and {why_fixed(k)}")
+        return {"type": kind, "choices": [resolve_value(key, choice) for choice in spec["choices"]]}
     missing = [k for k in ("low", "high") if k not in spec]
     if missing:
         raise bad(f"({kind}) needs {missing}")
@@ -172,27 +220,41 @@ def _number(value: Any, kind: str, name: str, bad: Callable[[str], ConfigError])
     return int(number)
 
 
-def edges(spec: Mapping[str, Any]) -> list[Any]:
-    """The extreme values a trial can draw: each choice, or low and the highest step on the grid (Optuna
-    draws from low + k * step, and lowers a high that is off the grid)."""
+def values_to_check(spec: Mapping[str, Any]) -> list[Any]:
+    """The values a trial can draw that `check_space` tries: each choice, each value of a small grid (an int range
+    or a float one with a step, at most SMALL_GRID values), else the extremes: low and the highest step on the
+    grid (Optuna draws from low + k * step, and lowers a high that is off the grid)."""
     if spec["type"] == "categorical":
         return list(spec["choices"])
     low, high, step = spec["low"], spec["high"], spec.get("step")
-    if step is None:
+    if step is None and spec["type"] == "float":
         return [low, high]
-    top = low + math.floor((high - low) / step + 1e-9) * step
-    return [low, round(top, 12) if spec["type"] == "float" else top]
+    step = step or 1
+    count = math.floor((high - low) / step + 1e-9) + 1
+    grid = [low + k * step for k in (range(count) if count <= SMALL_GRID else (0, count - 1))]
+    return [round(v, 12) for v in grid] if spec["type"] == "float" else grid
+
+
+def _encoder_sources(model: Any) -> tuple[Any, ...]:
+    """What a model config reads its encoders from: a value that changes it is checked by building them."""
+    text, image = model.text, model.image
+    return text.name, text.config_overrides, image.backend, image.name, image.checkpoint_path, image.model_kwargs
 
 
 def check_space(config: Any, space: Mapping[str, Mapping[str, Any]]) -> None:
-    """Every value a trial can draw at the edges (see `edges`) makes a valid config: a bad key or value stops
-    the search before the first trial instead of failing one trial at a time."""
+    """Each value a trial can draw (see `values_to_check`) makes a valid config, and one that names other encoders
+    builds them (the folder exists and loads): a bad key or value stops the search before the first trial
+    instead of failing one trial at a time."""
     for key, spec in space.items():
-        for value in edges(spec):
+        for value in values_to_check(spec):
             try:
-                apply_params(config, {key: value})
-            except ConfigError as e:
-                raise ConfigError(f"search space {key!r}: the value {value!r} gives an invalid config: {e}") from None
+                tried = apply_params(config, {key: value})
+                if _encoder_sources(tried.model) != _encoder_sources(config.model):
+                    _encoders_model(tried)
+            except (ConfigError, OSError) as e:  # OSError: transformers' word on a hub id it cannot fetch
+                relative = isinstance(value, str) and key.endswith(".name") and not Path(value).is_absolute()
+                where = f" (a folder in a search space is relative to the working directory, {Path.cwd()})" * relative
+                raise ConfigError(f"search space {key!r}: the value {value!r} gives an invalid config: {e}{where}") from None
 
 
 def suggest(trial: Any, space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -244,12 +306,23 @@ def tune(
         cfg.data.dataset = data_source_name(data)
     if trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {trials}")
-    space = load_space(space if space is not None else default_space(cfg.model.tasks, cfg.model.freeze))
-    check_space(cfg, space)
+    default = space is None
+    space = load_space(default_space(cfg.model.tasks, cfg.model.freeze, cfg.model.fusion.num_heads) if default else space)
+    try:
+        check_space(cfg, space)
+    except ConfigError as e:
+        if not default:
+            raise
+        raise ConfigError(f"the default search space (no --space given) does not suit this config: {e}; pass "
+                          "--space SPACE.yaml with values that do") from None  # fmt: skip
     tasks = {t.name: create_task(t) for t in cfg.model.tasks}
     metric = cfg.run.metric or default_metric(tasks)
     check_metric(metric, tasks)  # before the study exists: a typo must not leave one behind that blocks the fix
     out = Path(output_dir or Path(cfg.run.output_dir) / f"tune-{cfg.run.name or 'run'}")
+    file = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if file is not None:
+        raise ConfigError(f"the tune dir {out}: {file} is a file, not a folder; pass --output-dir a folder (one that "
+                          "does not exist yet is created)")  # fmt: skip
     holder = run_dir_holding(out)
     if holder is not None:  # its trials would be refused one by one, after the study's files were written there
         raise RunDirError(f"the tune dir {out} is inside the run dir {holder}, which holds that run's files only: "
@@ -292,7 +365,10 @@ def tune(
             trial_cfg = apply_params(cfg, params, run)
         except ConfigError as e:  # values valid one by one (check_space), not together: fusion.dim vs num_heads
             raise InvalidTrialConfig(f"the values drawn make an invalid config together: {e}") from None
-        trainer = Trainer(trial_cfg, data=data)
+        try:
+            trainer = Trainer(trial_cfg, data=data)
+        except ConfigError as e:  # what check_space cannot see cheaply (labels, data): this trial fails, not the search
+            raise InvalidTrialConfig(f"the trainer refused this trial's config: {e}") from None
         trial.set_user_attr("run_dir", str(trainer.run_dir))
 
         def report(entry: dict[str, Any]) -> None:
@@ -318,12 +394,17 @@ def tune(
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
     # a trial is judged only from its second epoch on, and only once a few trials have finished
     study.pruner = optuna.pruners.MedianPruner(n_startup_trials=min(5, max(2, trials // 4)), n_warmup_steps=2)
+    lock = _hold_study(out, study)
+
+    def write_each(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:  # a crash leaves a current table
+        write_results(study, out, metric, space, cfg)
+
     quiet = _QuietFailures()
     logging.getLogger("optuna.study._optimize").addFilter(quiet)
     before = len(study.trials)
     try:
         study.optimize(objective, n_trials=trials, catch=(FloatingPointError, InvalidTrialConfig),
-                       callbacks=list(callbacks))  # fmt: skip
+                       callbacks=[write_each, *callbacks])  # fmt: skip
     except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM (the trainer checkpoints first): keep what finished
         from .training.trainer import TrainingInterrupted
 
@@ -340,6 +421,7 @@ def tune(
         raise
     finally:
         logging.getLogger("optuna.study._optimize").removeFilter(quiet)
+        os.close(lock)
     if not write_results(study, out, metric, space, cfg):
         raise ConfigError(_none_completed(study.trials[before:], out))
     best = study.best_trial
@@ -397,17 +479,23 @@ def encoder_identity(cfg: Any) -> str:
     """`cfg`'s encoders as the frozen-encoder feature cache keys them (`encoder_key`: their config and a hash of
     their weights; random ones drawn from `run.seed`, as a run draws them): a study or a result of other weights
     saved in the same folder is not this config's, though the config reads the same."""
+    from .training.feature_cache import encoder_key
+
+    return encoder_key(_encoders_model(cfg))
+
+
+def _encoders_model(cfg: Any) -> Any:
+    """`cfg`'s model with a stand-in head: the heads play no part (and a task's classes may come from the data)."""
     import torch
 
     from .config import TaskConfig
     from .models import create_model
-    from .training.feature_cache import encoder_key
 
-    model = copy.deepcopy(cfg.model)  # the heads play no part (and a task's classes may come from the data)
+    model = copy.deepcopy(cfg.model)
     model.tasks = [TaskConfig("identity", num_classes=2)]
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
         torch.manual_seed(cfg.run.seed)
-        return encoder_key(create_model(model))
+        return create_model(model)
 
 
 def open_study(
@@ -432,16 +520,23 @@ def open_study(
         raise ConfigError(f"{out} holds a trials.csv that is not this study's (no study.jsonl beside it: a file of "
                           "yours, or one an older fusionkit wrote), so it cannot be continued; pass "
                           "--output-dir NEW_DIR so it is not overwritten")  # fmt: skip
-    storage = JournalStorage(JournalFileBackend(str(journal)))
+
+    def storage() -> JournalStorage:  # created only once the folder is known to be ours: it may write study.jsonl
+        return JournalStorage(JournalFileBackend(str(journal)))
+
     if exists:  # loading only reads it
-        study = optuna.load_study(study_name="fusionkit-tune", storage=storage)
+        try:
+            study = optuna.load_study(study_name="fusionkit-tune", storage=storage())
+        except Exception as e:  # Optuna's KeyError 'op_code' or "Record does not exist": not a journal of ours
+            raise ConfigError(f"{journal} is not a fusionkit tune study ({type(e).__name__}: {e}), so it cannot be "
+                              "continued; it is left as it is: pass --output-dir NEW_DIR") from None  # fmt: skip
     else:
         from .training.report import keep_previous
 
         for name in RESULT_FILES:  # a new study's results must not overwrite files that are not its own
             keep_previous(out / name)
         tasks = {t.name: create_task(t) for t in cfg.model.tasks}  # each metric's direction is its task's
-        study = optuna.create_study(storage=storage, study_name="fusionkit-tune",
+        study = optuna.create_study(storage=storage(), study_name="fusionkit-tune",
                                     direction="maximize" if higher_is_better(metric, tasks) else "minimize")  # fmt: skip
     saved = study.user_attrs.get("identity")
     if saved is None:
@@ -474,6 +569,35 @@ def open_study(
         )
     log.info("continuing the study in %s: %d trials so far", out, len(study.trials))
     return study
+
+
+STUDY_LOCK = ".tune.lock"  # held (shared) by each live tune process of the study in that folder
+
+
+def _hold_study(out: Path, study: Any) -> int:
+    """Hold `out`'s study lock while this process tunes (the kernel drops it when the process dies, kill -9
+    included); when no other live tune holds it, no trial can still be running: the trials a dead process left
+    RUNNING are marked failed, saying so. Returns the lock's fd, to close when done."""
+    import fcntl
+
+    import optuna
+
+    fd = os.open(out / STUDY_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        alone = True
+    except BlockingIOError:  # another tune runs on this study: its RUNNING trials are running
+        alone = False
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)) if alone else []
+    for t in stale:
+        study._storage.set_trial_user_attr(t._trial_id, "error", "its tune process ended while it ran (killed?); "
+                                           "marked failed when the study was opened again")  # fmt: skip
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+    if stale:
+        log.warning("%s: %d trial(s) left running by a tune process that ended (killed?) marked failed: %s", out,
+                    len(stale), [t.number for t in stale])  # fmt: skip
+    return fd
 
 
 def write_results(study: Any, out: Path, metric: str, space: Mapping[str, Any], cfg: Any) -> int:

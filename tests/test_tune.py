@@ -156,8 +156,25 @@ def test_tuning_again_in_the_same_dir_adds_trials_and_never_loses_any(tmp_path: 
      ({"optim.lr": {"type": "float", "low": 0.0, "high": 1e-2, "log": True}}, "log: true needs low > 0"),
      ({"optim.lr": {"type": "float", "low": "a lot", "high": 1e-2}}, "low must be a number, got 'a lot'"),
      ({"model.fusion.depth": {"type": "int", "low": 1, "high": 2.5}}, "high of an int must be a whole number"),
-     # the highest value on the step's grid is checked (107, odd for 2 heads), not high (110, never drawn)
-     ({"model.fusion.dim": {"type": "int", "low": 32, "high": 110, "step": 15}}, "the value 107 gives")],
+     # a large grid: the highest value on the step's grid is checked (285, odd for 2 heads), not high (290, never drawn)
+     ({"model.fusion.dim": {"type": "int", "low": 30, "high": 290, "step": 15}}, "the value 285 gives"),
+     # a small grid: every value is checked, not only the ends (30 and 32 are valid for 2 heads, 31 is not)
+     ({"model.fusion.dim": {"type": "int", "low": 30, "high": 32}}, "the value 31 gives"),
+     # a task's labels: trials would be ranked on different labels
+     ({"model.tasks.sentiment.column": {"type": "categorical", "choices": ["sentiment", "text"]}}, "same labels"),
+     ({"model.tasks.sentiment.type": {"type": "categorical", "choices": ["classification", "regression"]}},
+      "same labels"),
+     ({"model.tasks.sentiment.class_names": {"type": "categorical", "choices": [None, ["a", "b", "c"]]}}, "same labels"),
+     ({"model.tasks.sentiment.num_classes": {"type": "int", "low": 2, "high": 3}}, "same labels"),
+     ({"data.image_root": {"type": "categorical", "choices": [None, "/tmp"]}}, "same val rows"),
+     # a section whose value sets one of those keys
+     ({"data": {"type": "categorical", "choices": [{"augment": True}, {"text_column": "caption"}]}},
+      "sets data.text_column"),
+     ({"model": {"type": "categorical", "choices": [{"tasks": [{"name": "sentiment", "column": "x"}]}]}},
+      "sets model.tasks"),
+     # a section and one of its own keys: a trial uses one value, and trials.csv would record both
+     ({"optim": {"type": "categorical", "choices": [{"lr": 0.01}]},
+       "optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2}}, "it sets 'optim.lr', which the space also searches")],
 )  # fmt: skip
 def test_a_bad_space_stops_before_the_first_trial(tmp_path: Path, capsys, entry: dict, named: str) -> None:
     space = tmp_path / "space.yaml"
@@ -339,18 +356,35 @@ def test_a_study_of_other_encoder_weights_in_the_same_folder_is_not_continued(tm
     assert main(argv) == 0 and len(list(csv.DictReader((out / "trials.csv").open()))) == 2
 
 
-def test_a_users_own_trials_csv_is_refused_before_anything_is_written(tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize(
+    "name,text,named",
+    [("trials.csv", "trial,my score\n1,0.9\n", "holds a trials.csv that is not this study's"),
+     # a JSON-lines file of the user's: Optuna's journal reader failed with a raw KeyError 'op_code'
+     ("study.jsonl", '{"my": "log line"}\n', "study.jsonl is not a fusionkit tune study")],
+)  # fmt: skip
+def test_a_users_own_file_of_a_name_tune_keeps_is_refused_before_anything_is_written(
+    tmp_path: Path, capsys, name: str, text: str, named: str
+) -> None:
     out = tmp_path / "mine"
     out.mkdir()
-    (out / "trials.csv").write_text("trial,my score\n1,0.9\n")
+    (out / name).write_text(text)
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}))
     argv = ["tune", str(write_config(tmp_path)), "--space", str(space), "--output-dir", str(out), "--trials", "1"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "holds a trials.csv that is not this study's" in err and "--output-dir NEW_DIR" in err
-    assert sorted(p.name for p in out.iterdir()) == ["trials.csv"]  # no empty study.jsonl left beside it
-    assert (out / "trials.csv").read_text() == "trial,my score\n1,0.9\n"
+    assert named in err and "--output-dir NEW_DIR" in err
+    assert sorted(p.name for p in out.iterdir()) == [name]  # no empty study.jsonl (or lock) left beside it
+    assert (out / name).read_text() == text
+
+
+def test_an_output_dir_that_is_a_file_is_said_to_be_one(tmp_path: Path, capsys) -> None:
+    mine = tmp_path / "afile"
+    mine.write_text("mine\n")
+    for out in (mine, mine / "sub"):
+        assert main(["tune", str(write_config(tmp_path)), "--output-dir", str(out), "--trials", "1"]) == 2
+        assert f"{mine} is a file, not a folder" in capsys.readouterr().err  # not "[Errno 17] File exists"
+    assert mine.read_text() == "mine\n"
 
 
 def test_a_tune_dir_inside_a_run_dir_is_refused_before_anything_is_written(tmp_path: Path, capsys) -> None:
@@ -406,3 +440,97 @@ def test_default_space_takes_tasks_as_configs_write_them() -> None:
     written = default_space([{"name": "mood"}, {"name": "price", "type": "regression"}], "top_k")
     assert written == default_space([TaskConfig("mood"), TaskConfig("price", type="regression")], "top_k")
     assert "model.tasks.mood.label_smoothing" in written and "optim.layer_decay" in written
+
+
+def test_encoder_folders_in_a_space_are_absolute_and_checked_before_the_first_trial(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative folder in a space is relative to the working directory, as `--model.text.name enc` is, and
+    stored absolute (best.yaml trained from elsewhere read it as a hub id); a missing one is refused up front,
+    not at the trial that draws it."""
+    save_tiny_bert(tmp_path / "enc" / "text", seed=0)
+    monkeypatch.chdir(tmp_path)
+    space = tmp_path / "space.yaml"
+    argv = ["tune", str(write_config(tmp_path)), "--space", str(space), "--trials", "1", "--optim.epochs", "1",
+            "--data.dataset", "synthetic:48", "--model.text.max_length", "32", "--output-dir"]  # fmt: skip
+    space.write_text("model.text.name: {type: categorical, choices: [enc/text, ./enc/gone]}\n")
+    assert main([*argv, str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert "search space 'model.text.name': the value './enc/gone'" in err and "does not exist" in err
+    assert f"relative to the working directory, {tmp_path}" in err and not (tmp_path / "refused").exists()
+    space.write_text("model.text.name: {type: categorical, choices: [enc/text]}\n")
+    out = tmp_path / "tune"
+    assert main([*argv, str(out)]) == 0
+    folder = str(tmp_path / "enc" / "text")
+    assert [r["model.text.name"] for r in csv.DictReader((out / "trials.csv").open())] == [folder]
+    monkeypatch.chdir(tmp_path / "enc")  # best.yaml trains from any directory
+    assert build_config(out / "best.yaml").model.text.name == folder
+
+
+def test_a_trial_the_trainer_refuses_fails_and_the_search_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config error only the trainer finds (labels a drawn value makes invalid, ...) fails that trial, with its
+    message in trials.csv; it used to end the whole search."""
+    from fusionkit.training.trainer import Trainer
+
+    init = Trainer.__init__
+
+    def refuse_trial_1(self, cfg, **kwargs) -> None:
+        if cfg.run.name == "trial-001":
+            raise ConfigError("task sentiment: labels not valid for this trial")
+        init(self, cfg, **kwargs)
+
+    monkeypatch.setattr(Trainer, "__init__", refuse_trial_1)
+    space = {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
+    cfg = build_config(write_config(tmp_path), {"optim.epochs": 1, "data.dataset": "synthetic:48"})
+    assert fusionkit.tune(cfg, 3, space, tmp_path / "tune")["trials"] == 3
+    rows = list(csv.DictReader((tmp_path / "tune" / "trials.csv").open()))
+    assert [r["state"] for r in rows] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert "labels not valid for this trial" in rows[1]["error"]
+
+
+def test_a_trial_left_running_by_a_killed_tune_is_failed_when_the_study_is_opened_again(tmp_path: Path) -> None:
+    """kill -9 mid-trial: trials.csv already lists the finished trials (written after each one), and the same
+    command marks the killed trial failed, saying why, instead of RUNNING forever."""
+    import signal
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}))
+    out = tmp_path / "tune"
+    argv = ["tune", str(write_config(tmp_path)), "--space", str(space), "--output-dir", str(out),
+            "--optim.epochs", "1", "--data.dataset", "synthetic:48", "--trials"]  # fmt: skip
+    killed_in_trial_1 = (
+        "import os, signal, sys\n"
+        "from fusionkit.training.trainer import Trainer\n"
+        "fit = Trainer.fit\n"
+        "def fit_or_die(self):\n"
+        "    if self.cfg.run.name == 'trial-001':\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return fit(self)\n"
+        "Trainer.fit = fit_or_die\n"
+        "from fusionkit.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", killed_in_trial_1, *argv, "3"], capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert [r["state"] for r in csv.DictReader((out / "trials.csv").open())] == ["COMPLETE"]
+    assert main([*argv, "1"]) == 0
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert [r["state"] for r in rows] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert "tune process ended while it ran" in rows[1]["error"]
+    assert "3 trials (2 complete, 1 fail)" in (out / "trials.md").read_text()
+
+
+def test_the_default_space_suits_the_configs_heads_and_says_it_is_the_default(tmp_path: Path, capsys) -> None:
+    """Its fusion widths are multiples of num_heads (64 with 3 heads was refused); an error in it says it is
+    the default space and how to pass another."""
+    argv = ["tune", str(write_config(tmp_path)), "--trials", "1", "--optim.epochs", "1", "--data.dataset",
+            "synthetic:48", "--model.fusion.num_heads", "3", "--output-dir"]  # fmt: skip
+    assert main([*argv, str(tmp_path / "tune"), "--model.fusion.dim", "48"]) == 0
+    rows = list(csv.DictReader((tmp_path / "tune" / "trials.csv").open()))
+    assert rows[0]["state"] == "COMPLETE" and int(rows[0]["model.fusion.dim"]) % 3 == 0
+    capsys.readouterr()  # an MLP of less than one unit at the narrowest default width (63 x 0.01)
+    assert main([*argv, str(tmp_path / "t2"), "--model.fusion.dim", "102", "--model.fusion.mlp_ratio", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "the default search space (no --space given)" in err and "--space SPACE.yaml" in err

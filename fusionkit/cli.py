@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -468,10 +469,24 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
         ds = read(data, with_labels, data.on_error, only=ids[split])
         read_ids = set(ds.ids)
         lost = [i for i in ids[split] if i not in read_ids]
+        # its own split (not --split-file's) is checked below against what the run recorded of its rows
+        checked = args.split_file is None and run_dir is not None and not member
         if lost:
-            problem = f"{len(lost)} of the {len(ids[split])} rows its {split} split names are not in the data (e.g. {lost[:3]})"
+            skipped = " or were skipped as unreadable (see the report above)" if data.on_error == "skip" else ""
+            problem = (f"{len(lost)} of the {len(ids[split])} rows its {split} split names are missing from "
+                       f"{source}{skipped} (e.g. {lost[:3]})")  # fmt: skip
             if one_based := _one_based(ids):
                 raise DataError(problem, source=str(split_file), hint=one_based)
+            if checked and split in _recorded(run_dir).get("splits", {}) and (with_labels or _named_by_position(ids[split])):
+                # the run recorded its held-out rows as a whole: the rest cannot be told from edited rows
+                raise DataError(
+                    f"{problem}: the run's record of its {split} split covers all {len(ids[split])} rows, so it "
+                    "is scored whole or not at all",
+                    source=str(split_file),
+                    hint=f"restore the missing rows in {source}, or score the rows that are there: --data {source} "
+                    f"--split all (every row of it), or --split-file FILE (a copy of {split_file.name} without "
+                    "the missing ids)",
+                )
             if data.on_error != "skip":
                 raise DataError(problem, source=str(split_file), hint=f"restore them in {source}, skip them "
                                 "(--on-error skip), or score the data as it is now: --data FILE --split all")  # fmt: skip
@@ -484,7 +499,7 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
             read_pool = functools.partial(read, cfg, True, on_error, named)
         else:
             read_pool = functools.partial(read, data, False, data.on_error, named)
-        if args.split_file is None and run_dir is not None and not member:
+        if checked:
             # its own split (of its own file, or of --data: a moved copy must hold the rows it held out, not
             # edited ones); once, for the first model: another member binds the labels to its own class order.
             # predict reads no labels: the split is read again with them, as training fingerprinted it
@@ -497,7 +512,7 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
                 if held is not None:
                     _check_same_rows(run_dir, split, held, source)
             except DataError as e:  # predict of rows named by an id: an edited label changes no prediction
-                if with_labels or all(i.isdigit() for i in held.ids):  # rows named by position: other rows
+                if with_labels or _named_by_position(held.ids):  # rows named by position: other rows
                     raise
                 log.warning("%s", e)
         if len(ds) == 0:
@@ -572,13 +587,23 @@ def _one_based(ids: dict[str, list[str]]) -> str:
             "copy of the split file and pass it with --split-file")  # fmt: skip
 
 
+def _named_by_position(ids: Sequence[str]) -> bool:
+    """Whether ids may be row numbers (a file without an id column): a row gone or moved renames the others."""
+    return all(i.isdigit() for i in ids)
+
+
+def _recorded(run_dir: Path) -> dict[str, Any]:
+    """The run's data_fingerprint.json (what its splits held when it trained); {} for a run without one."""
+    path = run_dir / "data_fingerprint.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _check_same_rows(run_dir: Path, split: str, ds: Any, source: Any) -> None:
     """Scoring a run's own split must score the rows it held out: refuse if their content changed since."""
     from .data import DataError, read_split_file
     from .training.rundir import same_split, written_by
 
-    path = run_dir / "data_fingerprint.json"
-    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    recorded = _recorded(run_dir)
     saved = recorded.get("splits", {}).get(split)
     if saved is None or same_split(recorded, split, ds):  # by the scheme it was recorded with (an older fusionkit's)
         return

@@ -81,3 +81,53 @@ def test_a_split_with_rows_missing_from_the_data_says_they_are_missing_not_edite
     argv = ["eval", str(run), "--data", str(short), "--split", "test", "--split-file", str(mine), "--output", str(out)]
     assert main([*argv, *cache]) == 0
     assert json.loads(out.read_text())["details"]["mood"]["confusion"]
+
+
+def test_regression_is_scored_by_rmse_and_r2_beside_mse_and_mae_with_their_directions(
+    run: Path, tmp_path: Path
+) -> None:
+    """rmse is in the targets' units (lower is better), r2 as sklearn computes it (higher is better)."""
+    from sklearn.metrics import r2_score
+
+    from fusionkit.models import FusionModel
+    from fusionkit.training.metrics import higher_is_better
+
+    out, preds = tmp_path / "m.json", tmp_path / "p.csv"
+    assert main(["eval", str(run), "--split", "test", "--output", str(out)]) == 0
+    assert main(["predict", str(run), "--split", "test", "--output", str(preds)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["test/price/rmse"] == pytest.approx(metrics["test/price/mse"] ** 0.5)
+    truth = {r["id"]: float(r["price"]) for r in table_rows(run)}
+    rows = list(csv.DictReader(preds.open()))
+    expected = r2_score([truth[r["id"]] for r in rows], [float(r["price"]) for r in rows])
+    assert metrics["test/price/r2"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    tasks = FusionModel.from_pretrained(run).tasks
+    assert higher_is_better("val/price/r2", tasks) and not higher_is_better("val/price/rmse", tasks)
+
+
+def test_regression_predictions_are_the_float32_values_shortest_decimals_everywhere(run: Path, tmp_path: Path) -> None:
+    """4218.4, not 4218.39990234375 (a float32 widened to a double): in CSV, JSONL and model.predict alike."""
+    import numpy as np
+
+    from fusionkit.models import FusionModel
+
+    def shortest(value: str) -> bool:  # the text a float32 prints as, and still that float32
+        return value == str(np.float32(value))
+
+    written = {}
+    for suffix in (".csv", ".jsonl"):
+        path = tmp_path / f"p{suffix}"
+        assert main(["predict", str(run), "--split", "all", "--output", str(path)]) == 0
+        text = path.read_text()
+        rows = list(csv.DictReader(text.splitlines())) if suffix == ".csv" else [json.loads(line) for line in
+                                                                                 text.splitlines()]  # fmt: skip
+        written[suffix] = {r["id"]: str(r["price"]) for r in rows}
+        assert all(shortest(v) for v in written[suffix].values()), written[suffix]
+    assert written[".csv"] == written[".jsonl"]
+    table = table_rows(run)[:5]
+    model = FusionModel.from_pretrained(run)
+    preds = model.predict(texts=[r["caption"] for r in table],
+                          images=[str(run.parent.parent / r["photo"]) for r in table], precision="fp32")  # fmt: skip
+    assert all(shortest(repr(p["price"])) for p in preds)
+    # the same values as the file's, up to the batching of the eval path
+    assert [p["price"] for p in preds] == pytest.approx([float(written[".csv"][r["id"]]) for r in table], rel=1e-3)

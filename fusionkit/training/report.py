@@ -74,7 +74,11 @@ def plot_curves(history: Sequence[dict[str, Any]], path: Path) -> None:
             line(ax, evals, key, "epoch", "o-", label=key.split("/")[2])
         tops = [max(abs(h[k]) for h in evals if k in h) for k in keys]
         if min(tops) > 0 and max(tops) / min(tops) > 100:  # mse next to mae: one linear axis flattens the smaller
-            ax.set_yscale("log")
+            # an r2 below 0 (early epochs) would vanish from a log axis: linear within [-1, 1] then
+            if any(h[k] <= 0 for h in evals for k in keys if k in h):
+                ax.set_yscale("symlog", linthresh=1)
+            else:
+                ax.set_yscale("log")
         ax.set(title=f"val: {name}", xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize="small")

@@ -314,13 +314,18 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _ensemble_members(args: argparse.Namespace) -> list[str]:
-    """The model and its --ensemble members; one listed twice counts twice in the average (said: a typo, mostly)."""
+    """The model and its --ensemble members. A model listed twice (by any path to the same checkpoint: a run dir
+    and its best) is refused: it would count twice in the average, and is a typo, mostly."""
+    from .hub import resolve_pretrained_dir
+    from .models.fusion_model import _find_checkpoint_dir
+
     members = [args.checkpoint, *args.ensemble]
     seen: dict[Path, str] = {}
     for m in members:
-        key = Path(m).resolve()
+        key = _find_checkpoint_dir(resolve_pretrained_dir(m)).resolve()
         if key in seen:
-            log.warning("--ensemble: %s is listed twice (also as %s): it counts twice in the average", m, seen[key])
+            raise ConfigError(f"--ensemble: {m} is the model of {seen[key]} again ({key}): an ensemble averages "
+                              "different models (e.g. other seeds); list each once")  # fmt: skip
         seen[key] = m
     return members
 

@@ -131,3 +131,17 @@ def test_regression_predictions_are_the_float32_values_shortest_decimals_everywh
     assert all(shortest(repr(p["price"])) for p in preds)
     # the same values as the file's, up to the batching of the eval path
     assert [p["price"] for p in preds] == pytest.approx([float(written[".csv"][r["id"]]) for r in table], rel=1e-3)
+
+
+def test_an_ensemble_that_lists_one_model_twice_is_refused(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--ensemble RUN` beside RUN itself (or its best checkpoint) would count one model twice: said, nothing run."""
+    out = tmp_path / "p.csv"
+    for again in (run, run / "best"):
+        for argv in (["--output", str(out)], ["--text", "a happy day"]):
+            capsys.readouterr()
+            assert main(["predict", str(run), "--ensemble", str(again), *argv]) == 2  # a usage error
+            err = capsys.readouterr().err
+            assert f"--ensemble: {again} is the model of {run} again" in err and "list each once" in err, err
+    assert not out.exists()

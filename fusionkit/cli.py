@@ -627,11 +627,12 @@ def _check_same_rows(run_dir: Path, split: str, ds: Any, source: Any) -> None:
 def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from .models import FusionModel
     from .models.fusion_model import align_classes
-    from .precision import choose_precision
+    from .precision import inference_precision
     from .training.inference import inference_loader, resolve_device, run_inference
 
     results, first = [], None
     members = _ensemble_members(args)
+    amp = inference_precision(args.precision, resolve_device(args.device), "--precision").dtype  # training's choice
     configs = {c: FusionModel.read_config(c).tasks for c in members}
     schemas = {c: {t.name: t.class_names or [] for t in tasks} for c, tasks in configs.items()}
     for checkpoint in members[1:]:  # before any model or data is read; classes are matched by name, in any order
@@ -655,7 +656,6 @@ def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
             loader, transform = _feature_loader(model, data, args.batch_size, _progress(args)), None
         else:
             loader, transform = inference_loader(model, data, args.batch_size)
-        amp = choose_precision(args.precision, model.device).dtype  # what training's evaluation used here
         result = run_inference(model, loader, transform, amp, desc=args.split, progress=_progress(args))
         align_classes(model, first, result["outputs"])  # classes matched by name: columns in the first's order
         results.append(result)
@@ -717,7 +717,8 @@ def _predict(args: argparse.Namespace) -> int:
         image = args.image  # a relative path is read from --image-root when given, as a --data file's are
         if image is not None and args.image_root is not None and not Path(image).expanduser().is_absolute():
             image = str(Path(args.image_root) / image)
-        [row] = model.predict(texts=[args.text], images=[image], ensemble=others, where="--text/--image")
+        [row] = model.predict(texts=[args.text], images=[image], ensemble=others, precision=args.precision,
+                              where="--text/--image")  # fmt: skip
         print(json.dumps(row, indent=2, ensure_ascii=False))
         return 0
     if not args.output:

@@ -145,3 +145,35 @@ def test_an_ensemble_that_lists_one_model_twice_is_refused(
             err = capsys.readouterr().err
             assert f"--ensemble: {again} is the model of {run} again" in err and "list each once" in err, err
     assert not out.exists()
+
+
+def test_model_predict_takes_one_ensemble_model_and_says_what_its_arguments_take(
+    run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`ensemble=other` (one model) is a list of one; the model itself, a path or a precision spelled as torch spells
+    it get errors that name the argument as the caller passed it; fp16 on a CPU runs fp32 and says so, as training."""
+    from fusionkit.config import ConfigError
+    from fusionkit.models import FusionModel
+
+    model, other = FusionModel.from_pretrained(run), FusionModel.from_pretrained(run)
+    pair = {"texts": ["happy day"], "images": [str(run.parent.parent / "img0.png")]}
+    alone = model.predict(**pair, precision="fp32")
+    assert model.predict(**pair, precision="fp32", ensemble=other) == model.predict(**pair, precision="fp32",
+                                                                                     ensemble=[other])  # fmt: skip
+    assert model.predict(**pair, precision="fp32", ensemble=other)[0]["mood"] == alone[0]["mood"]
+    with pytest.raises(ValueError, match="listed twice"):
+        model.predict(**pair, ensemble=model)
+    with pytest.raises(TypeError, match=r"ensemble takes another FusionModel or a list of them, got str"):
+        model.predict(**pair, ensemble=str(run))
+    with pytest.raises(ConfigError, match=r"^precision must be one of .*'float16' is 'fp16'") as e:
+        model.predict(**pair, precision="float16")
+    assert "run.precision" not in str(e.value)
+    with caplog.at_level(logging.WARNING, logger="fusionkit"):
+        half = model.predict(**pair, precision="fp16")
+    assert "precision fp16: fp32" in caplog.text and "CPU runs in fp32" in caplog.text
+    assert half == alone
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fusionkit"):  # the CLI's --precision, the same rule
+        assert main(["predict", str(run), "--split", "test", "--precision", "fp16", "--output", str(tmp_path / "p.csv")]) == 0
+        assert main(["predict", str(run), "--text", "a happy day", "--precision", "fp16"]) == 0
+    assert caplog.text.count("precision fp16: fp32") == 2, caplog.text

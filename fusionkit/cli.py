@@ -150,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--ensemble", nargs="+", default=[], metavar="CHECKPOINT", help=ensemble_help)
     pr.add_argument("--text", help="one caption to predict (with --image, or alone)")
     pr.add_argument("--image", help="one image file to predict (with --text, or alone)")
-    pr.add_argument("--output", help=".csv or .jsonl (required unless --text/--image)")
+    pr.add_argument("--output", help=".csv, .jsonl or .parquet (required unless --text/--image)")
     em = sub.add_parser("embed", help="joint (or text/image) vectors for a dataset or CSV")
     data_args(em, "all")
     for sp in (e, pr, em):
@@ -722,7 +722,7 @@ def _predict(args: argparse.Namespace) -> int:
         print(json.dumps(row, indent=2, ensure_ascii=False))
         return 0
     if not args.output:
-        raise ConfigError("predict needs --output FILE (.csv/.jsonl), or --text/--image for one pair")
+        raise ConfigError("predict needs --output FILE (.csv/.jsonl/.parquet), or --text/--image for one pair")
     model, result = _inference(args)
     path = Path(args.output)
     with _replacing(path) as tmp:
@@ -783,7 +783,7 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
-OUTPUT_SUFFIXES = {"eval": (".json",), "predict": (".csv", ".jsonl"), "embed": (".npy", ".parquet")}
+OUTPUT_SUFFIXES = {"eval": (".json",), "predict": (".csv", ".jsonl", ".parquet"), "embed": (".npy", ".parquet")}
 
 
 @contextlib.contextmanager

@@ -177,3 +177,19 @@ def test_model_predict_takes_one_ensemble_model_and_says_what_its_arguments_take
         assert main(["predict", str(run), "--split", "test", "--precision", "fp16", "--output", str(tmp_path / "p.csv")]) == 0
         assert main(["predict", str(run), "--text", "a happy day", "--precision", "fp16"]) == 0
     assert caplog.text.count("precision fp16: fp32") == 2, caplog.text
+
+
+def test_predict_writes_parquet_with_the_csvs_columns_and_values(run: Path, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    paths = {s: tmp_path / f"p{s}" for s in (".csv", ".parquet")}
+    for path in paths.values():
+        assert main(["predict", str(run), "--split", "test", "--output", str(path)]) == 0
+    csv_rows = list(csv.DictReader(paths[".csv"].open()))
+    table = pq.read_table(paths[".parquet"])
+    assert table.column_names == list(csv_rows[0])
+    rows = table.to_pylist()
+    assert [r["id"] for r in rows] == [r["id"] for r in csv_rows]
+    assert [r["mood"] for r in rows] == [r["mood"] for r in csv_rows]
+    assert [r["price"] for r in rows] == [float(r["price"]) for r in csv_rows]  # numbers, not text
+    assert [r["mood_prob_sad"] for r in rows] == pytest.approx([float(r["mood_prob_sad"]) for r in csv_rows])

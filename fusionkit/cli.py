@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--ensemble", nargs="+", default=[], metavar="CHECKPOINT", help=ensemble_help)
     pr.add_argument("--text", help="one caption to predict (with --image, or alone)")
     pr.add_argument("--image", help="one image file to predict (with --text, or alone)")
-    pr.add_argument("--output", help=".csv or .jsonl (required unless --text/--image)")
+    pr.add_argument("--output", help=".csv, .jsonl or .parquet (required unless --text/--image)")
     em = sub.add_parser("embed", help="joint (or text/image) vectors for a dataset or CSV")
     data_args(em, "all")
     for sp in (e, pr, em):
@@ -313,13 +314,18 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _ensemble_members(args: argparse.Namespace) -> list[str]:
-    """The model and its --ensemble members; one listed twice counts twice in the average (said: a typo, mostly)."""
+    """The model and its --ensemble members. A model listed twice (by any path to the same checkpoint: a run dir
+    and its best) is refused: it would count twice in the average, and is a typo, mostly."""
+    from .hub import resolve_pretrained_dir
+    from .models.fusion_model import _find_checkpoint_dir
+
     members = [args.checkpoint, *args.ensemble]
     seen: dict[Path, str] = {}
     for m in members:
-        key = Path(m).resolve()
+        key = _find_checkpoint_dir(resolve_pretrained_dir(m)).resolve()
         if key in seen:
-            log.warning("--ensemble: %s is listed twice (also as %s): it counts twice in the average", m, seen[key])
+            raise ConfigError(f"--ensemble: {m} is the model of {seen[key]} again ({key}): an ensemble averages "
+                              "different models (e.g. other seeds); list each once")  # fmt: skip
         seen[key] = m
     return members
 
@@ -468,10 +474,24 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
         ds = read(data, with_labels, data.on_error, only=ids[split])
         read_ids = set(ds.ids)
         lost = [i for i in ids[split] if i not in read_ids]
+        # its own split (not --split-file's) is checked below against what the run recorded of its rows
+        checked = args.split_file is None and run_dir is not None and not member
         if lost:
-            problem = f"{len(lost)} of the {len(ids[split])} rows its {split} split names are not in the data (e.g. {lost[:3]})"
+            skipped = " or were skipped as unreadable (see the report above)" if data.on_error == "skip" else ""
+            problem = (f"{len(lost)} of the {len(ids[split])} rows its {split} split names are missing from "
+                       f"{source}{skipped} (e.g. {lost[:3]})")  # fmt: skip
             if one_based := _one_based(ids):
                 raise DataError(problem, source=str(split_file), hint=one_based)
+            if checked and split in _recorded(run_dir).get("splits", {}) and (with_labels or _named_by_position(ids[split])):
+                # the run recorded its held-out rows as a whole: the rest cannot be told from edited rows
+                raise DataError(
+                    f"{problem}: the run's record of its {split} split covers all {len(ids[split])} rows, so it "
+                    "is scored whole or not at all",
+                    source=str(split_file),
+                    hint=f"restore the missing rows in {source}, or score the rows that are there: --data {source} "
+                    f"--split all (every row of it), or --split-file FILE (a copy of {split_file.name} without "
+                    "the missing ids)",
+                )
             if data.on_error != "skip":
                 raise DataError(problem, source=str(split_file), hint=f"restore them in {source}, skip them "
                                 "(--on-error skip), or score the data as it is now: --data FILE --split all")  # fmt: skip
@@ -484,7 +504,7 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
             read_pool = functools.partial(read, cfg, True, on_error, named)
         else:
             read_pool = functools.partial(read, data, False, data.on_error, named)
-        if args.split_file is None and run_dir is not None and not member:
+        if checked:
             # its own split (of its own file, or of --data: a moved copy must hold the rows it held out, not
             # edited ones); once, for the first model: another member binds the labels to its own class order.
             # predict reads no labels: the split is read again with them, as training fingerprinted it
@@ -497,7 +517,7 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
                 if held is not None:
                     _check_same_rows(run_dir, split, held, source)
             except DataError as e:  # predict of rows named by an id: an edited label changes no prediction
-                if with_labels or all(i.isdigit() for i in held.ids):  # rows named by position: other rows
+                if with_labels or _named_by_position(held.ids):  # rows named by position: other rows
                     raise
                 log.warning("%s", e)
         if len(ds) == 0:
@@ -572,13 +592,23 @@ def _one_based(ids: dict[str, list[str]]) -> str:
             "copy of the split file and pass it with --split-file")  # fmt: skip
 
 
+def _named_by_position(ids: Sequence[str]) -> bool:
+    """Whether ids may be row numbers (a file without an id column): a row gone or moved renames the others."""
+    return all(i.isdigit() for i in ids)
+
+
+def _recorded(run_dir: Path) -> dict[str, Any]:
+    """The run's data_fingerprint.json (what its splits held when it trained); {} for a run without one."""
+    path = run_dir / "data_fingerprint.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _check_same_rows(run_dir: Path, split: str, ds: Any, source: Any) -> None:
     """Scoring a run's own split must score the rows it held out: refuse if their content changed since."""
     from .data import DataError, read_split_file
     from .training.rundir import same_split, written_by
 
-    path = run_dir / "data_fingerprint.json"
-    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    recorded = _recorded(run_dir)
     saved = recorded.get("splits", {}).get(split)
     if saved is None or same_split(recorded, split, ds):  # by the scheme it was recorded with (an older fusionkit's)
         return
@@ -597,11 +627,12 @@ def _check_same_rows(run_dir: Path, split: str, ds: Any, source: Any) -> None:
 def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from .models import FusionModel
     from .models.fusion_model import align_classes
-    from .precision import choose_precision
+    from .precision import inference_precision
     from .training.inference import inference_loader, resolve_device, run_inference
 
     results, first = [], None
     members = _ensemble_members(args)
+    amp = inference_precision(args.precision, resolve_device(args.device), "--precision").dtype  # training's choice
     configs = {c: FusionModel.read_config(c).tasks for c in members}
     schemas = {c: {t.name: t.class_names or [] for t in tasks} for c, tasks in configs.items()}
     for checkpoint in members[1:]:  # before any model or data is read; classes are matched by name, in any order
@@ -625,7 +656,6 @@ def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
             loader, transform = _feature_loader(model, data, args.batch_size, _progress(args)), None
         else:
             loader, transform = inference_loader(model, data, args.batch_size)
-        amp = choose_precision(args.precision, model.device).dtype  # what training's evaluation used here
         result = run_inference(model, loader, transform, amp, desc=args.split, progress=_progress(args))
         align_classes(model, first, result["outputs"])  # classes matched by name: columns in the first's order
         results.append(result)
@@ -687,11 +717,12 @@ def _predict(args: argparse.Namespace) -> int:
         image = args.image  # a relative path is read from --image-root when given, as a --data file's are
         if image is not None and args.image_root is not None and not Path(image).expanduser().is_absolute():
             image = str(Path(args.image_root) / image)
-        [row] = model.predict(texts=[args.text], images=[image], ensemble=others, where="--text/--image")
+        [row] = model.predict(texts=[args.text], images=[image], ensemble=others, precision=args.precision,
+                              where="--text/--image")  # fmt: skip
         print(json.dumps(row, indent=2, ensure_ascii=False))
         return 0
     if not args.output:
-        raise ConfigError("predict needs --output FILE (.csv/.jsonl), or --text/--image for one pair")
+        raise ConfigError("predict needs --output FILE (.csv/.jsonl/.parquet), or --text/--image for one pair")
     model, result = _inference(args)
     path = Path(args.output)
     with _replacing(path) as tmp:
@@ -752,7 +783,7 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
-OUTPUT_SUFFIXES = {"eval": (".json",), "predict": (".csv", ".jsonl"), "embed": (".npy", ".parquet")}
+OUTPUT_SUFFIXES = {"eval": (".json",), "predict": (".csv", ".jsonl", ".parquet"), "embed": (".npy", ".parquet")}
 
 
 @contextlib.contextmanager

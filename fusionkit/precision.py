@@ -19,6 +19,7 @@ and a run must not switch precision between its start and its resume. `run.preci
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ CPU_AUTO_BF16_FLAGS = ("amx_bf16", "bf16")
 CPUINFO = Path("/proc/cpuinfo")  # module-level so tests can point it at a fake file
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_TORCH_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float": "fp32"}
 
 
 @dataclass(frozen=True)
@@ -111,14 +113,17 @@ def _cuda(requested: str, device: torch.device) -> Precision:
     return Precision(requested, f"{requested} (run.precision) on {name}")
 
 
-def choose_precision(requested: str = "auto", device: torch.device | str = "cpu") -> Precision:
+def choose_precision(requested: str = "auto", device: torch.device | str = "cpu", what: str = "run.precision") -> Precision:
     """Resolve `run.precision` ("auto" | "fp32" | "bf16" | "fp16") for `device`.
 
     auto: bf16 on GPUs with bf16 tensor cores and on CPUs with bf16 units, fp32 elsewhere. An explicit
     bf16 is honoured everywhere; fp16 only on CUDA (it needs a GradScaler, and CPUs gain nothing from it).
+    `what`: the setting as the caller wrote it (`run.precision`, `--precision`, `precision`), for the error.
     """
     if requested not in PRECISIONS:
-        raise ConfigError(f"run.precision must be one of {PRECISIONS}, got {requested!r}")
+        spelled = _TORCH_NAMES.get(str(requested).removeprefix("torch."))
+        hint = f" ({requested!r} is {spelled!r} here)" if spelled else ""
+        raise ConfigError(f"{what} must be one of {PRECISIONS}, got {requested!r}{hint}")
     device = torch.device(device)
     if device.type == "cuda":
         return _cuda(requested, device)
@@ -127,3 +132,12 @@ def choose_precision(requested: str = "auto", device: torch.device | str = "cpu"
     if requested == "auto":
         return Precision("fp32", f"fp32: auto picks mixed precision on CUDA and CPUs only, not {device.type}")
     return Precision(requested, f"{requested} (run.precision) on {device.type}")
+
+
+def inference_precision(requested: str, device: torch.device | str, what: str) -> Precision:
+    """`choose_precision` for eval and predict, saying (as training does) when an explicit choice does not run:
+    fp16 on a CPU runs in fp32."""
+    chosen = choose_precision(requested, device, what)
+    if requested not in ("auto", chosen.name):
+        logging.getLogger("fusionkit").warning("%s %s: %s", what, requested, chosen.reason)
+    return chosen

@@ -553,15 +553,16 @@ class FusionModel(nn.Module):
         images: Sequence[Any] | None = None,
         batch_size: int = 64,
         precision: str = "auto",
-        ensemble: Sequence[FusionModel] = (),
+        ensemble: FusionModel | Sequence[FusionModel] = (),
         where: str = "predict()",
     ) -> list[dict[str, Any]]:
         """Predictions for raw pairs: per example and task, the label name(s) and class probabilities
         (regression: the value). Captions are strings, images paths / PIL images / bytes; either list may
         be left out or hold None entries (a missing caption or image). A caption is missing as a training
         table's cell is: None, NaN, blank, or spelled like a missing value ("nan", "None", "NA", ...). `precision`: "auto" (bf16 where
-        the hardware runs it natively, see `fusionkit.precision`), "fp32" or "bf16". `ensemble`: more models
-        of the same tasks (e.g. other seeds) whose outputs are averaged with this one's (classes by name).
+        the hardware runs it natively, see `fusionkit.precision`), "fp32", "bf16" or "fp16" (CUDA only: elsewhere
+        fp32, said, as training does). `ensemble`: another model, or a list of them, of the same tasks (e.g. other
+        seeds) whose outputs are averaged with this one's (classes by name); each model once.
         `where`: how warnings name the input (the CLI's single pair is "--text/--image").
 
             model.predict(texts=["what a day"], images=["photo.jpg"])
@@ -571,7 +572,7 @@ class FusionModel(nn.Module):
 
         from ..data.dataset import missing_caption, missing_value
         from ..embedding import check_batch_size
-        from ..precision import choose_precision
+        from ..precision import inference_precision
         from ..processor import FusionProcessor
 
         if texts is None and images is None:
@@ -581,7 +582,16 @@ class FusionModel(nn.Module):
         if any(type(x).__module__.startswith("pandas") and hasattr(x, "columns") for x in (texts, images)):
             raise TypeError("predict() takes lists, not a DataFrame: texts=list(df['caption']), images=list(df['photo'])")
         check_batch_size(batch_size)
-        amp = choose_precision(precision, self.device)  # "auto": bf16 where the hardware runs it natively
+        members = [ensemble] if isinstance(ensemble, FusionModel) else ensemble  # one more model: a list of one
+        odd = [m for m in members if not isinstance(m, FusionModel)] if isinstance(members, list | tuple) else [members]
+        if odd:
+            raise TypeError(f"ensemble takes another FusionModel or a list of them, got "
+                            f"{', '.join(type(m).__name__ for m in odd)} (a saved model: FusionModel.from_pretrained(path))")  # fmt: skip
+        models = [self, *members]
+        if any(m is other for i, m in enumerate(models) for other in models[:i]):
+            raise ValueError("ensemble: a model is listed twice (or is this model itself): it would count twice in "
+                             "the average; pass each other model once")  # fmt: skip
+        amp = inference_precision(precision, self.device, "precision")  # "auto": bf16 where the hardware runs it natively
         n = len(texts) if texts is not None else len(images)  # type: ignore[arg-type]
         texts = [None if missing_caption(t) else t for t in texts] if texts is not None else [None] * n
         images = ([None if missing_value(i) or (isinstance(i, str) and not i.strip()) else i for i in images]
@@ -595,7 +605,6 @@ class FusionModel(nn.Module):
                     f"no {self.sides_read[0]}, the only input of this {self.config.fusion.strategy} model")  # fmt: skip
             raise ValueError(f"pairs {empty[:5]} have {what}: there is nothing to predict from")
         self.warn_one_sided(sum(t is None for t in texts), sum(i is None for i in images), n, where)
-        models = [self, *ensemble]
         schema = {t.name: sorted(t.class_names or []) for t in self.config.tasks}
         for member in models[1:]:
             if {t.name: sorted(t.class_names or []) for t in member.config.tasks} != schema:

@@ -141,7 +141,8 @@ def bind_labels(
         objects.append(task)
     labelled = [t for t in objects if t.needs_labels]
     examples = [Example(ex.id, ex.text, ex.image, {t.name: try_encode(t, ex) for t in labelled}, ex.meta) for ex in ds]
-    for t in labelled if evaluating else ():  # its column is there, but not one label in it: said, as for no column
+    for t in labelled if evaluating and examples else ():  # its column is there, but not one label in it: said,
+        # as for no column (no rows at all, e.g. none of a split's ids in the file, is another matter: said by the caller)
         if t.column in columns and all(ex.labels[t.name] is None for ex in examples):
             log.warning("%s has no label in column %r: task %s is not scored", where, t.column, t.name)
     skips.finish(report_path, len(ds))

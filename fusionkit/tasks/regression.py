@@ -1,4 +1,4 @@
-"""Regression: float targets (one or `num_classes` per example), MSE loss, MSE/MAE metrics.
+"""Regression: float targets (one or `num_classes` per example), MSE loss, MSE/RMSE/MAE/R² metrics.
 
 Targets are standardized with the train split's mean and std (`params.target_mean` / `target_std`, saved
 with the model): the head predicts z-scores and its output is mapped back, so prices in the thousands
@@ -22,8 +22,8 @@ from .base import Task, is_missing, label_error, labelled_rows, register_task, r
 @register_task("regression")
 class RegressionTask(Task):
     default_metric = "mse"
-    metric_names = ("mse", "mae")
-    lower_is_better = ("loss", "mse", "mae")
+    metric_names = ("mse", "rmse", "mae", "r2")
+    lower_is_better = ("loss", "mse", "rmse", "mae")  # r2: higher is better
     params_read = ("standardize", "target_mean", "target_std")
     derived_params = ("target_mean", "target_std")
 
@@ -125,11 +125,20 @@ class RegressionTask(Task):
     ) -> tuple[dict[str, float], dict[str, Any]]:
         if labels is None or mask is None or not bool(mask.any()):
             return {}, {}
-        pred, y = outputs[mask].float(), labels[mask].float().reshape(outputs[mask].shape)
-        return {"mse": float(((pred - y) ** 2).mean()), "mae": float((pred - y).abs().mean())}, {}
+        pred, y = outputs[mask].double(), labels[mask].double().reshape(outputs[mask].shape)
+        squared = ((pred - y) ** 2).mean(0)  # per target; several targets average as sklearn's "uniform_average"
+        spread = ((y - y.mean(0)) ** 2).mean(0)
+        # R² of a constant target (or one row) is undefined: 1 if predicted exactly, else 0 (sklearn's force_finite)
+        r2 = torch.where(spread > 0, 1 - squared / spread.clamp_min(1e-300), (squared == 0).double())
+        return {"mse": float(squared.mean()), "rmse": float(squared.sqrt().mean()),
+                "mae": float((pred - y).abs().mean()), "r2": float(r2.mean())}, {}  # fmt: skip
 
     def predict(self, outputs: torch.Tensor) -> list[dict[str, Any]]:
-        return [{self.name: float(o[0]) if len(o) == 1 else [float(v) for v in o]} for o in outputs.float()]
+        """The head computes in float32: each value is written as the shortest decimal that is that float32
+        (4218.4, not 4218.39990234375), the same in CSV, JSONL and `model.predict`."""
+        rows = outputs.detach().float().cpu().numpy()
+        values = [[float(str(v)) for v in row] for row in rows]  # numpy's str of a float32: its shortest repr
+        return [{self.name: row[0] if len(row) == 1 else row} for row in values]
 
     def prediction_keys(self) -> tuple[str, ...]:
         return (self.name,)

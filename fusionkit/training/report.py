@@ -74,7 +74,11 @@ def plot_curves(history: Sequence[dict[str, Any]], path: Path) -> None:
             line(ax, evals, key, "epoch", "o-", label=key.split("/")[2])
         tops = [max(abs(h[k]) for h in evals if k in h) for k in keys]
         if min(tops) > 0 and max(tops) / min(tops) > 100:  # mse next to mae: one linear axis flattens the smaller
-            ax.set_yscale("log")
+            # an r2 below 0 (early epochs) would vanish from a log axis: linear within [-1, 1] then
+            if any(h[k] <= 0 for h in evals for k in keys if k in h):
+                ax.set_yscale("symlog", linthresh=1)
+            else:
+                ax.set_yscale("log")
         ax.set(title=f"val: {name}", xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize="small")
@@ -107,28 +111,39 @@ def plot_confusion(matrix: np.ndarray, names: Sequence[str], path: Path, title: 
     plt.close(fig)
 
 
+def _flat_row(row: dict[str, Any], join_lists: bool) -> dict[str, Any]:
+    """One column per class probability (`mood_prob_sad`); lists joined `a|b` ("[]" none, as read) for CSV."""
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        if isinstance(v, dict):
+            cells = {f"{k}_{name}": p for name, p in v.items()}
+        elif isinstance(v, list) and join_lists:  # multilabel names (or several regression targets)
+            cells = {k: "|".join(str(x) for x in v) if v else "[]"}
+        else:
+            cells = {k: v}
+        taken = sorted((out.keys() | row.keys() - {k}) & cells.keys())
+        if taken:  # a probability column named like another key: never written over
+            raise ValueError(f"prediction column(s) {taken} would be written twice (from {k!r} and another key); "
+                             "rename the task whose name makes them")  # fmt: skip
+        out.update(cells)
+    return out
+
+
 def write_predictions(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
-    """`.jsonl` keeps nested probabilities; anything else is CSV with one column per class probability."""
+    """`.jsonl` keeps nested probabilities; `.parquet` has CSV's columns, lists kept as lists; anything else is CSV
+    with one column per class probability."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".jsonl":
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
         write_jsonl(path, rows)
         return path
-    flat = []
-    for row in rows:
-        out: dict[str, Any] = {}
-        for k, v in row.items():
-            if isinstance(v, dict):
-                cells = {f"{k}_{name}": p for name, p in v.items()}
-            elif isinstance(v, list):  # multilabel names (or several regression targets): a|b, "[]" none, as read
-                cells = {k: "|".join(str(x) for x in v) if v else "[]"}
-            else:
-                cells = {k: v}
-            taken = sorted((out.keys() | row.keys() - {k}) & cells.keys())
-            if taken:  # a probability column named like another key: never written over
-                raise ValueError(f"prediction column(s) {taken} would be written twice (from {k!r} and another key); "
-                                 "rename the task whose name makes them")  # fmt: skip
-            out.update(cells)
-        flat.append(out)
+    flat = [_flat_row(row, join_lists=suffix != ".parquet") for row in rows]
+    if suffix == ".parquet":
+        import pyarrow as pa  # a dependency of datasets
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(flat) if flat else pa.table({"id": pa.array([], pa.string())}), path)
+        return path
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(flat[0]) if flat else ["id"])
         writer.writeheader()

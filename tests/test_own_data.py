@@ -811,6 +811,21 @@ def test_a_class_missing_from_train_is_said_and_its_rows_keep_a_finite_loss(tmp_
     assert np.isfinite(summary["test"]["test/loss"])  # a test split of that class only: 0/0 before
 
 
+def test_a_class_with_train_rows_but_none_in_val_is_said(tmp_path: Path, caplog) -> None:
+    """A rare class that the split put in train only: val's macro-F1 chooses the checkpoint without it."""
+    table = write_table(tmp_path / "data", 36)
+    rows = list(csv.DictReader(table.open()))
+    sad = [r["id"] for r in rows if r["mood"] == "sad"]
+    rest = [r["id"] for r in rows if r["mood"] != "sad"]
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": rest[:18] + sad[:6], "val": rest[18:], "test": sad[6:]}))
+    with caplog.at_level(logging.WARNING, logger="fusionkit"):
+        assert main(train_args(table, tmp_path / "runs", "r", "--data.split_file", str(split),
+                               "--optim.max_steps", "1")) == 0  # fmt: skip
+    assert "class(es) ['sad'] have labelled train rows but none in val" in caplog.text
+    assert "have labelled val/test rows but none in train" not in caplog.text
+
+
 def test_a_file_whose_every_row_is_skipped_is_an_error_not_an_empty_output(
     trained_run: tuple[Path, Path], tmp_path: Path, capsys
 ) -> None:

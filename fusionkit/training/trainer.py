@@ -275,6 +275,12 @@ def check_labelled_rows(parts: Mapping[str, Any], tasks: Mapping[str, Any], metr
                 log.warning("task %s: class(es) %s have labelled val/test rows but none in train (%s): the model "
                             "cannot learn them, and their rows will score as errors", name,
                             [task.class_names[c] for c in unseen], source)  # fmt: skip
+            unscored = sorted(seen["train"] - seen.get("val", set())) if counts.get("val") else []
+            if unscored:  # macro-F1 / per-class scores on val leave them out of the checkpoint choice
+                log.warning("task %s: class(es) %s have labelled train rows but none in val (%s): the val scores "
+                            "that choose the best checkpoint leave them out; put some of their rows in val "
+                            "(data.split_file) or select on another metric", name,
+                            [task.class_names[c] for c in unscored], source)  # fmt: skip
         for split in ("val", "test"):
             if counts.get(split) == 0 and len(parts[split]):
                 cost = (f"{metric} (run.metric) cannot select a checkpoint: the last one is kept"

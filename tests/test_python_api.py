@@ -3,6 +3,7 @@ are, training leaves the caller's objects and global settings as they were, and 
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import textwrap
@@ -10,9 +11,49 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import fusionkit
+from fusionkit import (
+    TrainConfig,
+    build_config,
+)
+from fusionkit.config import ConfigError
+from fusionkit.training.trainer import Trainer
+
+
+def tiny_run(tmp_path: Path, name: str, **overrides: typing.Any) -> TrainConfig:
+    base = {"data.dataset": "synthetic:40", "data.cache_dir": str(tmp_path / "cache"), "optim.max_steps": 1,
+            "optim.batch_size": 8, "run.output_dir": str(tmp_path / "runs"), "run.name": name, "run.progress": False,
+            "run.plots": False}  # fmt: skip
+    return build_config(None, {**base, **overrides})
+
+
+@pytest.fixture
+def torch_settings() -> typing.Iterator[None]:
+    """The caller's deterministic-algorithms settings and CUBLAS_WORKSPACE_CONFIG, back after the test."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))  # fmt: skip
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    if saved[2] is not None:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[2]
+
+
+def test_training_restores_the_callers_torch_settings(tmp_path: Path, torch_settings: None) -> None:
+    torch.use_deterministic_algorithms(False)
+    os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    fusionkit.train(tiny_run(tmp_path, "a"))
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    # also when the run fails (a metric no task has), and a setting of the caller's own is kept as it was
+    torch.use_deterministic_algorithms(True)
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":16:8"
+    with pytest.raises(ConfigError):
+        Trainer(tiny_run(tmp_path, "b", **{"run.metric": "val/nothing/accuracy", "run.deterministic": True}))
+    assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
 
 
 def test_the_processor_docstring_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

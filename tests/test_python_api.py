@@ -3,6 +3,7 @@ are, training leaves the caller's objects and global settings as they were, and 
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import sys
@@ -10,6 +11,7 @@ import textwrap
 import typing
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -28,6 +30,17 @@ def tiny_run(tmp_path: Path, name: str, **overrides: typing.Any) -> TrainConfig:
             "optim.batch_size": 8, "run.output_dir": str(tmp_path / "runs"), "run.name": name, "run.progress": False,
             "run.plots": False}  # fmt: skip
     return build_config(None, {**base, **overrides})
+
+
+def test_the_trainer_leaves_the_callers_config_unchanged(tmp_path: Path) -> None:
+    rows = fusionkit.make_synthetic(24)
+    df = pd.DataFrame({"id": rows.ids, "text": [ex.text for ex in rows], "image": [ex.image for ex in rows],
+                       "mood": ["happy", "sad"] * 12})  # fmt: skip
+    cfg = tiny_run(tmp_path, "df", **{"model.tasks": [{"name": "mood"}], "optim.lr": "1e-3"})
+    before = copy.deepcopy(cfg)
+    trainer = Trainer(cfg, data=df)
+    assert trainer.cfg.model.tasks[0].class_names == ["happy", "sad"]  # the trainer's own copy has the data's
+    assert cfg == before
 
 
 @pytest.fixture

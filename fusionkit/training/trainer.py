@@ -378,8 +378,9 @@ class Trainer:
         data: Any = None,
     ) -> None:
         """`data`: an in-memory DataFrame, `datasets.Dataset`/`DatasetDict` or `MultimodalDataset` to
-        train on instead of `config.data.dataset` (columns are still named by `config.data`)."""
-        self.cfg = cfg = config.validate()
+        train on instead of `config.data.dataset` (columns are still named by `config.data`). The trainer works on
+        a copy of `config` (it fills in the run's name, the data's classes...): the caller's is not changed."""
+        self.cfg = cfg = copy.deepcopy(config).validate()
         if data is not None:  # what the saved config says it trained on: not data.dataset's value
             cfg.data.dataset = data_source_name(data)
         self.device = resolve_device(cfg.run.device)

@@ -313,6 +313,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return float(value)
         except ValueError:
             pass
+    if tp is int and isinstance(value, str) and _DECIMAL_INT.fullmatch(value):  # `dim: "32"`, as a float's "1e-4"
+        return int(value)
     if tp in (int, float) and isinstance(value, str) and (_NUMBER_LIKE.fullmatch(value) or _ODD_FLOAT.fullmatch(value)):
         raise ConfigError(f"{where}: {value!r} is not a plain decimal number (YAML 1.1 would read 010 as octal 8, "
                           f"0x10 as 16, 1_0 as 10): write it in decimal without leading zeros{_decimal_hint(value)}")  # fmt: skip

@@ -32,6 +32,13 @@ def tiny_run(tmp_path: Path, name: str, **overrides: typing.Any) -> TrainConfig:
     return build_config(None, {**base, **overrides})
 
 
+def test_an_int_key_takes_a_decimal_string_as_a_float_key_does() -> None:
+    assert build_config({}, {"model.fusion.dim": "32", "optim.lr": "1e-4"}).model.fusion.dim == 32
+    for odd in ("032", "0x20", "3_2"):  # what YAML 1.1 would read otherwise: still refused, with its hint
+        with pytest.raises(ConfigError, match="not a plain decimal number"):
+            build_config({}, {"model.fusion.dim": odd})
+
+
 def test_the_trainer_leaves_the_callers_config_unchanged(tmp_path: Path) -> None:
     rows = fusionkit.make_synthetic(24)
     df = pd.DataFrame({"id": rows.ids, "text": [ex.text for ex in rows], "image": [ex.image for ex in rows],

@@ -158,6 +158,7 @@ class ModelConfig:
     trainable_layers: int = 0
 
     def validate(self) -> ModelConfig:
+        check_types(self)
         names = [t.name for t in self.tasks]
         if not names:
             raise ConfigError("a model needs at least one task")
@@ -273,8 +274,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(errors[0])
         raise ConfigError(f"{where}: {_short(value)} does not fit {tp}")
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
+        if isinstance(value, tp):  # a config built in code: its own fields by these rules
+            return check_types(value, where)
         if value is None:  # `optim:` with all its keys commented out: an empty section
             value = {}
         if not isinstance(value, dict):
@@ -348,14 +349,27 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         raise ConfigError(
             f"{where or cls.__name__}: unknown key(s) {unknown}; known keys are {sorted(fields)}"
         )
-    kwargs = {}
-    for k, v in data.items():
-        none = v is None and fields[k].metadata.get("none_is_a_value")
-        kwargs[k] = "none" if none else _coerce(v, hints[k], f"{where}.{k}" if where else k)
+    kwargs = {k: _coerce_field(fields[k], v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+
+def _coerce_field(f: dataclasses.Field[Any], value: Any, tp: Any, where: str) -> Any:
+    """`_coerce` for a field: null in a str field whose values include "none" means "none"."""
+    return "none" if value is None and f.metadata.get("none_is_a_value") else _coerce(value, tp, where)
+
+
+def check_types(cfg: T, where: str = "") -> T:
+    """`cfg` (a dataclass config, nested ones too) with each field coerced and checked by the rules `from_dict`
+    applies to a file's values (`"1e-3"` for a float is 0.001; `"sad"` for a list is an error naming the key),
+    so a config built in code fails as clearly as a file, not with a TypeError deep in training. In place."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):  # type: ignore[arg-type]
+        key = f"{where}.{f.name}" if where else f.name
+        setattr(cfg, f.name, _coerce_field(f, getattr(cfg, f.name), hints[f.name], key))
+    return cfg
 
 
 def parse_value(text: str) -> Any:

@@ -4,6 +4,7 @@ are, training leaves the caller's objects and global settings as they were, and 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import re
 import sys
@@ -18,6 +19,9 @@ from PIL import Image
 
 import fusionkit
 from fusionkit import (
+    FusionConfig,
+    ModelConfig,
+    TaskConfig,
     TrainConfig,
     build_config,
 )
@@ -30,6 +34,34 @@ def tiny_run(tmp_path: Path, name: str, **overrides: typing.Any) -> TrainConfig:
             "optim.batch_size": 8, "run.output_dir": str(tmp_path / "runs"), "run.name": name, "run.progress": False,
             "run.plots": False}  # fmt: skip
     return build_config(None, {**base, **overrides})
+
+
+@pytest.mark.parametrize(
+    "build,key",
+    [(lambda: ModelConfig(tasks=[TaskConfig("mood", class_names="sad")]).validate(), "tasks[0].class_names"),
+     (lambda: ModelConfig(fusion=FusionConfig(dim=[64])).validate(), "fusion.dim"),
+     (lambda: dataclasses.replace(TrainConfig(), optim=dataclasses.replace(TrainConfig().optim, lr="fast")).validate(),
+      "optim.lr")],
+)  # fmt: skip
+def test_a_config_built_in_code_gets_the_dict_paths_type_error(build: typing.Callable, key: str) -> None:
+    with pytest.raises(ConfigError) as in_code:
+        build()
+    assert str(in_code.value).startswith(f"{key}: expected")
+    # the same message as a dict / file with that value gives
+    section, _, rest = key.partition(".")
+    value = {"tasks[0].class_names": "sad", "fusion.dim": [64], "optim.lr": "fast"}[key]
+    data = ({"model": {"tasks": [{"name": "mood", "class_names": value}]}} if section == "tasks[0]"
+            else {"model": {section: {rest: value}}} if section == "fusion" else {section: {rest: value}})  # fmt: skip
+    with pytest.raises(ConfigError) as from_dict:
+        build_config(data)
+    assert str(from_dict.value).removeprefix("model.") == str(in_code.value)
+
+
+def test_a_config_built_in_code_is_coerced_as_a_file_is() -> None:
+    model = ModelConfig(fusion=FusionConfig(dim="64"), tasks=[TaskConfig("mood", num_classes="2", class_names=["a", "b"])])
+    assert (model.validate().fusion.dim, model.tasks[0].num_classes) == (64, 2)
+    cfg = TrainConfig()
+    assert dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr="1e-3")).validate().optim.lr == 1e-3
 
 
 def test_an_int_key_takes_a_decimal_string_as_a_float_key_does() -> None:

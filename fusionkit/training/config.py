@@ -20,6 +20,7 @@ from ..config import (
     TIMM_LOCAL_DIR,
     ConfigError,
     ModelConfig,
+    check_types,
     from_dict,
     load_config_file,
     merge,
@@ -117,6 +118,7 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> TrainConfig:
+        check_types(self)  # a config built in code: the types a file's values are held to
         self.model.validate()
         checks = [
             (self.run.precision in PRECISIONS, f"run.precision must be one of {PRECISIONS}"),

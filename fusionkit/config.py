@@ -372,6 +372,25 @@ def check_types(cfg: T, where: str = "") -> T:
     return cfg
 
 
+def check_seed(seed: Any, key: str) -> int:
+    """A seed as numpy and torch take it (an int in [0, 2**32)), else a ConfigError naming `key`."""
+    seed = _coerce(seed, int, key)
+    if not 0 <= seed < 2**32:
+        raise ConfigError(f"{key} must be in [0, 2**32 - 1] (what numpy and torch seed from), got {seed}")
+    return seed
+
+
+def check_split(ratios: Any, seed: Any, keys: tuple[str, str] = ("data.split_ratios", "data.split_seed")
+                ) -> tuple[tuple[float, float, float], int]:  # fmt: skip
+    """Split ratios and seed by the config's rule (`data.split_ratios`, `data.split_seed`; `split_dataset`'s
+    arguments too): three non-negative fractions that sum to 1, and a seed; else a ConfigError naming the key."""
+    ratios = _coerce(ratios, tuple[float, float, float], keys[0])
+    if not (all(r >= 0 for r in ratios) and math.isclose(sum(ratios), 1.0, abs_tol=1e-6)):
+        raise ConfigError(f"{keys[0]} must be three non-negative fractions (train, val, test) that sum to 1, got "
+                          f"{list(ratios)}")  # fmt: skip
+    return ratios, check_seed(seed, keys[1])
+
+
 def parse_value(text: str) -> Any:
     """Parse a command-line override value: JSON where it parses (numbers, bools, lists), else a string.
     A value that starts like a JSON list or object, and holds its punctuation (quotes, ':' or ','), must be one: its

@@ -24,6 +24,7 @@ from fusionkit import (
     TaskConfig,
     TrainConfig,
     build_config,
+    split_dataset,
 )
 from fusionkit.config import ConfigError
 from fusionkit.training.trainer import Trainer
@@ -69,6 +70,15 @@ def test_an_int_key_takes_a_decimal_string_as_a_float_key_does() -> None:
     for odd in ("032", "0x20", "3_2"):  # what YAML 1.1 would read otherwise: still refused, with its hint
         with pytest.raises(ConfigError, match="not a plain decimal number"):
             build_config({}, {"model.fusion.dim": odd})
+
+
+def test_split_dataset_refuses_what_the_config_refuses() -> None:
+    ds = fusionkit.make_synthetic(20)
+    with pytest.raises(ConfigError, match=r"ratios must be three non-negative fractions .* sum to 1, got \[0.5, 0.2, 0.2\]"):
+        split_dataset(ds, (0.5, 0.2, 0.2))
+    with pytest.raises(ConfigError, match="seed: expected int, got str 'one'"):
+        split_dataset(ds, seed="one")
+    assert {k: p.ids for k, p in split_dataset(ds, seed="1").items()} == {k: p.ids for k, p in split_dataset(ds, seed=1).items()}
 
 
 def test_the_trainer_leaves_the_callers_config_unchanged(tmp_path: Path) -> None:

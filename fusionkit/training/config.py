@@ -20,6 +20,8 @@ from ..config import (
     TIMM_LOCAL_DIR,
     ConfigError,
     ModelConfig,
+    check_seed,
+    check_split,
     check_types,
     from_dict,
     load_config_file,
@@ -120,6 +122,8 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         check_types(self)  # a config built in code: the types a file's values are held to
         self.model.validate()
+        check_split(self.data.split_ratios, self.data.split_seed)
+        check_seed(self.run.seed, "run.seed")
         checks = [
             (self.run.precision in PRECISIONS, f"run.precision must be one of {PRECISIONS}"),
             (set(self.run.report_to) <= set(TRACKERS), f"run.report_to: use any of {TRACKERS}"),
@@ -132,8 +136,6 @@ class TrainConfig:
                 f"and {self.optim.eval_batch_size}",
             ),
             (self.optim.accumulation_steps > 0, "optim.accumulation_steps must be positive"),
-            *((0 <= seed < 2**32, f"{key} must be in [0, 2**32 - 1] (what numpy and torch seed from), got {seed}")
-              for key, seed in (("run.seed", self.run.seed), ("data.split_seed", self.data.split_seed))),
             (
                 self.optim.ema_decay is None or 0 < self.optim.ema_decay < 1,
                 f"optim.ema_decay must be in (0, 1) or null (no EMA), got {self.optim.ema_decay}",
@@ -169,12 +171,6 @@ class TrainConfig:
              "leave it out for an automatic one"),
             (self.data.num_workers >= 0, "data.num_workers must be >= 0"),
             (self.data.num_proc >= 1, "data.num_proc must be at least 1"),
-            (
-                len(self.data.split_ratios) == 3 and all(r >= 0 for r in self.data.split_ratios)
-                and math.isclose(sum(self.data.split_ratios), 1.0, abs_tol=1e-6),
-                f"data.split_ratios must be three non-negative fractions (train, val, test) that sum to 1, got "
-                f"{list(self.data.split_ratios)}",
-            ),
         ]
         for ok, msg in checks:
             if not ok:

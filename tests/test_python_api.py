@@ -24,10 +24,14 @@ from fusionkit import (
     TaskConfig,
     TrainConfig,
     build_config,
+    get_config,
     split_dataset,
 )
-from fusionkit.config import ConfigError
+from fusionkit.config import ConfigError, to_dict
+from fusionkit.training.config import set_options
 from fusionkit.training.trainer import Trainer
+
+SMALL = "minilm-dinov2-small"
 
 
 def tiny_run(tmp_path: Path, name: str, **overrides: typing.Any) -> TrainConfig:
@@ -35,6 +39,38 @@ def tiny_run(tmp_path: Path, name: str, **overrides: typing.Any) -> TrainConfig:
             "optim.batch_size": 8, "run.output_dir": str(tmp_path / "runs"), "run.name": name, "run.progress": False,
             "run.plots": False}  # fmt: skip
     return build_config(None, {**base, **overrides})
+
+
+# ---------------------------------------------------------------------------------------- presets in code
+
+
+def test_a_preset_set_in_code_is_the_model_trained() -> None:
+    cfg = TrainConfig(preset=SMALL)
+    assert cfg.model == get_config(SMALL)
+    # what train() and a run's saved config.yaml make of it: the same preset and model
+    for again in (build_config(to_dict(cfg)), build_config(to_dict(build_config(to_dict(cfg))))):
+        assert (again.preset, again.model) == (SMALL, get_config(SMALL))
+    # a file's partial model section still overrides its preset, and its complete one (a saved run) is kept
+    changed = build_config({"preset": SMALL, "model": {"fusion": {"dim": 128}}})
+    assert (changed.model.text.name, changed.model.fusion.dim) == (get_config(SMALL).text.name, 128)
+    assert build_config(to_dict(changed)) == changed
+
+
+def test_a_preset_changed_under_its_model_is_refused() -> None:
+    """The model of the old preset would be trained under the new name: refused, saying how to do it."""
+    cfg = build_config({"model": {"tasks": [{"name": "mood", "class_names": ["a", "b"]}]}})
+    with pytest.raises(ConfigError, match=rf"preset is '{SMALL}' but model was built on preset 'tiny'.*get_config"):
+        dataclasses.replace(cfg, preset=SMALL)
+    cfg.preset = SMALL
+    with pytest.raises(ConfigError, match="model was built on preset 'tiny'"):
+        cfg.validate()
+    with pytest.raises(ConfigError, match=f"preset '{SMALL}' cannot be set on a config whose model is built"):
+        set_options(build_config({}), {"preset": SMALL})  # as a `fusionkit tune` search space would
+    moved = dataclasses.replace(cfg, preset=SMALL, model=get_config(SMALL, tasks=[{"name": "mood"}]))
+    assert (moved.model.text.name, moved.model.tasks[0].name) == (get_config(SMALL).text.name, "mood")
+
+
+# ---------------------------------------------------------------------------------------- types in code
 
 
 @pytest.mark.parametrize(
@@ -81,6 +117,9 @@ def test_split_dataset_refuses_what_the_config_refuses() -> None:
     assert {k: p.ids for k, p in split_dataset(ds, seed="1").items()} == {k: p.ids for k, p in split_dataset(ds, seed=1).items()}
 
 
+# ---------------------------------------------------------------------------------------- training leaves things be
+
+
 def test_the_trainer_leaves_the_callers_config_unchanged(tmp_path: Path) -> None:
     rows = fusionkit.make_synthetic(24)
     df = pd.DataFrame({"id": rows.ids, "text": [ex.text for ex in rows], "image": [ex.image for ex in rows],
@@ -116,6 +155,9 @@ def test_training_restores_the_callers_torch_settings(tmp_path: Path, torch_sett
         Trainer(tiny_run(tmp_path, "b", **{"run.metric": "val/nothing/accuracy", "run.deterministic": True}))
     assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+# ---------------------------------------------------------------------------------------- docs and types
 
 
 def test_the_processor_docstring_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -158,6 +158,7 @@ class ModelConfig:
     trainable_layers: int = 0
 
     def validate(self) -> ModelConfig:
+        check_types(self)
         names = [t.name for t in self.tasks]
         if not names:
             raise ConfigError("a model needs at least one task")
@@ -273,8 +274,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(errors[0])
         raise ConfigError(f"{where}: {_short(value)} does not fit {tp}")
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
+        if isinstance(value, tp):  # a config built in code: its own fields by these rules
+            return check_types(value, where)
         if value is None:  # `optim:` with all its keys commented out: an empty section
             value = {}
         if not isinstance(value, dict):
@@ -313,6 +314,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return float(value)
         except ValueError:
             pass
+    if tp is int and isinstance(value, str) and _DECIMAL_INT.fullmatch(value):  # `dim: "32"`, as a float's "1e-4"
+        return int(value)
     if tp in (int, float) and isinstance(value, str) and (_NUMBER_LIKE.fullmatch(value) or _ODD_FLOAT.fullmatch(value)):
         raise ConfigError(f"{where}: {value!r} is not a plain decimal number (YAML 1.1 would read 010 as octal 8, "
                           f"0x10 as 16, 1_0 as 10): write it in decimal without leading zeros{_decimal_hint(value)}")  # fmt: skip
@@ -346,14 +349,46 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         raise ConfigError(
             f"{where or cls.__name__}: unknown key(s) {unknown}; known keys are {sorted(fields)}"
         )
-    kwargs = {}
-    for k, v in data.items():
-        none = v is None and fields[k].metadata.get("none_is_a_value")
-        kwargs[k] = "none" if none else _coerce(v, hints[k], f"{where}.{k}" if where else k)
+    kwargs = {k: _coerce_field(fields[k], v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+
+def _coerce_field(f: dataclasses.Field[Any], value: Any, tp: Any, where: str) -> Any:
+    """`_coerce` for a field: null in a str field whose values include "none" means "none"."""
+    return "none" if value is None and f.metadata.get("none_is_a_value") else _coerce(value, tp, where)
+
+
+def check_types(cfg: T, where: str = "") -> T:
+    """`cfg` (a dataclass config, nested ones too) with each field coerced and checked by the rules `from_dict`
+    applies to a file's values (`"1e-3"` for a float is 0.001; `"sad"` for a list is an error naming the key),
+    so a config built in code fails as clearly as a file, not with a TypeError deep in training. In place."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):  # type: ignore[arg-type]
+        key = f"{where}.{f.name}" if where else f.name
+        setattr(cfg, f.name, _coerce_field(f, getattr(cfg, f.name), hints[f.name], key))
+    return cfg
+
+
+def check_seed(seed: Any, key: str) -> int:
+    """A seed as numpy and torch take it (an int in [0, 2**32)), else a ConfigError naming `key`."""
+    seed = _coerce(seed, int, key)
+    if not 0 <= seed < 2**32:
+        raise ConfigError(f"{key} must be in [0, 2**32 - 1] (what numpy and torch seed from), got {seed}")
+    return seed
+
+
+def check_split(ratios: Any, seed: Any, keys: tuple[str, str] = ("data.split_ratios", "data.split_seed")
+                ) -> tuple[tuple[float, float, float], int]:  # fmt: skip
+    """Split ratios and seed by the config's rule (`data.split_ratios`, `data.split_seed`; `split_dataset`'s
+    arguments too): three non-negative fractions that sum to 1, and a seed; else a ConfigError naming the key."""
+    ratios = _coerce(ratios, tuple[float, float, float], keys[0])
+    if not (all(r >= 0 for r in ratios) and math.isclose(sum(ratios), 1.0, abs_tol=1e-6)):
+        raise ConfigError(f"{keys[0]} must be three non-negative fractions (train, val, test) that sum to 1, got "
+                          f"{list(ratios)}")  # fmt: skip
+    return ratios, check_seed(seed, keys[1])
 
 
 def parse_value(text: str) -> Any:

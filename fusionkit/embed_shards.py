@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ from .models import FusionModel
 from .precision import choose_precision
 from .store import no_room
 from .training import distributed as D
+
+if TYPE_CHECKING:  # the Hugging Face face of a model: transformers only for type checkers
+    from .hf import FusionkitModel
 
 log = logging.getLogger("fusionkit.embed")
 
@@ -242,7 +245,7 @@ def _log_reused(out: Path, manifest: dict[str, Any], checked: str) -> None:
 
 
 def embed_to_shards(
-    model: FusionModel,
+    model: FusionModel | FusionkitModel,
     data: Iterable[Any],
     output_dir: str | Path,
     *,

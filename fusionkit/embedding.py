@@ -22,7 +22,7 @@ import logging
 import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ import torch.nn.functional as F
 from .data.dataset import missing_caption
 from .models import FusionModel
 from .processor import FusionProcessor
+
+if TYPE_CHECKING:  # the Hugging Face face of a model (AutoModel.from_pretrained): transformers only for type checkers
+    from .hf import FusionkitModel
 
 log = logging.getLogger("fusionkit")
 MODALITIES = ("joint", "text", "image")
@@ -222,7 +225,7 @@ def _vectors(
 
 
 def embed(
-    model: FusionModel,
+    model: FusionModel | FusionkitModel,
     texts: Iterable[str | None] | Any | None = None,
     images: Iterable[Any] | None = None,
     batch_size: int = 64,

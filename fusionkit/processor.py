@@ -9,9 +9,10 @@ flag False. A caption is missing by the readers' rule (`fusionkit.data.dataset.m
 NaN, a blank string, or one spelled like a missing value ("nan", "None", "NA", ...), as a training table's
 cell is read, so a row predicts as it trained.
 
+    model = fusionkit.create_model("tiny").eval()         # or FusionModel.from_pretrained(model_dir)
     processor = FusionProcessor.from_model(model)          # or .from_pretrained(model_dir_or_hub_id)
     inputs = processor(texts=["a sunny day", None], images=["a.jpg", pil_image])
-    outputs = model(**model_inputs(inputs))
+    outputs = model(**inputs)                              # {task name: logits [2, num_classes]}
 """
 
 from __future__ import annotations

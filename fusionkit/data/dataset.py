@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from fusionkit.config import check_split
 from fusionkit.data.errors import DataError
 from fusionkit.data.image import image_digest
 
@@ -363,8 +364,7 @@ def split_dataset(
     `skipped`: ids the reader left out on purpose (a `missing_*` or `on_error` skip policy): the file's rows
     among them are dropped from its splits, with a warning, not taken for lost rows.
     """
-    if len(ratios) != 3 or any(r < 0 for r in ratios) or sum(ratios) <= 0:
-        raise ValueError(f"ratios must be three non-negative numbers, got {ratios}")
+    ratios, seed = check_split(ratios, seed, ("ratios", "seed"))  # the rule of data.split_ratios / split_seed
     path = Path(path) if path is not None else None
     if path is not None and path.is_file():
         ids = read_split_file(path)

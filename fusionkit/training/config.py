@@ -20,6 +20,9 @@ from ..config import (
     TIMM_LOCAL_DIR,
     ConfigError,
     ModelConfig,
+    check_seed,
+    check_split,
+    check_types,
     from_dict,
     load_config_file,
     merge,
@@ -108,16 +111,48 @@ class RunConfig:
     compile: bool = False  # torch.compile the training forward (dynamic shapes; pays off on long GPU runs)
 
 
+# set by a TrainConfig on its model: the preset the model was built on, to tell a preset changed under it
+_BUILT_ON = "_fusionkit_preset"
+
+
 @dataclass
 class TrainConfig:
-    preset: str = "tiny"  # model preset that `model` overrides are applied to
-    model: ModelConfig = field(default_factory=lambda: get_config("tiny"))
+    preset: str = "tiny"  # model preset: the base that `model`'s values were built on
+    # None: the preset's model (`TrainConfig(preset="minilm-dinov2-small")`). A model given is taken whole, as
+    # a file's complete `model:` section (a run's config.yaml) is, and must stay on this preset (see _check_preset)
+    model: ModelConfig = None  # type: ignore[assignment]
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    def __post_init__(self) -> None:
+        self._check_preset()
+
+    def _check_preset(self) -> None:
+        """The model is the preset's (None), or was built on it: a preset changed after its model was made
+        (`dataclasses.replace(cfg, preset=...)`, `cfg.preset = ...`) would train the old preset's model under
+        the new name, so it is refused, as is a model that another preset's config built. A model given that no
+        TrainConfig built is taken as built on this preset (`get_config(...)`, a file's complete `model:`)."""
+        _check_preset_name(self.preset)
+        if self.model is None:
+            self.model = get_config(self.preset)
+        built_on = getattr(self.model, _BUILT_ON, self.preset)
+        if built_on != self.preset:
+            raise ConfigError(
+                f"preset is {self.preset!r} but model was built on preset {built_on!r} (a dataclasses.replace or "
+                f"assignment changed one of them): the {built_on!r} model would be trained under the name "
+                f"{self.preset!r}. For the model of preset {self.preset!r}, give it too: dataclasses.replace(cfg, "
+                f"preset={self.preset!r}, model=fusionkit.get_config({self.preset!r}, ...your model changes)); "
+                f"to train this model, keep preset={built_on!r}"
+            )
+        setattr(self.model, _BUILT_ON, self.preset)
+
     def validate(self) -> TrainConfig:
+        self._check_preset()
+        check_types(self)  # a config built in code: the types a file's values are held to
         self.model.validate()
+        check_split(self.data.split_ratios, self.data.split_seed)
+        check_seed(self.run.seed, "run.seed")
         checks = [
             (self.run.precision in PRECISIONS, f"run.precision must be one of {PRECISIONS}"),
             (set(self.run.report_to) <= set(TRACKERS), f"run.report_to: use any of {TRACKERS}"),
@@ -130,8 +165,6 @@ class TrainConfig:
                 f"and {self.optim.eval_batch_size}",
             ),
             (self.optim.accumulation_steps > 0, "optim.accumulation_steps must be positive"),
-            *((0 <= seed < 2**32, f"{key} must be in [0, 2**32 - 1] (what numpy and torch seed from), got {seed}")
-              for key, seed in (("run.seed", self.run.seed), ("data.split_seed", self.data.split_seed))),
             (
                 self.optim.ema_decay is None or 0 < self.optim.ema_decay < 1,
                 f"optim.ema_decay must be in (0, 1) or null (no EMA), got {self.optim.ema_decay}",
@@ -167,17 +200,17 @@ class TrainConfig:
              "leave it out for an automatic one"),
             (self.data.num_workers >= 0, "data.num_workers must be >= 0"),
             (self.data.num_proc >= 1, "data.num_proc must be at least 1"),
-            (
-                len(self.data.split_ratios) == 3 and all(r >= 0 for r in self.data.split_ratios)
-                and math.isclose(sum(self.data.split_ratios), 1.0, abs_tol=1e-6),
-                f"data.split_ratios must be three non-negative fractions (train, val, test) that sum to 1, got "
-                f"{list(self.data.split_ratios)}",
-            ),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
         return self
+
+
+def _check_preset_name(preset: Any) -> str:
+    if not isinstance(preset, str):
+        raise ConfigError(f"preset: expected a preset name, got {preset!r}")
+    return preset
 
 
 def _name_problem(name: str) -> str:
@@ -254,10 +287,8 @@ def build_config(
     """A validated `TrainConfig` from a YAML/JSON file or dict, then dotted `overrides` (CLI `--a.b v`)."""
     data = load_config_file(source, number_text=True) if isinstance(source, str | Path) else dict(source or {})
     overrides = dict(overrides or {})
-    preset = overrides.pop("preset", data.pop("preset", "tiny"))
-    if not isinstance(preset, str):
-        raise ConfigError(f"preset: expected a preset name, got {preset!r}")
-    base = TrainConfig(preset=preset, model=get_config(preset))
+    preset = _check_preset_name(overrides.pop("preset", data.pop("preset", "tiny")))
+    base = TrainConfig(preset=preset)  # the preset's model, which the file's `model:` keys override
     flat = _flatten(data, to_dict(base))
     # relative paths: a file's are relative to it; a dict's and the overrides' (command line) to the working
     # directory. All are stored absolute, so `fusionkit eval RUN` finds the data from any directory later.
@@ -274,6 +305,10 @@ def set_options(cfg: TrainConfig, options: Mapping[str, Any]) -> TrainConfig:
     """`cfg` with dotted `options` set: plain keys (`optim.lr`), a task's option as
     `model.tasks.<name>.<option>`, a task type's own parameter as `model.tasks.<name>.params.<key>`
     (supcon's temperature, say). The command line and `fusionkit tune`'s search space both address tasks so."""
+    if options.get("preset", cfg.preset) != cfg.preset:  # its complete model would win: the old model, renamed
+        raise ConfigError(f"preset {options['preset']!r} cannot be set on a config whose model is built (on preset "
+                          f"{cfg.preset!r}): it would train that model under the new name; give the preset where "
+                          "the config starts (a config file's or build_config's `preset:`)")  # fmt: skip
     data = to_dict(cfg)
     plain: dict[str, Any] = {}
     for key, value in options.items():

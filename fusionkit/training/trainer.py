@@ -90,14 +90,29 @@ class TrainingInterrupted(KeyboardInterrupt):
 # ---------------------------------------------------------------------------------------- setup
 
 
-def seed_everything(seed: int, deterministic: bool = True) -> None:
+def seed_everything(seed: int, deterministic: bool = True) -> Callable[[], None]:
+    """Seed Python's, numpy's and torch's global generators (as HF's `set_seed`); `deterministic` also turns on
+    torch's deterministic algorithms. Returns what puts the latter (and CUBLAS_WORKSPACE_CONFIG, cudnn.benchmark) back
+    as they were: a notebook that trained keeps its own settings (the trainer calls it when fit ends)."""
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002 (user code and libraries may use the global generator)
     torch.manual_seed(seed)
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark, workspace = torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+
+    def restore() -> None:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace
+
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+    return restore
 
 
 def check_writable(directory: Path) -> None:
@@ -369,21 +384,24 @@ class Trainer:
         data: Any = None,
     ) -> None:
         """`data`: an in-memory DataFrame, `datasets.Dataset`/`DatasetDict` or `MultimodalDataset` to
-        train on instead of `config.data.dataset` (columns are still named by `config.data`)."""
-        self.cfg = cfg = config.validate()
+        train on instead of `config.data.dataset` (columns are still named by `config.data`). The trainer works on
+        a copy of `config` (it fills in the run's name, the data's classes...): the caller's is not changed."""
+        self.cfg = cfg = copy.deepcopy(config).validate()
         if data is not None:  # what the saved config says it trained on: not data.dataset's value
             cfg.data.dataset = data_source_name(data)
         self.device = resolve_device(cfg.run.device)
         self.rank, self.world = D.init_distributed(self.device)  # sets the CUDA device before collectives
         self.is_main = self.rank == 0
-        seed_everything(cfg.run.seed, cfg.run.deterministic)
         self.resume, self.accept_changes = resume, accept_changes
         self.run = self._open_run_dir()  # locked by rank 0 until fit ends; refuses before any work
         self.run_dir = self.run.path
+        # global torch settings the run changes: the caller's come back when fit ends, or here on an error
+        self._restore_torch_settings = seed_everything(cfg.run.seed, cfg.run.deterministic)
         try:
             self._setup(model, data)
         except BaseException:
             self._abandon_run()
+            self._restore_torch_settings()
             raise
 
     def _setup(self, model: FusionModel | None, data: Any) -> None:
@@ -833,6 +851,7 @@ class Trainer:
             raise
         finally:
             self.run.unlock()
+            self._restore_torch_settings()
 
     def _early_stopped(self) -> bool:
         return self.cfg.run.patience is not None and self.bad_epochs >= self.cfg.run.patience

@@ -41,7 +41,7 @@ from .embedding import (
     refuse_columns,
 )
 from .models import FusionModel
-from .precision import choose_precision
+from .precision import inference_precision
 from .store import no_room
 from .training import distributed as D
 
@@ -285,7 +285,7 @@ def embed_to_shards(
     rank, world = D.init_distributed(model.device)
     own_group = own_group and world > 1
     try:
-        chosen = choose_precision(precision, model.device)
+        chosen = inference_precision(precision, model.device, "precision")
         settings = {"shard_size": shard_size, "batch_size": batch_size, "modality": modality,
                     "normalize": normalize, "precision": chosen.name, "source": source,
                     "model": model_fingerprint(model),

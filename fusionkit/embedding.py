@@ -256,7 +256,7 @@ def embed(
     from tqdm.auto import tqdm
 
     from .data.errors import DataError, SkipLog, check_policy
-    from .precision import choose_precision
+    from .precision import inference_precision
 
     skips = SkipLog(check_policy(on_error), "embed")
     model = as_fusion_model(model, "embed")
@@ -277,7 +277,7 @@ def embed(
         model.to(device)
     dev = model.device
     processor = FusionProcessor.from_model(model)
-    autocast = choose_precision(precision, dev).autocast(dev.type)
+    autocast = inference_precision(precision, dev, "precision").autocast(dev.type)
     total = next((len(s) for s in (texts, images) if hasattr(s, "__len__")), None)  # type: ignore[arg-type]
     was_training = model.training
     model.eval()

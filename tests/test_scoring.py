@@ -177,6 +177,16 @@ def test_model_predict_takes_one_ensemble_model_and_says_what_its_arguments_take
         assert main(["predict", str(run), "--split", "test", "--precision", "fp16", "--output", str(tmp_path / "p.csv")]) == 0
         assert main(["predict", str(run), "--text", "a happy day", "--precision", "fp16"]) == 0
     assert caplog.text.count("precision fp16: fp32") == 2, caplog.text
+    caplog.clear()
+    import fusionkit
+
+    with caplog.at_level(logging.WARNING, logger="fusionkit"):  # embed and embed_to_shards: the same rule
+        fusionkit.embed(model, **pair, precision="fp16")
+        rows = [{"id": "a", "text": pair["texts"][0], "image": pair["images"][0]}]
+        fusionkit.embed_to_shards(model, rows, tmp_path / "shards", precision="fp16", progress=False)
+    assert caplog.text.count("precision fp16: fp32") == 2, caplog.text
+    with pytest.raises(ConfigError, match=r"^precision must be one of .*'bfloat16' is 'bf16'"):
+        fusionkit.embed(model, **pair, precision="bfloat16")
 
 
 def test_predict_writes_parquet_with_the_csvs_columns_and_values(run: Path, tmp_path: Path) -> None:

@@ -95,6 +95,8 @@ class ImageEncoderConfig:
 
     def __post_init__(self) -> None:
         # timm's `local-dir:FOLDER`: absolute, so the run's config.yaml still names it from another directory
+        if not isinstance(self.name, str):  # validate()'s type check names the key; a number has no folder
+            return
         folder = self.name.removeprefix(TIMM_LOCAL_DIR)
         if self.name.startswith(TIMM_LOCAL_DIR) and not Path(folder).expanduser().is_absolute():
             self.name = TIMM_LOCAL_DIR + str(Path(folder).expanduser().resolve())

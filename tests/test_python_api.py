@@ -178,3 +178,22 @@ def test_embed_is_annotated_to_take_the_hf_model_too() -> None:
     for fn in (fusionkit.embed, embed_to_shards):
         hints = typing.get_type_hints(fn, {**vars(sys.modules[fn.__module__]), "FusionkitModel": FusionkitModel})
         assert set(typing.get_args(hints["model"])) == {fusionkit.FusionModel, FusionkitModel}
+
+
+def test_build_config_takes_a_train_config_as_train_does() -> None:
+    """`build_config(cfg, overrides)` on a config built in code: a changed copy, the caller's untouched."""
+    cfg = TrainConfig(optim=dataclasses.replace(TrainConfig().optim, lr=0.01))
+    before = copy.deepcopy(cfg)
+    changed = build_config(cfg, {"optim.epochs": 3})
+    assert (changed.optim.lr, changed.optim.epochs) == (0.01, 3) and cfg == before
+    with pytest.raises(ConfigError, match="model.fusion.dim"):  # its values are checked as a file's are
+        build_config(cfg, {"model.fusion.dim": "wide"})
+
+
+def test_an_image_encoder_name_of_another_type_reaches_the_type_check() -> None:
+    """`ImageEncoderConfig(name=5)` raised AttributeError in `__post_init__` before validate() could say anything."""
+    from fusionkit.config import ImageEncoderConfig
+
+    assert ModelConfig(image=ImageEncoderConfig(name=5)).validate().image.name == "5"  # as a file's `name: 5` reads
+    with pytest.raises(ConfigError, match=r"image\.name"):
+        ModelConfig(image=ImageEncoderConfig(name=["vit"])).validate()

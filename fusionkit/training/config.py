@@ -282,9 +282,12 @@ def _flatten(data: dict[str, Any], base: dict[str, Any], prefix: str = "") -> di
 
 
 def build_config(
-    source: str | Path | dict[str, Any] | None = None, overrides: dict[str, Any] | None = None
+    source: str | Path | dict[str, Any] | TrainConfig | None = None, overrides: dict[str, Any] | None = None
 ) -> TrainConfig:
-    """A validated `TrainConfig` from a YAML/JSON file or dict, then dotted `overrides` (CLI `--a.b v`)."""
+    """A validated `TrainConfig` from a YAML/JSON file, a dict or a `TrainConfig`, then dotted `overrides`
+    (CLI `--a.b v`)."""
+    if isinstance(source, TrainConfig):  # as `train()` takes one: a copy, the caller's left as it was
+        source = to_dict(source)
     data = load_config_file(source, number_text=True) if isinstance(source, str | Path) else dict(source or {})
     overrides = dict(overrides or {})
     preset = _check_preset_name(overrides.pop("preset", data.pop("preset", "tiny")))

@@ -112,9 +112,17 @@ def test_the_collator_refuses_a_missing_pad_token_id() -> None:
 def test_the_cache_build_says_captions_of_unknown_tokens_and_captions_cut_at_max_length(tmp_path: Path, caplog) -> None:
     from fusionkit.models.tiny import tiny_tokenizer  # an English WordPiece vocabulary
 
-    captions = ["東京の夜景", "😀🎉", "a sunny day", " ".join(["sunny"] * 40)]
+    exact = " ".join(["sunny"] * 30)  # 30 words + [CLS] + [SEP]: exactly max_length=32 tokens, nothing cut
+    captions = ["東京の夜景", "😀🎉", "a sunny day", " ".join(["sunny"] * 40), exact]
     ds = MultimodalDataset([Example(f"r{i}", c, None, {}) for i, c in enumerate(captions)], {}, name="mixed")
     with caplog.at_level(logging.INFO, logger="fusionkit.data"):
         _cached_ids(ds, tiny_tokenizer(), tmp_path / "cache")
-    assert "are the unknown token [UNK], and 2 captions are nothing else" in caplog.text
-    assert "1 of 4 captions (25%) fill model.text.max_length=32 tokens" in caplog.text
+    assert "are the unknown token [UNK], and 2 of 5 captions are nothing else" in caplog.text
+    assert "1 of 5 captions (20%) are longer than model.text.max_length=32 tokens" in caplog.text
+    # one emoji-only caption among many: a line, not a warning
+    many = [Example(f"r{i}", f"a sunny day {i}", None, {}) for i in range(200)] + [Example("e", "😀", None, {})]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fusionkit.data"):
+        _cached_ids(MultimodalDataset(many, {}, name="tweets"), tiny_tokenizer(), tmp_path / "cache2")
+    said = [r for r in caplog.records if "unknown token" in r.getMessage()]
+    assert [r.levelname for r in said] == ["INFO"] and "1 of 201 captions are nothing else" in said[0].getMessage()

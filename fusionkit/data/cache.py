@@ -212,37 +212,45 @@ def _tokenize(ds: MultimodalDataset, out: StoreWriter, tokenizer: Any, max_lengt
     texts = ["" if ex.text is None else clean_text(ex.text)[0] for ex in ds]  # as the readers and the processor
     unk = getattr(tokenizer, "unk_token_id", None)
     special = set(getattr(tokenizer, "all_special_ids", ())) - {unk}
-    counts = {"tokens": 0, "unknown": 0, "only_unknown": 0, "full": 0}
+    counts = {"tokens": 0, "unknown": 0, "only_unknown": 0}
+    full: list[str] = []  # captions at max_length tokens: cut, or exactly that long (told apart below)
     for s in tqdm(range(0, len(texts), 1024), desc="tokenizing", disable=len(texts) < 4096 or not progress):
-        enc = tokenizer(
-            texts[s : s + 1024], truncation=True, max_length=max_length, return_attention_mask=False
-        )
-        for ids in enc["input_ids"]:
+        chunk = texts[s : s + 1024]
+        enc = tokenizer(chunk, truncation=True, max_length=max_length, return_attention_mask=False)
+        for text, ids in zip(chunk, enc["input_ids"], strict=True):
             tokens.append(ids)
             content = [i for i in ids if i not in special]
             unknown = content.count(unk) if unk is not None else 0
             counts["tokens"] += len(content)
             counts["unknown"] += unknown
             counts["only_unknown"] += bool(content) and unknown == len(content)
-            counts["full"] += len(ids) >= max_length
+            if len(ids) >= max_length:
+                full.append(text)
+    # one token more shows which of them lost words (only these few captions are tokenized again)
+    longer = tokenizer(full, truncation=True, max_length=max_length + 1, return_attention_mask=False) if full else None
+    counts["cut"] = sum(len(ids) > max_length for ids in longer["input_ids"]) if longer else 0
     _report_tokens(ds.name, sum(ex.text is not None for ex in ds), max_length, getattr(tokenizer, "unk_token", None),
                    **counts)  # fmt: skip
 
 
 def _report_tokens(
-    name: str, captions: int, max_length: int, unk: str | None, tokens: int, unknown: int, only_unknown: int, full: int
+    name: str, captions: int, max_length: int, unk: str | None, tokens: int, unknown: int, only_unknown: int, cut: int
 ) -> None:
     """One line each: many unknown tokens (a script the vocabulary lacks: CJK, Arabic or emoji on an English
-    WordPiece vocabulary trains as [UNK]), and the share of captions cut at `max_length`."""
-    if only_unknown or unknown >= 0.2 * tokens > 0:
-        log.warning("%s: %d of %d caption tokens (%.0f%%) are the unknown token %s, and %d captions are nothing else: "
-                    "the text encoder's vocabulary lacks their words (another script, emoji?); a multilingual encoder "
-                    "reads them", name, unknown, tokens, 100 * unknown / tokens, unk, only_unknown)  # fmt: skip
-    if full:
-        share = full / max(captions, 1)
+    WordPiece vocabulary trains as [UNK]), and the share of captions cut at `max_length`. A warning from 20% of the
+    tokens or 1% of the captions all-unknown (one emoji-only tweet among thousands is no news); a line below that."""
+    if only_unknown or unknown:
+        many = unknown >= 0.2 * tokens or only_unknown >= 0.01 * captions
+        log.log(logging.WARNING if many else logging.INFO,
+                "%s: %d of %d caption tokens (%.1f%%) are the unknown token %s, and %d of %d captions are nothing "
+                "else: the text encoder's vocabulary lacks their words (another script, emoji?); a multilingual "
+                "encoder reads them", name, unknown, tokens, 100 * unknown / tokens, unk, only_unknown,
+                captions)  # fmt: skip
+    if cut:
+        share = cut / max(captions, 1)
         log.log(logging.WARNING if share >= 0.1 else logging.INFO,
-                "%s: %d of %d captions (%.0f%%) fill model.text.max_length=%d tokens: longer ones are cut there",
-                name, full, captions, 100 * share, max_length)  # fmt: skip
+                "%s: %d of %d captions (%.0f%%) are longer than model.text.max_length=%d tokens and were cut there",
+                name, cut, captions, 100 * share, max_length)  # fmt: skip
 
 
 def _build(

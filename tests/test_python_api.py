@@ -197,3 +197,14 @@ def test_an_image_encoder_name_of_another_type_reaches_the_type_check() -> None:
     assert ModelConfig(image=ImageEncoderConfig(name=5)).validate().image.name == "5"  # as a file's `name: 5` reads
     with pytest.raises(ConfigError, match=r"image\.name"):
         ModelConfig(image=ImageEncoderConfig(name=["vit"])).validate()
+
+
+def test_a_train_config_takes_its_sections_as_dicts_as_a_file_gives_them() -> None:
+    """`TrainConfig(model={...})` raised AttributeError; a dict section reads as a file's: `model` over the preset."""
+    cfg = TrainConfig(preset=SMALL, model={"fusion": {"dim": 64}, "tasks": [{"name": "mood"}]}, optim={"lr": "1e-3"})
+    assert cfg.model.text.name == get_config(SMALL).text.name and cfg.model.fusion.dim == 64
+    assert [t.name for t in cfg.model.tasks] == ["mood"] and cfg.optim.lr == 1e-3
+    assert cfg == build_config({"preset": SMALL, "model": {"fusion": {"dim": 64}, "tasks": [{"name": "mood"}]},
+                                "optim": {"lr": 1e-3}})  # fmt: skip
+    with pytest.raises(ConfigError, match="model: expected a ModelConfig or a dict, got str"):
+        TrainConfig(model="tiny")  # type: ignore[arg-type]

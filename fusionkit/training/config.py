@@ -126,6 +126,15 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
+        # a section as a plain dict reads as a file's section: `model` over the preset's model, the others whole
+        if isinstance(self.model, Mapping):
+            self.model = get_config(_check_preset_name(self.preset), **self.model)
+        for name, section in (("model", ModelConfig), ("data", DataConfig), ("optim", OptimConfig), ("run", RunConfig)):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                setattr(self, name, from_dict(section, dict(value)))
+            elif not isinstance(value, section) and value is not None:
+                raise ConfigError(f"{name}: expected a {section.__name__} or a dict, got {type(value).__name__}")
         self._check_preset()
 
     def _check_preset(self) -> None:

@@ -244,13 +244,22 @@ def _encoder_sources(model: Any) -> tuple[Any, ...]:
 def check_space(config: Any, space: Mapping[str, Mapping[str, Any]]) -> None:
     """Each value a trial can draw (see `values_to_check`) makes a valid config, and one that names other encoders
     builds them (the folder exists and loads): a bad key or value stops the search before the first trial
-    instead of failing one trial at a time."""
+    instead of failing one trial at a time. A value that changes the model config otherwise meets the built
+    model's own checks (`check_model`: max_length within the encoder's positions, image_grid within its patches)."""
+    from .models.checks import check_model
+
+    base = None  # the config's own encoders, built once if a value needs them
     for key, spec in space.items():
         for value in values_to_check(spec):
             try:
                 tried = apply_params(config, {key: value})
                 if _encoder_sources(tried.model) != _encoder_sources(config.model):
-                    _encoders_model(tried)
+                    _encoders_model(tried)  # builds them: `check_model` runs on the new encoders
+                elif tried.model != config.model:
+                    base = base or _encoders_model(config)
+                    view = copy.copy(base)  # the same encoders, read with the trial's model config
+                    view.config = tried.model
+                    check_model(view)
             except (ConfigError, OSError) as e:  # OSError: transformers' word on a hub id it cannot fetch
                 relative = isinstance(value, str) and key.endswith(".name") and not Path(value).is_absolute()
                 where = f" (a folder in a search space is relative to the working directory, {Path.cwd()})" * relative

@@ -174,7 +174,10 @@ def test_tuning_again_in_the_same_dir_adds_trials_and_never_loses_any(tmp_path: 
       "sets model.tasks"),
      # a section and one of its own keys: a trial uses one value, and trials.csv would record both
      ({"optim": {"type": "categorical", "choices": [{"lr": 0.01}]},
-       "optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2}}, "it sets 'optim.lr', which the space also searches")],
+       "optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2}}, "it sets 'optim.lr', which the space also searches"),
+     # valid as a config, but not for these encoders: the model's own checks run on every value too
+     ({"model.text.max_length": {"type": "categorical", "choices": [16, 600]}}, "exceeds the text encoder's"),
+     ({"model.fusion.image_grid": {"type": "int", "low": 1, "high": 40}}, "exceeds the image encoder's")],
 )  # fmt: skip
 def test_a_bad_space_stops_before_the_first_trial(tmp_path: Path, capsys, entry: dict, named: str) -> None:
     space = tmp_path / "space.yaml"

@@ -144,8 +144,11 @@ def test_multilabel_macro_f1_leaves_out_tags_neither_labelled_nor_predicted() ->
     task = create_task(TaskConfig("tags", type="multilabel", class_names=["food", "sports", "travel"], num_classes=3))
     labels = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 1, 0]])  # nobody here travels
     perfect = (labels.float() * 2 - 1) * 10  # logits: every row's tags exactly
-    flat, _ = task.metrics(perfect, labels, torch.ones(3, dtype=torch.bool))
+    flat, details = task.metrics(perfect, labels, torch.ones(3, dtype=torch.bool))
     assert flat == {"micro_f1": 1.0, "macro_f1": 1.0}  # was 2/3: travel counted as an F1 of 0
+    # the report beside it says the same: its macro average over the same tags, travel without a score
+    assert details["report"]["macro avg"]["f1-score"] == 1.0
+    assert details["report"]["travel"] == {"precision": None, "recall": None, "f1-score": None, "support": 0}
     wrong = perfect.clone()
     wrong[0, 2] = 10.0  # travel predicted once, never labelled: it counts, with its 0
     flat, _ = task.metrics(wrong, labels, torch.ones(3, dtype=torch.bool))

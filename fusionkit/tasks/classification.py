@@ -143,6 +143,22 @@ def check_not_numeric(task: str, type_: str, observed: set[str], where: str) -> 
         )
 
 
+def class_report(y: Any, pred: Any, names: Sequence[str], present: Sequence[int]) -> dict[str, Any]:
+    """sklearn's per-class report (class indices, or multilabel indicator rows), its "macro avg" over the classes
+    `present` (labelled or predicted here), as the tasks' macro_f1 is; a class absent from both has no score (None),
+    not a score of 0."""
+    from sklearn.metrics import classification_report
+
+    report = classification_report(y, pred, labels=range(len(names)), target_names=list(names), output_dict=True,
+                                   zero_division=0)  # fmt: skip
+    if len(present):
+        report["macro avg"] = classification_report(y, pred, labels=list(present), output_dict=True,
+                                                    zero_division=0)["macro avg"]  # fmt: skip
+    for i in set(range(len(names))) - set(present):
+        report[names[i]] = {"precision": None, "recall": None, "f1-score": None, "support": 0}
+    return report
+
+
 @register_task("classification")
 class ClassificationTask(Task):
     """One class per example: softmax head, cross-entropy (optional label smoothing and class weights)."""
@@ -348,7 +364,7 @@ class ClassificationTask(Task):
     def metrics(
         self, outputs: torch.Tensor, labels: Any, mask: Any
     ) -> tuple[dict[str, float], dict[str, Any]]:
-        from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+        from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
         if labels is None or mask is None or not bool(mask.any()):
             return {}, {}
@@ -358,12 +374,7 @@ class ClassificationTask(Task):
         # over the classes in the labels or the predictions (sklearn's default): a declared class absent from
         # both has no F1, and counting it as 0 would cap a perfect score on such a split at (k-1)/k
         present = sorted({*y.tolist(), *pred.tolist()})
-        report = classification_report(y, pred, labels=ids, target_names=self.names, output_dict=True,
-                                       zero_division=0)  # fmt: skip
-        report["macro avg"] = classification_report(y, pred, labels=present, output_dict=True,
-                                                    zero_division=0)["macro avg"]  # the same classes as macro_f1
-        for i in set(ids) - set(present):  # neither labelled nor predicted here: no score, not a score of 0
-            report[self.names[i]] = {"precision": None, "recall": None, "f1-score": None, "support": 0}
+        report = class_report(y, pred, self.names, present)
         flat = {
             "accuracy": float(accuracy_score(y, pred)),
             "macro_f1": float(f1_score(y, pred, average="macro", labels=present, zero_division=0)),

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, TaskConfig
 from .base import is_missing, label_error, labelled_rows, register_task
-from .classification import UNKNOWN_LABEL_HINT, ClassificationTask, label_string
+from .classification import UNKNOWN_LABEL_HINT, ClassificationTask, class_report, label_string
 
 log = logging.getLogger("fusionkit.tasks")
 
@@ -117,7 +117,7 @@ class MultilabelTask(ClassificationTask):
     def metrics(
         self, outputs: torch.Tensor, labels: Any, mask: Any
     ) -> tuple[dict[str, float], dict[str, Any]]:
-        from sklearn.metrics import classification_report, f1_score
+        from sklearn.metrics import f1_score
 
         if labels is None or mask is None or not bool(mask.any()):
             return {}, {}
@@ -128,8 +128,7 @@ class MultilabelTask(ClassificationTask):
         present = (y.any(0) | pred.any(0)).nonzero()[0]
         macro = f1_score(y[:, present], pred[:, present], average="macro", zero_division=0) if present.size else 0.0
         # per tag: precision, recall, F1 and support (rows holding it), to see which tags the averages hide
-        report = classification_report(y, pred, labels=range(len(self.names)), target_names=self.names,
-                                       output_dict=True, zero_division=0)  # fmt: skip
+        report = class_report(y, pred, self.names, present.tolist())
         return {
             "micro_f1": float(f1_score(y, pred, average="micro", zero_division=0)),
             "macro_f1": float(macro),

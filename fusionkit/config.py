@@ -188,17 +188,17 @@ class ModelConfig:
         FUSION_REGISTRY.get_class(self.fusion.strategy)
         f = self.fusion
         for ok, what in (
-            (f.dim > 0, f"fusion.dim must be positive, got {f.dim}"),
-            (f.num_heads > 0, f"fusion.num_heads must be positive, got {f.num_heads}"),
-            (f.depth >= 1, f"fusion.depth must be at least 1, got {f.depth}"),
+            (f.dim > 0, f"model.fusion.dim must be positive, got {f.dim}"),
+            (f.num_heads > 0, f"model.fusion.num_heads must be positive, got {f.num_heads}"),
+            (f.depth >= 1, f"model.fusion.depth must be at least 1, got {f.depth}"),
             (math.isfinite(f.mlp_ratio) and f.dim * f.mlp_ratio >= 1,  # an MLP of at least one hidden unit
-             f"fusion.mlp_ratio must be finite and give the MLP at least one hidden unit (dim x ratio >= 1), got "
+             f"model.fusion.mlp_ratio must be finite and give the MLP at least one hidden unit (dim x ratio >= 1), got "
              f"{f.mlp_ratio}"),
-            (0 <= f.dropout < 1, f"fusion.dropout must be in [0, 1), got {f.dropout}"),
+            (0 <= f.dropout < 1, f"model.fusion.dropout must be in [0, 1), got {f.dropout}"),
             (0 <= f.modality_dropout <= 1, f"model.fusion.modality_dropout must be in [0, 1], got {f.modality_dropout}"),
-            (f.image_grid >= 0, f"fusion.image_grid must be >= 0 (0 = keep all patches), got {f.image_grid}"),
-            (self.text.max_length > 0, f"text.max_length must be positive, got {self.text.max_length}"),
-            (self.trainable_layers >= 0, f"trainable_layers must be >= 0, got {self.trainable_layers}"),
+            (f.image_grid >= 0, f"model.fusion.image_grid must be >= 0 (0 = keep all patches), got {f.image_grid}"),
+            (self.text.max_length > 0, f"model.text.max_length must be positive, got {self.text.max_length}"),
+            (self.trainable_layers >= 0, f"model.trainable_layers must be >= 0, got {self.trainable_layers}"),
             ((self.text.trainable_layers or 0) >= 0,
              f"model.text.trainable_layers must be >= 0, got {self.text.trainable_layers}"),
             ((self.image.trainable_layers or 0) >= 0,
@@ -211,8 +211,12 @@ class ModelConfig:
             if not ok:
                 raise ConfigError(what)
         if self.fusion.dim % self.fusion.num_heads:
+            heads, dim = self.fusion.num_heads, self.fusion.dim
+            near = sorted({max(heads, dim // heads * heads), (dim // heads + 1) * heads})
             raise ConfigError(
-                f"fusion.dim={self.fusion.dim} is not divisible by num_heads={self.fusion.num_heads}"
+                f"model.fusion.dim={dim} is not divisible by model.fusion.num_heads={heads} (each head takes an "
+                f"equal share of the width): set model.fusion.dim to a multiple of {heads}, e.g. "
+                + " or ".join(map(str, near))
             )
         return self
 

@@ -225,6 +225,7 @@ def test_none_on_the_command_line_is_a_word_for_words_and_null_for_numbers(capsy
         ({"run.seed": -1}, r"run.seed must be in \[0, 2\*\*32 - 1\]"),
         ({"data.split_seed": 2**40}, r"data.split_seed must be in \[0, 2\*\*32 - 1\]"),
         ({"model.fusion.mlp_ratio": float("inf")}, r"fusion.mlp_ratio must be finite"),
+        ({"model.fusion.num_heads": 3}, r"model.fusion.dim=64 is not divisible by model.fusion.num_heads=3 .* e.g. 63 or 66"),
         ({"model.fusion.mlp_ratio": 1e-9}, r"fusion.mlp_ratio .*at least one hidden unit"),
         ({"model.tasks": [{"name": "sentiment", "class_weights": [0, 0, 0]}]}, r"class_weights .*one at least > 0"),
         ({"model.tasks": [{"name": "price", "type": "regression", "class_names": ["a"]}]}, r"has no classes"),

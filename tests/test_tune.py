@@ -414,7 +414,7 @@ def test_a_trial_whose_values_make_an_invalid_config_fails_and_the_search_goes_o
     rows = list(csv.DictReader((out / "trials.csv").open()))
     invalid = [r for r in rows if (r["model.fusion.dim"], r["model.fusion.num_heads"]) == ("64", "3")]
     assert len(rows) == 5 and invalid and len(invalid) < len(rows)
-    assert all(r["state"] == "FAIL" and "not divisible by num_heads=3" in r["error"] for r in invalid)
+    assert all(r["state"] == "FAIL" and "not divisible by model.fusion.num_heads=3" in r["error"] for r in invalid)
     assert all(r["state"] == "COMPLETE" for r in rows if r not in invalid)
     assert (out / "best.yaml").is_file()
     space.write_text("model.fusion.dim: {type: categorical, choices: [64]}\n"  # with 3 heads only: never valid

@@ -163,6 +163,12 @@ def test_model_predict_takes_one_ensemble_model_and_says_what_its_arguments_take
     assert model.predict(**pair, precision="fp32", ensemble=other)[0]["mood"] == alone[0]["mood"]
     with pytest.raises(ValueError, match="listed twice"):
         model.predict(**pair, ensemble=model)
+    from fusionkit import create_model
+
+    stranger = create_model("tiny", tasks=[{"name": "mood", "class_names": ["calm", "wild"]}])
+    with pytest.raises(ValueError, match=r"ensemble\[0\] differs \(mood: \[.*'happy'.*\] here, \['calm', 'wild'\] "
+                                         r"in it; price: \[\] here, no such task in it\)"):  # fmt: skip
+        model.predict(**pair, ensemble=stranger)
     with pytest.raises(TypeError, match=r"ensemble takes another FusionModel or a list of them, got str"):
         model.predict(**pair, ensemble=str(run))
     with pytest.raises(ConfigError, match=r"^precision must be one of .*'float16' is 'fp16'") as e:

@@ -606,9 +606,14 @@ class FusionModel(nn.Module):
             raise ValueError(f"pairs {empty[:5]} have {what}: there is nothing to predict from")
         self.warn_one_sided(sum(t is None for t in texts), sum(i is None for i in images), n, where)
         schema = {t.name: sorted(t.class_names or []) for t in self.config.tasks}
-        for member in models[1:]:
-            if {t.name: sorted(t.class_names or []) for t in member.config.tasks} != schema:
-                raise ValueError("ensemble: every model needs the same tasks and classes as this one")
+        for k, member in enumerate(models[1:]):
+            theirs = {t.name: sorted(t.class_names or []) for t in member.config.tasks}
+            if theirs != schema:
+                differ = {name: (schema.get(name, "no such task"), theirs.get(name, "no such task"))
+                          for name in {*schema, *theirs} if schema.get(name) != theirs.get(name)}  # fmt: skip
+                said = "; ".join(f"{name}: {mine} here, {other} in it" for name, (mine, other) in sorted(differ.items()))
+                raise ValueError(f"ensemble: every model needs the same tasks and classes as this one; ensemble[{k}] "
+                                 f"differs ({said})")  # fmt: skip
         processors = [FusionProcessor.from_model(m) for m in models]
         modes = [m.training for m in models]
         rows: list[dict[str, Any]] = []

@@ -535,7 +535,8 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
                               "the same")  # fmt: skip
         if args.command == "embed" and args.modality is None:  # a whole side absent: embed writes the other
             no_text, no_image = (0 if n == len(ds) else n for n in (no_text, no_image))  # side's vectors (no guess)
-        model.warn_one_sided(no_text, no_image, len(ds), source, trained_without=kept)
+        model.warn_one_sided(no_text, no_image, len(ds), source, trained_without=kept, said=vars(args).setdefault(
+            "said", set()))  # an ensemble's members read the same rows: a warning once, not once per member
     labelled = [t.name for t in model.config.tasks if t.name in model.tasks and model.tasks[t.name].needs_labels]
     if args.command == "eval" and labelled and not any(ex.labels.get(t) is not None for ex in ds for t in labelled):
         raise ConfigError(f"no labelled rows to score in {split!r} ({len(ds)} rows, none with a label for tasks "

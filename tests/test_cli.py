@@ -334,6 +334,15 @@ def test_predict_keeps_an_empty_image_cell_but_refuses_a_broken_path(
         assert main(["predict", str(run_dir), "--data", str(table), "--output", str(out), *cache]) == 0
     assert [r["id"] for r in csv.DictReader(out.open())] == ["r0", "r1"]
     assert "1 of 2 pairs of" in caplog.text and "have no image" in caplog.text and "modality_dropout 0" in caplog.text
+    import shutil
+
+    twin = tmp_path / "twin"  # an ensemble's members read the same rows: the warning once, not once per member
+    shutil.copytree(run_dir, twin)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert main(["predict", str(run_dir), "--ensemble", str(twin), "--data", str(table), "--output",
+                     str(tmp_path / "e.csv"), *cache]) == 0  # fmt: skip
+    assert caplog.text.count("have no image") == 1, caplog.text
 
 
 def test_rows_added_to_train_by_allow_new_rows_are_in_the_runs_split(run_dir: Path, tmp_path: Path, capsys) -> None:

@@ -527,24 +527,29 @@ class FusionModel(nn.Module):
         """The sides ("caption", "image") whose absence changes this model's output (a unimodal baseline reads one)."""
         return {"text_only": ("caption",), "image_only": ("image",)}.get(self.config.fusion.strategy, ("caption", "image"))
 
-    def warn_one_sided(self, no_text: int, no_image: int, total: int, where: str, trained_without: Any = ()) -> None:
+    def warn_one_sided(
+        self, no_text: int, no_image: int, total: int, where: str, trained_without: Any = (), said: set | None = None
+    ) -> None:
         """Say so when pairs lack a side this model reads but never learned to do without (modality dropout 0;
-        `trained_without`: the sides, "caption" / "image", its training rows were allowed to lack)."""
+        `trained_without`: the sides, "caption" / "image", its training rows were allowed to lack).
+        `said`: messages already given (an ensemble's members read the same rows): each is said once."""
         if len(self.sides_read) == 1:  # a unimodal baseline: without its one input there is nothing to go on
             absent = no_text if self.sides_read == ("caption",) else no_image
-            if absent:
-                logging.getLogger("fusionkit").warning(
-                    "%d of %d pairs of %s have no %s, the only input of this %s model: each of them gets the "
-                    "same prediction, the model's answer to an empty input", absent, total, where,
-                    self.sides_read[0], self.config.fusion.strategy)  # fmt: skip
-            return
-        if self.config.fusion.modality_dropout > 0:
-            return
-        for side, absent in (("caption", no_text), ("image", no_image)):
-            if absent and side in self.sides_read and side not in (*trained_without, *self.trained_without):
-                logging.getLogger("fusionkit").warning(
-                    "%d of %d pairs of %s have no %s: they are predicted from the other side alone, which this "
-                    "model was not trained for (model.fusion.modality_dropout 0)", absent, total, where, side)
+            messages = [f"{absent} of {total} pairs of {where} have no {self.sides_read[0]}, the only input of this "
+                        f"{self.config.fusion.strategy} model: each of them gets the same prediction, the model's "
+                        "answer to an empty input"] if absent else []  # fmt: skip
+        elif self.config.fusion.modality_dropout > 0:
+            messages = []
+        else:
+            messages = [f"{absent} of {total} pairs of {where} have no {side}: they are predicted from the other side "
+                        "alone, which this model was not trained for (model.fusion.modality_dropout 0)"
+                        for side, absent in (("caption", no_text), ("image", no_image))
+                        if absent and side in self.sides_read and side not in (*trained_without, *self.trained_without)]  # fmt: skip
+        for message in messages:
+            if said is None or message not in said:
+                logging.getLogger("fusionkit").warning("%s", message)
+            if said is not None:
+                said.add(message)
 
     @torch.inference_mode()
     def predict(

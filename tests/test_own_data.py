@@ -811,6 +811,27 @@ def test_a_class_missing_from_train_is_said_and_its_rows_keep_a_finite_loss(tmp_
     assert np.isfinite(summary["test"]["test/loss"])  # a test split of that class only: 0/0 before
 
 
+def test_class_names_listed_as_the_file_spells_them_match_its_labels(tmp_path: Path) -> None:
+    """`class_names: ["True", "False"]` for a CSV's True/False cells, `"sad "` for cells with that trailing space:
+    labels are read stripped and booleans lower-case, and the listed names are read the same way (they were refused
+    as 'unknown label'); the model keeps them in that spelling, in the listed order."""
+    table = write_table(tmp_path / "data", 24)
+    rows = list(csv.DictReader(table.open()))
+    for r in rows:
+        r["flag"], r["mood"] = str(r["mood"] == "happy"), r["mood"] + " " * (r["mood"] == "sad")
+    with table.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    tasks = [{"name": "flag", "class_names": ["True", "False"]}, {"name": "mood", "class_names": ["sad ", "meh", "happy"]}]
+    assert main([*train_args(table, tmp_path / "runs", "r", "--optim.max_steps", "1"), "--model.tasks",
+                 json.dumps(tasks)]) == 0  # fmt: skip
+    model = fusionkit.FusionModel.from_pretrained(tmp_path / "runs" / "r")
+    assert model.class_names == {"flag": ["true", "false"], "mood": ["sad", "meh", "happy"]}
+    with pytest.raises(ConfigError, match="'True' and 'true' are one class"):
+        fusionkit.build_config(None, {"model.tasks": [{"name": "flag", "class_names": ["True", "true"]}]})
+
+
 def test_a_class_with_train_rows_but_none_in_val_is_said(tmp_path: Path, caplog) -> None:
     """A rare class that the split put in train only: val's macro-F1 chooses the checkpoint without it."""
     table = write_table(tmp_path / "data", 36)

@@ -178,15 +178,30 @@ class ClassificationTask(Task):
 
         return hf.ClassLabel(names=list(class_names)) if class_names else None
 
+    def __init__(self, cfg: TaskConfig) -> None:
+        if cfg.class_names and all(isinstance(c, str) for c in cfg.class_names):
+            # in the spelling the data's labels are read in (`canonical_name`): "neutral " or "True" as the file
+            # has them match its cells, and the saved model's names are those of a model that read them from data
+            cfg = replace(cfg, class_names=[canonical_name(c) for c in cfg.class_names])
+        super().__init__(cfg)
+
     @classmethod
     def validate_config(cls, cfg: TaskConfig) -> None:
         super().validate_config(cfg)
         names, n = cfg.class_names, cfg.num_classes
         if names is not None:
-            if len(set(names)) != len(names) or not all(isinstance(c, str) and c for c in names):
+            if len(set(names)) != len(names) or not all(isinstance(c, str) and c.strip() for c in names):
                 raise ConfigError(
                     f"task {cfg.name!r}: class_names must be distinct non-empty strings, got {names}"
                 )
+            read = {}
+            for c in names:  # two names one label reads as: "True" and "true", "2" and "2.0", "a" and "a "
+                if read.setdefault(canonical_name(c), c) != c:
+                    raise ConfigError(
+                        f"task {cfg.name!r}: class_names {read[canonical_name(c)]!r} and {c!r} are one class: labels "
+                        "are read stripped, in Unicode NFC, booleans lower-case and '2.0' as '2'; list it once"
+                    )
+            cfg.class_names = list(read)  # the config (and the model saved from it) in that spelling too
             if n is not None and n != len(names):
                 raise ConfigError(f"task {cfg.name!r}: {len(names)} class_names for num_classes={n}")
         if n is not None and n < cls.min_classes():

@@ -126,3 +126,24 @@ def test_the_cache_build_says_captions_of_unknown_tokens_and_captions_cut_at_max
         _cached_ids(MultimodalDataset(many, {}, name="tweets"), tiny_tokenizer(), tmp_path / "cache2")
     said = [r for r in caplog.records if "unknown token" in r.getMessage()]
     assert [r.levelname for r in said] == ["INFO"] and "1 of 201 captions are nothing else" in said[0].getMessage()
+
+
+def test_saved_tokenizer_files_truncate_at_the_models_max_length(tmp_path: Path) -> None:
+    """A model's tokenizer.json (checkpoint, save_pretrained, export) cuts where the model does, for serving with the
+    `tokenizers` library alone: counting the cut captions at cache build left max_length + 1 in it."""
+    import json
+
+    from fusionkit.cli import main
+
+    argv = ["train", "--data.dataset", "synthetic:40", "--model.text.max_length", "8", "--optim.max_steps", "1",
+            "--run.output_dir", str(tmp_path / "runs"), "--run.name", "r", "--data.cache_dir", str(tmp_path / "c"),
+            "--run.progress", "false", "--run.plots", "false"]  # fmt: skip
+    assert main(argv) == 0  # synthetic captions are longer than 8 tokens: the cache build counts the cut ones
+    run = tmp_path / "runs" / "r"
+    from fusionkit import FusionModel
+
+    FusionModel.from_pretrained(run).save_pretrained(tmp_path / "saved")
+    files = [*run.glob("checkpoints/*/text_encoder/tokenizer.json"), tmp_path / "saved" / "tokenizer.json"]
+    assert len(files) >= 2
+    for path in files:
+        assert json.loads(path.read_text())["truncation"]["max_length"] == 8, path

@@ -11,6 +11,7 @@ published atomically, so an interrupted or concurrent build is never mistaken fo
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -226,8 +227,10 @@ def _tokenize(ds: MultimodalDataset, out: StoreWriter, tokenizer: Any, max_lengt
             counts["only_unknown"] += bool(content) and unknown == len(content)
             if len(ids) >= max_length:
                 full.append(text)
-    # one token more shows which of them lost words (only these few captions are tokenized again)
-    longer = tokenizer(full, truncation=True, max_length=max_length + 1, return_attention_mask=False) if full else None
+    # one token more shows which of them lost words (only these few captions are tokenized again), by a copy: a
+    # fast tokenizer keeps the last call's truncation, and a model saved later would write max_length + 1
+    longer = (copy.deepcopy(tokenizer)(full, truncation=True, max_length=max_length + 1, return_attention_mask=False)
+              if full else None)  # fmt: skip
     counts["cut"] = sum(len(ids) > max_length for ids in longer["input_ids"]) if longer else 0
     _report_tokens(ds.name, sum(ex.text is not None for ex in ds), max_length, getattr(tokenizer, "unk_token", None),
                    **counts)  # fmt: skip

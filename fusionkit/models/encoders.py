@@ -391,7 +391,11 @@ def save_tokenizer(tokenizer: Any, directory: str | Path, max_length: int | None
     `transformers.AutoTokenizer(..., truncation=True)` cuts captions where the model does (1e30 kept longer
     ones, past the encoder's positions); and for a normalized tokenizer `PreTrainedTokenizerFast`, which loads
     `tokenizer.json` as it is (a BERT tokenizer class would rebuild its normalizer from the vocab and drop the
-    rules): a served export tokenizes as the model was trained."""
+    rules): a served export tokenizes as the model was trained. `tokenizer.json` truncates at `max_length` too, for
+    those who serve it with the `tokenizers` library alone (a fast tokenizer would save its last call's setting)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and max_length is not None:
+        backend.enable_truncation(int(max_length), direction=getattr(tokenizer, "truncation_side", "right"))
     tokenizer.save_pretrained(directory)
     updates: dict[str, Any] = {} if max_length is None else {"model_max_length": int(max_length)}
     if getattr(tokenizer, "fusionkit_normalize", "none") != "none":

@@ -20,8 +20,9 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from itertools import islice
+from itertools import count, islice
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,6 +38,8 @@ from .embedding import (
     _is_hf_dataset,
     as_fusion_model,
     check_batch_size,
+    check_unique_ids,
+    default_modality,
     embed,
     refuse_columns,
 )
@@ -73,6 +76,9 @@ def _row(item: Any, index: int) -> Row:
     reads it (`row_id`: 100.0 -> "100", none -> its row number)."""
     if isinstance(item, Mapping):
         return row_id(item.get("id"), index), item.get("text"), item.get("image")
+    if not all(hasattr(item, k) for k in ("id", "text", "image")):
+        raise TypeError(f"row {index}: embed_to_shards takes rows as dicts {{'id', 'text', 'image'}} or Examples, "
+                        f"not a {type(item).__name__}")  # fmt: skip
     return str(item.id), item.text, item.image
 
 
@@ -218,7 +224,7 @@ def _mismatch(out: Path, changed: dict[str, tuple[Any, Any]]) -> str:
             "embed anew there")  # fmt: skip
 
 
-def _finish(out: Path, manifest: dict[str, Any], expected_rows: int | None) -> dict[str, Any]:
+def _finish(out: Path, manifest: dict[str, Any], expected_rows: int | None, dim: int) -> dict[str, Any]:
     """Rank 0 checks the shards form rows 0..N-1 with no gap and marks the manifest complete."""
     import pyarrow.parquet as pq
 
@@ -233,7 +239,7 @@ def _finish(out: Path, manifest: dict[str, Any], expected_rows: int | None) -> d
     if expected_rows is not None and rows != expected_rows:
         raise ConfigError(f"{out}: shards hold {rows} rows but the input has {expected_rows}: other rows than this "
                           "folder's embedding; write to a new directory to embed them")  # fmt: skip
-    manifest.update(complete=True, rows=rows, shards=shards)
+    manifest.update(complete=True, rows=rows, shards=shards, dim=dim)  # dim: an empty embedding is [0, dim] too
     _write_json(out / MANIFEST, manifest)
     return manifest
 
@@ -251,11 +257,11 @@ def embed_to_shards(
     *,
     shard_size: int = 10_000,
     batch_size: int = 64,
-    modality: str = "joint",
+    modality: str | None = None,
     normalize: bool = True,
     precision: str = "auto",
     source: str | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     on_shard: Callable[[int, int], None] | None = None,
     on_error: str = "raise",
 ) -> dict[str, Any]:
@@ -274,13 +280,18 @@ def embed_to_shards(
     # every argument is checked before the manifest is written: it records them, and a rerun must match it
     if shard_size < 1:
         raise ConfigError(f"shard_size must be positive, got {shard_size}")
-    if modality not in MODALITIES:
+    if modality is not None and modality not in MODALITIES:
         raise ConfigError(f"modality must be one of {MODALITIES}, got {modality!r}")
     check_batch_size(batch_size)
     check_policy(on_error)
     model = as_fusion_model(model, "embed_to_shards")
     out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output_dir {out} is a file, not a folder: name a new folder for the shards")
     data = _as_rows(data)
+    if modality is None:  # `embed`'s rule: caption-only rows give text vectors; a stream (read once) joint ones
+        modality = (default_modality(SimpleNamespace(text=t, image=i) for _, t, i in map(_row, data, count()))
+                    if _indexable(data) else "joint")  # fmt: skip
     own_group = not D.is_distributed()
     rank, world = D.init_distributed(model.device)
     own_group = own_group and world > 1
@@ -311,10 +322,13 @@ def embed_to_shards(
             log.info("embedding into %s on %d process(es), %s", out, world, chosen.reason)
         done = {int(f.stem.partition("-")[2]) for f in out.glob("shard-*.parquet")}
         start, rows = time.perf_counter(), 0
-        bar = tqdm(desc="embed", unit="rows", disable=not (progress and rank == 0))
+        # a bar on rank 0, on a terminal (None) or as asked, as `embed` draws one
+        bar = tqdm(desc="embed", unit="rows", disable=True if rank else None if progress is None else not progress)
         read: list[int] = []  # a stream's row count, once read through
+        first_row: dict[str, int] = {}
         for k, shard in _own_shards(data, shard_size, rank, world, done, out, read):
             ids, texts, images = zip(*shard)
+            check_unique_ids(ids, k * shard_size, first_row)  # across this process's shards; embed checks within
             with chosen.autocast(model.device.type):
                 vectors = embed(model, texts if modality != "image" else None,
                                 images if modality != "text" else None, batch_size=batch_size,
@@ -331,7 +345,7 @@ def embed_to_shards(
         D.barrier()
         if rank == 0:
             expected = len(data) if _indexable(data) else read[0]  # type: ignore[arg-type]
-            manifest = _finish(out, manifest, expected)
+            manifest = _finish(out, manifest, expected, model.config.fusion.dim)
             if reused:
                 _log_reused(out, manifest, "the same model and settings, and a stream of the same ids: edited "
                             "captions or images cannot be told apart")  # fmt: skip
@@ -367,5 +381,5 @@ def read_embeddings(output_dir: str | Path) -> tuple[list[str], np.ndarray]:
         ids += table.column("id").to_pylist()
         emb = table.column("embedding").combine_chunks()
         parts.append(emb.values.to_numpy().reshape(len(emb), emb.type.list_size))
-    dim = parts[0].shape[1] if parts else 0
+    dim = parts[0].shape[1] if parts else manifest.get("dim", 0)
     return ids, np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)

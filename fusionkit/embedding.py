@@ -105,6 +105,16 @@ def refuse_columns(data: Any, where: str) -> None:
                         "columns are read")  # fmt: skip
 
 
+def check_unique_ids(names: Sequence[str], start: int, first_row: dict[str, int]) -> None:
+    """Refuse an id given twice (rows `start`, `start + 1`, ... of the input), as `load_dataset` and `fusionkit embed`
+    refuse it: the vectors of one id would overwrite each other wherever they are looked up by id."""
+    for k, name in enumerate(names, start):
+        seen = first_row.setdefault(name, k)
+        if seen != k:
+            raise ValueError(f"duplicate id {name!r} (rows {seen} and {k} of the input): ids must be unique; "
+                             "give each row its own id (a missing id is its row number)")  # fmt: skip
+
+
 def default_modality(rows: Iterable[Any]) -> str:
     """The vectors asked of rows (`Example`s) when no modality is named, by the rule `embed(model, texts)`
     follows: "text" when no row has an image, "image" when none has a caption, else "joint". So a
@@ -287,6 +297,7 @@ def embed(
         compile_model(model)
     out: dict[str, list[np.ndarray]] = {m: [] for m in mods}
     out_ids: list[str] = []
+    first_row: dict[str, int] = {}  # given ids: each names one row (a {id: vector} map would lose the others)
     done = 0
     bar = tqdm(total=total, desc="embed", unit="pair", disable=None if progress is None else not progress)
     try:
@@ -296,6 +307,8 @@ def embed(
             ):
                 n = len(text_batch if text_batch is not None else image_batch)  # type: ignore[arg-type]
                 names = [str(i) for i in id_batch] if id_batch is not None else [str(done + i) for i in range(n)]
+                if id_batch is not None:
+                    check_unique_ids(names, done, first_row)
                 inputs = processor(texts=text_batch, device=dev) if text_batch is not None else {}
                 unread: list[int] = []
                 if image_batch is not None:

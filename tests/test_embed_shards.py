@@ -263,3 +263,29 @@ def test_reading_a_folder_with_a_deleted_shard_names_it(tmp_path: Path, model: F
     (tmp_path / "out" / "shard-00002.parquet").unlink()
     with pytest.raises(FileNotFoundError, match=r"shard-00002.parquet\): run embed_to_shards .* again"):
         read_embeddings(tmp_path / "out")
+
+
+def test_shards_follow_embeds_rules_for_caption_only_rows_ids_and_empty_input(
+    tmp_path: Path, model: FusionModel, data
+) -> None:
+    """Caption-only rows give text vectors, as `embed(model, texts)` and `fusionkit embed` give them (joint ones
+    before, 0.3 apart); an id given twice is refused, as the readers refuse it; an empty input reads as [0, dim]."""
+    rows = [{"id": ex.id, "text": ex.text} for ex in data]
+    manifest = shards(model, rows, tmp_path / "captions")
+    assert manifest["modality"] == "text"
+    np.testing.assert_allclose(read_embeddings(tmp_path / "captions")[1],
+                               embed(model, [ex.text for ex in data], precision="fp32"), atol=1e-5)  # fmt: skip
+    twice = [*rows[:5], dict(rows[1])]  # the same id in one shard, and across shards
+    with pytest.raises(ValueError, match=r"duplicate id '.*' \(rows 1 and 5 of the input\)"):
+        shards(model, twice, tmp_path / "twice")
+    with pytest.raises(ValueError, match=r"duplicate id 'x' \(rows 0 and 1 of the input\)"):
+        embed(model, ["a", "b"], ids=["x", "x"])
+    shards(model, [], tmp_path / "empty", modality="joint")
+    ids, vectors = read_embeddings(tmp_path / "empty")
+    assert ids == [] and vectors.shape == (0, model.config.fusion.dim)
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(FileExistsError, match="is a file, not a folder"):
+        shards(model, rows, tmp_path / "afile")
+    assert (tmp_path / "afile").read_text() == "mine"
+    with pytest.raises(TypeError, match=r"row 0: embed_to_shards takes rows as dicts"):
+        shards(model, [("a", "red", None)], tmp_path / "tuples")

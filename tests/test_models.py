@@ -179,7 +179,7 @@ def test_image_grid_pools_patches_and_keeps_cls():
     assert model.image_tokens(torch.randn(2, 3, 32, 32)).shape[1] == 5
 
 
-def test_a_config_naming_saved_encoders_loads_their_weights(tmp_path) -> None:
+def test_a_config_naming_saved_encoders_loads_their_weights(tmp_path, caplog) -> None:
     """On the default (tiny) preset, naming real encoders loads them; only `pretrained: false` builds them random."""
     from transformers import BertConfig, BertModel, ViTConfig, ViTImageProcessor, ViTModel
 
@@ -198,7 +198,9 @@ def test_a_config_naming_saved_encoders_loads_their_weights(tmp_path) -> None:
              "image": {"backend": "hf", "name": str(tmp_path / "vit")}}  # fmt: skip
     for pretrained in (None, False):
         sides = {k: {**v, "pretrained": pretrained} if pretrained is not None else v for k, v in names.items()}
-        model = create_model(build_config({"model": sides}).model)
+        with caplog.at_level("WARNING", logger="fusionkit"):
+            model = create_model(build_config({"model": sides}).model)
+        assert "start random" not in caplog.text  # the ViT's pooler, saved without: fusionkit drops it unused
         for got, want in ((model.text_encoder.model, bert), (model.image_encoder.model, vit)):
             same = all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), want.state_dict().values()))
             assert same is (pretrained is None), (type(want).__name__, pretrained)

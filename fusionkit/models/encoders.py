@@ -469,7 +469,8 @@ def check_config_keys(config: Any, overrides: dict[str, Any], key: str) -> None:
 def _pretrained(auto: Any, source: str | Path, key: str, kwargs: dict[str, Any]) -> nn.Module:
     """`auto.from_pretrained` in float32; weights the folder lacks (left random by transformers) are said."""
     model, info = auto.from_pretrained(source, dtype=torch.float32, output_loading_info=True, **kwargs)
-    missing = sorted(info.get("missing_keys") or ())
+    # a pooler the folder was saved without (`add_pooling_layer=False`) is removed unused (`drop_unused_heads`): no news
+    missing = sorted(k for k in info.get("missing_keys") or () if not k.split(".", 1)[0].endswith("pooler"))
     if missing:
         log.warning("%s %s: %d weights are not in the folder and start random (e.g. %s): is its weights file "
                     "complete?", key, source, len(missing), missing[:3])  # fmt: skip

@@ -175,12 +175,19 @@ def _unpack_dataset(
 
 
 def _batches(streams: Sequence[Iterable[Any] | None], size: int) -> Iterator[list[list[Any] | None]]:
-    """Zip the streams (None ones stay None) into lists of `size`, checking they have equal length."""
+    """Zip the (texts, images, ids) streams (None ones stay None) into lists of `size`, checking they have equal
+    length (streams have no len(): said where one ends)."""
+    names = [n for n, s in zip(("texts", "images", "ids"), streams, strict=True) if s is not None]
     live = [iter(s) for s in streams if s is not None]
     rows = itertools.zip_longest(*live, fillvalue=_MISSING)
+    done = 0
     while chunk := list(itertools.islice(rows, size)):
-        if any(v is _MISSING for row in chunk for v in row):
-            raise ValueError("texts, images and ids have different lengths")
+        short = next((k for k, row in enumerate(chunk) if _MISSING in row), None)
+        if short is not None:
+            ended = [n for n, v in zip(names, chunk[short], strict=True) if v is _MISSING]
+            raise ValueError(f"{' and '.join(ended)} ended after {done + short} items, "
+                             f"{' and '.join(n for n in names if n not in ended)} go on: give one of each per pair")  # fmt: skip
+        done += len(chunk)
         columns = iter(list(c) for c in zip(*chunk))
         yield [next(columns) if s is not None else None for s in streams]
 

@@ -280,6 +280,8 @@ def test_shards_follow_embeds_rules_for_caption_only_rows_ids_and_empty_input(
         shards(model, twice, tmp_path / "twice")
     with pytest.raises(ValueError, match=r"duplicate id 'x' \(rows 0 and 1 of the input\)"):
         embed(model, ["a", "b"], ids=["x", "x"])
+    with pytest.raises(ValueError, match=r"^images ended after 2 items, texts go on"):  # streams: said where
+        embed(model, iter(["a", "b", "c"]), iter([data[0].image, data[1].image]), batch_size=2)
     shards(model, [], tmp_path / "empty", modality="joint")
     ids, vectors = read_embeddings(tmp_path / "empty")
     assert ids == [] and vectors.shape == (0, model.config.fusion.dim)

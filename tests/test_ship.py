@@ -48,3 +48,39 @@ def test_an_older_processor_config_lacking_a_key_still_loads(saved: Path, tmp_pa
     _edit(folder, "processor_config.json", lambda p: (p.pop("text_normalize"), p["image_preprocess"].pop("crop_offset")))
     FusionModel.from_pretrained(folder)
     assert FusionProcessor.from_pretrained(folder).max_length == 64
+
+
+def test_export_json_says_how_to_read_each_output_and_preprocess_without_fusionkit(tmp_path: Path) -> None:
+    """Following export.json's fields with PIL, numpy and tokenizers alone gives the processor's exact inputs."""
+    pytest.importorskip("onnxscript")
+    import numpy as np
+    from PIL import Image
+    from tokenizers import Tokenizer
+
+    from fusionkit.export import export_onnx
+
+    tasks = [{"name": "mood", "num_classes": 2, "class_names": ["a", "b"]},
+             {"name": "tags", "type": "multilabel", "num_classes": 2, "class_names": ["x", "y"]},
+             {"name": "score", "type": "regression"}]  # fmt: skip
+    model = create_model("tiny", tasks=tasks).eval()
+    export_onnx(model, tmp_path / "onnx", parts=["model"], check=False)
+    saved = json.loads((tmp_path / "onnx" / "export.json").read_text())
+    reads = {name: task["reads"] for name, task in saved["tasks"].items()}
+    assert "softmax over class_names" in reads["mood"] and "sigmoid" in reads["tags"] and "threshold" in reads["tags"]
+    assert "de-standardized" in reads["score"]
+
+    image, text = saved["preprocess"]["image"], saved["preprocess"]["text"]
+    im = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 80, 3), dtype=np.uint8))
+    (h, w), short = image["size"], int(image["size"][0] / image["crop_pct"])  # a square size: "center" mode
+    resized = im.resize((int(short * 80 / 50), short), getattr(Image.Resampling, image["interpolation"].upper()))
+    offset = (lambda margin: round(margin / 2)) if image["crop_offset"] == "round" else (lambda margin: margin // 2)
+    top, left = offset(short - h), offset(resized.width - w)
+    crop = np.asarray(resized.crop((left, top, left + w, top + h)), dtype=np.float32) / 255
+    pixels = ((crop - image["mean"]) / image["std"]).transpose(2, 0, 1)
+    processor = FusionProcessor.from_pretrained(tmp_path / "onnx")
+    np.testing.assert_allclose(processor(images=[im])["pixel_values"][0].numpy(), pixels, atol=1e-5)
+
+    assert "tokenizer.json" in text["tokenizer_files"] and text["max_length"] == model.config.text.max_length
+    tokenizer = Tokenizer.from_file(str(tmp_path / "onnx" / "tokenizer.json"))
+    caption = " ".join(["word"] * 200)
+    assert tokenizer.encode(caption).ids == processor(texts=[caption])["input_ids"][0].tolist()

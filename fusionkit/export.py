@@ -29,13 +29,17 @@ import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from .config import to_dict
 from .models import FusionModel
+
+if TYPE_CHECKING:
+    from .processor import FusionProcessor
 
 log = logging.getLogger("fusionkit.export")
 
@@ -46,6 +50,14 @@ _TEXT_INPUTS = ("input_ids", "attention_mask")
 # ~0.97 for MiniLM-L6 + DINOv2-S vectors on real photos (benchmarks/results/inference.md).
 FP32_ATOL = 1e-4
 INT8_MIN_COSINE = 0.98
+# How to read a task type's `logits_<task>` output, written into export.json for serving without fusionkit
+# (the PyTorch model's `predict` reads them so); a plugin's task type not listed is said to be its raw output.
+OUTPUT_READS = {
+    "classification": "logits: softmax over class_names (in that order); the predicted class is the most probable",
+    "multilabel": "logits: sigmoid per tag (class_names order); a tag is predicted where its probability > threshold "
+                  "(one number for every tag, or one per tag in class_names order)",
+    "regression": "values on the target scale (already de-standardized): use them as they are, one column per target",
+}
 
 
 def missing_export_packages() -> list[str]:
@@ -245,7 +257,8 @@ def export_onnx(
     check: bool = True,
 ) -> dict[str, Any]:
     """Export `parts` to `output_dir/<part>.onnx` (+ `<part>.int8.onnx`), save the processor beside them,
-    check parity against PyTorch and write `export.json` (files, inputs, outputs, measured parity).
+    check parity against PyTorch and write `export.json` (files, inputs, outputs, measured parity, how to read
+    each task's output and the preprocessing steps: what serving without fusionkit needs).
 
     Raises if an fp32 graph differs from PyTorch by more than `FP32_ATOL` (relative for outputs beyond
     magnitude 1): a broken export fails here, not in production, and leaves no folder behind (the graphs
@@ -300,11 +313,50 @@ def _export_into(
     outputs = {o for entry in report["parts"].values() for kind in entry.values() for o in kind["outputs"]}
     # a multilabel task's threshold(s) too: a tag is predicted where sigmoid(logit) > threshold, not 0.5 always
     report["tasks"] = {name: {"type": task.type, "output": f"logits_{name}", "class_names": task.class_names,
-                              **({"threshold": task.cfg.params.get("threshold", 0.5)} if task.type == "multilabel" else {})}
+                              **({"threshold": task.cfg.params.get("threshold", 0.5)} if task.type == "multilabel" else {}),
+                              "reads": OUTPUT_READS.get(task.type, f"the {task.type} task's raw output")}
                        for name, task in model.tasks.items() if f"logits_{name}" in outputs}  # fmt: skip
-    FusionProcessor.from_model(model).save_pretrained(out)
+    processor = FusionProcessor.from_model(model)
+    processor.save_pretrained(out)
+    report["preprocess"] = serving_recipe(processor, out)
     (out / "export.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     return report
+
+
+def serving_recipe(processor: FusionProcessor, folder: Path) -> dict[str, Any]:
+    """export.json's "preprocess": the processor's steps in words and fields, so the graphs serve without fusionkit
+    (the processor computes exactly these; `processor_config.json` holds the same fields)."""
+    from .data.image import _scaled_side
+    from .models.encoders import TOKENIZER_FILES
+
+    p = processor.image_preprocess
+    h, w = p.size
+    sh, sw = _scaled_side(h, p.crop_pct), _scaled_side(w, p.crop_pct)
+    if p.crop_mode == "squash":
+        resize = f"resize to {sh} x {sw} (height x width: floor(size / crop_pct) each, the aspect ratio not kept)"
+    elif sh == sw:
+        resize = f"resize the shorter side to {sh} (floor({h} / crop_pct)), the longer to int({sh} * long / short)"
+    else:
+        resize = f"resize keeping the aspect ratio to cover {sh} x {sw} (floor(size / crop_pct)), each side rounded"
+    offset = "(resized - size) // 2" if p.crop_offset == "floor" else "round((resized - size) / 2), a half to even"
+    image = {**to_dict(p), "steps": [
+        "decode, apply the EXIF orientation, convert to RGB (transparency composited on white)",
+        f"{resize}, with PIL's {p.interpolation} resampling in one pass",
+        f"center-crop to {h} x {w} (height x width), the top and left offsets {offset}",
+        "scale to [0, 1] (divide by 255), then per channel subtract mean and divide by std",
+        f"pixel_values: float32 [batch, 3, {h}, {w}], RGB",
+    ]}  # fmt: skip
+    files = [n for n in (*TOKENIZER_FILES, "tokenizer_config.json", "special_tokens_map.json") if (folder / n).is_file()]
+    text = {"tokenizer_files": files, "max_length": processor.max_length,
+            "normalize": getattr(processor.tokenizer, "fusionkit_normalize", "none"), "steps": [
+        "strip the caption's leading and trailing whitespace (a blank caption, or one spelled like a missing value "
+        "such as 'nan', is a missing one: those rows need the PyTorch model)",
+        f"tokenize with {'tokenizer.json' if 'tokenizer.json' in files else 'transformers.AutoTokenizer'} (its "
+        f"normalizer holds `normalize`), truncated at max_length "
+        f"{processor.max_length} tokens, padded to the batch's longest",
+        "input_ids and attention_mask: int64 [batch, sequence]",
+    ]}  # fmt: skip
+    return {"text": text, "image": image}
 
 
 def _check(part: str, kind: str, result: Mapping[str, Any]) -> None:

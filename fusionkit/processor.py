@@ -32,7 +32,7 @@ from .data.collate import ImageTransform
 from .data.dataset import clean_text, missing_caption, missing_value
 from .data.image import ImageSource, preprocess_image
 from .models.fusion_model import CONFIG_NAME as MODEL_CONFIG_NAME
-from .models.fusion_model import PROCESSOR_NAME
+from .models.fusion_model import PROCESSOR_NAME, check_processor_agrees
 
 if TYPE_CHECKING:
     from .models import FusionModel
@@ -91,6 +91,7 @@ class FusionProcessor:
 
         hub_kwargs.pop("trust_remote_code", None)  # passed by AutoProcessor; no remote code is ever run
         directory = resolve_pretrained_dir(name_or_path, **hub_kwargs)
+        check_processor_agrees(directory)  # a model folder's config.json edited by hand: refused, as the model is
         if (directory / PROCESSOR_NAME).is_file():
             cfg = _read_json(directory / PROCESSOR_NAME)
             _require(cfg, ("max_length", "image_preprocess"), directory / PROCESSOR_NAME)

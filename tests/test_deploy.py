@@ -128,6 +128,9 @@ def test_loading_takes_cli_dtype_names_warns_of_a_newer_fusionkit_and_checks_a_h
     assert caplog.text.count("written by fusionkit 99.0, this is") == 1  # once per folder
     meta["image_preprocess"]["size"] = [37, 37]
     (folder / "config.json").write_text(json.dumps(meta))
+    processor = json.loads((folder / "processor_config.json").read_text())  # edited alike: else the two disagree
+    processor["image_preprocess"]["size"] = [37, 37]
+    (folder / "processor_config.json").write_text(json.dumps(processor))
     with pytest.raises(ConfigError, match=r"m/config.json: image_preprocess.size \[37, 37\] is not an image size"):
         FusionModel.from_pretrained(folder)
 

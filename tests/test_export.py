@@ -11,7 +11,7 @@ import torch
 
 from fusionkit import FusionProcessor, create_model, embed, make_synthetic
 from fusionkit.cli import main
-from fusionkit.export import FP32_ATOL, INT8_MIN_COSINE, PARTS, quantize_dynamic
+from fusionkit.export import FP32_ATOL, INT8_MIN_COSINE, OUTPUT_READS, PARTS, quantize_dynamic
 
 # Tolerances asserted here (the export itself refuses graphs outside FP32_ATOL / INT8_MIN_COSINE):
 # fp32 ONNX vs PyTorch: max |diff| <= 1e-4 on logits and normalized vectors (measured ~3e-7);
@@ -72,7 +72,8 @@ def test_onnx_model_graph_matches_pytorch(model, batch, tmp_path: Path) -> None:
     assert saved["parts"]["model"]["fp32"]["file"] == "model.onnx"
     # the logits' columns are named: label strings in the model's order, no run dir needed
     assert saved["tasks"]["sentiment"] == {"type": "classification", "output": "logits_sentiment",
-                                           "class_names": model.tasks["sentiment"].class_names}  # fmt: skip
+                                           "class_names": model.tasks["sentiment"].class_names,
+                                           "reads": OUTPUT_READS["classification"]}  # fmt: skip
     assert saved["tasks"]["sentiment"]["class_names"]
     assert (tmp_path / "processor_config.json").is_file()  # the folder serves on its own
     _onnx_vs_torch(model, batch, tmp_path, ["model"])

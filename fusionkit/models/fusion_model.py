@@ -724,6 +724,7 @@ class FusionModel(nn.Module):
             raise TypeError(f"dtype must be a floating torch dtype (torch.bfloat16, 'bfloat16' or 'bf16'), 'auto' or "
                             f"None, got {dtype!r}")
         directory, meta, config = cls._saved_config(directory)
+        check_processor_agrees(directory)
         if not (directory / "text_encoder").is_dir():  # transformers would read the path as a hub id
             raise FileNotFoundError(f"{directory} has no text_encoder/ folder (the text encoder's config and "
                                     "tokenizer): copy the whole model folder")  # fmt: skip
@@ -1144,6 +1145,46 @@ def _is_model_config(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(meta, dict) and "model" in meta and "run" not in meta
+
+
+# what a model folder's config.json and processor_config.json both hold: (config.json key, processor_config.json key)
+SHARED_WITH_PROCESSOR = (("model.text.max_length", "max_length"), ("model.text.normalize", "text_normalize"),
+                         ("image_preprocess", "image_preprocess"))  # fmt: skip
+
+
+def check_processor_agrees(directory: Path) -> None:
+    """Refuse a model folder whose config.json and processor_config.json disagree (one edited by hand): the model
+    and its processor (`AutoProcessor` too) would load with another max_length, image size or mean/std, and the
+    model would see inputs unlike its training's. A key one file lacks (an older save) is no disagreement."""
+    model_path, processor_path = directory / CONFIG_NAME, directory / PROCESSOR_NAME
+    if not (_is_model_config(model_path) and _is_processor_config(processor_path)):
+        return
+    meta, processor = json.loads(model_path.read_text()), json.loads(processor_path.read_text())
+    differ = [f"{model_key}{sub} = {a!r} in {CONFIG_NAME}, {processor_key}{sub} = {b!r} in {PROCESSOR_NAME}"
+              for model_key, processor_key in SHARED_WITH_PROCESSOR
+              for sub, a, b in _differences(_lookup(meta, model_key), processor.get(processor_key))]  # fmt: skip
+    if differ:
+        raise ConfigError(f"{model_path} and {processor_path} disagree: {'; '.join(differ)}. The model and its "
+                          "processor would read inputs differently (a file edited by hand?): put back the value the "
+                          "model was saved with; to change it, load the model, set it there (model.config.text, "
+                          "model.image_encoder.preprocess) and save it again with save_pretrained, which writes both "
+                          "files and the tokenizer's")  # fmt: skip
+
+
+def _lookup(data: Any, dotted: str) -> Any:
+    """`data["a"]["b"]` for "a.b"; None where a level is missing."""
+    for key in dotted.split("."):
+        data = data.get(key) if isinstance(data, dict) else None
+    return data
+
+
+def _differences(a: Any, b: Any, where: str = "") -> list[tuple[str, Any, Any]]:
+    """(".key" path, a's value, b's value) where both hold a value and they differ; dicts compared key by key."""
+    if a is None or b is None:
+        return []
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in a if k in b for d in _differences(a[k], b[k], f"{where}.{k}")]
+    return [] if a == b else [(where, a, b)]
 
 
 _WARNED_NO_BEST: set[Path] = set()

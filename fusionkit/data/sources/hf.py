@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,29 @@ def _class_names(feature: Any) -> list[str] | None:
 
 
 def _decode_class(value: Any, names: list[str]) -> Any:
-    """ClassLabel ints -> their names; -1 (HF's "no label") -> None; lists element-wise."""
+    """ClassLabel ints -> their names; -1 (HF's "no label") -> None; lists (or arrays) element-wise."""
+    if hasattr(value, "tolist") and not isinstance(value, str | bytes):  # a numpy array or int (Parquet via pandas)
+        value = value.tolist()
     if isinstance(value, list):
         return [_decode_class(v, names) for v in value]
     if isinstance(value, int) and not isinstance(value, bool):
         return names[value] if 0 <= value < len(names) else None
     return value
+
+
+def class_label_names(features: Mapping[str, Any], columns: Iterable[str]) -> dict[str, list[str]]:
+    """The declared names of the `ClassLabel` columns (or lists of them) among `columns`: their ints are
+    read as these names, in this order, -1 as missing. One rule for an HF dataset and for the Parquet file
+    `Dataset.to_parquet` wrote (its schema keeps the features), so both train the same classes."""
+    return {c: names for c in columns if c in features and (names := _class_names(features[c])) is not None}
+
+
+def decode_class_labels(row: dict[str, Any], names_of: Mapping[str, list[str]]) -> dict[str, Any]:
+    """`row` with its `ClassLabel` cells (see `class_label_names`) replaced by their names, in place."""
+    for c, names in names_of.items():
+        if c in row:
+            row[c] = _decode_class(row[c], names)
+    return row
 
 
 @register_source("hf", _is_hf)
@@ -74,13 +92,11 @@ def from_hf(dataset_or_path: Any, **options: Any) -> MultimodalDataset:
         # a split (or the whole set, `--image-column ''`) may lack the image column: `require_sides` allowed it
         if isinstance(part.features.get(opts.image_column), hf.Image):
             part = part.cast_column(opts.image_column, hf.Image(decode=False))
-        names_of = {c: _class_names(part.features[c]) for c in label_columns if c in part.features}
+        names_of = class_label_names(part.features, label_columns)
         for c, names in names_of.items():
             declared[c] = declared[c] or names
         for i, row in enumerate(part):
-            for c, names in names_of.items():
-                if names is not None:
-                    row[c] = _decode_class(row[c], names)
+            decode_class_labels(row, names_of)
             where = f"{name}/{split}[{i}]" if split else f"{name}[{i}]"
             ex = rr.example(row, where=where, row_number=n, label_columns=label_columns)
             n += 1

@@ -13,6 +13,7 @@ from typing import Any
 
 from fusionkit.data.dataset import MultimodalDataset
 from fusionkit.data.errors import DataError
+from fusionkit.data.sources.hf import class_label_names, decode_class_labels
 from fusionkit.data.sources.registry import register_source
 from fusionkit.data.sources.rows import ReadOptions, RowReader, require_sides, row_id
 
@@ -216,14 +217,18 @@ def _read_rows(
     rr: RowReader,
     name: str,
     source: str,
+    declared: Mapping[str, list[str]] | None = None,
 ) -> MultimodalDataset:
     """Shared by every table: check the columns, turn each row into an Example, finish.
 
-    No columns at all (JSONL lines that are all errors) means nothing to check; no rows is an error."""
+    `declared`: class names per column, in order (a Parquet file's `ClassLabel` columns, whose int cells are
+    read as these names). No columns at all (JSONL lines that are all errors) means nothing to check; no rows
+    is an error."""
     label_columns: list[str] = []
     if columns:
         require_sides(opts, columns, source)
         label_columns = opts.label_columns_of(columns, source)
+    names_of = {c: declared[c] for c in label_columns if c in (declared or {})}
     examples, total = [], 0
     for where, n, row in rows:
         total += 1
@@ -232,6 +237,8 @@ def _read_rows(
             if rr.wanted(row_id(cells.get(opts.id_column), n) if opts.id_column else str(n)):  # not another split's
                 rr.skips(row)
             continue
+        if names_of:
+            row = decode_class_labels(dict(row), names_of)
         ex = rr.example(row, where=where, row_number=n, label_columns=label_columns)
         if ex is not None:
             examples.append(ex)
@@ -240,7 +247,26 @@ def _read_rows(
                         source=source, hint="name the file that holds the data: a header line, then one row per "
                         "image-caption pair")  # fmt: skip
     examples, report = rr.finish(examples, total)
-    return MultimodalDataset(examples, {c: [] for c in label_columns}, name=name, skip_report=report)
+    return MultimodalDataset(examples, {c: names_of.get(c, []) for c in label_columns}, name=name,
+                             skip_report=report)  # fmt: skip
+
+
+def _parquet_class_names(path: Path, columns: Sequence[str]) -> dict[str, list[str]]:
+    """The `ClassLabel` columns of a Parquet file written by `datasets` (`Dataset.to_parquet`): their names
+    are in the schema's "huggingface" metadata, and without them -1 (missing) would train as a class."""
+    import datasets as hf
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(path)
+    if b"huggingface" not in (schema.metadata or {}):
+        return {}
+    try:
+        features = hf.Features.from_arrow_schema(schema)
+    except Exception as e:  # metadata edited by hand, or from a newer `datasets`: its labels are then read raw
+        log.warning("%s: its Hugging Face features metadata cannot be read (%s: %s): ClassLabel columns are read "
+                    "as their raw ints", path, type(e).__name__, e)  # fmt: skip
+        return {}
+    return class_label_names(features, columns)
 
 
 def _is_dataframe(obj: Any) -> bool:
@@ -259,7 +285,8 @@ def read_table(source: str | Path | Any, **options: Any) -> MultimodalDataset:
     Options: see `ReadOptions`. Image paths are relative to the file's folder (a DataFrame: to
     `image_root`, default the working directory); an image cell may also hold bytes, a PIL image or
     an HF `{"bytes", "path"}` dict. Labels are kept raw: CSV cells as stripped strings, JSON/Parquet/
-    DataFrame values as given; an empty, None or NaN cell is a missing label.
+    DataFrame values as given; an empty, None or NaN cell is a missing label. A Parquet file written by
+    `datasets` (`Dataset.to_parquet`) keeps its `ClassLabel` columns: read as `from_hf` reads them.
     Locations in errors: `file:line` (CSV: the physical lines of the record), `name[row]` (0-based)
     for Parquet and DataFrames. A missing id becomes the record's number, counted from 0 in every format (so
 one split file names the same rows of a CSV and of its Parquet copy).
@@ -278,6 +305,7 @@ one split file names the same rows of a CSV and of its Parquet copy).
             f"{path}: unsupported table format {path.suffix!r}; use one of {sorted(TABLE_SUFFIXES)}"
         )
     rr = RowReader(opts, f"read_table({path})", image_root=path.parent)
+    declared: dict[str, list[str]] = {}
     if fmt == "parquet":
         import pandas as pd
 
@@ -286,6 +314,7 @@ one split file names the same rows of a CSV and of its Parquet copy).
         except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
             raise DataError(f"not a readable Parquet file ({e})", source=str(path)) from None
         columns, rows = _frame_rows(frame, str(path))
+        declared = _parquet_class_names(path, columns)
     else:
         raw = path.read_bytes()
         head = raw[:4096]  # a byte-order mark, or NUL every other byte (UTF-16 ASCII): Excel's "Unicode text";
@@ -299,4 +328,4 @@ one split file names the same rows of a CSV and of its Parquet copy).
             columns, rows = _jsonl_rows(path, text)
         else:
             columns, rows = _csv_rows(path, text, "\t" if fmt == "tsv" else ",", (opts.text_column, opts.image_column))
-    return _read_rows(columns, rows, opts, rr, path.stem, str(path))
+    return _read_rows(columns, rows, opts, rr, path.stem, str(path), declared)

@@ -1,0 +1,45 @@
+"""Hugging Face shaped inputs: `ClassLabel`s in a Parquet file, a `DatasetDict`'s split names, HF image dicts,
+and a DataFrame's own index and categories."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from fusionkit.data import load_dataset
+
+hf = pytest.importorskip("datasets")
+pd = pytest.importorskip("pandas")
+
+NAMES = ["zebra", "apple", "mango"]  # not sorted: the declared order is the class order
+TAGS = ["sun", "beach", "cat"]
+
+
+def _png(colour: str = "red") -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _dataset(n: int = 12) -> hf.Dataset:
+    features = hf.Features(caption=hf.Value("string"), photo=hf.Image(), mood=hf.ClassLabel(names=NAMES),
+                           tags=hf.Sequence(hf.ClassLabel(names=TAGS)))  # fmt: skip
+    rows = [{"caption": f"caption {i}", "photo": {"bytes": _png(), "path": None}, "mood": i % 3 if i % 4 else -1,
+             "tags": [t for t in range(3) if (i >> t) & 1]} for i in range(n)]  # fmt: skip
+    return hf.Dataset.from_list(rows, features=features)
+
+
+def test_a_parquet_file_from_datasets_keeps_its_classlabel_names(tmp_path: Path) -> None:
+    """`Dataset.to_parquet` writes ClassLabel ints; their names are in the schema's metadata. Read raw, -1 (no
+    label) trained as a class and the classes came out '-1', '0', '1', '2'."""
+    ds = _dataset()
+    ds.to_parquet(tmp_path / "ds.parquet")
+    read = {"text_column": "caption", "image_column": "photo"}
+    from_file, from_hf = load_dataset(tmp_path / "ds.parquet", **read), load_dataset(ds, **read)
+    assert from_file.label_names == from_hf.label_names == {"mood": NAMES, "tags": TAGS}
+    assert [ex.labels for ex in from_file] == [ex.labels for ex in from_hf]
+    assert [ex.labels["mood"] for ex in from_file][:4] == [None, "apple", "mango", "zebra"]
+    assert from_file[3].labels["tags"] == ["sun", "beach"]

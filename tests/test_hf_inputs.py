@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from fusionkit.data import load_dataset
+from fusionkit.data.errors import DataError
 
 hf = pytest.importorskip("datasets")
 pd = pytest.importorskip("pandas")
@@ -43,3 +44,19 @@ def test_a_parquet_file_from_datasets_keeps_its_classlabel_names(tmp_path: Path)
     assert [ex.labels for ex in from_file] == [ex.labels for ex in from_hf]
     assert [ex.labels["mood"] for ex in from_file][:4] == [None, "apple", "mango", "zebra"]
     assert from_file[3].labels["tags"] == ["sun", "beach"]
+
+
+@pytest.mark.parametrize("extra", ["unsupervised", "validation_matched"])
+def test_a_datasetdict_split_of_another_name_is_refused_not_dropped(extra: str) -> None:
+    ds = _dataset()
+    dd = hf.DatasetDict(train=ds.select(range(8)), test=ds.select(range(8, 10)), **{extra: ds.select(range(10, 12))})
+    with pytest.raises(DataError, match=rf"split\(s\) \['{extra}'\] \(2 rows\) are none of those read.*"
+                                        rf"dd\.pop\('{extra}'\)"):  # fmt: skip
+        load_dataset(dd, text_column="caption", image_column="photo")
+
+
+def test_two_datasetdict_splits_that_read_as_one_are_refused() -> None:
+    ds = _dataset()
+    dd = hf.DatasetDict(train=ds.select(range(8)), validation=ds.select(range(8, 10)), dev=ds.select(range(10, 12)))
+    with pytest.raises(DataError, match="its splits 'validation' and 'dev' both read as the val split"):
+        load_dataset(dd, text_column="caption", image_column="photo")

@@ -4,11 +4,13 @@ and a DataFrame's own index and categories."""
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+import fusionkit
 from fusionkit.data import load_dataset
 from fusionkit.data.errors import DataError
 
@@ -60,3 +62,21 @@ def test_two_datasetdict_splits_that_read_as_one_are_refused() -> None:
     dd = hf.DatasetDict(train=ds.select(range(8)), validation=ds.select(range(8, 10)), dev=ds.select(range(10, 12)))
     with pytest.raises(DataError, match="its splits 'validation' and 'dev' both read as the val split"):
         load_dataset(dd, text_column="caption", image_column="photo")
+
+
+def _train_config(tmp_path: Path, name: str) -> dict:
+    return {"data": {"text_column": "caption", "image_column": "photo", "cache_dir": str(tmp_path / "c")},
+            "model": {"tasks": [{"name": "mood"}]}, "optim": {"max_steps": 1, "batch_size": 4},
+            "run": {"output_dir": str(tmp_path / "runs"), "name": name, "progress": False, "plots": False}}  # fmt: skip
+
+
+def test_an_empty_split_of_the_datas_own_splits_is_not_blamed_on_split_ratios(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ds = _dataset()
+    dd = hf.DatasetDict(train=ds.select(range(8)), validation=ds.select(range(8, 12)))  # no test split
+    with caplog.at_level(logging.WARNING, logger="fusionkit"):
+        fusionkit.train(_train_config(tmp_path, "own"), data=dd)
+    assert "the test split is empty (the data's own splits were used, not data.split_ratios: train 8, val 4" in (
+        caplog.text)  # fmt: skip
+    assert "data.split_ratios [0.8" not in caplog.text

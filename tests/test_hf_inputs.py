@@ -80,3 +80,14 @@ def test_an_empty_split_of_the_datas_own_splits_is_not_blamed_on_split_ratios(
     assert "the test split is empty (the data's own splits were used, not data.split_ratios: train 8, val 4" in (
         caplog.text)  # fmt: skip
     assert "data.split_ratios [0.8" not in caplog.text
+
+
+def test_predict_takes_hf_image_dicts(tmp_path: Path) -> None:
+    """`Image(decode=False)` cells, which training from a table takes, are taken by predict too."""
+    (tmp_path / "b.png").write_bytes(_png("blue"))
+    model = fusionkit.create_model("tiny")
+    as_dicts = model.predict(texts=["a", "b"], images=[{"bytes": _png(), "path": None},
+                                                       {"bytes": None, "path": str(tmp_path / "b.png")}])  # fmt: skip
+    assert as_dicts == model.predict(texts=["a", "b"], images=[_png(), str(tmp_path / "b.png")])
+    with pytest.raises(DataError, match="holds neither bytes nor a path"):
+        model.predict(texts=["a"], images=[{"bytes": None, "path": None}])

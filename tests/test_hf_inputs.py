@@ -91,3 +91,17 @@ def test_predict_takes_hf_image_dicts(tmp_path: Path) -> None:
     assert as_dicts == model.predict(texts=["a", "b"], images=[_png(), str(tmp_path / "b.png")])
     with pytest.raises(DataError, match="holds neither bytes nor a path"):
         model.predict(texts=["a"], images=[{"bytes": None, "path": None}])
+
+
+def test_a_dataframe_with_its_own_index_names_rows_by_label(caplog: pytest.LogCaptureFixture) -> None:
+    """After df.sample() or a filter, position 5 is not df.loc[5]: errors and ids name the index label."""
+    df = pd.DataFrame({"text": ["a", "b", None, "d"], "image": [_png()] * 4}, index=[1030, 1000, 1020, 1010])
+    with pytest.raises(DataError, match=r"DataFrame\.loc\[1020\], item 1020: caption is empty"):
+        load_dataset(df)
+    with caplog.at_level(logging.WARNING, logger="fusionkit.data"):
+        assert load_dataset(df, missing_text="skip").ids == ["1030", "1000", "1010"]
+    assert "rows are named by their index label (df.loc[label])" in caplog.text
+    assert load_dataset(df.reset_index(drop=True), missing_text="keep").ids == ["0", "1", "2", "3"]  # as before
+    twice = pd.concat([df, df])  # labels repeat: positions, said
+    assert load_dataset(twice, missing_text="keep").ids == [str(i) for i in range(8)]
+    assert "its index repeats labels (e.g. 1030)" in caplog.text

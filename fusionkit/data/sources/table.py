@@ -28,7 +28,8 @@ TABLE_SUFFIXES = {
     ".pq": "parquet",
 }
 
-Row = tuple[str, int, Mapping[str, Any] | DataError]  # (location, row number, cells or the row's error)
+# (location, row number or a DataFrame's index label, cells or the row's error)
+Row = tuple[str, int | str, Mapping[str, Any] | DataError]
 
 
 def _csv_rows(
@@ -202,12 +203,32 @@ def _jsonl_rows(path: Path, text: str) -> tuple[list[str], list[Row]]:
     return list(columns), rows
 
 
-def _frame_rows(df: Any, name: str) -> tuple[list[str], Iterator[Row]]:
+def _frame_rows(df: Any, name: str, by_label: bool = False) -> tuple[list[str], Iterator[Row]]:
+    """`by_label`: rows are named by their index label (`name.loc[label]`), else by their position."""
     columns = [str(c) for c in df.columns]
     if len(set(columns)) != len(columns):
         raise DataError(f"duplicate column names in {columns}", source=name)
-    records = df.to_dict("records")
-    return columns, ((f"{name}[{n}]", n, {str(k): v for k, v in r.items()}) for n, r in enumerate(records))
+    records = ({str(k): v for k, v in r.items()} for r in df.to_dict("records"))
+    if not by_label:
+        return columns, ((f"{name}[{n}]", n, r) for n, r in enumerate(records))
+    labels = (row_id(label, n) for n, label in enumerate(df.index))  # 1050 (not np.int64(1050)), 'a'
+    return columns, ((f"{name}.loc[{label}]", label, r) for label, r in zip(labels, records))
+
+
+def _labelled_index(df: Any) -> bool:
+    """A DataFrame's rows are named by their index labels when the index is not the default 0..n-1 (a
+    filtered, sampled or re-indexed frame, where `df.loc[5]` is not the 6th row); by position when the labels
+    repeat (`pd.concat` without ignore_index), which is said."""
+    import pandas as pd
+
+    index = df.index
+    if isinstance(index, pd.RangeIndex) and index.start == 0 and index.step == 1:
+        return False
+    if not index.is_unique:
+        log.warning("DataFrame: its index repeats labels (e.g. %r): rows are named by their position (0, 1, ...); "
+                    "df.reset_index() keeps the labels as a column", index[index.duplicated()].tolist()[0])  # fmt: skip
+        return False
+    return True
 
 
 def _read_rows(
@@ -218,6 +239,7 @@ def _read_rows(
     name: str,
     source: str,
     declared: Mapping[str, list[str]] | None = None,
+    row_names: str = "their row number",
 ) -> MultimodalDataset:
     """Shared by every table: check the columns, turn each row into an Example, finish.
 
@@ -226,7 +248,7 @@ def _read_rows(
     is an error."""
     label_columns: list[str] = []
     if columns:
-        require_sides(opts, columns, source)
+        require_sides(opts, columns, source, row_names=row_names)
         label_columns = opts.label_columns_of(columns, source)
     names_of = {c: declared[c] for c in label_columns if c in (declared or {})}
     examples, total = [], 0
@@ -289,13 +311,16 @@ def read_table(source: str | Path | Any, **options: Any) -> MultimodalDataset:
     `datasets` (`Dataset.to_parquet`) keeps its `ClassLabel` columns: read as `from_hf` reads them.
     Locations in errors: `file:line` (CSV: the physical lines of the record), `name[row]` (0-based)
     for Parquet and DataFrames. A missing id becomes the record's number, counted from 0 in every format (so
-one split file names the same rows of a CSV and of its Parquet copy).
+    one split file names the same rows of a CSV and of its Parquet copy); a DataFrame whose index is not the
+    default 0..n-1 names its rows by their index label instead (`DataFrame.loc[label]`, id `label`).
     """
     opts = ReadOptions.from_kwargs(options)
     if _is_dataframe(source):
         rr = RowReader(opts, "read_table(DataFrame)")
-        columns, rows = _frame_rows(source, "DataFrame")
-        return _read_rows(columns, rows, opts, rr, "dataframe", "DataFrame")
+        by_label = _labelled_index(source)
+        columns, rows = _frame_rows(source, "DataFrame", by_label)
+        return _read_rows(columns, rows, opts, rr, "dataframe", "DataFrame",
+                          row_names="their index label (df.loc[label])" if by_label else "their row number")  # fmt: skip
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"table {path} does not exist")

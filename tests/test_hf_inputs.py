@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import fusionkit
+from fusionkit.config import TaskConfig
 from fusionkit.data import load_dataset
 from fusionkit.data.errors import DataError
 
@@ -105,3 +106,19 @@ def test_a_dataframe_with_its_own_index_names_rows_by_label(caplog: pytest.LogCa
     twice = pd.concat([df, df])  # labels repeat: positions, said
     assert load_dataset(twice, missing_text="keep").ids == [str(i) for i in range(8)]
     assert "its index repeats labels (e.g. 1030)" in caplog.text
+
+
+@pytest.mark.parametrize("via", ["frame", "parquet"])
+def test_a_categorical_label_column_declares_its_classes_in_order(via: str, tmp_path: Path) -> None:
+    moods = pd.Categorical(["apple", "zebra", None], categories=["zebra", "apple", "mango", "kiwi"])
+    levels = pd.Categorical([3, 1, 3], categories=[3, 1, 2])  # int categories: read as they are, not as positions
+    df = pd.DataFrame({"text": ["a", "b", "c"], "image": [_png()] * 3, "mood": moods, "level": levels})
+    if via == "parquet":
+        df.to_parquet(tmp_path / "df.parquet")  # pandas keeps the categories in the file
+    ds = load_dataset(df if via == "frame" else tmp_path / "df.parquet")
+    levels_declared = ["3", "1", "2"] if via == "frame" else []  # pyarrow reads back only string categories
+    assert ds.label_names == {"mood": ["zebra", "apple", "mango", "kiwi"], "level": levels_declared}
+    assert [ex.labels for ex in ds] == [{"mood": "apple", "level": 3}, {"mood": "zebra", "level": 1},
+                                        {"mood": None, "level": 3}]  # fmt: skip
+    _, (task,) = fusionkit.tasks.bind_labels(ds, [TaskConfig(name="mood")])
+    assert task.class_names == ["zebra", "apple", "mango", "kiwi"]  # not sorted, "kiwi" (no rows) kept

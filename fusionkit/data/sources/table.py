@@ -215,6 +215,15 @@ def _frame_rows(df: Any, name: str, by_label: bool = False) -> tuple[list[str], 
     return columns, ((f"{name}.loc[{label}]", label, r) for label, r in zip(labels, records))
 
 
+def _category_names(df: Any) -> dict[str, list[str]]:
+    """A Categorical column's categories, in their declared order, unused ones included: its class order,
+    as a `ClassLabel`'s names are (not the sorted values seen)."""
+    import pandas as pd
+
+    return {str(c): [str(v) for v in df[c].cat.categories] for c in df.columns
+            if isinstance(df[c].dtype, pd.CategoricalDtype)}  # fmt: skip
+
+
 def _labelled_index(df: Any) -> bool:
     """A DataFrame's rows are named by their index labels when the index is not the default 0..n-1 (a
     filtered, sampled or re-indexed frame, where `df.loc[5]` is not the 6th row); by position when the labels
@@ -239,18 +248,20 @@ def _read_rows(
     name: str,
     source: str,
     declared: Mapping[str, list[str]] | None = None,
+    class_labels: Mapping[str, list[str]] | None = None,
     row_names: str = "their row number",
 ) -> MultimodalDataset:
     """Shared by every table: check the columns, turn each row into an Example, finish.
 
-    `declared`: class names per column, in order (a Parquet file's `ClassLabel` columns, whose int cells are
-    read as these names). No columns at all (JSONL lines that are all errors) means nothing to check; no rows
-    is an error."""
+    `declared`: class names per column, in order (a Categorical's categories); `class_labels`: those of a
+    Parquet file's `ClassLabel` columns, whose int cells are read as these names. No columns at all (JSONL
+    lines that are all errors) means nothing to check; no rows is an error."""
     label_columns: list[str] = []
     if columns:
         require_sides(opts, columns, source, row_names=row_names)
         label_columns = opts.label_columns_of(columns, source)
-    names_of = {c: declared[c] for c in label_columns if c in (declared or {})}
+    names_of = {c: class_labels[c] for c in label_columns if c in (class_labels or {})}
+    declared = {**(declared or {}), **names_of}
     examples, total = [], 0
     for where, n, row in rows:
         total += 1
@@ -269,7 +280,7 @@ def _read_rows(
                         source=source, hint="name the file that holds the data: a header line, then one row per "
                         "image-caption pair")  # fmt: skip
     examples, report = rr.finish(examples, total)
-    return MultimodalDataset(examples, {c: names_of.get(c, []) for c in label_columns}, name=name,
+    return MultimodalDataset(examples, {c: declared.get(c, []) for c in label_columns}, name=name,
                              skip_report=report)  # fmt: skip
 
 
@@ -308,7 +319,8 @@ def read_table(source: str | Path | Any, **options: Any) -> MultimodalDataset:
     `image_root`, default the working directory); an image cell may also hold bytes, a PIL image or
     an HF `{"bytes", "path"}` dict. Labels are kept raw: CSV cells as stripped strings, JSON/Parquet/
     DataFrame values as given; an empty, None or NaN cell is a missing label. A Parquet file written by
-    `datasets` (`Dataset.to_parquet`) keeps its `ClassLabel` columns: read as `from_hf` reads them.
+    `datasets` (`Dataset.to_parquet`) keeps its `ClassLabel` columns: read as `from_hf` reads them; a pandas
+    Categorical column declares its categories, in order, as the classes.
     Locations in errors: `file:line` (CSV: the physical lines of the record), `name[row]` (0-based)
     for Parquet and DataFrames. A missing id becomes the record's number, counted from 0 in every format (so
     one split file names the same rows of a CSV and of its Parquet copy); a DataFrame whose index is not the
@@ -319,7 +331,7 @@ def read_table(source: str | Path | Any, **options: Any) -> MultimodalDataset:
         rr = RowReader(opts, "read_table(DataFrame)")
         by_label = _labelled_index(source)
         columns, rows = _frame_rows(source, "DataFrame", by_label)
-        return _read_rows(columns, rows, opts, rr, "dataframe", "DataFrame",
+        return _read_rows(columns, rows, opts, rr, "dataframe", "DataFrame", _category_names(source),
                           row_names="their index label (df.loc[label])" if by_label else "their row number")  # fmt: skip
     path = Path(source)
     if not path.is_file():
@@ -331,6 +343,7 @@ def read_table(source: str | Path | Any, **options: Any) -> MultimodalDataset:
         )
     rr = RowReader(opts, f"read_table({path})", image_root=path.parent)
     declared: dict[str, list[str]] = {}
+    class_labels: dict[str, list[str]] = {}
     if fmt == "parquet":
         import pandas as pd
 
@@ -339,7 +352,7 @@ def read_table(source: str | Path | Any, **options: Any) -> MultimodalDataset:
         except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
             raise DataError(f"not a readable Parquet file ({e})", source=str(path)) from None
         columns, rows = _frame_rows(frame, str(path))
-        declared = _parquet_class_names(path, columns)
+        declared, class_labels = _category_names(frame), _parquet_class_names(path, columns)
     else:
         raw = path.read_bytes()
         head = raw[:4096]  # a byte-order mark, or NUL every other byte (UTF-16 ASCII): Excel's "Unicode text";
@@ -353,4 +366,4 @@ def read_table(source: str | Path | Any, **options: Any) -> MultimodalDataset:
             columns, rows = _jsonl_rows(path, text)
         else:
             columns, rows = _csv_rows(path, text, "\t" if fmt == "tsv" else ",", (opts.text_column, opts.image_column))
-    return _read_rows(columns, rows, opts, rr, path.stem, str(path), declared)
+    return _read_rows(columns, rows, opts, rr, path.stem, str(path), declared, class_labels)

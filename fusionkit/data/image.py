@@ -9,6 +9,7 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
@@ -80,6 +81,12 @@ def _open(src: ImageSource) -> Image.Image:
             raise DataError(f"{src.format} images are not decoded", source=_describe(src),
                             hint=f"convert it to one of {', '.join(_formats())}")  # fmt: skip
         return src
+    if isinstance(src, Mapping) and src and set(src) <= {"bytes", "path"}:  # HF Image(decode=False), as tables take it
+        inner = src.get("bytes") if src.get("bytes") is not None else src.get("path")  # (rows.RowReader.image)
+        if inner is None:
+            raise DataError("the image dict holds neither bytes nor a path", source=_describe(src),
+                            hint="pass None for a missing image")  # fmt: skip
+        return _open(inner)
     if isinstance(src, bytes | bytearray | memoryview):
         if not len(src):
             raise DataError("image data is empty (0 bytes)", source=_describe(src))

@@ -560,8 +560,12 @@ class Trainer:
             (self.run_dir / "split.json").write_text(json.dumps(own, indent=1))
         for name, ratio in zip(("val", "test"), cfg.data.split_ratios[1:], strict=True):
             if ratio > 0 and name in parts and len(parts[name]) == 0 and self.is_main:
-                log.warning("the %s split is empty (data.split_ratios %s of %d rows)%s", name,
-                            list(cfg.data.split_ratios), len(ds),
+                # say whose split it is: the ratios are not applied to a split file or to the data's own splits
+                sizes = ", ".join(f"{k} {len(v)}" for k, v in parts.items())
+                whence = (f"data.split_file {split_path}: {sizes}" if cfg.data.split_file else
+                          f"the data's own splits were used, not data.split_ratios: {sizes}" if ds.splits is not None
+                          else f"data.split_ratios {list(cfg.data.split_ratios)} of {len(ds)} rows")  # fmt: skip
+                log.warning("the %s split is empty (%s)%s", name, whence,
                             ": no epoch is selected, the last one is kept" if name == "val" else "")  # fmt: skip
         check_labelled_rows(parts, tasks, self.metric, str(source) if isinstance(source, str | Path) else None)
         if "train" in parts and model is None:

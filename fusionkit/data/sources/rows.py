@@ -119,9 +119,10 @@ class ReadOptions:
         return list(self.label_columns)
 
 
-def require_sides(opts: ReadOptions, columns: Sequence[str], source: str) -> None:
+def require_sides(opts: ReadOptions, columns: Sequence[str], source: str, row_names: str = "their row number") -> None:
     """The caption and image columns must exist, except a side whose rows may lack it (`missing_*: keep`,
-    as prediction reads): a captions-only file is then read as rows without images, and said so."""
+    as prediction reads): a captions-only file is then read as rows without images, and said so.
+    `row_names`: what names the rows without an id column (said in the warning)."""
     if opts.text_column not in columns and opts.image_column not in columns:  # nothing to read a pair from
         raise DataError(
             f"neither the caption column {opts.text_column!r}{_closest(opts.text_column, columns)} nor the image column "
@@ -132,8 +133,8 @@ def require_sides(opts: ReadOptions, columns: Sequence[str], source: str) -> Non
             "(eval, predict, embed: --text-column / --image-column)" + _separator_hint(columns),
         )
     if opts.id_column == DEFAULT_ID_COLUMN and columns and opts.id_column not in columns:
-        log.warning("%s: no column %r: rows are named by their row number (set %s to the column of ids)", source,
-                    DEFAULT_ID_COLUMN, CONFIG_KEYS["id_column"])  # fmt: skip
+        log.warning("%s: no column %r: rows are named by %s (set %s to the column of ids)", source,
+                    DEFAULT_ID_COLUMN, row_names, CONFIG_KEYS["id_column"])  # fmt: skip
     if opts.id_column and opts.id_column != DEFAULT_ID_COLUMN and opts.id_column not in columns:
         raise DataError(  # a named id column that is not there: a typo, not "number the rows"
             f"no column {opts.id_column!r}{_closest(opts.id_column, columns)} ({CONFIG_KEYS['id_column']}); "
@@ -212,7 +213,7 @@ def raw_value(value: Any) -> Any:
     return value
 
 
-def row_id(value: Any, row_number: int) -> str:
+def row_id(value: Any, row_number: int | str) -> str:
     """The id cell as a string; only a missing or empty one becomes the row number (an id 0 stays "0"). A string
     is an id as written, "NaN" included (a user name): only a float NaN or None is a missing id."""
     value = value.strip() or None if isinstance(value, str) else raw_value(value)
@@ -270,7 +271,7 @@ class RowReader:
         row: Mapping[str, Any],
         *,
         where: str,
-        row_number: int,
+        row_number: int | str,
         label_columns: Iterable[str],
         meta: dict[str, Any] | None = None,
         no_text: str = "caption is empty",

@@ -13,6 +13,7 @@ from typing import Any
 
 from fusionkit.data.dataset import MultimodalDataset
 from fusionkit.data.errors import DataError
+from fusionkit.data.sources.hf import class_label_names, decode_class_labels
 from fusionkit.data.sources.registry import register_source
 from fusionkit.data.sources.rows import ReadOptions, RowReader, require_sides, row_id
 
@@ -27,7 +28,8 @@ TABLE_SUFFIXES = {
     ".pq": "parquet",
 }
 
-Row = tuple[str, int, Mapping[str, Any] | DataError]  # (location, row number, cells or the row's error)
+# (location, row number or a DataFrame's index label, cells or the row's error)
+Row = tuple[str, int | str, Mapping[str, Any] | DataError]
 
 
 def _csv_rows(
@@ -201,12 +203,41 @@ def _jsonl_rows(path: Path, text: str) -> tuple[list[str], list[Row]]:
     return list(columns), rows
 
 
-def _frame_rows(df: Any, name: str) -> tuple[list[str], Iterator[Row]]:
+def _frame_rows(df: Any, name: str, by_label: bool = False) -> tuple[list[str], Iterator[Row]]:
+    """`by_label`: rows are named by their index label (`name.loc[label]`), else by their position."""
     columns = [str(c) for c in df.columns]
     if len(set(columns)) != len(columns):
         raise DataError(f"duplicate column names in {columns}", source=name)
-    records = df.to_dict("records")
-    return columns, ((f"{name}[{n}]", n, {str(k): v for k, v in r.items()}) for n, r in enumerate(records))
+    records = ({str(k): v for k, v in r.items()} for r in df.to_dict("records"))
+    if not by_label:
+        return columns, ((f"{name}[{n}]", n, r) for n, r in enumerate(records))
+    labels = (row_id(label, n) for n, label in enumerate(df.index))  # 1050 (not np.int64(1050)), 'a'
+    return columns, ((f"{name}.loc[{label}]", label, r) for label, r in zip(labels, records))
+
+
+def _category_names(df: Any) -> dict[str, list[str]]:
+    """A Categorical column's categories, in their declared order, unused ones included: its class order,
+    as a `ClassLabel`'s names are (not the sorted values seen)."""
+    import pandas as pd
+
+    return {str(c): [str(v) for v in df[c].cat.categories] for c in df.columns
+            if isinstance(df[c].dtype, pd.CategoricalDtype)}  # fmt: skip
+
+
+def _labelled_index(df: Any) -> bool:
+    """A DataFrame's rows are named by their index labels when the index is not the default 0..n-1 (a
+    filtered, sampled or re-indexed frame, where `df.loc[5]` is not the 6th row); by position when the labels
+    repeat (`pd.concat` without ignore_index), which is said."""
+    import pandas as pd
+
+    index = df.index
+    if isinstance(index, pd.RangeIndex) and index.start == 0 and index.step == 1:
+        return False
+    if not index.is_unique:
+        log.warning("DataFrame: its index repeats labels (e.g. %r): rows are named by their position (0, 1, ...); "
+                    "df.reset_index() keeps the labels as a column", index[index.duplicated()].tolist()[0])  # fmt: skip
+        return False
+    return True
 
 
 def _read_rows(
@@ -216,14 +247,21 @@ def _read_rows(
     rr: RowReader,
     name: str,
     source: str,
+    declared: Mapping[str, list[str]] | None = None,
+    class_labels: Mapping[str, list[str]] | None = None,
+    row_names: str = "their row number",
 ) -> MultimodalDataset:
     """Shared by every table: check the columns, turn each row into an Example, finish.
 
-    No columns at all (JSONL lines that are all errors) means nothing to check; no rows is an error."""
+    `declared`: class names per column, in order (a Categorical's categories); `class_labels`: those of a
+    Parquet file's `ClassLabel` columns, whose int cells are read as these names. No columns at all (JSONL
+    lines that are all errors) means nothing to check; no rows is an error."""
     label_columns: list[str] = []
     if columns:
-        require_sides(opts, columns, source)
+        require_sides(opts, columns, source, row_names=row_names)
         label_columns = opts.label_columns_of(columns, source)
+    names_of = {c: class_labels[c] for c in label_columns if c in (class_labels or {})}
+    declared = {**(declared or {}), **names_of}
     examples, total = [], 0
     for where, n, row in rows:
         total += 1
@@ -232,6 +270,8 @@ def _read_rows(
             if rr.wanted(row_id(cells.get(opts.id_column), n) if opts.id_column else str(n)):  # not another split's
                 rr.skips(row)
             continue
+        if names_of:
+            row = decode_class_labels(dict(row), names_of)
         ex = rr.example(row, where=where, row_number=n, label_columns=label_columns)
         if ex is not None:
             examples.append(ex)
@@ -240,7 +280,26 @@ def _read_rows(
                         source=source, hint="name the file that holds the data: a header line, then one row per "
                         "image-caption pair")  # fmt: skip
     examples, report = rr.finish(examples, total)
-    return MultimodalDataset(examples, {c: [] for c in label_columns}, name=name, skip_report=report)
+    return MultimodalDataset(examples, {c: declared.get(c, []) for c in label_columns}, name=name,
+                             skip_report=report)  # fmt: skip
+
+
+def _parquet_class_names(path: Path, columns: Sequence[str]) -> dict[str, list[str]]:
+    """The `ClassLabel` columns of a Parquet file written by `datasets` (`Dataset.to_parquet`): their names
+    are in the schema's "huggingface" metadata, and without them -1 (missing) would train as a class."""
+    import datasets as hf
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(path)
+    if b"huggingface" not in (schema.metadata or {}):
+        return {}
+    try:
+        features = hf.Features.from_arrow_schema(schema)
+    except Exception as e:  # metadata edited by hand, or from a newer `datasets`: its labels are then read raw
+        log.warning("%s: its Hugging Face features metadata cannot be read (%s: %s): ClassLabel columns are read "
+                    "as their raw ints", path, type(e).__name__, e)  # fmt: skip
+        return {}
+    return class_label_names(features, columns)
 
 
 def _is_dataframe(obj: Any) -> bool:
@@ -259,16 +318,21 @@ def read_table(source: str | Path | Any, **options: Any) -> MultimodalDataset:
     Options: see `ReadOptions`. Image paths are relative to the file's folder (a DataFrame: to
     `image_root`, default the working directory); an image cell may also hold bytes, a PIL image or
     an HF `{"bytes", "path"}` dict. Labels are kept raw: CSV cells as stripped strings, JSON/Parquet/
-    DataFrame values as given; an empty, None or NaN cell is a missing label.
+    DataFrame values as given; an empty, None or NaN cell is a missing label. A Parquet file written by
+    `datasets` (`Dataset.to_parquet`) keeps its `ClassLabel` columns: read as `from_hf` reads them; a pandas
+    Categorical column declares its categories, in order, as the classes.
     Locations in errors: `file:line` (CSV: the physical lines of the record), `name[row]` (0-based)
     for Parquet and DataFrames. A missing id becomes the record's number, counted from 0 in every format (so
-one split file names the same rows of a CSV and of its Parquet copy).
+    one split file names the same rows of a CSV and of its Parquet copy); a DataFrame whose index is not the
+    default 0..n-1 names its rows by their index label instead (`DataFrame.loc[label]`, id `label`).
     """
     opts = ReadOptions.from_kwargs(options)
     if _is_dataframe(source):
         rr = RowReader(opts, "read_table(DataFrame)")
-        columns, rows = _frame_rows(source, "DataFrame")
-        return _read_rows(columns, rows, opts, rr, "dataframe", "DataFrame")
+        by_label = _labelled_index(source)
+        columns, rows = _frame_rows(source, "DataFrame", by_label)
+        return _read_rows(columns, rows, opts, rr, "dataframe", "DataFrame", _category_names(source),
+                          row_names="their index label (df.loc[label])" if by_label else "their row number")  # fmt: skip
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"table {path} does not exist")
@@ -278,6 +342,8 @@ one split file names the same rows of a CSV and of its Parquet copy).
             f"{path}: unsupported table format {path.suffix!r}; use one of {sorted(TABLE_SUFFIXES)}"
         )
     rr = RowReader(opts, f"read_table({path})", image_root=path.parent)
+    declared: dict[str, list[str]] = {}
+    class_labels: dict[str, list[str]] = {}
     if fmt == "parquet":
         import pandas as pd
 
@@ -286,6 +352,7 @@ one split file names the same rows of a CSV and of its Parquet copy).
         except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
             raise DataError(f"not a readable Parquet file ({e})", source=str(path)) from None
         columns, rows = _frame_rows(frame, str(path))
+        declared, class_labels = _category_names(frame), _parquet_class_names(path, columns)
     else:
         raw = path.read_bytes()
         head = raw[:4096]  # a byte-order mark, or NUL every other byte (UTF-16 ASCII): Excel's "Unicode text";
@@ -299,4 +366,4 @@ one split file names the same rows of a CSV and of its Parquet copy).
             columns, rows = _jsonl_rows(path, text)
         else:
             columns, rows = _csv_rows(path, text, "\t" if fmt == "tsv" else ",", (opts.text_column, opts.image_column))
-    return _read_rows(columns, rows, opts, rr, path.stem, str(path))
+    return _read_rows(columns, rows, opts, rr, path.stem, str(path), declared, class_labels)

@@ -122,3 +122,24 @@ def test_a_categorical_label_column_declares_its_classes_in_order(via: str, tmp_
                                         {"mood": None, "level": 3}]  # fmt: skip
     _, (task,) = fusionkit.tasks.bind_labels(ds, [TaskConfig(name="mood")])
     assert task.class_names == ["zebra", "apple", "mango", "kiwi"]  # not sorted, "kiwi" (no rows) kept
+
+
+def test_a_classlabel_number_past_its_names_is_an_error_not_a_missing_label(tmp_path: Path) -> None:
+    """-1 is HF's "no label"; 5 of 3 names (a Parquet file another tool rewrote) was read as missing without a word."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fusionkit.config import ConfigError
+    from fusionkit.tasks import bind_labels
+
+    _dataset().to_parquet(tmp_path / "ds.parquet")
+    table = pq.read_table(tmp_path / "ds.parquet")
+    moods = table.column("mood").to_pylist()
+    moods[1] = 5
+    at = table.schema.get_field_index("mood")
+    pq.write_table(table.set_column(at, table.schema.field(at), pa.array(moods, table.schema.field(at).type)),
+                   tmp_path / "edited.parquet")  # fmt: skip
+    ds = load_dataset(tmp_path / "edited.parquet", text_column="caption", image_column="photo")
+    assert ds.label_names["mood"] == NAMES and ds[0].labels["mood"] is None  # the -1 is still missing
+    with pytest.raises(ConfigError, match=r"labels \['5'\] .* are not among the classes \['zebra', 'apple', 'mango'\]"):
+        bind_labels(ds, [TaskConfig("mood")])

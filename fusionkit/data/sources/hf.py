@@ -58,13 +58,17 @@ def _class_names(feature: Any) -> list[str] | None:
 
 
 def _decode_class(value: Any, names: list[str]) -> Any:
-    """ClassLabel ints -> their names; -1 (HF's "no label") -> None; lists (or arrays) element-wise."""
+    """ClassLabel ints -> their names; -1 (HF's "no label") -> None; lists (or arrays) element-wise; another int
+    outside the names stays an int (an error where labels are bound, not a silently missing label)."""
     if hasattr(value, "tolist") and not isinstance(value, str | bytes):  # a numpy array or int (Parquet via pandas)
         value = value.tolist()
     if isinstance(value, list):
         return [_decode_class(v, names) for v in value]
     if isinstance(value, int) and not isinstance(value, bool):
-        return names[value] if 0 <= value < len(names) else None
+        if value == -1:
+            return None
+        # a number past the names is kept as it is: binding then refuses it as a label outside the declared classes
+        return names[value] if 0 <= value < len(names) else value
     return value
 
 

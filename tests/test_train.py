@@ -321,6 +321,38 @@ def test_changing_the_text_side_reuses_the_image_features(tmp_path: Path) -> Non
     assert stores("image") == image and len(stores("text")) == 3
 
 
+def test_an_edited_caption_or_label_reuses_the_image_features(tmp_path: Path) -> None:
+    """The image features depend on the ids and images alone: editing a caption or a label in the file (a new data
+    cache, new text features) must not redo the image pass."""
+    from PIL import Image
+
+    rows = []
+    for i in range(24):
+        Image.new("RGB", (16, 16), (10 * i, 80, 200 - 5 * i)).save(tmp_path / f"p{i}.png")
+        rows.append({"id": f"r{i}", "text": f"caption {i}", "image": f"p{i}.png", "sentiment": "ab"[i % 2]})
+
+    def train(name: str) -> None:
+        with (tmp_path / "d.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        cfg = tiny_config(tmp_path, name, **{"data.dataset": str(tmp_path / "d.csv"), "model.freeze": "encoders",
+                                             "optim.epochs": 1, "model.tasks": [{"name": "sentiment"}]})  # fmt: skip
+        assert Trainer(cfg).fit()["feature_cache"]
+
+    def stores(side: str) -> list[str]:
+        return sorted(p.name for p in (tmp_path / "cache").glob(f"features-*-{side}-*"))
+
+    train("a")
+    image = stores("image")
+    rows[3]["text"], rows[5]["sentiment"] = "an edited caption", "a"
+    train("b")
+    assert stores("image") == image and len(image) == 1 and len(stores("text")) == 2
+    rows[4]["image"] = "p7.png"  # another image in a row: its features are computed again
+    train("c")
+    assert len(stores("image")) == 2
+
+
 def test_resaving_a_step_never_unlinks_last(tmp_path):
     """Saving the same step twice (epoch end after a periodic save) keeps `last` valid at every moment."""
     from fusionkit.models import create_model

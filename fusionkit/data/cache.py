@@ -99,6 +99,8 @@ class CachedDataset(torch.utils.data.Dataset):
         self.task_types: dict[str, str] = meta["task_types"]
         self.image_size: tuple[int, int] = tuple(meta["image_size"])  # type: ignore[assignment]
         self.fingerprint: str = meta["fingerprint"]  # of the dataset it was built from (run dirs record it)
+        # of its ids and images alone (a cache built before it was recorded: the whole fingerprint)
+        self.image_fingerprint: str = meta.get("image_fingerprint", self.fingerprint)
         report = self.path / "skipped.jsonl"
         self.skip_report = report if report.is_file() else None
         self.skipped: list[dict[str, Any]] = meta["skipped"]  # rows left out, with the error of each
@@ -289,6 +291,7 @@ def _build(
         "key": key,
         "dataset": ds.name,
         "fingerprint": ds.fingerprint,
+        "image_fingerprint": ds.image_fingerprint,  # the image features' content key (captions, labels aside)
         "max_length": max_length,
         "image_size": list(preprocess.size),
         "preprocess": dataclasses.asdict(preprocess),

@@ -154,6 +154,7 @@ class MultimodalDataset(Sequence[Example]):
         self.name = name
         self.skip_report = skip_report
         self._fingerprint = fingerprint
+        self._image_fingerprint: str | None = None
         self._index = {ex.id: i for i, ex in enumerate(self.examples)}
         if len(self._index) != len(self.examples):
             dup = next(ex.id for i, ex in enumerate(self.examples) if self._index[ex.id] != i)
@@ -216,13 +217,22 @@ class MultimodalDataset(Sequence[Example]):
         """Content hash: schema, ids, texts, labels and image CONTENT (see `image_digest`), so a file
         replaced under the same name, size and mtime changes it; a moved dataset keeps it."""
         if self._fingerprint is None:
-            h = hashlib.sha256()
+            h, images = hashlib.sha256(), hashlib.sha256()
             h.update(json.dumps([self.label_names, self.task_types], sort_keys=True).encode())
             for ex in self.examples:
                 h.update(json.dumps([ex.id, ex.text, ex.labels], sort_keys=True, default=str).encode())
-                h.update(image_digest(ex.image))
-            self._fingerprint = h.hexdigest()
+                digest = image_digest(ex.image)
+                h.update(digest)
+                images.update(json.dumps(ex.id).encode() + digest)
+            self._fingerprint, self._image_fingerprint = h.hexdigest(), images.hexdigest()
         return self._fingerprint
+
+    @property
+    def image_fingerprint(self) -> str:
+        """Hash of the ids and image CONTENT alone (one pass with `fingerprint`): what image features depend on, so
+        an edited caption or label reuses them."""
+        whole = self.fingerprint  # computes both; a fingerprint given whole (synthetic data) stands for both
+        return self._image_fingerprint or whole
 
     def to_hf(self) -> Any:
         """A `datasets.Dataset` with an `Image` feature; declared class names become `ClassLabel`s.

@@ -237,9 +237,11 @@ def build_features(
     paths = []
     for side in SIDES:
         encoder = side_key(model, side)
-        # the image side depends on the rows' content, not on the tokenizer or max_length that name the data
-        # cache: another text encoder or text normalization reuses the image features (the expensive pass)
-        inputs = data.path.name if side == "text" else f"{data.path.name.rpartition('-')[0]}|{data.fingerprint}"
+        # the image side depends on the rows' ids and images, not on their captions or labels, nor on the tokenizer
+        # or max_length that name the data cache: another text encoder or text normalization, an edited caption or
+        # label reuse the image features (the expensive pass)
+        images = getattr(data, "image_fingerprint", data.fingerprint)
+        inputs = data.path.name if side == "text" else f"{data.path.name.rpartition('-')[0]}|{images}"
         key = hashlib.sha1(f"{encoder}|{inputs}".encode()).hexdigest()[:16]
         name = data.path.name if side == "text" else data.path.name.rpartition("-")[0]
 

@@ -49,6 +49,25 @@ def test_a_checkpoint_safetensors_cannot_write_names_the_folder_and_the_resume(t
     assert not list((tmp_path / "runs" / "full" / "checkpoints").glob(".tmp-*"))
 
 
+def test_a_first_checkpoint_that_cannot_be_written_frees_the_run_name(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """No checkpoint to resume from: the run dir goes, as for any run that fails before its first save, so the same
+    command runs again once there is room (it was left with an empty checkpoints/ that neither resume nor a rerun
+    would take)."""
+    real = safetensors.torch.save_file
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    cfg = {"model.freeze": "encoders", "optim.max_steps": 2, "optim.epochs": 1}  # frozen encoders: their own file too
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError, match=r"no earlier checkpoint exists.*run the same command again"):
+        Trainer(tiny_config(tmp_path, "full", **cfg)).fit()
+    assert not (tmp_path / "runs" / "full").exists()
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    assert Trainer(tiny_config(tmp_path, "full", **cfg)).fit()["run_dir"]  # the same command, with room
+
+
 @pytest.mark.parametrize("output", ["v.npy", "v.parquet", "shards/"])
 def test_embed_onto_a_full_disk_names_the_output_and_keeps_the_old_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                        capsys: pytest.CaptureFixture, output: str) -> None:  # fmt: skip

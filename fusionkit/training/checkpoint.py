@@ -94,8 +94,9 @@ def save_checkpoint(
             getattr(e, "errno", None) or errno.EIO,
             f"could not write the checkpoint for step {step} under {root} ({reason}; {free:,.0f} MiB free there); "
             + (f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists")
-            + ". Free space or choose another run.output_dir, then resume"
-            + (f" (fusionkit train --resume {run.path})." if previous else "."),
+            + ". Free space or choose another run.output_dir, then "
+            + (f"resume (fusionkit train --resume {run.path})." if previous else
+               "run the same command again (a run without a checkpoint is removed: its name is free)."),
         ) from e
     run.set_pointer("last", final)
     if best:

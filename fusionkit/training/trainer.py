@@ -68,7 +68,15 @@ from .metrics import (
 from .optim import build_optimizer, build_scheduler
 from .report import plot_confusion, plot_curves, write_jsonl, write_predictions
 from .rundir import LOCK as RUN_LOCK
-from .rundir import OPERATIONAL_KEYS, RunDir, RunDirError, config_changes, data_changes, data_fingerprint
+from .rundir import (
+    OPERATIONAL_KEYS,
+    RunDir,
+    RunDirError,
+    config_changes,
+    data_changes,
+    data_fingerprint,
+    saved_checkpoints,
+)
 
 log = logging.getLogger("fusionkit.training")
 
@@ -497,7 +505,7 @@ class Trainer:
         if not self.is_main:
             return
         self.run.unlock()
-        if self.resume or self.run.checkpoints.exists():
+        if self.resume or saved_checkpoints(self.run.path):  # a checkpoint to resume from: the run stays
             return
         for name in ("skipped_rows.jsonl", "skipped_labels.jsonl"):  # the log named them: kept, moved out
             report = self.run.file(name)
@@ -506,9 +514,11 @@ class Trainer:
                 kept.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(report, kept)
                 log.warning("the run did not start; its report %s is kept as %s", name, kept)
-        for name in ("split.json", "config.yaml", "config.json", "data_fingerprint.json", RUN_LOCK):  # this run's
-            self.run.file(name).unlink(missing_ok=True)
+        for name in ("split.json", "config.yaml", "config.json", "data_fingerprint.json", ckpt.FROZEN_WEIGHTS, RUN_LOCK):
+            self.run.file(name).unlink(missing_ok=True)  # this run's (the frozen encoders of a failed first save too)
         with contextlib.suppress(OSError):  # anything else in it (the user's): the folder stays
+            self.run.checkpoints.rmdir()  # made by a first save that failed (a full disk), if nothing else is in it
+        with contextlib.suppress(OSError):
             self.run.path.rmdir()
             for made in getattr(self, "_made_dirs", ()):  # innermost first; one that is not empty stays
                 made.rmdir()

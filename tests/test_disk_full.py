@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import safetensors.torch
+import transformers.modeling_utils  # noqa: F401 (binds safetensors' save_file at import: before these tests patch it)
 from safetensors import SafetensorError
 
 from fusionkit.config import ImagePreprocess

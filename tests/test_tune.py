@@ -400,6 +400,23 @@ def test_a_tune_dir_inside_a_run_dir_is_refused_before_anything_is_written(tmp_p
     assert sorted(p.name for p in run.iterdir()) == before  # no study.jsonl / trials.csv written into the run
 
 
+def test_a_tune_dir_inside_a_model_folder_is_refused_before_anything_is_written(tmp_path: Path, capsys) -> None:
+    """An encoder folder, a saved model or an ONNX export holds that model's files only (predict --output refuses
+    them too): the study's files would sit beside its weights."""
+    from fusionkit import create_model
+
+    saved = tmp_path / "saved"
+    create_model("tiny").save_pretrained(saved)
+    export = tmp_path / "onnx"
+    export.mkdir()
+    (export / "export.json").write_text("{}")
+    for out in (saved, saved / "sub", export):
+        before = sorted(p.name for p in out.parent.rglob("*"))
+        assert main(["tune", str(write_config(tmp_path)), "--output-dir", str(out), "--trials", "1"]) == 2
+        assert "is inside the model folder" in capsys.readouterr().err
+        assert sorted(p.name for p in out.parent.rglob("*")) == before
+
+
 def test_a_trial_whose_values_make_an_invalid_config_fails_and_the_search_goes_on(tmp_path: Path, capsys) -> None:
     """Each value is valid alone (the space check passes), but dim 64 with 3 heads is not: that trial fails with
     its error in trials.csv, the others train. Trials that keep drawing invalid configs stop the search."""

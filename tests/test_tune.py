@@ -410,11 +410,12 @@ def test_a_tune_dir_inside_a_model_folder_is_refused_before_anything_is_written(
     export = tmp_path / "onnx"
     export.mkdir()
     (export / "export.json").write_text("{}")
-    for out in (saved, saved / "sub", export):
-        before = sorted(p.name for p in out.parent.rglob("*"))
-        assert main(["tune", str(write_config(tmp_path)), "--output-dir", str(out), "--trials", "1"]) == 2
+    config = write_config(tmp_path)
+    for out, folder in ((saved, saved), (saved / "sub", saved), (export, export)):
+        before = sorted(p.name for p in folder.rglob("*"))
+        assert main(["tune", str(config), "--output-dir", str(out), "--trials", "1"]) == 2
         assert "is inside the model folder" in capsys.readouterr().err
-        assert sorted(p.name for p in out.parent.rglob("*")) == before
+        assert sorted(p.name for p in folder.rglob("*")) == before
 
 
 def test_a_trial_whose_values_make_an_invalid_config_fails_and_the_search_goes_on(tmp_path: Path, capsys) -> None:

@@ -47,3 +47,14 @@ def test_align_without_a_contrastive_task_is_refused_before_training(tmp_path: P
             str(tmp_path / "runs")]  # fmt: skip
     assert main(args) == 2
     assert "lacks: add one" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def test_predict_on_an_alignment_model_says_it_has_nothing_to_predict() -> None:
+    """Its tasks learn no labels: predict gave one empty dict per row without a word; its outputs are vectors."""
+    import pytest
+
+    from fusionkit import create_model
+
+    model = create_model("tiny", tasks=[{"name": "match", "type": "itm"}, {"name": "clip", "type": "contrastive"}])
+    with pytest.raises(ValueError, match=r"learn no labels to predict .*fusionkit.embed"):
+        model.predict(texts=["a red square"], images=[None])

@@ -582,6 +582,9 @@ class FusionModel(nn.Module):
 
         if texts is None and images is None:
             raise ValueError("predict() needs texts, images or both")
+        if not any(t.needs_labels for t in self.tasks.values()):  # every row would be {}: nothing to predict
+            raise ValueError(f"this model's tasks ({', '.join(self.tasks)}) learn no labels to predict (an alignment "
+                             "model): its outputs are vectors, fusionkit.embed(model, texts=..., images=...)")  # fmt: skip
         if isinstance(texts, str) or isinstance(images, str | bytes | Path | Image.Image):
             raise TypeError("predict() takes lists: texts=[caption, ...], images=[image, ...] (one pair: a list of one)")
         if any(type(x).__module__.startswith("pandas") and hasattr(x, "columns") for x in (texts, images)):

@@ -10,6 +10,7 @@ import csv
 import json
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -796,13 +797,20 @@ def test_label_spellings_from_pandas_and_a_declared_class_count_that_the_data_la
             bind_labels(_raw(["happy", twin, "sad"]), [fusionkit.TaskConfig("y")])
 
 
-def test_a_class_missing_from_train_is_said_and_its_rows_keep_a_finite_loss(tmp_path: Path, caplog) -> None:
+def split_sad_apart(tmp_path: Path, parts: Callable[[list[str], list[str]], dict]) -> tuple[Path, Path]:
+    """A 36-row table and a split file placing its 'sad' rows by `parts(rest, sad) -> {split: ids}`."""
     table = write_table(tmp_path / "data", 36)
     rows = list(csv.DictReader(table.open()))
     sad = [r["id"] for r in rows if r["mood"] == "sad"]
     rest = [r["id"] for r in rows if r["mood"] != "sad"]
     split = tmp_path / "split.json"
-    split.write_text(json.dumps({"train": rest[:18], "val": rest[18:] + sad[:4], "test": sad[4:]}))
+    split.write_text(json.dumps(parts(rest, sad)))
+    return table, split
+
+
+def test_a_class_missing_from_train_is_said_and_its_rows_keep_a_finite_loss(tmp_path: Path, caplog) -> None:
+    table, split = split_sad_apart(tmp_path, lambda rest, sad: {"train": rest[:18], "val": rest[18:] + sad[:4],
+                                                                "test": sad[4:]})  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="fusionkit"):
         assert main(train_args(table, tmp_path / "runs", "r", "--data.split_file", str(split),
                                "--model.tasks.mood.class_weights", "balanced")) == 0  # fmt: skip
@@ -834,12 +842,8 @@ def test_class_names_listed_as_the_file_spells_them_match_its_labels(tmp_path: P
 
 def test_a_class_with_train_rows_but_none_in_val_is_said(tmp_path: Path, caplog) -> None:
     """A rare class that the split put in train only: val's macro-F1 chooses the checkpoint without it."""
-    table = write_table(tmp_path / "data", 36)
-    rows = list(csv.DictReader(table.open()))
-    sad = [r["id"] for r in rows if r["mood"] == "sad"]
-    rest = [r["id"] for r in rows if r["mood"] != "sad"]
-    split = tmp_path / "split.json"
-    split.write_text(json.dumps({"train": rest[:18] + sad[:6], "val": rest[18:], "test": sad[6:]}))
+    table, split = split_sad_apart(tmp_path, lambda rest, sad: {"train": rest[:18] + sad[:6], "val": rest[18:],
+                                                                "test": sad[6:]})  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="fusionkit"):
         assert main(train_args(table, tmp_path / "runs", "r", "--data.split_file", str(split),
                                "--optim.max_steps", "1")) == 0  # fmt: skip

@@ -298,7 +298,9 @@ def test_scoring_a_runs_own_split_reads_the_caches_training_built(tmp_path: Path
     assert main(["predict", str(runs / "a"), "--ensemble", str(runs / "c"), "--split", "val", "--output", str(pred)]) == 0
     assert sorted(r["id"] for r in csv.DictReader(pred.open())) == sorted(val)
     added = sorted(set(p.name for p in cache.iterdir()) - set(built))
-    assert added and all("[val]" in name for name in added), added  # the split's own data cache and features
+    # the split's own data cache and features (the image side's named by its content: "content")
+    assert added and all("[val]" in name or name.startswith("features-content-image-") for name in added), added
+    assert any("[val]" in name for name in added), added
 
 
 def test_an_empty_split_is_a_clear_error_not_an_empty_file(tmp_path: Path, capsys) -> None:

@@ -323,7 +323,7 @@ def test_changing_the_text_side_reuses_the_image_features(tmp_path: Path) -> Non
 
 def test_an_edited_caption_or_label_reuses_the_image_features(tmp_path: Path) -> None:
     """The image features depend on the ids and images alone: editing a caption or a label in the file (a new data
-    cache, new text features) must not redo the image pass."""
+    cache, new text features), or saving it under another name, must not redo the image pass."""
     from PIL import Image
 
     rows = []
@@ -331,12 +331,12 @@ def test_an_edited_caption_or_label_reuses_the_image_features(tmp_path: Path) ->
         Image.new("RGB", (16, 16), (10 * i, 80, 200 - 5 * i)).save(tmp_path / f"p{i}.png")
         rows.append({"id": f"r{i}", "text": f"caption {i}", "image": f"p{i}.png", "sentiment": "ab"[i % 2]})
 
-    def train(name: str) -> None:
-        with (tmp_path / "d.csv").open("w", newline="") as f:
+    def train(name: str, file: str = "d.csv") -> None:
+        with (tmp_path / file).open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        cfg = tiny_config(tmp_path, name, **{"data.dataset": str(tmp_path / "d.csv"), "model.freeze": "encoders",
+        cfg = tiny_config(tmp_path, name, **{"data.dataset": str(tmp_path / file), "model.freeze": "encoders",
                                              "optim.epochs": 1, "model.tasks": [{"name": "sentiment"}]})  # fmt: skip
         assert Trainer(cfg).fit()["feature_cache"]
 
@@ -348,6 +348,8 @@ def test_an_edited_caption_or_label_reuses_the_image_features(tmp_path: Path) ->
     rows[3]["text"], rows[5]["sentiment"] = "an edited caption", "a"
     train("b")
     assert stores("image") == image and len(image) == 1 and len(stores("text")) == 2
+    train("b2", "tweets_v2.csv")  # the same rows saved under another name
+    assert stores("image") == image
     rows[4]["image"] = "p7.png"  # another image in a row: its features are computed again
     train("c")
     assert len(stores("image")) == 2

@@ -239,11 +239,11 @@ def build_features(
         encoder = side_key(model, side)
         # the image side depends on the rows' ids and images, not on their captions or labels, nor on the tokenizer
         # or max_length that name the data cache: another text encoder or text normalization, an edited caption or
-        # label reuse the image features (the expensive pass)
+        # label reuse the image features (the expensive pass), as does a copy of the file under another name
         images = getattr(data, "image_fingerprint", data.fingerprint)
-        inputs = data.path.name if side == "text" else f"{data.path.name.rpartition('-')[0]}|{images}"
+        inputs = data.path.name if side == "text" else images
         key = hashlib.sha1(f"{encoder}|{inputs}".encode()).hexdigest()[:16]
-        name = data.path.name if side == "text" else data.path.name.rpartition("-")[0]
+        name = data.path.name if side == "text" else "content"  # the image side is named by its content alone
 
         def build(out: StoreWriter, side: str = side, encoder: str = encoder) -> dict[str, Any]:
             return {

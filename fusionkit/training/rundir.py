@@ -349,9 +349,16 @@ def _release(fd: int) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: a failed write (a full disk) leaves neither it nor its temporary file, and
+    says which file could not be written."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"could not write {path} ({e.strerror or e}): free space or choose another "
+                               "run.output_dir, then run the same command again") from e
 
 
 def follow_pointer(path: str | Path) -> Path:

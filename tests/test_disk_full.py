@@ -69,6 +69,25 @@ def test_a_first_checkpoint_that_cannot_be_written_frees_the_run_name(tmp_path: 
     assert Trainer(tiny_config(tmp_path, "full", **cfg)).fit()["run_dir"]  # the same command, with room
 
 
+def test_a_run_file_that_cannot_be_written_names_it_and_frees_the_run_name(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A full disk at the run's first files (config.json): the error names the file, and no `.config.json.tmp` is
+    left to make the rerun refuse the folder as 'other files, not a run'."""
+    real = Path.write_text
+
+    def full(self: Path, *args: object, **kwargs: object) -> int:
+        if self.name.startswith(".config"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError, match=r"could not write .*config\.\w+ \(No space left on device\)"):
+        Trainer(tiny_config(tmp_path, "full", **{"optim.max_steps": 1, "optim.epochs": 1})).fit()
+    assert not (tmp_path / "runs" / "full").exists()
+    monkeypatch.setattr(Path, "write_text", real)
+    assert Trainer(tiny_config(tmp_path, "full", **{"optim.max_steps": 1, "optim.epochs": 1})).fit()["run_dir"]
+
+
 @pytest.mark.parametrize("output", ["v.npy", "v.parquet", "shards/"])
 def test_embed_onto_a_full_disk_names_the_output_and_keeps_the_old_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                        capsys: pytest.CaptureFixture, output: str) -> None:  # fmt: skip

@@ -41,6 +41,7 @@ from .embedding import (
     check_unique_ids,
     default_modality,
     embed,
+    index_ids,
     refuse_columns,
 )
 from .models import FusionModel
@@ -110,6 +111,9 @@ def _as_rows(data: Any) -> Any:
         return data
     names = [c for c in ("id", "text", "image") if c in data.columns]
     columns = [list(_column(data, c)) for c in names]
+    labels = index_ids(data) if "id" not in names else None  # a DataFrame's own index names its rows (as embed's)
+    if labels is not None:
+        names, columns = ["id", *names], [labels, *columns]
     return [dict(zip(names, values)) for values in zip(*columns)]
 
 
@@ -289,6 +293,8 @@ def embed_to_shards(
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output_dir {out} is a file, not a folder: name a new folder for the shards")
     data = _as_rows(data)
+    if _indexable(data) and not _is_hf_dataset(data):  # before the manifest is written: the corrected call runs
+        check_unique_ids([_row(item, i)[0] for i, item in enumerate(data)], 0, {})
     if modality is None:  # `embed`'s rule: caption-only rows give text vectors; a stream (read once) joint ones
         modality = (default_modality(SimpleNamespace(text=t, image=i) for _, t, i in map(_row, data, count()))
                     if _indexable(data) else "joint")  # fmt: skip

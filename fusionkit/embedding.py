@@ -97,6 +97,15 @@ def column_ids(x: Any) -> Iterator[str]:
     return (row_id(v, n) for n, v in enumerate(_column(x, "id")))
 
 
+def index_ids(x: Any) -> list[str] | None:
+    """A DataFrame's index labels as ids when its index is not the default 0..n-1 (a filtered or sampled frame), as
+    `load_dataset` names such rows; None otherwise (rows are then their row numbers)."""
+    from .data.sources.rows import row_id
+    from .data.sources.table import _labelled_index
+
+    return [row_id(label, n) for n, label in enumerate(x.index)] if _is_dataframe(x) and _labelled_index(x) else None
+
+
 def refuse_columns(data: Any, where: str) -> None:
     """A dict of columns is not rows: iterating it would embed the column NAMES as captions."""
     if isinstance(data, Mapping):
@@ -166,6 +175,8 @@ def _unpack_dataset(
             log.warning("embed(%s): %s: text vectors only", kind, absent("image"))
         if ids is None and "id" in cols:
             ids = column_ids(ds)
+        elif ids is None:  # a DataFrame with its own index: its labels, as training names the rows
+            ids = index_ids(ds)
         if "text" not in cols:
             log.warning("embed(%s): %s: image vectors only", kind, absent("text"))
         return (_column(ds, "text") if "text" in cols else None), images, ids

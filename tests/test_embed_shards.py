@@ -278,6 +278,13 @@ def test_shards_follow_embeds_rules_for_caption_only_rows_ids_and_empty_input(
     twice = [*rows[:5], dict(rows[1])]  # the same id in one shard, and across shards
     with pytest.raises(ValueError, match=r"duplicate id '.*' \(rows 1 and 5 of the input\)"):
         shards(model, twice, tmp_path / "twice")
+    assert not (tmp_path / "twice").exists()  # refused before the manifest: the corrected call runs there
+    shards(model, rows[:6], tmp_path / "twice")
+    pd = pytest.importorskip("pandas")  # a DataFrame with its own index: its labels name the rows, as training's
+    frame = pd.DataFrame({"text": [ex.text for ex in data][:3]}, index=["k1", "k2", "k3"])
+    assert embed(model, frame, return_ids=True)[1] == ["k1", "k2", "k3"]
+    shards(model, frame, tmp_path / "indexed")
+    assert read_embeddings(tmp_path / "indexed")[0] == ["k1", "k2", "k3"]
     with pytest.raises(ValueError, match=r"duplicate id 'x' \(rows 0 and 1 of the input\)"):
         embed(model, ["a", "b"], ids=["x", "x"])
     with pytest.raises(ValueError, match=r"^images ended after 2 items, texts go on"):  # streams: said where

@@ -78,6 +78,11 @@ class RaggedWriter:
         np.save(self.folder / f"{self.name}.offsets.npy", offsets)
 
 
+def _size(nbytes: float) -> str:
+    """Bytes as MiB, or KiB under one MiB (a small disk's "needs 0 MiB, 0 MiB are free" read as a contradiction)."""
+    return f"{nbytes / 2**20:,.0f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:,.0f} KiB"
+
+
 def no_room(e: BaseException, folder: Path, what: str) -> OSError | None:
     """`e` as "no room for WHAT in FOLDER (N MiB free)" when it is a full disk or a file-size limit, else None.
     Why: writers say it their own way (numpy "96000 requested and 24544 written", Arrow "Error writing bytes",
@@ -91,7 +96,7 @@ def no_room(e: BaseException, folder: Path, what: str) -> OSError | None:
     ):
         return None
     try:
-        free = f"{shutil.disk_usage(folder).free / 2**20:,.0f} MiB free"
+        free = f"{_size(shutil.disk_usage(folder).free)} free"
     except OSError:
         free = "free space unknown"
     reason = getattr(e, "strerror", None) or text.splitlines()[0]
@@ -123,10 +128,10 @@ class StoreWriter:
                         return out  # a file system without fallocate: as before
                     raise
                 del out
-                free = shutil.disk_usage(self.path).free / 2**20
+                free = shutil.disk_usage(self.path).free
                 raise OSError(e.errno, f"no room for the cache's {name} ({e.strerror}): it needs "
-                              f"{np.prod(shape) * np.dtype(dtype).itemsize / 2**20:,.0f} MiB in {self.path.parent}, "
-                              f"{free:,.0f} MiB are free; free space or set data.cache_dir (--cache-dir, "
+                              f"{_size(np.prod(shape) * np.dtype(dtype).itemsize)} in {self.path.parent}, "
+                              f"{_size(free)} are free; free space or set data.cache_dir (--cache-dir, "
                               "$FUSIONKIT_CACHE) to another disk") from None  # fmt: skip
         return out
 

@@ -25,7 +25,7 @@ def test_a_cache_that_does_not_fit_says_so_and_leaves_nothing(tmp_path: Path, mo
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "posix_fallocate", full)
-    with pytest.raises(OSError, match=r"no room for the cache's \w+ \(No space left on device\): it needs .* MiB in "
+    with pytest.raises(OSError, match=r"no room for the cache's \w+ \(No space left on device\): it needs .* [KM]iB in "
                                       r".*free space or set data.cache_dir"):  # fmt: skip
         build_cache(make_synthetic(20, seed=0, image_size=16), tiny_tokenizer(), ImagePreprocess(size=(8, 8)),
                     tmp_path / "cache", num_proc=1)  # fmt: skip
@@ -62,8 +62,9 @@ def test_a_first_checkpoint_that_cannot_be_written_frees_the_run_name(tmp_path: 
 
     cfg = {"model.freeze": "encoders", "optim.max_steps": 2, "optim.epochs": 1}  # frozen encoders: their own file too
     monkeypatch.setattr(safetensors.torch, "save_file", full)
-    with pytest.raises(OSError, match=r"no earlier checkpoint exists.*run the same command again"):
+    with pytest.raises(OSError, match=r"no earlier checkpoint exists.*run the same command again") as info:
         Trainer(tiny_config(tmp_path, "full", **cfg)).fit()
+    assert info.value.errno == errno.ENOSPC  # safetensors' error carries none: not EIO
     assert not (tmp_path / "runs" / "full").exists()
     monkeypatch.setattr(safetensors.torch, "save_file", real)
     assert Trainer(tiny_config(tmp_path, "full", **cfg)).fit()["run_dir"]  # the same command, with room

@@ -90,8 +90,9 @@ def save_checkpoint(
         previous = run.last
         free = shutil.disk_usage(root).free / 2**20
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e) or "os error 28" in str(e)
         raise OSError(
-            getattr(e, "errno", None) or errno.EIO,
+            getattr(e, "errno", None) or (errno.ENOSPC if full else errno.EIO),  # safetensors' error has no errno
             f"could not write the checkpoint for step {step} under {root} ({reason}; {free:,.0f} MiB free there); "
             + (f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists")
             + ". Free space or choose another run.output_dir, then "

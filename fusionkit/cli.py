@@ -920,13 +920,13 @@ def _table_header(path: Path) -> list[str] | None:
 def _owner(target: Path) -> Path | None:
     """The run dir (any run's, not only the one read) that wrote or will write `target`, or the saved model
     folder it lies in; None if it is nobody's file."""
+    from .models.fusion_model import is_model_folder
     from .training.rundir import RunDir
 
     for path in dict.fromkeys((Path(os.path.abspath(target)), target.resolve())):  # and where a symlink leads
         for d in path.parents:
-            if not (d / "config.json").is_file():
-                continue
-            if (d / "model.safetensors").is_file() or ((d / "split.json").is_file() and RunDir(d).owns(path)):
+            if is_model_folder(d) or ((d / "split.json").is_file() and (d / "config.json").is_file()
+                                      and RunDir(d).owns(path)):  # fmt: skip
                 return d
     return None
 

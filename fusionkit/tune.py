@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, load_config_file, to_dict
+from .models.fusion_model import is_model_folder
 from .training.config import IN_MEMORY, TASK_PREFIX
 from .training.rundir import RunDirError, run_dir_holding
 
@@ -266,13 +267,6 @@ def check_space(config: Any, space: Mapping[str, Mapping[str, Any]]) -> None:
                 raise ConfigError(f"search space {key!r}: the value {value!r} gives an invalid config: {e}{where}") from None
 
 
-def _holds_a_model(folder: Path) -> bool:
-    """A folder of a model's files: config.json beside weights (an encoder, `save_pretrained`), or an ONNX export."""
-    weights = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
-    return ((folder / "config.json").is_file() and any((folder / w).is_file() for w in weights)) or (
-        folder / "export.json").is_file()
-
-
 def suggest(trial: Any, space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """One value per key, drawn by the trial's sampler (from a space `load_space` checked)."""
     out: dict[str, Any] = {}
@@ -343,7 +337,7 @@ def tune(
     if holder is not None:  # its trials would be refused one by one, after the study's files were written there
         raise RunDirError(f"the tune dir {out} is inside the run dir {holder}, which holds that run's files only: "
                           "choose a folder outside it (--output-dir)")  # fmt: skip
-    model_dir = next((p for p in (out.resolve(), *out.resolve().parents) if _holds_a_model(p)), None)
+    model_dir = next((p for p in (out.resolve(), *out.resolve().parents) if is_model_folder(p)), None)
     if model_dir is not None:  # an encoder, a saved model or an export: its folder holds that model's files only
         raise ConfigError(f"the tune dir {out} is inside the model folder {model_dir} (a saved model, an encoder or "
                           "an ONNX export), whose files are that model's own: choose a folder outside it (--output-dir)")  # fmt: skip

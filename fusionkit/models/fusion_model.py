@@ -1059,6 +1059,14 @@ def follow_umask(path: Path) -> None:
     path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def is_model_folder(folder: Path) -> bool:
+    """A folder of one model's files, which outputs must not join: config.json beside weights (an encoder,
+    `save_pretrained`, a checkpoint) or an ONNX export (its export.json)."""
+    weights = (WEIGHTS_NAME, "pytorch_model.bin", "model.safetensors.index.json")
+    return ((folder / CONFIG_NAME).is_file() and any((folder / w).is_file() for w in weights)) or (
+        folder / "export.json").is_file()
+
+
 def check_save_dir(directory: Path) -> None:
     """Refuse a `save_pretrained` folder whose files are not a saved model's to replace: a run dir or a
     folder inside one (its config.json is the training config that eval, predict and --resume read),

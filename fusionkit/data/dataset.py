@@ -269,21 +269,33 @@ class MultimodalDataset(Sequence[Example]):
 
 
 def _stratified_split(labels: list[Any], ratios: Sequence[float], seed: int) -> list[list[int]]:
-    """Per class, shuffle and cut by `ratios` with largest-remainder rounding, so every split gets its share."""
+    """Per class, shuffle and cut by `ratios` with largest-remainder rounding, so every split gets its share.
+
+    The rounding remainder is carried across classes (ties do not all go to val), but never takes a class's
+    rows away from train: a class too small to give each split a row fills train first, then val, then test
+    (whatever the seed), and any class keeps a train row, since a class seen only in val/test is never learned."""
     rng = np.random.default_rng(seed)
     by_class: dict[Any, list[int]] = {}
     for i, y in enumerate(labels):
         by_class.setdefault(y, []).append(i)
     parts: list[list[int]] = [[] for _ in ratios]
     total = float(sum(ratios))
+    used = [j for j, r in enumerate(ratios) if r > 0]
     owed = np.zeros(len(ratios))  # per split, its exact share so far minus the rows it got: carried across
     for y in sorted(by_class, key=lambda v: (v is None, str(v))):  # classes, so ties do not all go to val
         idx = np.array(by_class[y])
         rng.shuffle(idx)
         exact = np.array(ratios) / total * len(idx)
         counts = np.floor(exact).astype(int)
-        for j in np.argsort(-(owed + exact - counts), kind="stable")[: len(idx) - counts.sum()]:
-            counts[j] += 1
+        if len(idx) < len(used):  # one row each, in split order
+            counts[:] = 0
+            counts[used[: len(idx)]] = 1
+        else:
+            for j in np.argsort(-(owed + exact - counts), kind="stable")[: len(idx) - counts.sum()]:
+                counts[j] += 1
+            if counts[0] == 0 and ratios[0] > 0:  # a tiny train ratio: one row moves to train from the split that got the most
+                counts[int(np.argmax(counts))] -= 1
+                counts[0] = 1
         owed += exact - counts
         for part, chunk in zip(parts, np.split(idx, np.cumsum(counts)[:-1])):
             part.extend(chunk.tolist())

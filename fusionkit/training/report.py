@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -14,10 +15,27 @@ from typing import Any
 import numpy as np
 
 
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float as None: JSON has no NaN, and Python's `NaN` token breaks strict
+    readers (jq, JavaScript, pandas' engine="ujson")."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def json_text(value: Any, **kwargs: Any) -> str:
+    """Strict JSON (`json.dumps` keywords): a NaN or infinite number (a loss that diverged) is written null."""
+    return json.dumps(finite(value), allow_nan=False, **kwargs)
+
+
 def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     with path.open("w") as f:
         for row in rows:
-            f.write(json.dumps(row) + "\n")
+            f.write(json_text(row) + "\n")
 
 
 def plot_curves(history: Sequence[dict[str, Any]], path: Path) -> None:

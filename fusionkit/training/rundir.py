@@ -29,7 +29,7 @@ import shutil
 import socket
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +190,8 @@ class RunDir:
             return
         try:
             self.path.mkdir(parents=True, exist_ok=True)
+            if _shared_file(self.path / LOCK):  # a hard-linked copy's (`cp -al`): a lock of its own, so that the
+                write_atomic(self.path / LOCK, "")  # original's (and its writer's flock) is left alone
             fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise OSError(
@@ -274,15 +276,15 @@ class RunDir:
         """config.yaml + config.json: the values this run actually uses (atomic writes)."""
         import yaml
 
-        _write_atomic(self.file("config.yaml"), yaml.safe_dump(dict(resolved), sort_keys=False, allow_unicode=True))
-        _write_atomic(self.file("config.json"), json.dumps(resolved, indent=2))
+        write_atomic(self.file("config.yaml"), yaml.safe_dump(dict(resolved), sort_keys=False, allow_unicode=True))
+        write_atomic(self.file("config.json"), json.dumps(resolved, indent=2))
 
     def read_config(self) -> dict[str, Any] | None:
         path = self.file("config.json")
         return json.loads(path.read_text()) if path.is_file() else None
 
     def write_data_fingerprint(self, fingerprint: Mapping[str, Any]) -> None:
-        _write_atomic(self.file("data_fingerprint.json"), json.dumps(fingerprint, indent=2))
+        write_atomic(self.file("data_fingerprint.json"), json.dumps(fingerprint, indent=2))
 
     def read_data_fingerprint(self) -> dict[str, Any] | None:
         path = self.file("data_fingerprint.json")
@@ -290,8 +292,8 @@ class RunDir:
 
     def log_resume(self, entry: Mapping[str, Any]) -> None:
         """Append one line to resume_log.jsonl: what a resume started from and what it accepted."""
-        with open(self.file("resume_log.jsonl"), "a") as f:
-            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}, default=str) + "\n")
+        line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}, default=str)
+        append_atomic(self.file("resume_log.jsonl"), [line])
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -337,6 +339,14 @@ def damaged_checkpoint(run_path: Path, pointer: str, checkpoint: Path, missing: 
                if newest else "no intact checkpoint is left: train it afresh under another run.name"))  # fmt: skip
 
 
+def _shared_file(path: Path) -> bool:
+    """A file with another name too (a hard link): writing it in place would change that one."""
+    try:
+        return os.stat(path).st_nlink > 1
+    except OSError:
+        return False
+
+
 def _own_hint(holder: str) -> str:
     if holder.startswith(f"{os.getpid()}@"):
         return " (the holder is this process: an earlier Trainer that failed or was never fit; delete it)"
@@ -348,17 +358,31 @@ def _release(fd: int) -> None:
     os.close(fd)  # closing drops the flock
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `path` whole or not at all: a failed write (a full disk) leaves neither it nor its temporary file, and
-    says which file could not be written."""
-    tmp = path.with_name(f".{path.name}.tmp")
+def replace_file(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)`, then `tmp` renamed over `path`: a failed or killed write leaves the previous file whole and
+    a failed one no temporary file, and another name of the old file (a hard-linked copy of the run, `cp -al`, or
+    a backup) keeps its bytes. Says which file could not be written."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # the suffix kept: savefig reads the format from it
     try:
-        tmp.write_text(text, encoding="utf-8")
+        write(tmp)
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise OSError(e.errno, f"could not write {path} ({e.strerror or e}): free space or choose another "
                                "run.output_dir, then run the same command again") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `path` whole or not at all (`replace_file`)."""
+    replace_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def append_atomic(path: Path, lines: Sequence[str]) -> None:
+    """Append `lines` to `path` by writing it anew (`replace_file`): an append in place would write into the
+    original run's file too when this run is a hard-linked copy of it."""
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    write_atomic(path, old + ("\n" if old and not old.endswith("\n") else "") + "".join(line + "\n" for line in lines))
 
 
 def follow_pointer(path: str | Path) -> Path:

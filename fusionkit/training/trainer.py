@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -66,16 +67,19 @@ from .metrics import (
     prediction_rows,
 )
 from .optim import build_optimizer, build_scheduler
-from .report import plot_confusion, plot_curves, write_jsonl, write_predictions
+from .report import json_text, plot_confusion, plot_curves, write_jsonl, write_predictions
 from .rundir import LOCK as RUN_LOCK
 from .rundir import (
     OPERATIONAL_KEYS,
     RunDir,
     RunDirError,
+    append_atomic,
     config_changes,
     data_changes,
     data_fingerprint,
+    replace_file,
     saved_checkpoints,
+    write_atomic,
 )
 
 log = logging.getLogger("fusionkit.training")
@@ -557,17 +561,23 @@ class Trainer:
         tasks = {t.name: create_task(t) for t in cfg.model.tasks}
         self.metric = cfg.run.metric or default_metric(tasks)
         check_metric(self.metric, tasks)
-        split_path = Path(cfg.data.split_file) if cfg.data.split_file else self.run_dir / "split.json"
+        own_split = self.run_dir / "split.json"
+        split_path = Path(cfg.data.split_file).expanduser() if cfg.data.split_file else own_split
+        if self.resume and not split_path.is_file() and own_split.is_file():  # a new split would differ from
+            # the one it trained on (a moved or deleted split file, or one saved as `~/...` that was never read)
+            log.warning("data.split_file %s does not exist: resuming on the split the run trained on, %s",
+                        split_path, own_split)  # fmt: skip
+            split_path = own_split
         with self._main_first():
             # rank 0 first (it writes a new split), then every rank reads that same file
             report = self.run_dir / "skipped_rows.jsonl"  # rows this run's reading policy left out
             skipped = {json.loads(line).get("item") for line in report.read_text().splitlines()} if report.is_file() else ()
             parts = split_dataset(ds, cfg.data.split_ratios, cfg.data.split_seed, split_path,
                                   allow_new_rows=cfg.data.allow_new_rows, skipped=skipped)  # fmt: skip
-        if cfg.data.split_file and self.is_main and split_path.is_file():
+        if split_path != own_split and self.is_main and split_path.is_file():
             # the split this run trained on: the file's, plus any rows allow_new_rows put in train
             own = {**json.loads(split_path.read_text()), **{k: part.ids for k, part in parts.items()}}
-            (self.run_dir / "split.json").write_text(json.dumps(own, indent=1))
+            write_atomic(own_split, json.dumps(own, indent=1))
         for name, ratio in zip(("val", "test"), cfg.data.split_ratios[1:], strict=True):
             if ratio > 0 and name in parts and len(parts[name]) == 0 and self.is_main:
                 # say whose split it is: the ratios are not applied to a split file or to the data's own splits
@@ -636,8 +646,8 @@ class Trainer:
         report = self.run_dir / "skipped_rows.jsonl"
         have = set(report.read_text(encoding="utf-8").splitlines()) if report.is_file() else set()
         new = [line for line in cache_report.read_text(encoding="utf-8").splitlines() if line not in have]
-        with report.open("a", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in new)
+        if new:
+            append_atomic(report, new)
 
     def _loader(self, data: Any, sampler: torch.utils.data.Sampler) -> torch.utils.data.DataLoader:
         # An explicit generator keeps DataLoader from drawing from the global RNG (which resume restores).
@@ -744,7 +754,7 @@ class Trainer:
             with ema_applied(self.ema, self.model):  # the model file gets the EMA weights, the state the raw ones
                 ckpt.save_checkpoint(self.run_dir, self.step, self.model, state, best=best,
                                      keep=self.cfg.run.keep_checkpoints)  # fmt: skip
-            write_jsonl(self.run_dir / "metrics.jsonl", self.history)
+            replace_file(self.run_dir / "metrics.jsonl", lambda tmp: write_jsonl(tmp, self.history))
 
     def _load(self) -> None:
         last = self.run.last
@@ -1068,19 +1078,18 @@ class Trainer:
             flat, details = evaluation_metrics(self.model.tasks, result, split)
             summary[split] = {**flat, "details": details}
             if self.is_main:
-                write_predictions(
-                    self.run_dir / f"predictions_{split}.csv", prediction_rows(self.model.tasks, result)
-                )
+                replace_file(self.run_dir / f"predictions_{split}.csv", functools.partial(
+                    write_predictions, rows=prediction_rows(self.model.tasks, result)))
                 if self.cfg.run.plots:
                     for name, d in details.items():
                         if "confusion" in d:
-                            plot_confusion(np.array(d["confusion"]), d["class_names"],
-                                           self.run_dir / f"confusion_{split}_{name}.png",
-                                           f"{name} ({split}, best checkpoint)")  # fmt: skip
+                            replace_file(self.run_dir / f"confusion_{split}_{name}.png", functools.partial(
+                                plot_confusion, np.array(d["confusion"]), d["class_names"],
+                                title=f"{name} ({split}, best checkpoint)"))  # fmt: skip
         if self.is_main:
             if self.cfg.run.plots and self.history:
-                plot_curves(self.history, self.run_dir / "curves.png")
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+                replace_file(self.run_dir / "curves.png", functools.partial(plot_curves, self.history))
+            write_atomic(self.run_dir / "summary.json", json_text(summary, indent=2, ensure_ascii=False))
         for tracker in self.accelerator.trackers if self.accelerator is not None else []:
             tracker.finish()  # not Accelerator.end_training: that would also end the process group
         return summary

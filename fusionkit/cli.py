@@ -205,6 +205,8 @@ def _align(args: argparse.Namespace, extra: list[str]) -> int:
     from .embedding import embed, retrieval_recall
     from .models import FusionModel
     from .training.config import build_config
+    from .training.report import json_text
+    from .training.rundir import write_atomic
     from .training.trainer import reader_kwargs, train
 
     if not extra or extra[0].startswith("--"):
@@ -232,7 +234,7 @@ def _align(args: argparse.Namespace, extra: list[str]) -> int:
                     progress=False)  # fmt: skip
     recall = {"split": split, "pairs": len(held), "rows_without_a_side": len(parts[split]) - len(held),
               **retrieval_recall(vectors["text"], vectors["image"])}  # fmt: skip
-    (run_dir / "retrieval.json").write_text(json.dumps(recall, indent=2))
+    write_atomic(run_dir / "retrieval.json", json_text(recall, indent=2))
     print(f"\nrun dir: {run_dir}\nretrieval on {len(held)} {split} pairs (recall@k, chance in brackets):")
     for k in (1, 5, 10):
         print(f"  R@{k}: text->image {recall[f't2i_r@{k}']:.3f}, image->text {recall[f'i2t_r@{k}']:.3f} "
@@ -689,13 +691,14 @@ def _feature_loader(model: Any, data: Any, batch_size: int, progress: bool = Tru
 
 def _eval(args: argparse.Namespace) -> int:
     from .training.metrics import evaluation_metrics
+    from .training.report import json_text
 
     model, result = _inference(args)
     flat, details = evaluation_metrics(model.tasks, result, args.split)
     if not details and not any(k.count("/") >= 2 for k in flat):  # a task's metric: "all/rating/mae"
         raise ConfigError(f"no labelled rows to score in {args.split!r} ({len(result['ids'])} rows, none with a "
                           f"label for tasks {list(model.tasks)}); `fusionkit predict` writes their predictions")  # fmt: skip
-    text = json.dumps({**flat, "details": details}, indent=2, ensure_ascii=False)
+    text = json_text({**flat, "details": details}, indent=2, ensure_ascii=False)  # a NaN loss: null, as summary.json
     print(text)
     if args.output:
         with _replacing(Path(args.output)) as tmp:
@@ -971,6 +974,22 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+# the options that name a file or folder (a quoted "~/p.csv" reaches us unexpanded by the shell)
+PATH_ARGS = ("checkpoint", "ensemble", "data", "split_file", "cache_dir", "output", "output_dir", "space", "image",
+             "resume")  # fmt: skip
+
+
+def _expand_home(args: argparse.Namespace) -> None:
+    """`~` in a path option is the home folder, as in the config's path keys (`build_config`): never a folder
+    named `~` created in the working directory."""
+    for name in PATH_ARGS:
+        value = getattr(args, name, None)
+        if isinstance(value, list):
+            setattr(args, name, [os.path.expanduser(v) for v in value])
+        elif isinstance(value, str):
+            setattr(args, name, os.path.expanduser(value))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fusionkit` command; returns the exit status."""
     from .data import DataError
@@ -981,6 +1000,7 @@ def main(argv: list[str] | None = None) -> int:
     if logging.getLogger("fusionkit").level == logging.NOTSET:
         logging.getLogger("fusionkit").setLevel(logging.INFO)
     args, extra = _parser().parse_known_args(argv)
+    _expand_home(args)
     try:
         if args.command == "train":
             return _train(args, extra)

@@ -215,7 +215,7 @@ def test_a_broken_image_path_gets_a_hint_that_fits_embed_as_well_as_predict(
         assert main([command, str(csv_run), "--data", str(table), "--output", str(tmp_path / out)]) == 1
         err = capsys.readouterr().err
         assert "broken.csv:2, item b0: image file not found: 'pics/gone.png'" in err
-        assert "Fix the path, or empty the cell (the row is then read from its caption alone); --on-error skip" in err
+        assert "Fix the path, give the folder the paths are relative to (--image-root DIR), or empty the cell (the row is then read from its caption alone); --on-error skip" in err
         assert "to predict that row" not in err
 
 

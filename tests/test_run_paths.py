@@ -3,8 +3,17 @@ whole (a hard-linked copy of a run leaves the original alone), strict JSON, ids 
 
 from __future__ import annotations
 
-import pytest
+import csv
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
+import pytest
+import yaml
+
+from fusionkit.cli import main
 from fusionkit.data import Example, MultimodalDataset, split_dataset
 
 
@@ -26,3 +35,105 @@ def test_a_class_too_small_for_every_split_is_trained_on(seed: int) -> None:
     assert in_train == {"a", "b", "c", "d", "e"}
     assert "a" in {label_of[i] for i in parts["val"].ids}  # its second row: val, then test
     assert sum(len(p) for p in parts.values()) == len(ds)
+
+
+# ------------------------------------------------------------------------------------------ `~` and run files
+
+NAMES = ("negative", "neutral", "positive")
+QUIET = ["--run.progress", "false", "--run.plots", "false"]
+
+
+def _write_home(home: Path) -> None:
+    """~/data/posts.csv with image paths relative to ~/pics; rows 20-23 have no label (the val split of
+    ~/mysplit.json: its loss is NaN)."""
+    from fusionkit.data import make_synthetic
+
+    (home / "data").mkdir(parents=True)
+    (home / "pics").mkdir()
+    rows = []
+    for i, ex in enumerate(make_synthetic(24, seed=3, image_size=32)):
+        ex.image.save(home / "pics" / f"{ex.id}.png")
+        label = ex.labels["sentiment"]
+        rows.append([ex.id, ex.text, f"{ex.id}.png", "" if i >= 20 else NAMES[label] if isinstance(label, int) else label])
+    with open(home / "data" / "posts.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["id", "text", "image", "sentiment"], *rows])
+    ids = [r[0] for r in rows]
+    (home / "mysplit.json").write_text(json.dumps({"train": ids[:16], "test": ids[16:20], "val": ids[20:]}))
+
+
+@pytest.fixture(scope="module")
+def home_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, Path]]:
+    """(home, working dir, run dir) of a 2-epoch run whose every path is given as `~/...` (HOME a tmp dir)."""
+    tmp = tmp_path_factory.mktemp("home")
+    home, cwd = tmp / "home", tmp / "work"
+    cwd.mkdir()
+    _write_home(home)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(home))
+        mp.chdir(cwd)
+        argv = ["train", "--data.dataset", "~/data/posts.csv", "--data.image_root", "~/pics", "--data.split_file",
+                "~/mysplit.json", "--data.cache_dir", "~/cache", "--run.output_dir", "~/runs", "--run.name", "r",
+                "--optim.epochs", "2", "--optim.batch_size", "4", "--run.checkpoint_every", "0",
+                "--model.tasks", json.dumps([{"name": "sentiment", "class_names": list(NAMES)}]),
+                "--run.metric", "val/loss", *QUIET]  # fmt: skip
+        assert main(argv) == 0
+        yield home, cwd, home / "runs" / "r"
+
+
+def test_home_paths_in_every_path_key_are_the_home_folder(home_run: tuple[Path, Path, Path]) -> None:
+    """`~` in data.dataset, image_root, split_file, cache_dir and run.output_dir is the home folder: the split
+    file given is used (not a new one under ./~/), nothing named `~` appears in the working directory, and
+    config.yaml holds absolute paths."""
+    home, cwd, run = home_run
+    assert not (cwd / "~").exists()
+    assert json.loads((run / "split.json").read_text())["val"] == json.loads((home / "mysplit.json").read_text())["val"]
+    saved = yaml.safe_load((run / "config.yaml").read_text())["data"]
+    assert saved["dataset"] == str(home / "data" / "posts.csv") and saved["image_root"] == str(home / "pics")
+    assert saved["split_file"] == str(home / "mysplit.json") and saved["cache_dir"] == str(home / "cache")
+
+
+def test_home_paths_in_the_output_options(home_run: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """predict / eval / embed --output "~/..." write into the home folder, not a folder named `~`."""
+    home, cwd, run = home_run
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    assert main(["predict", "~/runs/r", "--split", "test", "--output", "~/out/p.csv", "--no-progress"]) == 0
+    assert main(["eval", "~/runs/r", "--split", "test", "--output", "~/out/m.json", "--no-progress"]) == 0
+    assert main(["embed", "~/runs/r", "--output", "~/out/e.npy", "--no-progress"]) == 0
+    assert not (cwd / "~").exists()
+    assert all((home / "out" / name).is_file() for name in ("p.csv", "m.json", "e.npy"))
+
+
+def test_run_files_are_strict_json_with_null_for_nan(home_run: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """A NaN or infinite number (a diverged val loss) is written null: Python's `NaN` token is not JSON, and
+    strict readers (jq, JavaScript) refuse the whole file. summary.json, metrics.jsonl and eval --output share
+    the writer."""
+    from fusionkit.training.report import json_text, write_jsonl
+
+    def strict(text: str) -> Any:
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+
+    run = home_run[2]
+    strict((run / "summary.json").read_text())
+    [strict(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    row = {"val/loss": float("nan"), "best": float("inf"), "details": {"per_class": [1.0, float("-inf")]}}
+    assert strict(json_text(row)) == {"val/loss": None, "best": None, "details": {"per_class": [1.0, None]}}
+    write_jsonl(tmp_path / "m.jsonl", [row])
+    assert strict((tmp_path / "m.jsonl").read_text())["val/loss"] is None
+
+
+def test_resuming_a_hard_linked_copy_leaves_the_original_alone(home_run: tuple[Path, Path, Path],
+                                                              tmp_path: Path) -> None:  # fmt: skip
+    """`cp -al RUN COPY` shares every file: a resume of the copy writes its files anew (metrics.jsonl,
+    summary.json, the lock, the logs...), so the original run's bytes do not change."""
+    home, _, run = home_run
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-al", str(run), str(copy)], check=True)
+    first = sorted((copy / "checkpoints").glob("step-*"))[0].name
+    (copy / "last").unlink()  # a new file (not the shared one): an epoch left to train
+    (copy / "last").write_text(f"checkpoints/{first}\n")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main(["train", "--resume", str(copy), *QUIET[:2]]) == 0
+    assert (copy / "resume_log.jsonl").is_file()
+    changed = sorted(str(p.relative_to(run)) for p, data in before.items() if p.read_bytes() != data)
+    assert changed == []

@@ -344,7 +344,8 @@ def set_options(cfg: TrainConfig, options: Mapping[str, Any]) -> TrainConfig:
 
 
 IN_MEMORY = "in-memory:"  # data.dataset of a run trained on a DataFrame / Dataset passed in Python: not a path
-# Keys whose relative paths in a config file mean "relative to that file" (outputs stay cwd-relative).
+# Keys whose relative paths in a config file mean "relative to that file" (outputs stay cwd-relative; `~` is
+# expanded in them all).
 PATH_KEYS = ("data.dataset", "data.split_file", "data.cache_dir", "data.image_root", "model.text.name", "model.image.name",
              "model.image.checkpoint_path")  # fmt: skip
 
@@ -360,13 +361,17 @@ def resolve_paths(flat: dict[str, Any], base: Path) -> dict[str, Any]:
     that a registered source reads as written (`synthetic:N`, a plugin's `mydb:tweets`) is no path: kept as is.
     """
     out = dict(flat)
+    for key in (*PATH_KEYS, "run.output_dir"):  # `~` is the home folder in every path, outputs too: never a
+        value = out.get(key)  # folder named `~` in the working directory, nor stored as `~/...` in config.yaml
+        if isinstance(value, str) and value.startswith("~"):
+            out[key] = os.path.expanduser(value)
     for key in PATH_KEYS:
         value = out.get(key)
         if key == "model.image.name" and isinstance(value, str) and value.startswith(TIMM_LOCAL_DIR):
             # timm's `local-dir:FOLDER`: the folder is a path like any other (a config file's relative to it)
             out[key] = TIMM_LOCAL_DIR + resolve_paths({key: value.removeprefix(TIMM_LOCAL_DIR)}, base)[key]
             continue
-        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+        if not isinstance(value, str) or not value or Path(value).is_absolute():
             continue
         if value.startswith(("~", IN_MEMORY)) or (key == "data.dataset" and is_spec(value, base)):
             continue  # "synthetic:N" or a spec of the user's own source: kept as written

@@ -257,13 +257,15 @@ class RowReader:
         self.table_cells = table_cells
         self.skips = SkipLog(options.on_error, what)
         root = options.image_root if options.image_root is not None else image_root
-        self.image_root = os.path.realpath(root if root is not None else os.getcwd())  # resolved once
+        # resolved once; `~` is the home folder, as in every path a config or the command line names
+        self.image_root = os.path.realpath(os.path.expanduser(root) if root is not None else os.getcwd())
         # where that folder came from, said when paths name no file (a given image_root wins over the file's folder)
         self.root_from = ("image_root" if options.image_root is not None else
                           "the table file's own folder" if image_root is not None else "the working directory")  # fmt: skip
         self.truncated = 0
         self.spelled_missing: dict[str, int] = {}  # caption cells such as "nan" or "None", read as missing
-        self.broken_paths: list[str] = []  # image paths naming no file, kept as rows without an image
+        self.broken_paths: list[str] = []  # image paths naming no file, the rows kept or skipped
+        self.kept_broken = 0  # of them, rows kept without an image (missing_image=keep)
         self.found_images = 0
 
     def example(
@@ -379,8 +381,9 @@ class RowReader:
         path = resolve_image_path(value, self.image_root, where=where, item=item)
         if path is None:
             own = self.opts.missing_image_file  # prediction: an empty cell is kept, a broken path is not
-            hint = ("fix the path, or empty the cell (the row is then read from its caption alone); --on-error skip "
-                    "(on_error='skip') leaves such rows out" if own else
+            hint = ("fix the path, give the folder the paths are relative to (--image-root DIR), or empty the cell "
+                    "(the row is then read from its caption alone); --on-error skip (on_error='skip') leaves such "
+                    "rows out" if own else
                     "fix the path, or set data.missing_image=skip to leave such rows out")  # fmt: skip
             problem = (f"image file not found: {value!r} (looked for {os.path.join(self.image_root, value)}; "
                        f"relative paths are read from {self.image_root}, {self.root_from})")  # fmt: skip
@@ -391,8 +394,10 @@ class RowReader:
                 problem += "; it is a Windows path (drive letter): write paths relative to the table's folder"
             elif len(self.broken_paths) < 3 and (near := near_miss(value, self.image_root)):  # a few: it lists folders
                 problem += f"; did you mean {near}"
+            # before the policy skips the row: when not one path names a file, `finish` says the folder is wrong
+            self.broken_paths.append(value)
             self.missing("image", problem, where=where, item=item, policy=own, hint=hint)
-            self.broken_paths.append(value)  # kept (missing_image=keep): said in `finish`
+            self.kept_broken += 1
         else:
             self.found_images += 1
         return path
@@ -425,9 +430,9 @@ class RowReader:
                 hint=f"relative paths are read from {self.image_root} ({self.root_from}): fix the paths, or "
                 "give the folder they are relative to as image_root (--image-root for predict, eval and embed)",
             )
-        if self.broken_paths:
+        if self.kept_broken:  # skipped rows are in the skip report
             log.warning("%s: %d image paths name no file (e.g. %r, read from %s): those rows have no image",
-                        self.skips.what, len(self.broken_paths), self.broken_paths[0], self.image_root)  # fmt: skip
+                        self.skips.what, self.kept_broken, self.broken_paths[0], self.image_root)  # fmt: skip
         return kept, self.skips.finish(self.opts.report_path, total)
 
 

@@ -468,6 +468,9 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
         ds = read(data, with_labels, data.on_error)
     else:
         split_file = Path(args.split_file) if args.split_file else (run_dir / "split.json" if run_dir else None)
+        if args.split_file and not split_file.is_file():
+            raise ConfigError(f"--split-file {split_file} " + ("is a directory" if split_file.is_dir() else "does not "
+                              "exist") + "; give the split JSON (a run's split.json), or --split all for every row")  # fmt: skip
         if split_file is None or not split_file.is_file():
             raise ConfigError(f"--split {split} needs the run's split.json or --split-file; use --split all for every row")
         ids = read_split_file(split_file)

@@ -137,3 +137,34 @@ def test_resuming_a_hard_linked_copy_leaves_the_original_alone(home_run: tuple[P
     assert (copy / "resume_log.jsonl").is_file()
     changed = sorted(str(p.relative_to(run)) for p, data in before.items() if p.read_bytes() != data)
     assert changed == []
+
+
+def test_a_split_file_that_does_not_exist_is_named(home_run: tuple[Path, Path, Path],
+                                                   capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """--split-file given but absent: said so, not "--split test needs the run's split.json or --split-file"."""
+    run = home_run[2]
+    assert main(["predict", str(run), "--split-file", "/nonexist.json", "--split", "test", "--output",
+                 str(run.parent / "x.csv")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--split-file /nonexist.json does not exist" in err and "needs the run's split.json" not in err
+
+
+def test_every_image_path_failing_under_skip_says_where_they_were_looked_for(
+    home_run: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Paths relative to another folder than the one read: under data.missing_image: skip (or --on-error skip)
+    each row was skipped before it was counted, so the user got "0 classes" or "no readable rows left"
+    instead of the error that names the folder and image_root / --image-root."""
+    home, _, run = home_run
+    table = home / "data" / "posts.csv"  # its paths are relative to ~/pics, not to ~/data
+    argv = ["train", "--data.dataset", str(table), "--data.missing_image", "skip", "--run.output_dir",
+            str(tmp_path / "runs"), "--data.cache_dir", str(home / "cache"), *QUIET]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "none of its 24 image paths names a file" in err and "image_root" in err
+    copy = tmp_path / "posts.csv"  # another file: its paths are read from its own folder, as the hint says
+    copy.write_bytes(table.read_bytes())
+    assert main(["predict", str(run), "--data", str(copy), "--on-error", "skip", "--output",
+                 str(tmp_path / "p.csv")]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert "none of its 24 image paths names a file" in err and "--image-root" in err

@@ -961,3 +961,11 @@ def test_int_ids_with_gaps_name_the_same_rows_in_csv_and_parquet(folder: Path) -
     frame.to_parquet(folder / "ids.parquet")
     csv_ids = load_dataset(folder / "ids.csv", **COLUMNS).ids
     assert csv_ids == load_dataset(folder / "ids.parquet", **COLUMNS).ids == ["100", "1", "102"]
+
+
+def test_string_ids_pandas_never_writes_as_floats_are_kept_as_written(folder: Path) -> None:
+    """Only pandas' "100.0" is read as the int 100: "007.0" and "+5.0" are someone's ids, kept so predictions
+    join back to the table (they were "7" and "5", and "007.0" could take the id of a real "7")."""
+    (folder / "ids2.csv").write_text("id,caption,photo\n007.0,a,img/0.jpg\n+5.0,b,img/1.jpg\n-3.0,c,img/0.jpg\n"
+                                     "0.0,d,img/1.jpg\n7,e,img/0.jpg\n 007 ,f,img/1.jpg\n")  # fmt: skip
+    assert load_dataset(folder / "ids2.csv", **COLUMNS).ids == ["007.0", "+5.0", "-3", "0", "7", "007"]

@@ -215,7 +215,9 @@ def raw_value(value: Any) -> Any:
 
 def row_id(value: Any, row_number: int | str) -> str:
     """The id cell as a string; only a missing or empty one becomes the row number (an id 0 stays "0"). A string
-    is an id as written, "NaN" included (a user name): only a float NaN or None is a missing id."""
+    is an id as written (stripped), "NaN" included (a user name): only a float NaN or None is a missing id. The one
+    rewrite is pandas' spelling of an int with gaps, "100.0" -> "100"; "007.0" and "+5.0", which pandas never
+    writes, stay as they are so the ids join back to the user's table."""
     value = value.strip() or None if isinstance(value, str) else raw_value(value)
     if value is None:
         return str(row_number)
@@ -226,7 +228,7 @@ def row_id(value: Any, row_number: int | str) -> str:
     return str(value)
 
 
-_INTEGRAL_FLOAT = re.compile(r"[+-]?\d+\.0")
+_INTEGRAL_FLOAT = re.compile(r"-?(?:0|[1-9]\d*)\.0")  # how pandas writes an int float: no "+", no leading 0
 
 
 # ------------------------------------------------------------------------------------------------ rows

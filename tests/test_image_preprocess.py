@@ -1,0 +1,67 @@
+"""An HF encoder gets the pixels its `AutoImageProcessor` gives, or its folder is refused with the setting to change:
+a `shortest_edge` resize without a center crop gives each image its own shape (it was cropped square silently), and
+one followed by a non-square crop was scaled by timm's `ResizeKeepRatio` geometry (up to 0.8 off, normalized)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fusionkit import create_model
+from fusionkit.config import ConfigError
+
+SIZES = [(70, 50), (50, 70), (61, 47), (20, 15)]  # (width, height): landscape, portrait, odd, enlarged
+
+
+def _hf_folder(path: Path, **processor: object) -> Path:
+    """A tiny DINOv2 with a BitImageProcessor (DINOv2's own) of these settings."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    Dinov2Model(Dinov2Config(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=64)).save_pretrained(path)  # fmt: skip
+    BitImageProcessor(resample=2, do_convert_rgb=True, **processor).save_pretrained(path)
+    return path
+
+
+def _png(path: Path, size: tuple[int, int], alpha: bool = False) -> Path:
+    """A gradient under noise (a one-pixel shift or another scale moves most pixels by many levels); with `alpha`,
+    the left half transparent over a colour that is not white."""
+    w, h = size
+    ramp = np.linspace(0, 180, w)[None, :, None] + np.linspace(0, 60, h)[:, None, None]
+    rgb = np.clip(ramp + np.random.default_rng(0).integers(-15, 16, (h, w, 3)), 0, 255).astype(np.uint8)
+    if not alpha:
+        Image.fromarray(rgb).save(path)
+        return path
+    a = np.full((h, w, 1), 255, np.uint8)
+    a[:, : w // 2] = 0
+    Image.fromarray(np.concatenate([rgb, a], axis=2), "RGBA").save(path)
+    return path
+
+
+def _levels(ours: torch.Tensor, theirs: torch.Tensor, std: tuple[float, ...]) -> float:
+    """max |ours - theirs| of two normalized images, in 0..255 levels."""
+    return float(((ours - theirs).abs() * torch.tensor(std).view(3, 1, 1) * 255).max())
+
+
+def test_shortest_edge_without_a_center_crop_is_refused(tmp_path: Path) -> None:
+    """HF keeps each image's aspect ratio (70x50 -> 44x32); a 32x32 center crop was taken instead, silently."""
+    from transformers import AutoImageProcessor
+
+    folder = _hf_folder(tmp_path / "enc", size={"shortest_edge": 32}, do_center_crop=False)
+    theirs = AutoImageProcessor.from_pretrained(folder)(images=Image.open(_png(tmp_path / "a.png", (70, 50))))
+    assert tuple(theirs["pixel_values"][0].shape) == (3, 32, 44)  # what no one-size batch holds
+    with pytest.raises(ConfigError, match=r"shortest_edge.*do_center_crop: false.*crop_size") as e:
+        create_model("tiny", image={"backend": "hf", "name": str(folder)})
+    assert str(folder) in str(e.value) and "preprocessor_config.json" in str(e.value)
+
+
+def test_a_crop_beyond_the_hf_resize_is_refused(tmp_path: Path) -> None:
+    """HF pads a crop larger than the resized image with black; fusionkit enlarged the image instead."""
+    folder = _hf_folder(tmp_path / "enc", size={"shortest_edge": 32}, crop_size={"height": 32, "width": 40},
+                        do_center_crop=True)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"shorter side to 32, then crops 32x40.*pads"):
+        create_model("tiny", image={"backend": "hf", "name": str(folder)})

@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fusionkit import create_model
+from fusionkit import FusionProcessor, create_model
 from fusionkit.config import ConfigError
+from fusionkit.export import serving_recipe
 
 SIZES = [(70, 50), (50, 70), (61, 47), (20, 15)]  # (width, height): landscape, portrait, odd, enlarged
 
@@ -45,6 +46,24 @@ def _png(path: Path, size: tuple[int, int], alpha: bool = False) -> Path:
 def _levels(ours: torch.Tensor, theirs: torch.Tensor, std: tuple[float, ...]) -> float:
     """max |ours - theirs| of two normalized images, in 0..255 levels."""
     return float(((ours - theirs).abs() * torch.tensor(std).view(3, 1, 1) * 255).max())
+
+
+def test_shortest_edge_then_a_non_square_crop_is_the_hf_processors(tmp_path: Path) -> None:
+    """HF scales the shorter side to 44, then crops 32x40 from the center; it was scaled to cover 44x55 instead."""
+    from transformers import AutoImageProcessor
+
+    folder = _hf_folder(tmp_path / "enc", size={"shortest_edge": 44}, crop_size={"height": 32, "width": 40},
+                        do_center_crop=True)  # fmt: skip
+    model = create_model("tiny", image={"backend": "hf", "name": str(folder)})
+    processor, hf = FusionProcessor.from_model(model), AutoImageProcessor.from_pretrained(folder)
+    for size in SIZES:
+        path = _png(tmp_path / f"{size}.png", size)
+        ours = processor(images=[str(path)])["pixel_values"][0]
+        theirs = hf(images=Image.open(path).convert("RGB"), return_tensors="pt")["pixel_values"][0]
+        assert ours.shape == theirs.shape == (3, 32, 40)
+        assert _levels(ours, theirs, model.image_preprocess.std) <= 1.01, size
+    steps = serving_recipe(processor, tmp_path)["image"]["steps"]  # export.json says the same
+    assert any(s.startswith("resize the shorter side to 44 ") for s in steps), steps
 
 
 def test_shortest_edge_without_a_center_crop_is_refused(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """An HF encoder gets the pixels its `AutoImageProcessor` gives, or its folder is refused with the setting to change:
 a `shortest_edge` resize without a center crop gives each image its own shape (it was cropped square silently), and
-one followed by a non-square crop was scaled by timm's `ResizeKeepRatio` geometry (up to 0.8 off, normalized)."""
+one followed by a non-square crop was scaled by timm's `ResizeKeepRatio` geometry (up to 16 of 255 levels off).
+Transparent pixels are composited over white, as transformers' processors do (README says so)."""
 
 from __future__ import annotations
 
@@ -78,9 +79,33 @@ def test_shortest_edge_without_a_center_crop_is_refused(tmp_path: Path) -> None:
     assert str(folder) in str(e.value) and "preprocessor_config.json" in str(e.value)
 
 
-def test_a_crop_beyond_the_hf_resize_is_refused(tmp_path: Path) -> None:
-    """HF pads a crop larger than the resized image with black; fusionkit enlarged the image instead."""
-    folder = _hf_folder(tmp_path / "enc", size={"shortest_edge": 32}, crop_size={"height": 32, "width": 40},
-                        do_center_crop=True)  # fmt: skip
-    with pytest.raises(ConfigError, match=r"shorter side to 32, then crops 32x40.*pads"):
+@pytest.mark.parametrize(
+    ("size", "error"),
+    [({"shortest_edge": 32}, r"shorter side to 32, then crops 32x40.*pads"),  # HF pads it with black
+     ({"shortest_edge": 40, "longest_edge": 48}, r"shortest_edge alone")],  # HF caps the longer side
+)  # fmt: skip
+def test_an_hf_resize_fusionkit_cannot_reproduce_is_refused(tmp_path: Path, size: dict, error: str) -> None:
+    """Both were followed as a plain shortest_edge resize (the crop enlarged, the cap ignored): other pixels."""
+    folder = _hf_folder(tmp_path / "enc", size=size, crop_size={"height": 32, "width": 40}, do_center_crop=True)
+    with pytest.raises(ConfigError, match=error):
         create_model("tiny", image={"backend": "hf", "name": str(folder)})
+
+
+def test_transparent_pixels_are_white_as_the_hf_processors_make_them(tmp_path: Path) -> None:
+    """Composited over white, as transformers' own `convert_to_rgb` does since 5.21 (before, and timm's loader:
+    `convert("RGB")`, the hidden colour). The README and export.json say so."""
+    import transformers
+    from transformers import AutoImageProcessor
+
+    folder = _hf_folder(tmp_path / "enc", size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                        do_center_crop=True)  # fmt: skip
+    model = create_model("tiny", image={"backend": "hf", "name": str(folder)})
+    processor = FusionProcessor.from_model(model)
+    path = _png(tmp_path / "rgba.png", (70, 50), alpha=True)
+    ours = processor(images=[str(path)])["pixel_values"][0]
+    white = (1 - torch.tensor(model.image_preprocess.mean)) / torch.tensor(model.image_preprocess.std)
+    assert torch.allclose(ours[:, :, :8], white.view(3, 1, 1).expand(3, 32, 8), atol=1e-5)  # the transparent left
+    assert "white" in serving_recipe(processor, tmp_path)["image"]["steps"][0]
+    if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (5, 21):
+        theirs = AutoImageProcessor.from_pretrained(folder)(images=Image.open(path), return_tensors="pt")
+        assert _levels(ours, theirs["pixel_values"][0], model.image_preprocess.std) <= 1.01

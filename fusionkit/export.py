@@ -326,16 +326,18 @@ def _export_into(
 def serving_recipe(processor: FusionProcessor, folder: Path) -> dict[str, Any]:
     """export.json's "preprocess": the processor's steps in words and fields, so the graphs serve without fusionkit
     (the processor computes exactly these; `processor_config.json` holds the same fields)."""
-    from .data.image import _scaled_side
+    from .data.image import _scaled_side, shorter_side
     from .models.encoders import TOKENIZER_FILES
 
     p = processor.image_preprocess
     h, w = p.size
     sh, sw = _scaled_side(h, p.crop_pct), _scaled_side(w, p.crop_pct)
+    short = shorter_side(p)
     if p.crop_mode == "squash":
         resize = f"resize to {sh} x {sw} (height x width: floor(size / crop_pct) each, the aspect ratio not kept)"
-    elif sh == sw:
-        resize = f"resize the shorter side to {sh} (floor({h} / crop_pct)), the longer to int({sh} * long / short)"
+    elif short is not None:
+        resize = (f"resize the shorter side to {short} (floor({min(h, w)} / crop_pct)), the longer to "
+                  f"int({short} * long / short)")  # fmt: skip
     else:
         resize = f"resize keeping the aspect ratio to cover {sh} x {sw} (floor(size / crop_pct)), each side rounded"
     offset = "(resized - size) // 2" if p.crop_offset == "floor" else "round((resized - size) / 2), a half to even"

@@ -307,21 +307,36 @@ def _scaled_side(side: int, crop_pct: float) -> int:
     return math.floor(round(side / crop_pct, 6))
 
 
+def shorter_side(preprocess: ImagePreprocess) -> int | None:
+    """The length a "center" resize scales the shorter side to (the aspect ratio kept, the longer side truncated), or
+    None where another geometry applies ("squash"; timm's `ResizeKeepRatio` for a non-square size). HF's
+    `shortest_edge` (`crop_offset` "floor") is this for any crop, `floor(min(size) / crop_pct)`; timm
+    (`crop_offset` "round") only where `floor(size / crop_pct)` is square (torchvision's `Resize(int)`)."""
+    if preprocess.crop_mode != "center":
+        return None
+    th, tw = preprocess.size
+    if preprocess.crop_offset == "floor":
+        return _scaled_side(min(th, tw), preprocess.crop_pct)
+    sh, sw = _scaled_side(th, preprocess.crop_pct), _scaled_side(tw, preprocess.crop_pct)
+    return sh if sh == sw else None
+
+
 def resize_geometry(height: int, width: int, preprocess: ImagePreprocess) -> tuple[int, int, int, int]:
     """(height, width) an image of this size is resized to, and the (top, left) of the center crop, with the
     encoders' own rounding so the pixels are theirs: "squash" resizes each side to `size / crop_pct`
-    (timm); "center" resizes the shorter side to it and truncates the longer one, `int(short' * long / short)`
-    (torchvision's `Resize(int)`, which timm uses, and HF's `shortest_edge`), or for a non-square size keeps
-    the ratio as timm's `ResizeKeepRatio` does. The crop starts at `(resized - size) // 2` (`crop_offset`
-    "floor": HF) or at that half rounded to even ("round": torchvision's `CenterCrop`, timm's), one pixel apart
-    when the difference is 4k + 3."""
+    (timm); "center" resizes the shorter side to `shorter_side` and truncates the longer one,
+    `int(short' * long / short)` (torchvision's `Resize(int)`, which timm uses, and HF's `shortest_edge`), or for
+    timm's non-square size keeps the ratio as its `ResizeKeepRatio` does. The crop starts at `(resized - size) // 2`
+    (`crop_offset` "floor": HF) or at that half rounded to even ("round": torchvision's `CenterCrop`, timm's), one
+    pixel apart when the difference is 4k + 3."""
     th, tw = preprocess.size
     sh, sw = _scaled_side(th, preprocess.crop_pct), _scaled_side(tw, preprocess.crop_pct)
+    short_to = shorter_side(preprocess)
     if preprocess.crop_mode == "squash":
         rh, rw = sh, sw
-    elif sh == sw:
-        short, long = min(height, width), max(height, width)
-        rh, rw = (sh, int(sh * long / short)) if height <= width else (int(sh * long / short), sh)
+    elif short_to is not None:
+        long_to = int(short_to * max(height, width) / min(height, width))
+        rh, rw = (short_to, long_to) if height <= width else (long_to, short_to)
     else:
         ratio = min(height / sh, width / sw)
         rh, rw = round(height / ratio), round(width / ratio)

@@ -595,19 +595,31 @@ def _hf_image_preprocess(name_or_dir: str | Path, model: nn.Module, warn: bool =
         raise ConfigError(f"{where} has do_resize: false (each image goes in at its own size); fusionkit gives the "
                           "encoder one fixed size: set do_resize: true and a size in its preprocessor_config.json")  # fmt: skip
     sizes = {k: v for k, v in dict(getattr(proc, "size", None) or {}).items() if v}
+    crop = dict(getattr(proc, "crop_size", None) or {}) if getattr(proc, "do_center_crop", False) else {}
     if "height" in sizes and "width" in sizes:  # ViT, SigLIP, BEiT: each side scaled on its own
         resize, mode = (int(sizes["height"]), int(sizes["width"])), "squash"
-    elif "shortest_edge" in sizes:  # CLIP, DINOv2: the aspect ratio kept
+    elif set(sizes) == {"shortest_edge"}:  # CLIP, DINOv2: the aspect ratio kept, then a center crop
         resize, mode = (int(sizes["shortest_edge"]),) * 2, "center"
+        if not crop.get("height"):  # each image its own shape: a batch holds one
+            side = resize[0]
+            raise ConfigError(f"{where} has size {{'shortest_edge': {side}}} and no center crop (do_center_crop: "
+                              f"false, or no crop_size): HF keeps each image's aspect ratio (a 70x50 image becomes "
+                              f"{int(side * 70 / 50)}x{side}, width x height), but fusionkit batches one size: set "
+                              f"do_center_crop: true and a crop_size (e.g. {{'height': {side}, 'width': {side}}}) in "
+                              "its preprocessor_config.json")  # fmt: skip
     else:
         raise ConfigError(f"{where} has size {sizes}, which fusionkit does not follow (it reads height and width, or "
-                          "shortest_edge); set one of those in its preprocessor_config.json")  # fmt: skip
-    crop = dict(getattr(proc, "crop_size", None) or {}) if getattr(proc, "do_center_crop", False) else {}
+                          "shortest_edge alone); set one of those in its preprocessor_config.json")  # fmt: skip
     size = (int(crop["height"]), int(crop["width"])) if crop.get("height") else resize
     if mode == "squash" and size[0] * resize[1] != size[1] * resize[0]:  # crop_pct is one number for both sides
         raise ConfigError(f"{where} resizes to {resize[0]}x{resize[1]} and then crops {size[0]}x{size[1]}, another "
                           "shape, which fusionkit cannot reproduce: use a crop_size of the resize's shape, or a square "
                           "size, in its preprocessor_config.json")  # fmt: skip
+    if size[0] > resize[0] or size[1] > resize[1]:  # shortest_edge: resize[0] = resize[1], the shorter side
+        resized = f"the shorter side to {resize[0]}" if mode == "center" else f"{resize[0]}x{resize[1]}"
+        raise ConfigError(f"{where} resizes {resized}, then crops {size[0]}x{size[1]}, beyond the image: HF pads "
+                          "the rest with black, fusionkit does not; use a crop_size within the resize in its "
+                          "preprocessor_config.json")  # fmt: skip
     # the encoder sees (pixel * rescale - mean) / std of 0..255 pixels; fusionkit computes (pixel / 255 - mean) / std
     rescale = 255 * float(proc.rescale_factor) if getattr(proc, "do_rescale", True) else 255.0
     normalize = getattr(proc, "do_normalize", True)

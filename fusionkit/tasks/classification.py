@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, TaskConfig
@@ -341,6 +340,11 @@ class ClassificationTask(Task):
         return TaskHead(dim, self._out_dim(), num_views, dropout)
 
     def loss(self, output: torch.Tensor, target: torch.Tensor | None, mask: torch.Tensor | None) -> Any:
+        """Cross-entropy, in float32, against label-smoothed targets ((1 - eps) + eps/K on the true class, eps/K on
+        each other class); with class weights each row's loss is weighted by its true class's weight and the mean
+        taken over those weights' sum, as torch's weighted cross-entropy does. (torch's `cross_entropy(weight=,
+        label_smoothing=)` also weights the smoothing term by every class's weight, which moves the targets off
+        those.) A batch whose rows all have weight 0 has loss 0, not 0/0: nothing in it is to be learned."""
         rows = labelled_rows(output, target, mask)
         if rows is None:
             return None
@@ -349,16 +353,18 @@ class ClassificationTask(Task):
             # torch's own IndexError names no task (a GPU's device assert names nothing at all); CPU checks for free
             raise ValueError(f"task {self.name!r}: labels must be class indices 0..{output.shape[-1] - 1} "
                              f"({self.names}), got {int(target.min())}..{int(target.max())}")  # fmt: skip
-        weight = self.cfg.class_weights
-        w = (
-            torch.tensor(weight, dtype=output.dtype, device=output.device)
-            if isinstance(weight, list)
-            else None
-        )
+        logits, target = output.float(), target.long()
         if self.cfg.logit_adjustment and self.cfg.class_prior is not None:
-            log_prior = torch.tensor(self.cfg.class_prior, dtype=output.dtype, device=output.device).log()
-            output = output + self.cfg.logit_adjustment * log_prior  # in the loss only: predictions stay raw
-        return F.cross_entropy(output, target.long(), weight=w, label_smoothing=self.cfg.label_smoothing)
+            log_prior = logits.new_tensor(self.cfg.class_prior).log()
+            logits = logits + self.cfg.logit_adjustment * log_prior  # in the loss only: predictions stay raw
+        log_p = logits.log_softmax(-1)
+        eps = self.cfg.label_smoothing
+        per_row = -(1 - eps) * log_p.gather(-1, target[:, None]).squeeze(-1) - eps * log_p.mean(-1)
+        weight = self.cfg.class_weights
+        if not isinstance(weight, list):
+            return per_row.mean()
+        w = logits.new_tensor(weight)[target]
+        return (w * per_row).sum() / w.sum().clamp_min(torch.finfo(w.dtype).tiny)
 
     def loss_normaliser(self, target: torch.Tensor | None, mask: torch.Tensor | None, rows: int) -> float:
         """With class weights, cross-entropy's mean divides by the labelled rows' weights: their sum."""

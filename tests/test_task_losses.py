@@ -1,0 +1,49 @@
+"""Task losses and outputs computed by hand: weights with smoothing, zero weights, bf16 regression, full probabilities."""
+
+import math
+
+import pytest
+import torch
+
+from fusionkit.config import ConfigError, TaskConfig
+from fusionkit.models import get_config
+from fusionkit.tasks import create_task
+
+
+def test_class_weights_with_label_smoothing_weight_each_row_by_its_true_class() -> None:
+    """Targets (1 - eps) + eps/K on the true class and eps/K elsewhere; each row's loss times its true class's
+    weight, over the sum of those weights (torch weights the smoothing term by every class's weight instead)."""
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 3.0], [1.0, -1.0, 0.0]])
+    labels = torch.tensor([0, 1, 2, 2])
+    weights, eps = [0.5, 2.0, 4.0], 0.3
+    task = create_task(TaskConfig("mood", num_classes=3, class_weights=weights, label_smoothing=eps))
+    total = norm = 0.0
+    for row, y in zip(logits.tolist(), labels.tolist()):
+        log_p = [v - math.log(sum(math.exp(u) for u in row)) for v in row]
+        targets = [(1 - eps) * (k == y) + eps / 3 for k in range(3)]
+        total += weights[y] * -sum(t * lp for t, lp in zip(targets, log_p))
+        norm += weights[y]
+    assert float(task.loss(logits, labels, None)) == pytest.approx(total / norm, rel=1e-6)
+    assert task.loss_normaliser(labels, None, 4) == pytest.approx(norm)  # what the trainer weighs batches by
+
+
+def test_a_batch_of_zero_weight_rows_has_loss_zero_not_nan() -> None:
+    """class_weights [1, 0]: a batch (or val split) holding only class-1 rows has nothing to learn: loss 0, not 0/0."""
+    task = create_task(TaskConfig("mood", num_classes=2, class_weights=[1.0, 0.0], label_smoothing=0.1))
+    logits = torch.randn(3, 2, requires_grad=True)
+    loss = task.loss(logits, torch.tensor([1, 1, 1]), None)
+    assert float(loss.detach()) == 0.0
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and float(logits.grad.abs().sum()) == 0.0
+    assert task.loss_normaliser(torch.tensor([1, 1, 1]), None, 3) == 0.0  # the trainer skips such a batch
+    # "balanced" gives a class absent from train weight 1, so its val rows keep a finite, nonzero loss
+    balanced = create_task(TaskConfig("mood", num_classes=2, class_weights="balanced")).fit_train_statistics([0, 0])
+    assert balanced.class_weights == [0.5, 1.0]  # n / (k * count), and 1 for the absent class
+    assert float(create_task(balanced).loss(logits.detach(), torch.tensor([1, 1, 1]), None)) > 0
+
+
+def test_class_prior_of_unknown_length_reads_as_english() -> None:
+    with pytest.raises(ConfigError, match=r"class_prior must be positive numbers, one per class"):
+        get_config("tiny", tasks=[{"name": "a", "logit_adjustment": 1.0, "class_prior": [0.5, -0.5]}])
+    with pytest.raises(ConfigError, match=r"class_prior must be 3 positive numbers, one per class"):
+        get_config("tiny", tasks=[{"name": "a", "num_classes": 3, "logit_adjustment": 1.0, "class_prior": [0.5, 0.5]}])

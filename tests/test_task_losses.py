@@ -47,3 +47,23 @@ def test_class_prior_of_unknown_length_reads_as_english() -> None:
         get_config("tiny", tasks=[{"name": "a", "logit_adjustment": 1.0, "class_prior": [0.5, -0.5]}])
     with pytest.raises(ConfigError, match=r"class_prior must be 3 positive numbers, one per class"):
         get_config("tiny", tasks=[{"name": "a", "num_classes": 3, "logit_adjustment": 1.0, "class_prior": [0.5, 0.5]}])
+
+
+def test_regression_under_bf16_autocast_keeps_large_targets_in_float32() -> None:
+    """Targets around 1e5 (std 10): bf16 holds them only to within 512, so the de-standardized output and the loss
+    are float32 under autocast; they differ from fp32's by the head's own bf16 noise only."""
+    from fusionkit.tasks import FusionContext
+
+    torch.manual_seed(0)
+    task = create_task(TaskConfig("price", "regression", params={"target_mean": [1e5], "target_std": [10.0]}))
+    head = task.build_head(16, 1, 0.0)
+    ctx = FusionContext(views=torch.randn(32, 1, 16), text=None, text_mask=None, image=None, fuse=lambda *a: None)
+    target = 1e5 + 10 * torch.randn(32, 1)
+    fp32_out = task.forward(head, ctx)
+    fp32_loss = task.loss(fp32_out, target, None)
+    with torch.autocast("cpu", torch.bfloat16):
+        bf16_out = task.forward(head, ctx)
+        bf16_loss = task.loss(bf16_out, target, None)
+    assert bf16_out.dtype == torch.float32 and bf16_loss.dtype == torch.float32
+    torch.testing.assert_close(bf16_out, fp32_out, atol=0.5, rtol=0)  # 10 x bf16's error on z-scores of ~1
+    assert float(bf16_loss) == pytest.approx(float(fp32_loss), rel=0.05)

@@ -67,3 +67,25 @@ def test_regression_under_bf16_autocast_keeps_large_targets_in_float32() -> None
     assert bf16_out.dtype == torch.float32 and bf16_loss.dtype == torch.float32
     torch.testing.assert_close(bf16_out, fp32_out, atol=0.5, rtol=0)  # 10 x bf16's error on z-scores of ~1
     assert float(bf16_loss) == pytest.approx(float(fp32_loss), rel=0.05)
+
+
+def test_predicted_probabilities_are_not_rounded(tmp_path) -> None:
+    """A probability of 2e-9 stays 2e-9 (rounded to 6 decimals it was 0.0, and log-loss downstream was inf), in
+    `predict`'s rows and in a predictions CSV, as the shortest decimal of its float32."""
+    import csv
+
+    import numpy as np
+
+    from fusionkit.training.report import write_predictions
+
+    logits = torch.tensor([[20.0, 0.0], [0.0, 0.0]])
+    cls = create_task(TaskConfig("mood", class_names=["a", "b"]))
+    tags = create_task(TaskConfig("tags", "multilabel", class_names=["x", "y"]))
+    rows = [{"id": str(i), **c, **t} for i, (c, t) in enumerate(zip(cls.predict(logits), tags.predict(-logits)))]
+    tiny = rows[0]["mood_prob"]["b"]
+    assert np.float32(tiny) == logits.softmax(-1)[0, 1].numpy() and str(tiny) == "2.0611537e-09"  # that float32
+    assert np.float32(rows[0]["tags_prob"]["x"]) == torch.tensor(-20.0).sigmoid().numpy() > 0
+    assert rows[1]["mood_prob"] == {"a": 0.5, "b": 0.5}  # short: not 0.5000000000000001 or float32's long decimal
+    with open(write_predictions(tmp_path / "p.csv", rows)) as f:
+        written = list(csv.DictReader(f))
+    assert float(written[0]["mood_prob_b"]) == tiny and float(written[0]["tags_prob_x"]) == rows[0]["tags_prob"]["x"]

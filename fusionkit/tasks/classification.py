@@ -16,7 +16,16 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, TaskConfig
-from .base import Task, is_missing, label_error, labelled_rows, register_task, replace, warn_missing_spellings
+from .base import (
+    Task,
+    float32_values,
+    is_missing,
+    label_error,
+    labelled_rows,
+    register_task,
+    replace,
+    warn_missing_spellings,
+)
 
 log = logging.getLogger("fusionkit.tasks")
 
@@ -409,12 +418,10 @@ class ClassificationTask(Task):
         return flat, details
 
     def predict(self, outputs: torch.Tensor) -> list[dict[str, Any]]:
-        probs = self.probabilities(outputs).numpy()
+        """The most probable class and every class's probability, unrounded (a tiny one is not 0.0: log-loss)."""
+        probs = self.probabilities(outputs)
         names = self.names
         return [
-            {
-                self.name: names[int(p.argmax())],
-                f"{self.name}_prob": {c: round(float(v), 6) for c, v in zip(names, p)},
-            }
-            for p in probs
+            {self.name: names[int(p.argmax())], f"{self.name}_prob": dict(zip(names, values))}
+            for p, values in zip(probs, float32_values(probs))
         ]

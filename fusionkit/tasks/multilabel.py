@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, TaskConfig
-from .base import is_missing, label_error, labelled_rows, register_task
+from .base import float32_values, is_missing, label_error, labelled_rows, register_task
 from .classification import UNKNOWN_LABEL_HINT, ClassificationTask, class_report, label_string
 
 log = logging.getLogger("fusionkit.tasks")
@@ -135,12 +135,13 @@ class MultilabelTask(ClassificationTask):
         }, {"class_names": list(self.names), "report": report, "threshold": self.cfg.params.get("threshold", 0.5)}
 
     def predict(self, outputs: torch.Tensor) -> list[dict[str, Any]]:
+        """The tags above their threshold and every tag's probability, unrounded."""
         probs = self.probabilities(outputs)
         chosen = self.decide(probs).numpy()
         return [
             {
                 self.name: [c for c, keep in zip(self.names, row) if keep],
-                f"{self.name}_prob": {c: round(float(v), 6) for c, v in zip(self.names, p)},
+                f"{self.name}_prob": dict(zip(self.names, values)),
             }  # fmt: skip
-            for p, row in zip(probs.numpy(), chosen)
+            for values, row in zip(float32_values(probs), chosen)
         ]

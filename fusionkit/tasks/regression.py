@@ -15,7 +15,16 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, TaskConfig
-from .base import Task, is_missing, label_error, labelled_rows, register_task, replace, warn_missing_spellings
+from .base import (
+    Task,
+    float32_values,
+    is_missing,
+    label_error,
+    labelled_rows,
+    register_task,
+    replace,
+    warn_missing_spellings,
+)
 
 
 @register_task("regression")
@@ -136,9 +145,7 @@ class RegressionTask(Task):
     def predict(self, outputs: torch.Tensor) -> list[dict[str, Any]]:
         """The head computes in float32: each value is written as the shortest decimal that is that float32
         (4218.4, not 4218.39990234375), the same in CSV, JSONL and `model.predict`."""
-        rows = outputs.detach().float().cpu().numpy()
-        values = [[float(str(v)) for v in row] for row in rows]  # numpy's str of a float32: its shortest repr
-        return [{self.name: row[0] if len(row) == 1 else row} for row in values]
+        return [{self.name: row[0] if len(row) == 1 else row} for row in float32_values(outputs)]
 
     def prediction_keys(self) -> tuple[str, ...]:
         return (self.name,)

@@ -89,3 +89,34 @@ def test_predicted_probabilities_are_not_rounded(tmp_path) -> None:
     with open(write_predictions(tmp_path / "p.csv", rows)) as f:
         written = list(csv.DictReader(f))
     assert float(written[0]["mood_prob_b"]) == tiny and float(written[0]["tags_prob_x"]) == rows[0]["tags_prob"]["x"]
+
+
+def test_a_multilabel_tag_holding_a_bar_is_refused_naming_its_row(tmp_path) -> None:
+    """["x|y", "z"] in a JSONL list would be written "x|y|z" to a predictions CSV and read back as three tags."""
+    import json
+
+    from fusionkit.data import DataError, load_dataset
+    from fusionkit.tasks import bind_labels
+
+    path = tmp_path / "tags.jsonl"
+    rows = [{"id": "r1", "text": "a", "tags": ["z"]}, {"id": "r2", "text": "b", "tags": ["x|y", "z"]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_dataset(path, missing_image="keep")
+    with pytest.raises(DataError, match=r"item r2: tag 'x\|y' of task 'tags' holds '\|'"):
+        bind_labels(ds, [TaskConfig("tags", "multilabel")])
+    bound, (cfg,) = bind_labels(ds, [TaskConfig("tags", "multilabel")], on_error="skip", report_path=tmp_path / "r")
+    assert cfg.class_names == ["z"] and [ex.labels["tags"] for ex in bound] == [[0], None]  # the row stays
+    with pytest.raises(ConfigError, match=r"tags \['x\|y'\] hold '\|'"):
+        get_config("tiny", tasks=[{"name": "tags", "type": "multilabel", "class_names": ["x|y", "z"]}])
+
+
+def test_a_multilabel_tag_in_every_or_no_train_row_is_said(caplog: pytest.LogCaptureFixture) -> None:
+    task = create_task(TaskConfig("tags", "multilabel", class_names=["always", "never", "some"]))
+    with caplog.at_level("WARNING", logger="fusionkit.tasks"):
+        task.fit_train_statistics([[0], [0, 2], None, [0]])
+    assert "tag(s) ['always'] are in every labelled train row (3 rows)" in caplog.text
+    assert "tag(s) ['never'] are in no labelled train row (3 rows)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fusionkit.tasks"):
+        task.fit_train_statistics([[0], [1, 2], [2]])
+    assert "train row" not in caplog.text

@@ -120,3 +120,21 @@ def test_a_multilabel_tag_in_every_or_no_train_row_is_said(caplog: pytest.LogCap
     with caplog.at_level("WARNING", logger="fusionkit.tasks"):
         task.fit_train_statistics([[0], [1, 2], [2]])
     assert "train row" not in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["classification", "multilabel"])
+def test_a_macro_average_over_fewer_classes_than_the_task_has_is_said(kind: str, caplog) -> None:
+    """Class 'c' neither labelled nor predicted on test: macro_f1 averages 2 of 3 classes, said as on val, and kept
+    in the details (summary.json, `fusionkit eval`'s output)."""
+    from fusionkit.training.metrics import evaluation_metrics
+
+    name = f"mood_{kind}"
+    task = create_task(TaskConfig(name, kind, class_names=["a", "b", "c"]))
+    logits = torch.tensor([[5.0, -5.0, -5.0], [-5.0, 5.0, -5.0]])
+    labels = torch.tensor([0, 1]) if kind == "classification" else torch.tensor([[1, 0, 0], [0, 1, 0]])
+    result = {"outputs": {name: logits}, "labels": {name: labels}, "label_mask": {name: torch.tensor([True, True])}}
+    with caplog.at_level("WARNING", logger="fusionkit"):
+        flat, details = evaluation_metrics({name: task}, result, "test")
+    assert f"task {name}: class(es) ['c'] have no labelled or predicted row in test: its macro_f1 averages 2 of 3" \
+        in caplog.text
+    assert details[name]["macro_avg_leaves_out"] == ["c"] and flat[f"test/{name}/macro_f1"] == 1.0

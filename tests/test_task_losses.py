@@ -138,3 +138,31 @@ def test_a_macro_average_over_fewer_classes_than_the_task_has_is_said(kind: str,
     assert f"task {name}: class(es) ['c'] have no labelled or predicted row in test: its macro_f1 averages 2 of 3" \
         in caplog.text
     assert details[name]["macro_avg_leaves_out"] == ["c"] and flat[f"test/{name}/macro_f1"] == 1.0
+
+
+def test_tune_breaks_a_tie_on_the_metric_by_val_loss_as_training_does(tmp_path) -> None:
+    """Three trials tie on macro-F1 (a tiny val split): best.yaml is the one of the lowest val/loss, not trial 0,
+    and trials.md says they tie."""
+    optuna = pytest.importorskip("optuna")
+    import yaml
+
+    from fusionkit.training.config import build_config
+    from fusionkit.tune import write_results
+
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump({"data": {"dataset": "synthetic:16"}, "run": {"output_dir": str(tmp_path)}}))
+    space = {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2}}
+    study = optuna.create_study(direction="maximize")
+    for value, loss, lr in ((0.5, 0.9, 1e-3), (0.5, 0.2, 2e-3), (0.4, 0.1, 3e-3), (0.5, 0.7, 4e-3)):
+        study.add_trial(optuna.trial.create_trial(
+            value=value, params={"optim.lr": lr}, user_attrs={"val_loss": loss},
+            distributions={"optim.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2)}))  # fmt: skip
+    assert write_results(study, tmp_path, "val/sentiment/macro_f1", space, build_config(cfg_path)) == 4
+    assert yaml.safe_load((tmp_path / "best.yaml").read_text())["optim"]["lr"] == 2e-3
+    md = (tmp_path / "trials.md").read_text()
+    assert "3 trials (0, 1, 3) tie on val/sentiment/macro_f1 = 0.5000: the best is trial 1" in md
+    assert [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| ") and "|---" not in line][1:] \
+        == ["| 1", "| 3", "| 0", "| 2"]  # best first, a tie by val/loss
+    from fusionkit.tune import best_trial  # what `fusionkit.tune` returns as best_trial
+
+    assert best_trial(study).number == 1

@@ -16,7 +16,7 @@ as `model.tasks.<task name>.<option>`:
     model.fusion.dim: {type: categorical, choices: [64, 128, 256]}
     model.tasks.sentiment.class_weights: {type: categorical, choices: [null, balanced]}
 
-The tune dir receives `trials.csv`, `trials.md` (sorted by value), `history.png` (optimization
+The tune dir receives `trials.csv`, `trials.md` (sorted by value; a tie by val/loss, as training's checkpoint choice), `history.png` (optimization
 history) and `best.yaml` (the best trial's full config, to train with `fusionkit train best.yaml`), rewritten
 after each trial, so a crash leaves a current table.
 The study itself is kept there (`study.jsonl`, Optuna's journal storage): running `tune` again on the
@@ -397,6 +397,7 @@ def tune(
         summary = trainer.fit()
         if summary["best"] is None:
             raise ConfigError(f"trial {trial.number}: {metric} was never computed (no labelled val rows?)")
+        trial.set_user_attr("val_loss", (summary.get("val") or {}).get("val/loss"))  # breaks ties, as training does
         return float(summary["best"])
 
     loss_keys = sorted(filter(changes_the_loss, space))
@@ -438,7 +439,9 @@ def tune(
         os.close(lock)
     if not write_results(study, out, metric, space, cfg):
         raise ConfigError(_none_completed(study.trials[before:], out))
-    best = study.best_trial
+    best, tie = best_trial(study), tie_note(study, metric)
+    if tie:
+        log.warning("tune: %s", tie)
     return {"best_value": best.value, "best_params": best.params, "best_trial": best.number,
             "metric": metric, "trials": len(study.trials), "pruned": sum(t.state.name == "PRUNED" for t in study.trials),
             "output_dir": str(out)}  # fmt: skip
@@ -614,6 +617,34 @@ def _hold_study(out: Path, study: Any) -> int:
     return fd
 
 
+def _rank(maximize: bool) -> Callable[[Mapping[str, Any]], tuple[float, float, int]]:
+    """A trials.csv row's sort key, best first: by value, a tie (a metric saturated on a small val split) to the
+    lower val/loss, as training's checkpoint choice does; then the earlier trial."""
+    def key(r: Mapping[str, Any]) -> tuple[float, float, int]:
+        loss = r.get("val_loss")
+        return (-r["value"] if maximize else r["value"], math.inf if loss is None else loss, r["trial"])
+
+    return key
+
+
+def best_trial(study: Any) -> Any:
+    """The best complete trial: Optuna's `best_trial`, except that a tie on the value goes to the lower val/loss."""
+    key = _rank(study.direction.name == "MAXIMIZE")
+    return min((t for t in study.trials if t.state.name == "COMPLETE"),
+               key=lambda t: key({"trial": t.number, "value": t.value, "val_loss": t.user_attrs.get("val_loss")}))
+
+
+def tie_note(study: Any, metric: str) -> str:
+    """What a tie of complete trials on the best value means (a metric saturated on a small val split); "": none."""
+    best = best_trial(study)
+    tied = [t.number for t in study.trials if t.state.name == "COMPLETE" and t.value == best.value]
+    if len(tied) < 2:
+        return ""
+    return (f"{len(tied)} trials ({', '.join(map(str, tied))}) tie on {metric} = {best.value:.4f}: the best is trial "
+            f"{best.number}, of the lowest val/loss, as training picks its checkpoint; a larger val split would tell "
+            "them apart")
+
+
 def write_results(study: Any, out: Path, metric: str, space: Mapping[str, Any], cfg: Any) -> int:
     """trials.csv (every trial), trials.md (trials with a value, best first), history.png and best.yaml (the
     best complete trial's full config); returns how many trials completed (0: only trials.csv is written)."""
@@ -625,7 +656,7 @@ def write_results(study: Any, out: Path, metric: str, space: Mapping[str, Any], 
     for t in study.trials:
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
         rows.append({"trial": t.number, "state": t.state.name, "value": t.value,
-                     "epochs": max(t.intermediate_values, default=None), "seconds": seconds,
+                     "val_loss": t.user_attrs.get("val_loss"), "epochs": max(t.intermediate_values, default=None), "seconds": seconds,
                      **{k: t.params.get(k) for k in keys}, "run_dir": t.user_attrs.get("run_dir"),
                      "error": t.user_attrs.get("error")})  # fmt: skip
     if not rows:
@@ -640,21 +671,23 @@ def write_results(study: Any, out: Path, metric: str, space: Mapping[str, Any], 
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         return 0
-    done = sorted((r for r in rows if r["value"] is not None), key=lambda r: r["value"],
-                  reverse=study.direction.name == "MAXIMIZE")  # fmt: skip
-    lines = [f"| trial | state | {metric} | epochs | seconds | " + " | ".join(keys) + " |",
-             "|---|---|---|---|---|" + "---|" * len(keys)]  # fmt: skip
+    done = sorted((r for r in rows if r["value"] is not None), key=_rank(study.direction.name == "MAXIMIZE"))
+    lines = [f"| trial | state | {metric} | val/loss | epochs | seconds | " + " | ".join(keys) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(keys)]  # fmt: skip
     for r in done:  # a pruned trial shows its last reported value
         cells = " | ".join(_cell(r[k]) for k in keys)
-        lines.append(f"| {r['trial']} | {r['state'].lower()} | {r['value']:.4f} | {r['epochs']} | "
+        loss = "" if r["val_loss"] is None else f"{r['val_loss']:.4f}"
+        lines.append(f"| {r['trial']} | {r['state'].lower()} | {r['value']:.4f} | {loss} | {r['epochs']} | "
                      f"{r['seconds'] or 0:.0f} | {cells} |")  # fmt: skip
     states = collections.Counter(r["state"].lower() for r in rows)
     counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
-    md = f"# Tuning: {len(rows)} trials ({counts}); those with a value, best first\n\n" + "\n".join(lines) + "\n"
+    tie = tie_note(study, metric)
+    md = (f"# Tuning: {len(rows)} trials ({counts}); those with a value, best first (a tie: the lower val/loss)\n\n"
+          + (f"{tie}\n\n" if tie else "") + "\n".join(lines) + "\n")  # fmt: skip
     _write_replacing(out / "trials.md", lambda path: path.write_text(md))
     _write_replacing(out / "history.png",
                      lambda path: plot_history(rows, path, metric, study.direction.name == "MAXIMIZE"))  # fmt: skip
-    best = study.best_trial
+    best = best_trial(study)
     best_cfg = apply_params(cfg, best.params, {"run.name": None})
     in_memory = str(cfg.data.dataset).startswith(IN_MEMORY)  # `fusionkit train best.yaml` refuses it, saying so
     text = (

@@ -69,7 +69,8 @@ def test_cli_tune_writes_table_plot_and_best_config_keeping_a_users_own_files(tm
     assert (out / "history.png").stat().st_size > 1000
     assert "| trial |" in (out / "trials.md").read_text()
     best = yaml.safe_load((out / "best.yaml").read_text())
-    best_row = max((r for r in rows if r["value"]), key=lambda r: float(r["value"]))
+    assert all(float(r["val_loss"]) > 0 for r in rows if r["state"] == "COMPLETE")  # each trial's, to break ties
+    best_row = min((r for r in rows if r["state"] == "COMPLETE"), key=lambda r: (-float(r["value"]), float(r["val_loss"])))
     assert best["optim"]["lr"] == pytest.approx(float(best_row["optim.lr"]))
     assert best["model"]["fusion"]["depth"] == int(best_row["model.fusion.depth"])
     # every trial was a normal run dir, and the best config trains as it is

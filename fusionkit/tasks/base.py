@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -297,6 +298,13 @@ def labelled_rows(
     if target is None or (mask is not None and not bool(mask.any())):
         return None
     return (output[mask], target[mask]) if mask is not None else (output, target)
+
+
+def float32_values(values: torch.Tensor) -> Any:
+    """float32 numbers (a tensor of any shape) as (nested lists of) Python floats, each the shortest decimal that
+    is that float32 (0.3, not 0.30000001192092896; 1.2e-09, not 0.0): exact, and short in CSV and JSONL."""
+    array = values.detach().float().cpu().numpy()
+    return array.astype(str).astype(np.float64).tolist()  # numpy's str of a float32: its shortest repr
 
 
 def replace(cfg: TaskConfig, **changes: Any) -> TaskConfig:

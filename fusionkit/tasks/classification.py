@@ -13,11 +13,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, TaskConfig
-from .base import Task, is_missing, label_error, labelled_rows, register_task, replace, warn_missing_spellings
+from .base import (
+    Task,
+    float32_values,
+    is_missing,
+    label_error,
+    labelled_rows,
+    register_task,
+    replace,
+    warn_missing_spellings,
+)
 
 log = logging.getLogger("fusionkit.tasks")
 
@@ -223,8 +231,8 @@ class ClassificationTask(Task):
         if prior is not None:
             k = n or (len(names) if names else None)
             if k not in (None, len(prior)) or any(not math.isfinite(p) or p <= 0 for p in prior):
-                raise ConfigError(f"task {cfg.name!r}: class_prior must be {k or 'one'} positive numbers "
-                                  f"(one per class), got {prior}")  # fmt: skip
+                count = f"{k} positive numbers" if k else "positive numbers"
+                raise ConfigError(f"task {cfg.name!r}: class_prior must be {count}, one per class, got {prior}")
         cw = cfg.class_weights
         if isinstance(cw, str) and cw != "balanced":
             raise ConfigError(f"task {cfg.name!r}: class_weights must be 'balanced' or a list, got {cw!r}")
@@ -341,6 +349,11 @@ class ClassificationTask(Task):
         return TaskHead(dim, self._out_dim(), num_views, dropout)
 
     def loss(self, output: torch.Tensor, target: torch.Tensor | None, mask: torch.Tensor | None) -> Any:
+        """Cross-entropy, in float32, against label-smoothed targets ((1 - eps) + eps/K on the true class, eps/K on
+        each other class); with class weights each row's loss is weighted by its true class's weight and the mean
+        taken over those weights' sum, as torch's weighted cross-entropy does. (torch's `cross_entropy(weight=,
+        label_smoothing=)` also weights the smoothing term by every class's weight, which moves the targets off
+        those.) A batch whose rows all have weight 0 has loss 0, not 0/0: nothing in it is to be learned."""
         rows = labelled_rows(output, target, mask)
         if rows is None:
             return None
@@ -349,16 +362,18 @@ class ClassificationTask(Task):
             # torch's own IndexError names no task (a GPU's device assert names nothing at all); CPU checks for free
             raise ValueError(f"task {self.name!r}: labels must be class indices 0..{output.shape[-1] - 1} "
                              f"({self.names}), got {int(target.min())}..{int(target.max())}")  # fmt: skip
-        weight = self.cfg.class_weights
-        w = (
-            torch.tensor(weight, dtype=output.dtype, device=output.device)
-            if isinstance(weight, list)
-            else None
-        )
+        logits, target = output.float(), target.long()
         if self.cfg.logit_adjustment and self.cfg.class_prior is not None:
-            log_prior = torch.tensor(self.cfg.class_prior, dtype=output.dtype, device=output.device).log()
-            output = output + self.cfg.logit_adjustment * log_prior  # in the loss only: predictions stay raw
-        return F.cross_entropy(output, target.long(), weight=w, label_smoothing=self.cfg.label_smoothing)
+            log_prior = logits.new_tensor(self.cfg.class_prior).log()
+            logits = logits + self.cfg.logit_adjustment * log_prior  # in the loss only: predictions stay raw
+        log_p = logits.log_softmax(-1)
+        eps = self.cfg.label_smoothing
+        per_row = -(1 - eps) * log_p.gather(-1, target[:, None]).squeeze(-1) - eps * log_p.mean(-1)
+        weight = self.cfg.class_weights
+        if not isinstance(weight, list):
+            return per_row.mean()
+        w = logits.new_tensor(weight)[target]
+        return (w * per_row).sum() / w.sum().clamp_min(torch.finfo(w.dtype).tiny)
 
     def loss_normaliser(self, target: torch.Tensor | None, mask: torch.Tensor | None, rows: int) -> float:
         """With class weights, cross-entropy's mean divides by the labelled rows' weights: their sum."""
@@ -403,12 +418,10 @@ class ClassificationTask(Task):
         return flat, details
 
     def predict(self, outputs: torch.Tensor) -> list[dict[str, Any]]:
-        probs = self.probabilities(outputs).numpy()
+        """The most probable class and every class's probability, unrounded (a tiny one is not 0.0: log-loss)."""
+        probs = self.probabilities(outputs)
         names = self.names
         return [
-            {
-                self.name: names[int(p.argmax())],
-                f"{self.name}_prob": {c: round(float(v), 6) for c, v in zip(names, p)},
-            }
-            for p in probs
+            {self.name: names[int(p.argmax())], f"{self.name}_prob": dict(zip(names, values))}
+            for p, values in zip(probs, float32_values(probs))
         ]

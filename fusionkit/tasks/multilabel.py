@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,10 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, TaskConfig
-from .base import is_missing, label_error, labelled_rows, register_task
+from .base import float32_values, is_missing, label_error, labelled_rows, register_task
 from .classification import UNKNOWN_LABEL_HINT, ClassificationTask, class_report, label_string
 
 log = logging.getLogger("fusionkit.tasks")
+SEPARATOR = "|"  # between the tags of a text cell, as read and as prediction CSVs write them
 
 
 def label_list(value: Any, where: str, item: str) -> list[str]:
@@ -30,7 +32,7 @@ def label_list(value: Any, where: str, item: str) -> list[str]:
                 value = parsed if isinstance(parsed, list) else value
             except (ValueError, SyntaxError, MemoryError, RecursionError):
                 pass
-    values = value if isinstance(value, list | tuple) else str(value).split("|")
+    values = value if isinstance(value, list | tuple) else str(value).split(SEPARATOR)
     return [label_string(v, where, item) for v in values if not is_missing(v)]
 
 
@@ -47,6 +49,10 @@ class MultilabelTask(ClassificationTask):
     @classmethod
     def validate_config(cls, cfg: TaskConfig) -> None:
         super().validate_config(cfg)
+        joined = [c for c in cfg.class_names or () if SEPARATOR in c]
+        if joined:
+            raise ConfigError(f"task {cfg.name!r}: tags {joined} hold '|', which separates tags in a cell (and in "
+                              "prediction files): rename them without '|'")  # fmt: skip
         t = cfg.params.get("threshold", 0.5)
         values = t if isinstance(t, list) else [t]
         if not values or not all(isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 1 for v in values):
@@ -75,7 +81,8 @@ class MultilabelTask(ClassificationTask):
         return 1
 
     def names_in(self, labels: Sequence[Any], where: str) -> set[str]:
-        names = {n for v in labels for n in label_list(v, where, "?")}
+        """The tags the cells name; one holding '|' is no tag (`encode` refuses its row, naming it)."""
+        names = {n for v in labels for n in label_list(v, where, "?") if SEPARATOR not in n}
         joined = sorted(n for n in names if ";" in n or "," in n)
         if joined:  # "a;b" read as one tag named "a;b" is almost always another separator
             log.warning("task %s: tags %s in %s hold ';' or ','; a multilabel cell separates its tags with '|' "
@@ -87,6 +94,10 @@ class MultilabelTask(ClassificationTask):
             return None
         out = set()
         for name in label_list(value, where, item):
+            if SEPARATOR in name:
+                raise label_error(f"tag {name!r} of task {self.name!r} holds '|', which separates the tags of a "
+                                  "prediction file's cell: it would be read back as several tags", where, item,
+                                  "rename the tag without '|' (a JSON list cell is one tag per element)")  # fmt: skip
             if name not in self.names:
                 raise label_error(f"unknown label {name!r} for task {self.name!r}; classes are {self.names}",
                                   where, item, UNKNOWN_LABEL_HINT)  # fmt: skip
@@ -101,6 +112,17 @@ class MultilabelTask(ClassificationTask):
         return hot, mask
 
     def fit_train_statistics(self, values: Sequence[Any]) -> TaskConfig:
+        """Nothing to fit; a tag in every labelled train row or in none is said: the model learns a constant for it,
+        and that constant, right on every row, inflates micro-F1."""
+        labelled = [set(v) for v in values if v is not None]
+        counts = Counter(c for tags in labelled for c in tags)
+        always = [n for c, n in enumerate(self.names) if labelled and counts[c] == len(labelled)]
+        never = [n for c, n in enumerate(self.names) if labelled and not counts[c]]
+        for tags, where in ((always, "every"), (never, "no")):
+            if tags:
+                log.warning("task %s: tag(s) %s are in %s labelled train row (%d rows): the model can only learn a "
+                            "constant for them, which scores as right on every such row and inflates micro_f1; check "
+                            "the labels, or remove the tags", self.name, tags, where, len(labelled))  # fmt: skip
         return self.cfg
 
     def loss(self, output: torch.Tensor, target: Any, mask: Any) -> Any:
@@ -135,12 +157,13 @@ class MultilabelTask(ClassificationTask):
         }, {"class_names": list(self.names), "report": report, "threshold": self.cfg.params.get("threshold", 0.5)}
 
     def predict(self, outputs: torch.Tensor) -> list[dict[str, Any]]:
+        """The tags above their threshold and every tag's probability, unrounded."""
         probs = self.probabilities(outputs)
         chosen = self.decide(probs).numpy()
         return [
             {
                 self.name: [c for c, keep in zip(self.names, row) if keep],
-                f"{self.name}_prob": {c: round(float(v), 6) for c, v in zip(self.names, p)},
+                f"{self.name}_prob": dict(zip(self.names, values)),
             }  # fmt: skip
-            for p, row in zip(probs.numpy(), chosen)
+            for values, row in zip(float32_values(probs), chosen)
         ]

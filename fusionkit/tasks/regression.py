@@ -12,11 +12,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, TaskConfig
-from .base import Task, is_missing, label_error, labelled_rows, register_task, replace, warn_missing_spellings
+from .base import (
+    Task,
+    float32_values,
+    is_missing,
+    label_error,
+    labelled_rows,
+    register_task,
+    replace,
+    warn_missing_spellings,
+)
 
 
 @register_task("regression")
@@ -105,8 +113,9 @@ class RegressionTask(Task):
         return TaskHead(dim, self.num_targets, num_views, dropout)
 
     def forward(self, head: nn.Module, ctx: Any) -> torch.Tensor:
-        """The head predicts standardized targets; the task's output is on the targets' own scale."""
-        out = head(ctx.views, ctx.view_mask)
+        """The head predicts standardized targets; the task's output is on the targets' own scale, in float32 under
+        bf16 autocast too (bf16 holds 100000 only to within 512)."""
+        out = head(ctx.views, ctx.view_mask).float()
         scale = self._scale(out)
         return out if scale is None else out * scale[1] + scale[0]
 
@@ -114,11 +123,11 @@ class RegressionTask(Task):
         rows = labelled_rows(output, None if target is None else target.float().reshape(output.shape), mask)
         if rows is None:
             return None
-        pred, y = rows
-        scale = self._scale(pred)
+        error = rows[0].float() - rows[1]  # float32: bf16 would round targets of large magnitude
+        scale = self._scale(error)
         if scale is not None:  # the error in train-std units: every target (and task) weighs the same
-            pred, y = pred / scale[1], y / scale[1]
-        return F.mse_loss(pred, y)
+            error = error / scale[1]
+        return error.square().mean()
 
     def metrics(
         self, outputs: torch.Tensor, labels: Any, mask: Any
@@ -136,9 +145,7 @@ class RegressionTask(Task):
     def predict(self, outputs: torch.Tensor) -> list[dict[str, Any]]:
         """The head computes in float32: each value is written as the shortest decimal that is that float32
         (4218.4, not 4218.39990234375), the same in CSV, JSONL and `model.predict`."""
-        rows = outputs.detach().float().cpu().numpy()
-        values = [[float(str(v)) for v in row] for row in rows]  # numpy's str of a float32: its shortest repr
-        return [{self.name: row[0] if len(row) == 1 else row} for row in values]
+        return [{self.name: row[0] if len(row) == 1 else row} for row in float32_values(outputs)]
 
     def prediction_keys(self) -> tuple[str, ...]:
         return (self.name,)

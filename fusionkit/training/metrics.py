@@ -7,11 +7,14 @@ matrices labelled with class names) and one prediction row per example (label na
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..config import ConfigError
 from ..tasks import Task
+
+log = logging.getLogger("fusionkit.training")
 
 
 def metric_task(metric: str, tasks: Mapping[str, Task]) -> tuple[str, str] | None:
@@ -75,9 +78,35 @@ def evaluation_metrics(
             continue
         m, d = task.metrics(result["outputs"][name], result["labels"].get(name), result["label_mask"].get(name))
         flat.update({f"{prefix}/{name}/{k}": v for k, v in m.items()})
+        left_out = unscored_classes(d)
+        if left_out:
+            d["macro_avg_leaves_out"] = left_out
+            warn_unscored_classes(name, left_out, len(d["class_names"]), prefix)
         if d:
             details[name] = d
     return flat, details
+
+
+def unscored_classes(details: Mapping[str, Any]) -> list[str]:
+    """The classes a task's per-class report scores as None: neither labelled nor predicted in the split, so its
+    macro averages (macro_f1) leave them out rather than count them as 0."""
+    report = details.get("report", {})
+    return [c for c in details.get("class_names", ()) if report.get(c, {}).get("f1-score", 0) is None]
+
+
+_said: set[tuple[str, str, tuple[str, ...]]] = set()
+
+
+def warn_unscored_classes(task: str, classes: Sequence[str], total: int, split: str) -> None:
+    """Say, once per task, split and classes, that a split's macro average covers fewer classes than the task has
+    (for every split scored: val at each epoch, test, `fusionkit eval`)."""
+    key = (task, split, tuple(classes))
+    if key in _said:
+        return
+    _said.add(key)
+    log.warning("task %s: class(es) %s have no labelled or predicted row in %s: its macro_f1 averages %d of %d "
+                "classes, and their per-class scores are null", task, list(classes), split, total - len(classes),
+                total)  # fmt: skip
 
 
 def prediction_rows(tasks: Mapping[str, Task], result: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -418,7 +418,7 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
 
     from .data import DataError, build_cache, load_dataset, read_split_file
     from .data.cache import SplitView
-    from .data.sources.registry import data_gone
+    from .data.sources.registry import data_gone, source_name
     from .tasks import bind_labels
     from .training.feature_cache import build_features
     from .training.trainer import IN_MEMORY, cache_root, reader_kwargs
@@ -464,8 +464,16 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
                            on_error=on_error)[0]  # fmt: skip
 
     read_pool = None  # reads every row the split file names, to find training's cache of them all
+    own = None  # --data with splits of its own (a DatasetDict, MVSA's folder): --split names one of them
+    if split != "all" and args.data is not None and not args.split_file and source_name(source) not in (None, "table"):
+        whole = read(data, with_labels, data.on_error)
+        if whole.splits and split in whole.splits:
+            own = whole.subset([i for i in whole.splits[split] if i in set(whole.ids)], name=f"{whole.name}[{split}]")
+            log.info("%s: its own %s split (%d rows), not the run's split.json", source, split, len(own))
     if split == "all":
         ds = read(data, with_labels, data.on_error)
+    elif own is not None:
+        ds = own
     else:
         split_file = Path(args.split_file) if args.split_file else (run_dir / "split.json" if run_dir else None)
         if args.split_file and not split_file.is_file():

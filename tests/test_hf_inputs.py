@@ -143,3 +143,18 @@ def test_a_classlabel_number_past_its_names_is_an_error_not_a_missing_label(tmp_
     assert ds.label_names["mood"] == NAMES and ds[0].labels["mood"] is None  # the -1 is still missing
     with pytest.raises(ConfigError, match=r"labels \['5'\] .* are not among the classes \['zebra', 'apple', 'mango'\]"):
         bind_labels(ds, [TaskConfig("mood")])
+
+
+def test_predict_split_of_a_datasetdict_folder_is_its_own_split(tmp_path: Path) -> None:
+    """`predict --data DD --split test` of a saved DatasetDict predicts DD's own test split, as training reads
+    DD's splits; it looked the run's split.json ids up in DD instead (here 2 rows of DD's 4, or an error)."""
+    from fusionkit.cli import main
+
+    ds = _dataset()
+    fusionkit.train(_train_config(tmp_path, "own"), data=hf.DatasetDict(
+        train=ds.select(range(6)), validation=ds.select(range(6, 8)), test=ds.select(range(10, 12))))  # fmt: skip
+    hf.DatasetDict(train=ds.select(range(8)), test=ds.select(range(8, 12))).save_to_disk(str(tmp_path / "dd"))
+    out = tmp_path / "out.csv"
+    assert main(["predict", str(tmp_path / "runs" / "own"), "--data", str(tmp_path / "dd"), "--split", "test",
+                 "--text-column", "caption", "--image-column", "photo", "--output", str(out)]) == 0  # fmt: skip
+    assert pd.read_csv(out, dtype=str)["id"].tolist() == ["8", "9", "10", "11"]

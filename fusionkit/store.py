@@ -27,7 +27,7 @@ import secrets
 import shutil
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -334,3 +334,30 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         return
     _fsync(final.parent)  # the rename itself
+
+
+def replace_file(path: Path, write: Callable[[Path], Any], elsewhere: str = "another run.output_dir") -> None:
+    """`write(tmp)`, then `tmp` renamed over `path`: a failed or killed write leaves the previous file whole and
+    a failed one no temporary file, and another name of the old file (a hard-linked copy of a run, `cp -al`, or
+    a backup) keeps its bytes. Says which file could not be written, and to free space or choose `elsewhere`."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # the suffix kept: savefig reads the format from it
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, f"could not write {path} ({e.strerror or e}): free space or choose "
+                               f"{elsewhere}, then run the same command again") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `path` whole or not at all (`replace_file`)."""
+    replace_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def append_atomic(path: Path, lines: Sequence[str]) -> None:
+    """Append `lines` to `path` by writing it anew (`replace_file`): an append in place would write into the
+    original run's file too when this run is a hard-linked copy of it."""
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    write_atomic(path, old + ("\n" if old and not old.endswith("\n") else "") + "".join(line + "\n" for line in lines))

@@ -48,6 +48,7 @@ from typing import Any
 
 from .config import ConfigError, load_config_file, to_dict
 from .models.fusion_model import is_model_folder
+from .store import replace_file
 from .training.config import IN_MEMORY, TASK_PREFIX
 from .training.rundir import RunDirError, run_dir_holding
 
@@ -142,7 +143,7 @@ def resolve_value(key: str, value: Any) -> Any:
 
     if isinstance(value, Mapping):
         return {sub: resolve_value(f"{key}.{sub}", v) for sub, v in value.items()}
-    return resolve_paths({key: value}, Path.cwd())[key] if key in PATH_KEYS else value
+    return resolve_paths({key: value}, Path.cwd())[key] if key in (*PATH_KEYS, "run.output_dir") else value
 
 
 def load_space(source: str | Path | Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -588,6 +589,7 @@ def open_study(
     return study
 
 
+WHERE = "another --output-dir"  # where a tuning table goes when its disk is full
 STUDY_LOCK = ".tune.lock"  # held (shared) by each live tune process of the study in that folder
 
 
@@ -667,7 +669,7 @@ def write_results(study: Any, out: Path, metric: str, space: Mapping[str, Any], 
             writer.writeheader()
             writer.writerows(rows)
 
-    _write_replacing(out / "trials.csv", table)
+    replace_file(out / "trials.csv", table, WHERE)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         return 0
@@ -684,9 +686,9 @@ def write_results(study: Any, out: Path, metric: str, space: Mapping[str, Any], 
     tie = tie_note(study, metric)
     md = (f"# Tuning: {len(rows)} trials ({counts}); those with a value, best first (a tie: the lower val/loss)\n\n"
           + (f"{tie}\n\n" if tie else "") + "\n".join(lines) + "\n")  # fmt: skip
-    _write_replacing(out / "trials.md", lambda path: path.write_text(md))
-    _write_replacing(out / "history.png",
-                     lambda path: plot_history(rows, path, metric, study.direction.name == "MAXIMIZE"))  # fmt: skip
+    replace_file(out / "trials.md", lambda path: path.write_text(md), WHERE)
+    replace_file(out / "history.png",
+                 lambda path: plot_history(rows, path, metric, study.direction.name == "MAXIMIZE"), WHERE)  # fmt: skip
     best = best_trial(study)
     best_cfg = apply_params(cfg, best.params, {"run.name": None})
     in_memory = str(cfg.data.dataset).startswith(IN_MEMORY)  # `fusionkit train best.yaml` refuses it, saying so
@@ -695,19 +697,8 @@ def write_results(study: Any, out: Path, metric: str, space: Mapping[str, Any], 
         + ("# tuned on data passed in Python: fusionkit.train('best.yaml', data=<the same data>)\n" if in_memory else "")
         + yaml.safe_dump(to_dict(best_cfg), sort_keys=False)
     )
-    _write_replacing(out / "best.yaml", lambda path: path.write_text(text))
+    replace_file(out / "best.yaml", lambda path: path.write_text(text), WHERE)
     return len(complete)
-
-
-def _write_replacing(path: Path, write: Callable[[Path], Any]) -> None:
-    """`write(tmp)`, then `tmp` renamed over `path`: a kill mid-write leaves the previous file whole, and a
-    backup `keep_previous` made of it (a hard link) keeps its own bytes."""
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # the suffix kept: savefig reads the format from it
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _cell(v: Any) -> str:

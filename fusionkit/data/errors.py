@@ -60,10 +60,15 @@ class SkipLog:
             report_dir = Path(tempfile.gettempdir()) / "fusionkit-skipped"
             report_dir.mkdir(parents=True, exist_ok=True)
             report_path = report_dir / f"skipped-{time.strftime('%Y%m%d-%H%M%S')}-{id(self):x}.jsonl"
+        from ..store import replace_file
+
         report_path = Path(report_path)
         report_path.parent.mkdir(parents=True, exist_ok=True)
-        with report_path.open("w", encoding="utf-8", errors="backslashreplace") as f:  # a row's undecodable bytes
-            for row in self.skipped:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+        def write(tmp: Path) -> None:  # whole, by rename: a hard-linked copy of a run keeps its own report
+            with tmp.open("w", encoding="utf-8", errors="backslashreplace") as f:  # a row's undecodable bytes
+                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in self.skipped)
+
+        replace_file(report_path, write, "another report path")
         log.warning("%s: skipped %d of %d items; see %s", self.what, len(self.skipped), total, report_path)
         return report_path

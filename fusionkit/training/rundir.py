@@ -29,9 +29,11 @@ import shutil
 import socket
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from ..store import append_atomic, replace_file, write_atomic  # noqa: F401  (run files are written whole)
 
 log = logging.getLogger("fusionkit.training")
 
@@ -356,33 +358,6 @@ def _own_hint(holder: str) -> str:
 def _release(fd: int) -> None:
     os.ftruncate(fd, 0)  # an empty lock file tells the next writer this run ended cleanly
     os.close(fd)  # closing drops the flock
-
-
-def replace_file(path: Path, write: Callable[[Path], Any]) -> None:
-    """`write(tmp)`, then `tmp` renamed over `path`: a failed or killed write leaves the previous file whole and
-    a failed one no temporary file, and another name of the old file (a hard-linked copy of the run, `cp -al`, or
-    a backup) keeps its bytes. Says which file could not be written."""
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # the suffix kept: savefig reads the format from it
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OSError(e.errno, f"could not write {path} ({e.strerror or e}): free space or choose another "
-                               "run.output_dir, then run the same command again") from e
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `path` whole or not at all (`replace_file`)."""
-    replace_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def append_atomic(path: Path, lines: Sequence[str]) -> None:
-    """Append `lines` to `path` by writing it anew (`replace_file`): an append in place would write into the
-    original run's file too when this run is a hard-linked copy of it."""
-    old = path.read_text(encoding="utf-8") if path.is_file() else ""
-    write_atomic(path, old + ("\n" if old and not old.endswith("\n") else "") + "".join(line + "\n" for line in lines))
 
 
 def follow_pointer(path: str | Path) -> Path:

@@ -53,17 +53,31 @@ def check_encoder_depths(model: Any) -> None:
 
 
 def check_image_grid(model: Any) -> None:
-    """Fail at start if `fusion.image_grid` asks for more tokens per side than the image encoder's patch grid has:
-    pooling cannot add tokens, so it would silently keep the grid as it is."""
-    grid, patch = model.config.fusion.image_grid, model.image_encoder.patch_size()
-    if not grid or not patch:
+    """Fail at start if `fusion.image_grid` cannot pool the image encoder's patch grid: its token layout (prefix
+    tokens, patch rows x columns) is unknown or not what it outputs, or the grid asks for more tokens per side
+    than the patch grid has (pooling cannot add tokens, so it would silently keep the grid as it is)."""
+    grid, encoder = model.config.fusion.image_grid, model.image_encoder
+    if not grid:
         return
-    side = min(model.image_encoder.preprocess.size) // patch
-    if grid > side:
+    layout, name = encoder.token_layout(), model.config.image.name
+    if layout is None:
         raise ConfigError(
-            f"model.fusion.image_grid={grid} exceeds the image encoder's {side}x{side} patch grid "
-            f"({min(model.image_encoder.preprocess.size)} px / {patch} px patches): pooling cannot add tokens; "
-            f"set it to at most {side}, or 0 to keep every patch"
+            f"model.fusion.image_grid={grid}: the image encoder ({name}, {type(encoder.model).__name__}) does not "
+            "declare its token layout (how many CLS/register tokens precede its patches, and the patch grid's rows "
+            "and columns), so its patches cannot be pooled; set model.fusion.image_grid: 0 to keep every token"
+        )
+    prefix, h, w = layout
+    if not encoder.is_meta and (n := encoder.example_output().shape[1]) != prefix + h * w:
+        raise ConfigError(
+            f"model.fusion.image_grid={grid}: the image encoder ({name}) outputs {n} tokens, not the {prefix} prefix "
+            f"+ {h}x{w} patch tokens its adapter declares, so its patches cannot be pooled; set "
+            "model.fusion.image_grid: 0 to keep every token"
+        )
+    if grid > min(h, w):
+        size = "x".join(map(str, encoder.preprocess.size))
+        raise ConfigError(
+            f"model.fusion.image_grid={grid} exceeds the image encoder's {h}x{w} patch grid ({size} px input): "
+            f"pooling cannot add tokens; set it to at most {min(h, w)}, or 0 to keep every patch"
         )
 
 

@@ -686,16 +686,20 @@ class ImageEncoder(Encoder):
         return encoder
 
     @torch.no_grad()
+    def example_output(self) -> torch.Tensor:
+        """The backbone's features of one example image, in eval mode."""
+        mode = self.training
+        try:
+            return self.eval().backbone(*(x[:1] for x in self.example_inputs()))
+        finally:
+            self.train(mode)
+
     def check_tokens(self, name: str) -> None:
         """Refuse a backbone whose features are not tokens [B, N, width] (a CNN's or Swin's feature map), before
         a cache is built or a run dir made: the fusion reads patch tokens."""
         if self.is_meta:
             return
-        mode = self.training
-        try:
-            out = self.eval().backbone(*(x[:1] for x in self.example_inputs()))
-        finally:
-            self.train(mode)
+        out = self.example_output()
         if out.dim() != 3 or out.shape[-1] != self.width:
             raise ConfigError(
                 f"model.image.name {name}: its features have shape {tuple(out.shape)}, not tokens [batch, tokens, "
@@ -713,6 +717,12 @@ class ImageEncoder(Encoder):
         config = getattr(self.model, "config", None)  # HF
         size = getattr(config, "patch_size", None) or getattr(getattr(self.model, "patch_embed", None), "patch_size", None)
         return int(size[0] if isinstance(size, tuple | list) else size) if size else None
+
+    def token_layout(self) -> tuple[int, int, int] | None:
+        """(prefix tokens, patch rows, patch columns) of the output at the input size: the prefix (CLS, registers)
+        comes first, then the patches row by row. None where the backend cannot say: `fusion.image_grid`, which
+        pools the patch grid, is then refused (guessing it from the token count mixes CLS into patches)."""
+        return None
 
 
 # `model.image.backend`: `@IMAGE_BACKENDS.register("name")` over an ImageEncoder subclass adds one
@@ -794,6 +804,16 @@ class TimmImageEncoder(ImageEncoder):
     def backbone(self, pixel_values: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self.model.forward_features(pixel_values)
 
+    def token_layout(self) -> tuple[int, int, int] | None:
+        """timm's own: `num_prefix_tokens` (class, distillation and register tokens) and the patch embedding's grid
+        at the input size."""
+        prefix = getattr(self.model, "num_prefix_tokens", None)
+        feat_size = getattr(getattr(self.model, "patch_embed", None), "dynamic_feat_size", None)
+        if not isinstance(prefix, int) or feat_size is None:
+            return None
+        h, w = feat_size(tuple(self.preprocess.size))
+        return prefix, int(h), int(w)
+
     def final_norm(self) -> nn.Module | None:
         norm = getattr(self.model, "norm", None)
         return norm if isinstance(norm, nn.Module) and not isinstance(norm, nn.Identity) else None
@@ -812,6 +832,13 @@ class TimmImageEncoder(ImageEncoder):
         return [f"argument {i}" for i, a in enumerate(args[1:], 1) if isinstance(a, torch.Tensor)] + [
             k for k, v in kwargs.items() if isinstance(v, torch.Tensor)  # not flags (is_causal)
         ]
+
+
+# HF vision models whose output is [prefix tokens, patches row by row]: their prefix tokens before any registers
+# (the CLS token; DeiT's distillation token too). Others have no known layout, so `fusion.image_grid` refuses them.
+HF_PREFIX_TOKENS = {"vit": 1, "deit": 2, "beit": 1, "data2vec-vision": 1, "vit_msn": 1, "dinov2": 1,
+                    "dinov2_with_registers": 1, "dinov3_vit": 1, "ijepa": 0, "clip_vision_model": 1,
+                    "siglip_vision_model": 0}  # fmt: skip
 
 
 @IMAGE_BACKENDS.register("hf")
@@ -843,6 +870,17 @@ class HFImageEncoder(ImageEncoder):
 
     def backbone(self, pixel_values: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self.model(pixel_values=pixel_values).last_hidden_state
+
+    def token_layout(self) -> tuple[int, int, int] | None:
+        """The model type's prefix tokens (`HF_PREFIX_TOKENS`, then its `num_register_tokens`) and the patch grid
+        of the input size (which is the image processor's, not always the config's `image_size`)."""
+        config = self.model.config
+        prefix, patch = HF_PREFIX_TOKENS.get(config.model_type), getattr(config, "patch_size", None)
+        if prefix is None or not patch:
+            return None
+        ph, pw = patch if isinstance(patch, tuple | list) else (patch, patch)
+        h, w = self.preprocess.size
+        return prefix + int(getattr(config, "num_register_tokens", 0) or 0), h // int(ph), w // int(pw)
 
     def final_norm(self) -> nn.Module | None:
         return _hf_final_norm(self.model)

@@ -1,0 +1,84 @@
+"""What the encoder adapters declare and the checks built on it: the image token layout `fusion.image_grid` pools,
+the parameters that are not weight-decayed, a saved text encoder's files, the saved tokenizer's padding side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import fusionkit
+from fusionkit.config import ConfigError
+from fusionkit.models import encoders
+
+
+def save_hf_image_encoder(path: Path, kind: str, size: tuple[int, int]) -> Path:
+    """A tiny random HF ViT (CLS) or DINOv2 with 4 registers, with an image processor of height x width `size`."""
+    from transformers import (
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersModel,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+    )
+
+    common = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, patch_size=8)
+    if kind == "vit":
+        model = ViTModel(ViTConfig(image_size=list(size), **common), add_pooling_layer=False)
+    else:
+        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(image_size=max(size), num_register_tokens=4, **common))
+    model.save_pretrained(path)
+    ViTImageProcessor(size={"height": size[0], "width": size[1]}).save_pretrained(path)
+    return path
+
+
+def manual_pool(tokens: torch.Tensor, prefix: int, h: int, w: int, grid: int) -> torch.Tensor:
+    """The prefix tokens, then the h x w patches averaged over each of grid x grid cells (adaptive pooling's cells)."""
+    patches = tokens[:, prefix:].reshape(tokens.shape[0], h, w, -1)
+
+    def cell(i: int, n: int) -> slice:
+        return slice(i * n // grid, -(-(i + 1) * n // grid))
+
+    cells = [patches[:, cell(i, h), cell(j, w)].mean(dim=(1, 2)) for i in range(grid) for j in range(grid)]
+    return torch.cat([tokens[:, :prefix], torch.stack(cells, dim=1)], dim=1)
+
+
+TIMM = "timm"
+# (image encoder, prefix tokens, patch rows, patch columns, image_grid): non-square grids, with and without CLS/registers
+LAYOUTS = [
+    ({"name": "tiny", "model_kwargs": {"img_size": [24, 32]}}, 1, 3, 4, 2),  # timm CLS + 3x4 (read as 4 + 3x3)
+    ({"name": "tiny", "model_kwargs": {"img_size": [32, 48], "class_token": False, "global_pool": "avg"}}, 0, 4, 6, 2),
+    ({"name": "tiny", "model_kwargs": {"img_size": [16, 24], "reg_tokens": 2}}, 3, 2, 3, 1),  # CLS + 2 registers
+    ("vit", 1, 4, 6, 2),  # HF ViT: CLS + 4x6 (read as 5x5, CLS pooled with patches)
+    ("dinov2", 5, 2, 3, 1),  # HF DINOv2: CLS + 4 registers + 2x3
+]
+
+
+@pytest.mark.parametrize(("image", "prefix", "h", "w", "grid"), LAYOUTS)
+def test_image_grid_pools_the_encoders_own_patch_grid(tmp_path, image, prefix, h, w, grid) -> None:
+    """Pooling averages the real h x w patches into grid x grid cells and keeps every prefix token as it is."""
+    if isinstance(image, str):
+        image = {"backend": "hf", "name": str(save_hf_image_encoder(tmp_path / image, image, (8 * h, 8 * w)))}
+    model = fusionkit.create_model("tiny", image={"backend": TIMM, **image}, fusion={"image_grid": grid}).eval()
+    pixels = torch.randn(2, 3, 8 * h, 8 * w)
+    with torch.no_grad():
+        features = model.image_encoder(pixels)
+        assert features.shape[1] == prefix + h * w  # the encoder built is the one described
+        expected = model.image_proj(manual_pool(features, prefix, h, w, grid))
+        torch.testing.assert_close(model.image_tokens(pixels), expected)
+    assert expected.shape[1] == prefix + grid * grid
+
+
+def test_image_grid_is_refused_where_the_layout_is_unknown_wrong_or_too_small(tmp_path, monkeypatch) -> None:
+    """Refused at build, naming the setting: no guess from the token count."""
+    image = {"backend": "hf", "name": str(save_hf_image_encoder(tmp_path / "vit", "vit", (32, 48)))}
+    with pytest.raises(ConfigError, match=r"image_grid=5 exceeds the image encoder's 4x6 patch grid .*at most 4"):
+        fusionkit.create_model("tiny", image=image, fusion={"image_grid": 5})
+    monkeypatch.setitem(encoders.HF_PREFIX_TOKENS, "vit", 2)  # a wrong declaration: its output says otherwise
+    with pytest.raises(ConfigError, match=r"outputs 25 tokens, not the 2 prefix \+ 4x6 patch tokens"):
+        fusionkit.create_model("tiny", image=image, fusion={"image_grid": 2})
+    monkeypatch.delitem(encoders.HF_PREFIX_TOKENS, "vit")  # a model type whose layout fusionkit does not know
+    with pytest.raises(ConfigError, match=r"image_grid=2: the image encoder .* does not declare its token layout"):
+        fusionkit.create_model("tiny", image=image, fusion={"image_grid": 2})
+    assert fusionkit.create_model("tiny", image=image).image_tokens(torch.randn(1, 3, 32, 48)).shape[1] == 25

@@ -11,6 +11,7 @@ import torch
 import fusionkit
 from fusionkit.config import ConfigError
 from fusionkit.models import encoders
+from fusionkit.training.optim import param_groups
 
 
 def save_hf_image_encoder(path: Path, kind: str, size: tuple[int, int]) -> Path:
@@ -82,3 +83,17 @@ def test_image_grid_is_refused_where_the_layout_is_unknown_wrong_or_too_small(tm
     with pytest.raises(ConfigError, match=r"image_grid=2: the image encoder .* does not declare its token layout"):
         fusionkit.create_model("tiny", image=image, fusion={"image_grid": 2})
     assert fusionkit.create_model("tiny", image=image).image_tokens(torch.randn(1, 3, 32, 48)).shape[1] == 25
+
+
+def test_bert_position_embeddings_and_vit_tokens_are_not_weight_decayed() -> None:
+    """As the README says: position embeddings and class tokens are exempt (BERT's are a module's `.weight`);
+    word and token-type embeddings decay, as in BERT."""
+    model = fusionkit.create_model("tiny")
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)]: g["weight_decay"]
+             for g in param_groups(model, fusionkit.OptimConfig(weight_decay=0.05, layer_decay=0.5))
+             for p in g["params"]}  # fmt: skip
+    embeddings = "text_encoder.model.embeddings"
+    assert decay[f"{embeddings}.position_embeddings.weight"] == 0.0
+    assert decay["image_encoder.model.pos_embed"] == decay["image_encoder.model.cls_token"] == 0.0
+    assert decay[f"{embeddings}.word_embeddings.weight"] == decay[f"{embeddings}.token_type_embeddings.weight"] == 0.05

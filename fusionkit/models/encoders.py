@@ -74,6 +74,14 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList | nn.Sequential:
     return max(stacks, key=len)
 
 
+# parameters, or modules of parameters, that are not weight-decayed: position embeddings (BERT's, ViT's, CLIP's,
+# timm's), class, distillation, register and mask tokens. Token-type and word embeddings are decayed, as in BERT.
+NO_WEIGHT_DECAY_NAMES = frozenset({
+    "position_embeddings", "position_embedding", "pos_embed", "cls_token", "class_embedding", "distillation_token",
+    "dist_token", "mask_token", "register_tokens", "reg_token",
+})  # fmt: skip
+
+
 class _StopForward(Exception):
     """Raised by a forward pre-hook once the hidden state it waits for is captured (skips the rest)."""
 
@@ -282,13 +290,14 @@ class Encoder(nn.Module):
         return {f"model.{n}": i for n, i in ids.items()}
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names (relative to this module) that must not be decayed besides biases and norms."""
+        """Parameter names (relative to this module) that must not be decayed besides biases and norms: the model's
+        own `no_weight_decay` (timm), and position embeddings and class / register tokens by name, as a parameter
+        (ViT's `embeddings.cls_token`) or as the module holding it (BERT's `embeddings.position_embeddings.weight`)."""
         names = getattr(self.model, "no_weight_decay", None)
         declared = set(names()) if callable(names) else set()
-        keys = ("position_embeddings", "cls_token", "mask_token", "register_tokens", "pos_embed", "reg_token")
         return {
             f"model.{n}" for n, _ in self.model.named_parameters()
-            if n in declared or n.split(".")[-1] in keys
+            if n in declared or not NO_WEIGHT_DECAY_NAMES.isdisjoint(n.split("."))
         }  # fmt: skip
 
     def set_top_trainable(self, k: int) -> None:

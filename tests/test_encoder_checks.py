@@ -3,6 +3,7 @@ the parameters that are not weight-decayed, a saved text encoder's files, the sa
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,21 @@ def test_bert_position_embeddings_and_vit_tokens_are_not_weight_decayed() -> Non
     assert decay[f"{embeddings}.position_embeddings.weight"] == 0.0
     assert decay["image_encoder.model.pos_embed"] == decay["image_encoder.model.cls_token"] == 0.0
     assert decay[f"{embeddings}.word_embeddings.weight"] == decay[f"{embeddings}.token_type_embeddings.weight"] == 0.05
+
+
+def test_a_left_padding_tokenizer_is_saved_padding_right(tmp_path) -> None:
+    """fusionkit pads right whatever the tokenizer says; the saved tokenizer, which servers read, says so too
+    (transformers' AutoTokenizer and the `tokenizers` library alone), even after a left-padded call."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    model = fusionkit.create_model("tiny")
+    model.tokenizer.padding_side = "left"
+    model.tokenizer(["a happy day", "a"], padding=True)  # the backend keeps this call's padding, left
+    model.save_pretrained(tmp_path / "saved")
+    for folder in (tmp_path / "saved", tmp_path / "saved" / "text_encoder"):
+        assert json.loads((folder / "tokenizer_config.json").read_text())["padding_side"] == "right"
+        ids = AutoTokenizer.from_pretrained(folder)(["a happy day", "a"], padding=True)["input_ids"]
+        assert ids[1][0] != 0 and ids[1][-1] == 0  # [CLS] first, pads after
+        backend = Tokenizer.from_file(str(folder / "tokenizer.json")).encode_batch(["a happy day", "a"])
+        assert backend[1].ids[0] != 0 and backend[1].ids[-1] == 0

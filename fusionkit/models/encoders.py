@@ -401,17 +401,22 @@ def save_tokenizer(tokenizer: Any, directory: str | Path, max_length: int | None
     ones, past the encoder's positions); and for a normalized tokenizer `PreTrainedTokenizerFast`, which loads
     `tokenizer.json` as it is (a BERT tokenizer class would rebuild its normalizer from the vocab and drop the
     rules): a served export tokenizes as the model was trained. `tokenizer.json` truncates at `max_length` too, for
-    those who serve it with the `tokenizers` library alone (a fast tokenizer would save its last call's setting)."""
+    those who serve it with the `tokenizers` library alone (a fast tokenizer would save its last call's setting).
+    Both pad right, as fusionkit does whatever the tokenizer's `padding_side`: BERT-family position ids count from
+    the first token, so a server padding left would shift every caption's positions."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and max_length is not None:
         backend.enable_truncation(int(max_length), direction=getattr(tokenizer, "truncation_side", "right"))
+    if backend is not None and backend.padding is not None:  # a padded call's setting, which tokenizer.json keeps
+        backend.enable_padding(**{**backend.padding, "direction": "right"})
     tokenizer.save_pretrained(directory)
-    updates: dict[str, Any] = {} if max_length is None else {"model_max_length": int(max_length)}
+    updates: dict[str, Any] = {"padding_side": "right"}
+    if max_length is not None:
+        updates["model_max_length"] = int(max_length)
     if getattr(tokenizer, "fusionkit_normalize", "none") != "none":
         updates["tokenizer_class"] = "PreTrainedTokenizerFast"
-    if updates:
-        path = Path(directory) / "tokenizer_config.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **updates}, indent=2))
+    path = Path(directory) / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **updates}, indent=2))
 
 
 def load_saved_tokenizer(directory: str | Path, normalize: str, vocab_size: int | None = None) -> Any:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fusionkit
+from fusionkit.cli import main
 from fusionkit.config import ConfigError
 from fusionkit.models import encoders
 from fusionkit.training.optim import param_groups
@@ -98,6 +99,21 @@ def test_bert_position_embeddings_and_vit_tokens_are_not_weight_decayed() -> Non
     assert decay[f"{embeddings}.position_embeddings.weight"] == 0.0
     assert decay["image_encoder.model.pos_embed"] == decay["image_encoder.model.cls_token"] == 0.0
     assert decay[f"{embeddings}.word_embeddings.weight"] == decay[f"{embeddings}.token_type_embeddings.weight"] == 0.05
+
+
+@pytest.mark.parametrize(("damage", "said"), [
+    (lambda d: (d / "tokenizer.json").write_text(""), "text_encoder/tokenizer.json is empty"),
+    (lambda d: (d / "tokenizer_config.json").write_text('{"model_max'), "tokenizer_config.json is not valid JSON"),
+    (lambda d: (d / "config.json").unlink(), "text_encoder has no config.json"),
+])  # fmt: skip
+def test_a_damaged_saved_text_encoder_is_named_with_the_fix(tmp_path, capsys, damage, said) -> None:
+    """`fusionkit predict` on a saved model whose text encoder files are empty, cut short or missing names the file
+    and says to restore the folder (it printed transformers' bare JSONDecodeError / "Unrecognized model")."""
+    fusionkit.create_model("tiny").save_pretrained(tmp_path / "saved")
+    damage(tmp_path / "saved" / "text_encoder")
+    assert main(["predict", str(tmp_path / "saved"), "--text", "a happy day"]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "restore the folder from the run, or copy the saved folder whole" in err
 
 
 def test_a_left_padding_tokenizer_is_saved_padding_right(tmp_path) -> None:

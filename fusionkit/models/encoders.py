@@ -419,6 +419,26 @@ def save_tokenizer(tokenizer: Any, directory: str | Path, max_length: int | None
     path.write_text(json.dumps({**json.loads(path.read_text()), **updates}, indent=2))
 
 
+# what to do about a saved model or processor folder whose files are gone or damaged
+RESTORE_SAVED = "restore the folder from the run, or copy the saved folder whole"
+
+
+@contextlib.contextmanager
+def _reading_saved(directory: Path) -> Iterator[None]:
+    """transformers' error on a saved folder with an empty or cut-short JSON file (a bare JSONDecodeError, no file
+    named) as one naming the file; other errors as they are."""
+    try:
+        yield
+    except Exception as e:
+        for path in sorted(directory.glob("*.json")):
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                what = "empty" if path.stat().st_size == 0 else "not valid JSON (cut short?)"
+                raise ConfigError(f"{path} is {what}: {RESTORE_SAVED}") from e
+        raise
+
+
 def load_saved_tokenizer(directory: str | Path, normalize: str, vocab_size: int | None = None) -> Any:
     """The tokenizer saved in a model's `text_encoder/` or a processor folder, refused when its files are gone:
     transformers would build a 5-token stub from the rest of the folder and read every word as [UNK]."""
@@ -427,12 +447,13 @@ def load_saved_tokenizer(directory: str | Path, normalize: str, vocab_size: int 
     directory = Path(directory)
     if not any((directory / f).is_file() for f in TOKENIZER_FILES):
         raise ConfigError(f"{directory} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): its files were "
-                          "removed or not copied; copy the saved folder whole, tokenizer files included")  # fmt: skip
+                          f"removed or not copied; {RESTORE_SAVED}, tokenizer files included")  # fmt: skip
     config = directory / "config.json"
-    beside_a_model = config.is_file() and json.loads(config.read_text()).get("model_type") == "fusionkit"
-    # a saved model's own config.json is no text model's: transformers warns of a model-type mismatch reading it
-    kwargs = {"config": PretrainedConfig()} if beside_a_model else {}
-    tokenizer = normalize_tokenizer(AutoTokenizer.from_pretrained(directory, **kwargs), normalize)
+    with _reading_saved(directory):
+        beside_a_model = config.is_file() and json.loads(config.read_text()).get("model_type") == "fusionkit"
+        # a saved model's own config.json is no text model's: transformers warns of a model-type mismatch reading it
+        kwargs = {"config": PretrainedConfig()} if beside_a_model else {}
+        tokenizer = normalize_tokenizer(AutoTokenizer.from_pretrained(directory, **kwargs), normalize)
     if vocab_size is not None:
         check_tokenizer_fits(tokenizer, vocab_size, str(directory))
     return tokenizer
@@ -507,7 +528,12 @@ class TextEncoder(Encoder):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         if saved_dir is not None:
-            model = AutoModel.from_config(AutoConfig.from_pretrained(saved_dir))
+            saved_dir = Path(saved_dir)
+            if not (saved_dir / "config.json").is_file():  # transformers: "Unrecognized model", naming no file
+                raise ConfigError(f"{saved_dir} has no config.json (the text encoder's architecture): it was removed "
+                                  f"or not copied; {RESTORE_SAVED}")  # fmt: skip
+            with _reading_saved(saved_dir):
+                model = AutoModel.from_config(AutoConfig.from_pretrained(saved_dir))
             return cls(model, load_saved_tokenizer(saved_dir, cfg.normalize, model.config.vocab_size))
         if cfg.name == "tiny":
             check_config_keys(tiny_bert_config(), cfg.config_overrides, "model.text.config_overrides")

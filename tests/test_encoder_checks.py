@@ -4,6 +4,7 @@ the parameters that are not weight-decayed, a saved text encoder's files, the sa
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,23 @@ def test_a_left_padding_tokenizer_is_saved_padding_right(tmp_path) -> None:
         assert ids[1][0] != 0 and ids[1][-1] == 0  # [CLS] first, pads after
         backend = Tokenizer.from_file(str(folder / "tokenizer.json")).encode_batch(["a happy day", "a"])
         assert backend[1].ids[0] != 0 and backend[1].ids[-1] == 0
+
+
+def test_max_length_past_the_tokenizers_model_max_length_is_said_once(tmp_path, caplog) -> None:
+    """Within the encoder's positions but past what its tokenizer says it was made for: a warning, once; none within
+    it, none for transformers' 1e30 'no limit'."""
+    from tests.encoder_folders import save_tiny_bert
+
+    save_tiny_bert(tmp_path / "bert", seed=0)  # 32 positions
+    config = json.loads((tmp_path / "bert" / "tokenizer_config.json").read_text())
+    for name, limit in (("bert", 16), ("bert_nolimit", int(1e30))):
+        if name != "bert":
+            (tmp_path / name).mkdir()
+            for f in (tmp_path / "bert").iterdir():
+                (tmp_path / name / f.name).write_bytes(f.read_bytes())
+        (tmp_path / name / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": limit}))
+    with caplog.at_level(logging.WARNING, logger="fusionkit"):
+        for name, max_length in (("bert", 16), ("bert", 24), ("bert", 24), ("bert_nolimit", 24)):
+            fusionkit.create_model("tiny", text={"name": str(tmp_path / name), "max_length": max_length})
+    said = [r.getMessage() for r in caplog.records if "model_max_length" in r.getMessage()]
+    assert len(said) == 1 and "max_length=24 exceeds the model_max_length=16" in said[0] and "bert" in said[0]

@@ -4,15 +4,19 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
 
+log = logging.getLogger("fusionkit")
+
 
 def check_model(model: Any) -> None:
     check_pad_token(model.tokenizer, model.config.text.name)
     check_max_length(model)
+    warn_past_model_max_length(model)
     check_encoder_depths(model)
     check_image_grid(model)
 
@@ -99,3 +103,23 @@ def check_max_length(model: Any, max_length: int | None = None) -> None:
             f"model.text.max_length={max_length} exceeds the text encoder's {positions} position embeddings "
             f"({model.config.text.name}); set model.text.max_length <= {positions}"
         )
+
+
+_WARNED_LENGTHS: set[tuple[str, int]] = set()  # (text encoder, max_length) said in this process
+
+
+def warn_past_model_max_length(model: Any) -> None:
+    """Say once if `max_length` exceeds the text tokenizer's `model_max_length` where its author set one (1e30,
+    transformers' default, is none): the positions fit (`check_max_length`), but the encoder was made for shorter
+    inputs. The tiny preset's tokenizer is built with max_length as its model_max_length: nothing to say."""
+    from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+
+    max_length, name = model.config.text.max_length, model.config.text.name
+    limit = getattr(model.tokenizer, "model_max_length", None)
+    if name == "tiny" or not isinstance(limit, int) or max_length <= limit or limit >= VERY_LARGE_INTEGER:
+        return
+    if (name, max_length) not in _WARNED_LENGTHS:
+        _WARNED_LENGTHS.add((name, max_length))
+        log.warning("model.text.max_length=%d exceeds the model_max_length=%d of the text encoder's tokenizer (%s): "
+                    "the encoder was made for at most %d tokens; set model.text.max_length <= %d unless it is known "
+                    "to read longer captions", max_length, limit, name, limit, limit)  # fmt: skip

@@ -167,14 +167,16 @@ def test_image_grid_pools_patches_and_keeps_cls():
     from fusionkit.models.fusion_model import pool_patch_grid
 
     tokens = torch.randn(2, 1 + 16 * 16, 8)
-    pooled = pool_patch_grid(tokens, 4)
+    pooled = pool_patch_grid(tokens, 4, (1, 16, 16))
     assert pooled.shape == (2, 1 + 16, 8)
     assert torch.equal(pooled[:, 0], tokens[:, 0])
     first_cell = tokens[:, 1:].reshape(2, 16, 16, 8)[:, :4, :4].mean(dim=(1, 2))
     torch.testing.assert_close(pooled[:, 1], first_cell)
-    assert pool_patch_grid(tokens, 0) is tokens
-    with pytest.raises(ValueError, match="square patch grid"):
-        pool_patch_grid(torch.randn(1, 45, 8), 2)
+    assert pool_patch_grid(tokens, 0, None) is tokens
+    with pytest.raises(ValueError, match=r"45 image tokens, not the 1 prefix \+ 6x6 patch tokens"):
+        pool_patch_grid(torch.randn(1, 45, 8), 2, (1, 6, 6))
+    with pytest.raises(ValueError, match="needs the image encoder's token layout"):
+        pool_patch_grid(tokens, 2, None)
     model = create_model("tiny", fusion={"image_grid": 2})  # tiny ViT: 4x4 patches + CLS -> 2x2 + CLS
     assert model.image_tokens(torch.randn(2, 3, 32, 32)).shape[1] == 5
 

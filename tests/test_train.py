@@ -64,8 +64,9 @@ def test_param_groups_decay_and_encoder_lr() -> None:
     assert set(groups) == {"encoder/decay", "encoder/no_decay", "fusion/decay", "fusion/no_decay"}
     assert groups["encoder/decay"]["lr"] == pytest.approx(1e-4) and groups["fusion/decay"]["lr"] == 1e-3
     names = {id(p): n for n, p in model.named_parameters()}
-    exempt = {f"image_encoder.{n}" for n in model.image_encoder.no_weight_decay()}
+    exempt = {f"{side}.{n}" for side in ("text_encoder", "image_encoder") for n in getattr(model, side).no_weight_decay()}
     assert "image_encoder.model.pos_embed" in exempt  # timm declares it; a 3-d matrix that must not decay
+    assert "text_encoder.model.embeddings.position_embeddings.weight" in exempt  # BERT's: a module's weight
     for name, g in groups.items():
         assert all((p.ndim >= 2 and names[id(p)] not in exempt) == name.endswith("/decay") for p in g["params"])
         assert g["weight_decay"] == (cfg.weight_decay if name.endswith("/decay") else 0.0)

@@ -4,15 +4,19 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
 
+log = logging.getLogger("fusionkit")
+
 
 def check_model(model: Any) -> None:
     check_pad_token(model.tokenizer, model.config.text.name)
     check_max_length(model)
+    warn_past_model_max_length(model)
     check_encoder_depths(model)
     check_image_grid(model)
 
@@ -53,17 +57,31 @@ def check_encoder_depths(model: Any) -> None:
 
 
 def check_image_grid(model: Any) -> None:
-    """Fail at start if `fusion.image_grid` asks for more tokens per side than the image encoder's patch grid has:
-    pooling cannot add tokens, so it would silently keep the grid as it is."""
-    grid, patch = model.config.fusion.image_grid, model.image_encoder.patch_size()
-    if not grid or not patch:
+    """Fail at start if `fusion.image_grid` cannot pool the image encoder's patch grid: its token layout (prefix
+    tokens, patch rows x columns) is unknown or not what it outputs, or the grid asks for more tokens per side
+    than the patch grid has (pooling cannot add tokens, so it would silently keep the grid as it is)."""
+    grid, encoder = model.config.fusion.image_grid, model.image_encoder
+    if not grid:
         return
-    side = min(model.image_encoder.preprocess.size) // patch
-    if grid > side:
+    layout, name = encoder.token_layout(), model.config.image.name
+    if layout is None:
         raise ConfigError(
-            f"model.fusion.image_grid={grid} exceeds the image encoder's {side}x{side} patch grid "
-            f"({min(model.image_encoder.preprocess.size)} px / {patch} px patches): pooling cannot add tokens; "
-            f"set it to at most {side}, or 0 to keep every patch"
+            f"model.fusion.image_grid={grid}: the image encoder ({name}, {type(encoder.model).__name__}) does not "
+            "declare its token layout (how many CLS/register tokens precede its patches, and the patch grid's rows "
+            "and columns), so its patches cannot be pooled; set model.fusion.image_grid: 0 to keep every token"
+        )
+    prefix, h, w = layout
+    if not encoder.is_meta and (n := encoder.example_output().shape[1]) != prefix + h * w:
+        raise ConfigError(
+            f"model.fusion.image_grid={grid}: the image encoder ({name}) outputs {n} tokens, not the {prefix} prefix "
+            f"+ {h}x{w} patch tokens its adapter declares, so its patches cannot be pooled; set "
+            "model.fusion.image_grid: 0 to keep every token"
+        )
+    if grid > min(h, w):
+        size = "x".join(map(str, encoder.preprocess.size))
+        raise ConfigError(
+            f"model.fusion.image_grid={grid} exceeds the image encoder's {h}x{w} patch grid ({size} px input): "
+            f"pooling cannot add tokens; set it to at most {min(h, w)}, or 0 to keep every patch"
         )
 
 
@@ -85,3 +103,23 @@ def check_max_length(model: Any, max_length: int | None = None) -> None:
             f"model.text.max_length={max_length} exceeds the text encoder's {positions} position embeddings "
             f"({model.config.text.name}); set model.text.max_length <= {positions}"
         )
+
+
+_WARNED_LENGTHS: set[tuple[str, int]] = set()  # (text encoder, max_length) said in this process
+
+
+def warn_past_model_max_length(model: Any) -> None:
+    """Say once if `max_length` exceeds the text tokenizer's `model_max_length` where its author set one (1e30,
+    transformers' default, is none): the positions fit (`check_max_length`), but the encoder was made for shorter
+    inputs. The tiny preset's tokenizer is built with max_length as its model_max_length: nothing to say."""
+    from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+
+    max_length, name = model.config.text.max_length, model.config.text.name
+    limit = getattr(model.tokenizer, "model_max_length", None)
+    if name == "tiny" or not isinstance(limit, int) or max_length <= limit or limit >= VERY_LARGE_INTEGER:
+        return
+    if (name, max_length) not in _WARNED_LENGTHS:
+        _WARNED_LENGTHS.add((name, max_length))
+        log.warning("model.text.max_length=%d exceeds the model_max_length=%d of the text encoder's tokenizer (%s): "
+                    "the encoder was made for at most %d tokens; set model.text.max_length <= %d unless it is known "
+                    "to read longer captions", max_length, limit, name, limit, limit)  # fmt: skip

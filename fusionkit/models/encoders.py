@@ -74,6 +74,14 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList | nn.Sequential:
     return max(stacks, key=len)
 
 
+# parameters, or modules of parameters, that are not weight-decayed: position embeddings (BERT's, ViT's, CLIP's,
+# timm's), class, distillation, register and mask tokens. Token-type and word embeddings are decayed, as in BERT.
+NO_WEIGHT_DECAY_NAMES = frozenset({
+    "position_embeddings", "position_embedding", "pos_embed", "cls_token", "class_embedding", "distillation_token",
+    "dist_token", "mask_token", "register_tokens", "reg_token",
+})  # fmt: skip
+
+
 class _StopForward(Exception):
     """Raised by a forward pre-hook once the hidden state it waits for is captured (skips the rest)."""
 
@@ -282,13 +290,14 @@ class Encoder(nn.Module):
         return {f"model.{n}": i for n, i in ids.items()}
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names (relative to this module) that must not be decayed besides biases and norms."""
+        """Parameter names (relative to this module) that must not be decayed besides biases and norms: the model's
+        own `no_weight_decay` (timm), and position embeddings and class / register tokens by name, as a parameter
+        (ViT's `embeddings.cls_token`) or as the module holding it (BERT's `embeddings.position_embeddings.weight`)."""
         names = getattr(self.model, "no_weight_decay", None)
         declared = set(names()) if callable(names) else set()
-        keys = ("position_embeddings", "cls_token", "mask_token", "register_tokens", "pos_embed", "reg_token")
         return {
             f"model.{n}" for n, _ in self.model.named_parameters()
-            if n in declared or n.split(".")[-1] in keys
+            if n in declared or not NO_WEIGHT_DECAY_NAMES.isdisjoint(n.split("."))
         }  # fmt: skip
 
     def set_top_trainable(self, k: int) -> None:
@@ -392,17 +401,42 @@ def save_tokenizer(tokenizer: Any, directory: str | Path, max_length: int | None
     ones, past the encoder's positions); and for a normalized tokenizer `PreTrainedTokenizerFast`, which loads
     `tokenizer.json` as it is (a BERT tokenizer class would rebuild its normalizer from the vocab and drop the
     rules): a served export tokenizes as the model was trained. `tokenizer.json` truncates at `max_length` too, for
-    those who serve it with the `tokenizers` library alone (a fast tokenizer would save its last call's setting)."""
+    those who serve it with the `tokenizers` library alone (a fast tokenizer would save its last call's setting).
+    Both pad right, as fusionkit does whatever the tokenizer's `padding_side`: BERT-family position ids count from
+    the first token, so a server padding left would shift every caption's positions."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and max_length is not None:
         backend.enable_truncation(int(max_length), direction=getattr(tokenizer, "truncation_side", "right"))
+    if backend is not None and backend.padding is not None:  # a padded call's setting, which tokenizer.json keeps
+        backend.enable_padding(**{**backend.padding, "direction": "right"})
     tokenizer.save_pretrained(directory)
-    updates: dict[str, Any] = {} if max_length is None else {"model_max_length": int(max_length)}
+    updates: dict[str, Any] = {"padding_side": "right"}
+    if max_length is not None:
+        updates["model_max_length"] = int(max_length)
     if getattr(tokenizer, "fusionkit_normalize", "none") != "none":
         updates["tokenizer_class"] = "PreTrainedTokenizerFast"
-    if updates:
-        path = Path(directory) / "tokenizer_config.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **updates}, indent=2))
+    path = Path(directory) / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **updates}, indent=2))
+
+
+# what to do about a saved model or processor folder whose files are gone or damaged
+RESTORE_SAVED = "restore the folder from the run, or copy the saved folder whole"
+
+
+@contextlib.contextmanager
+def _reading_saved(directory: Path) -> Iterator[None]:
+    """transformers' error on a saved folder with an empty or cut-short JSON file (a bare JSONDecodeError, no file
+    named) as one naming the file; other errors as they are."""
+    try:
+        yield
+    except Exception as e:
+        for path in sorted(directory.glob("*.json")):
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                what = "empty" if path.stat().st_size == 0 else "not valid JSON (cut short?)"
+                raise ConfigError(f"{path} is {what}: {RESTORE_SAVED}") from e
+        raise
 
 
 def load_saved_tokenizer(directory: str | Path, normalize: str, vocab_size: int | None = None) -> Any:
@@ -413,12 +447,13 @@ def load_saved_tokenizer(directory: str | Path, normalize: str, vocab_size: int 
     directory = Path(directory)
     if not any((directory / f).is_file() for f in TOKENIZER_FILES):
         raise ConfigError(f"{directory} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): its files were "
-                          "removed or not copied; copy the saved folder whole, tokenizer files included")  # fmt: skip
+                          f"removed or not copied; {RESTORE_SAVED}, tokenizer files included")  # fmt: skip
     config = directory / "config.json"
-    beside_a_model = config.is_file() and json.loads(config.read_text()).get("model_type") == "fusionkit"
-    # a saved model's own config.json is no text model's: transformers warns of a model-type mismatch reading it
-    kwargs = {"config": PretrainedConfig()} if beside_a_model else {}
-    tokenizer = normalize_tokenizer(AutoTokenizer.from_pretrained(directory, **kwargs), normalize)
+    with _reading_saved(directory):
+        beside_a_model = config.is_file() and json.loads(config.read_text()).get("model_type") == "fusionkit"
+        # a saved model's own config.json is no text model's: transformers warns of a model-type mismatch reading it
+        kwargs = {"config": PretrainedConfig()} if beside_a_model else {}
+        tokenizer = normalize_tokenizer(AutoTokenizer.from_pretrained(directory, **kwargs), normalize)
     if vocab_size is not None:
         check_tokenizer_fits(tokenizer, vocab_size, str(directory))
     return tokenizer
@@ -493,7 +528,12 @@ class TextEncoder(Encoder):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         if saved_dir is not None:
-            model = AutoModel.from_config(AutoConfig.from_pretrained(saved_dir))
+            saved_dir = Path(saved_dir)
+            if not (saved_dir / "config.json").is_file():  # transformers: "Unrecognized model", naming no file
+                raise ConfigError(f"{saved_dir} has no config.json (the text encoder's architecture): it was removed "
+                                  f"or not copied; {RESTORE_SAVED}")  # fmt: skip
+            with _reading_saved(saved_dir):
+                model = AutoModel.from_config(AutoConfig.from_pretrained(saved_dir))
             return cls(model, load_saved_tokenizer(saved_dir, cfg.normalize, model.config.vocab_size))
         if cfg.name == "tiny":
             check_config_keys(tiny_bert_config(), cfg.config_overrides, "model.text.config_overrides")
@@ -698,16 +738,20 @@ class ImageEncoder(Encoder):
         return encoder
 
     @torch.no_grad()
+    def example_output(self) -> torch.Tensor:
+        """The backbone's features of one example image, in eval mode."""
+        mode = self.training
+        try:
+            return self.eval().backbone(*(x[:1] for x in self.example_inputs()))
+        finally:
+            self.train(mode)
+
     def check_tokens(self, name: str) -> None:
         """Refuse a backbone whose features are not tokens [B, N, width] (a CNN's or Swin's feature map), before
         a cache is built or a run dir made: the fusion reads patch tokens."""
         if self.is_meta:
             return
-        mode = self.training
-        try:
-            out = self.eval().backbone(*(x[:1] for x in self.example_inputs()))
-        finally:
-            self.train(mode)
+        out = self.example_output()
         if out.dim() != 3 or out.shape[-1] != self.width:
             raise ConfigError(
                 f"model.image.name {name}: its features have shape {tuple(out.shape)}, not tokens [batch, tokens, "
@@ -725,6 +769,12 @@ class ImageEncoder(Encoder):
         config = getattr(self.model, "config", None)  # HF
         size = getattr(config, "patch_size", None) or getattr(getattr(self.model, "patch_embed", None), "patch_size", None)
         return int(size[0] if isinstance(size, tuple | list) else size) if size else None
+
+    def token_layout(self) -> tuple[int, int, int] | None:
+        """(prefix tokens, patch rows, patch columns) of the output at the input size: the prefix (CLS, registers)
+        comes first, then the patches row by row. None where the backend cannot say: `fusion.image_grid`, which
+        pools the patch grid, is then refused (guessing it from the token count mixes CLS into patches)."""
+        return None
 
 
 # `model.image.backend`: `@IMAGE_BACKENDS.register("name")` over an ImageEncoder subclass adds one
@@ -806,6 +856,16 @@ class TimmImageEncoder(ImageEncoder):
     def backbone(self, pixel_values: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self.model.forward_features(pixel_values)
 
+    def token_layout(self) -> tuple[int, int, int] | None:
+        """timm's own: `num_prefix_tokens` (class, distillation and register tokens) and the patch embedding's grid
+        at the input size."""
+        prefix = getattr(self.model, "num_prefix_tokens", None)
+        feat_size = getattr(getattr(self.model, "patch_embed", None), "dynamic_feat_size", None)
+        if not isinstance(prefix, int) or feat_size is None:
+            return None
+        h, w = feat_size(tuple(self.preprocess.size))
+        return prefix, int(h), int(w)
+
     def final_norm(self) -> nn.Module | None:
         norm = getattr(self.model, "norm", None)
         return norm if isinstance(norm, nn.Module) and not isinstance(norm, nn.Identity) else None
@@ -824,6 +884,13 @@ class TimmImageEncoder(ImageEncoder):
         return [f"argument {i}" for i, a in enumerate(args[1:], 1) if isinstance(a, torch.Tensor)] + [
             k for k, v in kwargs.items() if isinstance(v, torch.Tensor)  # not flags (is_causal)
         ]
+
+
+# HF vision models whose output is [prefix tokens, patches row by row]: their prefix tokens before any registers
+# (the CLS token; DeiT's distillation token too). Others have no known layout, so `fusion.image_grid` refuses them.
+HF_PREFIX_TOKENS = {"vit": 1, "deit": 2, "beit": 1, "data2vec-vision": 1, "vit_msn": 1, "dinov2": 1,
+                    "dinov2_with_registers": 1, "dinov3_vit": 1, "ijepa": 0, "clip_vision_model": 1,
+                    "siglip_vision_model": 0}  # fmt: skip
 
 
 @IMAGE_BACKENDS.register("hf")
@@ -855,6 +922,17 @@ class HFImageEncoder(ImageEncoder):
 
     def backbone(self, pixel_values: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self.model(pixel_values=pixel_values).last_hidden_state
+
+    def token_layout(self) -> tuple[int, int, int] | None:
+        """The model type's prefix tokens (`HF_PREFIX_TOKENS`, then its `num_register_tokens`) and the patch grid
+        of the input size (which is the image processor's, not always the config's `image_size`)."""
+        config = self.model.config
+        prefix, patch = HF_PREFIX_TOKENS.get(config.model_type), getattr(config, "patch_size", None)
+        if prefix is None or not patch:
+            return None
+        ph, pw = patch if isinstance(patch, tuple | list) else (patch, patch)
+        h, w = self.preprocess.size
+        return prefix + int(getattr(config, "num_register_tokens", 0) or 0), h // int(ph), w // int(pw)
 
     def final_norm(self) -> nn.Module | None:
         return _hf_final_norm(self.model)

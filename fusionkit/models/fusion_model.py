@@ -341,7 +341,9 @@ class FusionModel(nn.Module):
             image_features = self.image_encoder(self._check_image(pixel_values))
         else:
             image_features = self.image_encoder.forward_from(image_features, self._feature_split(1))
-        return self.image_proj(pool_patch_grid(image_features, self.config.fusion.image_grid))
+        grid = self.config.fusion.image_grid
+        layout = self.image_encoder.token_layout() if grid else None
+        return self.image_proj(pool_patch_grid(image_features, grid, layout))
 
     def encoder_features(
         self,
@@ -827,20 +829,24 @@ class FusionModel(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
 
-def pool_patch_grid(tokens: torch.Tensor, grid: int) -> torch.Tensor:
-    """Average-pool the square patch grid of [B, prefix + h*w, D] tokens to grid x grid; prefix tokens (CLS) kept."""
+def pool_patch_grid(tokens: torch.Tensor, grid: int, layout: tuple[int, int, int] | None) -> torch.Tensor:
+    """Average-pool the h x w patch grid of [B, prefix + h*w, D] tokens to at most grid x grid; the prefix tokens
+    (CLS, registers) are kept as they are. `layout` is (prefix, h, w), the encoder's `token_layout()`: a grid
+    guessed from the token count would pool CLS or registers with patches, or rows across each other."""
     if grid <= 0:
         return tokens
-    n = tokens.shape[1]
-    side = math.isqrt(n)
-    if n - side * side > 8:  # beyond CLS + a few register tokens: not a square patch grid
-        raise ValueError(f"image_grid needs a square patch grid, got {n} image tokens")
-    if side <= grid:
+    if layout is None:
+        raise ValueError("image_grid needs the image encoder's token layout (prefix tokens, patch rows x columns)")
+    prefix, h, w = layout
+    if tokens.shape[1] != prefix + h * w:
+        raise ValueError(f"image_grid: {tokens.shape[1]} image tokens, not the {prefix} prefix + {h}x{w} patch "
+                         "tokens the image encoder declares")  # fmt: skip
+    if h <= grid and w <= grid:
         return tokens
-    prefix, patches = tokens[:, : n - side * side], tokens[:, n - side * side :]
-    b, _, d = patches.shape
-    pooled = F.adaptive_avg_pool2d(patches.transpose(1, 2).reshape(b, d, side, side), grid)
-    return torch.cat([prefix, pooled.flatten(2).transpose(1, 2)], dim=1)
+    b, _, d = tokens.shape
+    patches = tokens[:, prefix:].transpose(1, 2).reshape(b, d, h, w)
+    pooled = F.adaptive_avg_pool2d(patches, (min(grid, h), min(grid, w)))
+    return torch.cat([tokens[:, :prefix], pooled.flatten(2).transpose(1, 2)], dim=1)
 
 
 def _batch_size(*inputs: Any) -> tuple[int, torch.device]:

@@ -88,18 +88,28 @@ def test_image_grid_is_refused_where_the_layout_is_unknown_wrong_or_too_small(tm
     assert fusionkit.create_model("tiny", image=image).image_tokens(torch.randn(1, 3, 32, 48)).shape[1] == 25
 
 
-def test_bert_position_embeddings_and_vit_tokens_are_not_weight_decayed() -> None:
-    """As the README says: position embeddings and class tokens are exempt (BERT's are a module's `.weight`);
-    word and token-type embeddings decay, as in BERT."""
+def test_each_encoder_adapter_declares_what_is_not_weight_decayed(tmp_path: Path) -> None:
+    """Image encoders exempt position embeddings and class tokens (timm's rule), as a parameter or as the module
+    holding one (CLIP's `position_embedding.weight`, which decayed); text encoders decay every matrix, BERT's
+    position embeddings included, as BERT's recipe and HF's Trainer do (runs of earlier versions resume)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    from fusionkit.config import ImageEncoderConfig
+    from fusionkit.models.encoders import ImageEncoder
+
     model = fusionkit.create_model("tiny")
     names = {id(p): n for n, p in model.named_parameters()}
     decay = {names[id(p)]: g["weight_decay"]
              for g in param_groups(model, fusionkit.OptimConfig(weight_decay=0.05, layer_decay=0.5))
              for p in g["params"]}  # fmt: skip
     embeddings = "text_encoder.model.embeddings"
-    assert decay[f"{embeddings}.position_embeddings.weight"] == 0.0
     assert decay["image_encoder.model.pos_embed"] == decay["image_encoder.model.cls_token"] == 0.0
-    assert decay[f"{embeddings}.word_embeddings.weight"] == decay[f"{embeddings}.token_type_embeddings.weight"] == 0.05
+    assert decay[f"{embeddings}.position_embeddings.weight"] == decay[f"{embeddings}.word_embeddings.weight"] == 0.05
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                                     image_size=32, patch_size=8)).save_pretrained(tmp_path)  # fmt: skip
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    clip = ImageEncoder.build(ImageEncoderConfig("hf", str(tmp_path)))
+    assert clip.no_weight_decay() == {"model.embeddings.position_embedding.weight", "model.embeddings.class_embedding"}
 
 
 @pytest.mark.parametrize(("damage", "said"), [

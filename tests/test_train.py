@@ -66,7 +66,7 @@ def test_param_groups_decay_and_encoder_lr() -> None:
     names = {id(p): n for n, p in model.named_parameters()}
     exempt = {f"{side}.{n}" for side in ("text_encoder", "image_encoder") for n in getattr(model, side).no_weight_decay()}
     assert "image_encoder.model.pos_embed" in exempt  # timm declares it; a 3-d matrix that must not decay
-    assert "text_encoder.model.embeddings.position_embeddings.weight" in exempt  # BERT's: a module's weight
+    assert "text_encoder.model.embeddings.position_embeddings.weight" not in exempt  # BERT's recipe decays it
     for name, g in groups.items():
         assert all((p.ndim >= 2 and names[id(p)] not in exempt) == name.endswith("/decay") for p in g["params"])
         assert g["weight_decay"] == (cfg.weight_decay if name.endswith("/decay") else 0.0)

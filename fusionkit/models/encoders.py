@@ -74,8 +74,8 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList | nn.Sequential:
     return max(stacks, key=len)
 
 
-# parameters, or modules of parameters, that are not weight-decayed: position embeddings (BERT's, ViT's, CLIP's,
-# timm's), class, distillation, register and mask tokens. Token-type and word embeddings are decayed, as in BERT.
+# an image encoder's parameters, or modules of parameters, that are not weight-decayed (timm's and BEiT's rule):
+# position embeddings (ViT's, CLIP's, timm's), class, distillation, register and mask tokens
 NO_WEIGHT_DECAY_NAMES = frozenset({
     "position_embeddings", "position_embedding", "pos_embed", "cls_token", "class_embedding", "distillation_token",
     "dist_token", "mask_token", "register_tokens", "reg_token",
@@ -289,15 +289,17 @@ class Encoder(nn.Module):
                 ids[f"{prefix[id(norm)]}.{n}"] = self.depth + 1
         return {f"model.{n}": i for n, i in ids.items()}
 
+    no_decay_names: frozenset[str] = frozenset()  # names of parameters or their modules the adapter exempts
+
     def no_weight_decay(self) -> set[str]:
         """Parameter names (relative to this module) that must not be decayed besides biases and norms: the model's
-        own `no_weight_decay` (timm), and position embeddings and class / register tokens by name, as a parameter
-        (ViT's `embeddings.cls_token`) or as the module holding it (BERT's `embeddings.position_embeddings.weight`)."""
+        own `no_weight_decay` (timm), and the adapter's `no_decay_names`, as a parameter (ViT's
+        `embeddings.cls_token`) or as the module holding it (CLIP's `embeddings.position_embedding.weight`)."""
         names = getattr(self.model, "no_weight_decay", None)
         declared = set(names()) if callable(names) else set()
         return {
             f"model.{n}" for n, _ in self.model.named_parameters()
-            if n in declared or not NO_WEIGHT_DECAY_NAMES.isdisjoint(n.split("."))
+            if n in declared or not self.no_decay_names.isdisjoint(n.split("."))
         }  # fmt: skip
 
     def set_top_trainable(self, k: int) -> None:
@@ -513,7 +515,9 @@ def _pretrained(auto: Any, source: str | Path, key: str, kwargs: dict[str, Any])
 
 
 class TextEncoder(Encoder):
-    """A `transformers` BERT-family model and its tokenizer; outputs token features [B, T, width]."""
+    """A `transformers` BERT-family model and its tokenizer; outputs token features [B, T, width].
+
+    Every matrix decays, BERT's position embeddings too, as in BERT's own recipe and HF's Trainer."""
 
     config_key, settings = "model.text", ("name", "config_overrides")
 
@@ -711,6 +715,8 @@ class ImageEncoder(Encoder):
     One adapter per backend (`model.image.backend`), registered in `IMAGE_BACKENDS`: `timm` and `hf`
     (transformers `AutoModel`: ViT, DINOv2). `ImageEncoder.from_config` builds the configured one.
     """
+
+    no_decay_names = NO_WEIGHT_DECAY_NAMES
 
     config_key, settings = "model.image", ("name", "model_kwargs", "checkpoint_path")
 

@@ -126,3 +126,21 @@ def test_patience_and_metric_without_a_val_split_are_said(tmp_path: Path, caplog
     with caplog.at_level("WARNING", logger="fusionkit"):
         Trainer(cfg)
     assert "run.patience and run.metric set, but there is no val split" in caplog.text
+
+
+def test_a_splits_loss_with_class_weights_is_the_same_at_any_batch_size(tmp_path: Path) -> None:
+    """`fusionkit eval` of a class-weighted task: the split's loss is one weighted mean (batches weighed by their
+    class weights' sum, as training weighs micro-batches); weighed by row counts it moved with the batch size."""
+    from fusionkit.cli import main
+
+    table = write_table(tmp_path / "d", 40, mood=_imbalanced)
+    cfg = table_config(tmp_path, "cw", [{"name": "mood", "class_weights": [0.2, 1.0, 5.0]}], table,
+                       **{"data.split_ratios": [0.5, 0.5, 0.0], "optim.epochs": 1})  # fmt: skip
+    Trainer(cfg).fit()
+    losses = []
+    for batch in (3, 64):
+        out = tmp_path / f"eval{batch}.json"
+        assert main(["eval", str(tmp_path / "runs" / "cw"), "--split", "val", "--batch-size", str(batch),
+                     "--output", str(out), "--no-progress"]) == 0  # fmt: skip
+        losses.append(json.loads(out.read_text())["val/loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

@@ -58,7 +58,7 @@ def run_inference(
     outs: dict[str, list[torch.Tensor]] = {t: [] for t in model.tasks}
     labels: dict[str, list[torch.Tensor]] = {}
     masks: dict[str, list[torch.Tensor]] = {}
-    terms: dict[str, list[float]] = {}  # task -> [sum of its batch losses x rows scored, rows scored]
+    terms: dict[str, list[float]] = {}  # task -> [sum of its batch losses x normaliser, normalisers' sum]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         # a loader without a generator of its own (the CLI's) draws its seed from the global RNG when it starts: it
         # starts before the seed, so that evaluation's own draws (ITM's negatives) are the same for every loader,
@@ -80,7 +80,7 @@ def run_inference(
             for name, task in model.tasks.items():
                 if name in losses:
                     n = _rows_scored(task, batch)
-                    term = terms.setdefault(name, [0.0, 0])
+                    term = terms.setdefault(name, [0.0, 0.0])
                     term[0], term[1] = term[0] + float(losses[name]) * n, term[1] + n
     model.train(was_training)
     return {
@@ -89,16 +89,21 @@ def run_inference(
         "labels": {k: torch.cat(v) for k, v in labels.items()},
         "label_mask": {k: torch.cat(v) for k, v in masks.items()},
         "loss": split_loss(model, terms),
-        "loss_terms": terms,  # per task: (loss sum, rows), to merge ranks' shards
+        "loss_terms": terms,  # per task: (loss sum, normaliser), to merge ranks' shards
     }
 
 
-def _rows_scored(task: Any, batch: dict[str, Any]) -> int:
-    """The rows a task's batch loss averages over: those labelled for it (all of them for label-free tasks)."""
+def _rows_scored(task: Any, batch: dict[str, Any]) -> float:
+    """What a task's batch loss averages over: its labelled rows (all of them for label-free tasks), or with class
+    weights their weights' sum (`loss_normaliser`, as the trainer weighs micro-batches): the split's loss is then
+    one weighted mean, whatever the batch size (a weighted mean of batches weighted by row counts is not)."""
     if not task.needs_labels and task.label_source == task.name:
         return len(batch["ids"])
-    mask = batch.get("label_mask", {}).get(task.label_source)
-    return int(mask.sum()) if mask is not None else 0
+    source = task.label_source
+    mask = batch.get("label_mask", {}).get(source)
+    if not task.needs_labels:  # labels borrowed from another task (supcon): its labelled rows
+        return int(mask.sum()) if mask is not None else 0
+    return task.loss_normaliser(batch.get("labels", {}).get(source), mask, len(batch["ids"]))
 
 
 def split_loss(model: FusionModel, terms: dict[str, list[float]]) -> float | None:

@@ -959,7 +959,10 @@ def _weight_files(path: Path) -> list[Path]:
     shared, expected = meta.get(FROZEN_WEIGHTS_KEY), meta.get(FROZEN_ID_KEY)
     if shared is None:
         return [path]
-    other = (path.parent / shared).resolve()
+    # first the path as the user reached it (a symlinked checkpoints/ on another disk: resolve() would follow the
+    # link before the `..`), then the real one (a checkpoint reached through a link to it)
+    candidates = (Path(os.path.normpath(path.parent / shared)), (path.parent / shared).resolve())
+    other = next((c for c in candidates if c.is_file()), candidates[0])
     if not other.is_file():
         raise FileNotFoundError(
             f"{path} keeps its frozen encoder weights in {other}, written once per run, which is missing. "

@@ -1,0 +1,34 @@
+"""A model's files belong together: weights are tied to the config they were saved with, damaged bytes are
+found, a run's checkpoint predicts the run's classes, and a run dir on two disks still loads."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusionkit import FusionModel
+from fusionkit.training import train
+from tests.test_train import tiny_config
+
+
+@pytest.fixture(scope="module")
+def frozen_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny run on frozen encoders: its checkpoints share one frozen_encoders.safetensors."""
+    root = tmp_path_factory.mktemp("frozen")
+    train(tiny_config(root, "frz", **{"model.freeze": "encoders", "data.dataset": "synthetic:40", "optim.epochs": 1}))
+    return root / "runs" / "frz"
+
+
+def test_a_frozen_encoder_run_with_its_checkpoints_on_another_disk_loads(frozen_run: Path, tmp_path: Path) -> None:
+    """checkpoints/ linked to another disk: the shared file is found beside the run (`..` taken on the path
+    as the user gave it, not after following the link)."""
+    run = shutil.copytree(frozen_run, tmp_path / "run")
+    assert (run / "frozen_encoders.safetensors").is_file()
+    reference = FusionModel.from_pretrained(run).state_dict()
+    shutil.move(run / "checkpoints", tmp_path / "bigdisk")
+    (run / "checkpoints").symlink_to(tmp_path / "bigdisk", target_is_directory=True)
+    loaded = FusionModel.from_pretrained(run).state_dict()
+    assert all(torch.equal(reference[k], loaded[k]) for k in reference)

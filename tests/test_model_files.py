@@ -3,15 +3,22 @@ found, a run's checkpoint predicts the run's classes, and a run dir on two disks
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from fusionkit import FusionModel
+import fusionkit
+from fusionkit import FusionModel, FusionProcessor
 from fusionkit.training import train
 from tests.test_train import tiny_config
+
+
+def _tiny(classes: list[str], seed: int = 0) -> FusionModel:
+    torch.manual_seed(seed)
+    return fusionkit.create_model("tiny", tasks=[{"name": "mood", "class_names": classes}]).eval()
 
 
 @pytest.fixture(scope="module")
@@ -32,3 +39,16 @@ def test_a_frozen_encoder_run_with_its_checkpoints_on_another_disk_loads(frozen_
     (run / "checkpoints").symlink_to(tmp_path / "bigdisk", target_is_directory=True)
     loaded = FusionModel.from_pretrained(run).state_dict()
     assert all(torch.equal(reference[k], loaded[k]) for k in reference)
+
+
+def test_the_processor_pads_on_the_right_whatever_the_tokenizers_side(caplog: pytest.LogCaptureFixture) -> None:
+    """Training's collator pads on the right; a left-padding tokenizer must not make a caption's prediction
+    depend on the longer captions beside it."""
+    model = _tiny(["neg", "pos"])
+    model.tokenizer.padding_side = "left"
+    mask = FusionProcessor.from_model(model)(texts=["ok", "what a lovely sunny day at the beach"])["attention_mask"]
+    assert mask[0].tolist()[:2] == [1, 1] and mask[0, -1] == 0
+    with caplog.at_level(logging.ERROR):  # the one-sided pairs are not the point here
+        alone = model.predict(texts=["ok"])[0]
+        beside = model.predict(texts=["ok", "what a lovely sunny day at the beach"])[0]
+    assert alone == beside

@@ -125,9 +125,7 @@ class FusionProcessor:
             raise TypeError("texts must be a list of strings, not a single string")
         texts = [None if missing_caption(t) else t for t in texts]  # blank or "nan": missing, as a CSV cell
         present = [t is not None for t in texts]
-        for i, t in enumerate(texts):
-            if t is not None and not isinstance(t, str):
-                raise TypeError(f"texts[{i}] is a {type(t).__name__}; captions must be str or None (a missing one)")
+        check_captions(texts)
         tok = self.tokenizer(
             [clean_text(t)[0] if t is not None else "" for t in texts],
             padding=True,
@@ -202,6 +200,13 @@ class FusionProcessor:
         if side is not None:  # one side given: the rows have none of the other, so `model(**inputs)` runs as is
             out[f"{side}_present"] = torch.zeros(n, dtype=torch.bool, device=dev)
         return out
+
+
+def check_captions(texts: Sequence[Any]) -> None:
+    """Refuse a caption that is not a string (None: a missing one), naming its position."""
+    for i, t in enumerate(texts):
+        if t is not None and not isinstance(t, str):
+            raise TypeError(f"texts[{i}] is a {type(t).__name__}; captions must be str or None (a missing one)")
 
 
 def _absent(src: Any) -> bool:

@@ -52,3 +52,18 @@ def test_the_processor_pads_on_the_right_whatever_the_tokenizers_side(caplog: py
         alone = model.predict(texts=["ok"])[0]
         beside = model.predict(texts=["ok", "what a lovely sunny day at the beach"])[0]
     assert alone == beside
+
+
+def test_predict_refuses_a_dict_or_a_dataset_before_any_warning(caplog: pytest.LogCaptureFixture) -> None:
+    datasets = pytest.importorskip("datasets")
+    model = _tiny(["neg", "pos"])
+    ds = datasets.Dataset.from_dict({"caption": ["a sunny day", "rain"], "mood": ["pos", "neg"]})
+    for given in (ds, datasets.DatasetDict({"train": ds, "test": ds}), {"caption": ["a sunny day"]}):
+        with caplog.at_level(logging.WARNING, logger="fusionkit"):
+            with pytest.raises(TypeError, match=r"predict\(\) takes lists, not a .*texts=list\(ds\['caption'\]\)"):
+                model.predict(texts=given)
+        assert "have no image" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="fusionkit"):
+        with pytest.raises(TypeError, match=r"texts\[0\] is a dict"):
+            model.predict(texts=list(ds))  # its rows: each a dict
+    assert "have no image" not in caplog.text

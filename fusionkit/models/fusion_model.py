@@ -578,7 +578,7 @@ class FusionModel(nn.Module):
         from ..data.dataset import missing_caption, missing_value
         from ..embedding import check_batch_size
         from ..precision import inference_precision
-        from ..processor import FusionProcessor
+        from ..processor import FusionProcessor, check_captions
 
         if texts is None and images is None:
             raise ValueError("predict() needs texts, images or both")
@@ -589,6 +589,11 @@ class FusionModel(nn.Module):
             raise TypeError("predict() takes lists: texts=[caption, ...], images=[image, ...] (one pair: a list of one)")
         if any(type(x).__module__.startswith("pandas") and hasattr(x, "columns") for x in (texts, images)):
             raise TypeError("predict() takes lists, not a DataFrame: texts=list(df['caption']), images=list(df['photo'])")
+        # a dict or DatasetDict would give its keys ("train", "test") as captions, a Dataset its rows as dicts
+        tables = [x for x in (texts, images) if isinstance(x, Mapping) or type(x).__module__.startswith("datasets.")]
+        if tables:
+            raise TypeError(f"predict() takes lists, not a {type(tables[0]).__name__}: texts=list(ds['caption']), "
+                            "images=list(ds['image']) (of a DatasetDict, one split: ds = dd['test'])")  # fmt: skip
         check_batch_size(batch_size)
         members = [ensemble] if isinstance(ensemble, FusionModel) else ensemble  # one more model: a list of one
         odd = [m for m in members if not isinstance(m, FusionModel)] if isinstance(members, list | tuple) else [members]
@@ -606,6 +611,7 @@ class FusionModel(nn.Module):
                   if images is not None else [None] * n)  # fmt: skip
         if len(texts) != len(images):
             raise ValueError(f"got {len(texts)} texts but {len(images)} images: one of each per pair")
+        check_captions(texts)  # before any warning about the pairs: they are not pairs yet
         given = {"caption": texts, "image": images}
         empty = [k for k in range(n) if all(given[side][k] is None for side in self.sides_read)]
         if empty:

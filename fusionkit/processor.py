@@ -114,21 +114,22 @@ class FusionProcessor:
 
     # ------------------------------------------------------------------ processing
     def tokenize(self, texts: Sequence[str | None]) -> dict[str, torch.Tensor]:
-        """`input_ids`, `attention_mask` (padded to the longest, truncated at max_length), `text_present`.
+        """`input_ids`, `attention_mask` (right-padded to the longest, cut at max_length), `text_present`.
 
         A caption reads as the readers read it in training: one spelled like a missing value ("nan", "None",
         "NA", ...) is a missing one (`missing_caption`), any other is stripped and capped (`clean_text`), since
-        BPE and SentencePiece tokenizers make tokens of leading and trailing spaces."""
+        BPE and SentencePiece tokenizers make tokens of leading and trailing spaces. Padding is on the right
+        whatever the tokenizer's `padding_side`, as training's collator pads: a left-padding tokenizer (decoder
+        LMs) would shift the positions, and a caption's outputs would depend on the batch it is in."""
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, not a single string")
         texts = [None if missing_caption(t) else t for t in texts]  # blank or "nan": missing, as a CSV cell
         present = [t is not None for t in texts]
-        for i, t in enumerate(texts):
-            if t is not None and not isinstance(t, str):
-                raise TypeError(f"texts[{i}] is a {type(t).__name__}; captions must be str or None (a missing one)")
+        check_captions(texts)
         tok = self.tokenizer(
             [clean_text(t)[0] if t is not None else "" for t in texts],
             padding=True,
+            padding_side="right",
             truncation=True,
             max_length=self.max_length,
             return_tensors="pt",
@@ -199,6 +200,13 @@ class FusionProcessor:
         if side is not None:  # one side given: the rows have none of the other, so `model(**inputs)` runs as is
             out[f"{side}_present"] = torch.zeros(n, dtype=torch.bool, device=dev)
         return out
+
+
+def check_captions(texts: Sequence[Any]) -> None:
+    """Refuse a caption that is not a string (None: a missing one), naming its position."""
+    for i, t in enumerate(texts):
+        if t is not None and not isinstance(t, str):
+            raise TypeError(f"texts[{i}] is a {type(t).__name__}; captions must be str or None (a missing one)")
 
 
 def _absent(src: Any) -> bool:

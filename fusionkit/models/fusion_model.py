@@ -18,6 +18,7 @@ input of that row has no influence), and a batch lacking one side entirely skips
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -580,7 +581,7 @@ class FusionModel(nn.Module):
         from ..data.dataset import missing_caption, missing_value
         from ..embedding import check_batch_size
         from ..precision import inference_precision
-        from ..processor import FusionProcessor
+        from ..processor import FusionProcessor, check_captions
 
         if texts is None and images is None:
             raise ValueError("predict() needs texts, images or both")
@@ -591,6 +592,11 @@ class FusionModel(nn.Module):
             raise TypeError("predict() takes lists: texts=[caption, ...], images=[image, ...] (one pair: a list of one)")
         if any(type(x).__module__.startswith("pandas") and hasattr(x, "columns") for x in (texts, images)):
             raise TypeError("predict() takes lists, not a DataFrame: texts=list(df['caption']), images=list(df['photo'])")
+        # a dict or DatasetDict would give its keys ("train", "test") as captions, a Dataset its rows as dicts
+        tables = [x for x in (texts, images) if isinstance(x, Mapping) or type(x).__module__.startswith("datasets.")]
+        if tables:
+            raise TypeError(f"predict() takes lists, not a {type(tables[0]).__name__}: texts=list(ds['caption']), "
+                            "images=list(ds['image']) (of a DatasetDict, one split: ds = dd['test'])")  # fmt: skip
         check_batch_size(batch_size)
         members = [ensemble] if isinstance(ensemble, FusionModel) else ensemble  # one more model: a list of one
         odd = [m for m in members if not isinstance(m, FusionModel)] if isinstance(members, list | tuple) else [members]
@@ -608,6 +614,7 @@ class FusionModel(nn.Module):
                   if images is not None else [None] * n)  # fmt: skip
         if len(texts) != len(images):
             raise ValueError(f"got {len(texts)} texts but {len(images)} images: one of each per pair")
+        check_captions(texts)  # before any warning about the pairs: they are not pairs yet
         given = {"caption": texts, "image": images}
         empty = [k for k in range(n) if all(given[side][k] is None for side in self.sides_read)]
         if empty:
@@ -674,33 +681,27 @@ class FusionModel(nn.Module):
         return directory
 
     def _write_pretrained(self, directory: str | Path, *, frozen_weights: str | Path | None = None) -> Path:
-        """`save_pretrained` without the folder check: how the trainer writes checkpoints into its own run dir."""
-        from safetensors.torch import save_file
+        """`save_pretrained` without the folder check: how the trainer writes checkpoints into its own run dir.
 
+        The weights' header records the tasks and classes they were trained for and a SHA-256 of their tensors,
+        so a config.json or model.safetensors of another model, or a damaged file, is refused at load."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.text_encoder.save(directory / "text_encoder", self.config.text.max_length)
         self.image_encoder.save(directory / "image_encoder")
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        metadata = {"format": "pt", "fusionkit": __version__}
+        metadata = {"format": "pt", "fusionkit": __version__, TASKS_KEY: json.dumps(_task_schema(self.config))}
         frozen = self._frozen_encoder_keys() if frozen_weights is not None else set()
         if frozen:
             shared = Path(frozen_weights)  # type: ignore[arg-type]
             shared_id = _frozen_id(shared) if shared.is_file() and _saved_keys(shared) == frozen else None
             if shared_id is None:  # none yet, other tensors, or written before ids: (re)written with a new id
                 shared_id = uuid.uuid4().hex
-                part = shared.with_name(shared.name + f".tmp-{os.getpid()}")
-                save_file({k: state[k] for k in sorted(frozen)}, str(part),
-                          metadata={"format": "pt", FROZEN_ID_KEY: shared_id})  # fmt: skip
-                follow_umask(part)
-                part.replace(shared)
+                _save_weights({k: state[k] for k in sorted(frozen)}, shared, {"format": "pt", FROZEN_ID_KEY: shared_id})
             state = {k: v for k, v in state.items() if k not in frozen}
             # the path is relative (a moved run dir still loads); the id tells this run's file from another's
             metadata.update({FROZEN_WEIGHTS_KEY: os.path.relpath(shared, directory), FROZEN_ID_KEY: shared_id})
-        tmp = directory / (WEIGHTS_NAME + ".tmp")
-        save_file(state, str(tmp), metadata=metadata)
-        follow_umask(tmp)
-        tmp.replace(directory / WEIGHTS_NAME)
+        _save_weights(state, directory / WEIGHTS_NAME, metadata)
         meta = {
             "model_type": "fusionkit",  # AutoConfig/AutoModel load this folder once fusionkit.hf is imported
             "fusionkit_version": __version__,
@@ -719,7 +720,9 @@ class FusionModel(nn.Module):
     ) -> FusionModel:
         """Rebuild from `save_pretrained` output, a run directory holding one, or a hub id ("org/name").
 
-        Returned in eval mode (no dropout), as transformers does: `.train()` before fine-tuning it.
+        Returned in eval mode (no dropout), as transformers does: `.train()` before fine-tuning it. The weights
+        must be those saved with the config (the tasks and classes recorded in their header, the tensors' SHA-256):
+        another model's config.json or model.safetensors copied in, or a damaged file, is refused (~0.1 s per 100 MB).
         `dtype`: float32 by default (bf16 matmuls are ~500x slower on CPUs without AMX), a torch dtype, or "auto" for
         the dtype the weights were saved in (as transformers' `dtype="auto"`)."""
         if isinstance(dtype, str) and dtype != "auto":  # "bfloat16", as transformers takes it; "bf16", as the CLI
@@ -737,6 +740,7 @@ class FusionModel(nn.Module):
         def build() -> FusionModel:
             return cls._build_on_saved_encoders(directory, config, meta)
 
+        check_saved_for(directory / WEIGHTS_NAME, config, directory / CONFIG_NAME)
         check_saved_shapes(directory / WEIGHTS_NAME, build)  # before allocating: configs may be tampered
         model = build()
         model.load_weights(directory / WEIGHTS_NAME)
@@ -936,6 +940,8 @@ class _CreationBudget(torch.overrides.TorchFunctionMode):
 
 FROZEN_WEIGHTS_KEY = "fusionkit_frozen_weights"  # metadata: the shared file holding the frozen encoders
 FROZEN_ID_KEY = "fusionkit_frozen_id"  # metadata of that file, and of each checkpoint naming it: which one it is
+TASKS_KEY = "fusionkit_tasks"  # metadata: the tasks and classes the weights were trained for (config.json's)
+DIGEST_KEY = "fusionkit_sha256"  # metadata: SHA-256 of the file's tensors (`_tensors_digest`)
 
 
 def _saved_keys(path: Path) -> set[str]:
@@ -945,36 +951,38 @@ def _saved_keys(path: Path) -> set[str]:
         return set(f.keys())
 
 
-def _frozen_id(path: Path) -> str | None:
-    """The id a shared frozen-encoder file was written with (its header only: nothing is hashed)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get(FROZEN_ID_KEY)
-
-
-def _weight_files(path: Path) -> list[Path]:
-    """model.safetensors, and the run's shared frozen-encoder file it names (if any)."""
+def _header_metadata(path: Path) -> dict[str, str]:
+    """The metadata in a safetensors file's header (nothing else is read)."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            return f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt") from e
+
+
+def _frozen_id(path: Path) -> str | None:
+    """The id a shared frozen-encoder file was written with (its header only: nothing is hashed)."""
+    return _header_metadata(path).get(FROZEN_ID_KEY)
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """model.safetensors, and the run's shared frozen-encoder file it names (if any)."""
+    meta = _header_metadata(path)
     shared, expected = meta.get(FROZEN_WEIGHTS_KEY), meta.get(FROZEN_ID_KEY)
     if shared is None:
         return [path]
-    other = (path.parent / shared).resolve()
+    # first the path as the user reached it (a symlinked checkpoints/ on another disk: resolve() would follow the
+    # link before the `..`), then the real one (a checkpoint reached through a link to it)
+    candidates = (Path(os.path.normpath(path.parent / shared)), (path.parent / shared).resolve())
+    other = next((c for c in candidates if c.is_file()), candidates[0])
     if not other.is_file():
         raise FileNotFoundError(
             f"{path} keeps its frozen encoder weights in {other}, written once per run, which is missing. "
             "Copy the whole run directory, or save a standalone model with FusionModel.save_pretrained"
         )
-    try:
-        found = _frozen_id(other) if expected is not None else None  # saved before ids: nothing to compare
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{other} is not a readable safetensors file ({e}); it may be truncated or corrupt") from e
+    found = _frozen_id(other) if expected is not None else None  # saved before ids: nothing to compare
     if expected is not None and found != expected:
         raise ValueError(
             f"{path} was saved with the frozen encoder weights of another run: {other} is not the file it was "
@@ -986,6 +994,7 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of `path` (and of the frozen-encoder file it names), each file checked against its SHA-256."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -994,10 +1003,72 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for file in _weight_files(path):
         try:
-            state.update(load_file(str(file)))
+            tensors = load_file(str(file))
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f"{file} is not a readable safetensors file ({e}); it may be truncated or corrupt") from e
+        recorded = _header_metadata(file).get(DIGEST_KEY)  # None: saved before digests were written
+        if recorded is not None and _tensors_digest(tensors) != recorded:
+            raise ValueError(f"{file} is damaged: its tensors are not the ones it was saved with (their SHA-256 "
+                             "differs from the one recorded in its header: bytes changed on disk or in a copy). "
+                             "Restore the file from the place it was saved or a backup, or use another "
+                             "checkpoint")  # fmt: skip
+        state.update(tensors)
     return state
+
+
+def _save_weights(state: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> None:
+    """Write `state` to `path` through a temp file (a reader never sees half a file), its SHA-256 in the header."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    save_file(dict(state), str(tmp), metadata={**metadata, DIGEST_KEY: _tensors_digest(state)})
+    follow_umask(tmp)
+    tmp.replace(path)
+
+
+def _tensors_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of tensors by name, dtype, shape and bytes: the same for the dict saved and the dict loaded,
+    whatever the file's layout (~60 ms per 100 MB, about what reading them from disk costs)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _task_schema(config: ModelConfig) -> list[list[Any]]:
+    """What a model's outputs mean: per task its name, type and class names in output order."""
+    return [[t.name, t.type, list(t.class_names or [])] for t in config.tasks]
+
+
+def check_saved_for(weights: Path, config: ModelConfig, config_path: Path) -> None:
+    """Refuse weights saved for other tasks or classes than `config` (read from `config_path`) names: another
+    model's model.safetensors or config.json copied in would predict under the wrong class names, confidently.
+    Weights saved before the schema was recorded are not checked."""
+    saved = _header_metadata(weights).get(TASKS_KEY)
+    if saved is None:
+        return
+    try:
+        theirs = {name: (kind, classes) for name, kind, classes in json.loads(saved)}
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{weights} is damaged: the task list in its header is unreadable ({e}); restore the "
+                         "file from the place it was saved") from None  # fmt: skip
+    ours = {name: (kind, classes) for name, kind, classes in _task_schema(config)}
+    if theirs == ours:
+        return
+
+    def said(entry: tuple[str, list[str]] | None) -> str:
+        return "no such task" if entry is None else f"{entry[0]} {entry[1]}" if entry[1] else entry[0]
+
+    differ = "; ".join(f"{name}: {said(theirs.get(name))} in {weights.name}, {said(ours.get(name))} in "
+                       f"{config_path.name}" for name in sorted({*theirs, *ours}) if theirs.get(name) != ours.get(name))  # fmt: skip
+    raise ValueError(
+        f"{weights} and {config_path} are not from the same model: the weights were trained for other tasks or "
+        f"classes than the config names ({differ}), so their outputs would be read under the wrong names. One of "
+        "the two files was copied from another model or run: put back the pair that was saved together (copy a "
+        "model's whole folder, never single files)"
+    )
 
 
 def _saved_float_dtype(weights: Path) -> torch.dtype | None:
@@ -1242,6 +1313,8 @@ def _find_checkpoint_dir(directory: Path) -> Path:
                     log.warning("%s has no `best` pointer (a run stopped before its first evaluation, or the file "
                                 "was deleted): using last, step %s (%s)", directory, "?" if step is None else step,
                                 candidate)  # fmt: skip
+            if run:
+                _check_run_classes(directory, candidate)
             return candidate
     if not directory.exists():
         raise FileNotFoundError(f"{directory} does not exist")
@@ -1249,6 +1322,27 @@ def _find_checkpoint_dir(directory: Path) -> Path:
         f"{directory} holds no fusionkit model ({CONFIG_NAME} + {WEIGHTS_NAME}, directly or in the checkpoint its "
         "`best` or `last` pointer file names)"
     )
+
+
+def _check_run_classes(run: Path, checkpoint: Path) -> None:
+    """Refuse a run's checkpoint whose classes are not those of the data the run trained on (its
+    data_fingerprint.json): a checkpoint of another run copied in would be used and scored as this run's."""
+    try:
+        recorded = json.loads((run / "data_fingerprint.json").read_text())["label_schema"]
+        saved = json.loads((checkpoint / CONFIG_NAME).read_text())["model"]["tasks"]
+        classes = {t["name"]: sorted(t.get("class_names") or []) for t in saved}
+        trained = {task: sorted(entry.get("classes") or []) for task, entry in recorded.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none (an older run), or a broken file
+        return
+    differ = [f"{task}: {names} in the run's data, "
+              + (f"{classes[task]} in the checkpoint" if task in classes else "no such task in the checkpoint")
+              for task, names in sorted(trained.items()) if classes.get(task) != names]  # fmt: skip
+    if differ:
+        raise ValueError(
+            f"{checkpoint} does not predict the classes {run} trained on ({'; '.join(differ)}, by "
+            f"{run / 'data_fingerprint.json'}): it is another run's checkpoint, copied or linked into this run dir. "
+            f"Put this run's own checkpoint back, or load the other model by its own folder ({checkpoint})"
+        )
 
 
 def _eval_frozen(module: nn.Module) -> None:

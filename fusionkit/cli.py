@@ -571,8 +571,14 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
             model, whole, whole.path.parent, only_if_built=True) is not None):  # fmt: skip
         # the split as a view of what training cached; an ensemble member with frozen encoders reads its
         # features from the stores its training built, else (below) its encoders run on this split alone
-        return ds, SplitView(whole, ds.ids, ds.fingerprint)
-    return ds, cache(ds)
+        cached = SplitView(whole, ds.ids, ds.fingerprint)
+    else:
+        cached = cache(ds)
+    if len(cached) == 0:  # every row's image failed to decode: an empty output would look like success
+        raise DataError(f"no readable rows left in {source} to {args.command}: every row was skipped when its "
+                        "image was decoded (see the skipped-rows report above)", hint="fix or replace the "
+                        "image files the report names")  # fmt: skip
+    return ds, cached
 
 
 def _label_columns(tasks: list[Any], specs: list[str]) -> list[Any]:

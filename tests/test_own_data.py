@@ -861,6 +861,12 @@ def test_a_file_whose_every_row_is_skipped_is_an_error_not_an_empty_output(
     capsys.readouterr()
     assert main(["predict", str(root / "runs" / "r1"), "--data", str(bad), "--on-error", "skip",
                  "--output", str(out)]) == 1  # fmt: skip
+    # every path names no file: said as such (relative to the wrong folder?), not as rows that were skipped
+    assert "none of its 2 image paths names a file" in capsys.readouterr().err and not out.exists()
+    for name in ("gone.jpg", "gone2.jpg"):  # files that are there but no image: each row skipped, none left
+        (tmp_path / name).write_text("not an image")
+    assert main(["predict", str(root / "runs" / "r1"), "--data", str(bad), "--on-error", "skip",
+                 "--output", str(out)]) == 1  # fmt: skip
     assert "no readable rows left" in capsys.readouterr().err and not out.exists()
 
 

@@ -418,6 +418,7 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
 
     from .data import DataError, build_cache, load_dataset, read_split_file
     from .data.cache import SplitView
+    from .data.dataset import LEGACY_IDS, legacy_spelled
     from .data.sources.registry import data_gone, source_name
     from .tasks import bind_labels
     from .training.feature_cache import build_features
@@ -495,6 +496,8 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
                        f"{source}{skipped} (e.g. {lost[:3]})")  # fmt: skip
             if one_based := _one_based(ids):
                 raise DataError(problem, source=str(split_file), hint=one_based)
+            if legacy_spelled(lost):  # ids of numbers: perhaps 0.2's spelling of the file's "007.0"
+                problem += f"; if {source} writes them with '.0' (007.0, +5.0): {LEGACY_IDS}"
             if checked and split in _recorded(run_dir).get("splits", {}) and (with_labels or _named_by_position(ids[split])):
                 # the run recorded its held-out rows as a whole: the rest cannot be told from edited rows
                 raise DataError(

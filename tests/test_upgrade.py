@@ -126,3 +126,18 @@ def test_a_split_numbering_rows_from_one_is_named_as_such(tmp_path: Path, capsys
     argv = ["predict", str(run), "--split", "test", "--output", str(tmp_path / "p.csv")]
     assert main(argv) != 0 and main([*argv, "--on-error", "skip"]) != 0
     assert "ids look like row numbers counted from 1" in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
+
+
+def test_a_split_file_of_02_spelling_ids_like_0070_as_numbers_says_so(tmp_path: Path) -> None:
+    """0.2 read an id written "007.0" as 7 and saved it so in split.json; 0.3 keeps "007.0": the run's split names
+    ids the data lacks, which was blamed on lost rows."""
+    from fusionkit.data import DataError, load_dataset, split_dataset
+
+    (tmp_path / "img.png").write_bytes(b"")
+    rows = "".join(f"{i:03d}.0,caption {i},img.png\n" for i in range(6))
+    (tmp_path / "t.csv").write_text("pid,txt,pic\n" + rows)
+    ds = load_dataset(tmp_path / "t.csv", text_column="txt", image_column="pic", id_column="pid", missing_image="keep")
+    assert ds.ids[:2] == ["000.0", "001.0"]
+    (tmp_path / "split.json").write_text(json.dumps({"train": ["0", "1", "2", "3"], "val": ["4"], "test": ["5"]}))
+    with pytest.raises(DataError, match="usionkit 0.2 read an id written like 007.0"):
+        split_dataset(ds, path=tmp_path / "split.json")

@@ -368,6 +368,17 @@ def _as_number(id_: str) -> str:
     return str(int(id_)) if id_.isdecimal() else id_
 
 
+LEGACY_IDS = ("fusionkit 0.2 read an id written like 007.0 or +5.0 as the number (7, 5); since 0.3 it is kept as "
+              "written: write the ids as the data writes them in a copy of the split file, or make a new split")
+
+
+def legacy_spelled(unknown: Collection[str], known: Collection[str] | None = None) -> bool:
+    """Whether ids a split file names but the data lacks are 0.2's spelling of ids written like "007.0": numbers
+    (each of them a number that one of `known`, when given, reads as)."""
+    numbers = {str(int(float(i))) for i in known or () if re.fullmatch(r"[+-]?\d+\.0", i)}
+    return bool(unknown) and all(re.fullmatch(r"-?\d+", i) and (known is None or i in numbers) for i in unknown)
+
+
 def split_dataset(
     ds: MultimodalDataset,
     ratios: Sequence[float] = (0.8, 0.1, 0.1),
@@ -411,8 +422,9 @@ def split_dataset(
             raise DataError(
                 f"split file names {len(unknown)} ids not in the dataset (e.g. {unknown[:3]})",
                 source=str(path),
-                hint="the dataset lost rows since the split was made: restore them, or make a new split (another "
-                "data.split_file path, or a new run); a run dir's split.json is that run's record: keep it",
+                hint=LEGACY_IDS if legacy_spelled(unknown, known) else "the dataset lost rows since the split was "
+                "made: restore them, or make a new split (another data.split_file path, or a new run); a run dir's "
+                "split.json is that run's record: keep it",
             )
         named = {i for k in SPLITS for i in ids[k]}
         new = [i for i in ds.ids if i not in named]

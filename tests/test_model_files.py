@@ -89,14 +89,16 @@ def test_a_frozen_encoder_run_with_its_checkpoints_on_another_disk_loads(frozen_
 def test_a_run_refuses_a_checkpoint_of_another_runs_classes(frozen_run: Path, tmp_path: Path) -> None:
     run = shutil.copytree(frozen_run, tmp_path / "run")
     best = run / (run / "best").read_text().strip()
-    _tiny(["happy", "neutral", "sad"]).save_pretrained(tmp_path / "other")
-    for name in ("config.json", "model.safetensors"):  # the other run's checkpoint copied over this run's best
-        shutil.copy(tmp_path / "other" / name, best / name)
-    with pytest.raises(ValueError, match="does not predict the classes") as e:
-        FusionModel.from_pretrained(run)
-    assert "['negative', 'neutral', 'positive'] in the run's data" in str(e.value)
-    assert "data_fingerprint.json" in str(e.value)
-    assert FusionModel.from_pretrained(best).class_names == {"mood": ["happy", "neutral", "sad"]}  # asked for by name
+    # another run's classes, or the same classes in another order (its outputs would be read under this run's names)
+    for other in (["happy", "neutral", "sad"], ["negative", "neutral", "positive"]):
+        _tiny(other).save_pretrained(tmp_path / "other")
+        for name in ("config.json", "model.safetensors"):  # the other run's checkpoint copied over this run's best
+            shutil.copy(tmp_path / "other" / name, best / name)
+        with pytest.raises(ValueError, match="does not predict the classes") as e:
+            FusionModel.from_pretrained(run)
+        assert "['positive', 'neutral', 'negative'] in the run's data" in str(e.value)
+        assert "data_fingerprint.json" in str(e.value)
+        assert FusionModel.from_pretrained(best).class_names == {"mood": other}  # asked for by name
 
 
 def test_the_processor_pads_on_the_right_whatever_the_tokenizers_side(caplog: pytest.LogCaptureFixture) -> None:

@@ -1330,8 +1330,8 @@ def _check_run_classes(run: Path, checkpoint: Path) -> None:
     try:
         recorded = json.loads((run / "data_fingerprint.json").read_text())["label_schema"]
         saved = json.loads((checkpoint / CONFIG_NAME).read_text())["model"]["tasks"]
-        classes = {t["name"]: sorted(t.get("class_names") or []) for t in saved}
-        trained = {task: sorted(entry.get("classes") or []) for task, entry in recorded.items()}
+        classes = {t["name"]: list(t.get("class_names") or []) for t in saved}  # in order: the outputs' order
+        trained = {task: list(entry.get("classes") or []) for task, entry in recorded.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none (an older run), or a broken file
         return
     differ = [f"{task}: {names} in the run's data, "

@@ -27,7 +27,7 @@ def resolve_pretrained_dir(name_or_path: str | Path, **hub_kwargs: Any) -> Path:
     `hub_kwargs` (revision, token, cache_dir, local_files_only, ...) go to
     `huggingface_hub.snapshot_download`; only safetensors, JSON and tokenizer files are fetched.
     """
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()  # "~/models/x" is the home folder's, as on the command line
     if path.exists() or not is_hub_id(str(name_or_path)):
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist (and is not a hub id like 'org/name')")

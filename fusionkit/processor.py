@@ -65,7 +65,7 @@ class FusionProcessor:
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write `processor_config.json` and the tokenizer files (plain JSON/text: nothing executable)."""
-        directory = Path(directory)
+        directory = Path(directory).expanduser()
         directory.mkdir(parents=True, exist_ok=True)
         from .models.encoders import save_tokenizer
 

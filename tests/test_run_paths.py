@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+import fusionkit
 from fusionkit.cli import main
 from fusionkit.data import Example, MultimodalDataset, split_dataset
 
@@ -168,3 +169,18 @@ def test_every_image_path_failing_under_skip_says_where_they_were_looked_for(
                  str(tmp_path / "p.csv")]) == 1  # fmt: skip
     err = capsys.readouterr().err
     assert "none of its 24 image paths names a file" in err and "--image-root" in err
+
+
+def test_home_paths_in_save_and_load_from_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`save_pretrained("~/m")` wrote a folder named "~" in the working directory, and `from_pretrained("~/m")`
+    said it does not exist: both are the home folder's, as on the command line."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    model = fusionkit.create_model("tiny")
+    model.save_pretrained("~/saved")
+    assert (home / "saved" / "config.json").is_file() and not (cwd / "~").exists()
+    assert fusionkit.FusionModel.from_pretrained("~/saved").class_names == model.class_names
+    fusionkit.FusionProcessor.from_model(model).save_pretrained("~/proc")
+    assert (home / "proc" / "processor_config.json").is_file() and not (cwd / "~").exists()

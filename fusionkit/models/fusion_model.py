@@ -673,7 +673,7 @@ class FusionModel(nn.Module):
         """
         from ..processor import FusionProcessor
 
-        directory = Path(directory)
+        directory = Path(directory).expanduser()  # never a folder named "~" in the working directory
         check_save_dir(directory)
         _remove_earlier_save(directory)
         self._write_pretrained(directory, frozen_weights=frozen_weights)

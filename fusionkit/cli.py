@@ -263,9 +263,8 @@ def _tune(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
-    from .config import load_config_file
     from .training.config import build_config
-    from .training.trainer import train
+    from .training.trainer import run_config, train
 
     # The config is the leading positional; parsed here because argparse would take an override's value for it.
     config = extra.pop(0) if extra and not extra[0].startswith("-") else None
@@ -280,16 +279,9 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         run_dir = Path(os.path.abspath(Path(args.resume).expanduser()))  # `--resume .` inside the run dir: its name
         if config:
             raise ConfigError("give either a config or --resume RUN_DIR, not both")
-        moved = sorted({"run.name", "run.output_dir", "run.name_exists"} & set(overrides))
-        if moved:  # the run stays where it is: a new name or folder would be silently ignored
-            raise ConfigError(f"--resume {run_dir} continues that run where it is; {', '.join(moved)} cannot change "
-                              "it (copy the run dir elsewhere and resume the copy to move it)")  # fmt: skip
-        if not (run_dir / "config.yaml").is_file():
-            found = _run_dir_of(run_dir)
-            raise ConfigError(f"--resume {run_dir}: not a run dir (no config.yaml)"
-                              + (f"; the run dir is {found}" if found is not None and found != run_dir else ""))  # fmt: skip
-        cfg = build_config(load_config_file(run_dir / "config.yaml"), overrides)  # paths as the run used them
-        cfg.run.output_dir, cfg.run.name = str(run_dir.parent), run_dir.name
+        if not (run_dir / "config.yaml").is_file() and (found := _run_dir_of(run_dir)) not in (None, run_dir):
+            raise ConfigError(f"--resume {run_dir}: not a run dir (no config.yaml); the run dir is {found}")
+        cfg = run_config(run_dir, overrides)
     else:
         cfg = build_config(config, overrides)
     if args.print_config:

@@ -184,3 +184,20 @@ def test_home_paths_in_save_and_load_from_python(tmp_path: Path, monkeypatch: py
     assert fusionkit.FusionModel.from_pretrained("~/saved").class_names == model.class_names
     fusionkit.FusionProcessor.from_model(model).save_pretrained("~/proc")
     assert (home / "proc" / "processor_config.json").is_file() and not (cwd / "~").exists()
+
+
+def test_a_moved_finished_run_resumed_names_where_it_is_now(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--resume` of a finished run returns its summary: after `mv` it named the old folder, where another run with
+    the same name may live now (its best checkpoint loaded as this run's)."""
+    from .test_train import tiny_config
+
+    fusionkit.train(tiny_config(tmp_path, "r1", **{"data.dataset": "synthetic:40", "optim.epochs": 1}))
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (tmp_path / "runs" / "r1").rename(moved / "r1")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(moved / "r1")]) == 0
+    out = capsys.readouterr().out
+    assert f"run dir: {moved / 'r1'}" in out and str(tmp_path / "runs") not in out
+    best = Path(fusionkit.train(str(moved / "r1"), resume=True)["best_checkpoint"])
+    assert best.parent.parent == moved / "r1" and best.is_dir()

@@ -119,7 +119,8 @@ class RunDir:
                 raise RunDirError(
                     f"{run.path} already holds a run ({', '.join(run.contents()[:5])}); fusionkit never writes "
                     "a new run into it. "
-                    + (f"Continue it with `fusionkit train --resume {run.path}`, choose " if not started else
+                    + (f"Continue it with `fusionkit train --resume {run.path}` (from Python: fusionkit.train("
+                       f"'{run.path}', resume=True), with data= as before), choose " if not started else
                        "It stopped before its first checkpoint: delete the dir if you do not need it, or choose ")
                     + "another run.name, or set run.name_exists=increment to get a fresh numbered dir"
                 )

@@ -856,7 +856,7 @@ class Trainer:
                                     f"its results stay as written (fusionkit eval {self.run_dir} evaluates it again)"
                                     if saved.is_file() else "its best checkpoint is evaluated")  # fmt: skip
                     if saved.is_file():  # its summary and predictions are the run's record: never rewritten
-                        return json.loads(saved.read_text(encoding="utf-8"))
+                        return _moved_to(json.loads(saved.read_text(encoding="utf-8")), self.run_dir)
             if self.cfg.run.report_to:
                 self.accelerator.init_trackers(self.run_dir.name, config=_scalar_config(to_dict(self.cfg)))
             start = self.fit_start = time.perf_counter()
@@ -1095,6 +1095,16 @@ class Trainer:
         return summary
 
 
+def _moved_to(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """A finished run's summary with its paths where the run is now: after `mv` of the run dir, the recorded ones
+    name a folder that is gone, or another run made there since."""
+    recorded, here = Path(summary.get("run_dir") or "."), run_dir.absolute()
+    out = {**summary, "run_dir": str(here)}
+    with contextlib.suppress(TypeError, ValueError):  # a best checkpoint outside the recorded run dir: as it is
+        out["best_checkpoint"] = str(here / Path(summary.get("best_checkpoint")).relative_to(recorded))
+    return out
+
+
 def _scalar_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """The config as flat `section.key: value` scalars, as trackers' hyperparameter tables want it."""
     out: dict[str, Any] = {}
@@ -1121,14 +1131,36 @@ def train(
     `data`: train on an in-memory pandas DataFrame, `datasets.Dataset`/`DatasetDict` or
     `MultimodalDataset` instead of `config.data.dataset`.
 
-    `accept_changes`: let a resume go on with a config or data that differ from the saved run
-    (recorded in the run dir's resume_log.jsonl); without it such a resume is refused.
+    `resume`: continue the run `config` names: its run dir (`train("runs/x", resume=True)`, its config.yaml read
+    as `fusionkit train --resume runs/x` does), or a config naming it. `accept_changes`: let a resume go on with a
+    config or data that differ from the saved run (recorded in the run dir's resume_log.jsonl); without it such a
+    resume is refused.
 
     Relative paths of a `TrainConfig` or dict are the working directory's; the run saves them absolute, so
     `fusionkit eval RUN` works from anywhere. The given `TrainConfig` is not changed.
 
     Returns the run's summary, as written to its summary.json: `run_dir`, `best_checkpoint`, `metric` and its
     `best` value, `epochs`, `steps`, and the best checkpoint's `val` and `test` metrics."""
+    if resume and isinstance(config, str | Path) and Path(config).expanduser().is_dir():  # a run dir to continue
+        return Trainer(run_config(config, overrides), resume=True, accept_changes=accept_changes, data=data).fit()
     # a TrainConfig too goes through build_config: its relative paths resolved, and a copy is trained
     config = build_config(to_dict(config) if isinstance(config, TrainConfig) else config, dict(overrides or {}))
     return Trainer(config, resume=resume, accept_changes=accept_changes, data=data).fit()
+
+
+def run_config(run_dir: str | Path, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """The config a run dir trained with (its config.yaml, paths as the run used them), for the run where it is
+    now, with `overrides` on top: what `fusionkit train --resume RUN_DIR` and `train(RUN_DIR, resume=True)` go on
+    with."""
+    from ..config import load_config_file
+
+    run_dir = Path(os.path.abspath(Path(run_dir).expanduser()))  # `--resume .` inside the run dir: its name
+    moved = sorted({"run.name", "run.output_dir", "run.name_exists"} & set(overrides or {}))
+    if moved:  # the run stays where it is: a new name or folder would be silently ignored
+        raise ConfigError(f"resuming {run_dir} continues that run where it is; {', '.join(moved)} cannot change it "
+                          "(copy the run dir elsewhere and resume the copy to move it)")  # fmt: skip
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not a run dir (no config.yaml)")
+    cfg = build_config(load_config_file(run_dir / "config.yaml"), dict(overrides or {}))
+    cfg.run.output_dir, cfg.run.name = str(run_dir.parent), run_dir.name
+    return cfg

@@ -137,10 +137,12 @@ def default_modality(rows: Iterable[Any]) -> str:
 
 
 def _unpack_dataset(
-    texts: Any, images: Any, ids: Iterable[Any] | None, modalities: Any = None
+    texts: Any, images: Any, ids: Iterable[Any] | None, modalities: Any = None,
+    columns: Mapping[str, str | None] | None = None,
 ) -> tuple[Iterable[Any] | None, Iterable[Any] | None, Iterable[Any] | None]:
-    """A dataset passed as `texts` (or `images`) supplies its text / image / id columns; a side that no
-    row of a `MultimodalDataset` has is left out when no `modalities` are named (`default_modality`)."""
+    """A dataset passed as `texts` (or `images`) supplies its text / image / id columns, or those the model trained
+    on (`columns`: its `data_columns`, as `fusionkit embed` reads a file); a side that no row of a
+    `MultimodalDataset` has is left out when no `modalities` are named (`default_modality`)."""
     if _is_fusionkit_dataset(texts):
         ds = texts
         only = default_modality(ds) if modalities is None and images is None else "joint"
@@ -155,6 +157,11 @@ def _unpack_dataset(
     if _is_hf_dataset(texts) or _is_dataframe(texts):
         ds, cols = texts, _column_names(texts)
         kind = type(ds).__name__
+        trained = {side: (columns or {}).get(f"{side}_column") for side in ("text", "image", "id")}
+        renames = {c: side for side, c in trained.items() if c and c != side and c in cols and side not in cols}
+        if renames:  # the model's own columns (review_text, photo_file): read as text / image / id
+            ds = ds.rename(columns=renames) if _is_dataframe(ds) else ds.rename_columns(renames)
+            cols = _column_names(ds)
         if "text" not in cols and ("image" not in cols or images is not None):
             raise ValueError(f"embed({kind}) reads its 'text', 'image' and 'id' columns; it has {cols}. Rename "
                              "yours (Dataset.rename_columns / DataFrame.rename), or pass the columns: "
@@ -271,7 +278,7 @@ def embed(
     """Vectors [N, dim] (float32): joint for pairs, text-only or image-only when one side is given.
 
     `texts` may be a `MultimodalDataset`, a `datasets.Dataset` or a pandas DataFrame: its `text`,
-    `image` and `id` columns are used (a DataFrame's empty cells are missing sides; a caption spelled like a
+    `image` and `id` columns are used, or the columns the model trained on (`model.data_columns`) (a DataFrame's empty cells are missing sides; a caption spelled like a
     missing value, "nan" or "None", is a missing caption, as `load_dataset` and training read it). `modalities` ("joint", "text", "image" or several) returns a dict of arrays, computed from one
     pass of each encoder; a row without a caption (image) gets NaN as its text (image) vector.
     `return_ids=True` (or passing `ids`) returns `(vectors, ids)`, ids as strings (row numbers when
@@ -293,7 +300,7 @@ def embed(
         raise TypeError("texts must be a list of strings, not a single string")
     refuse_columns(texts, "embed")
     want_ids = return_ids or ids is not None
-    texts, images, ids = _unpack_dataset(texts, images, ids, modalities)
+    texts, images, ids = _unpack_dataset(texts, images, ids, modalities, getattr(model, "data_columns", None))
     # one image where a column of them belongs (a column may be a Series or a 1-D array of paths: an image array has 2+)
     if isinstance(images, str | bytes | Path) or type(images).__module__.startswith("PIL.") or getattr(images, "ndim", 1) > 1:
         raise TypeError("images must be a list of paths, bytes or PIL images (one image: a list of one), not a "

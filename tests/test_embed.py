@@ -298,3 +298,25 @@ def test_a_dataframe_gets_the_ids_and_default_modality_load_dataset_gives(pairs)
     np.testing.assert_allclose(vectors, embed(model, read), atol=1e-6)
     joint = embed(model, frame, modalities="joint")  # asked for: joint, the image a placeholder
     assert not np.allclose(joint, vectors, atol=1e-3)
+
+
+def test_a_dataframe_is_read_by_the_columns_the_model_trained_on(tmp_path: Path) -> None:
+    """`embed(model, df)` of the user's own table (txt, pic, uid) read only 'text'/'image'/'id' and refused it,
+    while `fusionkit embed` of the same file reads the columns the run recorded."""
+    pd = pytest.importorskip("pandas")
+    import fusionkit
+
+    from .test_own_data_multitask import write_table
+    from .test_train import tiny_config
+
+    table = write_table(tmp_path / "d", 12)
+    summary = fusionkit.train(tiny_config(tmp_path, "own", **{
+        "data.dataset": str(table), "data.text_column": "txt", "data.image_column": "pic", "data.id_column": "uid",
+        "model.tasks": [{"name": "mood"}], "optim.epochs": 1}))  # fmt: skip
+    model = FusionModel.from_pretrained(summary["run_dir"])
+    df = pd.read_csv(table)
+    df["pic"] = [str(tmp_path / "d" / p) for p in df["pic"]]
+    vectors, ids = embed(model, df, return_ids=True)
+    renamed = df.rename(columns={"txt": "text", "pic": "image", "uid": "id"})
+    np.testing.assert_array_equal(vectors, embed(model, renamed))
+    assert ids == list(df["uid"])

@@ -63,12 +63,14 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def test_trained_model_keeps_label_strings_everywhere(trained_run: tuple[Path, Path]) -> None:
-    root, _ = trained_run
+    root, table = trained_run
     run = root / "runs" / "r1"
     model = fusionkit.FusionModel.from_pretrained(run)
     assert model.class_names == {"mood": ["happy", "meh", "sad"]}  # sorted distinct strings of the data
     rows = list(csv.DictReader((run / "predictions_test.csv").open()))
     assert rows and {r["mood"] for r in rows} <= set(MOODS)
+    labels = {r["id"]: r["mood"] for r in csv.DictReader(table.open())}  # each row's label beside its prediction
+    assert [r["mood_true"] for r in rows] == [labels[r["id"]] for r in rows]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["test"]["details"]["mood"]["class_names"] == ["happy", "meh", "sad"]
     assert set(summary["test"]["details"]["mood"]["report"]) >= set(MOODS)
@@ -404,6 +406,7 @@ def test_an_unlabelled_test_split_is_predicted_and_said_so(tmp_path: Path, capsy
     assert "test: no labels to score; predictions in predictions_test.csv" in out
     rows = list(csv.DictReader((tmp_path / "runs" / "withheld" / "predictions_test.csv").open()))
     assert [r["id"] for r in rows] == ids[1:40:2] and {r["mood"] for r in rows} <= set(MOODS)
+    assert {r["mood_true"] for r in rows} == {""}  # withheld: no label to write beside them
 
 
 def test_a_relative_dataset_on_the_command_line_is_found_from_another_directory(

@@ -101,6 +101,10 @@ def test_eval_scores_the_tasks_a_file_labels_and_predictions_round_trip_empty_ta
     assert train(table, tmp_path / "runs", "r", tasks) == 0
     run = str(tmp_path / "runs" / "r")
     rows = list(csv.DictReader(table.open()))
+    by_id = {r["uid"]: r for r in rows}  # the run's predictions files write each row's labels beside its predictions
+    for r in csv.DictReader((tmp_path / "runs" / "r" / "predictions_test.csv").open()):
+        assert (r["mood_true"], r["tags_true"]) == (by_id[r["id"]]["mood"], by_id[r["id"]]["tags"])
+        assert float(r["score_true"]) == pytest.approx(float(by_id[r["id"]]["score"]))
     subset = tmp_path / "mood_only.csv"
     with subset.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["uid", "txt", "pic", "mood"])

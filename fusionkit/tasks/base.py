@@ -279,10 +279,16 @@ class Task:
         """Per example `{task: label(s) or value, f"{task}_prob": {class: p}}`; empty for label-free tasks."""
         return [{} for _ in range(len(outputs))]
 
+    def true_labels(self, labels: torch.Tensor, mask: torch.Tensor) -> list[Any]:
+        """Each row's label as its predictions name it (None where it has none): the run's predictions files write
+        it beside the prediction (`mood_true`), for error analysis."""
+        return [None] * len(labels)
+
     def prediction_keys(self) -> tuple[str, ...]:
-        """The keys `predict` writes per example, for `check_task_names`; a key ending in '*' stands for every key it
-        starts (the CSV columns a dict of probabilities becomes: `mood_prob_sad`). Override it with `predict`."""
-        return (self.name, f"{self.name}_prob", f"{self.name}_prob_*") if self.needs_labels else ()
+        """The keys `predict` (and `true_labels`, as `{task}_true`) write per example, for `check_task_names`; a key
+        ending in '*' stands for every key it starts (the CSV columns a dict of probabilities becomes:
+        `mood_prob_sad`). Override it with `predict`."""
+        return (self.name, f"{self.name}_prob", f"{self.name}_prob_*", f"{self.name}_true") if self.needs_labels else ()
 
     def higher_is_better(self, metric: str) -> bool:
         return metric not in self.lower_is_better

@@ -417,6 +417,9 @@ class ClassificationTask(Task):
         }
         return flat, details
 
+    def true_labels(self, labels: torch.Tensor, mask: torch.Tensor) -> list[Any]:
+        return [self.names[int(y)] if m else None for y, m in zip(labels, mask)]
+
     def predict(self, outputs: torch.Tensor) -> list[dict[str, Any]]:
         """The most probable class and every class's probability, unrounded (a tiny one is not 0.0: log-loss)."""
         probs = self.probabilities(outputs)

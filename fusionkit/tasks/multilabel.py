@@ -156,6 +156,9 @@ class MultilabelTask(ClassificationTask):
             "macro_f1": float(macro),
         }, {"class_names": list(self.names), "report": report, "threshold": self.cfg.params.get("threshold", 0.5)}
 
+    def true_labels(self, labels: torch.Tensor, mask: torch.Tensor) -> list[Any]:
+        return [[c for c, on in zip(self.names, row) if on] if m else None for row, m in zip(labels.tolist(), mask)]
+
     def predict(self, outputs: torch.Tensor) -> list[dict[str, Any]]:
         """The tags above their threshold and every tag's probability, unrounded."""
         probs = self.probabilities(outputs)

@@ -147,5 +147,8 @@ class RegressionTask(Task):
         (4218.4, not 4218.39990234375), the same in CSV, JSONL and `model.predict`."""
         return [{self.name: row[0] if len(row) == 1 else row} for row in float32_values(outputs)]
 
+    def true_labels(self, labels: torch.Tensor, mask: torch.Tensor) -> list[Any]:
+        return [(row[0] if len(row) == 1 else row) if m else None for row, m in zip(float32_values(labels), mask)]
+
     def prediction_keys(self) -> tuple[str, ...]:
-        return (self.name,)
+        return (self.name, f"{self.name}_true")

@@ -109,12 +109,17 @@ def warn_unscored_classes(task: str, classes: Sequence[str], total: int, split: 
                 total)  # fmt: skip
 
 
-def prediction_rows(tasks: Mapping[str, Task], result: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One row per example: id, then per task its predicted label(s) and class probabilities."""
+def prediction_rows(tasks: Mapping[str, Task], result: Mapping[str, Any], true: bool = False) -> list[dict[str, Any]]:
+    """One row per example: id, then per task its predicted label(s) and class probabilities, and with `true` the
+    row's label (`mood_true`: empty where it has none) where the split has the task's labels."""
     rows: list[dict[str, Any]] = [{"id": i} for i in result["ids"]]
     for name, task in tasks.items():
         if name in result["outputs"]:
-            for row, pred in zip(rows, task.predict(result["outputs"][name])):
+            preds = task.predict(result["outputs"][name])
+            if true and task.needs_labels and name in result.get("labels", {}):
+                labels = task.true_labels(result["labels"][name], result["label_mask"][name])
+                preds = [{**p, f"{name}_true": y} for p, y in zip(preds, labels)]
+            for row, pred in zip(rows, preds):
                 taken = sorted(row.keys() & pred.keys())
                 if taken:  # another task's (or the id): never overwritten (`check_task_names` refuses such names)
                     raise ConfigError(f"{task.describe()} predicts {taken}, which the prediction row already holds "

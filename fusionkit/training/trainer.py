@@ -1079,7 +1079,7 @@ class Trainer:
             summary[split] = {**flat, "details": details}
             if self.is_main:
                 replace_file(self.run_dir / f"predictions_{split}.csv", functools.partial(
-                    write_predictions, rows=prediction_rows(self.model.tasks, result)))
+                    write_predictions, rows=prediction_rows(self.model.tasks, result, true=True)))
                 if self.cfg.run.plots:
                     for name, d in details.items():
                         if "confusion" in d:

@@ -38,6 +38,26 @@ def test_a_class_too_small_for_every_split_is_trained_on(seed: int) -> None:
     assert sum(len(p) for p in parts.values()) == len(ds)
 
 
+def test_a_split_depends_on_the_rows_not_their_order_and_an_edited_label_moves_that_row() -> None:
+    """The same rows shuffled gave another split (13 of 36 train ids changed: another model, other test scores),
+    and fixing one label re-dealt 24 of 60 rows, silently; a row's split now follows its id and the seed."""
+    import random
+
+    labels = [("joy", "gloom", "meh")[i % 3] if i % 7 else "meh" for i in range(90)]
+    ds = _labelled(labels)
+    first = {k: set(p.ids) for k, p in split_dataset(ds, (0.6, 0.2, 0.2), 0).items()}
+    order = list(range(len(ds)))
+    random.Random(3).shuffle(order)
+    shuffled = {k: set(p.ids) for k, p in split_dataset(ds.subset(order), (0.6, 0.2, 0.2), 0).items()}
+    assert shuffled == first
+    edited = list(labels)
+    edited[next(i for i in map(int, first["test"]) if labels[i] == "joy")] = "gloom"
+    again = {k: set(p.ids) for k, p in split_dataset(_labelled(edited), (0.6, 0.2, 0.2), 0).items()}
+    moved = sum(len(first[k] - again[k]) for k in first)
+    assert moved <= 5, moved  # the edited row, and a row at a cut of the two classes it left and joined
+    assert {k: set(p.ids) for k, p in split_dataset(ds, (0.6, 0.2, 0.2), 1).items()} != first  # the seed still deals
+
+
 # ------------------------------------------------------------------------------------------ `~` and run files
 
 NAMES = ("negative", "neutral", "positive")

@@ -268,13 +268,18 @@ class MultimodalDataset(Sequence[Example]):
         return hf.Dataset.from_dict(columns, features=hf.Features(features))
 
 
-def _stratified_split(labels: list[Any], ratios: Sequence[float], seed: int) -> list[list[int]]:
-    """Per class, shuffle and cut by `ratios` with largest-remainder rounding, so every split gets its share.
+def _stratified_split(labels: list[Any], ratios: Sequence[float], seed: int, keys: Sequence[str]) -> list[list[int]]:
+    """Per class, order the rows by a seeded hash of their id (`keys`) and cut by `ratios` with largest-remainder
+    rounding, so every split gets its share. A row's place depends on its id and the seed alone, not on where it
+    sits in the file or on the other rows: the same rows shuffled split the same, and an edited label moves that
+    row (and at most a row at each cut of the two classes), where a shuffle of row positions re-dealt a third.
 
     The rounding remainder is carried across classes (ties do not all go to val), but never takes a class's
     rows away from train: a class too small to give each split a row fills train first, then val, then test
     (whatever the seed), and any class keeps a train row, since a class seen only in val/test is never learned."""
-    rng = np.random.default_rng(seed)
+    def rank(i: int) -> bytes:
+        return hashlib.sha256(f"{seed}\0{keys[i]}".encode()).digest()
+
     by_class: dict[Any, list[int]] = {}
     for i, y in enumerate(labels):
         by_class.setdefault(y, []).append(i)
@@ -283,8 +288,7 @@ def _stratified_split(labels: list[Any], ratios: Sequence[float], seed: int) -> 
     used = [j for j, r in enumerate(ratios) if r > 0]
     owed = np.zeros(len(ratios))  # per split, its exact share so far minus the rows it got: carried across
     for y in sorted(by_class, key=lambda v: (v is None, str(v))):  # classes, so ties do not all go to val
-        idx = np.array(by_class[y])
-        rng.shuffle(idx)
+        idx = np.array(sorted(by_class[y], key=rank), dtype=int)
         exact = np.array(ratios) / total * len(idx)
         counts = np.floor(exact).astype(int)
         if len(idx) < len(used):  # one row each, in split order
@@ -312,7 +316,7 @@ def _complete_splits(
         return ids
     draw_test = not ids["test"] and ratios[2] > 0
     train = ds.subset(ids["train"])
-    parts = _stratified_split(_strata(train), (ratios[0], ratios[1], ratios[2] if draw_test else 0.0), seed)
+    parts = _stratified_split(_strata(train), (ratios[0], ratios[1], ratios[2] if draw_test else 0.0), seed, train.ids)
     drawn = {k: [train[i].id for i in part] for k, part in zip(SPLITS, parts)}
     log.warning(
         "%s: its own splits have %s: drawn from its %d train rows by data.split_ratios %s (seed %d): %s",
@@ -445,7 +449,7 @@ def split_dataset(
     elif ds.splits is not None:
         ids = _complete_splits(ds, {k: list(ds.splits.get(k, [])) for k in SPLITS}, ratios, seed)
     else:
-        parts = _stratified_split(_strata(ds), ratios, seed)
+        parts = _stratified_split(_strata(ds), ratios, seed, ds.ids)
         ids = {k: [ds[i].id for i in part] for k, part in zip(SPLITS, parts)}
     if path is not None and not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)

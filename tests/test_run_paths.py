@@ -221,3 +221,23 @@ def test_a_moved_finished_run_resumed_names_where_it_is_now(tmp_path: Path, caps
     assert f"run dir: {moved / 'r1'}" in out and str(tmp_path / "runs") not in out
     best = Path(fusionkit.train(str(moved / "r1"), resume=True)["best_checkpoint"])
     assert best.parent.parent == moved / "r1" and best.is_dir()
+
+
+def test_a_run_records_the_environment_it_ran_in(tmp_path: Path) -> None:
+    """Versions, machine and command line were nowhere in the run dir: a bitwise mismatch between two machines
+    could not be traced to a torch version or a CPU without AMX. environment.json holds the start's; a resume
+    logs its own."""
+    import torch
+
+    from .test_train import tiny_config
+
+    cfg = tiny_config(tmp_path, "env", **{"data.dataset": "synthetic:40", "optim.epochs": 1})
+    run = Path(fusionkit.train(cfg)["run_dir"])
+    env = json.loads((run / "environment.json").read_text())
+    assert env["packages"]["torch"] == torch.__version__ and env["packages"]["fusionkit"] == fusionkit.__version__
+    assert env["python"] and env["cpu"] and isinstance(env["cpu_flags"], list) and "argv" in env
+    before = (run / "environment.json").read_text()
+    fusionkit.train(str(run), resume=True)
+    assert (run / "environment.json").read_text() == before
+    logged = json.loads((run / "resume_log.jsonl").read_text().splitlines()[-1])
+    assert logged["environment"]["packages"] == env["packages"]

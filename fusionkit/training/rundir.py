@@ -49,6 +49,7 @@ STATE_NAME = "trainer_state.pt"
 RESUME_FILES = ("config.json", "model.safetensors", STATE_NAME)
 RUN_FILES = frozenset({
     LOCK, *POINTERS, CHECKPOINTS, "config.yaml", "config.json", "data_fingerprint.json", "resume_log.jsonl",
+    "environment.json",
     "split.json", "metrics.jsonl", "summary.json", "skipped_rows.jsonl", "skipped_labels.jsonl", "curves.png",
 })  # fmt: skip
 RUN_FILE_PREFIXES = ("predictions_", "confusion_")
@@ -293,6 +294,14 @@ class RunDir:
         path = self.file("data_fingerprint.json")
         return json.loads(path.read_text()) if path.is_file() else None
 
+    def write_environment(self) -> dict[str, Any]:
+        """environment.json (the versions, machine and command line of the run's start), once: a resume says its
+        own in resume_log.jsonl. Returns this process's."""
+        env = environment()
+        if not self.file("environment.json").is_file():
+            write_atomic(self.file("environment.json"), json.dumps(env, indent=2))
+        return env
+
     def log_resume(self, entry: Mapping[str, Any]) -> None:
         """Append one line to resume_log.jsonl: what a resume started from and what it accepted."""
         line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}, default=str)
@@ -359,6 +368,38 @@ def _own_hint(holder: str) -> str:
 def _release(fd: int) -> None:
     os.ftruncate(fd, 0)  # an empty lock file tells the next writer this run ended cleanly
     os.close(fd)  # closing drops the flock
+
+
+PACKAGES = ("fusionkit", "torch", "transformers", "timm", "numpy", "safetensors", "tokenizers", "pillow",
+            "accelerate", "datasets")  # whose versions can change a run's numbers
+
+
+def environment() -> dict[str, Any]:
+    """What reproducing a run takes besides its config, data, split and seeds: package versions, the Python, the
+    CPU (and its bf16/AMX flags, which decide the precision `auto` picks) or GPU, and the command line."""
+    import importlib.metadata
+    import platform
+    import sys
+
+    import torch
+
+    packages = {}
+    for name in PACKAGES:
+        try:
+            packages[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    cpu, flags = platform.processor() or platform.machine(), []
+    try:
+        info = Path("/proc/cpuinfo").read_text(errors="replace")
+        cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), cpu)
+        flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if re.search(rf"\b{f}\b", info)]
+    except OSError:  # not Linux
+        pass
+    packages["torch"] = torch.__version__  # with its build ("+cu130"), which the package metadata leaves out
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu, "cpu_flags": flags,
+            "cpu_count": os.cpu_count(), "gpus": gpus, "packages": packages, "argv": sys.argv}  # fmt: skip
 
 
 def follow_pointer(path: str | Path) -> Path:

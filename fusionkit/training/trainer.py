@@ -831,9 +831,10 @@ class Trainer:
                 raise RunDirError(data_refusal(self.run_dir, saved, changed))
         if not self.is_main:
             return
+        env = self.run.write_environment()  # the start's, once; a resume's own goes in its log line
         if self.resume:
             self.run.log_resume({"from_step": self.step, "config_changes": self.config_changes,
-                                 "data_changes": changed})  # fmt: skip
+                                 "data_changes": changed, "environment": env})  # fmt: skip
         if not (self.resume and not self.config_changes and self.run.read_config() is not None):
             self.run.write_config(to_dict(self.cfg))  # a resume that changes nothing leaves the saved config as it is
         self.run.write_data_fingerprint(fingerprint)

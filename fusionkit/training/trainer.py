@@ -848,7 +848,7 @@ class Trainer:
                 self._load()
             self._write_config()  # on resume, refuses a changed config or data first
             if self.resume:
-                log.info("resumed from %s (epoch %d, step %d)", self.run.last, self.epoch, self.step)
+                log.info("resumed from %s (step %d, %d epochs done)", self.run.last, self.step, self.epoch)
                 if self.step >= self.total_steps:  # nothing left: say it, rather than seem to train
                     saved = self.run.file("summary.json")
                     if self.is_main:

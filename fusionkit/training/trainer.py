@@ -518,7 +518,8 @@ class Trainer:
                 kept.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(report, kept)
                 log.warning("the run did not start; its report %s is kept as %s", name, kept)
-        for name in ("split.json", "config.yaml", "config.json", "data_fingerprint.json", ckpt.FROZEN_WEIGHTS, RUN_LOCK):
+        for name in ("split.json", "config.yaml", "config.json", "data_fingerprint.json", "environment.json",
+                     ckpt.FROZEN_WEIGHTS, RUN_LOCK):  # fmt: skip
             self.run.file(name).unlink(missing_ok=True)  # this run's (the frozen encoders of a failed first save too)
         with contextlib.suppress(OSError):  # anything else in it (the user's): the folder stays
             self.run.checkpoints.rmdir()  # made by a first save that failed (a full disk), if nothing else is in it

@@ -120,7 +120,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--cache-dir", help="data cache dir (default: data.cache_dir, $FUSIONKIT_CACHE, ~/.cache/fusionkit)")
         sp.add_argument("--device", default="auto")
         sp.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="auto (as training): bf16 on GPUs and CPUs with bf16 units, else fp32")  # fmt: skip
+                        help="auto (as training): bf16 on GPUs with bf16 tensor cores and on CPUs with Intel AMX or "
+                        "Arm BF16, else fp32 (AVX512-BF16 alone too: --precision bf16 opts in)")  # fmt: skip
         sp.add_argument("--on-error", choices=("raise", "skip"),
                         help="a row or image that cannot be read: raise naming it, or skip it and report it "
                         "(default: the run's data.on_error)")  # fmt: skip

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, parse_value
+from .config import ConfigError, close_key, config_keys, parse_value
 from .precision import PRECISIONS
 
 log = logging.getLogger("fusionkit")
@@ -31,8 +31,13 @@ EXAMPLE = "fusionkit train configs/tiny_synthetic.yaml --optim.epochs 3 --model.
 EXPORT_PARTS = "model,encode,encode_text,encode_image"
 
 
-def _overrides(extra: list[str]) -> dict[str, Any]:
-    """`--a.b value` / `--a.b=value` pairs -> {"a.b": parsed value}."""
+def _overrides(extra: list[str], options: Sequence[str] = ()) -> dict[str, Any]:
+    """`--a.b value` / `--a.b=value` pairs -> {"a.b": parsed value}. A key that is no config key is an unknown
+    option (with a did-you-mean over the config keys and the command's own `options`), not an override
+    missing its value."""
+    from .training.config import TrainConfig
+
+    keys = config_keys(TrainConfig)
     out: dict[str, Any] = {}
     given: dict[str, str] = {}
     i = 0
@@ -45,9 +50,15 @@ def _overrides(extra: list[str]) -> dict[str, Any]:
         key, eq, value = arg[2:].partition("=")
         if key == "config":
             raise ConfigError("CONFIG is positional, not an option: fusionkit train|tune CONFIG [--section.key VALUE ...]")
+        if not _is_config_key(key, keys):
+            spelled = {k: f"--{k}" for k in keys} | {o[2:].replace("-", "_"): o for o in options}
+            close = close_key(key, spelled)
+            hint = f"; did you mean {spelled[close]}?" if close else ""
+            raise ConfigError(f"unknown option --{key}{hint} (fusionkit train --print-config lists every config key)")
         if not eq:
-            if i + 1 >= len(extra):
-                raise ConfigError(f"override {arg} has no value")
+            if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
+                raise ConfigError(f"--{key} has no value: give one (--{key} VALUE, or --{key}=VALUE for a value "
+                                  "that starts with --)")  # fmt: skip
             i += 1
             value = extra[i]
         try:
@@ -59,6 +70,15 @@ def _overrides(extra: list[str]) -> dict[str, Any]:
         out[key], given[key] = parsed, value
         i += 1
     return out
+
+
+def _is_config_key(key: str, keys: list[str]) -> bool:
+    """Whether `--key` sets config: a key, a whole section, or a key inside a mapping or list setting
+    (`model.text.config_overrides.x`, `model.tasks.<task>.<option>`), whose own check names what is wrong."""
+    parts = key.split(".")
+    return any(".".join(parts[:n]) in keys for n in range(1, len(parts) + 1)) or any(
+        k.startswith(f"{key}.") for k in keys
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -191,6 +211,8 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--output", required=True, help="directory for the .onnx files, export.json and the processor")
     ex.add_argument("--parts", default=EXPORT_PARTS,
                     help="comma-separated graphs to export (default: all four)")  # fmt: skip
+    for sp in (t, tu, al):  # the options a mistyped override may have meant (`--print_config`)
+        sp.set_defaults(options=[o for o in sp._option_string_actions if o.startswith("--")])
     return p
 
 
@@ -212,7 +234,7 @@ def _align(args: argparse.Namespace, extra: list[str]) -> int:
 
     if not extra or extra[0].startswith("--"):
         raise ConfigError("fusionkit align needs the table of pairs: fusionkit align DATA [--section.key VALUE]")
-    data, overrides = extra[0], _overrides(extra[1:])
+    data, overrides = extra[0], _overrides(extra[1:], args.options)
     cfg = build_config(None, {"data.dataset": data, "model.tasks": ALIGN_TASKS,
                               "run.metric": "val/align/r@1", **overrides})  # fmt: skip
     if args.print_config:
@@ -257,7 +279,8 @@ def _tune(args: argparse.Namespace, extra: list[str]) -> int:
     if args.space and not Path(args.space).is_file():
         raise ConfigError(f"--space {args.space}: the search space file " + ("is a directory" if Path(args.space).is_dir()
                           else "does not exist"))  # fmt: skip
-    result = tune(build_config(config, _overrides(extra)), args.trials, args.space, args.output_dir, seed=args.seed)
+    cfg = build_config(config, _overrides(extra, args.options))
+    result = tune(cfg, args.trials, args.space, args.output_dir, seed=args.seed)
     print(json.dumps(result, indent=2))
     print(f"best config: {Path(result['output_dir']) / 'best.yaml'}")
     return 0
@@ -272,7 +295,7 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     if config is not None and not config.strip():  # `fusionkit train "$CFG"` with CFG unset
         raise ConfigError("CONFIG is empty (an unset shell variable?): give a YAML/JSON config file, or leave it "
                           "out for the defaults")  # fmt: skip
-    overrides = _overrides(extra)
+    overrides = _overrides(extra, args.options)
     if args.resume is not None and not args.resume.strip():  # `--resume "$RUN"` with RUN unset: not a new run
         raise ConfigError("--resume is empty (an unset shell variable?): give the run dir to continue, or leave "
                           "--resume out to start a new run")  # fmt: skip

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import difflib
 import json
 import math
 import re
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -353,14 +354,43 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         if gone:  # a config saved by an older fusionkit (a run dir's config.yaml): say so, and where it went
             raise ConfigError("; ".join(f"{where}.{k} was removed in fusionkit 0.2: {why}" for k, why in gone.items())
                               + ": this config was written by an older fusionkit; delete that key from it")
-        raise ConfigError(
-            f"{where or cls.__name__}: unknown key(s) {unknown}; known keys are {sorted(fields)}"
-        )
+        keys, prefix = config_keys(cls), f"{where}." if where else ""
+        close = {k: prefix + c for k in unknown if (c := close_key(str(k), keys))}
+        hint = "" if not close else (f" (did you mean {next(iter(close.values()))}?)" if len(unknown) == 1 else
+                                     f" (did you mean {', '.join(f'{c} for {k}' for k, c in close.items())}?)")  # fmt: skip
+        raise ConfigError(f"{where or cls.__name__}: unknown key(s) {unknown}{hint}; known keys are {sorted(fields)}")
     kwargs = {k: _coerce_field(fields[k], v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+
+def config_keys(cls: type) -> list[str]:
+    """Every dotted key of dataclass config `cls`, a nested section's as `section.key`."""
+    hints = typing.get_type_hints(cls)
+    out: list[str] = []
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        tp = hints[f.name]
+        out += [f"{f.name}.{k}" for k in config_keys(tp)] if dataclasses.is_dataclass(tp) else [f.name]
+    return out
+
+
+def close_key(key: str, known: Iterable[str]) -> str | None:
+    """The known dotted key a mistyped `key` most likely meant, for a did-you-mean: the same with `_` for `-`,
+    one of the same name in another section (`epochs` -> `optim.epochs`), or a near spelling; else None."""
+    known = list(known)
+    key = key.replace("-", "_")
+    name = key.rpartition(".")[2]
+    same_name = [k for k in known if k.rpartition(".")[2] == name]
+    if same_name:  # `seed`: run.seed; `data.seed`: run.seed too, the closest of those so named
+        return difflib.get_close_matches(key, same_name, n=1, cutoff=0)[0]
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    by_name = {k.rpartition(".")[2]: k for k in reversed(known)}  # a name in two sections: the first one
+    close = difflib.get_close_matches(name, list(by_name), n=1, cutoff=0.75)  # `lrr` -> optim.lr
+    return by_name[close[0]] if close else None
 
 
 def _coerce_field(f: dataclasses.Field[Any], value: Any, tp: Any, where: str) -> Any:

@@ -31,3 +31,45 @@ def test_precision_auto_help_names_the_cpus_auto_picks_bf16_on(command: str, cap
         (tmp_path / "cpuinfo").write_text(f"flags\t: fpu sse {flag}\n")
         monkeypatch.setattr(precision, "CPUINFO", tmp_path / "cpuinfo")
         assert choose_precision("auto", "cpu").name == ("bf16" if flag in CPU_AUTO_BF16_FLAGS else "fp32")
+
+
+@pytest.mark.parametrize("given,meant", [(["--epochs", "1"], "--optim.epochs"), (["--lr", "1e-3"], "--optim.lr"),
+                                         (["--seed", "3"], "--run.seed"), (["--output-dir", "out"], "--run.output_dir"),
+                                         (["--data.text-column", "caption"], "--data.text_column")])  # fmt: skip
+def test_an_unknown_key_suggests_the_config_key_meant(given: list[str], meant: str, capsys) -> None:
+    assert f"unknown option {given[0]}; did you mean {meant}?" in error_of(["train", *given], capsys)
+
+
+def test_an_unknown_key_in_a_config_file_or_dict_suggests_the_key_meant(tmp_path) -> None:
+    from fusionkit.config import ConfigError
+    from fusionkit.training.config import build_config
+
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['epochs'\] \(did you mean optim.epochs\?\)"):
+        build_config({"epochs": 1})
+    (tmp_path / "c.yaml").write_text("optim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"optim: unknown key\(s\) \['lrr'\] \(did you mean optim.lr\?\)"):
+        build_config(tmp_path / "c.yaml")
+
+
+def test_an_unknown_option_is_called_so_not_an_override_without_a_value(capsys, tmp_path) -> None:
+    err = error_of(["train", "--foo"], capsys)
+    assert "unknown option --foo" in err and "has no value" not in err
+    assert "unknown option --print_config; did you mean --print-config?" in error_of(["train", "--print_config"], capsys)
+    pytest.importorskip("optuna")
+    (tmp_path / "c.yaml").write_text("optim:\n  epochs: 1\n")
+    err = error_of(["tune", str(tmp_path / "c.yaml"), "--trials", "1", "--print-config"], capsys)
+    assert "unknown option --print-config" in err and "has no value" not in err
+    # a real key without its value says so, also when the next word is an option, not its value
+    assert "--optim.lr has no value" in error_of(["train", "--optim.lr"], capsys)
+    assert "--run.name has no value" in error_of(["train", "--run.name", "--optim.lr", "0.1"], capsys)
+
+
+def test_keys_inside_mappings_and_tasks_are_still_overrides(capsys) -> None:
+    import yaml
+
+    argv = ["train", "--print-config", "--model.text.config_overrides.hidden_size", "8",
+            "--model.tasks.sentiment.label_smoothing", "0.1"]  # fmt: skip
+    assert main(argv) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"]["text"]["config_overrides"] == {"hidden_size": 8}
+    assert cfg["model"]["tasks"][0]["label_smoothing"] == 0.1

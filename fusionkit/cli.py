@@ -299,6 +299,8 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     if args.resume is not None and not args.resume.strip():  # `--resume "$RUN"` with RUN unset: not a new run
         raise ConfigError("--resume is empty (an unset shell variable?): give the run dir to continue, or leave "
                           "--resume out to start a new run")  # fmt: skip
+    if args.accept_changes and not args.resume:  # before --print-config: the command is wrong either way
+        raise ConfigError("--accept-changes only applies to --resume RUN_DIR")
     if args.resume:
         run_dir = Path(os.path.abspath(Path(args.resume).expanduser()))  # `--resume .` inside the run dir: its name
         if config:
@@ -315,8 +317,6 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
-    if args.accept_changes and not args.resume:
-        raise ConfigError("--accept-changes only applies to --resume RUN_DIR")
     summary = train(cfg, resume=bool(args.resume), accept_changes=args.accept_changes)
     if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate launch: one summary, from rank 0
         return 0

@@ -73,3 +73,8 @@ def test_keys_inside_mappings_and_tasks_are_still_overrides(capsys) -> None:
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["model"]["text"]["config_overrides"] == {"hidden_size": 8}
     assert cfg["model"]["tasks"][0]["label_smoothing"] == 0.1
+
+
+def test_accept_changes_without_resume_is_refused_with_print_config_too(capsys) -> None:
+    err = error_of(["train", "--accept-changes", "--print-config"], capsys)
+    assert "--accept-changes only applies to --resume" in err and capsys.readouterr().out == ""

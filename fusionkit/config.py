@@ -264,6 +264,18 @@ def _with_text(value: Any, text: str) -> Any:
     return out
 
 
+def _kind(value: Any) -> str:
+    """What a value is, as its writer sees it: 'the number' (not `_FloatText`), 'the text', 'a list'..."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return "the number"
+    return {str: "the text", list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
+# `[tensorboard, wandb]`: a list of bare words (no quotes, colons or brackets in them): YAML reads it as a list of
+# strings, and so do list settings (`--run.report_to [tensorboard]`); a str setting keeps the text as written
+_BARE_LIST = re.compile(r"\[\s*[^\s\[\]{}\"',:]+(\s*,\s*[^\s\[\]{}\"',:]+)*\s*\]")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -292,8 +304,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                               f"command line, {key}: under {where}: in a file), got {_short(value)}")  # fmt: skip
         return from_dict(tp, value, where)
     if origin in (list, tuple):
+        if isinstance(value, str) and _BARE_LIST.fullmatch(value.strip()):  # `[tensorboard]`, as YAML reads it
+            value = [w.strip() for w in value.strip()[1:-1].split(",")]
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {_short(value)}")
+            shown = value.text if hasattr(value, "text") else value
+            raise ConfigError(f"{where}: expected a list, got {_kind(value)} {_short(value)}; write a list in brackets, "
+                              f"e.g. [{shown}]")  # fmt: skip
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
@@ -303,7 +319,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return tuple(out) if origin is tuple else out
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+            raise ConfigError(f"{where}: expected a mapping, got {_kind(value)} {_short(value)}")
         return dict(value)
     if tp is str and value is None:  # (a field whose values include "none" maps null there: `from_dict`)
         raise ConfigError(f"{where}: empty (null); give a value or remove the key (the default applies)")
@@ -431,8 +447,10 @@ def check_split(ratios: Any, seed: Any, keys: tuple[str, str] = ("data.split_rat
 def parse_value(text: str) -> Any:
     """Parse a command-line override value: JSON where it parses (numbers, bools, lists), else a string.
     A value that starts like a JSON list or object, and holds its punctuation (quotes, ':' or ','), must be one: its
-    mistake is said, not read as text. Text in brackets alone (`--run.name "[draft]"`) stays text."""
-    if text.lstrip()[:1] in ("[", "{") and (any(c in text for c in "\"':,") or text.strip() in ("[]", "{}")):
+    mistake is said, not read as text. Text in brackets alone (`--run.name "[draft]"`) stays text, and so do
+    bare words in brackets (`[tensorboard, wandb]`), which a list setting reads as a list of strings (`_coerce`)."""
+    bare = _BARE_LIST.fullmatch(text.strip())
+    if text.lstrip()[:1] in ("[", "{") and (any(c in text for c in "\"':,") or text.strip() in ("[]", "{}")) and not bare:
         hint = "; JSON wants double quotes around names and text" if "'" in text else ""
         try:
             return _load_json(text, "")

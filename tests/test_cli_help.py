@@ -78,3 +78,23 @@ def test_keys_inside_mappings_and_tasks_are_still_overrides(capsys) -> None:
 def test_accept_changes_without_resume_is_refused_with_print_config_too(capsys) -> None:
     err = error_of(["train", "--accept-changes", "--print-config"], capsys)
     assert "--accept-changes only applies to --resume" in err and capsys.readouterr().out == ""
+
+
+def test_a_list_setting_given_one_value_names_it_as_written_and_says_how_to_write_a_list(capsys) -> None:
+    err = error_of(["train", "--data.split_ratios", "0.5"], capsys)
+    assert "expected a list, got the number 0.5" in err and "_FloatText" not in err and "in brackets" in err
+    err = error_of(["train", "--run.report_to", "tensorboard"], capsys)
+    assert "expected a list, got the text 'tensorboard'" in err and "[tensorboard]" in err
+
+
+def test_bare_words_in_brackets_are_a_list_of_strings_as_in_yaml(capsys) -> None:
+    import yaml
+
+    argv = ["train", "--print-config", "--run.report_to", "[tensorboard]", "--model.tasks",
+            '[{"name": "mood", "class_names": ["neg", "pos"]}]', "--model.tasks.mood.class_names", "[neg, neu, pos]",
+            "--optim.betas", "[0.8,0.9]", "--run.name", "[draft]"]  # fmt: skip
+    assert main(argv) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["run"]["report_to"] == yaml.safe_load("[tensorboard]") == ["tensorboard"]
+    assert cfg["model"]["tasks"][0]["class_names"] == ["neg", "neu", "pos"]
+    assert cfg["optim"]["betas"] == [0.8, 0.9] and cfg["run"]["name"] == "[draft]"  # a str setting keeps its text

@@ -24,7 +24,8 @@ from .precision import PRECISIONS
 
 log = logging.getLogger("fusionkit")
 
-EXAMPLE = "fusionkit train configs/tiny_synthetic.yaml --optim.epochs 3 --model.fusion.strategy gated"
+# runs anywhere (the default: the tiny preset on the built-in synthetic data), as installed by pip
+EXAMPLE = "fusionkit train --optim.epochs 3 --model.fusion.strategy gated"
 
 
 # `fusionkit export`'s default graphs: every entry point (`model` left out for a model without labelled tasks)
@@ -136,9 +137,11 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--split", choices=("train", "val", "test", "all"),  # checked before the model loads
                         help=f"default: {split} of the run's data; all rows of --data")  # fmt: skip
         sp.add_argument("--split-file", help="split JSON (default: the run dir's split.json)")
-        sp.add_argument("--batch-size", type=_positive_int, default=128)
+        sp.add_argument("--batch-size", type=_positive_int, default=128,
+                        help="rows per forward pass (default 128); lower it if memory runs out")
         sp.add_argument("--cache-dir", help="data cache dir (default: data.cache_dir, $FUSIONKIT_CACHE, ~/.cache/fusionkit)")
-        sp.add_argument("--device", default="auto")
+        sp.add_argument("--device", default="auto",
+                        help="auto (this process's GPU, else the CPU), cpu, cuda or cuda:N (default auto)")
         sp.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="auto (as training): bf16 on GPUs with bf16 tensor cores and on CPUs with Intel AMX or "
                         "Arm BF16, else fp32 (AVX512-BF16 alone too: --precision bf16 opts in)")  # fmt: skip
@@ -206,11 +209,12 @@ def _parser() -> argparse.ArgumentParser:
     al.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     ex = sub.add_parser("export", help="ONNX graphs of a model (fp32, optionally int8), checked against PyTorch")
     ex.add_argument("checkpoint", help="model dir, run dir (uses its best/ checkpoint) or hub id")
-    ex.add_argument("--format", choices=("onnx",), default="onnx")
+    ex.add_argument("--format", choices=("onnx",), default="onnx", help="onnx, the only format (default)")
     ex.add_argument("--int8", action="store_true", help="also write int8 (dynamic quantization) graphs")
     ex.add_argument("--output", required=True, help="directory for the .onnx files, export.json and the processor")
     ex.add_argument("--parts", default=EXPORT_PARTS,
-                    help="comma-separated graphs to export (default: all four)")  # fmt: skip
+                    help=f"comma-separated graphs to export, of {EXPORT_PARTS} (default: all; a model without a "
+                    "labelled task has no model graph)")  # fmt: skip
     for sp in (t, tu, al):  # the options a mistyped override may have meant (`--print_config`)
         sp.set_defaults(options=[o for o in sp._option_string_actions if o.startswith("--")])
     return p

@@ -98,3 +98,25 @@ def test_bare_words_in_brackets_are_a_list_of_strings_as_in_yaml(capsys) -> None
     assert cfg["run"]["report_to"] == yaml.safe_load("[tensorboard]") == ["tensorboard"]
     assert cfg["model"]["tasks"][0]["class_names"] == ["neg", "neu", "pos"]
     assert cfg["optim"]["betas"] == [0.8, 0.9] and cfg["run"]["name"] == "[draft]"  # a str setting keeps its text
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "embed"])
+def test_batch_size_and_device_say_what_they_take(command: str, capsys) -> None:
+    text = help_of([command], capsys)
+    assert "--batch-size BATCH_SIZE rows per forward pass (default 128)" in text
+    assert "--device DEVICE auto (this process's GPU, else the CPU), cpu, cuda or cuda:N" in text
+
+
+def test_export_help_names_the_graphs_and_the_format(capsys) -> None:
+    from fusionkit.export import PARTS
+
+    text = help_of(["export"], capsys)
+    assert f"--parts PARTS comma-separated graphs to export, of {','.join(PARTS)}" in text
+    assert "--format {onnx} onnx" in text
+
+
+def test_the_train_help_example_runs_outside_the_source_tree(capsys, monkeypatch, tmp_path) -> None:
+    example = help_of(["train"], capsys).split("example: ")[1].split()
+    assert example[:2] == ["fusionkit", "train"]
+    monkeypatch.chdir(tmp_path)  # as after pip install: no configs/ folder here
+    assert main([*example[1:], "--print-config"]) == 0

@@ -531,8 +531,7 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
             if data.on_error != "skip":
                 raise DataError(problem, source=str(split_file), hint=f"restore them in {source}, skip them "
                                 "(--on-error skip), or score the data as it is now: --data FILE --split all")  # fmt: skip
-            log.warning("%s: %s (or were skipped as unreadable, see the report above); they are left out", split_file,
-                        problem)  # fmt: skip
+            log.warning("%s: %s; they are left out", split_file, problem)  # `problem` names the skipped rows
         ds = ds.subset([i for i in ids[split] if i in read_ids], name=f"{ds.name}[{split}]")
         named = [i for k in ids for i in ids[k]]
         if with_labels or args.data is None:  # training cached its rows as it read them: labels bound, its policies
@@ -753,14 +752,17 @@ def _predict(args: argparse.Namespace) -> int:
     if args.text is not None or args.image is not None:
         if args.data or args.output:
             raise ConfigError("--text/--image predict one pair; --data/--output predict a file: not both")
+        from .data.image import load_image
         from .models import FusionModel
         from .training.inference import resolve_device
 
-        device = resolve_device(args.device)
-        model, *others = [FusionModel.from_pretrained(c, map_location=device) for c in _ensemble_members(args)]
         image = args.image  # a relative path is read from --image-root when given, as a --data file's are
         if image is not None and args.image_root is not None and not Path(image).expanduser().is_absolute():
             image = str(Path(args.image_root) / image)
+        if image is not None:  # a missing or unreadable file is said first: not after a warning of a missing side
+            load_image(image)
+        device = resolve_device(args.device)
+        model, *others = [FusionModel.from_pretrained(c, map_location=device) for c in _ensemble_members(args)]
         [row] = model.predict(texts=[args.text], images=[image], ensemble=others, precision=args.precision,
                               where="--text/--image")  # fmt: skip
         print(json.dumps(row, indent=2, ensure_ascii=False))

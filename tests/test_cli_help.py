@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from fusionkit.cli import main
@@ -120,3 +122,38 @@ def test_the_train_help_example_runs_outside_the_source_tree(capsys, monkeypatch
     assert example[:2] == ["fusionkit", "train"]
     monkeypatch.chdir(tmp_path)  # as after pip install: no configs/ folder here
     assert main([*example[1:], "--print-config"]) == 0
+
+
+def test_a_missing_image_is_said_before_any_warning_of_a_missing_caption(tmp_path, capsys, caplog) -> None:
+    from fusionkit.models import FusionModel, get_config
+
+    FusionModel(get_config("tiny")).save_pretrained(tmp_path / "m")
+    assert main(["predict", str(tmp_path / "m"), "--image", str(tmp_path / "nope.png")]) == 1
+    assert "image file not found" in capsys.readouterr().err
+    assert "caption" not in caplog.text  # the pair is not predicted, so nothing to warn of
+
+
+def test_rows_a_split_names_that_are_gone_are_reported_in_one_sentence(tmp_path, capsys, caplog) -> None:
+    import csv
+
+    from fusionkit.data import make_synthetic
+
+    (tmp_path / "pics").mkdir()
+    rows = [["id", "text", "image", "sentiment"]]
+    for ex in make_synthetic(30, seed=1, image_size=16):
+        ex.image.save(tmp_path / "pics" / f"{ex.id}.png")
+        rows.append([ex.id, ex.text, f"pics/{ex.id}.png", ex.labels["sentiment"]])
+    with open(tmp_path / "posts.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    assert main(["train", "--data.dataset", str(tmp_path / "posts.csv"), "--optim.epochs", "1", "--run.output_dir",
+                 str(tmp_path / "runs"), "--run.name", "r", "--run.progress", "false", "--run.plots", "false",
+                 "--data.cache_dir", str(tmp_path / "cache")]) == 0  # fmt: skip
+    test_ids = json.loads((tmp_path / "runs" / "r" / "split.json").read_text())["test"]
+    with open(tmp_path / "new.csv", "w", newline="") as f:
+        csv.writer(f).writerows([r for r in rows if r[0] != test_ids[0]])
+    caplog.clear()
+    assert main(["embed", str(tmp_path / "runs" / "r"), "--data", str(tmp_path / "new.csv"), "--split", "test",
+                 "--on-error", "skip", "--output", str(tmp_path / "e.npy")]) == 0  # fmt: skip
+    [warning] = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert f"1 of the {len(test_ids)} rows its test split names are missing" in warning
+    assert warning.count("see the report above") == 1

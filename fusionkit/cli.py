@@ -19,20 +19,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, parse_value
+from .config import ConfigError, close_key, config_keys, parse_value
 from .precision import PRECISIONS
 
 log = logging.getLogger("fusionkit")
 
-EXAMPLE = "fusionkit train configs/tiny_synthetic.yaml --optim.epochs 3 --model.fusion.strategy gated"
+# runs anywhere (the default: the tiny preset on the built-in synthetic data), as installed by pip
+EXAMPLE = "fusionkit train --optim.epochs 3 --model.fusion.strategy gated"
 
 
 # `fusionkit export`'s default graphs: every entry point (`model` left out for a model without labelled tasks)
 EXPORT_PARTS = "model,encode,encode_text,encode_image"
 
 
-def _overrides(extra: list[str]) -> dict[str, Any]:
-    """`--a.b value` / `--a.b=value` pairs -> {"a.b": parsed value}."""
+def _overrides(extra: list[str], options: Sequence[str] = ()) -> dict[str, Any]:
+    """`--a.b value` / `--a.b=value` pairs -> {"a.b": parsed value}. A key that is no config key is an unknown
+    option (with a did-you-mean over the config keys and the command's own `options`), not an override
+    missing its value."""
+    from .training.config import TrainConfig
+
+    keys = config_keys(TrainConfig)
     out: dict[str, Any] = {}
     given: dict[str, str] = {}
     i = 0
@@ -45,9 +51,15 @@ def _overrides(extra: list[str]) -> dict[str, Any]:
         key, eq, value = arg[2:].partition("=")
         if key == "config":
             raise ConfigError("CONFIG is positional, not an option: fusionkit train|tune CONFIG [--section.key VALUE ...]")
+        if not _is_config_key(key, keys):
+            spelled = {k: f"--{k}" for k in keys} | {o[2:].replace("-", "_"): o for o in options}
+            close = close_key(key, spelled)
+            hint = f"; did you mean {spelled[close]}?" if close else ""
+            raise ConfigError(f"unknown option --{key}{hint} (fusionkit train --print-config lists every config key)")
         if not eq:
-            if i + 1 >= len(extra):
-                raise ConfigError(f"override {arg} has no value")
+            if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
+                raise ConfigError(f"--{key} has no value: give one (--{key} VALUE, or --{key}=VALUE for a value "
+                                  "that starts with --)")  # fmt: skip
             i += 1
             value = extra[i]
         try:
@@ -59,6 +71,15 @@ def _overrides(extra: list[str]) -> dict[str, Any]:
         out[key], given[key] = parsed, value
         i += 1
     return out
+
+
+def _is_config_key(key: str, keys: list[str]) -> bool:
+    """Whether `--key` sets config: a key, a whole section, or a key inside a mapping or list setting
+    (`model.text.config_overrides.x`, `model.tasks.<task>.<option>`), whose own check names what is wrong."""
+    parts = key.split(".")
+    return any(".".join(parts[:n]) in keys for n in range(1, len(parts) + 1)) or any(
+        k.startswith(f"{key}.") for k in keys
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -116,11 +137,14 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--split", choices=("train", "val", "test", "all"),  # checked before the model loads
                         help=f"default: {split} of the run's data; all rows of --data")  # fmt: skip
         sp.add_argument("--split-file", help="split JSON (default: the run dir's split.json)")
-        sp.add_argument("--batch-size", type=_positive_int, default=128)
+        sp.add_argument("--batch-size", type=_positive_int, default=128,
+                        help="rows per forward pass (default 128); lower it if memory runs out")
         sp.add_argument("--cache-dir", help="data cache dir (default: data.cache_dir, $FUSIONKIT_CACHE, ~/.cache/fusionkit)")
-        sp.add_argument("--device", default="auto")
+        sp.add_argument("--device", default="auto",
+                        help="auto (this process's GPU, else the CPU), cpu, cuda or cuda:N (default auto)")
         sp.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="auto (as training): bf16 on GPUs and CPUs with bf16 units, else fp32")  # fmt: skip
+                        help="auto (as training): bf16 on GPUs with bf16 tensor cores and on CPUs with Intel AMX or "
+                        "Arm BF16, else fp32 (AVX512-BF16 alone too: --precision bf16 opts in)")  # fmt: skip
         sp.add_argument("--on-error", choices=("raise", "skip"),
                         help="a row or image that cannot be read: raise naming it, or skip it and report it "
                         "(default: the run's data.on_error)")  # fmt: skip
@@ -185,11 +209,14 @@ def _parser() -> argparse.ArgumentParser:
     al.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     ex = sub.add_parser("export", help="ONNX graphs of a model (fp32, optionally int8), checked against PyTorch")
     ex.add_argument("checkpoint", help="model dir, run dir (uses its best/ checkpoint) or hub id")
-    ex.add_argument("--format", choices=("onnx",), default="onnx")
+    ex.add_argument("--format", choices=("onnx",), default="onnx", help="onnx, the only format (default)")
     ex.add_argument("--int8", action="store_true", help="also write int8 (dynamic quantization) graphs")
     ex.add_argument("--output", required=True, help="directory for the .onnx files, export.json and the processor")
     ex.add_argument("--parts", default=EXPORT_PARTS,
-                    help="comma-separated graphs to export (default: all four)")  # fmt: skip
+                    help=f"comma-separated graphs to export, of {EXPORT_PARTS} (default: all; a model without a "
+                    "labelled task has no model graph)")  # fmt: skip
+    for sp in (t, tu, al):  # the options a mistyped override may have meant (`--print_config`)
+        sp.set_defaults(options=[o for o in sp._option_string_actions if o.startswith("--")])
     return p
 
 
@@ -211,7 +238,7 @@ def _align(args: argparse.Namespace, extra: list[str]) -> int:
 
     if not extra or extra[0].startswith("--"):
         raise ConfigError("fusionkit align needs the table of pairs: fusionkit align DATA [--section.key VALUE]")
-    data, overrides = extra[0], _overrides(extra[1:])
+    data, overrides = extra[0], _overrides(extra[1:], args.options)
     cfg = build_config(None, {"data.dataset": data, "model.tasks": ALIGN_TASKS,
                               "run.metric": "val/align/r@1", **overrides})  # fmt: skip
     if args.print_config:
@@ -256,7 +283,8 @@ def _tune(args: argparse.Namespace, extra: list[str]) -> int:
     if args.space and not Path(args.space).is_file():
         raise ConfigError(f"--space {args.space}: the search space file " + ("is a directory" if Path(args.space).is_dir()
                           else "does not exist"))  # fmt: skip
-    result = tune(build_config(config, _overrides(extra)), args.trials, args.space, args.output_dir, seed=args.seed)
+    cfg = build_config(config, _overrides(extra, args.options))
+    result = tune(cfg, args.trials, args.space, args.output_dir, seed=args.seed)
     print(json.dumps(result, indent=2))
     print(f"best config: {Path(result['output_dir']) / 'best.yaml'}")
     return 0
@@ -271,10 +299,12 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     if config is not None and not config.strip():  # `fusionkit train "$CFG"` with CFG unset
         raise ConfigError("CONFIG is empty (an unset shell variable?): give a YAML/JSON config file, or leave it "
                           "out for the defaults")  # fmt: skip
-    overrides = _overrides(extra)
+    overrides = _overrides(extra, args.options)
     if args.resume is not None and not args.resume.strip():  # `--resume "$RUN"` with RUN unset: not a new run
         raise ConfigError("--resume is empty (an unset shell variable?): give the run dir to continue, or leave "
                           "--resume out to start a new run")  # fmt: skip
+    if args.accept_changes and not args.resume:  # before --print-config: the command is wrong either way
+        raise ConfigError("--accept-changes only applies to --resume RUN_DIR")
     if args.resume:
         run_dir = Path(os.path.abspath(Path(args.resume).expanduser()))  # `--resume .` inside the run dir: its name
         if config:
@@ -291,8 +321,6 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
-    if args.accept_changes and not args.resume:
-        raise ConfigError("--accept-changes only applies to --resume RUN_DIR")
     summary = train(cfg, resume=bool(args.resume), accept_changes=args.accept_changes)
     if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate launch: one summary, from rank 0
         return 0
@@ -503,8 +531,7 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
             if data.on_error != "skip":
                 raise DataError(problem, source=str(split_file), hint=f"restore them in {source}, skip them "
                                 "(--on-error skip), or score the data as it is now: --data FILE --split all")  # fmt: skip
-            log.warning("%s: %s (or were skipped as unreadable, see the report above); they are left out", split_file,
-                        problem)  # fmt: skip
+            log.warning("%s: %s; they are left out", split_file, problem)  # `problem` names the skipped rows
         ds = ds.subset([i for i in ids[split] if i in read_ids], name=f"{ds.name}[{split}]")
         named = [i for k in ids for i in ids[k]]
         if with_labels or args.data is None:  # training cached its rows as it read them: labels bound, its policies
@@ -725,14 +752,17 @@ def _predict(args: argparse.Namespace) -> int:
     if args.text is not None or args.image is not None:
         if args.data or args.output:
             raise ConfigError("--text/--image predict one pair; --data/--output predict a file: not both")
+        from .data.image import load_image
         from .models import FusionModel
         from .training.inference import resolve_device
 
-        device = resolve_device(args.device)
-        model, *others = [FusionModel.from_pretrained(c, map_location=device) for c in _ensemble_members(args)]
         image = args.image  # a relative path is read from --image-root when given, as a --data file's are
         if image is not None and args.image_root is not None and not Path(image).expanduser().is_absolute():
             image = str(Path(args.image_root) / image)
+        if image is not None:  # a missing or unreadable file is said first: not after a warning of a missing side
+            load_image(image)
+        device = resolve_device(args.device)
+        model, *others = [FusionModel.from_pretrained(c, map_location=device) for c in _ensemble_members(args)]
         [row] = model.predict(texts=[args.text], images=[image], ensemble=others, precision=args.precision,
                               where="--text/--image")  # fmt: skip
         print(json.dumps(row, indent=2, ensure_ascii=False))

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import difflib
 import json
 import math
 import re
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -263,6 +264,18 @@ def _with_text(value: Any, text: str) -> Any:
     return out
 
 
+def _kind(value: Any) -> str:
+    """What a value is, as its writer sees it: 'the number' (not `_FloatText`), 'the text', 'a list'..."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return "the number"
+    return {str: "the text", list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
+# `[tensorboard, wandb]`: a list of bare words (no quotes, colons or brackets in them): YAML reads it as a list of
+# strings, and so do list settings (`--run.report_to [tensorboard]`); a str setting keeps the text as written
+_BARE_LIST = re.compile(r"\[\s*[^\s\[\]{}\"',:]+(\s*,\s*[^\s\[\]{}\"',:]+)*\s*\]")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -291,8 +304,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                               f"command line, {key}: under {where}: in a file), got {_short(value)}")  # fmt: skip
         return from_dict(tp, value, where)
     if origin in (list, tuple):
+        if isinstance(value, str) and _BARE_LIST.fullmatch(value.strip()):  # `[tensorboard]`, as YAML reads it
+            value = [w.strip() for w in value.strip()[1:-1].split(",")]
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {_short(value)}")
+            shown = value.text if hasattr(value, "text") else value
+            raise ConfigError(f"{where}: expected a list, got {_kind(value)} {_short(value)}; write a list in brackets, "
+                              f"e.g. [{shown}]")  # fmt: skip
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
@@ -302,7 +319,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return tuple(out) if origin is tuple else out
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+            raise ConfigError(f"{where}: expected a mapping, got {_kind(value)} {_short(value)}")
         return dict(value)
     if tp is str and value is None:  # (a field whose values include "none" maps null there: `from_dict`)
         raise ConfigError(f"{where}: empty (null); give a value or remove the key (the default applies)")
@@ -353,14 +370,43 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         if gone:  # a config saved by an older fusionkit (a run dir's config.yaml): say so, and where it went
             raise ConfigError("; ".join(f"{where}.{k} was removed in fusionkit 0.2: {why}" for k, why in gone.items())
                               + ": this config was written by an older fusionkit; delete that key from it")
-        raise ConfigError(
-            f"{where or cls.__name__}: unknown key(s) {unknown}; known keys are {sorted(fields)}"
-        )
+        keys, prefix = config_keys(cls), f"{where}." if where else ""
+        close = {k: prefix + c for k in unknown if (c := close_key(str(k), keys))}
+        hint = "" if not close else (f" (did you mean {next(iter(close.values()))}?)" if len(unknown) == 1 else
+                                     f" (did you mean {', '.join(f'{c} for {k}' for k, c in close.items())}?)")  # fmt: skip
+        raise ConfigError(f"{where or cls.__name__}: unknown key(s) {unknown}{hint}; known keys are {sorted(fields)}")
     kwargs = {k: _coerce_field(fields[k], v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+
+def config_keys(cls: type) -> list[str]:
+    """Every dotted key of dataclass config `cls`, a nested section's as `section.key`."""
+    hints = typing.get_type_hints(cls)
+    out: list[str] = []
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        tp = hints[f.name]
+        out += [f"{f.name}.{k}" for k in config_keys(tp)] if dataclasses.is_dataclass(tp) else [f.name]
+    return out
+
+
+def close_key(key: str, known: Iterable[str]) -> str | None:
+    """The known dotted key a mistyped `key` most likely meant, for a did-you-mean: the same with `_` for `-`,
+    one of the same name in another section (`epochs` -> `optim.epochs`), or a near spelling; else None."""
+    known = list(known)
+    key = key.replace("-", "_")
+    name = key.rpartition(".")[2]
+    same_name = [k for k in known if k.rpartition(".")[2] == name]
+    if same_name:  # `seed`: run.seed; `data.seed`: run.seed too, the closest of those so named
+        return difflib.get_close_matches(key, same_name, n=1, cutoff=0)[0]
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    by_name = {k.rpartition(".")[2]: k for k in reversed(known)}  # a name in two sections: the first one
+    close = difflib.get_close_matches(name, list(by_name), n=1, cutoff=0.75)  # `lrr` -> optim.lr
+    return by_name[close[0]] if close else None
 
 
 def _coerce_field(f: dataclasses.Field[Any], value: Any, tp: Any, where: str) -> Any:
@@ -401,8 +447,10 @@ def check_split(ratios: Any, seed: Any, keys: tuple[str, str] = ("data.split_rat
 def parse_value(text: str) -> Any:
     """Parse a command-line override value: JSON where it parses (numbers, bools, lists), else a string.
     A value that starts like a JSON list or object, and holds its punctuation (quotes, ':' or ','), must be one: its
-    mistake is said, not read as text. Text in brackets alone (`--run.name "[draft]"`) stays text."""
-    if text.lstrip()[:1] in ("[", "{") and (any(c in text for c in "\"':,") or text.strip() in ("[]", "{}")):
+    mistake is said, not read as text. Text in brackets alone (`--run.name "[draft]"`) stays text, and so do
+    bare words in brackets (`[tensorboard, wandb]`), which a list setting reads as a list of strings (`_coerce`)."""
+    bare = _BARE_LIST.fullmatch(text.strip())
+    if text.lstrip()[:1] in ("[", "{") and (any(c in text for c in "\"':,") or text.strip() in ("[]", "{}")) and not bare:
         hint = "; JSON wants double quotes around names and text" if "'" in text else ""
         try:
             return _load_json(text, "")

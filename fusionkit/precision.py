@@ -116,7 +116,8 @@ def _cuda(requested: str, device: torch.device) -> Precision:
 def choose_precision(requested: str = "auto", device: torch.device | str = "cpu", what: str = "run.precision") -> Precision:
     """Resolve `run.precision` ("auto" | "fp32" | "bf16" | "fp16") for `device`.
 
-    auto: bf16 on GPUs with bf16 tensor cores and on CPUs with bf16 units, fp32 elsewhere. An explicit
+    auto: bf16 on GPUs with bf16 tensor cores and on CPUs with AMX or Arm's BF16 (`CPU_AUTO_BF16_FLAGS`),
+    fp32 elsewhere, AVX512-BF16 without AMX included (measured no faster end to end). An explicit
     bf16 is honoured everywhere; fp16 only on CUDA (it needs a GradScaler, and CPUs gain nothing from it).
     `what`: the setting as the caller wrote it (`run.precision`, `--precision`, `precision`), for the error.
     """

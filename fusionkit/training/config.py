@@ -99,7 +99,7 @@ class RunConfig:
     seed: int = 0
     deterministic: bool = True
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
-    precision: str = "auto"  # auto: bf16 on GPUs and CPUs with bf16 units, else fp32 (fusionkit.precision)
+    precision: str = "auto"  # auto: bf16 on GPUs and AMX / Arm BF16 CPUs, else fp32 (fusionkit.precision)
     checkpoint_every: int = 100  # optimizer steps between mid-epoch checkpoints; 0 = epoch ends only
     keep_checkpoints: int = 2  # besides the best one
     metric: str | None = None  # early-stopping metric, e.g. "val/sentiment/macro_f1"; default: first task's

@@ -13,7 +13,7 @@ Design points that matter for users:
   files); `optim.batch_size` stays the global batch. Evaluation is sharded across ranks and gathered, a NaN,
   a SIGTERM or early stopping stops every rank at once, and checkpoints hold every rank's RNG state
   (see `distributed.py`).
-* Precision (`fusionkit.precision`): bf16 autocast on GPUs and CPUs with bf16 units, fp32 elsewhere,
+* Precision (`fusionkit.precision`): bf16 autocast on GPUs and AMX / Arm BF16 CPUs, fp32 elsewhere,
   fp16 + GradScaler on request on CUDA; the choice and its reason are logged.
 """
 

@@ -270,15 +270,17 @@ class MultimodalDataset(Sequence[Example]):
 
 def _stratified_split(labels: list[Any], ratios: Sequence[float], seed: int, keys: Sequence[str]) -> list[list[int]]:
     """Per class, order the rows by a seeded hash of their id (`keys`) and cut by `ratios` with largest-remainder
-    rounding, so every split gets its share. A row's place depends on its id and the seed alone, not on where it
-    sits in the file or on the other rows: the same rows shuffled split the same, and an edited label moves that
-    row (and at most a row at each cut of the two classes), where a shuffle of row positions re-dealt a third.
+    rounding, so every split gets its share. A row's place depends on its id, its class's size and the seed alone,
+    not on where it sits in the file or on other classes: the same rows shuffled split the same, and an edited label
+    moves that row (and at most a row at each cut of the two classes), where a shuffle of row positions re-dealt a
+    third. A class's rounding ties go to a split drawn by a seeded hash of the class (not always to val).
 
-    The rounding remainder is carried across classes (ties do not all go to val), but never takes a class's
-    rows away from train: a class too small to give each split a row fills train first, then val, then test
-    (whatever the seed), and any class keeps a train row, since a class seen only in val/test is never learned."""
-    def rank(i: int) -> bytes:
-        return hashlib.sha256(f"{seed}\0{keys[i]}".encode()).digest()
+    Rounding never takes a class's rows away from train: a class too small to give each split a row fills train
+    first, then val, then test (whatever the seed), and any class keeps a train row, since a class seen only in
+    val/test is never learned."""
+
+    def rank(text: str) -> bytes:
+        return hashlib.sha256(f"{seed}\0{text}".encode()).digest()
 
     by_class: dict[Any, list[int]] = {}
     for i, y in enumerate(labels):
@@ -286,21 +288,20 @@ def _stratified_split(labels: list[Any], ratios: Sequence[float], seed: int, key
     parts: list[list[int]] = [[] for _ in ratios]
     total = float(sum(ratios))
     used = [j for j, r in enumerate(ratios) if r > 0]
-    owed = np.zeros(len(ratios))  # per split, its exact share so far minus the rows it got: carried across
-    for y in sorted(by_class, key=lambda v: (v is None, str(v))):  # classes, so ties do not all go to val
-        idx = np.array(sorted(by_class[y], key=rank), dtype=int)
+    for y, members in by_class.items():
+        idx = np.array(sorted(members, key=lambda i: rank(keys[i])), dtype=int)
         exact = np.array(ratios) / total * len(idx)
         counts = np.floor(exact).astype(int)
         if len(idx) < len(used):  # one row each, in split order
             counts[:] = 0
             counts[used[: len(idx)]] = 1
-        else:
-            for j in np.argsort(-(owed + exact - counts), kind="stable")[: len(idx) - counts.sum()]:
+        else:  # the rows rounding left go to the largest remainders; ties by the class's own draw
+            order = sorted(range(len(ratios)), key=lambda j: (counts[j] - exact[j], rank(f"{y!r}\0{j}")))
+            for j in order[: len(idx) - counts.sum()]:
                 counts[j] += 1
             if counts[0] == 0 and ratios[0] > 0:  # a tiny train ratio: one row moves to train from the split that got the most
                 counts[int(np.argmax(counts))] -= 1
                 counts[0] = 1
-        owed += exact - counts
         for part, chunk in zip(parts, np.split(idx, np.cumsum(counts)[:-1])):
             part.extend(chunk.tolist())
     return [sorted(p) for p in parts]

@@ -229,6 +229,8 @@ def test_a_moved_finished_run_resumed_names_where_it_is_now(tmp_path: Path, caps
     assert f"run dir: {moved / 'r1'}" in out and str(tmp_path / "runs") not in out
     best = Path(fusionkit.train(str(moved / "r1"), resume=True)["best_checkpoint"])
     assert best.parent.parent == moved / "r1" and best.is_dir()
+    on_disk = json.loads((moved / "r1" / "summary.json").read_text())  # the file says so too (its results unchanged)
+    assert on_disk["run_dir"] == str(moved / "r1") and Path(on_disk["best_checkpoint"]) == best
 
 
 def test_a_run_records_the_environment_it_ran_in(tmp_path: Path) -> None:

@@ -857,8 +857,12 @@ class Trainer:
                                     "optim.max_steps (--accept-changes)", self.run_dir, self.step, self.total_steps,
                                     f"its results stay as written (fusionkit eval {self.run_dir} evaluates it again)"
                                     if saved.is_file() else "its best checkpoint is evaluated")  # fmt: skip
-                    if saved.is_file():  # its summary and predictions are the run's record: never rewritten
-                        return _moved_to(json.loads(saved.read_text(encoding="utf-8")), self.run_dir)
+                    if saved.is_file():  # its summary and predictions are the run's record: never rewritten,
+                        recorded = json.loads(saved.read_text(encoding="utf-8"))
+                        here = _moved_to(recorded, self.run_dir)
+                        if here != recorded and self.is_main:  # but for its paths, after a `mv` of the run dir
+                            write_atomic(saved, json_text(here, indent=2, ensure_ascii=False))
+                        return here
             if self.cfg.run.report_to:
                 self.accelerator.init_trackers(self.run_dir.name, config=_scalar_config(to_dict(self.cfg)))
             start = self.fit_start = time.perf_counter()

@@ -158,9 +158,14 @@ def _unpack_dataset(
         ds, cols = texts, _column_names(texts)
         kind = type(ds).__name__
         trained = {side: (columns or {}).get(f"{side}_column") for side in ("text", "image", "id")}
-        renames = {c: side for side, c in trained.items() if c and c != side and c in cols and side not in cols}
-        if renames:  # the model's own columns (review_text, photo_file): read as text / image / id
-            ds = ds.rename(columns=renames) if _is_dataframe(ds) else ds.rename_columns(renames)
+        renames = {c: side for side, c in trained.items() if c and c != side and c in cols}
+        if renames:  # the model's own columns (review_text, photo_file) are its text / image / id, as `fusionkit
+            # embed` reads them: a generic column of that name beside one is not read
+            shadowed = [side for side in renames.values() if side in cols]
+            if _is_dataframe(ds):
+                ds = ds.drop(columns=shadowed).rename(columns=renames)
+            else:
+                ds = ds.remove_columns(shadowed).rename_columns(renames)
             cols = _column_names(ds)
         if "text" not in cols and ("image" not in cols or images is not None):
             raise ValueError(f"embed({kind}) reads its 'text', 'image' and 'id' columns; it has {cols}. Rename "

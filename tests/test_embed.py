@@ -320,3 +320,5 @@ def test_a_dataframe_is_read_by_the_columns_the_model_trained_on(tmp_path: Path)
     renamed = df.rename(columns={"txt": "text", "pic": "image", "uid": "id"})
     np.testing.assert_array_equal(vectors, embed(model, renamed))
     assert ids == list(df["uid"])
+    df["id"] = [f"other{i}" for i in range(len(df))]  # a generic id column beside the model's: the model's is read
+    assert embed(model, df, return_ids=True)[1] == list(df["uid"])  # (as `fusionkit embed` of the file reads it)

@@ -215,7 +215,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--parts", default=EXPORT_PARTS,
                     help=f"comma-separated graphs to export, of {EXPORT_PARTS} (default: all; a model without a "
                     "labelled task has no model graph)")  # fmt: skip
-    for sp in (t, tu, al):  # the options a mistyped override may have meant (`--print_config`)
+    for sp in (t, tu, al, e, pr, em, ex):  # the options a mistyped one may have meant (`--print_config`, `--splt`)
         sp.set_defaults(options=[o for o in sp._option_string_actions if o.startswith("--")])
     return p
 
@@ -1051,7 +1051,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "align":
             return _align(args, extra)
         if extra:
-            raise ConfigError(f"unexpected arguments {extra}")
+            from .config import close_key
+
+            spelled = {o[2:].replace("-", "_"): o for o in args.options}
+            guess = next((close for x in extra if x.startswith("--")
+                          if (close := close_key(x[2:].partition("=")[0], spelled))), None)  # fmt: skip
+            raise ConfigError(f"unexpected arguments {extra}" + (f"; did you mean {spelled[guess]}?" if guess else ""))
         if args.command == "export":
             return _export(args)
         _check_output(args)

@@ -157,3 +157,14 @@ def test_rows_a_split_names_that_are_gone_are_reported_in_one_sentence(tmp_path,
     [warning] = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
     assert f"1 of the {len(test_ids)} rows its test split names are missing" in warning
     assert warning.count("see the report above") == 1
+
+
+def test_a_mistyped_option_of_eval_predict_embed_export_suggests_the_one_meant(capsys) -> None:
+    """`fusionkit eval RUN --splt test` said only "unexpected arguments ['--splt', 'test']"."""
+    from fusionkit.cli import main
+
+    for argv, meant in ((["eval", "run", "--splt", "test"], "--split"),
+                        (["predict", "run", "--outptu", "p.csv"], "--output"),
+                        (["embed", "run", "--output", "e.npy", "--modalty", "text"], "--modality")):  # fmt: skip
+        assert main(argv) == 2
+        assert f"did you mean {meant}?" in capsys.readouterr().err

@@ -168,3 +168,11 @@ def test_a_mistyped_option_of_eval_predict_embed_export_suggests_the_one_meant(c
                         (["embed", "run", "--output", "e.npy", "--modalty", "text"], "--modality")):  # fmt: skip
         assert main(argv) == 2
         assert f"did you mean {meant}?" in capsys.readouterr().err
+
+
+def test_a_mistyped_task_option_suggests_the_one_meant(capsys) -> None:
+    """`--model.tasks.sentiment.label_smothing` said "no task 'sentiment' with option ...", as if the task were
+    missing; the task is named as there, and the option meant is suggested."""
+    assert main(["train", "--model.tasks.sentiment.label_smothing", "0.1", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert "task 'sentiment' has no option 'label_smothing'; did you mean model.tasks.sentiment.label_smoothing?" in err

@@ -7,6 +7,7 @@ A run is fully described by its resolved `TrainConfig` (saved as `config.yaml` i
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import os
@@ -335,10 +336,13 @@ def set_options(cfg: TrainConfig, options: Mapping[str, Any]) -> TrainConfig:
             continue
         name, _, option = rest.rpartition(".")
         task = next((t for t in data["model"]["tasks"] if t["name"] == name), None)
-        if task is None or option not in task:
+        if task is None:
             names = [t["name"] for t in data["model"]["tasks"]]
-            options = f"; its options: {sorted(task)}" if task is not None else f"; the tasks: {names}"
-            raise ConfigError(f"{key!r}: no task {name!r} with option {option!r}{options}")
+            raise ConfigError(f"{key!r}: no task {name!r}; the tasks: {names}")
+        if option not in task:
+            close = difflib.get_close_matches(option, list(task), n=1)
+            hint = f"did you mean {TASK_PREFIX}{name}.{close[0]}? " if close else ""
+            raise ConfigError(f"{key!r}: task {name!r} has no option {option!r}; {hint}its options: {sorted(task)}")
         task[option] = value
     return merge(from_dict(TrainConfig, data), plain)
 

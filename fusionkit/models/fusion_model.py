@@ -35,6 +35,7 @@ from torch import nn
 
 from .. import __version__
 from ..config import ConfigError, ImagePreprocess, ModelConfig, from_dict, to_dict
+from ..store import replace_file
 from ..tasks import FusionContext, Task
 from .checks import check_model
 from .encoders import TOKENIZER_FILES, Encoder, ImageEncoder, TextEncoder, drop_unused_heads
@@ -711,7 +712,7 @@ class FusionModel(nn.Module):
             "data_columns": dict(self.data_columns),
             **hf_label_maps(self.config),
         }
-        (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+        replace_file(directory / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)), "another folder")
         return directory
 
     @classmethod
@@ -1020,10 +1021,13 @@ def _save_weights(state: Mapping[str, torch.Tensor], path: Path, metadata: Mappi
     """Write `state` to `path` through a temp file (a reader never sees half a file), its SHA-256 in the header."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    save_file(dict(state), str(tmp), metadata={**metadata, DIGEST_KEY: _tensors_digest(state)})
-    follow_umask(tmp)
-    tmp.replace(path)
+    metadata = {**metadata, DIGEST_KEY: _tensors_digest(state)}
+
+    def write(tmp: Path) -> None:
+        save_file(dict(state), str(tmp), metadata=metadata)
+        follow_umask(tmp)
+
+    replace_file(path, write, elsewhere="another folder")
 
 
 def _tensors_digest(state: Mapping[str, torch.Tensor]) -> str:

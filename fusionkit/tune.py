@@ -415,8 +415,9 @@ def tune(
     def write_each(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:  # a crash leaves a current table
         write_results(study, out, metric, space, cfg)
 
-    quiet = _QuietFailures()
+    quiet, once = _QuietFailures(), _SaidOnce()
     logging.getLogger("optuna.study._optimize").addFilter(quiet)
+    fusionkit_loggers = once.install()
     before = len(study.trials)
     try:
         study.optimize(objective, n_trials=trials, catch=(FloatingPointError, InvalidTrialConfig),
@@ -437,6 +438,8 @@ def tune(
         raise
     finally:
         logging.getLogger("optuna.study._optimize").removeFilter(quiet)
+        for logger in fusionkit_loggers:
+            logger.removeFilter(once)
         os.close(lock)
     if not write_results(study, out, metric, space, cfg):
         raise ConfigError(_none_completed(study.trials[before:], out))
@@ -459,6 +462,33 @@ class _QuietFailures(logging.Filter):
             return False
         record.exc_info = record.exc_text = None
         return "failed with value None" not in record.getMessage()
+
+
+class _SaidOnce(logging.Filter):
+    """Every trial reads the same data and builds the same tasks, so their warnings (a constant tag, a class
+    missing from val, ...) would repeat once per trial: a warning already said in this search is not said again.
+    A trial's own warnings (naming its run dir or values) differ, and errors always show."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said: set[tuple[str, str]] = set()
+
+    def install(self) -> list[logging.Logger]:
+        """On every fusionkit logger (a filter is not inherited by child loggers); returns them for removal."""
+        names = ["fusionkit", *(n for n in logging.Logger.manager.loggerDict if n.startswith("fusionkit."))]
+        loggers = [logging.getLogger(n) for n in names]
+        for logger in loggers:
+            logger.addFilter(self)
+        return loggers
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        key = (record.name, record.getMessage())
+        if key in self.said:
+            return False
+        self.said.add(key)
+        return True
 
 
 def _record_error(trial: Any, error: Exception) -> None:

@@ -556,3 +556,22 @@ def test_the_default_space_suits_the_configs_heads_and_says_it_is_the_default(tm
     assert main([*argv, str(tmp_path / "t2"), "--model.fusion.dim", "102", "--model.fusion.mlp_ratio", "0.01"]) == 2
     err = capsys.readouterr().err
     assert "the default search space (no --space given)" in err and "--space SPACE.yaml" in err
+
+
+def test_a_data_warning_is_said_once_per_search_not_once_per_trial(tmp_path: Path, caplog) -> None:
+    """Every trial reads the same rows: a tag in every train row is warned about once, not per trial; and the
+    filter leaves with the search (a later training warns again)."""
+    frame = synthetic_frame(48, seed=0)
+    frame["tags"] = "always"
+    tasks = [{"name": "sentiment"}, {"name": "tags", "type": "multilabel"}]
+    cfg = build_config(write_config(tmp_path), {"optim.epochs": 1, "model.tasks": tasks})
+    space = {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
+    assert fusionkit.tune(cfg, 3, space, tmp_path / "tune", data=frame)["trials"] == 3
+
+    def constant_tag_warnings() -> int:
+        return sum("can only learn a constant" in r.getMessage() for r in caplog.records)
+
+    assert constant_tag_warnings() == 1
+    fusionkit.train(build_config(write_config(tmp_path), {"optim.epochs": 1, "model.tasks": tasks,
+                                                          "run.name": "after"}), data=frame)  # fmt: skip
+    assert constant_tag_warnings() == 2

@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -309,7 +309,7 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         run_dir = Path(os.path.abspath(Path(args.resume).expanduser()))  # `--resume .` inside the run dir: its name
         if config:
             raise ConfigError("give either a config or --resume RUN_DIR, not both")
-        if not (run_dir / "config.yaml").is_file() and (found := _run_dir_of(run_dir)) not in (None, run_dir):
+        if not (run_dir / "config.yaml").is_file() and (found := _run_dir_of(run_dir)) not in (None, run_dir.resolve()):
             raise ConfigError(f"--resume {run_dir}: not a run dir (no config.yaml); the run dir is {found}")
         cfg = run_config(run_dir, overrides)
     else:
@@ -353,20 +353,36 @@ def _ensemble_members(args: argparse.Namespace) -> list[str]:
 
 
 def _run_dir_of(checkpoint: str | Path) -> Path | None:
-    """The run dir holding a checkpoint (the run dir itself, `RUN/best`, `RUN/checkpoints/step-N`), if any."""
-    ckpt = Path(checkpoint)
-    return next((d for d in (ckpt, ckpt.parent, ckpt.parent.parent)
-                 if (d / "config.json").is_file() and (d / "split.json").is_file()), None)  # fmt: skip
+    """The run dir holding a checkpoint (the run dir itself, `RUN/best`, `RUN/checkpoints/step-N`), if any.
+
+    Found on the resolved path (`../ckpt` run from inside another run dir is not that run's) and only where a
+    run keeps its models: a model copied beside a run's or a project's files is a model folder (its own
+    saved columns; no split.json says which rows it trained on)."""
+    from .training.rundir import CHECKPOINTS, is_run_dir
+
+    ckpt = Path(checkpoint).expanduser()
+    if not ckpt.exists():  # a hub id
+        return None
+    ckpt = ckpt.resolve()
+    if is_run_dir(ckpt):
+        return ckpt
+    if ckpt.name in ("best", "last", "model") and is_run_dir(ckpt.parent):
+        return ckpt.parent
+    if ckpt.parent.name == CHECKPOINTS and is_run_dir(ckpt.parent.parent):
+        return ckpt.parent.parent
+    return None
 
 
-def _check_unseen(checkpoint: str, ids: list[str], split: str, first: str, ensemble: bool = True) -> None:
+def _check_unseen(checkpoint: str, ids: list[str], split: str, first: str, ensemble: bool = True,
+                  scoring: bool = True) -> None:  # fmt: skip
     """A model must not be scored or predicted on a held-out split's rows that it trained on (another run's
     split file; ensemble seeds trained on different splits): the result would be inflated."""
     run_dir = _run_dir_of(checkpoint)
     if run_dir is None:  # a folder of save_pretrained: no split.json says which rows it trained on
+        cost = "the score is inflated" if scoring else "their predictions are not held-out ones"
         log.warning("%s%s is a model folder, not a run dir: the rows it trained on are unknown, so if they include "
-                    "some of the %d %s rows used here, the score is inflated", "--ensemble: " if ensemble else "",
-                    checkpoint, len(ids), split)  # fmt: skip
+                    "some of the %d %s rows used here, %s", "--ensemble: " if ensemble else "",
+                    checkpoint, len(ids), split, cost)  # fmt: skip
         return
     seen = set(json.loads((run_dir / "split.json").read_text()).get("train", []))
     overlap = [i for i in ids if i in seen]
@@ -693,7 +709,8 @@ def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         ds, data = _split(args, model, with_labels=args.command == "eval", member=i > 0)  # same rows
         if i == 0 and args.split not in ("all", "train"):  # the train split: fit on rows it trained on, as asked
             for member in dict.fromkeys(members):  # every member, before any of them runs
-                _check_unseen(member, ds.ids, args.split, args.checkpoint, ensemble=len(members) > 1)
+                _check_unseen(member, ds.ids, args.split, args.checkpoint, ensemble=len(members) > 1,
+                              scoring=args.command == "eval")  # fmt: skip
         if len(members) > 1 and model.feature_splits is not None:
             loader, transform = _feature_loader(model, data, args.batch_size, _progress(args)), None
         else:
@@ -739,10 +756,24 @@ def _eval(args: argparse.Namespace) -> int:
                           f"label for tasks {list(model.tasks)}); `fusionkit predict` writes their predictions")  # fmt: skip
     text = json_text({**flat, "details": details}, indent=2, ensure_ascii=False)  # a NaN loss: null, as summary.json
     print(text)
+    print(_scored_rows(model.tasks, result, args.split), file=sys.stderr)  # stdout stays the JSON (for jq)
     if args.output:
         with _replacing(Path(args.output)) as tmp:
             tmp.write_text(text, encoding="utf-8")
     return 0
+
+
+def _scored_rows(tasks: Mapping[str, Any], result: Mapping[str, Any], split: str) -> str:
+    """What eval scored: the rows read, and per task how many had a label (rows without one are left out)."""
+    total = len(result["ids"])
+    counts = []
+    for name in tasks:
+        mask = result["label_mask"].get(name)
+        if mask is not None:
+            labelled = int(mask.sum())
+            counts.append(f"{name} {labelled}" + (f" ({total - labelled} without a label left out)"
+                                                  if labelled < total else ""))  # fmt: skip
+    return f"scored {total} rows of the {split!r} split: " + ", ".join(counts)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -899,7 +930,7 @@ def _check_output(args: argparse.Namespace) -> None:
 
     data, run_dir = _run_data_config(args)
     # the file read now, and the run's own training data (it is needed again to evaluate the run)
-    inputs = [Path(p).expanduser() for p in dict.fromkeys((args.data, data.dataset)) if p]
+    inputs = [Path(p).expanduser() for p in dict.fromkeys((args.data, data.dataset, getattr(args, "split_file", None))) if p]
     if run_dir is None:  # a bare model dir; runs' files (this run's or another's) are covered by _owner
         inputs.append(Path(args.checkpoint).expanduser())
     written = [out] + ([out.with_suffix(".ids.json")] if args.command == "embed" and out.suffix.lower() == ".npy" else [])

@@ -225,3 +225,45 @@ def test_eval_of_a_file_without_label_columns_names_what_it_read(csv_run: Path, 
     assert main(["eval", str(csv_run), "--data", str(table), "--image-column", ""]) == 2
     err = capsys.readouterr().err
     assert "besides those read as caption, image and id: none" in err and "fusionkit predict" in err
+
+
+def test_a_copied_checkpoint_is_a_model_folder_wherever_it_lies_and_eval_says_what_it_scored(
+    csv_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A colleague's checkpoint copied beside a run (named `../ckpt` from inside that run), into a project
+    folder with a config.json and split.json of its own, or with a split.json inside it, is a model folder:
+    never the run's or project's data and split taken as its own. eval says how many rows it scored, and its
+    --output never replaces the --split-file it reads."""
+    import shutil
+
+    from fusionkit.training.rundir import follow_pointer
+
+    tmp = csv_run.parent.parent
+    best = follow_pointer(csv_run / "best")
+    beside = shutil.copytree(best, csv_run.parent / "colleague")
+    monkeypatch.chdir(csv_run)
+    out = tmp_path / "p.csv"
+    assert main(["predict", "../colleague", "--output", str(out)]) == 2  # was: the run's test split, silently
+    assert "--data is required when the checkpoint is not inside a run dir" in capsys.readouterr().err
+    assert not out.exists()
+    shutil.rmtree(beside)
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.json").write_text('{"project": "tweets"}')
+    shutil.copy(csv_run / "split.json", project / "split.json")
+    model = shutil.copytree(best, project / "model")
+    shutil.copy(csv_run / "split.json", model / "split.json")  # sent along with the checkpoint
+    monkeypatch.chdir(project)
+    data = ["--data", str(tmp / "tables" / "posts.csv"), "--image-root", str(tmp / "data")]
+    assert main(["eval", "model", *data, "--split", "test"]) == 2  # the project's split.json is not the model's
+    assert "--split-file" in capsys.readouterr().err
+    assert main(["eval", "model", *data]) == 0
+    err = capsys.readouterr().err
+    assert "scored 40 rows of the 'all' split: sentiment 40" in err
+    assert main(["predict", "model", *data, "--output", str(out)]) == 0  # a split.json inside: still a model
+    assert len(list(csv.DictReader(out.open()))) == 40
+    split = (project / "split.json").read_text()
+    argv = ["eval", "model", *data, "--split", "test", "--split-file", "split.json", "--output", "split.json"]
+    assert main(argv) == 2 and "would overwrite the input" in capsys.readouterr().err
+    assert (project / "split.json").read_text() == split and not list(project.glob("split.json.~*"))

@@ -309,9 +309,30 @@ class RunDir:
 
 
 def is_run_dir(path: str | Path) -> bool:
-    """True for a fusionkit run's folder: its resolved config.json beside checkpoints/ or split.json."""
+    """True for a fusionkit run's folder: its training config (config.json) beside split.json or checkpoints/.
+
+    The config.json is read: a model folder with a split.json copied in, or a project folder of the user's
+    (a config.json of its own beside a split.json or a checkpoints/ folder) is no run. A run an older version
+    saved a model into (its config.json the model's) is one still, by its checkpoints/."""
     path = Path(path)
-    return (path / "config.json").is_file() and ((path / CHECKPOINTS).is_dir() or (path / "split.json").is_file())
+    if not (path / "config.json").is_file():
+        return False
+    kind = _config_kind(path / "config.json")
+    return ((path / CHECKPOINTS).is_dir() and kind in ("run", "model")) or (
+        (path / "split.json").is_file() and kind == "run")
+
+
+def _config_kind(path: Path) -> str | None:
+    """"run" for a run's training config, "model" for a saved fusionkit model's, None for anything else."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    if config.get("model_type") == "fusionkit":
+        return "model"
+    return "run" if {"model", "data", "run"} <= config.keys() else None
 
 
 def run_dir_holding(path: str | Path) -> Path | None:

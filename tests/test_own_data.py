@@ -761,8 +761,13 @@ def test_predicting_rows_without_an_image_warns_only_a_model_that_never_saw_such
         with caplog.at_level(logging.WARNING, logger="fusionkit"):
             fusionkit.FusionModel.from_pretrained(tmp_path / "runs" / name).predict(texts=["a caption"], images=[None])
         warned[name + " (python)"] = "which this model was not trained for" in caplog.text
+    caplog.clear()  # an ensemble warns for any member that never saw such rows, whichever is listed first
+    keep, strict = (fusionkit.FusionModel.from_pretrained(tmp_path / "runs" / n) for n in ("keep", "strict"))
+    with caplog.at_level(logging.WARNING, logger="fusionkit"):
+        keep.predict(texts=["a caption"], images=[None], ensemble=strict)
+    warned["keep + strict (python)"] = caplog.text.count("which this model was not trained for")
     assert warned == {"strict": True, "keep": False, "strict (python)": True, "keep (python)": False,
-                      "strict (embed)": True, "keep (embed)": False}
+                      "strict (embed)": True, "keep (embed)": False, "keep + strict (python)": 1}
     # the keep run's split reused by a run that skips imageless rows: those rows leave its splits (said), the rest
     # keep their places (skip vs keep compared on the same test rows)
     keep_split = json.loads((tmp_path / "runs" / "keep" / "split.json").read_text())

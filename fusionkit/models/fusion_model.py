@@ -622,7 +622,9 @@ class FusionModel(nn.Module):
             what = ("neither a caption nor an image" if len(self.sides_read) == 2 else
                     f"no {self.sides_read[0]}, the only input of this {self.config.fusion.strategy} model")  # fmt: skip
             raise ValueError(f"pairs {empty[:5]} have {what}: there is nothing to predict from")
-        self.warn_one_sided(sum(t is None for t in texts), sum(i is None for i in images), n, where)
+        said: set[str] = set()  # every member is asked: one trained without modality dropout is said, once
+        for m in models:
+            m.warn_one_sided(sum(t is None for t in texts), sum(i is None for i in images), n, where, said=said)
         schema = {t.name: sorted(t.class_names or []) for t in self.config.tasks}
         for k, member in enumerate(models[1:]):
             theirs = {t.name: sorted(t.class_names or []) for t in member.config.tasks}

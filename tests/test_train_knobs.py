@@ -144,3 +144,22 @@ def test_a_splits_loss_with_class_weights_is_the_same_at_any_batch_size(tmp_path
                      "--output", str(out), "--no-progress"]) == 0  # fmt: skip
         losses.append(json.loads(out.read_text())["val/loss"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_an_epoch_whose_val_rows_have_no_labels_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The epoch line names what it could not score, not an empty `epoch 1: `."""
+    import pandas as pd
+
+    from fusionkit.data import make_synthetic
+
+    rows = make_synthetic(40, seed=0, image_size=32).examples
+    frame = pd.DataFrame({"text": [r.text for r in rows], "image": [r.image for r in rows],
+                          "sentiment": [r.labels["sentiment"] if i < 30 or i >= 35 else None
+                                        for i, r in enumerate(rows)]})  # fmt: skip
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": [str(i) for i in range(30)], "val": [str(i) for i in range(30, 35)],
+                                 "test": [str(i) for i in range(35, 40)]}))  # fmt: skip
+    fusionkit.train({"data": {"split_file": str(split), "cache_dir": str(tmp_path / "cache")}, "optim": {"epochs": 1},
+                     "run": {"output_dir": str(tmp_path / "runs"), "progress": True, "plots": False}}, data=frame)  # fmt: skip
+    out = capsys.readouterr().out
+    assert "epoch 1: no val scores (no labelled val rows)" in out

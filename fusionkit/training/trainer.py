@@ -1032,7 +1032,8 @@ class Trainer:
             elif value is not None:
                 self.bad_epochs += 1
             if self.progress:
-                tqdm.write(f"epoch {self.epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in flat.items()))
+                scores = ", ".join(f"{k}={v:.4f}" for k, v in flat.items()) or "no val scores (no labelled val rows)"
+                tqdm.write(f"epoch {self.epoch}: {scores}")
         else:
             improved = True  # no val split: the latest model is the best we know
         # ranks computed the same gathered metrics; rank 0's decision is still the one every rank follows

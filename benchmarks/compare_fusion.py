@@ -59,6 +59,7 @@ import fusionkit
 from fusionkit.config import ConfigError, load_config_file, to_dict
 from fusionkit.data import DataError, MultimodalDataset, load_dataset
 from fusionkit.models import FUSION_REGISTRY, list_fusions
+from fusionkit.models.fusion import sides_read
 from fusionkit.registry import load_plugins
 from fusionkit.tasks import TASK_REGISTRY, create_task
 from fusionkit.training.config import build_config
@@ -432,11 +433,17 @@ NOISE_RULE = (
 )
 
 
+def unimodal_baseline(row: str) -> bool:
+    """A row of a strategy that reads one side (`text_only`, `image_only`, a plugin's with `uses_image = False`),
+    by its flags; `row` may carry a suffix ("late (frozen)")."""
+    return len(sides_read(FUSION_REGISTRY.get_class(row.split(" ")[0]))) == 1
+
+
 def verdict(rows: dict[str, dict[str, Any]]) -> str:
     """Plain words: does the best fused strategy beat the better unimodal baseline, beyond the seed spread and
     the test set's sampling noise?"""
-    fused = {k: v for k, v in rows.items() if k not in ("text_only", "image_only")}
-    unimodal = {k: rows[k] for k in ("text_only", "image_only") if k in rows}
+    fused = {k: v for k, v in rows.items() if not unimodal_baseline(k)}
+    unimodal = {k: v for k, v in rows.items() if unimodal_baseline(k)}
     if not fused or not unimodal:
         return "Run fused strategies and unimodal baselines together to compare them."
     best_name, best = max(fused.items(), key=lambda kv: kv[1]["weighted_f1"])
@@ -445,7 +452,8 @@ def verdict(rows: dict[str, dict[str, Any]]) -> str:
     noise = 100 * (best["weighted_f1_std"] + uni["weighted_f1_std"])
     sampling = sampling_noise(best, uni)
     # only the baselines that ran are claimed: one of them is not "both"
-    baselines = "both unimodal baselines" if len(unimodal) == 2 else f"the one unimodal baseline run (`{uni_name}`)"
+    baselines = (f"the one unimodal baseline run (`{uni_name}`)" if len(unimodal) == 1 else
+                 "both unimodal baselines" if len(unimodal) == 2 else f"all {len(unimodal)} unimodal baselines")  # fmt: skip
     if best["seeds"] < 2:
         return (f"One seed per strategy: no seed spread to judge by (run --seeds 3 for a verdict). Best fused "
                 f"strategy `{best_name}`: weighted-F1 {100 * best['weighted_f1']:.2f} vs "
@@ -474,7 +482,7 @@ def cross_vs_pooled(rows: dict[str, dict[str, Any]]) -> str:
     lines = []
     for suffix in ("", " (frozen)"):
         fused = {k: v for k, v in rows.items() if k.endswith(suffix) and (suffix or not k.endswith(")"))
-                 and k.split(" ")[0] not in ("text_only", "image_only")}  # fmt: skip
+                 and not unimodal_baseline(k)}  # fmt: skip
         ref = fused.pop("cross_attention" + suffix, None)
         if ref is None or not fused:
             continue

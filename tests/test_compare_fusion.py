@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import compare_fusion  # noqa: E402
@@ -147,3 +148,42 @@ def test_results_of_other_encoder_weights_in_the_same_folder_are_not_read_back(
     save_tiny_bert(tmp_path / "bert", seed=1)  # the same folder, other weights
     assert compare_fusion.main(argv) == 0 and ("gated-s0", None) in built
     assert "read back from results.jsonl" not in capsys.readouterr().out
+
+
+def test_a_plugins_one_sided_strategy_is_a_unimodal_baseline_everywhere(caplog: pytest.LogCaptureFixture) -> None:
+    """What a model reads follows its strategy's flags, not the built-in names: a plugin's caption-only strategy
+    refuses pairs without a caption (as text_only does), is warned about for settings it cannot use, and is
+    judged as a baseline by compare_fusion, not as the fused strategy that beats them. An itm task with a strategy
+    that never joins caption and image (late, a baseline) is said to be unlearnable."""
+    import torch
+
+    import fusionkit
+    from fusionkit.models import create_model
+    from fusionkit.models.fusion import FusionStrategy, masked_mean
+    from fusionkit.training.config import build_config, unused_settings
+
+    @fusionkit.register_fusion("fk_caption_only")
+    class CaptionOnly(FusionStrategy):
+        uses_image = False
+
+        def __init__(self, cfg: Any) -> None:
+            super().__init__(cfg)
+            self.proj = torch.nn.Linear(cfg.dim, cfg.dim)
+
+        def forward(self, text, text_mask, image, image_mask=None):  # type: ignore[no-untyped-def]
+            return self.proj(masked_mean(text, text_mask)).unsqueeze(1)
+
+    model = create_model("tiny", fusion={"strategy": "fk_caption_only"})
+    assert model.sides_read == ("caption",)
+    with pytest.raises(ValueError, match="no caption, the only input of this fk_caption_only model"):
+        model.predict(texts=[None], images=[Image.new("RGB", (32, 32))])
+    cfg = build_config(None, {"model.fusion.strategy": "fk_caption_only", "model.fusion.modality_dropout": 0.3})
+    assert any("modality_dropout=0.3 has no effect on the fk_caption_only" in m for m in unused_settings(cfg))
+    rows = {"fk_caption_only": row("fk_caption_only", 0.9, 0.01, 400), "gated": row("gated", 0.6, 0.01, 400),
+            "image_only": row("image_only", 0.5, 0.01, 400)}  # fmt: skip
+    text = compare_fusion.verdict(rows)
+    assert text.startswith("Fusion does NOT beat") and "`fk_caption_only`" in text and "fused strategy `gated`" in text
+    itm = [{"name": "sentiment"}, {"name": "match", "type": "itm"}]
+    for strategy, unlearnable in (("late", True), ("text_only", True), ("concat", False), ("cross_attention", False)):
+        said = unused_settings(build_config(None, {"model.fusion.strategy": strategy, "model.tasks": itm}))
+        assert any("task 'match' (itm) cannot be learned" in m for m in said) == unlearnable, strategy

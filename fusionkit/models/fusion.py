@@ -37,6 +37,16 @@ def create_fusion(cfg: FusionConfig) -> FusionStrategy:
     return FUSION_REGISTRY.get_class(cfg.strategy)(cfg)
 
 
+def sides_read(strategy: type[FusionStrategy] | FusionStrategy) -> tuple[str, ...]:
+    """The sides ("caption", "image") a strategy reads, from its flags: a unimodal baseline reads one."""
+    return tuple(side for side, used in (("caption", strategy.uses_text), ("image", strategy.uses_image)) if used)
+
+
+def scores_pairs(strategy: type[FusionStrategy] | FusionStrategy) -> bool:
+    """Whether the strategy can tell a caption's own image from another's (an `itm` task's question)."""
+    return strategy.joins_sides and len(sides_read(strategy)) == 2
+
+
 def drop_modalities(
     text_present: torch.Tensor, image_present: torch.Tensor, rate: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +70,10 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 class FusionStrategy(nn.Module):
-    """Base class. `uses_text`/`uses_image` let the model skip an encoder a strategy ignores.
+    """Base class. `uses_text`/`uses_image` let the model skip an encoder a strategy ignores (a unimodal
+    baseline reads one side: predictions, warnings and benchmarks follow these flags, not the name);
+    `joins_sides`: some view sees caption and image together, which image-text matching needs (late fusion
+    scores each side apart).
 
     `forward(text, text_mask, image, image_mask)`: text [B, T, dim], text_mask bool [B, T] (True = real
     token), image [B, P, dim], image_mask bool [B, P] or None (all real) -> views [B, V, dim].
@@ -70,6 +83,7 @@ class FusionStrategy(nn.Module):
     num_views: int = 1
     uses_text: bool = True
     uses_image: bool = True
+    joins_sides: bool = True
 
     def __init__(self, cfg: FusionConfig) -> None:
         super().__init__()
@@ -225,6 +239,7 @@ class LateFusion(_PooledFusion):
     """One view per modality; each task head scores the present views and averages their logits."""
 
     num_views = 2
+    joins_sides = False
 
     def forward(
         self,

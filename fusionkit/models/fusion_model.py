@@ -39,7 +39,7 @@ from ..store import replace_file
 from ..tasks import FusionContext, Task
 from .checks import check_model
 from .encoders import TOKENIZER_FILES, Encoder, ImageEncoder, TextEncoder, drop_unused_heads
-from .fusion import create_fusion, drop_modalities, masked_mean
+from .fusion import create_fusion, drop_modalities, masked_mean, sides_read
 from .heads import MultiTaskLoss
 
 log = logging.getLogger("fusionkit")
@@ -529,7 +529,7 @@ class FusionModel(nn.Module):
     @property
     def sides_read(self) -> tuple[str, ...]:
         """The sides ("caption", "image") whose absence changes this model's output (a unimodal baseline reads one)."""
-        return {"text_only": ("caption",), "image_only": ("image",)}.get(self.config.fusion.strategy, ("caption", "image"))
+        return sides_read(self.fusion)
 
     def warn_one_sided(
         self, no_text: int, no_image: int, total: int, where: str, trained_without: Any = (), said: set | None = None

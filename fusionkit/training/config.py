@@ -31,6 +31,7 @@ from ..config import (
 )
 from ..data.sources.registry import is_spec
 from ..models import get_config
+from ..models.fusion import FUSION_REGISTRY, scores_pairs, sides_read
 from ..precision import PRECISIONS
 from .distributed import TRACKERS
 from .rundir import NAME_EXISTS
@@ -260,12 +261,19 @@ def unused_settings(cfg: TrainConfig) -> list[str]:
         out.append(f"data.augment has no effect: the top {image_k} image block(s) train on hidden states cached once "
                    "from the un-augmented images (data.feature_cache: false augments, at the cost of running the "
                    "whole image encoder every step)")  # fmt: skip
-    one_sided = fusion.strategy in ("text_only", "image_only")
-    if one_sided and fusion.modality_dropout:
+    strategy = FUSION_REGISTRY.get_class(fusion.strategy)  # a plugin's flags count as the built-ins' do
+    sides = sides_read(strategy)
+    if len(sides) == 1 and fusion.modality_dropout:
         out.append(f"model.fusion.modality_dropout={fusion.modality_dropout} has no effect on the {fusion.strategy} "
                    "baseline, which reads one side only")  # fmt: skip
-    if fusion.strategy == "text_only" and fusion.image_grid:
-        out.append(f"model.fusion.image_grid={fusion.image_grid} has no effect: text_only reads no image")
+    if "image" not in sides and fusion.image_grid:
+        out.append(f"model.fusion.image_grid={fusion.image_grid} has no effect: {fusion.strategy} reads no image")
+    if not scores_pairs(strategy):
+        why = f"reads the {sides[0]} only" if len(sides) == 1 else "scores caption and image apart"
+        out.extend(f"task {t.name!r} (itm) cannot be learned with model.fusion.strategy {fusion.strategy}, which "
+                   f"{why}: it cannot tell a caption's own image from another's, so its accuracy stays at chance "
+                   "(use a strategy that joins them, e.g. cross_attention or concat)"
+                   for t in model.tasks if t.type == "itm")  # fmt: skip
     weighted = {t.name: t.weight for t in model.tasks if t.weight != 1.0}
     if model.loss_weighting == "uncertainty" and weighted:
         out.append(f"task weights {weighted} have no effect: model.loss_weighting is 'uncertainty', which learns "

@@ -279,11 +279,14 @@ def remove_stale_temps(folder: Path, older_than_s: float = 0.0) -> list[Path]:
 def open_or_build(path: str | Path, build: Callable[[StoreWriter], dict[str, Any]]) -> Store:
     """The store at `path`; if absent, `build(writer)` fills a temp folder and returns the meta dict,
     then the folder is published atomically. Safe when several processes build the same path at once.
+    A non-empty folder at `path` without `meta.json` is no build's (publishing is one rename): named as damaged.
     `build` must not itself build a store in the same parent folder (it would wait for its own lock).
     """
     final = Path(path)
     if is_built(final):
         return Store(final)
+    if final.is_dir() and any(final.iterdir()):  # never half-published (the rename moves meta.json with the rest)
+        raise _damaged(final, f"{META} is missing: a copy that stopped, or deleted")  # named before a whole build
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         probe = final.parent / f".write-probe-{os.getpid()}-{secrets.token_hex(4)}"

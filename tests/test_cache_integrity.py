@@ -63,3 +63,23 @@ def test_labels_edited_in_a_feature_caches_meta_json_are_named_not_trained_on(tm
     _edit(copy / data.path.name / "meta.json", flip)  # the token/pixel cache's labels, read by unfrozen training
     with pytest.raises(OSError, match=rf"cache folder .*{data.path.name} is damaged \(meta.json is not as built"):
         build_cache(make_synthetic(6, image_size=16), model.tokenizer, model.image_preprocess, copy, progress=False)
+
+
+def test_a_store_folder_that_lost_its_meta_json_is_named_before_anything_is_built(tmp_path: Path) -> None:
+    """A partial copy or a deleted *.json: the whole build ran, then publishing failed with a bare
+    '[Errno 39] Directory not empty', on every rerun."""
+    open_or_build(tmp_path / "s", _fill)
+    (tmp_path / "s" / "meta.json").unlink()
+    built: list[int] = []
+
+    def counted(out: StoreWriter) -> dict[str, Any]:
+        built.append(1)
+        return _fill(out)
+
+    with pytest.raises(OSError, match=r"cache folder .*s is damaged \(meta.json is missing.*delete that folder"):
+        open_or_build(tmp_path / "s", counted)
+    assert built == [] and sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no temp folder left either
+    shutil.rmtree(tmp_path / "s")  # as the message says: then it is rebuilt
+    assert open_or_build(tmp_path / "s", counted).meta["ids"] == ["a", "b", "c"] and built == [1]
+    (tmp_path / "empty").mkdir()  # an empty folder holds nothing to lose: built into
+    assert open_or_build(tmp_path / "empty", _fill).meta["ids"] == ["a", "b", "c"]

@@ -88,12 +88,14 @@ def data_fingerprint(data: Any) -> str | None:
     `MultimodalDataset`'s own; for rows held in memory (a list of dict rows or `Example`s) a hash of what
     is embedded, as `MultimodalDataset.fingerprint` hashes it (ids, captions, image CONTENT); an HF `Dataset`
     read from files its own (that of its files and transforms; one built in memory gets a random one, so its
-    rows are hashed). None for a stream (it can be read only once): its ids are checked as they are read."""
+    rows are hashed), plus the bytes of the image files its cells name (its own covers their paths only).
+    None for a stream (it can be read only once): its ids are checked as they are read."""
     own = getattr(data, "fingerprint", None)
     if isinstance(own, str):
         return own
     if _is_hf_dataset(data) and data.cache_files:
-        return f"datasets:{data._fingerprint}"
+        files = _image_files_digest(data)
+        return f"datasets:{data._fingerprint}" + (f"+files:{files}" if files else "")
     if not (isinstance(data, Sequence) or _is_hf_dataset(data)) or isinstance(data, str | bytes):
         return None
     h = hashlib.sha256()
@@ -102,6 +104,30 @@ def data_fingerprint(data: Any) -> str | None:
         h.update(json.dumps([id_, text], default=str).encode())
         h.update(image_digest(image))
     return h.hexdigest()
+
+
+def _image_files_digest(data: Any, batch_size: int = 4096) -> str | None:
+    """A hash of the image files an HF `Dataset`'s `image` cells name (paths, or `Image()` cells holding a path
+    and no bytes), as `image_digest` hashes a file: by its BYTES. None where no cell names a file (bytes in the
+    table are in its fingerprint already). Reads the column as Arrow, so no image is decoded."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    feature = data.features.get("image")
+    is_image = isinstance(feature, datasets.Image)
+    if not is_image and getattr(feature, "dtype", None) not in ("string", "large_string"):
+        return None
+    h, named = hashlib.sha256(), False
+    for batch in data.select_columns(["image"]).with_format("arrow").iter(batch_size=batch_size):
+        column = batch.column("image")
+        if is_image:  # decoding reads the bytes when there are any, else the file at the path
+            column = pc.if_else(pc.is_null(pc.struct_field(column, "bytes")), pc.struct_field(column, "path"),
+                                pa.scalar(None, pa.string()))  # fmt: skip
+        for path in column.to_pylist():
+            named = named or path is not None
+            h.update(image_digest(path))
+    return h.hexdigest() if named else None
 
 
 def _as_rows(data: Any) -> Any:

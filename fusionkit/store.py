@@ -147,6 +147,7 @@ class StoreWriter:
 
 
 FILES = "_files"  # meta key: {file name: [size, sha256]} of every file the build wrote
+META_SHA = "_meta_sha256"  # meta key: the hash of the rest of meta.json (ids, labels...: read as they are)
 
 
 def _damaged(folder: Path, what: str) -> OSError:
@@ -164,6 +165,12 @@ def _sha256(path: str, *stat: int) -> str:
 def _digest(path: Path) -> str:
     st = path.stat()
     return _sha256(str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _meta_digest(meta: dict[str, Any]) -> str:
+    """sha256 of `meta` as JSON (`META_SHA` aside), keys sorted: a file re-indented by a tool keeps it."""
+    body = {k: v for k, v in meta.items() if k != META_SHA}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _load(path: Path, mmap: bool = True) -> np.ndarray:
@@ -197,12 +204,18 @@ class Store:
     """A completed store folder: `meta`, `array(name)` (read-only memmap), `ragged(name)`."""
 
     def __init__(self, path: str | Path) -> None:
-        """Opened only if every file is as built: a cache altered in place (same size, other bytes) would
-        otherwise train a wrong model without an error. Stores built before the checksums are read as they are."""
+        """Opened only if every file, `meta.json` too, is as built: a cache altered in place (same size, other
+        bytes) or labels edited in its meta.json would otherwise train a wrong model without an error. Every store
+        at a current cache key records both checksums (the keys' versions say so): one without them is damaged."""
         self.path = Path(path)
         try:
             self.meta: dict[str, Any] = json.loads((self.path / META).read_text())
-            built = {name: tuple(v) for name, v in self.meta.get(FILES, {}).items()}
+            if not isinstance(self.meta, dict) or FILES not in self.meta or META_SHA not in self.meta:
+                raise ValueError(f"{META} lacks its checksums ({FILES}, {META_SHA}): edited since, or not written "
+                                 "by fusionkit")  # fmt: skip
+            if _meta_digest(self.meta) != self.meta[META_SHA]:
+                raise ValueError(f"{META} is not as built: edited since")
+            built = {name: tuple(v) for name, v in self.meta[FILES].items()}
             found = {name: ((self.path / name).stat().st_size, _digest(self.path / name)) for name in built}
         except (ValueError, OSError) as e:  # a cut meta.json, a missing file
             raise _damaged(self.path, str(e)) from None
@@ -266,11 +279,14 @@ def remove_stale_temps(folder: Path, older_than_s: float = 0.0) -> list[Path]:
 def open_or_build(path: str | Path, build: Callable[[StoreWriter], dict[str, Any]]) -> Store:
     """The store at `path`; if absent, `build(writer)` fills a temp folder and returns the meta dict,
     then the folder is published atomically. Safe when several processes build the same path at once.
+    A non-empty folder at `path` without `meta.json` is no build's (publishing is one rename): named as damaged.
     `build` must not itself build a store in the same parent folder (it would wait for its own lock).
     """
     final = Path(path)
     if is_built(final):
         return Store(final)
+    if final.is_dir() and any(final.iterdir()):  # never half-published (the rename moves meta.json with the rest)
+        raise _damaged(final, f"{META} is missing: a copy that stopped, or deleted")  # named before a whole build
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         probe = final.parent / f".write-probe-{os.getpid()}-{secrets.token_hex(4)}"
@@ -292,6 +308,8 @@ def open_or_build(path: str | Path, build: Callable[[StoreWriter], dict[str, Any
             meta = build(writer)
             writer._close()
             meta[FILES] = {f.name: [f.stat().st_size, _digest(f)] for f in sorted(tmp.iterdir()) if f.is_file()}
+            meta = json.loads(json.dumps(meta))  # as a reader will see it (tuples as lists, keys as strings)
+            meta[META_SHA] = _meta_digest(meta)
             (tmp / META).write_text(json.dumps(meta))
             _sync(tmp)
             _publish(tmp, final)

@@ -298,3 +298,40 @@ def test_shards_follow_embeds_rules_for_caption_only_rows_ids_and_empty_input(
     assert (tmp_path / "afile").read_text() == "mine"
     with pytest.raises(TypeError, match=r"row 0: embed_to_shards takes rows as dicts"):
         shards(model, [("a", "red", None)], tmp_path / "tuples")
+
+
+@pytest.mark.parametrize("as_image_feature", [True, False])
+def test_an_image_file_replaced_under_a_datasets_dataset_read_from_files_is_other_rows(
+    tmp_path: Path, model: FusionModel, data, as_image_feature: bool
+) -> None:
+    """A Dataset read from files is fingerprinted by its table; its image cells only name files, whose bytes
+    the vectors depend on: a replaced image used to get the old vector back ("the same rows: reusing it")."""
+    datasets = pytest.importorskip("datasets")
+    for ex in data:
+        ex.image.save(tmp_path / f"{ex.id}.png")
+    table = tmp_path / "rows.csv"
+    table.write_text("id,text,image\n" + "".join(f"{ex.id},{ex.text},{tmp_path / ex.id}.png\n" for ex in data))
+    hf = datasets.load_dataset("csv", data_files=str(table), split="train", cache_dir=str(tmp_path / "hf"))
+    if as_image_feature:
+        hf = hf.cast_column("image", datasets.Image())
+    assert hf.cache_files
+    out = tmp_path / "out"
+    shards(model, hf, out)
+    shards(model, hf, out)  # unchanged: reused
+    before = read_embeddings(out)[1]
+
+    def interrupt(k: int, rows: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        shards(model, hf, tmp_path / "partial", on_shard=interrupt)
+    shutil.copy2(tmp_path / f"{data[1].id}.png", tmp_path / f"{data[5].id}.png")  # `cp -p`: name, size aside
+    with pytest.raises(ConfigError, match="of other rows"):
+        shards(model, hf, out)
+    with pytest.raises(ConfigError, match="of other rows"):  # nor resumed over shards of the old image
+        shards(model, hf, tmp_path / "partial")
+    np.testing.assert_array_equal(read_embeddings(out)[1], before)  # kept as it was
+    shards(model, hf, tmp_path / "fresh")
+    fresh = read_embeddings(tmp_path / "fresh")[1]
+    changed = ~np.isclose(fresh, before, atol=1e-4).all(axis=1)
+    assert changed.tolist() == [i == 5 for i in range(N)]  # the replaced image's row, and only it

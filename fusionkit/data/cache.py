@@ -37,11 +37,12 @@ from fusionkit.store import Store, StoreWriter, is_built, open_or_build
 
 log = logging.getLogger("fusionkit.data")
 
-CACHE_VERSION = 6  # 2: one store, presence flags, skip list replayed, content fingerprint; 3: resize sizes
+CACHE_VERSION = 7  # 2: one store, presence flags, skip list replayed, content fingerprint; 3: resize sizes
 # rounded as timm and HF do (floor, truncation: `resize_geometry`), not to nearest, and a JPEG shrunk on decode only
 # far above the target (`DRAFT_MARGIN`); 4: one-pass resize (no PIL reducing_gap), as timm/torchvision/HF; 5: an
 # enlarged image resized whole, then cropped; 6: an HF shortest_edge resize before a non-square crop scales the
-# shorter side as HF does: older caches hold other pixels, so they are rebuilt once
+# shorter side as HF does: older caches hold other pixels, so they are rebuilt once; 7: every store's meta.json
+# carries its own checksum (`store.META_SHA`; feature caches key on this version too), so one without is damaged
 # the token ids' own version (not the pixels', which image feature caches key on): 2: captions stripped and capped
 # (`clean_text`) when tokenized, as the processor does; a dataset built in Python, not read, kept its spaces before
 TOKENS_VERSION = 2

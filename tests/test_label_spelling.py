@@ -93,3 +93,22 @@ def test_a_saved_model_evaluates_its_numbers_written_another_way(tmp_path: Path)
                  "--output", str(out)]) == 0  # fmt: skip
     report = json.loads(out.read_text())["details"]["mood"]["report"]
     assert [report[c]["support"] for c in ("-1", "0", "1")] == [8, 8, 8]
+
+
+def test_bad_row_hints_say_how_train_skips_them(tmp_path: Path) -> None:
+    """`fusionkit train` has no --on-error flag: the hint named it ('unknown option --on-error' when followed)."""
+    rows = list(csv.DictReader(write_table(tmp_path / "data", 24).open()))
+    path = tmp_path / "data" / "badline.jsonl"
+    lines = [json.dumps(r) for r in rows]
+    lines.insert(6, '{"id": "x1", "caption": "oops"')
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="badline.jsonl:7: invalid JSON") as e:
+        load_dataset(path, text_column="caption", image_column="photo")
+    assert SKIP_HINT in str(e.value)
+    quoted = tmp_path / "quote.csv"
+    quoted.write_text('id,caption,mood\nr0,"never closed,a\nr1,fine,b\nr2,fine,a\n')
+    with pytest.raises(DataError, match="not closed") as e:
+        load_dataset(quoted, text_column="caption", image_column="", missing_image="keep")
+    assert SKIP_HINT in str(e.value)
+    # what it names works for train
+    assert main(train_args(path, tmp_path / "runs", "r", "--data.on_error", "skip")) == 0

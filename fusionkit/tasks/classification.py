@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, TaskConfig
+from ..data.sources.rows import SKIP_ROWS
 from .base import (
     Task,
     float32_values,
@@ -32,7 +33,7 @@ log = logging.getLogger("fusionkit.tasks")
 
 
 UNKNOWN_LABEL_HINT = ("fix the label, add the class to model.tasks[].class_names (a saved model: train again), or "
-                      "drop such labels and keep their rows: data.on_error: skip (eval/predict: --on-error skip)")
+                      f"drop such labels and keep their rows: {SKIP_ROWS}")
 # a whole number as pandas writes a float column to CSV ("2.0", "-0.0"): no sign "+", no leading zeros
 _PANDAS_INTEGRAL_FLOAT = re.compile(r"-?(0|[1-9]\d*)\.0")
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)")

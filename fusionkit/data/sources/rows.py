@@ -30,6 +30,8 @@ log = logging.getLogger("fusionkit.data")
 
 MissingPolicy = Literal["error", "skip", "keep"]
 MISSING_POLICIES = ("error", "skip", "keep")
+# how to skip bad rows, in every hint: `train` reads it from the config (--data.on_error skip), the others have a flag
+SKIP_ROWS = "data.on_error: skip (eval, predict, embed: --on-error skip)"
 # The config key that controls each reader option, named in errors so users know what to set.
 DEFAULT_ID_COLUMN = "id"  # absent: rows are named by their row number; any other name must exist
 CONFIG_KEYS = {
@@ -301,8 +303,7 @@ class RowReader:
             image = self.image(row.get(o.image_column), where=where, item=item)
             if text is None and image is None and not o.keep_empty:  # nothing left to learn or predict from
                 raise DataError("row has neither a caption nor an image", source=where, item=item,
-                                hint="fill in one of them, or skip such rows (data.on_error: skip in a config; --on-error skip for "
-                                "predict, eval and embed)")  # fmt: skip
+                                hint=f"fill in one of them, or skip such rows: {SKIP_ROWS}")  # fmt: skip
             labels = {c: raw_value(row.get(c)) for c in label_columns}
             for column, value in [(o.id_column or "id", item), *labels.items()]:
                 if isinstance(value, str) and any("\udc80" <= ch <= "\udcff" for ch in value):

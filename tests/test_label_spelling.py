@@ -112,3 +112,13 @@ def test_bad_row_hints_say_how_train_skips_them(tmp_path: Path) -> None:
     assert SKIP_HINT in str(e.value)
     # what it names works for train
     assert main(train_args(path, tmp_path / "runs", "r", "--data.on_error", "skip")) == 0
+
+
+def test_a_wrong_kind_of_cell_says_what_to_write(tmp_path: Path) -> None:
+    path = _jsonl(tmp_path / "numimg.jsonl", ["a", "b"], photo=7)
+    with pytest.raises(DataError, match=r"numimg.jsonl:1, item r0: image cell must be .* got int 7\. Write the image "
+                                        r"file's path as text"):  # fmt: skip
+        load_dataset(path, text_column="caption", image_column="photo")
+    with pytest.raises(DataError, match=r"listlab.jsonl:2, item r1: label \[1\] \(list\) is not a class name\. Write "
+                                        r"one class name .* per cell; a row with several labels is a multilabel task"):  # fmt: skip
+        _bind(_jsonl(tmp_path / "listlab.jsonl", ["a", [1], "b"]), fusionkit.TaskConfig("mood"))

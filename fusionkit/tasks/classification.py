@@ -84,7 +84,10 @@ def label_string(value: Any, where: str, item: str) -> str:
         if s.lower() in ("inf", "-inf", "+inf", "infinity", "-infinity"):
             raise label_error(f"label {value!r} is not a class", where, item, "fix or empty the cell")
         return s
-    raise label_error(f"label {value!r} ({type(value).__name__}) is not a class name", where, item)
+    several = isinstance(value, list | tuple | set | np.ndarray)
+    raise label_error(f"label {value!r} ({type(value).__name__}) is not a class name", where, item,
+                      "write one class name (text or a number) per cell" + (
+                          '; a row with several labels is a multilabel task: "type": "multilabel"' if several else ""))
 
 
 def _sort_key(name: str) -> tuple[int, float, str]:

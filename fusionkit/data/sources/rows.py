@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import reprlib
 import stat
 import sys
 import unicodedata
@@ -376,11 +377,11 @@ class RowReader:
             self.missing("image", "no image (empty cell)", where=where, item=item)
             return None
         if not isinstance(value, str):
-            raise DataError(
-                f"image cell must be a path, bytes or a PIL image, got {type(value).__name__}",
-                source=where,
-                item=item,
-            )
+            raise DataError(f"image cell must be a path, bytes or a PIL image, got {type(value).__name__} "
+                            f"{reprlib.repr(value)}", source=where, item=item,
+                            hint="write the image file's path as text, e.g. \"photos/0001.jpg\" "
+                            f"(relative paths are read from {self.image_root}), or empty the cell for a row without "
+                            "an image")  # fmt: skip
         path = resolve_image_path(value, self.image_root, where=where, item=item)
         if path is None:
             own = self.opts.missing_image_file  # prediction: an empty cell is kept, a broken path is not

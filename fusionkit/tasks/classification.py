@@ -8,7 +8,8 @@ import math
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, TaskConfig
+from ..data.sources.rows import SKIP_ROWS
 from .base import (
     Task,
     float32_values,
@@ -31,19 +33,40 @@ log = logging.getLogger("fusionkit.tasks")
 
 
 UNKNOWN_LABEL_HINT = ("fix the label, add the class to model.tasks[].class_names (a saved model: train again), or "
-                      "drop such labels and keep their rows: data.on_error: skip (eval/predict: --on-error skip)")
-_INTEGRAL_FLOAT = re.compile(r"[+-]?\d+\.0")
+                      f"drop such labels and keep their rows: {SKIP_ROWS}")
+# a whole number as pandas writes a float column to CSV ("2.0", "-0.0"): no sign "+", no leading zeros
+_PANDAS_INTEGRAL_FLOAT = re.compile(r"-?(0|[1-9]\d*)\.0")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)")
 
 
 def canonical_name(name: str) -> str:
     """One spelling per class: stripped, Unicode NFC ("ü" typed or composed, as macOS and copy-paste give, is
     one class), booleans lower-case ("True" in a CSV, `true` in JSON or Parquet, are one class) and whole
-    numbers written with ".0" without it ("2.0" is how pandas writes an int column with gaps to CSV; its
-    Parquet copy holds the float 2.0, named "2")."""
+    numbers as pandas writes floats without ".0" ("2.0" is how pandas writes an int column with gaps to CSV; its
+    Parquet copy holds the float 2.0, named "2"). Any other spelling is kept as written ("+1", "01"): the class
+    is named as the data names it, and two spellings of one number in a column are refused (`_spelling_key`)."""
     s = unicodedata.normalize("NFC", name.strip())
-    if _INTEGRAL_FLOAT.fullmatch(s):
+    if _PANDAS_INTEGRAL_FLOAT.fullmatch(s):
         return str(int(s[:-2]))
     return s.lower() if s.lower() in ("true", "false") else s
+
+
+def _number_key(name: str) -> str | None:
+    """The number a label spells, one key for all its spellings ("+1", "01", "1.0" -> "1"; "-0" -> "0"), or None."""
+    if not _NUMBER.fullmatch(name):
+        return None
+    value = Decimal(name)
+    return format(value.normalize(), "f") if value else "0"
+
+
+def listed_class(name: str, names: Sequence[str]) -> str | None:
+    """The listed class a label names: its own spelling, else the one class that is the same number written
+    another way ("+1" in new data for a saved model's "1"); None for none, or several ("01" and "1" both listed)."""
+    if name in names:
+        return name
+    key = _number_key(name)
+    same = [n for n in names if key is not None and _number_key(n) == key]
+    return same[0] if len(same) == 1 else None
 
 
 def label_string(value: Any, where: str, item: str) -> str:
@@ -61,7 +84,10 @@ def label_string(value: Any, where: str, item: str) -> str:
         if s.lower() in ("inf", "-inf", "+inf", "infinity", "-infinity"):
             raise label_error(f"label {value!r} is not a class", where, item, "fix or empty the cell")
         return s
-    raise label_error(f"label {value!r} ({type(value).__name__}) is not a class name", where, item)
+    several = isinstance(value, list | tuple | set | np.ndarray)
+    raise label_error(f"label {value!r} ({type(value).__name__}) is not a class name", where, item,
+                      "write one class name (text or a number) per cell" + (
+                          '; a row with several labels is a multilabel task: "type": "multilabel"' if several else ""))
 
 
 def _sort_key(name: str) -> tuple[int, float, str]:
@@ -72,12 +98,14 @@ def _sort_key(name: str) -> tuple[int, float, str]:
 
 
 def reconcile_class_names(
-    task: str, observed: set[str], configured: Sequence[str] | None, declared: Sequence[str], where: str
+    task: str, observed: set[str], configured: Sequence[str] | None, declared: Sequence[str], where: str,
+    counts: Mapping[str, int] | None = None,
 ) -> list[str]:
     """Class names in order, matched BY NAME (never by position or count) between config and data.
 
     Order: the config's `class_names` if given, else the names the source declares (HF `ClassLabel`,
-    MVSA), else the sorted distinct values. Every observed value must be one of them.
+    MVSA), else the sorted distinct values. Every observed value must be one of them (`listed_class`: a number
+    may be written another way). `counts`: rows per observed name, said when two names are one class.
     """
     configured = [canonical_name(n) for n in configured] if configured else configured
     declared = [canonical_name(n) for n in declared]
@@ -92,11 +120,12 @@ def reconcile_class_names(
             f"class_names {list(configured)}; {extra} are not in the config. Add them to class_names or "
             "relabel the data"
         )
-    unknown = sorted(observed - set(names), key=_sort_key)
+    unknown = sorted((n for n in observed if listed_class(n, names) is None), key=_sort_key)
     if unknown:
         raise ConfigError(
             f"task {task!r}: labels {unknown[:10]} in {where} are not among the classes {names} "
-            f"({origin}). Class names are matched by name: fix the data or list every class in "
+            f"({origin}). Class names are matched by name (a number in any spelling: '+1' is class '1'): fix the "
+            "data or list every class in "
             "model.tasks[].class_names"
         )
     if not configured:  # a class list taken from the data: spelling variants are almost always a mistake
@@ -105,11 +134,22 @@ def reconcile_class_names(
             folded.setdefault(_spelling_key(n), []).append(n)
         clashes = [v for v in folded.values() if len(v) > 1]
         if clashes:
-            raise ConfigError(
-                f"task {task!r}: labels in {where} differ only in case or spelling: {clashes}. Fix the "
-                "data, or if they are really different classes list them in model.tasks[].class_names"
-            )
+            said = "; ".join(" and ".join(f"{n!r} ({_row_count(counts, n)})" for n in c) for c in clashes)
+            numbers = any(_number_key(c[0]) is not None for c in clashes)
+            listing = ("list the classes, each number once, in model.tasks[].class_names (e.g. "
+                       f"{sorted({_number_key(n) or n for n in names}, key=_sort_key)}): every spelling of a listed "
+                       "number reads as that class" if numbers else
+                       "if they are really different classes list them in model.tasks[].class_names")  # fmt: skip
+            how = "case or spelling (one number written two ways)" if numbers else "case or spelling"
+            raise ConfigError(f"task {task!r}: labels in {where} differ only in {how}: {said}. Each would be a "
+                              f"class of its own: write each label one way in the data, or {listing}")  # fmt: skip
     return names
+
+
+def _row_count(counts: Mapping[str, int] | None, name: str) -> str:
+    """'1 row', '12 rows': which spelling is the stray one."""
+    n = (counts or {}).get(name)
+    return "rows not counted" if n is None else f"{n} row{'' if n == 1 else 's'}"
 
 
 def warn_rare_lookalikes(task: str, labels: Sequence[str], where: str) -> None:
@@ -128,9 +168,10 @@ def warn_rare_lookalikes(task: str, labels: Sequence[str], where: str) -> None:
 
 def _spelling_key(name: str) -> str:
     """What two labels that look alike share: compatibility-folded (full-width letters), case-folded, with
-    invisible format characters (zero-width space, joiners, BOM) removed."""
+    invisible format characters (zero-width space, joiners, BOM) removed; a number its value ("+1", "01", "1")."""
     folded = unicodedata.normalize("NFKC", name).casefold()
-    return "".join(c for c in folded if unicodedata.category(c) != "Cf")
+    folded = "".join(c for c in folded if unicodedata.category(c) != "Cf")
+    return _number_key(folded) or folded
 
 
 def check_not_numeric(task: str, type_: str, observed: set[str], where: str) -> None:
@@ -281,10 +322,11 @@ class ClassificationTask(Task):
                               "or remove the task")  # fmt: skip
         if not (self.cfg.class_names or declared):
             check_not_numeric(self.name, self.type, observed, where)
-        names = reconcile_class_names(self.name, observed, self.cfg.class_names, declared, where)
+        counts = Counter() if self.cfg.class_names else Counter(  # rows per label, said of a misspelt class
+            n for v in values if not self._missing(v) for n in self.names_in([v], where))
+        names = reconcile_class_names(self.name, observed, self.cfg.class_names, declared, where, counts)
         if not (self.cfg.class_names or declared):
-            present = [v for v in values if not self._missing(v)]
-            warn_rare_lookalikes(self.name, [n for v in present for n in self.names_in([v], where)], where)
+            warn_rare_lookalikes(self.name, list(counts.elements()), where)
         if (
             self.cfg.num_classes is not None
             and self.cfg.class_names is None
@@ -314,12 +356,11 @@ class ClassificationTask(Task):
     def encode(self, value: Any, where: str, item: str) -> Any:
         if self._missing(value):
             return None
-        name = label_string(value, where, item)
-        try:
-            return self.names.index(name)
-        except ValueError:
-            raise label_error(f"unknown label {name!r} for task {self.name!r}; classes are {self.names}",
-                              where, item, UNKNOWN_LABEL_HINT) from None  # fmt: skip
+        name = listed_class(label_string(value, where, item), self.names)
+        if name is None:
+            raise label_error(f"unknown label {label_string(value, where, item)!r} for task {self.name!r}; classes "
+                              f"are {self.names}", where, item, UNKNOWN_LABEL_HINT)  # fmt: skip
+        return self.names.index(name)
 
     def collate(self, values: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         mask = torch.tensor([v is not None for v in values], dtype=torch.bool)

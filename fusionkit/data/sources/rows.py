@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import reprlib
 import stat
 import sys
 import unicodedata
@@ -30,6 +31,8 @@ log = logging.getLogger("fusionkit.data")
 
 MissingPolicy = Literal["error", "skip", "keep"]
 MISSING_POLICIES = ("error", "skip", "keep")
+# how to skip bad rows, in every hint: `train` reads it from the config (--data.on_error skip), the others have a flag
+SKIP_ROWS = "data.on_error: skip (eval, predict, embed: --on-error skip)"
 # The config key that controls each reader option, named in errors so users know what to set.
 DEFAULT_ID_COLUMN = "id"  # absent: rows are named by their row number; any other name must exist
 CONFIG_KEYS = {
@@ -301,8 +304,7 @@ class RowReader:
             image = self.image(row.get(o.image_column), where=where, item=item)
             if text is None and image is None and not o.keep_empty:  # nothing left to learn or predict from
                 raise DataError("row has neither a caption nor an image", source=where, item=item,
-                                hint="fill in one of them, or skip such rows (data.on_error: skip in a config; --on-error skip for "
-                                "predict, eval and embed)")  # fmt: skip
+                                hint=f"fill in one of them, or skip such rows: {SKIP_ROWS}")  # fmt: skip
             labels = {c: raw_value(row.get(c)) for c in label_columns}
             for column, value in [(o.id_column or "id", item), *labels.items()]:
                 if isinstance(value, str) and any("\udc80" <= ch <= "\udcff" for ch in value):
@@ -375,11 +377,11 @@ class RowReader:
             self.missing("image", "no image (empty cell)", where=where, item=item)
             return None
         if not isinstance(value, str):
-            raise DataError(
-                f"image cell must be a path, bytes or a PIL image, got {type(value).__name__}",
-                source=where,
-                item=item,
-            )
+            raise DataError(f"image cell must be a path, bytes or a PIL image, got {type(value).__name__} "
+                            f"{reprlib.repr(value)}", source=where, item=item,
+                            hint="write the image file's path as text, e.g. \"photos/0001.jpg\" "
+                            f"(relative paths are read from {self.image_root}), or empty the cell for a row without "
+                            "an image")  # fmt: skip
         path = resolve_image_path(value, self.image_root, where=where, item=item)
         if path is None:
             own = self.opts.missing_image_file  # prediction: an empty cell is kept, a broken path is not

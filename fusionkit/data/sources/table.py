@@ -15,7 +15,7 @@ from fusionkit.data.dataset import MultimodalDataset
 from fusionkit.data.errors import DataError
 from fusionkit.data.sources.hf import class_label_names, decode_class_labels
 from fusionkit.data.sources.registry import register_source
-from fusionkit.data.sources.rows import ReadOptions, RowReader, require_sides, row_id
+from fusionkit.data.sources.rows import SKIP_ROWS, ReadOptions, RowReader, require_sides, row_id
 
 log = logging.getLogger("fusionkit.data")
 
@@ -124,8 +124,8 @@ def _csv_rows(
 def _unclosed(where: str, first: int, last: int) -> DataError:
     return DataError(f"a quote opened on line {first} is not closed where it should be: it ran on over lines "
                      f"{first}-{last} (whole rows) as one field", source=where,
-                     hint='close the quote, or write a quote inside a quoted field as ""; on_error=skip leaves out '
-                     f"just this row and reads on from line {first + 1}")  # fmt: skip
+                     hint=f'close the quote, or write a quote inside a quoted field as ""; skipping bad rows ({SKIP_ROWS}) '
+                     f"leaves out just this row and reads on from line {first + 1}")  # fmt: skip
 
 
 def _quote_error(where: str) -> DataError:
@@ -192,7 +192,7 @@ def _jsonl_rows(path: Path, text: str) -> tuple[list[str], list[Row]]:
         except json.JSONDecodeError as e:
             rows.append((where, len(rows), DataError(f"invalid JSON ({e.msg}, column {e.colno})", source=where,
                                                      hint="fix the line (one JSON object per line), or skip such "
-                                                     "rows: --on-error skip")))  # fmt: skip
+                                                     f"rows: {SKIP_ROWS}")))  # fmt: skip
             continue
         if not isinstance(value, dict):
             err = DataError(f"line is a JSON {type(value).__name__}, not an object", source=where)

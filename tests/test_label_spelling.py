@@ -122,3 +122,14 @@ def test_a_wrong_kind_of_cell_says_what_to_write(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"listlab.jsonl:2, item r1: label \[1\] \(list\) is not a class name\. Write "
                                         r"one class name .* per cell; a row with several labels is a multilabel task"):  # fmt: skip
         _bind(_jsonl(tmp_path / "listlab.jsonl", ["a", [1], "b"]), fusionkit.TaskConfig("mood"))
+
+
+def test_a_multilabel_task_reads_a_listed_number_written_another_way(tmp_path: Path) -> None:
+    """Tags "+1" for a listed "1" are that tag, as a classification task reads them; an unlisted one is refused."""
+    path = _jsonl(tmp_path / "tags.jsonl", ["+1|2", "1", "2|+1"])
+    ds = load_dataset(path, text_column="caption", image_column="", missing_image="keep")
+    bound, [cfg] = bind_labels(ds, [fusionkit.TaskConfig("mood", type="multilabel", class_names=["1", "2"])])
+    assert [ex.labels["mood"] for ex in bound] == [[0, 1], [0], [0, 1]] and cfg.class_names == ["1", "2"]
+    with pytest.raises(DataError, match="unknown label '3'"):
+        bind_labels(load_dataset(_jsonl(tmp_path / "more.jsonl", ["3"]), text_column="caption", image_column="",
+                                 missing_image="keep"), [cfg])  # fmt: skip

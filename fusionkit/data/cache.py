@@ -33,6 +33,7 @@ from fusionkit.config import ImagePreprocess
 from fusionkit.data.dataset import MultimodalDataset, clean_text
 from fusionkit.data.errors import DataError, OnError, check_policy
 from fusionkit.data.image import ImageSource, preprocess_image
+from fusionkit.data.sources.rows import SKIP_ROWS
 from fusionkit.store import Store, StoreWriter, is_built, open_or_build
 
 log = logging.getLogger("fusionkit.data")
@@ -307,7 +308,7 @@ def _build(
 
 
 def _error(row: dict[str, Any]) -> DataError:
-    hint = f"{row['hint'] or 'replace it'}, or skip such rows: data.on_error: skip (eval, predict, embed: --on-error skip)"
+    hint = f"{row['hint'] or 'replace it'}, or skip such rows: {SKIP_ROWS}"
     return DataError(row["problem"], source=row["source"], item=row["item"], hint=hint)
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, TaskConfig
 from .base import float32_values, is_missing, label_error, labelled_rows, register_task
-from .classification import UNKNOWN_LABEL_HINT, ClassificationTask, class_report, label_string
+from .classification import UNKNOWN_LABEL_HINT, ClassificationTask, class_report, label_string, listed_class
 
 log = logging.getLogger("fusionkit.tasks")
 SEPARATOR = "|"  # between the tags of a text cell, as read and as prediction CSVs write them
@@ -98,10 +98,11 @@ class MultilabelTask(ClassificationTask):
                 raise label_error(f"tag {name!r} of task {self.name!r} holds '|', which separates the tags of a "
                                   "prediction file's cell: it would be read back as several tags", where, item,
                                   "rename the tag without '|' (a JSON list cell is one tag per element)")  # fmt: skip
-            if name not in self.names:
+            listed = listed_class(name, self.names)  # "+1" for a listed "1", as a classification task reads it
+            if listed is None:
                 raise label_error(f"unknown label {name!r} for task {self.name!r}; classes are {self.names}",
                                   where, item, UNKNOWN_LABEL_HINT)  # fmt: skip
-            out.add(self.names.index(name))
+            out.add(self.names.index(listed))
         return sorted(out)
 
     def collate(self, values: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -187,3 +187,26 @@ def test_a_plugins_one_sided_strategy_is_a_unimodal_baseline_everywhere(caplog: 
     for strategy, unlearnable in (("late", True), ("text_only", True), ("concat", False), ("cross_attention", False)):
         said = unused_settings(build_config(None, {"model.fusion.strategy": strategy, "model.tasks": itm}))
         assert any("task 'match' (itm) cannot be learned" in m for m in said) == unlearnable, strategy
+
+
+def test_vectors_of_a_side_a_baseline_never_trained_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    """text_only trains no image projection: its encode_image vectors are random weights' (said once); a model
+    whose label-free task reads images (contrastive) trains it, and is not warned about."""
+    import torch
+
+    from fusionkit.models import create_model
+
+    pixels = torch.zeros(2, 3, 32, 32)
+    baseline = create_model("tiny", fusion={"strategy": "text_only"})
+    with caplog.at_level("WARNING", logger="fusionkit"):
+        baseline.encode_image(pixels)
+        baseline.encode_image(pixels)
+    assert caplog.text.count("encode_image: this text_only model reads no image") == 1
+    caplog.clear()
+    aligned = create_model("tiny", fusion={"strategy": "text_only"},
+                           tasks=[{"name": "sentiment", "class_names": ["a", "b"]},
+                                  {"name": "align", "type": "contrastive"}])  # fmt: skip
+    with caplog.at_level("WARNING", logger="fusionkit"):
+        aligned.encode_image(pixels)
+        create_model("tiny", fusion={"strategy": "concat"}).encode_image(pixels)
+    assert "reads no image" not in caplog.text

@@ -209,3 +209,22 @@ def test_predict_writes_parquet_with_the_csvs_columns_and_values(run: Path, tmp_
     assert [r["mood"] for r in rows] == [r["mood"] for r in csv_rows]
     assert [r["price"] for r in rows] == [float(r["price"]) for r in csv_rows]  # numbers, not text
     assert [r["mood_prob_sad"] for r in rows] == pytest.approx([float(r["mood_prob_sad"]) for r in csv_rows])
+
+
+def test_r2_of_a_split_with_one_labelled_row_is_not_reported_as_a_score(caplog: pytest.LogCaptureFixture) -> None:
+    """sklearn's r2 of one row is NaN (undefined); reporting 0.0 let `run.metric val/price/r2` pick checkpoints on
+    a number that means nothing. Two rows or more: sklearn's value."""
+    import torch
+    from sklearn.metrics import r2_score
+
+    from fusionkit import TaskConfig
+    from fusionkit.tasks import create_task
+
+    task = create_task(TaskConfig("price", type="regression"))
+    one = torch.tensor([[980.0], [0.0]]), torch.tensor([[1000.0], [0.0]]), torch.tensor([True, False])
+    with caplog.at_level("WARNING"):
+        scores, _ = task.metrics(*one)
+    assert "r2" not in scores and scores["mae"] == pytest.approx(20.0)
+    assert "r2 is undefined on a split with 1 labelled row" in caplog.text
+    scores, _ = task.metrics(torch.tensor([[980.0], [20.0]]), torch.tensor([[1000.0], [0.0]]), torch.tensor([True, True]))
+    assert scores["r2"] == pytest.approx(r2_score([1000.0, 0.0], [980.0, 20.0]))

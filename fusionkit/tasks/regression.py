@@ -7,6 +7,7 @@ trains on the raw values)."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -25,6 +26,9 @@ from .base import (
     replace,
     warn_missing_spellings,
 )
+
+log = logging.getLogger(__name__)
+_R2_UNDEFINED_SAID: set[str] = set()  # tasks whose undefined r2 was said (once: val runs every epoch)
 
 
 @register_task("regression")
@@ -137,10 +141,16 @@ class RegressionTask(Task):
         pred, y = outputs[mask].double(), labels[mask].double().reshape(outputs[mask].shape)
         squared = ((pred - y) ** 2).mean(0)  # per target; several targets average as sklearn's "uniform_average"
         spread = ((y - y.mean(0)) ** 2).mean(0)
-        # R² of a constant target (or one row) is undefined: 1 if predicted exactly, else 0 (sklearn's force_finite)
+        scores = {"mse": float(squared.mean()), "rmse": float(squared.sqrt().mean()), "mae": float((pred - y).abs().mean())}
+        if len(y) < 2:  # R² of one row is undefined (sklearn: NaN): left out, so run.metric r2 selects nothing on it
+            if self.name not in _R2_UNDEFINED_SAID:
+                _R2_UNDEFINED_SAID.add(self.name)
+                log.warning("task %s: r2 is undefined on a split with 1 labelled row, so it is not reported there "
+                            "(a checkpoint chosen by it is the latest); label more rows of that split", self.name)  # fmt: skip
+            return scores, {}
+        # R² of a constant target is undefined: 1 if predicted exactly, else 0 (sklearn's force_finite)
         r2 = torch.where(spread > 0, 1 - squared / spread.clamp_min(1e-300), (squared == 0).double())
-        return {"mse": float(squared.mean()), "rmse": float(squared.sqrt().mean()),
-                "mae": float((pred - y).abs().mean()), "r2": float(r2.mean())}, {}  # fmt: skip
+        return {**scores, "r2": float(r2.mean())}, {}
 
     def predict(self, outputs: torch.Tensor) -> list[dict[str, Any]]:
         """The head computes in float32: each value is written as the shortest decimal that is that float32

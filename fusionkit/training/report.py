@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import shutil
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -88,18 +89,31 @@ def plot_curves(history: Sequence[dict[str, Any]], path: Path) -> None:
         ax.set(title="loss per task (val dashed)", xlabel="step")
         ax.legend(fontsize="x-small", ncol=2 if len(task_losses) > 3 else 1)
     for ax, (name, keys) in zip(flat[1 + bool(task_losses):], metrics.items()):
-        for key in keys:
-            line(ax, evals, key, "epoch", "o-", label=key.split("/")[2])
-        tops = [max(abs(h[k]) for h in evals if k in h) for k in keys]
+        def top(k: str) -> float:
+            return max(abs(h[k]) for h in evals if k in h)
+
+        # a regression's r2 (about -1..1) beside its errors (mse ~1e4 for prices): its own axis on the right
+        apart = [k for k in keys if k.endswith("/r2") and len(keys) > 1 and max(map(top, keys)) > 10]
+        scaled = [k for k in keys if k not in apart]
+        for i, key in enumerate(scaled):
+            line(ax, evals, key, "epoch", "o-", color=f"C{i}", label=key.split("/")[2])
+        tops = [top(k) for k in scaled]
         if min(tops) > 0 and max(tops) / min(tops) > 100:  # mse next to mae: one linear axis flattens the smaller
-            # an r2 below 0 (early epochs) would vanish from a log axis: linear within [-1, 1] then
-            if any(h[k] <= 0 for h in evals for k in keys if k in h):
+            # a value at or below 0 would vanish from a log axis: linear within [-1, 1] then
+            if any(h[k] <= 0 for h in evals for k in scaled if k in h):
                 ax.set_yscale("symlog", linthresh=1)
             else:
                 ax.set_yscale("log")
+        handles = ax.get_legend_handles_labels()
+        if apart:
+            right = ax.twinx()
+            line(right, evals, apart[0], "epoch", "s--", color=f"C{len(scaled)}", label="r2 (right axis)")
+            right.set_ylabel("r2")
+            more = right.get_legend_handles_labels()
+            handles = (handles[0] + more[0], handles[1] + more[1])
         ax.set(title=f"val: {name}", xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize="small")
+        ax.legend(*handles, fontsize="small", framealpha=0.6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -111,21 +125,24 @@ def plot_confusion(matrix: np.ndarray, names: Sequence[str], path: Path, title: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # long class names wrap (and the predicted axis's turn): they must neither overlap nor be cut off
+    labels = [textwrap.fill(str(n), 16, break_long_words=True) for n in names]
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 1.2 * len(names) + 1.5))
     ax.imshow(matrix, cmap="Blues")
     ax.set(
         xticks=range(len(names)),
         yticks=range(len(names)),
-        xticklabels=names,
-        yticklabels=names,
         xlabel="predicted",
         ylabel="true",
         title=title,
     )
+    turn = any(len(str(n)) > 8 for n in names)
+    ax.set_xticklabels(labels, rotation=45 if turn else 0, ha="right" if turn else "center", rotation_mode="anchor")
+    ax.set_yticklabels(labels)
     for (i, j), v in np.ndenumerate(matrix):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > matrix.max() / 2 else "black")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")  # whatever the labels' size, nothing is cut off
     plt.close(fig)
 
 

@@ -49,6 +49,12 @@ def _overrides(extra: list[str], options: Sequence[str] = ()) -> dict[str, Any]:
         if not arg.startswith("--") or len(arg) == 2:
             raise ConfigError(f"unexpected argument {arg!r}; overrides look like --optim.lr 1e-3")
         key, eq, value = arg[2:].partition("=")
+        if not eq and any(c.isspace() for c in key):  # `"--model.tasks [...]"` quoted as one word
+            key, _, value = key.partition(next(c for c in key if c.isspace()))
+            if _is_config_key(key, keys):
+                raise ConfigError(f"--{key} and its value reached fusionkit as one word ({arg!r}): write them as two "
+                                  f"words (--{key} VALUE, quoting the value alone) or as --{key}=VALUE")  # fmt: skip
+            key = arg[2:]
         if key == "config":
             raise ConfigError("CONFIG is positional, not an option: fusionkit train|tune CONFIG [--section.key VALUE ...]")
         if not _is_config_key(key, keys):

@@ -64,6 +64,10 @@ def test_an_unknown_option_is_called_so_not_an_override_without_a_value(capsys, 
     # a real key without its value says so, also when the next word is an option, not its value
     assert "--optim.lr has no value" in error_of(["train", "--optim.lr"], capsys)
     assert "--run.name has no value" in error_of(["train", "--run.name", "--optim.lr", "0.1"], capsys)
+    # a key and its value quoted together: the option exists, the quoting is what is wrong
+    err = error_of(["train", '--model.tasks [{"name": "mood"}]'], capsys)
+    assert "--model.tasks and its value reached fusionkit as one word" in err and "unknown option" not in err
+    assert "unknown option --no such" in error_of(["train", "--no such"], capsys)
 
 
 def test_keys_inside_mappings_and_tasks_are_still_overrides(capsys) -> None:

@@ -166,3 +166,13 @@ def test_tune_breaks_a_tie_on_the_metric_by_val_loss_as_training_does(tmp_path) 
     from fusionkit.tune import best_trial  # what `fusionkit.tune` returns as best_trial
 
     assert best_trial(study).number == 1
+
+
+def test_the_default_search_space_tries_logit_adjustment_for_classification_only() -> None:
+    """The rare-class lever is searched by default for a classification task (off or tau 1), not for multilabel."""
+    from fusionkit.config import TaskConfig
+    from fusionkit.tune import default_space
+
+    space = default_space([TaskConfig("mood"), TaskConfig("tags", type="multilabel")])
+    assert space["model.tasks.mood.logit_adjustment"] == {"type": "categorical", "choices": [0.0, 1.0]}
+    assert not any(k.startswith("model.tasks.tags.") for k in space)

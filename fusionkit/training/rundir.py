@@ -547,10 +547,24 @@ def split_fingerprint(data: Any) -> str:
 FINGERPRINT_SCHEME = 2
 
 
-def written_by(recorded: Mapping[str, Any] | None) -> str:
-    """'fusionkit 0.2.0' for a file that records its version, else 'an older fusionkit (0.1)'."""
-    version = (recorded or {}).get("fusionkit_version")
-    return f"fusionkit {version}" if version else "an older fusionkit (0.1)"
+def written_by(recorded: Mapping[str, Any] | None, run_path: str | Path | None = None) -> str:
+    """'fusionkit 0.3.0' for a file that records its version; else (data_fingerprint.json of 0.1 and 0.2 records
+    none) the version the run's newest checkpoint records, else 'an older fusionkit (0.2 or earlier)'."""
+    version = (recorded or {}).get("fusionkit_version") or (run_version(run_path) if run_path is not None else None)
+    return f"fusionkit {version}" if version else "an older fusionkit (0.2 or earlier)"
+
+
+def run_version(run_path: str | Path) -> str | None:
+    """The fusionkit version that wrote a run's newest checkpoint (its config.json records it since 0.1), if any:
+    the last version that trained the run, and so wrote its unversioned files."""
+    for checkpoint in reversed(saved_checkpoints(run_path)):
+        try:
+            version = json.loads((checkpoint / "config.json").read_text()).get("fusionkit_version")
+        except (OSError, ValueError, AttributeError):  # missing, damaged, not a dict: the next one may tell
+            continue
+        if isinstance(version, str) and version:
+            return version
+    return None
 
 
 def legacy_split_fingerprint(data: Any) -> str | None:
@@ -599,12 +613,13 @@ def data_fingerprint(datasets: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def data_changes(saved: Mapping[str, Any], current: Mapping[str, Any],
-                 splits: Mapping[str, Any] | None = None) -> list[str]:  # fmt: skip
+def data_changes(saved: Mapping[str, Any], current: Mapping[str, Any], splits: Mapping[str, Any] | None = None,
+                 run_path: str | Path | None = None) -> list[str]:  # fmt: skip
     """Readable differences between two `data_fingerprint`s ("label schema of task 'x': ... -> ...").
 
     A split recorded by an older fingerprint scheme is compared by that scheme when its examples are given in
-    `splits`; else a differing fingerprint is said to be incomparable, not changed."""
+    `splits`; else a differing fingerprint is said to be incomparable, not changed (naming the version that
+    recorded it: `run_path`'s checkpoints tell it where the file does not)."""
     out = []
     old_schema, new_schema = saved.get("label_schema", {}), current.get("label_schema", {})
     for task in sorted(set(old_schema) | set(new_schema)):
@@ -622,7 +637,7 @@ def data_changes(saved: Mapping[str, Any], current: Mapping[str, Any],
                 same = same_split(saved, split, splits[split]) if splits and split in splits else None
             if same is None:
                 out.append(f"split {split!r}: not compared ({size}): its fingerprint was recorded by "
-                           f"{written_by(saved)}, which hashed in-memory images otherwise")  # fmt: skip
+                           f"{written_by(saved, run_path)}, which hashed in-memory images otherwise")  # fmt: skip
             elif not same:
                 out.append(f"split {split!r}: content changed ({size})")
     return out
@@ -635,5 +650,9 @@ def data_refusal(run_path: Path, saved: Mapping[str, Any], changes: Sequence[str
         return (f"the data of {run_path} cannot be checked against its last checkpoint: " + "; ".join(changes)
                 + ". If the data is unchanged, resume with --accept-changes: this version records its own "
                 "fingerprints then (resume_log.jsonl notes they were not compared); else restore the original data")
-    return (f"the data of {run_path} changed since its last checkpoint: " + "; ".join(changes)
+    from .. import __version__
+
+    who = written_by(saved, run_path)  # an older version's record, compared by its scheme: say whose it is
+    by = f" (as {who} recorded it)" if who != f"fusionkit {__version__}" else ""
+    return (f"the data of {run_path} changed since its last checkpoint{by}: " + "; ".join(changes)
             + ". Resume with the original data, or pass --accept-changes (recorded in resume_log.jsonl)")

@@ -425,6 +425,7 @@ class Trainer:
         self.progress = cfg.run.progress and self.is_main
         # Cheap checks first: read the table, bind labels to tasks, split -- before any model or cache.
         source, parts = self._read_data(data, model)
+        self.parts = parts  # their examples: a resume compares an older version's fingerprints by its scheme
         self.model = (model or self._create_model()).to(self.device)
         # the sides some training rows really lacked (a `keep` policy that kept none trained no placeholder):
         # predict and eval warn about, or refuse, files without the others
@@ -825,7 +826,7 @@ class Trainer:
         changed: list[str] = []
         if self.resume:
             saved = self.run.read_data_fingerprint()
-            changed = data_changes(saved, fingerprint) if saved is not None else []
+            changed = data_changes(saved, fingerprint, self.parts, self.run_dir) if saved is not None else []
             if changed and not self.accept_changes:
                 from .rundir import data_refusal
 

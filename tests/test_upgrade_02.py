@@ -1,0 +1,64 @@
+"""Runs and studies written by fusionkit 0.2 (faked by writing its formats, as tests/test_upgrade.py does for 0.1):
+what 0.3 does otherwise (splits, encoder keys) is said, with what to do; what it can compare, it compares."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fusionkit.cli import main
+from tests.test_own_data import train_args, write_table
+
+
+def as_02(run: Path) -> Path:
+    """`run`'s files as fusionkit 0.2.0 wrote them: split.json and data_fingerprint.json without a scheme or
+    version, checkpoints recording 0.2.0, no environment.json."""
+    for name in ("split.json", "data_fingerprint.json"):
+        saved = json.loads((run / name).read_text())
+        (run / name).write_text(json.dumps({k: v for k, v in saved.items() if k not in ("scheme", "fusionkit_version")}))
+    for config in (run / "checkpoints").glob("*/config.json"):
+        config.write_text(json.dumps({**json.loads(config.read_text()), "fusionkit_version": "0.2.0"}))
+    (run / "environment.json").unlink()
+    return run
+
+
+@pytest.fixture(scope="module")
+def old_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run on a CSV, as fusionkit 0.2.0 left it."""
+    root = tmp_path_factory.mktemp("upgrade02")
+    table = write_table(root / "data", n=24)
+    assert main(train_args(table, root / "runs", "old")) == 0
+    return as_02(root / "runs" / "old")
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "runs" / run.name
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("run.lock"))
+    return copy
+
+
+def _edited(run: Path, tmp_path: Path) -> Path:
+    """A copy of the run's CSV with one train row's label changed."""
+    config = json.loads((run / "config.json").read_text())
+    table = Path(config["data"]["dataset"])
+    row = json.loads((run / "split.json").read_text())["train"][0]
+    lines = table.read_text().splitlines()
+    lines = [line.rpartition(",")[0] + (",sad" if line.endswith(",happy") else ",happy") if line.startswith(f"{row},")
+             else line for line in lines]  # fmt: skip
+    edited = table.parent / "edited.csv"
+    edited.write_text("\n".join(lines) + "\n")
+    return edited
+
+
+def test_resuming_an_02_run_on_edited_data_says_it_changed(old_run: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    run = _copy(old_run, tmp_path)
+    edited = _edited(run, tmp_path)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--data.dataset", str(edited)]) != 0
+    err = capsys.readouterr().err
+    assert "changed since its last checkpoint (as fusionkit 0.2.0 recorded it)" in err and "content changed" in err
+    assert "cannot be checked" not in err  # was: "cannot be checked ... recorded by an older fusionkit (0.1)"

@@ -62,3 +62,11 @@ def test_resuming_an_02_run_on_edited_data_says_it_changed(old_run: Path, tmp_pa
     err = capsys.readouterr().err
     assert "changed since its last checkpoint (as fusionkit 0.2.0 recorded it)" in err and "content changed" in err
     assert "cannot be checked" not in err  # was: "cannot be checked ... recorded by an older fusionkit (0.1)"
+
+
+def test_resuming_an_02_run_compares_its_data_and_writes_no_start_record(old_run: Path, tmp_path: Path) -> None:
+    run = _copy(old_run, tmp_path)
+    assert main(["train", "--resume", str(run)]) == 0  # unchanged data: compared, and equal
+    logged = json.loads((run / "resume_log.jsonl").read_text().splitlines()[-1])
+    assert logged["data_changes"] == [] and logged["environment"]["packages"]["fusionkit"]
+    assert not (run / "environment.json").exists()  # it began under 0.2.0: no start record is made up

@@ -295,8 +295,9 @@ class RunDir:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def write_environment(self) -> dict[str, Any]:
-        """environment.json (the versions, machine and command line of the run's start), once: a resume says its
-        own in resume_log.jsonl. Returns this process's."""
+        """environment.json (the versions, machine and command line of the run's start), once, at the start: a
+        resume says its own in resume_log.jsonl (and never writes this file for a run begun by a version that wrote
+        none). Returns this process's."""
         env = environment()
         if not self.file("environment.json").is_file():
             write_atomic(self.file("environment.json"), json.dumps(env, indent=2))

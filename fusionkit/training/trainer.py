@@ -77,6 +77,7 @@ from .rundir import (
     config_changes,
     data_changes,
     data_fingerprint,
+    environment,
     replace_file,
     saved_checkpoints,
     write_atomic,
@@ -833,7 +834,8 @@ class Trainer:
                 raise RunDirError(data_refusal(self.run_dir, saved, changed))
         if not self.is_main:
             return
-        env = self.run.write_environment()  # the start's, once; a resume's own goes in its log line
+        # the start's, by a fresh run only: a run begun by an older fusionkit has none, and a resume is no start
+        env = environment() if self.resume else self.run.write_environment()  # a resume's goes in its log line
         if self.resume:
             self.run.log_resume({"from_step": self.step, "config_changes": self.config_changes,
                                  "data_changes": changed, "environment": env})  # fmt: skip

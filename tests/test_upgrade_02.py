@@ -70,3 +70,48 @@ def test_resuming_an_02_run_compares_its_data_and_writes_no_start_record(old_run
     logged = json.loads((run / "resume_log.jsonl").read_text().splitlines()[-1])
     assert logged["data_changes"] == [] and logged["environment"]["packages"]["fusionkit"]
     assert not (run / "environment.json").exists()  # it began under 0.2.0: no start record is made up
+
+
+def order_split(run: Path) -> Path:
+    """`run`'s split.json as fusionkit 0.2 drew it: each class's rows cut in their order in the file (t0..t23, moods
+    cycling: 6 train, 1 val, 1 test each), no scheme recorded. Its data_fingerprint.json, of the other split, goes."""
+    split = json.loads((run / "split.json").read_text())
+    rows = [f"t{i}" for i in range(24)]
+    (run / "split.json").write_text(json.dumps({"dataset": split["dataset"], "seed": 0, "ratios": split["ratios"],
+                                                "train": rows[:18], "val": rows[18:21], "test": rows[21:]}))  # fmt: skip
+    (run / "data_fingerprint.json").unlink()
+    return run
+
+
+def test_training_an_02_runs_config_again_says_its_split_differs(old_run: Path, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    old = order_split(_copy(old_run, tmp_path))
+    caplog.set_level("WARNING", logger="fusionkit.training")
+    out = ["--run.output_dir", str(old.parent)]
+    assert main(["train", str(old / "config.yaml"), *out, "--run.name", "new"]) == 0
+    warned = [r.getMessage() for r in caplog.records if "by fusionkit 0.2 or older" in r.getMessage()]
+    assert len(warned) == 1 and "by a seeded hash of their ids" in warned[0]  # was: silent
+    assert "of its 18 train rows are not in this run's train split" in warned[0]
+    assert f"--data.split_file {old}/split.json" in warned[0]
+    split = json.loads((old.parent / "new" / "split.json").read_text())
+    assert split["scheme"] == 2 and split["fusionkit_version"]  # which scheme drew it: said by the file
+    caplog.clear()
+    assert main(["train", str(old / "config.yaml"), *out, "--run.name", "same", "--data.split_file",
+                 str(old / "split.json")]) == 0  # fmt: skip
+    assert json.loads((old.parent / "same" / "split.json").read_text())["train"] == [f"t{i}" for i in range(18)]
+    assert not [r for r in caplog.records if "by fusionkit 0.2 or older" in r.getMessage()]
+
+
+def test_an_ensemble_of_an_02_and_a_03_run_names_the_version_as_the_cause(old_run: Path, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    old = order_split(_copy(old_run, tmp_path))
+    out = ["--run.output_dir", str(old.parent)]
+    assert main(["train", str(old / "config.yaml"), *out, "--run.name", "new"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(old), "--ensemble", str(old.parent / "new"), "--split", "test"]) != 0
+    err = capsys.readouterr().err
+    assert "drawn by fusionkit 0.2 or older" in err and f"--data.split_file {old}/split.json" in err
+    assert "the same data.split_seed (the default" not in err  # was: advice to use the seed both already have
+    assert main(["train", str(old / "config.yaml"), *out, "--run.name", "same", "--data.split_file",
+                 str(old / "split.json")]) == 0  # fmt: skip
+    assert main(["eval", str(old), "--ensemble", str(old.parent / "same"), "--split", "test"]) == 0

@@ -342,6 +342,36 @@ def run_dir_holding(path: str | Path) -> Path | None:
     return next((p for p in (path, *path.parents) if is_run_dir(p)), None)
 
 
+def older_splits(run_path: str | Path, dataset: Any, seed: int, ratios: Sequence[float],
+                 ids: Mapping[str, Sequence[str]]) -> list[tuple[Path, int, int]]:  # fmt: skip
+    """The runs beside `run_path` whose split an older fusionkit drew otherwise (`split_scheme` 1) from the same
+    data (`dataset`, the same rows), seed and ratios as this run's new split `ids`, each with how many of its N train
+    rows this split puts elsewhere: (run, moved, N). A run's config trained again (`fusionkit train
+    OLD/config.yaml --run.name new`) gets this version's split, which only its split.json can give back."""
+    from ..data.dataset import SPLITS, split_scheme
+
+    parent, found = Path(run_path).parent, []
+    rows = {i for k in SPLITS for i in ids.get(k, ())}
+    for other in sorted(parent.iterdir()) if parent.is_dir() else ():
+        if other == Path(run_path) or not (other / "split.json").is_file() or not (other / "config.json").is_file():
+            continue
+        try:
+            data = json.loads((other / "config.json").read_text()).get("data")
+            theirs = data.get("dataset")
+            if not (theirs == dataset or same_path(theirs, dataset)):
+                continue
+            split = json.loads((other / "split.json").read_text())
+            if split_scheme(split) != 1 or split.get("seed") != seed or split.get("ratios") != list(ratios):
+                continue
+            named = {k: {str(i) for i in split[k]} for k in SPLITS}
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):  # not a run's files: not one to compare
+            continue
+        moved = len(named["train"] - set(ids.get("train", ())))
+        if moved and set().union(*named.values()) == rows:  # other rows: other data, not another scheme
+            found.append((other, moved, len(named["train"])))
+    return found
+
+
 def checkpoint_step(path: str | Path) -> int | None:
     """The optimizer step of a checkpoint folder fusionkit named (`step-00000120[-1]`); None for any other name."""
     match = CHECKPOINT_NAME.fullmatch(Path(path).name)

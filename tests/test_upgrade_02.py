@@ -115,3 +115,29 @@ def test_an_ensemble_of_an_02_and_a_03_run_names_the_version_as_the_cause(old_ru
     assert main(["train", str(old / "config.yaml"), *out, "--run.name", "same", "--data.split_file",
                  str(old / "split.json")]) == 0  # fmt: skip
     assert main(["eval", str(old), "--ensemble", str(old.parent / "same"), "--split", "test"]) == 0
+
+
+def test_continuing_an_02_tune_study_names_the_version_not_other_weights(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    pytest.importorskip("optuna")
+    (tmp_path / "space.yaml").write_text("optim.lr: {type: float, low: 1e-4, high: 1e-2, log: true}\n")
+    (tmp_path / "cfg.yaml").write_text(f"data: {{dataset: 'synthetic:48', cache_dir: {tmp_path / 'cache'}}}\n"
+                                       "model: {freeze: encoders}\noptim: {epochs: 1}\nrun: {checkpoint_every: 0}\n")  # fmt: skip
+    argv = ["tune", str(tmp_path / "cfg.yaml"), "--space", str(tmp_path / "space.yaml"), "--output-dir",
+            str(tmp_path / "tune"), "--trials", "1"]  # fmt: skip
+    assert main(argv) == 0
+    journal = tmp_path / "tune" / "study.jsonl"  # its identity as 0.2 wrote it: no version, 0.2's encoder key
+    ops = [json.loads(line) for line in journal.read_text().splitlines()]
+    for op in ops:
+        identity = op.get("user_attr", {}).get("identity")
+        if identity is not None:
+            identity.pop("fusionkit_version", None)
+            identity["encoders"] = "3b9d3d5a2886318d"
+    journal.write_text("".join(json.dumps(op) + "\n" for op in ops))
+    kept = {p.name: p.read_bytes() for p in journal.parent.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "written by fusionkit 0.2 or older, which keyed encoder weights otherwise" in err and "--output-dir" in err
+    assert "an encoder was saved again" not in err  # was: the user's encoders blamed
+    assert {p.name: p.read_bytes() for p in journal.parent.iterdir() if p.is_file()} == kept

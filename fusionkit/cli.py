@@ -399,13 +399,37 @@ def _check_unseen(checkpoint: str, ids: list[str], split: str, first: str, ensem
             "--split-file), or pass --split train to see how it fits rows it trained on"
         )
     if overlap:
-        raise ConfigError(
-            f"--ensemble: {checkpoint} was trained on {len(overlap)} of the {len(ids)} {split} rows used here "
-            f"(e.g. {overlap[:3]}): its run made another split than {first}'s, and would inflate the score. "
-            f"Score rows no member trained on (k-fold runs: their shared test split, --split test), or ensemble "
-            f"runs trained on one split: the same data.split_seed (the default keeps it apart from run.seed), or "
-            f"--data.split_file {_run_dir_of(first) or first}/split.json"
-        )
+        older = _older_split_of(run_dir, _run_dir_of(first))
+        if older:  # the same seed, split by two versions' schemes: say that, not "use the same data.split_seed"
+            from .data.dataset import OLDER_SPLITS
+
+            cause = (f"{older[0]}'s split.json was drawn by {OLDER_SPLITS} and {older[1]}'s by this version, which "
+                     "orders each class's rows by a seeded hash of their ids: the same data.split_seed splits "
+                     f"otherwise since fusionkit 0.3. Train {older[1]} again on {older[0]}'s split (--data.split_file "
+                     f"{older[0]}/split.json) to ensemble them")  # fmt: skip
+        else:
+            cause = (f"its run made another split than {first}'s, and would inflate the score. Score rows no member "
+                     "trained on (k-fold runs: their shared test split, --split test), or ensemble runs trained on "
+                     "one split: the same data.split_seed (the default keeps it apart from run.seed), or "
+                     f"--data.split_file {_run_dir_of(first) or first}/split.json")  # fmt: skip
+        raise ConfigError(f"--ensemble: {checkpoint} was trained on {len(overlap)} of the {len(ids)} {split} rows "
+                          f"used here (e.g. {overlap[:3]}): {cause}")  # fmt: skip
+
+
+def _older_split_of(a: Path, b: Path | None) -> tuple[Path, Path] | None:
+    """(older, newer) when two runs' split.json were drawn with the same seed and ratios, one by an older fusionkit's
+    scheme and the other by this version's (`split_scheme`), else None."""
+    from .data.dataset import SPLIT_SCHEME, split_scheme
+
+    if b is None or not (b / "split.json").is_file():
+        return None
+    x, y = (json.loads((run / "split.json").read_text()) for run in (a, b))
+    if (x.get("seed"), x.get("ratios")) != (y.get("seed"), y.get("ratios")):
+        return None
+    schemes = [split_scheme(x), split_scheme(y)]
+    if schemes == [1, SPLIT_SCHEME]:
+        return a, b
+    return (b, a) if schemes == [SPLIT_SCHEME, 1] else None
 
 
 def _progress(args: argparse.Namespace) -> bool:

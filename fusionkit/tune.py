@@ -550,18 +550,21 @@ def open_study(
     out: Path, cfg: Any, space: Mapping[str, Any], metric: str, data: str | None = None, encoders: str | None = None
 ) -> Any:
     """The tune dir's study (`study.jsonl`), created or continued; one of another config, space, data (`data`: its
-    content fingerprint) or encoder weights (`encoders`: `encoder_identity`) is refused."""
+    content fingerprint) or encoder weights (`encoders`: `encoder_identity`) is refused. The identity records the
+    fusionkit version: encoder keys of another version are computed otherwise, so they are said to be that, not
+    other weights."""
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
+    from . import __version__
     from .tasks import create_task
     from .training.metrics import higher_is_better
     from .training.rundir import OPERATIONAL_KEYS, config_changes
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     identity = json.loads(json.dumps({"config": to_dict(cfg), "space": space, "metric": metric, "data": data,
-                                      "encoders": encoders}))  # fmt: skip
+                                      "encoders": encoders, "fusionkit_version": __version__}))  # fmt: skip
     journal = out / "study.jsonl"
     exists = journal.is_file() and journal.stat().st_size > 0
     if not exists and (out / "trials.csv").is_file():  # refused before the storage creates study.jsonl there
@@ -593,11 +596,17 @@ def open_study(
     for key in ("data", "encoders"):  # a study of an older fusionkit, which did not record them
         if key not in saved:
             identity.pop(key)
+    version = saved.get("fusionkit_version")  # none: 0.2 or older
+    saved, identity = ({k: v for k, v in d.items() if k != "fusionkit_version"} for d in (saved, identity))
     changes = {k: v for k, v in config_changes(saved, identity).items()
                if k.removeprefix("config.") not in OPERATIONAL_KEYS}  # fmt: skip
+    other_keys = "encoders" in changes and version != __version__  # keyed by another version's `encoder_key`
     if "data" in changes:
         changes["data"] = ("the rows its trials trained on", "other rows (the data file was edited)")
-    if "encoders" in changes:
+    who = f"fusionkit {version}" if version else "fusionkit 0.2 or older"
+    if other_keys:
+        changes["encoders"] = (f"keys of {who}", f"keys of fusionkit {__version__}, computed otherwise")
+    elif "encoders" in changes:
         changes["encoders"] = ("the encoder weights its trials trained with",
                                "other weights (an encoder was saved again or replaced)")  # fmt: skip
     failed = all(t.state == optuna.trial.TrialState.FAIL for t in study.trials)
@@ -609,6 +618,13 @@ def open_study(
             (out / "trials.csv").rename(out / f"trials.failed-{stamp}.csv")
         log.warning("%s held only failed trials of another config; kept as %s, starting a new study", out, kept.name)
         return open_study(out, cfg, space, metric, data, encoders)
+    if other_keys and list(changes) == ["encoders"]:  # nothing else differs: the version is the cause
+        raise ConfigError(
+            f"{out} holds a tuning study ({len(study.trials)} trials) written by {who}, which keyed encoder weights "
+            f"otherwise than fusionkit {__version__}: whether its trials trained with these weights cannot be told, "
+            "so it is not continued. Pass --output-dir NEW_DIR for a new study; this one's trials.csv and best.yaml "
+            "stay readable where they are"
+        )
     if changes:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:5])
         raise ConfigError(

@@ -31,7 +31,7 @@ def _overrides(root: Path, name: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def old_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished run on in-memory PIL images whose data_fingerprint.json is as fusionkit 0.1 wrote it: image
-    digests of the old scheme (mode, size, pixels), no scheme or version recorded."""
+    digests of the old scheme (mode, size, pixels), no scheme or version recorded (its checkpoints record 0.1.0)."""
     root = tmp_path_factory.mktemp("upgrade")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(dataset_module, "image_digest", legacy_image_digest)
@@ -41,6 +41,8 @@ def old_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     recorded = json.loads(path.read_text())
     assert recorded.pop("scheme") == 2 and recorded.pop("fusionkit_version") == fusionkit.__version__
     path.write_text(json.dumps(recorded))
+    for config in (run / "checkpoints").glob("*/config.json"):  # its checkpoints say which version wrote them
+        config.write_text(json.dumps({**json.loads(config.read_text()), "fusionkit_version": "0.1.0"}))
     return run
 
 
@@ -61,17 +63,27 @@ def test_an_old_run_is_evaluated_on_its_own_unchanged_split(old_run: Path, tmp_p
     assert main(["eval", str(run), "--split", "test"]) == 0  # was: "the test split ... changed content"
 
 
-def test_an_old_runs_fingerprints_are_not_called_changed_on_resume(old_run: Path, tmp_path: Path) -> None:
+def test_an_old_runs_fingerprints_are_compared_the_old_way_on_resume(old_run: Path, tmp_path: Path) -> None:
     run = _copy(old_run, tmp_path)
-    with pytest.raises(RunDirError, match="cannot be checked.*older fusionkit.*--accept-changes") as e:
-        _resume(run)
-    assert "content changed" not in str(e.value) and "changed since" not in str(e.value)
-    _resume(run, accept_changes=True)  # the user says it is unchanged: logged as not compared, never as changed
+    _resume(run)  # its data unchanged: compared by 0.1's image digests, not refused as changed nor as uncheckable
     logged = json.loads((run / "resume_log.jsonl").read_text().splitlines()[-1])["data_changes"]
-    assert logged and all("not compared" in c and "content changed" not in c for c in logged)
+    assert logged == []
     recorded = json.loads((run / "data_fingerprint.json").read_text())
     assert recorded["scheme"] == 2 and recorded["fusionkit_version"] == fusionkit.__version__
     _resume(run)  # this version's own fingerprints from now on: compared, and equal
+
+
+def test_an_old_fingerprint_without_the_data_to_recompute_it_is_not_called_changed(old_run: Path) -> None:
+    """Where only a cache view is at hand (no examples), 0.1's fingerprint cannot be recomputed: not compared."""
+    from fusionkit.training.rundir import data_changes
+
+    saved = json.loads((old_run / "data_fingerprint.json").read_text())
+    current = json.loads(json.dumps(saved))
+    for entry in current["splits"].values():
+        entry["fingerprint"] = "0" * 64
+    changes = data_changes(saved, current, run_path=old_run)
+    assert changes and all("not compared" in c and "content changed" not in c for c in changes)
+    assert "recorded by fusionkit 0.1.0" in changes[0]  # its checkpoints name the version its file does not
 
 
 def test_a_removed_config_key_says_where_it_went() -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from fusionkit import __version__
 from fusionkit.config import check_split
 from fusionkit.data.errors import DataError
 from fusionkit.data.image import image_digest
@@ -268,6 +269,20 @@ class MultimodalDataset(Sequence[Example]):
         return hf.Dataset.from_dict(columns, features=hf.Features(features))
 
 
+# How `split_dataset` draws a split, recorded as "scheme" in the split files it writes. Files of fusionkit 0.2 and
+# older record none: they shuffled each class's rows by their position in the data (scheme 1). 2 (0.3): a seeded
+# hash of each row's id. Raise it whenever the same rows, ratios and seed would be split otherwise.
+SPLIT_SCHEME = 2
+OLDER_SPLITS = "fusionkit 0.2 or older, which split rows by their order in the data"
+
+
+def split_scheme(saved: Mapping[str, Any]) -> int | None:
+    """The `SPLIT_SCHEME` that drew a split file's content (`saved`): 1 for a split an older fusionkit drew (a
+    seed, no scheme), None for one that records no seed (written by hand or by another tool)."""
+    scheme = saved.get("scheme")
+    return scheme if isinstance(scheme, int) else 1 if "seed" in saved else None
+
+
 def _stratified_split(labels: list[Any], ratios: Sequence[float], seed: int, keys: Sequence[str]) -> list[list[int]]:
     """Per class, order the rows by a seeded hash of their id (`keys`) and cut by `ratios` with largest-remainder
     rounding, so every split gets its share. A row's place depends on its id, its class's size and the seed alone,
@@ -454,6 +469,8 @@ def split_dataset(
         ids = {k: [ds[i].id for i in part] for k, part in zip(SPLITS, parts)}
     if path is not None and not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"dataset": ds.name, "seed": seed, "ratios": list(ratios), **ids}
+        # which scheme and version drew it: the same seed draws another split in another scheme (see SPLIT_SCHEME)
+        payload = {"dataset": ds.name, "seed": seed, "ratios": list(ratios), "scheme": SPLIT_SCHEME,
+                   "fusionkit_version": __version__, **ids}  # fmt: skip
         path.write_text(json.dumps(payload, indent=1))
     return {k: ds.subset(v, name=f"{ds.name}[{k}]") for k, v in ids.items()}

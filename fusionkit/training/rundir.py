@@ -295,8 +295,9 @@ class RunDir:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def write_environment(self) -> dict[str, Any]:
-        """environment.json (the versions, machine and command line of the run's start), once: a resume says its
-        own in resume_log.jsonl. Returns this process's."""
+        """environment.json (the versions, machine and command line of the run's start), once, at the start: a
+        resume says its own in resume_log.jsonl (and never writes this file for a run begun by a version that wrote
+        none). Returns this process's."""
         env = environment()
         if not self.file("environment.json").is_file():
             write_atomic(self.file("environment.json"), json.dumps(env, indent=2))
@@ -339,6 +340,36 @@ def run_dir_holding(path: str | Path) -> Path | None:
     """The run dir that `path` is or lies inside (a checkpoint, a pointer, a run's file), or None."""
     path = Path(path).resolve()
     return next((p for p in (path, *path.parents) if is_run_dir(p)), None)
+
+
+def older_splits(run_path: str | Path, dataset: Any, seed: int, ratios: Sequence[float],
+                 ids: Mapping[str, Sequence[str]]) -> list[tuple[Path, int, int]]:  # fmt: skip
+    """The runs beside `run_path` whose split an older fusionkit drew otherwise (`split_scheme` 1) from the same
+    data (`dataset`, the same rows), seed and ratios as this run's new split `ids`, each with how many of its N train
+    rows this split puts elsewhere: (run, moved, N). A run's config trained again (`fusionkit train
+    OLD/config.yaml --run.name new`) gets this version's split, which only its split.json can give back."""
+    from ..data.dataset import SPLITS, split_scheme
+
+    parent, found = Path(run_path).parent, []
+    rows = {i for k in SPLITS for i in ids.get(k, ())}
+    for other in sorted(parent.iterdir()) if parent.is_dir() else ():
+        if other == Path(run_path) or not (other / "split.json").is_file() or not (other / "config.json").is_file():
+            continue
+        try:
+            data = json.loads((other / "config.json").read_text()).get("data")
+            theirs = data.get("dataset")
+            if not (theirs == dataset or same_path(theirs, dataset)):
+                continue
+            split = json.loads((other / "split.json").read_text())
+            if split_scheme(split) != 1 or split.get("seed") != seed or split.get("ratios") != list(ratios):
+                continue
+            named = {k: {str(i) for i in split[k]} for k in SPLITS}
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):  # not a run's files: not one to compare
+            continue
+        moved = len(named["train"] - set(ids.get("train", ())))
+        if moved and set().union(*named.values()) == rows:  # other rows: other data, not another scheme
+            found.append((other, moved, len(named["train"])))
+    return found
 
 
 def checkpoint_step(path: str | Path) -> int | None:
@@ -547,10 +578,24 @@ def split_fingerprint(data: Any) -> str:
 FINGERPRINT_SCHEME = 2
 
 
-def written_by(recorded: Mapping[str, Any] | None) -> str:
-    """'fusionkit 0.2.0' for a file that records its version, else 'an older fusionkit (0.1)'."""
-    version = (recorded or {}).get("fusionkit_version")
-    return f"fusionkit {version}" if version else "an older fusionkit (0.1)"
+def written_by(recorded: Mapping[str, Any] | None, run_path: str | Path | None = None) -> str:
+    """'fusionkit 0.3.0' for a file that records its version; else (data_fingerprint.json of 0.1 and 0.2 records
+    none) the version the run's newest checkpoint records, else 'an older fusionkit (0.2 or earlier)'."""
+    version = (recorded or {}).get("fusionkit_version") or (run_version(run_path) if run_path is not None else None)
+    return f"fusionkit {version}" if version else "an older fusionkit (0.2 or earlier)"
+
+
+def run_version(run_path: str | Path) -> str | None:
+    """The fusionkit version that wrote a run's newest checkpoint (its config.json records it since 0.1), if any:
+    the last version that trained the run, and so wrote its unversioned files."""
+    for checkpoint in reversed(saved_checkpoints(run_path)):
+        try:
+            version = json.loads((checkpoint / "config.json").read_text()).get("fusionkit_version")
+        except (OSError, ValueError, AttributeError):  # missing, damaged, not a dict: the next one may tell
+            continue
+        if isinstance(version, str) and version:
+            return version
+    return None
 
 
 def legacy_split_fingerprint(data: Any) -> str | None:
@@ -599,12 +644,13 @@ def data_fingerprint(datasets: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def data_changes(saved: Mapping[str, Any], current: Mapping[str, Any],
-                 splits: Mapping[str, Any] | None = None) -> list[str]:  # fmt: skip
+def data_changes(saved: Mapping[str, Any], current: Mapping[str, Any], splits: Mapping[str, Any] | None = None,
+                 run_path: str | Path | None = None) -> list[str]:  # fmt: skip
     """Readable differences between two `data_fingerprint`s ("label schema of task 'x': ... -> ...").
 
     A split recorded by an older fingerprint scheme is compared by that scheme when its examples are given in
-    `splits`; else a differing fingerprint is said to be incomparable, not changed."""
+    `splits`; else a differing fingerprint is said to be incomparable, not changed (naming the version that
+    recorded it: `run_path`'s checkpoints tell it where the file does not)."""
     out = []
     old_schema, new_schema = saved.get("label_schema", {}), current.get("label_schema", {})
     for task in sorted(set(old_schema) | set(new_schema)):
@@ -622,7 +668,7 @@ def data_changes(saved: Mapping[str, Any], current: Mapping[str, Any],
                 same = same_split(saved, split, splits[split]) if splits and split in splits else None
             if same is None:
                 out.append(f"split {split!r}: not compared ({size}): its fingerprint was recorded by "
-                           f"{written_by(saved)}, which hashed in-memory images otherwise")  # fmt: skip
+                           f"{written_by(saved, run_path)}, which hashed in-memory images otherwise")  # fmt: skip
             elif not same:
                 out.append(f"split {split!r}: content changed ({size})")
     return out
@@ -635,5 +681,9 @@ def data_refusal(run_path: Path, saved: Mapping[str, Any], changes: Sequence[str
         return (f"the data of {run_path} cannot be checked against its last checkpoint: " + "; ".join(changes)
                 + ". If the data is unchanged, resume with --accept-changes: this version records its own "
                 "fingerprints then (resume_log.jsonl notes they were not compared); else restore the original data")
-    return (f"the data of {run_path} changed since its last checkpoint: " + "; ".join(changes)
+    from .. import __version__
+
+    who = written_by(saved, run_path)  # an older version's record, compared by its scheme: say whose it is
+    by = f" (as {who} recorded it)" if who != f"fusionkit {__version__}" else ""
+    return (f"the data of {run_path} changed since its last checkpoint{by}: " + "; ".join(changes)
             + ". Resume with the original data, or pass --accept-changes (recorded in resume_log.jsonl)")

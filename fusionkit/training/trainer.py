@@ -46,7 +46,7 @@ from .. import __version__
 from ..config import ConfigError, to_dict
 from ..data import Collator, ImageTransform, build_cache, load_dataset, move_batch, split_dataset
 from ..data.cache import SplitView
-from ..data.dataset import MultimodalDataset
+from ..data.dataset import OLDER_SPLITS, MultimodalDataset
 from ..data.sources.registry import data_gone, source_name
 from ..models import FusionModel, create_model, model_inputs
 from ..models.fusion_model import DATA_COLUMNS
@@ -77,6 +77,8 @@ from .rundir import (
     config_changes,
     data_changes,
     data_fingerprint,
+    environment,
+    older_splits,
     replace_file,
     saved_checkpoints,
     write_atomic,
@@ -425,6 +427,7 @@ class Trainer:
         self.progress = cfg.run.progress and self.is_main
         # Cheap checks first: read the table, bind labels to tasks, split -- before any model or cache.
         source, parts = self._read_data(data, model)
+        self.parts = parts  # their examples: a resume compares an older version's fingerprints by its scheme
         self.model = (model or self._create_model()).to(self.device)
         # the sides some training rows really lacked (a `keep` policy that kept none trained no placeholder):
         # predict and eval warn about, or refuse, files without the others
@@ -569,12 +572,15 @@ class Trainer:
             log.warning("data.split_file %s does not exist: resuming on the split the run trained on, %s",
                         split_path, own_split)  # fmt: skip
             split_path = own_split
+        drawn = not self.resume and not split_path.is_file()  # a new split, by this version's scheme
         with self._main_first():
             # rank 0 first (it writes a new split), then every rank reads that same file
             report = self.run_dir / "skipped_rows.jsonl"  # rows this run's reading policy left out
             skipped = {json.loads(line).get("item") for line in report.read_text().splitlines()} if report.is_file() else ()
             parts = split_dataset(ds, cfg.data.split_ratios, cfg.data.split_seed, split_path,
                                   allow_new_rows=cfg.data.allow_new_rows, skipped=skipped)  # fmt: skip
+        if drawn and self.is_main:
+            self._warn_older_splits(parts)
         if split_path != own_split and self.is_main and split_path.is_file():
             # the split this run trained on: the file's, plus any rows allow_new_rows put in train
             own = {**json.loads(split_path.read_text()), **{k: part.ids for k, part in parts.items()}}
@@ -593,6 +599,24 @@ class Trainer:
             cfg.model.tasks = fit_train_statistics(cfg.model.tasks, parts["train"])
         cfg.model.validate()
         return ds, parts
+
+    def _warn_older_splits(self, parts: Mapping[str, MultimodalDataset]) -> None:
+        """Say so before training when a run beside this one split the same data with the same seed otherwise, by
+        an older fusionkit's scheme: this is no repeat of that run (the likely intent when training its
+        config.yaml again), and its split.json is the way to get its split."""
+        data = self.cfg.data
+        ids = {k: part.ids for k, part in parts.items()}
+        older = older_splits(self.run_dir, data.dataset, data.split_seed, data.split_ratios, ids)
+        if older:
+            other, moved, n = older[0]
+            also = f" (as did {', '.join(str(o) for o, _, _ in older[1:])})" if older[1:] else ""
+            log.warning(
+                "%s was split from this data with the same data.split_seed %d and data.split_ratios %s by %s%s; this "
+                "version orders each class's rows by a seeded hash of their ids, so %d of its %d train rows are not "
+                "in this run's train split. To train on that run's split, pass --data.split_file %s (data.split_file "
+                "in a config)", other, data.split_seed, list(data.split_ratios), OLDER_SPLITS, also, moved, n,
+                other / "split.json",
+            )  # fmt: skip
 
     def _build_data(self, source: MultimodalDataset, parts: dict[str, Any]) -> None:
         cfg, model = self.cfg, self.model
@@ -825,14 +849,15 @@ class Trainer:
         changed: list[str] = []
         if self.resume:
             saved = self.run.read_data_fingerprint()
-            changed = data_changes(saved, fingerprint) if saved is not None else []
+            changed = data_changes(saved, fingerprint, self.parts, self.run_dir) if saved is not None else []
             if changed and not self.accept_changes:
                 from .rundir import data_refusal
 
                 raise RunDirError(data_refusal(self.run_dir, saved, changed))
         if not self.is_main:
             return
-        env = self.run.write_environment()  # the start's, once; a resume's own goes in its log line
+        # the start's, by a fresh run only: a run begun by an older fusionkit has none, and a resume is no start
+        env = environment() if self.resume else self.run.write_environment()  # a resume's goes in its log line
         if self.resume:
             self.run.log_resume({"from_step": self.step, "config_changes": self.config_changes,
                                  "data_changes": changed, "environment": env})  # fmt: skip

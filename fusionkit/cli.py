@@ -701,7 +701,7 @@ def _check_same_rows(run_dir: Path, split: str, ds: Any, source: Any) -> None:
     if saved is None or same_split(recorded, split, ds):  # by the scheme it was recorded with (an older fusionkit's)
         return
     raise DataError(
-        f"the {split} split of {run_dir} (trained by {written_by(recorded)}; {saved.get('n')} rows when it trained, "
+        f"the {split} split of {run_dir} (trained by {written_by(recorded, run_dir)}; {saved.get('n')} rows when it trained, "
         f"{len(ds)} now) changed content "
         "(a caption, an image or a label was edited, or, in a file without an id column, rows moved: rows are "
         "then named by their position): these are not the rows the run held out",

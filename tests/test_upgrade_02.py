@@ -62,6 +62,8 @@ def test_resuming_an_02_run_on_edited_data_says_it_changed(old_run: Path, tmp_pa
     err = capsys.readouterr().err
     assert "changed since its last checkpoint (as fusionkit 0.2.0 recorded it)" in err and "content changed" in err
     assert "cannot be checked" not in err  # was: "cannot be checked ... recorded by an older fusionkit (0.1)"
+    assert main(["eval", str(run), "--data", str(edited), "--split", "train"]) != 0  # eval names the same version
+    assert "(trained by fusionkit 0.2.0;" in capsys.readouterr().err
 
 
 def test_resuming_an_02_run_compares_its_data_and_writes_no_start_record(old_run: Path, tmp_path: Path) -> None:

@@ -146,7 +146,7 @@ def test_a_splits_loss_with_class_weights_is_the_same_at_any_batch_size(tmp_path
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
-def test_an_epoch_whose_val_rows_have_no_labels_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_epoch_whose_val_rows_have_no_labels_says_so_and_a_log_gets_no_bars(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The epoch line names what it could not score, not an empty `epoch 1: `."""
     import pandas as pd
 
@@ -161,5 +161,6 @@ def test_an_epoch_whose_val_rows_have_no_labels_says_so(tmp_path: Path, capsys: 
                                  "test": [str(i) for i in range(35, 40)]}))  # fmt: skip
     fusionkit.train({"data": {"split_file": str(split), "cache_dir": str(tmp_path / "cache")}, "optim": {"epochs": 1},
                      "run": {"output_dir": str(tmp_path / "runs"), "progress": True, "plots": False}}, data=frame)  # fmt: skip
-    out = capsys.readouterr().out
-    assert "epoch 1: no val scores (no labelled val rows)" in out
+    captured = capsys.readouterr()
+    assert "epoch 1: no val scores (no labelled val rows)" in captured.out
+    assert "it/s" not in captured.err  # progress bars on a terminal (or notebook) only: none in a redirected log

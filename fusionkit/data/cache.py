@@ -188,7 +188,7 @@ def _decode_images(
     chunks = [(s, images[s : s + _CHUNK]) for s in range(0, n, _CHUNK)]
     workers = max(1, min(num_proc or len(os.sched_getaffinity(0)), len(chunks)))
     failures: list[tuple[int, DataError]] = []
-    with tqdm(total=n, desc=f"decoding images ({workers} procs)", unit="img", disable=n < 256 or not progress) as bar:
+    with tqdm(total=n, desc=f"decoding images ({workers} procs)", unit="img", disable=True if n < 256 or not progress else None) as bar:
         if workers > 1:
             with ProcessPoolExecutor(workers) as pool:
                 # PIL images stay here: pickling one decodes it in this process, outside the per-item guard
@@ -220,7 +220,7 @@ def _tokenize(ds: MultimodalDataset, out: StoreWriter, tokenizer: Any, max_lengt
     special = set(getattr(tokenizer, "all_special_ids", ())) - {unk}
     counts = {"tokens": 0, "unknown": 0, "only_unknown": 0}
     full: list[str] = []  # captions at max_length tokens: cut, or exactly that long (told apart below)
-    for s in tqdm(range(0, len(texts), 1024), desc="tokenizing", disable=len(texts) < 4096 or not progress):
+    for s in tqdm(range(0, len(texts), 1024), desc="tokenizing", disable=True if len(texts) < 4096 or not progress else None):
         chunk = texts[s : s + 1024]
         enc = tokenizer(chunk, truncation=True, max_length=max_length, return_attention_mask=False)
         for text, ids in zip(chunk, enc["input_ids"], strict=True):

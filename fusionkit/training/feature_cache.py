@@ -178,7 +178,8 @@ def _extract(
     encoder.eval()
     try:
         row = 0
-        for batch in tqdm(loader, desc=f"encoding {side} {data.path.name}", unit="batch", disable=not progress):
+        for batch in tqdm(loader, desc=f"encoding {side} {data.path.name}", unit="batch",
+                          disable=None if progress else True):  # fmt: skip
             batch = move_batch(batch, device, transform)
             present, mask = batch[f"{side}_present"], batch["attention_mask"]
             inputs = (batch["input_ids"], mask) if side == "text" else (batch["pixel_values"],)

@@ -66,7 +66,7 @@ def run_inference(
         batches = iter(loader)
         torch.manual_seed(0)
         for batch in tqdm(batches, total=operator.length_hint(loader) or None, desc=desc, leave=False,
-                          disable=not progress):  # fmt: skip
+                          disable=None if progress else True):  # fmt: skip
             batch = move_batch(batch, device, transform)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 out = model(**model_inputs(batch))

@@ -916,7 +916,7 @@ class Trainer:
         self.train_sampler.set_epoch(self.epoch, self.batch_in_epoch)
         n_batches = self.train_sampler.num_batches()
         model.train()
-        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.epochs}", disable=not self.progress)
+        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.epochs}", disable=None if self.progress else True)
         for window in self._windows(bar, n_batches):
             # Each task's loss of a micro-batch is a mean over its own normaliser (labelled rows, their class
             # weights' sum); weighed by that normaliser over the window's total on every rank (x world: DDP averages

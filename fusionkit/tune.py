@@ -773,6 +773,9 @@ def plot_history(rows: list[dict[str, Any]], path: Path, metric: str, maximize: 
     pruned = [(r["trial"], r["value"]) for r in rows if r["state"] == "PRUNED" and r["value"] is not None]
     if pruned:
         ax.scatter(*zip(*pruned), marker="x", color="0.5", label="pruned (last report)", zorder=2)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trials are numbered: no 0.5
     ax.set_xlabel("trial")
     ax.set_ylabel(metric)
     ax.set_title("fusionkit tune: optimization history")

@@ -833,7 +833,8 @@ def _predict(args: argparse.Namespace) -> int:
     model, result = _inference(args)
     path = Path(args.output)
     with _replacing(path) as tmp:
-        write_predictions(tmp, prediction_rows(model.tasks, result))
+        # the run's own split: its rows' labels beside the predictions, as the run's predictions_<split>.csv has them
+        write_predictions(tmp, prediction_rows(model.tasks, result, true=args.data is None))
     print(f"wrote {len(result['ids'])} predictions to {path}")
     return 0
 

@@ -267,3 +267,21 @@ def test_a_copied_checkpoint_is_a_model_folder_wherever_it_lies_and_eval_says_wh
     argv = ["eval", "model", *data, "--split", "test", "--split-file", "split.json", "--output", "split.json"]
     assert main(argv) == 2 and "would overwrite the input" in capsys.readouterr().err
     assert (project / "split.json").read_text() == split and not list(project.glob("split.json.~*"))
+
+
+def test_predict_of_the_runs_own_split_writes_its_labels_as_the_runs_predictions_do(
+    csv_run: Path, tmp_path: Path
+) -> None:
+    """`predict RUN --split test` equals the run's predictions_test.csv, `sentiment_true` included; a new file's
+    predictions have no such column (predict reads no labels from it)."""
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(csv_run), "--split", "test", "--output", str(out)]) == 0
+    ours, runs = list(csv.DictReader(out.open())), list(csv.DictReader((csv_run / "predictions_test.csv").open()))
+    assert [r["sentiment_true"] for r in ours] == [r["sentiment_true"] for r in runs] and all(
+        r["sentiment_true"] in NAMES for r in ours)
+    assert [r["sentiment"] for r in ours] == [r["sentiment"] for r in runs]
+    tmp = csv_run.parent.parent
+    new = tmp_path / "new.csv"
+    new.write_text(f"id,text,image\nq1,a lovely day,{next((tmp / 'data' / 'pics').glob('*.png'))}\n")
+    assert main(["predict", str(csv_run), "--data", str(new), "--output", str(out)]) == 0
+    assert "sentiment_true" not in next(csv.DictReader(out.open()))

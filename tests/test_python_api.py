@@ -157,6 +157,22 @@ def test_training_restores_the_callers_torch_settings(tmp_path: Path, torch_sett
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
 
 
+def test_training_leaves_the_callers_random_streams_where_they_were(tmp_path: Path, torch_settings: None) -> None:
+    """A notebook's draws after `fusionkit.train` continue its own seeded streams, not run.seed's."""
+    import random
+
+    import numpy as np
+
+    def draws() -> tuple[float, float, float]:
+        return torch.rand(1).item(), random.random(), float(np.random.rand())  # noqa: NPY002
+
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)  # noqa: NPY002
+    expected = draws()
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)  # noqa: NPY002
+    fusionkit.train(tiny_run(tmp_path, "a"))
+    assert draws() == expected
+
+
 # ---------------------------------------------------------------------------------------- docs and types
 
 

@@ -106,8 +106,11 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 def seed_everything(seed: int, deterministic: bool = True) -> Callable[[], None]:
     """Seed Python's, numpy's and torch's global generators (as HF's `set_seed`); `deterministic` also turns on
-    torch's deterministic algorithms. Returns what puts the latter (and CUBLAS_WORKSPACE_CONFIG, cudnn.benchmark) back
-    as they were: a notebook that trained keeps its own settings (the trainer calls it when fit ends)."""
+    torch's deterministic algorithms. Returns what puts them (their states, and CUBLAS_WORKSPACE_CONFIG,
+    cudnn.benchmark) back as they were: a notebook that trained keeps its own random stream and settings (the
+    trainer calls it when fit ends)."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None  # noqa: NPY002
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002 (user code and libraries may use the global generator)
     torch.manual_seed(seed)
@@ -115,6 +118,11 @@ def seed_everything(seed: int, deterministic: bool = True) -> Callable[[], None]
     benchmark, workspace = torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG")
 
     def restore() -> None:
+        random.setstate(states[0])
+        np.random.set_state(states[1])  # noqa: NPY002
+        torch.set_rng_state(states[2])
+        if states[3] is not None:
+            torch.cuda.set_rng_state_all(states[3])
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
         torch.backends.cudnn.benchmark = benchmark
         if workspace is None:

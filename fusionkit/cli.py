@@ -1096,13 +1096,28 @@ def _expand_home(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fusionkit` command; returns the exit status."""
+    from .tasks.base import new_warning_scope
+
+    # fusionkit says what it does at INFO; other libraries only warn (onnx's export passes log hundreds of lines).
+    # Called in-process (a notebook, tests), the caller's logging is put back when the command ends.
+    root, ours = logging.getLogger(), logging.getLogger("fusionkit")
+    handlers, level = list(root.handlers), ours.level
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if ours.level == logging.NOTSET:
+        ours.setLevel(logging.INFO)
+    new_warning_scope()  # each command says its warnings, whatever an earlier one in this process said
+    try:
+        return _command(argv)
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        ours.setLevel(level)
+
+
+def _command(argv: list[str] | None) -> int:
     from .data import DataError
     from .training.trainer import NonFiniteLossError, TrainingInterrupted
 
-    # fusionkit says what it does at INFO; other libraries only warn (onnx's export passes log hundreds of lines)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if logging.getLogger("fusionkit").level == logging.NOTSET:
-        logging.getLogger("fusionkit").setLevel(logging.INFO)
     args, extra = _parser().parse_known_args(argv)
     _expand_home(args)
     try:

@@ -224,3 +224,30 @@ def test_a_train_config_takes_its_sections_as_dicts_as_a_file_gives_them() -> No
                                 "optim": {"lr": 1e-3}})  # fmt: skip
     with pytest.raises(ConfigError, match="model: expected a ModelConfig or a dict, got str"):
         TrainConfig(model="tiny")  # type: ignore[arg-type]
+
+
+def test_a_second_run_in_one_process_says_its_warnings_again_and_cli_main_leaves_logging_as_it_was(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A notebook's second run (or `cli.main` command) says the warnings its data calls for, though an earlier one
+    in the process said them; `cli.main` puts the caller's logging back (no root handler or level left set)."""
+    import logging
+
+    from fusionkit.cli import main
+    from fusionkit.training.metrics import warn_unscored_classes
+
+    for _ in range(2):
+        caplog.clear()
+        fusionkit.train(tiny_run(tmp_path, None))
+        with caplog.at_level(logging.WARNING):
+            warn_unscored_classes("mood", ["rare"], 3, "val")
+            warn_unscored_classes("mood", ["rare"], 3, "val")  # every epoch's val: once per run
+        assert caplog.text.count("class(es) ['rare'] have no labelled or predicted row in val") == 1
+    root, ours = logging.getLogger(), logging.getLogger("fusionkit")
+    handlers, level = list(root.handlers), ours.level
+    root.handlers = []  # a fresh notebook's logging: none configured
+    try:
+        assert main(["eval", str(tmp_path / "runs"), "--split", "val"]) != 0  # a folder of runs: an error
+        assert root.handlers == [] and ours.level == level
+    finally:
+        root.handlers = handlers

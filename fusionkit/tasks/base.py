@@ -64,6 +64,22 @@ class FusionContext:
 
 
 
+_SAID: set[Any] = set()  # warnings said in this scope (a training run, a CLI command)
+
+
+def warn_once(logger: logging.Logger, key: Any, message: str, *args: Any) -> None:
+    """Say `message` once per scope: a split scored every epoch says it once, and the next run in the same
+    process (a notebook, tune's trials, `cli.main` called again) says it again (`new_warning_scope`)."""
+    if key not in _SAID:
+        _SAID.add(key)
+        logger.warning(message, *args)
+
+
+def new_warning_scope() -> None:
+    """Start a scope of `warn_once` (the trainer and each CLI command do)."""
+    _SAID.clear()
+
+
 def is_missing(value: Any) -> bool:
     """Empty cell, None, NaN or a missing-value spelling ("NA", "n/a", "null"): no label for this task on this row."""
     if value is None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..config import ConfigError
 from ..tasks import Task
+from ..tasks.base import warn_once
 
 log = logging.getLogger("fusionkit.training")
 
@@ -94,19 +95,12 @@ def unscored_classes(details: Mapping[str, Any]) -> list[str]:
     return [c for c in details.get("class_names", ()) if report.get(c, {}).get("f1-score", 0) is None]
 
 
-_said: set[tuple[str, str, tuple[str, ...]]] = set()
-
-
 def warn_unscored_classes(task: str, classes: Sequence[str], total: int, split: str) -> None:
-    """Say, once per task, split and classes, that a split's macro average covers fewer classes than the task has
-    (for every split scored: val at each epoch, test, `fusionkit eval`)."""
-    key = (task, split, tuple(classes))
-    if key in _said:
-        return
-    _said.add(key)
-    log.warning("task %s: class(es) %s have no labelled or predicted row in %s: its macro_f1 averages %d of %d "
-                "classes, and their per-class scores are null", task, list(classes), split, total - len(classes),
-                total)  # fmt: skip
+    """Say, once per task, split and classes in a run or command (`warn_once`), that a split's macro average
+    covers fewer classes than the task has (for every split scored: val at each epoch, test, `fusionkit eval`)."""
+    warn_once(log, ("unscored", task, split, tuple(classes)), "task %s: class(es) %s have no labelled or predicted "
+              "row in %s: its macro_f1 averages %d of %d classes, and their per-class scores are null", task,
+              list(classes), split, total - len(classes), total)  # fmt: skip
 
 
 def prediction_rows(tasks: Mapping[str, Task], result: Mapping[str, Any], true: bool = False) -> list[dict[str, Any]]:

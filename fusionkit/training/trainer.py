@@ -52,6 +52,7 @@ from ..models import FusionModel, create_model, model_inputs
 from ..models.fusion_model import DATA_COLUMNS
 from ..precision import choose_precision
 from ..tasks import bind_labels, create_task, fit_train_statistics
+from ..tasks.base import new_warning_scope
 from . import checkpoint as ckpt
 from . import distributed as D
 from .config import IN_MEMORY, DataConfig, TrainConfig, build_config, unused_settings
@@ -408,6 +409,7 @@ class Trainer:
         """`data`: an in-memory DataFrame, `datasets.Dataset`/`DatasetDict` or `MultimodalDataset` to
         train on instead of `config.data.dataset` (columns are still named by `config.data`). The trainer works on
         a copy of `config` (it fills in the run's name, the data's classes...): the caller's is not changed."""
+        new_warning_scope()  # a warning said once per run (each epoch's val) is said again in the next run
         self.cfg = cfg = copy.deepcopy(config).validate()
         if data is not None:  # what the saved config says it trained on: not data.dataset's value
             cfg.data.dataset = data_source_name(data)

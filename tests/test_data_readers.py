@@ -366,3 +366,19 @@ def test_a_column_not_found_names_the_one_probably_meant(tmp_path: Path) -> None
     with pytest.raises(DataError) as e:
         read_table(tmp_path / "t.csv", id_column="ID", text_column="Text", image_column="picture")
     assert "did you mean" not in str(e.value)
+
+
+def test_a_plugin_subclass_of_classification_stratifies_the_split_as_classification_does() -> None:
+    """A task type registered over ClassificationTask splits its rows by class as the built-in does (its name
+    alone once made the split unstratified); a multilabel task's tag sets stratify nothing."""
+    import fusionkit
+    from fusionkit.tasks import ClassificationTask, bind_labels
+
+    @fusionkit.register_task("fk_strat_clf")
+    class Mine(ClassificationTask):
+        pass
+
+    ds = make_synthetic(300, image_size=8)
+    ref, _ = bind_labels(ds, [fusionkit.TaskConfig("sentiment")])
+    mine, _ = bind_labels(ds, [fusionkit.TaskConfig("sentiment", type="fk_strat_clf")])
+    assert {k: v.ids for k, v in split_dataset(mine, seed=1).items()} == {k: v.ids for k, v in split_dataset(ref, seed=1).items()}

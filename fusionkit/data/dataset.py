@@ -345,7 +345,10 @@ def _complete_splits(
 def _strata(ds: MultimodalDataset) -> list[Any]:
     """Per example, the class NAME to stratify on (first classification task, or on a raw dataset the first
     column with declared class names): the split then does not depend on the order classes are listed in."""
-    task = next((t for t, k in ds.task_types.items() if k == "classification"), None)
+    from ..tasks import TASK_REGISTRY
+
+    task = next((t for t, k in ds.task_types.items() if k in TASK_REGISTRY and TASK_REGISTRY.get_class(k).stratifies),
+                None)  # fmt: skip
     if task is not None:
         names = ds.label_names.get(task) or []
         index = [ex.labels.get(task) for ex in ds]

@@ -152,6 +152,8 @@ class Task:
     default_metric: ClassVar[str] = "loss"
     # its default metric picks the best checkpoint before other tasks' do (classification: the task users mean)
     selects_first: ClassVar[bool] = False
+    # its one class per row stratifies a new split (the first such task's): a subclass (a plugin's) does too
+    stratifies: ClassVar[bool] = False
     metric_names: ClassVar[tuple[str, ...]] = ()
     lower_is_better: ClassVar[tuple[str, ...]] = ("loss",)
     # `fusionkit tune`'s default space for this task's own options (TaskConfig field -> distribution)

@@ -215,6 +215,7 @@ class ClassificationTask(Task):
     default_metric = "macro_f1"
     metric_names = ("accuracy", "macro_f1", "weighted_f1")
     selects_first = True
+    stratifies = True
     loss_options = ("class_weights", "label_smoothing", "logit_adjustment", "class_prior")
     search_space = {
         "label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},

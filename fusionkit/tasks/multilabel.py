@@ -41,6 +41,7 @@ class MultilabelTask(ClassificationTask):
     default_metric = "micro_f1"
     metric_names = ("micro_f1", "macro_f1")
     selects_first = False
+    stratifies = False  # a set of tags per row: no one class to stratify on
     loss_options = ()  # plain per-class BCE: no class weights, smoothing or logit adjustment
     search_space = {}
     # a tag is predicted when its probability exceeds `threshold`: one number, or one per tag (class_names order)

@@ -63,12 +63,12 @@ def test_a_number_keeps_the_spelling_the_data_gives_it(tmp_path: Path) -> None:
 
 def test_listed_classes_match_each_spelling_exactly_before_by_number(tmp_path: Path) -> None:
     """A model saved before this rule with both spellings as classes still reads each as its own; a spelling that is
-    two listed classes' number at once is an unknown label, not a guess."""
+    two listed classes' number at once is said to be ambiguous, not guessed."""
     old = ["-1", "-0", "0", "+1", "1"]
     encoded, names = _bind(_jsonl(tmp_path / "old.jsonl", ["+1", "1", "-0", 0, "-1", "1.0"]),
                            fusionkit.TaskConfig("mood", class_names=old))  # fmt: skip
     assert names == old and encoded == [3, 4, 1, 2, 0, 4]  # "1.0" is pandas' "1"
-    with pytest.raises(DataError, match=r"unknown label '01' for task 'mood'"):
+    with pytest.raises(DataError, match=r"label '01' of task 'mood' is the number of several listed classes"):
         _bind(_jsonl(tmp_path / "ambiguous.jsonl", ["01", "1"]), fusionkit.TaskConfig("mood", class_names=old))
 
 
@@ -133,3 +133,19 @@ def test_a_multilabel_task_reads_a_listed_number_written_another_way(tmp_path: P
     with pytest.raises(DataError, match="unknown label '3'"):
         bind_labels(load_dataset(_jsonl(tmp_path / "more.jsonl", ["3"]), text_column="caption", image_column="",
                                  missing_image="keep"), [cfg])  # fmt: skip
+
+
+def test_an_exponent_spelling_an_infinite_label_and_an_ambiguous_number_are_each_said_plainly(tmp_path: Path) -> None:
+    """"1e0" beside "1" is one number written two ways; "inf" is no class, named by its row (and skippable, as
+    any bad label); "+1" where "01" and "1" are both listed is said to be ambiguous, not unknown."""
+    with pytest.raises(ConfigError, match=r"'1' \(\d+ rows?\) and '1e0'|'1e0' \(\d+ rows?\) and '1'"):
+        _bind(_jsonl(tmp_path / "e.jsonl", ["1e0", "1", "2"] * 3), fusionkit.TaskConfig("mood"))
+    path = _jsonl(tmp_path / "inf.jsonl", ["a", "b", "inf", "a", "b"])
+    with pytest.raises(DataError, match=r"inf.jsonl:3, item r2: label 'inf' is not a class"):
+        _bind(path, fusionkit.TaskConfig("mood"))
+    ds = load_dataset(path, text_column="caption", image_column="", missing_image="keep")
+    bound, [cfg] = bind_labels(ds, [fusionkit.TaskConfig("mood")], on_error="skip")
+    assert cfg.class_names == ["a", "b"] and [ex.labels["mood"] for ex in bound] == [0, 1, None, 0, 1]
+    with pytest.raises(DataError, match=r"label '\+1' of task 'mood' is the number of several listed classes "
+                                        r"\['01', '1'\]"):  # fmt: skip
+        _bind(_jsonl(tmp_path / "amb.jsonl", ["+1"]), fusionkit.TaskConfig("mood", class_names=["01", "1"]))

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, TaskConfig
+from ..data.errors import DataError
 from ..data.sources.rows import SKIP_ROWS
 from .base import (
     Task,
@@ -36,7 +37,7 @@ UNKNOWN_LABEL_HINT = ("fix the label, add the class to model.tasks[].class_names
                       f"drop such labels and keep their rows: {SKIP_ROWS}")
 # a whole number as pandas writes a float column to CSV ("2.0", "-0.0"): no sign "+", no leading zeros
 _PANDAS_INTEGRAL_FLOAT = re.compile(r"-?(0|[1-9]\d*)\.0")
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")  # "1e0" is 1 as "1.0" is
 
 
 def canonical_name(name: str) -> str:
@@ -59,14 +60,28 @@ def _number_key(name: str) -> str | None:
     return format(value.normalize(), "f") if value else "0"
 
 
+def _same_number(name: str, names: Sequence[str]) -> list[str]:
+    key = _number_key(name)
+    return [n for n in names if key is not None and _number_key(n) == key]
+
+
 def listed_class(name: str, names: Sequence[str]) -> str | None:
     """The listed class a label names: its own spelling, else the one class that is the same number written
     another way ("+1" in new data for a saved model's "1"); None for none, or several ("01" and "1" both listed)."""
     if name in names:
         return name
-    key = _number_key(name)
-    same = [n for n in names if key is not None and _number_key(n) == key]
+    same = _same_number(name, names)
     return same[0] if len(same) == 1 else None
+
+
+def unknown_label(name: str, task: str, names: Sequence[str], where: str, item: str) -> DataError:
+    """The error of a label no listed class is: unknown, or the number of several listed classes spelled apart."""
+    same = _same_number(name, names)
+    if len(same) > 1:
+        return label_error(f"label {name!r} of task {task!r} is the number of several listed classes {same}, which "
+                           "are spelled apart", where, item, f"write it as one of them exactly; classes are {list(names)}")  # fmt: skip
+    return label_error(f"unknown label {name!r} for task {task!r}; classes are {list(names)}", where, item,
+                       UNKNOWN_LABEL_HINT)  # fmt: skip
 
 
 def label_string(value: Any, where: str, item: str) -> str:
@@ -88,6 +103,14 @@ def label_string(value: Any, where: str, item: str) -> str:
     raise label_error(f"label {value!r} ({type(value).__name__}) is not a class name", where, item,
                       "write one class name (text or a number) per cell" + (
                           '; a row with several labels is a multilabel task: "type": "multilabel"' if several else ""))
+
+
+def _name_or_none(value: Any, where: str) -> str | None:
+    """A label's class name, None for one that is no class (inf): `encode` names its row, as for other types."""
+    try:
+        return label_string(value, where, "?")
+    except DataError:
+        return None
 
 
 def _sort_key(name: str) -> tuple[int, float, str]:
@@ -312,7 +335,7 @@ class ClassificationTask(Task):
 
     def names_in(self, labels: Sequence[Any], where: str) -> set[str]:
         """The class names that present labels spell (one per cell here; several per cell for multilabel)."""
-        return {label_string(v, where, "?") for v in labels if isinstance(v, str | int | float)}  # others: encode names their row
+        return {n for v in labels if isinstance(v, str | int | float) and (n := _name_or_none(v, where))}
 
     def _missing(self, value: Any) -> bool:
         """`is_missing`, except for a label spelled like a missing value ("None", "null") that is a listed class."""
@@ -359,10 +382,10 @@ class ClassificationTask(Task):
     def encode(self, value: Any, where: str, item: str) -> Any:
         if self._missing(value):
             return None
-        name = listed_class(label_string(value, where, item), self.names)
+        label = label_string(value, where, item)
+        name = listed_class(label, self.names)
         if name is None:
-            raise label_error(f"unknown label {label_string(value, where, item)!r} for task {self.name!r}; classes "
-                              f"are {self.names}", where, item, UNKNOWN_LABEL_HINT)  # fmt: skip
+            raise unknown_label(label, self.name, self.names, where, item)
         return self.names.index(name)
 
     def collate(self, values: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,13 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, TaskConfig
 from .base import float32_values, is_missing, label_error, labelled_rows, register_task
-from .classification import UNKNOWN_LABEL_HINT, ClassificationTask, class_report, label_string, listed_class
+from .classification import (
+    ClassificationTask,
+    class_report,
+    label_string,
+    listed_class,
+    unknown_label,
+)
 
 log = logging.getLogger("fusionkit.tasks")
 SEPARATOR = "|"  # between the tags of a text cell, as read and as prediction CSVs write them
@@ -101,8 +107,7 @@ class MultilabelTask(ClassificationTask):
                                   "rename the tag without '|' (a JSON list cell is one tag per element)")  # fmt: skip
             listed = listed_class(name, self.names)  # "+1" for a listed "1", as a classification task reads it
             if listed is None:
-                raise label_error(f"unknown label {name!r} for task {self.name!r}; classes are {self.names}",
-                                  where, item, UNKNOWN_LABEL_HINT)  # fmt: skip
+                raise unknown_label(name, self.name, self.names, where, item)
             out.add(self.names.index(listed))
         return sorted(out)
 

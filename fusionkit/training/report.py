@@ -9,11 +9,16 @@ import math
 import os
 import shutil
 import textwrap
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..tasks.base import warn_once
+
+log = logging.getLogger("fusionkit.training")
 
 
 def finite(value: Any) -> Any:
@@ -127,7 +132,10 @@ def plot_confusion(matrix: np.ndarray, names: Sequence[str], path: Path, title: 
 
     # long class names wrap (and the predicted axis's turn): they must neither overlap nor be cut off
     labels = [textwrap.fill(str(n), 16, break_long_words=True) for n in names]
-    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 1.2 * len(names) + 1.5))
+    # a cell tall enough for its row's wrapped name, and room beside the cells for the widest line of one
+    cell = max(1.2, 0.2 * max(label.count("\n") + 1 for label in labels) + 0.4)
+    room = 0.1 * max(len(line) for label in labels for line in label.split("\n"))
+    fig, ax = plt.subplots(figsize=(cell * len(names) + room + 1.5, cell * len(names) + room + 1.2))
     ax.imshow(matrix, cmap="Blues")
     ax.set(
         xticks=range(len(names)),
@@ -136,14 +144,19 @@ def plot_confusion(matrix: np.ndarray, names: Sequence[str], path: Path, title: 
         ylabel="true",
         title=title,
     )
-    turn = any(len(str(n)) > 8 for n in names)
-    ax.set_xticklabels(labels, rotation=45 if turn else 0, ha="right" if turn else "center", rotation_mode="anchor")
+    turn = any(len(str(n)) > 8 for n in names)  # upright: a wrapped name is narrower than its column
+    ax.set_xticklabels(labels, rotation=90 if turn else 0)
     ax.set_yticklabels(labels)
     for (i, j), v in np.ndenumerate(matrix):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > matrix.max() / 2 else "black")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, bbox_inches="tight")  # whatever the labels' size, nothing is cut off
+    with warnings.catch_warnings(record=True) as caught:  # a glyph the font lacks: one line, not one per glyph
+        warnings.simplefilter("always")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100, bbox_inches="tight")  # whatever the labels' size, nothing is cut off
     plt.close(fig)
+    if any("missing from font" in str(w.message) for w in caught):
+        warn_once(log, ("glyphs", path.name), "%s: some class names hold characters the plot's font lacks (drawn as "
+                  "boxes); the names in the run's CSV/JSON files are whole", path.name)  # fmt: skip
 
 
 def _flat_row(row: dict[str, Any], join_lists: bool) -> dict[str, Any]:

@@ -189,7 +189,7 @@ def test_a_plugins_one_sided_strategy_is_a_unimodal_baseline_everywhere(caplog: 
         assert any("task 'match' (itm) cannot be learned" in m for m in said) == unlearnable, strategy
 
 
-def test_vectors_of_a_side_a_baseline_never_trained_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+def test_vectors_of_a_side_a_baseline_never_trained_are_warned_about_itm_or_not(caplog: pytest.LogCaptureFixture) -> None:
     """text_only trains no image projection: its encode_image vectors are random weights' (said once); a model
     whose label-free task reads images (contrastive) trains it, and is not warned about."""
     import torch
@@ -202,6 +202,11 @@ def test_vectors_of_a_side_a_baseline_never_trained_are_warned_about(caplog: pyt
         baseline.encode_image(pixels)
         baseline.encode_image(pixels)
     assert caplog.text.count("encode_image: this text_only model reads no image") == 1
+    matched = create_model("tiny", fusion={"strategy": "text_only"},  # itm reads pairs through the fusion
+                           tasks=[{"name": "sentiment", "class_names": ["a", "b"]}, {"name": "m", "type": "itm"}])  # fmt: skip
+    with caplog.at_level("WARNING", logger="fusionkit"):
+        matched.encode_image(pixels)
+    assert caplog.text.count("encode_image: this text_only model reads no image") == 2
     caplog.clear()
     aligned = create_model("tiny", fusion={"strategy": "text_only"},
                            tasks=[{"name": "sentiment", "class_names": ["a", "b"]},

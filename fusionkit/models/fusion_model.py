@@ -391,7 +391,7 @@ class FusionModel(nn.Module):
         given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
                  "text_features": text_features, "text_present": text_present}  # fmt: skip
         inputs = gather_inputs("encode_text", given, TEXT_ENCODE_INPUTS)
-        self._warn_untrained_side("caption", self.needs_text, "encode_text")
+        self._warn_untrained_side("caption", self.fusion.uses_text, "encode_text")
         tokens, mask = self.text_tokens(inputs.get("input_ids"), inputs.get("attention_mask"), inputs.get("text_features"))
         return _absent_as_nan(masked_mean(tokens, mask), inputs.get("text_present"), normalize, "text_present")
 
@@ -408,15 +408,15 @@ class FusionModel(nn.Module):
         A row whose `image_present` is False has no image: NaN, as in `encode_text`."""
         given = {"pixel_values": pixel_values, "image_features": image_features, "image_present": image_present}
         inputs = gather_inputs("encode_image", given, IMAGE_ENCODE_INPUTS)
-        self._warn_untrained_side("image", self.needs_image, "encode_image")
+        self._warn_untrained_side("image", self.fusion.uses_image, "encode_image")
         emb = self.image_tokens(inputs.get("pixel_values"), inputs.get("image_features")).mean(1)
         return _absent_as_nan(emb, inputs.get("image_present"), normalize, "image_present")
 
     def _warn_untrained_side(self, side: str, trained: bool, method: str) -> None:
         """A unimodal baseline never trains the other side's projection (no label-free task reads it): its
         vectors are those of random weights, which a comparison of strategies' embeddings must not take as real."""
-        if trained or side in self._warned_sides:
-            return
+        if trained or side in self._warned_sides or any(t.reads_sides_apart for t in self.tasks.values()):
+            return  # an itm task does not count: it reads the pairs through the fusion, which ignores that side
         self._warned_sides.add(side)
         logging.getLogger("fusionkit").warning(
             "%s: this %s model reads no %s, so the projection behind these vectors never trained (random weights): "

@@ -104,6 +104,7 @@ class ContrastiveTask(Task):
     default_metric = "r@1"
     metric_names = ("r@1",)
     contrasts_rows: ClassVar[bool] = True  # as ITM's: the batch's other pairs are its negatives
+    reads_sides_apart = True  # pooled text and image projections, not the fusion's views
 
     def build_head(self, dim: int, num_views: int, dropout: float) -> nn.Module:
         from ..models.heads import ContrastiveHead

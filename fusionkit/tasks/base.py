@@ -154,6 +154,8 @@ class Task:
     selects_first: ClassVar[bool] = False
     # its one class per row stratifies a new split (the first such task's): a subclass (a plugin's) does too
     stratifies: ClassVar[bool] = False
+    # it trains each side's projection apart from the fusion (contrastive): a baseline's unread side's too
+    reads_sides_apart: bool = False
     metric_names: ClassVar[tuple[str, ...]] = ()
     lower_is_better: ClassVar[tuple[str, ...]] = ("loss",)
     # `fusionkit tune`'s default space for this task's own options (TaskConfig field -> distribution)

@@ -133,6 +133,10 @@ class SupConTask(Task):
         return self.cfg.params.get("views", "joint")
 
     @property
+    def reads_sides_apart(self) -> bool:  # type: ignore[override]
+        return self.views == "cross"  # each side's own pooled embedding; "joint" contrasts the fusion's
+
+    @property
     def temperature(self) -> float:
         return float(self.cfg.params.get("temperature", 0.07))
 

@@ -333,7 +333,7 @@ def _config_kind(path: Path) -> str | None:
         return None
     if config.get("model_type") == "fusionkit":
         return "model"
-    return "run" if {"model", "data", "run"} <= config.keys() else None
+    return "run" if all(isinstance(config.get(k), dict) for k in ("model", "data", "run")) else None
 
 
 def run_dir_holding(path: str | Path) -> Path | None:

@@ -243,7 +243,7 @@ def _mismatch(out: Path, changed: dict[str, tuple[Any, Any]]) -> str:
     if data is not None:
         stream = "earlier" if data[0] is None else "now" if data[1] is None else None
         what.append(f"of rows given as a stream {stream} (no fingerprint to compare)" if stream
-                    else "of other rows (the data's fingerprint differs)")  # fmt: skip
+                    else "of other rows, or rows whose captions or images changed since (the data's fingerprint differs)")  # fmt: skip
     if model is not None:
         what.append("by another model (its weights' fingerprint differs)")
     if changed:

@@ -209,7 +209,10 @@ class Store:
         at a current cache key records both checksums (the keys' versions say so): one without them is damaged."""
         self.path = Path(path)
         try:
-            self.meta: dict[str, Any] = json.loads((self.path / META).read_text())
+            try:
+                self.meta: dict[str, Any] = json.loads((self.path / META).read_text())
+            except json.JSONDecodeError as e:  # cut or emptied: name the file, not only the parser's words
+                raise ValueError(f"{META} is not valid JSON ({e})") from None
             if not isinstance(self.meta, dict) or FILES not in self.meta or META_SHA not in self.meta:
                 raise ValueError(f"{META} lacks its checksums ({FILES}, {META_SHA}): edited since, or not written "
                                  "by fusionkit")  # fmt: skip

@@ -263,6 +263,13 @@ def test_a_copied_checkpoint_is_a_model_folder_wherever_it_lies_and_eval_says_wh
     assert "scored 40 rows of the 'all' split: sentiment 40" in err
     assert main(["predict", "model", *data, "--output", str(out)]) == 0  # a split.json inside: still a model
     assert len(list(csv.DictReader(out.open()))) == 40
+    mimic = tmp_path / "mimic"  # a config.json of the user's own with a run's keys, beside checkpoints/
+    (mimic / "checkpoints").mkdir(parents=True)
+    (mimic / "config.json").write_text('{"name": "my project", "model": "x", "data": "y", "run": "z"}')
+    shutil.copy(csv_run / "split.json", mimic / "split.json")
+    shutil.copytree(best, mimic / "checkpoints" / "step-5")
+    assert main(["eval", str(mimic / "checkpoints" / "step-5")]) == 2  # was: AttributeError, a traceback
+    assert "--data is required when the checkpoint is not inside a run dir" in capsys.readouterr().err
     split = (project / "split.json").read_text()
     argv = ["eval", "model", *data, "--split", "test", "--split-file", "split.json", "--output", "split.json"]
     assert main(argv) == 2 and "would overwrite the input" in capsys.readouterr().err

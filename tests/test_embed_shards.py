@@ -92,12 +92,13 @@ def test_resume_with_other_settings_is_refused(tmp_path: Path, model: FusionMode
     with pytest.raises(ConfigError, match=r"by another model \(its weights' fingerprint differs\): write to"):
         shards(other, data, tmp_path / "out")
     edited = data.subset(list(reversed(data.ids)))  # the same ids, rows reordered: old shards would not match
-    with pytest.raises(ConfigError, match=r"of other rows \(the data's fingerprint differs\): write to"):
+    with pytest.raises(ConfigError, match=r"of other rows, or rows whose captions or images changed since \(the data's fingerprint differs\): write to"):
         shards(model, edited, tmp_path / "out")
     with pytest.raises(ConfigError) as e:  # the hashes say nothing to a user: rows vs settings, and what to do
         embed_to_shards(model, data.subset(data.ids[:8]), tmp_path / "out", shard_size=SHARD, batch_size=2,
                         precision="fp32")  # fmt: skip
-    assert str(e.value) == (f"{tmp_path / 'out'} holds an embedding of other rows (the data's fingerprint differs), "
+    assert str(e.value) == (f"{tmp_path / 'out'} holds an embedding of other rows, or rows whose captions or images "
+                            "changed since (the data's fingerprint differs), "
                             "made with other settings: batch_size=4 (now 2): write to another directory, or delete "
                             f"{tmp_path / 'out'} to embed anew there")  # fmt: skip
     with pytest.raises(ConfigError, match=r"other settings: batch_size=4 \(now 2\): rerun with its settings to resume"):

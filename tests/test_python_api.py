@@ -251,3 +251,26 @@ def test_a_second_run_in_one_process_says_its_warnings_again_and_cli_main_leaves
         assert root.handlers == [] and ours.level == level
     finally:
         root.handlers = handlers
+
+
+def test_class_names_a_font_lacks_are_said_once_per_plot_not_once_per_glyph(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import warnings
+
+    import pandas as pd
+
+    from fusionkit.data import make_synthetic
+
+    rows = make_synthetic(40, seed=0, image_size=32).examples
+    names = {"positive": "悲しい気分の長いクラス名", "neutral": "neutre", "negative": "مقبول نوعا ما"}
+    frame = pd.DataFrame({"text": [r.text for r in rows], "image": [r.image for r in rows],
+                          "sentiment": [names[r.labels["sentiment"]] for r in rows]})  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fusionkit.train(tiny_run(tmp_path, "cjk", **{"run.plots": True, "optim.max_steps": 2,
+                                                     "model.tasks": [{"name": "sentiment"}]}), data=frame)
+    assert not [w for w in caught if "missing from font" in str(w.message)]
+    said = [r.getMessage() for r in caplog.records if "the plot's font lacks" in r.getMessage()]
+    assert len(said) == len(set(said)) <= 2  # at most once per confusion PNG (val, test)
+    assert (tmp_path / "runs" / "cjk" / "confusion_val_sentiment.png").stat().st_size > 0

@@ -143,9 +143,9 @@ class RegressionTask(Task):
         spread = ((y - y.mean(0)) ** 2).mean(0)
         scores = {"mse": float(squared.mean()), "rmse": float(squared.sqrt().mean()), "mae": float((pred - y).abs().mean())}
         if len(y) < 2:  # R² of one row is undefined (sklearn: NaN): left out, so run.metric r2 selects nothing on it
-            warn_once(log, ("r2 undefined", self.name), "task %s: r2 is undefined on a split with 1 labelled row, so "
-                      "it is not reported there (a checkpoint chosen by it is the latest); label more rows of that "
-                      "split", self.name)  # fmt: skip
+            warn_once(log, ("r2 undefined", self.name), "task %s: r2 is undefined on 1 labelled row (sklearn: NaN), so "
+                      "it is not reported for rows scored with only one (a val or test split, eval's data); label "
+                      "more of them", self.name)  # fmt: skip
             return scores, {}
         # R² of a constant target is undefined: 1 if predicted exactly, else 0 (sklearn's force_finite)
         r2 = torch.where(spread > 0, 1 - squared / spread.clamp_min(1e-300), (squared == 0).double())

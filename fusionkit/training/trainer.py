@@ -1053,7 +1053,7 @@ class Trainer:
             value = flat.get(self.metric)
             better = higher_is_better(self.metric, self.model.tasks)  # as the task reporting it says
             if value is None:  # e.g. no labelled val row for that task: the latest model is the best we know
-                log.warning("%s could not be computed on val (no labelled rows?): keeping the latest checkpoint",
+                log.warning("%s could not be computed on val (no labelled rows, or too few for it): keeping the latest checkpoint",
                             self.metric)  # fmt: skip
                 improved = True
             else:

@@ -11,7 +11,7 @@ Your own parts, then named in configs: @fusionkit.register_fusion("name") over a
 @fusionkit.register_task("name") over a Task subclass, @fusionkit.register_source(name, accepts) over a reader.
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 from typing import TYPE_CHECKING  # noqa: E402
 

@@ -319,7 +319,32 @@ def open_or_build(path: str | Path, build: Callable[[StoreWriter], dict[str, Any
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+    _say_older_stores(final.parent)
     return Store(final)
+
+
+_SAID_OLDER: set[Path] = set()
+
+
+def _say_older_stores(root: Path) -> None:
+    """After a build, once per cache folder: the stores an older fusionkit built there (no `META_SHA`: before
+    cache version 7) are never read again; say how much space they hold and that they can go."""
+    if root in _SAID_OLDER:
+        return
+    _SAID_OLDER.add(root)
+    older, size = [], 0
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            meta = json.loads((folder / META).read_text())
+        except (OSError, ValueError):
+            continue  # no store (or a damaged one, named when it is opened)
+        if isinstance(meta, dict) and META_SHA not in meta:
+            older.append(folder.name)
+            size += sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    if older:
+        log.warning("%s holds %d cache folder(s) an older fusionkit built (%.1f MB), which this version never reads "
+                    "(it rebuilt what it needs under new names): delete them to free the space, e.g. %s",
+                    root, len(older), size / 1e6, ", ".join(older[:3]) + (", ..." if len(older) > 3 else ""))  # fmt: skip
 
 
 def _fsync(path: Path) -> None:

@@ -83,3 +83,18 @@ def test_a_store_folder_that_lost_its_meta_json_is_named_before_anything_is_buil
     assert open_or_build(tmp_path / "s", counted).meta["ids"] == ["a", "b", "c"] and built == [1]
     (tmp_path / "empty").mkdir()  # an empty folder holds nothing to lose: built into
     assert open_or_build(tmp_path / "empty", _fill).meta["ids"] == ["a", "b", "c"]
+
+
+def test_stores_an_older_version_built_are_said_once_with_their_size(tmp_path: Path, caplog) -> None:
+    """After the cache version changes, the old folders are never read again: a build says they can go (once per
+    cache folder), and leaves them (they are the user's to delete); stores of this version are not named."""
+    old = tmp_path / "data-0123456789abcdef"
+    old.mkdir()
+    (old / "meta.json").write_text(json.dumps({"version": 6, "_files": {}}))
+    (old / "pixels.npy").write_bytes(b"\0" * 2_000_000)
+    with caplog.at_level("WARNING", logger="fusionkit"):
+        open_or_build(tmp_path / "new", _fill)
+        open_or_build(tmp_path / "newer", _fill)
+    said = [r.getMessage() for r in caplog.records if "an older fusionkit built" in r.getMessage()]
+    assert len(said) == 1 and "1 cache folder(s)" in said[0] and "(2.0 MB)" in said[0]
+    assert "data-0123456789abcdef" in said[0] and "new" not in said[0].split("e.g.")[1] and old.is_dir()

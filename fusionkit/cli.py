@@ -616,8 +616,14 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
                               "the same")  # fmt: skip
         if args.command == "embed" and args.modality is None:  # a whole side absent: embed writes the other
             no_text, no_image = (0 if n == len(ds) else n for n in (no_text, no_image))  # side's vectors (no guess)
-        model.warn_one_sided(no_text, no_image, len(ds), source, trained_without=kept, said=vars(args).setdefault(
-            "said", set()))  # an ensemble's members read the same rows: a warning once, not once per member
+        if args.command == "embed" and args.modality in ("text", "image"):  # one side's own vectors: no fusion
+            side, absent = ("caption", no_text) if args.modality == "text" else ("image", no_image)
+            if absent:
+                log.warning("%d of %d rows of %s have no %s: their %s vectors are NaN", absent, len(ds), source,
+                            side, args.modality)  # fmt: skip
+        else:
+            model.warn_one_sided(no_text, no_image, len(ds), source, trained_without=kept, said=vars(args).setdefault(
+                "said", set()))  # an ensemble's members read the same rows: a warning once, not once per member
     labelled = [t.name for t in model.config.tasks if t.name in model.tasks and model.tasks[t.name].needs_labels]
     if args.command == "eval" and labelled and not any(ex.labels.get(t) is not None for ex in ds for t in labelled):
         raise ConfigError(f"no labelled rows to score in {split!r} ({len(ds)} rows, none with a label for tasks "
@@ -818,6 +824,8 @@ def _predict(args: argparse.Namespace) -> int:
         from .training.inference import resolve_device
 
         image = args.image  # a relative path is read from --image-root when given, as a --data file's are
+        if image is not None and not image.strip():  # `--image ""`: no image, as `--text ""` is no caption
+            image = None
         if image is not None and args.image_root is not None and not Path(image).expanduser().is_absolute():
             image = str(Path(args.image_root) / image)
         if image is not None:  # a missing or unreadable file is said first: not after a warning of a missing side

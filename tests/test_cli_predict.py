@@ -184,6 +184,9 @@ def test_one_pairs_relative_image_is_read_from_image_root(csv_run: Path, capsys:
     from_root = json.loads(capsys.readouterr().out)
     assert main(["predict", str(csv_run), "--text", "hi", "--image", str(data / "pics" / "syn-000000.png")]) == 0
     assert from_root == json.loads(capsys.readouterr().out)
+    assert main(["predict", str(csv_run), "--text", "hi", "--image", ""]) == 0  # no image, as --text "" is no caption
+    assert json.loads(capsys.readouterr().out) == json.loads((main(["predict", str(csv_run), "--text", "hi"]),
+                                                              capsys.readouterr().out)[1])  # fmt: skip
 
 
 def test_one_sided_warnings_name_the_cli_input_and_embed_of_a_caption_file_does_not_warn(
@@ -203,6 +206,16 @@ def test_one_sided_warnings_name_the_cli_input_and_embed_of_a_caption_file_does_
         assert main(["embed", str(csv_run), "--data", str(table), "--image-column", "",
                      "--output", str(tmp_path / "v.npy")]) == 0  # fmt: skip
     assert "writing text vectors" in caplog.text and "other side alone" not in caplog.text
+    caplog.clear()  # one side's own vectors: a row without that side gets NaN, said so; the other side is no matter
+    tmp = csv_run.parent.parent
+    pic = next((tmp / "data" / "pics").glob("*.png"))
+    gappy = tmp_path / "gappy.csv"
+    gappy.write_text(f"id,text,image\na,,{pic}\nb,so sad,\nc,fine,{pic}\n")
+    with caplog.at_level(logging.WARNING, logger="fusionkit"):
+        assert main(["embed", str(csv_run), "--data", str(gappy), "--modality", "text",
+                     "--output", str(tmp_path / "t.npy")]) == 0  # fmt: skip
+    assert "1 of 3 rows of" in caplog.text and "have no caption: their text vectors are NaN" in caplog.text
+    assert "other side alone" not in caplog.text and "no image" not in caplog.text
 
 
 def test_a_broken_image_path_gets_a_hint_that_fits_embed_as_well_as_predict(

@@ -782,11 +782,14 @@ def _feature_loader(model: Any, data: Any, batch_size: int, progress: bool = Tru
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .training.metrics import evaluation_metrics
+    from .training.metrics import evaluation_metrics, scores_by_sides
     from .training.report import json_text
 
     model, result = _inference(args)
     flat, details = evaluation_metrics(model.tasks, result, args.split)
+    sides = scores_by_sides(model.tasks, result)
+    if sides:  # rows without a caption or an image: scored apart too (details.by_sides)
+        details["by_sides"] = sides
     if not details and not any(k.count("/") >= 2 for k in flat):  # a task's metric: "all/rating/mae"
         raise ConfigError(f"no labelled rows to score in {args.split!r} ({len(result['ids'])} rows, none with a "
                           f"label for tasks {list(model.tasks)}); `fusionkit predict` writes their predictions")  # fmt: skip
@@ -809,7 +812,13 @@ def _scored_rows(tasks: Mapping[str, Any], result: Mapping[str, Any], split: str
             labelled = int(mask.sum())
             counts.append(f"{name} {labelled}" + (f" ({total - labelled} without a label left out)"
                                                   if labelled < total else ""))  # fmt: skip
-    return f"scored {total} rows of the {split!r} split: " + ", ".join(counts)
+    present = result.get("present") or {}
+    sides = ""
+    if "caption" in present and "image" in present and not bool((present["caption"] & present["image"]).all()):
+        cap, img = present["caption"], present["image"]
+        sides = (f" ({int((cap & img).sum())} with caption and image, {int((cap & ~img).sum())} caption only, "
+                 f"{int((~cap & img).sum())} image only: details.by_sides scores each)")  # fmt: skip
+    return f"scored {total} rows of the {split!r} split{sides}: " + ", ".join(counts)
 
 
 def _predict(args: argparse.Namespace) -> int:

@@ -305,3 +305,32 @@ def test_predict_of_the_runs_own_split_writes_its_labels_as_the_runs_predictions
     new.write_text(f"id,text,image\nq1,a lovely day,{next((tmp / 'data' / 'pics').glob('*.png'))}\n")
     assert main(["predict", str(csv_run), "--data", str(new), "--output", str(out)]) == 0
     assert "sentiment_true" not in next(csv.DictReader(out.open()))
+
+
+def test_eval_scores_rows_without_an_image_apart_from_complete_ones(
+    csv_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """details.by_sides: each group's rows and scores, equal to the accuracy of predict's rows of that group."""
+    tmp = csv_run.parent.parent
+    rows = list(csv.DictReader((tmp / "tables" / "posts.csv").open()))
+    for r in rows:
+        r["image"] = str(tmp / "data" / r["image"])
+    for r in rows[::4]:
+        r["image"] = ""
+    gappy = tmp_path / "gappy.csv"
+    with gappy.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out, preds = tmp_path / "m.json", tmp_path / "p.csv"
+    assert main(["eval", str(csv_run), "--data", str(gappy), "--output", str(out)]) == 0
+    assert "(30 with caption and image, 10 caption only, 0 image only" in capsys.readouterr().err
+    sides = json.loads(out.read_text())["details"]["by_sides"]
+    assert {k: v["rows"] for k, v in sides.items()} == {"caption and image": 30, "caption only": 10}
+    assert main(["predict", str(csv_run), "--data", str(gappy), "--output", str(preds)]) == 0
+    truth = {r["id"]: (r["sentiment"], r["image"] == "") for r in rows}
+    for group, imageless in (("caption and image", False), ("caption only", True)):
+        hits = [p["sentiment"] == truth[p["id"]][0] for p in csv.DictReader(preds.open()) if truth[p["id"]][1] == imageless]
+        assert sides[group]["sentiment/accuracy"] == pytest.approx(sum(hits) / len(hits))
+    assert main(["eval", str(csv_run), "--split", "test", "--output", str(out)]) == 0  # complete rows: no groups
+    assert "by_sides" not in json.loads(out.read_text())["details"]

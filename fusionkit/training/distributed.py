@@ -283,7 +283,7 @@ def gather_inference(
     parts = all_gather_object(result)
     merged = {
         "ids": [i for p in parts for i in p["ids"]],
-        **{key: _cat([p[key] for p in parts]) for key in ("outputs", "labels", "label_mask")},
+        **{key: _cat([p.get(key, {}) for p in parts]) for key in ("outputs", "labels", "label_mask", "present")},
     }
     if combine is not None and "loss_terms" in result:
         terms: dict[str, list[float]] = {}

@@ -47,7 +47,8 @@ def run_inference(
     desc: str = "eval",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Outputs for a whole split: `{"ids", "outputs": {task: cpu tensor}, "labels", "label_mask", "loss"}`.
+    """Outputs for a whole split: `{"ids", "outputs": {task: cpu tensor}, "labels", "label_mask", "present": {side:
+    bool [N]}, "loss"}`.
 
     Contrastive outputs are [B, B] per batch, so they are reduced to per-example R@1 hits here.
     """
@@ -59,6 +60,7 @@ def run_inference(
     labels: dict[str, list[torch.Tensor]] = {}
     masks: dict[str, list[torch.Tensor]] = {}
     terms: dict[str, list[float]] = {}  # task -> [sum of its batch losses x normaliser, normalisers' sum]
+    present: dict[str, list[torch.Tensor]] = {"caption": [], "image": []}  # the sides each row has
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         # a loader without a generator of its own (the CLI's) draws its seed from the global RNG when it starts: it
         # starts before the seed, so that evaluation's own draws (ITM's negatives) are the same for every loader,
@@ -71,6 +73,9 @@ def run_inference(
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 out = model(**model_inputs(batch))
             ids += batch["ids"]
+            if "text_present" in batch and "image_present" in batch:
+                present["caption"].append(batch["text_present"].cpu())
+                present["image"].append(batch["image_present"].cpu())
             for name, task in model.tasks.items():
                 outs[name].append(task.eval_output(out[name].float()).cpu())
             for name in batch.get("labels", {}):
@@ -88,6 +93,7 @@ def run_inference(
         "outputs": {k: torch.cat(v) for k, v in outs.items() if v},
         "labels": {k: torch.cat(v) for k, v in labels.items()},
         "label_mask": {k: torch.cat(v) for k, v in masks.items()},
+        "present": {k: torch.cat(v) for k, v in present.items() if v},
         "loss": split_loss(model, terms),
         "loss_terms": terms,  # per task: (loss sum, normaliser), to merge ranks' shards
     }

@@ -88,6 +88,37 @@ def evaluation_metrics(
     return flat, details
 
 
+# the groups of rows by the sides they have, as `run_inference`'s "present" flags give them
+SIDE_GROUPS = {"caption and image": (True, True), "caption only": (True, False), "image only": (False, True)}
+
+
+def scores_by_sides(tasks: Mapping[str, Task], result: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Where some rows lack a caption or an image: per group of rows (`SIDE_GROUPS`) its row count and each task's
+    metrics on it (`task/metric`), so a model's one-sided predictions are scored apart from its complete ones.
+    Empty when every row has both sides."""
+    present = result.get("present") or {}
+    if "caption" not in present or "image" not in present or bool((present["caption"] & present["image"]).all()):
+        return {}
+    quiet = logging.getLogger("fusionkit.tasks")  # a group's own warnings (r2 of one row) would mislead: the
+    level, quiet.level = quiet.level, logging.ERROR  # split's warnings were said by evaluation_metrics
+    try:
+        groups: dict[str, dict[str, Any]] = {}
+        for group, (caption, image) in SIDE_GROUPS.items():
+            rows = (present["caption"] == caption) & (present["image"] == image)
+            if not bool(rows.any()):
+                continue
+            entry: dict[str, Any] = {"rows": int(rows.sum())}
+            for name, task in tasks.items():
+                if name in result["outputs"] and name in result["labels"]:
+                    scores, _ = task.metrics(result["outputs"][name][rows], result["labels"][name][rows],
+                                             result["label_mask"][name][rows])  # fmt: skip
+                    entry.update({f"{name}/{k}": v for k, v in scores.items()})
+            groups[group] = entry
+        return groups
+    finally:
+        quiet.setLevel(level)
+
+
 def unscored_classes(details: Mapping[str, Any]) -> list[str]:
     """The classes a task's per-class report scores as None: neither labelled nor predicted in the split, so its
     macro averages (macro_f1) leave them out rather than count them as 0."""

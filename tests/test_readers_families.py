@@ -969,3 +969,13 @@ def test_string_ids_pandas_never_writes_as_floats_are_kept_as_written(folder: Pa
     (folder / "ids2.csv").write_text("id,caption,photo\n007.0,a,img/0.jpg\n+5.0,b,img/1.jpg\n-3.0,c,img/0.jpg\n"
                                      "0.0,d,img/1.jpg\n7,e,img/0.jpg\n 007 ,f,img/1.jpg\n")  # fmt: skip
     assert load_dataset(folder / "ids2.csv", **COLUMNS).ids == ["007.0", "+5.0", "-3", "0", "7", "007"]
+
+
+def test_a_parquet_files_named_index_is_the_column_it_names(tmp_path: Path) -> None:
+    """`df.set_index("id").to_parquet(...)`: pandas keeps the ids as the index; they are the id column, not row
+    numbers (a shuffled file's predictions would join back to other rows)."""
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({"id": ["b7", "a1", "c3"], "text": ["x", "y", "z"]}).set_index("id")
+    frame.to_parquet(tmp_path / "posts.parquet")
+    ds = load_dataset(str(tmp_path / "posts.parquet"), missing_image="keep")
+    assert ds.ids == ["b7", "a1", "c3"] and [ex.text for ex in ds] == ["x", "y", "z"]

@@ -351,6 +351,9 @@ def read_table(source: str | Path | Any, **options: Any) -> MultimodalDataset:
             frame = pd.read_parquet(path)
         except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
             raise DataError(f"not a readable Parquet file ({e})", source=str(path)) from None
+        names = [n for n in frame.index.names if n is not None]
+        if names and not set(map(str, names)) & set(map(str, frame.columns)):  # `df.set_index("id").to_parquet()`:
+            frame = frame.reset_index()  # the index is a column the user named (its ids), read as one
         columns, rows = _frame_rows(frame, str(path))
         declared, class_labels = _category_names(frame), _parquet_class_names(path, columns)
     else:

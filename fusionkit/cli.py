@@ -99,6 +99,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _split_name(text: str) -> str:
+    """A split as `--split` takes it: a DatasetDict's names for the validation split are val's."""
+    from .data.sources.hf import SPLIT_ALIASES
+
+    return SPLIT_ALIASES.get(text, text)
+
+
 def _folder(text: str) -> str:
     """argparse type: a folder that exists (a typo would otherwise fail on every row's image)."""
     if not Path(text).expanduser().is_dir():
@@ -140,8 +147,9 @@ def _parser() -> argparse.ArgumentParser:
     def data_args(sp: argparse.ArgumentParser, split: str) -> None:
         sp.add_argument("checkpoint", help="model dir or run dir (uses its best/ checkpoint)")
         sp.add_argument("--data", help="a dataset (default: the run's own); all its rows unless --split is given")
-        sp.add_argument("--split", choices=("train", "val", "test", "all"),  # checked before the model loads
-                        help=f"default: {split} of the run's data; all rows of --data")  # fmt: skip
+        sp.add_argument("--split", choices=("train", "val", "test", "all"), type=_split_name,  # before the model
+                        help=f"default: {split} of the run's data; all rows of --data (validation, valid, dev: val, "
+                        "as a DatasetDict names it)")  # fmt: skip
         sp.add_argument("--split-file", help="split JSON (default: the run dir's split.json)")
         sp.add_argument("--batch-size", type=_positive_int, default=128,
                         help="rows per forward pass (default 128); lower it if memory runs out")

@@ -334,3 +334,11 @@ def test_eval_scores_rows_without_an_image_apart_from_complete_ones(
         assert sides[group]["sentiment/accuracy"] == pytest.approx(sum(hits) / len(hits))
     assert main(["eval", str(csv_run), "--split", "test", "--output", str(out)]) == 0  # complete rows: no groups
     assert "by_sides" not in json.loads(out.read_text())["details"]
+
+
+def test_split_validation_is_val_as_a_datasetdict_names_it(csv_run: Path, tmp_path: Path) -> None:
+    outs = {}
+    for name in ("val", "validation", "dev"):
+        outs[name] = tmp_path / f"{name}.json"
+        assert main(["eval", str(csv_run), "--split", name, "--output", str(outs[name])]) == 0
+    assert outs["val"].read_text() == outs["validation"].read_text() == outs["dev"].read_text()

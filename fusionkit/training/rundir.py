@@ -435,6 +435,8 @@ def environment() -> dict[str, Any]:
 
     import torch
 
+    from .. import __version__
+
     packages = {}
     for name in PACKAGES:
         try:
@@ -449,6 +451,7 @@ def environment() -> dict[str, Any]:
     except OSError:  # not Linux
         pass
     packages["torch"] = torch.__version__  # with its build ("+cu130"), which the package metadata leaves out
+    packages["fusionkit"] = __version__  # the code that runs: an editable install's metadata keeps its first version
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu, "cpu_flags": flags,
             "cpu_count": os.cpu_count(), "gpus": gpus, "packages": packages, "argv": sys.argv}  # fmt: skip

@@ -149,3 +149,11 @@ def test_an_exponent_spelling_an_infinite_label_and_an_ambiguous_number_are_each
     with pytest.raises(DataError, match=r"label '\+1' of task 'mood' is the number of several listed classes "
                                         r"\['01', '1'\]"):  # fmt: skip
         _bind(_jsonl(tmp_path / "amb.jsonl", ["+1"]), fusionkit.TaskConfig("mood", class_names=["01", "1"]))
+
+
+def test_a_nan_spelled_label_is_missing_and_counted_as_other_missing_spellings_are(tmp_path: Path, caplog) -> None:
+    """A pandas NaN written into a string column ("nan") is a missing label, said with the others ("None")."""
+    with caplog.at_level("WARNING", logger="fusionkit"):
+        encoded, names = _bind(_jsonl(tmp_path / "n.jsonl", ["a", "nan", "b", "None", "NaN"]), fusionkit.TaskConfig("mood"))
+    assert encoded == [0, None, 1, None, None] and names == ["a", "b"]
+    assert "3 labels ['NaN', 'None', 'nan']" in caplog.text

@@ -216,6 +216,14 @@ def raw_value(value: Any) -> Any:
     return value
 
 
+def label_value(value: Any) -> Any:
+    """A label cell as `raw_value` reads it, but a "nan" string kept: the task reads it as missing and says how
+    many such spellings it found (a pandas NaN written into a string column, `astype(str)`, is one)."""
+    if isinstance(value, str) and value.strip().lower().lstrip("+-") == "nan":
+        return value.strip()
+    return raw_value(value)
+
+
 def row_id(value: Any, row_number: int | str) -> str:
     """The id cell as a string; only a missing or empty one becomes the row number (an id 0 stays "0"). A string
     is an id as written (stripped), "NaN" included (a user name): only a float NaN or None is a missing id. The one
@@ -305,7 +313,7 @@ class RowReader:
             if text is None and image is None and not o.keep_empty:  # nothing left to learn or predict from
                 raise DataError("row has neither a caption nor an image", source=where, item=item,
                                 hint=f"fill in one of them, or skip such rows: {SKIP_ROWS}")  # fmt: skip
-            labels = {c: raw_value(row.get(c)) for c in label_columns}
+            labels = {c: label_value(row.get(c)) for c in label_columns}
             for column, value in [(o.id_column or "id", item), *labels.items()]:
                 if isinstance(value, str) and any("\udc80" <= ch <= "\udcff" for ch in value):
                     raise DataError(f"column {column!r} is not valid UTF-8 ({value!r})", source=where, item=item,

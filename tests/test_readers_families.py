@@ -979,3 +979,25 @@ def test_a_parquet_files_named_index_is_the_column_it_names(tmp_path: Path) -> N
     frame.to_parquet(tmp_path / "posts.parquet")
     ds = load_dataset(str(tmp_path / "posts.parquet"), missing_image="keep")
     assert ds.ids == ["b7", "a1", "c3"] and [ex.text for ex in ds] == ["x", "y", "z"]
+
+
+def test_undecodable_image_bytes_in_a_table_are_named_by_their_row_with_one_hint(tmp_path: Path) -> None:
+    """Bytes in a Parquet column have no file name: the error names the table's row; its hint says once how to
+    skip such rows."""
+    import io as _io
+
+    from PIL import Image
+
+    from fusionkit.config import ImagePreprocess
+    from fusionkit.data import DataError, build_cache
+    from fusionkit.models.tiny import tiny_tokenizer
+
+    good = _io.BytesIO()
+    Image.new("RGB", (8, 8)).save(good, format="PNG")
+    frame = pd.DataFrame({"id": ["a", "b"], "text": ["x", "y"],
+                          "image": [good.getvalue(), b"\x89PNG\r\n\x1a\n" + b"garbage" * 5]})  # fmt: skip
+    frame.to_parquet(tmp_path / "t.parquet")
+    ds = load_dataset(str(tmp_path / "t.parquet"))
+    with pytest.raises(DataError) as e:
+        build_cache(ds, tiny_tokenizer(), ImagePreprocess(size=(8, 8)), tmp_path / "cache", num_proc=1)
+    assert f"{tmp_path / 't.parquet'}[1], item b:" in str(e.value) and str(e.value).count("on_error") == 1

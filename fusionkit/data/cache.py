@@ -277,7 +277,7 @@ def _build(
     # Images first: forking workers after the Rust tokenizer has run its threads would disable them.
     failures = _decode_images(ds, out, preprocess, num_proc, progress)
     skipped = [
-        {"row": i, "item": ds[i].id, "source": e.source, "problem": e.problem, "hint": e.hint}
+        {"row": i, "item": ds[i].id, "source": _where(e.source, ds[i]), "problem": e.problem, "hint": e.hint}
         for i, e in failures
     ]
     if skipped and policy == "raise":
@@ -307,8 +307,17 @@ def _build(
     }
 
 
+def _where(source: str | None, example: Any) -> str | None:
+    """Where a bad image is: its file's path, or for bytes or an in-memory image ("<45 image bytes>") the row of
+    the table that held it (`file[row]`), which the user can find."""
+    if source and source.startswith("<"):
+        return (example.meta or {}).get("source") or source
+    return source
+
+
 def _error(row: dict[str, Any]) -> DataError:
-    hint = f"{row['hint'] or 'replace it'}, or skip such rows: {SKIP_ROWS}"
+    said = row["hint"] and "on_error" in row["hint"]  # the image's own hint may say how to skip already
+    hint = row["hint"] if said else f"{row['hint'] or 'replace it'}, or skip such rows: {SKIP_ROWS}"
     return DataError(row["problem"], source=row["source"], item=row["item"], hint=hint)
 
 

@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -599,8 +599,8 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
             # predict reads no labels: the split is read again with them, as training fingerprinted it
             held = ds if with_labels else None
             if held is None:
-                with contextlib.suppress(DataError, ConfigError):  # label columns gone: nothing to compare with
-                    labelled = read(trained, True, trained.on_error, ids[split])
+                with contextlib.suppress(DataError, ConfigError), _quiet_data():  # label columns gone: nothing
+                    labelled = read(trained, True, trained.on_error, ids[split])  # to compare with
                     held = labelled.subset([i for i in ids[split] if i in set(labelled.ids)])
             try:
                 if held is not None:
@@ -642,12 +642,13 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
     pool, root, prefix = None, Path(cache_root(data)), ds.name.rpartition("[")[0].replace("/", "_") + "-"
     if read_pool is not None and root.is_dir() and any(p.name.startswith(prefix) for p in root.iterdir()):
         # a cache of this table exists (else skip reading and hashing every row to look one up)
-        with contextlib.suppress(DataError, ConfigError):  # a broken row elsewhere costs the lookup, not the split
-            pool = read_pool()
+        with contextlib.suppress(DataError, ConfigError), _quiet_data():  # a broken row elsewhere costs the
+            pool = read_pool()  # lookup, not the split
     cache = functools.partial(build_cache, tokenizer=model.tokenizer, image_preprocess=model.image_preprocess,
                               cache_dir=cache_root(data), max_length=model.config.text.max_length,
                               on_error=data.on_error, progress=_progress(args))  # fmt: skip
-    whole = None if pool is None else cache(pool, only_if_built=True)
+    with _quiet_data():
+        whole = None if pool is None else cache(pool, only_if_built=True)
     covered = whole is not None and set(ds.ids) <= {*whole.ids, *(row["item"] for row in whole.skipped)}
     if covered and (not args.ensemble or model.feature_splits is None or build_features(
             model, whole, whole.path.parent, only_if_built=True) is not None):  # fmt: skip
@@ -661,6 +662,21 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
                         "image was decoded (see the skipped-rows report above)", hint="fix or replace the "
                         "image files the report names")  # fmt: skip
     return ds, cached
+
+
+@contextlib.contextmanager
+def _quiet_data() -> Iterator[None]:
+    """Reads besides the scored rows' (training's cache of every split, labels to check a split against the run):
+    their warnings (other splits' rows, other counts) are not about what the command scores; errors still show."""
+    loggers = [logging.getLogger(name) for name in ("fusionkit.data", "fusionkit.tasks")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _label_columns(tasks: list[Any], specs: list[str]) -> list[Any]:

@@ -342,3 +342,31 @@ def test_split_validation_is_val_as_a_datasetdict_names_it(csv_run: Path, tmp_pa
         outs[name] = tmp_path / f"{name}.json"
         assert main(["eval", str(csv_run), "--split", name, "--output", str(outs[name])]) == 0
     assert outs["val"].read_text() == outs["validation"].read_text() == outs["dev"].read_text()
+
+
+def test_predict_of_a_runs_split_warns_about_its_own_rows_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reading training's cache of every split (and the labels to check the split) warned about other splits'
+    rows, with other counts: the rows predicted are the ones a warning is about, once."""
+    import logging
+
+    from fusionkit.data import make_synthetic
+
+    (tmp_path / "pics").mkdir()
+    with open(tmp_path / "posts.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "text", "image", "sentiment"])
+        for i, ex in enumerate(make_synthetic(40, seed=2, image_size=32)):
+            ex.image.save(tmp_path / "pics" / f"{ex.id}.png")
+            writer.writerow([ex.id, "N/A" if i % 3 == 0 else ex.text, f"pics/{ex.id}.png", ex.labels["sentiment"]])
+    assert main(["train", "--data.dataset", str(tmp_path / "posts.csv"), "--data.missing_text", "keep",
+                 "--data.cache_dir", str(tmp_path / "cache"), "--optim.epochs", "1", "--run.output_dir",
+                 str(tmp_path / "runs"), "--run.name", "r", *QUIET]) == 0  # fmt: skip
+    val = json.loads((tmp_path / "runs" / "r" / "split.json").read_text())["val"]
+    rows = {r["id"]: r["text"] for r in csv.DictReader((tmp_path / "posts.csv").open())}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fusionkit"):
+        assert main(["predict", str(tmp_path / "runs" / "r"), "--split", "val", "--output", str(tmp_path / "v.csv")]) == 0
+    said = [r.getMessage() for r in caplog.records if "spelled like a missing value" in r.getMessage()]
+    assert len(said) == 1 and f"posts.csv): {sum(rows[i] == 'N/A' for i in val)} captions" in said[0]

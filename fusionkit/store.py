@@ -341,10 +341,16 @@ def _say_older_stores(root: Path) -> None:
         if isinstance(meta, dict) and META_SHA not in meta:
             older.append(folder.name)
             size += sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
-    if older:
-        log.warning("%s holds %d cache folder(s) an older fusionkit built (%.1f MB), which this version never reads "
-                    "(it rebuilt what it needs under new names): delete them to free the space, e.g. %s",
-                    root, len(older), size / 1e6, ", ".join(older[:3]) + (", ..." if len(older) > 3 else ""))  # fmt: skip
+    said = root / ".older-stores-said"  # the folders said already (by any process): each set is said once
+    try:
+        if not older or (said.is_file() and said.read_text() == "\n".join(older)):
+            return
+        said.write_text("\n".join(older))
+    except OSError:  # a cache folder another user owns: said, and said again next time
+        pass
+    log.warning("%s holds %d cache folder(s) an older fusionkit built (%.1f MB), which this version never reads "
+                "(it rebuilt what it needs under new names): delete them to free the space, e.g. %s",
+                root, len(older), size / 1e6, ", ".join(older[:3]) + (", ..." if len(older) > 3 else ""))  # fmt: skip
 
 
 def _fsync(path: Path) -> None:

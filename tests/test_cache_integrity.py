@@ -98,3 +98,10 @@ def test_stores_an_older_version_built_are_said_once_with_their_size(tmp_path: P
     said = [r.getMessage() for r in caplog.records if "an older fusionkit built" in r.getMessage()]
     assert len(said) == 1 and "1 cache folder(s)" in said[0] and "(2.0 MB)" in said[0]
     assert "data-0123456789abcdef" in said[0] and "new" not in said[0].split("e.g.")[1] and old.is_dir()
+    import subprocess
+    import sys
+
+    script = ("from fusionkit.store import open_or_build; "  # another process (a new command) builds there
+              f"open_or_build({str(tmp_path / 'newest')!r}, lambda out: {{}})")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "an older fusionkit built" not in done.stderr  # said already, not again

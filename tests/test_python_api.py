@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import re
 import sys
@@ -274,3 +275,25 @@ def test_class_names_a_font_lacks_are_said_once_per_plot_not_once_per_glyph(
     said = [r.getMessage() for r in caplog.records if "the plot's font lacks" in r.getMessage()]
     assert len(said) == len(set(said)) <= 2  # at most once per confusion PNG (val, test)
     assert (tmp_path / "runs" / "cjk" / "confusion_val_sentiment.png").stat().st_size > 0
+
+
+def test_a_run_trained_from_another_runs_config_fits_its_own_target_statistics(tmp_path: Path) -> None:
+    """config.yaml records the target mean and std a regression was standardized by; a new run from it on other
+    data fits its own (the old ones gave r2 -754), while a resume keeps the run's."""
+    import pandas as pd
+    import yaml
+
+    from fusionkit.data import make_synthetic
+
+    rows = make_synthetic(40, seed=0, image_size=32).examples
+    frame = pd.DataFrame({"text": [r.text for r in rows], "image": [r.image for r in rows],
+                          "score": [float(i % 7) for i in range(40)]})  # fmt: skip
+    tasks = {"model.tasks": [{"name": "score", "type": "regression"}]}
+    fusionkit.train(tiny_run(tmp_path, "a", **tasks), data=frame)
+    scaled = frame.assign(score=frame.score * 1000 + 50_000)
+    fusionkit.train(tmp_path / "runs" / "a" / "config.yaml", data=scaled, overrides={"run.name": "b"})
+    split = json.loads((tmp_path / "runs" / "b" / "split.json").read_text())
+    train = scaled.score.iloc[[int(i) for i in split["train"]]]
+    params = yaml.safe_load((tmp_path / "runs" / "b" / "config.yaml").read_text())["model"]["tasks"][0]["params"]
+    assert params["target_mean"] == [pytest.approx(train.mean())]
+    assert params["target_std"] == [pytest.approx(train.std(ddof=0))]

@@ -221,6 +221,20 @@ def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
         return saved
 
 
+def _without_derived(task: Any) -> Any:
+    """`task` without its type's `derived_params` (a regression's target mean and std): statistics of a train
+    split, which a new run fits on its own (training `OLD_RUN/config.yaml` on other data or another split would
+    standardize by the old run's, silently: r2 -754 on targets scaled by 1000). Said when some were dropped."""
+    from ..tasks import get_task_class
+
+    derived = [k for k in get_task_class(task.type).derived_params if k in task.params]
+    if not derived:
+        return task
+    log.info("task %s: %s come from the train split: fitted again on this run's (the config's were another run's)",
+             task.name, ", ".join(f"params.{k}" for k in derived))  # fmt: skip
+    return dataclasses.replace(task, params={k: v for k, v in task.params.items() if k not in derived})
+
+
 def _adopt_data_derived(cfg: TrainConfig, saved: dict[str, Any]) -> None:
     """A resumed run keeps what its data gave each task (class names and count, balanced class weights, the class
     prior, a task type's `derived_params` such as a regression's target statistics) where the config leaves them to
@@ -606,6 +620,8 @@ class Trainer:
                             ": no epoch is selected, the last one is kept" if name == "val" else "")  # fmt: skip
         check_labelled_rows(parts, tasks, self.metric, str(source) if isinstance(source, str | Path) else None)
         if "train" in parts and model is None:
+            if not self.resume:  # a new run fits its own: a config.yaml of another run carries that run's
+                cfg.model.tasks = [_without_derived(t) for t in cfg.model.tasks]
             cfg.model.tasks = fit_train_statistics(cfg.model.tasks, parts["train"])
         cfg.model.validate()
         return ds, parts

@@ -327,6 +327,7 @@ def test_eval_scores_rows_without_an_image_apart_from_complete_ones(
     assert "(30 with caption and image, 10 caption only, 0 image only" in capsys.readouterr().err
     sides = json.loads(out.read_text())["details"]["by_sides"]
     assert {k: v["rows"] for k, v in sides.items()} == {"caption and image": 30, "caption only": 10}
+    assert {k: v["sentiment/labelled"] for k, v in sides.items()} == {"caption and image": 30, "caption only": 10}
     assert main(["predict", str(csv_run), "--data", str(gappy), "--output", str(preds)]) == 0
     truth = {r["id"]: (r["sentiment"], r["image"] == "") for r in rows}
     for group, imageless in (("caption and image", False), ("caption only", True)):

@@ -110,9 +110,10 @@ def scores_by_sides(tasks: Mapping[str, Task], result: Mapping[str, Any]) -> dic
             entry: dict[str, Any] = {"rows": int(rows.sum())}
             for name, task in tasks.items():
                 if name in result["outputs"] and name in result["labels"]:
-                    scores, _ = task.metrics(result["outputs"][name][rows], result["labels"][name][rows],
-                                             result["label_mask"][name][rows])  # fmt: skip
-                    entry.update({f"{name}/{k}": v for k, v in scores.items()})
+                    mask = result["label_mask"][name][rows]
+                    scores, _ = task.metrics(result["outputs"][name][rows], result["labels"][name][rows], mask)
+                    # how many of the group's rows each score rests on: a one-row group's macro-F1 means little
+                    entry.update({f"{name}/labelled": int(mask.sum()), **{f"{name}/{k}": v for k, v in scores.items()}})
             groups[group] = entry
         return groups
     finally:

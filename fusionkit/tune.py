@@ -609,7 +609,9 @@ def open_study(
     elif "encoders" in changes:
         changes["encoders"] = ("the encoder weights its trials trained with",
                                "other weights (an encoder was saved again or replaced)")  # fmt: skip
-    failed = all(t.state == optuna.trial.TrialState.FAIL for t in study.trials)
+    dead = not _held_by_another(out)  # its RUNNING trials were left by a killed tune: failed (as _hold_study says)
+    failed = all(t.state == optuna.trial.TrialState.FAIL or (dead and t.state == optuna.trial.TrialState.RUNNING)
+                 for t in study.trials)  # fmt: skip
     if changes and failed:  # nothing learned: the corrected command starts the study again, the old one kept aside
         stamp = time.strftime("%Y%m%d-%H%M%S")
         kept = journal.with_name(f"study.failed-{stamp}.jsonl")
@@ -637,6 +639,22 @@ def open_study(
 
 WHERE = "another --output-dir"  # where a tuning table goes when its disk is full
 STUDY_LOCK = ".tune.lock"  # held (shared) by each live tune process of the study in that folder
+
+
+def _held_by_another(out: Path) -> bool:
+    """Whether a live tune process holds `out`'s study lock (the kernel drops a killed one's)."""
+    import fcntl
+
+    if not (out / STUDY_LOCK).is_file():
+        return False
+    fd = os.open(out / STUDY_LOCK, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock taken here
 
 
 def _hold_study(out: Path, study: Any) -> int:

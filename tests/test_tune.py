@@ -575,3 +575,30 @@ def test_a_data_warning_is_said_once_per_search_not_once_per_trial(tmp_path: Pat
     fusionkit.train(build_config(write_config(tmp_path), {"optim.epochs": 1, "model.tasks": tasks,
                                                           "run.name": "after"}), data=frame)  # fmt: skip
     assert constant_tag_warnings() == 2
+
+
+def test_a_study_killed_in_its_first_trial_is_restarted_by_a_corrected_command_as_a_failed_one_is(
+    tmp_path: Path, caplog
+) -> None:
+    """kill -9 during trial 0, then the command with a corrected setting: nothing was learned, so the study starts
+    again (the old one kept aside), as after a Ctrl-C or a failed trial; it was refused as 'another config'."""
+    import signal
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}))
+    out = tmp_path / "tune"
+    argv = ["tune", str(write_config(tmp_path)), "--space", str(space), "--output-dir", str(out),
+            "--data.dataset", "synthetic:48", "--trials", "1"]  # fmt: skip
+    killed_in_trial_0 = (
+        "import os, signal, sys\n"
+        "from fusionkit.training.trainer import Trainer\n"
+        "Trainer.fit = lambda self: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "from fusionkit.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", killed_in_trial_0, *argv, "--optim.epochs", "3"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert main([*argv, "--optim.epochs", "1"]) == 0
+    assert "held only failed trials of another config" in caplog.text
+    assert [r["state"] for r in csv.DictReader((out / "trials.csv").open())] == ["COMPLETE"]

@@ -203,7 +203,7 @@ def _parser() -> argparse.ArgumentParser:
         usage="fusionkit tune CONFIG --trials N [--space SPACE.yaml] [--output-dir DIR] [--section.key VALUE ...]",
         help="search hyperparameters with Optuna (each trial a training run; bad trials pruned)",
         description="Trials train CONFIG (+ overrides) with values drawn from SPACE (default: lr, weight decay, "
-        "dropout, modality dropout, fusion dim/depth, label smoothing, class weights); the tune dir gets "
+        "dropout, modality dropout, fusion dim/depth, label smoothing, class weights, logit adjustment); the tune dir gets "
         "trials.csv, trials.md, history.png and best.yaml, and keeps the study (study.jsonl): tuning the "
         "same CONFIG and SPACE there again adds N trials. Needs `pip install 'fusionkit[tune]'`.",
     )

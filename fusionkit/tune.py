@@ -484,11 +484,17 @@ class _SaidOnce(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno != logging.WARNING:
             return True
-        key = (record.name, record.getMessage())
+        # a trial's own paths (its run dir's skipped_rows.jsonl) in an otherwise equal message: the same warning
+        args = record.args if isinstance(record.args, tuple) else ()
+        key = (record.name, str(record.msg), *(str(a) for a in args if not _names_a_path(a)))
         if key in self.said:
             return False
         self.said.add(key)
         return True
+
+
+def _names_a_path(value: Any) -> bool:
+    return isinstance(value, Path) or (isinstance(value, str) and os.sep in value)
 
 
 def _record_error(trial: Any, error: Exception) -> None:

@@ -563,8 +563,9 @@ def test_a_data_warning_is_said_once_per_search_not_once_per_trial(tmp_path: Pat
     filter leaves with the search (a later training warns again)."""
     frame = synthetic_frame(48, seed=0)
     frame["tags"] = "always"
+    frame.loc[3, "text"] = ""  # skipped by every trial, reported in each trial's own run dir
     tasks = [{"name": "sentiment"}, {"name": "tags", "type": "multilabel"}]
-    cfg = build_config(write_config(tmp_path), {"optim.epochs": 1, "model.tasks": tasks})
+    cfg = build_config(write_config(tmp_path), {"optim.epochs": 1, "model.tasks": tasks, "data.missing_text": "skip"})
     space = {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
     assert fusionkit.tune(cfg, 3, space, tmp_path / "tune", data=frame)["trials"] == 3
 
@@ -572,8 +573,10 @@ def test_a_data_warning_is_said_once_per_search_not_once_per_trial(tmp_path: Pat
         return sum("can only learn a constant" in r.getMessage() for r in caplog.records)
 
     assert constant_tag_warnings() == 1
+    assert sum("skipped 1 of 48 items; see" in r.getMessage() and "trial-" in r.getMessage()
+               for r in caplog.records) == 1  # fmt: skip
     fusionkit.train(build_config(write_config(tmp_path), {"optim.epochs": 1, "model.tasks": tasks,
-                                                          "run.name": "after"}), data=frame)  # fmt: skip
+                                                          "data.missing_text": "skip", "run.name": "after"}), data=frame)  # fmt: skip
     assert constant_tag_warnings() == 2
 
 

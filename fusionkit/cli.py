@@ -766,7 +766,8 @@ def _inference(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     for i, checkpoint in enumerate(members):
         model = FusionModel.from_pretrained(checkpoint, map_location=resolve_device(args.device))
         first = first or model
-        ds, data = _split(args, model, with_labels=args.command == "eval", member=i > 0)  # same rows
+        with _quiet_data() if i else contextlib.nullcontext():  # another member reads the same rows: said once
+            ds, data = _split(args, model, with_labels=args.command == "eval", member=i > 0)
         if i == 0 and args.split not in ("all", "train"):  # the train split: fit on rows it trained on, as asked
             for member in dict.fromkeys(members):  # every member, before any of them runs
                 _check_unseen(member, ds.ids, args.split, args.checkpoint, ensemble=len(members) > 1,

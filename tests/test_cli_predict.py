@@ -371,3 +371,9 @@ def test_predict_of_a_runs_split_warns_about_its_own_rows_once(
         assert main(["predict", str(tmp_path / "runs" / "r"), "--split", "val", "--output", str(tmp_path / "v.csv")]) == 0
     said = [r.getMessage() for r in caplog.records if "spelled like a missing value" in r.getMessage()]
     assert len(said) == 1 and f"posts.csv): {sum(rows[i] == 'N/A' for i in val)} captions" in said[0]
+    assert main(["train", str(tmp_path / "runs" / "r" / "config.yaml"), "--run.name", "r2", "--run.seed", "1"]) == 0
+    caplog.clear()  # an ensemble's second member reads the same rows: not said again
+    with caplog.at_level(logging.WARNING, logger="fusionkit"):
+        assert main(["predict", str(tmp_path / "runs" / "r"), "--split", "val", "--ensemble",
+                     str(tmp_path / "runs" / "r2"), "--output", str(tmp_path / "e.csv")]) == 0  # fmt: skip
+    assert sum("spelled like a missing value" in r.getMessage() for r in caplog.records) == 1

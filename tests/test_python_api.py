@@ -277,7 +277,9 @@ def test_class_names_a_font_lacks_are_said_once_per_plot_not_once_per_glyph(
     assert (tmp_path / "runs" / "cjk" / "confusion_val_sentiment.png").stat().st_size > 0
 
 
-def test_a_run_trained_from_another_runs_config_fits_its_own_target_statistics(tmp_path: Path) -> None:
+def test_a_run_trained_from_another_runs_config_fits_its_own_target_statistics(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """config.yaml records the target mean and std a regression was standardized by; a new run from it on other
     data fits its own (the old ones gave r2 -754), while a resume keeps the run's."""
     import pandas as pd
@@ -297,3 +299,4 @@ def test_a_run_trained_from_another_runs_config_fits_its_own_target_statistics(t
     params = yaml.safe_load((tmp_path / "runs" / "b" / "config.yaml").read_text())["model"]["tasks"][0]["params"]
     assert params["target_mean"] == [pytest.approx(train.mean())]
     assert params["target_std"] == [pytest.approx(train.std(ddof=0))]
+    assert "params.target_mean, params.target_std are statistics of a train split" in caplog.text

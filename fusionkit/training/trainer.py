@@ -230,8 +230,9 @@ def _without_derived(task: Any) -> Any:
     derived = [k for k in get_task_class(task.type).derived_params if k in task.params]
     if not derived:
         return task
-    log.info("task %s: %s come from the train split: fitted again on this run's (the config's were another run's)",
-             task.name, ", ".join(f"params.{k}" for k in derived))  # fmt: skip
+    log.warning("task %s: %s are statistics of a train split, which each new run fits on its own: the config's "
+                "(another run's config.yaml?) are not used (params.standardize: false trains on the raw targets)",
+                task.name, ", ".join(f"params.{k}" for k in derived))  # fmt: skip
     return dataclasses.replace(task, params={k: v for k, v in task.params.items() if k not in derived})
 
 

@@ -163,3 +163,15 @@ def test_max_length_past_the_tokenizers_model_max_length_is_said_once(tmp_path, 
             fusionkit.create_model("tiny", text={"name": str(tmp_path / name), "max_length": max_length})
     said = [r.getMessage() for r in caplog.records if "model_max_length" in r.getMessage()]
     assert len(said) == 1 and "max_length=24 exceeds the model_max_length=16" in said[0] and "bert" in said[0]
+
+
+def test_a_tokenizer_padding_to_a_fixed_length_is_saved_padding_to_the_longest(tmp_path) -> None:
+    """MiniLM's tokenizer.json pads every caption to 128: served with the `tokenizers` library alone, a model of
+    max_length 32 got [B, 128] batches (and past 128, ragged ones). Saved, it pads to the batch's longest."""
+    from tokenizers import Tokenizer
+
+    model = fusionkit.create_model("tiny")
+    model.tokenizer.backend_tokenizer.enable_padding(length=128, pad_id=0, pad_token="[PAD]")
+    model.save_pretrained(tmp_path / "saved")
+    backend = Tokenizer.from_file(str(tmp_path / "saved" / "tokenizer.json"))
+    assert [len(e.ids) for e in backend.encode_batch(["a happy day", "a"])] == [5, 5]

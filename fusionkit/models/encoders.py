@@ -409,8 +409,9 @@ def save_tokenizer(tokenizer: Any, directory: str | Path, max_length: int | None
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and max_length is not None:
         backend.enable_truncation(int(max_length), direction=getattr(tokenizer, "truncation_side", "right"))
-    if backend is not None and backend.padding is not None:  # a padded call's setting, which tokenizer.json keeps
-        backend.enable_padding(**{**backend.padding, "direction": "right"})
+    if backend is not None and backend.padding is not None:  # a padded call's setting, which tokenizer.json keeps:
+        # to the batch's longest caption (as fusionkit pads), never a fixed length (MiniLM's file pads to 128)
+        backend.enable_padding(**{**backend.padding, "direction": "right", "length": None})
     tokenizer.save_pretrained(directory)
     updates: dict[str, Any] = {"padding_side": "right"}
     if max_length is not None:

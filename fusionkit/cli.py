@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -664,19 +664,13 @@ def _split(args: argparse.Namespace, model: Any, with_labels: bool = False, buil
     return ds, cached
 
 
-@contextlib.contextmanager
-def _quiet_data() -> Iterator[None]:
-    """Reads besides the scored rows' (training's cache of every split, labels to check a split against the run):
-    their warnings (other splits' rows, other counts) are not about what the command scores; errors still show."""
-    loggers = [logging.getLogger(name) for name in ("fusionkit.data", "fusionkit.tasks")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+def _quiet_data() -> Any:
+    """Reads besides the scored rows' (training's cache of every split, labels to check a split against the run,
+    another ensemble member's): their warnings (other splits' rows, other counts) are not about what the command
+    scores; errors still show."""
+    from .tasks.base import quiet
+
+    return quiet("fusionkit.data", "fusionkit.tasks")
 
 
 def _label_columns(tasks: list[Any], specs: list[str]) -> list[Any]:

@@ -8,13 +8,14 @@ one new file with one `@register_task` class; nothing else in the package tests 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -73,6 +74,21 @@ def warn_once(logger: logging.Logger, key: Any, message: str, *args: Any) -> Non
     if key not in _SAID:
         _SAID.add(key)
         logger.warning(message, *args)
+
+
+@contextlib.contextmanager
+def quiet(*names: str) -> Iterator[None]:
+    """Only errors from these loggers (and their children) while the block runs: work whose warnings are not about
+    what the user asked for (another split's rows, a group's own). Their levels come back after."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def new_warning_scope() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import ConfigError
 from ..tasks import Task
-from ..tasks.base import warn_once
+from ..tasks.base import quiet, warn_once
 
 log = logging.getLogger("fusionkit.training")
 
@@ -99,10 +99,8 @@ def scores_by_sides(tasks: Mapping[str, Task], result: Mapping[str, Any]) -> dic
     present = result.get("present") or {}
     if "caption" not in present or "image" not in present or bool((present["caption"] & present["image"]).all()):
         return {}
-    quiet = logging.getLogger("fusionkit.tasks")  # a group's own warnings (r2 of one row) would mislead: the
-    level, quiet.level = quiet.level, logging.ERROR  # split's warnings were said by evaluation_metrics
-    try:
-        groups: dict[str, dict[str, Any]] = {}
+    groups: dict[str, dict[str, Any]] = {}
+    with quiet("fusionkit.tasks"):  # a group's own warnings (r2 of one row) would mislead: the split's were said
         for group, (caption, image) in SIDE_GROUPS.items():
             rows = (present["caption"] == caption) & (present["image"] == image)
             if not bool(rows.any()):
@@ -115,9 +113,7 @@ def scores_by_sides(tasks: Mapping[str, Task], result: Mapping[str, Any]) -> dic
                     # how many of the group's rows each score rests on: a one-row group's macro-F1 means little
                     entry.update({f"{name}/labelled": int(mask.sum()), **{f"{name}/{k}": v for k, v in scores.items()}})
             groups[group] = entry
-        return groups
-    finally:
-        quiet.setLevel(level)
+    return groups
 
 
 def unscored_classes(details: Mapping[str, Any]) -> list[str]:

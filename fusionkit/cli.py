@@ -814,15 +814,19 @@ def _eval(args: argparse.Namespace) -> int:
                           f"label for tasks {list(model.tasks)}); `fusionkit predict` writes their predictions")  # fmt: skip
     text = json_text({**flat, "details": details}, indent=2, ensure_ascii=False)  # a NaN loss: null, as summary.json
     print(text)
-    print(_scored_rows(model.tasks, result, args.split), file=sys.stderr)  # stdout stays the JSON (for jq)
+    print(_scored_rows(model.tasks, result, args.split, sides), file=sys.stderr)  # stdout stays the JSON (for jq)
     if args.output:
         with _replacing(Path(args.output)) as tmp:
             tmp.write_text(text, encoding="utf-8")
     return 0
 
 
-def _scored_rows(tasks: Mapping[str, Any], result: Mapping[str, Any], split: str) -> str:
-    """What eval scored: the rows read, and per task how many had a label (rows without one are left out)."""
+def _scored_rows(tasks: Mapping[str, Any], result: Mapping[str, Any], split: str,
+                 sides: Mapping[str, Any]) -> str:  # fmt: skip
+    """What eval scored: the rows read, per task how many had a label (rows without one are left out), and the
+    rows of each side group where some lack a caption or an image (`scores_by_sides`)."""
+    from .training.metrics import SIDE_GROUPS
+
     total = len(result["ids"])
     counts = []
     for name in tasks:
@@ -831,13 +835,10 @@ def _scored_rows(tasks: Mapping[str, Any], result: Mapping[str, Any], split: str
             labelled = int(mask.sum())
             counts.append(f"{name} {labelled}" + (f" ({total - labelled} without a label left out)"
                                                   if labelled < total else ""))  # fmt: skip
-    present = result.get("present") or {}
-    sides = ""
-    if "caption" in present and "image" in present and not bool((present["caption"] & present["image"]).all()):
-        cap, img = present["caption"], present["image"]
-        sides = (f" ({int((cap & img).sum())} with caption and image, {int((cap & ~img).sum())} caption only, "
-                 f"{int((~cap & img).sum())} image only: details.by_sides scores each)")  # fmt: skip
-    return f"scored {total} rows of the {split!r} split{sides}: " + ", ".join(counts)
+    rows = {group: sides.get(group, {}).get("rows", 0) for group in SIDE_GROUPS}
+    said = (f" ({rows['caption and image']} with caption and image, {rows['caption only']} caption only, "
+            f"{rows['image only']} image only: details.by_sides scores each)" if sides else "")  # fmt: skip
+    return f"scored {total} rows of the {split!r} split{said}: " + ", ".join(counts)
 
 
 def _predict(args: argparse.Namespace) -> int:
